@@ -1,0 +1,1 @@
+"""Binary object segmentation from frozen ViT features: extract -> train-head -> predict."""
