@@ -1,0 +1,267 @@
+"""Typed TOML configuration: defaults, a config file, and `--set key=value` overrides.
+
+Every key has a default here (the one place for them); a config file and `--set` may only
+override known keys, with values of the default's type (ints are accepted for floats) and,
+where listed in CHOICES, one of the allowed values.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A one-line, user-facing configuration problem (exit code 2)."""
+
+
+@dataclass
+class RunCfg:
+    name: str = "default"
+
+
+@dataclass
+class PathsCfg:
+    cache: str = "cache"
+    outputs: str = "outputs"
+
+
+@dataclass
+class DataCfg:
+    root: str = "data/obj_seg"
+    layout: str = "obj_seg"
+    train_split: str = "train"
+    val_split: str = ""  # "" = no validation during training
+    test_split: str = "test"  # default split for `predict` and `run`
+
+
+@dataclass
+class BackboneCfg:
+    name: str = "dino_vits16"
+    weights: str = "pretrained"
+
+
+@dataclass
+class ExtractCfg:
+    batch_size: int = 32
+    device: str = "auto"
+    num_workers: int = 4  # image-decoding threads
+    precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    feature_dtype: str = "float16"
+    fit: str = "crop"  # how images are made a multiple of the patch size: centre "crop" | edge "pad"
+    compile: bool = False  # torch.compile the backbone (CUDA only)
+
+
+@dataclass
+class TrainCfg:
+    lr: float = 5e-4  # PAC upsampler learning rate
+    linear_lr: float = 1e-2
+    epochs: int = 10  # PAC upsampler epochs
+    linear_epochs: int = 30
+    batch_size: int = 4
+    crop: int = 320  # random training crop side in pixels (rounded to the patch grid); 0 = whole images
+    weight_decay: float = 1e-4
+    boundary_weight: float = 0.0  # extra BCE weight on pixels near the mask boundary
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0  # data-loading worker processes
+
+
+@dataclass
+class UpsamplerCfg:
+    hidden: int = 16  # channels of the 1x1 conv on the features
+    channels: list[int] = field(default_factory=lambda: [4, 4, 4, 1])  # PAC stage outputs
+    kernel_size: int = 3
+    guide: str = "rgb"  # "rgb" (the course) | "learned" (a small conv net on the image)
+    guide_channels: int = 8  # for guide = "learned"
+    residual: bool = False  # add the bilinearly upsampled linear-head logits to the output
+    normalize: bool = False  # PAC kernel normalisation
+
+
+@dataclass
+class PredictCfg:
+    batch_size: int = 8
+    device: str = "auto"
+    threshold: float = 0.5  # on the object probability
+    thumbnails: int = 6  # best / worst images shown in the HTML report
+
+
+@dataclass
+class DaskCfg:
+    scheduler: str = ""  # "" = run locally; "local:N" = N local worker processes; "tcp://host:8786"
+
+
+@dataclass
+class Config:
+    run: RunCfg = field(default_factory=RunCfg)
+    paths: PathsCfg = field(default_factory=PathsCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    backbone: BackboneCfg = field(default_factory=BackboneCfg)
+    extract: ExtractCfg = field(default_factory=ExtractCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    upsampler: UpsamplerCfg = field(default_factory=UpsamplerCfg)
+    predict: PredictCfg = field(default_factory=PredictCfg)
+    dask: DaskCfg = field(default_factory=DaskCfg)
+
+    def get(self, key: str) -> Any:
+        section, name = key.split(".", 1)
+        return getattr(getattr(self, section), name)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.paths.outputs) / self.run.name
+
+
+DEVICE_HELP = '"auto", "cpu", "cuda" or "cuda:N"'
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.layout": ("obj_seg", "davis2016"),
+    "backbone.name": ("dino_vits16", "dino_vits8", "dinov2_vits14", "mobilenet_v2"),
+    "extract.precision": ("auto", "fp32", "bf16", "fp16"),
+    "extract.feature_dtype": ("float16", "float32"),
+    "extract.fit": ("crop", "pad"),
+    "upsampler.guide": ("rgb", "learned"),
+}
+
+POSITIVE = {
+    "extract.batch_size", "train.batch_size", "predict.batch_size", "train.epochs",
+    "upsampler.hidden", "upsampler.kernel_size", "upsampler.guide_channels",
+}
+NON_NEGATIVE = {
+    "extract.num_workers", "train.num_workers", "train.crop", "train.linear_epochs",
+    "train.weight_decay", "train.boundary_weight", "predict.thumbnails",
+}
+
+
+def all_keys() -> list[str]:
+    cfg = Config()
+    return [f"{s.name}.{f.name}" for s in fields(cfg) for f in fields(getattr(cfg, s.name))]
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{where}{hint}")
+
+
+def _coerce(key: str, value: Any, default: Any, where: str) -> Any:
+    """Check `value` against the type of `default`; return it in that type."""
+    bad = ConfigError(
+        f"bad value for {key}{where}: {value!r} (expected {type(default).__name__})")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        value = float(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise bad
+    elif isinstance(default, list):
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"bad value for {key}{where}: {value!r} (expected a list of ints)")
+    return value
+
+
+def _validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        if cfg.get(key) not in allowed:
+            raise ConfigError(
+                f"bad value for {key}: {cfg.get(key)!r} (one of {', '.join(allowed)})")
+    for key in POSITIVE:
+        if cfg.get(key) <= 0:
+            raise ConfigError(f"bad value for {key}: {cfg.get(key)!r} (must be > 0)")
+    for key in NON_NEGATIVE:
+        if cfg.get(key) < 0:
+            raise ConfigError(f"bad value for {key}: {cfg.get(key)!r} (must be >= 0)")
+    for key in ("extract.device", "train.device", "predict.device"):
+        dev = cfg.get(key)
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ConfigError(f"bad value for {key}: {dev!r} (one of {DEVICE_HELP})")
+    if cfg.train.lr <= 0 or cfg.train.linear_lr <= 0:
+        raise ConfigError("bad value for train.lr / train.linear_lr: learning rates must be > 0")
+    if not 0.0 < cfg.predict.threshold < 1.0:
+        raise ConfigError(f"bad value for predict.threshold: {cfg.predict.threshold} (in (0, 1))")
+    if cfg.upsampler.kernel_size % 2 == 0:
+        raise ConfigError(f"bad value for upsampler.kernel_size: {cfg.upsampler.kernel_size} (odd)")
+    chans = cfg.upsampler.channels
+    if not chans or chans[-1] != 1 or any(c <= 0 for c in chans):
+        raise ConfigError(
+            f"bad value for upsampler.channels: {chans} (positive ints ending in 1)")
+    if not cfg.run.name or "/" in cfg.run.name or cfg.run.name.startswith("."):
+        raise ConfigError(f"bad value for run.name: {cfg.run.name!r} (a plain folder name)")
+    if cfg.data.val_split and cfg.data.val_split == cfg.data.train_split:
+        raise ConfigError("bad value for data.val_split: it must differ from data.train_split")
+    sched = cfg.dask.scheduler
+    if sched and not (sched.startswith(("tcp://", "tls://", "inproc://"))
+                      or (sched.startswith("local:") and sched[6:].isdigit() and int(sched[6:]) > 0)):
+        raise ConfigError(
+            f"bad value for dask.scheduler: {sched!r} (\"\", \"local:N\" or \"tcp://host:port\")")
+
+
+def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
+    if key.count(".") != 1:
+        raise _unknown(key, where)
+    section, name = key.split(".")
+    sec = getattr(cfg, section, None)
+    if sec is None or not dataclasses.is_dataclass(sec) or name not in {f.name for f in fields(sec)}:
+        raise _unknown(key, where)
+    setattr(sec, name, _coerce(key, value, getattr(sec, name), where))
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """Parse one `--set KEY=VALUE`: VALUE is a TOML literal, or else taken as a bare string."""
+    if "=" not in item:
+        raise ConfigError(f"bad --set {item!r}: expected KEY=VALUE")
+    key, raw = item.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- the TOML file at `path` (if given) <- `overrides` ("key=value" strings)."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            doc = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot parse config file {path}: {e}") from None
+        where = f" in {path}"
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise _unknown(section, where)
+            for name, value in table.items():
+                _apply(cfg, f"{section}.{name}", value, where)
+    for item in overrides:
+        key, value = parse_set(item)
+        _apply(cfg, key, value, " in --set")
+    _validate(cfg)
+    return cfg
+
+
+def copy_config(cfg: Config, **changes: Any) -> Config:
+    """A deep copy of `cfg` with dotted-key changes applied (validated)."""
+    new = copy.deepcopy(cfg)
+    for key, value in changes.items():
+        _apply(new, key.replace("__", "."), value, "")
+    _validate(new)
+    return new

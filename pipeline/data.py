@@ -1,0 +1,269 @@
+"""Datasets on disk: the `obj_seg` and `davis2016` layouts, image/mask decoding, and the
+crop/pad "canvas" that makes an image a multiple of the patch size.
+
+Layouts (see docs/interface.md):
+- obj_seg:   <root>/<split>/<category>/images/<stem>.jpg, .../annotations/<stem>.png
+- davis2016: <root>/JPEGImages/480p/<seq>/<f>.jpg, <root>/Annotations/480p/<seq>/<f>.png,
+             split lists in <root>/ImageSets/480p/<split>.txt (the category is the sequence)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MASK_THRESHOLD = 128  # a mask pixel is object where its L value is >= this
+
+
+class DataError(Exception):
+    """A one-line, user-facing problem with the dataset or one of its files."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a split and its annotation, with paths relative to the data root."""
+    split: str
+    category: str
+    stem: str
+    image: str  # relative to the data root, posix separators
+    mask: str | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.category}/{self.stem}"
+
+
+# ----------------------------------------------------------------------------- listing
+
+def list_splits(root: str | Path, layout: str) -> list[str]:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    if layout == "obj_seg":
+        splits = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    elif layout == "davis2016":
+        sets = root / "ImageSets" / "480p"
+        splits = sorted(p.stem for p in sets.glob("*.txt")) if sets.is_dir() else []
+    else:
+        raise DataError(f"unknown data layout {layout!r}")
+    if not splits:
+        raise DataError(f"no splits found in {root} for layout {layout!r}")
+    return splits
+
+
+def list_items(root: str | Path, layout: str, split: str) -> tuple[list[Item], list[str]]:
+    """The split's items sorted by (category, stem), and one-line problems found by listing
+    (an image without a mask). Raises DataError for a missing split or an empty one."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    items: list[Item] = []
+    problems: list[str] = []
+    if layout == "obj_seg":
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DataError(f"split '{split}' not found: {split_dir} is not a folder")
+        for cat_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            img_dir, ann_dir = cat_dir / "images", cat_dir / "annotations"
+            if not img_dir.is_dir():
+                continue
+            for img in sorted(img_dir.iterdir()):
+                if img.suffix.lower() not in IMAGE_EXTS or img.name.startswith("."):
+                    continue
+                mask = ann_dir / f"{img.stem}.png"
+                rel_img = img.relative_to(root).as_posix()
+                if not mask.is_file():
+                    problems.append(f"{img}: no annotation (expected {mask})")
+                    continue
+                items.append(Item(split, cat_dir.name, img.stem, rel_img,
+                                  mask.relative_to(root).as_posix()))
+    elif layout == "davis2016":
+        lst = root / "ImageSets" / "480p" / f"{split}.txt"
+        if not lst.is_file():
+            raise DataError(f"split '{split}' not found: no split list {lst}")
+        seen = set()
+        for n, line in enumerate(lst.read_text().splitlines(), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            rel_img = parts[0].lstrip("/")
+            rel_mask = parts[1].lstrip("/") if len(parts) > 1 else None
+            img = root / rel_img
+            seq, stem = img.parent.name, img.stem
+            if (seq, stem) in seen:
+                continue
+            seen.add((seq, stem))
+            if not img.is_file():
+                problems.append(f"{img}: listed in {lst.name} line {n} but missing")
+                continue
+            if rel_mask is None or not (root / rel_mask).is_file():
+                problems.append(f"{img}: no annotation"
+                                + (f" (expected {root / rel_mask})" if rel_mask else ""))
+                continue
+            items.append(Item(split, seq, stem, rel_img, rel_mask))
+        items.sort(key=lambda it: (it.category, it.stem))
+    else:
+        raise DataError(f"unknown data layout {layout!r}")
+    if not items and not problems:
+        raise DataError(f"split '{split}' of {root} has no images")
+    return items, problems
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def load_image(path: str | Path) -> np.ndarray:
+    """An image file as uint8 RGB (H, W, 3), whatever its mode (L, RGBA, P, ...)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: corrupt or unreadable image ({_short(e)})") from None
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """A mask file as bool (H, W): object where the pixel is >= 128 after conversion to L."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            gray = im.convert("L")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: corrupt or unreadable mask ({_short(e)})") from None
+    return np.asarray(gray) >= MASK_THRESHOLD
+
+
+def load_pair(root: str | Path, item: Item) -> tuple[np.ndarray, np.ndarray]:
+    """Image and mask of `item`; DataError if either is unreadable or their sizes differ."""
+    root = Path(root)
+    image = load_image(root / item.image)
+    mask = load_mask(root / item.mask)
+    if mask.shape != image.shape[:2]:
+        raise DataError(
+            f"{root / item.mask}: mask size {mask.shape[1]}x{mask.shape[0]} differs from "
+            f"its image's {image.shape[1]}x{image.shape[0]}")
+    return image, mask
+
+
+def _short(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+# ----------------------------------------------------------------------------- canvas
+
+@dataclass(frozen=True)
+class Box:
+    """Where the processed canvas (a multiple of the patch size) sits in the original image:
+    canvas[y, x] = original[y + top, x + left], edge-replicated where that falls outside
+    (`pad`; top/left < 0) and cropped where the canvas is smaller (`crop`; top/left >= 0)."""
+    top: int
+    left: int
+    height: int
+    width: int
+
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return (self.top, self.left, self.height, self.width)
+
+
+def fit_box(height: int, width: int, patch: int, fit: str) -> Box:
+    """The canvas for an image of this size: centre crop to the largest multiple of `patch`
+    ("crop", falling back to padding for a side shorter than one patch) or pad symmetrically
+    to the next multiple ("pad")."""
+    def side(n: int) -> tuple[int, int]:
+        m = (n // patch) * patch
+        if fit == "pad" or m == 0:
+            m = -(-n // patch) * patch
+        return (n - m) // 2 if m <= n else -((m - n) // 2), m
+    top, h = side(height)
+    left, w = side(width)
+    return Box(top, left, h, w)
+
+
+def to_canvas(array: np.ndarray, box: Box) -> np.ndarray:
+    """Crop/pad the first two axes of `array` (original size) to the canvas `box`."""
+    h, w = array.shape[:2]
+    ys = np.clip(np.arange(box.height) + box.top, 0, h - 1)
+    xs = np.clip(np.arange(box.width) + box.left, 0, w - 1)
+    if box.top >= 0 and box.left >= 0:  # pure crop: a view is enough
+        return array[box.top:box.top + box.height, box.left:box.left + box.width]
+    return array[ys][:, xs]
+
+
+def canvas_valid(box: Box, orig_hw: tuple[int, int]) -> np.ndarray:
+    """bool (height, width): canvas pixels that lie inside the original image."""
+    h, w = orig_hw
+    ys = np.arange(box.height) + box.top
+    xs = np.arange(box.width) + box.left
+    return ((ys >= 0) & (ys < h))[:, None] & ((xs >= 0) & (xs < w))[None, :]
+
+
+def from_canvas(array, box: Box, orig_hw: tuple[int, int]):
+    """Inverse of to_canvas for the last two axes of a numpy array or torch tensor
+    (..., height, width) -> (..., H, W): cropped borders are filled by edge replication,
+    padded borders are dropped."""
+    h, w = orig_hw
+    ys = np.clip(np.arange(h) - box.top, 0, box.height - 1)
+    xs = np.clip(np.arange(w) - box.left, 0, box.width - 1)
+    if isinstance(array, np.ndarray):
+        return array[..., ys, :][..., xs]
+    import torch
+    return array.index_select(-2, torch.as_tensor(ys, device=array.device)).index_select(
+        -1, torch.as_tensor(xs, device=array.device))
+
+
+# ----------------------------------------------------------------------------- identity
+
+class FileHasher:
+    """sha256 of files, memoised on disk by (path, size, mtime_ns), like DVC's state db, so
+    that checking a large dataset for changes reads only the files that changed."""
+
+    def __init__(self, memo_path: str | Path | None):
+        self.memo_path = Path(memo_path) if memo_path else None
+        self._memo: dict[str, list] = {}
+        self._dirty = False
+        self._lock = threading.Lock()
+        if self.memo_path and self.memo_path.is_file():
+            try:
+                self._memo = json.loads(self.memo_path.read_text())
+            except (OSError, ValueError):
+                self._memo = {}
+
+    def digest(self, path: str | Path) -> str:
+        path = Path(path)
+        st = path.stat()
+        key = str(path.resolve())
+        stamp = [st.st_size, st.st_mtime_ns]
+        with self._lock:
+            hit = self._memo.get(key)
+        if hit and hit[:2] == stamp:
+            return hit[2]
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+        with self._lock:
+            self._memo[key] = stamp + [digest]
+            self._dirty = True
+        return digest
+
+    def save(self) -> None:
+        if not (self.memo_path and self._dirty):
+            return
+        with self._lock:
+            data = json.dumps(self._memo, separators=(",", ":"))
+            self._dirty = False
+        try:
+            self.memo_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.memo_path.with_name(f".{self.memo_path.name}.{os.getpid()}.tmp")
+            tmp.write_text(data)
+            os.replace(tmp, self.memo_path)
+        except OSError:
+            pass  # the memo is only an optimisation

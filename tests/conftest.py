@@ -1,0 +1,45 @@
+"""Shared fixtures: a generated dataset in both layouts and a config pointing at it."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.synth import make_dataset  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+SHARED_DATA = SHARED / "data"
+SHARED_WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_features.pt"
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("synth") / "obj_seg", "obj_seg",
+                        {"train": 6, "test": 3}, size=(96, 136), seed=1)
+
+
+@pytest.fixture(scope="session")
+def synth_davis_root(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("synth") / "davis", "davis2016",
+                        {"train": 4, "val": 2}, size=(80, 112), seed=2)
+
+
+def make_cfg(tmp_path: Path, data_root: Path, *extra: str, layout: str = "obj_seg"):
+    """A config for a fast CPU run on generated data, with everything under tmp_path."""
+    sets = [f"data.root={data_root}", f"data.layout={layout}",
+            f"paths.cache={tmp_path / 'cache'}", f"paths.outputs={tmp_path / 'outputs'}",
+            "backbone.name=mobilenet_v2", "backbone.weights=random",
+            "extract.batch_size=4", "extract.device=cpu", "extract.num_workers=2",
+            "train.device=cpu", "predict.device=cpu", *extra]
+    return load_config(ROOT / "configs" / "default.toml", sets)
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600):
+    import subprocess
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,94 @@
+"""Config loading, --set parsing and validation: the contract's keys, types and errors."""
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, all_keys, load_config, parse_set
+from tests.conftest import ROOT, run_cli
+
+CONTRACT_KEYS = ["run.name", "paths.cache", "paths.outputs", "data.root", "data.layout",
+                 "data.train_split", "backbone.name", "backbone.weights", "extract.batch_size",
+                 "extract.device", "train.lr", "train.epochs"]
+
+
+def test_contract_keys_exist_with_contract_defaults():
+    cfg = load_config(ROOT / "configs" / "default.toml")
+    assert set(CONTRACT_KEYS) <= set(all_keys())
+    assert (cfg.run.name, cfg.paths.cache, cfg.paths.outputs) == ("default", "cache", "outputs")
+    assert (cfg.data.root, cfg.data.layout, cfg.data.train_split) == ("data/obj_seg", "obj_seg", "train")
+    assert (cfg.backbone.name, cfg.backbone.weights) == ("dino_vits16", "pretrained")
+    assert (cfg.extract.batch_size, cfg.extract.device) == (32, "auto")
+    assert (cfg.train.lr, cfg.train.epochs) == (5e-4, 10)
+
+
+def test_default_toml_lists_every_key():
+    """configs/default.toml documents every key the code knows."""
+    import tomllib
+    doc = tomllib.loads((ROOT / "configs" / "default.toml").read_text())
+    in_file = {f"{s}.{k}" for s, t in doc.items() for k in t}
+    assert in_file == set(all_keys())
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("train.lr=1e-3", ("train.lr", 1e-3)),
+    ('backbone.name="dinov2_vits14"', ("backbone.name", "dinov2_vits14")),
+    ("backbone.name=dinov2_vits14", ("backbone.name", "dinov2_vits14")),
+    ("train.epochs=3", ("train.epochs", 3)),
+    ("extract.compile=true", ("extract.compile", True)),
+    ("upsampler.channels=[8, 4, 1]", ("upsampler.channels", [8, 4, 1])),
+    ("backbone.weights=../shared/weights/x.pt", ("backbone.weights", "../shared/weights/x.pt")),
+])
+def test_parse_set(item, expected):
+    assert parse_set(item) == expected
+
+
+def test_overrides_apply_and_int_is_accepted_for_float():
+    cfg = load_config(None, ["train.lr=1", "run.name=exp1", "data.layout=davis2016"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.run.name == "exp1" and cfg.run_dir == Path("outputs/exp1")
+
+
+@pytest.mark.parametrize("item, fragment", [
+    ("train.lrr=1", "unknown config key 'train.lrr' in --set (did you mean train.lr?)"),
+    ("nosuch.key=1", "unknown config key 'nosuch.key'"),
+    ("train=1", "unknown config key 'train'"),
+    ("train.epochs=ten", "bad value for train.epochs"),
+    ("train.epochs=0", "bad value for train.epochs"),
+    ("extract.batch_size=2.5", "bad value for extract.batch_size"),
+    ("data.layout=coco", "bad value for data.layout"),
+    ("backbone.name=resnet50", "bad value for backbone.name"),
+    ("extract.device=tpu", "bad value for extract.device"),
+    ("predict.threshold=1.5", "bad value for predict.threshold"),
+    ("upsampler.channels=[4, 2]", "bad value for upsampler.channels"),
+    ("dask.scheduler=local:x", "bad value for dask.scheduler"),
+    ("train.lr", "bad --set"),
+])
+def test_bad_overrides_are_one_line_errors(item, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [item])
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[train]\nlearning_rate = 1\n")
+    with pytest.raises(ConfigError, match=f"unknown config key 'train.learning_rate' in {p}"):
+        load_config(p)
+
+
+def test_missing_and_unparsable_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\n")
+    with pytest.raises(ConfigError, match="cannot parse config file"):
+        load_config(bad)
+
+
+def test_cli_usage_errors_exit_2_with_one_line(tmp_path):
+    r = run_cli("status", "--set", "train.lrr=1")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: unknown config key 'train.lrr' in --set (did you mean train.lr?)"]
+    r = run_cli("status", "--config", str(tmp_path / "missing.toml"))
+    assert r.returncode == 2 and "config file not found" in r.stderr and "Traceback" not in r.stderr
