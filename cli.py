@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""Command line of the segmentation pipeline: extract-features -> train-head -> predict.
+
+Run `python cli.py --help`, or `python cli.py demo` for an offline end-to-end example.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from pipeline.config import ConfigError, load_config
+
+DEFAULT_CONFIG = "configs/default.toml"
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def stage_command(func):
+    """Common options of the stage commands, config loading and the exit-code policy:
+    0 success, 1 a failed stage (bad data, missing upstream), 2 a usage error."""
+    @click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
+                  help="TOML config file.")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override a config key (a TOML literal, or a bare string); repeatable.")
+    @click.option("--force", is_flag=True, help="Recompute even when the stage is up to date.")
+    @functools.wraps(func)
+    def wrapper(config_path, overrides, force, **kwargs):
+        from pipeline.backbones import BackboneError
+        from pipeline.cache import CacheError
+        from pipeline.data import DataError
+        try:
+            cfg = load_config(config_path, overrides)
+        except ConfigError as e:
+            _fail(str(e), 2)
+        try:
+            return func(cfg, force=force, **kwargs)
+        except ConfigError as e:
+            _fail(str(e), 2)
+        except (DataError, CacheError, BackboneError) as e:
+            _fail(str(e), 1)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: rerun the same command to resume", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Binary object segmentation from frozen self-supervised ViT features."""
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def do_extract(cfg, force: bool, splits=()) -> bool:
+    from pipeline.extract import run_extract
+    res = run_extract(cfg, splits, force=force, progress=sys.stderr.isatty() or None)
+    if res.up_to_date:
+        click.echo("extract-features: up to date")
+        return True
+    rate = res.n_images / res.seconds if res.seconds > 0 else 0.0
+    click.echo(f"extract-features: {res.n_images} images in {res.seconds:.1f} s "
+               f"({rate:.1f} images/s), cache {_human_bytes(res.cache_bytes)}"
+               + (f", {res.n_errors} skipped" if res.n_errors else ""))
+    if res.errors:
+        for e in res.errors:
+            click.echo(f"  skipped: {e}", err=True)
+        click.echo(f"error: {res.n_errors} file(s) could not be used (listed above); "
+                   "the other images are cached", err=True)
+        return False
+    return True
+
+
+@cli.command("extract-features")
+@click.option("--split", "splits", multiple=True, help="Split(s) to extract (default: all).")
+@stage_command
+def extract_features(cfg, force, splits):
+    """Stage 1: images -> backbone patch features in the HDF5 cache."""
+    sys.exit(0 if do_extract(cfg, force, splits) else 1)
+
+
+def do_train(cfg, force: bool) -> None:
+    from pipeline.train import run_train
+    res = run_train(cfg, force=force)
+    if res.up_to_date:
+        click.echo("train-head: up to date")
+    else:
+        click.echo(f"train-head: trained in {res.seconds:.1f} s; models in {res.model_dir}")
+
+
+@cli.command("train-head")
+@stage_command
+def train_head(cfg, force):
+    """Stage 2: train the linear head and the PAC upsampler from the cache."""
+    do_train(cfg, force)
+
+
+def do_predict(cfg, force: bool, split: str) -> None:
+    from pipeline.predict import run_predict
+    res = run_predict(cfg, split, force=force)
+    if res.up_to_date:
+        click.echo(f"predict [{split}]: up to date; report {res.report_json}")
+        return
+    click.echo(f"predict [{split}]: {res.n_images} images in {res.seconds:.1f} s; "
+               f"masks in {res.predictions_dir}")
+    click.echo(f"report: {res.report_json} (also .md and .html)")
+    for line in res.headline:
+        click.echo(f"  {line}")
+
+
+@cli.command()
+@click.option("--split", default=None, help="Split to predict (default: data.test_split).")
+@stage_command
+def predict(cfg, force, split):
+    """Stage 3: masks for a split, plus the IoU report."""
+    do_predict(cfg, force, split or cfg.data.test_split)
+
+
+@cli.command()
+@click.option("--split", default=None, help="Split to predict (default: data.test_split).")
+@stage_command
+def run(cfg, force, split):
+    """All three stages in order, each skipped when up to date."""
+    split = split or cfg.data.test_split
+    needed = [cfg.data.train_split, split] + ([cfg.data.val_split] if cfg.data.val_split else [])
+    ok = do_extract(cfg, force, tuple(dict.fromkeys(needed)))
+    do_train(cfg, force)
+    do_predict(cfg, force, split)
+    sys.exit(0 if ok else 1)
+
+
+@cli.command()
+@click.option("--split", default=None, help="Split whose predictions to check (default: data.test_split).")
+@stage_command
+def status(cfg, force, split):
+    """One line per stage: up-to-date, stale (why) or missing."""
+    from pipeline import extract, predict as predict_stage, train
+    split = split or cfg.data.test_split
+    for st in (extract.status(cfg), train.status(cfg), predict_stage.status(cfg, split)):
+        click.echo(st.line())
+
+
+@cli.command()
+@click.option("--config", "config_path", default="configs/demo.toml", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--force", is_flag=True)
+def demo(config_path, overrides, force):
+    """Offline example: generate a small dataset and run all stages on it."""
+    from pipeline.synth import make_dataset
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    root = Path(cfg.data.root)
+    if not (root / "train").is_dir() and not (root / "ImageSets").is_dir():
+        click.echo(f"demo: writing a generated dataset to {root}")
+        make_dataset(root, cfg.data.layout, {"train": 12, "test": 6}, size=(192, 256))
+    t0 = time.perf_counter()
+    args = ["run", "--config", config_path] + [a for o in overrides for a in ("--set", o)]
+    if force:
+        args.append("--force")
+    try:
+        cli.main(args, standalone_mode=False)
+    except SystemExit as e:
+        if e.code:
+            raise
+    click.echo(f"demo: done in {time.perf_counter() - t0:.1f} s; open "
+               f"{cfg.run_dir / f'report_{cfg.data.test_split}.html'}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,213 @@
+"""Stage 1 end to end: the cache's content and format, up-to-date detection, bad files,
+the writer lock, and resumption after SIGKILL giving the same cache as a clean run."""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.cache import CacheError, FeatureCache, exclusive_lock
+from pipeline.config import copy_config
+from pipeline.data import list_items, load_image, load_mask
+from pipeline.extract import cache_dir, open_split, run_extract, status
+from pipeline.synth import make_dataset
+from tests.conftest import ROOT, SHARED_DATA, SHARED_WEIGHTS, make_cfg, run_cli
+
+quiet = dict(log=lambda s: None, progress=False)
+
+
+def cache_digest(folder):
+    """{relative path: sha256} of every file of a cache folder (lock file excluded)."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_extract_end_to_end(tmp_path, synth_root):
+    cfg = make_cfg(tmp_path, synth_root)
+    res = run_extract(cfg, **quiet)
+    assert res.n_images == 18 and res.errors == [] and not res.up_to_date
+    cache = open_split(cfg, "train")
+    assert len(cache) == 12 and cache.categories() == ["block", "disc"]
+    item = cache.read(0)
+    # 96x136 image, centre-cropped to 96x128 -> a 6x8 grid of 96-channel MobileNetV2 features
+    assert item.features.shape == (6, 8, 96) and item.features.dtype == np.float16
+    assert item.meta.box.as_tuple() == (0, 4, 96, 128) and item.meta.orig_size == (96, 136)
+    src = synth_root / item.meta.source
+    assert np.array_equal(item.image, load_image(src))
+    assert np.array_equal(item.mask, load_mask(synth_root / "train/block/annotations/00000.png"))
+    assert item.meta.source == "train/block/images/00000.jpg"
+    assert np.isfinite(item.features.astype(np.float32)).all()
+    # the second run is a no-op, and so are changes that do not affect features
+    assert run_extract(cfg, **quiet).up_to_date
+    cfg2 = copy_config(cfg, **{"extract.batch_size": 3, "extract.num_workers": 1})
+    assert run_extract(cfg2, **quiet).up_to_date
+    assert status(cfg2).state == "up-to-date"
+
+
+def test_features_do_not_depend_on_batch_size(tmp_path, synth_root):
+    a = make_cfg(tmp_path / "a", synth_root, "extract.batch_size=1")
+    b = make_cfg(tmp_path / "b", synth_root, "extract.batch_size=5")
+    run_extract(a, ["test"], **quiet)
+    run_extract(b, ["test"], **quiet)
+    ca, cb = open_split(a, "test"), open_split(b, "test")
+    for i in range(len(ca)):
+        np.testing.assert_allclose(ca.features(i).astype(np.float32), cb.features(i).astype(np.float32),
+                                   rtol=1e-2, atol=1e-2)
+
+
+def test_config_change_marks_stale_and_recomputes(tmp_path, synth_root):
+    cfg = make_cfg(tmp_path, synth_root)
+    run_extract(cfg, ["test"], **quiet)
+    assert status(cfg, ["test"]).state == "up-to-date"
+    cfg_pad = copy_config(cfg, **{"extract.fit": "pad"})
+    st = status(cfg_pad, ["test"])
+    assert st.state == "stale" and 'extract.fit: "crop" -> "pad"' in st.why
+    res = run_extract(cfg_pad, ["test"], **quiet)
+    assert res.n_images == 6
+    assert open_split(cfg_pad, "test").read(0).features.shape == (6, 9, 96)  # 96x144 canvas
+    assert cache_dir(cfg_pad) != cache_dir(cfg)
+
+
+def test_changed_image_recomputes_only_its_shard(tmp_path):
+    root = make_dataset(tmp_path / "d", "obj_seg", {"train": 3}, size=(48, 64))
+    cfg = make_cfg(tmp_path, root)
+    run_extract(cfg, **quiet)
+    before = cache_digest(cache_dir(cfg))
+    img = root / "train/disc/images/00001.jpg"
+    arr = load_image(img)
+    arr[:8] = 0
+    Image.fromarray(arr).save(img)
+    st = status(cfg)
+    assert st.state == "stale" and "data[train] changed" in st.why
+    res = run_extract(cfg, **quiet)
+    after = cache_digest(cache_dir(cfg))
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    shards_changed = {k for k in changed if k.endswith(".h5")}
+    # the disc shard was replaced, the block shard kept byte for byte
+    assert any("/disc-" in k for k in shards_changed) and not any("/block-" in k for k in shards_changed)
+    assert res.n_images == 3
+
+
+def test_bad_files_are_reported_and_the_rest_is_cached(tmp_path):
+    root = make_dataset(tmp_path / "d", "obj_seg", {"train": 3}, size=(48, 64))
+    (root / "train/disc/images/00000.jpg").write_bytes(b"garbage")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(root / "train/block/annotations/00002.png")
+    (root / "train/block/annotations/00001.png").unlink()
+    cfg = make_cfg(tmp_path, root)
+    res = run_extract(cfg, **quiet)
+    assert res.n_images == 3 and res.n_errors == 3
+    joined = "\n".join(res.errors)
+    assert "disc/images/00000.jpg: corrupt" in joined
+    assert "block/annotations/00002.png: mask size 10x10 differs" in joined
+    assert "block/images/00001.jpg: no annotation" in joined
+    assert len(open_split(cfg, "train")) == 3
+    # through the CLI: one line per file, a summary, exit 1
+    r = run_cli("extract-features", *[a for s in _sets(cfg) for a in ("--set", s)])
+    assert r.returncode == 1, r.stderr
+    assert "3 file(s) could not be used" in r.stderr and "Traceback" not in r.stderr
+
+
+def _sets(cfg):
+    return [f"data.root={cfg.data.root}", f"paths.cache={cfg.paths.cache}",
+            f"paths.outputs={cfg.paths.outputs}", "backbone.name=mobilenet_v2",
+            "backbone.weights=random", "extract.device=cpu", "extract.batch_size=4"]
+
+
+def test_empty_and_missing_dataset_errors(tmp_path):
+    cfg = make_cfg(tmp_path, tmp_path / "nothing")
+    r = run_cli("extract-features", *[a for s in _sets(cfg) for a in ("--set", s)])
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"error: dataset folder not found: {tmp_path / 'nothing'}"]
+
+
+def test_missing_upstream_names_the_command(tmp_path, synth_root):
+    cfg = make_cfg(tmp_path, synth_root)
+    with pytest.raises(CacheError, match="run `python cli.py extract-features --split train` first"):
+        open_split(cfg, "train")
+
+
+def test_second_writer_is_refused_with_a_clear_message(tmp_path, synth_root):
+    cfg = make_cfg(tmp_path, synth_root)
+    with exclusive_lock(cache_dir(cfg) / ".lock", "held"):
+        with pytest.raises(CacheError, match="locked by another process"):
+            run_extract(cfg, **quiet)
+
+
+def test_reader_is_lazy_and_picklable(tmp_path, synth_root):
+    import pickle
+    cfg = make_cfg(tmp_path, synth_root)
+    run_extract(cfg, ["test"], **quiet)
+    cache = open_split(cfg, "test")
+    assert len(cache._open) == 0  # nothing opened by listing
+    clone = pickle.loads(pickle.dumps(cache))
+    assert np.array_equal(clone.features(2), cache.features(2))
+
+
+def test_shards_are_deterministic_hdf5(tmp_path, synth_root):
+    """Two clean runs give byte-identical caches (no timestamps in the files)."""
+    a = make_cfg(tmp_path / "a", synth_root)
+    b = make_cfg(tmp_path / "b", synth_root)
+    run_extract(a, **quiet)
+    run_extract(b, **quiet)
+    da, db = cache_digest(cache_dir(a)), cache_digest(cache_dir(b))
+    shards = [k for k in da if k.endswith(".h5")]
+    assert shards and all(da[k] == db[k] for k in shards)
+
+
+def test_sigkill_then_resume_equals_clean_run(tmp_path):
+    """Kill a running extraction at several instants; the resumed cache equals a clean one."""
+    root = make_dataset(tmp_path / "d", "obj_seg", {"train": 70, "test": 20}, size=(64, 80))
+    clean = make_cfg(tmp_path / "clean", root)
+    run_extract(clean, **quiet)
+    expected = cache_digest(cache_dir(clean))
+
+    killed = make_cfg(tmp_path / "killed", root)
+    args = [sys.executable, str(ROOT / "cli.py"), "extract-features"] + \
+        [a for s in _sets(killed) for a in ("--set", s)]
+    shards = cache_dir(killed) / "train" / "shards"
+    def n_shards():
+        return len(list(shards.glob("*.h5"))) if shards.is_dir() else 0
+
+    # kill while the first shard is being written, then each time one more shard is complete
+    for extra in (0, 1, 1):
+        start = n_shards()
+        p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t_end = time.time() + 60
+        while time.time() < t_end and p.poll() is None:
+            if shards.is_dir() and n_shards() >= start + extra:
+                break
+            time.sleep(0.002)
+        assert p.poll() is None, "the extraction finished before it could be killed"
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    assert n_shards() < 4  # it really was interrupted
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = cache_digest(cache_dir(killed))
+    assert got == expected
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "obj_seg").is_dir() or not SHARED_WEIGHTS.is_file(),
+                    reason="../shared/data/obj_seg or the MobileNetV2 weights are absent")
+def test_real_images_with_pretrained_mobilenet(tmp_path):
+    cfg = make_cfg(tmp_path, SHARED_DATA / "obj_seg", f"backbone.weights={SHARED_WEIGHTS}",
+                   "extract.batch_size=8")
+    res = run_extract(cfg, ["test"], **quiet)
+    assert res.n_images == 35 and not res.errors
+    cache = open_split(cfg, "test")
+    assert cache.categories() == ["bear", "dog"]
+    item = cache.read(0)
+    assert item.features.shape == (30, 53, 96) and item.image.shape == (480, 854, 3)
+    # real features separate object from background: the mean feature of object patches
+    # differs from the background's far more than features vary within the background
+    f = item.features.astype(np.float32)
+    m = item.mask[:480, 3:851].reshape(30, 16, 53, 16).mean(axis=(1, 3)) > 0.5
+    gap = np.linalg.norm(f[m].mean(0) - f[~m].mean(0))
+    spread = np.linalg.norm(f[~m].std(0))
+    assert m.any() and gap > 0.5 * spread

@@ -1,0 +1,145 @@
+"""The whole pipeline through the CLI: predict's outputs and the report's contract, status
+after config changes, fast no-op reruns, the demo, and a real-data run when available."""
+import json
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.synth import make_dataset
+from tests.conftest import ROOT, SHARED_DATA, SHARED_WEIGHTS, run_cli
+
+METRIC_KEYS = {"miou", "fg_iou", "bg_iou", "accuracy", "precision", "recall", "j_mean",
+               "boundary_f", "n_images"}
+FAST = ["train.epochs=2", "train.linear_epochs=5", "train.crop=64", "train.batch_size=4"]
+
+
+def sets(tmp_path, root, *extra):
+    out = []
+    for s in [f"data.root={root}", f"paths.cache={tmp_path / 'cache'}",
+              f"paths.outputs={tmp_path / 'outputs'}", "backbone.name=mobilenet_v2",
+              "backbone.weights=random", "extract.batch_size=4", *FAST, *extra]:
+        out += ["--set", s]
+    return out
+
+
+@pytest.fixture(scope="module")
+def odd_root(tmp_path_factory):
+    """Generated data plus one test image of an odd size that is not a multiple of 16."""
+    root = make_dataset(tmp_path_factory.mktemp("odd") / "d", "obj_seg", {"train": 5, "test": 3},
+                        size=(88, 120), seed=3)
+    img = Image.open(root / "test/disc/images/00002.jpg").resize((101, 75))
+    img.save(root / "test/disc/images/00002.jpg")
+    Image.open(root / "test/disc/annotations/00002.png").resize((101, 75), Image.NEAREST) \
+        .save(root / "test/disc/annotations/00002.png")
+    return root
+
+
+def check_metrics(m):
+    assert set(m) == METRIC_KEYS
+    assert isinstance(m["n_images"], int)
+    for k in METRIC_KEYS - {"n_images"}:
+        assert isinstance(m[k], float) and 0.0 <= m[k] <= 1.0, (k, m[k])
+    assert m["miou"] == pytest.approx((m["fg_iou"] + m["bg_iou"]) / 2)
+
+
+def test_run_predict_report_and_status(tmp_path, odd_root):
+    args = sets(tmp_path, odd_root)
+    r = run_cli("status", *args)
+    assert r.returncode == 0
+    assert r.stdout.splitlines() == ["extract-features: missing", "train-head: missing",
+                                     "predict[test]: missing"]
+    r = run_cli("predict", "--split", "test", *args)
+    assert r.returncode == 1 and "extract-features" in r.stderr and "Traceback" not in r.stderr
+
+    r = run_cli("run", *args)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "outputs" / "default"
+    report = json.loads((out / "report_test.json").read_text())
+    assert report["split"] == "test" and report["n_images"] == 6
+    assert report["backbone"] == {"name": "mobilenet_v2", "weights": "random"}
+    assert set(report["variants"]) == {"linear_nearest", "linear_bilinear", "pac"}
+    for v in report["variants"].values():
+        check_metrics(v["overall"])
+        assert set(v["per_category"]) == {"block", "disc"}
+        for m in v["per_category"].values():
+            check_metrics(m)
+        assert sum(m["n_images"] for m in v["per_category"].values()) == 6
+    for ext in ("md", "html"):
+        assert (out / f"report_test.{ext}").is_file()
+    # masks: 0/255, the input's own size (the odd one included)
+    for cat in ("block", "disc"):
+        for i in range(3):
+            pred = Image.open(out / "predictions/test" / cat / f"{i:05d}.png")
+            src = Image.open(odd_root / "test" / cat / "images" / f"{i:05d}.jpg")
+            assert pred.size == src.size and pred.mode == "L"
+            assert set(np.unique(np.asarray(pred))) <= {0, 255}
+
+    # nothing changed: every stage up to date, quickly
+    t0 = time.time()
+    r = run_cli("run", *args)
+    assert r.returncode == 0 and time.time() - t0 < 15
+    assert "up to date" in r.stdout
+    r = run_cli("status", *args)
+    assert r.stdout.splitlines() == ["extract-features: up-to-date", "train-head: up-to-date",
+                                     "predict[test]: up-to-date"]
+
+    # a training key: stage 1 stays up to date, stages 2 and 3 become stale
+    lines = run_cli("status", *args, "--set", "train.lr=1e-3").stdout.splitlines()
+    assert lines[0] == "extract-features: up-to-date"
+    assert lines[1].startswith("train-head: stale (") and "train.lr" in lines[1]
+    assert lines[2].startswith("predict[test]: stale (") and "train.lr" in lines[2]
+    # a prediction key: only stage 3
+    lines = run_cli("status", *args, "--set", "predict.threshold=0.6").stdout.splitlines()
+    assert lines[:2] == ["extract-features: up-to-date", "train-head: up-to-date"]
+    assert "predict.threshold" in lines[2]
+    # the backbone: everything
+    lines = run_cli("status", *args, "--set", "backbone.name=dino_vits16").stdout.splitlines()
+    assert all("stale (" in l and "backbone.name" in l for l in lines), lines
+
+
+def test_predict_resumes_from_units(tmp_path, odd_root):
+    from pipeline.config import load_config
+    from pipeline.extract import run_extract
+    from pipeline.predict import run_predict
+    from pipeline.train import run_train
+    cfg = load_config(ROOT / "configs/default.toml", sets(tmp_path, odd_root)[1::2])
+    quiet = dict(log=lambda s: None, progress=False)
+    run_extract(cfg, **quiet)
+    run_train(cfg, **quiet)
+    first = run_predict(cfg, "test", **quiet)
+    report = first.report_json.read_text()
+    units = sorted((cfg.run_dir / "stages" / "predict_test_units").glob("*.json"))
+    assert len(units) == 2  # one per shard (one shard per category)
+    # simulate a kill after the first shard: drop the record, the report and one unit
+    (cfg.run_dir / "stages" / "predict[test].json").unlink()
+    first.report_json.unlink()
+    units[1].unlink()
+    again = run_predict(cfg, "test", **quiet)
+    assert json.loads(again.report_json.read_text()) == json.loads(report)
+
+
+def test_demo_runs_offline(tmp_path):
+    r = run_cli("demo", "--config", str(ROOT / "configs/demo.toml"), cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = tmp_path / "outputs/demo/report_test.html"
+    assert report.is_file() and str(report.relative_to(tmp_path)) in r.stdout
+    data = json.loads((tmp_path / "outputs/demo/report_test.json").read_text())
+    # the generated shapes are easy: even random features separate them
+    assert data["variants"]["linear_bilinear"]["overall"]["miou"] > 0.6
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "obj_seg").is_dir() or not SHARED_WEIGHTS.is_file(),
+                    reason="../shared/data/obj_seg or the MobileNetV2 weights are absent")
+def test_real_data_pac_beats_bilinear(tmp_path):
+    r = run_cli("run", "--split", "test",
+                "--set", f"data.root={SHARED_DATA / 'obj_seg'}", "--set", f"paths.cache={tmp_path / 'c'}",
+                "--set", f"paths.outputs={tmp_path / 'o'}", "--set", "backbone.name=mobilenet_v2",
+                "--set", f"backbone.weights={SHARED_WEIGHTS}", timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "o/default/report_test.json").read_text())
+    v = rep["variants"]
+    assert rep["n_images"] == 35
+    assert v["pac"]["overall"]["miou"] > v["linear_bilinear"]["overall"]["miou"]
+    assert v["pac"]["overall"]["boundary_f"] > v["linear_bilinear"]["overall"]["boundary_f"]

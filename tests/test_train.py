@@ -1,0 +1,123 @@
+"""Stage 2: patch targets, training from the cache, resumption after SIGKILL with identical
+weights, incremental reruns and the missing-upstream error."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache import CacheError
+from pipeline.config import copy_config
+from pipeline.extract import run_extract, status as extract_status
+from pipeline.models import PacUpsampler, UpsamplerSpec
+from pipeline.train import load_models, patch_targets, run_train, status
+from tests.conftest import ROOT, make_cfg
+
+quiet = dict(log=lambda s: None, progress=False)
+FAST = ("train.epochs=2", "train.linear_epochs=3", "train.crop=64", "train.batch_size=3")
+
+
+def test_patch_targets_are_object_fractions_of_in_image_pixels():
+    mask = np.zeros((32, 32), bool)
+    mask[:16, :8] = True  # half of the top-left patch
+    mask[16:, 16:] = True  # all of the bottom-right patch
+    valid = np.ones((32, 32), bool)
+    valid[:, 28:] = False  # the right 4 columns are padding
+    mask[:, 28:] = True  # ... and whatever the mask says there is ignored
+    target, weight = patch_targets(mask, valid, 16)
+    np.testing.assert_allclose(target, [[0.5, 0.0], [0.0, 1.0]])
+    np.testing.assert_allclose(weight, [[1.0, 0.75], [1.0, 0.75]])
+
+
+@pytest.mark.parametrize("patch, n_stages", [(16, 4), (14, 3), (8, 3)])
+def test_upsampler_outputs_full_size_for_any_patch_size(patch, n_stages):
+    spec = UpsamplerSpec(in_channels=5, patch_size=patch)
+    up = PacUpsampler(spec)
+    assert len(up.stages) == n_stages
+    feats = torch.randn(2, 5, 3, 4)
+    image = torch.randint(0, 255, (2, 3, 3 * patch, 4 * patch), dtype=torch.uint8)
+    assert up(feats, image).shape == (2, 1, 3 * patch, 4 * patch)
+
+
+def test_residual_and_learned_guide_variants_run():
+    spec = UpsamplerSpec(in_channels=5, patch_size=16, guide="learned", residual=True, normalize=True)
+    up = PacUpsampler(spec)
+    out = up(torch.randn(1, 5, 2, 3), torch.zeros(1, 3, 32, 48, dtype=torch.uint8), torch.randn(1, 1, 2, 3))
+    assert out.shape == (1, 1, 32, 48)
+
+
+def test_missing_cache_names_the_command(tmp_path, synth_root):
+    cfg = make_cfg(tmp_path, synth_root, *FAST)
+    with pytest.raises(CacheError, match="extract-features --split train"):
+        run_train(cfg, **quiet)
+
+
+def test_train_end_to_end_and_incremental(tmp_path, synth_root):
+    cfg = make_cfg(tmp_path, synth_root, *FAST, "data.val_split=test")
+    run_extract(cfg, **quiet)
+    assert status(cfg).state == "missing"
+    res = run_train(cfg, **quiet)
+    assert not res.up_to_date
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["epoch"]) for r in rows] == \
+        [("linear", 1), ("linear", 2), ("linear", 3), ("upsampler", 1), ("upsampler", 2)]
+    assert rows[2]["loss"] < rows[0]["loss"]  # the linear head learns
+    assert all(0 <= r["val_miou"] <= 1 for r in rows if r["phase"] == "upsampler")
+    assert (cfg.run_dir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    models = load_models(cfg)
+    assert models.patch_size == 16
+    assert not (cfg.run_dir / "models" / "checkpoint.pt").exists()
+    # unchanged -> up to date; a training key -> stale, stage 1 untouched
+    assert status(cfg).state == "up-to-date" and run_train(cfg, **quiet).up_to_date
+    cfg_lr = copy_config(cfg, **{"train.lr": 1e-3})
+    st = status(cfg_lr)
+    assert st.state == "stale" and "train.lr: 0.0005 -> 0.001" in st.why
+    assert extract_status(cfg_lr).state == "up-to-date"
+    # device and worker count do not change the result
+    assert status(copy_config(cfg, **{"train.num_workers": 2})).state == "up-to-date"
+
+
+def _weights(cfg):
+    m = load_models(cfg)
+    return {**{f"h.{k}": v for k, v in m.head.state_dict().items()},
+            **{f"u.{k}": v for k, v in m.upsampler.state_dict().items()}}
+
+
+def test_sigkill_then_resume_gives_the_same_weights(tmp_path, synth_root):
+    sets = ("train.epochs=4", "train.linear_epochs=2", "train.crop=64", "train.batch_size=2")
+    clean = make_cfg(tmp_path / "clean", synth_root, *sets)
+    run_extract(clean, **quiet)
+    run_train(clean, **quiet)
+    expected = _weights(clean)
+
+    killed = make_cfg(tmp_path / "killed", synth_root, *sets)
+    run_extract(killed, **quiet)
+    args = [sys.executable, str(ROOT / "cli.py"), "train-head"]
+    for s in [f"data.root={synth_root}", f"paths.cache={tmp_path / 'killed' / 'cache'}",
+              f"paths.outputs={tmp_path / 'killed' / 'outputs'}", "backbone.name=mobilenet_v2",
+              "backbone.weights=random", "train.device=cpu", *sets]:
+        args += ["--set", s]
+    metrics = killed.run_dir / "metrics.jsonl"
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t_end = time.time() + 120
+    # kill once the first PAC epoch is checkpointed (linear phase done, upsampler mid-way)
+    while time.time() < t_end and p.poll() is None:
+        if metrics.is_file() and '"upsampler"' in metrics.read_text():
+            break
+        time.sleep(0.01)
+    assert p.poll() is None, "training finished before it could be killed"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert (killed.run_dir / "models" / "checkpoint.pt").is_file()
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout
+    got = _weights(killed)
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
