@@ -69,6 +69,9 @@ def do_extract(cfg, force: bool, splits=()) -> bool:
     res = run_extract(cfg, splits, force=force, progress=sys.stderr.isatty() or None)
     if res.up_to_date:
         click.echo("extract-features: up to date")
+        if res.n_errors:
+            click.echo(f"note: {res.n_errors} file(s) were skipped when the cache was built "
+                       "(rerun with --force to list them)", err=True)
         return True
     rate = res.n_images / res.seconds if res.seconds > 0 else 0.0
     click.echo(f"extract-features: {res.n_images} images in {res.seconds:.1f} s "

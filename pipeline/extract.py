@@ -348,6 +348,8 @@ def run_extract(cfg: Config, splits: Iterable[str] = (), force: bool = False,
     if not todo:
         for p in plans:
             _record_split(cfg, p, mparams)
+            result.errors.extend(manifest_current(p)["errors"])
+        result.n_errors = len(result.errors)
         result.up_to_date = True
         return result
     cdir = cache_dir(cfg, mparams)
@@ -390,8 +392,6 @@ def _execute(cfg: Config, tasks: list[ShardTask], n_total: int, result: ExtractR
     def on_done(summary: dict, n_items: int) -> None:
         with lock:
             result.n_images += summary["n"]
-            for e in summary["errors"]:
-                bar.write(f"skipped: {e}", file=sys.stderr)
             bar.update(n_items)
 
     try:

@@ -80,7 +80,7 @@ def test_changed_image_recomputes_only_its_shard(tmp_path):
     run_extract(cfg, **quiet)
     before = cache_digest(cache_dir(cfg))
     img = root / "train/disc/images/00001.jpg"
-    arr = load_image(img)
+    arr = load_image(img).copy()
     arr[:8] = 0
     Image.fromarray(arr).save(img)
     st = status(cfg)
@@ -100,17 +100,22 @@ def test_bad_files_are_reported_and_the_rest_is_cached(tmp_path):
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(root / "train/block/annotations/00002.png")
     (root / "train/block/annotations/00001.png").unlink()
     cfg = make_cfg(tmp_path, root)
-    res = run_extract(cfg, **quiet)
-    assert res.n_images == 3 and res.n_errors == 3
-    joined = "\n".join(res.errors)
-    assert "disc/images/00000.jpg: corrupt" in joined
-    assert "block/annotations/00002.png: mask size 10x10 differs" in joined
-    assert "block/images/00001.jpg: no annotation" in joined
-    assert len(open_split(cfg, "train")) == 3
     # through the CLI: one line per file, a summary, exit 1
     r = run_cli("extract-features", *[a for s in _sets(cfg) for a in ("--set", s)])
     assert r.returncode == 1, r.stderr
-    assert "3 file(s) could not be used" in r.stderr and "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert any("disc/images/00000.jpg: corrupt" in l for l in lines)
+    assert any("block/annotations/00002.png: mask size 10x10 differs" in l for l in lines)
+    assert any("block/images/00001.jpg: no annotation" in l for l in lines)
+    assert lines[-1] == "error: 3 file(s) could not be used (listed above); the other images are cached"
+    assert len(open_split(cfg, "train")) == 3
+    # nothing changed: up to date (exit 0), with a reminder of the skipped files
+    r = run_cli("extract-features", *[a for s in _sets(cfg) for a in ("--set", s)])
+    assert r.returncode == 0 and "up to date" in r.stdout and "3 file(s) were skipped" in r.stderr
+    # the same through the API, with a forced recompute
+    res = run_extract(cfg, force=True, **quiet)
+    assert res.n_images == 3 and res.n_errors == 3
 
 
 def _sets(cfg):

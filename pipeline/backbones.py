@@ -1,0 +1,243 @@
+"""Frozen feature extractors, chosen by name from config (a small registry, timm style).
+
+Each entry maps a config name to its spec (patch size, channels, normalisation: data kept
+next to the model) and a builder. `Backbone.forward` takes a uint8 batch and returns the
+patch-feature map (B, h, w, C); normalisation runs on the tensor's device, so GPU users send
+uint8 over PCIe.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BackboneError(Exception):
+    """A one-line, user-facing problem building or loading a backbone."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    patch_size: int  # output stride; images are cropped/padded to a multiple of it
+    embed_dim: int  # C of the feature map
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str  # "timm:<model>" or "torchvision:<model>"
+    checkpoint_hint: str  # the file a user offline should download and pass
+
+
+_REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in [
+    BackboneSpec("dino_vits16", 16, 384, IMAGENET_MEAN, IMAGENET_STD,
+                 "timm:vit_small_patch16_224.dino", "dino_deitsmall16_pretrain.pth"),
+    BackboneSpec("dino_vits8", 8, 384, IMAGENET_MEAN, IMAGENET_STD,
+                 "timm:vit_small_patch8_224.dino", "dino_deitsmall8_pretrain.pth"),
+    BackboneSpec("dinov2_vits14", 14, 384, IMAGENET_MEAN, IMAGENET_STD,
+                 "timm:vit_small_patch14_dinov2.lvd142m", "dinov2_vits14_pretrain.pth"),
+    BackboneSpec("mobilenet_v2", 16, 96, IMAGENET_MEAN, IMAGENET_STD,
+                 "torchvision:mobilenet_v2", "a torchvision mobilenet_v2 state dict (.pth)"),
+]}
+
+# heads and classifiers that checkpoints may carry and a feature extractor does not use
+_DROP_PREFIXES = ("head.", "head_dist.", "fc_norm.", "classifier.", "mask_token")
+
+
+def list_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise BackboneError(f"unknown backbone {name!r} (one of {', '.join(list_backbones())})") from None
+
+
+class Backbone(nn.Module):
+    """A frozen model plus its spec: uint8 images (B, 3, H, W) -> features (B, h, w, C)."""
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module, kind: str):
+        super().__init__()
+        self.spec = spec
+        self.model = model
+        self.kind = kind  # "vit" | "cnn"
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        p = self.spec.patch_size
+        if height % p or width % p:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
+        return height // p, width // p, self.spec.embed_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected a uint8 batch (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        B, _, H, W = images.shape
+        h, w, _ = self.feature_shape(H, W)
+        x = (images.float() - self.mean) / self.std
+        if self.kind == "vit":
+            tokens = self.model.forward_features(x)  # after the final norm
+            tokens = tokens[:, self.model.num_prefix_tokens:]  # drop CLS and register tokens
+            return tokens.reshape(B, h, w, -1)
+        return self.model(x).permute(0, 2, 3, 1)
+
+
+# ----------------------------------------------------------------------------- weights
+
+_ID_MEMO: dict[tuple, str] = {}
+
+
+def weights_identity(weights: str) -> str:
+    """"pretrained" | "random" | "sha256:<hex>" of a local file (memoised by path, size, mtime)."""
+    if weights in ("pretrained", "random"):
+        return weights
+    path = Path(weights)
+    if not path.is_file():
+        raise BackboneError(f"weights file not found: {weights} (backbone.weights is "
+                            "\"pretrained\", \"random\" or a local checkpoint path)")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _ID_MEMO:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _ID_MEMO[key] = "sha256:" + h.hexdigest()
+    return _ID_MEMO[key]
+
+
+def _read_checkpoint(path: Path) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is reported the same way
+        if "weights_only" not in str(e) and "Unsupported global" not in str(e):
+            raise BackboneError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
+        try:  # older checkpoints pickle extra objects (e.g. argparse.Namespace in DINO's)
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:  # noqa: BLE001
+            raise BackboneError(f"{path}: not a readable checkpoint ({_first_line(e2)})") from None
+    if not isinstance(obj, dict):
+        raise BackboneError(f"{path}: not a state dict (found {type(obj).__name__})")
+    return obj
+
+
+def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
+    """The backbone's tensors from any of the accepted checkpoint formats: a plain state
+    dict, {"state_dict"|"model": ...} wrappers, or a DINO training checkpoint (the teacher),
+    with `module.` / `backbone.` prefixes removed and head keys dropped."""
+    for key in ("teacher", "state_dict", "model", "student"):
+        if key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    out = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for prefix in ("module.", "backbone.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if k.startswith(_DROP_PREFIXES):
+            continue
+        out[k] = v
+    return out
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, spec: BackboneSpec) -> None:
+    own = model.state_dict()
+    if spec.source.startswith("torchvision:"):  # our model is features[:14]: keys "0.conv..."
+        state = {k[len("features."):] if k.startswith("features.") else k: v for k, v in state.items()}
+        state = {k: v for k, v in state.items()
+                 if not (k.split(".", 1)[0].isdigit() and int(k.split(".", 1)[0]) >= 14)}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing:
+        raise BackboneError(f"{path}: not a {spec.name} checkpoint: missing {len(missing)} keys "
+                            f"(e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        raise BackboneError(f"{path}: unexpected keys for {spec.name} (e.g. {', '.join(unexpected[:3])})")
+    for k, v in state.items():
+        if v.shape != own[k].shape and k != "pos_embed":
+            raise BackboneError(f"{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, "
+                                f"{spec.name} {tuple(own[k].shape)}")
+    if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
+        # a checkpoint trained at another resolution: interpolate its position embeddings
+        from timm.layers import resample_abs_pos_embed
+        n_prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], new_size=model.patch_embed.grid_size, num_prefix_tokens=n_prefix)
+    model.load_state_dict(state, strict=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------- builders
+
+def _build_timm(spec: BackboneSpec, pretrained: bool) -> nn.Module:
+    import timm
+    return timm.create_model(spec.source.split(":", 1)[1], pretrained=pretrained, num_classes=0,
+                             dynamic_img_size=True)
+
+
+def _build_mobilenet(spec: BackboneSpec, pretrained: bool) -> nn.Module:
+    import torchvision
+    weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1 if pretrained else None
+    return torchvision.models.mobilenet_v2(weights=weights).features[:14]
+
+
+_HOSTS = {"timm": "huggingface.co", "torchvision": "download.pytorch.org"}
+
+
+def _check_host(host: str) -> None:
+    """Fail fast when the download host does not even resolve (offline machines), instead of
+    minutes of retries."""
+    import socket
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        raise ConnectionError(f"cannot resolve {host}: {e}") from None
+
+
+_BUILDERS: dict[str, tuple[Callable[[BackboneSpec, bool], nn.Module], str]] = {
+    "dino_vits16": (_build_timm, "vit"),
+    "dino_vits8": (_build_timm, "vit"),
+    "dinov2_vits14": (_build_timm, "vit"),
+    "mobilenet_v2": (_build_mobilenet, "cnn"),
+}
+
+
+def create_backbone(name: str, weights: str) -> Backbone:
+    """A frozen backbone in eval mode. `weights`: "pretrained" (download), "random" (seeded,
+    global RNG untouched), or a local checkpoint file."""
+    spec = get_spec(name)
+    build, kind = _BUILDERS[name]
+    if weights == "pretrained":
+        try:
+            _check_host(_HOSTS[spec.source.split(":", 1)[0]])
+            model = build(spec, True)
+        except Exception as e:  # noqa: BLE001 - no network, hub errors, ...
+            raise BackboneError(
+                f"could not download pretrained weights for {name} ({_first_line(e)}); download "
+                f"{spec.checkpoint_hint} elsewhere and pass it with --set backbone.weights=/path/to/file") from None
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = build(spec, False)
+        if weights != "random":
+            path = Path(weights)
+            if not path.is_file():
+                raise BackboneError(f"weights file not found: {weights}")
+            _load_into(model, extract_state_dict(_read_checkpoint(path)), path, spec)
+    model.eval().requires_grad_(False)
+    return Backbone(spec, model, kind).eval()

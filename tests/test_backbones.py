@@ -1,0 +1,382 @@
+"""Backbone registry, forward shapes and checkpoint loading: CPU only, no network.
+
+The checkpoints are written here, in tmp dirs, from randomly initialised models; the
+features of a loaded backbone are compared with a model built directly from the same
+tensors, which proves that the weights were really loaded (and normalised inputs match).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import backbones  # noqa: E402
+from pipeline.backbones import (  # noqa: E402
+    Backbone, BackboneError, BackboneSpec, create_backbone, get_spec, list_backbones,
+    weights_identity,
+)
+
+SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
+NAMES = ["dino_vits16", "dino_vits8", "dinov2_vits14", "mobilenet_v2"]
+
+
+def images(patch: int, b: int = 2, gh: int = 2, gw: int = 3, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, 3, gh * patch, gw * patch), generator=g, dtype=torch.uint8)
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (x.float() / 255.0 - mean) / std
+
+
+def vit_reference(timm_name: str, sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """Patch features of a timm ViT built directly from `sd` (the independent reference)."""
+    import timm
+    m = timm.create_model(timm_name, pretrained=False, num_classes=0, dynamic_img_size=True)
+    m.load_state_dict(sd, strict=True)
+    m.eval()
+    with torch.no_grad():
+        t = m.forward_features(normalise(x))[:, m.num_prefix_tokens:]
+    B, _, H, W = x.shape
+    p = m.patch_embed.patch_size[0]
+    return t.reshape(B, H // p, W // p, -1)
+
+
+def feats(bb: Backbone, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return bb(x)
+
+
+def assert_one_line(err: pytest.ExceptionInfo, *parts: str) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg and msg.strip() == msg, msg
+    for p in parts:
+        assert p in msg, msg
+    return msg
+
+
+@pytest.fixture(scope="module")
+def random_backbones() -> dict[str, Backbone]:
+    return {n: create_backbone(n, "random") for n in NAMES}
+
+
+@pytest.fixture(scope="module")
+def dino16():
+    """Teacher / student state dicts for ViT-S/16 in the original DINO key format (= timm's
+    key names, no head), an input batch and the reference features of each."""
+    import timm
+    torch.manual_seed(123)
+    m = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
+    teacher = {k: v.clone() for k, v in m.state_dict().items()}
+    g = torch.Generator().manual_seed(7)
+    student = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in teacher.items()}
+    x = images(16)
+    return {"teacher": teacher, "student": student, "x": x,
+            "ref_teacher": vit_reference("vit_small_patch16_224", teacher, x),
+            "ref_student": vit_reference("vit_small_patch16_224", student, x)}
+
+
+# ----------------------------------------------------------------------------- registry
+
+def test_registry_names_and_specs():
+    assert list_backbones() == NAMES
+    expect = {"dino_vits16": (16, 384, "timm:vit_small_patch16_224.dino"),
+              "dino_vits8": (8, 384, "timm:vit_small_patch8_224.dino"),
+              "dinov2_vits14": (14, 384, "timm:vit_small_patch14_dinov2.lvd142m"),
+              "mobilenet_v2": (16, 96, "torchvision:mobilenet_v2")}
+    for name, (patch, dim, source) in expect.items():
+        spec = get_spec(name)
+        assert isinstance(spec, BackboneSpec)
+        assert (spec.name, spec.patch_size, spec.embed_dim, spec.source) == (name, patch, dim, source)
+        assert spec.mean == (0.485, 0.456, 0.406) and spec.std == (0.229, 0.224, 0.225)
+    with pytest.raises(Exception):
+        spec.patch_size = 3  # frozen
+
+
+def test_unknown_name():
+    with pytest.raises(BackboneError) as e:
+        get_spec("resnet50")
+    assert_one_line(e, "resnet50", *NAMES)
+    with pytest.raises(BackboneError):
+        create_backbone("resnet50", "random")
+
+
+# ----------------------------------------------------------------------------- forward
+
+@pytest.mark.parametrize("name", NAMES)
+def test_random_forward_shapes(random_backbones, name):
+    bb = random_backbones[name]
+    spec = bb.spec
+    assert bb.spec is get_spec(name)
+    assert not bb.training and not any(p.requires_grad for p in bb.parameters())
+    p = spec.patch_size
+    x = images(p, b=2, gh=2, gw=3)
+    out = feats(bb, x)
+    assert out.shape == (2, 2, 3, spec.embed_dim) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    assert bb.feature_shape(2 * p, 3 * p) == (2, 3, spec.embed_dim)
+    # another size (ViT position embeddings are interpolated)
+    assert feats(bb, images(p, b=1, gh=3, gw=1)).shape == (1, 3, 1, spec.embed_dim)
+    with pytest.raises(ValueError):
+        bb(torch.zeros(1, 3, 2 * p + 1, 3 * p, dtype=torch.uint8))
+    with pytest.raises(ValueError):
+        bb.feature_shape(2 * p, 3 * p - 1)
+
+
+def test_forward_rejects_bad_input(random_backbones):
+    bb = random_backbones["mobilenet_v2"]
+    with pytest.raises(ValueError):
+        bb(torch.zeros(1, 3, 32, 32))                      # float, not uint8
+    with pytest.raises(ValueError):
+        bb(torch.zeros(1, 4, 32, 32, dtype=torch.uint8))   # 4 channels
+
+
+def test_random_is_deterministic_and_keeps_global_rng(random_backbones):
+    state = torch.get_rng_state()
+    again = create_backbone("mobilenet_v2", "random")
+    assert torch.equal(torch.get_rng_state(), state)
+    x = images(16)
+    assert torch.equal(feats(again, x), feats(random_backbones["mobilenet_v2"], x))
+
+
+def test_vit_forward_matches_timm(random_backbones):
+    """Patch tokens after the final norm, CLS dropped, row-major h x w."""
+    bb = random_backbones["dinov2_vits14"]
+    x = images(14)
+    ref = vit_reference("vit_small_patch14_dinov2", bb.model.state_dict(), x)
+    torch.testing.assert_close(feats(bb, x), ref)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_load_dino_release_checkpoint(tmp_path, dino16):
+    path = tmp_path / "dino_deitsmall16_pretrain.pth"
+    torch.save(dino16["teacher"], path)
+    bb = create_backbone("dino_vits16", str(path))
+    out = feats(bb, dino16["x"])
+    torch.testing.assert_close(out, dino16["ref_teacher"])
+    assert not bb.training and not any(p.requires_grad for p in bb.parameters())
+
+
+def test_load_dino_training_checkpoint_prefers_teacher(tmp_path, dino16):
+    teacher = {"backbone." + k: v for k, v in dino16["teacher"].items()}
+    teacher["head.mlp.0.weight"] = torch.randn(2048, 384)
+    teacher["head.last_layer.weight_g"] = torch.ones(65536, 1)
+    student = {"module.backbone." + k: v for k, v in dino16["student"].items()}
+    student["module.head.mlp.0.weight"] = torch.randn(2048, 384)
+    path = tmp_path / "checkpoint.pth"
+    # argparse.Namespace as in DINO's checkpoints: needs the weights_only=False fallback
+    torch.save({"teacher": teacher, "student": student, "epoch": 3,
+                "args": argparse.Namespace(arch="vit_small", patch_size=16)}, path)
+    out = feats(create_backbone("dino_vits16", str(path)), dino16["x"])
+    torch.testing.assert_close(out, dino16["ref_teacher"])
+    assert not torch.allclose(out, dino16["ref_student"], atol=1e-3)
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "model"])
+def test_load_wrapped_timm_state_dict(tmp_path, dino16, wrapper):
+    sd = {"module." + k: v for k, v in dino16["student"].items()}
+    sd["head.weight"], sd["head.bias"] = torch.zeros(1000, 384), torch.zeros(1000)
+    path = tmp_path / "wrapped.pt"
+    torch.save({wrapper: sd, "epoch": 1}, path)
+    torch.testing.assert_close(feats(create_backbone("dino_vits16", str(path)), dino16["x"]),
+                               dino16["ref_student"])
+
+
+def test_load_dinov2_original_checkpoint(tmp_path, random_backbones):
+    src = random_backbones["dinov2_vits14"].model
+    g = torch.Generator().manual_seed(3)
+    sd = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in src.state_dict().items()}
+    x = images(14)
+    ref = vit_reference("vit_small_patch14_dinov2", sd, x)
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save({**sd, "mask_token": torch.zeros(1, 384)}, path)
+    torch.testing.assert_close(feats(create_backbone("dinov2_vits14", str(path)), x), ref)
+
+
+@pytest.fixture(scope="module")
+def mobilenet_full():
+    import torchvision
+    torch.manual_seed(5)
+    m = torchvision.models.mobilenet_v2(weights=None).eval()
+    # non-trivial BatchNorm statistics, so that loading them is checked too
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    x = images(16)
+    with torch.no_grad():
+        ref = m.features[:14](normalise(x)).permute(0, 2, 3, 1)
+    return m.state_dict(), x, ref
+
+
+@pytest.mark.parametrize("layout", ["full", "features", "features14"])
+def test_load_mobilenet_state_dicts(tmp_path, mobilenet_full, layout):
+    sd, x, ref = mobilenet_full
+    if layout == "features":     # as in shared/weights/mobilenet_v2_imagenet_features.pt
+        sd = {k: v for k, v in sd.items() if k.startswith("features.")}
+    elif layout == "features14":  # someone saved model.features[:14].state_dict()
+        sd = {k[len("features."):]: v for k, v in sd.items()
+              if k.startswith("features.") and int(k.split(".")[1]) < 14}
+    path = tmp_path / f"mobilenet_{layout}.pth"
+    torch.save(sd, path)
+    torch.testing.assert_close(feats(create_backbone("mobilenet_v2", str(path)), x), ref)
+
+
+# ----------------------------------------------------------------------------- bad files
+
+def test_corrupt_file(tmp_path):
+    path = tmp_path / "corrupt.pth"
+    path.write_bytes(b"this is not a checkpoint\x00\x01" * 50)
+    with pytest.raises(BackboneError) as e:
+        create_backbone("mobilenet_v2", str(path))
+    assert_one_line(e, "corrupt.pth")
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(BackboneError) as e:
+        create_backbone("mobilenet_v2", str(empty))
+    assert_one_line(e, "empty.pth")
+
+
+def test_not_a_state_dict(tmp_path):
+    path = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(BackboneError) as e:
+        create_backbone("mobilenet_v2", str(path))
+    assert_one_line(e, "tensor.pt")
+
+
+def test_wrong_patch_size(tmp_path, random_backbones):
+    path = tmp_path / "dino_deitsmall8_pretrain.pth"
+    torch.save(random_backbones["dino_vits8"].model.state_dict(), path)
+    with pytest.raises(BackboneError) as e:
+        create_backbone("dino_vits16", str(path))
+    assert_one_line(e, "dino_deitsmall8_pretrain.pth", "patch_embed.proj.weight")
+
+
+def test_missing_and_unexpected_keys(tmp_path, dino16, mobilenet_full):
+    sd = dict(dino16["teacher"])
+    del sd["norm.weight"], sd["blocks.3.attn.qkv.weight"]
+    path = tmp_path / "partial.pth"
+    torch.save(sd, path)
+    with pytest.raises(BackboneError) as e:
+        create_backbone("dino_vits16", str(path))
+    assert_one_line(e, "partial.pth", "missing", "norm.weight", "blocks.3.attn.qkv.weight")
+
+    path = tmp_path / "extra.pth"
+    torch.save({**dino16["teacher"], "decoder.weight": torch.zeros(2)}, path)
+    with pytest.raises(BackboneError) as e:
+        create_backbone("dino_vits16", str(path))
+    assert_one_line(e, "extra.pth", "unexpected", "decoder.weight")
+
+    # a checkpoint of the wrong family
+    path = tmp_path / "mobilenet.pth"
+    torch.save(mobilenet_full[0], path)
+    with pytest.raises(BackboneError) as e:
+        create_backbone("dino_vits16", str(path))
+    assert_one_line(e, "mobilenet.pth")
+
+
+def test_missing_path(tmp_path):
+    path = tmp_path / "nowhere" / "dino_deitsmall16_pretrain.pth"
+    with pytest.raises(BackboneError) as e:
+        create_backbone("dino_vits16", str(path))
+    assert_one_line(e, "dino_deitsmall16_pretrain.pth")
+    with pytest.raises(BackboneError) as e:
+        weights_identity(str(path))
+    assert_one_line(e, "dino_deitsmall16_pretrain.pth")
+
+
+# ----------------------------------------------------------------------------- pretrained
+
+@pytest.mark.parametrize("name,hint", [("dino_vits16", "dino_deitsmall16_pretrain.pth"),
+                                       ("dino_vits8", "dino_deitsmall8_pretrain.pth"),
+                                       ("dinov2_vits14", "dinov2_vits14_pretrain.pth"),
+                                       ("mobilenet_v2", "mobilenet_v2")])
+def test_pretrained_offline_is_one_line(monkeypatch, name, hint):
+    import timm
+    import torchvision
+
+    calls = []
+
+    def offline(*args, **kwargs):
+        calls.append(kwargs)
+        raise urllib.error.URLError("[Errno -2] Name or service not known\nsecond line\n  tb")
+
+    def offline_timm(model_name, pretrained=False, **kwargs):
+        assert pretrained is True and kwargs["num_classes"] == 0 and kwargs["dynamic_img_size"]
+        offline(model_name, **kwargs)
+
+    monkeypatch.setattr(backbones, "_check_host", lambda host: None)  # reach the mocked download
+    monkeypatch.setattr(timm, "create_model", offline_timm)
+    monkeypatch.setattr(torchvision.models, "mobilenet_v2", offline)
+    with pytest.raises(BackboneError) as e:
+        create_backbone(name, "pretrained")
+    msg = assert_one_line(e, "backbone.weights", name, hint, "URLError", "could not download")
+    assert "second line" not in msg
+    assert calls
+    if name == "mobilenet_v2":
+        import torchvision
+        assert calls[0]["weights"] == torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+
+
+# ----------------------------------------------------------------------------- identity
+
+def test_weights_identity(tmp_path, monkeypatch):
+    assert weights_identity("pretrained") == "pretrained"
+    assert weights_identity("random") == "random"
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"abc" * 1000)
+    ident = weights_identity(str(path))
+    assert ident == "sha256:" + hashlib.sha256(b"abc" * 1000).hexdigest()
+
+    # memoised: a repeated call does not read the file again
+    def no_open(*a, **k):
+        raise AssertionError("file re-read")
+    monkeypatch.setattr(backbones, "open", no_open, raising=False)
+    assert weights_identity(str(path)) == ident
+    monkeypatch.undo()
+
+    path.write_bytes(b"abd" * 1000)          # same size: the mtime tells
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    changed = weights_identity(str(path))
+    assert changed != ident and changed == "sha256:" + hashlib.sha256(b"abd" * 1000).hexdigest()
+
+
+# ----------------------------------------------------------------------------- shared weights
+
+def test_shared_mobilenet_weights():
+    path = SHARED_WEIGHTS / "mobilenet_v2_imagenet_features.pt"
+    if not path.is_file():
+        pytest.skip(f"{path} not present (see the shared weights README)")
+    bb = create_backbone("mobilenet_v2", str(path))
+    out = feats(bb, torch.zeros(1, 3, 480, 848, dtype=torch.uint8))
+    assert out.shape == (1, 30, 53, 96) and torch.isfinite(out).all()
+    assert weights_identity(str(path)).startswith("sha256:")
+
+
+def test_pretrained_fails_fast_when_the_hub_does_not_resolve(monkeypatch):
+    """Offline machines get the one-line error at once, not after minutes of retries."""
+    import socket
+    import time
+
+    def no_dns(host, *a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    t0 = time.perf_counter()
+    with pytest.raises(BackboneError) as e:
+        create_backbone("dino_vits16", "pretrained")
+    assert time.perf_counter() - t0 < 5
+    assert_one_line(e, "could not download", "huggingface.co", "backbone.weights")
