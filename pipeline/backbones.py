@@ -7,6 +7,7 @@ uint8 over PCIe.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ def weights_identity(weights: str) -> str:
     """"pretrained" | "random" | "sha256:<hex>" of a local file (memoised by path, size, mtime)."""
     if weights in ("pretrained", "random"):
         return weights
-    path = Path(weights)
+    path = Path(weights).expanduser()
     if not path.is_file():
         raise BackboneError(f"weights file not found: {weights} (backbone.weights is "
                             "\"pretrained\", \"random\" or a local checkpoint path)")
@@ -142,9 +143,12 @@ def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
     for k, v in obj.items():
         if not isinstance(v, torch.Tensor):
             continue
-        for prefix in ("module.", "backbone.", "_orig_mod."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
+        stripped = True
+        while stripped:  # any order and repetition of wrapper prefixes
+            stripped = False
+            for prefix in ("module.", "backbone.", "_orig_mod."):
+                if k.startswith(prefix):
+                    k, stripped = k[len(prefix):], True
         if k.startswith(_DROP_PREFIXES):
             continue
         out[k] = v
@@ -157,6 +161,9 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, spe
         state = {k[len("features."):] if k.startswith("features.") else k: v for k, v in state.items()}
         state = {k: v for k, v in state.items()
                  if not (k.split(".", 1)[0].isdigit() and int(k.split(".", 1)[0]) >= 14)}
+    for k in own:  # old BatchNorm checkpoints lack the (unused in eval) batch counters
+        if k.endswith("num_batches_tracked") and k not in state:
+            state[k] = own[k]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing:
@@ -199,14 +206,36 @@ def _build_mobilenet(spec: BackboneSpec, pretrained: bool) -> nn.Module:
 _HOSTS = {"timm": "huggingface.co", "torchvision": "download.pytorch.org"}
 
 
-def _check_host(host: str) -> None:
-    """Fail fast when the download host does not even resolve (offline machines), instead of
-    minutes of retries."""
+def _resolves(host: str) -> bool:
+    """Whether the download host resolves: offline machines skip minutes of hub retries."""
     import socket
     try:
         socket.getaddrinfo(host, 443)
-    except OSError as e:
-        raise ConnectionError(f"cannot resolve {host}: {e}") from None
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Hugging Face hub in offline mode (cache only) for the duration; torchvision already
+    looks in its cache before downloading."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    old_env, old_const = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old_const
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
 
 
 _BUILDERS: dict[str, tuple[Callable[[BackboneSpec, bool], nn.Module], str]] = {
@@ -222,22 +251,29 @@ def create_backbone(name: str, weights: str) -> Backbone:
     global RNG untouched), or a local checkpoint file."""
     spec = get_spec(name)
     build, kind = _BUILDERS[name]
-    if weights == "pretrained":
-        try:
-            _check_host(_HOSTS[spec.source.split(":", 1)[0]])
-            model = build(spec, True)
-        except Exception as e:  # noqa: BLE001 - no network, hub errors, ...
-            raise BackboneError(
-                f"could not download pretrained weights for {name} ({_first_line(e)}); download "
-                f"{spec.checkpoint_hint} elsewhere and pass it with --set backbone.weights=/path/to/file") from None
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+    path = None
+    if weights not in ("pretrained", "random"):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise BackboneError(f"weights file not found: {weights}")
+    with torch.random.fork_rng(devices=[]):  # model init never touches the caller's RNG
+        torch.manual_seed(0)
+        if weights == "pretrained":
+            source = spec.source.split(":", 1)[0]
+            try:
+                if _resolves(_HOSTS[source]):
+                    model = build(spec, True)
+                else:  # offline: a cached download still works, and fails fast otherwise
+                    with _hub_offline():
+                        model = build(spec, True)
+            except Exception as e:  # noqa: BLE001 - no network, hub errors, ...
+                raise BackboneError(
+                    f"could not download pretrained weights for {name} ({_first_line(e)}); download "
+                    f"{spec.checkpoint_hint} elsewhere and pass it with --set backbone.weights=/path/to/file"
+                ) from None
+        else:
             model = build(spec, False)
-        if weights != "random":
-            path = Path(weights)
-            if not path.is_file():
-                raise BackboneError(f"weights file not found: {weights}")
-            _load_into(model, extract_state_dict(_read_checkpoint(path)), path, spec)
+    if path is not None:
+        _load_into(model, extract_state_dict(_read_checkpoint(path)), path, spec)
     model.eval().requires_grad_(False)
     return Backbone(spec, model, kind).eval()

@@ -15,16 +15,34 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class FeatureNorm(nn.Module):
+    """Per-channel standardisation with statistics of the training features (buffers, saved
+    with the model), so the heads train the same way whatever the backbone's feature scale."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("std", torch.ones(channels))
+
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean)
+        self.std.copy_(std.clamp_min(1e-12))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return (feats - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+
 class LinearHead(nn.Module):
     """1x1 convolution: C feature channels -> one object logit per patch."""
 
     def __init__(self, in_channels: int):
         super().__init__()
+        self.norm = FeatureNorm(in_channels)
         self.conv = nn.Conv2d(in_channels, 1, kernel_size=1)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """feats (B, C, h, w) -> logits (B, 1, h, w)."""
-        return self.conv(feats)
+        return self.conv(self.norm(feats))
 
 
 def normalize_image(image: torch.Tensor) -> torch.Tensor:
@@ -75,6 +93,7 @@ class PacUpsampler(nn.Module):
     def __init__(self, spec: UpsamplerSpec):
         super().__init__()
         self.spec = spec
+        self.norm = FeatureNorm(spec.in_channels)
         self.reduce = nn.Conv2d(spec.in_channels, spec.hidden, kernel_size=1)
         chans = [spec.hidden] + spec.stage_channels()
         k = spec.kernel_size
@@ -99,7 +118,7 @@ class PacUpsampler(nn.Module):
         base_logits (B, 1, h, w) the linear head's output (used when residual) -> (B, 1, H, W)."""
         H, W = image.shape[-2:]
         guide_full = self.guidance(image)
-        x = F.leaky_relu(self.reduce(feats), 0.1)
+        x = F.leaky_relu(self.reduce(self.norm(feats)), 0.1)
         for i, pac in enumerate(self.stages):
             size = (x.shape[-2] * 2, x.shape[-1] * 2)
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)

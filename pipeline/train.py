@@ -94,6 +94,19 @@ class TrainData:
     def __len__(self) -> int:
         return len(self.cache)
 
+    def feature_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std over all patches of all images (float64 sums)."""
+        n, s1, s2 = 0, 0.0, 0.0
+        for i in range(len(self)):
+            raw = self.cache.features(i)
+            f = raw.astype(np.float64).reshape(-1, raw.shape[-1])
+            n += f.shape[0]
+            s1 = s1 + f.sum(0)
+            s2 = s2 + (f * f).sum(0)
+        mean = s1 / n
+        std = np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
+        return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
+
     def features(self, i: int) -> torch.Tensor:
         """(1, C, h, w) float32."""
         return torch.from_numpy(self.cache.features(i).astype(np.float32)).permute(2, 0, 1)[None]
@@ -193,9 +206,14 @@ def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = pri
     channels = data.features(0).shape[1]
 
     torch.manual_seed(cfg.train.seed)
-    head = LinearHead(channels).to(device)
+    head = LinearHead(channels)
     spec = UpsamplerSpec(channels, patch, **{k: v for k, v in cfg.upsampler.__dict__.items()})
-    up = PacUpsampler(spec).to(device)
+    up = PacUpsampler(spec)
+    mean, std = data.feature_stats()
+    head.norm.set_stats(mean, std)
+    up.norm.set_stats(mean, std)
+    head.to(device)
+    up.to(device)
     opt_head = torch.optim.AdamW(head.parameters(), lr=cfg.train.linear_lr, weight_decay=cfg.train.weight_decay)
     opt_up = torch.optim.AdamW(up.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched_up = torch.optim.lr_scheduler.CosineAnnealingLR(opt_up, T_max=max(1, cfg.train.epochs))
@@ -237,7 +255,7 @@ def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = pri
             x = torch.cat([data.features(i).flatten(2).squeeze(0).T for i in idx]).to(device)
             y = torch.cat([torch.from_numpy(data.targets[i][0]).flatten() for i in idx]).to(device)
             w = torch.cat([torch.from_numpy(data.targets[i][1]).flatten() for i in idx]).to(device)
-            logits = head.conv(x[:, :, None, None]).flatten()
+            logits = head(x[:, :, None, None]).flatten()
             loss = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).sum() / w.sum()
             opt_head.zero_grad(set_to_none=True)
             loss.backward()
