@@ -10,6 +10,7 @@ and Dask reruns the task elsewhere.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +29,7 @@ def connect(scheduler: str) -> Iterator:
     if scheduler.startswith("local:"):
         n = int(scheduler.split(":", 1)[1])
         with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address=None, silence_logs="error") as cluster, \
+                          dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
                 Client(cluster) as client:
             yield client
     else:

@@ -162,6 +162,7 @@ class Extractor:
     def __init__(self, cfg: Config, device: torch.device | None = None):
         self.device = device or resolve_device(cfg.extract.device)
         self.backbone: Backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights).to(self.device)
+        self.backbone.optimize_for_inference(self.device)
         self.patch = self.backbone.spec.patch_size
         self.fit = cfg.extract.fit
         self.batch_size = cfg.extract.batch_size
@@ -182,7 +183,13 @@ class Extractor:
         ctx = (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None
                else contextlib.nullcontext())
         with ctx:
-            feats = self.model(x)
+            if self.device.type == "cpu":
+                # one image at a time: on CPU larger batches only spill activations out of
+                # the caches (slower per image), and each feature map is then independent
+                # of which images shared its batch
+                feats = torch.cat([self.model(x[i:i + 1]) for i in range(x.shape[0])])
+            else:
+                feats = self.model(x)
         feats = feats.to(torch.float16 if self.out_dtype == np.float16 else torch.float32)
         if self.device.type == "cuda":
             host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
