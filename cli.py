@@ -33,6 +33,9 @@ def stage_command(func):
     @functools.wraps(func)
     def wrapper(config_path, overrides, force, **kwargs):
         from pipeline.backbones import BackboneError
+        scheduler = kwargs.pop("scheduler", None)
+        if scheduler:
+            overrides = (*overrides, f"dask.scheduler={scheduler}")
         from pipeline.cache import CacheError
         from pipeline.data import DataError
         try:
@@ -87,6 +90,8 @@ def do_extract(cfg, force: bool, splits=()) -> bool:
 
 
 @cli.command("extract-features")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help='Run on Dask: "local:N" or "tcp://host:8786" (same as --set dask.scheduler=...).')
 @click.option("--split", "splits", multiple=True, help="Split(s) to extract (default: all).")
 @stage_command
 def extract_features(cfg, force, splits):
@@ -124,6 +129,8 @@ def do_predict(cfg, force: bool, split: str) -> None:
 
 
 @cli.command()
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help='Run on Dask: "local:N" or "tcp://host:8786" (same as --set dask.scheduler=...).')
 @click.option("--split", default=None, help="Split to predict (default: data.test_split).")
 @stage_command
 def predict(cfg, force, split):
@@ -132,6 +139,8 @@ def predict(cfg, force, split):
 
 
 @cli.command()
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help='Run on Dask: "local:N" or "tcp://host:8786" (same as --set dask.scheduler=...).')
 @click.option("--split", default=None, help="Split to predict (default: data.test_split).")
 @stage_command
 def run(cfg, force, split):

@@ -27,7 +27,7 @@ import numpy as np
 
 from .data import Box
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: bit-packed masks
 SHARD_SIZE = 64  # images per shard: the unit of resumption and of distributed work
 
 
@@ -106,12 +106,12 @@ def write_shard(path: Path, records: list[ShardRecord], attrs: dict) -> int:
         for i, r in enumerate(records):
             g = f.create_group(f"{i:05d}", track_order=True)
             g.create_dataset("features", data=r.features, track_times=False)
-            # images stay uncompressed: camera pixels shrink < 2x under deflate at a write
-            # cost of ~10x; masks compress ~100x. (No LZF: its output depends on
-            # uninitialised memory, so equal values would not give equal files.)
+            # Contiguous, unfiltered datasets only: chunked storage makes the file layout
+            # depend on when the chunk cache is flushed, so equal values could give
+            # unequal files. Camera pixels shrink < 2x under deflate at ~10x the write
+            # cost, so images stay raw; masks are bit-packed (8x smaller).
             g.create_dataset("image", data=r.image, track_times=False)
-            g.create_dataset("mask", data=r.mask.astype(np.uint8), track_times=False,
-                             compression="gzip", compression_opts=1)
+            g.create_dataset("mask", data=pack_mask(r.mask), track_times=False)
             g.attrs["category"] = r.category
             g.attrs["stem"] = r.stem
             g.attrs["source"] = r.source
@@ -122,6 +122,16 @@ def write_shard(path: Path, records: list[ShardRecord], attrs: dict) -> int:
     size = tmp.stat().st_size
     os.replace(tmp, path)
     return size
+
+
+def pack_mask(mask: np.ndarray) -> np.ndarray:
+    """bool (H, W) -> uint8 (H, ceil(W / 8)), bits packed along rows."""
+    return np.packbits(mask.astype(bool), axis=1)
+
+
+def unpack_mask(packed: np.ndarray, width: int) -> np.ndarray:
+    """Inverse of pack_mask."""
+    return np.unpackbits(packed, axis=1, count=width).astype(bool)
 
 
 def remove_temporaries(folder: Path) -> None:
@@ -212,7 +222,11 @@ class FeatureCache:
     def read(self, index: int) -> CachedItem:
         g = self.group(index)
         return CachedItem(self.items[index], g["features"][()], g["image"][()],
-                          g["mask"][()].astype(bool))
+                          self.mask(index))
+
+    def mask(self, index: int) -> np.ndarray:
+        """The annotation (H, W) bool at the original size."""
+        return unpack_mask(self.group(index)["mask"][()], self.items[index].orig_size[1])
 
     def categories(self) -> list[str]:
         return sorted({m.category for m in self.items})

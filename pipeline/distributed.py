@@ -4,7 +4,7 @@ once and keeps it for all its tasks; shards are written by the workers into the 
 folder with the same atomic rename, so a worker killed mid-task leaves only a temporary file,
 and Dask reruns the task elsewhere.
 
-`dask.scheduler` (or `--scheduler`): "local:N" starts N local worker processes on loopback;
+`dask.scheduler` (or the `--scheduler` option of extract-features, predict and run): "local:N" starts N local worker processes on loopback;
 "tcp://host:8786" connects to a running scheduler (`dask scheduler` + `dask worker ...`).
 """
 from __future__ import annotations
@@ -37,6 +37,21 @@ def connect(scheduler: str) -> Iterator:
             yield client
 
 
+def portable_config(cfg: Config) -> Config:
+    """The config as workers must see it: paths absolute (a worker's working directory is
+    not the driver's) and extract.precision resolved on the driver, so every worker
+    computes what the cache key says."""
+    from .config import copy_config
+    from .extract import effective_precision
+    changes = {"data.root": str(Path(cfg.data.root).resolve()),
+               "paths.cache": str(Path(cfg.paths.cache).resolve()),
+               "paths.outputs": str(Path(cfg.paths.outputs).resolve()),
+               "extract.precision": effective_precision(cfg)}
+    if cfg.backbone.weights not in ("pretrained", "random"):
+        changes["backbone.weights"] = str(Path(cfg.backbone.weights).expanduser().resolve())
+    return copy_config(cfg, **{k.replace(".", "__"): v for k, v in changes.items()})
+
+
 # ----------------------------------------------------------------------------- stage 1
 
 def _worker_extractor(cfg: Config):
@@ -63,9 +78,14 @@ def extract_task(task, cfg: Config) -> dict:
 
 def run_extract_tasks(cfg: Config, tasks: list, scheduler: str,
                       on_done: Callable[[dict, int], None]) -> None:
+    import dataclasses
+
     from distributed import as_completed
+    wcfg = portable_config(cfg)
+    tasks = [dataclasses.replace(t, data_root=str(Path(t.data_root).resolve()),
+                                 split_dir=str(Path(t.split_dir).resolve())) for t in tasks]
     with connect(scheduler) as client:
-        futures = {client.submit(extract_task, t, cfg, key=f"extract-{t.hash}", pure=False, retries=2): t
+        futures = {client.submit(extract_task, t, wcfg, key=f"extract-{t.hash}", pure=False, retries=2): t
                    for t in tasks}
         for fut in as_completed(futures):
             on_done(fut.result(), len(futures[fut].items))
@@ -98,8 +118,10 @@ def predict_task(cfg: Config, split_dir: str, shard: int, pred_dir: str) -> tupl
 def run_predict_shards(cfg: Config, cache, shards: list[int], pred_dir: Path,
                        scheduler: str) -> Iterator[tuple[int, dict]]:
     from distributed import as_completed
+    wcfg = portable_config(cfg)
     with connect(scheduler) as client:
-        futures = [client.submit(predict_task, cfg, str(cache.split_dir), si, str(pred_dir),
+        futures = [client.submit(predict_task, wcfg, str(cache.split_dir.resolve()), si,
+                                 str(Path(pred_dir).resolve()),
                                  key=f"predict-{cache.fingerprint}-{si}", pure=False, retries=2)
                    for si in shards]
         for fut in as_completed(futures):

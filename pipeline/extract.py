@@ -42,7 +42,7 @@ def model_params(cfg: Config) -> dict:
         "backbone.name": cfg.backbone.name,
         "backbone.weights": weights_identity(cfg.backbone.weights),
         "extract.fit": cfg.extract.fit,
-        "extract.precision": cfg.extract.precision,
+        "extract.precision": effective_precision(cfg),
         "extract.feature_dtype": cfg.extract.feature_dtype,
     }
 
@@ -133,6 +133,16 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def effective_precision(cfg: Config) -> str:
+    """extract.precision with "auto" resolved (bf16 on CUDA, fp32 on CPU): the cache key
+    records what was computed, so a CPU cache is not taken for a GPU one."""
+    if cfg.extract.precision != "auto":
+        return cfg.extract.precision
+    dev = cfg.extract.device
+    on_cuda = dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())
+    return "bf16" if on_cuda else "fp32"
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -166,11 +176,21 @@ class Extractor:
         self.patch = self.backbone.spec.patch_size
         self.fit = cfg.extract.fit
         self.batch_size = cfg.extract.batch_size
-        self.amp = autocast_dtype(cfg.extract.precision, self.device)
+        self.amp = autocast_dtype(effective_precision(cfg), self.device)
         self.out_dtype = np.dtype(cfg.extract.feature_dtype)
         self.model = self.backbone
+        self.cpu_threads = max(1, torch.get_num_threads())
+        self._pool: ThreadPoolExecutor | None = None
         if cfg.extract.compile and self.device.type == "cuda":
             self.model = torch.compile(self.backbone, dynamic=False)
+
+    def _cpu_pool(self) -> ThreadPoolExecutor:
+        """Threads that each run whole forwards with one intra-op thread (OpenMP's count is
+        per thread and set here; MKL's is process-wide and set around each batch)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.cpu_threads, thread_name_prefix="forward",
+                                            initializer=torch.set_num_threads, initargs=(1,))
+        return self._pool
 
     @torch.inference_mode()
     def _launch(self, canvases: list[np.ndarray]) -> Callable[[], np.ndarray]:
@@ -182,13 +202,23 @@ class Extractor:
             x = x.pin_memory().to(self.device, non_blocking=True)
         ctx = (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None
                else contextlib.nullcontext())
-        with ctx:
-            if self.device.type == "cpu":
-                # one image at a time: on CPU larger batches only spill activations out of
-                # the caches (slower per image), and each feature map is then independent
-                # of which images shared its batch
-                feats = torch.cat([self.model(x[i:i + 1]) for i in range(x.shape[0])])
-            else:
+        if self.device.type == "cpu":
+            # One image per single-threaded forward, images spread over the cores: on CPU
+            # larger batches only spill activations out of the caches, and a feature map
+            # then depends neither on which images shared its batch nor on the core count
+            # (a local run and 1-thread Dask workers compute identical values).
+            def one(i: int) -> torch.Tensor:
+                with torch.inference_mode(), (torch.autocast("cpu", dtype=self.amp)
+                                              if self.amp is not None else contextlib.nullcontext()):
+                    return self.model(x[i:i + 1])
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # MKL's count is process-wide: restore it right after
+            try:
+                feats = torch.cat(list(self._cpu_pool().map(one, range(x.shape[0]))))
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            with ctx:
                 feats = self.model(x)
         feats = feats.to(torch.float16 if self.out_dtype == np.float16 else torch.float32)
         if self.device.type == "cuda":

@@ -31,8 +31,9 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-__all__ = ["Thumb", "overlay", "plot_training_curves", "write_reports",
-           "TP_COLOUR", "FP_COLOUR", "FN_COLOUR", "CONTOUR_COLOUR", "LEGEND"]
+__all__ = ["Thumb", "overlay", "thumbnail_strip", "plot_training_curves", "write_reports",
+           "TP_COLOUR", "FP_COLOUR", "FN_COLOUR", "CONTOUR_COLOUR", "MASK_COLOUR", "LEGEND",
+           "PANELS"]
 
 # ----------------------------------------------------------------------------- overlay colours
 
@@ -42,6 +43,17 @@ FN_COLOUR = (0, 90, 255)  # false negative: ground-truth object the prediction m
 CONTOUR_COLOUR = (255, 230, 0)  # the ground-truth object's outline
 TP_ALPHA = 0.35  # tint strengths (0 = image only, 1 = flat colour)
 ERR_ALPHA = 0.6
+
+MASK_COLOUR = (255, 255, 255)  # outline and light tint of the object in the mask panels
+MASK_ALPHA = 0.15
+MASK_DIM = 0.4  # brightness kept by the background in the mask panels
+
+# the panels of a thumbnail strip, left to right (see thumbnail_strip)
+PANELS = ("image", "ground truth", "prediction", "errors")
+PANEL_MAX_SIDE = 480  # stored px; shown at up to THUMB_DENSITY x fewer CSS px (sharp on HiDPI)
+THUMB_DENSITY = 2
+STRIP_GAP = 6  # stored px between two panels
+JPEG_QUALITY = 85
 
 LEGEND = (
     ("true positive (object, found)", TP_COLOUR),
@@ -124,25 +136,21 @@ def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(im.resize(size, Image.Resampling.BOX)) >= 128
 
 
-def _contour(mask: np.ndarray) -> np.ndarray:
-    """Inner 4-connected boundary of a bool mask (the image border is not a boundary)."""
+def _contour(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """Inner 4-connected boundary of a bool mask, ``width`` px thick (the image border is not
+    a boundary)."""
     if mask.size == 0:
         return mask.copy()
-    p = np.pad(mask, 1, mode="edge")
-    eroded = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    eroded = mask
+    for _ in range(max(1, int(width))):
+        p = np.pad(eroded, 1, mode="edge")
+        eroded = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
     return mask & ~eroded
 
 
-def overlay(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, max_side: int = 320) -> np.ndarray:
-    """A thumbnail (uint8 RGB) of ``image`` with the prediction's errors coloured.
-
-    Legend (see ``LEGEND``): true positives are tinted green (``TP_COLOUR``), false positives
-    red (``FP_COLOUR``), false negatives blue (``FN_COLOUR``); true negatives keep the image's
-    own colours; the ground-truth object's outline is drawn in yellow (``CONTOUR_COLOUR``,
-    1 px at thumbnail resolution, drawn over the tint). The image is downscaled (never
-    upscaled) so that its longest side is ``max_side``; the masks are downscaled by area
-    majority before colouring so the colours and outline stay crisp.
-    """
+def _prepare(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, max_side: int):
+    """The image (uint8 RGB) and both masks (bool), downscaled (never upscaled) so that the
+    longest side is ``max_side``: the image with Lanczos, the masks by area majority."""
     img = _as_rgb_uint8(image)
     gt = np.asarray(gt).astype(bool)
     pred = np.asarray(pred).astype(bool)
@@ -158,13 +166,64 @@ def overlay(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, max_side: int =
                                                      reducing_gap=3.0))
         gt = _resize_mask(gt, size)
         pred = _resize_mask(pred, size)
+    return img, gt, pred
+
+
+def _errors_panel(img: np.ndarray, gt: np.ndarray, pred: np.ndarray,
+                  contour_width: int = 1) -> np.ndarray:
     out = img.astype(np.float32)
     for sel, colour, alpha in ((gt & pred, TP_COLOUR, TP_ALPHA),
                                (~gt & pred, FP_COLOUR, ERR_ALPHA),
                                (gt & ~pred, FN_COLOUR, ERR_ALPHA)):
         out[sel] = (1.0 - alpha) * out[sel] + alpha * np.asarray(colour, np.float32)
-    out[_contour(gt)] = CONTOUR_COLOUR
+    out[_contour(gt, contour_width)] = CONTOUR_COLOUR
     return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def _mask_panel(img: np.ndarray, mask: np.ndarray, contour_width: int = 1) -> np.ndarray:
+    """The object of ``mask`` at the image's own colours, lightly tinted and outlined
+    (``MASK_COLOUR``); the background dimmed to ``MASK_DIM`` of its brightness."""
+    out = img.astype(np.float32)
+    out[~mask] *= MASK_DIM
+    out[mask] = (1.0 - MASK_ALPHA) * out[mask] + MASK_ALPHA * np.asarray(MASK_COLOUR, np.float32)
+    out[_contour(mask, contour_width)] = MASK_COLOUR
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def overlay(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, max_side: int = 320,
+            contour_width: int = 1) -> np.ndarray:
+    """A thumbnail (uint8 RGB) of ``image`` with the prediction's errors coloured.
+
+    Legend (see ``LEGEND``): true positives are tinted green (``TP_COLOUR``), false positives
+    red (``FP_COLOUR``), false negatives blue (``FN_COLOUR``); true negatives keep the image's
+    own colours; the ground-truth object's outline is drawn in yellow (``CONTOUR_COLOUR``,
+    ``contour_width`` px at thumbnail resolution, drawn over the tint). The image is downscaled
+    (never upscaled) so that its longest side is ``max_side``; the masks are downscaled by area
+    majority before colouring so the colours and outline stay crisp.
+    """
+    img, gt, pred = _prepare(image, gt, pred, max_side)
+    return _errors_panel(img, gt, pred, contour_width)
+
+
+def thumbnail_strip(image: np.ndarray, gt: np.ndarray, pred: np.ndarray,
+                    max_side: int = PANEL_MAX_SIDE, gap: int = STRIP_GAP
+                    ) -> tuple[np.ndarray, tuple[int, int]]:
+    """One report thumbnail: ``len(PANELS)`` panels side by side, all the same size, separated
+    by ``gap`` white columns: the image, the ground truth, the prediction (both drawn by
+    ``_mask_panel``: object bright and outlined in white, background dimmed) and the errors
+    (``overlay``'s colours). Each panel is downscaled (never upscaled) to a longest side of
+    ``max_side``; outlines are 1 px per 240 px of panel side, so about 1 CSS px at the page's
+    display size. Returns the strip (uint8 RGB) and the size (w, h) of one panel.
+    """
+    img, gt, pred = _prepare(image, gt, pred, max_side)
+    h, w = img.shape[:2]
+    cw = max(1, round(max(h, w) / 240))
+    panels = (img, _mask_panel(img, gt, cw), _mask_panel(img, pred, cw),
+              _errors_panel(img, gt, pred, cw))
+    out = np.full((h, len(panels) * w + (len(panels) - 1) * gap, 3), 255, np.uint8)
+    for i, panel in enumerate(panels):
+        out[:, i * (w + gap): i * (w + gap) + w] = panel
+    return out, (w, h)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -362,13 +421,14 @@ def _fmt_int(x) -> str:
 
 
 def _best_flags(values: list) -> list[bool]:
-    """Which values are the best (the largest at 3 decimals); none when fewer than two compete."""
-    rounded = [round(v, 3) if _finite(v) else None for v in values]
-    present = [r for r in rounded if r is not None]
+    """Which values are the best: the largest of the raw (unrounded) numbers, so two values
+    shown alike at 3 decimals are both flagged only when they are truly equal; none when fewer
+    than two finite numbers compete. Pass the numbers, never their formatted strings."""
+    present = [float(v) for v in values if _finite(v)]
     if len(present) < 2:
         return [False] * len(values)
     top = max(present)
-    return [r is not None and r == top for r in rounded]
+    return [_finite(v) and float(v) == top for v in values]
 
 
 def _categories(variants: dict) -> list[str]:
@@ -545,19 +605,28 @@ td.cat{max-width:22rem;overflow:hidden;text-overflow:ellipsis}
 .charts{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
 .charts img,.wide img{max-width:100%;height:auto;border:1px solid var(--line);border-radius:4px}
 .wide{margin:.4rem 0}
-.thumbs{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:16px;
+.thumbs{display:grid;grid-template-columns:minmax(0,1fr);justify-items:start;gap:16px;
  margin-bottom:1.2rem}
-.thumbs figure{margin:0;border:1px solid var(--line);border-radius:6px;overflow:hidden;
- background:#fafbfc}
-.thumbs img{display:block;width:100%;height:auto;background:#000}
-.thumbs figcaption{padding:.4rem .6rem;font-size:.8rem;color:var(--muted)}
-.thumbs figcaption b{color:var(--fg);font-weight:600;word-break:break-all}
+.thumbs figure{margin:0;max-width:100%;border:1px solid var(--line);border-radius:6px;
+ overflow:hidden;background:#fafbfc}
+.thumbs figcaption{padding:.35rem .6rem;font-size:.8rem;color:var(--muted)}
+.thumbs figcaption b{color:var(--fg);font-weight:600;overflow-wrap:anywhere}
+.strip{width:fit-content;max-width:100%}
+.strip img{display:block;max-width:100%;height:auto;background:#fff}
+.panels{display:grid;grid-template-columns:repeat(4,minmax(0,1fr));text-align:center;
+ font-size:.74rem;line-height:1.25;color:var(--muted);padding:.2rem 0 .3rem}
 .legend{display:flex;flex-wrap:wrap;gap:.4rem 1.4rem;font-size:.85rem;margin:.2rem 0 .9rem}
-dl.notes{display:grid;grid-template-columns:max-content 1fr;gap:.3rem 1rem;font-size:.9rem;margin:0}
-dl.notes dt{font-weight:600}
+dl.notes{display:grid;grid-template-columns:minmax(0,max-content) minmax(0,1fr);gap:.3rem 1rem;
+ font-size:.9rem;margin:0}
+dl.notes dt{font-weight:600;overflow-wrap:anywhere}
 dl.notes dd{margin:0;color:#333}
 details summary{cursor:pointer;font-weight:600;font-size:.92rem;margin:.3rem 0}
 footer{margin-top:2.5rem;color:var(--muted);font-size:.8rem}
+@media (max-width:600px){
+ main{padding:18px 14px 40px}
+ dl.notes{grid-template-columns:minmax(0,1fr);gap:0}
+ dl.notes dd{margin:0 0 .6rem}
+}
 """
 
 
@@ -580,7 +649,7 @@ def _html_table(header: list[str], rows: list[list[tuple[str, str]]]) -> str:
 
 
 def _html(split: str, report: dict, variants: dict, categories: list[str],
-          per_image: list[dict], thumbs: dict[str, list[tuple[Thumb, str, tuple[int, int]]]],
+          per_image: list[dict], thumbs: dict[str, list[_StripFile]],
           figures: dict[str, str], md_name: str) -> str:
     vnames = list(variants)
     colours = {v: _variant_colour(v, i) for i, v in enumerate(vnames)}
@@ -659,6 +728,9 @@ def _html(split: str, report: dict, variants: dict, categories: list[str],
     # thumbnails
     if any(thumbs.values()):
         p.append("<h2>Images</h2>")
+        p.append('<p class="note">Each image as four panels: the image; the ground truth and '
+                 "the prediction (object outlined in white, background dimmed); the errors "
+                 "of the prediction:</p>")
         p.append('<div class="legend">' + "".join(
             f"<span>{_swatch('rgb' + str(tuple(c)))}{_e(label)}</span>" for label, c in LEGEND)
             + "</div>")
@@ -669,11 +741,17 @@ def _html(split: str, report: dict, variants: dict, categories: list[str],
                 continue
             p.append(f"<h3>{_e(title_)}</h3>")
             p.append('<div class="thumbs">')
-            for t, url, (w, h) in items:
+            for s in items:
+                t, (w, h) = s.thumb, s.css_size
                 cap = f"{t.category} / {t.stem}"
-                p.append(f'<figure><img src="{_e(url)}" width="{w}" height="{h}" loading="lazy" '
-                         f'alt="{_e(cap)}"><figcaption><b>{_e(cap)}</b><br>'
-                         f"J {_e(_fmt(t.j))} &middot; F {_e(_fmt(t.f))}</figcaption></figure>")
+                alt = f"{cap}: " + ", ".join(PANELS)
+                labels = "".join(f"<span>{_e(x)}</span>" for x in PANELS)
+                p.append(f'<figure><figcaption><b>{_e(cap)}</b> &middot; J {_e(_fmt(t.j))} '
+                         f"&middot; F {_e(_fmt(t.f))}</figcaption>"
+                         f'<div class="strip"><img src="{_e(s.url)}" width="{w}" height="{h}" '
+                         f'alt="{_e(alt)}"><div class="panels" '
+                         f'style="column-gap:{100 * s.gap_fraction:.3f}%">{labels}</div></div>'
+                         f"</figure>")
             p.append("</div>")
 
     # notes
@@ -738,15 +816,30 @@ def _per_image_details(per_image: list[dict], vnames: list[str]) -> str:
 
 # ----------------------------------------------------------------------------- entry point
 
-def _write_thumbs(thumbs: Iterable[Thumb], prefix: str, tmp_dir: Path, files_dir: Path):
+@dataclass
+class _StripFile:
+    """A thumbnail strip written to the files folder, as the HTML page shows it."""
+    thumb: Thumb
+    url: str  # relative to the report
+    css_size: tuple[int, int]  # (w, h) shown, in CSS px: never more than the stored size
+    gap_fraction: float  # one gap between two panels / the strip's width
+
+
+def _write_thumbs(thumbs: Iterable[Thumb], prefix: str, tmp_dir: Path,
+                  files_dir: Path) -> list[_StripFile]:
     out = []
     for i, t in enumerate(thumbs):
-        arr = overlay(t.image, t.gt, t.pred)
+        arr, (pw, ph) = thumbnail_strip(t.image, t.gt, t.pred)
         name = f"{prefix}_{i + 1:02d}.jpg"
-        # JPEG: ~30x faster to encode than PNG on photos and a quarter of the size; 4:4:4 at
-        # quality 90 keeps the 1 px outline and the tints sharp
-        Image.fromarray(arr).save(tmp_dir / name, format="JPEG", quality=90, subsampling=0)
-        out.append((t, _rel(files_dir, name), (arr.shape[1], arr.shape[0])))
+        # shown at THUMB_DENSITY stored px per CSS px when the panel is full size; a smaller
+        # source image (never upscaled) is shown at its natural size
+        scale = min(1.0, PANEL_MAX_SIDE / THUMB_DENSITY / max(pw, ph, 1))
+        # JPEG: ~30x faster to encode than PNG on photos and a quarter of the size; stored at
+        # 2 px per CSS px, 4:2:0 chroma is still 1 CSS px sharp and saves a fifth of the bytes
+        Image.fromarray(arr).save(tmp_dir / name, format="JPEG", quality=JPEG_QUALITY,
+                                  subsampling=2 if scale <= 1.0 / THUMB_DENSITY else 0)
+        css = (max(1, round(arr.shape[1] * scale)), max(1, round(arr.shape[0] * scale)))
+        out.append(_StripFile(t, _rel(files_dir, name), css, STRIP_GAP / arr.shape[1]))
     return out
 
 

@@ -86,9 +86,8 @@ class TrainData:
         self.patch = patch
         self.targets: list[tuple[np.ndarray, np.ndarray]] = []
         for i in range(len(cache)):
-            g = cache.group(i)
             meta = cache.items[i]
-            mask = to_canvas(g["mask"][()].astype(bool), meta.box)
+            mask = to_canvas(cache.mask(i), meta.box)
             self.targets.append(patch_targets(mask, canvas_valid(meta.box, meta.orig_size), patch))
 
     def __len__(self) -> int:

@@ -1,6 +1,7 @@
 """The Markdown / HTML reports: contents, offline links, escaping, overlay colours, curves."""
 from __future__ import annotations
 
+import re
 import shutil
 import time
 import urllib.parse
@@ -10,8 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.report import (CONTOUR_COLOUR, FN_COLOUR, FP_COLOUR, TP_COLOUR, Thumb, overlay,
-                             plot_training_curves, write_reports)
+from PIL import Image
+
+from pipeline import report as report_mod
+from pipeline.report import (CONTOUR_COLOUR, FN_COLOUR, FP_COLOUR, MASK_COLOUR, PANELS,
+                             TP_COLOUR, Thumb, overlay, plot_training_curves, thumbnail_strip,
+                             write_reports)
 
 VARIANTS = ("linear_nearest", "linear_bilinear", "pac")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -73,12 +78,44 @@ class RefCollector(HTMLParser):
         super().__init__()
         self.refs: list[str] = []
         self.text: list[str] = []
+        self.imgs: list[dict] = []  # the attributes of every <img>
+        self.strips: list[dict] = []  # per thumbnail strip: its <img> and its panel labels
+        self._stack: list[str] = []  # class of each open element (void elements excluded)
+        self._label: list[str] | None = None
 
     def handle_starttag(self, tag, attrs):
         self.refs += [v for k, v in attrs if k in ("src", "href") and v is not None]
+        a = dict(attrs)
+        cls = a.get("class") or ""
+        if tag == "img":
+            self.imgs.append(a)
+            if self._stack and self._stack[-1] == "strip":
+                self.strips.append({"img": a, "labels": []})
+            return
+        self._stack.append(cls)
+        if tag == "span" and "panels" in self._stack[-2:-1]:
+            self._label = []
+
+    def handle_endtag(self, tag):
+        if tag == "img":
+            return
+        if tag == "span" and self._label is not None:
+            self.strips[-1]["labels"].append("".join(self._label))
+            self._label = None
+        if self._stack:
+            self._stack.pop()
 
     def handle_data(self, data):
         self.text.append(data)
+        if self._label is not None:
+            self._label.append(data)
+
+
+def parse(text: str) -> RefCollector:
+    parser = RefCollector()
+    parser.feed(text)
+    parser.close()
+    return parser
 
 
 @pytest.fixture
@@ -140,6 +177,7 @@ def test_html_links_are_local_and_exist(written):
         head = (base / urllib.parse.unquote(ref)).read_bytes()[:8]
         assert head == PNG_SIGNATURE if ref.endswith(".png") else head[:3] == JPEG_SIGNATURE
     assert "<script" not in text.lower() and "@import" not in text and "url(" not in text
+    assert "loading=" not in text  # lazy images print blank
     # the folder is movable: copy it elsewhere, the links still resolve
     moved = base.parent / "moved"
     moved.mkdir()
@@ -261,3 +299,129 @@ def test_no_pyplot_no_display(tmp_path):
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "c.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+# ----------------------------------------------------------------------------- thumbnail strips
+
+def strip_width(panel_w: int) -> int:
+    return len(PANELS) * panel_w + (len(PANELS) - 1) * report_mod.STRIP_GAP
+
+
+def test_html_thumbnails_are_four_panel_strips(written):
+    paths, _ = written
+    text = paths["html"].read_text(encoding="utf-8")
+    parser = parse(text)
+    assert len(parser.strips) == 3  # 2 best + 1 worst, one strip (one file) each
+    assert len(PANELS) == 4 and PANELS == ("image", "ground truth", "prediction", "errors")
+    for strip in parser.strips:
+        assert strip["labels"] == list(PANELS)  # one label per panel, in order
+        img = strip["img"]
+        assert "loading" not in img
+        with Image.open(paths["html"].parent / urllib.parse.unquote(img["src"])) as im:
+            assert im.format == "JPEG"
+            size = im.size
+        # the fixture's 80x48 images are not downscaled: four 80x48 panels side by side
+        assert size == (strip_width(80), 48)
+        # shown at most at the stored size (never upscaled), with the stored aspect ratio
+        w, h = int(img["width"]), int(img["height"])
+        assert w <= size[0] and h <= size[1]
+        assert abs(w / h - size[0] / size[1]) < 0.02
+        assert img["alt"].endswith(", ".join(PANELS))
+    assert "ground truth" in "".join(parser.text) and "errors" in "".join(parser.text)
+
+
+def test_full_size_strips_are_stored_at_twice_their_css_size(tmp_path):
+    thumbs = [fake_thumb("bear", "00000", 0.8, h=480, w=854, seed=1),
+              fake_thumb("bear", "00001", 0.7, h=600, w=300, seed=2)]
+    paths = write_reports(tmp_path, "test", fake_report(), [], thumbs, [], None)
+    strips = parse(paths["html"].read_text(encoding="utf-8")).strips
+    assert len(strips) == 2
+    side = report_mod.PANEL_MAX_SIDE
+    for strip, panel in zip(strips, ((side, round(480 * side / 854)), (side // 2, side))):
+        f = tmp_path / urllib.parse.unquote(strip["img"]["src"])
+        with Image.open(f) as im:
+            assert im.size == (strip_width(panel[0]), panel[1])
+            stored = im.size
+        w, h = int(strip["img"]["width"]), int(strip["img"]["height"])
+        # HiDPI-sharp: the page asks for half the stored pixels
+        assert abs(2 * w - stored[0]) <= 1 and abs(2 * h - stored[1]) <= 1
+        assert f.stat().st_size < 400_000  # JPEG ~85 (random noise: the worst case)
+
+
+def test_thumbnail_strip_panels():
+    h, w, gap = 12, 16, report_mod.STRIP_GAP
+    grey = 100
+    image = np.full((h, w, 3), grey, np.uint8)
+    gt = np.zeros((h, w), bool)
+    gt[2:10, 2:10] = True
+    pred = np.zeros((h, w), bool)
+    pred[2:10, 5:14] = True
+    out, (pw, ph) = thumbnail_strip(image, gt, pred)
+    assert (pw, ph) == (w, h)  # small: never upscaled
+    assert out.dtype == np.uint8 and out.shape == (h, 4 * w + 3 * gap, 3)
+    panels = [out[:, i * (w + gap): i * (w + gap) + w] for i in range(4)]
+    for i in range(3):
+        assert (out[:, i * (w + gap) + w: (i + 1) * (w + gap)] == 255).all()  # white gaps
+    assert (panels[0] == image).all()  # (1) the image itself
+    np.testing.assert_array_equal(panels[3], overlay(image, gt, pred))  # (4) the errors
+    dim = round(grey * report_mod.MASK_DIM)
+    for panel, mask in ((panels[1], gt), (panels[2], pred)):  # (2) ground truth, (3) prediction
+        assert tuple(panel[0, 0]) == (dim, dim, dim)  # background dimmed
+        assert tuple(panel[5, 6]) == MASK_COLOUR or panel[5, 6].min() > grey  # object bright
+    assert tuple(panels[1][5, 2]) == MASK_COLOUR and tuple(panels[2][5, 2]) == (dim, dim, dim)
+    assert tuple(panels[1][5, 12]) == (dim, dim, dim) and panels[2][5, 12].min() > grey
+
+    big, (pw, ph) = thumbnail_strip(np.zeros((480, 854, 3), np.uint8),
+                                    np.zeros((480, 854), bool), np.zeros((480, 854), bool))
+    assert (pw, ph) == (report_mod.PANEL_MAX_SIDE, 270) and big.shape == (270, strip_width(pw), 3)
+    with pytest.raises(ValueError):
+        thumbnail_strip(image, gt[:5], pred)
+
+
+# ----------------------------------------------------------------------------- best flags
+
+def test_best_flags_use_unrounded_values():
+    flags = report_mod._best_flags
+    assert flags([0.9124, 0.9116, 0.5]) == [True, False, False]  # both shown as 0.912
+    assert flags([0.9124, 0.9124, 0.5]) == [True, True, False]  # a true tie
+    assert flags([np.float32(0.25), 0.25, float("nan"), None]) == [True, True, False, False]
+    assert flags([0.9, float("nan")]) == [False, False]  # nothing to compete with
+    assert flags([]) == []
+
+
+def bold_cells(html_text: str) -> list[str]:
+    return re.findall(r'<td class="best">([^<]*)</td>', html_text)
+
+
+def test_near_ties_are_not_bolded(tmp_path):
+    report = fake_report(categories=("bear",))
+    v = report["variants"]
+    v["pac"]["overall"]["miou"] = 0.9124
+    v["linear_bilinear"]["overall"]["miou"] = 0.9116  # also shown as 0.912
+    v["pac"]["overall"]["j_mean"] = 0.8004
+    v["linear_bilinear"]["overall"]["j_mean"] = 0.8004  # a true tie
+    v["pac"]["per_category"]["bear"]["boundary_f"] = 0.70051
+    v["linear_nearest"]["per_category"]["bear"]["boundary_f"] = 0.70149  # both shown as 0.701
+    paths = write_reports(tmp_path, "test", report, [], [], [], None)
+    lines = paths["md"].read_text(encoding="utf-8").splitlines()
+    header = next(i for i, l in enumerate(lines) if l.startswith("| variant |"))
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
+            for l in lines[header + 2: header + 5]}
+    assert rows["pac"][0] == "**0.912**" and rows["linear_bilinear"][0] == "0.912"
+    assert rows["pac"][3] == "**0.800**" and rows["linear_bilinear"][3] == "**0.800**"
+    f_table = lines[lines.index("### Boundary F"):]
+    bear = next(l for l in f_table if l.startswith("| bear |")).split("|")[3:-1]
+    assert [c.strip() for c in bear] == ["**0.701**", "0.522", "0.701"]  # nearest, bilinear, pac
+    text = paths["html"].read_text(encoding="utf-8")
+    assert bold_cells(text).count("0.912") == 1 and bold_cells(text).count("0.800") == 2
+    assert bold_cells(text).count("0.701") == 1
+
+
+def test_css_fits_narrow_screens(written):
+    """The findings at a 360 px viewport: no fixed minimum wider than the screen."""
+    paths, _ = written
+    text = paths["html"].read_text(encoding="utf-8")
+    css = text[text.index("<style>"): text.index("</style>")]
+    assert "max-content 1fr" not in css  # dl.notes: a long term no longer pushes the page wide
+    assert not re.search(r"minmax\(\d+px", css)  # grids use minmax(min(Npx,100%), ...) or 0
+    assert "@media (max-width:600px)" in css
