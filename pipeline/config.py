@@ -68,7 +68,6 @@ class TrainCfg:
     boundary_weight: float = 0.0  # extra BCE weight on pixels near the mask boundary
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 0  # data-loading worker processes
 
 
 @dataclass
@@ -135,7 +134,7 @@ POSITIVE = {
     "upsampler.hidden", "upsampler.kernel_size", "upsampler.guide_channels",
 }
 NON_NEGATIVE = {
-    "extract.num_workers", "train.num_workers", "train.crop", "train.linear_epochs",
+    "extract.num_workers", "train.crop", "train.linear_epochs",
     "train.weight_decay", "train.boundary_weight", "predict.thumbnails",
 }
 

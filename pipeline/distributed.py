@@ -23,12 +23,27 @@ _WORKER_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
+def preserved_environment() -> Iterator[None]:
+    """Undo changes to os.environ on exit: starting a LocalCluster sets OMP_NUM_THREADS=1
+    (and MKL's, OpenBLAS's) in the calling process for good, which would make every
+    process started afterwards single-threaded, and compute differently."""
+    import os
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
 def connect(scheduler: str) -> Iterator:
     """A dask.distributed Client for `scheduler` ("local:N" or an address)."""
     from distributed import Client, LocalCluster
     if scheduler.startswith("local:"):
         n = int(scheduler.split(":", 1)[1])
-        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+        with preserved_environment(), LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
                           dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
                 Client(cluster) as client:
             yield client
@@ -112,7 +127,8 @@ def predict_task(cfg: Config, split_dir: str, shard: int, pred_dir: str) -> tupl
     key = ("cache", split_dir)
     with _WORKER_LOCK:
         cache = _WORKER_STATE.setdefault(key, FeatureCache(split_dir))
-    return shard, predict_shard(cache, shard, _worker_predictor(cfg), Path(pred_dir))
+    return shard, predict_shard(cache, shard, _worker_predictor(cfg), Path(pred_dir),
+                                cfg.predict.batch_size)
 
 
 def run_predict_shards(cfg: Config, cache, shards: list[int], pred_dir: Path,

@@ -67,12 +67,14 @@ class Predictor:
         self.logit_threshold = math.log(threshold / (1 - threshold))
 
     @torch.inference_mode()
-    def masks(self, feats: np.ndarray, image: np.ndarray, box, orig_hw) -> dict[str, np.ndarray]:
-        """Boolean masks (H, W) at the original size for each variant."""
-        f = torch.from_numpy(feats.astype(np.float32)).permute(2, 0, 1)[None].to(self.device)
-        canvas = np.ascontiguousarray(to_canvas(image, box))
-        img = torch.from_numpy(canvas).permute(2, 0, 1)[None].to(self.device)
-        size = (box.height, box.width)
+    def batch_masks(self, items: list) -> list[dict[str, np.ndarray]]:
+        """Boolean masks (H, W) at the original size for each variant, for cached items
+        whose canvases share one size (one batched forward)."""
+        feats = torch.from_numpy(np.stack([it.features for it in items]).astype(np.float32))
+        f = feats.permute(0, 3, 1, 2).to(self.device)
+        canvases = np.stack([to_canvas(it.image, it.meta.box) for it in items])
+        img = torch.from_numpy(canvases).permute(0, 3, 1, 2).to(self.device)
+        size = tuple(img.shape[-2:])
         base = self.models.head(f)
         up = self.models.upsampler
         logits = {
@@ -80,23 +82,32 @@ class Predictor:
             "linear_bilinear": upsample_logits(base, size, "bilinear"),
             "pac": up(f, img, base if up.spec.residual else None),
         }
-        return {k: from_canvas((v[0, 0] > self.logit_threshold).cpu().numpy(), box, orig_hw)
-                for k, v in logits.items()}
+        binary = {k: (v[:, 0] > self.logit_threshold).cpu().numpy() for k, v in logits.items()}
+        return [{k: from_canvas(b[j], it.meta.box, it.meta.orig_size) for k, b in binary.items()}
+                for j, it in enumerate(items)]
 
 
-def predict_shard(cache: FeatureCache, shard: int, predictor: Predictor, pred_dir: Path) -> dict:
-    """Masks of one shard written as PNG; returns the unit {"items": [...]} of statistics."""
-    rows = []
-    for meta in (m for m in cache.items if m.shard == shard):
-        item = cache.read(meta.index)
-        masks = predictor.masks(item.features, item.image, meta.box, meta.orig_size)
-        out = pred_dir / meta.category / f"{meta.stem}.png"
-        buf = _png_bytes(masks["pac"])
-        atomic_write_bytes(out, buf)
-        rows.append({"category": meta.category, "stem": meta.stem, "index": meta.index,
-                     "stats": {v: image_stats(masks[v], item.mask, meta.category, meta.stem).to_dict()
-                               for v in VARIANTS}})
-    return {"items": rows}
+def predict_shard(cache: FeatureCache, shard: int, predictor: Predictor, pred_dir: Path,
+                  batch_size: int = 8) -> dict:
+    """Masks of one shard written as PNG; returns the unit {"items": [...]} of statistics.
+    Images are batched by canvas size, in item order."""
+    metas = [m for m in cache.items if m.shard == shard]
+    groups: dict[tuple[int, int], list] = {}
+    for m in metas:
+        groups.setdefault((m.box.height, m.box.width), []).append(m)
+    rows: dict[int, dict] = {}
+    for group in groups.values():
+        for k in range(0, len(group), batch_size):
+            items = [cache.read(m.index) for m in group[k:k + batch_size]]
+            for item, masks in zip(items, predictor.batch_masks(items)):
+                meta = item.meta
+                atomic_write_bytes(pred_dir / meta.category / f"{meta.stem}.png",
+                                   _png_bytes(masks["pac"]))
+                rows[meta.index] = {
+                    "category": meta.category, "stem": meta.stem, "index": meta.index,
+                    "stats": {v: image_stats(masks[v], item.mask, meta.category, meta.stem).to_dict()
+                              for v in VARIANTS}}
+    return {"items": [rows[m.index] for m in metas]}
 
 
 def _png_bytes(mask: np.ndarray) -> bytes:
@@ -150,7 +161,8 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
             results = run_predict_shards(cfg, cache, todo, pdir, scheduler)
         else:
             predictor = Predictor(models, device, cfg.predict.threshold)
-            results = ((si, predict_shard(cache, si, predictor, pdir)) for si in todo)
+            results = ((si, predict_shard(cache, si, predictor, pdir, cfg.predict.batch_size))
+                       for si in todo)
         for si, unit in results:
             unit["fingerprint"] = fp
             atomic_write_json(udir / f"{hashes[si]}.json", unit)

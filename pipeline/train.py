@@ -29,7 +29,7 @@ from .models import LinearHead, PacUpsampler, UpsamplerSpec
 from .stages import StageStatus, fingerprint, judge, save_record
 
 STAGE = "train-head"
-IGNORED_KEYS = {"train.device", "train.num_workers"}  # do not change the result
+IGNORED_KEYS = {"train.device"}  # do not change the result
 
 
 # ----------------------------------------------------------------------------- parameters

@@ -32,7 +32,8 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+    from pipeline.distributed import preserved_environment
+    with preserved_environment(), distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   host="127.0.0.1", dashboard_address=None,
                                   silence_logs=logging.ERROR) as c:
         yield c
@@ -59,6 +60,15 @@ def test_dask_extract_and_predict_equal_local(tmp_path, data, cluster):
     b = run_predict(local, "test", executor=cluster.scheduler_address, **quiet)
     assert digest(b.predictions_dir, "*.png") == preds_local
     assert b.report_json.read_text() == report_local
+
+
+def test_local_cluster_leaves_the_environment_alone(tmp_path, data):
+    import os
+    before = dict(os.environ)
+    cfg = make_cfg(tmp_path, data)
+    res = run_extract(cfg, executor="local:1", **quiet)
+    assert res.n_images == 156
+    assert dict(os.environ) == before
 
 
 def test_killed_worker_is_retried_and_leaves_no_partial_shard(tmp_path, data, cluster):
