@@ -58,9 +58,9 @@ class ExtractCfg:
 
 @dataclass
 class TrainCfg:
-    lr: float = 5e-4  # PAC upsampler learning rate
+    lr: float = 2e-3  # PAC upsampler learning rate (the contract's example: 5e-4; see README)
     linear_lr: float = 1e-2
-    epochs: int = 10  # PAC upsampler epochs
+    epochs: int = 20  # PAC upsampler epochs
     linear_epochs: int = 30
     batch_size: int = 4
     crop: int = 320  # random training crop side in pixels (rounded to the patch grid); 0 = whole images
@@ -77,7 +77,7 @@ class UpsamplerCfg:
     kernel_size: int = 3
     guide: str = "rgb"  # "rgb" (the course) | "learned" (a small conv net on the image)
     guide_channels: int = 8  # for guide = "learned"
-    residual: bool = False  # add the bilinearly upsampled linear-head logits to the output
+    residual: bool = True  # add the bilinearly upsampled linear-head logits to the output
     normalize: bool = False  # PAC kernel normalisation
 
 

@@ -80,7 +80,7 @@ class Predictor:
         logits = {
             "linear_nearest": upsample_logits(base, size, "nearest"),
             "linear_bilinear": upsample_logits(base, size, "bilinear"),
-            "pac": up(f, img, base if up.spec.residual else None),
+            "pac": up(f, img, base),
         }
         binary = {k: (v[:, 0] > self.logit_threshold).cpu().numpy() for k, v in logits.items()}
         return [{k: from_canvas(b[j], it.meta.box, it.meta.orig_size) for k, b in binary.items()}

@@ -283,7 +283,7 @@ def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = pri
             idx = order[b:b + bs]
             for i in idx:
                 feats, image, mask, valid = (t.to(device) for t in random_crop(data.full(i), patch, cfg.train.crop, rng))
-                base = head(feats) if spec.residual else None
+                base = head(feats)
                 logits = up(feats, image, base)
                 wmap = valid
                 if cfg.train.boundary_weight > 0:
@@ -329,7 +329,7 @@ def _validate(head, up, val: TrainData, device, residual: bool) -> dict:
         base = head(feats)
         conf_lin += _confusion(F.interpolate(base, size=mask.shape[-2:], mode="bilinear",
                                              align_corners=False), mask, valid)
-        conf_pac += _confusion(up(feats, image, base if residual else None), mask, valid)
+        conf_pac += _confusion(up(feats, image, base), mask, valid)
     up.train()
     return {"val_miou": _miou(conf_pac), "val_miou_linear_bilinear": _miou(conf_lin)}
 
