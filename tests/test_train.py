@@ -76,7 +76,7 @@ def test_train_end_to_end_and_incremental(tmp_path, synth_root):
     assert status(cfg).state == "up-to-date" and run_train(cfg, **quiet).up_to_date
     cfg_lr = copy_config(cfg, **{"train.lr": 1e-3})
     st = status(cfg_lr)
-    assert st.state == "stale" and "train.lr: 0.0005 -> 0.001" in st.why
+    assert st.state == "stale" and "train.lr: 0.002 -> 0.001" in st.why
     assert extract_status(cfg_lr).state == "up-to-date"
     # device and worker count do not change the result
     assert status(copy_config(cfg, **{"train.device": "cpu"})).state == "up-to-date"
