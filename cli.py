@@ -54,6 +54,11 @@ def stage_command(func):
     return wrapper
 
 
+scheduler_option = click.option(
+    "--scheduler", default=None, metavar="ADDRESS",
+    help='Run on Dask: "local:N" or "tcp://host:8786" (same as --set dask.scheduler=...).')
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Binary object segmentation from frozen self-supervised ViT features."""
@@ -90,8 +95,7 @@ def do_extract(cfg, force: bool, splits=()) -> bool:
 
 
 @cli.command("extract-features")
-@click.option("--scheduler", default=None, metavar="ADDRESS",
-              help='Run on Dask: "local:N" or "tcp://host:8786" (same as --set dask.scheduler=...).')
+@scheduler_option
 @click.option("--split", "splits", multiple=True, help="Split(s) to extract (default: all).")
 @stage_command
 def extract_features(cfg, force, splits):
@@ -129,8 +133,7 @@ def do_predict(cfg, force: bool, split: str) -> None:
 
 
 @cli.command()
-@click.option("--scheduler", default=None, metavar="ADDRESS",
-              help='Run on Dask: "local:N" or "tcp://host:8786" (same as --set dask.scheduler=...).')
+@scheduler_option
 @click.option("--split", default=None, help="Split to predict (default: data.test_split).")
 @stage_command
 def predict(cfg, force, split):
@@ -139,8 +142,7 @@ def predict(cfg, force, split):
 
 
 @cli.command()
-@click.option("--scheduler", default=None, metavar="ADDRESS",
-              help='Run on Dask: "local:N" or "tcp://host:8786" (same as --set dask.scheduler=...).')
+@scheduler_option
 @click.option("--split", default=None, help="Split to predict (default: data.test_split).")
 @stage_command
 def run(cfg, force, split):

@@ -196,6 +196,17 @@ def to_canvas(array: np.ndarray, box: Box) -> np.ndarray:
     return array[ys][:, xs]
 
 
+def same_size_batches(boxes: list[Box], batch_size: int) -> list[list[int]]:
+    """Indices of `boxes` in batches of at most `batch_size` whose canvases share one size;
+    sizes in order of first appearance, indices in order within a size (so the same items
+    always form the same batches)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, b in enumerate(boxes):
+        groups.setdefault((b.height, b.width), []).append(i)
+    return [idx[k:k + batch_size] for idx in groups.values()
+            for k in range(0, len(idx), batch_size)]
+
+
 def canvas_valid(box: Box, orig_hw: tuple[int, int]) -> np.ndarray:
     """bool (height, width): canvas pixels that lie inside the original image."""
     h, w = orig_hw

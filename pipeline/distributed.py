@@ -4,8 +4,8 @@ once and keeps it for all its tasks; shards are written by the workers into the 
 folder with the same atomic rename, so a worker killed mid-task leaves only a temporary file,
 and Dask reruns the task elsewhere.
 
-`dask.scheduler` (or the `--scheduler` option of extract-features, predict and run): "local:N" starts N local worker processes on loopback;
-"tcp://host:8786" connects to a running scheduler (`dask scheduler` + `dask worker ...`).
+`dask.scheduler` (or the `--scheduler` option of extract-features, predict and run):
+"local:N" starts N local worker processes on loopback; "tcp://host:8786" connects to a running scheduler (`dask scheduler` + `dask worker ...`).
 """
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ def connect(scheduler: str) -> Iterator:
     from distributed import Client, LocalCluster
     if scheduler.startswith("local:"):
         n = int(scheduler.split(":", 1)[1])
-        with preserved_environment(), LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+        with preserved_environment(), \
+                LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                             dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
                 Client(cluster) as client:
             yield client
     else:

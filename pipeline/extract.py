@@ -27,7 +27,8 @@ from .backbones import Backbone, create_backbone, get_spec, weights_identity
 from .cache import (FORMAT_VERSION, SHARD_SIZE, CacheError, FeatureCache, ShardRecord,
                     atomic_write_json, exclusive_lock, read_json, remove_temporaries, write_shard)
 from .config import Config
-from .data import Box, DataError, FileHasher, Item, fit_box, list_items, list_splits, load_pair, to_canvas
+from .data import (Box, DataError, FileHasher, Item, fit_box, list_items, list_splits, load_pair,
+                   same_size_batches, to_canvas)
 from .stages import StageStatus, diff_params, fingerprint, load_record, save_record
 
 STAGE = "extract-features"
@@ -192,6 +193,11 @@ class Extractor:
                                             initializer=torch.set_num_threads, initargs=(1,))
         return self._pool
 
+    def _autocast(self):
+        """A fresh autocast context for this device and precision (fp32: none)."""
+        return (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None
+                else contextlib.nullcontext())
+
     @torch.inference_mode()
     def _launch(self, canvases: list[np.ndarray]) -> Callable[[], np.ndarray]:
         """Start the forward pass of one same-size batch; returns a function giving the
@@ -200,16 +206,13 @@ class Extractor:
         x = torch.from_numpy(np.ascontiguousarray(np.stack(canvases))).permute(0, 3, 1, 2)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        ctx = (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None
-               else contextlib.nullcontext())
         if self.device.type == "cpu":
             # One image per single-threaded forward, images spread over the cores: on CPU
             # larger batches only spill activations out of the caches, and a feature map
             # then depends neither on which images shared its batch nor on the core count
             # (a local run and 1-thread Dask workers compute identical values).
             def one(i: int) -> torch.Tensor:
-                with torch.inference_mode(), (torch.autocast("cpu", dtype=self.amp)
-                                              if self.amp is not None else contextlib.nullcontext()):
+                with torch.inference_mode(), self._autocast():
                     return self.model(x[i:i + 1])
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # MKL's count is process-wide: restore it right after
@@ -218,7 +221,7 @@ class Extractor:
             finally:
                 torch.set_num_threads(threads)
         else:
-            with ctx:
+            with self._autocast():
                 feats = self.model(x)
         feats = feats.to(torch.float16 if self.out_dtype == np.float16 else torch.float32)
         if self.device.type == "cuda":
@@ -238,17 +241,12 @@ class Extractor:
         for d in decoded:
             (errors.append(d.error) if d.error else good.append(d))
         feats: list[np.ndarray | None] = [None] * len(good)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, d in enumerate(good):
-            groups.setdefault((d.box.height, d.box.width), []).append(i)
         pending: deque = deque()
-        for idx in groups.values():
-            for k in range(0, len(idx), self.batch_size):
-                chunk = idx[k:k + self.batch_size]
-                fetch = self._launch([to_canvas(good[i].image, good[i].box) for i in chunk])
-                pending.append((chunk, fetch))
-                if len(pending) > 1:
-                    self._collect(pending.popleft(), feats)
+        for chunk in same_size_batches([d.box for d in good], self.batch_size):
+            fetch = self._launch([to_canvas(good[i].image, good[i].box) for i in chunk])
+            pending.append((chunk, fetch))
+            if len(pending) > 1:
+                self._collect(pending.popleft(), feats)
         while pending:
             self._collect(pending.popleft(), feats)
         records = [ShardRecord(f, d.image, d.mask, d.item.category, d.item.stem, d.item.image, d.box)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from .cache import FeatureCache, atomic_write_bytes, atomic_write_json, read_json
 from .config import Config
-from .data import from_canvas, to_canvas
+from .data import from_canvas, same_size_batches, to_canvas
 from .extract import model_params, open_split, plan_split, resolve_device, split_params
 from .metrics import ImageStats, image_stats, summarize
 from .models import upsample_logits
@@ -92,21 +92,17 @@ def predict_shard(cache: FeatureCache, shard: int, predictor: Predictor, pred_di
     """Masks of one shard written as PNG; returns the unit {"items": [...]} of statistics.
     Images are batched by canvas size, in item order."""
     metas = [m for m in cache.items if m.shard == shard]
-    groups: dict[tuple[int, int], list] = {}
-    for m in metas:
-        groups.setdefault((m.box.height, m.box.width), []).append(m)
     rows: dict[int, dict] = {}
-    for group in groups.values():
-        for k in range(0, len(group), batch_size):
-            items = [cache.read(m.index) for m in group[k:k + batch_size]]
-            for item, masks in zip(items, predictor.batch_masks(items)):
-                meta = item.meta
-                atomic_write_bytes(pred_dir / meta.category / f"{meta.stem}.png",
-                                   _png_bytes(masks["pac"]))
-                rows[meta.index] = {
-                    "category": meta.category, "stem": meta.stem, "index": meta.index,
-                    "stats": {v: image_stats(masks[v], item.mask, meta.category, meta.stem).to_dict()
-                              for v in VARIANTS}}
+    for batch in same_size_batches([m.box for m in metas], batch_size):
+        items = [cache.read(metas[i].index) for i in batch]
+        for item, masks in zip(items, predictor.batch_masks(items)):
+            meta = item.meta
+            atomic_write_bytes(pred_dir / meta.category / f"{meta.stem}.png",
+                               _png_bytes(masks["pac"]))
+            rows[meta.index] = {
+                "category": meta.category, "stem": meta.stem, "index": meta.index,
+                "stats": {v: image_stats(masks[v], item.mask, meta.category, meta.stem).to_dict()
+                          for v in VARIANTS}}
     return {"items": [rows[m.index] for m in metas]}
 
 

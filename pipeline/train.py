@@ -300,7 +300,7 @@ def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = pri
         sched_up.step()
         row = {"phase": "upsampler", "epoch": epoch, "loss": total / max(count, 1)}
         if val is not None:
-            row.update(_validate(head, up, val, device, spec.residual))
+            row.update(_validate(head, up, val, device))
         history.append(row)
         checkpoint({"linear": cfg.train.linear_epochs + 1, "upsampler": epoch + 1})
         log(f"train-head: pac epoch {epoch}/{cfg.train.epochs} loss {row['loss']:.4f}"
@@ -320,7 +320,7 @@ def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = pri
 
 
 @torch.no_grad()
-def _validate(head, up, val: TrainData, device, residual: bool) -> dict:
+def _validate(head, up, val: TrainData, device) -> dict:
     up.eval()
     conf_lin = np.zeros(4, np.int64)
     conf_pac = np.zeros(4, np.int64)
