@@ -7,22 +7,26 @@ uint8 over PCIe.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import os
+import pickle
+import re
+import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+
+from .errors import BackboneError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class BackboneError(Exception):
-    """A one-line, user-facing problem building or loading a backbone."""
 
 
 @dataclass(frozen=True)
@@ -130,19 +134,66 @@ def weights_identity(weights: str) -> str:
     return _ID_MEMO[key]
 
 
-def _read_checkpoint(path: Path) -> dict:
+# What torch.load(weights_only=True) raises on a damaged or foreign file: the zip reader
+# (RuntimeError, BadZipFile), the file (OSError, EOFError), the weights-only unpickler
+# reading garbage (IndexError/KeyError on its stack and memo, struct.error, TypeError,
+# UnicodeDecodeError) and the legacy format's storage lookup (AssertionError "storage key
+# ... not found"; found by fuzzing). UnpicklingError is handled apart: the safe loader's refusal.
+_UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, LookupError,
+               TypeError, struct.error, AssertionError)
+
+# The only non-tensor type a checkpoint may contain: DINO's training checkpoints pickle their
+# command line (`args`) as an argparse.Namespace.
+_SAFE_GLOBALS = [argparse.Namespace]
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By suffix, or by content: an 8-byte little-endian header length, then a JSON object
+    (a torch checkpoint starts with a zip or pickle header instead)."""
+    if path.suffix.lower() == ".safetensors":
+        return True
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read is reported the same way
-        if "weights_only" not in str(e) and "Unsupported global" not in str(e):
-            raise BackboneError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
-        try:  # older checkpoints pickle extra objects (e.g. argparse.Namespace in DINO's)
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e2:  # noqa: BLE001
-            raise BackboneError(f"{path}: not a readable checkpoint ({_first_line(e2)})") from None
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK")
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The checkpoint's top-level dict, read without ever unpickling arbitrary objects:
+    safetensors, or torch.load(weights_only=True) with argparse.Namespace allowed. Anything
+    the safe loader refuses is refused here too, in one line (no fallback)."""
+    if _is_safetensors(path):
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise BackboneError(f"{path}: not a readable .safetensors file ({_first_line(e)})") from None
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise BackboneError(f"{path}: refused: loading it would need unpickling arbitrary objects "
+                            f"({_refusal_reason(e)}); only tensors and plain containers are read. "
+                            "Where you trust the file, convert it to a plain state dict "
+                            "(torch.save(model.state_dict(), ...)) or to .safetensors") from None
+    except _UNREADABLE as e:
+        raise BackboneError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
     if not isinstance(obj, dict):
         raise BackboneError(f"{path}: not a state dict (found {type(obj).__name__})")
     return obj
+
+
+def _refusal_reason(e: pickle.UnpicklingError) -> str:
+    """What the weights-only unpickler refused, in a few words: "Unsupported global: GLOBAL
+    builtins.exec", or its own reason ("Unsupported operand 149", ...)."""
+    text = str(e)
+    m = re.search(r"Unsupported global: GLOBAL [\w.<>]+", text)
+    if m:
+        return m.group(0)
+    m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    return m.group(1).strip()[:160] if m else "the safe loader refused it"
 
 
 def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
@@ -213,8 +264,11 @@ def _build_timm(spec: BackboneSpec, pretrained: bool) -> nn.Module:
 
 def _build_mobilenet(spec: BackboneSpec, pretrained: bool) -> nn.Module:
     import torchvision
-    weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1 if pretrained else None
-    return torchvision.models.mobilenet_v2(weights=weights).features[:14]
+    model = torchvision.models.mobilenet_v2(weights=None)
+    if pretrained:  # not mobilenet_v2(weights=...): torchvision's download uses weights_only=False
+        weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+        model.load_state_dict(weights.get_state_dict(progress=True, check_hash=True, weights_only=True))
+    return model.features[:14]
 
 
 _HOSTS = {"timm": "huggingface.co", "torchvision": "download.pytorch.org"}
@@ -280,7 +334,10 @@ def create_backbone(name: str, weights: str) -> Backbone:
                 else:  # offline: a cached download still works, and fails fast otherwise
                     with _hub_offline():
                         model = build(spec, True)
-            except Exception as e:  # noqa: BLE001 - no network, hub errors, ...
+            except (OSError, RuntimeError, ValueError, SafetensorError) as e:
+                # OSError: no network, urllib / requests / huggingface_hub errors (offline:
+                # LocalEntryNotFoundError); RuntimeError, ValueError, SafetensorError: a bad
+                # or partial download in the cache
                 raise BackboneError(
                     f"could not download pretrained weights for {name} ({_first_line(e)}); download "
                     f"{spec.checkpoint_hint} elsewhere and pass it with --set backbone.weights=/path/to/file"

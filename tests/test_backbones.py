@@ -168,19 +168,97 @@ def test_load_dino_release_checkpoint(tmp_path, dino16):
     assert not bb.training and not any(p.requires_grad for p in bb.parameters())
 
 
-def test_load_dino_training_checkpoint_prefers_teacher(tmp_path, dino16):
+def dino_training_checkpoint(dino16) -> dict:
+    """The layout of DINO's checkpoint.pth (main_dino.py): student / teacher wrapped in
+    MultiCropWrapper (+ DDP for the student), optimizer, epoch, args, dino_loss."""
     teacher = {"backbone." + k: v for k, v in dino16["teacher"].items()}
     teacher["head.mlp.0.weight"] = torch.randn(2048, 384)
     teacher["head.last_layer.weight_g"] = torch.ones(65536, 1)
     student = {"module.backbone." + k: v for k, v in dino16["student"].items()}
     student["module.head.mlp.0.weight"] = torch.randn(2048, 384)
+    optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4)}},
+                 "param_groups": [{"lr": 0.0005, "weight_decay": 0.04, "params": [0]}]}
+    return {"student": student, "teacher": teacher, "optimizer": optimizer, "epoch": 3,
+            "args": argparse.Namespace(arch="vit_small", patch_size=16, lr=0.0005,
+                                       out_dim=65536, data_path="/path/to/imagenet/train/"),
+            "dino_loss": {"center": torch.zeros(1, 65536)}}
+
+
+def test_load_dino_training_checkpoint_prefers_teacher(tmp_path, dino16):
     path = tmp_path / "checkpoint.pth"
-    # argparse.Namespace as in DINO's checkpoints: needs the weights_only=False fallback
-    torch.save({"teacher": teacher, "student": student, "epoch": 3,
-                "args": argparse.Namespace(arch="vit_small", patch_size=16)}, path)
+    # argparse.Namespace as in DINO's checkpoints: allowed, and only for this load
+    torch.save(dino_training_checkpoint(dino16), path)
     out = feats(create_backbone("dino_vits16", str(path)), dino16["x"])
     torch.testing.assert_close(out, dino16["ref_teacher"])
     assert not torch.allclose(out, dino16["ref_student"], atol=1e-3)
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()  # not process-wide
+
+
+class _OpenMarker:
+    """Unpickling this calls open(marker, "w"): creates an empty file, nothing worse."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+class _ExecMarker(_OpenMarker):
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("payload,where", [(_OpenMarker, "top"), (_ExecMarker, "top"),
+                                           (_OpenMarker, "args")])
+def test_malicious_checkpoint_is_refused_unexecuted(tmp_path, dino16, payload, where):
+    """A pickle that runs code when loaded: refused in one line, the code never runs (no
+    fallback to an unsafe load), even hidden in the allowed argparse.Namespace."""
+    marker = tmp_path / "pwned"
+    if where == "top":
+        ckpt = {**dino16["teacher"], "extra": payload(marker)}
+    else:
+        ckpt = dino_training_checkpoint(dino16)
+        ckpt["args"] = argparse.Namespace(arch="vit_small", hook=payload(marker))
+    path = tmp_path / "shared_checkpoint.pth"
+    torch.save(ckpt, path)
+    assert not marker.exists()
+    with pytest.raises(BackboneError) as e:
+        create_backbone("dino_vits16", str(path))
+    glob = "exec" if payload is _ExecMarker else "open"
+    msg = assert_one_line(e, "shared_checkpoint.pth", "refused", "unpickling arbitrary objects",
+                          "Unsupported global: GLOBAL", glob, ".safetensors", "state dict")
+    assert len(msg) < 500
+    assert not marker.exists()
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_load_safetensors(tmp_path, dino16):
+    from safetensors.torch import save_file
+    path = tmp_path / "model.safetensors"
+    save_file(dino16["teacher"], str(path))
+    torch.testing.assert_close(feats(create_backbone("dino_vits16", str(path)), dino16["x"]),
+                               dino16["ref_teacher"])
+    # the same key normalisation as for torch checkpoints: prefixes stripped, heads dropped;
+    # recognised by content as well as by suffix
+    sd = {"module.backbone." + k: v for k, v in dino16["student"].items()}
+    sd["head.weight"], sd["head.bias"] = torch.zeros(1000, 384), torch.zeros(1000)
+    odd = tmp_path / "student.bin"
+    save_file(sd, str(odd))
+    torch.testing.assert_close(feats(create_backbone("dino_vits16", str(odd)), dino16["x"]),
+                               dino16["ref_student"])
+
+
+def test_damaged_safetensors(tmp_path, dino16):
+    from safetensors.torch import save_file
+    path = tmp_path / "model.safetensors"
+    save_file(dino16["teacher"], str(path))
+    data = path.read_bytes()
+    for n in (len(data) // 2, 5, 0):
+        path.write_bytes(data[:n])
+        with pytest.raises(BackboneError) as e:
+            create_backbone("dino_vits16", str(path))
+        assert_one_line(e, "model.safetensors")
 
 
 @pytest.mark.parametrize("wrapper", ["state_dict", "model"])
@@ -246,6 +324,13 @@ def test_corrupt_file(tmp_path):
     with pytest.raises(BackboneError) as e:
         create_backbone("mobilenet_v2", str(empty))
     assert_one_line(e, "empty.pth")
+    for legacy in (False, True):  # a truncated zip checkpoint, a truncated legacy one
+        cut = tmp_path / f"truncated_{legacy}.pth"
+        torch.save({"w": torch.zeros(1000)}, cut, _use_new_zipfile_serialization=not legacy)
+        cut.write_bytes(cut.read_bytes()[:-100])
+        with pytest.raises(BackboneError) as e:
+            create_backbone("mobilenet_v2", str(cut))
+        assert_one_line(e, cut.name)
 
 
 def test_not_a_state_dict(tmp_path):
@@ -317,17 +402,30 @@ def test_pretrained_offline_is_one_line(monkeypatch, name, hint):
         assert pretrained is True and kwargs["num_classes"] == 0 and kwargs["dynamic_img_size"]
         offline(model_name, **kwargs)
 
+    def offline_torchvision(weights_enum, *args, **kwargs):
+        offline(*args, weights=weights_enum, **kwargs)
+
     monkeypatch.setattr(backbones, "_resolves", lambda host: True)  # reach the mocked download
     monkeypatch.setattr(timm, "create_model", offline_timm)
-    monkeypatch.setattr(torchvision.models, "mobilenet_v2", offline)
+    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline_torchvision)
     with pytest.raises(BackboneError) as e:
         create_backbone(name, "pretrained")
     msg = assert_one_line(e, "backbone.weights", name, hint, "URLError", "could not download")
     assert "second line" not in msg
     assert calls
-    if name == "mobilenet_v2":
-        import torchvision
+    if name == "mobilenet_v2":  # torchvision's weights, downloaded and read safely
         assert calls[0]["weights"] == torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+        assert calls[0]["weights_only"] is True and calls[0]["check_hash"] is True
+
+
+def test_pretrained_mobilenet_is_loaded(monkeypatch, mobilenet_full):
+    """The downloaded torchvision state dict (here: served by a stub) ends up in the model."""
+    import torchvision
+    sd, x, ref = mobilenet_full
+    monkeypatch.setattr(backbones, "_resolves", lambda host: True)
+    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict",
+                        lambda self, *a, **k: {k_: v.clone() for k_, v in sd.items()})
+    torch.testing.assert_close(feats(create_backbone("mobilenet_v2", "pretrained"), x), ref)
 
 
 # ----------------------------------------------------------------------------- identity
