@@ -3,13 +3,16 @@
 Each entry maps a config name to its spec (patch size, channels, normalisation: data kept
 next to the model) and a builder. `Backbone.forward` takes a uint8 batch and returns the
 patch-feature map (B, h, w, C); normalisation runs on the tensor's device, so GPU users send
-uint8 over PCIe.
+uint8 over PCIe. The ViTs are timm modules run with DINO's / DINOv2's own position-embedding
+rule at sizes other than the trained one (`vit_forward_features`). Weights files are read
+without unpickling arbitrary objects: torch.load(weights_only=True) or safetensors.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import hashlib
+import math
 import os
 import pickle
 import re
@@ -24,6 +27,16 @@ import torch.nn as nn
 from safetensors import SafetensorError
 
 from .errors import BackboneError
+
+# The version of the features a backbone computes from given weights: part of the feature
+# cache's key, bumped whenever the computation changes (so that old caches are recomputed).
+# 1: timm's forward_features (dynamic_img_size: antialiased resize of the position embeddings)
+# 2: DINO-faithful position embeddings (official bicubic rule with the +0.1 offset, no antialias)
+FEATURE_VERSION = 2
+
+# DINO / DINOv2's work-around offset in the position-embedding interpolation (their
+# `interpolate_offset`, 0.1 in the released models; facebookresearch/dino issue #8)
+POS_INTERPOLATE_OFFSET = 0.1
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -104,10 +117,61 @@ class Backbone(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.kind == "vit":
-            tokens = self.model.forward_features(x)  # after the final norm
+            tokens = vit_forward_features(self.model, x)  # after the final norm
             tokens = tokens[:, self.model.num_prefix_tokens:]  # drop CLS and register tokens
             return tokens.reshape(B, h, w, -1)
         return self.model(x).permute(0, 2, 3, 1)
+
+
+def official_pos_embed(pos_embed: torch.Tensor, num_prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """The position embeddings (1, num_prefix + h*w, C) for a grid of h x w patches, resized
+    as DINO and DINOv2 do (`interpolate_pos_encoding`): bicubic, align_corners=False, no
+    antialias, with `scale_factor=((h + 0.1) / M, (w + 0.1) / M)` (not an output size: the
+    sampling positions follow that scale), in float32; unchanged at the trained M x M grid.
+    timm's dynamic_img_size resizes to the exact size with antialiasing instead, which moves
+    the final features (e.g. by up to 1.4e-2 for ViT-S/16 with random weights at 480x848)."""
+    h, w = grid
+    n = pos_embed.shape[1] - num_prefix
+    m = math.isqrt(n)
+    if m * m != n:
+        raise ValueError(f"position embeddings of {n} patches are not a square grid")
+    if (h, w) == (m, m):
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    patch = pos_embed[:, num_prefix:].float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    patch = nn.functional.interpolate(
+        patch, scale_factor=((h + POS_INTERPOLATE_OFFSET) / m, (w + POS_INTERPOLATE_OFFSET) / m),
+        mode="bicubic", align_corners=False)
+    if tuple(patch.shape[-2:]) != (h, w):  # the offset makes floor(m * scale) == h, w
+        raise RuntimeError(f"position embeddings resized to {tuple(patch.shape[-2:])}, not {(h, w)}")
+    patch = patch.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(pos_embed.dtype)
+    return torch.cat((pos_embed[:, :num_prefix], patch), dim=1)
+
+
+def vit_forward_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's VisionTransformer.forward_features (all tokens, after the final norm) with the
+    position embeddings resized by the official DINO / DINOv2 rule (`official_pos_embed`)
+    instead of timm's; the same modules, so timm checkpoints load unchanged."""
+    tokens = model.patch_embed(x)  # (B, h, w, C) with dynamic_img_size (NHWC), else (B, h*w, C)
+    if tokens.ndim == 4:
+        grid = (tokens.shape[1], tokens.shape[2])
+        tokens = tokens.flatten(1, 2)
+    else:
+        p = model.patch_embed.patch_size
+        grid = (x.shape[-2] // p[0], x.shape[-1] // p[1])
+    prefix = [t.expand(tokens.shape[0], -1, -1) for t in (model.cls_token, model.reg_token)
+              if t is not None]
+    if model.no_embed_class:  # position embeddings for the patches only: add, then concat
+        tokens = tokens + official_pos_embed(model.pos_embed, 0, grid)
+        tokens = torch.cat(prefix + [tokens], dim=1)
+    else:  # DINO / DINOv2 (and original timm): concat, then add (the CLS token has its own)
+        tokens = torch.cat(prefix + [tokens], dim=1)
+        tokens = tokens + official_pos_embed(model.pos_embed, model.num_prefix_tokens, grid)
+    tokens = model.pos_drop(tokens)
+    tokens = model.patch_drop(tokens)
+    tokens = model.norm_pre(tokens)
+    tokens = model.blocks(tokens)
+    return model.norm(tokens)
 
 
 # ----------------------------------------------------------------------------- weights

@@ -3,11 +3,14 @@
 The checkpoints are written here, in tmp dirs, from randomly initialised models; the
 features of a loaded backbone are compared with a model built directly from the same
 tensors, which proves that the weights were really loaded (and normalised inputs match).
+The reference forward is written out here, following DINO's and DINOv2's own code
+(`prepare_tokens` / `interpolate_pos_encoding`), independently of pipeline.backbones.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import sys
 import urllib.error
@@ -39,16 +42,55 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return (x.float() / 255.0 - mean) / std
 
 
+def dino_pos_embed(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """DINO's VisionTransformer.interpolate_pos_encoding (facebookresearch/dino; DINOv2's
+    is the same with interpolate_offset=0.1, interpolate_antialias=False), written out."""
+    N = pos_embed.shape[1] - 1
+    if h * w == N and h == w:
+        return pos_embed
+    class_pos_embed = pos_embed[:, 0]
+    patch_pos_embed = pos_embed[:, 1:]
+    dim = pos_embed.shape[-1]
+    h0, w0 = h + 0.1, w + 0.1
+    patch_pos_embed = torch.nn.functional.interpolate(
+        patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
+        scale_factor=(h0 / math.sqrt(N), w0 / math.sqrt(N)),
+        mode="bicubic",
+    )
+    assert int(h0) == patch_pos_embed.shape[-2] and int(w0) == patch_pos_embed.shape[-1]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
 def vit_reference(timm_name: str, sd: dict, x: torch.Tensor) -> torch.Tensor:
-    """Patch features of a timm ViT built directly from `sd` (the independent reference)."""
+    """Patch features of a ViT built directly from `sd` (the independent reference): DINO's
+    forward (conv patch embedding, CLS token, position embeddings by DINO's rule, the
+    blocks, the final norm) through the blocks of a timm model holding the same tensors."""
     import timm
-    m = timm.create_model(timm_name, pretrained=False, num_classes=0, dynamic_img_size=True)
+    m = timm.create_model(timm_name, pretrained=False, num_classes=0)
     m.load_state_dict(sd, strict=True)
     m.eval()
-    with torch.no_grad():
-        t = m.forward_features(normalise(x))[:, m.num_prefix_tokens:]
     B, _, H, W = x.shape
     p = m.patch_embed.patch_size[0]
+    with torch.no_grad():
+        t = torch.nn.functional.conv2d(normalise(x), m.patch_embed.proj.weight,
+                                       m.patch_embed.proj.bias, stride=p)
+        t = t.flatten(2).transpose(1, 2)
+        t = torch.cat((m.cls_token.expand(B, -1, -1), t), dim=1)
+        t = t + dino_pos_embed(m.pos_embed, H // p, W // p)
+        for blk in m.blocks:
+            t = blk(t)
+        t = m.norm(t)[:, 1:]
+    return t.reshape(B, H // p, W // p, -1)
+
+
+def timm_features(bb: Backbone, x: torch.Tensor) -> torch.Tensor:
+    """timm's own forward_features (dynamic_img_size: its antialiased resize) on the backbone's
+    model and input normalisation (bit for bit), patch tokens."""
+    B, _, H, W = x.shape
+    p = bb.spec.patch_size
+    with torch.no_grad():
+        t = bb.model.forward_features((x.float() - bb.mean) / bb.std)[:, bb.model.num_prefix_tokens:]
     return t.reshape(B, H // p, W // p, -1)
 
 
@@ -149,12 +191,82 @@ def test_random_is_deterministic_and_keeps_global_rng(random_backbones):
     assert torch.equal(feats(again, x), feats(random_backbones["mobilenet_v2"], x))
 
 
-def test_vit_forward_matches_timm(random_backbones):
-    """Patch tokens after the final norm, CLS dropped, row-major h x w."""
-    bb = random_backbones["dinov2_vits14"]
-    x = images(14)
-    ref = vit_reference("vit_small_patch14_dinov2", bb.model.state_dict(), x)
-    torch.testing.assert_close(feats(bb, x), ref)
+@pytest.mark.parametrize("name", ["dino_vits16", "dino_vits8", "dinov2_vits14"])
+def test_vit_forward_matches_timm(random_backbones, name):
+    """At the trained size (no position-embedding resize) the features are timm's own
+    forward_features: patch tokens after the final norm, CLS dropped, row-major h x w. At other
+    sizes they follow DINO's rule, no longer timm's antialiased resize."""
+    bb = random_backbones[name]
+    p, (gh, gw) = bb.spec.patch_size, bb.model.patch_embed.grid_size
+    assert (gh, gw) == {"dino_vits16": (14, 14), "dino_vits8": (28, 28), "dinov2_vits14": (37, 37)}[name]
+    x = images(p, b=2, gh=gh, gw=gw)  # 224 x 224, or 518 x 518 for DINOv2
+    out = feats(bb, x)
+    assert out.shape == (2, gh, gw, 384)
+    assert torch.equal(out, timm_features(bb, x))
+    x = images(p, b=1, gh=5, gw=7)
+    out = feats(bb, x)
+    torch.testing.assert_close(out, vit_reference(bb.spec.source[5:].split(".")[0], bb.model.state_dict(), x))
+    assert (out - timm_features(bb, x)).abs().max() > 1e-3
+
+
+def bicubic_by_hand(grid: torch.Tensor, scale: tuple[float, float], out_hw: tuple[int, int]):
+    """Bicubic resampling of a (M, M, C) grid as PyTorch defines it for a given scale factor
+    (align_corners=False, no antialias): output pixel i samples the input at
+    (i + 0.5) / scale - 0.5, Keys cubic kernel (A = -0.75), indices clamped at the border."""
+    A = -0.75
+
+    def weights(t: float) -> list[float]:
+        def near(d):
+            return ((A + 2) * d - (A + 3)) * d * d + 1
+
+        def far(d):
+            return ((A * d - 5 * A) * d + 8 * A) * d - 4 * A
+        return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+    def taps(n_out: int, s: float, n_in: int) -> list[list[tuple[int, float]]]:
+        rows = []
+        for i in range(n_out):
+            src = (i + 0.5) / s - 0.5
+            i0 = math.floor(src)
+            rows.append([(min(max(i0 - 1 + k, 0), n_in - 1), wk)
+                         for k, wk in enumerate(weights(src - i0))])
+        return rows
+
+    g = grid.double()
+    M = g.shape[0]
+    out = torch.zeros(out_hw[0], out_hw[1], g.shape[-1], dtype=torch.float64)
+    for i, row in enumerate(taps(out_hw[0], scale[0], M)):
+        for j, col in enumerate(taps(out_hw[1], scale[1], M)):
+            for yi, wy in row:
+                for xi, wx in col:
+                    out[i, j] += wy * wx * g[yi, xi]
+    return out
+
+
+def test_pos_embed_follows_dino_rule(random_backbones):
+    """ViT-S/16 (trained grid 14 x 14) on 5 x 7 patches: the position embeddings are resized
+    with scale factors (5.1 / 14, 7.1 / 14), not to the exact size, and without antialiasing;
+    the CLS entry is kept; at the trained grid they are untouched."""
+    model = random_backbones["dino_vits16"].model
+    pos = model.pos_embed.detach()
+    got = backbones.official_pos_embed(pos, 1, (5, 7))
+    assert got.shape == (1, 1 + 35, 384) and got.dtype == torch.float32
+    assert torch.equal(got[:, 0], pos[:, 0])
+    torch.testing.assert_close(got, dino_pos_embed(pos, 5, 7), rtol=0, atol=1e-6)
+    by_hand = bicubic_by_hand(pos[0, 1:].reshape(14, 14, 384), (5.1 / 14, 7.1 / 14), (5, 7))
+    torch.testing.assert_close(got[0, 1:].double(), by_hand.reshape(35, 384), rtol=0, atol=1e-6)
+    # neither timm's resize (exact size, antialiased) nor a plain resize to the size
+    from timm.layers import resample_abs_pos_embed
+    timm_pos = resample_abs_pos_embed(pos, new_size=(5, 7), old_size=(14, 14), num_prefix_tokens=1)
+    assert (got - timm_pos).abs().max() > 1e-3
+    sized = torch.nn.functional.interpolate(pos[:, 1:].reshape(1, 14, 14, 384).permute(0, 3, 1, 2),
+                                            size=(5, 7), mode="bicubic")
+    assert (got[0, 1:] - sized[0].permute(1, 2, 0).reshape(35, 384)).abs().max() > 1e-3
+    assert backbones.official_pos_embed(pos, 1, (14, 14)) is pos
+    # and the whole forward on 5 x 7 patches
+    x = images(16, b=2, gh=5, gw=7)
+    torch.testing.assert_close(feats(random_backbones["dino_vits16"], x),
+                               vit_reference("vit_small_patch16_224", model.state_dict(), x))
 
 
 # ----------------------------------------------------------------------------- checkpoints
