@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
 
 DEFAULT_CONFIG = "configs/default.toml"
 
@@ -20,6 +21,28 @@ DEFAULT_CONFIG = "configs/default.toml"
 def _fail(message: str, code: int) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for a filesystem error: the file and the problem (permission, full disk,
+    symlink loop, ...), never a traceback."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
+    what = e.strerror or type(e).__name__
+    return f"{where}: {what}" if where else what
+
+
+def guarded(call, *args, **kwargs):
+    """Run `call`, mapping user-facing errors to their exit code at this one boundary:
+    PipelineError (1, or 2 for usage errors), OSError (1), Ctrl-C (130)."""
+    try:
+        return call(*args, **kwargs)
+    except PipelineError as e:
+        _fail(str(e), e.exit_code)
+    except OSError as e:
+        _fail(os_error_line(e), 1)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: rerun the same command to resume", err=True)
+        sys.exit(130)
 
 
 def stage_command(func):
@@ -32,25 +55,11 @@ def stage_command(func):
     @click.option("--force", is_flag=True, help="Recompute even when the stage is up to date.")
     @functools.wraps(func)
     def wrapper(config_path, overrides, force, **kwargs):
-        from pipeline.backbones import BackboneError
         scheduler = kwargs.pop("scheduler", None)
         if scheduler:
             overrides = (*overrides, f"dask.scheduler={scheduler}")
-        from pipeline.cache import CacheError
-        from pipeline.data import DataError
-        try:
-            cfg = load_config(config_path, overrides)
-        except ConfigError as e:
-            _fail(str(e), 2)
-        try:
-            return func(cfg, force=force, **kwargs)
-        except ConfigError as e:
-            _fail(str(e), 2)
-        except (DataError, CacheError, BackboneError) as e:
-            _fail(str(e), 1)
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted: rerun the same command to resume", err=True)
-            sys.exit(130)
+        cfg = guarded(load_config, config_path, overrides)
+        return guarded(func, cfg, force=force, **kwargs)
     return wrapper
 
 
@@ -125,8 +134,8 @@ def do_predict(cfg, force: bool, split: str) -> None:
     if res.up_to_date:
         click.echo(f"predict [{split}]: up to date; report {res.report_json}")
         return
-    click.echo(f"predict [{split}]: {res.n_images} images in {res.seconds:.1f} s; "
-               f"masks in {res.predictions_dir}")
+    click.echo(f"predict [{split}]: {res.n_predicted} images in {res.seconds:.1f} s "
+               f"({res.n_images} annotated, scored); masks in {res.predictions_dir}")
     click.echo(f"report: {res.report_json} (also .md and .html)")
     for line in res.headline:
         click.echo(f"  {line}")
@@ -161,8 +170,16 @@ def run(cfg, force, split):
 def status(cfg, force, split):
     """One line per stage: up-to-date, stale (why) or missing."""
     from pipeline import extract, predict as predict_stage, train
+    from pipeline.stages import StageStatus
     split = split or cfg.data.test_split
-    for st in (extract.status(cfg), train.status(cfg), predict_stage.status(cfg, split)):
+    checks = ((extract.STAGE, extract.status, (cfg,)), (train.STAGE, train.status, (cfg,)),
+              (predict_stage.stage_name(split), predict_stage.status, (cfg, split)))
+    for name, check, args in checks:
+        try:
+            st = check(*args)
+        except (PipelineError, OSError) as e:  # status reports, it never fails
+            why = os_error_line(e) if isinstance(e, OSError) else str(e)
+            st = StageStatus(name, "stale", f"cannot check: {why}")
         click.echo(st.line())
 
 
@@ -173,10 +190,7 @@ def status(cfg, force, split):
 def demo(config_path, overrides, force):
     """Offline example: generate a small dataset and run all stages on it."""
     from pipeline.synth import make_dataset
-    try:
-        cfg = load_config(config_path, overrides)
-    except ConfigError as e:
-        _fail(str(e), 2)
+    cfg = guarded(load_config, config_path, overrides)
     root = Path(cfg.data.root)
     if not (root / "train").is_dir() and not (root / "ImageSets").is_dir():
         click.echo(f"demo: writing a generated dataset to {root}")

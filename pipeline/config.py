@@ -14,9 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(Exception):
-    """A one-line, user-facing configuration problem (exit code 2)."""
+from .errors import ConfigError
 
 
 @dataclass
@@ -199,6 +197,11 @@ def _validate(cfg: Config) -> None:
     if not chans or chans[-1] != 1 or any(c <= 0 for c in chans):
         raise ConfigError(
             f"bad value for upsampler.channels: {chans} (positive ints ending in 1)")
+    for key in ("data.root", "paths.cache", "paths.outputs"):
+        if not str(cfg.get(key)).strip():
+            raise ConfigError(f"bad value for {key}: empty (a folder path)")
+    if not cfg.backbone.weights.strip():
+        raise ConfigError("bad value for backbone.weights: empty (\"pretrained\", \"random\" or a file)")
     if not cfg.run.name or "/" in cfg.run.name or cfg.run.name.startswith("."):
         raise ConfigError(f"bad value for run.name: {cfg.run.name!r} (a plain folder name)")
     if cfg.data.val_split and cfg.data.val_split == cfg.data.train_split:

@@ -8,22 +8,17 @@ Layouts (see docs/interface.md):
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import threading
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import DataError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MASK_THRESHOLD = 128  # a mask pixel is object where its L value is >= this
-
-
-class DataError(Exception):
-    """A one-line, user-facing problem with the dataset or one of its files."""
 
 
 @dataclass(frozen=True)
@@ -33,7 +28,7 @@ class Item:
     category: str
     stem: str
     image: str  # relative to the data root, posix separators
-    mask: str | None
+    mask: str | None  # None: no annotation (extracted and predicted, never trained on or scored)
 
     @property
     def key(self) -> str:
@@ -77,13 +72,12 @@ def list_items(root: str | Path, layout: str, split: str) -> tuple[list[Item], l
             for img in sorted(img_dir.iterdir()):
                 if img.suffix.lower() not in IMAGE_EXTS or img.name.startswith("."):
                     continue
-                mask = ann_dir / f"{img.stem}.png"
-                rel_img = img.relative_to(root).as_posix()
-                if not mask.is_file():
-                    problems.append(f"{img}: no annotation (expected {mask})")
+                if not img.is_file():
+                    problems.append(f"{img}: not a readable file (a broken or looping link?)")
                     continue
-                items.append(Item(split, cat_dir.name, img.stem, rel_img,
-                                  mask.relative_to(root).as_posix()))
+                mask = ann_dir / f"{img.stem}.png"
+                items.append(Item(split, cat_dir.name, img.stem, img.relative_to(root).as_posix(),
+                                  mask.relative_to(root).as_posix() if mask.is_file() else None))
     elif layout == "davis2016":
         lst = root / "ImageSets" / "480p" / f"{split}.txt"
         if not lst.is_file():
@@ -96,43 +90,67 @@ def list_items(root: str | Path, layout: str, split: str) -> tuple[list[Item], l
             rel_img = parts[0].lstrip("/")
             rel_mask = parts[1].lstrip("/") if len(parts) > 1 else None
             img = root / rel_img
-            seq, stem = img.parent.name, img.stem
-            if (seq, stem) in seen:
+            if rel_img in seen:
                 continue
-            seen.add((seq, stem))
+            seen.add(rel_img)
             if not img.is_file():
                 problems.append(f"{img}: listed in {lst.name} line {n} but missing")
                 continue
-            if rel_mask is None or not (root / rel_mask).is_file():
-                problems.append(f"{img}: no annotation"
-                                + (f" (expected {root / rel_mask})" if rel_mask else ""))
-                continue
-            items.append(Item(split, seq, stem, rel_img, rel_mask))
+            if rel_mask is not None and not (root / rel_mask).is_file():
+                rel_mask = None
+            items.append(Item(split, img.parent.name, img.stem, rel_img, rel_mask))
         items.sort(key=lambda it: (it.category, it.stem))
     else:
         raise DataError(f"unknown data layout {layout!r}")
     if not items and not problems:
         raise DataError(f"split '{split}' of {root} has no images")
+    _refuse_duplicate_stems(root, items)
     return items, problems
+
+
+def _refuse_duplicate_stems(root: Path, items: list[Item]) -> None:
+    """Outputs are named <category>/<stem>: two images of one category with one stem (a.jpg,
+    a.png) would overwrite each other's mask."""
+    seen: dict[tuple[str, str], Item] = {}
+    for it in items:
+        other = seen.setdefault((it.category, it.stem), it)
+        if other is not it:
+            raise DataError(f"{root / other.image} and {root / it.image}: two images with the "
+                            f"stem '{it.stem}' in category '{it.category}' would write one mask "
+                            "file; rename one of them")
 
 
 # ----------------------------------------------------------------------------- decoding
 
-def load_image(path: str | Path) -> np.ndarray:
-    """An image file as uint8 RGB (H, W, 3), whatever its mode (L, RGBA, P, ...)."""
+def decode_image(data: bytes, name: str | Path) -> np.ndarray:
+    """Encoded image bytes as uint8 RGB (H, W, 3) in the orientation an image viewer shows
+    (EXIF orientation applied), whatever the mode (L, RGBA, P, ...). `name` is for errors."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
-            rgb = im.convert("RGB")
+            rgb = ImageOps.exif_transpose(im).convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: corrupt or unreadable image ({_short(e)})") from None
+        raise DataError(f"{name}: corrupt or unreadable image ({_short(e)})") from None
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def read_bytes(path: str | Path, what: str = "file") -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read {what} ({e.strerror or _short(e)})") from None
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """An image file as uint8 RGB (H, W, 3) (see decode_image)."""
+    return decode_image(read_bytes(path, "image"), path)
 
 
 def load_mask(path: str | Path) -> np.ndarray:
     """A mask file as bool (H, W): object where the pixel is >= 128 after conversion to L."""
+    data = read_bytes(path, "mask")
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             gray = im.convert("L")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -140,16 +158,28 @@ def load_mask(path: str | Path) -> np.ndarray:
     return np.asarray(gray) >= MASK_THRESHOLD
 
 
-def load_pair(root: str | Path, item: Item) -> tuple[np.ndarray, np.ndarray]:
-    """Image and mask of `item`; DataError if either is unreadable or their sizes differ."""
+@dataclass
+class LoadedItem:
+    """One decoded item: the image file's bytes (stored as they are), its pixels and mask."""
+    encoded: bytes
+    image: np.ndarray  # uint8 (H, W, 3), viewer orientation
+    mask: np.ndarray | None  # bool (H, W), None when the item has no annotation
+
+
+def load_item(root: str | Path, item: Item) -> LoadedItem:
+    """Image (read once: the stored bytes are the decoded bytes) and mask of `item`;
+    DataError if either is unreadable or their sizes differ."""
     root = Path(root)
-    image = load_image(root / item.image)
-    mask = load_mask(root / item.mask)
-    if mask.shape != image.shape[:2]:
-        raise DataError(
-            f"{root / item.mask}: mask size {mask.shape[1]}x{mask.shape[0]} differs from "
-            f"its image's {image.shape[1]}x{image.shape[0]}")
-    return image, mask
+    encoded = read_bytes(root / item.image, "image")
+    image = decode_image(encoded, root / item.image)
+    mask = None
+    if item.mask is not None:
+        mask = load_mask(root / item.mask)
+        if mask.shape != image.shape[:2]:
+            raise DataError(
+                f"{root / item.mask}: mask size {mask.shape[1]}x{mask.shape[0]} differs from "
+                f"its image's {image.shape[1]}x{image.shape[0]}")
+    return LoadedItem(encoded, image, mask)
 
 
 def _short(e: BaseException) -> str:
@@ -227,54 +257,3 @@ def from_canvas(array, box: Box, orig_hw: tuple[int, int]):
     import torch
     return array.index_select(-2, torch.as_tensor(ys, device=array.device)).index_select(
         -1, torch.as_tensor(xs, device=array.device))
-
-
-# ----------------------------------------------------------------------------- identity
-
-class FileHasher:
-    """sha256 of files, memoised on disk by (path, size, mtime_ns), like DVC's state db, so
-    that checking a large dataset for changes reads only the files that changed."""
-
-    def __init__(self, memo_path: str | Path | None):
-        self.memo_path = Path(memo_path) if memo_path else None
-        self._memo: dict[str, list] = {}
-        self._dirty = False
-        self._lock = threading.Lock()
-        if self.memo_path and self.memo_path.is_file():
-            try:
-                self._memo = json.loads(self.memo_path.read_text())
-            except (OSError, ValueError):
-                self._memo = {}
-
-    def digest(self, path: str | Path) -> str:
-        path = Path(path)
-        st = path.stat()
-        key = str(path.resolve())
-        stamp = [st.st_size, st.st_mtime_ns]
-        with self._lock:
-            hit = self._memo.get(key)
-        if hit and hit[:2] == stamp:
-            return hit[2]
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        digest = h.hexdigest()
-        with self._lock:
-            self._memo[key] = stamp + [digest]
-            self._dirty = True
-        return digest
-
-    def save(self) -> None:
-        if not (self.memo_path and self._dirty):
-            return
-        with self._lock:
-            data = json.dumps(self._memo, separators=(",", ":"))
-            self._dirty = False
-        try:
-            self.memo_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.memo_path.with_name(f".{self.memo_path.name}.{os.getpid()}.tmp")
-            tmp.write_text(data)
-            os.replace(tmp, self.memo_path)
-        except OSError:
-            pass  # the memo is only an optimisation

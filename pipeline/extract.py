@@ -1,15 +1,15 @@
-"""Stage 1: images -> frozen-backbone patch features in the HDF5 cache.
+"""Stage 1: images -> frozen-backbone patch features in the feature store (pipeline/store.py).
 
 The work is cut into shards (SHARD_SIZE images of one category, in file order). A shard is an
 independent, idempotent task: its output name is the hash of its inputs, and it is written
-atomically, so a run can be killed at any instant and resumed, and shards can be handed to a
-Dask cluster unchanged (pipeline/distributed.py).
+atomically with a receipt of its checksum, so a run can be killed at any instant and resumed,
+a damaged shard is recomputed alone, and shards can be handed to a Dask cluster unchanged
+(pipeline/executors.py).
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
+import dataclasses
 import sys
 import threading
 import time
@@ -17,101 +17,24 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
-import h5py
 import numpy as np
 import torch
 
-from .backbones import Backbone, create_backbone, get_spec, weights_identity
-from .cache import (FORMAT_VERSION, SHARD_SIZE, CacheError, FeatureCache, ShardRecord,
-                    atomic_write_json, exclusive_lock, read_json, remove_temporaries, write_shard)
+from .backbones import Backbone, create_backbone
 from .config import Config
-from .data import (Box, DataError, FileHasher, Item, fit_box, list_items, list_splits, load_pair,
-                   same_size_batches, to_canvas)
-from .stages import StageStatus, diff_params, fingerprint, load_record, save_record
+from .data import Box, DataError, Item, LoadedItem, fit_box, list_splits, load_item, same_size_batches, to_canvas
+from .devices import autocast_dtype, resolve_device, resolve_precision
+from .errors import StoreError
+from .executors import portable_config, run_tasks, worker_cached
+from .fsutil import exclusive_lock, atomic_write_json, remove_temporaries
+from .stages import StageState, StageStatus, judge, load_record, save_record
+from .store import (FORMAT_VERSION, Manifest, ShardRecord, ShardTask, SplitPlan, done_entry,
+                    feature_params, file_hasher, manifest_path, plan_split, read_manifest,
+                    split_problems, store_dir, write_shard)
 
 STAGE = "extract-features"
-
-
-# ----------------------------------------------------------------------------- planning
-
-def model_params(cfg: Config) -> dict:
-    """What determines a feature value, besides the image: the stage-1 model key."""
-    return {
-        "format": FORMAT_VERSION,
-        "backbone.name": cfg.backbone.name,
-        "backbone.weights": weights_identity(cfg.backbone.weights),
-        "extract.fit": cfg.extract.fit,
-        "extract.precision": effective_precision(cfg),
-        "extract.feature_dtype": cfg.extract.feature_dtype,
-    }
-
-
-def cache_dir(cfg: Config, mparams: dict | None = None) -> Path:
-    mparams = mparams or model_params(cfg)
-    return Path(cfg.paths.cache) / "features" / f"{cfg.backbone.name}-{fingerprint(mparams)[:12]}"
-
-
-@dataclass
-class ShardTask:
-    """Everything a worker needs to compute one shard (picklable)."""
-    data_root: str
-    split_dir: str
-    file: str  # relative to split_dir
-    hash: str
-    items: list[Item]
-    attrs: dict = field(default_factory=dict)
-
-    @property
-    def path(self) -> Path:
-        return Path(self.split_dir) / self.file
-
-
-@dataclass
-class SplitPlan:
-    split: str
-    split_dir: Path
-    items: list[Item]
-    problems: list[str]
-    digest: str
-    fingerprint: str
-    tasks: list[ShardTask]
-
-    def pending(self) -> list[ShardTask]:
-        return [t for t in self.tasks if not t.path.exists()]
-
-
-def _hasher(cfg: Config) -> FileHasher:
-    return FileHasher(Path(cfg.paths.cache) / ".file_hashes.json")
-
-
-def plan_split(cfg: Config, split: str, mparams: dict | None = None,
-               hasher: FileHasher | None = None) -> SplitPlan:
-    mparams = mparams or model_params(cfg)
-    hasher = hasher or _hasher(cfg)
-    root = Path(cfg.data.root)
-    items, problems = list_items(root, cfg.data.layout, split)
-    model_key = fingerprint(mparams)
-    ids = [(it.image, hasher.digest(root / it.image), it.mask, hasher.digest(root / it.mask))
-           for it in items]
-    digest = hashlib.sha256(json.dumps([ids, problems]).encode()).hexdigest()[:16]
-    split_dir = cache_dir(cfg, mparams) / split
-    tasks = []
-    by_cat: dict[str, list[int]] = {}
-    for i, it in enumerate(items):
-        by_cat.setdefault(it.category, []).append(i)
-    for cat, idx in by_cat.items():
-        for k in range(0, len(idx), SHARD_SIZE):
-            chunk = idx[k:k + SHARD_SIZE]
-            h = hashlib.sha256(json.dumps([model_key, [ids[i] for i in chunk]]).encode()).hexdigest()[:16]
-            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in cat)
-            tasks.append(ShardTask(str(root), str(split_dir), f"shards/{safe}-{k // SHARD_SIZE:04d}-{h}.h5",
-                                   h, [items[i] for i in chunk],
-                                   {"model_key": model_key, "split": split, "shard_hash": h,
-                                    "format": FORMAT_VERSION}))
-    return SplitPlan(split, split_dir, items, problems, digest,
-                     fingerprint({"model": model_key, "data": digest}), tasks)
 
 
 def selected_splits(cfg: Config, splits: Iterable[str] = ()) -> list[str]:
@@ -119,52 +42,23 @@ def selected_splits(cfg: Config, splits: Iterable[str] = ()) -> list[str]:
     return splits or list_splits(cfg.data.root, cfg.data.layout)
 
 
-def split_params(cfg: Config, split: str, mparams: dict, plan: SplitPlan) -> dict:
-    return {**{k: v for k, v in mparams.items() if k != "format"}, f"data[{split}]": plan.digest}
-
-
 # ----------------------------------------------------------------------------- the engine
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CacheError(f"device {name!r} requested but CUDA is not available; use device = \"auto\" or \"cpu\"")
-    return dev
-
-
-def effective_precision(cfg: Config) -> str:
-    """extract.precision with "auto" resolved (bf16 on CUDA, fp32 on CPU): the cache key
-    records what was computed, so a CPU cache is not taken for a GPU one."""
-    if cfg.extract.precision != "auto":
-        return cfg.extract.precision
-    dev = cfg.extract.device
-    on_cuda = dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())
-    return "bf16" if on_cuda else "fp32"
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
 
 @dataclass
 class Decoded:
     item: Item
-    image: np.ndarray | None = None  # original, uint8 (H, W, 3)
-    mask: np.ndarray | None = None
+    loaded: LoadedItem | None = None
     box: Box | None = None
     error: str | None = None
 
 
 def decode(data_root: str, item: Item, patch: int, fit: str) -> Decoded:
     try:
-        image, mask = load_pair(data_root, item)
+        loaded = load_item(data_root, item)
     except DataError as e:
         return Decoded(item, error=str(e))
-    return Decoded(item, image, mask, fit_box(image.shape[0], image.shape[1], patch, fit))
+    h, w = loaded.image.shape[:2]
+    return Decoded(item, loaded, fit_box(h, w, patch, fit))
 
 
 class Extractor:
@@ -177,7 +71,8 @@ class Extractor:
         self.patch = self.backbone.spec.patch_size
         self.fit = cfg.extract.fit
         self.batch_size = cfg.extract.batch_size
-        self.amp = autocast_dtype(effective_precision(cfg), self.device)
+        self.amp = autocast_dtype(resolve_precision(cfg.extract.precision, cfg.extract.device),
+                                  self.device)
         self.out_dtype = np.dtype(cfg.extract.feature_dtype)
         self.model = self.backbone
         self.cpu_threads = max(1, torch.get_num_threads())
@@ -243,13 +138,14 @@ class Extractor:
         feats: list[np.ndarray | None] = [None] * len(good)
         pending: deque = deque()
         for chunk in same_size_batches([d.box for d in good], self.batch_size):
-            fetch = self._launch([to_canvas(good[i].image, good[i].box) for i in chunk])
+            fetch = self._launch([to_canvas(good[i].loaded.image, good[i].box) for i in chunk])
             pending.append((chunk, fetch))
             if len(pending) > 1:
                 self._collect(pending.popleft(), feats)
         while pending:
             self._collect(pending.popleft(), feats)
-        records = [ShardRecord(f, d.image, d.mask, d.item.category, d.item.stem, d.item.image, d.box)
+        records = [ShardRecord(f, d.loaded.encoded, d.loaded.mask, d.loaded.image.shape[:2],
+                               d.item.category, d.item.stem, d.item.image, d.box)
                    for f, d in zip(feats, good)]
         return records, errors
 
@@ -261,31 +157,37 @@ class Extractor:
             feats[i] = np.ascontiguousarray(out[j])
 
 
-def run_task(task: ShardTask, extractor: Extractor, decoded: Iterable[Decoded] | None = None) -> dict:
-    """Compute and atomically write one shard (idempotent: a complete shard is kept).
-    Returns {"file", "n", "errors", "bytes"}."""
-    if task.path.exists():
-        return shard_summary(task.path, task.file)
+def run_task(task: ShardTask, extractor: Extractor, decoded: Iterable[Decoded] | None = None) -> int:
+    """Compute and atomically write one shard with its receipt; returns its image count."""
     if decoded is None:
         decoded = [decode(task.data_root, it, extractor.patch, extractor.fit) for it in task.items]
     records, errors = extractor.shard_records(decoded)
-    attrs = {**task.attrs, "errors": json.dumps(errors)}
-    size = write_shard(task.path, records, attrs)
-    return {"file": task.file, "n": len(records), "errors": errors, "bytes": size}
+    write_shard(task, records, errors)
+    return len(records)
 
 
-def shard_summary(path: Path, file: str) -> dict:
-    with h5py.File(path, "r") as f:
-        return {"file": file, "n": int(f.attrs["n"]), "errors": json.loads(f.attrs["errors"]),
-                "bytes": path.stat().st_size}
+def extract_task(task: ShardTask, cfg: Config) -> int:
+    """One shard on a Dask worker: decode with threads, run the worker's backbone (loaded
+    once per worker process), write atomically. Idempotent: an intact shard is kept."""
+    entry = done_entry(task, None)
+    if entry is not None:
+        return len(entry.rows)
+    key = ("extract", tuple(sorted(feature_params(cfg).items())), cfg.extract.device,
+           cfg.extract.batch_size)
+    extractor = worker_cached(key, lambda: Extractor(cfg))
+    with ThreadPoolExecutor(max(1, cfg.extract.num_workers)) as pool:
+        decoded = list(pool.map(lambda it: decode(task.data_root, it, extractor.patch, extractor.fit),
+                                task.items))
+    return run_task(task, extractor, decoded)
 
 
 # ----------------------------------------------------------------------------- local streaming
 
 def stream_local(tasks: list[ShardTask], extractor: Extractor, workers: int,
-                 on_done: Callable[[dict, int], None], lookahead: int = 2) -> None:
+                 on_done: Callable[[int, int], None], lookahead: int = 2) -> None:
     """Run shard tasks in this process: images are decoded by a thread pool ahead of the
-    model (`lookahead` shards in flight), shards are written by a background thread."""
+    model (`lookahead` shards in flight), shards are written by a background thread.
+    `on_done(n_cached, n_items)` is called per shard written."""
     decode_pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="decode")
     write_pool = ThreadPoolExecutor(1, thread_name_prefix="write")
     window: deque[tuple[ShardTask, list[Future]]] = deque()
@@ -298,9 +200,9 @@ def stream_local(tasks: list[ShardTask], extractor: Extractor, workers: int,
             window.append((t, [decode_pool.submit(decode, t.data_root, it, extractor.patch, extractor.fit)
                                for it in t.items]))
 
-    def write(task: ShardTask, records: list[ShardRecord], errors: list[str]) -> dict:
-        size = write_shard(task.path, records, {**task.attrs, "errors": json.dumps(errors)})
-        return {"file": task.file, "n": len(records), "errors": errors, "bytes": size}
+    def write(task: ShardTask, records: list[ShardRecord], errors: list[str]) -> int:
+        write_shard(task, records, errors)
+        return len(records)
 
     try:
         for _ in range(lookahead):
@@ -336,84 +238,83 @@ class ExtractResult:
     up_to_date: bool = False
 
 
-def write_manifest(plan: SplitPlan, params: dict) -> dict:
-    shards = []
-    errors = list(plan.problems)
+def _assemble_manifest(plan: SplitPlan, hasher) -> Manifest:
+    """The split's manifest from its shards' receipts (each checked against its shard), written
+    atomically; shards of earlier plans are removed."""
+    entries = []
     for t in plan.tasks:
-        with h5py.File(t.path, "r") as f:
-            errs = json.loads(f.attrs["errors"])
-            items = []
-            for i in range(int(f.attrs["n"])):
-                g = f[f"{i:05d}"]
-                items.append([str(g.attrs["category"]), str(g.attrs["stem"]), str(g.attrs["source"]),
-                              *map(int, g.attrs["orig_size"]), *map(int, g.attrs["box"])])
-        errors.extend(errs)
-        shards.append({"file": t.file, "hash": t.hash, "items": items})
-    manifest = {"format": FORMAT_VERSION, "split": plan.split, "fingerprint": plan.fingerprint,
-                "params": params, "n_images": sum(len(s["items"]) for s in shards),
-                "errors": errors, "shards": shards}
-    atomic_write_json(plan.split_dir / "manifest.json", manifest)
-    keep = {t.file for t in plan.tasks}
-    for old in (plan.split_dir / "shards").glob("*.h5"):
-        if f"shards/{old.name}" not in keep:
-            old.unlink()
+        entry = done_entry(t, hasher)
+        if entry is None:
+            raise StoreError(f"{t.path}: shard missing or damaged after extraction; rerun extract-features")
+        entries.append(entry)
+    manifest = Manifest(plan.split, plan.feature_key, plan.data_digest, tuple(plan.problems),
+                        tuple(entries))
+    atomic_write_json(manifest_path(plan.split_dir), manifest.to_json())
+    keep = {t.path.name for t in plan.tasks} | {t.receipt.name for t in plan.tasks}
+    shard_dir = plan.split_dir / "shards"
+    for old in [*shard_dir.glob("*.h5"), *shard_dir.glob("*.json")]:
+        if old.name not in keep:
+            old.unlink(missing_ok=True)
     return manifest
-
-
-def manifest_current(plan: SplitPlan) -> dict | None:
-    m = read_json(plan.split_dir / "manifest.json")
-    if m and m.get("fingerprint") == plan.fingerprint and all(t.path.exists() for t in plan.tasks):
-        return m
-    return None
 
 
 def run_extract(cfg: Config, splits: Iterable[str] = (), force: bool = False,
                 log: Callable[[str], None] = print, progress: bool = True,
                 executor: str | None = None) -> ExtractResult:
-    """Stage 1 for the given splits (all by default). Returns a summary; raises DataError,
-    CacheError or BackboneError for problems that stop the stage."""
+    """Stage 1 for the given splits (all by default): computes the shards that are missing
+    or damaged, and each split's manifest. Raises PipelineError subclasses for problems that
+    stop the stage."""
     t0 = time.perf_counter()
-    mparams = model_params(cfg)
-    hasher = _hasher(cfg)
-    splits = selected_splits(cfg, splits)
-    plans = [plan_split(cfg, s, mparams, hasher) for s in splits]
+    fparams = feature_params(cfg)
+    hasher = file_hasher(cfg)
+    plans = [plan_split(cfg, s, fparams, hasher) for s in selected_splits(cfg, splits)]
+    problems = {p.split: split_problems(p, hasher) for p in plans}
     hasher.save()
     result = ExtractResult()
-    todo = [p for p in plans if force or manifest_current(p) is None]
+    todo = [p for p in plans if force or problems[p.split]]
+    sdir = store_dir(cfg, fparams)
     if not todo:
         for p in plans:
-            _record_split(cfg, p, mparams)
-            result.errors.extend(manifest_current(p)["errors"])
+            m, _ = read_manifest(p.split_dir)
+            result.errors.extend(m.errors)
+        _record(cfg, plans, fparams)
         result.n_errors = len(result.errors)
         result.up_to_date = True
         return result
-    cdir = cache_dir(cfg, mparams)
-    with exclusive_lock(cdir / ".lock", f"feature cache {cdir}"):
-        atomic_write_json(cdir / "model.json", mparams)
+    with exclusive_lock(sdir / ".lock", f"feature store {sdir}"):
+        atomic_write_json(sdir / "features.json", fparams)
+        pending: list[ShardTask] = []
         for p in todo:
+            log(f"extract-features [{p.split}]: " + ("forced" if force else "; ".join(problems[p.split][:3])
+                + (f" (+{len(problems[p.split]) - 3} more)" if len(problems[p.split]) > 3 else "")))
             remove_temporaries(p.split_dir / "shards")
             if force:
-                for t in p.tasks:
+                manifest_path(p.split_dir).unlink(missing_ok=True)
+            for t in p.tasks:
+                if force or done_entry(t, hasher) is None:
                     t.path.unlink(missing_ok=True)
-                (p.split_dir / "manifest.json").unlink(missing_ok=True)
-        tasks = [t for p in todo for t in p.pending()]
-        n_total = sum(len(t.items) for t in tasks)
+                    t.receipt.unlink(missing_ok=True)
+                    pending.append(t)
+        n_total = sum(len(t.items) for t in pending)
         n_cached = sum(len(p.items) for p in todo) - n_total
         log(f"extract-features: {len(todo)} split(s), {n_total} images to extract"
             + (f", {n_cached} already cached" if n_cached else "")
-            + f" [{cfg.backbone.name}, cache {cdir}]")
-        if tasks:
-            _execute(cfg, tasks, n_total, result, progress, executor)
+            + f" [{cfg.backbone.name}, store {sdir}]")
+        if pending:
+            _execute(cfg, pending, n_total, result, progress, executor)
             for p in todo:  # temporaries of killed (e.g. distributed) writers
                 remove_temporaries(p.split_dir / "shards")
         for p in todo:
-            params = split_params(cfg, p.split, mparams, p)
-            manifest = write_manifest(p, params)
-            result.errors.extend(manifest["errors"])
-            _record_split(cfg, p, mparams)
+            result.errors.extend(_assemble_manifest(p, hasher).errors)
+        for p in plans:
+            if p not in todo:
+                m, _ = read_manifest(p.split_dir)
+                result.errors.extend(m.errors)
+        hasher.save()
+        _record(cfg, plans, fparams)
     result.n_errors = len(result.errors)
     result.seconds = time.perf_counter() - t0
-    result.cache_bytes = sum(f.stat().st_size for f in cdir.rglob("*.h5"))
+    result.cache_bytes = sum(f.stat().st_size for f in sdir.rglob("*.h5"))
     return result
 
 
@@ -424,58 +325,63 @@ def _execute(cfg: Config, tasks: list[ShardTask], n_total: int, result: ExtractR
                file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
     lock = threading.Lock()
 
-    def on_done(summary: dict, n_items: int) -> None:
+    def on_done(n_cached: int, n_items: int) -> None:
         with lock:
-            result.n_images += summary["n"]
+            result.n_images += n_cached
             bar.update(n_items)
 
     try:
         scheduler = executor if executor is not None else cfg.dask.scheduler
         if scheduler:
-            from .distributed import run_extract_tasks
-            run_extract_tasks(cfg, tasks, scheduler, on_done)
+            wcfg = portable_config(cfg)
+            tasks = [dataclasses.replace(t, data_root=str(Path(t.data_root).resolve()),
+                                         split_dir=str(Path(t.split_dir).resolve())) for t in tasks]
+            sizes = {t.hash: len(t.items) for t in tasks}
+            for h, n in run_tasks(scheduler, _dask_extract, ((f"extract-{t.hash}", (t, wcfg)) for t in tasks)):
+                on_done(n, sizes[h])
         else:
-            extractor = Extractor(cfg)
-            stream_local(tasks, extractor, cfg.extract.num_workers, on_done)
+            stream_local(tasks, Extractor(cfg), cfg.extract.num_workers, on_done)
     finally:
         bar.close()
 
 
-def _record_split(cfg: Config, plan: SplitPlan, mparams: dict) -> None:
-    """Merge this split's parameters into the stage record (one record covers all splits)."""
-    rec = load_record(cfg, STAGE) or {"params": {}}
-    params = {**rec["params"], **split_params(cfg, plan.split, mparams, plan)}
-    if rec.get("params") != params or rec.get("fingerprint") is None:
-        save_record(cfg, STAGE, params)
+def _dask_extract(task: ShardTask, cfg: Config) -> tuple[str, int]:
+    return task.hash, extract_task(task, cfg)
+
+
+def _state(cfg: Config, plans: list[SplitPlan], fparams: dict, outs_problem: str = "") -> StageState:
+    """Stage 1's state for these splits; the record's other splits are carried along."""
+    rec = load_record(cfg.run_dir, STAGE)
+    deps = {k: v for k, v in (rec or {}).get("deps", {}).items()}
+    deps.update({f"data[{p.split}]": p.data_digest for p in plans})
+    return StageState(STAGE, deps, dict(fparams), outs_problem)
+
+
+def _record(cfg: Config, plans: list[SplitPlan], fparams: dict) -> None:
+    state = _state(cfg, plans, fparams)
+    rec = load_record(cfg.run_dir, STAGE)
+    if rec is None or rec["fingerprint"] != state.fingerprint:
+        save_record(cfg.run_dir, state)
 
 
 def status(cfg: Config, splits: Iterable[str] = ()) -> StageStatus:
-    mparams = model_params(cfg)
-    hasher = _hasher(cfg)
+    """Stage 1's status for the given splits (all by default): up to date when every split's
+    store is current and intact, whichever run wrote it."""
+    fparams = feature_params(cfg)
+    hasher = file_hasher(cfg)
     try:
-        plans = [plan_split(cfg, s, mparams, hasher) for s in selected_splits(cfg, splits)]
+        plans = [plan_split(cfg, s, fparams, hasher) for s in selected_splits(cfg, splits)]
     except DataError as e:
         return StageStatus(STAGE, "stale", f"dataset problem: {e}")
+    problems = [f"{p.split}: {why}" for p in plans for why in split_problems(p, hasher)]
     hasher.save()
-    if all(manifest_current(p) is not None for p in plans):
+    if not problems:
         return StageStatus(STAGE, "up-to-date")
-    rec = load_record(cfg, STAGE)
-    if rec is None:
-        return StageStatus(STAGE, "missing")
-    params: dict = {}
-    for p in plans:
-        params.update(split_params(cfg, p.split, mparams, p))
-    # compare the model keys and only the splits asked for
-    old = {k: v for k, v in rec["params"].items() if not k.startswith("data[") or k in params}
-    changes = diff_params(old, params)
-    return StageStatus(STAGE, "stale", "; ".join(changes) or "cache files missing or incomplete")
-
-
-def open_split(cfg: Config, split: str) -> FeatureCache:
-    """The complete, current cache of a split for the later stages; CacheError (naming the
-    command to run) if it is missing or out of date."""
-    plan = plan_split(cfg, split)
-    if manifest_current(plan) is None:
-        raise CacheError(f"no up-to-date feature cache for split '{split}': run "
-                         f"`python cli.py extract-features --split {split}` first")
-    return FeatureCache(plan.split_dir)
+    rec = load_record(cfg.run_dir, STAGE)
+    if rec is not None and rec["params"].get("format") != FORMAT_VERSION:
+        return StageStatus(STAGE, "stale", f"cache format {rec['params'].get('format', 2)} -> "
+                                           f"{FORMAT_VERSION} (stored images are now compact)")
+    st = judge(cfg.run_dir, _state(cfg, plans, fparams, "; ".join(problems[:3])))
+    if st.up_to_date:  # the record matches, yet the store is not intact
+        return StageStatus(STAGE, "stale", "; ".join(problems[:3]))
+    return st

@@ -2,14 +2,24 @@
 that turns patch-level predictions into a full-resolution mask, guided by the image."""
 from __future__ import annotations
 
+import io
 import math
+import pickle
+import zipfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import Config
+from .errors import ModelError
+from .fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
 from .pac import PacConv2d
+from .stages import diff_params, fingerprint
+from .store import feature_params
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -141,3 +151,131 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int], mode: str) -> t
     if mode == "nearest":
         return F.interpolate(logits, size=size, mode="nearest")
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+# ----------------------------------------------------------------------------- model files
+
+HEAD_FILE = "linear_head.pt"
+UPSAMPLER_FILE = "pac_upsampler.pt"
+CARD_FILE = "models.json"  # written last: names the files with their sha256
+TRAIN_IGNORED = {"train.device"}  # config keys that do not change the trained models
+
+
+def training_params(cfg: Config) -> dict[str, Any]:
+    """Every setting that trained models depend on besides their input features: the feature
+    settings (so a consumer can tell whether its backbone matches), the training and
+    upsampler keys, and the splits. Recorded in the model card, compared by consumers."""
+    params: dict[str, Any] = {k: v for k, v in feature_params(cfg).items() if k != "format"}
+    for section in ("train", "upsampler"):
+        for k, v in getattr(cfg, section).__dict__.items():
+            if f"{section}.{k}" not in TRAIN_IGNORED:
+                params[f"{section}.{k}"] = v
+    params["data.train_split"] = cfg.data.train_split
+    params["data.val_split"] = cfg.data.val_split
+    return params
+
+
+@dataclass
+class TrainedModels:
+    """Stage 2's output as its consumers see it: the heads, their settings and fingerprint."""
+    head: LinearHead
+    upsampler: PacUpsampler
+    patch_size: int
+    fingerprint: str  # of the model files' content
+    params: dict[str, Any]  # training_params() at training time
+    deps: dict[str, Any]  # the stored splits trained on (content fingerprints)
+
+    def mismatch(self, cfg: Config) -> list[str]:
+        """How the current config's training settings differ from these models' ([] = none)."""
+        return diff_params(self.params, training_params(cfg))
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def save_models(model_dir: Path, head: LinearHead, up: PacUpsampler, params: dict,
+                deps: dict, patch_size: int) -> str:
+    """Write the model files, then the card that lists their checksums (so a reader never
+    sees a half-written set). Returns the models' content fingerprint."""
+    files = {HEAD_FILE: _torch_bytes({"state_dict": head.state_dict()}),
+             UPSAMPLER_FILE: _torch_bytes({"state_dict": up.state_dict()})}
+    for name, data in files.items():
+        atomic_write_bytes(model_dir / name, data)
+    listing = {name: {"bytes": len(data), "sha256": sha256_bytes(data)} for name, data in files.items()}
+    fp = fingerprint(listing)
+    atomic_write_json(model_dir / CARD_FILE, {
+        "fingerprint": fp, "files": listing, "params": params, "deps": deps,
+        "head": {"in_channels": head.conv.in_channels, "patch_size": patch_size},
+        "upsampler": up.spec.to_dict()})
+    return fp
+
+
+def _read_card(model_dir: Path) -> tuple[dict | None, str]:
+    card = read_json(model_dir / CARD_FILE)
+    if card is None:
+        return None, ("no trained models" if not (model_dir / CARD_FILE).exists()
+                      else f"{model_dir / CARD_FILE} damaged")
+    try:
+        files = card["files"]
+        ok = (isinstance(card["params"], dict) and isinstance(card["deps"], dict)
+              and set(files) == {HEAD_FILE, UPSAMPLER_FILE}
+              and fingerprint(files) == card["fingerprint"])
+    except (KeyError, TypeError):
+        ok = False
+    return (card, "") if ok else (None, f"{model_dir / CARD_FILE} damaged")
+
+
+def _verified_bytes(model_dir: Path, card: dict, name: str) -> tuple[bytes | None, str]:
+    try:
+        data = (model_dir / name).read_bytes()
+    except FileNotFoundError:
+        return None, f"{model_dir / name} missing"
+    if len(data) != card["files"][name]["bytes"] or sha256_bytes(data) != card["files"][name]["sha256"]:
+        return None, f"{model_dir / name} damaged (fails its checksum)"
+    return data, ""
+
+
+def models_fingerprint(model_dir: Path) -> tuple[str | None, str]:
+    """(content fingerprint, "") of intact trained models, or (None, why not)."""
+    card, why = _read_card(model_dir)
+    if card is None:
+        return None, why
+    for name in (HEAD_FILE, UPSAMPLER_FILE):
+        _, why = _verified_bytes(model_dir, card, name)
+        if why:
+            return None, why
+    return card["fingerprint"], ""
+
+
+def load_models(model_dir: Path, device: torch.device | str = "cpu") -> TrainedModels:
+    """The trained models in `model_dir`, verified against their card and read without
+    unpickling; ModelError naming `train-head` when they are absent or damaged."""
+    model_dir = Path(model_dir)
+    repair = "run `python cli.py train-head`"
+    card, why = _read_card(model_dir)
+    if card is None:
+        raise ModelError(f"{why} in {model_dir}: {repair}" if why == "no trained models"
+                         else f"{why}: {repair}")
+    states = {}
+    for name in (HEAD_FILE, UPSAMPLER_FILE):
+        data, why = _verified_bytes(model_dir, card, name)
+        if data is None:
+            raise ModelError(f"{why}: {repair}")
+        try:
+            states[name] = torch.load(io.BytesIO(data), map_location=device, weights_only=True)["state_dict"]
+        except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, KeyError,
+                TypeError) as e:
+            raise ModelError(f"{model_dir / name}: not a model file ({type(e).__name__}): {repair}") from None
+    try:
+        head = LinearHead(int(card["head"]["in_channels"]))
+        head.load_state_dict(states[HEAD_FILE])
+        up = PacUpsampler(UpsamplerSpec(**card["upsampler"]))
+        up.load_state_dict(states[UPSAMPLER_FILE])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ModelError(f"{model_dir}: models do not match their card ({type(e).__name__}): {repair}") from None
+    return TrainedModels(head.to(device).eval(), up.to(device).eval(),
+                         int(card["head"]["patch_size"]), card["fingerprint"], card["params"],
+                         card["deps"])

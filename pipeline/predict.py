@@ -1,7 +1,10 @@
-"""Stage 3: masks for a split from the cache and the trained models (no backbone), and the
-IoU report of the three variants (linear head upsampled nearest / bilinear, PAC upsampler).
+"""Stage 3: masks for a split from the feature store and the trained models (no backbone, no
+images on disk), and the IoU report of the three variants (linear head upsampled nearest /
+bilinear, PAC upsampler) over the annotated images.
 
-Work is done per cache shard: the shard's masks are written, then a small JSON "unit" with
+The models must match the current training settings (else a one-line error naming
+train-head); the stage is up to date while the models' and the split's content fingerprints
+and its own settings are unchanged. Work is done per store shard: the shard's masks are written, then a small JSON "unit" with
 its per-image statistics is written atomically. A killed run resumes at the first shard
 without a current unit; the report is assembled from the units at the end.
 """
@@ -19,41 +22,83 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cache import FeatureCache, atomic_write_bytes, atomic_write_json, read_json
 from .config import Config
 from .data import from_canvas, same_size_batches, to_canvas
-from .extract import model_params, open_split, plan_split, resolve_device, split_params
+from .devices import resolve_device
+from .errors import ModelError, StoreError
+from .executors import portable_config, run_tasks, worker_cached
+from .fsutil import atomic_write_bytes, atomic_write_json, exclusive_lock, file_lock, read_json
 from .metrics import ImageStats, image_stats, summarize
-from .models import upsample_logits
-from .stages import StageStatus, fingerprint, judge, save_record
-from .train import TrainedModels, load_models, stage_params as train_params
+from .report import Thumb, write_reports
+from .models import TrainedModels, load_models, models_fingerprint, upsample_logits
+from .stages import StageState, StageStatus, judge, save_record
+from .store import FeatureStore, split_fingerprint
 
 VARIANTS = ("linear_nearest", "linear_bilinear", "pac")
+PARAMS = ("predict.threshold", "predict.thumbnails")  # what the report depends on besides inputs
 
 
 def stage_name(split: str) -> str:
     return f"predict[{split}]"
 
 
-def stage_params(cfg: Config, split: str) -> dict:
-    mparams = model_params(cfg)
-    params = train_params(cfg)
-    params.update(split_params(cfg, split, mparams, plan_split(cfg, split, mparams)))
-    params["predict.threshold"] = cfg.predict.threshold
-    params["predict.thumbnails"] = cfg.predict.thumbnails
-    return params
+def model_dir(cfg: Config) -> Path:
+    return cfg.run_dir / "models"
 
 
 def report_path(cfg: Config, split: str) -> Path:
     return cfg.run_dir / f"report_{split}.json"
 
 
+def stage_state(cfg: Config, split: str, models_fp: str | None = None,
+                features_fp: str | None = None) -> StageState:
+    """Stage 3 depends on the trained models and the stored split (content fingerprints)
+    and on its own settings; its output is the report (and the masks)."""
+    if models_fp is None:
+        models_fp, _ = models_fingerprint(model_dir(cfg))
+    if features_fp is None:
+        features_fp = split_fingerprint(cfg, split)
+    outs = "" if report_path(cfg, split).is_file() else "report missing"
+    return StageState(stage_name(split), {"models": models_fp, f"features[{split}]": features_fp},
+                      {k: cfg.get(k) for k in PARAMS}, outs,
+                      {"models": "python cli.py train-head",
+                       f"features[{split}]": f"python cli.py extract-features --split {split}"})
+
+
 def status(cfg: Config, split: str) -> StageStatus:
-    try:
-        params = stage_params(cfg, split)
-    except Exception as e:
-        return StageStatus(stage_name(split), "stale", f"inputs unavailable: {str(e).splitlines()[0]}")
-    return judge(cfg, stage_name(split), params, report_path(cfg, split).is_file())
+    state = stage_state(cfg, split)
+    st = judge(cfg.run_dir, state)
+    if state.deps["models"] is not None:  # intact models: do they match the config?
+        why = _models_mismatch(cfg, load_models(model_dir(cfg)))
+        if why:
+            tail = f"; {st.why}" if st.why and not st.up_to_date else ""
+            return StageStatus(st.stage, "stale", f"waits for train-head ({why}){tail}")
+    return st
+
+
+def _models_mismatch(cfg: Config, models: TrainedModels) -> str:
+    """Why `models` are not the ones the current config asks for ("" when they are): other
+    training settings, or trained on a stored split that has since changed."""
+    diff = models.mismatch(cfg)
+    if diff:
+        return "; ".join(diff[:4]) + (f" (+{len(diff) - 4} more)" if len(diff) > 4 else "")
+    for dep, fp in models.deps.items():
+        split = dep[len("features["):-1]
+        now = split_fingerprint(cfg, split)
+        if now is not None and now != fp:
+            return f"features[{split}] changed since training"
+    return ""
+
+
+def checked_models(cfg: Config, device: torch.device | str = "cpu") -> TrainedModels:
+    """The run's trained models, verified, and refused (ModelError naming train-head) when
+    they were trained with other settings than the current config's."""
+    models = load_models(model_dir(cfg), device)
+    why = _models_mismatch(cfg, models)
+    if why:
+        raise ModelError(f"the models in {model_dir(cfg)} were trained with other settings ({why}): "
+                         "run `python cli.py train-head` first")
+    return models
 
 
 # ----------------------------------------------------------------------------- the work unit
@@ -87,23 +132,45 @@ class Predictor:
                 for j, it in enumerate(items)]
 
 
-def predict_shard(cache: FeatureCache, shard: int, predictor: Predictor, pred_dir: Path,
+def predict_shard(store: FeatureStore, shard: int, predictor: Predictor, pred_dir: Path,
                   batch_size: int = 8) -> dict:
-    """Masks of one shard written as PNG; returns the unit {"items": [...]} of statistics.
-    Images are batched by canvas size, in item order."""
-    metas = [m for m in cache.items if m.shard == shard]
+    """Masks of one shard written as PNG; returns the unit {"items": [...]} of statistics
+    (None for an image without annotation). Images are batched by canvas size, in order."""
+    metas = [m for m in store.items if m.shard == shard]
     rows: dict[int, dict] = {}
     for batch in same_size_batches([m.box for m in metas], batch_size):
-        items = [cache.read(metas[i].index) for i in batch]
+        items = [store.read(metas[i].index) for i in batch]
         for item, masks in zip(items, predictor.batch_masks(items)):
             meta = item.meta
             atomic_write_bytes(pred_dir / meta.category / f"{meta.stem}.png",
                                _png_bytes(masks["pac"]))
-            rows[meta.index] = {
-                "category": meta.category, "stem": meta.stem, "index": meta.index,
-                "stats": {v: image_stats(masks[v], item.mask, meta.category, meta.stem).to_dict()
-                          for v in VARIANTS}}
+            stats = None
+            if item.mask is not None:
+                stats = {v: image_stats(masks[v], item.mask, meta.category, meta.stem).to_dict()
+                         for v in VARIANTS}
+            rows[meta.index] = {"category": meta.category, "stem": meta.stem, "index": meta.index,
+                                "stats": stats}
     return {"items": [rows[m.index] for m in metas]}
+
+
+def predict_task(cfg: Config, split_dir: str, fingerprint: str, shard: int, pred_dir: str,
+                 models_fp: str) -> tuple[int, dict]:
+    """One shard on a Dask worker; the worker keeps the store and models it opened, keyed by
+    their content fingerprints (a re-extracted split or retrained models are reopened)."""
+    store = worker_cached(("store", split_dir, fingerprint), lambda: FeatureStore(split_dir))
+    if store.fingerprint != fingerprint:
+        raise StoreError(f"{split_dir}: the stored split changed during prediction; rerun predict")
+
+    def make_predictor() -> Predictor:
+        device = resolve_device(cfg.predict.device)
+        models = load_models(model_dir(cfg), device)
+        if models.fingerprint != models_fp:
+            raise ModelError(f"{model_dir(cfg)}: the models changed during prediction; rerun predict")
+        return Predictor(models, device, cfg.predict.threshold)
+
+    predictor = worker_cached(("predictor", models_fp, cfg.predict.device, cfg.predict.threshold),
+                              make_predictor)
+    return shard, predict_shard(store, shard, predictor, Path(pred_dir), cfg.predict.batch_size)
 
 
 def _png_bytes(mask: np.ndarray) -> bytes:
@@ -118,7 +185,8 @@ def _png_bytes(mask: np.ndarray) -> bytes:
 @dataclass
 class PredictResult:
     up_to_date: bool = False
-    n_images: int = 0
+    n_images: int = 0  # scored (annotated)
+    n_predicted: int = 0
     seconds: float = 0.0
     predictions_dir: Path | None = None
     report_json: Path | None = None
@@ -127,51 +195,63 @@ class PredictResult:
 
 def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str], None] = print,
                 progress: bool = True, executor: str | None = None) -> PredictResult:
+    """Stage 3 for a split: needs the stored split and the run's models, never the images."""
     t0 = time.perf_counter()
-    cache = open_split(cfg, split)
-    params = stage_params(cfg, split)
-    name = stage_name(split)
-    rpath = report_path(cfg, split)
-    if not force and judge(cfg, name, params, rpath.is_file()).state == "up-to-date":
-        return PredictResult(up_to_date=True, report_json=rpath, predictions_dir=pred_dir_of(cfg, split))
-    device = resolve_device(cfg.predict.device)
-    models = load_models(cfg, device)
-    fp = fingerprint(params)
-    udir = cfg.run_dir / "stages" / f"predict_{split}_units"
-    pdir = pred_dir_of(cfg, split)
-    hashes = [s["hash"] for s in cache.manifest["shards"]]
-    units: dict[int, dict] = {}
-    for si, h in enumerate(hashes):
-        u = None if force else read_json(udir / f"{h}.json")
-        if u and u.get("fingerprint") == fp:
-            units[si] = u
-    todo = [si for si in range(len(hashes)) if si not in units]
-    if todo:
-        from tqdm import tqdm
-        n_todo = sum(1 for m in cache.items if m.shard in set(todo))
-        bar = tqdm(total=n_todo, unit="img", desc=f"predict {split}",
-                   disable=not (progress and sys.stderr.isatty()), file=sys.stderr)
-        scheduler = executor if executor is not None else cfg.dask.scheduler
-        if scheduler:
-            from .distributed import run_predict_shards
-            results = run_predict_shards(cfg, cache, todo, pdir, scheduler)
-        else:
-            predictor = Predictor(models, device, cfg.predict.threshold)
-            results = ((si, predict_shard(cache, si, predictor, pdir, cfg.predict.batch_size))
-                       for si in todo)
-        for si, unit in results:
-            unit["fingerprint"] = fp
-            atomic_write_json(udir / f"{hashes[si]}.json", unit)
-            units[si] = unit
-            bar.update(len(unit["items"]))
-        bar.close()
-    rows = [r for si in range(len(hashes)) for r in units[si]["items"]]
-    report = build_report(cfg, split, rows)
-    atomic_write_json(rpath, report)
-    _write_human_reports(cfg, split, report, rows, cache)
-    save_record(cfg, name, params)
-    res = PredictResult(n_images=len(rows), seconds=time.perf_counter() - t0, predictions_dir=pdir,
-                        report_json=rpath)
+    store = FeatureStore.open(cfg, split)
+    mdir = model_dir(cfg)
+    # shared: several splits may predict at once; train-head holds it exclusively
+    with file_lock(mdir / ".lock", f"the models of run '{cfg.run.name}' (train-head is running)",
+                   shared=True), \
+            exclusive_lock(cfg.run_dir / f".predict-{split}.lock", f"predict [{split}] of run '{cfg.run.name}'"):
+        device = resolve_device(cfg.predict.device)
+        models = checked_models(cfg, device)
+        state = stage_state(cfg, split, models.fingerprint, store.fingerprint)
+        name = stage_name(split)
+        rpath = report_path(cfg, split)
+        st = judge(cfg.run_dir, state)
+        if not force and st.up_to_date:
+            return PredictResult(up_to_date=True, report_json=rpath, predictions_dir=pred_dir_of(cfg, split))
+        log(f"predict [{split}]: {'forced' if force else st.why or st.state}")
+        fp = state.fingerprint
+        udir = cfg.run_dir / "stages" / f"predict_{split}_units"
+        pdir = pred_dir_of(cfg, split)
+        hashes = [s.hash for s in store.manifest.shards]
+        units: dict[int, dict] = {}
+        for si, h in enumerate(hashes):
+            u = None if force else read_json(udir / f"{h}.json")
+            if isinstance(u, dict) and u.get("fingerprint") == fp and isinstance(u.get("items"), list):
+                units[si] = u
+        todo = [si for si in range(len(hashes)) if si not in units]
+        if todo:
+            from tqdm import tqdm
+            todo_set = set(todo)
+            n_todo = sum(1 for m in store.items if m.shard in todo_set)
+            bar = tqdm(total=n_todo, unit="img", desc=f"predict {split}",
+                       disable=not (progress and sys.stderr.isatty()), file=sys.stderr)
+            scheduler = executor if executor is not None else cfg.dask.scheduler
+            if scheduler:
+                wcfg = portable_config(cfg)
+                sdir = str(store.split_dir.resolve())
+                results = run_tasks(scheduler, predict_task, (
+                    (f"predict-{fp}-{si}", (wcfg, sdir, store.fingerprint, si, str(pdir.resolve()),
+                                            models.fingerprint)) for si in todo))
+            else:
+                predictor = Predictor(models, device, cfg.predict.threshold)
+                results = ((si, predict_shard(store, si, predictor, pdir, cfg.predict.batch_size))
+                           for si in todo)
+            for si, unit in results:
+                unit["fingerprint"] = fp
+                atomic_write_json(udir / f"{hashes[si]}.json", unit)
+                units[si] = unit
+                bar.update(len(unit["items"]))
+            bar.close()
+        rows = [r for si in range(len(hashes)) for r in units[si]["items"]]
+        report = build_report(cfg, split, rows)
+        atomic_write_json(rpath, report)
+        _write_human_reports(cfg, split, report, rows, store)
+        save_record(cfg.run_dir, stage_state(cfg, split, models.fingerprint, store.fingerprint))
+    res = PredictResult(n_images=report["n_images"], n_predicted=report["n_predicted"],
+                        seconds=time.perf_counter() - t0, predictions_dir=pdir, report_json=rpath)
     res.headline = headline(report)
     return res
 
@@ -181,28 +261,37 @@ def pred_dir_of(cfg: Config, split: str) -> Path:
 
 
 def build_report(cfg: Config, split: str, rows: list[dict]) -> dict:
+    """The report of a split: metrics of the annotated images (`n_images`), and how many
+    masks were written (`n_predicted`)."""
     if not rows:
-        raise ValueError(f"split '{split}' has no usable images to evaluate")
+        raise StoreError(f"split '{split}' holds no usable image: nothing to predict")
+    scored = [r for r in rows if r["stats"] is not None]
     variants = {}
     for v in VARIANTS:
-        stats = [ImageStats.from_dict(r["stats"][v]) for r in rows]
-        variants[v] = summarize(stats)
-    return {"split": split, "n_images": len(rows),
+        if scored:
+            variants[v] = summarize([ImageStats.from_dict(r["stats"][v]) for r in scored])
+        else:
+            variants[v] = {"overall": None, "per_category": {}}
+    return {"split": split, "n_images": len(scored), "n_predicted": len(rows),
             "backbone": {"name": cfg.backbone.name, "weights": cfg.backbone.weights},
             "run": cfg.run.name, "variants": variants}
 
 
 def headline(report: dict) -> list[str]:
+    if report["n_images"] == 0:
+        return [f"no annotated image among the {report['n_predicted']}: masks written, nothing scored"]
     out = []
     for v in VARIANTS:
         m = report["variants"][v]["overall"]
         out.append(f"{v:<16} mIoU {m['miou']:.3f}  J {m['j_mean']:.3f}  F {m['boundary_f']:.3f}")
+    if report["n_images"] < report["n_predicted"]:
+        out.append(f"scored {report['n_images']} annotated of {report['n_predicted']} images")
     return out
 
 
 def _write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict],
-                         cache: FeatureCache) -> None:
-    from .report import Thumb, write_reports
+                         store: FeatureStore) -> None:
+    rows = [r for r in rows if r["stats"] is not None]
     per_image = [{"category": r["category"], "stem": r["stem"],
                   "j": {v: r["stats"][v]["j"] for v in VARIANTS},
                   "f": {v: r["stats"][v]["f"] for v in VARIANTS}} for r in rows]
@@ -213,7 +302,7 @@ def _write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict]
     pdir = pred_dir_of(cfg, split)
 
     def thumb(r: dict) -> Thumb:
-        item = cache.read(r["index"])
+        item = store.read(r["index"])
         pred = np.asarray(Image.open(pdir / r["category"] / f"{r['stem']}.png")) > 127
         s = r["stats"]["pac"]
         return Thumb(r["category"], r["stem"], s["j"], s["f"], item.image, item.mask, pred)
@@ -221,6 +310,10 @@ def _write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict]
     history = []
     mfile = cfg.run_dir / "metrics.jsonl"
     if mfile.is_file():
-        history = [json.loads(line) for line in mfile.read_text().splitlines() if line.strip()]
+        for line in mfile.read_text().splitlines():
+            try:
+                history.append(json.loads(line))
+            except ValueError:  # the training curves are decoration: a damaged line is dropped
+                continue
     write_reports(cfg.run_dir, split, report, per_image, [thumb(r) for r in best],
                   [thumb(r) for r in worst], history)

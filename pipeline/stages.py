@@ -1,60 +1,43 @@
-"""Stage bookkeeping in the style of `dvc status`: each stage declares the parameters that
-determine its result (config keys and input digests), a stable fingerprint of them decides
-"up to date", and the difference to the last completed run's record says why a stage is stale.
+"""Whether a stage is up to date, in the style of `dvc status`: one mechanism for all stages.
 
-Records live in `<outputs>/<run>/stages/<stage>.json` and are written atomically after the
-stage's outputs are complete.
+A stage declares its dependencies (the content fingerprints of the upstream outputs it reads:
+a stored split, the trained models) and its parameters (its config keys, with derived values
+such as a weights file's sha256). A stable fingerprint of both is recorded in
+`<outputs>/<run>/stages/<stage>.json` once the stage's outputs are complete; the stage is
+up to date while the fingerprint is unchanged and its outputs are intact, and the difference
+to the record says why it is not.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cache import atomic_write_json, read_json
-from .config import Config
+from .fsutil import atomic_write_json, canonical_json, read_json
 
 
-def fingerprint(params: dict[str, Any]) -> str:
-    """A stable short hash of a flat parameter dict."""
-    blob = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def fingerprint(obj: Any) -> str:
+    """A stable short hash of JSON-able data."""
+    return hashlib.sha256(canonical_json(obj)).hexdigest()[:16]
 
 
-def record_path(cfg: Config, stage: str) -> Path:
-    return cfg.run_dir / "stages" / f"{stage}.json"
+@dataclass
+class StageState:
+    """What a stage's result depends on now."""
+    name: str
+    deps: dict[str, str | None]  # upstream output fingerprints; None: absent or damaged
+    params: dict[str, Any]
+    outs_problem: str = ""  # why the stage's own outputs are not intact ("": they are)
+    upstream: dict[str, str] = field(default_factory=dict)  # dep -> command that makes it
 
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint({"deps": self.deps, "params": self.params})
 
-def load_record(cfg: Config, stage: str) -> dict | None:
-    return read_json(record_path(cfg, stage))
-
-
-def save_record(cfg: Config, stage: str, params: dict[str, Any], **extra: Any) -> None:
-    atomic_write_json(record_path(cfg, stage),
-                      {"stage": stage, "fingerprint": fingerprint(params), "params": params, **extra})
-
-
-def _show(v: Any) -> str:
-    s = json.dumps(v, default=str)
-    return s if len(s) <= 40 else s[:37] + "..."
-
-
-def diff_params(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two parameter dicts, in key order."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        if key not in old:
-            out.append(f"{key} is new")
-        elif key not in new:
-            out.append(f"{key} dropped")
-        elif old[key] != new[key]:
-            if key.startswith(("data[", "cache[", "model")):
-                out.append(f"{key} changed")
-            else:
-                out.append(f"{key}: {_show(old[key])} -> {_show(new[key])}")
-    return out
+    def missing_deps(self) -> list[str]:
+        return [k for k, v in self.deps.items() if v is None]
 
 
 @dataclass
@@ -63,21 +46,74 @@ class StageStatus:
     state: str  # "up-to-date" | "stale" | "missing"
     why: str = ""
 
+    @property
+    def up_to_date(self) -> bool:
+        return self.state == "up-to-date"
+
     def line(self) -> str:
         tail = f" ({self.why})" if self.why else ""
         return f"{self.stage}: {self.state}{tail}"
 
 
-def judge(cfg: Config, stage: str, params: dict[str, Any], outputs_ok: bool,
-          missing_why: str = "") -> StageStatus:
-    """Compare current `params` with the stage's record; `outputs_ok` says whether its
-    outputs are still on disk."""
-    rec = load_record(cfg, stage)
+def record_path(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / "stages" / f"{stage}.json"
+
+
+def load_record(run_dir: Path, stage: str) -> dict | None:
+    """The stage's record, or None when absent or damaged (a damaged one is no record)."""
+    rec = read_json(record_path(run_dir, stage))
+    if not (isinstance(rec, dict) and isinstance(rec.get("params"), dict)
+            and isinstance(rec.get("deps", {}), dict) and isinstance(rec.get("fingerprint"), str)):
+        return None
+    return rec
+
+
+def save_record(run_dir: Path, state: StageState, **extra: Any) -> None:
+    """Record `state` as the stage's last completed run (after its outputs are complete)."""
+    atomic_write_json(record_path(run_dir, state.name),
+                      {"stage": state.name, "fingerprint": state.fingerprint,
+                       "deps": state.deps, "params": state.params, **extra})
+
+
+def _show(v: Any) -> str:
+    s = json.dumps(v, default=str)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def diff_params(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two parameter (or dependency) dicts, in key order."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key not in old:
+            out.append(f"{key} is new")
+        elif key not in new:
+            out.append(f"{key} dropped")
+        elif old[key] != new[key]:
+            if key.startswith(("data[", "features[", "models")):
+                out.append(f"{key} changed")
+            else:
+                out.append(f"{key}: {_show(old[key])} -> {_show(new[key])}")
+    return out
+
+
+def judge(run_dir: Path, state: StageState) -> StageStatus:
+    """up-to-date / stale (why) / missing for `state` against the stage's record."""
+    path = record_path(run_dir, state.name)
+    rec = load_record(run_dir, state.name)
+    absent = state.missing_deps()
+    needs = "; ".join(f"needs {k}: run `{state.upstream[k]}`" if k in state.upstream else f"{k} absent"
+                      for k in absent)
     if rec is None:
-        return StageStatus(stage, "missing", missing_why)
-    changes = diff_params(rec.get("params", {}), params)
-    if changes:
-        return StageStatus(stage, "stale", "; ".join(changes))
-    if not outputs_ok:
-        return StageStatus(stage, "stale", "outputs missing or incomplete")
-    return StageStatus(stage, "up-to-date")
+        if path.exists():
+            return StageStatus(state.name, "stale", "stage record unreadable" + (f"; {needs}" if needs else ""))
+        return StageStatus(state.name, "missing")
+    if absent or rec["fingerprint"] != state.fingerprint:
+        present = {k: v for k, v in state.deps.items() if v is not None}
+        old_deps = {k: v for k, v in rec.get("deps", {}).items() if k in present}
+        changes = diff_params(rec["params"], state.params) + diff_params(old_deps, present)
+        if needs:
+            changes.append(needs)
+        return StageStatus(state.name, "stale", "; ".join(changes) or "settings changed")
+    if state.outs_problem:
+        return StageStatus(state.name, "stale", state.outs_problem)
+    return StageStatus(state.name, "up-to-date")

@@ -8,11 +8,13 @@ weights as an uninterrupted one.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
+import os
+import pickle
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,46 +23,44 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cache import CacheError, FeatureCache, atomic_write_bytes, atomic_write_json
+from .backbones import get_spec
 from .config import Config
 from .data import canvas_valid, to_canvas
-from .extract import model_params, open_split, plan_split, resolve_device, split_params
-from .models import LinearHead, PacUpsampler, UpsamplerSpec
-from .stages import StageStatus, fingerprint, judge, save_record
+from .devices import resolve_device
+from .errors import DataError
+from .fsutil import atomic_write_bytes, exclusive_lock, sha256_bytes
+from .report import plot_training_curves
+from .models import (LinearHead, PacUpsampler, UpsamplerSpec, models_fingerprint, save_models,
+                     training_params)
+from .stages import StageState, StageStatus, judge, save_record
+from .store import FeatureStore, split_fingerprint
 
 STAGE = "train-head"
-IGNORED_KEYS = {"train.device"}  # do not change the result
+IMAGE_MEMO_BYTES = 4 << 30  # decoded training images kept in memory (JPEG decoding per crop is slow)
 
 
-# ----------------------------------------------------------------------------- parameters
-
-def stage_params(cfg: Config) -> dict:
-    """Stage 1's parameters for the splits trained on, plus the training and model config."""
-    mparams = model_params(cfg)
-    params: dict = {}
-    for split in filter(None, (cfg.data.train_split, cfg.data.val_split)):
-        params.update(split_params(cfg, split, mparams, plan_split(cfg, split, mparams)))
-    for section in ("train", "upsampler"):
-        for k, v in getattr(cfg, section).__dict__.items():
-            if f"{section}.{k}" not in IGNORED_KEYS:
-                params[f"{section}.{k}"] = v
-    params["data.train_split"] = cfg.data.train_split
-    params["data.val_split"] = cfg.data.val_split
-    return params
-
+# ----------------------------------------------------------------------------- the contract
 
 def model_dir(cfg: Config) -> Path:
     return cfg.run_dir / "models"
 
 
+def _splits(cfg: Config) -> list[str]:
+    return [cfg.data.train_split] + ([cfg.data.val_split] if cfg.data.val_split else [])
+
+
+def stage_state(cfg: Config, deps: dict[str, str | None] | None = None) -> StageState:
+    """Stage 2 depends on the stored splits it reads (content fingerprints) and on its
+    training settings; its output is the model set, intact or not."""
+    if deps is None:
+        deps = {f"features[{s}]": split_fingerprint(cfg, s) for s in _splits(cfg)}
+    _, why = models_fingerprint(model_dir(cfg))
+    return StageState(STAGE, deps, training_params(cfg), why,
+                      {f"features[{s}]": f"python cli.py extract-features --split {s}" for s in _splits(cfg)})
+
+
 def status(cfg: Config) -> StageStatus:
-    try:
-        params = stage_params(cfg)
-    except Exception as e:  # a dataset problem is reported by extract's line
-        return StageStatus(STAGE, "stale", f"inputs unavailable: {str(e).splitlines()[0]}")
-    d = model_dir(cfg)
-    ok = (d / "linear_head.pt").is_file() and (d / "pac_upsampler.pt").is_file()
-    return judge(cfg, STAGE, params, ok)
+    return judge(cfg.run_dir, stage_state(cfg))
 
 
 # ----------------------------------------------------------------------------- targets
@@ -79,25 +79,29 @@ def patch_targets(mask: np.ndarray, valid: np.ndarray, patch: int) -> tuple[np.n
 # ----------------------------------------------------------------------------- data
 
 class TrainData:
-    """Per-image training tensors read lazily from the cache."""
+    """Per-image training tensors of the annotated images of a stored split, read lazily
+    (decoded images are kept in memory up to IMAGE_MEMO_BYTES)."""
 
-    def __init__(self, cache: FeatureCache, patch: int):
-        self.cache = cache
+    def __init__(self, store: FeatureStore, patch: int):
+        self.store = store
         self.patch = patch
+        self.indices = store.annotated()
         self.targets: list[tuple[np.ndarray, np.ndarray]] = []
-        for i in range(len(cache)):
-            meta = cache.items[i]
-            mask = to_canvas(cache.mask(i), meta.box)
+        for i in self.indices:
+            meta = store.items[i]
+            mask = to_canvas(store.mask(i), meta.box)
             self.targets.append(patch_targets(mask, canvas_valid(meta.box, meta.orig_size), patch))
+        self._images: dict[int, torch.Tensor] = {}
+        self._image_bytes = 0
 
     def __len__(self) -> int:
-        return len(self.cache)
+        return len(self.indices)
 
     def feature_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and std over all patches of all images (float64 sums)."""
         n, s1, s2 = 0, 0.0, 0.0
-        for i in range(len(self)):
-            raw = self.cache.features(i)
+        for i in self.indices:
+            raw = self.store.features(i)
             f = raw.astype(np.float64).reshape(-1, raw.shape[-1])
             n += f.shape[0]
             s1 = s1 + f.sum(0)
@@ -106,19 +110,29 @@ class TrainData:
         std = np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
         return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
 
-    def features(self, i: int) -> torch.Tensor:
-        """(1, C, h, w) float32."""
-        return torch.from_numpy(self.cache.features(i).astype(np.float32)).permute(2, 0, 1)[None]
+    def features(self, k: int) -> torch.Tensor:
+        """(1, C, h, w) float32 of the k-th training image."""
+        return torch.from_numpy(self.store.features(self.indices[k]).astype(np.float32)).permute(2, 0, 1)[None]
 
-    def full(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _canvas_image(self, k: int) -> torch.Tensor:
+        img = self._images.get(k)
+        if img is None:
+            i = self.indices[k]
+            canvas = to_canvas(self.store.image(i), self.store.items[i].box)
+            img = torch.from_numpy(np.ascontiguousarray(canvas)).permute(2, 0, 1)[None]
+            if self._image_bytes + img.numel() <= IMAGE_MEMO_BYTES:
+                self._images[k] = img
+                self._image_bytes += img.numel()
+        return img
+
+    def full(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """features (1,C,h,w), canvas image uint8 (1,3,Hc,Wc), mask and valid (1,1,Hc,Wc) float."""
-        item = self.cache.read(i)
-        box = item.meta.box
-        image = torch.from_numpy(np.ascontiguousarray(to_canvas(item.image, box))).permute(2, 0, 1)[None]
-        mask = torch.from_numpy(np.ascontiguousarray(to_canvas(item.mask, box)))[None, None].float()
-        valid = torch.from_numpy(canvas_valid(box, item.meta.orig_size))[None, None].float()
-        feats = torch.from_numpy(item.features.astype(np.float32)).permute(2, 0, 1)[None]
-        return feats, image, mask, valid
+        i = self.indices[k]
+        meta = self.store.items[i]
+        box = meta.box
+        mask = torch.from_numpy(np.ascontiguousarray(to_canvas(self.store.mask(i), box)))[None, None].float()
+        valid = torch.from_numpy(canvas_valid(box, meta.orig_size))[None, None].float()
+        return self.features(k), self._canvas_image(k), mask, valid
 
 
 def random_crop(sample, patch: int, crop: int, rng: np.random.Generator):
@@ -156,10 +170,60 @@ def _epoch_rng(seed: int, phase: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, phase, epoch])
 
 
-def _save_torch(path: Path, obj) -> None:
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_PREV = "checkpoint.prev.pt"  # the one before: the last good state if the newest is damaged
+
+
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _save_checkpoint(mdir: Path, obj: dict) -> None:
+    """Rotate the newest checkpoint to CHECKPOINT_PREV, then write the new one and its
+    checksum; a kill at any point leaves at least one intact checkpoint or none."""
+    cur, prev = mdir / CHECKPOINT, mdir / CHECKPOINT_PREV
+    if cur.is_file() and _checksum_path(cur).is_file():
+        os.replace(cur, prev)
+        os.replace(_checksum_path(cur), _checksum_path(prev))
     buf = io.BytesIO()
     torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    data = buf.getvalue()
+    atomic_write_bytes(cur, data)
+    atomic_write_bytes(_checksum_path(cur), sha256_bytes(data).encode())
+
+
+def _load_checkpoint(mdir: Path, fp: str, device, log: Callable[[str], None]) -> dict | None:
+    """The newest intact checkpoint of this training (same fingerprint), read without
+    unpickling; damaged ones are discarded with a note."""
+    for name in (CHECKPOINT, CHECKPOINT_PREV):
+        path = mdir / name
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        try:
+            ok = _checksum_path(path).read_text().strip() == sha256_bytes(data)
+        except FileNotFoundError:
+            ok = False
+        ck = None
+        if ok:
+            try:
+                ck = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError):
+                ck = None
+        if not isinstance(ck, dict):
+            log(f"train-head: note: {path} is damaged; discarded")
+            path.unlink(missing_ok=True)
+            _checksum_path(path).unlink(missing_ok=True)
+            continue
+        if ck.get("fingerprint") == fp:
+            return ck
+    return None
+
+
+def _remove_checkpoints(mdir: Path) -> None:
+    for name in (CHECKPOINT, CHECKPOINT_PREV):
+        (mdir / name).unlink(missing_ok=True)
+        _checksum_path(mdir / name).unlink(missing_ok=True)
 
 
 def _confusion(logits: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
@@ -181,27 +245,40 @@ def _miou(c: np.ndarray) -> float:
 
 def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = print,
               progress: bool = True) -> TrainResult:
-    """Stage 2. Raises CacheError (naming the command to run) when the cache is missing."""
+    """Stage 2 from the stored splits alone. Raises StoreError (naming the command to run)
+    when a split is missing or damaged, LockError when another process trains this run."""
     t0 = time.perf_counter()
-    train_cache = open_split(cfg, cfg.data.train_split)
-    val_cache = open_split(cfg, cfg.data.val_split) if cfg.data.val_split else None
-    if len(train_cache) == 0:
-        raise CacheError(f"the cache of split '{cfg.data.train_split}' holds no usable image")
-    params = stage_params(cfg)
-    st = judge(cfg, STAGE, params, (model_dir(cfg) / "pac_upsampler.pt").is_file()
-               and (model_dir(cfg) / "linear_head.pt").is_file())
-    if st.state == "up-to-date" and not force:
-        return TrainResult(up_to_date=True, model_dir=model_dir(cfg))
-    fp = fingerprint(params)
+    mdir = model_dir(cfg)
+    stores = {s: FeatureStore.open(cfg, s) for s in _splits(cfg)}
+    train_store = stores[cfg.data.train_split]
+    val_store = stores.get(cfg.data.val_split) if cfg.data.val_split else None
+    with exclusive_lock(mdir / ".lock", f"the models of run '{cfg.run.name}'"):
+        state = stage_state(cfg, {f"features[{s}]": st.fingerprint for s, st in stores.items()})
+        st = judge(cfg.run_dir, state)
+        if st.up_to_date and not force:
+            return TrainResult(up_to_date=True, model_dir=mdir)
+        log(f"train-head: {'forced' if force else st.why or st.state}")
+        history = _train(cfg, state, train_store, val_store, force, log, progress)
+        save_record(cfg.run_dir, stage_state(cfg, state.deps))
+        _remove_checkpoints(mdir)
+    return TrainResult(seconds=time.perf_counter() - t0, model_dir=mdir, history=history)
+
+
+def _train(cfg: Config, state: StageState, train_store: FeatureStore,
+           val_store: FeatureStore | None, force: bool, log: Callable[[str], None],
+           progress: bool) -> list[dict]:
+    fp = state.fingerprint
     device = resolve_device(cfg.train.device)
     mdir = model_dir(cfg)
     mdir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = mdir / "checkpoint.pt"
-
-    from .backbones import get_spec
     patch = get_spec(cfg.backbone.name).patch_size
-    data = TrainData(train_cache, patch)
-    val = TrainData(val_cache, patch) if val_cache is not None and len(val_cache) else None
+    data = TrainData(train_store, patch)
+    if len(data) == 0:
+        raise DataError(f"split '{cfg.data.train_split}' has no annotated image to train on "
+                        f"({len(train_store)} image(s), none with a mask)")
+    val = TrainData(val_store, patch) if val_store is not None else None
+    if val is not None and len(val) == 0:
+        val = None
     channels = data.features(0).shape[1]
 
     torch.manual_seed(cfg.train.seed)
@@ -219,20 +296,19 @@ def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = pri
     history: list[dict] = []
     start = {"linear": 1, "upsampler": 1}
 
-    if ckpt_path.is_file() and not force:
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ck.get("fingerprint") == fp:
-            head.load_state_dict(ck["head"])
-            opt_head.load_state_dict(ck["opt_head"])
-            up.load_state_dict(ck["up"])
-            opt_up.load_state_dict(ck["opt_up"])
-            sched_up.load_state_dict(ck["sched_up"])
-            history = ck["history"]
-            start = ck["next"]
-            log(f"train-head: resuming from {ckpt_path} (next: {start})")
+    ck = None if force else _load_checkpoint(mdir, fp, device, log)
+    if ck is not None:
+        head.load_state_dict(ck["head"])
+        opt_head.load_state_dict(ck["opt_head"])
+        up.load_state_dict(ck["up"])
+        opt_up.load_state_dict(ck["opt_up"])
+        sched_up.load_state_dict(ck["sched_up"])
+        history = ck["history"]
+        start = ck["next"]
+        log(f"train-head: resuming from {mdir / CHECKPOINT} (next: {start})")
 
     def checkpoint(next_epoch: dict) -> None:
-        _save_torch(ckpt_path, {"fingerprint": fp, "head": head.state_dict(), "opt_head": opt_head.state_dict(),
+        _save_checkpoint(mdir, {"fingerprint": fp, "head": head.state_dict(), "opt_head": opt_head.state_dict(),
                                 "up": up.state_dict(), "opt_up": opt_up.state_dict(),
                                 "sched_up": sched_up.state_dict(), "history": history, "next": next_epoch})
         _write_history(cfg, history)
@@ -306,17 +382,10 @@ def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = pri
         log(f"train-head: pac epoch {epoch}/{cfg.train.epochs} loss {row['loss']:.4f}"
             + (f" val mIoU {row['val_miou']:.3f}" if "val_miou" in row else ""))
 
-    _save_torch(mdir / "linear_head.pt", {"in_channels": channels, "patch_size": patch,
-                                          "state_dict": head.state_dict(), "fingerprint": fp})
-    _save_torch(mdir / "pac_upsampler.pt", {"spec": spec.to_dict(), "state_dict": up.state_dict(),
-                                            "fingerprint": fp})
+    save_models(mdir, head, up, state.params, state.deps, patch)
     _write_history(cfg, history)
-    with contextlib.suppress(Exception):
-        from .report import plot_training_curves
-        plot_training_curves(history, cfg.run_dir / "loss_curves.png")
-    save_record(cfg, STAGE, params)
-    ckpt_path.unlink(missing_ok=True)
-    return TrainResult(seconds=time.perf_counter() - t0, model_dir=mdir, history=history)
+    plot_training_curves(history, cfg.run_dir / "loss_curves.png")
+    return history
 
 
 @torch.no_grad()
@@ -337,28 +406,3 @@ def _validate(head, up, val: TrainData, device) -> dict:
 def _write_history(cfg: Config, history: list[dict]) -> None:
     text = "".join(json.dumps(r) + "\n" for r in history)
     atomic_write_bytes(cfg.run_dir / "metrics.jsonl", text.encode())
-
-
-# ----------------------------------------------------------------------------- loading
-
-@dataclass
-class TrainedModels:
-    head: LinearHead
-    upsampler: PacUpsampler
-    patch_size: int
-    fingerprint: str
-
-
-def load_models(cfg: Config, device: torch.device | str = "cpu") -> TrainedModels:
-    """The trained models of this run; CacheError naming the command to run when absent."""
-    d = model_dir(cfg)
-    try:
-        h = torch.load(d / "linear_head.pt", map_location=device, weights_only=False)
-        u = torch.load(d / "pac_upsampler.pt", map_location=device, weights_only=False)
-    except FileNotFoundError:
-        raise CacheError(f"no trained models in {d}: run `python cli.py train-head` first") from None
-    head = LinearHead(h["in_channels"])
-    head.load_state_dict(h["state_dict"])
-    up = PacUpsampler(UpsamplerSpec(**u["spec"]))
-    up.load_state_dict(u["state_dict"])
-    return TrainedModels(head.to(device).eval(), up.to(device).eval(), h["patch_size"], u["fingerprint"])

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import (Box, DataError, FileHasher, canvas_valid, fit_box, from_canvas,
-                           list_items, list_splits, load_image, load_mask, load_pair, to_canvas)
+from pipeline.fsutil import FileHasher
+from pipeline.data import (Box, DataError, canvas_valid, fit_box, from_canvas,
+                           list_items, list_splits, load_image, load_item, load_mask, to_canvas)
 from pipeline.synth import make_dataset
 
 
@@ -38,12 +39,61 @@ def test_missing_and_empty_datasets_are_one_line_errors(tmp_path):
         list_splits(tmp_path / "empty" / "train", "davis2016")
 
 
-def test_image_without_mask_is_reported_and_skipped(tmp_path):
+def test_image_without_mask_is_an_unannotated_item(tmp_path):
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 2}, size=(32, 32))
     (root / "train" / "disc" / "annotations" / "00001.png").unlink()
     items, problems = list_items(root, "obj_seg", "train")
-    assert len(items) == 3
-    assert len(problems) == 1 and "00001.jpg: no annotation" in problems[0]
+    assert len(items) == 4 and problems == []
+    assert [(it.category, it.stem) for it in items if it.mask is None] == [("disc", "00001")]
+    loaded = load_item(root, next(it for it in items if it.mask is None))
+    assert loaded.mask is None and loaded.image.shape == (32, 32, 3)
+    assert loaded.encoded == (root / "train/disc/images/00001.jpg").read_bytes()
+
+
+def test_davis_unannotated_frames_are_items(tmp_path):
+    root = make_dataset(tmp_path / "d", "davis2016", {"val": 2}, size=(32, 32))
+    lst = root / "ImageSets/480p/val.txt"
+    lines = lst.read_text().splitlines()
+    lines[0] = lines[0].split()[0]  # a line without a mask path
+    lst.write_text("\n".join(lines) + "\n")
+    (root / lines[1].split()[1].lstrip("/")).unlink()  # a listed mask that is missing
+    items, problems = list_items(root, "davis2016", "val")
+    assert len(items) == len(lines) and problems == []
+    assert sum(it.mask is None for it in items) == 2
+
+
+def test_duplicate_stems_are_a_one_line_error(tmp_path):
+    root = make_dataset(tmp_path / "d", "obj_seg", {"train": 1}, size=(32, 32))
+    img = root / "train/disc/images/00000.jpg"
+    Image.open(img).save(img.with_suffix(".png"))
+    with pytest.raises(DataError) as e:
+        list_items(root, "obj_seg", "train")
+    msg = str(e.value)
+    assert "00000.jpg" in msg and "00000.png" in msg and "\n" not in msg
+
+
+def test_broken_links_are_reported_not_raised(tmp_path):
+    root = make_dataset(tmp_path / "d", "obj_seg", {"train": 1}, size=(32, 32))
+    images = root / "train/disc/images"
+    (images / "dangling.jpg").symlink_to(images / "nowhere.jpg")
+    (images / "loop.jpg").symlink_to(images / "loop.jpg")
+    items, problems = list_items(root, "obj_seg", "train")
+    assert len(items) == 2
+    assert sorted(p.split(":")[0].rsplit("/", 1)[1] for p in problems) == ["dangling.jpg", "loop.jpg"]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored landscape with EXIF 'rotate 90' decodes as the viewer shows it."""
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :10] = 255  # a white band on the left of the stored pixels
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    path = tmp_path / "phone.jpg"
+    im.save(path, exif=exif, quality=95)
+    got = load_image(path)
+    assert got.shape == (40, 20, 3)  # portrait, as displayed
+    assert got[:10, :, 0].mean() > 200 and got[-10:, :, 0].mean() < 50  # the band is now on top
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "CMYK"])
@@ -70,11 +120,11 @@ def test_corrupt_image_and_wrong_size_mask_name_the_file(tmp_path):
     items, _ = list_items(root, "obj_seg", "train")
     (root / items[0].image).write_bytes(b"\xff\xd8 not a jpeg")
     with pytest.raises(DataError) as e:
-        load_pair(root, items[0])
+        load_item(root, items[0])
     assert items[0].image in str(e.value) and "corrupt" in str(e.value)
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(root / items[1].mask)
     with pytest.raises(DataError) as e:
-        load_pair(root, items[1])
+        load_item(root, items[1])
     msg = str(e.value)
     assert items[1].mask in msg and "10x10" in msg and "48x32" in msg and "\n" not in msg
 

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from pipeline.extract import cache_dir, run_extract
+from pipeline.extract import run_extract
+from pipeline.store import store_dir as cache_dir
 from pipeline.predict import run_predict
 from pipeline.synth import make_dataset
 from pipeline.train import run_train
@@ -32,7 +33,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    from pipeline.distributed import preserved_environment
+    from pipeline.executors import preserved_environment
     with preserved_environment(), distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   host="127.0.0.1", dashboard_address=None,
                                   silence_logs=logging.ERROR) as c:

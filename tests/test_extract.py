@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.cache import CacheError, FeatureCache, exclusive_lock
+from pipeline.errors import LockError, StoreError
+from pipeline.fsutil import exclusive_lock
 from pipeline.config import copy_config
 from pipeline.data import list_items, load_image, load_mask
-from pipeline.extract import cache_dir, open_split, run_extract, status
+from pipeline.extract import run_extract, status
+from pipeline.store import FeatureStore, store_dir
 from pipeline.synth import make_dataset
 from tests.conftest import ROOT, SHARED_DATA, SHARED_WEIGHTS, make_cfg, run_cli
 
@@ -32,7 +34,7 @@ def test_extract_end_to_end(tmp_path, synth_root):
     cfg = make_cfg(tmp_path, synth_root)
     res = run_extract(cfg, **quiet)
     assert res.n_images == 18 and res.errors == [] and not res.up_to_date
-    cache = open_split(cfg, "train")
+    cache = FeatureStore.open(cfg, "train")
     assert len(cache) == 12 and cache.categories() == ["block", "disc"]
     item = cache.read(0)
     # 96x136 image, centre-cropped to 96x128 -> a 6x8 grid of 96-channel MobileNetV2 features
@@ -55,7 +57,7 @@ def test_features_do_not_depend_on_batch_size(tmp_path, synth_root):
     b = make_cfg(tmp_path / "b", synth_root, "extract.batch_size=5")
     run_extract(a, ["test"], **quiet)
     run_extract(b, ["test"], **quiet)
-    ca, cb = open_split(a, "test"), open_split(b, "test")
+    ca, cb = FeatureStore.open(a, "test"), FeatureStore.open(b, "test")
     for i in range(len(ca)):
         np.testing.assert_allclose(ca.features(i).astype(np.float32), cb.features(i).astype(np.float32),
                                    rtol=1e-2, atol=1e-2)
@@ -70,15 +72,15 @@ def test_config_change_marks_stale_and_recomputes(tmp_path, synth_root):
     assert st.state == "stale" and 'extract.fit: "crop" -> "pad"' in st.why
     res = run_extract(cfg_pad, ["test"], **quiet)
     assert res.n_images == 6
-    assert open_split(cfg_pad, "test").read(0).features.shape == (6, 9, 96)  # 96x144 canvas
-    assert cache_dir(cfg_pad) != cache_dir(cfg)
+    assert FeatureStore.open(cfg_pad, "test").read(0).features.shape == (6, 9, 96)  # 96x144 canvas
+    assert store_dir(cfg_pad) != store_dir(cfg)
 
 
 def test_changed_image_recomputes_only_its_shard(tmp_path):
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 3}, size=(48, 64))
     cfg = make_cfg(tmp_path, root)
     run_extract(cfg, **quiet)
-    before = cache_digest(cache_dir(cfg))
+    before = cache_digest(store_dir(cfg))
     img = root / "train/disc/images/00001.jpg"
     arr = load_image(img).copy()
     arr[:8] = 0
@@ -86,7 +88,7 @@ def test_changed_image_recomputes_only_its_shard(tmp_path):
     st = status(cfg)
     assert st.state == "stale" and "data[train] changed" in st.why
     res = run_extract(cfg, **quiet)
-    after = cache_digest(cache_dir(cfg))
+    after = cache_digest(store_dir(cfg))
     changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
     shards_changed = {k for k in changed if k.endswith(".h5")}
     # the disc shard was replaced, the block shard kept byte for byte
@@ -107,15 +109,19 @@ def test_bad_files_are_reported_and_the_rest_is_cached(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert any("disc/images/00000.jpg: corrupt" in l for l in lines)
     assert any("block/annotations/00002.png: mask size 10x10 differs" in l for l in lines)
-    assert any("block/images/00001.jpg: no annotation" in l for l in lines)
-    assert lines[-1] == "error: 3 file(s) could not be used (listed above); the other images are cached"
-    assert len(open_split(cfg, "train")) == 3
+    assert not any("00001" in l for l in lines)  # an image without annotation is no problem
+    assert lines[-1] == "error: 2 file(s) could not be used (listed above); the other images are cached"
+    store = FeatureStore.open(cfg, "train")
+    assert len(store) == 4
+    unannotated = [m for m in store.items if not m.annotated]
+    assert [(m.category, m.stem) for m in unannotated] == [("block", "00001")]
+    assert store.mask(unannotated[0].index) is None
     # nothing changed: up to date (exit 0), with a reminder of the skipped files
     r = run_cli("extract-features", *[a for s in _sets(cfg) for a in ("--set", s)])
-    assert r.returncode == 0 and "up to date" in r.stdout and "3 file(s) were skipped" in r.stderr
+    assert r.returncode == 0 and "up to date" in r.stdout and "2 file(s) were skipped" in r.stderr
     # the same through the API, with a forced recompute
     res = run_extract(cfg, force=True, **quiet)
-    assert res.n_images == 3 and res.n_errors == 3
+    assert res.n_images == 4 and res.n_errors == 2
 
 
 def _sets(cfg):
@@ -133,14 +139,14 @@ def test_empty_and_missing_dataset_errors(tmp_path):
 
 def test_missing_upstream_names_the_command(tmp_path, synth_root):
     cfg = make_cfg(tmp_path, synth_root)
-    with pytest.raises(CacheError, match="run `python cli.py extract-features --split train` first"):
-        open_split(cfg, "train")
+    with pytest.raises(StoreError, match="no manifest; run `python cli.py extract-features --split train`"):
+        FeatureStore.open(cfg, "train")
 
 
 def test_second_writer_is_refused_with_a_clear_message(tmp_path, synth_root):
     cfg = make_cfg(tmp_path, synth_root)
-    with exclusive_lock(cache_dir(cfg) / ".lock", "held"):
-        with pytest.raises(CacheError, match="locked by another process"):
+    with exclusive_lock(store_dir(cfg) / ".lock", "held"):
+        with pytest.raises(LockError, match="in use by another process"):
             run_extract(cfg, **quiet)
 
 
@@ -148,7 +154,7 @@ def test_reader_is_lazy_and_picklable(tmp_path, synth_root):
     import pickle
     cfg = make_cfg(tmp_path, synth_root)
     run_extract(cfg, ["test"], **quiet)
-    cache = open_split(cfg, "test")
+    cache = FeatureStore.open(cfg, "test")
     assert len(cache._open) == 0  # nothing opened by listing
     clone = pickle.loads(pickle.dumps(cache))
     assert np.array_equal(clone.features(2), cache.features(2))
@@ -160,7 +166,7 @@ def test_shards_are_deterministic_hdf5(tmp_path, synth_root):
     b = make_cfg(tmp_path / "b", synth_root)
     run_extract(a, **quiet)
     run_extract(b, **quiet)
-    da, db = cache_digest(cache_dir(a)), cache_digest(cache_dir(b))
+    da, db = cache_digest(store_dir(a)), cache_digest(store_dir(b))
     shards = [k for k in da if k.endswith(".h5")]
     assert shards and all(da[k] == db[k] for k in shards)
 
@@ -170,12 +176,12 @@ def test_sigkill_then_resume_equals_clean_run(tmp_path):
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 70, "test": 20}, size=(64, 80))
     clean = make_cfg(tmp_path / "clean", root)
     run_extract(clean, **quiet)
-    expected = cache_digest(cache_dir(clean))
+    expected = cache_digest(store_dir(clean))
 
     killed = make_cfg(tmp_path / "killed", root)
     args = [sys.executable, str(ROOT / "cli.py"), "extract-features"] + \
         [a for s in _sets(killed) for a in ("--set", s)]
-    shards = cache_dir(killed) / "train" / "shards"
+    shards = store_dir(killed) / "train" / "shards"
     def n_shards():
         return len(list(shards.glob("*.h5"))) if shards.is_dir() else 0
 
@@ -194,7 +200,7 @@ def test_sigkill_then_resume_equals_clean_run(tmp_path):
     assert n_shards() < 4  # it really was interrupted
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    got = cache_digest(cache_dir(killed))
+    got = cache_digest(store_dir(killed))
     assert got == expected
 
 
@@ -205,7 +211,7 @@ def test_real_images_with_pretrained_mobilenet(tmp_path):
                    "extract.batch_size=8")
     res = run_extract(cfg, ["test"], **quiet)
     assert res.n_images == 35 and not res.errors
-    cache = open_split(cfg, "test")
+    cache = FeatureStore.open(cfg, "test")
     assert cache.categories() == ["bear", "dog"]
     item = cache.read(0)
     assert item.features.shape == (30, 53, 96) and item.image.shape == (480, 854, 3)

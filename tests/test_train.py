@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import CacheError
+from pipeline.errors import StoreError
 from pipeline.config import copy_config
 from pipeline.extract import run_extract, status as extract_status
-from pipeline.models import PacUpsampler, UpsamplerSpec
-from pipeline.train import load_models, patch_targets, run_train, status
+from pipeline.models import PacUpsampler, UpsamplerSpec, load_models
+from pipeline.train import model_dir, patch_targets, run_train, status
 from tests.conftest import ROOT, make_cfg
 
 quiet = dict(log=lambda s: None, progress=False)
@@ -53,7 +53,7 @@ def test_residual_and_learned_guide_variants_run():
 
 def test_missing_cache_names_the_command(tmp_path, synth_root):
     cfg = make_cfg(tmp_path, synth_root, *FAST)
-    with pytest.raises(CacheError, match="extract-features --split train"):
+    with pytest.raises(StoreError, match="extract-features --split train"):
         run_train(cfg, **quiet)
 
 
@@ -69,7 +69,7 @@ def test_train_end_to_end_and_incremental(tmp_path, synth_root):
     assert rows[2]["loss"] < rows[0]["loss"]  # the linear head learns
     assert all(0 <= r["val_miou"] <= 1 for r in rows if r["phase"] == "upsampler")
     assert (cfg.run_dir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    models = load_models(cfg)
+    models = load_models(model_dir(cfg))
     assert models.patch_size == 16
     assert not (cfg.run_dir / "models" / "checkpoint.pt").exists()
     # unchanged -> up to date; a training key -> stale, stage 1 untouched
@@ -83,7 +83,7 @@ def test_train_end_to_end_and_incremental(tmp_path, synth_root):
 
 
 def _weights(cfg):
-    m = load_models(cfg)
+    m = load_models(model_dir(cfg))
     return {**{f"h.{k}": v for k, v in m.head.state_dict().items()},
             **{f"u.{k}": v for k, v in m.upsampler.state_dict().items()}}
 

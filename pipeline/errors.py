@@ -1,0 +1,49 @@
+"""User-facing errors: each is one line naming the file or key and the problem, and carries
+the exit code the CLI maps it to (1 a failed stage, 2 a usage error). `cli.py` catches
+`PipelineError` at one boundary; anything else is a programming error and surfaces as one."""
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base of every user-facing error; `exit_code` is what the CLI exits with."""
+    exit_code = 1
+
+
+class UsageError(PipelineError):
+    """A bad command line or config (unknown key, bad value, missing config file)."""
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A one-line configuration problem."""
+
+
+class DataError(PipelineError):
+    """A problem with the dataset or one of its files."""
+
+
+class StoreError(PipelineError):
+    """The feature store (stage 1's output) is missing, damaged, locked or out of date."""
+
+
+CacheError = StoreError  # the name earlier versions used
+
+
+class BackboneError(PipelineError):
+    """A backbone cannot be built or its weights cannot be (safely) loaded."""
+
+
+class ModelError(PipelineError):
+    """Trained models (stage 2's output) are missing, damaged or do not match the config."""
+
+
+class DeviceError(PipelineError):
+    """A requested device is not available."""
+
+
+class LockError(PipelineError):
+    """Another process holds the lock of an output this process wants to write."""
+
+
+class ExecutorError(PipelineError):
+    """The Dask scheduler cannot be reached or a distributed task failed."""

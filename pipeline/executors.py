@@ -1,0 +1,94 @@
+"""Running task functions on a Dask cluster. The executor knows no stage: a stage hands it a
+picklable task function and its inputs, and gets the results back as they complete. Each
+worker process keeps what a task function loads (a backbone, trained models, an open store)
+in `worker_cached`, keyed by what defines it, for all its tasks.
+
+`dask.scheduler` (or the `--scheduler` option of extract-features, predict and run):
+"local:N" starts N local worker processes on loopback; "tcp://host:8786" connects to a
+running scheduler (`dask scheduler` + `dask worker ...`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, Hashable, Iterable, Iterator
+
+from .config import Config, copy_config
+from .devices import resolve_precision
+from .errors import ExecutorError
+
+CONNECT_TIMEOUT_S = 10
+
+_WORKER_STATE: dict = {}  # per worker process: what task functions loaded
+_WORKER_LOCK = threading.Lock()
+
+
+def worker_cached(key: Hashable, factory: Callable[[], Any]) -> Any:
+    """The object stored under `key` in this process, made by `factory` the first time."""
+    with _WORKER_LOCK:
+        if key not in _WORKER_STATE:
+            _WORKER_STATE[key] = factory()
+        return _WORKER_STATE[key]
+
+
+@contextlib.contextmanager
+def preserved_environment() -> Iterator[None]:
+    """Undo changes to os.environ on exit: starting a LocalCluster sets OMP_NUM_THREADS=1
+    (and MKL's, OpenBLAS's) in the calling process for good, which would make every
+    process started afterwards single-threaded, and compute differently."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def connect(scheduler: str) -> Iterator:
+    """A dask.distributed Client for `scheduler` ("local:N" or an address); ExecutorError
+    naming the address when it cannot be reached within CONNECT_TIMEOUT_S."""
+    from distributed import Client, LocalCluster
+    if scheduler.startswith("local:"):
+        n = int(scheduler.split(":", 1)[1])
+        with preserved_environment(), \
+                LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                             dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+                Client(cluster) as client:
+            yield client
+        return
+    try:
+        client = Client(scheduler, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError) as e:
+        raise ExecutorError(f"cannot reach the Dask scheduler at {scheduler} within "
+                            f"{CONNECT_TIMEOUT_S} s ({type(e).__name__}); start it with "
+                            "`dask scheduler`, or leave dask.scheduler empty to run locally") from None
+    with client:
+        yield client
+
+
+def portable_config(cfg: Config) -> Config:
+    """The config as workers must see it: paths absolute (a worker's working directory is
+    not the driver's) and extract.precision resolved on the driver, so every worker
+    computes what the store's key says."""
+    changes = {"data.root": str(Path(cfg.data.root).resolve()),
+               "paths.cache": str(Path(cfg.paths.cache).resolve()),
+               "paths.outputs": str(Path(cfg.paths.outputs).resolve()),
+               "extract.precision": resolve_precision(cfg.extract.precision, cfg.extract.device)}
+    if cfg.backbone.weights not in ("pretrained", "random"):
+        changes["backbone.weights"] = str(Path(cfg.backbone.weights).expanduser().resolve())
+    return copy_config(cfg, **{k.replace(".", "__"): v for k, v in changes.items()})
+
+
+def run_tasks(scheduler: str, fn: Callable, inputs: Iterable[tuple[str, tuple]]) -> Iterator[Any]:
+    """Run fn(*args) on the cluster for each (key, args) of `inputs`; yield the results as
+    they complete. A task whose worker dies is retried elsewhere (tasks are idempotent)."""
+    from distributed import as_completed
+    with connect(scheduler) as client:
+        futures = [client.submit(fn, *args, key=key, pure=False, retries=2) for key, args in inputs]
+        for fut in as_completed(futures):
+            yield fut.result()

@@ -1,0 +1,146 @@
+"""Files that can be trusted: atomic writes, JSON that is either valid or absent, locks that
+the OS releases when a process dies, and sha256 checksums memoised like DVC's state db."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import LockError
+
+_CHUNK = 1 << 20
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that the file is either the old or the new content, never a
+    mix: a temporary name, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The JSON bytes that checksums are computed over (sorted keys, no whitespace)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any | None:
+    """The parsed content of a JSON file, or None when it is absent or not valid JSON (a
+    damaged record is treated as no record: its stage is recomputed, never trusted)."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError, IsADirectoryError):
+        return None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete temporary files left by killed writers (never complete files)."""
+    if Path(folder).is_dir():
+        for p in Path(folder).glob(".*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, what: str, shared: bool = False) -> Iterator[None]:
+    """Hold a flock on `path` (exclusive, or shared with other readers) for the duration;
+    LockError naming the holder's pid when another process holds it incompatibly. The OS
+    releases it when the process dies, so a killed run never leaves a stale lock."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise LockError(f"{what} is in use by another process (pid {holder}): wait for it "
+                            f"to finish (lock file {path})") from None
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def exclusive_lock(path: Path, what: str) -> contextlib.AbstractContextManager[None]:
+    return file_lock(path, what)
+
+
+class FileHasher:
+    """sha256 of files, memoised on disk by (path, size, mtime_ns), like DVC's state db, so
+    that checking a large dataset or cache for changes reads only the files that changed."""
+
+    def __init__(self, memo_path: str | Path | None):
+        self.memo_path = Path(memo_path) if memo_path else None
+        self._memo: dict[str, list] = {}
+        self._dirty = False
+        self._lock = threading.Lock()
+        if self.memo_path is not None:
+            memo = read_json(self.memo_path)
+            if isinstance(memo, dict):
+                self._memo = memo
+
+    def digest(self, path: str | Path) -> str:
+        """sha256 hex digest of the file (OSError when it cannot be read)."""
+        path = Path(path)
+        st = path.stat()
+        key = str(path.resolve())
+        stamp = [st.st_size, st.st_mtime_ns]
+        with self._lock:
+            hit = self._memo.get(key)
+        if isinstance(hit, list) and hit[:2] == stamp and len(hit) == 3:
+            return hit[2]
+        digest = sha256_file(path)
+        with self._lock:
+            self._memo[key] = stamp + [digest]
+            self._dirty = True
+        return digest
+
+    def forget(self, path: str | Path) -> None:
+        with self._lock:
+            if self._memo.pop(str(Path(path).resolve()), None) is not None:
+                self._dirty = True
+
+    def save(self) -> None:
+        """Persist the memo (best effort: it is only an optimisation)."""
+        if not (self.memo_path and self._dirty):
+            return
+        with self._lock:
+            data = json.dumps(self._memo, separators=(",", ":")).encode()
+            self._dirty = False
+        with contextlib.suppress(OSError):
+            atomic_write_bytes(self.memo_path, data)

@@ -1,0 +1,481 @@
+"""The feature store: stage 1's output, and all that the later stages know about stage 1.
+
+Layout under `<paths.cache>/features/<backbone>-<feature key>/`:
+    features.json                   what the feature key stands for (backbone, weights, ...)
+    .lock                           held (flock) by the one process writing this store
+    <split>/shards/<cat>-<k>-<hash>.h5    up to SHARD_SIZE images of one category
+    <split>/shards/<cat>-<k>-<hash>.json  the shard's size, sha256 and items (its receipt)
+    <split>/manifest.json           written last: the split is complete
+
+A shard's name carries the hash of everything that determines its content (the feature key,
+the image and mask files' sha256), and it is written under a temporary name and renamed into
+place, then its receipt. The manifest lists every shard with its size and sha256 and carries
+a digest of its own body, so an edited or damaged manifest, and a shard that is missing,
+truncated, unlisted or fails its checksum, are all found: readers refuse them in one line
+naming the repair (`extract-features`, which recomputes only what is bad).
+
+A split's content fingerprint is its manifest's digest: a hash of the shards' checksums and
+items, i.e. of what stage 1 produced. Stage 2 depends on it, not on stage 1's parameters.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .backbones import FEATURE_VERSION, weights_identity
+from .config import Config
+from .data import Box, Item, decode_image, list_items
+from .devices import resolve_precision
+from .errors import StoreError
+from .fsutil import FileHasher, atomic_write_json, canonical_json, read_json, sha256_file
+
+FORMAT_VERSION = 3  # 3: encoded image bytes, optional masks, checksummed shards and manifest
+SHARD_SIZE = 64  # images per shard: the unit of resumption and of distributed work
+
+
+# ----------------------------------------------------------------------------- identity
+
+def feature_params(cfg: Config) -> dict[str, Any]:
+    """What determines a feature value besides the image: the store's feature key."""
+    return {
+        "format": FORMAT_VERSION,
+        "backbone.name": cfg.backbone.name,
+        "backbone.weights": weights_identity(cfg.backbone.weights),
+        "backbone.features": FEATURE_VERSION,
+        "extract.fit": cfg.extract.fit,
+        "extract.precision": resolve_precision(cfg.extract.precision, cfg.extract.device),
+        "extract.feature_dtype": cfg.extract.feature_dtype,
+    }
+
+
+def short_hash(obj: Any, n: int = 16) -> str:
+    return hashlib.sha256(canonical_json(obj)).hexdigest()[:n]
+
+
+def store_dir(cfg: Config, fparams: dict | None = None) -> Path:
+    fparams = fparams or feature_params(cfg)
+    return Path(cfg.paths.cache) / "features" / f"{cfg.backbone.name}-{short_hash(fparams, 12)}"
+
+
+def file_hasher(cfg: Config) -> FileHasher:
+    """The sha256 memo of data files and shards (keyed by path, size and mtime)."""
+    return FileHasher(Path(cfg.paths.cache) / ".file_hashes.json")
+
+
+# ----------------------------------------------------------------------------- manifest
+
+@dataclass(frozen=True)
+class ItemMeta:
+    """Where one cached image lives, and how its canvas maps to the original image."""
+    index: int
+    category: str
+    stem: str
+    source: str  # image path relative to the data root
+    orig_size: tuple[int, int]  # (H, W) in viewer orientation
+    box: Box
+    annotated: bool
+    shard: int  # index into Manifest.shards
+    slot: int  # position inside the shard
+
+    def row(self) -> list:
+        return [self.category, self.stem, self.source, *self.orig_size, *self.box.as_tuple(),
+                int(self.annotated)]
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    file: str  # relative to the split folder
+    hash: str  # of the shard's inputs
+    bytes: int
+    sha256: str
+    rows: tuple  # ItemMeta.row() of each image, in slot order
+    errors: tuple[str, ...]  # files of this shard that could not be used
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "hash": self.hash, "bytes": self.bytes, "sha256": self.sha256,
+                "items": [list(r) for r in self.rows], "errors": list(self.errors)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ShardEntry":
+        return cls(str(d["file"]), str(d["hash"]), int(d["bytes"]), str(d["sha256"]),
+                   tuple(tuple(r) for r in d["items"]), tuple(map(str, d["errors"])))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A complete split: its shards with their checksums, and what it was computed from."""
+    split: str
+    feature_key: str
+    data_digest: str  # of the split's image and mask files
+    problems: tuple[str, ...]  # listing problems (files that could not be used)
+    shards: tuple[ShardEntry, ...]
+
+    def body(self) -> dict:
+        return {"format": FORMAT_VERSION, "split": self.split, "feature_key": self.feature_key,
+                "data_digest": self.data_digest, "problems": list(self.problems),
+                "shards": [s.to_json() for s in self.shards]}
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(canonical_json(self.body())).hexdigest()
+
+    @property
+    def fingerprint(self) -> str:
+        """The split's content fingerprint (what downstream stages depend on)."""
+        return self.digest[:16]
+
+    @property
+    def errors(self) -> list[str]:
+        return [*self.problems, *(e for s in self.shards for e in s.errors)]
+
+    @property
+    def n_images(self) -> int:
+        return sum(len(s.rows) for s in self.shards)
+
+    def to_json(self) -> dict:
+        return {**self.body(), "digest": self.digest, "n_images": self.n_images}
+
+
+def manifest_path(split_dir: Path) -> Path:
+    return Path(split_dir) / "manifest.json"
+
+
+def read_manifest(split_dir: Path) -> tuple[Manifest | None, str]:
+    """The split's manifest, or None and why not ("no manifest", "manifest damaged", an
+    older format). Never raises for a bad file: a damaged manifest is an absent one."""
+    path = manifest_path(split_dir)
+    obj = read_json(path)
+    if obj is None:
+        return None, ("manifest unreadable" if path.exists() else "no manifest")
+    if not isinstance(obj, dict):
+        return None, "manifest damaged"
+    if obj.get("format") != FORMAT_VERSION:
+        return None, f"cache format {obj.get('format')!r}, now {FORMAT_VERSION}"
+    try:
+        m = Manifest(str(obj["split"]), str(obj["feature_key"]), str(obj["data_digest"]),
+                     tuple(map(str, obj["problems"])),
+                     tuple(ShardEntry.from_json(s) for s in obj["shards"]))
+    except (KeyError, TypeError, ValueError):
+        return None, "manifest damaged"
+    if m.digest != obj.get("digest"):
+        return None, "manifest damaged (its digest does not match its content)"
+    return m, ""
+
+
+def check_shard(split_dir: Path, entry: ShardEntry, hasher: FileHasher | None) -> str:
+    """"" when the shard file is present with the recorded size and sha256, else why not."""
+    path = Path(split_dir) / entry.file
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"shard {entry.file} missing"
+    if size != entry.bytes:
+        return f"shard {entry.file} truncated or resized ({size} of {entry.bytes} bytes)"
+    digest = hasher.digest(path) if hasher is not None else sha256_file(path)
+    if digest != entry.sha256:
+        return f"shard {entry.file} fails its checksum"
+    return ""
+
+
+# ----------------------------------------------------------------------------- planning
+
+@dataclass
+class ShardTask:
+    """Everything a worker needs to compute one shard (picklable)."""
+    data_root: str
+    split_dir: str
+    file: str  # relative to split_dir
+    hash: str
+    items: list[Item]
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.split_dir) / self.file
+
+    @property
+    def receipt(self) -> Path:
+        return self.path.with_suffix(".json")
+
+
+@dataclass
+class SplitPlan:
+    """What stage 1 must produce for a split, derived from the data files and the key."""
+    split: str
+    split_dir: Path
+    items: list[Item]
+    problems: list[str]
+    data_digest: str
+    feature_key: str
+    tasks: list[ShardTask]
+
+
+def plan_split(cfg: Config, split: str, fparams: dict, hasher: FileHasher) -> SplitPlan:
+    """The split's shards. Reads the data folder (file digests are memoised)."""
+    root = Path(cfg.data.root)
+    items, problems = list_items(root, cfg.data.layout, split)
+    key = short_hash(fparams)
+    ids = [(it.image, hasher.digest(root / it.image), it.mask,
+            hasher.digest(root / it.mask) if it.mask else None) for it in items]
+    digest = short_hash([ids, problems])
+    split_dir = store_dir(cfg, fparams) / split
+    by_cat: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        by_cat.setdefault(it.category, []).append(i)
+    tasks = []
+    for cat, idx in by_cat.items():
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in cat)
+        for k in range(0, len(idx), SHARD_SIZE):
+            chunk = idx[k:k + SHARD_SIZE]
+            h = short_hash([key, [ids[i] for i in chunk]])
+            tasks.append(ShardTask(str(root), str(split_dir),
+                                   f"shards/{safe}-{k // SHARD_SIZE:04d}-{h}.h5", h,
+                                   [items[i] for i in chunk],
+                                   {"feature_key": key, "split": split, "shard_hash": h,
+                                    "format": FORMAT_VERSION}))
+    return SplitPlan(split, split_dir, items, problems, digest, key, tasks)
+
+
+def read_receipt(task: ShardTask) -> ShardEntry | None:
+    obj = read_json(task.receipt)
+    try:
+        entry = ShardEntry.from_json(obj) if isinstance(obj, dict) else None
+    except (KeyError, TypeError, ValueError):
+        return None
+    return entry if entry is not None and entry.file == task.file and entry.hash == task.hash else None
+
+
+def done_entry(task: ShardTask, hasher: FileHasher | None) -> ShardEntry | None:
+    """The shard's receipt when the shard is complete and intact, else None (recompute)."""
+    entry = read_receipt(task)
+    if entry is None or check_shard(Path(task.split_dir), entry, hasher):
+        return None
+    return entry
+
+
+def split_problems(plan: SplitPlan, hasher: FileHasher) -> list[str]:
+    """Why the stored split is not what the plan asks for ([] = current and intact)."""
+    m, why = read_manifest(plan.split_dir)
+    if m is None:
+        return [why]
+    if m.feature_key != plan.feature_key or m.split != plan.split:
+        return ["manifest of another split or feature key"]
+    if m.data_digest != plan.data_digest:
+        return [f"data[{plan.split}] changed"]
+    out = []
+    listed = {s.file for s in m.shards}
+    expected = {t.file for t in plan.tasks}
+    out += [f"manifest does not list shard {f}" for f in sorted(expected - listed)]
+    out += [f"manifest lists unknown shard {f}" for f in sorted(listed - expected)]
+    for s in m.shards:
+        if s.file in expected:
+            problem = check_shard(plan.split_dir, s, hasher)
+            if problem:
+                out.append(problem)
+    return out
+
+
+# ----------------------------------------------------------------------------- shards
+
+@dataclass
+class ShardRecord:
+    """One image as stored in a shard."""
+    features: np.ndarray  # (h, w, C)
+    encoded: bytes  # the image file's bytes, as read
+    mask: np.ndarray | None  # (H, W) bool, None when not annotated
+    orig_size: tuple[int, int]  # (H, W) of the decoded image
+    category: str
+    stem: str
+    source: str  # image path relative to the data root
+    box: Box
+
+
+def write_shard(task: ShardTask, records: list[ShardRecord], errors: list[str]) -> ShardEntry:
+    """Write a complete shard atomically (temporary name, fsync, rename), then its receipt.
+
+    Deterministic: the same records give the same bytes (no timestamps)."""
+    path = task.path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=True) as f:
+            for k, v in sorted(task.attrs.items()):
+                f.attrs[k] = v
+            f.attrs["n"] = len(records)
+            for i, r in enumerate(records):
+                g = f.create_group(f"{i:05d}", track_order=True)
+                # Contiguous, unfiltered datasets only: chunked storage makes the file layout
+                # depend on when the chunk cache is flushed, so equal values could give
+                # unequal files. The image is kept as its encoded file (a JPEG is ~10x
+                # smaller than its pixels); masks are bit-packed (8x smaller).
+                g.create_dataset("features", data=r.features, track_times=False)
+                g.create_dataset("image", data=np.frombuffer(r.encoded, np.uint8), track_times=False)
+                if r.mask is not None:
+                    g.create_dataset("mask", data=pack_mask(r.mask), track_times=False)
+                g.attrs["category"] = r.category
+                g.attrs["stem"] = r.stem
+                g.attrs["source"] = r.source
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        digest = sha256_file(tmp)
+        size = tmp.stat().st_size
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    rows = tuple((r.category, r.stem, r.source, *r.orig_size, *r.box.as_tuple(), int(r.mask is not None))
+                 for r in records)
+    entry = ShardEntry(task.file, task.hash, size, digest, rows, tuple(errors))
+    atomic_write_json(task.receipt, entry.to_json())
+    return entry
+
+
+def pack_mask(mask: np.ndarray) -> np.ndarray:
+    """bool (H, W) -> uint8 (H, ceil(W / 8)), bits packed along rows."""
+    return np.packbits(mask.astype(bool), axis=1)
+
+
+def unpack_mask(packed: np.ndarray, width: int) -> np.ndarray:
+    """Inverse of pack_mask."""
+    return np.unpackbits(packed, axis=1, count=width).astype(bool)
+
+
+# ----------------------------------------------------------------------------- reader
+
+@dataclass
+class CachedItem:
+    meta: ItemMeta
+    features: np.ndarray  # (h, w, C) as stored
+    image: np.ndarray  # (H, W, 3) uint8
+    mask: np.ndarray | None  # (H, W) bool, None when not annotated
+
+
+class FeatureStore:
+    """Read-only, lazy, verified view of one stored split: the manifest is checked when the
+    store is opened, each shard's size too, and each shard's sha256 the first time it is
+    read in this process; anything wrong is a StoreError naming the shard and the repair.
+
+    Open HDF5 files are kept in a small LRU; the object can be pickled (to worker processes)
+    and reopens (and re-verifies) files there."""
+
+    def __init__(self, split_dir: str | Path, max_open: int = 8):
+        self.split_dir = Path(split_dir)
+        manifest, why = read_manifest(self.split_dir)
+        if manifest is None:
+            raise StoreError(f"{manifest_path(self.split_dir)}: {why}; run "
+                             f"`python cli.py extract-features --split {self.split_dir.name}`")
+        self.manifest = manifest
+        self.split = manifest.split
+        self.fingerprint = manifest.fingerprint
+        self.items: list[ItemMeta] = []
+        for si, shard in enumerate(manifest.shards):
+            for slot, (cat, stem, src, h, w, top, left, bh, bw, ann) in enumerate(shard.rows):
+                self.items.append(ItemMeta(len(self.items), cat, stem, src, (h, w),
+                                           Box(top, left, bh, bw), bool(ann), si, slot))
+        for entry in manifest.shards:
+            path = self.split_dir / entry.file
+            size = path.stat().st_size if path.is_file() else -1
+            if size != entry.bytes:
+                self._damaged(entry, "missing" if size < 0 else "truncated")
+        self._max_open = max_open
+        self._open: OrderedDict[int, h5py.File] = OrderedDict()
+        self._verified: set[int] = set()
+
+    @classmethod
+    def open(cls, cfg: Config, split: str) -> "FeatureStore":
+        """The stored split for the current feature settings; StoreError naming the command
+        to run when it is missing or damaged."""
+        return cls(store_dir(cfg) / split)
+
+    def _damaged(self, entry: ShardEntry, what: str) -> None:
+        raise StoreError(f"{self.split_dir / entry.file}: shard {what}; run "
+                         f"`python cli.py extract-features --split {self.split}` to repair it")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        state["_verified"] = set()
+        return state
+
+    def _file(self, shard: int) -> h5py.File:
+        f = self._open.get(shard)
+        if f is None:
+            entry = self.manifest.shards[shard]
+            path = self.split_dir / entry.file
+            if shard not in self._verified:
+                try:
+                    ok = sha256_file(path) == entry.sha256
+                except FileNotFoundError:
+                    self._damaged(entry, "missing")
+                if not ok:
+                    self._damaged(entry, "fails its checksum")
+                self._verified.add(shard)
+            try:
+                f = h5py.File(path, "r")
+            except OSError as e:
+                raise StoreError(f"{path}: unreadable shard ({e}); run "
+                                 f"`python cli.py extract-features --split {self.split}`") from None
+            self._open[shard] = f
+            if len(self._open) > self._max_open:
+                self._open.popitem(last=False)[1].close()
+        else:
+            self._open.move_to_end(shard)
+        return f
+
+    def _group(self, index: int) -> h5py.Group:
+        m = self.items[index]
+        return self._file(m.shard)[f"{m.slot:05d}"]
+
+    def features(self, index: int) -> np.ndarray:
+        return self._group(index)["features"][()]
+
+    def encoded_image(self, index: int) -> bytes:
+        return self._group(index)["image"][()].tobytes()
+
+    def image(self, index: int) -> np.ndarray:
+        """(H, W, 3) uint8, decoded exactly as stage 1 decoded it."""
+        return decode_image(self.encoded_image(index), self.split_dir / self.items[index].source)
+
+    def mask(self, index: int) -> np.ndarray | None:
+        """The annotation (H, W) bool at the original size, None when not annotated."""
+        m = self.items[index]
+        if not m.annotated:
+            return None
+        return unpack_mask(self._group(index)["mask"][()], m.orig_size[1])
+
+    def read(self, index: int) -> CachedItem:
+        return CachedItem(self.items[index], self.features(index), self.image(index),
+                          self.mask(index))
+
+    def annotated(self) -> list[int]:
+        return [m.index for m in self.items if m.annotated]
+
+    def categories(self) -> list[str]:
+        return sorted({m.category for m in self.items})
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def split_fingerprint(cfg: Config, split: str) -> str | None:
+    """The content fingerprint of the stored split for the current feature settings, or None
+    when there is no valid manifest (reads the manifest only)."""
+    m, _ = read_manifest(store_dir(cfg) / split)
+    return m.fingerprint if m is not None else None
