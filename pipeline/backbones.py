@@ -329,7 +329,7 @@ def _build_timm(spec: BackboneSpec, pretrained: bool) -> nn.Module:
 def _build_mobilenet(spec: BackboneSpec, pretrained: bool) -> nn.Module:
     import torchvision
     model = torchvision.models.mobilenet_v2(weights=None)
-    if pretrained:  # not mobilenet_v2(weights=...): torchvision's download uses weights_only=False
+    if pretrained:  # not mobilenet_v2(weights=...): torchvision's own download unpickles the file
         weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
         model.load_state_dict(weights.get_state_dict(progress=True, check_hash=True, weights_only=True))
     return model.features[:14]

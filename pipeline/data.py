@@ -183,6 +183,8 @@ def load_item(root: str | Path, item: Item) -> LoadedItem:
 
 
 def _short(e: BaseException) -> str:
+    if isinstance(e, UnidentifiedImageError):
+        return "not a recognised image format"
     return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 

@@ -119,7 +119,7 @@ class TrainData:
         if img is None:
             i = self.indices[k]
             canvas = to_canvas(self.store.image(i), self.store.items[i].box)
-            img = torch.from_numpy(np.ascontiguousarray(canvas)).permute(2, 0, 1)[None]
+            img = torch.from_numpy(np.array(canvas)).permute(2, 0, 1)[None]
             if self._image_bytes + img.numel() <= IMAGE_MEMO_BYTES:
                 self._images[k] = img
                 self._image_bytes += img.numel()
