@@ -192,7 +192,7 @@ def machine_header(device: str, load_start: tuple[float, ...]) -> list[str]:
 
 
 def resolve_device(name: str) -> str:
-    from pipeline.extract import resolve_device as resolve
+    from pipeline.devices import resolve_device as resolve
     return str(resolve(name))
 
 

@@ -246,7 +246,8 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
                 bar.update(len(unit["items"]))
             bar.close()
         rows = [r for si in range(len(hashes)) for r in units[si]["items"]]
-        report = build_report(cfg, split, rows)
+        report = build_report(cfg, split, rows, {"features": store.fingerprint,
+                                                 "models": models.fingerprint})
         atomic_write_json(rpath, report)
         _write_human_reports(cfg, split, report, rows, store)
         save_record(cfg.run_dir, stage_state(cfg, split, models.fingerprint, store.fingerprint))
@@ -260,9 +261,10 @@ def pred_dir_of(cfg: Config, split: str) -> Path:
     return cfg.run_dir / "predictions" / split
 
 
-def build_report(cfg: Config, split: str, rows: list[dict]) -> dict:
-    """The report of a split: metrics of the annotated images (`n_images`), and how many
-    masks were written (`n_predicted`)."""
+def build_report(cfg: Config, split: str, rows: list[dict], fingerprints: dict[str, str]) -> dict:
+    """The report of a split: metrics of the annotated images (`n_images`), how many masks
+    were written (`n_predicted`), and its provenance: the effective config, the content
+    fingerprints of the features and models used, the versions, and J and F per image."""
     if not rows:
         raise StoreError(f"split '{split}' holds no usable image: nothing to predict")
     scored = [r for r in rows if r["stats"] is not None]
@@ -272,9 +274,22 @@ def build_report(cfg: Config, split: str, rows: list[dict]) -> dict:
             variants[v] = summarize([ImageStats.from_dict(r["stats"][v]) for r in scored])
         else:
             variants[v] = {"overall": None, "per_category": {}}
+    per_image = [{"category": r["category"], "stem": r["stem"],
+                  "j": {v: r["stats"][v]["j"] for v in VARIANTS},
+                  "f": {v: r["stats"][v]["f"] for v in VARIANTS}} for r in scored]
     return {"split": split, "n_images": len(scored), "n_predicted": len(rows),
             "backbone": {"name": cfg.backbone.name, "weights": cfg.backbone.weights},
-            "run": cfg.run.name, "variants": variants}
+            "run": cfg.run.name, "variants": variants, "config": cfg.to_dict(),
+            "fingerprints": dict(fingerprints), "per_image": per_image,
+            "versions": {"vit-objseg": _package_version(), "torch": torch.__version__}}
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("vit-objseg")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown"
 
 
 def headline(report: dict) -> list[str]:
@@ -292,9 +307,7 @@ def headline(report: dict) -> list[str]:
 def _write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict],
                          store: FeatureStore) -> None:
     rows = [r for r in rows if r["stats"] is not None]
-    per_image = [{"category": r["category"], "stem": r["stem"],
-                  "j": {v: r["stats"][v]["j"] for v in VARIANTS},
-                  "f": {v: r["stats"][v]["f"] for v in VARIANTS}} for r in rows]
+    per_image = report["per_image"]
     k = cfg.predict.thumbnails
     ranked = sorted(rows, key=lambda r: (r["stats"]["pac"]["j"], r["category"], r["stem"]))
     worst = ranked[:k]

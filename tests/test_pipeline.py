@@ -59,6 +59,14 @@ def test_run_predict_report_and_status(tmp_path, odd_root):
     report = json.loads((out / "report_test.json").read_text())
     assert report["split"] == "test" and report["n_images"] == 6
     assert report["backbone"] == {"name": "mobilenet_v2", "weights": "random"}
+    assert report["n_predicted"] == 6
+    assert report["config"]["train"]["epochs"] == 2 and report["config"]["data"]["root"] == str(odd_root)
+    assert set(report["fingerprints"]) == {"features", "models"}
+    assert report["versions"]["torch"]
+    assert sorted((r["category"], r["stem"]) for r in report["per_image"]) == \
+        [(c, f"{i:05d}") for c in ("block", "disc") for i in range(3)]
+    for r in report["per_image"]:
+        assert set(r["j"]) == set(r["f"]) == {"linear_nearest", "linear_bilinear", "pac"}
     assert set(report["variants"]) == {"linear_nearest", "linear_bilinear", "pac"}
     for v in report["variants"].values():
         check_metrics(v["overall"])
@@ -146,3 +154,35 @@ def test_real_data_pac_beats_bilinear(tmp_path):
     assert v["pac"]["overall"]["miou"] >= 0.92
     assert v["pac"]["overall"]["miou"] > v["linear_bilinear"]["overall"]["miou"] + 0.01
     assert v["pac"]["overall"]["boundary_f"] > v["linear_bilinear"]["overall"]["boundary_f"] + 0.03
+
+
+def test_unannotated_images_are_predicted_and_not_scored(tmp_path):
+    """A test split with one unannotated image, then with none annotated: masks for all,
+    metrics over the annotated ones, exit 0, and the report says how many were scored."""
+    root = make_dataset(tmp_path / "d", "obj_seg", {"train": 3, "test": 2}, size=(64, 80), seed=4)
+    (root / "test/disc/annotations/00001.png").unlink()
+    args = sets(tmp_path, root)
+    r = run_cli("run", *args)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "outputs" / "default"
+    report = json.loads((out / "report_test.json").read_text())
+    assert report["n_images"] == 3 and report["n_predicted"] == 4
+    assert report["variants"]["pac"]["overall"]["n_images"] == 3
+    assert (out / "predictions/test/disc/00001.png").is_file()
+    assert "3 annotated" in r.stdout
+    for p in (root / "test").rglob("annotations/*.png"):
+        p.unlink()
+    r = run_cli("run", *args)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report_test.json").read_text())
+    assert report["n_images"] == 0 and report["n_predicted"] == 4
+    assert all(v["overall"] is None for v in report["variants"].values())
+    assert "no annotated image" in r.stdout
+    assert "no annotated image" in (out / "report_test.md").read_text() or \
+        "0 images" in (out / "report_test.md").read_text()
+    # a train split without annotations: one line, exit 1
+    for p in (root / "train").rglob("annotations/*.png"):
+        p.unlink()
+    r = run_cli("run", *args)  # extract-features refreshes the store, train-head refuses
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "no annotated image to train on" in r.stderr
