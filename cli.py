@@ -12,10 +12,20 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import load_config
+from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError
 
-DEFAULT_CONFIG = "configs/default.toml"
+# The checkout's default config; an installed command without a checkout uses the same
+# values built into pipeline/config.py (a test keeps the two equal).
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.toml"
+
+
+def load(config_path: str | None, overrides) -> Config:
+    """The effective config: `config_path` (default: DEFAULT_CONFIG when present, else the
+    built-in defaults) with the --set overrides applied."""
+    if config_path is None and DEFAULT_CONFIG.is_file():
+        config_path = DEFAULT_CONFIG
+    return load_config(config_path, overrides)
 
 
 def _fail(message: str, code: int) -> None:
@@ -48,8 +58,8 @@ def guarded(call, *args, **kwargs):
 def stage_command(func):
     """Common options of the stage commands, config loading and the exit-code policy:
     0 success, 1 a failed stage (bad data, missing upstream), 2 a usage error."""
-    @click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
-                  help="TOML config file.")
+    @click.option("--config", "config_path", default=None,
+                  help="TOML config file [default: configs/default.toml of this checkout].")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override a config key (a TOML literal, or a bare string); repeatable.")
     @click.option("--force", is_flag=True, help="Recompute even when the stage is up to date.")
@@ -58,7 +68,7 @@ def stage_command(func):
         scheduler = kwargs.pop("scheduler", None)
         if scheduler:
             overrides = (*overrides, f"dask.scheduler={scheduler}")
-        cfg = guarded(load_config, config_path, overrides)
+        cfg = guarded(load, config_path, overrides)
         return guarded(func, cfg, force=force, **kwargs)
     return wrapper
 
@@ -69,6 +79,7 @@ scheduler_option = click.option(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vit-objseg", prog_name="vit-objseg")
 def cli() -> None:
     """Binary object segmentation from frozen self-supervised ViT features."""
 
@@ -183,8 +194,21 @@ def status(cfg, force, split):
         click.echo(st.line())
 
 
+@cli.group("config")
+def config_group() -> None:
+    """Inspect the effective configuration."""
+
+
+@config_group.command("show")
+@stage_command
+def config_show(cfg, force):
+    """Print the effective config (file + --set) as TOML, to save and edit."""
+    from pipeline.config import to_toml
+    click.echo(to_toml(cfg), nl=False)
+
+
 @cli.command()
-@click.option("--config", "config_path", default="configs/demo.toml", show_default=True)
+@click.option("--config", "config_path", default=str(DEFAULT_CONFIG.parent / "demo.toml"), show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 @click.option("--force", is_flag=True)
 def demo(config_path, overrides, force):

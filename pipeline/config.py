@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -257,7 +258,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, value = parse_set(item)
         _apply(cfg, key, value, " in --set")
     _validate(cfg)
+    _expand_user(cfg)
     return cfg
+
+
+PATH_KEYS = ("data.root", "paths.cache", "paths.outputs", "backbone.weights")
+
+
+def _expand_user(cfg: Config) -> None:
+    """`~` in every path key means the home folder, as in a shell."""
+    for key in PATH_KEYS:
+        value = cfg.get(key)
+        if value.startswith("~"):
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, str(Path(value).expanduser()))
+
+
+def to_toml(cfg: Config) -> str:
+    """The config as a TOML document that load_config reads back to an equal config."""
+    def literal(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(literal(x) for x in v) + "]"
+        return json.dumps(v)  # a TOML basic string: JSON's escapes are valid TOML
+    lines = []
+    for sec in fields(cfg):
+        lines.append(f"[{sec.name}]")
+        lines += [f"{f.name} = {literal(getattr(getattr(cfg, sec.name), f.name))}"
+                  for f in fields(getattr(cfg, sec.name))]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def copy_config(cfg: Config, **changes: Any) -> Config:

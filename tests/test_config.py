@@ -94,3 +94,44 @@ def test_cli_usage_errors_exit_2_with_one_line(tmp_path):
         "error: unknown config key 'train.lrr' in --set (did you mean train.lr?)"]
     r = run_cli("status", "--config", str(tmp_path / "missing.toml"))
     assert r.returncode == 2 and "config file not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_builtin_defaults_equal_the_default_config_file():
+    """An installed command without a checkout uses the built-in defaults: they must be the
+    values of configs/default.toml."""
+    from pipeline.config import Config
+    assert load_config(ROOT / "configs" / "default.toml") == Config()
+
+
+def test_tilde_is_expanded_in_path_keys(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["data.root=~/data", "paths.cache=~/c", "paths.outputs=out",
+                             "backbone.weights=~/w.pth"])
+    assert cfg.data.root == str(tmp_path / "data") and cfg.paths.cache == str(tmp_path / "c")
+    assert cfg.paths.outputs == "out" and cfg.backbone.weights == str(tmp_path / "w.pth")
+
+
+def test_config_show_round_trips(tmp_path):
+    r = run_cli("config", "show", "--set", "train.lr=1e-3", "--set", 'run.name="a \\"b\\""',
+                "--set", "upsampler.channels=[8, 1]")
+    assert r.returncode == 0, r.stderr
+    saved = tmp_path / "saved.toml"
+    saved.write_text(r.stdout)
+    cfg = load_config(saved)
+    assert cfg.train.lr == 1e-3 and cfg.run.name == 'a "b"' and cfg.upsampler.channels == [8, 1]
+    assert cfg == load_config(ROOT / "configs" / "default.toml",
+                              ["train.lr=1e-3", 'run.name="a \\"b\\""', "upsampler.channels=[8, 1]"])
+
+
+def test_version_and_installed_command_from_any_folder(tmp_path):
+    import shutil
+    import subprocess
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("vit-objseg, version ")
+    exe = shutil.which("vit-objseg")
+    if exe is None:
+        pytest.skip("the package is not installed (pip install -e .)")
+    r = subprocess.run([exe, "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and "extract-features" in r.stdout
+    r = subprocess.run([exe, "config", "show"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and 'name = "dino_vits16"' in r.stdout
