@@ -69,6 +69,8 @@ def stage_command(func):
         if scheduler:
             overrides = (*overrides, f"dask.scheduler={scheduler}")
         cfg = guarded(load, config_path, overrides)
+        from pipeline.devices import apply_threads
+        apply_threads(cfg.run.threads)
         return guarded(func, cfg, force=force, **kwargs)
     return wrapper
 
@@ -94,7 +96,7 @@ def _human_bytes(n: float) -> str:
 
 def do_extract(cfg, force: bool, splits=()) -> bool:
     from pipeline.extract import run_extract
-    res = run_extract(cfg, splits, force=force, progress=sys.stderr.isatty() or None)
+    res = run_extract(cfg, splits, force=force, progress=True)
     if res.up_to_date:
         click.echo("extract-features: up to date")
         if res.n_errors:

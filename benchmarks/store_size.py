@@ -76,8 +76,8 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     mib = 1 << 20
-    print(f"| checkout | images | store MiB | KiB/image | features MiB | image MiB | mask MiB "
-          f"| extract s | train-head s |")
+    print("| checkout | images | store MiB | KiB/image | features MiB | image MiB | mask MiB "
+          "| extract s | train-head s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {args.repo} | {n} | {total / mib:.1f} | {total / n / 1024:.0f} "
           f"| {parts.get('features', 0) / mib:.1f} | {parts.get('image', 0) / mib:.1f} "

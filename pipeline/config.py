@@ -21,6 +21,7 @@ from .errors import ConfigError
 @dataclass
 class RunCfg:
     name: str = "default"
+    threads: int = 0  # CPU threads of every stage; 0 = the cores this process may use
 
 
 @dataclass
@@ -133,6 +134,7 @@ POSITIVE = {
     "upsampler.hidden", "upsampler.kernel_size", "upsampler.guide_channels",
 }
 NON_NEGATIVE = {
+    "run.threads",
     "extract.num_workers", "train.crop", "train.linear_epochs",
     "train.weight_decay", "train.boundary_weight", "predict.thumbnails",
 }

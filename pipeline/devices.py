@@ -1,9 +1,15 @@
 """Devices and precisions: "auto" resolved once, in one place, for every stage."""
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
+
 import torch
 
 from .errors import DeviceError
+
+T = TypeVar("T")
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -35,3 +41,44 @@ def resolve_precision(precision: str, device_name: str) -> str:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a resolved or "auto" precision on `device` (None: plain fp32)."""
     return PRECISIONS[resolve_precision(precision, device.type)]
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a cluster job's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def apply_threads(threads: int) -> int:
+    """Set torch's intra-op thread count for this process (`threads` = 0: the usable cores);
+    returns the count set."""
+    n = threads if threads > 0 else usable_cores()
+    torch.set_num_threads(n)
+    return n
+
+
+class CpuFanout:
+    """Per-image work on the CPU: each image's whole computation in one thread with one
+    intra-op thread, images spread over `threads` threads (default: torch's thread count).
+    On CPU larger batches only spill activations out of the caches, and a result then depends
+    neither on which images shared its batch nor on the core count (a local run and 1-thread
+    Dask workers compute identical values; `segment` and `predict` give identical masks)."""
+
+    def __init__(self, threads: int | None = None):
+        self.threads = max(1, threads or torch.get_num_threads())
+        self._pool: ThreadPoolExecutor | None = None
+
+    def map(self, fn: Callable[[int], T], n: int) -> list[T]:
+        """[fn(0), ..., fn(n - 1)] computed over the threads (OpenMP's thread count is per
+        thread and set to 1 in each; MKL's is process-wide: 1 meanwhile, restored after)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cpu-image",
+                                            initializer=torch.set_num_threads, initargs=(1,))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return list(self._pool.map(fn, range(n)))
+        finally:
+            torch.set_num_threads(threads)

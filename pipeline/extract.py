@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
 import threading
 import time
 from collections import deque
@@ -25,10 +24,11 @@ import torch
 from .backbones import Backbone, create_backbone
 from .config import Config
 from .data import Box, DataError, Item, LoadedItem, fit_box, list_splits, load_item, same_size_batches, to_canvas
-from .devices import autocast_dtype, resolve_device, resolve_precision
+from .devices import CpuFanout, autocast_dtype, resolve_device, resolve_precision
 from .errors import StoreError
 from .executors import portable_config, run_tasks, worker_cached
-from .fsutil import exclusive_lock, atomic_write_json, remove_temporaries
+from .fsutil import atomic_write_json, exclusive_lock, remove_temporaries
+from .progress import Progress
 from .stages import StageState, StageStatus, judge, load_record, save_record
 from .store import (FORMAT_VERSION, Manifest, ShardRecord, ShardTask, SplitPlan, done_entry,
                     feature_params, file_hasher, manifest_path, plan_split, read_manifest,
@@ -75,18 +75,9 @@ class Extractor:
                                   self.device)
         self.out_dtype = np.dtype(cfg.extract.feature_dtype)
         self.model = self.backbone
-        self.cpu_threads = max(1, torch.get_num_threads())
-        self._pool: ThreadPoolExecutor | None = None
+        self.cpu = CpuFanout()
         if cfg.extract.compile and self.device.type == "cuda":
             self.model = torch.compile(self.backbone, dynamic=False)
-
-    def _cpu_pool(self) -> ThreadPoolExecutor:
-        """Threads that each run whole forwards with one intra-op thread (OpenMP's count is
-        per thread and set here; MKL's is process-wide and set around each batch)."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.cpu_threads, thread_name_prefix="forward",
-                                            initializer=torch.set_num_threads, initargs=(1,))
-        return self._pool
 
     def _autocast(self):
         """A fresh autocast context for this device and precision (fp32: none)."""
@@ -94,27 +85,20 @@ class Extractor:
                 else contextlib.nullcontext())
 
     @torch.inference_mode()
-    def _launch(self, canvases: list[np.ndarray]) -> Callable[[], np.ndarray]:
-        """Start the forward pass of one same-size batch; returns a function giving the
-        features (B, h, w, C). On CUDA the copy back is asynchronous, so the caller can
-        prepare the next batch before waiting."""
+    def launch(self, canvases: list[np.ndarray]) -> Callable[[], np.ndarray]:
+        """Start the forward pass of one same-size batch of canvases (uint8 (H, W, 3));
+        returns a function giving the features (B, h, w, C) in `extract.feature_dtype`, as
+        they are stored. On CUDA the copy back is asynchronous, so the caller can prepare the
+        next batch before waiting. Stage 1 and `segment` both compute features here."""
         x = torch.from_numpy(np.ascontiguousarray(np.stack(canvases))).permute(0, 3, 1, 2)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         if self.device.type == "cpu":
-            # One image per single-threaded forward, images spread over the cores: on CPU
-            # larger batches only spill activations out of the caches, and a feature map
-            # then depends neither on which images shared its batch nor on the core count
-            # (a local run and 1-thread Dask workers compute identical values).
+            # one image per single-threaded forward, images spread over the cores (CpuFanout)
             def one(i: int) -> torch.Tensor:
                 with torch.inference_mode(), self._autocast():
                     return self.model(x[i:i + 1])
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # MKL's count is process-wide: restore it right after
-            try:
-                feats = torch.cat(list(self._cpu_pool().map(one, range(x.shape[0]))))
-            finally:
-                torch.set_num_threads(threads)
+            feats = torch.cat(self.cpu.map(one, x.shape[0]))
         else:
             with self._autocast():
                 feats = self.model(x)
@@ -128,9 +112,11 @@ class Extractor:
         out = feats.numpy()
         return lambda: out
 
-    def shard_records(self, decoded: Iterable[Decoded]) -> tuple[list[ShardRecord], list[str]]:
-        """Features for one shard's decoded images. Batches are formed per canvas size in
-        item order, so the same shard always sees the same batches."""
+    def shard_records(self, decoded: Iterable[Decoded],
+                      on_batch: Callable[[int], None] | None = None) -> tuple[list[ShardRecord], list[str]]:
+        """Features for one shard's decoded images (`on_batch(n)` after each batch of n).
+        Batches are formed per canvas size in item order, so the same shard always sees the
+        same batches."""
         good: list[Decoded] = []
         errors: list[str] = []
         for d in decoded:
@@ -138,23 +124,25 @@ class Extractor:
         feats: list[np.ndarray | None] = [None] * len(good)
         pending: deque = deque()
         for chunk in same_size_batches([d.box for d in good], self.batch_size):
-            fetch = self._launch([to_canvas(good[i].loaded.image, good[i].box) for i in chunk])
+            fetch = self.launch([to_canvas(good[i].loaded.image, good[i].box) for i in chunk])
             pending.append((chunk, fetch))
             if len(pending) > 1:
-                self._collect(pending.popleft(), feats)
+                self._collect(pending.popleft(), feats, on_batch)
         while pending:
-            self._collect(pending.popleft(), feats)
+            self._collect(pending.popleft(), feats, on_batch)
         records = [ShardRecord(f, d.loaded.encoded, d.loaded.mask, d.loaded.image.shape[:2],
                                d.item.category, d.item.stem, d.item.image, d.box)
                    for f, d in zip(feats, good)]
         return records, errors
 
     @staticmethod
-    def _collect(entry, feats: list) -> None:
+    def _collect(entry, feats: list, on_batch: Callable[[int], None] | None) -> None:
         chunk, fetch = entry
         out = fetch()
         for j, i in enumerate(chunk):
             feats[i] = np.ascontiguousarray(out[j])
+        if on_batch is not None:
+            on_batch(len(chunk))
 
 
 def run_task(task: ShardTask, extractor: Extractor, decoded: Iterable[Decoded] | None = None) -> int:
@@ -184,14 +172,16 @@ def extract_task(task: ShardTask, cfg: Config) -> int:
 # ----------------------------------------------------------------------------- local streaming
 
 def stream_local(tasks: list[ShardTask], extractor: Extractor, workers: int,
-                 on_done: Callable[[int, int], None], lookahead: int = 2) -> None:
+                 on_done: Callable[[int], None], on_images: Callable[[int], None] | None = None,
+                 lookahead: int = 2) -> None:
     """Run shard tasks in this process: images are decoded by a thread pool ahead of the
     model (`lookahead` shards in flight), shards are written by a background thread.
-    `on_done(n_cached, n_items)` is called per shard written."""
+    `on_images(n)` after each batch of n images (failed ones counted per shard), `on_done(n_cached)`
+    per shard written."""
     decode_pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="decode")
     write_pool = ThreadPoolExecutor(1, thread_name_prefix="write")
     window: deque[tuple[ShardTask, list[Future]]] = deque()
-    writes: deque[tuple[Future, int]] = deque()
+    writes: deque[Future] = deque()
     todo = iter(tasks)
 
     def submit_next() -> None:
@@ -210,14 +200,14 @@ def stream_local(tasks: list[ShardTask], extractor: Extractor, workers: int,
         while window:
             task, futs = window.popleft()
             submit_next()
-            records, errors = extractor.shard_records(f.result() for f in futs)
-            writes.append((write_pool.submit(write, task, records, errors), len(task.items)))
-            while len(writes) > 1 or (writes and writes[0][0].done()):
-                fut, n = writes.popleft()
-                on_done(fut.result(), n)
+            records, errors = extractor.shard_records((f.result() for f in futs), on_images)
+            if on_images is not None and errors:
+                on_images(len(errors))
+            writes.append(write_pool.submit(write, task, records, errors))
+            while len(writes) > 1 or (writes and writes[0].done()):
+                on_done(writes.popleft().result())
         while writes:
-            fut, n = writes.popleft()
-            on_done(fut.result(), n)
+            on_done(writes.popleft().result())
     finally:
         for _, futs in window:
             for f in futs:
@@ -320,15 +310,12 @@ def run_extract(cfg: Config, splits: Iterable[str] = (), force: bool = False,
 
 def _execute(cfg: Config, tasks: list[ShardTask], n_total: int, result: ExtractResult,
              progress: bool, executor: str | None) -> None:
-    from tqdm import tqdm
-    bar = tqdm(total=n_total, unit="img", desc="extract", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    bar = Progress(n_total, "extract", enabled=progress)
     lock = threading.Lock()
 
-    def on_done(n_cached: int, n_items: int) -> None:
+    def on_done(n_cached: int) -> None:
         with lock:
             result.n_images += n_cached
-            bar.update(n_items)
 
     try:
         scheduler = executor if executor is not None else cfg.dask.scheduler
@@ -338,9 +325,10 @@ def _execute(cfg: Config, tasks: list[ShardTask], n_total: int, result: ExtractR
                                          split_dir=str(Path(t.split_dir).resolve())) for t in tasks]
             sizes = {t.hash: len(t.items) for t in tasks}
             for h, n in run_tasks(scheduler, _dask_extract, ((f"extract-{t.hash}", (t, wcfg)) for t in tasks)):
-                on_done(n, sizes[h])
+                on_done(n)
+                bar.update(sizes[h])
         else:
-            stream_local(tasks, Extractor(cfg), cfg.extract.num_workers, on_done)
+            stream_local(tasks, Extractor(cfg), cfg.extract.num_workers, on_done, bar.update)
     finally:
         bar.close()
 

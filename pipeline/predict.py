@@ -12,27 +12,27 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .config import Config
-from .data import from_canvas, same_size_batches, to_canvas
-from .devices import resolve_device
+from .data import Box, from_canvas, same_size_batches, to_canvas
+from .devices import CpuFanout, resolve_device
 from .errors import ModelError, StoreError
 from .executors import portable_config, run_tasks, worker_cached
 from .fsutil import atomic_write_bytes, atomic_write_json, exclusive_lock, file_lock, read_json
 from .metrics import ImageStats, image_stats, summarize
+from .progress import Progress
 from .report import Thumb, write_reports
 from .models import TrainedModels, load_models, models_fingerprint, upsample_logits
 from .stages import StageState, StageStatus, judge, save_record
-from .store import FeatureStore, split_fingerprint
+from .store import CachedItem, FeatureStore, split_fingerprint
 
 VARIANTS = ("linear_nearest", "linear_bilinear", "pac")
 PARAMS = ("predict.threshold", "predict.thumbnails")  # what the report depends on besides inputs
@@ -104,32 +104,51 @@ def checked_models(cfg: Config, device: torch.device | str = "cpu") -> TrainedMo
 # ----------------------------------------------------------------------------- the work unit
 
 class Predictor:
-    """Trained models on a device; turns one cached image into three full-size masks."""
+    """Trained models on a device: patch features and their image canvases -> full-size
+    masks. `predict` (features from the store) and `segment` (features just computed) both
+    call `masks`, so the two give the same mask for the same image."""
 
     def __init__(self, models: TrainedModels, device: torch.device, threshold: float):
         self.models = models
         self.device = device
         self.logit_threshold = math.log(threshold / (1 - threshold))
+        self.cpu = CpuFanout() if device.type == "cpu" else None
+
+    def masks(self, features: np.ndarray, canvases: np.ndarray, boxes: Sequence[Box],
+              sizes: Sequence[tuple[int, int]], variants: Sequence[str] = VARIANTS
+              ) -> list[dict[str, np.ndarray]]:
+        """Boolean masks (H, W) at each image's original size, per variant, for one batch of
+        same-size canvases: `features` (B, h, w, C) as stage 1 stores them, `canvases` uint8
+        (B, H', W', 3), `boxes[i]` where canvas i sits in its image of size `sizes[i]` (H, W).
+        On CPU each image goes through the heads alone in a single-threaded pass
+        (CpuFanout): a mask depends neither on the batch nor on the core count."""
+        if self.cpu is not None:
+            parts = self.cpu.map(lambda j: self._binary(features[j:j + 1], canvases[j:j + 1],
+                                                        variants), len(boxes))
+            binary = {v: np.concatenate([p[v] for p in parts]) for v in variants}
+        else:
+            binary = self._binary(features, canvases, variants)
+        return [{v: from_canvas(binary[v][j], box, size) for v in variants}
+                for j, (box, size) in enumerate(zip(boxes, sizes))]
 
     @torch.inference_mode()
-    def batch_masks(self, items: list) -> list[dict[str, np.ndarray]]:
-        """Boolean masks (H, W) at the original size for each variant, for cached items
-        whose canvases share one size (one batched forward)."""
-        feats = torch.from_numpy(np.stack([it.features for it in items]).astype(np.float32))
-        f = feats.permute(0, 3, 1, 2).to(self.device)
-        canvases = np.stack([to_canvas(it.image, it.meta.box) for it in items])
-        img = torch.from_numpy(canvases).permute(0, 3, 1, 2).to(self.device)
+    def _binary(self, features: np.ndarray, canvases: np.ndarray,
+                variants: Sequence[str]) -> dict[str, np.ndarray]:
+        """Thresholded logits (B, H', W') at canvas size for each variant."""
+        f = torch.from_numpy(features.astype(np.float32)).permute(0, 3, 1, 2).to(self.device)
+        img = torch.from_numpy(np.ascontiguousarray(canvases)).permute(0, 3, 1, 2).to(self.device)
         size = tuple(img.shape[-2:])
         base = self.models.head(f)
-        up = self.models.upsampler
-        logits = {
-            "linear_nearest": upsample_logits(base, size, "nearest"),
-            "linear_bilinear": upsample_logits(base, size, "bilinear"),
-            "pac": up(f, img, base),
-        }
-        binary = {k: (v[:, 0] > self.logit_threshold).cpu().numpy() for k, v in logits.items()}
-        return [{k: from_canvas(b[j], it.meta.box, it.meta.orig_size) for k, b in binary.items()}
-                for j, it in enumerate(items)]
+        logits = {"linear_nearest": lambda: upsample_logits(base, size, "nearest"),
+                  "linear_bilinear": lambda: upsample_logits(base, size, "bilinear"),
+                  "pac": lambda: self.models.upsampler(f, img, base)}
+        return {v: (logits[v]()[:, 0] > self.logit_threshold).cpu().numpy() for v in variants}
+
+    def batch_masks(self, items: list[CachedItem]) -> list[dict[str, np.ndarray]]:
+        """`masks` of every variant for cached items whose canvases share one size."""
+        return self.masks(np.stack([it.features for it in items]),
+                          np.stack([to_canvas(it.image, it.meta.box) for it in items]),
+                          [it.meta.box for it in items], [it.meta.orig_size for it in items])
 
 
 def predict_shard(store: FeatureStore, shard: int, predictor: Predictor, pred_dir: Path,
@@ -143,7 +162,7 @@ def predict_shard(store: FeatureStore, shard: int, predictor: Predictor, pred_di
         for item, masks in zip(items, predictor.batch_masks(items)):
             meta = item.meta
             atomic_write_bytes(pred_dir / meta.category / f"{meta.stem}.png",
-                               _png_bytes(masks["pac"]))
+                               mask_png_bytes(masks["pac"]))
             stats = None
             if item.mask is not None:
                 stats = {v: image_stats(masks[v], item.mask, meta.category, meta.stem).to_dict()
@@ -173,7 +192,8 @@ def predict_task(cfg: Config, split_dir: str, fingerprint: str, shard: int, pred
     return shard, predict_shard(store, shard, predictor, Path(pred_dir), cfg.predict.batch_size)
 
 
-def _png_bytes(mask: np.ndarray) -> bytes:
+def mask_png_bytes(mask: np.ndarray) -> bytes:
+    """A boolean mask as the 8-bit L PNG that predict and segment write (0 / 255)."""
     import io
     buf = io.BytesIO()
     Image.fromarray((mask.astype(np.uint8) * 255)).save(buf, format="PNG")
@@ -206,7 +226,6 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
         device = resolve_device(cfg.predict.device)
         models = checked_models(cfg, device)
         state = stage_state(cfg, split, models.fingerprint, store.fingerprint)
-        name = stage_name(split)
         rpath = report_path(cfg, split)
         st = judge(cfg.run_dir, state)
         if not force and st.up_to_date:
@@ -223,11 +242,9 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
                 units[si] = u
         todo = [si for si in range(len(hashes)) if si not in units]
         if todo:
-            from tqdm import tqdm
             todo_set = set(todo)
             n_todo = sum(1 for m in store.items if m.shard in todo_set)
-            bar = tqdm(total=n_todo, unit="img", desc=f"predict {split}",
-                       disable=not (progress and sys.stderr.isatty()), file=sys.stderr)
+            bar = Progress(n_todo, f"predict {split}", enabled=progress)
             scheduler = executor if executor is not None else cfg.dask.scheduler
             if scheduler:
                 wcfg = portable_config(cfg)

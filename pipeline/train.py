@@ -12,7 +12,6 @@ import io
 import json
 import os
 import pickle
-import sys
 import time
 import zipfile
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from .data import canvas_valid, to_canvas
 from .devices import resolve_device
 from .errors import DataError
 from .fsutil import atomic_write_bytes, exclusive_lock, sha256_bytes
+from .progress import Progress
 from .report import plot_training_curves
 from .models import (LinearHead, PacUpsampler, UpsamplerSpec, models_fingerprint, save_models,
                      training_params)
@@ -313,19 +313,20 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
                                 "sched_up": sched_up.state_dict(), "history": history, "next": next_epoch})
         _write_history(cfg, history)
 
-    from tqdm import tqdm
     bs = cfg.train.batch_size
     n = len(data)
-    show = progress and sys.stderr.isatty()
+    n_batches = -(-n // bs)
 
     # ---- phase 1: the linear head on patch targets
-    for epoch in range(start["linear"], cfg.train.linear_epochs + 1):
+    linear_epochs = range(start["linear"], cfg.train.linear_epochs + 1)
+    t_phase = time.perf_counter()
+    bar = Progress(len(linear_epochs) * n_batches, "train-head linear", unit="batch", enabled=progress)
+    for epoch in linear_epochs:
         rng = _epoch_rng(cfg.train.seed, 1, epoch)
         order = rng.permutation(n)
         head.train()
         total, weight_sum = 0.0, 0.0
-        for b in tqdm(range(0, n, bs), desc=f"linear {epoch}/{cfg.train.linear_epochs}",
-                      disable=not show, leave=False, file=sys.stderr):
+        for b in range(0, n, bs):
             idx = order[b:b + bs]
             x = torch.cat([data.features(i).flatten(2).squeeze(0).T for i in idx]).to(device)
             y = torch.cat([torch.from_numpy(data.targets[i][0]).flatten() for i in idx]).to(device)
@@ -337,23 +338,29 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
             opt_head.step()
             total += loss.item() * w.sum().item()
             weight_sum += w.sum().item()
+            bar.update()
         row = {"phase": "linear", "epoch": epoch, "loss": total / max(weight_sum, 1e-12)}
         history.append(row)
         checkpoint({"linear": epoch + 1, "upsampler": 1})
+    bar.close()
+    if len(linear_epochs):
+        log(f"train-head: linear head, {len(linear_epochs)} epoch(s) in {time.perf_counter() - t_phase:.1f} s, "
+            f"loss {history[-1]['loss']:.4f}")
 
     head.eval()
     head.requires_grad_(False)
 
     # ---- phase 2: the PAC upsampler on full-resolution masks
-    for epoch in range(start["upsampler"], cfg.train.epochs + 1):
+    pac_epochs = range(start["upsampler"], cfg.train.epochs + 1)
+    t_phase = time.perf_counter()
+    bar = Progress(len(pac_epochs) * n_batches, "train-head pac", unit="batch", enabled=progress)
+    for epoch in pac_epochs:
         rng = _epoch_rng(cfg.train.seed, 2, epoch)
         torch.manual_seed(cfg.train.seed * 1_000_003 + epoch)
         order = rng.permutation(n)
         up.train()
         total, count = 0.0, 0
-        bar = tqdm(range(0, n, bs), desc=f"pac {epoch}/{cfg.train.epochs}", disable=not show,
-                   leave=False, file=sys.stderr)
-        for b in bar:
+        for b in range(0, n, bs):
             opt_up.zero_grad(set_to_none=True)
             batch_loss = 0.0
             idx = order[b:b + bs]
@@ -371,8 +378,8 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
             opt_up.step()
             total += batch_loss
             count += len(idx)
-            if show:
-                bar.set_postfix(loss=f"{batch_loss / len(idx):.4f}")
+            bar.set_postfix(f"epoch {epoch}/{cfg.train.epochs} loss {batch_loss / len(idx):.4f}")
+            bar.update()
         sched_up.step()
         row = {"phase": "upsampler", "epoch": epoch, "loss": total / max(count, 1)}
         if val is not None:
@@ -381,6 +388,10 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
         checkpoint({"linear": cfg.train.linear_epochs + 1, "upsampler": epoch + 1})
         log(f"train-head: pac epoch {epoch}/{cfg.train.epochs} loss {row['loss']:.4f}"
             + (f" val mIoU {row['val_miou']:.3f}" if "val_miou" in row else ""))
+    bar.close()
+    if len(pac_epochs):
+        log(f"train-head: PAC upsampler, {len(pac_epochs)} epoch(s) in {time.perf_counter() - t_phase:.1f} s, "
+            f"loss {history[-1]['loss']:.4f}")
 
     save_models(mdir, head, up, state.params, state.deps, patch)
     _write_history(cfg, history)

@@ -135,3 +135,19 @@ def test_version_and_installed_command_from_any_folder(tmp_path):
     assert r.returncode == 0 and "extract-features" in r.stdout
     r = subprocess.run([exe, "config", "show"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0 and 'name = "dino_vits16"' in r.stdout
+
+
+def test_plain_progress_lines_without_a_terminal(monkeypatch):
+    """Without a terminal: plain lines at most every interval, and a last one at the end."""
+    import io
+    from pipeline import progress as progress_mod
+    clock = iter([0.0, 0.0, 1.0, 6.0, 7.0, 12.5, 13.0])  # start, 5 updates, close
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    bar = progress_mod.Progress(10, "extract", stream=out, interval=5.0)
+    for _ in range(5):
+        bar.update(2)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert lines == ["extract: 6/10 img (60 %), 1.0 img/s, 4 s left",  # the first after 5 s
+                     "extract: 10/10 img (100 %), 0.8 img/s"]  # the end, whenever it comes

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,7 +14,7 @@ from PIL import Image
 from pipeline.errors import LockError, StoreError
 from pipeline.fsutil import exclusive_lock
 from pipeline.config import copy_config
-from pipeline.data import list_items, load_image, load_mask
+from pipeline.data import load_image, load_mask
 from pipeline.extract import run_extract, status
 from pipeline.store import FeatureStore, store_dir
 from pipeline.synth import make_dataset

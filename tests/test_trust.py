@@ -16,7 +16,7 @@ from pipeline.errors import LockError, ModelError, StoreError
 from pipeline.extract import run_extract
 from pipeline.fsutil import exclusive_lock
 from pipeline.predict import run_predict
-from pipeline.store import FeatureStore, store_dir
+from pipeline.store import store_dir
 from pipeline.synth import make_dataset
 from pipeline.train import model_dir, run_train
 from tests.conftest import make_cfg, run_cli
