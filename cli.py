@@ -196,6 +196,24 @@ def status(cfg, force, split):
         click.echo(st.line())
 
 
+@cli.command()
+@click.option("--split", default=None, help="Split whose reports to compare (default: data.test_split).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@stage_command
+def runs(cfg, force, split, as_json):
+    """One row per run: the config keys that differ, the split's metrics, up to date or not."""
+    import json
+    from pipeline import runs as runs_mod
+    split = split or cfg.data.test_split
+    rows = runs_mod.collect(cfg, split)
+    if as_json:
+        click.echo(json.dumps(runs_mod.as_json(rows), indent=1))
+    elif not rows:
+        click.echo(f"no runs under {cfg.paths.outputs}")
+    else:
+        click.echo(runs_mod.table(rows))
+
+
 @cli.group("config")
 def config_group() -> None:
     """Inspect the effective configuration."""

@@ -295,6 +295,19 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def config_from_dict(doc: dict[str, Any], where: str = "") -> Config:
+    """A config from its to_dict() form (e.g. as recorded in a report); ConfigError if a
+    key or value is not valid here."""
+    cfg = Config()
+    for section, table in doc.items():
+        if not isinstance(table, dict):
+            raise _unknown(section, where)
+        for name, value in table.items():
+            _apply(cfg, f"{section}.{name}", value, where)
+    _validate(cfg)
+    return cfg
+
+
 def copy_config(cfg: Config, **changes: Any) -> Config:
     """A deep copy of `cfg` with dotted-key changes applied (validated)."""
     new = copy.deepcopy(cfg)

@@ -51,10 +51,16 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def default_threads() -> int:
+    """OMP_NUM_THREADS when the user set it (a cluster job's share), else the usable cores."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else usable_cores()
+
+
 def apply_threads(threads: int) -> int:
-    """Set torch's intra-op thread count for this process (`threads` = 0: the usable cores);
+    """Set torch's intra-op thread count for this process (`threads` = 0: default_threads());
     returns the count set."""
-    n = threads if threads > 0 else usable_cores()
+    n = threads if threads > 0 else default_threads()
     torch.set_num_threads(n)
     return n
 

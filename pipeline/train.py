@@ -259,9 +259,10 @@ def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = pri
             return TrainResult(up_to_date=True, model_dir=mdir)
         log(f"train-head: {'forced' if force else st.why or st.state}")
         history = _train(cfg, state, train_store, val_store, force, log, progress)
-        save_record(cfg.run_dir, stage_state(cfg, state.deps))
+        seconds = time.perf_counter() - t0
+        save_record(cfg.run_dir, stage_state(cfg, state.deps), seconds=round(seconds, 1))
         _remove_checkpoints(mdir)
-    return TrainResult(seconds=time.perf_counter() - t0, model_dir=mdir, history=history)
+    return TrainResult(seconds=seconds, model_dir=mdir, history=history)
 
 
 def _train(cfg: Config, state: StageState, train_store: FeatureStore,
