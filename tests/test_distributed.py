@@ -1,6 +1,7 @@
 """Stages 1 and 3 on a dask.distributed LocalCluster (2 worker processes on loopback): the
 same cache and the same masks as a local run, also when a worker is killed mid-run."""
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -97,3 +98,29 @@ def test_killed_worker_is_retried_and_leaves_no_partial_shard(tmp_path, data, cl
     assert sorted(got) == sorted(want)
     assert [k for k in want if got[k] != want[k]] == []
     assert not list(cache_dir(cfg).rglob("*.tmp"))
+
+
+def test_worker_reopens_a_re_extracted_split(tmp_path):
+    """A persistent worker keys the stores it keeps by content fingerprint: after the split is
+    re-extracted (new content) it reads the new manifest, not the first one it opened."""
+    from PIL import Image
+
+    from pipeline.predict import predict_task
+    from pipeline.store import FeatureStore
+    root = make_dataset(tmp_path / "d", "obj_seg", {"train": 2, "test": 1}, size=(48, 64), seed=8)
+    cfg = make_cfg(tmp_path, root, "train.epochs=1", "train.linear_epochs=1", "train.crop=32")
+    run_extract(cfg, **quiet)
+    run_train(cfg, **quiet)
+    models_fp = json.loads((cfg.run_dir / "models" / "models.json").read_text())["fingerprint"]
+    sdir = str(cache_dir(cfg) / "test")
+    first = FeatureStore(sdir)
+    _, unit = predict_task(cfg, sdir, first.fingerprint, 0, str(tmp_path / "p"), models_fp)
+    # a new image in the first category's shard changes the split's content
+    src = root / "test" / first.items[0].category / "images"
+    Image.open(next(src.glob("*.jpg"))).save(src / "zz_new.jpg")
+    run_extract(cfg, **quiet)
+    second = FeatureStore(sdir)
+    assert second.fingerprint != first.fingerprint
+    _, unit2 = predict_task(cfg, sdir, second.fingerprint, 0, str(tmp_path / "p"), models_fp)
+    assert [r["stem"] for r in unit2["items"]] == [m.stem for m in second.items if m.shard == 0]
+    assert "zz_new" in [r["stem"] for r in unit2["items"]]
