@@ -63,10 +63,10 @@ def forward_only(cfg, canvases: list[np.ndarray]) -> float:
     """The stage's own engine (same optimisations, batching and precision), no I/O."""
     ex = Extractor(cfg)
     bs = cfg.extract.batch_size
-    ex._launch(canvases[:min(bs, len(canvases))])()  # warm-up
+    ex.launch(canvases[:min(bs, len(canvases))])()  # warm-up
     t0 = time.perf_counter()
     for k in range(0, len(canvases), bs):
-        ex._launch(canvases[k:k + bs])()
+        ex.launch(canvases[k:k + bs])()
     return time.perf_counter() - t0
 
 
