@@ -275,8 +275,9 @@ def run_extract(cfg: Config, splits: Iterable[str] = (), force: bool = False,
         atomic_write_json(sdir / "features.json", fparams)
         pending: list[ShardTask] = []
         for p in todo:
-            log(f"extract-features [{p.split}]: " + ("forced" if force else "; ".join(problems[p.split][:3])
-                + (f" (+{len(problems[p.split]) - 3} more)" if len(problems[p.split]) > 3 else "")))
+            why = problems[p.split]
+            log(f"extract-features [{p.split}]: " + ("computing (--force)" if force else
+                f"computing ({'; '.join(why[:3])}" + (f"; +{len(why) - 3} more" if len(why) > 3 else "") + ")"))
             remove_temporaries(p.split_dir / "shards")
             if force:
                 manifest_path(p.split_dir).unlink(missing_ok=True)

@@ -230,7 +230,7 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
         st = judge(cfg.run_dir, state)
         if not force and st.up_to_date:
             return PredictResult(up_to_date=True, report_json=rpath, predictions_dir=pred_dir_of(cfg, split))
-        log(f"predict [{split}]: {'forced' if force else st.why or st.state}")
+        log(f"predict [{split}]: {st.reason(force)}")
         fp = state.fingerprint
         udir = cfg.run_dir / "stages" / f"predict_{split}_units"
         pdir = pred_dir_of(cfg, split)

@@ -50,6 +50,14 @@ class StageStatus:
     def up_to_date(self) -> bool:
         return self.state == "up-to-date"
 
+    def reason(self, force: bool = False) -> str:
+        """Why the stage computes now, for its log line."""
+        if force:
+            return "computing (--force)"
+        if self.state == "missing":
+            return "computing (no earlier result)"
+        return f"recomputing ({self.why})" if self.why else "recomputing"
+
     def line(self) -> str:
         tail = f" ({self.why})" if self.why else ""
         return f"{self.stage}: {self.state}{tail}"

@@ -257,7 +257,7 @@ def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = pri
         st = judge(cfg.run_dir, state)
         if st.up_to_date and not force:
             return TrainResult(up_to_date=True, model_dir=mdir)
-        log(f"train-head: {'forced' if force else st.why or st.state}")
+        log(f"train-head: {st.reason(force)}")
         history = _train(cfg, state, train_store, val_store, force, log, progress)
         seconds = time.perf_counter() - t0
         save_record(cfg.run_dir, stage_state(cfg, state.deps), seconds=round(seconds, 1))
