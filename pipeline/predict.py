@@ -29,7 +29,7 @@ from .executors import portable_config, run_tasks, worker_cached
 from .fsutil import atomic_write_bytes, atomic_write_json, exclusive_lock, file_lock, read_json
 from .metrics import ImageStats, image_stats, summarize
 from .progress import Progress
-from .report import Thumb, write_reports
+from .report import Thumb, VariantThumb, write_reports
 from .models import TrainedModels, load_models, models_fingerprint, upsample_logits
 from .stages import StageState, StageStatus, judge, save_record
 from .store import CachedItem, FeatureStore, split_fingerprint
@@ -241,6 +241,7 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
             if isinstance(u, dict) and u.get("fingerprint") == fp and isinstance(u.get("items"), list):
                 units[si] = u
         todo = [si for si in range(len(hashes)) if si not in units]
+        predictor = Predictor(models, device, cfg.predict.threshold)
         if todo:
             todo_set = set(todo)
             n_todo = sum(1 for m in store.items if m.shard in todo_set)
@@ -253,7 +254,6 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
                     (f"predict-{fp}-{si}", (wcfg, sdir, store.fingerprint, si, str(pdir.resolve()),
                                             models.fingerprint)) for si in todo))
             else:
-                predictor = Predictor(models, device, cfg.predict.threshold)
                 results = ((si, predict_shard(store, si, predictor, pdir, cfg.predict.batch_size))
                            for si in todo)
             for si, unit in results:
@@ -266,7 +266,7 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
         report = build_report(cfg, split, rows, {"features": store.fingerprint,
                                                  "models": models.fingerprint})
         atomic_write_json(rpath, report)
-        _write_human_reports(cfg, split, report, rows, store)
+        _write_human_reports(cfg, split, report, rows, store, predictor)
         save_record(cfg.run_dir, stage_state(cfg, split, models.fingerprint, store.fingerprint))
     res = PredictResult(n_images=report["n_images"], n_predicted=report["n_predicted"],
                         seconds=time.perf_counter() - t0, predictions_dir=pdir, report_json=rpath)
@@ -321,8 +321,15 @@ def headline(report: dict) -> list[str]:
     return out
 
 
+def _other_runs(cfg: Config, split: str) -> list[tuple[str, str]]:
+    """(run name, link relative to this run's folder) of the other runs' reports of `split`."""
+    outputs = cfg.run_dir.parent
+    return [(d.name, f"../{d.name}/report_{split}.html") for d in sorted(outputs.iterdir())
+            if d.is_dir() and d.name != cfg.run.name and (d / f"report_{split}.html").is_file()]
+
+
 def _write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict],
-                         store: FeatureStore) -> None:
+                         store: FeatureStore, predictor: Predictor) -> None:
     rows = [r for r in rows if r["stats"] is not None]
     per_image = report["per_image"]
     k = cfg.predict.thumbnails
@@ -345,5 +352,11 @@ def _write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict]
                 history.append(json.loads(line))
             except ValueError:  # the training curves are decoration: a damaged line is dropped
                 continue
+    def variants(r: dict) -> VariantThumb:  # the worst images with every variant's mask
+        item = store.read(r["index"])
+        return VariantThumb(r["category"], r["stem"], item.image, item.mask,
+                            predictor.batch_masks([item])[0])
+
     write_reports(cfg.run_dir, split, report, per_image, [thumb(r) for r in best],
-                  [thumb(r) for r in worst], history)
+                  [thumb(r) for r in worst], history,
+                  variant_thumbs=[variants(r) for r in worst], other_runs=_other_runs(cfg, split))
