@@ -177,6 +177,54 @@ def run(cfg, force, split):
     sys.exit(0 if ok else 1)
 
 
+def do_segment(cfg, force: bool, paths, out_dir, overlays: bool) -> bool:
+    from pipeline.segment import run_segment
+    res = run_segment(cfg, paths, out_dir, overlays=overlays, force=force,
+                      warn=lambda line: click.echo(f"  skipped: {line}", err=True))
+    if res.n_written == 0 and not res.errors:
+        click.echo(f"segment: {res.n_current} masks up to date -> {res.out_dir}")
+        return True
+    rate = res.n_written / res.seconds if res.seconds > 0 else 0.0
+    click.echo(f"segment: {res.n_written} masks in {res.seconds:.1f} s ({rate:.1f} images/s)"
+               + (f", {res.n_current} up to date" if res.n_current else "") + f" -> {res.out_dir}")
+    if res.errors:
+        click.echo(f"error: {len(res.errors)} image(s) or folder(s) could not be segmented "
+                   "(listed above); the other masks are written", err=True)
+        return False
+    return True
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder [default: <paths.outputs>/<run.name>/segment].")
+@click.option("--overlays/--no-overlays", default=True, show_default=True,
+              help="Also write overlays/<path>.jpg: the image with the mask tinted and outlined.")
+@stage_command
+def segment(cfg, force, paths, out_dir, overlays):
+    """Masks for image files or folders (recursive) with the run's trained models."""
+    sys.exit(0 if do_segment(cfg, force, paths, out_dir, overlays) else 1)
+
+
+@cli.command("export")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The .pt2 file [default: <paths.outputs>/<run.name>/model.pt2].")
+@click.option("--height", type=int, default=None,
+              help="Example image height for tracing, a multiple of the patch size [default: 14 patches].")
+@click.option("--width", type=int, default=None,
+              help="Example image width for tracing, a multiple of the patch size [default: 20 patches].")
+@stage_command
+def export_model(cfg, force, out_file, height, width):
+    """One self-contained torch.export file: uint8 images -> object probability."""
+    from pipeline.export import run_export
+    res = run_export(cfg, out_file, height=height, width=width, force=force)
+    if res.up_to_date:
+        click.echo(f"export: up to date -> {res.path}")
+    else:
+        click.echo(f"export: {res.path} ({_human_bytes(res.bytes)}) in {res.seconds:.1f} s; "
+                   f"input uint8 (B, 3, H, W), H and W multiples of {res.patch_size}")
+
+
 @cli.command()
 @click.option("--split", default=None, help="Split whose predictions to check (default: data.test_split).")
 @stage_command

@@ -135,6 +135,8 @@ def official_pos_embed(pos_embed: torch.Tensor, num_prefix: int, grid: tuple[int
     m = math.isqrt(n)
     if m * m != n:
         raise ValueError(f"position embeddings of {n} patches are not a square grid")
+    if torch.compiler.is_exporting():
+        return _exportable_pos_embed(pos_embed, num_prefix, m, grid)
     if (h, w) == (m, m):
         return pos_embed
     dim = pos_embed.shape[-1]
@@ -146,6 +148,51 @@ def official_pos_embed(pos_embed: torch.Tensor, num_prefix: int, grid: tuple[int
         raise RuntimeError(f"position embeddings resized to {tuple(patch.shape[-2:])}, not {(h, w)}")
     patch = patch.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(pos_embed.dtype)
     return torch.cat((pos_embed[:, :num_prefix], patch), dim=1)
+
+
+_CUBIC_A = -0.75  # the bicubic convolution constant of torch's (and OpenCV's) "bicubic" mode
+
+
+def _dino_resize_matrix(size: int, m: int, identity: torch.Tensor) -> torch.Tensor:
+    """(size, m) float64: row y holds the bicubic taps that `official_pos_embed`'s resize
+    (scale factor (size + 0.1) / m, align_corners=False, borders clamped) gives output y,
+    or the identity rows where `identity` (a bool tensor: the trained grid) holds. The size
+    enters as a tensor, never as a Python float, so torch.export keeps it symbolic."""
+    dst = torch.arange(size, dtype=torch.float64)
+    n = dst[-1:] + 1  # `size` as a tensor
+    src = (dst + 0.5) * (m / (n + POS_INTERPOLATE_OFFSET)) - 0.5
+    i0 = src.floor()
+    t = src - i0
+    u = 1 - t
+    a = _CUBIC_A
+    taps = (((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+            ((a + 2) * t - (a + 3)) * t * t + 1,
+            ((a + 2) * u - (a + 3)) * u * u + 1,
+            ((a * (u + 1) - 5 * a) * (u + 1) + 8 * a) * (u + 1) - 4 * a)
+    i0 = i0.long()
+    mat = sum(nn.functional.one_hot((i0 + k - 1).clamp(0, m - 1), m).double() * wk[:, None]
+              for k, wk in enumerate(taps))
+    eye = nn.functional.one_hot(torch.arange(size).clamp(max=m - 1), m).double()
+    return torch.where(identity, eye, mat)
+
+
+def _exportable_pos_embed(pos_embed: torch.Tensor, num_prefix: int, m: int,
+                          grid: tuple[int, int]) -> torch.Tensor:
+    """`official_pos_embed` for torch.export, where the grid size is symbolic: the same
+    resize written as two interpolation matrices (float64), with no Python branch or float
+    on the grid size (F.interpolate's scale factor would be frozen to the example's grid).
+    Agrees with the eager resize to float32 rounding (a few parts in a million: torch's
+    kernel computes the sampling positions in float32), not bit for bit, which is why the
+    eager path keeps torch's kernel (the feature cache's values)."""
+    h, w = grid
+    dim = pos_embed.shape[-1]
+    rows = torch.arange(h)
+    cols = torch.arange(w)
+    trained = ((rows[-1:] + 1) == m) & ((cols[-1:] + 1) == m)  # both sides at the trained grid
+    patch = pos_embed[0, num_prefix:].double().reshape(m, m, dim)
+    out = torch.einsum("yi,ijc,xj->yxc", _dino_resize_matrix(h, m, trained), patch,
+                       _dino_resize_matrix(w, m, trained))
+    return torch.cat((pos_embed[:, :num_prefix], out.reshape(1, h * w, dim).to(pos_embed.dtype)), dim=1)
 
 
 def vit_forward_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

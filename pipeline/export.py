@@ -1,0 +1,166 @@
+"""`export`: the run's whole inference path as one self-contained `torch.export` program.
+
+    prob = torch.export.load("model.pt2").module()(images)   # torch alone, no pipeline
+
+`images`: uint8 RGB (B, 3, H, W), H and W multiples of the backbone's patch size (dynamic:
+any batch and size up to MAX_SIDE); `prob`: float32 (B, 1, H, W), the object probability
+(the PAC upsampler's sigmoid); a pixel is object where prob > `predict.threshold` (recorded
+in the archive's META_FILE, with the patch size). Images of other sizes are cropped or
+padded to a multiple of the patch first, as `segment` does (`extract.fit`).
+
+The program holds the backbone with its weights and input normalisation, the features
+rounded to `extract.feature_dtype` (what the heads were trained on: the store keeps them so),
+the linear head and the PAC upsampler. It computes what `segment` computes, but not bit for
+bit: the backbone runs batched with torch's default threading instead of one single-threaded
+pass per image, and a ViT's position embeddings are resized by interpolation matrices
+(`backbones._exportable_pos_embed`, within float32 rounding of torch's bicubic kernel) because torch.export
+would freeze F.interpolate's scale factor to the example's size. The float16 rounding of the
+features turns such tiny differences into occasional one-step differences of a feature, so
+a few pixels near the threshold may flip: tests require >= 99.9 % equal pixels.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .backbones import Backbone
+from .config import Config
+from .errors import UsageError
+from .extract import Extractor
+from .fsutil import atomic_write_bytes, file_lock, sha256_bytes, sha256_file
+from .models import TrainedModels
+from .predict import checked_models, model_dir
+from .stages import StageState, judge, load_record, save_record
+from .store import feature_params
+
+STAGE = "export"
+MAX_SIDE = 8192  # largest image side the program accepts
+MAX_BATCH = 1024
+EXAMPLE_PATCHES = (14, 20)  # default example size for tracing, in patches (height, width)
+META_FILE = "vit_objseg.json"  # in the archive: torch.export.load(path, extra_files={META_FILE: ""})
+
+
+class SegmentationProgram(nn.Module):
+    """uint8 images (B, 3, H, W), H and W multiples of the patch size -> object probability
+    (B, 1, H, W): backbone (with its normalisation), features rounded to the stored dtype,
+    linear head, PAC upsampler (residual on the head's logits when so trained), sigmoid."""
+
+    def __init__(self, backbone: Backbone, models: TrainedModels, feature_dtype: torch.dtype):
+        super().__init__()
+        self.backbone = backbone
+        self.head = models.head
+        self.upsampler = models.upsampler
+        self.feature_dtype = feature_dtype
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(images).to(self.feature_dtype).float().permute(0, 3, 1, 2)
+        return torch.sigmoid(self.upsampler(feats, images, self.head(feats)))
+
+
+def build_program(cfg: Config, models: TrainedModels) -> SegmentationProgram:
+    """The program on CPU in eval mode, without gradients; the backbone is built and
+    optimised exactly as stage 1 builds it (`Extractor`)."""
+    backbone = Extractor(cfg, torch.device("cpu")).backbone
+    program = SegmentationProgram(backbone, models, getattr(torch, cfg.extract.feature_dtype))
+    return program.to("cpu").eval().requires_grad_(False)
+
+
+def default_path(cfg: Config) -> Path:
+    return cfg.run_dir / "model.pt2"
+
+
+def _example_side(value: int | None, default_patches: int, patch: int, name: str) -> int:
+    if value is None:
+        return default_patches * patch
+    if value <= 0 or value % patch or value > MAX_SIDE:
+        raise UsageError(f"--{name} {value}: must be a positive multiple of the patch size "
+                         f"{patch}, at most {MAX_SIDE}")
+    return value
+
+
+def export_program(program: SegmentationProgram, patch: int, height: int, width: int
+                   ) -> torch.export.ExportedProgram:
+    """torch.export of `program` with a dynamic batch and dynamic H, W (multiples of
+    `patch`), traced on a (2, 3, height, width) example."""
+    Dim = torch.export.Dim
+    dims = {"images": {0: Dim("batch", min=1, max=MAX_BATCH),
+                       2: Dim("h", min=1, max=MAX_SIDE // patch) * patch,
+                       3: Dim("w", min=1, max=MAX_SIDE // patch) * patch}}
+    example = torch.randint(0, 256, (2, 3, height, width), dtype=torch.uint8,
+                            generator=torch.Generator().manual_seed(0))
+    return torch.export.export(program, (example,), dynamic_shapes=dims)
+
+
+def meta(cfg: Config, models: TrainedModels, patch: int) -> dict:
+    """What a user of the file needs besides torch (stored in the archive as META_FILE)."""
+    return {"input": f"uint8 RGB (B, 3, H, W), H and W multiples of {patch}, at most {MAX_SIDE}",
+            "output": "float32 (B, 1, H, W): object probability",
+            "patch_size": patch, "threshold": cfg.predict.threshold, "fit": cfg.extract.fit,
+            "backbone": cfg.backbone.name, "weights": cfg.backbone.weights,
+            "models_fingerprint": models.fingerprint, "run": cfg.run.name,
+            "torch": torch.__version__}
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    patch_size: int
+    up_to_date: bool = False
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+def _state(cfg: Config, models: TrainedModels, path: Path, height: int | None,
+           width: int | None) -> StageState:
+    params = {k: v for k, v in feature_params(cfg).items() if k != "format"}
+    params.update({"predict.threshold": cfg.predict.threshold, "out": str(path.resolve()),
+                   "height": height, "width": width, "torch": torch.__version__})
+    rec = load_record(cfg.run_dir, STAGE)
+    try:
+        intact = rec is not None and sha256_file(path) == rec.get("sha256")
+    except OSError:
+        intact = False
+    return StageState(STAGE, {"models": models.fingerprint}, params,
+                      "" if intact else f"{path} missing or changed",
+                      {"models": "python cli.py train-head"})
+
+
+def run_export(cfg: Config, out: str | Path | None = None, height: int | None = None,
+               width: int | None = None, force: bool = False) -> ExportResult:
+    """Export the run's models with their backbone to `out` (default `<run>/model.pt2`);
+    up to date (nothing done) while the models, the settings and the file are unchanged.
+    ModelError naming train-head when the models are missing or do not match `cfg`."""
+    t0 = time.perf_counter()
+    path = Path(out) if out is not None else default_path(cfg)
+    mdir = model_dir(cfg)
+    if not mdir.is_dir():
+        checked_models(cfg)  # raises: no trained models, run train-head
+    with file_lock(mdir / ".lock", f"the models of run '{cfg.run.name}' (train-head is running)",
+                   shared=True):
+        models = checked_models(cfg)
+        state = _state(cfg, models, path, height, width)
+        if not force and judge(cfg.run_dir, state).up_to_date:
+            return ExportResult(path, models.patch_size, up_to_date=True, bytes=path.stat().st_size)
+        program = build_program(cfg, models)
+        patch = program.backbone.spec.patch_size
+        h = _example_side(height, EXAMPLE_PATCHES[0], patch, "height")
+        w = _example_side(width, EXAMPLE_PATCHES[1], patch, "width")
+        exported = export_program(program, patch, h, w)
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            # the archive writer's note on channels-last weights (a CNN's, see
+            # Backbone.optimize_for_inference): they are saved whole and load unchanged
+            warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+            torch.export.save(exported, buf,
+                              extra_files={META_FILE: json.dumps(meta(cfg, models, patch), indent=1)})
+        data = buf.getvalue()
+        atomic_write_bytes(path, data)
+        save_record(cfg.run_dir, state, sha256=sha256_bytes(data))
+    return ExportResult(path, patch, bytes=len(data), seconds=time.perf_counter() - t0)

@@ -1,0 +1,355 @@
+"""`segment`: masks for any image files or folders with the trained models of the configured
+run. No annotations, no training data and no feature store are needed, and nothing is cached.
+
+The computation is stage 1's and stage 3's own: images are decoded as stage 1 decodes them
+(EXIF orientation applied) and put on the same canvas (`fit_box`, `extract.fit`), the
+backbone runs through `Extractor.launch` (which returns the features in the dtype the store
+keeps, float16 by default), and the heads and the threshold are `Predictor.masks`. So on CPU
+an image that is also in a cached split gets the same mask, byte for byte, as `predict`.
+
+Outputs under `<out>` (default `<outputs>/<run>/segment/`): for a folder argument the mask at
+`<path relative to that folder>` with suffix `.png`, for a file argument at `<stem>.png`;
+overlays at `overlays/<same path>.jpg`. `<out>/.segment.json` records, per mask, the source
+file's sha256 and the settings it was computed with, so a rerun recomputes only images that
+changed (or all of them, when the models or settings did).
+
+Layering: this module uses stage 1's extractor and stage 3's predictor; no stage imports it.
+"""
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .config import Config
+from .data import IMAGE_EXTS, Box, decode_image, fit_box, read_bytes, same_size_batches, to_canvas
+from .devices import resolve_device
+from .errors import DataError
+from .extract import Extractor
+from .fsutil import atomic_write_bytes, atomic_write_json, file_lock, read_json, sha256_bytes, sha256_file
+from .predict import Predictor, checked_models, mask_png_bytes, model_dir
+from .progress import Progress
+from .report import _mask_panel
+from .stages import fingerprint
+from .store import feature_params
+
+RECORD_FILE = ".segment.json"
+RECORD_VERSION = 1
+OVERLAY_DIR = "overlays"
+CHUNK = 64  # images decoded ahead of the model per step (two steps in flight)
+SAVE_EVERY_S = 2.0  # the record is saved this often during a run (and at its end)
+OVERLAY_QUALITY = 90
+
+
+def default_out_dir(cfg: Config) -> Path:
+    return cfg.run_dir / "segment"
+
+
+# ----------------------------------------------------------------------------- inputs
+
+@dataclass(frozen=True)
+class Source:
+    """One image to segment and where its mask goes, relative to the output folder."""
+    path: Path
+    rel: str  # posix, suffix .png
+
+    @property
+    def overlay_rel(self) -> str:
+        return f"{OVERLAY_DIR}/{self.rel[:-len('.png')]}.jpg"
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTS
+
+
+def _dir_key(path: str | Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _images_in(folder: Path, skip: set[tuple[int, int]], problems: list[str]) -> Iterator[Path]:
+    """Image files under `folder`, recursively and sorted; hidden files and folders and the
+    folders in `skip` are left out. Linked folders are followed once (a link loop ends)."""
+    seen: set[tuple[int, int]] = set()
+
+    def unreadable(e: OSError) -> None:
+        problems.append(f"{e.filename}: cannot list folder ({e.strerror or type(e).__name__})")
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
+        key = _dir_key(dirpath)
+        if key is None or key in seen or key in skip:
+            dirnames[:] = []
+            continue
+        seen.add(key)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if _is_image_name(name):
+                yield Path(dirpath) / name
+
+
+def find_sources(paths: Sequence[str | Path], out_dir: Path) -> tuple[list[Source], list[str]]:
+    """The images named by `paths` (files, or folders searched recursively) with their mask
+    paths, and one-line problems found while listing (an unreadable folder). DataError for a
+    path that does not exist, for no image at all, and for two images that would write one
+    mask (a.jpg and a.png in one folder, two file arguments with one stem), naming both."""
+    skip = {k for k in (_dir_key(out_dir),) if k is not None}  # never segment our own outputs
+    by_rel: dict[str, Source] = {}
+    problems: list[str] = []
+
+    def add(src: Source) -> None:
+        other = by_rel.setdefault(src.rel, src)
+        if other is not src and os.path.realpath(other.path) != os.path.realpath(src.path):
+            raise DataError(f"{other.path} and {src.path} would both write {out_dir / src.rel}; "
+                            "rename one or segment them with different --out folders")
+
+    for p in map(Path, paths):
+        if p.is_dir():
+            for img in _images_in(p, skip, problems):
+                add(Source(img, img.relative_to(p).with_suffix(".png").as_posix()))
+        elif p.exists() or p.is_symlink():
+            add(Source(p, f"{p.stem}.png"))
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    if not by_rel and not problems:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {', '.join(map(str, paths))}")
+    return sorted(by_rel.values(), key=lambda s: s.rel), problems
+
+
+# ----------------------------------------------------------------------------- the record
+
+def settings_fingerprint(cfg: Config, models_fp: str) -> str:
+    """What a mask depends on besides its image: the models, the feature settings (backbone,
+    weights, canvas fit, precision, feature dtype) and the threshold."""
+    features = {k: v for k, v in feature_params(cfg).items() if k != "format"}
+    return fingerprint({"models": models_fp, "features": features,
+                        "threshold": cfg.predict.threshold})
+
+
+class SegmentRecord:
+    """`<out>/.segment.json`: {mask path: {sha256, stamp (size, mtime_ns) of the source,
+    settings fingerprint, overlay written}}; written atomically. Entries of other inputs
+    segmented into the same folder are kept."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / RECORD_FILE
+        data = read_json(self.path)
+        ok = isinstance(data, dict) and data.get("version") == RECORD_VERSION \
+            and isinstance(data.get("masks"), dict)
+        self.masks: dict[str, dict] = data["masks"] if ok else {}
+        self._dirty = False
+
+    def is_current(self, src: Source, out_dir: Path, settings: str, overlays: bool) -> bool:
+        """Whether the mask (and overlay, when asked for) of `src` exist and were computed from
+        its current content with `settings`. The content is compared by sha256, read only
+        when the file's size or mtime changed (a touched file is not recomputed)."""
+        entry = self.masks.get(src.rel)
+        if not isinstance(entry, dict) or entry.get("settings") != settings:
+            return False
+        if not (out_dir / src.rel).is_file():
+            return False
+        if overlays and not (entry.get("overlay") and (out_dir / src.overlay_rel).is_file()):
+            return False
+        try:
+            st = src.path.stat()
+            stamp = [st.st_size, st.st_mtime_ns]
+            if entry.get("stamp") == stamp:
+                return True
+            if sha256_file(src.path) != entry.get("sha256"):
+                return False
+        except OSError:
+            return False  # unreadable now: the run reports it
+        entry["stamp"] = stamp
+        self._dirty = True
+        return True
+
+    def put(self, rel: str, entry: dict) -> None:
+        self.masks[rel] = entry
+        self._dirty = True
+
+    def drop(self, rel: str) -> None:
+        if self.masks.pop(rel, None) is not None:
+            self._dirty = True
+
+    def save(self) -> None:
+        if self._dirty:
+            atomic_write_json(self.path, {"version": RECORD_VERSION, "masks": self.masks})
+            self._dirty = False
+
+
+# ----------------------------------------------------------------------------- the work
+
+@dataclass
+class _Decoded:
+    src: Source
+    image: np.ndarray | None = None  # uint8 (H, W, 3), viewer orientation
+    box: Box | None = None
+    sha256: str = ""
+    stamp: list[int] = field(default_factory=list)
+    error: str | None = None
+
+
+def _decode(src: Source, patch: int, fit: str) -> _Decoded:
+    """Read and decode one image as stage 1 does; an unreadable one carries its error."""
+    try:
+        st = src.path.stat()  # before reading: a change while reading shows up next run
+        data = read_bytes(src.path, "image")
+        image = decode_image(data, src.path)
+    except DataError as e:
+        return _Decoded(src, error=str(e))
+    except OSError as e:  # stat of a broken link, a link loop
+        return _Decoded(src, error=f"{src.path}: cannot read image ({e.strerror or type(e).__name__})")
+    h, w = image.shape[:2]
+    return _Decoded(src, image, fit_box(h, w, patch, fit), sha256_bytes(data),
+                    [st.st_size, st.st_mtime_ns])
+
+
+def overlay_jpeg(image: np.ndarray, mask: np.ndarray) -> bytes:
+    """The image with the mask's object tinted and outlined and the background dimmed (the
+    report's mask panels), at full size, as JPEG bytes."""
+    width = max(1, round(max(mask.shape) / 240))  # the report's outline: 1 px per 240 px
+    buf = io.BytesIO()
+    Image.fromarray(_mask_panel(image, mask, width)).save(buf, format="JPEG",
+                                                           quality=OVERLAY_QUALITY)
+    return buf.getvalue()
+
+
+def _write(out_dir: Path, d: _Decoded, mask: np.ndarray, overlays: bool, settings: str) -> dict:
+    """Write one mask (and its overlay, or remove a stale one); returns its record entry."""
+    atomic_write_bytes(out_dir / d.src.rel, mask_png_bytes(mask))
+    if overlays:
+        atomic_write_bytes(out_dir / d.src.overlay_rel, overlay_jpeg(d.image, mask))
+    else:
+        (out_dir / d.src.overlay_rel).unlink(missing_ok=True)
+    return {"sha256": d.sha256, "stamp": d.stamp, "settings": settings, "overlay": overlays}
+
+
+@dataclass
+class SegmentResult:
+    out_dir: Path
+    n_written: int = 0
+    n_current: int = 0  # masks already up to date, not recomputed
+    errors: list[str] = field(default_factory=list)  # one line per image or folder skipped
+    seconds: float = 0.0
+
+
+def run_segment(cfg: Config, paths: Sequence[str | Path], out_dir: str | Path | None = None,
+                overlays: bool = True, force: bool = False, progress: bool = True,
+                warn: Callable[[str], None] = lambda line: None) -> SegmentResult:
+    """Masks for the images under `paths` with the run's trained models (ModelError naming
+    train-head when they are missing or were trained with other settings than `cfg`'s).
+    Images whose mask is current are skipped unless `force`; an unreadable image is skipped,
+    reported through `warn(line)` and listed in `errors`, and its stale outputs are removed."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
+    sources, problems = find_sources(paths, out_dir)
+    result = SegmentResult(out_dir, errors=list(problems))
+    for line in problems:
+        warn(line)
+    mdir = model_dir(cfg)
+    if not mdir.is_dir():
+        checked_models(cfg)  # raises: no trained models, run train-head
+    with file_lock(mdir / ".lock", f"the models of run '{cfg.run.name}' (train-head is running)",
+                   shared=True), \
+            file_lock(out_dir / ".segment.lock", f"segment into {out_dir}"):
+        device = resolve_device(cfg.predict.device)
+        models = checked_models(cfg, device)
+        settings = settings_fingerprint(cfg, models.fingerprint)
+        record = SegmentRecord(out_dir)
+        todo = [s for s in sources
+                if force or not record.is_current(s, out_dir, settings, overlays)]
+        result.n_current = len(sources) - len(todo)
+        try:
+            if todo:
+                predictor = Predictor(models, device, cfg.predict.threshold)
+                _stream(cfg, todo, Extractor(cfg), predictor, out_dir, overlays, settings,
+                        record, result, progress, warn)
+        finally:
+            record.save()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _chunks(items: list, n: int) -> Iterator[list]:
+    for k in range(0, len(items), n):
+        yield items[k:k + n]
+
+
+def _stream(cfg: Config, todo: list[Source], extractor: Extractor, predictor: Predictor,
+            out_dir: Path, overlays: bool, settings: str, record: SegmentRecord,
+            result: SegmentResult, progress: bool, warn: Callable[[str], None]) -> None:
+    """Decode ahead in a thread pool (two chunks in flight), run same-size batches through the
+    backbone and the heads, write in background threads; the record follows the writes."""
+    decode_pool = ThreadPoolExecutor(max(1, cfg.extract.num_workers), thread_name_prefix="decode")
+    write_pool = ThreadPoolExecutor(2, thread_name_prefix="write")
+    window: deque[list[Future]] = deque()
+    writes: deque[tuple[str, Future]] = deque()
+    chunks = _chunks(todo, max(CHUNK, extractor.batch_size))
+    bar = Progress(len(todo), "segment", enabled=progress)
+    last_save = time.perf_counter()
+
+    def submit_next() -> None:
+        chunk = next(chunks, None)
+        if chunk is not None:
+            window.append([decode_pool.submit(_decode, s, extractor.patch, extractor.fit)
+                           for s in chunk])
+
+    def finish(rel: str, fut: Future) -> None:
+        nonlocal last_save
+        record.put(rel, fut.result())
+        result.n_written += 1
+        bar.update(1)
+        if time.perf_counter() - last_save >= SAVE_EVERY_S:
+            record.save()
+            last_save = time.perf_counter()
+
+    try:
+        submit_next()
+        submit_next()
+        while window:
+            decoded = [f.result() for f in window.popleft()]
+            submit_next()
+            good = []
+            for d in decoded:
+                if d.error is None:
+                    good.append(d)
+                    continue
+                result.errors.append(d.error)
+                warn(d.error)
+                record.drop(d.src.rel)  # the outputs of an earlier version of this image go
+                (out_dir / d.src.rel).unlink(missing_ok=True)
+                (out_dir / d.src.overlay_rel).unlink(missing_ok=True)
+                bar.update(1)
+            for batch in same_size_batches([d.box for d in good], extractor.batch_size):
+                items = [good[i] for i in batch]
+                canvases = [to_canvas(d.image, d.box) for d in items]
+                feats = extractor.launch(canvases)()
+                masks = predictor.masks(feats, np.stack(canvases), [d.box for d in items],
+                                        [d.image.shape[:2] for d in items], variants=("pac",))
+                for d, m in zip(items, masks):
+                    writes.append((d.src.rel, write_pool.submit(_write, out_dir, d, m["pac"],
+                                                                overlays, settings)))
+                while len(writes) > 2 * extractor.batch_size or (writes and writes[0][1].done()):
+                    finish(*writes.popleft())
+        while writes:
+            finish(*writes.popleft())
+    finally:
+        bar.close()
+        for futs in window:
+            for f in futs:
+                f.cancel()
+        decode_pool.shutdown(wait=True, cancel_futures=True)
+        write_pool.shutdown(wait=True)
+        for rel, fut in writes:  # interrupted: keep what was written completely
+            if fut.done() and fut.exception() is None:
+                record.put(rel, fut.result())
