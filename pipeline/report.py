@@ -38,6 +38,8 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .config import Config
+
 __all__ = ["Thumb", "VariantThumb", "overlay", "thumbnail_strip", "variant_strip",
            "plot_training_curves", "write_reports", "headline_text",
            "TP_COLOUR", "FP_COLOUR", "FN_COLOUR", "CONTOUR_COLOUR", "MASK_COLOUR", "LEGEND",
@@ -987,11 +989,7 @@ def _settings(config) -> list[dict]:
     rows {key, value, changed}; ``changed`` when the value differs from the built-in default."""
     if not isinstance(config, dict):
         return []
-    try:
-        from .config import Config
-        defaults = Config().to_dict()
-    except Exception:  # an older or foreign config: show the values without the comparison
-        defaults = {}
+    defaults = Config().to_dict()
     rows = []
 
     def add(section, name, value):

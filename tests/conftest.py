@@ -43,3 +43,14 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600):
     import subprocess
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(r, *parts: str) -> str:
+    """Assert that a CLI run printed exactly one `error:` line, no traceback, containing each
+    of `parts`; return the line."""
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, r.stderr
+    for p in parts:
+        assert p in lines[0], (p, lines[0])
+    return lines[0]

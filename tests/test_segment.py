@@ -18,7 +18,7 @@ from pipeline.extract import run_extract
 from pipeline.predict import run_predict
 from pipeline.segment import RECORD_FILE, run_segment
 from pipeline.train import run_train
-from tests.conftest import make_cfg, run_cli
+from tests.conftest import one_line_error, make_cfg, run_cli
 
 FAST = ("train.epochs=1", "train.linear_epochs=2", "train.crop=48")
 quiet = dict(log=lambda s: None, progress=False)
@@ -44,15 +44,6 @@ def trained(tmp_path_factory, synth_root):
     run_train(cfg, **quiet)
     run_predict(cfg, "test", **quiet)
     return base, synth_root, cfg
-
-
-def one_line_error(r, *parts: str) -> str:
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
-    assert len(lines) == 1, r.stderr
-    for p in parts:
-        assert p in lines[0], (p, lines[0])
-    return lines[0]
 
 
 def sha(path: Path) -> str:

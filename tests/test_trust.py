@@ -19,7 +19,7 @@ from pipeline.predict import run_predict
 from pipeline.store import store_dir
 from pipeline.synth import make_dataset
 from pipeline.train import model_dir, run_train
-from tests.conftest import make_cfg, run_cli
+from tests.conftest import one_line_error, make_cfg, run_cli
 
 quiet = dict(log=lambda s: None, progress=False)
 FAST = ("train.epochs=1", "train.linear_epochs=2", "train.crop=48", "train.batch_size=4")
@@ -38,15 +38,6 @@ def cli_sets(cfg, *extra: str) -> list[str]:
 def digest_tree(folder: Path, suffixes=(".h5", ".pt", ".png")) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix in suffixes}
-
-
-def one_line_error(r, *parts: str) -> str:
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
-    assert len(lines) == 1, r.stderr
-    for p in parts:
-        assert p in lines[0], (p, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
