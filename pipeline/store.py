@@ -35,6 +35,7 @@ from .data import Box, Item, decode_image, list_items
 from .devices import resolve_precision
 from .errors import StoreError
 from .fsutil import FileHasher, atomic_write_json, canonical_json, read_json, sha256_file
+from .stages import fingerprint
 
 FORMAT_VERSION = 3  # 3: encoded image bytes, optional masks, checksummed shards and manifest
 SHARD_SIZE = 64  # images per shard: the unit of resumption and of distributed work
@@ -55,13 +56,9 @@ def feature_params(cfg: Config) -> dict[str, Any]:
     }
 
 
-def short_hash(obj: Any, n: int = 16) -> str:
-    return hashlib.sha256(canonical_json(obj)).hexdigest()[:n]
-
-
 def store_dir(cfg: Config, fparams: dict | None = None) -> Path:
     fparams = fparams or feature_params(cfg)
-    return Path(cfg.paths.cache) / "features" / f"{cfg.backbone.name}-{short_hash(fparams, 12)}"
+    return Path(cfg.paths.cache) / "features" / f"{cfg.backbone.name}-{fingerprint(fparams)[:12]}"
 
 
 def file_hasher(cfg: Config) -> FileHasher:
@@ -84,10 +81,6 @@ class ItemMeta:
     shard: int  # index into Manifest.shards
     slot: int  # position inside the shard
 
-    def row(self) -> list:
-        return [self.category, self.stem, self.source, *self.orig_size, *self.box.as_tuple(),
-                int(self.annotated)]
-
 
 @dataclass(frozen=True)
 class ShardEntry:
@@ -95,7 +88,7 @@ class ShardEntry:
     hash: str  # of the shard's inputs
     bytes: int
     sha256: str
-    rows: tuple  # ItemMeta.row() of each image, in slot order
+    rows: tuple  # per image: category, stem, source, H, W, box (top, left, h, w), annotated
     errors: tuple[str, ...]  # files of this shard that could not be used
 
     def to_json(self) -> dict:
@@ -221,10 +214,10 @@ def plan_split(cfg: Config, split: str, fparams: dict, hasher: FileHasher) -> Sp
     """The split's shards. Reads the data folder (file digests are memoised)."""
     root = Path(cfg.data.root)
     items, problems = list_items(root, cfg.data.layout, split)
-    key = short_hash(fparams)
+    key = fingerprint(fparams)
     ids = [(it.image, hasher.digest(root / it.image), it.mask,
             hasher.digest(root / it.mask) if it.mask else None) for it in items]
-    digest = short_hash([ids, problems])
+    digest = fingerprint([ids, problems])
     split_dir = store_dir(cfg, fparams) / split
     by_cat: dict[str, list[int]] = {}
     for i, it in enumerate(items):
@@ -234,7 +227,7 @@ def plan_split(cfg: Config, split: str, fparams: dict, hasher: FileHasher) -> Sp
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in cat)
         for k in range(0, len(idx), SHARD_SIZE):
             chunk = idx[k:k + SHARD_SIZE]
-            h = short_hash([key, [ids[i] for i in chunk]])
+            h = fingerprint([key, [ids[i] for i in chunk]])
             tasks.append(ShardTask(str(root), str(split_dir),
                                    f"shards/{safe}-{k // SHARD_SIZE:04d}-{h}.h5", h,
                                    [items[i] for i in chunk],
