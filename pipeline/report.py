@@ -231,7 +231,7 @@ def _errors_panel(img: np.ndarray, gt: np.ndarray, pred: np.ndarray,
 
 @functools.lru_cache(maxsize=1)
 def _mask_luts() -> tuple[np.ndarray, np.ndarray]:
-    """(256, 3) uint8 look-up tables of _mask_panel: an object pixel's and a background
+    """(256, 3) uint8 look-up tables of mask_panel: an object pixel's and a background
     pixel's new value per old value and channel (float32 arithmetic, as computed per pixel)."""
     v = np.arange(256, dtype=np.float32)[:, None]
     obj = v * np.float32(1.0 - MASK_ALPHA) + (np.asarray(MASK_COLOUR, np.float32)
@@ -240,7 +240,7 @@ def _mask_luts() -> tuple[np.ndarray, np.ndarray]:
     return tuple(np.clip(t, 0, 255).round().astype(np.uint8) for t in (obj, bg))
 
 
-def _mask_panel(img: np.ndarray, mask: np.ndarray, contour_width: int = 1) -> np.ndarray:
+def mask_panel(img: np.ndarray, mask: np.ndarray, contour_width: int = 1) -> np.ndarray:
     """The object of ``mask`` at the image's own colours, lightly tinted and outlined
     (``MASK_COLOUR``); the background dimmed to ``MASK_DIM`` of its brightness. Also used
     by ``segment`` for its overlays (any image ``_as_rgb_uint8`` takes)."""
@@ -279,14 +279,14 @@ def _line_width(img: np.ndarray) -> int:
 def _strip_panels(image, gt, pred, max_side) -> list[np.ndarray]:
     img, gt, pred = _prepare(image, gt, pred, max_side)
     cw = _line_width(img)
-    return [img, _mask_panel(img, gt, cw), _mask_panel(img, pred, cw),
+    return [img, mask_panel(img, gt, cw), mask_panel(img, pred, cw),
             _errors_panel(img, gt, pred, cw)]
 
 
 def _variant_panels(image, gt, masks: list[np.ndarray], max_side) -> list[np.ndarray]:
     img, (gt, *masks) = _prepare_many(image, [gt, *masks], max_side)
     cw = _line_width(img)
-    return [img, _mask_panel(img, gt, cw)] + [_errors_panel(img, gt, m, cw) for m in masks]
+    return [img, mask_panel(img, gt, cw)] + [_errors_panel(img, gt, m, cw) for m in masks]
 
 
 def _hstack(panels: list[np.ndarray], gap: int) -> np.ndarray:
@@ -302,7 +302,7 @@ def thumbnail_strip(image: np.ndarray, gt: np.ndarray, pred: np.ndarray,
                     ) -> tuple[np.ndarray, tuple[int, int]]:
     """One report thumbnail: ``len(PANELS)`` panels side by side, all the same size, separated
     by ``gap`` white columns: the image, the ground truth, the prediction (both drawn by
-    ``_mask_panel``: object bright and outlined in white, background dimmed) and the errors
+    ``mask_panel``: object bright and outlined in white, background dimmed) and the errors
     (``overlay``'s colours). Each panel is downscaled (never upscaled) to a longest side of
     ``max_side``; outlines are 1 px per 240 px of panel side, so about 1 CSS px at the page's
     display size. Returns the strip (uint8 RGB) and the size (w, h) of one panel.

@@ -37,7 +37,7 @@ from .extract import Extractor
 from .fsutil import atomic_write_bytes, atomic_write_json, file_lock, read_json, sha256_bytes, sha256_file
 from .predict import Predictor, checked_models, mask_png_bytes, model_dir
 from .progress import Progress
-from .report import _mask_panel
+from .report import mask_panel
 from .stages import fingerprint
 from .store import feature_params
 
@@ -219,7 +219,7 @@ def overlay_jpeg(image: np.ndarray, mask: np.ndarray) -> bytes:
     report's mask panels), at full size, as JPEG bytes."""
     width = max(1, round(max(mask.shape) / 240))  # the report's outline: 1 px per 240 px
     buf = io.BytesIO()
-    Image.fromarray(_mask_panel(image, mask, width)).save(buf, format="JPEG",
+    Image.fromarray(mask_panel(image, mask, width)).save(buf, format="JPEG",
                                                            quality=OVERLAY_QUALITY)
     return buf.getvalue()
 
