@@ -26,9 +26,6 @@ class StoreError(PipelineError):
     """The feature store (stage 1's output) is missing, damaged, locked or out of date."""
 
 
-CacheError = StoreError  # the name earlier versions used
-
-
 class BackboneError(PipelineError):
     """A backbone cannot be built or its weights cannot be (safely) loaded."""
 

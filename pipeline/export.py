@@ -34,9 +34,9 @@ from .backbones import Backbone
 from .config import Config
 from .errors import UsageError
 from .extract import Extractor
-from .fsutil import atomic_write_bytes, file_lock, sha256_bytes, sha256_file
+from .fsutil import atomic_write_bytes, sha256_bytes, sha256_file
 from .models import TrainedModels
-from .predict import checked_models, model_dir
+from .predict import checked_models
 from .stages import StageState, judge, load_record, save_record
 from .store import feature_params
 
@@ -139,12 +139,7 @@ def run_export(cfg: Config, out: str | Path | None = None, height: int | None = 
     ModelError naming train-head when the models are missing or do not match `cfg`."""
     t0 = time.perf_counter()
     path = Path(out) if out is not None else default_path(cfg)
-    mdir = model_dir(cfg)
-    if not mdir.is_dir():
-        checked_models(cfg)  # raises: no trained models, run train-head
-    with file_lock(mdir / ".lock", f"the models of run '{cfg.run.name}' (train-head is running)",
-                   shared=True):
-        models = checked_models(cfg)
+    with checked_models(cfg) as models:
         state = _state(cfg, models, path, height, width)
         if not force and judge(cfg.run_dir, state).up_to_date:
             return ExportResult(path, models.patch_size, up_to_date=True, bytes=path.stat().st_size)

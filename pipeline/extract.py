@@ -338,17 +338,16 @@ def _dask_extract(task: ShardTask, cfg: Config) -> tuple[str, int]:
     return task.hash, extract_task(task, cfg)
 
 
-def _state(cfg: Config, plans: list[SplitPlan], fparams: dict, outs_problem: str = "") -> StageState:
+def _state(rec: dict | None, plans: list[SplitPlan], fparams: dict, outs_problem: str = "") -> StageState:
     """Stage 1's state for these splits; the record's other splits are carried along."""
-    rec = load_record(cfg.run_dir, STAGE)
-    deps = {k: v for k, v in (rec or {}).get("deps", {}).items()}
+    deps = dict((rec or {}).get("deps", {}))
     deps.update({f"data[{p.split}]": p.data_digest for p in plans})
     return StageState(STAGE, deps, dict(fparams), outs_problem)
 
 
 def _record(cfg: Config, plans: list[SplitPlan], fparams: dict) -> None:
-    state = _state(cfg, plans, fparams)
     rec = load_record(cfg.run_dir, STAGE)
+    state = _state(rec, plans, fparams)
     if rec is None or rec["fingerprint"] != state.fingerprint:
         save_record(cfg.run_dir, state)
 
@@ -370,7 +369,7 @@ def status(cfg: Config, splits: Iterable[str] = ()) -> StageStatus:
     if rec is not None and rec["params"].get("format") != FORMAT_VERSION:
         return StageStatus(STAGE, "stale", f"cache format {rec['params'].get('format', 2)} -> "
                                            f"{FORMAT_VERSION} (stored images are now compact)")
-    st = judge(cfg.run_dir, _state(cfg, plans, fparams, "; ".join(problems[:3])))
+    st = judge(cfg.run_dir, _state(rec, plans, fparams, "; ".join(problems[:3])))
     if st.up_to_date:  # the record matches, yet the store is not intact
         return StageStatus(STAGE, "stale", "; ".join(problems[:3]))
     return st

@@ -130,11 +130,6 @@ class FileHasher:
             self._dirty = True
         return digest
 
-    def forget(self, path: str | Path) -> None:
-        with self._lock:
-            if self._memo.pop(str(Path(path).resolve()), None) is not None:
-                self._dirty = True
-
     def save(self) -> None:
         """Persist the memo (best effort: it is only an optimisation)."""
         if not (self.memo_path and self._dirty):

@@ -18,7 +18,7 @@ from .config import Config
 from .errors import ModelError
 from .fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
 from .pac import PacConv2d
-from .stages import diff_params, fingerprint
+from .stages import fingerprint
 from .store import feature_params
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -185,10 +185,6 @@ class TrainedModels:
     params: dict[str, Any]  # training_params() at training time
     deps: dict[str, Any]  # the stored splits trained on (content fingerprints)
 
-    def mismatch(self, cfg: Config) -> list[str]:
-        """How the current config's training settings differ from these models' ([] = none)."""
-        return diff_params(self.params, training_params(cfg))
-
 
 def _torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
@@ -213,7 +209,9 @@ def save_models(model_dir: Path, head: LinearHead, up: PacUpsampler, params: dic
     return fp
 
 
-def _read_card(model_dir: Path) -> tuple[dict | None, str]:
+def read_card(model_dir: Path) -> tuple[dict | None, str]:
+    """The model card (files' checksums, training params and deps), or None and why not;
+    the files themselves are not read."""
     card = read_json(model_dir / CARD_FILE)
     if card is None:
         return None, ("no trained models" if not (model_dir / CARD_FILE).exists()
@@ -240,7 +238,7 @@ def _verified_bytes(model_dir: Path, card: dict, name: str) -> tuple[bytes | Non
 
 def models_fingerprint(model_dir: Path) -> tuple[str | None, str]:
     """(content fingerprint, "") of intact trained models, or (None, why not)."""
-    card, why = _read_card(model_dir)
+    card, why = read_card(model_dir)
     if card is None:
         return None, why
     for name in (HEAD_FILE, UPSAMPLER_FILE):
@@ -255,7 +253,7 @@ def load_models(model_dir: Path, device: torch.device | str = "cpu") -> TrainedM
     unpickling; ModelError naming `train-head` when they are absent or damaged."""
     model_dir = Path(model_dir)
     repair = "run `python cli.py train-head`"
-    card, why = _read_card(model_dir)
+    card, why = read_card(model_dir)
     if card is None:
         raise ModelError(f"{why} in {model_dir}: {repair}" if why == "no trained models"
                          else f"{why}: {repair}")

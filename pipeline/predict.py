@@ -10,12 +10,13 @@ without a current unit; the report is assembled from the units at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,8 +31,9 @@ from .fsutil import atomic_write_bytes, atomic_write_json, exclusive_lock, file_
 from .metrics import ImageStats, image_stats, summarize
 from .progress import Progress
 from .report import Thumb, VariantThumb, write_reports
-from .models import TrainedModels, load_models, models_fingerprint, upsample_logits
-from .stages import StageState, StageStatus, judge, save_record
+from .models import (TrainedModels, load_models, models_fingerprint, read_card, training_params,
+                     upsample_logits)
+from .stages import StageState, StageStatus, diff_params, judge, save_record
 from .store import CachedItem, FeatureStore, split_fingerprint
 
 VARIANTS = ("linear_nearest", "linear_bilinear", "pac")
@@ -68,21 +70,23 @@ def stage_state(cfg: Config, split: str, models_fp: str | None = None,
 def status(cfg: Config, split: str) -> StageStatus:
     state = stage_state(cfg, split)
     st = judge(cfg.run_dir, state)
-    if state.deps["models"] is not None:  # intact models: do they match the config?
-        why = _models_mismatch(cfg, load_models(model_dir(cfg)))
+    card, _ = read_card(model_dir(cfg))
+    if state.deps["models"] is not None and card is not None:  # intact models: the config's?
+        why = _models_mismatch(cfg, card["params"], card["deps"])
         if why:
             tail = f"; {st.why}" if st.why and not st.up_to_date else ""
             return StageStatus(st.stage, "stale", f"waits for train-head ({why}){tail}")
     return st
 
 
-def _models_mismatch(cfg: Config, models: TrainedModels) -> str:
-    """Why `models` are not the ones the current config asks for ("" when they are): other
-    training settings, or trained on a stored split that has since changed."""
-    diff = models.mismatch(cfg)
+def _models_mismatch(cfg: Config, params: dict, deps: dict) -> str:
+    """Why models trained with `params` on the stored splits `deps` are not the ones the
+    current config asks for ("" when they are): other training settings, or a stored split
+    that has changed since training."""
+    diff = diff_params(params, training_params(cfg))
     if diff:
         return "; ".join(diff[:4]) + (f" (+{len(diff) - 4} more)" if len(diff) > 4 else "")
-    for dep, fp in models.deps.items():
+    for dep, fp in deps.items():
         split = dep[len("features["):-1]
         now = split_fingerprint(cfg, split)
         if now is not None and now != fp:
@@ -90,15 +94,23 @@ def _models_mismatch(cfg: Config, models: TrainedModels) -> str:
     return ""
 
 
-def checked_models(cfg: Config, device: torch.device | str = "cpu") -> TrainedModels:
-    """The run's trained models, verified, and refused (ModelError naming train-head) when
-    they were trained with other settings than the current config's."""
-    models = load_models(model_dir(cfg), device)
-    why = _models_mismatch(cfg, models)
-    if why:
-        raise ModelError(f"the models in {model_dir(cfg)} were trained with other settings ({why}): "
-                         "run `python cli.py train-head` first")
-    return models
+@contextlib.contextmanager
+def checked_models(cfg: Config, device: torch.device | str = "cpu") -> Iterator[TrainedModels]:
+    """The run's trained models, verified, held (a shared lock) against a train-head of the
+    same run for the duration, and refused (ModelError naming train-head) when they were
+    trained with other settings than the current config's."""
+    mdir = model_dir(cfg)
+    if not mdir.is_dir():  # no models: say so without creating the folder for the lock
+        load_models(mdir)
+    # shared: predicts of several splits, segment and export may read at once
+    with file_lock(mdir / ".lock", f"the models of run '{cfg.run.name}' (train-head is running)",
+                   shared=True):
+        models = load_models(mdir, device)
+        why = _models_mismatch(cfg, models.params, models.deps)
+        if why:
+            raise ModelError(f"the models in {mdir} were trained with other settings ({why}): "
+                             "run `python cli.py train-head` first")
+        yield models
 
 
 # ----------------------------------------------------------------------------- the work unit
@@ -218,13 +230,9 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
     """Stage 3 for a split: needs the stored split and the run's models, never the images."""
     t0 = time.perf_counter()
     store = FeatureStore.open(cfg, split)
-    mdir = model_dir(cfg)
-    # shared: several splits may predict at once; train-head holds it exclusively
-    with file_lock(mdir / ".lock", f"the models of run '{cfg.run.name}' (train-head is running)",
-                   shared=True), \
+    device = resolve_device(cfg.predict.device)
+    with checked_models(cfg, device) as models, \
             exclusive_lock(cfg.run_dir / f".predict-{split}.lock", f"predict [{split}] of run '{cfg.run.name}'"):
-        device = resolve_device(cfg.predict.device)
-        models = checked_models(cfg, device)
         state = stage_state(cfg, split, models.fingerprint, store.fingerprint)
         rpath = report_path(cfg, split)
         st = judge(cfg.run_dir, state)

@@ -35,7 +35,7 @@ from .devices import resolve_device
 from .errors import DataError
 from .extract import Extractor
 from .fsutil import atomic_write_bytes, atomic_write_json, file_lock, read_json, sha256_bytes, sha256_file
-from .predict import Predictor, checked_models, mask_png_bytes, model_dir
+from .predict import Predictor, checked_models, mask_png_bytes
 from .progress import Progress
 from .report import mask_panel
 from .stages import fingerprint
@@ -256,14 +256,9 @@ def run_segment(cfg: Config, paths: Sequence[str | Path], out_dir: str | Path | 
     result = SegmentResult(out_dir, errors=list(problems))
     for line in problems:
         warn(line)
-    mdir = model_dir(cfg)
-    if not mdir.is_dir():
-        checked_models(cfg)  # raises: no trained models, run train-head
-    with file_lock(mdir / ".lock", f"the models of run '{cfg.run.name}' (train-head is running)",
-                   shared=True), \
+    device = resolve_device(cfg.predict.device)
+    with checked_models(cfg, device) as models, \
             file_lock(out_dir / ".segment.lock", f"segment into {out_dir}"):
-        device = resolve_device(cfg.predict.device)
-        models = checked_models(cfg, device)
         settings = settings_fingerprint(cfg, models.fingerprint)
         record = SegmentRecord(out_dir)
         todo = [s for s in sources
