@@ -19,10 +19,8 @@ from .errors import ModelError
 from .fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
 from .pac import PacConv2d
 from .stages import fingerprint
+from .backbones import IMAGENET_MEAN, IMAGENET_STD
 from .store import feature_params
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class FeatureNorm(nn.Module):
@@ -39,7 +37,8 @@ class FeatureNorm(nn.Module):
         self.std.copy_(std.clamp_min(1e-12))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return (feats - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        # in place on the difference: one full-size temporary instead of two
+        return (feats - self.mean.view(1, -1, 1, 1)).div_(self.std.view(1, -1, 1, 1))
 
 
 class LinearHead(nn.Module):
@@ -59,7 +58,19 @@ def normalize_image(image: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float, ImageNet-normalised (the RGB guidance of the PAC layers)."""
     mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=image.device).view(1, 3, 1, 1)
-    return (image.float() / 255.0 - mean) / std
+    return image.float().div_(255.0).sub_(mean).div_(std)  # in place: one allocation
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> uint8 (B, 3, *size), antialiased bilinear. On CPU this is torch's
+    SIMD uint8 path (channels-last, as torchvision resizes images), several times faster than
+    resizing the float image; elsewhere the float result is rounded the same way."""
+    if image.device.type == "cpu":
+        return F.interpolate(image.contiguous(memory_format=torch.channels_last), size=size,
+                             mode="bilinear", align_corners=False, antialias=True)
+    out = F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False,
+                        antialias=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 @dataclass
@@ -74,6 +85,10 @@ class UpsamplerSpec:
     guide_channels: int = 8
     residual: bool = False
     normalize: bool = False
+    # How an RGB guide reaches each stage's scale: "uint8" resizes the 8-bit image and then
+    # normalises it (fast); "float" resizes the normalised image (models saved before the
+    # uint8 pyramid, whose cards lack this key). Values differ by rounding to 8 bits.
+    pyramid: str = "uint8"
 
     @property
     def n_stages(self) -> int:
@@ -122,18 +137,27 @@ class PacUpsampler(nn.Module):
         x = normalize_image(image)
         return self.guide_net(x) if self.guide_net is not None else x
 
+    def guide_pyramid(self, image: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """The guidance at each of `sizes` (antialiased bilinear from the full-size image)."""
+        full_size = tuple(image.shape[-2:])
+        if self.guide_net is None and self.spec.pyramid == "uint8":
+            return [normalize_image(image if s == full_size else resize_image(image, s))
+                    for s in sizes]
+        full = self.guidance(image)
+        return [full if s == full_size else
+                F.interpolate(full, size=s, mode="bilinear", align_corners=False, antialias=True)
+                for s in sizes]
+
     def forward(self, feats: torch.Tensor, image: torch.Tensor,
                 base_logits: torch.Tensor | None = None) -> torch.Tensor:
         """feats (B, C, h, w), image uint8 (B, 3, H, W) with H, W = h, w x patch size,
         base_logits (B, 1, h, w) the linear head's output (used when residual) -> (B, 1, H, W)."""
         H, W = image.shape[-2:]
-        guide_full = self.guidance(image)
+        h, w = feats.shape[-2:]
+        guides = self.guide_pyramid(image, [(h << i, w << i) for i in range(1, len(self.stages) + 1)])
         x = F.leaky_relu(self.reduce(self.norm(feats)), 0.1)
-        for i, pac in enumerate(self.stages):
-            size = (x.shape[-2] * 2, x.shape[-1] * 2)
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            guide = F.interpolate(guide_full, size=size, mode="bilinear", align_corners=False,
-                                  antialias=True) if size != (H, W) else guide_full
+        for i, (pac, guide) in enumerate(zip(self.stages, guides)):
+            x = F.interpolate(x, size=guide.shape[-2:], mode="bilinear", align_corners=False)
             x = pac(x, guide)
             if i < len(self.stages) - 1:
                 x = F.leaky_relu(x, 0.1)
@@ -270,7 +294,7 @@ def load_models(model_dir: Path, device: torch.device | str = "cpu") -> TrainedM
     try:
         head = LinearHead(int(card["head"]["in_channels"]))
         head.load_state_dict(states[HEAD_FILE])
-        up = PacUpsampler(UpsamplerSpec(**card["upsampler"]))
+        up = PacUpsampler(UpsamplerSpec(**{"pyramid": "float", **card["upsampler"]}))
         up.load_state_dict(states[UPSAMPLER_FILE])
     except (KeyError, TypeError, RuntimeError) as e:
         raise ModelError(f"{model_dir}: models do not match their card ({type(e).__name__}): {repair}") from None

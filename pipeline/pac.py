@@ -157,6 +157,8 @@ class _Geometry:
         # (i, j, row range, col range) for every offset with at least one neighbour inside.
         self.offsets = [(i, j, rows[i], cols[j]) for i in range(k) for j in range(k)
                         if rows[i][1] > rows[i][0] and cols[j][1] > cols[j][0]]
+        # Every window centre inside the image: the kernel can be shared by opposite offsets.
+        self.symmetric = self.wide and padding <= self.centre * dilation
 
     def pad(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Zero-padded contiguous copy (B, C, Hq, Wp) of ``t`` in ``dtype``."""
@@ -229,6 +231,76 @@ def _safe_reciprocal(S: torch.Tensor) -> torch.Tensor:
     return torch.where(S > tiny, S.reciprocal(), torch.zeros((), dtype=S.dtype, device=S.device))
 
 
+def _accumulate(geo: _Geometry, xp: torch.Tensor, fp: torch.Tensor, f_c: torch.Tensor,
+                w: torch.Tensor, out: torch.Tensor, S: torch.Tensor | None) -> None:
+    """out += sum_n K_n W_n x_n (and S += sum_n K_n), one offset n at a time."""
+    B, Co = out.shape[:2]
+    diff, K, Z = geo.layout(fp.shape[1], xp), geo.layout(1, xp), geo.layout(Co, xp)
+    xbuf = None if geo.wide else geo.layout(xp.shape[1], xp)
+    Z3 = Z.view(B, Co, geo.L)
+    for i, j, rows, cols in geo.offsets:
+        _kernel(geo.window(fp, i, j), f_c, diff, K, rows, cols)
+        _mm(w[i, j], geo.matrix(xp, i, j, xbuf), Z3)          # Z = W_n x_n
+        out.addcmul_(Z, K)
+        if S is not None:
+            S.add_(K)
+
+
+def _accumulate_symmetric(geo: _Geometry, xp: torch.Tensor, fp: torch.Tensor, w: torch.Tensor,
+                          out: torch.Tensor, S: torch.Tensor | None) -> None:
+    """`_accumulate` for stride 1 with every window centre inside the image, with half the
+    kernel arithmetic. The kernel is symmetric: the weight of neighbour c + delta at centre c,
+    exp(-|f(c + delta) - f(c)|^2 / 2), is also the weight of neighbour c at centre c + delta.
+    So one map D(q) over the padded grid per pair of opposite offsets serves both: it is read
+    at q = c for +delta and at q = c - delta for -delta. D is zero wherever q or q + delta lies
+    outside the image, which is exactly where one of its two uses has its neighbour outside.
+    The centre's weight is exp(0) = 1."""
+    B, Co = out.shape[:2]
+    Cg = fp.shape[1]
+    Wp, d, m, p = geo.Wp, geo.d, geo.centre, geo.p
+    L = geo.L
+    n_grid = geo.Hq * Wp
+    c0 = m * d * (Wp + 1)                      # flat padded index of output 0's window centre
+    Z = geo.layout(Co, xp)
+    Z3, out3 = Z.view(B, Co, L), out.view(B, Co, L)
+    D = fp.new_zeros((B, 1, geo.Hq, Wp))
+    D_flat = D.view(B, 1, n_grid)
+    diff = fp.new_empty(B * Cg * geo.H * geo.W)
+    S3 = S.view(B, 1, L) if S is not None else None
+
+    def add(i: int, j: int, K: torch.Tensor | None) -> None:
+        _mm(w[i, j], geo.matrix(xp, i, j, None), Z3)          # Z = W_n x_n
+        if K is None:                                          # the centre: K = 1
+            out3.add_(Z3)
+            if S3 is not None:
+                S3.add_(1.0)
+        else:
+            out3.addcmul_(Z3, K)
+            if S3 is not None:
+                S3.add_(K)
+
+    add(m, m, None)
+    for i in range(m, geo.k):
+        for j in range(geo.k):
+            if i == m and j <= m:
+                continue                                       # each pair once: +delta after c
+            dr, dc = (i - m) * d, (j - m) * d
+            r0, r1 = p + max(0, -dr), p + geo.H - max(0, dr)
+            q0, q1 = p + max(0, -dc), p + geo.W - max(0, dc)
+            if r1 <= r0 or q1 <= q0:
+                continue                                       # no pair of pixels this far apart
+            shape = (B, Cg, r1 - r0, q1 - q0)
+            dv = diff[:math.prod(shape)].view(shape)
+            torch.sub(fp[:, :, r0 + dr:r1 + dr, q0 + dc:q1 + dc], fp[:, :, r0:r1, q0:q1], out=dv)
+            Dr = D[:, :, r0:r1, q0:q1]
+            torch.sum(dv.square_(), 1, keepdim=True, out=Dr)
+            Dr.mul_(-0.5).exp_()
+            shift = dr * Wp + dc
+            add(i, j, D_flat[:, :, c0:c0 + L])
+            add(geo.k - 1 - i, geo.k - 1 - j, D_flat[:, :, c0 - shift:c0 - shift + L])
+            Dr.zero_()
+
+
 # --------------------------------------------------------------------------- autograd op
 
 
@@ -249,16 +321,11 @@ class _PacConv2dFunction(torch.autograd.Function):
             f_c = geo.window(fp, geo.centre, geo.centre)
             out = geo.layout(Co, xp, zero=True)
             S = geo.layout(1, xp, zero=True) if normalize else None
-            diff, K, Z = geo.layout(guide.shape[1], xp), geo.layout(1, xp), geo.layout(Co, xp)
-            xbuf = None if geo.wide else geo.layout(Ci, xp)
-            Z3 = Z.view(B, Co, geo.L)
-            for i, j, rows, cols in geo.offsets:
-                _kernel(geo.window(fp, i, j), f_c, diff, K, rows, cols)
-                _mm(w[i, j], geo.matrix(xp, i, j, xbuf), Z3)          # Z = W_n x_n
-                out.addcmul_(Z, K)
-                if S is not None:
-                    S.add_(K)
-            del xp, fp, f_c, diff, K, Z, Z3, xbuf
+            if geo.symmetric:
+                _accumulate_symmetric(geo, xp, fp, w, out, S)
+            else:
+                _accumulate(geo, xp, fp, f_c, w, out, S)
+            del xp, fp, f_c
             s_inv = None
             if S is not None:
                 s_inv = _safe_reciprocal(S)

@@ -14,7 +14,9 @@ import torch
 from pipeline.errors import StoreError
 from pipeline.config import copy_config
 from pipeline.extract import run_extract, status as extract_status
-from pipeline.models import PacUpsampler, UpsamplerSpec, load_models
+from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.models import (LinearHead, PacUpsampler, UpsamplerSpec, load_models, normalize_image,
+                             save_models)
 from pipeline.train import model_dir, patch_targets, run_train, status
 from tests.conftest import ROOT, make_cfg
 
@@ -49,6 +51,40 @@ def test_residual_and_learned_guide_variants_run():
     up = PacUpsampler(spec)
     out = up(torch.randn(1, 5, 2, 3), torch.zeros(1, 3, 32, 48, dtype=torch.uint8), torch.randn(1, 1, 2, 3))
     assert out.shape == (1, 1, 32, 48)
+
+
+def test_uint8_guide_pyramid_is_the_float_pyramid_rounded_to_8_bits():
+    """New models resize the 8-bit image (torch's SIMD uint8 path) and normalise it; the
+    guides equal the float pyramid's up to that rounding, and every value is a normalised
+    8-bit level."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (2, 3, 64, 96), generator=g, dtype=torch.uint8)
+    sizes = [(8, 12), (16, 24), (32, 48), (64, 96)]
+    fast = PacUpsampler(UpsamplerSpec(in_channels=5, patch_size=16))
+    legacy = PacUpsampler(UpsamplerSpec(in_channels=5, patch_size=16, pyramid="float"))
+    assert fast.spec.pyramid == "uint8"
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for a, b in zip(fast.guide_pyramid(image, sizes), legacy.guide_pyramid(image, sizes)):
+        levels = (a * std + mean) * 255
+        torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-3)
+        assert (a - b).abs().max() <= 1.0 / 255 / min(IMAGENET_STD) + 1e-6
+    # full size: no resize, both are the normalised image itself
+    torch.testing.assert_close(fast.guide_pyramid(image, [(64, 96)])[0], normalize_image(image))
+    # a real difference at the coarse levels (the test can tell the two apart)
+    assert not torch.equal(fast.guide_pyramid(image, sizes[:1])[0], legacy.guide_pyramid(image, sizes[:1])[0])
+
+
+def test_models_saved_before_the_uint8_pyramid_load_with_the_float_pyramid(tmp_path):
+    """A card without the `pyramid` key (written before it existed) keeps its models' own
+    computation; a card written now says uint8."""
+    spec = UpsamplerSpec(in_channels=5, patch_size=16, residual=True)
+    save_models(tmp_path, LinearHead(5), PacUpsampler(spec), {}, {}, 16)
+    assert load_models(tmp_path).upsampler.spec.pyramid == "uint8"
+    card = json.loads((tmp_path / "models.json").read_text())
+    del card["upsampler"]["pyramid"]
+    (tmp_path / "models.json").write_text(json.dumps(card))
+    assert load_models(tmp_path).upsampler.spec.pyramid == "float"
 
 
 def test_missing_cache_names_the_command(tmp_path, synth_root):
