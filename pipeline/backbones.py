@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 
-from .errors import BackboneError
+from .errors import BackboneError, ConfigError
 
 # The version of the features a backbone computes from given weights: part of the feature
 # cache's key, bumped whenever the computation changes (so that old caches are recomputed).
@@ -82,11 +82,14 @@ def get_spec(name: str) -> BackboneSpec:
 class Backbone(nn.Module):
     """A frozen model plus its spec: uint8 images (B, 3, H, W) -> features (B, h, w, C)."""
 
-    def __init__(self, spec: BackboneSpec, model: nn.Module, kind: str):
+    def __init__(self, spec: BackboneSpec, model: nn.Module, kind: str, layers: int = 1,
+                 channels: int | None = None):
         super().__init__()
         self.spec = spec
         self.model = model
         self.kind = kind  # "vit" | "cnn"
+        self.layers = layers  # backbone.layers: outputs concatenated into the features
+        self.channels = channels or spec.embed_dim  # C of the feature map
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0, persistent=False)
 
@@ -106,7 +109,7 @@ class Backbone(nn.Module):
         p = self.spec.patch_size
         if height % p or width % p:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
-        return height // p, width // p, self.spec.embed_dim
+        return height // p, width // p, self.channels
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
@@ -117,7 +120,7 @@ class Backbone(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.kind == "vit":
-            tokens = vit_forward_features(self.model, x)  # after the final norm
+            tokens = vit_forward_features(self.model, x, self.layers)  # after the final norm
             tokens = tokens[:, self.model.num_prefix_tokens:]  # drop CLS and register tokens
             return tokens.reshape(B, h, w, -1)
         return self.model(x).permute(0, 2, 3, 1)
@@ -195,10 +198,13 @@ def _exportable_pos_embed(pos_embed: torch.Tensor, num_prefix: int, m: int,
     return torch.cat((pos_embed[:, :num_prefix], out.reshape(1, h * w, dim).to(pos_embed.dtype)), dim=1)
 
 
-def vit_forward_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def vit_forward_features(model: nn.Module, x: torch.Tensor, layers: int = 1) -> torch.Tensor:
     """timm's VisionTransformer.forward_features (all tokens, after the final norm) with the
     position embeddings resized by the official DINO / DINOv2 rule (`official_pos_embed`)
-    instead of timm's; the same modules, so timm checkpoints load unchanged."""
+    instead of timm's; the same modules, so timm checkpoints load unchanged. With `layers`
+    > 1, the outputs of the last `layers` blocks, each through the final norm, concatenated
+    along the channels in block order (DINO's and DINOv2's `get_intermediate_layers(n,
+    norm=True)`, as their linear evaluations use them)."""
     tokens = model.patch_embed(x)  # (B, h, w, C) with dynamic_img_size (NHWC), else (B, h*w, C)
     if tokens.ndim == 4:
         grid = (tokens.shape[1], tokens.shape[2])
@@ -217,8 +223,14 @@ def vit_forward_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     tokens = model.pos_drop(tokens)
     tokens = model.patch_drop(tokens)
     tokens = model.norm_pre(tokens)
-    tokens = model.blocks(tokens)
-    return model.norm(tokens)
+    if layers == 1:
+        return model.norm(model.blocks(tokens))
+    first, outs = len(model.blocks) - layers, []
+    for i, block in enumerate(model.blocks):
+        tokens = block(tokens)
+        if i >= first:
+            outs.append(model.norm(tokens))
+    return torch.cat(outs, dim=-1)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -333,10 +345,10 @@ def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, spec: BackboneSpec) -> None:
     own = model.state_dict()
-    if spec.source.startswith("torchvision:"):  # our model is features[:14]: keys "0.conv..."
+    if spec.source.startswith("torchvision:"):  # our model is features[:n]: keys "0.conv..."
         state = {k[len("features."):] if k.startswith("features.") else k: v for k, v in state.items()}
         state = {k: v for k, v in state.items()
-                 if not (k.split(".", 1)[0].isdigit() and int(k.split(".", 1)[0]) >= 14)}
+                 if not (k.split(".", 1)[0].isdigit() and int(k.split(".", 1)[0]) >= len(model))}
     for k in own:  # old BatchNorm checkpoints lack the (unused in eval) batch counters
         if k.endswith("num_batches_tracked") and k not in state:
             state[k] = own[k]
@@ -373,13 +385,46 @@ def _build_timm(spec: BackboneSpec, pretrained: bool) -> nn.Module:
                              dynamic_img_size=True)
 
 
+# mobilenet_v2's stride-16 output is features[13] (96 channels); backbone.layers = N adds the
+# outputs of the next N - 1 stages (160, 320 and 1280 channels), kept at stride 16.
+MOBILENET_TAPS = (13, 16, 17, 18)
+MOBILENET_CHANNELS = (96, 160, 320, 1280)
+
+
 def _build_mobilenet(spec: BackboneSpec, pretrained: bool) -> nn.Module:
     import torchvision
     model = torchvision.models.mobilenet_v2(weights=None)
     if pretrained:  # not mobilenet_v2(weights=...): torchvision's own download unpickles the file
         weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
         model.load_state_dict(weights.get_state_dict(progress=True, check_hash=True, weights_only=True))
-    return model.features[:14]
+    return model.features
+
+
+class MobileNetTaps(nn.Module):
+    """The first blocks of mobilenet_v2's `features` -> the outputs of the blocks in `taps`,
+    concatenated along the channels. The stride-2 convolution after the stride-16 output
+    runs with stride 1 and the later 3x3 convolutions with dilation 2 (DeepLab's output
+    stride 16), so every tapped output is on the same 1/16 grid."""
+
+    def __init__(self, features: nn.Sequential, taps: tuple[int, ...]):
+        super().__init__()
+        self.blocks = features[:taps[-1] + 1]
+        self.taps = taps
+        for i in range(14, len(self.blocks)):
+            for m in self.blocks[i].modules():
+                if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                    if i == 14:
+                        m.stride = (1, 1)
+                    else:
+                        m.dilation, m.padding = (2, 2), (2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.taps:
+                outs.append(x)
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
 _HOSTS = {"timm": "huggingface.co", "torchvision": "download.pytorch.org"}
@@ -425,11 +470,21 @@ _BUILDERS: dict[str, tuple[Callable[[BackboneSpec, bool], nn.Module], str]] = {
 }
 
 
-def create_backbone(name: str, weights: str) -> Backbone:
+VIT_DEPTH = 12  # blocks of the ViT-S models in the registry
+
+
+def max_layers(name: str) -> int:
+    """The largest backbone.layers a backbone offers."""
+    return len(MOBILENET_TAPS) if _BUILDERS[get_spec(name).name][1] == "cnn" else VIT_DEPTH
+
+
+def create_backbone(name: str, weights: str, layers: int = 1) -> Backbone:
     """A frozen backbone in eval mode. `weights`: "pretrained" (download), "random" (seeded,
-    global RNG untouched), or a local checkpoint file."""
+    global RNG untouched), or a local checkpoint file; `layers`: backbone.layers."""
     spec = get_spec(name)
     build, kind = _BUILDERS[name]
+    if not 1 <= layers <= max_layers(name):
+        raise ConfigError(f"bad value for backbone.layers: {layers} ({name} offers 1 to {max_layers(name)})")
     path = None
     if weights not in ("pretrained", "random"):
         path = Path(weights).expanduser()
@@ -455,7 +510,15 @@ def create_backbone(name: str, weights: str) -> Backbone:
                 ) from None
         else:
             model = build(spec, False)
+    if kind == "cnn":
+        model = model[:MOBILENET_TAPS[layers - 1] + 1]
     if path is not None:
         _load_into(model, extract_state_dict(_read_checkpoint(path)), path, spec)
+    channels = spec.embed_dim * layers
+    if kind == "cnn":
+        taps = MOBILENET_TAPS[:layers]
+        channels = sum(MOBILENET_CHANNELS[:layers])
+        if layers > 1:
+            model = MobileNetTaps(model, taps)
     model.eval().requires_grad_(False)
-    return Backbone(spec, model, kind).eval()
+    return Backbone(spec, model, kind, layers, channels).eval()

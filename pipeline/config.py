@@ -43,6 +43,7 @@ class DataCfg:
 class BackboneCfg:
     name: str = "dino_vits16"
     weights: str = "pretrained"
+    layers: int = 1  # final blocks whose outputs are concatenated into the features
 
 
 @dataclass
@@ -130,7 +131,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 POSITIVE = {
-    "extract.batch_size", "train.batch_size", "predict.batch_size", "train.epochs",
+    "backbone.layers", "extract.batch_size", "train.batch_size", "predict.batch_size", "train.epochs",
     "upsampler.hidden", "upsampler.kernel_size", "upsampler.guide_channels",
 }
 NON_NEGATIVE = {

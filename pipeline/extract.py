@@ -66,7 +66,8 @@ class Extractor:
 
     def __init__(self, cfg: Config, device: torch.device | None = None):
         self.device = device or resolve_device(cfg.extract.device)
-        self.backbone: Backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights).to(self.device)
+        self.backbone: Backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights,
+                                                          cfg.backbone.layers).to(self.device)
         self.backbone.optimize_for_inference(self.device)
         self.patch = self.backbone.spec.patch_size
         self.fit = cfg.extract.fit

@@ -45,7 +45,7 @@ SHARD_SIZE = 64  # images per shard: the unit of resumption and of distributed w
 
 def feature_params(cfg: Config) -> dict[str, Any]:
     """What determines a feature value besides the image: the store's feature key."""
-    return {
+    params: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "backbone.name": cfg.backbone.name,
         "backbone.weights": weights_identity(cfg.backbone.weights),
@@ -54,6 +54,9 @@ def feature_params(cfg: Config) -> dict[str, Any]:
         "extract.precision": resolve_precision(cfg.extract.precision, cfg.extract.device),
         "extract.feature_dtype": cfg.extract.feature_dtype,
     }
+    if cfg.backbone.layers != 1:  # absent at 1, so stores made before the key stay valid
+        params["backbone.layers"] = cfg.backbone.layers
+    return params
 
 
 def store_dir(cfg: Config, fparams: dict | None = None) -> Path:

@@ -62,10 +62,12 @@ def dino_pos_embed(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
 
 
-def vit_reference(timm_name: str, sd: dict, x: torch.Tensor) -> torch.Tensor:
+def vit_reference(timm_name: str, sd: dict, x: torch.Tensor, n_last: int = 1) -> torch.Tensor:
     """Patch features of a ViT built directly from `sd` (the independent reference): DINO's
     forward (conv patch embedding, CLS token, position embeddings by DINO's rule, the
-    blocks, the final norm) through the blocks of a timm model holding the same tensors."""
+    blocks, the final norm) through the blocks of a timm model holding the same tensors.
+    `n_last` > 1: DINO's get_intermediate_layers(x, n_last) (each of the last blocks' outputs
+    through the final norm), concatenated along the channels."""
     import timm
     m = timm.create_model(timm_name, pretrained=False, num_classes=0)
     m.load_state_dict(sd, strict=True)
@@ -78,9 +80,12 @@ def vit_reference(timm_name: str, sd: dict, x: torch.Tensor) -> torch.Tensor:
         t = t.flatten(2).transpose(1, 2)
         t = torch.cat((m.cls_token.expand(B, -1, -1), t), dim=1)
         t = t + dino_pos_embed(m.pos_embed, H // p, W // p)
-        for blk in m.blocks:
+        outs = []
+        for i, blk in enumerate(m.blocks):
             t = blk(t)
-        t = m.norm(t)[:, 1:]
+            if i >= len(m.blocks) - n_last:
+                outs.append(m.norm(t)[:, 1:])
+        t = torch.cat(outs, dim=-1)
     return t.reshape(B, H // p, W // p, -1)
 
 
@@ -590,3 +595,58 @@ def test_pretrained_fails_fast_when_the_hub_does_not_resolve(monkeypatch):
         create_backbone("dino_vits16", "pretrained")
     assert time.perf_counter() - t0 < 5
     assert_one_line(e, "could not download", "backbone.weights")
+
+
+# ----------------------------------------------------------------------------- backbone.layers
+
+def test_vit_layers_are_dinos_intermediate_layers_concatenated(tmp_path, dino16):
+    path = tmp_path / "teacher.pth"
+    torch.save(dino16["teacher"], path)
+    x = images(16, gh=3, gw=5)
+    bb = create_backbone("dino_vits16", str(path), layers=4)
+    out = feats(bb, x)
+    assert out.shape == (2, 3, 5, 4 * 384) and bb.feature_shape(48, 80) == (3, 5, 1536)
+    torch.testing.assert_close(out, vit_reference("vit_small_patch16_224", dino16["teacher"], x, 4))
+    # the last 384 channels are the one-layer features
+    torch.testing.assert_close(out[..., -384:], feats(create_backbone("dino_vits16", str(path)), x))
+
+
+def test_mobilenet_layers_are_later_stages_kept_at_stride_16(tmp_path):
+    """Layers 2-4 add the 160, 320 and 1280-channel stages with their stride-2 convolution
+    replaced by dilation. Checked against torchvision's own (strided) network: a dilated
+    ("a trous") output at even positions equals the strided output, exactly in exact
+    arithmetic, whatever the weights."""
+    import torchvision
+    torch.manual_seed(0)
+    ref = torchvision.models.mobilenet_v2(weights=None).features.eval()
+    for m in ref.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = images(32, gh=3, gw=4)  # a 6 x 8 grid at stride 16, 3 x 4 at stride 32
+    with torch.no_grad():
+        h = normalise(x)
+        outs = {}
+        for i, block in enumerate(ref):
+            h = block(h)
+            outs[i] = h
+    path = tmp_path / "mnv2.pth"
+    torch.save({f"features.{k}": v for k, v in ref.state_dict().items()}, path)
+    bbs = {n: create_backbone("mobilenet_v2", str(path), layers=n) for n in (1, 2, 3, 4)}
+    f = {n: feats(bb, x) for n, bb in bbs.items()}
+    assert [t.shape[-1] for t in f.values()] == [96, 256, 576, 1856]
+    assert all(t.shape[1:3] == (6, 8) for t in f.values())
+    torch.testing.assert_close(f[1], outs[13].permute(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+    for n, (tap, lo, hi) in {2: (16, 96, 256), 3: (17, 256, 576), 4: (18, 576, 1856)}.items():
+        torch.testing.assert_close(f[4][:, ::2, ::2, lo:hi], outs[tap].permute(0, 2, 3, 1),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(f[n], f[4][..., :hi])
+
+
+def test_layers_beyond_the_backbone_are_a_usage_error():
+    from pipeline.errors import ConfigError
+    with pytest.raises(ConfigError) as err:
+        create_backbone("mobilenet_v2", "random", layers=5)
+    assert_one_line(err, "backbone.layers", "1 to 4")
+    with pytest.raises(ConfigError):
+        create_backbone("dino_vits16", "random", layers=13)

@@ -221,3 +221,17 @@ def test_real_images_with_pretrained_mobilenet(tmp_path):
     gap = np.linalg.norm(f[m].mean(0) - f[~m].mean(0))
     spread = np.linalg.norm(f[~m].std(0))
     assert m.any() and gap > 0.5 * spread
+
+
+def test_backbone_layers_changes_the_feature_key_and_the_channels(tmp_path, synth_root):
+    """backbone.layers = 1 keeps the key of stores made before the setting existed; another
+    value is another store, whose features have the concatenated channels."""
+    from pipeline.store import feature_params
+    base, one, two = (make_cfg(tmp_path, synth_root, *extra)
+                      for extra in ((), ("backbone.layers=1",), ("backbone.layers=2",)))
+    assert "backbone.layers" not in feature_params(base)
+    assert store_dir(one) == store_dir(base) != store_dir(two)
+    for cfg, channels in ((base, 96), (two, 96 + 160)):
+        run_extract(cfg, ["test"], log=lambda s: None, progress=False)
+        store = FeatureStore(store_dir(cfg) / "test")
+        assert store.read(0).features.shape[-1] == channels

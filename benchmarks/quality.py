@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Quality options measured with stage 3's own report, on both shared datasets, two seeds:
+
+    python benchmarks/quality.py                                  # the options below
+    python benchmarks/quality.py --option "layers 3=backbone.layers=3" --seeds 0
+
+Datasets: ../shared/data/obj_seg (train -> test) and ../shared/data/davis2016_subset
+(train -> val: sequences never seen in training). Backbone: MobileNetV2 with the shared
+ImageNet weights (no DINO weights are reachable offline). Each (dataset, option, seed) is a
+run of the CLI in its own process: `extract-features` of both splits, `train-head`, `predict`;
+the feature cache is shared by the runs of a dataset, so stage 1 is timed by the first seed of
+an option (later seeds find it up to date). Printed: the PAC and linear_bilinear mIoU / J / F
+per seed and their mean, the feature cache size of the option, and the stage seconds.
+Raw results go to --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+DATASETS = {
+    "obj_seg": (SHARED / "data" / "obj_seg", "obj_seg", "train", "test"),
+    "davis2016_subset": (SHARED / "data" / "davis2016_subset", "davis2016", "train", "val"),
+}
+DEFAULT_OPTIONS = ["baseline=", "layers 2=backbone.layers=2", "layers 3=backbone.layers=3"]
+
+
+def cli(args: list[str], sets: list[str]) -> float:
+    """Seconds of one CLI command (fails loudly)."""
+    cmd = [sys.executable, str(ROOT / "cli.py"), *args]
+    for s in sets:
+        cmd += ["--set", s]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--option", action="append", help='"label=key=value[,key=value]"; repeatable')
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--weights", default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt"))
+    ap.add_argument("--work", default=None, help="cache and outputs folder (default: a temporary one)")
+    ap.add_argument("--json", default=None, help="write the raw results here")
+    args = ap.parse_args()
+    options = []
+    for spec in args.option or DEFAULT_OPTIONS:
+        label, _, sets = spec.partition("=")
+        options.append((label, [s for s in sets.split(",") if s]))
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_quality_"))
+    results = []
+    for ds in args.datasets.split(","):
+        root, layout, train, test = DATASETS[ds]
+        if not root.is_dir():
+            sys.exit(f"benchmark data not found: {root}")
+        for label, extra in options:
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                run = f"{ds}-{label.replace(' ', '_')}-s{seed}"
+                sets = [f"data.root={root}", f"data.layout={layout}", f"data.train_split={train}",
+                        f"data.test_split={test}", "backbone.name=mobilenet_v2",
+                        f"backbone.weights={args.weights}", f"paths.cache={work / ds / 'cache'}",
+                        f"paths.outputs={work / ds / 'outputs'}", f"run.name={run}",
+                        f"train.seed={seed}", *extra]
+                features = work / ds / "cache" / "features"
+                before = dir_bytes(features) if features.is_dir() else 0
+                row = {"dataset": ds, "option": label, "sets": extra, "seed": seed,
+                       "extract_s": cli(["extract-features", "--split", train], sets)
+                       + cli(["extract-features", "--split", test], sets),
+                       "train_s": cli(["train-head"], sets),
+                       "predict_s": cli(["predict", "--split", test], sets)}
+                rep = json.loads((work / ds / "outputs" / run / f"report_{test}.json").read_text())
+                row["metrics"] = {v: {k: rep["variants"][v]["overall"][k] for k in ("miou", "j_mean", "boundary_f")}
+                                  for v in ("linear_bilinear", "pac")}
+                grown = dir_bytes(features) - before  # the option's store, when this run made it
+                row["cache_bytes"] = grown or next((r["cache_bytes"] for r in results
+                                                    if r["dataset"] == ds and r["option"] == label), 0)
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    print_table(results)
+
+
+def print_table(results: list[dict]) -> None:
+    print("\n| dataset | option | seed | linear_bilinear mIoU / J / F | PAC mIoU / J / F | stage 1 / 2 / 3 s | cache MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        lb, pac = r["metrics"]["linear_bilinear"], r["metrics"]["pac"]
+        print(f"| {r['dataset']} | {r['option']} | {r['seed']} | "
+              f"{lb['miou']:.3f} / {lb['j_mean']:.3f} / {lb['boundary_f']:.3f} | "
+              f"{pac['miou']:.3f} / {pac['j_mean']:.3f} / {pac['boundary_f']:.3f} | "
+              f"{r['extract_s']:.0f} / {r['train_s']:.0f} / {r['predict_s']:.0f} | "
+              f"{r['cache_bytes'] / 2**20:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
