@@ -88,6 +88,7 @@ class PredictCfg:
     device: str = "auto"
     threshold: float = 0.5  # on the object probability
     thumbnails: int = 6  # best / worst images shown in the HTML report
+    tta: str = "none"  # "flip": average with the mirrored image's logits (stage 1 stores its features)
 
 
 @dataclass
@@ -128,6 +129,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "extract.feature_dtype": ("float16", "float32"),
     "extract.fit": ("crop", "pad"),
     "upsampler.guide": ("rgb", "learned"),
+    "predict.tta": ("none", "flip"),
 }
 
 POSITIVE = {

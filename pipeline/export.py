@@ -50,25 +50,35 @@ META_FILE = "vit_objseg.json"  # in the archive: torch.export.load(path, extra_f
 class SegmentationProgram(nn.Module):
     """uint8 images (B, 3, H, W), H and W multiples of the patch size -> object probability
     (B, 1, H, W): backbone (with its normalisation), features rounded to the stored dtype,
-    linear head, PAC upsampler (residual on the head's logits when so trained), sigmoid."""
+    linear head, PAC upsampler (residual on the head's logits when so trained), sigmoid.
+    `mirror_tta` (predict.tta = "flip"): the logits averaged with the mirror image's."""
 
-    def __init__(self, backbone: Backbone, models: TrainedModels, feature_dtype: torch.dtype):
+    def __init__(self, backbone: Backbone, models: TrainedModels, feature_dtype: torch.dtype,
+                 mirror_tta: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = models.head
         self.upsampler = models.upsampler
         self.feature_dtype = feature_dtype
+        self.mirror_tta = mirror_tta
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(images).to(self.feature_dtype).float().permute(0, 3, 1, 2)
+        return self.upsampler(feats, images, self.head(feats))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        feats = self.backbone(images).to(self.feature_dtype).float().permute(0, 3, 1, 2)
-        return torch.sigmoid(self.upsampler(feats, images, self.head(feats)))
+        logits = self.logits(images)
+        if self.mirror_tta:
+            logits = (logits + self.logits(images.flip(-1)).flip(-1)) * 0.5
+        return torch.sigmoid(logits)
 
 
 def build_program(cfg: Config, models: TrainedModels) -> SegmentationProgram:
     """The program on CPU in eval mode, without gradients; the backbone is built and
     optimised exactly as stage 1 builds it (`Extractor`)."""
     backbone = Extractor(cfg, torch.device("cpu")).backbone
-    program = SegmentationProgram(backbone, models, getattr(torch, cfg.extract.feature_dtype))
+    program = SegmentationProgram(backbone, models, getattr(torch, cfg.extract.feature_dtype),
+                                  cfg.predict.tta == "flip")
     return program.to("cpu").eval().requires_grad_(False)
 
 
@@ -103,6 +113,7 @@ def meta(cfg: Config, models: TrainedModels, patch: int) -> dict:
     return {"input": f"uint8 RGB (B, 3, H, W), H and W multiples of {patch}, at most {MAX_SIDE}",
             "output": "float32 (B, 1, H, W): object probability",
             "patch_size": patch, "threshold": cfg.predict.threshold, "fit": cfg.extract.fit,
+            "tta": cfg.predict.tta,
             "backbone": cfg.backbone.name, "weights": cfg.backbone.weights,
             "models_fingerprint": models.fingerprint, "run": cfg.run.name,
             "torch": torch.__version__}
@@ -120,6 +131,8 @@ class ExportResult:
 def _state(cfg: Config, models: TrainedModels, path: Path, height: int | None,
            width: int | None) -> StageState:
     params = {k: v for k, v in feature_params(cfg).items() if k != "format"}
+    if cfg.predict.tta != "none":  # absent at "none": files exported before the key stay current
+        params["predict.tta"] = cfg.predict.tta
     params.update({"predict.threshold": cfg.predict.threshold, "out": str(path.resolve()),
                    "height": height, "width": width, "torch": torch.__version__})
     rec = load_record(cfg.run_dir, STAGE)

@@ -31,8 +31,8 @@ from .fsutil import atomic_write_json, exclusive_lock, remove_temporaries
 from .progress import Progress
 from .stages import StageState, StageStatus, judge, load_record, save_record
 from .store import (FORMAT_VERSION, Manifest, ShardRecord, ShardTask, SplitPlan, done_entry,
-                    feature_params, file_hasher, manifest_path, plan_split, read_manifest,
-                    split_problems, store_dir, write_shard)
+                    feature_params, file_hasher, manifest_path, mirrored_splits, plan_split,
+                    read_manifest, split_problems, store_dir, write_shard)
 
 STAGE = "extract-features"
 
@@ -86,12 +86,15 @@ class Extractor:
                 else contextlib.nullcontext())
 
     @torch.inference_mode()
-    def launch(self, canvases: list[np.ndarray]) -> Callable[[], np.ndarray]:
+    def launch(self, canvases: list[np.ndarray], mirror: bool = False) -> Callable[[], np.ndarray]:
         """Start the forward pass of one same-size batch of canvases (uint8 (H, W, 3));
         returns a function giving the features (B, h, w, C) in `extract.feature_dtype`, as
-        they are stored. On CUDA the copy back is asynchronous, so the caller can prepare the
-        next batch before waiting. Stage 1 and `segment` both compute features here."""
+        they are stored. `mirror`: of the canvases flipped left-right (for predict.tta). On
+        CUDA the copy back is asynchronous, so the caller can prepare the next batch before
+        waiting. Stage 1 and `segment` both compute features here."""
         x = torch.from_numpy(np.ascontiguousarray(np.stack(canvases))).permute(0, 3, 1, 2)
+        if mirror:
+            x = x.flip(-1)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         if self.device.type == "cpu":
@@ -114,8 +117,10 @@ class Extractor:
         return lambda: out
 
     def shard_records(self, decoded: Iterable[Decoded],
-                      on_batch: Callable[[int], None] | None = None) -> tuple[list[ShardRecord], list[str]]:
-        """Features for one shard's decoded images (`on_batch(n)` after each batch of n).
+                      on_batch: Callable[[int], None] | None = None,
+                      mirror: bool = False) -> tuple[list[ShardRecord], list[str]]:
+        """Features for one shard's decoded images (`on_batch(n)` after each batch of n;
+        `mirror`: of the mirrored canvases).
         Batches are formed per canvas size in item order, so the same shard always sees the
         same batches."""
         good: list[Decoded] = []
@@ -125,7 +130,7 @@ class Extractor:
         feats: list[np.ndarray | None] = [None] * len(good)
         pending: deque = deque()
         for chunk in same_size_batches([d.box for d in good], self.batch_size):
-            fetch = self.launch([to_canvas(good[i].loaded.image, good[i].box) for i in chunk])
+            fetch = self.launch([to_canvas(good[i].loaded.image, good[i].box) for i in chunk], mirror)
             pending.append((chunk, fetch))
             if len(pending) > 1:
                 self._collect(pending.popleft(), feats, on_batch)
@@ -150,7 +155,7 @@ def run_task(task: ShardTask, extractor: Extractor, decoded: Iterable[Decoded] |
     """Compute and atomically write one shard with its receipt; returns its image count."""
     if decoded is None:
         decoded = [decode(task.data_root, it, extractor.patch, extractor.fit) for it in task.items]
-    records, errors = extractor.shard_records(decoded)
+    records, errors = extractor.shard_records(decoded, mirror=task.mirror)
     write_shard(task, records, errors)
     return len(records)
 
@@ -201,7 +206,7 @@ def stream_local(tasks: list[ShardTask], extractor: Extractor, workers: int,
         while window:
             task, futs = window.popleft()
             submit_next()
-            records, errors = extractor.shard_records((f.result() for f in futs), on_images)
+            records, errors = extractor.shard_records((f.result() for f in futs), on_images, task.mirror)
             if on_images is not None and errors:
                 on_images(len(errors))
             writes.append(write_pool.submit(write, task, records, errors))
@@ -249,35 +254,62 @@ def _assemble_manifest(plan: SplitPlan, hasher) -> Manifest:
     return manifest
 
 
+def _store_groups(cfg: Config, splits: list[str]) -> list[tuple[dict, list[str], str]]:
+    """(feature params, splits, label) of each store stage 1 fills: the features of `splits`
+    and, with predict.tta = "flip", the mirrored features of the predicted ones."""
+    groups = [(feature_params(cfg), splits, "")]
+    mirrored = mirrored_splits(cfg, splits)
+    if mirrored:
+        groups.append((feature_params(cfg, mirror=True), mirrored, " mirrored"))
+    return groups
+
+
 def run_extract(cfg: Config, splits: Iterable[str] = (), force: bool = False,
                 log: Callable[[str], None] = print, progress: bool = True,
                 executor: str | None = None) -> ExtractResult:
     """Stage 1 for the given splits (all by default): computes the shards that are missing
-    or damaged, and each split's manifest. Raises PipelineError subclasses for problems that
-    stop the stage."""
+    or damaged, and each split's manifest (for the features and, with predict.tta = "flip",
+    the mirrored features of the predicted splits). Raises PipelineError subclasses for
+    problems that stop the stage."""
     t0 = time.perf_counter()
-    fparams = feature_params(cfg)
     hasher = file_hasher(cfg)
-    plans = [plan_split(cfg, s, fparams, hasher) for s in selected_splits(cfg, splits)]
+    groups = [(fparams, [plan_split(cfg, s, fparams, hasher) for s in names], label)
+              for fparams, names, label in _store_groups(cfg, selected_splits(cfg, splits))]
+    result = ExtractResult(up_to_date=True)
+    for fparams, plans, label in groups:
+        errors = _extract_store(cfg, fparams, plans, label, hasher, result, force, log, progress,
+                                executor)
+        if not label:  # the mirrored store lists the same unusable files again
+            result.errors.extend(errors)
+    hasher.save()
+    _record(cfg, groups[0][1], groups[0][0])
+    result.n_errors = len(result.errors)
+    result.seconds = time.perf_counter() - t0
+    result.cache_bytes = sum(f.stat().st_size for fparams, _, _ in groups
+                             for f in store_dir(cfg, fparams).rglob("*.h5"))
+    return result
+
+
+def _extract_store(cfg: Config, fparams: dict, plans: list[SplitPlan], label: str, hasher,
+                   result: ExtractResult, force: bool, log: Callable[[str], None], progress: bool,
+                   executor: str | None) -> list[str]:
+    """Bring one store's splits up to date; returns the splits' listed problems."""
     problems = {p.split: split_problems(p, hasher) for p in plans}
     hasher.save()
-    result = ExtractResult()
     todo = [p for p in plans if force or problems[p.split]]
-    sdir = store_dir(cfg, fparams)
+    errors: list[str] = []
     if not todo:
         for p in plans:
-            m, _ = read_manifest(p.split_dir)
-            result.errors.extend(m.errors)
-        _record(cfg, plans, fparams)
-        result.n_errors = len(result.errors)
-        result.up_to_date = True
-        return result
+            errors.extend(read_manifest(p.split_dir)[0].errors)
+        return errors
+    result.up_to_date = False
+    sdir = store_dir(cfg, fparams)
     with exclusive_lock(sdir / ".lock", f"feature store {sdir}"):
         atomic_write_json(sdir / "features.json", fparams)
         pending: list[ShardTask] = []
         for p in todo:
             why = problems[p.split]
-            log(f"extract-features [{p.split}]: " + ("computing (--force)" if force else
+            log(f"extract-features [{p.split}{label}]: " + ("computing (--force)" if force else
                 f"computing ({'; '.join(why[:3])}" + (f"; +{len(why) - 3} more" if len(why) > 3 else "") + ")"))
             remove_temporaries(p.split_dir / "shards")
             if force:
@@ -289,7 +321,7 @@ def run_extract(cfg: Config, splits: Iterable[str] = (), force: bool = False,
                     pending.append(t)
         n_total = sum(len(t.items) for t in pending)
         n_cached = sum(len(p.items) for p in todo) - n_total
-        log(f"extract-features: {len(todo)} split(s), {n_total} images to extract"
+        log(f"extract-features{label}: {len(todo)} split(s), {n_total} images to extract"
             + (f", {n_cached} already cached" if n_cached else "")
             + f" [{cfg.backbone.name}, store {sdir}]")
         if pending:
@@ -297,17 +329,12 @@ def run_extract(cfg: Config, splits: Iterable[str] = (), force: bool = False,
             for p in todo:  # temporaries of killed (e.g. distributed) writers
                 remove_temporaries(p.split_dir / "shards")
         for p in todo:
-            result.errors.extend(_assemble_manifest(p, hasher).errors)
+            errors.extend(_assemble_manifest(p, hasher).errors)
         for p in plans:
             if p not in todo:
-                m, _ = read_manifest(p.split_dir)
-                result.errors.extend(m.errors)
+                errors.extend(read_manifest(p.split_dir)[0].errors)
         hasher.save()
-        _record(cfg, plans, fparams)
-    result.n_errors = len(result.errors)
-    result.seconds = time.perf_counter() - t0
-    result.cache_bytes = sum(f.stat().st_size for f in sdir.rglob("*.h5"))
-    return result
+    return errors
 
 
 def _execute(cfg: Config, tasks: list[ShardTask], n_total: int, result: ExtractResult,
@@ -355,17 +382,22 @@ def _record(cfg: Config, plans: list[SplitPlan], fparams: dict) -> None:
 
 def status(cfg: Config, splits: Iterable[str] = ()) -> StageStatus:
     """Stage 1's status for the given splits (all by default): up to date when every split's
-    store is current and intact, whichever run wrote it."""
-    fparams = feature_params(cfg)
+    store (and mirrored store, with predict.tta = "flip") is current and intact, whichever
+    run wrote it."""
     hasher = file_hasher(cfg)
     try:
-        plans = [plan_split(cfg, s, fparams, hasher) for s in selected_splits(cfg, splits)]
+        groups = [(fparams, [plan_split(cfg, s, fparams, hasher) for s in names], label)
+                  for fparams, names, label in _store_groups(cfg, selected_splits(cfg, splits))]
     except DataError as e:
         return StageStatus(STAGE, "stale", f"dataset problem: {e}")
+    fparams, plans, _ = groups[0]
     problems = [f"{p.split}: {why}" for p in plans for why in split_problems(p, hasher)]
+    mirror_problems = [f"{p.split} mirrored (predict.tta = flip): {why}" for _, ps, label in groups[1:]
+                       for p in ps for why in split_problems(p, hasher)]
     hasher.save()
     if not problems:
-        return StageStatus(STAGE, "up-to-date")
+        return (StageStatus(STAGE, "stale", "; ".join(mirror_problems[:3])) if mirror_problems
+                else StageStatus(STAGE, "up-to-date"))
     rec = load_record(cfg.run_dir, STAGE)
     if rec is not None and rec["params"].get("format") != FORMAT_VERSION:
         return StageStatus(STAGE, "stale", f"cache format {rec['params'].get('format', 2)} -> "

@@ -25,7 +25,7 @@ from PIL import Image
 from .config import Config
 from .data import Box, from_canvas, same_size_batches, to_canvas
 from .devices import CpuFanout, resolve_device
-from .errors import ModelError, StoreError
+from .errors import ConfigError, ModelError, StoreError
 from .executors import portable_config, run_tasks, worker_cached
 from .fsutil import atomic_write_bytes, atomic_write_json, exclusive_lock, file_lock, read_json
 from .metrics import ImageStats, image_stats, summarize
@@ -34,7 +34,7 @@ from .report import Thumb, VariantThumb, write_reports
 from .models import (TrainedModels, load_models, models_fingerprint, read_card, training_params,
                      upsample_logits)
 from .stages import StageState, StageStatus, diff_params, judge, save_record
-from .store import CachedItem, FeatureStore, split_fingerprint
+from .store import CachedItem, FeatureStore, mirrored_splits, split_fingerprint
 
 VARIANTS = ("linear_nearest", "linear_bilinear", "pac")
 PARAMS = ("predict.threshold", "predict.thumbnails")  # what the report depends on besides inputs
@@ -53,21 +53,33 @@ def report_path(cfg: Config, split: str) -> Path:
 
 
 def stage_state(cfg: Config, split: str, models_fp: str | None = None,
-                features_fp: str | None = None) -> StageState:
-    """Stage 3 depends on the trained models and the stored split (content fingerprints)
-    and on its own settings; its output is the report (and the masks)."""
+                features_fp: str | None = None, mirrored_fp: str | None = None) -> StageState:
+    """Stage 3 depends on the trained models and the stored split (content fingerprints),
+    with predict.tta = "flip" also on the split's mirrored features, and on its own
+    settings; its output is the report (and the masks)."""
     if models_fp is None:
         models_fp, _ = models_fingerprint(model_dir(cfg))
     if features_fp is None:
         features_fp = split_fingerprint(cfg, split)
+    extract = f"python cli.py extract-features --split {split}"
+    deps = {"models": models_fp, f"features[{split}]": features_fp}
+    repair = {"models": "python cli.py train-head", f"features[{split}]": extract}
+    if cfg.predict.tta == "flip":
+        if mirrored_fp is None:
+            mirrored_fp = split_fingerprint(cfg, split, mirror=True)
+        deps[f"mirrored[{split}]"] = mirrored_fp
+        repair[f"mirrored[{split}]"] = extract
+    params = {k: cfg.get(k) for k in PARAMS}
+    if cfg.predict.tta != "none":  # absent at "none": reports made before the key stay current
+        params["predict.tta"] = cfg.predict.tta
     outs = "" if report_path(cfg, split).is_file() else "report missing"
-    return StageState(stage_name(split), {"models": models_fp, f"features[{split}]": features_fp},
-                      {k: cfg.get(k) for k in PARAMS}, outs,
-                      {"models": "python cli.py train-head",
-                       f"features[{split}]": f"python cli.py extract-features --split {split}"})
+    return StageState(stage_name(split), deps, params, outs, repair)
 
 
 def status(cfg: Config, split: str) -> StageStatus:
+    if cfg.predict.tta == "flip" and not mirrored_splits(cfg, [split]):
+        return StageStatus(stage_name(split), "stale", "predict.tta = flip: the training split has "
+                                                       "no mirrored features (use predict.tta = none)")
     state = stage_state(cfg, split)
     st = judge(cfg.run_dir, state)
     card, _ = read_card(model_dir(cfg))
@@ -127,51 +139,80 @@ class Predictor:
         self.cpu = CpuFanout() if device.type == "cpu" else None
 
     def masks(self, features: np.ndarray, canvases: np.ndarray, boxes: Sequence[Box],
-              sizes: Sequence[tuple[int, int]], variants: Sequence[str] = VARIANTS
-              ) -> list[dict[str, np.ndarray]]:
+              sizes: Sequence[tuple[int, int]], variants: Sequence[str] = VARIANTS,
+              mirrored: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
         """Boolean masks (H, W) at each image's original size, per variant, for one batch of
         same-size canvases: `features` (B, h, w, C) as stage 1 stores them, `canvases` uint8
         (B, H', W', 3), `boxes[i]` where canvas i sits in its image of size `sizes[i]` (H, W).
+        `mirrored`: the features of the mirrored canvases (predict.tta = "flip"): each
+        variant's logits are averaged with the mirror image's, mirrored back.
         On CPU each image goes through the heads alone in a single-threaded pass
         (CpuFanout): a mask depends neither on the batch nor on the core count."""
         if self.cpu is not None:
-            parts = self.cpu.map(lambda j: self._binary(features[j:j + 1], canvases[j:j + 1],
-                                                        variants), len(boxes))
+            parts = self.cpu.map(lambda j: self._binary(
+                features[j:j + 1], canvases[j:j + 1], variants,
+                None if mirrored is None else mirrored[j:j + 1]), len(boxes))
             binary = {v: np.concatenate([p[v] for p in parts]) for v in variants}
         else:
-            binary = self._binary(features, canvases, variants)
+            binary = self._binary(features, canvases, variants, mirrored)
         return [{v: from_canvas(binary[v][j], box, size) for v in variants}
                 for j, (box, size) in enumerate(zip(boxes, sizes))]
 
-    @torch.inference_mode()
-    def _binary(self, features: np.ndarray, canvases: np.ndarray,
-                variants: Sequence[str]) -> dict[str, np.ndarray]:
-        """Thresholded logits (B, H', W') at canvas size for each variant."""
-        f = torch.from_numpy(features.astype(np.float32)).permute(0, 3, 1, 2).to(self.device)
-        img = torch.from_numpy(np.ascontiguousarray(canvases)).permute(0, 3, 1, 2).to(self.device)
+    def _logits(self, f: torch.Tensor, img: torch.Tensor,
+                variants: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Each variant's logits (B, 1, H', W') at canvas size."""
         size = tuple(img.shape[-2:])
         base = self.models.head(f)
         logits = {"linear_nearest": lambda: upsample_logits(base, size, "nearest"),
                   "linear_bilinear": lambda: upsample_logits(base, size, "bilinear"),
                   "pac": lambda: self.models.upsampler(f, img, base)}
-        return {v: (logits[v]()[:, 0] > self.logit_threshold).cpu().numpy() for v in variants}
+        return {v: logits[v]() for v in variants}
 
-    def batch_masks(self, items: list[CachedItem]) -> list[dict[str, np.ndarray]]:
-        """`masks` of every variant for cached items whose canvases share one size."""
+    @torch.inference_mode()
+    def _binary(self, features: np.ndarray, canvases: np.ndarray, variants: Sequence[str],
+                mirrored: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Thresholded logits (B, H', W') at canvas size for each variant."""
+        def tensor(feats: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(feats.astype(np.float32)).permute(0, 3, 1, 2).to(self.device)
+
+        img = torch.from_numpy(np.ascontiguousarray(canvases)).permute(0, 3, 1, 2).to(self.device)
+        logits = self._logits(tensor(features), img, variants)
+        if mirrored is not None:
+            flipped = self._logits(tensor(mirrored), img.flip(-1), variants)
+            logits = {v: (logits[v] + flipped[v].flip(-1)).mul_(0.5) for v in variants}
+        return {v: (logits[v][:, 0] > self.logit_threshold).cpu().numpy() for v in variants}
+
+    def batch_masks(self, items: list[CachedItem],
+                    mirrored: list[np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
+        """`masks` of every variant for cached items whose canvases share one size
+        (`mirrored`: their mirrored features, for predict.tta = "flip")."""
         return self.masks(np.stack([it.features for it in items]),
                           np.stack([to_canvas(it.image, it.meta.box) for it in items]),
-                          [it.meta.box for it in items], [it.meta.orig_size for it in items])
+                          [it.meta.box for it in items], [it.meta.orig_size for it in items],
+                          mirrored=None if mirrored is None else np.stack(mirrored))
+
+
+def check_mirrored(store: FeatureStore, mirror: FeatureStore) -> None:
+    """StoreError unless `mirror` holds the mirrored features of exactly `store`'s images,
+    in the same places."""
+    def layout(s: FeatureStore) -> list[tuple]:
+        return [(m.category, m.stem, m.source, m.orig_size, m.box, m.shard, m.slot) for m in s.items]
+    if layout(store) != layout(mirror):
+        raise StoreError(f"{mirror.split_dir}: the mirrored features do not match the stored split; "
+                         f"run `python cli.py extract-features --split {store.split}`")
 
 
 def predict_shard(store: FeatureStore, shard: int, predictor: Predictor, pred_dir: Path,
-                  batch_size: int = 8) -> dict:
+                  batch_size: int = 8, mirror: FeatureStore | None = None) -> dict:
     """Masks of one shard written as PNG; returns the unit {"items": [...]} of statistics
-    (None for an image without annotation). Images are batched by canvas size, in order."""
+    (None for an image without annotation). Images are batched by canvas size, in order.
+    `mirror`: the split's mirrored features (predict.tta = "flip")."""
     metas = [m for m in store.items if m.shard == shard]
     rows: dict[int, dict] = {}
     for batch in same_size_batches([m.box for m in metas], batch_size):
         items = [store.read(metas[i].index) for i in batch]
-        for item, masks in zip(items, predictor.batch_masks(items)):
+        mirrored = None if mirror is None else [mirror.features(metas[i].index) for i in batch]
+        for item, masks in zip(items, predictor.batch_masks(items, mirrored)):
             meta = item.meta
             atomic_write_bytes(pred_dir / meta.category / f"{meta.stem}.png",
                                mask_png_bytes(masks["pac"]))
@@ -185,12 +226,18 @@ def predict_shard(store: FeatureStore, shard: int, predictor: Predictor, pred_di
 
 
 def predict_task(cfg: Config, split_dir: str, fingerprint: str, shard: int, pred_dir: str,
-                 models_fp: str) -> tuple[int, dict]:
-    """One shard on a Dask worker; the worker keeps the store and models it opened, keyed by
+                 models_fp: str, mirror_dir: str | None = None,
+                 mirror_fp: str | None = None) -> tuple[int, dict]:
+    """One shard on a Dask worker; the worker keeps the stores and models it opened, keyed by
     their content fingerprints (a re-extracted split or retrained models are reopened)."""
-    store = worker_cached(("store", split_dir, fingerprint), lambda: FeatureStore(split_dir))
-    if store.fingerprint != fingerprint:
-        raise StoreError(f"{split_dir}: the stored split changed during prediction; rerun predict")
+    def opened(sdir: str, fp: str) -> FeatureStore:
+        store = worker_cached(("store", sdir, fp), lambda: FeatureStore(sdir))
+        if store.fingerprint != fp:
+            raise StoreError(f"{sdir}: the stored split changed during prediction; rerun predict")
+        return store
+
+    store = opened(split_dir, fingerprint)
+    mirror = opened(mirror_dir, mirror_fp) if mirror_dir is not None and mirror_fp is not None else None
 
     def make_predictor() -> Predictor:
         device = resolve_device(cfg.predict.device)
@@ -201,7 +248,8 @@ def predict_task(cfg: Config, split_dir: str, fingerprint: str, shard: int, pred
 
     predictor = worker_cached(("predictor", models_fp, cfg.predict.device, cfg.predict.threshold),
                               make_predictor)
-    return shard, predict_shard(store, shard, predictor, Path(pred_dir), cfg.predict.batch_size)
+    return shard, predict_shard(store, shard, predictor, Path(pred_dir), cfg.predict.batch_size,
+                                mirror)
 
 
 def mask_png_bytes(mask: np.ndarray) -> bytes:
@@ -230,10 +278,12 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
     """Stage 3 for a split: needs the stored split and the run's models, never the images."""
     t0 = time.perf_counter()
     store = FeatureStore.open(cfg, split)
+    mirror = open_mirrored(cfg, store)
+    mirror_fp = mirror.fingerprint if mirror is not None else None
     device = resolve_device(cfg.predict.device)
     with checked_models(cfg, device) as models, \
             exclusive_lock(cfg.run_dir / f".predict-{split}.lock", f"predict [{split}] of run '{cfg.run.name}'"):
-        state = stage_state(cfg, split, models.fingerprint, store.fingerprint)
+        state = stage_state(cfg, split, models.fingerprint, store.fingerprint, mirror_fp)
         rpath = report_path(cfg, split)
         st = judge(cfg.run_dir, state)
         if not force and st.up_to_date:
@@ -258,12 +308,13 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
             if scheduler:
                 wcfg = portable_config(cfg)
                 sdir = str(store.split_dir.resolve())
+                mdir = str(mirror.split_dir.resolve()) if mirror is not None else None
                 results = run_tasks(scheduler, predict_task, (
                     (f"predict-{fp}-{si}", (wcfg, sdir, store.fingerprint, si, str(pdir.resolve()),
-                                            models.fingerprint)) for si in todo))
+                                            models.fingerprint, mdir, mirror_fp)) for si in todo))
             else:
-                results = ((si, predict_shard(store, si, predictor, pdir, cfg.predict.batch_size))
-                           for si in todo)
+                results = ((si, predict_shard(store, si, predictor, pdir, cfg.predict.batch_size,
+                                              mirror)) for si in todo)
             for si, unit in results:
                 unit["fingerprint"] = fp
                 atomic_write_json(udir / f"{hashes[si]}.json", unit)
@@ -271,15 +322,31 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
                 bar.update(len(unit["items"]))
             bar.close()
         rows = [r for si in range(len(hashes)) for r in units[si]["items"]]
-        report = build_report(cfg, split, rows, {"features": store.fingerprint,
-                                                 "models": models.fingerprint})
+        fingerprints = {"features": store.fingerprint, "models": models.fingerprint}
+        if mirror_fp is not None:
+            fingerprints["mirrored"] = mirror_fp
+        report = build_report(cfg, split, rows, fingerprints)
         atomic_write_json(rpath, report)
-        _write_human_reports(cfg, split, report, rows, store, predictor)
-        save_record(cfg.run_dir, stage_state(cfg, split, models.fingerprint, store.fingerprint))
+        _write_human_reports(cfg, split, report, rows, store, predictor, mirror)
+        save_record(cfg.run_dir, stage_state(cfg, split, models.fingerprint, store.fingerprint,
+                                             mirror_fp))
     res = PredictResult(n_images=report["n_images"], n_predicted=report["n_predicted"],
                         seconds=time.perf_counter() - t0, predictions_dir=pdir, report_json=rpath)
     res.headline = headline(report)
     return res
+
+
+def open_mirrored(cfg: Config, store: FeatureStore) -> FeatureStore | None:
+    """The mirrored features of `store`'s split when predict.tta = "flip" (checked to match
+    it), else None. Stage 1 stores none for the training split: a usage error."""
+    if cfg.predict.tta != "flip":
+        return None
+    if not mirrored_splits(cfg, [store.split]):
+        raise ConfigError(f"predict.tta = flip: stage 1 stores no mirrored features for the training "
+                          f"split '{store.split}'; predict it with --set predict.tta=none")
+    mirror = FeatureStore.open(cfg, store.split, mirror=True)
+    check_mirrored(store, mirror)
+    return mirror
 
 
 def pred_dir_of(cfg: Config, split: str) -> Path:
@@ -337,7 +404,8 @@ def _other_runs(cfg: Config, split: str) -> list[tuple[str, str]]:
 
 
 def _write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict],
-                         store: FeatureStore, predictor: Predictor) -> None:
+                         store: FeatureStore, predictor: Predictor,
+                         mirror: FeatureStore | None) -> None:
     rows = [r for r in rows if r["stats"] is not None]
     per_image = report["per_image"]
     k = cfg.predict.thumbnails
@@ -362,8 +430,9 @@ def _write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict]
                 continue
     def variants(r: dict) -> VariantThumb:  # the worst images with every variant's mask
         item = store.read(r["index"])
+        mirrored = None if mirror is None else [mirror.features(r["index"])]
         return VariantThumb(r["category"], r["stem"], item.image, item.mask,
-                            predictor.batch_masks([item])[0])
+                            predictor.batch_masks([item], mirrored)[0])
 
     write_reports(cfg.run_dir, split, report, per_image, [thumb(r) for r in best],
                   [thumb(r) for r in worst], history,

@@ -130,10 +130,13 @@ def find_sources(paths: Sequence[str | Path], out_dir: Path) -> tuple[list[Sourc
 
 def settings_fingerprint(cfg: Config, models_fp: str) -> str:
     """What a mask depends on besides its image: the models, the feature settings (backbone,
-    weights, canvas fit, precision, feature dtype) and the threshold."""
+    weights, canvas fit, precision, feature dtype), the threshold and the test-time
+    augmentation (absent at "none", so masks made before the key stay current)."""
     features = {k: v for k, v in feature_params(cfg).items() if k != "format"}
-    return fingerprint({"models": models_fp, "features": features,
-                        "threshold": cfg.predict.threshold})
+    settings = {"models": models_fp, "features": features, "threshold": cfg.predict.threshold}
+    if cfg.predict.tta != "none":
+        settings["tta"] = cfg.predict.tta
+    return fingerprint(settings)
 
 
 class SegmentRecord:
@@ -290,6 +293,7 @@ def _stream(cfg: Config, todo: list[Source], extractor: Extractor, predictor: Pr
     window: deque[list[Future]] = deque()
     writes: deque[tuple[str, Future]] = deque()
     chunks = _chunks(todo, max(CHUNK, extractor.batch_size))
+    tta = cfg.predict.tta == "flip"
     bar = Progress(len(todo), "segment", enabled=progress)
     last_save = time.perf_counter()
 
@@ -329,8 +333,10 @@ def _stream(cfg: Config, todo: list[Source], extractor: Extractor, predictor: Pr
                 items = [good[i] for i in batch]
                 canvases = [to_canvas(d.image, d.box) for d in items]
                 feats = extractor.launch(canvases)()
+                mirrored = extractor.launch(canvases, mirror=True)() if tta else None
                 masks = predictor.masks(feats, np.stack(canvases), [d.box for d in items],
-                                        [d.image.shape[:2] for d in items], variants=("pac",))
+                                        [d.image.shape[:2] for d in items], variants=("pac",),
+                                        mirrored=mirrored)
                 for d, m in zip(items, masks):
                     writes.append((d.src.rel, write_pool.submit(_write, out_dir, d, m["pac"],
                                                                 overlays, settings)))

@@ -43,8 +43,10 @@ SHARD_SIZE = 64  # images per shard: the unit of resumption and of distributed w
 
 # ----------------------------------------------------------------------------- identity
 
-def feature_params(cfg: Config) -> dict[str, Any]:
-    """What determines a feature value besides the image: the store's feature key."""
+def feature_params(cfg: Config, mirror: bool = False) -> dict[str, Any]:
+    """What determines a feature value besides the image: the store's feature key. `mirror`:
+    the key of the store of mirrored features (each canvas flipped left-right before the
+    backbone), which stage 1 adds for the predicted splits when predict.tta = "flip"."""
     params: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "backbone.name": cfg.backbone.name,
@@ -56,7 +58,15 @@ def feature_params(cfg: Config) -> dict[str, Any]:
     }
     if cfg.backbone.layers != 1:  # absent at 1, so stores made before the key stay valid
         params["backbone.layers"] = cfg.backbone.layers
+    if mirror:
+        params["mirror"] = True
     return params
+
+
+def mirrored_splits(cfg: Config, splits: list[str]) -> list[str]:
+    """Which of `splits` get mirrored features too: with predict.tta = "flip", every split but
+    the training split (training never uses them)."""
+    return [s for s in splits if s != cfg.data.train_split] if cfg.predict.tta == "flip" else []
 
 
 def store_dir(cfg: Config, fparams: dict | None = None) -> Path:
@@ -197,6 +207,11 @@ class ShardTask:
         return Path(self.split_dir) / self.file
 
     @property
+    def mirror(self) -> bool:
+        """Whether the shard holds mirrored features (canvases flipped left-right)."""
+        return bool(self.attrs.get("mirror", False))
+
+    @property
     def receipt(self) -> Path:
         return self.path.with_suffix(".json")
 
@@ -235,7 +250,8 @@ def plan_split(cfg: Config, split: str, fparams: dict, hasher: FileHasher) -> Sp
                                    f"shards/{safe}-{k // SHARD_SIZE:04d}-{h}.h5", h,
                                    [items[i] for i in chunk],
                                    {"feature_key": key, "split": split, "shard_hash": h,
-                                    "format": FORMAT_VERSION}))
+                                    "format": FORMAT_VERSION,
+                                    **({"mirror": 1} if fparams.get("mirror") else {})}))
     return SplitPlan(split, split_dir, items, problems, digest, key, tasks)
 
 
@@ -384,10 +400,10 @@ class FeatureStore:
         self._verified: set[int] = set()
 
     @classmethod
-    def open(cls, cfg: Config, split: str) -> "FeatureStore":
-        """The stored split for the current feature settings; StoreError naming the command
-        to run when it is missing or damaged."""
-        return cls(store_dir(cfg) / split)
+    def open(cls, cfg: Config, split: str, mirror: bool = False) -> "FeatureStore":
+        """The stored split for the current feature settings (`mirror`: its mirrored
+        features); StoreError naming the command to run when it is missing or damaged."""
+        return cls(store_dir(cfg, feature_params(cfg, mirror)) / split)
 
     def _damaged(self, entry: ShardEntry, what: str) -> None:
         raise StoreError(f"{self.split_dir / entry.file}: shard {what}; run "
@@ -470,8 +486,8 @@ class FeatureStore:
         self.close()
 
 
-def split_fingerprint(cfg: Config, split: str) -> str | None:
-    """The content fingerprint of the stored split for the current feature settings, or None
-    when there is no valid manifest (reads the manifest only)."""
-    m, _ = read_manifest(store_dir(cfg) / split)
+def split_fingerprint(cfg: Config, split: str, mirror: bool = False) -> str | None:
+    """The content fingerprint of the stored split for the current feature settings (`mirror`:
+    of its mirrored features), or None when there is no valid manifest (reads it only)."""
+    m, _ = read_manifest(store_dir(cfg, feature_params(cfg, mirror)) / split)
     return m.fingerprint if m is not None else None
