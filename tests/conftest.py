@@ -39,6 +39,23 @@ def make_cfg(tmp_path: Path, data_root: Path, *extra: str, layout: str = "obj_se
     return load_config(ROOT / "configs" / "default.toml", sets)
 
 
+TINY_TRAIN = ("train.epochs=1", "train.linear_epochs=2", "train.crop=48")
+
+
+def trained_run(base: Path, data_root: Path, *extra: str):
+    """make_cfg with a tiny training, then extract, train-head and predict the test split;
+    returns the config."""
+    from pipeline.extract import run_extract
+    from pipeline.predict import run_predict
+    from pipeline.train import run_train
+    cfg = make_cfg(base, data_root, *TINY_TRAIN, *extra)
+    quiet = dict(log=lambda s: None, progress=False)
+    run_extract(cfg, **quiet)
+    run_train(cfg, **quiet)
+    run_predict(cfg, "test", **quiet)
+    return cfg
+
+
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600):
     import subprocess
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd,

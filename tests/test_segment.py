@@ -14,14 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.extract import run_extract
-from pipeline.predict import run_predict
 from pipeline.segment import RECORD_FILE, run_segment
-from pipeline.train import run_train
-from tests.conftest import one_line_error, make_cfg, run_cli
+from tests.conftest import TINY_TRAIN, one_line_error, make_cfg, run_cli, trained_run
 
-FAST = ("train.epochs=1", "train.linear_epochs=2", "train.crop=48")
-quiet = dict(log=lambda s: None, progress=False)
+FAST = TINY_TRAIN
 
 
 def cli_sets(base: Path, root: Path, *extra: str) -> list[str]:
@@ -39,11 +35,7 @@ def cli_sets(base: Path, root: Path, *extra: str) -> list[str]:
 def trained(tmp_path_factory, synth_root):
     """Extract, train (tiny) and predict the test split of the generated data."""
     base = tmp_path_factory.mktemp("seg_run")
-    cfg = make_cfg(base, synth_root, *FAST)
-    run_extract(cfg, **quiet)
-    run_train(cfg, **quiet)
-    run_predict(cfg, "test", **quiet)
-    return base, synth_root, cfg
+    return base, synth_root, trained_run(base, synth_root)
 
 
 def sha(path: Path) -> str:

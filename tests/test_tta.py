@@ -19,10 +19,9 @@ from pipeline.models import load_models
 from pipeline.predict import model_dir, pred_dir_of, report_path, run_predict, status as predict_status
 from pipeline.segment import run_segment
 from pipeline.store import FeatureStore, feature_params, store_dir
-from pipeline.train import run_train, status as train_status
-from tests.conftest import make_cfg, one_line_error, run_cli
+from pipeline.train import status as train_status
+from tests.conftest import one_line_error, run_cli, trained_run
 
-FAST = ("train.epochs=1", "train.linear_epochs=2", "train.crop=48")
 quiet = dict(log=lambda s: None, progress=False)
 
 
@@ -30,10 +29,7 @@ quiet = dict(log=lambda s: None, progress=False)
 def run(tmp_path_factory, synth_root):
     """A trained tiny run, predicted on the test split without and then with flip TTA."""
     base = tmp_path_factory.mktemp("tta_run")
-    plain = make_cfg(base, synth_root, *FAST)
-    run_extract(plain, **quiet)
-    run_train(plain, **quiet)
-    run_predict(plain, "test", **quiet)
+    plain = trained_run(base, synth_root)
     plain_report = json.loads(report_path(plain, "test").read_text())
     shards = {p: p.stat().st_mtime_ns for p in store_dir(plain).rglob("*.h5")}
     pdir = pred_dir_of(plain, "test")
