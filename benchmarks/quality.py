@@ -31,7 +31,7 @@ DATASETS = {
     "obj_seg": (SHARED / "data" / "obj_seg", "obj_seg", "train", "test"),
     "davis2016_subset": (SHARED / "data" / "davis2016_subset", "davis2016", "train", "val"),
 }
-DEFAULT_OPTIONS = ["baseline=", "layers 2=backbone.layers=2", "layers 3=backbone.layers=3"]
+DEFAULT_OPTIONS = ["baseline=backbone.layers=1", "layers 2=backbone.layers=2", "layers 3=backbone.layers=3"]
 
 
 def cli(args: list[str], sets: list[str]) -> float:
@@ -121,7 +121,7 @@ def print_table(results: list[dict]) -> None:
               f"{r['extract_s']:.0f} / {r['train_s']:.0f} / {r['predict_s']:.0f} | "
               f"{r['cache_bytes'] / 2**20:.0f} |")
     if any("metrics_tta" in r for r in results):
-        print("\n| dataset | option | seed | + flip TTA: linear_bilinear mIoU / J / F | PAC mIoU / J / F | stage 1 / 3 s added | cache MiB added |")
+        print("\n| dataset | option | seed | + flip TTA: linear_bilinear mIoU / J / F | PAC mIoU / J / F | stage 1 s added / stage 3 s with TTA | cache MiB added |")
         print("|---|---|---|---|---|---|---|")
         for r in results:
             print(f"| {r['dataset']} | {r['option']} | {r['seed']} | {_triples(r['metrics_tta'])} | "

@@ -472,6 +472,16 @@ _BUILDERS: dict[str, tuple[Callable[[BackboneSpec, bool], nn.Module], str]] = {
 
 VIT_DEPTH = 12  # blocks of the ViT-S models in the registry
 
+# backbone.layers = 0 ("auto") means these, measured with stage 3's report on both shared
+# datasets (README, "Feature layers and TTA, measured"): mobilenet_v2 gains on both from its
+# 160-channel stage; the ViTs could not be measured offline (no DINO weights) and keep 1.
+AUTO_LAYERS = {"mobilenet_v2": 2}
+
+
+def resolve_layers(name: str, layers: int) -> int:
+    """backbone.layers as a number: 0 -> the backbone's measured default."""
+    return layers or AUTO_LAYERS.get(name, 1)
+
 
 def max_layers(name: str) -> int:
     """The largest backbone.layers a backbone offers."""

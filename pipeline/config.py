@@ -43,7 +43,7 @@ class DataCfg:
 class BackboneCfg:
     name: str = "dino_vits16"
     weights: str = "pretrained"
-    layers: int = 1  # final blocks whose outputs are concatenated into the features
+    layers: int = 0  # final blocks concatenated into the features; 0 = the backbone's measured default
 
 
 @dataclass
@@ -133,11 +133,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 POSITIVE = {
-    "backbone.layers", "extract.batch_size", "train.batch_size", "predict.batch_size", "train.epochs",
+    "extract.batch_size", "train.batch_size", "predict.batch_size", "train.epochs",
     "upsampler.hidden", "upsampler.kernel_size", "upsampler.guide_channels",
 }
 NON_NEGATIVE = {
-    "run.threads",
+    "run.threads", "backbone.layers",
     "extract.num_workers", "train.crop", "train.linear_epochs",
     "train.weight_decay", "train.boundary_weight", "predict.thumbnails",
 }

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from .backbones import Backbone, create_backbone
+from .backbones import Backbone, create_backbone, resolve_layers
 from .config import Config
 from .data import Box, DataError, Item, LoadedItem, fit_box, list_splits, load_item, same_size_batches, to_canvas
 from .devices import CpuFanout, autocast_dtype, resolve_device, resolve_precision
@@ -66,8 +66,9 @@ class Extractor:
 
     def __init__(self, cfg: Config, device: torch.device | None = None):
         self.device = device or resolve_device(cfg.extract.device)
+        layers = resolve_layers(cfg.backbone.name, cfg.backbone.layers)
         self.backbone: Backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights,
-                                                          cfg.backbone.layers).to(self.device)
+                                                  layers).to(self.device)
         self.backbone.optimize_for_inference(self.device)
         self.patch = self.backbone.spec.patch_size
         self.fit = cfg.extract.fit

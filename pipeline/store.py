@@ -29,7 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .backbones import FEATURE_VERSION, weights_identity
+from .backbones import FEATURE_VERSION, resolve_layers, weights_identity
 from .config import Config
 from .data import Box, Item, decode_image, list_items
 from .devices import resolve_precision
@@ -56,8 +56,9 @@ def feature_params(cfg: Config, mirror: bool = False) -> dict[str, Any]:
         "extract.precision": resolve_precision(cfg.extract.precision, cfg.extract.device),
         "extract.feature_dtype": cfg.extract.feature_dtype,
     }
-    if cfg.backbone.layers != 1:  # absent at 1, so stores made before the key stay valid
-        params["backbone.layers"] = cfg.backbone.layers
+    layers = resolve_layers(cfg.backbone.name, cfg.backbone.layers)
+    if layers != 1:  # absent at 1, so stores made before the key stay valid
+        params["backbone.layers"] = layers
     if mirror:
         params["mirror"] = True
     return params

@@ -36,8 +36,9 @@ def test_extract_end_to_end(tmp_path, synth_root):
     cache = FeatureStore.open(cfg, "train")
     assert len(cache) == 12 and cache.categories() == ["block", "disc"]
     item = cache.read(0)
-    # 96x136 image, centre-cropped to 96x128 -> a 6x8 grid of 96-channel MobileNetV2 features
-    assert item.features.shape == (6, 8, 96) and item.features.dtype == np.float16
+    # 96x136 image, centre-cropped to 96x128 -> a 6x8 grid of MobileNetV2 features (the
+    # default backbone.layers: 96 + 160 channels)
+    assert item.features.shape == (6, 8, 256) and item.features.dtype == np.float16
     assert item.meta.box.as_tuple() == (0, 4, 96, 128) and item.meta.orig_size == (96, 136)
     src = synth_root / item.meta.source
     assert np.array_equal(item.image, load_image(src))
@@ -71,7 +72,7 @@ def test_config_change_marks_stale_and_recomputes(tmp_path, synth_root):
     assert st.state == "stale" and 'extract.fit: "crop" -> "pad"' in st.why
     res = run_extract(cfg_pad, ["test"], **quiet)
     assert res.n_images == 6
-    assert FeatureStore.open(cfg_pad, "test").read(0).features.shape == (6, 9, 96)  # 96x144 canvas
+    assert FeatureStore.open(cfg_pad, "test").read(0).features.shape == (6, 9, 256)  # 96x144 canvas
     assert store_dir(cfg_pad) != store_dir(cfg)
 
 
@@ -213,7 +214,7 @@ def test_real_images_with_pretrained_mobilenet(tmp_path):
     cache = FeatureStore.open(cfg, "test")
     assert cache.categories() == ["bear", "dog"]
     item = cache.read(0)
-    assert item.features.shape == (30, 53, 96) and item.image.shape == (480, 854, 3)
+    assert item.features.shape == (30, 53, 256) and item.image.shape == (480, 854, 3)
     # real features separate object from background: the mean feature of object patches
     # differs from the background's far more than features vary within the background
     f = item.features.astype(np.float32)
@@ -225,13 +226,15 @@ def test_real_images_with_pretrained_mobilenet(tmp_path):
 
 def test_backbone_layers_changes_the_feature_key_and_the_channels(tmp_path, synth_root):
     """backbone.layers = 1 keeps the key of stores made before the setting existed; another
-    value is another store, whose features have the concatenated channels."""
+    value is another store, whose features have the concatenated channels; 0 (the default)
+    is the backbone's measured default: 2 for mobilenet_v2, 1 for the ViTs."""
     from pipeline.store import feature_params
-    base, one, two = (make_cfg(tmp_path, synth_root, *extra)
-                      for extra in ((), ("backbone.layers=1",), ("backbone.layers=2",)))
-    assert "backbone.layers" not in feature_params(base)
-    assert store_dir(one) == store_dir(base) != store_dir(two)
-    for cfg, channels in ((base, 96), (two, 96 + 160)):
+    auto, one, two = (make_cfg(tmp_path, synth_root, f"backbone.layers={n}") for n in (0, 1, 2))
+    assert auto.backbone.layers == 0 and "backbone.layers" not in feature_params(one)
+    assert store_dir(auto) == store_dir(two) != store_dir(one)
+    vit = make_cfg(tmp_path, synth_root, "backbone.name=dino_vits16")
+    assert "backbone.layers" not in feature_params(vit)
+    for cfg, channels in ((one, 96), (two, 96 + 160)):
         run_extract(cfg, ["test"], log=lambda s: None, progress=False)
         store = FeatureStore(store_dir(cfg) / "test")
         assert store.read(0).features.shape[-1] == channels
