@@ -36,7 +36,7 @@ from .errors import UsageError
 from .extract import Extractor
 from .fsutil import atomic_write_bytes, sha256_bytes, sha256_file
 from .models import TrainedModels
-from .predict import checked_models
+from .predict import checked_models, tta_params
 from .stages import StageState, judge, load_record, save_record
 from .store import feature_params
 
@@ -131,8 +131,7 @@ class ExportResult:
 def _state(cfg: Config, models: TrainedModels, path: Path, height: int | None,
            width: int | None) -> StageState:
     params = {k: v for k, v in feature_params(cfg).items() if k != "format"}
-    if cfg.predict.tta != "none":  # absent at "none": files exported before the key stay current
-        params["predict.tta"] = cfg.predict.tta
+    params.update(tta_params(cfg))
     params.update({"predict.threshold": cfg.predict.threshold, "out": str(path.resolve()),
                    "height": height, "width": width, "torch": torch.__version__})
     rec = load_record(cfg.run_dir, STAGE)

@@ -286,8 +286,9 @@ def run_extract(cfg: Config, splits: Iterable[str] = (), force: bool = False,
     _record(cfg, groups[0][1], groups[0][0])
     result.n_errors = len(result.errors)
     result.seconds = time.perf_counter() - t0
-    result.cache_bytes = sum(f.stat().st_size for fparams, _, _ in groups
-                             for f in store_dir(cfg, fparams).rglob("*.h5"))
+    if not result.up_to_date:  # an up-to-date run reports no size: no walk over the store
+        result.cache_bytes = sum(f.stat().st_size for fparams, _, _ in groups
+                                 for f in store_dir(cfg, fparams).rglob("*.h5"))
     return result
 
 
@@ -393,7 +394,7 @@ def status(cfg: Config, splits: Iterable[str] = ()) -> StageStatus:
         return StageStatus(STAGE, "stale", f"dataset problem: {e}")
     fparams, plans, _ = groups[0]
     problems = [f"{p.split}: {why}" for p in plans for why in split_problems(p, hasher)]
-    mirror_problems = [f"{p.split} mirrored (predict.tta = flip): {why}" for _, ps, label in groups[1:]
+    mirror_problems = [f"{p.split} mirrored (predict.tta = flip): {why}" for _, ps, _ in groups[1:]
                        for p in ps for why in split_problems(p, hasher)]
     hasher.save()
     if not problems:

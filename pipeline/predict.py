@@ -69,17 +69,29 @@ def stage_state(cfg: Config, split: str, models_fp: str | None = None,
             mirrored_fp = split_fingerprint(cfg, split, mirror=True)
         deps[f"mirrored[{split}]"] = mirrored_fp
         repair[f"mirrored[{split}]"] = extract
-    params = {k: cfg.get(k) for k in PARAMS}
-    if cfg.predict.tta != "none":  # absent at "none": reports made before the key stay current
-        params["predict.tta"] = cfg.predict.tta
+    params = {**{k: cfg.get(k) for k in PARAMS}, **tta_params(cfg)}
     outs = "" if report_path(cfg, split).is_file() else "report missing"
     return StageState(stage_name(split), deps, params, outs, repair)
 
 
-def status(cfg: Config, split: str) -> StageStatus:
+def tta_params(cfg: Config) -> dict[str, str]:
+    """predict.tta as an entry of a result's fingerprint (predict, segment, export): absent
+    at "none", so results made before the key existed stay current."""
+    return {} if cfg.predict.tta == "none" else {"predict.tta": cfg.predict.tta}
+
+
+def _no_mirrored_features(cfg: Config, split: str) -> str:
+    """Why predict.tta = "flip" cannot be applied to `split` ("" when it can)."""
     if cfg.predict.tta == "flip" and not mirrored_splits(cfg, [split]):
-        return StageStatus(stage_name(split), "stale", "predict.tta = flip: the training split has "
-                                                       "no mirrored features (use predict.tta = none)")
+        return (f"predict.tta = flip: stage 1 stores no mirrored features for the training split "
+                f"'{split}'; predict it with --set predict.tta=none")
+    return ""
+
+
+def status(cfg: Config, split: str) -> StageStatus:
+    why = _no_mirrored_features(cfg, split)
+    if why:
+        return StageStatus(stage_name(split), "stale", why)
     state = stage_state(cfg, split)
     st = judge(cfg.run_dir, state)
     card, _ = read_card(model_dir(cfg))
@@ -341,9 +353,9 @@ def open_mirrored(cfg: Config, store: FeatureStore) -> FeatureStore | None:
     it), else None. Stage 1 stores none for the training split: a usage error."""
     if cfg.predict.tta != "flip":
         return None
-    if not mirrored_splits(cfg, [store.split]):
-        raise ConfigError(f"predict.tta = flip: stage 1 stores no mirrored features for the training "
-                          f"split '{store.split}'; predict it with --set predict.tta=none")
+    why = _no_mirrored_features(cfg, store.split)
+    if why:
+        raise ConfigError(why)
     mirror = FeatureStore.open(cfg, store.split, mirror=True)
     check_mirrored(store, mirror)
     return mirror

@@ -35,7 +35,7 @@ from .devices import resolve_device
 from .errors import DataError
 from .extract import Extractor
 from .fsutil import atomic_write_bytes, atomic_write_json, file_lock, read_json, sha256_bytes, sha256_file
-from .predict import Predictor, checked_models, mask_png_bytes
+from .predict import Predictor, checked_models, mask_png_bytes, tta_params
 from .progress import Progress
 from .report import mask_panel
 from .stages import fingerprint
@@ -133,10 +133,8 @@ def settings_fingerprint(cfg: Config, models_fp: str) -> str:
     weights, canvas fit, precision, feature dtype), the threshold and the test-time
     augmentation (absent at "none", so masks made before the key stay current)."""
     features = {k: v for k, v in feature_params(cfg).items() if k != "format"}
-    settings = {"models": models_fp, "features": features, "threshold": cfg.predict.threshold}
-    if cfg.predict.tta != "none":
-        settings["tta"] = cfg.predict.tta
-    return fingerprint(settings)
+    return fingerprint({"models": models_fp, "features": features,
+                        "threshold": cfg.predict.threshold, **tta_params(cfg)})
 
 
 class SegmentRecord:
