@@ -44,3 +44,25 @@ class LockError(PipelineError):
 
 class ExecutorError(PipelineError):
     """The Dask scheduler cannot be reached or a distributed task failed."""
+
+
+class TrainingDiverged(PipelineError):
+    """A training loss or weight became non-finite (NaN or inf); no models were written."""
+
+
+class OwnershipError(UsageError):
+    """A write or delete refused: the file or folder was not created by the tool."""
+
+
+class ImageTooLarge(DataError):
+    """An image or mask with more pixels than `data.max_pixels` (from its header, before its
+    pixels are decoded), or a file too long for any image within it (not read): skipped like
+    any bad file. `pixels`: the smallest data.max_pixels that accepts it (width x height; for
+    a file refused for its length, the pixels that length allows)."""
+
+    def __init__(self, message: str, pixels: int):
+        super().__init__(message)
+        self.pixels = int(pixels)
+
+    def __reduce__(self):  # picklable (to and from Dask workers) with its pixel count
+        return (type(self), (str(self), self.pixels))

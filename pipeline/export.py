@@ -34,8 +34,9 @@ from .backbones import Backbone
 from .config import Config
 from .errors import UsageError
 from .extract import Extractor
-from .fsutil import atomic_write_bytes, sha256_bytes, sha256_file
+from .fsutil import sha256_bytes, sha256_file
 from .models import TrainedModels
+from .owned import Ledger, claim_run_dir
 from .predict import checked_models, tta_params
 from .stages import StageState, judge, load_record, save_record
 from .store import feature_params
@@ -101,8 +102,8 @@ def export_program(program: SegmentationProgram, patch: int, height: int, width:
     `patch`), traced on a (2, 3, height, width) example."""
     Dim = torch.export.Dim
     dims = {"images": {0: Dim("batch", min=1, max=MAX_BATCH),
-                       2: Dim("h", min=1, max=MAX_SIDE // patch) * patch,
-                       3: Dim("w", min=1, max=MAX_SIDE // patch) * patch}}
+                       2: Dim("h", min=2, max=MAX_SIDE // patch) * patch,
+                       3: Dim("w", min=2, max=MAX_SIDE // patch) * patch}}
     example = torch.randint(0, 256, (2, 3, height, width), dtype=torch.uint8,
                             generator=torch.Generator().manual_seed(0))
     return torch.export.export(program, (example,), dynamic_shapes=dims)
@@ -155,6 +156,9 @@ def run_export(cfg: Config, out: str | Path | None = None, height: int | None = 
         state = _state(cfg, models, path, height, width)
         if not force and judge(cfg.run_dir, state).up_to_date:
             return ExportResult(path, models.patch_size, up_to_date=True, bytes=path.stat().st_size)
+        # the run folder's ledger records every file export writes, wherever it is
+        ledger = Ledger(claim_run_dir(cfg.run_dir))
+        ledger.check(path)  # before the work: never replace a file the tool did not write
         program = build_program(cfg, models)
         patch = program.backbone.spec.patch_size
         h = _example_side(height, EXAMPLE_PATCHES[0], patch, "height")
@@ -168,6 +172,6 @@ def run_export(cfg: Config, out: str | Path | None = None, height: int | None = 
             torch.export.save(exported, buf,
                               extra_files={META_FILE: json.dumps(meta(cfg, models, patch), indent=1)})
         data = buf.getvalue()
-        atomic_write_bytes(path, data)
+        ledger.write(path, data)
         save_record(cfg.run_dir, state, sha256=sha256_bytes(data))
     return ExportResult(path, patch, bytes=len(data), seconds=time.perf_counter() - t0)

@@ -25,12 +25,13 @@ from .backbones import Backbone, create_backbone, resolve_layers
 from .config import Config
 from .data import Box, DataError, Item, LoadedItem, fit_box, list_splits, load_item, same_size_batches, to_canvas
 from .devices import CpuFanout, autocast_dtype, resolve_device, resolve_precision
-from .errors import StoreError
+from .errors import ImageTooLarge, StoreError
 from .executors import portable_config, run_tasks, worker_cached
 from .fsutil import atomic_write_json, exclusive_lock, remove_temporaries
+from .owned import claim_folder, claim_run_dir
 from .progress import Progress
 from .stages import StageState, StageStatus, judge, load_record, save_record
-from .store import (FORMAT_VERSION, Manifest, ShardRecord, ShardTask, SplitPlan, done_entry,
+from .store import (CACHE_LEGACY, FORMAT_VERSION, Manifest, ShardRecord, ShardTask, SplitPlan, bad_marker, done_entry,
                     feature_params, file_hasher, manifest_path, mirrored_splits, plan_split,
                     read_manifest, split_problems, store_dir, write_shard)
 
@@ -50,11 +51,17 @@ class Decoded:
     loaded: LoadedItem | None = None
     box: Box | None = None
     error: str | None = None
+    refused_pixels: int = 0  # > 0: refused by data.max_pixels (retried when it is raised)
 
 
-def decode(data_root: str, item: Item, patch: int, fit: str) -> Decoded:
+def decode(data_root: str, item: Item, patch: int, fit: str,
+           max_pixels: int | None) -> Decoded:
+    """Read and decode one item; an unusable one carries its one-line error (and, when
+    data.max_pixels refused it from its header, its pixel count)."""
     try:
-        loaded = load_item(data_root, item)
+        loaded = load_item(data_root, item, max_pixels)
+    except ImageTooLarge as e:
+        return Decoded(item, error=str(e), refused_pixels=e.pixels)
     except DataError as e:
         return Decoded(item, error=str(e))
     h, w = loaded.image.shape[:2]
@@ -119,15 +126,22 @@ class Extractor:
 
     def shard_records(self, decoded: Iterable[Decoded],
                       on_batch: Callable[[int], None] | None = None,
-                      mirror: bool = False) -> tuple[list[ShardRecord], list[str]]:
+                      mirror: bool = False) -> tuple[list[ShardRecord], list[str], tuple[int, ...]]:
         """Features for one shard's decoded images (`on_batch(n)` after each batch of n;
         `mirror`: of the mirrored canvases).
         Batches are formed per canvas size in item order, so the same shard always sees the
-        same batches."""
+        same batches. Returns the records, the unusable files' errors and the pixel counts of
+        the images refused by data.max_pixels."""
         good: list[Decoded] = []
         errors: list[str] = []
+        rejected: list[int] = []
         for d in decoded:
-            (errors.append(d.error) if d.error else good.append(d))
+            if d.error is None:
+                good.append(d)
+                continue
+            errors.append(d.error)
+            if d.refused_pixels:
+                rejected.append(d.refused_pixels)
         feats: list[np.ndarray | None] = [None] * len(good)
         pending: deque = deque()
         for chunk in same_size_batches([d.box for d in good], self.batch_size):
@@ -140,7 +154,7 @@ class Extractor:
         records = [ShardRecord(f, d.loaded.encoded, d.loaded.mask, d.loaded.image.shape[:2],
                                d.item.category, d.item.stem, d.item.image, d.box)
                    for f, d in zip(feats, good)]
-        return records, errors
+        return records, errors, tuple(rejected)
 
     @staticmethod
     def _collect(entry, feats: list, on_batch: Callable[[int], None] | None) -> None:
@@ -155,9 +169,9 @@ class Extractor:
 def run_task(task: ShardTask, extractor: Extractor, decoded: Iterable[Decoded] | None = None) -> int:
     """Compute and atomically write one shard with its receipt; returns its image count."""
     if decoded is None:
-        decoded = [decode(task.data_root, it, extractor.patch, extractor.fit) for it in task.items]
-    records, errors = extractor.shard_records(decoded, mirror=task.mirror)
-    write_shard(task, records, errors)
+        decoded = [decode(task.data_root, it, extractor.patch, extractor.fit, task.max_pixels)
+                   for it in task.items]
+    write_shard(task, *extractor.shard_records(decoded, mirror=task.mirror))
     return len(records)
 
 
@@ -171,7 +185,8 @@ def extract_task(task: ShardTask, cfg: Config) -> int:
            cfg.extract.batch_size)
     extractor = worker_cached(key, lambda: Extractor(cfg))
     with ThreadPoolExecutor(max(1, cfg.extract.num_workers)) as pool:
-        decoded = list(pool.map(lambda it: decode(task.data_root, it, extractor.patch, extractor.fit),
+        decoded = list(pool.map(lambda it: decode(task.data_root, it, extractor.patch, extractor.fit,
+                                                  task.max_pixels),
                                 task.items))
     return run_task(task, extractor, decoded)
 
@@ -194,11 +209,13 @@ def stream_local(tasks: list[ShardTask], extractor: Extractor, workers: int,
     def submit_next() -> None:
         t = next(todo, None)
         if t is not None:
-            window.append((t, [decode_pool.submit(decode, t.data_root, it, extractor.patch, extractor.fit)
+            window.append((t, [decode_pool.submit(decode, t.data_root, it, extractor.patch,
+                                                  extractor.fit, t.max_pixels)
                                for it in t.items]))
 
-    def write(task: ShardTask, records: list[ShardRecord], errors: list[str]) -> int:
-        write_shard(task, records, errors)
+    def write(task: ShardTask, records: list[ShardRecord], errors: list[str],
+              rejected: tuple[int, ...]) -> int:
+        write_shard(task, records, errors, rejected)
         return len(records)
 
     try:
@@ -207,10 +224,11 @@ def stream_local(tasks: list[ShardTask], extractor: Extractor, workers: int,
         while window:
             task, futs = window.popleft()
             submit_next()
-            records, errors = extractor.shard_records((f.result() for f in futs), on_images, task.mirror)
+            records, errors, rejected = extractor.shard_records((f.result() for f in futs),
+                                                                on_images, task.mirror)
             if on_images is not None and errors:
                 on_images(len(errors))
-            writes.append(write_pool.submit(write, task, records, errors))
+            writes.append(write_pool.submit(write, task, records, errors, rejected))
             while len(writes) > 1 or (writes and writes[0].done()):
                 on_done(writes.popleft().result())
         while writes:
@@ -249,7 +267,7 @@ def _assemble_manifest(plan: SplitPlan, hasher) -> Manifest:
     atomic_write_json(manifest_path(plan.split_dir), manifest.to_json())
     keep = {t.path.name for t in plan.tasks} | {t.receipt.name for t in plan.tasks}
     shard_dir = plan.split_dir / "shards"
-    for old in [*shard_dir.glob("*.h5"), *shard_dir.glob("*.json")]:
+    for old in [*shard_dir.glob("*.h5"), *shard_dir.glob("*.json"), *shard_dir.glob("*.bad")]:
         if old.name not in keep:
             old.unlink(missing_ok=True)
     return manifest
@@ -273,6 +291,8 @@ def run_extract(cfg: Config, splits: Iterable[str] = (), force: bool = False,
     the mirrored features of the predicted splits). Raises PipelineError subclasses for
     problems that stop the stage."""
     t0 = time.perf_counter()
+    claim_folder(cfg.paths.cache, "paths.cache", CACHE_LEGACY)
+    claim_run_dir(cfg.run_dir)
     hasher = file_hasher(cfg)
     groups = [(fparams, [plan_split(cfg, s, fparams, hasher) for s in names], label)
               for fparams, names, label in _store_groups(cfg, selected_splits(cfg, splits))]
@@ -320,6 +340,7 @@ def _extract_store(cfg: Config, fparams: dict, plans: list[SplitPlan], label: st
                 if force or done_entry(t, hasher) is None:
                     t.path.unlink(missing_ok=True)
                     t.receipt.unlink(missing_ok=True)
+                    bad_marker(t.path).unlink(missing_ok=True)
                     pending.append(t)
         n_total = sum(len(t.items) for t in pending)
         n_cached = sum(len(p.items) for p in todo) - n_total
@@ -382,11 +403,12 @@ def _record(cfg: Config, plans: list[SplitPlan], fparams: dict) -> None:
         save_record(cfg.run_dir, state)
 
 
-def status(cfg: Config, splits: Iterable[str] = ()) -> StageStatus:
+def status(cfg: Config, splits: Iterable[str] = (), verify: bool = False) -> StageStatus:
     """Stage 1's status for the given splits (all by default): up to date when every split's
     store (and mirrored store, with predict.tta = "flip") is current and intact, whichever
-    run wrote it."""
-    hasher = file_hasher(cfg)
+    run wrote it. `verify`: rehash every data file and shard, ignoring the checksum memo (a
+    shard found bad is marked, so that plain extract-features repairs it)."""
+    hasher = file_hasher(cfg, verify)
     try:
         groups = [(fparams, [plan_split(cfg, s, fparams, hasher) for s in names], label)
                   for fparams, names, label in _store_groups(cfg, selected_splits(cfg, splits))]

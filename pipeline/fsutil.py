@@ -1,12 +1,15 @@
 """Files that can be trusted: atomic writes, JSON that is either valid or absent, locks that
-the OS releases when a process dies, and sha256 checksums memoised like DVC's state db."""
+the OS releases when a process dies, and sha256 checksums memoised like DVC's state db (keyed
+by a stat stamp that `cp -p` cannot fake, like git's index)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +31,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a failed write or fsync (EIO, ENOSPC) names no file: name it
+        if e.filename is None:
+            e.filename = os.fspath(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -54,10 +61,23 @@ def read_json(path: Path) -> Any | None:
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 hex digest of a regular file. OSError naming the file when it cannot be read
+    (an error of a read, e.g. EIO, carries no file name of its own) and when it is not a
+    regular file: opened non-blocking and checked on the descriptor, so a FIFO cannot block
+    the open and a device (/dev/zero) is never read endlessly."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:  # closes fd
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or socket)",
+                              os.fspath(path))
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                h.update(chunk)
+    except OSError as e:
+        if e.filename is None:
+            e.filename = os.fspath(path)
+        raise
     return h.hexdigest()
 
 
@@ -100,12 +120,24 @@ def exclusive_lock(path: Path, what: str) -> contextlib.AbstractContextManager[N
     return file_lock(path, what)
 
 
-class FileHasher:
-    """sha256 of files, memoised on disk by (path, size, mtime_ns), like DVC's state db, so
-    that checking a large dataset or cache for changes reads only the files that changed."""
+def stat_stamp(st: os.stat_result) -> list[int]:
+    """What identifies a file's content without reading it, as git's index does: size, mtime,
+    ctime (which no user-space call can set back, so `cp -p`, `rsync -t` and `tar x` cannot
+    fake it), inode and device."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
-    def __init__(self, memo_path: str | Path | None):
+
+class FileHasher:
+    """sha256 of files, memoised on disk by path and stat_stamp (like DVC's state db and
+    git's index), so that checking a large dataset or cache for changes reads only the files
+    that changed. `verify`: ignore the memo (rehash everything; the memo is refreshed).
+    `writable`: whether save() may write the memo (False: read-only, e.g. a folder the tool
+    has not created)."""
+
+    def __init__(self, memo_path: str | Path | None, verify: bool = False, writable: bool = True):
         self.memo_path = Path(memo_path) if memo_path else None
+        self.verify = verify
+        self.writable = writable
         self._memo: dict[str, list] = {}
         self._dirty = False
         self._lock = threading.Lock()
@@ -117,22 +149,21 @@ class FileHasher:
     def digest(self, path: str | Path) -> str:
         """sha256 hex digest of the file (OSError when it cannot be read)."""
         path = Path(path)
-        st = path.stat()
+        stamp = stat_stamp(path.stat())
         key = str(path.resolve())
-        stamp = [st.st_size, st.st_mtime_ns]
         with self._lock:
             hit = self._memo.get(key)
-        if isinstance(hit, list) and hit[:2] == stamp and len(hit) == 3:
-            return hit[2]
+        if not self.verify and isinstance(hit, list) and len(hit) == 2 and hit[0] == stamp:
+            return hit[1]
         digest = sha256_file(path)
         with self._lock:
-            self._memo[key] = stamp + [digest]
+            self._memo[key] = [stamp, digest]
             self._dirty = True
         return digest
 
     def save(self) -> None:
         """Persist the memo (best effort: it is only an optimisation)."""
-        if not (self.memo_path and self._dirty):
+        if not (self.memo_path and self._dirty and self.writable):
             return
         with self._lock:
             data = json.dumps(self._memo, separators=(",", ":")).encode()

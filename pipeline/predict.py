@@ -29,6 +29,7 @@ from .errors import ConfigError, ModelError, StoreError
 from .executors import portable_config, run_tasks, worker_cached
 from .fsutil import atomic_write_bytes, atomic_write_json, exclusive_lock, file_lock, read_json
 from .metrics import ImageStats, image_stats, summarize
+from .owned import claim_run_dir
 from .progress import Progress
 from .report import Thumb, VariantThumb, write_reports
 from .models import (TrainedModels, load_models, models_fingerprint, read_card, training_params,
@@ -295,6 +296,7 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
     device = resolve_device(cfg.predict.device)
     with checked_models(cfg, device) as models, \
             exclusive_lock(cfg.run_dir / f".predict-{split}.lock", f"predict [{split}] of run '{cfg.run.name}'"):
+        claim_run_dir(cfg.run_dir)
         state = stage_state(cfg, split, models.fingerprint, store.fingerprint, mirror_fp)
         rpath = report_path(cfg, split)
         st = judge(cfg.run_dir, state)

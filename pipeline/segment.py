@@ -29,12 +29,15 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .config import Config
+from .config import Config, DataCfg
 from .data import IMAGE_EXTS, Box, decode_image, fit_box, read_bytes, same_size_batches, to_canvas
 from .devices import resolve_device
 from .errors import DataError
 from .extract import Extractor
-from .fsutil import atomic_write_bytes, atomic_write_json, file_lock, read_json, sha256_bytes, sha256_file
+from .errors import OwnershipError
+from .fsutil import (atomic_write_bytes, atomic_write_json, file_lock, read_json, sha256_bytes,
+                     sha256_file, stat_stamp)
+from .owned import Ledger, claim_folder, claim_run_dir
 from .predict import Predictor, checked_models, mask_png_bytes, tta_params
 from .progress import Progress
 from .report import mask_panel
@@ -45,7 +48,6 @@ RECORD_FILE = ".segment.json"
 RECORD_VERSION = 1
 OVERLAY_DIR = "overlays"
 CHUNK = 64  # images decoded ahead of the model per step (two steps in flight)
-SAVE_EVERY_S = 2.0  # the record is saved this often during a run (and at its end)
 OVERLAY_QUALITY = 90
 
 
@@ -138,9 +140,11 @@ def settings_fingerprint(cfg: Config, models_fp: str) -> str:
 
 
 class SegmentRecord:
-    """`<out>/.segment.json`: {mask path: {sha256, stamp (size, mtime_ns) of the source,
-    settings fingerprint, overlay written}}; written atomically. Entries of other inputs
-    segmented into the same folder are kept."""
+    """`<out>/.segment.json`: {mask path: {sha256 and stat stamp of the source, settings
+    fingerprint, sha256 of the mask and of the overlay (None: none written)}}, written
+    atomically before the files it describes (write-ahead, once per batch), so a run killed at
+    any point loses at most the masks in flight. Entries of other inputs segmented into the
+    same folder are kept."""
 
     def __init__(self, out_dir: Path):
         self.path = out_dir / RECORD_FILE
@@ -150,20 +154,21 @@ class SegmentRecord:
         self.masks: dict[str, dict] = data["masks"] if ok else {}
         self._dirty = False
 
-    def is_current(self, src: Source, out_dir: Path, settings: str, overlays: bool) -> bool:
-        """Whether the mask (and overlay, when asked for) of `src` exist and were computed from
-        its current content with `settings`. The content is compared by sha256, read only
-        when the file's size or mtime changed (a touched file is not recomputed)."""
+    def is_current(self, src: Source, ledger: Ledger, settings: str, overlays: bool) -> bool:
+        """Whether the mask (and overlay, when asked for) of `src` are on disk as recorded and
+        were computed from its current content with `settings`. The source is compared by
+        sha256, read only when its stat stamp changed (a touched file is not recomputed)."""
         entry = self.masks.get(src.rel)
         if not isinstance(entry, dict) or entry.get("settings") != settings:
             return False
-        if not (out_dir / src.rel).is_file():
+        if not (isinstance(entry.get("mask"), str)
+                and ledger.content_is(ledger.folder / src.rel, entry["mask"])):
             return False
-        if overlays and not (entry.get("overlay") and (out_dir / src.overlay_rel).is_file()):
+        if overlays and not (isinstance(entry.get("overlay"), str)
+                             and ledger.content_is(ledger.folder / src.overlay_rel, entry["overlay"])):
             return False
         try:
-            st = src.path.stat()
-            stamp = [st.st_size, st.st_mtime_ns]
+            stamp = stat_stamp(src.path.stat())
             if entry.get("stamp") == stamp:
                 return True
             if sha256_file(src.path) != entry.get("sha256"):
@@ -200,19 +205,21 @@ class _Decoded:
     error: str | None = None
 
 
-def _decode(src: Source, patch: int, fit: str) -> _Decoded:
-    """Read and decode one image as stage 1 does; an unreadable one carries its error."""
+def _decode(src: Source, patch: int, fit: str,
+            max_pixels: int | None = DataCfg.max_pixels) -> _Decoded:
+    """Read and decode one image as stage 1 does; an unreadable one (not a regular file,
+    larger than `max_pixels` = data.max_pixels, corrupt) carries its error."""
     try:
         st = src.path.stat()  # before reading: a change while reading shows up next run
-        data = read_bytes(src.path, "image")
-        image = decode_image(data, src.path)
+        data = read_bytes(src.path, "image", max_pixels)
+        image = decode_image(data, src.path, max_pixels)
     except DataError as e:
         return _Decoded(src, error=str(e))
     except OSError as e:  # stat of a broken link, a link loop
         return _Decoded(src, error=f"{src.path}: cannot read image ({e.strerror or type(e).__name__})")
     h, w = image.shape[:2]
     return _Decoded(src, image, fit_box(h, w, patch, fit), sha256_bytes(data),
-                    [st.st_size, st.st_mtime_ns])
+                    stat_stamp(st))
 
 
 def overlay_jpeg(image: np.ndarray, mask: np.ndarray) -> bytes:
@@ -225,14 +232,31 @@ def overlay_jpeg(image: np.ndarray, mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write(out_dir: Path, d: _Decoded, mask: np.ndarray, overlays: bool, settings: str) -> dict:
-    """Write one mask (and its overlay, or remove a stale one); returns its record entry."""
-    atomic_write_bytes(out_dir / d.src.rel, mask_png_bytes(mask))
+def _encode(d: _Decoded, mask: np.ndarray, overlays: bool) -> dict[str, bytes]:
+    """The files of one image: {path relative to the output folder: bytes}."""
+    files = {d.src.rel: mask_png_bytes(mask)}
     if overlays:
-        atomic_write_bytes(out_dir / d.src.overlay_rel, overlay_jpeg(d.image, mask))
-    else:
-        (out_dir / d.src.overlay_rel).unlink(missing_ok=True)
-    return {"sha256": d.sha256, "stamp": d.stamp, "settings": settings, "overlay": overlays}
+        files[d.src.overlay_rel] = overlay_jpeg(d.image, mask)
+    return files
+
+
+def refuse_inputs_as_outputs(sources: Sequence[Source], out_dir: Path) -> None:
+    """OwnershipError (before any work) when a mask or overlay path is one of the inputs."""
+    def identity(path: Path) -> tuple[int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    inputs = {os.path.realpath(s.path) for s in sources}
+    keys = {k for k in map(identity, (s.path for s in sources)) if k is not None}
+    for s in sources:
+        for rel in (s.rel, s.overlay_rel):
+            target = out_dir / rel
+            if os.path.realpath(target) in inputs or identity(target) in keys:
+                raise OwnershipError(f"{target}: an output path is one of the images to segment "
+                                     f"({s.path}); choose another --out folder")
 
 
 @dataclass
@@ -250,28 +274,35 @@ def run_segment(cfg: Config, paths: Sequence[str | Path], out_dir: str | Path | 
     """Masks for the images under `paths` with the run's trained models (ModelError naming
     train-head when they are missing or were trained with other settings than `cfg`'s).
     Images whose mask is current are skipped unless `force`; an unreadable image is skipped,
-    reported through `warn(line)` and listed in `errors`, and its stale outputs are removed."""
+    reported through `warn(line)` and listed in `errors`, and its earlier outputs are removed
+    (when the tool wrote them: see pipeline/owned.py)."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
     sources, problems = find_sources(paths, out_dir)
+    refuse_inputs_as_outputs(sources, out_dir)
     result = SegmentResult(out_dir, errors=list(problems))
-    for line in problems:
-        warn(line)
     device = resolve_device(cfg.predict.device)
-    with checked_models(cfg, device) as models, \
-            file_lock(out_dir / ".segment.lock", f"segment into {out_dir}"):
-        settings = settings_fingerprint(cfg, models.fingerprint)
-        record = SegmentRecord(out_dir)
-        todo = [s for s in sources
-                if force or not record.is_current(s, out_dir, settings, overlays)]
-        result.n_current = len(sources) - len(todo)
-        try:
-            if todo:
-                predictor = Predictor(models, device, cfg.predict.threshold)
-                _stream(cfg, todo, Extractor(cfg), predictor, out_dir, overlays, settings,
-                        record, result, progress, warn)
-        finally:
-            record.save()
+    with checked_models(cfg, device) as models:
+        if out_dir == default_out_dir(cfg):
+            claim_run_dir(cfg.run_dir)
+        claim_folder(out_dir, "the --out folder", (RECORD_FILE,))
+        for line in problems:
+            warn(line)
+        with file_lock(out_dir / ".segment.lock", f"segment into {out_dir}"):
+            settings = settings_fingerprint(cfg, models.fingerprint)
+            record = SegmentRecord(out_dir)
+            ledger = Ledger(out_dir)
+            todo = [s for s in sources
+                    if force or not record.is_current(s, ledger, settings, overlays)]
+            result.n_current = len(sources) - len(todo)
+            try:
+                if todo:
+                    predictor = Predictor(models, device, cfg.predict.threshold)
+                    _stream(cfg, todo, Extractor(cfg), predictor, ledger, overlays, settings,
+                            record, result, progress, warn)
+            finally:
+                record.save()
+                ledger.save()
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -282,18 +313,19 @@ def _chunks(items: list, n: int) -> Iterator[list]:
 
 
 def _stream(cfg: Config, todo: list[Source], extractor: Extractor, predictor: Predictor,
-            out_dir: Path, overlays: bool, settings: str, record: SegmentRecord,
+            ledger: Ledger, overlays: bool, settings: str, record: SegmentRecord,
             result: SegmentResult, progress: bool, warn: Callable[[str], None]) -> None:
     """Decode ahead in a thread pool (two chunks in flight), run same-size batches through the
-    backbone and the heads, write in background threads; the record follows the writes."""
+    backbone and the heads, encode the batch's files, record them (write-ahead: the record
+    and the ledger first), then write them in background threads."""
+    out_dir = ledger.folder
     decode_pool = ThreadPoolExecutor(max(1, cfg.extract.num_workers), thread_name_prefix="decode")
     write_pool = ThreadPoolExecutor(2, thread_name_prefix="write")
     window: deque[list[Future]] = deque()
-    writes: deque[tuple[str, Future]] = deque()
+    writes: deque[Future] = deque()
     chunks = _chunks(todo, max(CHUNK, extractor.batch_size))
     tta = cfg.predict.tta == "flip"
     bar = Progress(len(todo), "segment", enabled=progress)
-    last_save = time.perf_counter()
 
     def submit_next() -> None:
         chunk = next(chunks, None)
@@ -301,14 +333,14 @@ def _stream(cfg: Config, todo: list[Source], extractor: Extractor, predictor: Pr
             window.append([decode_pool.submit(_decode, s, extractor.patch, extractor.fit)
                            for s in chunk])
 
-    def finish(rel: str, fut: Future) -> None:
-        nonlocal last_save
-        record.put(rel, fut.result())
+    def write(files: dict[str, bytes]) -> None:
+        for rel, data in files.items():
+            atomic_write_bytes(out_dir / rel, data)
+
+    def finish(fut: Future) -> None:
+        fut.result()
         result.n_written += 1
         bar.update(1)
-        if time.perf_counter() - last_save >= SAVE_EVERY_S:
-            record.save()
-            last_save = time.perf_counter()
 
     try:
         submit_next()
@@ -324,8 +356,8 @@ def _stream(cfg: Config, todo: list[Source], extractor: Extractor, predictor: Pr
                 result.errors.append(d.error)
                 warn(d.error)
                 record.drop(d.src.rel)  # the outputs of an earlier version of this image go
-                (out_dir / d.src.rel).unlink(missing_ok=True)
-                (out_dir / d.src.overlay_rel).unlink(missing_ok=True)
+                ledger.remove(out_dir / d.src.rel)  # (only what the tool wrote)
+                ledger.remove(out_dir / d.src.overlay_rel)
                 bar.update(1)
             for batch in same_size_batches([d.box for d in good], extractor.batch_size):
                 items = [good[i] for i in batch]
@@ -335,13 +367,22 @@ def _stream(cfg: Config, todo: list[Source], extractor: Extractor, predictor: Pr
                 masks = predictor.masks(feats, np.stack(canvases), [d.box for d in items],
                                         [d.image.shape[:2] for d in items], variants=("pac",),
                                         mirrored=mirrored)
-                for d, m in zip(items, masks):
-                    writes.append((d.src.rel, write_pool.submit(_write, out_dir, d, m["pac"],
-                                                                overlays, settings)))
-                while len(writes) > 2 * extractor.batch_size or (writes and writes[0][1].done()):
-                    finish(*writes.popleft())
+                files = list(write_pool.map(lambda dm: _encode(dm[0], dm[1]["pac"], overlays),
+                                            zip(items, masks)))
+                ledger.intend({out_dir / rel: data for f in files for rel, data in f.items()})
+                for d, f in zip(items, files):
+                    record.put(d.src.rel, {
+                        "sha256": d.sha256, "stamp": d.stamp, "settings": settings,
+                        "mask": sha256_bytes(f[d.src.rel]),
+                        "overlay": sha256_bytes(f[d.src.overlay_rel]) if overlays else None})
+                    if not overlays:
+                        ledger.remove(out_dir / d.src.overlay_rel)
+                record.save()
+                writes.extend(write_pool.submit(write, f) for f in files)
+                while len(writes) > 2 * extractor.batch_size or (writes and writes[0].done()):
+                    finish(writes.popleft())
         while writes:
-            finish(*writes.popleft())
+            finish(writes.popleft())
     finally:
         bar.close()
         for futs in window:
@@ -349,6 +390,3 @@ def _stream(cfg: Config, todo: list[Source], extractor: Extractor, predictor: Pr
                 f.cancel()
         decode_pool.shutdown(wait=True, cancel_futures=True)
         write_pool.shutdown(wait=True)
-        for rel, fut in writes:  # interrupted: keep what was written completely
-            if fut.done() and fut.exception() is None:
-                record.put(rel, fut.result())

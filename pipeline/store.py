@@ -19,6 +19,7 @@ items, i.e. of what stage 1 produced. Stage 2 depends on it, not on stage 1's pa
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections import OrderedDict
@@ -34,7 +35,8 @@ from .config import Config
 from .data import Box, Item, decode_image, list_items
 from .devices import resolve_precision
 from .errors import StoreError
-from .fsutil import FileHasher, atomic_write_json, canonical_json, read_json, sha256_file
+from .fsutil import FileHasher, atomic_write_bytes, atomic_write_json, canonical_json, read_json, sha256_file
+from .owned import is_marked
 from .stages import fingerprint
 
 FORMAT_VERSION = 3  # 3: encoded image bytes, optional masks, checksummed shards and manifest
@@ -75,9 +77,15 @@ def store_dir(cfg: Config, fparams: dict | None = None) -> Path:
     return Path(cfg.paths.cache) / "features" / f"{cfg.backbone.name}-{fingerprint(fparams)[:12]}"
 
 
-def file_hasher(cfg: Config) -> FileHasher:
-    """The sha256 memo of data files and shards (keyed by path, size and mtime)."""
-    return FileHasher(Path(cfg.paths.cache) / ".file_hashes.json")
+CACHE_LEGACY = ("features", ".file_hashes.json")  # a cache folder made before the marker
+
+
+def file_hasher(cfg: Config, verify: bool = False) -> FileHasher:
+    """The sha256 memo of data files and shards (keyed by path and stat stamp), kept in the
+    cache folder; saved only once the tool has claimed that folder. `verify`: rehash all."""
+    cache = Path(cfg.paths.cache)
+    return FileHasher(cache / ".file_hashes.json", verify=verify,
+                      writable=is_marked(cache, CACHE_LEGACY))
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -104,15 +112,24 @@ class ShardEntry:
     sha256: str
     rows: tuple  # per image: category, stem, source, H, W, box (top, left, h, w), annotated
     errors: tuple[str, ...]  # files of this shard that could not be used
+    rejected: tuple[int, ...] = ()  # pixel counts of the images refused by data.max_pixels
 
     def to_json(self) -> dict:
-        return {"file": self.file, "hash": self.hash, "bytes": self.bytes, "sha256": self.sha256,
-                "items": [list(r) for r in self.rows], "errors": list(self.errors)}
+        out = {"file": self.file, "hash": self.hash, "bytes": self.bytes, "sha256": self.sha256,
+               "items": [list(r) for r in self.rows], "errors": list(self.errors)}
+        if self.rejected:  # absent when empty: manifests of earlier versions keep their digest
+            out["rejected"] = list(self.rejected)
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> "ShardEntry":
         return cls(str(d["file"]), str(d["hash"]), int(d["bytes"]), str(d["sha256"]),
-                   tuple(tuple(r) for r in d["items"]), tuple(map(str, d["errors"])))
+                   tuple(tuple(r) for r in d["items"]), tuple(map(str, d["errors"])),
+                   tuple(int(p) for p in d.get("rejected", ())))
+
+    def retry(self, max_pixels: int) -> int:
+        """How many of the images refused for their size data.max_pixels now accepts."""
+        return sum(1 for p in self.rejected if p <= max_pixels)
 
 
 @dataclass(frozen=True)
@@ -176,8 +193,24 @@ def read_manifest(split_dir: Path) -> tuple[Manifest | None, str]:
     return m, ""
 
 
-def check_shard(split_dir: Path, entry: ShardEntry, hasher: FileHasher | None) -> str:
-    """"" when the shard file is present with the recorded size and sha256, else why not."""
+def bad_marker(shard: Path) -> Path:
+    """`<shard>.bad`: left by a reader that found the shard failing its checksum, so that
+    `status` and `extract-features` know without trusting the checksum memo (written by any
+    process or Dask worker without coordination; removed when the shard is rewritten)."""
+    return shard.with_name(shard.name + ".bad")
+
+
+def mark_bad(shard: Path, expected: str, found: str) -> None:
+    """Leave bad_marker(shard) (best effort: a read-only cache still gets the error)."""
+    with contextlib.suppress(OSError):
+        atomic_write_bytes(bad_marker(shard), f"expected {expected}\nfound {found}\n".encode())
+
+
+def check_shard(split_dir: Path, entry: ShardEntry, hasher: FileHasher | None,
+                max_pixels: int | None = None) -> str:
+    """"" when the shard file is present with the recorded size and sha256 (and, given
+    `max_pixels`, holds no image refused for a size this limit accepts), else why not. A
+    checksum failure is marked (mark_bad)."""
     path = Path(split_dir) / entry.file
     try:
         size = path.stat().st_size
@@ -185,9 +218,15 @@ def check_shard(split_dir: Path, entry: ShardEntry, hasher: FileHasher | None) -
         return f"shard {entry.file} missing"
     if size != entry.bytes:
         return f"shard {entry.file} truncated or resized ({size} of {entry.bytes} bytes)"
+    if bad_marker(path).exists():
+        return f"shard {entry.file} failed its checksum when read"
     digest = hasher.digest(path) if hasher is not None else sha256_file(path)
     if digest != entry.sha256:
+        mark_bad(path, entry.sha256, digest)
         return f"shard {entry.file} fails its checksum"
+    if max_pixels is not None and entry.retry(max_pixels):
+        return (f"shard {entry.file}: {entry.retry(max_pixels)} image(s) refused by an earlier "
+                "data.max_pixels now accepted")
     return ""
 
 
@@ -202,6 +241,7 @@ class ShardTask:
     hash: str
     items: list[Item]
     attrs: dict = field(default_factory=dict)
+    max_pixels: int | None = None  # data.max_pixels (not part of the hash: see ShardEntry.retry)
 
     @property
     def path(self) -> Path:
@@ -227,6 +267,7 @@ class SplitPlan:
     data_digest: str
     feature_key: str
     tasks: list[ShardTask]
+    max_pixels: int | None = None
 
 
 def plan_split(cfg: Config, split: str, fparams: dict, hasher: FileHasher) -> SplitPlan:
@@ -252,8 +293,9 @@ def plan_split(cfg: Config, split: str, fparams: dict, hasher: FileHasher) -> Sp
                                    [items[i] for i in chunk],
                                    {"feature_key": key, "split": split, "shard_hash": h,
                                     "format": FORMAT_VERSION,
-                                    **({"mirror": 1} if fparams.get("mirror") else {})}))
-    return SplitPlan(split, split_dir, items, problems, digest, key, tasks)
+                                    **({"mirror": 1} if fparams.get("mirror") else {})},
+                                   cfg.data.max_pixels))
+    return SplitPlan(split, split_dir, items, problems, digest, key, tasks, cfg.data.max_pixels)
 
 
 def read_receipt(task: ShardTask) -> ShardEntry | None:
@@ -268,7 +310,7 @@ def read_receipt(task: ShardTask) -> ShardEntry | None:
 def done_entry(task: ShardTask, hasher: FileHasher | None) -> ShardEntry | None:
     """The shard's receipt when the shard is complete and intact, else None (recompute)."""
     entry = read_receipt(task)
-    if entry is None or check_shard(Path(task.split_dir), entry, hasher):
+    if entry is None or check_shard(Path(task.split_dir), entry, hasher, task.max_pixels):
         return None
     return entry
 
@@ -289,7 +331,7 @@ def split_problems(plan: SplitPlan, hasher: FileHasher) -> list[str]:
     out += [f"manifest lists unknown shard {f}" for f in sorted(listed - expected)]
     for s in m.shards:
         if s.file in expected:
-            problem = check_shard(plan.split_dir, s, hasher)
+            problem = check_shard(plan.split_dir, s, hasher, plan.max_pixels)
             if problem:
                 out.append(problem)
     return out
@@ -310,8 +352,10 @@ class ShardRecord:
     box: Box
 
 
-def write_shard(task: ShardTask, records: list[ShardRecord], errors: list[str]) -> ShardEntry:
+def write_shard(task: ShardTask, records: list[ShardRecord], errors: list[str],
+                rejected: tuple[int, ...] = ()) -> ShardEntry:
     """Write a complete shard atomically (temporary name, fsync, rename), then its receipt.
+    `rejected`: the pixel counts of the images refused by data.max_pixels.
 
     Deterministic: the same records give the same bytes (no timestamps)."""
     path = task.path
@@ -332,19 +376,27 @@ def write_shard(task: ShardTask, records: list[ShardRecord], errors: list[str]) 
                 g.create_dataset("image", data=np.frombuffer(r.encoded, np.uint8), track_times=False)
                 if r.mask is not None:
                     g.create_dataset("mask", data=pack_mask(r.mask), track_times=False)
-                g.attrs["category"] = r.category
-                g.attrs["stem"] = r.stem
-                g.attrs["source"] = r.source
+                for key in ("category", "stem", "source"):
+                    # a name as str when it is UTF-8 (as before: no format change), else as
+                    # its file-system bytes (os.fsencode: h5py refuses the surrogates that
+                    # stand for the undecodable bytes of a Latin-1 name)
+                    name = getattr(r, key)
+                    try:
+                        name.encode("utf-8")
+                    except UnicodeEncodeError:
+                        name = os.fsencode(name)
+                    g.attrs[key] = name
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         digest = sha256_file(tmp)
         size = tmp.stat().st_size
         os.replace(tmp, path)
+        bad_marker(path).unlink(missing_ok=True)
     finally:
         tmp.unlink(missing_ok=True)
     rows = tuple((r.category, r.stem, r.source, *r.orig_size, *r.box.as_tuple(), int(r.mask is not None))
                  for r in records)
-    entry = ShardEntry(task.file, task.hash, size, digest, rows, tuple(errors))
+    entry = ShardEntry(task.file, task.hash, size, digest, rows, tuple(errors), tuple(rejected))
     atomic_write_json(task.receipt, entry.to_json())
     return entry
 
@@ -426,10 +478,11 @@ class FeatureStore:
             path = self.split_dir / entry.file
             if shard not in self._verified:
                 try:
-                    ok = sha256_file(path) == entry.sha256
+                    digest = sha256_file(path)
                 except FileNotFoundError:
                     self._damaged(entry, "missing")
-                if not ok:
+                if digest != entry.sha256:
+                    mark_bad(path, entry.sha256, digest)
                     self._damaged(entry, "fails its checksum")
                 self._verified.add(shard)
             try:

@@ -1,0 +1,173 @@
+"""Nothing of the user's is written over or deleted: the tool writes only inside folders it
+created (a marker) and over files it wrote (a write-ahead ledger of their contents), and
+`segment` refuses an output path that is one of its inputs, all before any work."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import OwnershipError
+from pipeline.extract import run_extract
+from pipeline.owned import MARKER, Ledger, claim_folder
+from pipeline.segment import run_segment
+from pipeline.train import run_train
+from tests.conftest import make_cfg, one_line_error, run_cli, trained_run
+from tests.test_segment import cli_sets, synth_images
+
+QUIET = dict(log=lambda s: None, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synth_root):
+    base = tmp_path_factory.mktemp("own_run")
+    return base, synth_root, trained_run(base, synth_root)
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `folder` (what must stay unchanged)."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- segment
+
+def test_segment_refuses_to_write_a_mask_over_its_input(trained, tmp_path):
+    """`segment PHOTO.png --out <PHOTO's folder>`: exit 2 before any work, the photo intact,
+    even in an empty folder of the tool's own and with --force."""
+    base, root, cfg = trained
+    photos = tmp_path / "photos"
+    synth_images(photos, ["PHOTO.png", "other.jpg"], root)
+    before = tree(photos)
+    for extra in ([], ["--force"]):
+        r = run_cli("segment", str(photos / "PHOTO.png"), "--out", str(photos), *extra,
+                    *cli_sets(base, root))
+        assert r.returncode == 2, r.stderr
+        one_line_error(r, str(photos / "PHOTO.png"))
+        assert tree(photos) == before
+    # a marked folder holding an input at the overlay path of another input
+    out = tmp_path / "out"
+    claim_folder(out, "test")
+    synth_images(out, ["overlays/sub/a.jpg"], root)
+    synth_images(tmp_path / "in", ["sub/a.jpg"], root)
+    before = tree(out)
+    with pytest.raises(OwnershipError, match="is one of the images"):
+        run_segment(cfg, [tmp_path / "in", out / "overlays" / "sub" / "a.jpg"], out,
+                    progress=False)
+    assert tree(out) == before
+
+
+def test_segment_refuses_a_folder_it_did_not_create(trained, tmp_path):
+    """An existing, non-empty folder without the marker is refused (exit 2), nothing written;
+    an empty one is taken and marked."""
+    base, root, cfg = trained
+    synth_images(tmp_path / "in", ["a.jpg"], root)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.png").write_bytes(b"my own file")
+    (docs / "notes.txt").write_text("mine")
+    before = tree(docs)
+    r = run_cli("segment", str(tmp_path / "in"), "--out", str(docs), "--force", *cli_sets(base, root))
+    assert r.returncode == 2, r.stderr
+    one_line_error(r, str(docs), "not created by")
+    assert tree(docs) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_segment(cfg, [tmp_path / "in"], empty, progress=False).n_written == 1
+    assert (empty / MARKER).is_file() and (empty / "a.png").is_file()
+
+
+def test_segment_never_overwrites_or_deletes_a_file_it_did_not_write(trained, tmp_path):
+    base, root, cfg = trained
+    src, out = tmp_path / "in", tmp_path / "out"
+    synth_images(src, ["a.jpg", "b.jpg", "c.jpg"], root)
+    assert run_segment(cfg, [src], out, progress=False).n_written == 3
+    # the user's own files put at the tool's paths
+    (out / "overlays" / "a.jpg").write_bytes(b"my overlay")
+    (out / "b.png").write_bytes(b"my mask")
+    # --no-overlays removes only the overlays the tool wrote
+    synth_images(src, ["a.jpg", "c.jpg"], root, first=3)  # new content: both recomputed
+    res = run_segment(cfg, [src / "a.jpg", src / "c.jpg"], out, overlays=False, progress=False)
+    assert res.n_written == 2
+    assert (out / "overlays" / "a.jpg").read_bytes() == b"my overlay"
+    assert not (out / "overlays" / "c.jpg").exists()
+    # a changed input whose mask path holds the user's file: refused, --force included
+    synth_images(src, ["b.jpg"], root, first=4)
+    for force in (False, True):
+        with pytest.raises(OwnershipError, match="b.png: exists and was not written"):
+            run_segment(cfg, [src / "b.jpg"], out, force=force, progress=False)
+        assert (out / "b.png").read_bytes() == b"my mask"
+    # an input that became unreadable: its outputs go only when they are the tool's
+    (src / "b.jpg").write_bytes(b"broken")
+    (src / "c.jpg").write_bytes(b"broken")
+    res = run_segment(cfg, [src / "b.jpg", src / "c.jpg"], out, progress=False)
+    assert len(res.errors) == 2
+    assert (out / "b.png").read_bytes() == b"my mask"
+    assert not (out / "c.png").exists()
+
+
+def test_a_garbled_ledger_means_not_ours(trained, tmp_path):
+    """With the marker garbled, the tool's own masks are recomputed to the same bytes
+    (allowed: byte-equal), and a mask the user changed is refused, not overwritten."""
+    base, root, cfg = trained
+    src, out = tmp_path / "in", tmp_path / "out"
+    synth_images(src, ["a.jpg", "b.jpg"], root)
+    run_segment(cfg, [src], out, progress=False)
+    masks = tree(out)
+    (out / MARKER).write_text("{garbled")
+    res = run_segment(cfg, [src], out, progress=False)
+    assert res.n_written == 2 and {k: v for k, v in tree(out).items() if k.endswith(".png")} == \
+        {k: v for k, v in masks.items() if k.endswith(".png")}
+    (out / MARKER).write_text("{garbled")
+    (out / "a.png").write_bytes(b"edited by hand")
+    with pytest.raises(OwnershipError, match="a.png"):
+        run_segment(cfg, [src], out, progress=False)
+    assert (out / "a.png").read_bytes() == b"edited by hand"
+
+
+# ----------------------------------------------------------------------------- stages and export
+
+def test_stages_refuse_run_and_cache_folders_they_did_not_create(synth_root, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    before = tree(mine)
+    cfg = make_cfg(tmp_path, synth_root, f"paths.outputs={tmp_path}", "run.name=mine")
+    with pytest.raises(OwnershipError, match="not created by"):
+        run_extract(cfg, ["test"], **QUIET)
+    cfg = make_cfg(tmp_path, synth_root, f"paths.cache={mine}")
+    r = run_cli("extract-features", "--split", "test", *[a for s in (
+        f"data.root={synth_root}", f"paths.cache={mine}", f"paths.outputs={tmp_path / 'o'}",
+        "backbone.name=mobilenet_v2", "backbone.weights=random", "extract.device=cpu")
+        for a in ("--set", s)])
+    assert r.returncode == 2
+    one_line_error(r, str(mine), "paths.cache")
+    assert tree(mine) == before
+    # a run folder of an earlier version (stages/, no marker) is the tool's
+    cfg = make_cfg(tmp_path, synth_root, "train.epochs=1", "train.linear_epochs=1")
+    (cfg.run_dir / "stages").mkdir(parents=True)
+    run_extract(cfg, ["train"], **QUIET)
+    run_train(cfg, **QUIET)
+    assert (cfg.run_dir / MARKER).is_file()
+
+
+def test_ledger_write_ahead_and_byte_equal():
+    """Unit: a killed write leaves either the old or the new content, both known as ours;
+    a foreign file is refused unless byte-equal."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        folder = claim_folder(Path(d) / "f", "test")
+        led = Ledger(folder)
+        led.write("x.bin", b"one")
+        led.intend({folder / "x.bin": b"two"})  # recorded, then "killed" before the write
+        again = Ledger(folder)
+        assert again.content_is(folder / "x.bin")  # the old content is still ours
+        again.write("x.bin", b"two")
+        (folder / "y.bin").write_bytes(b"foreign")
+        again.check(folder / "y.bin", b"foreign")  # byte-equal: allowed
+        with pytest.raises(OwnershipError):
+            again.check(folder / "y.bin", b"other")
+        assert not again.remove(folder / "y.bin") and (folder / "y.bin").exists()
+        assert json.loads((folder / MARKER).read_text())["tool"] == "vit-objseg"
