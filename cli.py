@@ -227,13 +227,16 @@ def export_model(cfg, force, out_file, height, width):
 
 @cli.command()
 @click.option("--split", default=None, help="Split whose predictions to check (default: data.test_split).")
+@click.option("--verify", is_flag=True,
+              help="Rehash every input and output, ignoring the checksum memo (reads all the "
+                   "data and the cache); what is found damaged is marked for repair.")
 @stage_command
-def status(cfg, force, split):
+def status(cfg, force, split, verify):
     """One line per stage: up-to-date, stale (why) or missing."""
     from pipeline import extract, predict as predict_stage, train
     from pipeline.stages import StageStatus
     split = split or cfg.data.test_split
-    checks = ((extract.STAGE, extract.status, (cfg,)), (train.STAGE, train.status, (cfg,)),
+    checks = ((extract.STAGE, extract.status, (cfg, (), verify)), (train.STAGE, train.status, (cfg,)),
               (predict_stage.stage_name(split), predict_stage.status, (cfg, split)))
     for name, check, args in checks:
         try:
