@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .config import Config
+from .data import display_name
 
 __all__ = ["Thumb", "VariantThumb", "overlay", "thumbnail_strip", "variant_strip",
            "plot_training_curves", "write_reports", "headline_text",
@@ -504,7 +505,8 @@ def _variant_colour(variant: str, index: int) -> str:
 
 
 def _short(text: str, n: int = 18) -> str:
-    text = str(text)
+    """`text` shown (display_name: U+FFFD for a name's undecodable bytes) in at most n chars."""
+    text = display_name(text)
     return text if len(text) <= n else text[: n - 1] + "\u2026"
 
 
@@ -831,8 +833,10 @@ def _md(text) -> str:
 
 
 def _url(path: str) -> str:
-    """A relative path as a URL (each segment percent-quoted, '/' kept)."""
-    return urllib.parse.quote(str(path).replace(os.sep, "/"), safe="/#")
+    """A relative path as a URL (each segment percent-quoted, '/' kept; a name's undecodable
+    bytes, held as surrogates, quoted as those bytes, so the link finds the file)."""
+    return urllib.parse.quote(str(path).replace(os.sep, "/"), safe="/#",
+                              errors="surrogateescape")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -843,7 +847,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def _rel(files_dir: Path, name: str) -> str:
     """A relative URL (from the report file) to a file in files_dir."""
-    return urllib.parse.quote(f"{files_dir.name}/{name}")
+    return urllib.parse.quote(f"{files_dir.name}/{name}", errors="surrogateescape")
 
 
 # ----------------------------------------------------------------------------- headline
@@ -953,7 +957,8 @@ def _category_tables(variants: dict, categories: list[str]) -> list[dict]:
         rows = []
         for c in categories:
             vals = [_value((variants[v].get("per_category") or {}).get(c), key) for v in vnames]
-            rows.append({"category": str(c), "n": _fmt_int(_category_count(variants, c)),
+            rows.append({"category": display_name(c),
+                         "n": _fmt_int(_category_count(variants, c)),
                          "cells": [_cell(x, b) for x, b in zip(vals, _best_flags(vals))]})
         tables.append({"title": title, "rows": rows})
     return tables
@@ -978,7 +983,8 @@ def _per_image_table(per_image: list[dict], vnames: list[str]) -> dict | None:
     for r in ranked[:_MAX_ROWS]:
         j = r.get("j") if isinstance(r.get("j"), dict) else {}
         f = r.get("f") if isinstance(r.get("f"), dict) else {}
-        rows.append({"category": str(r.get("category", "")), "stem": str(r.get("stem", "")),
+        rows.append({"category": display_name(r.get("category", "")),
+                     "stem": display_name(r.get("stem", "")),
                      "j": [_fmt(j.get(v)) for v in vnames], "f": [_fmt(f.get(v)) for v in vnames]})
     return {"key": key_v, "n": len(ranked), "rows": rows,
             "truncated": len(ranked) > len(rows)}
@@ -1121,7 +1127,10 @@ def _wbr(text):
 
 
 def _render(template: str, vm: dict) -> str:
-    return _env().get_template(template).render(**vm)
+    """The rendered page as valid UTF-8 text: the names were shown with display_name by the
+    view model, and anything else from the report (a config path such as data.root) that
+    holds a non-UTF-8 name's surrogates shows U+FFFD there too."""
+    return display_name(_env().get_template(template).render(**vm))
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -1157,7 +1166,7 @@ def _write_strips(thumbs: Iterable[Thumb], variant_thumbs: dict, prefix: str, tm
     out = []
     for i, t in enumerate(thumbs):
         name = f"{prefix}_{i + 1:02d}"
-        title = f"{t.category} / {t.stem}"
+        title = f"{display_name(t.category)} / {display_name(t.stem)}"
         scores = _thumb_scores(per_image_index, t.category, t.stem, vnames)
         vt = variant_thumbs.get((str(t.category), str(t.stem))) if isinstance(t, Thumb) else t
         if vt is not None:
@@ -1184,7 +1193,8 @@ def _write_strips(thumbs: Iterable[Thumb], variant_thumbs: dict, prefix: str, tm
         grid = _labelled_grid(big, [" \u00b7 ".join((a, *b)) for a, b in labels],
                               f"{title} \u00b7 {caption}")
         css, gap = _save_strip(arr, small[0].shape[1::-1], grid, name, tmp_dir)
-        out.append(_Strip(str(t.category), str(t.stem), _rel(files_dir, f"{name}.jpg"),
+        out.append(_Strip(display_name(t.category), display_name(t.stem),
+                          _rel(files_dir, f"{name}.jpg"),
                           _rel(files_dir, f"{name}_full.jpg"), css, gap, labels, shown, kind,
                           caption))
     return out
