@@ -171,3 +171,23 @@ def test_ledger_write_ahead_and_byte_equal():
             again.check(folder / "y.bin", b"other")
         assert not again.remove(folder / "y.bin") and (folder / "y.bin").exists()
         assert json.loads((folder / MARKER).read_text())["tool"] == "vit-objseg"
+
+
+def test_export_never_replaces_a_file_it_did_not_write(trained, tmp_path):
+    """`export --out FILE` over a user's file: exit 2 before any work, the file intact
+    (--force included); a file the tool exported is replaced."""
+    from pipeline.export import run_export
+    base, root, cfg = trained
+    mine = tmp_path / "model.pt2"
+    mine.write_bytes(b"my own model")
+    for force in (False, True):
+        with pytest.raises(OwnershipError, match="model.pt2: exists and was not written"):
+            run_export(cfg, mine, force=force)
+    assert mine.read_bytes() == b"my own model"
+    r = run_cli("export", "--out", str(mine), *cli_sets(base, root))
+    assert r.returncode == 2
+    one_line_error(r, str(mine), "move or delete")
+    ours = tmp_path / "exported" / "m.pt2"
+    first = run_export(cfg, ours)
+    assert not first.up_to_date and ours.is_file()
+    assert not run_export(cfg, ours, force=True).up_to_date  # ours: replaced
