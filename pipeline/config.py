@@ -2,7 +2,9 @@
 
 Every key has a default here (the one place for them); a config file and `--set` may only
 override known keys, with values of the default's type (ints are accepted for floats) and,
-where listed in CHOICES, one of the allowed values.
+where listed in CHOICES, one of the allowed values. Every numeric key has a fixed range in
+RANGES (the same on every machine, so a recorded config validates anywhere): a non-finite or
+out-of-range value is a one-line ConfigError before any work.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -37,6 +40,9 @@ class DataCfg:
     train_split: str = "train"
     val_split: str = ""  # "" = no validation during training
     test_split: str = "test"  # default split for `predict` and `run`
+    # the largest image (width x height, read from the file header before decoding) that
+    # stage 1 and segment accept; a bigger one is skipped as a bad image (not in the feature key)
+    max_pixels: int = 40_000_000
 
 
 @dataclass
@@ -132,15 +138,86 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "predict.tta": ("none", "flip"),
 }
 
-POSITIVE = {
-    "extract.batch_size", "train.batch_size", "predict.batch_size", "train.epochs",
-    "upsampler.hidden", "upsampler.kernel_size", "upsampler.guide_channels",
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric key: lo..hi, each end included unless marked open.
+    Integer keys use closed ranges; float keys must also be finite."""
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def describe(self, integer: bool) -> str:
+        """`an integer in 0..256` or `a finite number in (0, 10]`."""
+        if integer:
+            return f"an integer in {self.lo}..{self.hi}"
+        return (f"a finite number in {'(' if self.lo_open else '['}{self.lo:g}, "
+                f"{self.hi:g}{')' if self.hi_open else ']'}")
+
+
+# Every numeric key's fixed range (for upsampler.channels: of each entry; LIST_LENGTHS bounds
+# the number of entries). Fixed, not derived from this machine's cores or memory: a recorded
+# config is re-validated on another machine.
+RANGES: dict[str, Range] = {
+    "run.threads": Range(0, 256),
+    "data.max_pixels": Range(1, 2**31 - 1),
+    "backbone.layers": Range(0, 12),
+    "extract.batch_size": Range(1, 4096),
+    "extract.num_workers": Range(0, 64),
+    "train.lr": Range(0, 10, lo_open=True),
+    "train.linear_lr": Range(0, 10, lo_open=True),
+    "train.epochs": Range(1, 100_000),
+    "train.linear_epochs": Range(0, 100_000),
+    "train.batch_size": Range(1, 4096),
+    "train.crop": Range(0, 8192),
+    "train.weight_decay": Range(0, 10),
+    "train.boundary_weight": Range(0, 1000),
+    "train.seed": Range(0, 2**32 - 1),
+    "upsampler.hidden": Range(1, 1024),
+    "upsampler.channels": Range(1, 1024),
+    "upsampler.kernel_size": Range(1, 15),
+    "upsampler.guide_channels": Range(1, 256),
+    "predict.batch_size": Range(1, 4096),
+    "predict.threshold": Range(0, 1, lo_open=True, hi_open=True),
+    "predict.thumbnails": Range(0, 100),
 }
-NON_NEGATIVE = {
-    "run.threads", "backbone.layers",
-    "extract.num_workers", "train.crop", "train.linear_epochs",
-    "train.weight_decay", "train.boundary_weight", "predict.thumbnails",
-}
+LIST_LENGTHS: dict[str, Range] = {"upsampler.channels": Range(1, 8)}
+ODD = {"upsampler.kernel_size"}
+DASK_LOCAL_WORKERS = Range(1, 256)  # N of dask.scheduler = "local:N"
+
+
+def _digits(text: str) -> bool:
+    """True for a non-empty string of ASCII digits (str.isdigit also takes '²')."""
+    return text.isascii() and text.isdigit()
+
+
+def _check_range(key: str, value: Any, where: str = "") -> None:
+    """ConfigError (one line naming the key, the value and the range) unless `value` is in
+    RANGES[key] (a list: its length in LIST_LENGTHS[key], each entry in range)."""
+    rng = RANGES.get(key)
+    if rng is None:
+        return
+    if isinstance(value, list):
+        length = LIST_LENGTHS[key]
+        if not (value and len(value) in length and all(v in rng for v in value)
+                and value[-1] == 1):
+            raise ConfigError(
+                f"bad value for {key}{where}: {value!r} ({length.lo} to {length.hi} integers, "
+                f"each in {rng.lo}..{rng.hi}, the last 1)")
+        return
+    odd = key in ODD
+    if value not in rng or (odd and value % 2 == 0):
+        what = rng.describe(integer=not isinstance(Config().get(key), float))
+        if odd:
+            what = what.replace("an integer", "an odd integer")
+        raise ConfigError(f"bad value for {key}{where}: {value!r} ({what})")
 
 
 def all_keys() -> list[str]:
@@ -175,6 +252,7 @@ def _coerce(key: str, value: Any, default: Any, where: str) -> Any:
         if not isinstance(value, list) or not all(
                 isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"bad value for {key}{where}: {value!r} (expected a list of ints)")
+    _check_range(key, value, where)
     return value
 
 
@@ -183,26 +261,12 @@ def _validate(cfg: Config) -> None:
         if cfg.get(key) not in allowed:
             raise ConfigError(
                 f"bad value for {key}: {cfg.get(key)!r} (one of {', '.join(allowed)})")
-    for key in POSITIVE:
-        if cfg.get(key) <= 0:
-            raise ConfigError(f"bad value for {key}: {cfg.get(key)!r} (must be > 0)")
-    for key in NON_NEGATIVE:
-        if cfg.get(key) < 0:
-            raise ConfigError(f"bad value for {key}: {cfg.get(key)!r} (must be >= 0)")
+    for key in RANGES:
+        _check_range(key, cfg.get(key))
     for key in ("extract.device", "train.device", "predict.device"):
         dev = cfg.get(key)
-        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and _digits(dev[5:]))):
             raise ConfigError(f"bad value for {key}: {dev!r} (one of {DEVICE_HELP})")
-    if cfg.train.lr <= 0 or cfg.train.linear_lr <= 0:
-        raise ConfigError("bad value for train.lr / train.linear_lr: learning rates must be > 0")
-    if not 0.0 < cfg.predict.threshold < 1.0:
-        raise ConfigError(f"bad value for predict.threshold: {cfg.predict.threshold} (in (0, 1))")
-    if cfg.upsampler.kernel_size % 2 == 0:
-        raise ConfigError(f"bad value for upsampler.kernel_size: {cfg.upsampler.kernel_size} (odd)")
-    chans = cfg.upsampler.channels
-    if not chans or chans[-1] != 1 or any(c <= 0 for c in chans):
-        raise ConfigError(
-            f"bad value for upsampler.channels: {chans} (positive ints ending in 1)")
     for key in ("data.root", "paths.cache", "paths.outputs"):
         if not str(cfg.get(key)).strip():
             raise ConfigError(f"bad value for {key}: empty (a folder path)")
@@ -214,9 +278,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("bad value for data.val_split: it must differ from data.train_split")
     sched = cfg.dask.scheduler
     if sched and not (sched.startswith(("tcp://", "tls://", "inproc://"))
-                      or (sched.startswith("local:") and sched[6:].isdigit() and int(sched[6:]) > 0)):
+                      or (sched.startswith("local:") and _digits(sched[6:])
+                          and int(sched[6:]) in DASK_LOCAL_WORKERS)):
+        n = DASK_LOCAL_WORKERS
         raise ConfigError(
-            f"bad value for dask.scheduler: {sched!r} (\"\", \"local:N\" or \"tcp://host:port\")")
+            f"bad value for dask.scheduler: {sched!r} (\"\", \"local:N\" with N in "
+            f"{n.lo}..{n.hi}, or \"tcp://host:port\")")
+    for key in PATH_KEYS:
+        _home(key, cfg.get(key))
 
 
 def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
@@ -270,13 +339,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 PATH_KEYS = ("data.root", "paths.cache", "paths.outputs", "backbone.weights")
 
 
+def _home(key: str, value: str) -> str:
+    """`value` with a leading `~` or `~user` expanded as in a shell; ConfigError (one line)
+    when there is no such user or no home folder."""
+    if not value.startswith("~"):
+        return value
+    try:
+        return str(Path(value).expanduser())
+    except RuntimeError:
+        user = value[1:].split("/", 1)[0]
+        why = f"no user '{user}'" if user else "no home folder"
+        raise ConfigError(
+            f"bad value for {key}: {value!r} (a path; cannot expand '~{user}': {why})") from None
+
+
 def _expand_user(cfg: Config) -> None:
     """`~` in every path key means the home folder, as in a shell."""
     for key in PATH_KEYS:
         value = cfg.get(key)
         if value.startswith("~"):
             section, name = key.split(".")
-            setattr(getattr(cfg, section), name, str(Path(value).expanduser()))
+            setattr(getattr(cfg, section), name, _home(key, value))
 
 
 def to_toml(cfg: Config) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import time
@@ -26,7 +27,7 @@ from .backbones import get_spec
 from .config import Config
 from .data import canvas_valid, to_canvas
 from .devices import CpuFanout, resolve_device
-from .errors import DataError
+from .errors import DataError, TrainingDiverged
 from .fsutil import atomic_write_bytes, exclusive_lock, sha256_bytes
 from .progress import Progress
 from .report import plot_training_curves
@@ -325,6 +326,23 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
     head_params = [p for p in head.parameters() if p.requires_grad]
     up_params = [p for p in up.parameters() if p.requires_grad]
 
+    def diverged(phase: str, epoch: int, what: str, bar: Progress) -> TrainingDiverged:
+        """The one-line error of a non-finite loss or weight: nothing of this epoch is
+        recorded, the checkpoint of the last good epoch stays, no models are written."""
+        bar.close()
+        linear = phase == "linear"
+        name, key = ("linear head", "train.linear_lr") if linear else ("PAC upsampler", "train.lr")
+        total = cfg.train.linear_epochs if linear else cfg.train.epochs
+        done = history[-1] if history else None
+        last = (f"the checkpoint after {'linear' if done['phase'] == 'linear' else 'PAC'} "
+                f"epoch {done['epoch']} is kept in {mdir}" if done else "no checkpoint was written")
+        return TrainingDiverged(
+            f"train-head: training diverged: the {name}'s {what} in epoch {epoch}/{total}; "
+            f"lower {key} (now {cfg.get(key):g}) and run again; {last}, no models were written")
+
+    def finite_weights(params: list[torch.Tensor]) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in params)
+
     # ---- phase 1: the linear head on patch targets
     linear_epochs = range(start["linear"], cfg.train.linear_epochs + 1)
     t_phase = time.perf_counter()
@@ -349,11 +367,15 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
                 return (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).sum() / max(w_total, 1e-12)
 
             losses = _summed_grads(head_params, linear_loss, len(idx), fanout)
+            if not math.isfinite(sum(losses)):
+                raise diverged("linear", epoch, f"loss became {sum(losses)}", bar)
             opt_head.step()
             total += sum(losses) * w_total
             weight_sum += w_total
             bar.update()
         row = {"phase": "linear", "epoch": epoch, "loss": total / max(weight_sum, 1e-12)}
+        if not (math.isfinite(row["loss"]) and finite_weights(head_params)):
+            raise diverged("linear", epoch, "weights became non-finite", bar)
         history.append(row)
         checkpoint({"linear": epoch + 1, "upsampler": 1})
     bar.close()
@@ -389,6 +411,8 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
                 return loss / len(samples)
 
             losses = _summed_grads(up_params, pac_loss, len(idx), fanout)
+            if not math.isfinite(sum(losses)):
+                raise diverged("upsampler", epoch, f"loss became {sum(losses)}", bar)
             opt_up.step()
             batch_loss = sum(losses) * len(idx)
             total += batch_loss
@@ -397,6 +421,8 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
             bar.update()
         sched_up.step()
         row = {"phase": "upsampler", "epoch": epoch, "loss": total / max(count, 1)}
+        if not (math.isfinite(row["loss"]) and finite_weights(up_params)):
+            raise diverged("upsampler", epoch, "weights became non-finite", bar)
         if val is not None:
             row.update(_validate(head, up, val, device, fanout))
         history.append(row)
@@ -460,5 +486,7 @@ def _validate(head, up, val: TrainData, device, fanout: CpuFanout | None) -> dic
 
 
 def _write_history(cfg: Config, history: list[dict]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in history)
+    """metrics.jsonl: one JSON object per epoch. Strict JSON (no NaN / Infinity): training
+    stops before a non-finite row is recorded."""
+    text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in history)
     atomic_write_bytes(cfg.run_dir / "metrics.jsonl", text.encode())

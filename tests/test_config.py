@@ -1,4 +1,5 @@
 """Config loading, --set parsing and validation: the contract's keys, types and errors."""
+import re
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,147 @@ def test_plain_progress_lines_without_a_terminal(monkeypatch):
     lines = out.getvalue().splitlines()
     assert lines == ["extract: 6/10 img (60 %), 1.0 img/s, 4 s left",  # the first after 5 s
                      "extract: 10/10 img (100 %), 0.8 img/s"]  # the end, whenever it comes
+
+
+# ----------------------------------------------------------------------------- ranges
+
+def _numeric_keys() -> dict[str, type]:
+    """Every numeric key of Config (int, float or list of ints; bools are not numbers here),
+    found from the dataclass fields so that a new key cannot be forgotten."""
+    from dataclasses import fields as dc_fields
+
+    from pipeline.config import Config
+    cfg = Config()
+    keys = {}
+    for sec in dc_fields(cfg):
+        for f in dc_fields(getattr(cfg, sec.name)):
+            value = getattr(getattr(cfg, sec.name), f.name)
+            if isinstance(value, (int, float, list)) and not isinstance(value, bool):
+                keys[f"{sec.name}.{f.name}"] = type(value)
+    return keys
+
+
+def test_every_numeric_key_has_a_fixed_range():
+    from pipeline.config import LIST_LENGTHS, RANGES
+    numeric = _numeric_keys()
+    assert "data.max_pixels" in numeric and "upsampler.channels" in numeric
+    assert set(RANGES) == set(numeric)
+    assert set(LIST_LENGTHS) == {k for k, t in numeric.items() if t is list}
+
+
+def test_defaults_are_inside_the_ranges():
+    from pipeline.config import LIST_LENGTHS, RANGES, Config
+    cfg = Config()
+    for key, rng in RANGES.items():
+        value = cfg.get(key)
+        if isinstance(value, list):
+            assert len(value) in LIST_LENGTHS[key] and all(v in rng for v in value), key
+        else:
+            assert value in rng, (key, value)
+    assert cfg.data.max_pixels == 40_000_000
+
+
+def test_range_ends_of_integer_keys_are_accepted_and_one_past_refused():
+    from pipeline.config import RANGES
+    for key, kind in _numeric_keys().items():
+        if kind is not int:
+            continue
+        lo, hi = RANGES[key].lo, RANGES[key].hi
+        assert load_config(None, [f"{key}={lo}"]).get(key) == lo
+        assert load_config(None, [f"{key}={hi}"]).get(key) == hi
+        for bad in (lo - 1, hi + 1):
+            with pytest.raises(ConfigError, match=f"bad value for {key} in --set: {bad} "):
+                load_config(None, [f"{key}={bad}"])
+
+
+NON_FINITE_FLOAT_KEYS = ["train.lr", "train.linear_lr", "train.weight_decay",
+                         "train.boundary_weight", "predict.threshold"]
+
+
+@pytest.mark.parametrize("item, key, value", [
+    *[(f"{k}={v}", k, v) for k in NON_FINITE_FLOAT_KEYS for v in ("inf", "nan", "-inf")],
+    ("train.lr=0", "train.lr", "0.0"),
+    ("train.lr=11", "train.lr", "11.0"),
+    ("train.linear_lr=-1e-3", "train.linear_lr", "-0.001"),
+    ("train.weight_decay=1e400", "train.weight_decay", "inf"),  # TOML reads it as inf
+    ("train.boundary_weight=-0.5", "train.boundary_weight", "-0.5"),
+    ("predict.threshold=0", "predict.threshold", "0.0"),
+    ("predict.threshold=1", "predict.threshold", "1.0"),
+    ("train.seed=-1", "train.seed", "-1"),
+    ("train.seed=4294967296", "train.seed", "4294967296"),
+    ("run.threads=100000", "run.threads", "100000"),
+    ("upsampler.kernel_size=99999", "upsampler.kernel_size", "99999"),
+    ("upsampler.kernel_size=4", "upsampler.kernel_size", "4"),
+    ("upsampler.hidden=10000000", "upsampler.hidden", "10000000"),
+    ("upsampler.guide_channels=0", "upsampler.guide_channels", "0"),
+    ("extract.batch_size=100000", "extract.batch_size", "100000"),
+    ("extract.num_workers=1000", "extract.num_workers", "1000"),
+    ("train.epochs=1000000000", "train.epochs", "1000000000"),
+    ("train.crop=-1", "train.crop", "-1"),
+    ("predict.thumbnails=-1", "predict.thumbnails", "-1"),
+    ("backbone.layers=13", "backbone.layers", "13"),
+    ("data.max_pixels=0", "data.max_pixels", "0"),
+    ("data.max_pixels=2147483648", "data.max_pixels", "2147483648"),
+    ("upsampler.channels=[]", "upsampler.channels", "[]"),
+    ("upsampler.channels=[4, 0, 1]", "upsampler.channels", "[4, 0, 1]"),
+    ("upsampler.channels=[4, 100000, 1]", "upsampler.channels", "[4, 100000, 1]"),
+    ("upsampler.channels=[1, 1, 1, 1, 1, 1, 1, 1, 1]", "upsampler.channels", "[1, 1, 1"),
+    ("dask.scheduler=local:100000", "dask.scheduler", "'local:100000'"),
+    ("data.root=~nosuchuser_vitobjseg/x", "data.root", "'~nosuchuser_vitobjseg/x'"),
+    ("backbone.weights=~nosuchuser_vitobjseg/w.pt", "backbone.weights", "~nosuchuser_vitobjseg"),
+])
+def test_non_finite_and_out_of_range_values_are_one_line_errors(item, key, value):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [item])
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"bad value for {key}"), msg
+    assert value in msg, msg
+    assert msg.endswith(")"), msg  # the allowed range or form, in parentheses
+
+
+def test_range_error_message_names_the_key_value_and_range():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.lr=inf"])
+    assert str(e.value) == "bad value for train.lr in --set: inf (a finite number in (0, 10])"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.seed=-1"])
+    assert str(e.value) == "bad value for train.seed in --set: -1 (an integer in 0..4294967295)"
+
+
+def test_non_finite_values_in_a_file_and_in_a_recorded_config_are_refused(tmp_path):
+    from pipeline.config import Config, config_from_dict
+    p = tmp_path / "c.toml"
+    p.write_text("[train]\nlr = nan\n")
+    with pytest.raises(ConfigError, match=f"bad value for train.lr in {p}: nan"):
+        load_config(p)
+    doc = Config().to_dict()
+    doc["predict"]["threshold"] = float("inf")
+    with pytest.raises(ConfigError, match="bad value for predict.threshold: inf"):
+        config_from_dict(doc)
+
+
+@pytest.mark.parametrize("item, key", [
+    ("train.lr=nan", "train.lr"),
+    ("train.seed=4294967296", "train.seed"),
+    ("data.root=~nosuchuser_vitobjseg/x", "data.root"),
+])
+def test_cli_config_show_refuses_bad_values_in_one_line(item, key):
+    from tests.conftest import one_line_error
+    r = run_cli("config", "show", "--set", item)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    one_line_error(r, f"bad value for {key}", item.split("=", 1)[1])
+
+
+def test_readme_table_gives_every_numeric_key_its_range():
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Configuration keys"):]
+    table = table[:table.index("\n## ", 1)]
+    rows = {line.split("|")[1].strip().strip("`"): [c.strip() for c in line.split("|")[1:-1]]
+            for line in table.splitlines() if line.startswith("| `")}
+    assert "data.max_pixels" in rows and rows["data.max_pixels"][1] == "`40_000_000`"
+    assert set(rows) == set(all_keys())
+    for key in [*_numeric_keys(), "dask.scheduler"]:  # the meaning cell gives the range
+        allowed = re.search(r"\*\*allowed: ([^*]+)\*\*", rows[key][2])
+        assert allowed and any(ch.isdigit() for ch in allowed.group(1)), (key, rows[key])
+    assert "refused" in table and "with exit code 2, before any work" in " ".join(table.split())

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import StoreError
+from pipeline.errors import PipelineError, StoreError
 from pipeline.config import copy_config
 from pipeline.extract import run_extract, status as extract_status
 from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD
@@ -180,3 +180,73 @@ def test_weights_do_not_depend_on_the_thread_count(tmp_path):
     for w in weights[1:]:
         assert w.keys() == weights[0].keys()
         assert all(torch.equal(w[k], weights[0][k]) for k in w)
+
+
+def _strict_json_lines(path) -> list[dict]:
+    """The rows of a JSON-lines file, refusing NaN / Infinity (not JSON)."""
+    def refuse(constant):
+        raise ValueError(f"{constant} in {path}")
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("phase, key, kept_next, kept_rows", [
+    # the PAC loss turns NaN in PAC epoch 2: the checkpoint after PAC epoch 1 is kept
+    (2, "train.lr", {"linear": 3, "upsampler": 2},
+     [("linear", 1), ("linear", 2), ("upsampler", 1)]),
+    # the linear loss turns NaN in linear epoch 2: the checkpoint after linear epoch 1 is kept
+    (1, "train.linear_lr", {"linear": 2, "upsampler": 1}, [("linear", 1)]),
+])
+def test_a_diverging_loss_stops_training_keeping_the_last_good_checkpoint(
+        tmp_path, synth_root, monkeypatch, capsys, phase, key, kept_next, kept_rows):
+    import cli
+    import pipeline.train as train_mod
+    from pipeline.models import CARD_FILE
+    cfg = make_cfg(tmp_path, synth_root, "train.epochs=3", "train.linear_epochs=2",
+                   "train.crop=48", "train.batch_size=3")
+    run_extract(cfg, **quiet)
+
+    now = {}  # the (phase, epoch) being trained: every epoch draws its rng from it
+    epoch_rng = train_mod._epoch_rng
+
+    def spy(seed, ph, epoch):
+        now["at"] = (ph, epoch)
+        return epoch_rng(seed, ph, epoch)
+
+    def poisoned(forward, when):
+        def wrapped(self, *args, **kwargs):
+            out = forward(self, *args, **kwargs)
+            return out * float("nan") if now.get("at") == when else out
+        return wrapped
+
+    monkeypatch.setattr(train_mod, "_epoch_rng", spy)
+    target = train_mod.PacUpsampler if phase == 2 else train_mod.LinearHead
+    monkeypatch.setattr(target, "forward", poisoned(target.forward, (phase, 2)))
+
+    with pytest.raises(SystemExit) as e:  # through the CLI's error boundary
+        cli.guarded(run_train, cfg, **quiet)
+    assert e.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: train-head: training diverged"), err
+    assert "epoch 2/" in err[0] and f"lower {key}" in err[0] and "nan" in err[0]
+
+    with pytest.raises(PipelineError) as e:  # the error type itself, and again the same
+        run_train(cfg, **quiet)
+    assert type(e.value).__name__ == "TrainingDiverged" and e.value.exit_code == 1
+
+    mdir = model_dir(cfg)
+    assert not (mdir / CARD_FILE).exists()  # save_models was never reached
+    assert not (cfg.run_dir / "loss_curves.png").exists()
+    assert status(cfg).state == "missing"  # no stage record
+    ck = torch.load(mdir / "checkpoint.pt", weights_only=True)
+    assert ck["next"] == kept_next
+    assert all(torch.isfinite(v).all() for v in ck["up"].values() if v.is_floating_point())
+    rows = _strict_json_lines(cfg.run_dir / "metrics.jsonl")
+    assert [(r["phase"], r["epoch"]) for r in rows] == kept_rows
+
+
+def test_metrics_jsonl_refuses_non_finite_values(tmp_path, synth_root):
+    from pipeline.train import _write_history
+    cfg = make_cfg(tmp_path, synth_root)
+    with pytest.raises(ValueError):
+        _write_history(cfg, [{"phase": "linear", "epoch": 1, "loss": float("nan")}])
+    assert not (cfg.run_dir / "metrics.jsonl").exists()
