@@ -66,7 +66,3 @@ class ImageTooLarge(DataError):
 
     def __reduce__(self):  # picklable (to and from Dask workers) with its pixel count
         return (type(self), (str(self), self.pixels))
-
-
-class TrainingDiverged(PipelineError):
-    """A training loss or weight became non-finite (NaN or inf); no models were written."""
