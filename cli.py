@@ -284,10 +284,16 @@ def config_show(cfg, force):
 @click.option("--force", is_flag=True)
 def demo(config_path, overrides, force):
     """Offline example: generate a small dataset and run all stages on it."""
+    from pipeline.owned import claim_folder
+    from pipeline.store import CACHE_LEGACY
     from pipeline.synth import make_dataset
     cfg = guarded(load_config, config_path, overrides)
     root = Path(cfg.data.root)
     if not (root / "train").is_dir() and not (root / "ImageSets").is_dir():
+        # the generated dataset is the tool's: under the cache (claimed first), or in a new
+        # or empty data.root, never written into a folder of the user's
+        guarded(claim_folder, cfg.paths.cache, "paths.cache", CACHE_LEGACY)
+        guarded(claim_folder, root, "data.root (for the generated dataset)")
         click.echo(f"demo: writing a generated dataset to {root}")
         make_dataset(root, cfg.data.layout, {"train": 12, "test": 6}, size=(192, 256))
     t0 = time.perf_counter()

@@ -191,3 +191,15 @@ def test_export_never_replaces_a_file_it_did_not_write(trained, tmp_path):
     first = run_export(cfg, ours)
     assert not first.up_to_date and ours.is_file()
     assert not run_export(cfg, ours, force=True).up_to_date  # ours: replaced
+
+
+def test_demo_does_not_write_its_dataset_into_a_folder_of_yours(tmp_path):
+    mine = tmp_path / "pictures"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"not generated")
+    before = tree(mine)
+    r = run_cli("demo", "--set", f"data.root={mine}", "--set", f"paths.cache={tmp_path / 'c'}",
+                "--set", f"paths.outputs={tmp_path / 'o'}")
+    assert r.returncode == 2, r.stderr
+    one_line_error(r, str(mine), "data.root")
+    assert tree(mine) == before
