@@ -1,4 +1,6 @@
 """Dataset layouts, decoding of any image/mask mode, the contract's mask rule, and the canvas."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -178,3 +180,180 @@ def test_file_hasher_memo(tmp_path):
     assert h2.digest(f) == d1 and not h2._dirty  # served from the memo
     f.write_bytes(b"hello world")
     assert h2.digest(f) != d1
+
+
+# ----------------------------------------------------------------------------- hostile files
+
+def _alarm(seconds: int):
+    """A context that fails the test (TimeoutError) instead of hanging when the main thread
+    blocks longer than `seconds` (a FIFO opened for reading blocks until a writer comes)."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def guard():
+        def fail(signum, frame):
+            raise TimeoutError(f"still blocked after {seconds} s")
+        old = signal.signal(signal.SIGALRM, fail)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+    return guard()
+
+
+def test_huge_image_is_refused_from_its_header(tmp_path):
+    """A 20000x20000 PNG (400 MP, 48 KB on disk): ImageTooLarge naming the file, its size,
+    its megapixels and data.max_pixels, before decoding, without PIL's bomb warning/error."""
+    import warnings
+    from pipeline.errors import ImageTooLarge
+    path = tmp_path / "big.png"
+    Image.new("1", (20000, 20000)).save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning would fail the test
+        for load in (load_image, load_mask):
+            with pytest.raises(ImageTooLarge) as e:
+                load(path, 40_000_000)
+            msg = str(e.value)
+            assert e.value.pixels == 400_000_000 and "\n" not in msg
+            for part in (str(path), "20000x20000", "400.0 megapixels", "data.max_pixels"):
+                assert part in msg, (part, msg)
+
+
+def test_max_pixels_replaces_pils_own_limit(tmp_path, monkeypatch):
+    """PIL's bomb protection never preempts max_pixels: with Image.MAX_IMAGE_PIXELS far below
+    the image, it decodes within max_pixels and without a limit (a stored image,
+    FeatureStore.image), and is refused by max_pixels alone; the global is not changed."""
+    import warnings
+    from pipeline.data import decode_image
+    from pipeline.errors import ImageTooLarge
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses > 200 px
+    arr = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    data = (tmp_path / "a.png").read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(decode_image(data, "a.png", 2400), arr)
+        assert np.array_equal(decode_image(data, "a.png"), arr)
+        with pytest.raises(ImageTooLarge, match=r"60x40 pixels"):
+            decode_image(data, "a.png", 2399)
+    assert Image.MAX_IMAGE_PIXELS == 100
+
+
+def test_file_too_long_for_max_pixels_is_not_read(tmp_path, monkeypatch):
+    """A 10 GB ".jpg" (sparse) is refused from its size, never read into memory."""
+    import os
+    from pipeline.data import max_file_bytes, read_bytes
+    from pipeline.errors import ImageTooLarge
+    path = tmp_path / "huge.jpg"
+    with open(path, "wb") as f:
+        f.truncate(10 << 30)
+
+    def no_read(*args, **kwargs):
+        pytest.fail("the file was opened for reading")
+    monkeypatch.setattr(os, "fdopen", no_read)
+    with pytest.raises(ImageTooLarge) as e:
+        read_bytes(path, "image", 40_000_000)
+    assert str(path) in str(e.value) and "data.max_pixels = 40000000" in str(e.value)
+    assert max_file_bytes(e.value.pixels) >= 10 << 30 > max_file_bytes(e.value.pixels - 1)
+    monkeypatch.undo()
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"x" * 100)
+    assert read_bytes(small, "image", 1) == b"x" * 100  # 16 MiB of slack for headers
+
+
+def _isolated(code: str, timeout: int = 60):
+    """Run `code` in a fresh Python in the repository, limited in time and to 2 GiB of
+    address space: a regression that blocks or reads /dev/zero endlessly fails the test
+    instead of hanging the suite or exhausting the machine's memory."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+    return subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
+
+
+def test_fifo_and_device_are_refused_without_blocking(tmp_path):
+    """A FIFO named x.jpg (whose plain open blocks) and a link y.jpg to /dev/zero (which never
+    ends): one-line DataErrors naming the file, from read_bytes itself (race-free: checked on
+    the open descriptor) and from listing, which reports them and lists the other images."""
+    import os
+    from pipeline.extract import decode
+    root = make_dataset(tmp_path / "d", "obj_seg", {"train": 1}, size=(32, 32))
+    images = root / "train/disc/images"
+    os.mkfifo(images / "x.jpg")
+    (images / "y.jpg").symlink_to("/dev/zero")
+    code = ("from pipeline.data import DataError, load_image, read_bytes\n"
+            f"for p in {[str(images / 'x.jpg'), str(images / 'y.jpg')]!r}:\n"
+            "    for read in (lambda p: read_bytes(p, 'image'), load_image):\n"
+            "        try:\n"
+            "            read(p)\n"
+            "        except DataError as e:\n"
+            "            print(e)\n")
+    r = _isolated(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == 2 * [f"{images / 'x.jpg'}: not a regular file (a FIFO)"] + \
+        2 * [f"{images / 'y.jpg'}: not a regular file (a character device)"]
+    items, problems = list_items(root, "obj_seg", "train")
+    assert len(items) == 2
+    assert sorted(problems) == [f"{images / 'x.jpg'}: not a regular file (a FIFO)",
+                                f"{images / 'y.jpg'}: not a regular file (a character device)"]
+    # stage 1's decoder on an image swapped for a FIFO after listing (in this process: a
+    # blocking open would be interrupted by the alarm)
+    (images / "00000.jpg").unlink()
+    os.mkfifo(images / "00000.jpg")
+    with _alarm(20):
+        d = decode(str(root), next(it for it in items if it.category == "disc"), 16, "crop",
+                   40_000_000)
+    assert d.error == f"{images / '00000.jpg'}: not a regular file (a FIFO)"
+
+
+def test_read_error_names_the_file(tmp_path, monkeypatch):
+    """EIO from a read names no file by itself: read_bytes, sha256_file and atomic_write_bytes
+    name it, so the CLI's line is `<path>: Input/output error`."""
+    import errno
+    import os
+    from cli import os_error_line
+    from pipeline.data import read_bytes
+    from pipeline.fsutil import atomic_write_bytes, sha256_file
+    with pytest.raises(DataError) as e:  # reading /proc/self/mem at offset 0 gives EIO
+        read_bytes("/proc/self/mem", "image")
+    assert str(e.value) == "/proc/self/mem: cannot read image (Input/output error)"
+    with pytest.raises(OSError) as e:
+        sha256_file(Path("/proc/self/mem"))
+    assert os_error_line(e.value) == "/proc/self/mem: Input/output error"
+
+    def eio(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    monkeypatch.setattr(os, "fsync", eio)
+    target = tmp_path / "out" / "mask.png"
+    with pytest.raises(OSError) as e:
+        atomic_write_bytes(target, b"png")
+    assert os_error_line(e.value) == f"{target}: Input/output error"
+    assert not target.exists() and os.listdir(target.parent) == []  # no temporary left
+
+
+def test_os_error_line_without_a_file():
+    assert __import__("cli").os_error_line(OSError(5, "Input/output error")) == "Input/output error"
+
+
+def test_davis_split_list_with_latin1_names(tmp_path):
+    """A split list holding Latin-1 bytes (an old archive) finds the files those bytes name."""
+    import os
+    root = make_dataset(tmp_path / "d", "davis2016", {"val": 1}, size=(32, 32))
+    lst = root / "ImageSets/480p/val.txt"
+    seqs = root / "JPEGImages/480p"
+    first = sorted(os.listdir(seqs))[0]
+    os.rename(os.fsencode(seqs / first), os.fsencode(seqs) + b"/caf\xe9")
+    lst.write_bytes(lst.read_bytes().replace(f"JPEGImages/480p/{first}/".encode(),
+                                             b"JPEGImages/480p/caf\xe9/"))
+    items, problems = list_items(root, "davis2016", "val")
+    assert problems == [] and len(items) == 2
+    latin = [it for it in items if os.fsencode(it.category) == b"caf\xe9"]
+    assert len(latin) == 1 and latin[0].mask is not None
+    assert load_item(root, latin[0]).image.shape == (32, 32, 3)
