@@ -84,6 +84,10 @@ scheduler_option = click.option(
 @click.version_option(package_name="vit-objseg", prog_name="vit-objseg")
 def cli() -> None:
     """Binary object segmentation from frozen self-supervised ViT features."""
+    # a file name that is not valid UTF-8 (surrogate-escaped) prints as \udcXX on a strict
+    # UTF-8 stdout instead of failing the command (stderr does the same by default)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 def _human_bytes(n: float) -> str:

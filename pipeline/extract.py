@@ -171,7 +171,8 @@ def run_task(task: ShardTask, extractor: Extractor, decoded: Iterable[Decoded] |
     if decoded is None:
         decoded = [decode(task.data_root, it, extractor.patch, extractor.fit, task.max_pixels)
                    for it in task.items]
-    write_shard(task, *extractor.shard_records(decoded, mirror=task.mirror))
+    records, errors, rejected = extractor.shard_records(decoded, mirror=task.mirror)
+    write_shard(task, records, errors, rejected)
     return len(records)
 
 

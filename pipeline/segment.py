@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .config import Config, DataCfg
+from .config import Config
 from .data import IMAGE_EXTS, Box, decode_image, fit_box, read_bytes, same_size_batches, to_canvas
 from .devices import resolve_device
 from .errors import DataError
@@ -205,8 +205,7 @@ class _Decoded:
     error: str | None = None
 
 
-def _decode(src: Source, patch: int, fit: str,
-            max_pixels: int | None = DataCfg.max_pixels) -> _Decoded:
+def _decode(src: Source, patch: int, fit: str, max_pixels: int) -> _Decoded:
     """Read and decode one image as stage 1 does; an unreadable one (not a regular file,
     larger than `max_pixels` = data.max_pixels, corrupt) carries its error."""
     try:
@@ -330,8 +329,8 @@ def _stream(cfg: Config, todo: list[Source], extractor: Extractor, predictor: Pr
     def submit_next() -> None:
         chunk = next(chunks, None)
         if chunk is not None:
-            window.append([decode_pool.submit(_decode, s, extractor.patch, extractor.fit)
-                           for s in chunk])
+            window.append([decode_pool.submit(_decode, s, extractor.patch, extractor.fit,
+                                              cfg.data.max_pixels) for s in chunk])
 
     def write(files: dict[str, bytes]) -> None:
         for rel, data in files.items():

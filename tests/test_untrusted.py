@@ -210,3 +210,36 @@ def test_read_error_names_the_file_in_the_cli(tmp_path):
     assert any(f"{link}: " in line and "Input/output error" in line
                for line in r.stderr.splitlines()), r.stderr
     assert "error: Input/output error" not in r.stderr.splitlines()  # the line before the fix
+
+
+def test_raising_max_pixels_retries_only_the_shards_it_refused(tmp_path):
+    """Stage 1 with data.max_pixels below one category's image size: those images are
+    skipped (exit 1 path) and the others cached; the rerun is up to date; raising the limit
+    recomputes only the shard of the refused images, and no other stage key changes."""
+    from pipeline import extract
+    from pipeline.extract import run_extract
+    from pipeline.store import read_manifest, store_dir
+    from tests.conftest import make_cfg
+    root = make_dataset(tmp_path / "data", "obj_seg", {"train": 4, "test": 2}, size=(64, 96),
+                        seed=4)
+    big = sorted((root / "test").iterdir())[0]  # one category: its images 4x the area
+    for img in (big / "images").iterdir():
+        Image.open(img).resize((192, 128)).save(img)
+    for ann in (big / "annotations").iterdir():
+        Image.open(ann).resize((192, 128), Image.NEAREST).save(ann)
+    quiet = dict(log=lambda s: None, progress=False)
+    small = make_cfg(tmp_path, root, "data.max_pixels=10000")
+    first = run_extract(small, **quiet)
+    n_big = len(list((big / "images").iterdir()))
+    assert first.n_errors == n_big and all("data.max_pixels" in e for e in first.errors)
+    again = run_extract(small, **quiet)
+    assert again.up_to_date and again.n_errors == n_big
+    large = make_cfg(tmp_path, root, "data.max_pixels=30000")
+    assert store_dir(large) == store_dir(small)  # not part of the feature key
+    st = extract.status(large)
+    assert st.state == "stale" and "data.max_pixels" in st.why, st.line()
+    res = run_extract(large, **quiet)
+    assert not res.up_to_date and res.n_errors == 0
+    assert res.n_images == n_big  # that category's shard only
+    m, _ = read_manifest(store_dir(large) / "test")
+    assert m.n_images == len(list((root / "test").rglob("images/*.jpg"))) and not m.errors
