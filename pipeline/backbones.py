@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import re
+import stat
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -238,15 +239,31 @@ def vit_forward_features(model: nn.Module, x: torch.Tensor, layers: int = 1) -> 
 _ID_MEMO: dict[tuple, str] = {}
 
 
+def weights_file(weights: str) -> tuple[Path, os.stat_result]:
+    """The local weights file `weights` names and its stat (links followed), or a one-line
+    BackboneError saying what is there instead: nothing, a folder, or something that is not
+    a regular file (a FIFO or a device, which are never opened: reading a FIFO would wait
+    for a writer, a device could be endless)."""
+    path = Path(weights).expanduser()
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise BackboneError(f"weights file not found: {weights} (backbone.weights is "
+                            "\"pretrained\", \"random\" or a local checkpoint path)") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BackboneError(f"backbone.weights: {weights} is a folder, not a weights file "
+                            "(give the checkpoint file inside it)")
+    if not stat.S_ISREG(st.st_mode):
+        raise BackboneError(f"backbone.weights: {weights} is not a regular file (a FIFO or "
+                            "device); give a checkpoint file")
+    return path, st
+
+
 def weights_identity(weights: str) -> str:
     """"pretrained" | "random" | "sha256:<hex>" of a local file (memoised by path, size, mtime)."""
     if weights in ("pretrained", "random"):
         return weights
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise BackboneError(f"weights file not found: {weights} (backbone.weights is "
-                            "\"pretrained\", \"random\" or a local checkpoint path)")
-    st = path.stat()
+    path, st = weights_file(weights)
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _ID_MEMO:
         h = hashlib.sha256()
@@ -479,8 +496,13 @@ AUTO_LAYERS = {"mobilenet_v2": 2}
 
 
 def resolve_layers(name: str, layers: int) -> int:
-    """backbone.layers as a number: 0 -> the backbone's measured default."""
-    return layers or AUTO_LAYERS.get(name, 1)
+    """backbone.layers as a number: 0 -> the backbone's measured default. A ConfigError
+    (usage error) naming the key and the backbone's range when the backbone has fewer
+    layers: every command computes the feature key through here before it looks for a store,
+    so an impossible value is never mistaken for a missing stage 1."""
+    resolved = layers or AUTO_LAYERS.get(name, 1)
+    _check_layers(name, layers, resolved)
+    return resolved
 
 
 def max_layers(name: str) -> int:
@@ -488,18 +510,24 @@ def max_layers(name: str) -> int:
     return len(MOBILENET_TAPS) if _BUILDERS[get_spec(name).name][1] == "cnn" else VIT_DEPTH
 
 
+def _check_layers(name: str, layers: int, resolved: int) -> None:
+    """ConfigError unless `resolved` (backbone.layers `layers`, 0 resolved) is 1 to
+    max_layers(name)."""
+    top = max_layers(name)
+    if not 1 <= resolved <= top:
+        raise ConfigError(f"bad value for backbone.layers: {layers} ({name} offers 1 to {top}; "
+                          f"0 = its default, {AUTO_LAYERS.get(name, 1)})")
+
+
 def create_backbone(name: str, weights: str, layers: int = 1) -> Backbone:
     """A frozen backbone in eval mode. `weights`: "pretrained" (download), "random" (seeded,
     global RNG untouched), or a local checkpoint file; `layers`: backbone.layers."""
     spec = get_spec(name)
     build, kind = _BUILDERS[name]
-    if not 1 <= layers <= max_layers(name):
-        raise ConfigError(f"bad value for backbone.layers: {layers} ({name} offers 1 to {max_layers(name)})")
+    _check_layers(name, layers, layers)
     path = None
     if weights not in ("pretrained", "random"):
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise BackboneError(f"weights file not found: {weights}")
+        path, _ = weights_file(weights)
     with torch.random.fork_rng(devices=[]):  # model init never touches the caller's RNG
         torch.manual_seed(0)
         if weights == "pretrained":

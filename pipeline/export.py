@@ -3,10 +3,11 @@
     prob = torch.export.load("model.pt2").module()(images)   # torch alone, no pipeline
 
 `images`: uint8 RGB (B, 3, H, W), H and W multiples of the backbone's patch size (dynamic:
-any batch and size up to MAX_SIDE); `prob`: float32 (B, 1, H, W), the object probability
-(the PAC upsampler's sigmoid); a pixel is object where prob > `predict.threshold` (recorded
-in the archive's META_FILE, with the patch size). Images of other sizes are cropped or
-padded to a multiple of the patch first, as `segment` does (`extract.fit`).
+any batch, sides from MIN_PATCHES patches to MAX_SIDE); `prob`: float32 (B, 1, H, W), the
+object probability (the PAC upsampler's sigmoid); a pixel is object where prob >
+`predict.threshold` (recorded in the archive's META_FILE, with the patch size and sides).
+Images of other sizes are cropped or padded to a multiple of the patch first, as `segment`
+does (`extract.fit`).
 
 The program holds the backbone with its weights and input normalisation, the features
 rounded to `extract.feature_dtype` (what the heads were trained on: the store keeps them so),
@@ -43,6 +44,13 @@ from .store import feature_params
 
 STAGE = "export"
 MAX_SIDE = 8192  # largest image side the program accepts
+# Smallest image side the program accepts, in patches. torch.export (2.14) specialises a size
+# of 1 ("0/1 specialisation"): tracing, the contiguity, channels-last and view checks of
+# convolutions and reshapes branch on size != 1, so a program traced at more than one patch
+# fails on one patch with an obscure guard; backed_size_oblivious tracing moves the problem
+# to a batch of 1. The Dims therefore declare the minimum, and torch refuses a smaller side
+# with "Guard failed: images.size()[2] >= 32" (patch 16), which the meta and README explain.
+MIN_PATCHES = 2
 MAX_BATCH = 1024
 EXAMPLE_PATCHES = (14, 20)  # default example size for tracing, in patches (height, width)
 META_FILE = "vit_objseg.json"  # in the archive: torch.export.load(path, extra_files={META_FILE: ""})
@@ -87,23 +95,32 @@ def default_path(cfg: Config) -> Path:
     return cfg.run_dir / "model.pt2"
 
 
+def side_range(patch: int) -> tuple[int, int]:
+    """The smallest and the largest image side (pixels, multiples of `patch`) the program
+    accepts."""
+    return MIN_PATCHES * patch, MAX_SIDE // patch * patch
+
+
 def _example_side(value: int | None, default_patches: int, patch: int, name: str) -> int:
+    """The example's side for --height/--width: `value`, or `default_patches` patches; a
+    UsageError naming the option, the value and the allowed range when it is not one."""
     if value is None:
         return default_patches * patch
-    if value <= 0 or value % patch or value > MAX_SIDE:
-        raise UsageError(f"--{name} {value}: must be a positive multiple of the patch size "
-                         f"{patch}, at most {MAX_SIDE}")
+    low, high = side_range(patch)
+    if value % patch or not low <= value <= high:
+        raise UsageError(f"--{name} {value}: must be a multiple of the patch size {patch} "
+                         f"from {low} to {high}")
     return value
 
 
 def export_program(program: SegmentationProgram, patch: int, height: int, width: int
                    ) -> torch.export.ExportedProgram:
     """torch.export of `program` with a dynamic batch and dynamic H, W (multiples of
-    `patch`), traced on a (2, 3, height, width) example."""
+    `patch`, MIN_PATCHES patches to MAX_SIDE), traced on a (2, 3, height, width) example."""
     Dim = torch.export.Dim
     dims = {"images": {0: Dim("batch", min=1, max=MAX_BATCH),
-                       2: Dim("h", min=2, max=MAX_SIDE // patch) * patch,
-                       3: Dim("w", min=2, max=MAX_SIDE // patch) * patch}}
+                       2: Dim("h", min=MIN_PATCHES, max=MAX_SIDE // patch) * patch,
+                       3: Dim("w", min=MIN_PATCHES, max=MAX_SIDE // patch) * patch}}
     example = torch.randint(0, 256, (2, 3, height, width), dtype=torch.uint8,
                             generator=torch.Generator().manual_seed(0))
     return torch.export.export(program, (example,), dynamic_shapes=dims)
@@ -111,9 +128,13 @@ def export_program(program: SegmentationProgram, patch: int, height: int, width:
 
 def meta(cfg: Config, models: TrainedModels, patch: int) -> dict:
     """What a user of the file needs besides torch (stored in the archive as META_FILE)."""
-    return {"input": f"uint8 RGB (B, 3, H, W), H and W multiples of {patch}, at most {MAX_SIDE}",
+    low, high = side_range(patch)
+    return {"input": (f"uint8 RGB (B, 3, H, W), H and W multiples of {patch} from {low} "
+                      f"({MIN_PATCHES} patches) to {high}; torch refuses a smaller side with "
+                      f"AssertionError: Guard failed: images.size()[d] >= {low} (d = 2: H, 3: W)"),
             "output": "float32 (B, 1, H, W): object probability",
-            "patch_size": patch, "threshold": cfg.predict.threshold, "fit": cfg.extract.fit,
+            "patch_size": patch, "min_side": low, "max_side": high,
+            "threshold": cfg.predict.threshold, "fit": cfg.extract.fit,
             "tta": cfg.predict.tta,
             "backbone": cfg.backbone.name, "weights": cfg.backbone.weights,
             "models_fingerprint": models.fingerprint, "run": cfg.run.name,
@@ -134,7 +155,8 @@ def _state(cfg: Config, models: TrainedModels, path: Path, height: int | None,
     params = {k: v for k, v in feature_params(cfg).items() if k != "format"}
     params.update(tta_params(cfg))
     params.update({"predict.threshold": cfg.predict.threshold, "out": str(path.resolve()),
-                   "height": height, "width": width, "torch": torch.__version__})
+                   "height": height, "width": width, "min_patches": MIN_PATCHES,
+                   "torch": torch.__version__})
     rec = load_record(cfg.run_dir, STAGE)
     try:
         intact = rec is not None and sha256_file(path) == rec.get("sha256")
@@ -152,6 +174,7 @@ def run_export(cfg: Config, out: str | Path | None = None, height: int | None = 
     ModelError naming train-head when the models are missing or do not match `cfg`."""
     t0 = time.perf_counter()
     path = Path(out) if out is not None else default_path(cfg)
+    feature_params(cfg)  # a bad backbone.layers or weights path is told before any models
     with checked_models(cfg) as models:
         state = _state(cfg, models, path, height, width)
         if not force and judge(cfg.run_dir, state).up_to_date:

@@ -88,19 +88,35 @@ def _show(v: Any) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
+# Parameters left out of a fingerprint at one value, so that results made before the key
+# existed stay current; their absence means that value (the one place that says which):
+# backbone.layers at 1 (store.feature_params), the mirrored-store flag at False (ditto),
+# predict.tta at "none" (predict.tta_params). diff_params reads an absent key as its value.
+ABSENT_AS: dict[str, Any] = {"backbone.layers": 1, "mirror": False, "predict.tta": "none"}
+
+_NO_VALUE = object()  # an absent key without an ABSENT_AS value
+
+
+def _value(params: dict[str, Any], key: str) -> Any:
+    return params[key] if key in params else ABSENT_AS.get(key, _NO_VALUE)
+
+
 def diff_params(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two parameter (or dependency) dicts, in key order."""
+    """Human-readable differences between two parameter (or dependency) dicts, in key order.
+    A key of ABSENT_AS that one side lacks has its absent-at value there, so a change from
+    or to that value reads `key: old -> new`, not "is new" / "dropped"."""
     out = []
     for key in sorted(set(old) | set(new)):
-        if key not in old:
+        was, now = _value(old, key), _value(new, key)
+        if was is _NO_VALUE:
             out.append(f"{key} is new")
-        elif key not in new:
+        elif now is _NO_VALUE:
             out.append(f"{key} dropped")
-        elif old[key] != new[key]:
+        elif was != now:
             if key.startswith(("data[", "features[", "models")):
                 out.append(f"{key} changed")
             else:
-                out.append(f"{key}: {_show(old[key])} -> {_show(new[key])}")
+                out.append(f"{key}: {_show(was)} -> {_show(now)}")
     return out
 
 

@@ -455,8 +455,20 @@ class FeatureStore:
     @classmethod
     def open(cls, cfg: Config, split: str, mirror: bool = False) -> "FeatureStore":
         """The stored split for the current feature settings (`mirror`: its mirrored
-        features); StoreError naming the command to run when it is missing or damaged."""
-        return cls(store_dir(cfg, feature_params(cfg, mirror)) / split)
+        features); StoreError naming the command to run when it is missing or damaged, or a
+        UsageError when the split has no manifest and the readable dataset has no such split."""
+        split_dir = store_dir(cfg, feature_params(cfg, mirror)) / split
+        if not manifest_path(split_dir).exists():  # not extracted: is it a split at all?
+            from .data import list_splits
+            from .errors import DataError, UsageError
+            try:
+                splits = list_splits(cfg.data.root, cfg.data.layout)
+            except (DataError, OSError):  # no readable dataset: extract-features will say so
+                splits = [split]
+            if split not in splits:
+                raise UsageError(f"split '{split}' not found in {cfg.data.root} "
+                                 f"(splits: {', '.join(splits)})")
+        return cls(split_dir)
 
     def _damaged(self, entry: ShardEntry, what: str) -> None:
         raise StoreError(f"{self.split_dir / entry.file}: shard {what}; run "

@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import math
 import os
+import signal
 import sys
 import urllib.error
 from pathlib import Path
@@ -567,6 +568,44 @@ def test_weights_identity(tmp_path, monkeypatch):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     changed = weights_identity(str(path))
     assert changed != ident and changed == "sha256:" + hashlib.sha256(b"abd" * 1000).hexdigest()
+
+
+@pytest.fixture
+def no_hang():
+    """Fail instead of waiting forever: opening a FIFO without a writer blocks."""
+    def timeout(*_):
+        raise AssertionError("blocked: the weights path was opened")
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "dev_null", "dev_zero", "link_to_fifo",
+                                  "missing", "missing_parent"])
+def test_weights_path_that_is_not_a_file(tmp_path, kind, no_hang):
+    """backbone.weights naming a folder, a FIFO or a device is told as such, in one line, by
+    both the feature key (weights_identity) and the builder, without opening it; "not found"
+    only when nothing is there."""
+    path = {"folder": tmp_path, "fifo": tmp_path / "w.fifo", "dev_null": Path("/dev/null"),
+            "dev_zero": Path("/dev/zero"), "link_to_fifo": tmp_path / "link.pth",
+            "missing": tmp_path / "none.pth", "missing_parent": tmp_path / "none" / "w.pth"}[kind]
+    if kind in ("fifo", "link_to_fifo"):
+        os.mkfifo(tmp_path / "w.fifo")
+    if kind == "link_to_fifo":
+        path.symlink_to(tmp_path / "w.fifo")
+    if kind.startswith("dev") and not path.exists():
+        pytest.skip(f"{path} absent")
+    want = {"folder": "is a folder, not a weights file", "fifo": "is not a regular file (a FIFO",
+            "link_to_fifo": "is not a regular file (a FIFO", "missing": "weights file not found",
+            "missing_parent": "weights file not found"}.get(kind, "is not a regular file (a FIFO")
+    for call in (lambda: weights_identity(str(path)),
+                 lambda: create_backbone("mobilenet_v2", str(path))):
+        with pytest.raises(BackboneError) as e:
+            call()
+        msg = assert_one_line(e, str(path), want)
+        assert ("not found" in msg) == kind.startswith("missing"), msg
 
 
 # ----------------------------------------------------------------------------- shared weights

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,8 +17,11 @@ import torch
 from PIL import Image
 
 from pipeline import backbones
-from pipeline.export import META_FILE, SegmentationProgram, export_program
+from pipeline.errors import UsageError
+from pipeline.export import (META_FILE, SegmentationProgram, _example_side, build_program,
+                             export_program)
 from pipeline.models import LinearHead, PacUpsampler, TrainedModels, UpsamplerSpec
+from pipeline.predict import checked_models
 from pipeline.segment import run_segment
 from tests.conftest import run_cli
 from tests.test_segment import cli_sets, one_line_error, synth_images, trained  # noqa: F401
@@ -97,6 +101,50 @@ def test_up_to_date_and_refusals(trained, exported):
     r = run_cli("export", "--height", "100", *cli_sets(base, root, "run.name=default"), "--force")
     assert r.returncode == 2
     one_line_error(r, "--height 100", "multiple of the patch size 16")
+    r = run_cli("export", "--height", "16", *cli_sets(base, root), "--force")  # one patch
+    assert r.returncode == 2
+    one_line_error(r, "--height 16", "multiple of the patch size 16 from 32 to 8192")
+    for cmd in (["export", "--force"], ["segment", str(root / "test")]):  # layers it lacks
+        r = run_cli(*cmd, *cli_sets(base, root, "backbone.layers=12"))
+        assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+        one_line_error(r, "backbone.layers: 12", "mobilenet_v2 offers 1 to 4")
+
+
+def test_example_side_range():
+    """--height/--width: multiples of the patch from 2 patches to MAX_SIDE."""
+    assert _example_side(None, 14, 16, "height") == 224
+    for value, patch in ((32, 16), (8192, 16), (28, 14), (8190, 14)):
+        assert _example_side(value, 14, patch, "height") == value
+    for value, patch in ((16, 16), (0, 16), (-32, 16), (8208, 16), (14, 14), (8204, 14), (40, 16)):
+        with pytest.raises(UsageError) as e:
+            _example_side(value, 14, patch, "height")
+        assert str(e.value) == (f"--height {value}: must be a multiple of the patch size {patch} "
+                                f"from {2 * patch} to {8192 // patch * patch}")
+
+
+def test_smallest_side_works_and_one_patch_is_refused(trained, exported):
+    """The program takes sides of 2 patches (32 px) up to 8192 px, equal to the eager program
+    it was exported from, and refuses one patch (16 px) with torch's guard naming the minimum,
+    as its META_FILE says."""
+    base, root, cfg = trained
+    extra = {META_FILE: ""}
+    program = torch.export.load(exported, extra_files=extra).module()
+    meta = json.loads(extra[META_FILE])
+    assert (meta["min_side"], meta["max_side"]) == (32, 8192)
+    assert "multiples of 16 from 32 (2 patches) to 8192" in meta["input"], meta["input"]
+    with checked_models(cfg) as models:
+        eager = build_program(cfg, models)
+    g = torch.Generator().manual_seed(3)
+    for b, h, w in ((1, 32, 32), (2, 32, 48), (1, 8192, 32), (1, 48, 32)):
+        x = torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, generator=g)
+        with torch.no_grad():
+            got, want = program(x), eager(x)
+        assert got.shape == (b, 1, h, w)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    for h, w, dim in ((16, 32, 2), (32, 16, 3), (16, 16, 2), (8192, 16, 3), (16, 8192, 2)):
+        x = torch.zeros((1, 3, h, w), dtype=torch.uint8)
+        with pytest.raises(Exception, match=re.escape(f"images.size()[{dim}] >= 32")):
+            program(x)
 
 
 # ----------------------------------------------------------------------------- ViT backbones
@@ -129,9 +177,12 @@ def test_vit_exports_with_dynamic_sizes(name):
     exported = export_program(program, p, 4 * p, 6 * p).module()
     trained_grid = bb.model.patch_embed.grid_size[0]
     g = torch.Generator().manual_seed(0)
-    for b, gh, gw in ((1, trained_grid, trained_grid), (2, 3, 9), (1, 7, 5)):
+    for b, gh, gw in ((1, trained_grid, trained_grid), (2, 3, 9), (1, 7, 5), (1, 2, 2), (2, 2, 6)):
         x = torch.randint(0, 256, (b, 3, gh * p, gw * p), dtype=torch.uint8, generator=g)
         with torch.no_grad():
             got, want = exported(x), program(x)
         assert got.shape == (b, 1, gh * p, gw * p)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    for gh, gw in ((1, 4), (4, 1)):  # one patch: refused, naming the two-patch minimum
+        with pytest.raises(Exception, match=re.escape(f">= {2 * p}")):
+            exported(torch.zeros((1, 3, gh * p, gw * p), dtype=torch.uint8))

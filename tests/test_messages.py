@@ -1,0 +1,113 @@
+"""Messages that used to mislead: a status change of a key that is absent from the
+fingerprints at its default (`backbone.layers: 1 -> 2`, not "is new"), a backbone.layers the
+backbone does not have (a usage error, not "run extract-features"), and a split the dataset
+does not have (named as such, not "run extract-features --split nosuch")."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.backbones import max_layers, resolve_layers
+from pipeline.errors import ConfigError, StoreError, UsageError
+from pipeline.predict import tta_params
+from pipeline.stages import ABSENT_AS, StageState, diff_params, judge, save_record
+from pipeline.store import FeatureStore, feature_params
+from tests.conftest import make_cfg, one_line_error, run_cli
+
+
+def cli_sets(base: Path, root: Path, *extra: str) -> list[str]:
+    """--set arguments for a CPU run on `root` with everything under `base`."""
+    out: list[str] = []
+    for s in (f"data.root={root}", f"paths.cache={base / 'cache'}",
+              f"paths.outputs={base / 'outputs'}", "backbone.name=mobilenet_v2",
+              "backbone.weights=random", "extract.device=cpu", "train.device=cpu",
+              "predict.device=cpu", *extra):
+        out += ["--set", s]
+    return out
+
+
+# ----------------------------------------------------------------------------- diff_params
+
+def test_diff_params_reads_absent_keys_as_their_default():
+    assert diff_params({}, {"backbone.layers": 2}) == ["backbone.layers: 1 -> 2"]
+    assert diff_params({"backbone.layers": 3}, {}) == ["backbone.layers: 3 -> 1"]
+    assert diff_params({}, {"predict.tta": "flip"}) == ['predict.tta: "none" -> "flip"']
+    assert diff_params({"predict.tta": "flip"}, {}) == ['predict.tta: "flip" -> "none"']
+    assert diff_params({}, {"mirror": True}) == ["mirror: false -> true"]
+    # explicit default against absent: no change
+    assert diff_params({"backbone.layers": 1, "predict.tta": "none"}, {}) == []
+    # keys without an absent-at value keep "is new" / "dropped"
+    assert diff_params({"a": 1}, {"b": 2}) == ["a dropped", "b is new"]
+    assert diff_params({"train.lr": 0.1}, {"train.lr": 0.2}) == ["train.lr: 0.1 -> 0.2"]
+
+
+def test_status_line_names_old_and_new_layers(tmp_path):
+    """Through judge, as `status` shows it: a record made at the default (key absent)."""
+    old = StageState("train-head", {"features[train]": "abc"}, {"train.lr": 0.1})
+    save_record(tmp_path, old)
+    new = StageState("train-head", {"features[train]": "abc"},
+                     {"train.lr": 0.1, "backbone.layers": 2})
+    st = judge(tmp_path, new)
+    assert st.line() == "train-head: stale (backbone.layers: 1 -> 2)", st.line()
+
+
+def test_absent_as_matches_the_fingerprints(tmp_path, synth_root):
+    """ABSENT_AS says what the producers leave out: feature_params at backbone.layers 1 and
+    without mirror, tta_params at predict.tta none; other values are present."""
+    cfg = make_cfg(tmp_path, synth_root, "backbone.layers=1", "predict.tta=none")
+    params = {**feature_params(cfg), **tta_params(cfg)}
+    assert not set(ABSENT_AS) & set(params), params
+    cfg = make_cfg(tmp_path, synth_root, "backbone.layers=3", "predict.tta=flip")
+    params = {**feature_params(cfg, mirror=True), **tta_params(cfg)}
+    assert {k: params[k] for k in ABSENT_AS} == {"backbone.layers": 3, "mirror": True,
+                                                 "predict.tta": "flip"}
+
+
+# ----------------------------------------------------------------------------- backbone.layers
+
+def test_resolve_layers_refuses_what_the_backbone_lacks():
+    assert resolve_layers("mobilenet_v2", 0) == 2 and resolve_layers("dino_vits16", 0) == 1
+    assert resolve_layers("mobilenet_v2", 4) == 4 and resolve_layers("dino_vits16", 12) == 12
+    assert max_layers("mobilenet_v2") == 4
+    with pytest.raises(ConfigError) as e:
+        resolve_layers("mobilenet_v2", 12)
+    msg = str(e.value)
+    assert "\n" not in msg and "backbone.layers: 12" in msg and "1 to 4" in msg, msg
+    assert isinstance(e.value, UsageError) and e.value.exit_code == 2
+
+
+def test_impossible_layers_is_a_usage_error_before_any_store(tmp_path, synth_root):
+    """No store exists: train-head, predict and export say backbone.layers, not
+    "no manifest; run extract-features" (exit 2)."""
+    sets = cli_sets(tmp_path, synth_root, "backbone.layers=12")
+    for cmd in (["train-head"], ["predict"], ["export"]):
+        r = run_cli(*cmd, *sets)
+        assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+        line = one_line_error(r, "backbone.layers: 12", "mobilenet_v2 offers 1 to 4")
+        assert "extract-features" not in line and "manifest" not in line, line
+
+
+# ----------------------------------------------------------------------------- unknown split
+
+def test_open_names_a_split_the_dataset_lacks(tmp_path, synth_root):
+    cfg = make_cfg(tmp_path, synth_root)
+    with pytest.raises(UsageError) as e:
+        FeatureStore.open(cfg, "nosuch")
+    assert str(e.value) == f"split 'nosuch' not found in {synth_root} (splits: test, train)"
+    # a split that exists but is not extracted: the old advice stands
+    with pytest.raises(StoreError) as e:
+        FeatureStore.open(cfg, "test")
+    assert "no manifest" in str(e.value) and "extract-features --split test" in str(e.value)
+    # no readable dataset: the old advice too (extract-features will name the problem)
+    cfg = make_cfg(tmp_path, tmp_path / "no_dataset")
+    with pytest.raises(StoreError) as e:
+        FeatureStore.open(cfg, "nosuch")
+    assert "extract-features --split nosuch" in str(e.value)
+
+
+def test_predict_unknown_split_cli(tmp_path, synth_root):
+    r = run_cli("predict", "--split", "nosuch", *cli_sets(tmp_path, synth_root))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    line = one_line_error(r, f"split 'nosuch' not found in {synth_root}", "(splits: test, train)")
+    assert "extract-features" not in line, line
