@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from pipeline.config import Config, load_config
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, UsageError
 
 # The checkout's default config; an installed command without a checkout uses the same
 # values built into pipeline/config.py (a test keeps the two equal).
@@ -245,6 +245,8 @@ def status(cfg, force, split, verify):
     for name, check, args in checks:
         try:
             st = check(*args)
+        except UsageError:  # a config no command can use (e.g. backbone.layers): exit 2
+            raise
         except (PipelineError, OSError) as e:  # status reports, it never fails
             why = os_error_line(e) if isinstance(e, OSError) else str(e)
             st = StageStatus(name, "stale", f"cannot check: {why}")

@@ -35,7 +35,7 @@ from .report import Thumb, VariantThumb, write_reports
 from .models import (TrainedModels, load_models, models_fingerprint, read_card, training_params,
                      upsample_logits)
 from .stages import StageState, StageStatus, diff_params, judge, save_record
-from .store import CachedItem, FeatureStore, mirrored_splits, split_fingerprint
+from .store import CachedItem, FeatureStore, feature_params, mirrored_splits, split_fingerprint
 
 VARIANTS = ("linear_nearest", "linear_bilinear", "pac")
 PARAMS = ("predict.threshold", "predict.thumbnails")  # what the report depends on besides inputs
@@ -124,6 +124,7 @@ def checked_models(cfg: Config, device: torch.device | str = "cpu") -> Iterator[
     """The run's trained models, verified, held (a shared lock) against a train-head of the
     same run for the duration, and refused (ModelError naming train-head) when they were
     trained with other settings than the current config's."""
+    feature_params(cfg)  # a setting no backbone offers is a usage error before "no models"
     mdir = model_dir(cfg)
     if not mdir.is_dir():  # no models: say so without creating the folder for the lock
         load_models(mdir)

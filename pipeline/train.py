@@ -29,6 +29,7 @@ from .data import canvas_valid, to_canvas
 from .devices import CpuFanout, resolve_device
 from .errors import DataError, TrainingDiverged
 from .fsutil import atomic_write_bytes, exclusive_lock, sha256_bytes
+from .owned import claim_run_dir
 from .progress import Progress
 from .report import plot_training_curves
 from .models import (LinearHead, PacUpsampler, UpsamplerSpec, models_fingerprint, save_models,
@@ -251,6 +252,7 @@ def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = pri
     t0 = time.perf_counter()
     mdir = model_dir(cfg)
     stores = {s: FeatureStore.open(cfg, s) for s in _splits(cfg)}
+    claim_run_dir(cfg.run_dir)
     train_store = stores[cfg.data.train_split]
     val_store = stores.get(cfg.data.val_split) if cfg.data.val_split else None
     with exclusive_lock(mdir / ".lock", f"the models of run '{cfg.run.name}'"):

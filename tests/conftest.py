@@ -29,17 +29,28 @@ def synth_davis_root(tmp_path_factory) -> Path:
                         {"train": 4, "val": 2}, size=(80, 112), seed=2)
 
 
-def make_cfg(tmp_path: Path, data_root: Path, *extra: str, layout: str = "obj_seg"):
-    """A config for a fast CPU run on generated data, with everything under tmp_path."""
-    sets = [f"data.root={data_root}", f"data.layout={layout}",
+def cpu_sets(tmp_path: Path, data_root: Path, *extra: str, layout: str = "obj_seg") -> list[str]:
+    """The KEY=VALUE overrides of a fast CPU run on `data_root`, everything under tmp_path."""
+    return [f"data.root={data_root}", f"data.layout={layout}",
             f"paths.cache={tmp_path / 'cache'}", f"paths.outputs={tmp_path / 'outputs'}",
             "backbone.name=mobilenet_v2", "backbone.weights=random",
             "extract.batch_size=4", "extract.device=cpu", "extract.num_workers=2",
             "train.device=cpu", "predict.device=cpu", *extra]
-    return load_config(ROOT / "configs" / "default.toml", sets)
+
+
+def make_cfg(tmp_path: Path, data_root: Path, *extra: str, layout: str = "obj_seg"):
+    """A config for a fast CPU run on generated data, with everything under tmp_path."""
+    return load_config(ROOT / "configs" / "default.toml",
+                       cpu_sets(tmp_path, data_root, *extra, layout=layout))
 
 
 TINY_TRAIN = ("train.epochs=1", "train.linear_epochs=2", "train.crop=48")
+
+
+def cli_sets(tmp_path: Path, data_root: Path, *extra: str) -> list[str]:
+    """The `--set` arguments of the CLI equal to make_cfg(tmp_path, data_root, *TINY_TRAIN,
+    *extra) (the config of trained_run)."""
+    return [a for s in cpu_sets(tmp_path, data_root, *TINY_TRAIN, *extra) for a in ("--set", s)]
 
 
 def trained_run(base: Path, data_root: Path, *extra: str):

@@ -23,8 +23,8 @@ from pipeline.export import (META_FILE, SegmentationProgram, _example_side, buil
 from pipeline.models import LinearHead, PacUpsampler, TrainedModels, UpsamplerSpec
 from pipeline.predict import checked_models
 from pipeline.segment import run_segment
-from tests.conftest import run_cli
-from tests.test_segment import cli_sets, one_line_error, synth_images, trained  # noqa: F401
+from tests.conftest import cli_sets, one_line_error, run_cli
+from tests.test_segment import synth_images, trained  # noqa: F401
 
 AGREEMENT = 0.999  # segment rounds features to float16 after a per-image forward; see export.py
 

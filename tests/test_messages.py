@@ -4,27 +4,16 @@ backbone does not have (a usage error, not "run extract-features"), and a split 
 does not have (named as such, not "run extract-features --split nosuch")."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from pipeline.backbones import max_layers, resolve_layers
 from pipeline.errors import ConfigError, StoreError, UsageError
 from pipeline.predict import tta_params
 from pipeline.stages import ABSENT_AS, StageState, diff_params, judge, save_record
 from pipeline.store import FeatureStore, feature_params
-from tests.conftest import make_cfg, one_line_error, run_cli
-
-
-def cli_sets(base: Path, root: Path, *extra: str) -> list[str]:
-    """--set arguments for a CPU run on `root` with everything under `base`."""
-    out: list[str] = []
-    for s in (f"data.root={root}", f"paths.cache={base / 'cache'}",
-              f"paths.outputs={base / 'outputs'}", "backbone.name=mobilenet_v2",
-              "backbone.weights=random", "extract.device=cpu", "train.device=cpu",
-              "predict.device=cpu", *extra):
-        out += ["--set", s]
-    return out
+from tests.conftest import cli_sets, make_cfg, one_line_error, run_cli
 
 
 # ----------------------------------------------------------------------------- diff_params
@@ -81,7 +70,10 @@ def test_impossible_layers_is_a_usage_error_before_any_store(tmp_path, synth_roo
     """No store exists: train-head, predict and export say backbone.layers, not
     "no manifest; run extract-features" (exit 2)."""
     sets = cli_sets(tmp_path, synth_root, "backbone.layers=12")
-    for cmd in (["train-head"], ["predict"], ["export"]):
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (64, 48)).save(tmp_path / "in" / "x.jpg")
+    for cmd in (["train-head"], ["predict"], ["export"], ["status"],
+                ["segment", str(tmp_path / "in")]):
         r = run_cli(*cmd, *sets)
         assert r.returncode == 2, (cmd, r.stdout, r.stderr)
         line = one_line_error(r, "backbone.layers: 12", "mobilenet_v2 offers 1 to 4")

@@ -14,8 +14,8 @@ from pipeline.extract import run_extract
 from pipeline.owned import MARKER, Ledger, claim_folder
 from pipeline.segment import run_segment
 from pipeline.train import run_train
-from tests.conftest import make_cfg, one_line_error, run_cli, trained_run
-from tests.test_segment import cli_sets, synth_images
+from tests.conftest import cli_sets, make_cfg, one_line_error, run_cli, trained_run
+from tests.test_segment import synth_images
 
 QUIET = dict(log=lambda s: None, progress=False)
 

@@ -15,20 +15,9 @@ import pytest
 from PIL import Image
 
 from pipeline.segment import RECORD_FILE, run_segment
-from tests.conftest import TINY_TRAIN, one_line_error, make_cfg, run_cli, trained_run
+from tests.conftest import TINY_TRAIN, cli_sets, make_cfg, one_line_error, run_cli, trained_run
 
 FAST = TINY_TRAIN
-
-
-def cli_sets(base: Path, root: Path, *extra: str) -> list[str]:
-    """The --set arguments equal to make_cfg(base, root, *FAST, *extra)."""
-    out = []
-    for s in [f"data.root={root}", f"paths.cache={base / 'cache'}", f"paths.outputs={base / 'outputs'}",
-              "backbone.name=mobilenet_v2", "backbone.weights=random", "extract.batch_size=4",
-              "extract.device=cpu", "extract.num_workers=2", "train.device=cpu",
-              "predict.device=cpu", *FAST, *extra]:
-        out += ["--set", s]
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipeline.store import FeatureStore
 from pipeline.synth import make_dataset
-from tests.conftest import ROOT, TINY_TRAIN, trained_run
+from tests.conftest import ROOT, cli_sets, trained_run
 
 CAFE, ETE = b"caf\xe9", b"\xe9t\xe9"  # Latin-1 "café" and "été": not UTF-8
 MEMORY_LIMIT = 8 << 30  # address space of a CLI subprocess (torch maps ~2 GiB)
@@ -45,16 +45,6 @@ def latin_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("latin")
     root = latin1_dataset(base / "data")
     return base, root, trained_run(base, root)
-
-
-def cli_sets(base: Path, root: Path, *extra: str) -> list[str]:
-    """--set arguments equal to conftest.trained_run's config (make_cfg + TINY_TRAIN)."""
-    sets = [f"data.root={root}", f"paths.cache={base / 'cache'}",
-            f"paths.outputs={base / 'outputs'}", "backbone.name=mobilenet_v2",
-            "backbone.weights=random", "extract.batch_size=4", "extract.device=cpu",
-            "extract.num_workers=2", "train.device=cpu", "predict.device=cpu", *TINY_TRAIN,
-            *extra]
-    return [a for s in sets for a in ("--set", s)]
 
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
