@@ -41,15 +41,35 @@ def os_error_line(e: OSError) -> str:
     return f"{where}: {what}" if where else what
 
 
+MEMORY_ADVICE = ("lower extract.batch_size, predict.batch_size, train.crop, upsampler.hidden, "
+                 "upsampler.channels, upsampler.kernel_size or data.max_pixels")
+
+
+def allocation_failure(e: BaseException) -> bool:
+    """Whether `e` is an allocator's out-of-memory error: MemoryError, torch's CUDA
+    OutOfMemoryError, or the RuntimeError of torch's CPU allocator (it has no type of its own)."""
+    if isinstance(e, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(e, RuntimeError) and "DefaultCPUAllocator" in str(e)
+
+
 def guarded(call, *args, **kwargs):
     """Run `call`, mapping user-facing errors to their exit code at this one boundary:
-    PipelineError (1, or 2 for usage errors), OSError (1), Ctrl-C (130)."""
+    PipelineError (1, or 2 for usage errors), OSError (1), out of memory (1), Ctrl-C (130)."""
     try:
         return call(*args, **kwargs)
     except PipelineError as e:
         _fail(str(e), e.exit_code)
     except OSError as e:
         _fail(os_error_line(e), 1)
+    except (MemoryError, RuntimeError) as e:
+        if not allocation_failure(e):
+            raise
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        _fail(f"out of memory ({first[:160]}): {MEMORY_ADVICE}", 1)
     except KeyboardInterrupt:
         click.echo("\ninterrupted: rerun the same command to resume", err=True)
         sys.exit(130)

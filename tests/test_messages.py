@@ -103,3 +103,30 @@ def test_predict_unknown_split_cli(tmp_path, synth_root):
     assert r.returncode == 2, (r.stdout, r.stderr)
     line = one_line_error(r, f"split 'nosuch' not found in {synth_root}", "(splits: test, train)")
     assert "extract-features" not in line, line
+
+
+# ----------------------------------------------------------------------------- out of memory
+
+def test_an_allocator_failure_is_one_line_exit_1(capsys):
+    """torch's CPU allocator raises a plain RuntimeError: the CLI boundary makes it (and
+    MemoryError) one line with the keys to lower; any other RuntimeError stays a bug."""
+    import cli
+
+    def alloc() -> None:
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 100000000000 bytes.\n"
+                           "more")
+
+    for boom in (alloc, lambda: [0] * (1 << 62)):
+        with pytest.raises(SystemExit) as e:
+            cli.guarded(boom)
+        assert e.value.code == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: out of memory") \
+            and "upsampler.hidden" in err[0], err
+
+    def bug() -> None:
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli.guarded(bug)
