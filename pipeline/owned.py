@@ -74,11 +74,13 @@ def claim_run_dir(run_dir: str | Path) -> Path:
 
 class Ledger:
     """The files the tool wrote, by content: {key: {"sha256": [...], "stamp": [...]}} in the
-    marker of `folder`. A key is a path relative to `folder`, or absolute for a file outside
-    it. `stamp` memoises that the file, as it was then (stat_stamp), had the last hash."""
+    marker of `folder`. Paths given to its methods are as anywhere (relative to the working
+    folder); a key is the path relative to `folder`, or absolute for a file outside it.
+    `stamp` memoises that the file, as it was then (stat_stamp), had the last hash."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        self._root = Path(os.path.abspath(self.folder))
         doc = _marker(self.folder) or {}
         files = doc.get("files")
         self.files: dict[str, dict[str, Any]] = {
@@ -88,15 +90,15 @@ class Ledger:
         self._dirty = False
 
     def key(self, path: str | Path) -> str:
-        path = Path(path)
-        full = path if path.is_absolute() else self.folder / path
+        """The ledger's key of `path` (relative to the working folder, as everywhere)."""
+        full = Path(os.path.abspath(path))
         try:
-            return full.relative_to(self.folder).as_posix()
+            return full.relative_to(self._root).as_posix()
         except ValueError:
             return str(full.resolve())
 
     def path(self, key: str) -> Path:
-        return Path(key) if os.path.isabs(key) else self.folder / key
+        return Path(key) if os.path.isabs(key) else self._root / key
 
     def content_is(self, path: str | Path, sha256: str | None = None) -> bool:
         """Whether the file at `path` exists with content this ledger recorded (`sha256`:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -160,11 +161,11 @@ def test_ledger_write_ahead_and_byte_equal():
     with tempfile.TemporaryDirectory() as d:
         folder = claim_folder(Path(d) / "f", "test")
         led = Ledger(folder)
-        led.write("x.bin", b"one")
+        led.write(folder / "x.bin", b"one")
         led.intend({folder / "x.bin": b"two"})  # recorded, then "killed" before the write
         again = Ledger(folder)
         assert again.content_is(folder / "x.bin")  # the old content is still ours
-        again.write("x.bin", b"two")
+        again.write(folder / "x.bin", b"two")
         (folder / "y.bin").write_bytes(b"foreign")
         again.check(folder / "y.bin", b"foreign")  # byte-equal: allowed
         with pytest.raises(OwnershipError):
@@ -203,3 +204,27 @@ def test_demo_does_not_write_its_dataset_into_a_folder_of_yours(tmp_path):
     assert r.returncode == 2, r.stderr
     one_line_error(r, str(mine), "data.root")
     assert tree(mine) == before
+
+
+def test_relative_out_paths_are_checked_where_they_are(trained, tmp_path):
+    """`--out` and `export --out` relative to the working folder: the ledger checks the file
+    that is really there (the run folder's own marker, a dataset image, predict's masks)."""
+    base, root, cfg = trained
+    run_rel = os.path.relpath(cfg.run_dir, tmp_path)
+    marker = cfg.run_dir / MARKER
+    before = marker.read_bytes()
+    img = sorted((root / "test").rglob("images/*.jpg"))[0]
+    image_before = img.read_bytes()
+    for target in (f"{run_rel}/{MARKER}", os.path.relpath(img, tmp_path)):
+        r = run_cli("export", "--out", target, *cli_sets(base, root), cwd=tmp_path)
+        assert r.returncode == 2, (target, r.stdout, r.stderr)
+    assert marker.read_bytes() == before and img.read_bytes() == image_before
+    # segment into the run folder (marked): predict's mask of another image is not overwritten
+    pred = sorted((cfg.run_dir / "predictions" / "test").rglob("*.png"))[0]
+    mine = tmp_path / "u" / "predictions" / "test" / pred.parent.name / f"{pred.stem}.jpg"
+    synth_images(mine.parent, [mine.name], root, first=3)
+    pred_before = pred.read_bytes()
+    r = run_cli("segment", "u", "--out", run_rel, *cli_sets(base, root), cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    one_line_error(r, "was not written by")
+    assert pred.read_bytes() == pred_before
