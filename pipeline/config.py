@@ -42,7 +42,7 @@ class DataCfg:
     test_split: str = "test"  # default split for `predict` and `run`
     # the largest image (width x height, read from the file header before decoding) that
     # stage 1 and segment accept; a bigger one is skipped as a bad image (not in the feature key)
-    max_pixels: int = 40_000_000
+    max_pixels: int = 24_000_000
 
 
 @dataclass

@@ -189,7 +189,7 @@ def test_defaults_are_inside_the_ranges():
             assert len(value) in LIST_LENGTHS[key] and all(v in rng for v in value), key
         else:
             assert value in rng, (key, value)
-    assert cfg.data.max_pixels == 40_000_000
+    assert cfg.data.max_pixels == 24_000_000
 
 
 def test_range_ends_of_integer_keys_are_accepted_and_one_past_refused():
@@ -290,7 +290,7 @@ def test_readme_table_gives_every_numeric_key_its_range():
     table = table[:table.index("\n## ", 1)]
     rows = {line.split("|")[1].strip().strip("`"): [c.strip() for c in line.split("|")[1:-1]]
             for line in table.splitlines() if line.startswith("| `")}
-    assert "data.max_pixels" in rows and rows["data.max_pixels"][1] == "`40_000_000`"
+    assert "data.max_pixels" in rows and rows["data.max_pixels"][1] == "`24_000_000`"
     assert set(rows) == set(all_keys())
     for key in [*_numeric_keys(), "dask.scheduler"]:  # the meaning cell gives the range
         allowed = re.search(r"\*\*allowed: ([^*]+)\*\*", rows[key][2])
