@@ -34,7 +34,7 @@ from .progress import Progress
 from .report import Thumb, VariantThumb, write_reports
 from .models import (TrainedModels, load_models, models_fingerprint, read_card, training_params,
                      upsample_logits)
-from .stages import StageState, StageStatus, diff_params, judge, save_record
+from .stages import StageState, StageStatus, diff_params, judge, save_record, without_absent
 from .store import CachedItem, FeatureStore, feature_params, mirrored_splits, split_fingerprint
 
 VARIANTS = ("linear_nearest", "linear_bilinear", "pac")
@@ -78,7 +78,7 @@ def stage_state(cfg: Config, split: str, models_fp: str | None = None,
 def tta_params(cfg: Config) -> dict[str, str]:
     """predict.tta as an entry of a result's fingerprint (predict, segment, export): absent
     at "none", so results made before the key existed stay current."""
-    return {} if cfg.predict.tta == "none" else {"predict.tta": cfg.predict.tta}
+    return without_absent({"predict.tta": cfg.predict.tta})
 
 
 def _no_mirrored_features(cfg: Config, split: str) -> str:

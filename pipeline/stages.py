@@ -97,6 +97,12 @@ ABSENT_AS: dict[str, Any] = {"backbone.layers": 1, "mirror": False, "predict.tta
 _NO_VALUE = object()  # an absent key without an ABSENT_AS value
 
 
+def without_absent(params: dict[str, Any]) -> dict[str, Any]:
+    """`params` less the keys at their ABSENT_AS value (how results recorded before a key
+    existed stay current)."""
+    return {k: v for k, v in params.items() if k not in ABSENT_AS or v != ABSENT_AS[k]}
+
+
 def _value(params: dict[str, Any], key: str) -> Any:
     return params[key] if key in params else ABSENT_AS.get(key, _NO_VALUE)
 

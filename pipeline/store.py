@@ -37,7 +37,7 @@ from .devices import resolve_precision
 from .errors import StoreError
 from .fsutil import FileHasher, atomic_write_bytes, atomic_write_json, canonical_json, read_json, sha256_file
 from .owned import is_marked
-from .stages import fingerprint
+from .stages import fingerprint, without_absent
 
 FORMAT_VERSION = 3  # 3: encoded image bytes, optional masks, checksummed shards and manifest
 SHARD_SIZE = 64  # images per shard: the unit of resumption and of distributed work
@@ -58,12 +58,9 @@ def feature_params(cfg: Config, mirror: bool = False) -> dict[str, Any]:
         "extract.precision": resolve_precision(cfg.extract.precision, cfg.extract.device),
         "extract.feature_dtype": cfg.extract.feature_dtype,
     }
-    layers = resolve_layers(cfg.backbone.name, cfg.backbone.layers)
-    if layers != 1:  # absent at 1, so stores made before the key stay valid
-        params["backbone.layers"] = layers
-    if mirror:
-        params["mirror"] = True
-    return params
+    params["backbone.layers"] = resolve_layers(cfg.backbone.name, cfg.backbone.layers)
+    params["mirror"] = mirror
+    return without_absent(params)  # at 1 / False: stores made before the keys stay valid
 
 
 def mirrored_splits(cfg: Config, splits: list[str]) -> list[str]:
@@ -77,7 +74,7 @@ def store_dir(cfg: Config, fparams: dict | None = None) -> Path:
     return Path(cfg.paths.cache) / "features" / f"{cfg.backbone.name}-{fingerprint(fparams)[:12]}"
 
 
-CACHE_LEGACY = ("features", ".file_hashes.json")  # a cache folder made before the marker
+CACHE_LEGACY = (".file_hashes.json",)  # in a cache folder made before the marker
 
 
 def file_hasher(cfg: Config, verify: bool = False) -> FileHasher:
