@@ -85,10 +85,14 @@ def stage_command(func):
     @click.option("--force", is_flag=True, help="Recompute even when the stage is up to date.")
     @functools.wraps(func)
     def wrapper(config_path, overrides, force, **kwargs):
+        distributable = "scheduler" in kwargs  # the command runs on Dask when configured
         scheduler = kwargs.pop("scheduler", None)
         if scheduler:
             overrides = (*overrides, f"dask.scheduler={scheduler}")
         cfg = guarded(load, config_path, overrides)
+        if distributable and cfg.dask.scheduler:
+            from pipeline.executors import require_distributed
+            guarded(require_distributed)
         from pipeline.devices import apply_threads
         apply_threads(cfg.run.threads)
         return guarded(func, cfg, force=force, **kwargs)

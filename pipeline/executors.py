@@ -18,7 +18,7 @@ from typing import Any, Callable, Hashable, Iterable, Iterator
 
 from .config import Config, copy_config
 from .devices import resolve_precision
-from .errors import ExecutorError
+from .errors import ExecutorError, UsageError
 
 CONNECT_TIMEOUT_S = 10
 
@@ -48,10 +48,24 @@ def preserved_environment() -> Iterator[None]:
         os.environ.update(saved)
 
 
+DASK_EXTRA = "pip install 'vit-objseg[dask]'"  # Dask is optional: only the scale-out needs it
+
+
+def require_distributed() -> None:
+    """UsageError in one line, naming the extra to install, when dask.distributed is absent
+    (the local path never needs it)."""
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        raise UsageError("dask.scheduler / --scheduler needs Dask, which is not installed: "
+                         f"`{DASK_EXTRA}`, or leave dask.scheduler empty to run locally") from None
+
+
 @contextlib.contextmanager
 def connect(scheduler: str) -> Iterator:
     """A dask.distributed Client for `scheduler` ("local:N" or an address); ExecutorError
     naming the address when it cannot be reached within CONNECT_TIMEOUT_S."""
+    require_distributed()
     from distributed import Client, LocalCluster
     if scheduler.startswith("local:"):
         n = int(scheduler.split(":", 1)[1])
