@@ -261,7 +261,8 @@ def export_model(cfg, force, out_file, height, width):
 @stage_command
 def status(cfg, force, split, verify):
     """One line per stage: up-to-date, stale (why) or missing."""
-    from pipeline import extract, predict as predict_stage, train
+    from pipeline import extract, train
+    from pipeline import predict as predict_stage
     from pipeline.stages import StageStatus
     split = split or cfg.data.test_split
     checks = ((extract.STAGE, extract.status, (cfg, (), verify)), (train.STAGE, train.status, (cfg,)),
@@ -284,6 +285,7 @@ def status(cfg, force, split, verify):
 def runs(cfg, force, split, as_json):
     """One row per run: the config keys that differ, the split's metrics, up to date or not."""
     import json
+
     from pipeline import runs as runs_mod
     split = split or cfg.data.test_split
     rows = runs_mod.collect(cfg, split)

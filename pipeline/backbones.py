@@ -19,9 +19,9 @@ import re
 import stat
 import struct
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -94,7 +94,7 @@ class Backbone(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0, persistent=False)
 
-    def optimize_for_inference(self, device: torch.device) -> "Backbone":
+    def optimize_for_inference(self, device: torch.device) -> Backbone:
         """Speed-ups that keep the function: for CNNs, BatchNorm folded into the convolutions
         and channels-last memory layout (both faster on CPU and GPU)."""
         if self.kind == "cnn":

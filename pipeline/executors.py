@@ -13,8 +13,9 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Iterator
+from typing import Any
 
 from .config import Config, copy_config
 from .devices import resolve_precision

@@ -13,17 +13,27 @@ import dataclasses
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
 from .backbones import Backbone, create_backbone, resolve_layers
 from .config import Config
-from .data import Box, DataError, Item, LoadedItem, fit_box, list_splits, load_item, same_size_batches, to_canvas
+from .data import (
+    Box,
+    DataError,
+    Item,
+    LoadedItem,
+    fit_box,
+    list_splits,
+    load_item,
+    same_size_batches,
+    to_canvas,
+)
 from .devices import CpuFanout, autocast_dtype, resolve_device, resolve_precision
 from .errors import ImageTooLarge, StoreError
 from .executors import portable_config, run_tasks, worker_cached
@@ -31,9 +41,25 @@ from .fsutil import atomic_write_json, exclusive_lock, remove_temporaries
 from .owned import claim_folder, claim_run_dir
 from .progress import Progress
 from .stages import StageState, StageStatus, judge, load_record, save_record
-from .store import (CACHE_LEGACY, FORMAT_VERSION, Manifest, ShardRecord, ShardTask, SplitPlan, bad_marker, done_entry,
-                    feature_params, file_hasher, manifest_path, mirrored_splits, plan_split,
-                    read_manifest, split_problems, store_dir, write_shard)
+from .store import (
+    CACHE_LEGACY,
+    FORMAT_VERSION,
+    Manifest,
+    ShardRecord,
+    ShardTask,
+    SplitPlan,
+    bad_marker,
+    done_entry,
+    feature_params,
+    file_hasher,
+    manifest_path,
+    mirrored_splits,
+    plan_split,
+    read_manifest,
+    split_problems,
+    store_dir,
+    write_shard,
+)
 
 STAGE = "extract-features"
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 import numpy as np
 
@@ -84,7 +84,7 @@ class ImageStats:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ImageStats":
+    def from_dict(cls, d: dict) -> ImageStats:
         """The inverse of :meth:`to_dict`; ``category`` and ``stem`` may be missing."""
         return cls(tp=d["tp"], fp=d["fp"], fn=d["fn"], tn=d["tn"], j=d["j"], f=d["f"],
                    category=d.get("category", ""), stem=d.get("stem", ""))

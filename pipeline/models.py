@@ -14,12 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .backbones import IMAGENET_MEAN, IMAGENET_STD
 from .config import Config
 from .errors import ModelError
 from .fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
 from .pac import PacConv2d
 from .stages import fingerprint
-from .backbones import IMAGENET_MEAN, IMAGENET_STD
 from .store import feature_params
 
 

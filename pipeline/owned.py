@@ -17,11 +17,19 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import OwnershipError
-from .fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes, sha256_file, stat_stamp
+from .fsutil import (
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+    stat_stamp,
+)
 
 MARKER = ".vit-objseg.json"
 TOOL = "vit-objseg"

@@ -14,9 +14,9 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,11 +29,17 @@ from .errors import ConfigError, ModelError, StoreError
 from .executors import portable_config, run_tasks, worker_cached
 from .fsutil import atomic_write_bytes, atomic_write_json, exclusive_lock, file_lock, read_json
 from .metrics import ImageStats, image_stats, summarize
+from .models import (
+    TrainedModels,
+    load_models,
+    models_fingerprint,
+    read_card,
+    training_params,
+    upsample_logits,
+)
 from .owned import claim_run_dir
 from .progress import Progress
 from .report import Thumb, VariantThumb, write_reports
-from .models import (TrainedModels, load_models, models_fingerprint, read_card, training_params,
-                     upsample_logits)
 from .stages import StageState, StageStatus, diff_params, judge, save_record, without_absent
 from .store import CachedItem, FeatureStore, feature_params, mirrored_splits, split_fingerprint
 
@@ -270,7 +276,7 @@ def mask_png_bytes(mask: np.ndarray) -> bytes:
     """A boolean mask as the 8-bit L PNG that predict and segment write (0 / 255)."""
     import io
     buf = io.BytesIO()
-    Image.fromarray((mask.astype(np.uint8) * 255)).save(buf, format="PNG")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
     return buf.getvalue()
 
 

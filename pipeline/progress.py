@@ -70,7 +70,7 @@ class Progress:
                 self._line(time.perf_counter())
                 self._plain = False
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

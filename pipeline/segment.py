@@ -21,10 +21,10 @@ import io
 import os
 import time
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -32,11 +32,17 @@ from PIL import Image
 from .config import Config
 from .data import IMAGE_EXTS, Box, decode_image, fit_box, read_bytes, same_size_batches, to_canvas
 from .devices import resolve_device
-from .errors import DataError
+from .errors import DataError, OwnershipError
 from .extract import Extractor
-from .errors import OwnershipError
-from .fsutil import (atomic_write_bytes, atomic_write_json, file_lock, read_json, sha256_bytes,
-                     sha256_file, stat_stamp)
+from .fsutil import (
+    atomic_write_bytes,
+    atomic_write_json,
+    file_lock,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+    stat_stamp,
+)
 from .owned import Ledger, claim_folder, claim_run_dir
 from .predict import Predictor, checked_models, mask_png_bytes, tta_params
 from .progress import Progress

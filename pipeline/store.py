@@ -35,7 +35,14 @@ from .config import Config
 from .data import Box, Item, decode_image, list_items
 from .devices import resolve_precision
 from .errors import StoreError
-from .fsutil import FileHasher, atomic_write_bytes, atomic_write_json, canonical_json, read_json, sha256_file
+from .fsutil import (
+    FileHasher,
+    atomic_write_bytes,
+    atomic_write_json,
+    canonical_json,
+    read_json,
+    sha256_file,
+)
 from .owned import is_marked
 from .stages import fingerprint, without_absent
 
@@ -119,7 +126,7 @@ class ShardEntry:
         return out
 
     @classmethod
-    def from_json(cls, d: dict) -> "ShardEntry":
+    def from_json(cls, d: dict) -> ShardEntry:
         return cls(str(d["file"]), str(d["hash"]), int(d["bytes"]), str(d["sha256"]),
                    tuple(tuple(r) for r in d["items"]), tuple(map(str, d["errors"])),
                    tuple(int(p) for p in d.get("rejected", ())))
@@ -450,7 +457,7 @@ class FeatureStore:
         self._verified: set[int] = set()
 
     @classmethod
-    def open(cls, cfg: Config, split: str, mirror: bool = False) -> "FeatureStore":
+    def open(cls, cfg: Config, split: str, mirror: bool = False) -> FeatureStore:
         """The stored split for the current feature settings (`mirror`: its mirrored
         features); StoreError naming the command to run when it is missing or damaged, or a
         UsageError when the split has no manifest and the readable dataset has no such split."""
@@ -542,7 +549,7 @@ class FeatureStore:
             f.close()
         self._open.clear()
 
-    def __enter__(self) -> "FeatureStore":
+    def __enter__(self) -> FeatureStore:
         return self
 
     def __exit__(self, *exc) -> None:

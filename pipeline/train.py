@@ -15,9 +15,9 @@ import os
 import pickle
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -29,11 +29,17 @@ from .data import canvas_valid, to_canvas
 from .devices import CpuFanout, resolve_device
 from .errors import DataError, TrainingDiverged
 from .fsutil import atomic_write_bytes, exclusive_lock, sha256_bytes
+from .models import (
+    LinearHead,
+    PacUpsampler,
+    UpsamplerSpec,
+    models_fingerprint,
+    save_models,
+    training_params,
+)
 from .owned import claim_run_dir
 from .progress import Progress
 from .report import plot_training_curves
-from .models import (LinearHead, PacUpsampler, UpsamplerSpec, models_fingerprint, save_models,
-                     training_params)
 from .stages import StageState, StageStatus, judge, save_record
 from .store import FeatureStore, split_fingerprint
 

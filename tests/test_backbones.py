@@ -24,7 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import backbones  # noqa: E402
 from pipeline.backbones import (  # noqa: E402
-    Backbone, BackboneError, BackboneSpec, create_backbone, get_spec, list_backbones,
+    Backbone,
+    BackboneError,
+    BackboneSpec,
+    create_backbone,
+    get_spec,
+    list_backbones,
     weights_identity,
 )
 

@@ -141,6 +141,7 @@ def test_version_and_installed_command_from_any_folder(tmp_path):
 def test_plain_progress_lines_without_a_terminal(monkeypatch):
     """Without a terminal: plain lines at most every interval, and a last one at the end."""
     import io
+
     from pipeline import progress as progress_mod
     clock = iter([0.0, 0.0, 1.0, 6.0, 7.0, 12.5, 13.0])  # start, 5 updates, close
     monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: next(clock))

@@ -5,9 +5,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.data import (
+    Box,
+    DataError,
+    canvas_valid,
+    fit_box,
+    from_canvas,
+    list_items,
+    list_splits,
+    load_image,
+    load_item,
+    load_mask,
+    to_canvas,
+)
 from pipeline.fsutil import FileHasher
-from pipeline.data import (Box, DataError, canvas_valid, fit_box, from_canvas,
-                           list_items, list_splits, load_image, load_item, load_mask, to_canvas)
 from pipeline.synth import make_dataset
 
 
@@ -208,6 +219,7 @@ def test_huge_image_is_refused_from_its_header(tmp_path):
     """A 20000x20000 PNG (400 MP, 48 KB on disk): ImageTooLarge naming the file, its size,
     its megapixels and data.max_pixels, before decoding, without PIL's bomb warning/error."""
     import warnings
+
     from pipeline.errors import ImageTooLarge
     path = tmp_path / "big.png"
     Image.new("1", (20000, 20000)).save(path)
@@ -227,6 +239,7 @@ def test_max_pixels_replaces_pils_own_limit(tmp_path, monkeypatch):
     the image, it decodes within max_pixels and without a limit (a stored image,
     FeatureStore.image), and is refused by max_pixels alone; the global is not changed."""
     import warnings
+
     from pipeline.data import decode_image
     from pipeline.errors import ImageTooLarge
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses > 200 px
@@ -245,6 +258,7 @@ def test_max_pixels_replaces_pils_own_limit(tmp_path, monkeypatch):
 def test_file_too_long_for_max_pixels_is_not_read(tmp_path, monkeypatch):
     """A 10 GB ".jpg" (sparse) is refused from its size, never read into memory."""
     import os
+
     from pipeline.data import max_file_bytes, read_bytes
     from pipeline.errors import ImageTooLarge
     path = tmp_path / "huge.jpg"
@@ -283,6 +297,7 @@ def test_fifo_and_device_are_refused_without_blocking(tmp_path):
     ends): one-line DataErrors naming the file, from read_bytes itself (race-free: checked on
     the open descriptor) and from listing, which reports them and lists the other images."""
     import os
+
     from pipeline.extract import decode
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 1}, size=(32, 32))
     images = root / "train/disc/images"
@@ -318,6 +333,7 @@ def test_read_error_names_the_file(tmp_path, monkeypatch):
     name it, so the CLI's line is `<path>: Input/output error`."""
     import errno
     import os
+
     from cli import os_error_line
     from pipeline.data import read_bytes
     from pipeline.fsutil import atomic_write_bytes, sha256_file

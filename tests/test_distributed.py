@@ -11,8 +11,8 @@ import time
 import pytest
 
 from pipeline.extract import run_extract
-from pipeline.store import store_dir as cache_dir
 from pipeline.predict import run_predict
+from pipeline.store import store_dir as cache_dir
 from pipeline.synth import make_dataset
 from pipeline.train import run_train
 from tests.conftest import make_cfg

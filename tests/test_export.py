@@ -18,8 +18,13 @@ from PIL import Image
 
 from pipeline import backbones
 from pipeline.errors import UsageError
-from pipeline.export import (META_FILE, SegmentationProgram, _example_side, build_program,
-                             export_program)
+from pipeline.export import (
+    META_FILE,
+    SegmentationProgram,
+    _example_side,
+    build_program,
+    export_program,
+)
 from pipeline.models import LinearHead, PacUpsampler, TrainedModels, UpsamplerSpec
 from pipeline.predict import checked_models
 from pipeline.segment import run_segment

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import LockError, StoreError
-from pipeline.fsutil import exclusive_lock
 from pipeline.config import copy_config
 from pipeline.data import load_image, load_mask
+from pipeline.errors import LockError, StoreError
 from pipeline.extract import run_extract, status
+from pipeline.fsutil import exclusive_lock
 from pipeline.store import FeatureStore, store_dir
 from pipeline.synth import make_dataset
 from tests.conftest import ROOT, SHARED_DATA, SHARED_WEIGHTS, make_cfg, run_cli

@@ -4,7 +4,6 @@ backbone does not have (a usage error, not "run extract-features"), and a split 
 does not have (named as such, not "run extract-features --split nosuch")."""
 from __future__ import annotations
 
-
 import pytest
 from PIL import Image
 
@@ -14,7 +13,6 @@ from pipeline.predict import tta_params
 from pipeline.stages import ABSENT_AS, StageState, diff_params, judge, save_record
 from pipeline.store import FeatureStore, feature_params
 from tests.conftest import cli_sets, make_cfg, one_line_error, run_cli
-
 
 # ----------------------------------------------------------------------------- diff_params
 

@@ -9,8 +9,18 @@ import numpy as np
 import pytest
 
 from pipeline import metrics
-from pipeline.metrics import (METRICS, ImageStats, aggregate, boundary_f, boundary_map,
-                              boundary_radius, dilate_disk, disk, image_stats, summarize)
+from pipeline.metrics import (
+    METRICS,
+    ImageStats,
+    aggregate,
+    boundary_f,
+    boundary_map,
+    boundary_radius,
+    dilate_disk,
+    disk,
+    image_stats,
+    summarize,
+)
 
 
 def mask(shape, *boxes):

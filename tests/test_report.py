@@ -14,13 +14,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from PIL import Image
 
 from pipeline import report as report_mod
-from pipeline.report import (CONTOUR_COLOUR, FN_COLOUR, FP_COLOUR, MASK_COLOUR, PANELS,
-                             TP_COLOUR, Thumb, VariantThumb, headline_text, overlay,
-                             plot_training_curves, thumbnail_strip, variant_strip, write_reports)
+from pipeline.report import (
+    CONTOUR_COLOUR,
+    FN_COLOUR,
+    FP_COLOUR,
+    MASK_COLOUR,
+    PANELS,
+    TP_COLOUR,
+    Thumb,
+    VariantThumb,
+    headline_text,
+    overlay,
+    plot_training_curves,
+    thumbnail_strip,
+    variant_strip,
+    write_reports,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("linear_nearest", "linear_bilinear", "pac")

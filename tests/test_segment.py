@@ -256,6 +256,7 @@ def test_a_killed_segment_loses_at_most_the_masks_in_flight(trained, tmp_path):
     batch's files), so the rerun computes exactly the others. Counted, never timed."""
     import subprocess
     import sys
+
     from tests.conftest import ROOT
     base, root, cfg = trained
     src, out = tmp_path / "in", tmp_path / "out"

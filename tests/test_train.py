@@ -11,12 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import PipelineError, StoreError
-from pipeline.config import copy_config
-from pipeline.extract import run_extract, status as extract_status
 from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.models import (LinearHead, PacUpsampler, UpsamplerSpec, load_models, normalize_image,
-                             save_models)
+from pipeline.config import copy_config
+from pipeline.errors import PipelineError, StoreError
+from pipeline.extract import run_extract
+from pipeline.extract import status as extract_status
+from pipeline.models import (
+    LinearHead,
+    PacUpsampler,
+    UpsamplerSpec,
+    load_models,
+    normalize_image,
+    save_models,
+)
 from pipeline.train import model_dir, patch_targets, run_train, status
 from tests.conftest import ROOT, make_cfg
 

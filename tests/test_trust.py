@@ -19,7 +19,7 @@ from pipeline.predict import run_predict
 from pipeline.store import store_dir
 from pipeline.synth import make_dataset
 from pipeline.train import model_dir, run_train
-from tests.conftest import one_line_error, make_cfg, run_cli
+from tests.conftest import make_cfg, one_line_error, run_cli
 
 quiet = dict(log=lambda s: None, progress=False)
 FAST = ("train.epochs=1", "train.linear_epochs=2", "train.crop=48", "train.batch_size=4")
