@@ -182,6 +182,10 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int], mode: str) -> t
 HEAD_FILE = "linear_head.pt"
 UPSAMPLER_FILE = "pac_upsampler.pt"
 CARD_FILE = "models.json"  # written last: names the files with their sha256
+# The model card's format (see CHANGELOG.md). 1: the cards written before the key existed
+# (they load as before); 2: with card_version and the upsampler's "pyramid". A card of a
+# newer version than this one is refused (a newer vit-objseg wrote it).
+CARD_VERSION = 2
 TRAIN_IGNORED = {"train.device"}  # config keys that do not change the trained models
 
 
@@ -227,7 +231,8 @@ def save_models(model_dir: Path, head: LinearHead, up: PacUpsampler, params: dic
     listing = {name: {"bytes": len(data), "sha256": sha256_bytes(data)} for name, data in files.items()}
     fp = fingerprint(listing)
     atomic_write_json(model_dir / CARD_FILE, {
-        "fingerprint": fp, "files": listing, "params": params, "deps": deps,
+        "card_version": CARD_VERSION, "fingerprint": fp, "files": listing, "params": params,
+        "deps": deps,
         "head": {"in_channels": head.conv.in_channels, "patch_size": patch_size},
         "upsampler": up.spec.to_dict()})
     return fp
@@ -242,12 +247,19 @@ def read_card(model_dir: Path) -> tuple[dict | None, str]:
                       else f"{model_dir / CARD_FILE} damaged")
     try:
         files = card["files"]
+        version = card.get("card_version", 1)
         ok = (isinstance(card["params"], dict) and isinstance(card["deps"], dict)
               and set(files) == {HEAD_FILE, UPSAMPLER_FILE}
-              and fingerprint(files) == card["fingerprint"])
-    except (KeyError, TypeError):
+              and fingerprint(files) == card["fingerprint"]
+              and isinstance(version, int) and not isinstance(version, bool))
+    except (KeyError, TypeError, AttributeError):
         ok = False
-    return (card, "") if ok else (None, f"{model_dir / CARD_FILE} damaged")
+    if not ok:
+        return None, f"{model_dir / CARD_FILE} damaged"
+    if version > CARD_VERSION:
+        return None, (f"{model_dir / CARD_FILE} is of card version {version}, newer than this "
+                      f"vit-objseg reads ({CARD_VERSION}): upgrade vit-objseg, or retrain")
+    return card, ""
 
 
 def _verified_bytes(model_dir: Path, card: dict, name: str) -> tuple[bytes | None, str]:

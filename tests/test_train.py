@@ -94,6 +94,24 @@ def test_models_saved_before_the_uint8_pyramid_load_with_the_float_pyramid(tmp_p
     assert load_models(tmp_path).upsampler.spec.pyramid == "float"
 
 
+def test_card_version_old_cards_load_newer_ones_are_refused(tmp_path):
+    """Cards carry card_version; one without it (written before the key) loads as before;
+    one of a newer version is refused in one line naming the file."""
+    from pipeline.errors import ModelError
+    from pipeline.models import CARD_VERSION
+    spec = UpsamplerSpec(in_channels=5, patch_size=16)
+    fp = save_models(tmp_path, LinearHead(5), PacUpsampler(spec), {}, {}, 16)
+    card = json.loads((tmp_path / "models.json").read_text())
+    assert card["card_version"] == CARD_VERSION
+    del card["card_version"]
+    (tmp_path / "models.json").write_text(json.dumps(card))
+    assert load_models(tmp_path).fingerprint == fp
+    card["card_version"] = CARD_VERSION + 1
+    (tmp_path / "models.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="newer than this vit-objseg reads"):
+        load_models(tmp_path)
+
+
 def test_missing_cache_names_the_command(tmp_path, synth_root):
     cfg = make_cfg(tmp_path, synth_root, *FAST)
     with pytest.raises(StoreError, match="extract-features --split train"):
