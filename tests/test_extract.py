@@ -204,6 +204,7 @@ def test_sigkill_then_resume_equals_clean_run(tmp_path):
     assert got == expected
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "obj_seg").is_dir() or not SHARED_WEIGHTS.is_file(),
                     reason="../shared/data/obj_seg or the MobileNetV2 weights are absent")
 def test_real_images_with_pretrained_mobilenet(tmp_path):

@@ -138,6 +138,7 @@ def test_demo_runs_offline(tmp_path):
     assert data["variants"]["linear_bilinear"]["overall"]["miou"] > 0.6
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "obj_seg").is_dir() or not SHARED_WEIGHTS.is_file(),
                     reason="../shared/data/obj_seg or the MobileNetV2 weights are absent")
 def test_real_data_pac_beats_bilinear(tmp_path):
