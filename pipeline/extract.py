@@ -73,23 +73,30 @@ def selected_splits(cfg: Config, splits: Iterable[str] = ()) -> list[str]:
 
 @dataclass
 class Decoded:
+    """One item read and decoded, with its box on the canvas."""
     item: Item
-    loaded: LoadedItem | None = None
-    box: Box | None = None
-    error: str | None = None
+    loaded: LoadedItem
+    box: Box
+
+
+@dataclass
+class Undecodable:
+    """One unusable item and its one-line error."""
+    item: Item
+    error: str
     refused_pixels: int = 0  # > 0: refused by data.max_pixels (retried when it is raised)
 
 
 def decode(data_root: str, item: Item, patch: int, fit: str,
-           max_pixels: int | None) -> Decoded:
+           max_pixels: int | None) -> Decoded | Undecodable:
     """Read and decode one item; an unusable one carries its one-line error (and, when
     data.max_pixels refused it from its header, its pixel count)."""
     try:
         loaded = load_item(data_root, item, max_pixels)
     except ImageTooLarge as e:
-        return Decoded(item, error=str(e), refused_pixels=e.pixels)
+        return Undecodable(item, str(e), e.pixels)
     except DataError as e:
-        return Decoded(item, error=str(e))
+        return Undecodable(item, str(e))
     h, w = loaded.image.shape[:2]
     return Decoded(item, loaded, fit_box(h, w, patch, fit))
 
@@ -109,7 +116,7 @@ class Extractor:
         self.amp = autocast_dtype(resolve_precision(cfg.extract.precision, cfg.extract.device),
                                   self.device)
         self.out_dtype = np.dtype(cfg.extract.feature_dtype)
-        self.model = self.backbone
+        self.model: Callable[[torch.Tensor], torch.Tensor] = self.backbone
         self.cpu = CpuFanout()
         if cfg.extract.compile and self.device.type == "cuda":
             self.model = torch.compile(self.backbone, dynamic=False)
@@ -146,13 +153,18 @@ class Extractor:
             host.copy_(feats, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-            return lambda: (done.synchronize(), host.numpy())[1]
+
+            def fetch() -> np.ndarray:
+                done.synchronize()
+                return host.numpy()
+            return fetch
         out = feats.numpy()
         return lambda: out
 
-    def shard_records(self, decoded: Iterable[Decoded],
+    def shard_records(self, decoded: Iterable[Decoded | Undecodable],
                       on_batch: Callable[[int], None] | None = None,
-                      mirror: bool = False) -> tuple[list[ShardRecord], list[str], tuple[int, ...]]:
+                      mirror: bool = False,
+                      ) -> tuple[list[ShardRecord], list[str], tuple[int, ...]]:
         """Features for one shard's decoded images (`on_batch(n)` after each batch of n;
         `mirror`: of the mirrored canvases).
         Batches are formed per canvas size in item order, so the same shard always sees the
@@ -162,28 +174,31 @@ class Extractor:
         errors: list[str] = []
         rejected: list[int] = []
         for d in decoded:
-            if d.error is None:
+            if isinstance(d, Decoded):
                 good.append(d)
                 continue
             errors.append(d.error)
             if d.refused_pixels:
                 rejected.append(d.refused_pixels)
-        feats: list[np.ndarray | None] = [None] * len(good)
+        feats: dict[int, np.ndarray] = {}  # index in `good` -> features
         pending: deque = deque()
         for chunk in same_size_batches([d.box for d in good], self.batch_size):
-            fetch = self.launch([to_canvas(good[i].loaded.image, good[i].box) for i in chunk], mirror)
+            fetch = self.launch([to_canvas(good[i].loaded.image, good[i].box) for i in chunk],
+                                mirror)
             pending.append((chunk, fetch))
             if len(pending) > 1:
                 self._collect(pending.popleft(), feats, on_batch)
         while pending:
             self._collect(pending.popleft(), feats, on_batch)
-        records = [ShardRecord(f, d.loaded.encoded, d.loaded.mask, d.loaded.image.shape[:2],
-                               d.item.category, d.item.stem, d.item.image, d.box)
-                   for f, d in zip(feats, good)]
+        records = [ShardRecord(feats[i], d.loaded.encoded, d.loaded.mask,
+                               d.loaded.image.shape[:2], d.item.category, d.item.stem,
+                               d.item.image, d.box)
+                   for i, d in enumerate(good)]
         return records, errors, tuple(rejected)
 
     @staticmethod
-    def _collect(entry, feats: list, on_batch: Callable[[int], None] | None) -> None:
+    def _collect(entry, feats: dict[int, np.ndarray],
+                 on_batch: Callable[[int], None] | None) -> None:
         chunk, fetch = entry
         out = fetch()
         for j, i in enumerate(chunk):
@@ -192,7 +207,8 @@ class Extractor:
             on_batch(len(chunk))
 
 
-def run_task(task: ShardTask, extractor: Extractor, decoded: Iterable[Decoded] | None = None) -> int:
+def run_task(task: ShardTask, extractor: Extractor,
+             decoded: Iterable[Decoded | Undecodable] | None = None) -> int:
     """Compute and atomically write one shard with its receipt; returns its image count."""
     if decoded is None:
         decoded = [decode(task.data_root, it, extractor.patch, extractor.fit, task.max_pixels)
@@ -212,8 +228,8 @@ def extract_task(task: ShardTask, cfg: Config) -> int:
            cfg.extract.batch_size)
     extractor = worker_cached(key, lambda: Extractor(cfg))
     with ThreadPoolExecutor(max(1, cfg.extract.num_workers)) as pool:
-        decoded = list(pool.map(lambda it: decode(task.data_root, it, extractor.patch, extractor.fit,
-                                                  task.max_pixels),
+        decoded = list(pool.map(lambda it: decode(task.data_root, it, extractor.patch,
+                                                  extractor.fit, task.max_pixels),
                                 task.items))
     return run_task(task, extractor, decoded)
 
@@ -287,7 +303,8 @@ def _assemble_manifest(plan: SplitPlan, hasher) -> Manifest:
     for t in plan.tasks:
         entry = done_entry(t, hasher)
         if entry is None:
-            raise StoreError(f"{t.path}: shard missing or damaged after extraction; rerun extract-features")
+            raise StoreError(f"{t.path}: shard missing or damaged after extraction; "
+                             "rerun extract-features")
         entries.append(entry)
     manifest = Manifest(plan.split, plan.feature_key, plan.data_digest, tuple(plan.problems),
                         tuple(entries))
@@ -349,7 +366,7 @@ def _extract_store(cfg: Config, fparams: dict, plans: list[SplitPlan], label: st
     errors: list[str] = []
     if not todo:
         for p in plans:
-            errors.extend(read_manifest(p.split_dir)[0].errors)
+            errors.extend(_listed_errors(p))
         return errors
     result.up_to_date = False
     sdir = store_dir(cfg, fparams)
@@ -358,8 +375,9 @@ def _extract_store(cfg: Config, fparams: dict, plans: list[SplitPlan], label: st
         pending: list[ShardTask] = []
         for p in todo:
             why = problems[p.split]
-            log(f"extract-features [{p.split}{label}]: " + ("computing (--force)" if force else
-                f"computing ({'; '.join(why[:3])}" + (f"; +{len(why) - 3} more" if len(why) > 3 else "") + ")"))
+            more = f"; +{len(why) - 3} more" if len(why) > 3 else ""
+            log(f"extract-features [{p.split}{label}]: "
+                + ("computing (--force)" if force else f"computing ({'; '.join(why[:3])}{more})"))
             remove_temporaries(p.split_dir / "shards")
             if force:
                 manifest_path(p.split_dir).unlink(missing_ok=True)
@@ -382,9 +400,18 @@ def _extract_store(cfg: Config, fparams: dict, plans: list[SplitPlan], label: st
             errors.extend(_assemble_manifest(p, hasher).errors)
         for p in plans:
             if p not in todo:
-                errors.extend(read_manifest(p.split_dir)[0].errors)
+                errors.extend(_listed_errors(p))
         hasher.save()
     return errors
+
+
+def _listed_errors(plan: SplitPlan) -> list[str]:
+    """The unusable files listed in the split's manifest, which split_problems found current."""
+    m, why = read_manifest(plan.split_dir)
+    if m is None:  # removed or rewritten by another process since it was checked
+        raise StoreError(f"{manifest_path(plan.split_dir)}: {why} (changed during this run); "
+                         "rerun extract-features")
+    return m.errors
 
 
 def _execute(cfg: Config, tasks: list[ShardTask], n_total: int, result: ExtractResult,
@@ -403,7 +430,8 @@ def _execute(cfg: Config, tasks: list[ShardTask], n_total: int, result: ExtractR
             tasks = [dataclasses.replace(t, data_root=str(Path(t.data_root).resolve()),
                                          split_dir=str(Path(t.split_dir).resolve())) for t in tasks]
             sizes = {t.hash: len(t.items) for t in tasks}
-            for h, n in run_tasks(scheduler, _dask_extract, ((f"extract-{t.hash}", (t, wcfg)) for t in tasks)):
+            calls = ((f"extract-{t.hash}", (t, wcfg)) for t in tasks)
+            for h, n in run_tasks(scheduler, _dask_extract, calls):
                 on_done(n)
                 bar.update(sizes[h])
         else:
@@ -416,7 +444,8 @@ def _dask_extract(task: ShardTask, cfg: Config) -> tuple[str, int]:
     return task.hash, extract_task(task, cfg)
 
 
-def _state(rec: dict | None, plans: list[SplitPlan], fparams: dict, outs_problem: str = "") -> StageState:
+def _state(rec: dict | None, plans: list[SplitPlan], fparams: dict,
+           outs_problem: str = "") -> StageState:
     """Stage 1's state for these splits; the record's other splits are carried along."""
     deps = dict((rec or {}).get("deps", {}))
     deps.update({f"data[{p.split}]": p.data_digest for p in plans})
