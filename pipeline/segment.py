@@ -130,7 +130,8 @@ def find_sources(paths: Sequence[str | Path], out_dir: Path) -> tuple[list[Sourc
         else:
             raise DataError(f"{p}: no such file or folder")
     if not by_rel and not problems:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {', '.join(map(str, paths))}")
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in "
+                        f"{', '.join(map(str, paths))}")
     return sorted(by_rel.values(), key=lambda s: s.rel), problems
 
 
@@ -155,9 +156,9 @@ class SegmentRecord:
     def __init__(self, out_dir: Path):
         self.path = out_dir / RECORD_FILE
         data = read_json(self.path)
-        ok = isinstance(data, dict) and data.get("version") == RECORD_VERSION \
-            and isinstance(data.get("masks"), dict)
-        self.masks: dict[str, dict] = data["masks"] if ok else {}
+        masks = (data.get("masks")
+                 if isinstance(data, dict) and data.get("version") == RECORD_VERSION else None)
+        self.masks: dict[str, dict] = masks if isinstance(masks, dict) else {}
         self._dirty = False
 
     def is_current(self, src: Source, ledger: Ledger, settings: str, overlays: bool) -> bool:
@@ -171,7 +172,8 @@ class SegmentRecord:
                 and ledger.content_is(ledger.folder / src.rel, entry["mask"])):
             return False
         if overlays and not (isinstance(entry.get("overlay"), str)
-                             and ledger.content_is(ledger.folder / src.overlay_rel, entry["overlay"])):
+                             and ledger.content_is(ledger.folder / src.overlay_rel,
+                                                   entry["overlay"])):
             return False
         try:
             stamp = stat_stamp(src.path.stat())
@@ -203,15 +205,22 @@ class SegmentRecord:
 
 @dataclass
 class _Decoded:
+    """One image read and decoded, with its box on the canvas and its identity."""
     src: Source
-    image: np.ndarray | None = None  # uint8 (H, W, 3), viewer orientation
-    box: Box | None = None
-    sha256: str = ""
-    stamp: list[int] = field(default_factory=list)
-    error: str | None = None
+    image: np.ndarray  # uint8 (H, W, 3), viewer orientation
+    box: Box
+    sha256: str
+    stamp: list[int]
 
 
-def _decode(src: Source, patch: int, fit: str, max_pixels: int) -> _Decoded:
+@dataclass
+class _Unreadable:
+    """One image that cannot be segmented, and its one-line error."""
+    src: Source
+    error: str
+
+
+def _decode(src: Source, patch: int, fit: str, max_pixels: int) -> _Decoded | _Unreadable:
     """Read and decode one image as stage 1 does; an unreadable one (not a regular file,
     larger than `max_pixels` = data.max_pixels, corrupt) carries its error."""
     try:
@@ -219,9 +228,10 @@ def _decode(src: Source, patch: int, fit: str, max_pixels: int) -> _Decoded:
         data = read_bytes(src.path, "image", max_pixels)
         image = decode_image(data, src.path, max_pixels)
     except DataError as e:
-        return _Decoded(src, error=str(e))
+        return _Unreadable(src, str(e))
     except OSError as e:  # stat of a broken link, a link loop
-        return _Decoded(src, error=f"{src.path}: cannot read image ({e.strerror or type(e).__name__})")
+        return _Unreadable(src, f"{src.path}: cannot read image "
+                                f"({e.strerror or type(e).__name__})")
     h, w = image.shape[:2]
     return _Decoded(src, image, fit_box(h, w, patch, fit), sha256_bytes(data),
                     stat_stamp(st))
@@ -351,11 +361,11 @@ def _stream(cfg: Config, todo: list[Source], extractor: Extractor, predictor: Pr
         submit_next()
         submit_next()
         while window:
-            decoded = [f.result() for f in window.popleft()]
+            decoded: list[_Decoded | _Unreadable] = [f.result() for f in window.popleft()]
             submit_next()
-            good = []
+            good: list[_Decoded] = []
             for d in decoded:
-                if d.error is None:
+                if isinstance(d, _Decoded):
                     good.append(d)
                     continue
                 result.errors.append(d.error)
@@ -373,9 +383,9 @@ def _stream(cfg: Config, todo: list[Source], extractor: Extractor, predictor: Pr
                                         [d.image.shape[:2] for d in items], variants=("pac",),
                                         mirrored=mirrored)
                 files = list(write_pool.map(lambda dm: _encode(dm[0], dm[1]["pac"], overlays),
-                                            zip(items, masks)))
+                                            zip(items, masks, strict=True)))
                 ledger.intend({out_dir / rel: data for f in files for rel, data in f.items()})
-                for d, f in zip(items, files):
+                for d, f in zip(items, files, strict=True):
                     record.put(d.src.rel, {
                         "sha256": d.sha256, "stamp": d.stamp, "settings": settings,
                         "mask": sha256_bytes(f[d.src.rel]),
@@ -391,7 +401,7 @@ def _stream(cfg: Config, todo: list[Source], extractor: Extractor, predictor: Pr
     finally:
         bar.close()
         for futs in window:
-            for f in futs:
-                f.cancel()
+            for fut in futs:
+                fut.cancel()
         decode_pool.shutdown(wait=True, cancel_futures=True)
         write_pool.shutdown(wait=True)
