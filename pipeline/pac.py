@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -78,9 +79,11 @@ def _validate(input: torch.Tensor, guide: torch.Tensor, weight: torch.Tensor,
     devices = {t.device for t in (input, guide, weight) + ((bias,) if bias is not None else ())}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    for name, t in (("input", input), ("guide", guide), ("weight", weight), ("bias", bias)):
-        if t is not None and not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    given: tuple[tuple[str, torch.Tensor | None], ...] = (
+        ("input", input), ("guide", guide), ("weight", weight), ("bias", bias))
+    for name, tensor in given:
+        if tensor is not None and not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
     span = dilation * (kh - 1) + 1
     Ho = (H + 2 * padding - span) // stride + 1
     Wo = (W + 2 * padding - span) // stride + 1
@@ -184,9 +187,10 @@ class _Geometry:
 
     def matrix(self, tp: torch.Tensor, i: int, j: int,
                buf: torch.Tensor | None) -> torch.Tensor:
-        """The window as a (B, C, L) matrix: a view (wide layout) or a copy into ``buf``."""
+        """The window as a (B, C, L) matrix: a view (wide layout: ``buf`` None) or a copy into
+        ``buf`` (a layout of the window's channels, needed when the layout is not wide)."""
         win = self.window(tp, i, j)
-        if self.wide:
+        if buf is None:
             return win.view(win.shape[0], win.shape[1], self.L)
         buf.copy_(win)
         return buf.view(buf.shape[0], buf.shape[1], self.L)
@@ -304,6 +308,14 @@ def _accumulate_symmetric(geo: _Geometry, xp: torch.Tensor, fp: torch.Tensor, w:
 # --------------------------------------------------------------------------- autograd op
 
 
+class _GuideGrad(NamedTuple):
+    """Backward's buffers for the guide's gradient."""
+    Z: torch.Tensor    # (B, Co, Ho, Wl) scratch: W_n x_n, then G W_n x_n
+    P: torch.Tensor    # (B, 1, Ho, Wl) scratch: R = K_n dL/dK_n
+    gfp: torch.Tensor  # (B, Cg, Hq, Wp) the padded gradient
+    gfc: torch.Tensor  # (B, Cg, Ho, Wl) the window centres' share, added once at the end
+
+
 class _PacConv2dFunction(torch.autograd.Function):
     """Forward and backward accumulate over the k*k offsets with shifted (strided) views of the
     padded input and guide; K is recomputed per offset in backward, never stored. Per offset
@@ -389,22 +401,21 @@ class _PacConv2dFunction(torch.autograd.Function):
             diff, sq, K = geo.layout(Cg, fp), geo.layout(Cg, fp), geo.layout(1, fp)
             KG = geo.layout(Co, fp)
             KG3 = KG.view(B, Co, L)
+            # the buffers of the gradients asked for (None: not asked for)
             xbuf = geo.layout(Ci, fp) if need_xm and not geo.wide else None
             qbuf = geo.layout(Ci, fp) if need_x and not geo.wide else None
-            Z = geo.layout(Co, fp) if need_f else None
-            P = geo.layout(1, fp) if need_f else None
+            gf = _GuideGrad(geo.layout(Co, fp), geo.layout(1, fp), torch.zeros_like(fp),
+                            geo.layout(Cg, fp, zero=True)) if need_f else None
             gxp = fp.new_zeros((B, Ci, geo.Hq, geo.Wp)) if need_x else None
-            gfp = torch.zeros_like(fp) if need_f else None
-            gfc = geo.layout(Cg, fp, zero=True) if need_f else None
             gw = fp.new_zeros((k, k, Co, Ci)) if need_w else None
             xm = None
 
             for i, j, rows, cols in geo.offsets:
                 _kernel(geo.window(fp, i, j), f_c, diff, K, rows, cols, sq)
                 torch.mul(G, K, out=KG)                                   # K_n G
-                xm = geo.matrix(xp, i, j, xbuf) if need_xm else None
-                if need_x:                                                # += W_n^T K_n G
-                    if geo.wide:
+                xm = geo.matrix(xp, i, j, xbuf) if xp is not None else None
+                if gxp is not None:                                       # += W_n^T K_n G
+                    if qbuf is None:  # wide layout: the gradient's window is a matrix view
                         gx3 = geo.window(gxp, i, j).view(B, Ci, L)
                         if B == 1:
                             gx3[0].addmm_(w_t[i, j], KG3[0])
@@ -413,30 +424,33 @@ class _PacConv2dFunction(torch.autograd.Function):
                     else:
                         _mm(w_t[i, j], KG3, qbuf.view(B, Ci, L))
                         geo.window(gxp, i, j).add_(qbuf)
-                if need_w:                                                # sum K_n G x_n^T
+                if gw is not None and xm is not None:                     # sum K_n G x_n^T
                     if B == 1:
                         torch.mm(KG3[0], xm[0].t(), out=gw[i, j])
                     else:
                         gw[i, j] = torch.bmm(KG3, xm.transpose(1, 2)).sum(0)
-                if need_f and (i, j) != (geo.centre, geo.centre):
+                if gf is not None and xm is not None and (i, j) != (geo.centre, geo.centre):
                     # R = K_n dL/dK_n,  dL/dK_n = <G, W_n x_n> (+ dL/dS)
-                    _mm(w[i, j], xm, Z.view(B, Co, L))
-                    Z.mul_(G)
-                    torch.sum(Z, 1, keepdim=True, out=P)
+                    _mm(w[i, j], xm, gf.Z.view(B, Co, L))
+                    gf.Z.mul_(G)
+                    torch.sum(gf.Z, 1, keepdim=True, out=gf.P)
                     if d_s is not None:
-                        P.add_(d_s)
-                    P.mul_(K)
-                    geo.window(gfp, i, j).addcmul_(diff, P, value=-1.0)
-                    gfc.addcmul_(diff, P)
-            del diff, sq, K, KG, KG3, xbuf, qbuf, Z, P, xp, fp, f_c, G, xm
+                        gf.P.add_(d_s)
+                    gf.P.mul_(K)
+                    geo.window(gf.gfp, i, j).addcmul_(diff, gf.P, value=-1.0)
+                    gf.gfc.addcmul_(diff, gf.P)
+            guide_sums = (gf.gfp, gf.gfc) if gf is not None else None  # without the scratch
+            del diff, sq, K, KG, KG3, xbuf, qbuf, gf, xp, fp, f_c, G, xm
 
-            if need_x:
+            if gxp is not None:
                 grad_x = geo.crop(gxp).to(input.dtype)
-            if need_f:
+            if guide_sums is not None:
+                gfp, gfc = guide_sums
+                del guide_sums
                 geo.window(gfp, geo.centre, geo.centre).add_(gfc)
                 del gfc
                 grad_f = geo.crop(gfp).to(guide.dtype)
-            if need_w:
+            if gw is not None:
                 grad_w = gw.permute(2, 3, 0, 1).contiguous().to(weight.dtype)
         return (grad_x, grad_f, grad_w, grad_b) + nones
 
