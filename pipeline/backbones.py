@@ -22,12 +22,16 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 
 from .errors import BackboneError, ConfigError
+
+if TYPE_CHECKING:  # timm is imported when a ViT is built (it takes a second)
+    from timm.models.vision_transformer import VisionTransformer
 
 # The version of the features a backbone computes from given weights: part of the feature
 # cache's key, bumped whenever the computation changes (so that old caches are recomputed).
@@ -77,57 +81,93 @@ def get_spec(name: str) -> BackboneSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise BackboneError(f"unknown backbone {name!r} (one of {', '.join(list_backbones())})") from None
+        raise BackboneError(f"unknown backbone {name!r} "
+                            f"(one of {', '.join(list_backbones())})") from None
 
 
 class Backbone(nn.Module):
-    """A frozen model plus its spec: uint8 images (B, 3, H, W) -> features (B, h, w, C)."""
+    """A frozen model plus its spec: uint8 images (B, 3, H, W) -> features (B, h, w, C).
+    The model is a timm ViT (`ViTBackbone`) or a CNN (`CNNBackbone`)."""
 
-    def __init__(self, spec: BackboneSpec, model: nn.Module, kind: str, layers: int = 1,
-                 channels: int | None = None):
+    kind = ""  # "vit" | "cnn"
+    channels_last = False
+    mean: torch.Tensor  # buffers (1, 3, 1, 1), in uint8 units
+    std: torch.Tensor
+
+    def __init__(self, spec: BackboneSpec, layers: int = 1, channels: int | None = None):
         super().__init__()
         self.spec = spec
-        self.model = model
-        self.kind = kind  # "vit" | "cnn"
         self.layers = layers  # backbone.layers: outputs concatenated into the features
         self.channels = channels or spec.embed_dim  # C of the feature map
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0,
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0,
+                             persistent=False)
 
     def optimize_for_inference(self, device: torch.device) -> Backbone:
-        """Speed-ups that keep the function: for CNNs, BatchNorm folded into the convolutions
-        and channels-last memory layout (both faster on CPU and GPU)."""
-        if self.kind == "cnn":
-            from torch.fx.experimental.optimization import fuse
-            self.model = fuse(self.model.eval())
-            self.to(memory_format=torch.channels_last)
-            self.channels_last = True
+        """Speed-ups that keep the function (CNNs: see CNNBackbone; none for ViTs)."""
         return self
-
-    channels_last = False
 
     def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
         p = self.spec.patch_size
         if height % p or width % p:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch "
+                             f"size {p}")
         return height // p, width // p, self.channels
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected a uint8 batch (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"expected a uint8 batch (B, 3, H, W), got {images.dtype} "
+                             f"{tuple(images.shape)}")
         B, _, H, W = images.shape
         h, w, _ = self.feature_shape(H, W)
         x = (images.float() - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.kind == "vit":
-            tokens = vit_forward_features(self.model, x, self.layers)  # after the final norm
-            tokens = tokens[:, self.model.num_prefix_tokens:]  # drop CLS and register tokens
-            return tokens.reshape(B, h, w, -1)
+        return self.feature_map(x, B, h, w)
+
+    def feature_map(self, x: torch.Tensor, B: int, h: int, w: int) -> torch.Tensor:
+        """Normalised images (B, 3, H, W) -> features (B, h, w, C)."""
+        raise NotImplementedError
+
+
+class ViTBackbone(Backbone):
+    kind = "vit"
+
+    def __init__(self, spec: BackboneSpec, model: VisionTransformer, layers: int = 1,
+                 channels: int | None = None):
+        super().__init__(spec, layers, channels)
+        self.model = model
+
+    def feature_map(self, x: torch.Tensor, B: int, h: int, w: int) -> torch.Tensor:
+        tokens = vit_forward_features(self.model, x, self.layers)  # after the final norm
+        tokens = tokens[:, self.model.num_prefix_tokens:]  # drop CLS and register tokens
+        return tokens.reshape(B, h, w, -1)
+
+
+class CNNBackbone(Backbone):
+    kind = "cnn"
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module, layers: int = 1,
+                 channels: int | None = None):
+        super().__init__(spec, layers, channels)
+        self.model = model
+
+    def optimize_for_inference(self, device: torch.device) -> Backbone:
+        """BatchNorm folded into the convolutions and channels-last memory layout (both
+        faster on CPU and GPU)."""
+        from torch.fx.experimental.optimization import fuse
+        self.model = fuse(self.model.eval())
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
+
+    def feature_map(self, x: torch.Tensor, B: int, h: int, w: int) -> torch.Tensor:
         return self.model(x).permute(0, 2, 3, 1)
 
 
-def official_pos_embed(pos_embed: torch.Tensor, num_prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+def official_pos_embed(pos_embed: torch.Tensor, num_prefix: int,
+                       grid: tuple[int, int]) -> torch.Tensor:
     """The position embeddings (1, num_prefix + h*w, C) for a grid of h x w patches, resized
     as DINO and DINOv2 do (`interpolate_pos_encoding`): bicubic, align_corners=False, no
     antialias, with `scale_factor=((h + 0.1) / M, (w + 0.1) / M)` (not an output size: the
@@ -149,7 +189,8 @@ def official_pos_embed(pos_embed: torch.Tensor, num_prefix: int, grid: tuple[int
         patch, scale_factor=((h + POS_INTERPOLATE_OFFSET) / m, (w + POS_INTERPOLATE_OFFSET) / m),
         mode="bicubic", align_corners=False)
     if tuple(patch.shape[-2:]) != (h, w):  # the offset makes floor(m * scale) == h, w
-        raise RuntimeError(f"position embeddings resized to {tuple(patch.shape[-2:])}, not {(h, w)}")
+        raise RuntimeError(f"position embeddings resized to {tuple(patch.shape[-2:])}, "
+                           f"not {(h, w)}")
     patch = patch.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(pos_embed.dtype)
     return torch.cat((pos_embed[:, :num_prefix], patch), dim=1)
 
@@ -196,16 +237,22 @@ def _exportable_pos_embed(pos_embed: torch.Tensor, num_prefix: int, m: int,
     patch = pos_embed[0, num_prefix:].double().reshape(m, m, dim)
     out = torch.einsum("yi,ijc,xj->yxc", _dino_resize_matrix(h, m, trained), patch,
                        _dino_resize_matrix(w, m, trained))
-    return torch.cat((pos_embed[:, :num_prefix], out.reshape(1, h * w, dim).to(pos_embed.dtype)), dim=1)
+    return torch.cat((pos_embed[:, :num_prefix], out.reshape(1, h * w, dim).to(pos_embed.dtype)),
+                     dim=1)
 
 
-def vit_forward_features(model: nn.Module, x: torch.Tensor, layers: int = 1) -> torch.Tensor:
+def vit_forward_features(model: VisionTransformer, x: torch.Tensor,
+                         layers: int = 1) -> torch.Tensor:
     """timm's VisionTransformer.forward_features (all tokens, after the final norm) with the
     position embeddings resized by the official DINO / DINOv2 rule (`official_pos_embed`)
     instead of timm's; the same modules, so timm checkpoints load unchanged. With `layers`
     > 1, the outputs of the last `layers` blocks, each through the final norm, concatenated
     along the channels in block order (DINO's and DINOv2's `get_intermediate_layers(n,
     norm=True)`, as their linear evaluations use them)."""
+    pos_embed = model.pos_embed
+    if pos_embed is None:
+        raise BackboneError("a ViT without position embeddings (timm's pos_embed='none') is not "
+                            "supported")
     tokens = model.patch_embed(x)  # (B, h, w, C) with dynamic_img_size (NHWC), else (B, h*w, C)
     if tokens.ndim == 4:
         grid = (tokens.shape[1], tokens.shape[2])
@@ -216,11 +263,11 @@ def vit_forward_features(model: nn.Module, x: torch.Tensor, layers: int = 1) -> 
     prefix = [t.expand(tokens.shape[0], -1, -1) for t in (model.cls_token, model.reg_token)
               if t is not None]
     if model.no_embed_class:  # position embeddings for the patches only: add, then concat
-        tokens = tokens + official_pos_embed(model.pos_embed, 0, grid)
+        tokens = tokens + official_pos_embed(pos_embed, 0, grid)
         tokens = torch.cat(prefix + [tokens], dim=1)
     else:  # DINO / DINOv2 (and original timm): concat, then add (the CLS token has its own)
         tokens = torch.cat(prefix + [tokens], dim=1)
-        tokens = tokens + official_pos_embed(model.pos_embed, model.num_prefix_tokens, grid)
+        tokens = tokens + official_pos_embed(pos_embed, model.num_prefix_tokens, grid)
     tokens = model.pos_drop(tokens)
     tokens = model.patch_drop(tokens)
     tokens = model.norm_pre(tokens)
@@ -284,7 +331,7 @@ _UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, 
 
 # The only non-tensor type a checkpoint may contain: DINO's training checkpoints pickle their
 # command line (`args`) as an argparse.Namespace.
-_SAFE_GLOBALS = [argparse.Namespace]
+_SAFE_GLOBALS: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [argparse.Namespace]
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -309,7 +356,8 @@ def _read_checkpoint(path: Path) -> dict:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise BackboneError(f"{path}: not a readable .safetensors file ({_first_line(e)})") from None
+            raise BackboneError(f"{path}: not a readable .safetensors file "
+                                f"({_first_line(e)})") from None
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -360,10 +408,12 @@ def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, spec: BackboneSpec) -> None:
+def _load_into(model: nn.Sequential | VisionTransformer, state: dict[str, torch.Tensor],
+               path: Path, spec: BackboneSpec) -> None:
     own = model.state_dict()
-    if spec.source.startswith("torchvision:"):  # our model is features[:n]: keys "0.conv..."
-        state = {k[len("features."):] if k.startswith("features.") else k: v for k, v in state.items()}
+    if isinstance(model, nn.Sequential):  # torchvision's features[:n]: keys "0.conv..."
+        state = {k[len("features."):] if k.startswith("features.") else k: v
+                 for k, v in state.items()}
         state = {k: v for k, v in state.items()
                  if not (k.split(".", 1)[0].isdigit() and int(k.split(".", 1)[0]) >= len(model))}
     for k in own:  # old BatchNorm checkpoints lack the (unused in eval) batch counters
@@ -375,12 +425,14 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, spe
         raise BackboneError(f"{path}: not a {spec.name} checkpoint: missing {len(missing)} keys "
                             f"(e.g. {', '.join(missing[:3])})")
     if unexpected:
-        raise BackboneError(f"{path}: unexpected keys for {spec.name} (e.g. {', '.join(unexpected[:3])})")
+        raise BackboneError(f"{path}: unexpected keys for {spec.name} "
+                            f"(e.g. {', '.join(unexpected[:3])})")
     for k, v in state.items():
         if v.shape != own[k].shape and k != "pos_embed":
             raise BackboneError(f"{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, "
                                 f"{spec.name} {tuple(own[k].shape)}")
-    if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
+    if (not isinstance(model, nn.Sequential)  # (a ViT: only they have position embeddings)
+            and "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape):
         # a checkpoint trained at another resolution: interpolate its position embeddings
         from timm.layers import resample_abs_pos_embed
         n_prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
@@ -413,7 +465,8 @@ def _build_mobilenet(spec: BackboneSpec, pretrained: bool) -> nn.Module:
     model = torchvision.models.mobilenet_v2(weights=None)
     if pretrained:  # not mobilenet_v2(weights=...): torchvision's own download unpickles the file
         weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
-        model.load_state_dict(weights.get_state_dict(progress=True, check_hash=True, weights_only=True))
+        model.load_state_dict(weights.get_state_dict(progress=True, check_hash=True,
+                                                     weights_only=True))
     return model.features
 
 
@@ -543,20 +596,31 @@ def create_backbone(name: str, weights: str, layers: int = 1) -> Backbone:
                 # LocalEntryNotFoundError); RuntimeError, ValueError, SafetensorError: a bad
                 # or partial download in the cache
                 raise BackboneError(
-                    f"could not download pretrained weights for {name} ({_first_line(e)}); download "
-                    f"{spec.checkpoint_hint} elsewhere and pass it with --set backbone.weights=/path/to/file"
+                    f"could not download pretrained weights for {name} ({_first_line(e)}); "
+                    f"download {spec.checkpoint_hint} elsewhere and pass it with "
+                    "--set backbone.weights=/path/to/file"
                 ) from None
         else:
             model = build(spec, False)
     if kind == "cnn":
-        model = model[:MOBILENET_TAPS[layers - 1] + 1]
+        if not isinstance(model, nn.Sequential):
+            raise TypeError(f"{name}: expected its blocks in an nn.Sequential, got "
+                            f"{type(model).__name__}")
+        features = model[:MOBILENET_TAPS[layers - 1] + 1]
+        if path is not None:
+            _load_into(features, extract_state_dict(_read_checkpoint(path)), path, spec)
+        cnn = MobileNetTaps(features, MOBILENET_TAPS[:layers]) if layers > 1 else features
+        cnn.eval().requires_grad_(False)
+        return CNNBackbone(spec, cnn, layers, sum(MOBILENET_CHANNELS[:layers])).eval()
+    vit = _as_vit(name, model)
     if path is not None:
-        _load_into(model, extract_state_dict(_read_checkpoint(path)), path, spec)
-    channels = spec.embed_dim * layers
-    if kind == "cnn":
-        taps = MOBILENET_TAPS[:layers]
-        channels = sum(MOBILENET_CHANNELS[:layers])
-        if layers > 1:
-            model = MobileNetTaps(model, taps)
-    model.eval().requires_grad_(False)
-    return Backbone(spec, model, kind, layers, channels).eval()
+        _load_into(vit, extract_state_dict(_read_checkpoint(path)), path, spec)
+    vit.eval().requires_grad_(False)
+    return ViTBackbone(spec, vit, layers, spec.embed_dim * layers).eval()
+
+
+def _as_vit(name: str, model: nn.Module) -> VisionTransformer:
+    from timm.models.vision_transformer import VisionTransformer
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"{name}: expected a timm VisionTransformer, got {type(model).__name__}")
+    return model
