@@ -3,6 +3,7 @@ that turns patch-level predictions into a full-resolution mask, guided by the im
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import pickle
 import zipfile
@@ -26,6 +27,9 @@ from .store import feature_params
 class FeatureNorm(nn.Module):
     """Per-channel standardisation with statistics of the training features (buffers, saved
     with the model), so the heads train the same way whatever the backbone's feature scale."""
+
+    mean: torch.Tensor  # buffers (C,)
+    std: torch.Tensor
 
     def __init__(self, channels: int):
         super().__init__()
@@ -124,20 +128,20 @@ class PacUpsampler(nn.Module):
         k = spec.kernel_size
         self.stages = nn.ModuleList(
             PacConv2d(cin, cout, k, padding=k // 2, normalize=spec.normalize)
-            for cin, cout in zip(chans[:-1], chans[1:]))
+            for cin, cout in itertools.pairwise(chans))
+        self.guide_net: nn.Sequential | None = None
         if spec.guide == "learned":
             g = spec.guide_channels
             self.guide_net = nn.Sequential(
                 nn.Conv2d(3, g, 3, padding=1), nn.LeakyReLU(0.1), nn.Conv2d(g, g, 3, padding=1))
-        else:
-            self.guide_net = None
 
     def guidance(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 image (B, 3, H, W) -> guidance features at full resolution."""
         x = normalize_image(image)
         return self.guide_net(x) if self.guide_net is not None else x
 
-    def guide_pyramid(self, image: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    def guide_pyramid(self, image: torch.Tensor,
+                      sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
         """The guidance at each of `sizes` (antialiased bilinear from the full-size image)."""
         full_size = tuple(image.shape[-2:])
         if self.guide_net is None and self.spec.pyramid == "uint8":
@@ -154,9 +158,10 @@ class PacUpsampler(nn.Module):
         base_logits (B, 1, h, w) the linear head's output (used when residual) -> (B, 1, H, W)."""
         H, W = image.shape[-2:]
         h, w = feats.shape[-2:]
-        guides = self.guide_pyramid(image, [(h << i, w << i) for i in range(1, len(self.stages) + 1)])
+        guides = self.guide_pyramid(image,
+                                    [(h << i, w << i) for i in range(1, len(self.stages) + 1)])
         x = F.leaky_relu(self.reduce(self.norm(feats)), 0.1)
-        for i, (pac, guide) in enumerate(zip(self.stages, guides)):
+        for i, (pac, guide) in enumerate(zip(self.stages, guides, strict=True)):
             x = F.interpolate(x, size=guide.shape[-2:], mode="bilinear", align_corners=False)
             x = pac(x, guide)
             if i < len(self.stages) - 1:
@@ -228,7 +233,8 @@ def save_models(model_dir: Path, head: LinearHead, up: PacUpsampler, params: dic
              UPSAMPLER_FILE: _torch_bytes({"state_dict": up.state_dict()})}
     for name, data in files.items():
         atomic_write_bytes(model_dir / name, data)
-    listing = {name: {"bytes": len(data), "sha256": sha256_bytes(data)} for name, data in files.items()}
+    listing = {name: {"bytes": len(data), "sha256": sha256_bytes(data)}
+               for name, data in files.items()}
     fp = fingerprint(listing)
     atomic_write_json(model_dir / CARD_FILE, {
         "card_version": CARD_VERSION, "fingerprint": fp, "files": listing, "params": params,
@@ -267,7 +273,8 @@ def _verified_bytes(model_dir: Path, card: dict, name: str) -> tuple[bytes | Non
         data = (model_dir / name).read_bytes()
     except FileNotFoundError:
         return None, f"{model_dir / name} missing"
-    if len(data) != card["files"][name]["bytes"] or sha256_bytes(data) != card["files"][name]["sha256"]:
+    listed = card["files"][name]
+    if len(data) != listed["bytes"] or sha256_bytes(data) != listed["sha256"]:
         return None, f"{model_dir / name} damaged (fails its checksum)"
     return data, ""
 
@@ -299,17 +306,20 @@ def load_models(model_dir: Path, device: torch.device | str = "cpu") -> TrainedM
         if data is None:
             raise ModelError(f"{why}: {repair}")
         try:
-            states[name] = torch.load(io.BytesIO(data), map_location=device, weights_only=True)["state_dict"]
+            states[name] = torch.load(io.BytesIO(data), map_location=device,
+                                      weights_only=True)["state_dict"]
         except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, KeyError,
                 TypeError) as e:
-            raise ModelError(f"{model_dir / name}: not a model file ({type(e).__name__}): {repair}") from None
+            raise ModelError(f"{model_dir / name}: not a model file ({type(e).__name__}): "
+                             f"{repair}") from None
     try:
         head = LinearHead(int(card["head"]["in_channels"]))
         head.load_state_dict(states[HEAD_FILE])
         up = PacUpsampler(UpsamplerSpec(**{"pyramid": "float", **card["upsampler"]}))
         up.load_state_dict(states[UPSAMPLER_FILE])
     except (KeyError, TypeError, RuntimeError) as e:
-        raise ModelError(f"{model_dir}: models do not match their card ({type(e).__name__}): {repair}") from None
+        raise ModelError(f"{model_dir}: models do not match their card ({type(e).__name__}): "
+                         f"{repair}") from None
     return TrainedModels(head.to(device).eval(), up.to(device).eval(),
                          int(card["head"]["patch_size"]), card["fingerprint"], card["params"],
                          card["deps"])

@@ -15,7 +15,7 @@ import os
 import pickle
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from .backbones import get_spec
 from .config import Config
 from .data import canvas_valid, to_canvas
 from .devices import CpuFanout, resolve_device
-from .errors import DataError, TrainingDiverged
+from .errors import DataError, StoreError, TrainingDiverged
 from .fsutil import atomic_write_bytes, exclusive_lock, sha256_bytes
 from .models import (
     LinearHead,
@@ -44,7 +44,8 @@ from .stages import StageState, StageStatus, judge, save_record
 from .store import FeatureStore, split_fingerprint
 
 STAGE = "train-head"
-IMAGE_MEMO_BYTES = 4 << 30  # decoded training images kept in memory (JPEG decoding per crop is slow)
+# decoded training images kept in memory (JPEG decoding per crop is slow)
+IMAGE_MEMO_BYTES = 4 << 30
 
 
 # ----------------------------------------------------------------------------- the contract
@@ -64,7 +65,8 @@ def stage_state(cfg: Config, deps: dict[str, str | None] | None = None) -> Stage
         deps = {f"features[{s}]": split_fingerprint(cfg, s) for s in _splits(cfg)}
     _, why = models_fingerprint(model_dir(cfg))
     return StageState(STAGE, deps, training_params(cfg), why,
-                      {f"features[{s}]": f"python cli.py extract-features --split {s}" for s in _splits(cfg)})
+                      {f"features[{s}]": f"python cli.py extract-features --split {s}"
+                       for s in _splits(cfg)})
 
 
 def status(cfg: Config) -> StageStatus:
@@ -73,7 +75,8 @@ def status(cfg: Config) -> StageStatus:
 
 # ----------------------------------------------------------------------------- targets
 
-def patch_targets(mask: np.ndarray, valid: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray]:
+def patch_targets(mask: np.ndarray, valid: np.ndarray,
+                  patch: int) -> tuple[np.ndarray, np.ndarray]:
     """Soft patch targets from a canvas mask (Hc, Wc): each patch's target is the fraction of
     its in-image pixels that are object; its weight is the fraction of it inside the image
     (0 for a patch made only of padding)."""
@@ -97,13 +100,21 @@ class TrainData:
         self.targets: list[tuple[np.ndarray, np.ndarray]] = []
         for i in self.indices:
             meta = store.items[i]
-            mask = to_canvas(store.mask(i), meta.box)
+            mask = to_canvas(self._mask(i), meta.box)
             self.targets.append(patch_targets(mask, canvas_valid(meta.box, meta.orig_size), patch))
         self._images: dict[int, torch.Tensor] = {}
         self._image_bytes = 0
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def _mask(self, i: int) -> np.ndarray:
+        """The annotation of stored item i, one of `indices`."""
+        mask = self.store.mask(i)
+        if mask is None:  # annotated() lists it: the store changed under us
+            raise StoreError(f"{self.store.split_dir}: item {i} has lost its annotation; "
+                             "rerun extract-features")
+        return mask
 
     def feature_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and std over all patches of all images (float64 sums)."""
@@ -120,7 +131,8 @@ class TrainData:
 
     def features(self, k: int) -> torch.Tensor:
         """(1, C, h, w) float32 of the k-th training image."""
-        return torch.from_numpy(self.store.features(self.indices[k]).astype(np.float32)).permute(2, 0, 1)[None]
+        feats = self.store.features(self.indices[k]).astype(np.float32)
+        return torch.from_numpy(feats).permute(2, 0, 1)[None]
 
     def _canvas_image(self, k: int) -> torch.Tensor:
         img = self._images.get(k)
@@ -134,11 +146,13 @@ class TrainData:
         return img
 
     def full(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """features (1,C,h,w), canvas image uint8 (1,3,Hc,Wc), mask and valid (1,1,Hc,Wc) float."""
+        """features (1,C,h,w), canvas image uint8 (1,3,Hc,Wc), mask and valid (1,1,Hc,Wc)
+        float."""
         i = self.indices[k]
         meta = self.store.items[i]
         box = meta.box
-        mask = torch.from_numpy(np.ascontiguousarray(to_canvas(self.store.mask(i), box)))[None, None].float()
+        canvas_mask = np.ascontiguousarray(to_canvas(self._mask(i), box))
+        mask = torch.from_numpy(canvas_mask)[None, None].float()
         valid = torch.from_numpy(canvas_valid(box, meta.orig_size))[None, None].float()
         return self.features(k), self._canvas_image(k), mask, valid
 
@@ -179,7 +193,8 @@ def _epoch_rng(seed: int, phase: int, epoch: int) -> np.random.Generator:
 
 
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_PREV = "checkpoint.prev.pt"  # the one before: the last good state if the newest is damaged
+# the one before: the last good state if the newest is damaged
+CHECKPOINT_PREV = "checkpoint.prev.pt"
 
 
 def _checksum_path(path: Path) -> Path:
@@ -300,8 +315,10 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
     up.norm.set_stats(mean, std)
     head.to(device)
     up.to(device)
-    opt_head = torch.optim.AdamW(head.parameters(), lr=cfg.train.linear_lr, weight_decay=cfg.train.weight_decay)
-    opt_up = torch.optim.AdamW(up.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt_head = torch.optim.AdamW(head.parameters(), lr=cfg.train.linear_lr,
+                                 weight_decay=cfg.train.weight_decay)
+    opt_up = torch.optim.AdamW(up.parameters(), lr=cfg.train.lr,
+                               weight_decay=cfg.train.weight_decay)
     sched_up = torch.optim.lr_scheduler.CosineAnnealingLR(opt_up, T_max=max(1, cfg.train.epochs))
     history: list[dict] = []
     start = {"linear": 1, "upsampler": 1}
@@ -318,9 +335,11 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
         log(f"train-head: resuming from {mdir / CHECKPOINT} (next: {start})")
 
     def checkpoint(next_epoch: dict) -> None:
-        _save_checkpoint(mdir, {"fingerprint": fp, "head": head.state_dict(), "opt_head": opt_head.state_dict(),
+        _save_checkpoint(mdir, {"fingerprint": fp,
+                                "head": head.state_dict(), "opt_head": opt_head.state_dict(),
                                 "up": up.state_dict(), "opt_up": opt_up.state_dict(),
-                                "sched_up": sched_up.state_dict(), "history": history, "next": next_epoch})
+                                "sched_up": sched_up.state_dict(), "history": history,
+                                "next": next_epoch})
         _write_history(cfg, history)
 
     bs = cfg.train.batch_size
@@ -348,13 +367,14 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
             f"train-head: training diverged: the {name}'s {what} in epoch {epoch}/{total}; "
             f"lower {key} (now {cfg.get(key):g}) and run again; {last}, no models were written")
 
-    def finite_weights(params: list[torch.Tensor]) -> bool:
+    def finite_weights(params: Sequence[torch.Tensor]) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in params)
 
     # ---- phase 1: the linear head on patch targets
     linear_epochs = range(start["linear"], cfg.train.linear_epochs + 1)
     t_phase = time.perf_counter()
-    bar = Progress(len(linear_epochs) * n_batches, "train-head linear", unit="batch", enabled=progress)
+    bar = Progress(len(linear_epochs) * n_batches, "train-head linear", unit="batch",
+                   enabled=progress)
     for epoch in linear_epochs:
         rng = _epoch_rng(cfg.train.seed, 1, epoch)
         order = rng.permutation(n)
@@ -372,7 +392,8 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
                 y = torch.from_numpy(target).flatten().to(device)
                 w = torch.from_numpy(weight).flatten().to(device)
                 logits = head(x[:, :, None, None]).flatten()
-                return (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).sum() / max(w_total, 1e-12)
+                bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+                return (bce * w).sum() / max(w_total, 1e-12)
 
             losses = _summed_grads(head_params, linear_loss, len(idx), fanout)
             if not math.isfinite(sum(losses)):
@@ -381,15 +402,16 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
             total += sum(losses) * w_total
             weight_sum += w_total
             bar.update()
-        row = {"phase": "linear", "epoch": epoch, "loss": total / max(weight_sum, 1e-12)}
-        if not (math.isfinite(row["loss"]) and finite_weights(head_params)):
+        epoch_loss = total / max(weight_sum, 1e-12)
+        row = {"phase": "linear", "epoch": epoch, "loss": epoch_loss}
+        if not (math.isfinite(epoch_loss) and finite_weights(head_params)):
             raise diverged("linear", epoch, "weights became non-finite", bar)
         history.append(row)
         checkpoint({"linear": epoch + 1, "upsampler": 1})
     bar.close()
     if len(linear_epochs):
-        log(f"train-head: linear head, {len(linear_epochs)} epoch(s) in {time.perf_counter() - t_phase:.1f} s, "
-            f"loss {history[-1]['loss']:.4f}")
+        log(f"train-head: linear head, {len(linear_epochs)} epoch(s) in "
+            f"{time.perf_counter() - t_phase:.1f} s, loss {history[-1]['loss']:.4f}")
 
     head.eval()
     head.requires_grad_(False)
@@ -414,8 +436,8 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
                 wmap = valid
                 if cfg.train.boundary_weight > 0:
                     wmap = valid * (1 + cfg.train.boundary_weight * boundary_band(mask))
-                loss = (F.binary_cross_entropy_with_logits(logits, mask, reduction="none") * wmap).sum() \
-                    / valid.sum().clamp_min(1)
+                bce = F.binary_cross_entropy_with_logits(logits, mask, reduction="none")
+                loss = (bce * wmap).sum() / valid.sum().clamp_min(1)
                 return loss / len(samples)
 
             losses = _summed_grads(up_params, pac_loss, len(idx), fanout)
@@ -428,8 +450,9 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
             bar.set_postfix(f"epoch {epoch}/{cfg.train.epochs} loss {batch_loss / len(idx):.4f}")
             bar.update()
         sched_up.step()
-        row = {"phase": "upsampler", "epoch": epoch, "loss": total / max(count, 1)}
-        if not (math.isfinite(row["loss"]) and finite_weights(up_params)):
+        epoch_loss = total / max(count, 1)
+        row = {"phase": "upsampler", "epoch": epoch, "loss": epoch_loss}
+        if not (math.isfinite(epoch_loss) and finite_weights(up_params)):
             raise diverged("upsampler", epoch, "weights became non-finite", bar)
         if val is not None:
             row.update(_validate(head, up, val, device, fanout))
@@ -439,8 +462,8 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
             + (f" val mIoU {row['val_miou']:.3f}" if "val_miou" in row else ""))
     bar.close()
     if len(pac_epochs):
-        log(f"train-head: PAC upsampler, {len(pac_epochs)} epoch(s) in {time.perf_counter() - t_phase:.1f} s, "
-            f"loss {history[-1]['loss']:.4f}")
+        log(f"train-head: PAC upsampler, {len(pac_epochs)} epoch(s) in "
+            f"{time.perf_counter() - t_phase:.1f} s, loss {history[-1]['loss']:.4f}")
 
     save_models(mdir, head, up, state.params, state.deps, patch)
     _write_history(cfg, history)
@@ -448,7 +471,7 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
     return history
 
 
-def _summed_grads(params: list[torch.Tensor], loss_of: Callable[[int], torch.Tensor], n: int,
+def _summed_grads(params: Sequence[torch.Tensor], loss_of: Callable[[int], torch.Tensor], n: int,
                   fanout: CpuFanout | None) -> list[float]:
     """Set each parameter's .grad to the sum over j < n of the gradient of loss_of(j),
     each computed alone (on CPU: in parallel, one thread per image) and summed in index
@@ -484,7 +507,10 @@ def _validate(head, up, val: TrainData, device, fanout: CpuFanout | None) -> dic
     step = 8
     for k in range(0, len(val), step):
         samples = [val.full(i) for i in range(k, min(k + step, len(val)))]  # read in this thread
-        parts = (fanout.map(lambda j: one(samples[j]), len(samples)) if fanout is not None
+
+        def nth(j: int, samples: list = samples) -> tuple[np.ndarray, np.ndarray]:
+            return one(samples[j])
+        parts = (fanout.map(nth, len(samples)) if fanout is not None
                  else [one(x) for x in samples])
         for lin, pac in parts:
             conf_lin += lin
