@@ -4,9 +4,10 @@ bilinear, PAC upsampler) over the annotated images.
 
 The models must match the current training settings (else a one-line error naming
 train-head); the stage is up to date while the models' and the split's content fingerprints
-and its own settings are unchanged. Work is done per store shard: the shard's masks are written, then a small JSON "unit" with
-its per-image statistics is written atomically. A killed run resumes at the first shard
-without a current unit; the report is assembled from the units at the end.
+and its own settings are unchanged. Work is done per store shard: the shard's masks are
+written, then a small JSON "unit" with its per-image statistics is written atomically. A
+killed run resumes at the first shard without a current unit; the report is assembled from
+the units at the end.
 """
 from __future__ import annotations
 
@@ -176,12 +177,12 @@ class Predictor:
         else:
             binary = self._binary(features, canvases, variants, mirrored)
         return [{v: from_canvas(binary[v][j], box, size) for v in variants}
-                for j, (box, size) in enumerate(zip(boxes, sizes))]
+                for j, (box, size) in enumerate(zip(boxes, sizes, strict=True))]
 
     def _logits(self, f: torch.Tensor, img: torch.Tensor,
                 variants: Sequence[str]) -> dict[str, torch.Tensor]:
         """Each variant's logits (B, 1, H', W') at canvas size."""
-        size = tuple(img.shape[-2:])
+        size = (img.shape[-2], img.shape[-1])
         base = self.models.head(f)
         logits = {"linear_nearest": lambda: upsample_logits(base, size, "nearest"),
                   "linear_bilinear": lambda: upsample_logits(base, size, "bilinear"),
@@ -216,10 +217,11 @@ def check_mirrored(store: FeatureStore, mirror: FeatureStore) -> None:
     """StoreError unless `mirror` holds the mirrored features of exactly `store`'s images,
     in the same places."""
     def layout(s: FeatureStore) -> list[tuple]:
-        return [(m.category, m.stem, m.source, m.orig_size, m.box, m.shard, m.slot) for m in s.items]
+        return [(m.category, m.stem, m.source, m.orig_size, m.box, m.shard, m.slot)
+                for m in s.items]
     if layout(store) != layout(mirror):
-        raise StoreError(f"{mirror.split_dir}: the mirrored features do not match the stored split; "
-                         f"run `python cli.py extract-features --split {store.split}`")
+        raise StoreError(f"{mirror.split_dir}: the mirrored features do not match the stored "
+                         f"split; run `python cli.py extract-features --split {store.split}`")
 
 
 def predict_shard(store: FeatureStore, shard: int, predictor: Predictor, pred_dir: Path,
@@ -232,7 +234,7 @@ def predict_shard(store: FeatureStore, shard: int, predictor: Predictor, pred_di
     for batch in same_size_batches([m.box for m in metas], batch_size):
         items = [store.read(metas[i].index) for i in batch]
         mirrored = None if mirror is None else [mirror.features(metas[i].index) for i in batch]
-        for item, masks in zip(items, predictor.batch_masks(items, mirrored)):
+        for item, masks in zip(items, predictor.batch_masks(items, mirrored), strict=True):
             meta = item.meta
             atomic_write_bytes(pred_dir / meta.category / f"{meta.stem}.png",
                                mask_png_bytes(masks["pac"]))
@@ -257,13 +259,15 @@ def predict_task(cfg: Config, split_dir: str, fingerprint: str, shard: int, pred
         return store
 
     store = opened(split_dir, fingerprint)
-    mirror = opened(mirror_dir, mirror_fp) if mirror_dir is not None and mirror_fp is not None else None
+    mirror = (opened(mirror_dir, mirror_fp)
+              if mirror_dir is not None and mirror_fp is not None else None)
 
     def make_predictor() -> Predictor:
         device = resolve_device(cfg.predict.device)
         models = load_models(model_dir(cfg), device)
         if models.fingerprint != models_fp:
-            raise ModelError(f"{model_dir(cfg)}: the models changed during prediction; rerun predict")
+            raise ModelError(f"{model_dir(cfg)}: the models changed during prediction; "
+                             "rerun predict")
         return Predictor(models, device, cfg.predict.threshold)
 
     predictor = worker_cached(("predictor", models_fp, cfg.predict.device, cfg.predict.threshold),
@@ -302,13 +306,15 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
     mirror_fp = mirror.fingerprint if mirror is not None else None
     device = resolve_device(cfg.predict.device)
     with checked_models(cfg, device) as models, \
-            exclusive_lock(cfg.run_dir / f".predict-{split}.lock", f"predict [{split}] of run '{cfg.run.name}'"):
+            exclusive_lock(cfg.run_dir / f".predict-{split}.lock",
+                           f"predict [{split}] of run '{cfg.run.name}'"):
         claim_run_dir(cfg.run_dir)
         state = stage_state(cfg, split, models.fingerprint, store.fingerprint, mirror_fp)
         rpath = report_path(cfg, split)
         st = judge(cfg.run_dir, state)
         if not force and st.up_to_date:
-            return PredictResult(up_to_date=True, report_json=rpath, predictions_dir=pred_dir_of(cfg, split))
+            return PredictResult(up_to_date=True, report_json=rpath,
+                                 predictions_dir=pred_dir_of(cfg, split))
         log(f"predict [{split}]: {st.reason(force)}")
         fp = state.fingerprint
         udir = cfg.run_dir / "stages" / f"predict_{split}_units"
@@ -317,7 +323,8 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
         units: dict[int, dict] = {}
         for si, h in enumerate(hashes):
             u = None if force else read_json(udir / f"{h}.json")
-            if isinstance(u, dict) and u.get("fingerprint") == fp and isinstance(u.get("items"), list):
+            if (isinstance(u, dict) and u.get("fingerprint") == fp
+                    and isinstance(u.get("items"), list)):
                 units[si] = u
         todo = [si for si in range(len(hashes)) if si not in units]
         predictor = Predictor(models, device, cfg.predict.threshold)
@@ -407,7 +414,8 @@ def _package_version() -> str:
 
 def headline(report: dict) -> list[str]:
     if report["n_images"] == 0:
-        return [f"no annotated image among the {report['n_predicted']}: masks written, nothing scored"]
+        return [f"no annotated image among the {report['n_predicted']}: masks written, "
+                "nothing scored"]
     out = []
     for v in VARIANTS:
         m = report["variants"][v]["overall"]
@@ -435,11 +443,19 @@ def _write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict]
     best = [r for r in ranked[::-1] if r not in worst][:k]
     pdir = pred_dir_of(cfg, split)
 
-    def thumb(r: dict) -> Thumb:
+    def scored(r: dict) -> tuple[CachedItem, np.ndarray]:
+        """A scored row's image and its annotation."""
         item = store.read(r["index"])
+        if item.mask is None:  # scored from this very store (its fingerprint is in the units')
+            raise StoreError(f"{store.split_dir}: {item.meta.source} is scored but has no "
+                             "annotation; rerun predict with --force")
+        return item, item.mask
+
+    def thumb(r: dict) -> Thumb:
+        item, mask = scored(r)
         pred = np.asarray(Image.open(pdir / r["category"] / f"{r['stem']}.png")) > 127
         s = r["stats"]["pac"]
-        return Thumb(r["category"], r["stem"], s["j"], s["f"], item.image, item.mask, pred)
+        return Thumb(r["category"], r["stem"], s["j"], s["f"], item.image, mask, pred)
 
     history = []
     mfile = cfg.run_dir / "metrics.jsonl"
@@ -450,9 +466,9 @@ def _write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict]
             except ValueError:  # the training curves are decoration: a damaged line is dropped
                 continue
     def variants(r: dict) -> VariantThumb:  # the worst images with every variant's mask
-        item = store.read(r["index"])
+        item, mask = scored(r)
         mirrored = None if mirror is None else [mirror.features(r["index"])]
-        return VariantThumb(r["category"], r["stem"], item.image, item.mask,
+        return VariantThumb(r["category"], r["stem"], item.image, mask,
                             predictor.batch_masks([item], mirrored)[0])
 
     write_reports(cfg.run_dir, split, report, per_image, [thumb(r) for r in best],
