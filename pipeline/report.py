@@ -34,6 +34,7 @@ import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, TypeGuard
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -238,7 +239,8 @@ def _mask_luts() -> tuple[np.ndarray, np.ndarray]:
     obj = v * np.float32(1.0 - MASK_ALPHA) + (np.asarray(MASK_COLOUR, np.float32)
                                               * np.float32(MASK_ALPHA))
     bg = v * np.float32(MASK_DIM) + np.zeros(3, np.float32)
-    return tuple(np.clip(t, 0, 255).round().astype(np.uint8) for t in (obj, bg))
+    return (np.clip(obj, 0, 255).round().astype(np.uint8),
+            np.clip(bg, 0, 255).round().astype(np.uint8))
 
 
 def mask_panel(img: np.ndarray, mask: np.ndarray, contour_width: int = 1) -> np.ndarray:
@@ -385,7 +387,8 @@ def _labelled_grid(panels: list[np.ndarray], labels: list[str], title: str,
 
 # ----------------------------------------------------------------------------- figures
 
-def _new_figure(figsize: tuple[float, float], layout: str | None = None):
+def _new_figure(figsize: tuple[float, float],
+                layout: Literal["constrained", "compressed", "tight"] | None = None):
     """A matplotlib Figure on the Agg canvas (no pyplot, no display, nothing global)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -425,8 +428,14 @@ def _save_figure(fig, paths, clear: bool = True) -> list[Path]:
     return out
 
 
-def _finite(x) -> bool:
-    """A real, finite number (numpy scalars included, bools not)."""
+def _by_variant(row: dict, key: str) -> dict:
+    """A per-image row's {variant: score} under `key` ({} when absent or damaged)."""
+    scores = row.get(key)
+    return scores if isinstance(scores, dict) else {}
+
+
+def _finite(x: object) -> TypeGuard[float]:
+    """A real, finite number (numpy scalars included, bools not): usable as a float."""
     return (isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
             and math.isfinite(x))
 
@@ -456,7 +465,7 @@ def _training_figure(history: list[dict] | None):
     n = len(series)
     fig = _new_figure((min(5.2 * n, 10.6), 3.6))
     axes = fig.subplots(1, n, squeeze=False)[0]
-    for ax, (phase, loss, vals) in zip(axes, series):
+    for ax, (phase, loss, vals) in zip(axes, series, strict=True):
         handles = []
         npts = max([len(loss)] + [len(v) for v in vals.values()])
         marker = "o" if npts <= 30 else None
@@ -562,7 +571,7 @@ def _bootstrap_ci(values, level: float = 0.95, seed: int = 0) -> tuple[float, fl
 def _per_image_values(per_image: list[dict], key: str, variant: str) -> list[float]:
     out = []
     for r in per_image:
-        d = r.get(key) if isinstance(r.get(key), dict) else {}
+        d = _by_variant(r, key)
         if _finite(d.get(variant)):
             out.append(float(d[variant]))
     return out
@@ -579,7 +588,7 @@ def _plot_overall(variants: dict, per_image: list[dict]):
     axes = fig.subplots(len(CHART_METRICS), 1, squeeze=False)[:, 0]
     ys = {v: n - 1 - i for i, v in enumerate(names)}  # first variant on top
     per_image_key = {"j_mean": "j", "boundary_f": "f"}
-    for ax, (key, title) in zip(axes, CHART_METRICS):
+    for ax, (key, title) in zip(axes, CHART_METRICS, strict=True):
         vals = {v: _value(variants[v]["overall"], key) for v in names}
         cis = {}
         if key in per_image_key and per_image:
@@ -683,7 +692,7 @@ def _plot_scatter(per_image: list[dict], x_variant: str, y_variant: str):
     category, and how many images lie on each side."""
     pts = []
     for r in per_image:
-        j = r.get("j") if isinstance(r.get("j"), dict) else {}
+        j = _by_variant(r, "j")
         a, b = j.get(x_variant), j.get(y_variant)
         if _finite(a) and _finite(b):
             pts.append((str(r.get("category", "")), float(a), float(b)))
@@ -894,7 +903,7 @@ def _paired_note(per_image: list[dict]) -> str | None:
     better / worse, and a bootstrap interval of the mean J gain."""
     diffs = []
     for r in per_image:
-        j = r.get("j") if isinstance(r.get("j"), dict) else {}
+        j = _by_variant(r, "j")
         a, b = j.get(CANDIDATE), j.get(BASELINE)
         if _finite(a) and _finite(b):
             diffs.append(float(a) - float(b))
@@ -959,7 +968,8 @@ def _category_tables(variants: dict, categories: list[str]) -> list[dict]:
             vals = [_value((variants[v].get("per_category") or {}).get(c), key) for v in vnames]
             rows.append({"category": display_name(c),
                          "n": _fmt_int(_category_count(variants, c)),
-                         "cells": [_cell(x, b) for x, b in zip(vals, _best_flags(vals))]})
+                         "cells": [_cell(x, b)
+                                   for x, b in zip(vals, _best_flags(vals), strict=True)]})
         tables.append({"title": title, "rows": rows})
     return tables
 
@@ -973,7 +983,7 @@ def _per_image_table(per_image: list[dict], vnames: list[str]) -> dict | None:
     key_v = CANDIDATE if CANDIDATE in vnames else (vnames[-1] if vnames else None)
 
     def sort_key(r):
-        j = r.get("j") if isinstance(r.get("j"), dict) else {}
+        j = _by_variant(r, "j")
         x = j.get(key_v)
         return (0 if _finite(x) else 1, x if _finite(x) else 0.0, str(r.get("category")),
                 str(r.get("stem")))
@@ -981,8 +991,8 @@ def _per_image_table(per_image: list[dict], vnames: list[str]) -> dict | None:
     ranked = sorted(per_image, key=sort_key)
     rows = []
     for r in ranked[:_MAX_ROWS]:
-        j = r.get("j") if isinstance(r.get("j"), dict) else {}
-        f = r.get("f") if isinstance(r.get("f"), dict) else {}
+        j = _by_variant(r, "j")
+        f = _by_variant(r, "f")
         rows.append({"category": display_name(r.get("category", "")),
                      "stem": display_name(r.get("stem", "")),
                      "j": [_fmt(j.get(v)) for v in vnames], "f": [_fmt(f.get(v)) for v in vnames]})
@@ -1060,7 +1070,7 @@ def _figure(key: str, title: str, alt: str, caption: str, files_dir: Path,
 
 
 def _view_model(split: str, report: dict, variants: dict, per_image: list[dict],
-                strips: dict[str, list[_Strip]], figures: dict[str, dict], other_runs,
+                strips: dict[str, list[_Strip]], figures: dict[str, dict | None], other_runs,
                 md_name: str, html_name: str) -> dict:
     vnames = list(variants)
     colours = {v: _variant_colour(v, i) for i, v in enumerate(vnames)}
@@ -1094,7 +1104,8 @@ def _view_model(split: str, report: dict, variants: dict, per_image: list[dict],
         "per_image": _per_image_table(per_image, vnames) if scored else None,
         "figures": figures,
         "strips": strips,
-        "legend": [{"label": label, "colour": "rgb(%d,%d,%d)" % c} for label, c in LEGEND],
+        "legend": [{"label": label, "colour": f"rgb({r},{g},{b})"}
+                   for label, (r, g, b) in LEGEND],
         "settings": settings,
         "settings_changed": any(r["changed"] for r in settings),
         "config_toml": _config_toml(report.get("config")),
@@ -1138,8 +1149,8 @@ def _render(template: str, vm: dict) -> str:
 def _thumb_scores(per_image_index: dict, category: str, stem: str, vnames: list[str]
                   ) -> dict[str, tuple]:
     r = per_image_index.get((str(category), str(stem))) or {}
-    j = r.get("j") if isinstance(r.get("j"), dict) else {}
-    f = r.get("f") if isinstance(r.get("f"), dict) else {}
+    j = _by_variant(r, "j")
+    f = _by_variant(r, "f")
     return {v: (j.get(v), f.get(v)) for v in vnames}
 
 
@@ -1159,8 +1170,43 @@ def _save_strip(arr: np.ndarray, panel: tuple[int, int], big: np.ndarray, name: 
     return css, STRIP_GAP / arr.shape[1]
 
 
-def _write_strips(thumbs: Iterable[Thumb], variant_thumbs: dict, prefix: str, tmp_dir: Path,
-                  files_dir: Path, vnames: list[str], per_image_index: dict) -> list[_Strip]:
+@dataclass
+class _StripPanels:
+    """What one strip shows: its panels, stored and click-to-enlarge, and their labels."""
+    shown: list[tuple[str, str, str]]  # (variant, J, F) shown in the caption
+    labels: list[tuple[str, tuple[str, ...]]]  # per panel: its name and its scores, if any
+    small: list[np.ndarray]
+    big: list[np.ndarray]
+    kind: str  # "strip" (4 panels, pac) or "variants"
+    caption: str
+
+
+def _variant_strip(vt: VariantThumb, scores: dict[str, tuple], vnames: list[str], j: object,
+                   f: object) -> _StripPanels:
+    """Every variant's mask side by side; `j`, `f`: the pac variant's scores, captioned."""
+    order = [v for v in vnames if v in vt.masks] + [v for v in vt.masks if v not in vnames]
+    masks = [vt.masks[v] for v in order]
+    shown = [(v, _fmt(scores.get(v, (None, None))[0]),
+              _fmt(scores.get(v, (None, None))[1])) for v in order]
+    labels: list[tuple[str, tuple[str, ...]]] = [(x, ()) for x in VARIANT_LEAD_PANELS]
+    labels += [(v, (f"J {vj}", f"F {vf}")) for v, vj, vf in shown]
+    return _StripPanels(shown, labels, _variant_panels(vt.image, vt.gt, masks, PANEL_MAX_SIDE),
+                        _variant_panels(vt.image, vt.gt, masks, FULL_MAX_SIDE), "variants",
+                        f"{CANDIDATE}: J {_fmt(j)}, F {_fmt(f)}")
+
+
+def _pac_strip(t: Thumb) -> _StripPanels:
+    """The 4-panel strip of the pac prediction."""
+    return _StripPanels([(CANDIDATE, _fmt(t.j), _fmt(t.f))], [(x, ()) for x in PANELS],
+                        _strip_panels(t.image, t.gt, t.pred, PANEL_MAX_SIDE),
+                        _strip_panels(t.image, t.gt, t.pred, FULL_MAX_SIDE), "strip",
+                        f"J {_fmt(t.j)}, F {_fmt(t.f)}")
+
+
+def _write_strips(thumbs: Iterable[Thumb | VariantThumb],
+                  variant_thumbs: dict[tuple[str, str], VariantThumb], prefix: str,
+                  tmp_dir: Path, files_dir: Path, vnames: list[str],
+                  per_image_index: dict) -> list[_Strip]:
     """The strips of one section: a variant strip where a VariantThumb of the same image was
     given (its masks side by side), else the 4-panel strip of the pac prediction."""
     out = []
@@ -1168,35 +1214,19 @@ def _write_strips(thumbs: Iterable[Thumb], variant_thumbs: dict, prefix: str, tm
         name = f"{prefix}_{i + 1:02d}"
         title = f"{display_name(t.category)} / {display_name(t.stem)}"
         scores = _thumb_scores(per_image_index, t.category, t.stem, vnames)
-        vt = variant_thumbs.get((str(t.category), str(t.stem))) if isinstance(t, Thumb) else t
-        if vt is not None:
-            order = [v for v in vnames if v in vt.masks] + [v for v in vt.masks if v not in vnames]
-            masks = [vt.masks[v] for v in order]
-            shown = [(v, _fmt(scores.get(v, (None, None))[0]),
-                      _fmt(scores.get(v, (None, None))[1])) for v in order]
-            labels = [(x, ()) for x in VARIANT_LEAD_PANELS] + [(v, (f"J {j}", f"F {f}"))
-                                                              for v, j, f in shown]
-            small = _variant_panels(vt.image, vt.gt, masks, PANEL_MAX_SIDE)
-            big = _variant_panels(vt.image, vt.gt, masks, FULL_MAX_SIDE)
-            kind = "variants"
-            j, f = (scores.get(CANDIDATE) or (None, None)) if isinstance(t, VariantThumb) \
-                else (t.j, t.f)
-            caption = f"{CANDIDATE}: J {_fmt(j)}, F {_fmt(f)}"
+        if isinstance(t, VariantThumb):
+            p = _variant_strip(t, scores, vnames, *(scores.get(CANDIDATE) or (None, None)))
         else:
-            shown = [(CANDIDATE, _fmt(t.j), _fmt(t.f))]
-            labels = [(x, ()) for x in PANELS]
-            small = _strip_panels(t.image, t.gt, t.pred, PANEL_MAX_SIDE)
-            big = _strip_panels(t.image, t.gt, t.pred, FULL_MAX_SIDE)
-            kind = "strip"
-            caption = f"J {_fmt(t.j)}, F {_fmt(t.f)}"
-        arr = _hstack(small, STRIP_GAP)
-        grid = _labelled_grid(big, [" \u00b7 ".join((a, *b)) for a, b in labels],
-                              f"{title} \u00b7 {caption}")
-        css, gap = _save_strip(arr, small[0].shape[1::-1], grid, name, tmp_dir)
+            vt = variant_thumbs.get((str(t.category), str(t.stem)))
+            p = _pac_strip(t) if vt is None else _variant_strip(vt, scores, vnames, t.j, t.f)
+        arr = _hstack(p.small, STRIP_GAP)
+        grid = _labelled_grid(p.big, [" \u00b7 ".join((a, *b)) for a, b in p.labels],
+                              f"{title} \u00b7 {p.caption}")
+        css, gap = _save_strip(arr, p.small[0].shape[1::-1], grid, name, tmp_dir)
         out.append(_Strip(display_name(t.category), display_name(t.stem),
                           _rel(files_dir, f"{name}.jpg"),
-                          _rel(files_dir, f"{name}_full.jpg"), css, gap, labels, shown, kind,
-                          caption))
+                          _rel(files_dir, f"{name}_full.jpg"), css, gap, p.labels, p.shown,
+                          p.kind, p.caption))
     return out
 
 
@@ -1270,7 +1300,7 @@ def write_reports(out_dir: Path, split: str, report: dict, per_image: list[dict]
                        "training loss curves", "Loss per epoch of each training phase.")
 
         vthumbs = {(str(t.category), str(t.stem)): t for t in (variant_thumbs or [])}
-        worst = list(thumbs_worst or [])
+        worst: list[Thumb | VariantThumb] = list(thumbs_worst or [])
         seen = {(str(t.category), str(t.stem)) for t in worst}
         worst += [t for k, t in vthumbs.items() if k not in seen]
         strips = {"best": _write_strips(thumbs_best or [], {}, "best", tmp_dir, files_dir,
