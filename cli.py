@@ -20,7 +20,7 @@ from pipeline.errors import PipelineError, UsageError
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.toml"
 
 
-def load(config_path: str | None, overrides) -> Config:
+def load(config_path: str | Path | None, overrides) -> Config:
     """The effective config: `config_path` (default: DEFAULT_CONFIG when present, else the
     built-in defaults) with the --set overrides applied."""
     if config_path is None and DEFAULT_CONFIG.is_file():
@@ -238,9 +238,11 @@ def segment(cfg, force, paths, out_dir, overlays):
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The .pt2 file [default: <paths.outputs>/<run.name>/model.pt2].")
 @click.option("--height", type=int, default=None,
-              help="Example image height for tracing, a multiple of the patch size [default: 14 patches].")
+              help="Example image height for tracing, a multiple of the patch size "
+                   "[default: 14 patches].")
 @click.option("--width", type=int, default=None,
-              help="Example image width for tracing, a multiple of the patch size [default: 20 patches].")
+              help="Example image width for tracing, a multiple of the patch size "
+                   "[default: 20 patches].")
 @stage_command
 def export_model(cfg, force, out_file, height, width):
     """One self-contained torch.export file: uint8 images -> object probability."""
@@ -254,7 +256,8 @@ def export_model(cfg, force, out_file, height, width):
 
 
 @cli.command()
-@click.option("--split", default=None, help="Split whose predictions to check (default: data.test_split).")
+@click.option("--split", default=None,
+              help="Split whose predictions to check (default: data.test_split).")
 @click.option("--verify", is_flag=True,
               help="Rehash every input and output, ignoring the checksum memo (reads all the "
                    "data and the cache); what is found damaged is marked for repair.")
@@ -265,7 +268,8 @@ def status(cfg, force, split, verify):
     from pipeline import predict as predict_stage
     from pipeline.stages import StageStatus
     split = split or cfg.data.test_split
-    checks = ((extract.STAGE, extract.status, (cfg, (), verify)), (train.STAGE, train.status, (cfg,)),
+    checks = ((extract.STAGE, extract.status, (cfg, (), verify)),
+              (train.STAGE, train.status, (cfg,)),
               (predict_stage.stage_name(split), predict_stage.status, (cfg, split)))
     for name, check, args in checks:
         try:
@@ -279,7 +283,8 @@ def status(cfg, force, split, verify):
 
 
 @cli.command()
-@click.option("--split", default=None, help="Split whose reports to compare (default: data.test_split).")
+@click.option("--split", default=None,
+              help="Split whose reports to compare (default: data.test_split).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @stage_command
 def runs(cfg, force, split, as_json):
@@ -311,7 +316,8 @@ def config_show(cfg, force):
 
 
 @cli.command()
-@click.option("--config", "config_path", default=str(DEFAULT_CONFIG.parent / "demo.toml"), show_default=True)
+@click.option("--config", "config_path", default=str(DEFAULT_CONFIG.parent / "demo.toml"),
+              show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 @click.option("--force", is_flag=True)
 def demo(config_path, overrides, force):

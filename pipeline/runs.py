@@ -23,7 +23,8 @@ IGNORED_KEYS = {"run.name", "run.threads", "dask.scheduler", "extract.num_worker
 class RunRow:
     run: str
     params: dict[str, Any] = field(default_factory=dict)  # only the keys that differ
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> headline
+    # variant -> headline metrics (None: missing from the report)
+    metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)
     n_images: int | None = None
     train_seconds: float | None = None
     up_to_date: bool | None = None  # None: unknown (no recorded config, or it cannot be checked)
@@ -31,7 +32,8 @@ class RunRow:
 
 
 def _flatten(doc: dict) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, table in doc.items() if isinstance(table, dict) for k, v in table.items()}
+    return {f"{s}.{k}": v for s, table in doc.items() if isinstance(table, dict)
+            for k, v in table.items()}
 
 
 def run_dirs(outputs: Path) -> list[Path]:
@@ -73,7 +75,7 @@ def collect(cfg: Config, split: str) -> list[RunRow]:
         configs.append(_flatten(config) if config else {})
     keys = sorted({k for c in configs for k in c} - IGNORED_KEYS)
     differing = [k for k in keys if len({repr(c.get(k)) for c in configs if c}) > 1]
-    for row, c in zip(rows, configs):
+    for row, c in zip(rows, configs, strict=True):
         row.params = {k: c.get(k) for k in differing} if c else {}
     rows.sort(key=lambda r: (-(r.metrics.get("pac", {}).get("miou") or -1.0), r.run))
     return rows
