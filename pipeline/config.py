@@ -49,7 +49,8 @@ class DataCfg:
 class BackboneCfg:
     name: str = "dino_vits16"
     weights: str = "pretrained"
-    layers: int = 0  # final blocks concatenated into the features; 0 = the backbone's measured default
+    # final blocks concatenated into the features; 0 = the backbone's measured default
+    layers: int = 0
 
 
 @dataclass
@@ -59,7 +60,8 @@ class ExtractCfg:
     num_workers: int = 4  # image-decoding threads
     precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     feature_dtype: str = "float16"
-    fit: str = "crop"  # how images are made a multiple of the patch size: centre "crop" | edge "pad"
+    # how images are made a multiple of the patch size: centre "crop" | edge "pad"
+    fit: str = "crop"
     compile: bool = False  # torch.compile the backbone (CUDA only)
 
 
@@ -70,7 +72,8 @@ class TrainCfg:
     epochs: int = 20  # PAC upsampler epochs
     linear_epochs: int = 30
     batch_size: int = 4
-    crop: int = 320  # random training crop side in pixels (rounded to the patch grid); 0 = whole images
+    # random training crop side in pixels (rounded to the patch grid); 0 = whole images
+    crop: int = 320
     weight_decay: float = 1e-4
     boundary_weight: float = 0.0  # extra BCE weight on pixels near the mask boundary
     seed: int = 0
@@ -94,7 +97,8 @@ class PredictCfg:
     device: str = "auto"
     threshold: float = 0.5  # on the object probability
     thumbnails: int = 6  # best / worst images shown in the HTML report
-    tta: str = "none"  # "flip": average with the mirrored image's logits (stage 1 stores its features)
+    # "flip": average with the mirrored image's logits (stage 1 stores its features)
+    tta: str = "none"
 
 
 @dataclass
@@ -271,7 +275,8 @@ def _validate(cfg: Config) -> None:
         if not str(cfg.get(key)).strip():
             raise ConfigError(f"bad value for {key}: empty (a folder path)")
     if not cfg.backbone.weights.strip():
-        raise ConfigError("bad value for backbone.weights: empty (\"pretrained\", \"random\" or a file)")
+        raise ConfigError("bad value for backbone.weights: empty "
+                          "(\"pretrained\", \"random\" or a file)")
     if not cfg.run.name or "/" in cfg.run.name or cfg.run.name.startswith("."):
         raise ConfigError(f"bad value for run.name: {cfg.run.name!r} (a plain folder name)")
     if cfg.data.val_split and cfg.data.val_split == cfg.data.train_split:
@@ -293,7 +298,8 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
         raise _unknown(key, where)
     section, name = key.split(".")
     sec = getattr(cfg, section, None)
-    if sec is None or not dataclasses.is_dataclass(sec) or name not in {f.name for f in fields(sec)}:
+    if (sec is None or not dataclasses.is_dataclass(sec)
+            or name not in {f.name for f in fields(sec)}):
         raise _unknown(key, where)
     setattr(sec, name, _coerce(key, value, getattr(sec, name), where))
 
@@ -311,7 +317,8 @@ def parse_set(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- the TOML file at `path` (if given) <- `overrides` ("key=value" strings)."""
     cfg = Config()
     if path is not None:

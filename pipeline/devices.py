@@ -35,7 +35,8 @@ def resolve_precision(precision: str, device_name: str) -> str:
     records what was computed, and a CPU cache is not taken for a GPU one)."""
     if precision != "auto":
         return precision
-    on_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    on_cuda = (device_name.startswith("cuda")
+               or (device_name == "auto" and torch.cuda.is_available()))
     return "bf16" if on_cuda else "fp32"
 
 

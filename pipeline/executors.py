@@ -81,7 +81,8 @@ def connect(scheduler: str) -> Iterator:
     except (OSError, TimeoutError) as e:
         raise ExecutorError(f"cannot reach the Dask scheduler at {scheduler} within "
                             f"{CONNECT_TIMEOUT_S} s ({type(e).__name__}); start it with "
-                            "`dask scheduler`, or leave dask.scheduler empty to run locally") from None
+                            "`dask scheduler`, or leave dask.scheduler empty to run "
+                            "locally") from None
     with client:
         yield client
 

@@ -14,10 +14,11 @@ rounded to `extract.feature_dtype` (what the heads were trained on: the store ke
 the linear head and the PAC upsampler. It computes what `segment` computes, but not bit for
 bit: the backbone runs batched with torch's default threading instead of one single-threaded
 pass per image, and a ViT's position embeddings are resized by interpolation matrices
-(`backbones._exportable_pos_embed`, within float32 rounding of torch's bicubic kernel) because torch.export
-would freeze F.interpolate's scale factor to the example's size. The float16 rounding of the
-features turns such tiny differences into occasional one-step differences of a feature, so
-a few pixels near the threshold may flip: tests require >= 99.9 % equal pixels.
+(`backbones._exportable_pos_embed`, within float32 rounding of torch's bicubic kernel)
+because torch.export would freeze F.interpolate's scale factor to the example's size. The
+float16 rounding of the features turns such tiny differences into occasional one-step
+differences of a feature, so a few pixels near the threshold may flip: tests require
+>= 99.9 % equal pixels.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ MAX_SIDE = 8192  # largest image side the program accepts
 MIN_PATCHES = 2
 MAX_BATCH = 1024
 EXAMPLE_PATCHES = (14, 20)  # default example size for tracing, in patches (height, width)
-META_FILE = "vit_objseg.json"  # in the archive: torch.export.load(path, extra_files={META_FILE: ""})
+# in the archive: torch.export.load(path, extra_files={META_FILE: ""})
+META_FILE = "vit_objseg.json"
 
 
 class SegmentationProgram(nn.Module):
@@ -192,8 +194,8 @@ def run_export(cfg: Config, out: str | Path | None = None, height: int | None = 
             # the archive writer's note on channels-last weights (a CNN's, see
             # Backbone.optimize_for_inference): they are saved whole and load unchanged
             warnings.filterwarnings("ignore", message="No complete tensor found in the group")
-            torch.export.save(exported, buf,
-                              extra_files={META_FILE: json.dumps(meta(cfg, models, patch), indent=1)})
+            meta_text = json.dumps(meta(cfg, models, patch), indent=1)
+            torch.export.save(exported, buf, extra_files={META_FILE: meta_text})
         data = buf.getvalue()
         ledger.write(path, data)
         save_record(cfg.run_dir, state, sha256=sha256_bytes(data))

@@ -155,7 +155,8 @@ class Ledger:
                 key = self.key(path)
                 entry = self.files.setdefault(key, {"sha256": []})
                 digest = sha256_bytes(data)
-                entry["sha256"] = ([h for h in entry["sha256"] if h != digest] + [digest])[-KEEP_HASHES:]
+                others = [h for h in entry["sha256"] if h != digest]
+                entry["sha256"] = (others + [digest])[-KEEP_HASHES:]
                 entry.pop("stamp", None)
             self._dirty = True
         self.save()

@@ -58,8 +58,9 @@ class Progress:
         rate = self.n / elapsed if elapsed > 0 else 0.0
         left = (self.total - self.n) / rate if rate > 0 else float("nan")
         eta = f", {_clock(left)} left" if rate > 0 and self.n < self.total else ""
-        print(f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f} %), "
-              f"{rate:.1f} {self.unit}/s{eta}", file=self.stream, flush=True)
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit} "
+              f"({100 * self.n / self.total:.0f} %), {rate:.1f} {self.unit}/s{eta}",
+              file=self.stream, flush=True)
 
     def close(self) -> None:
         with self._lock:

@@ -131,11 +131,12 @@ def judge(run_dir: Path, state: StageState) -> StageStatus:
     path = record_path(run_dir, state.name)
     rec = load_record(run_dir, state.name)
     absent = state.missing_deps()
-    needs = "; ".join(f"needs {k}: run `{state.upstream[k]}`" if k in state.upstream else f"{k} absent"
-                      for k in absent)
+    needs = "; ".join(f"needs {k}: run `{state.upstream[k]}`" if k in state.upstream
+                      else f"{k} absent" for k in absent)
     if rec is None:
         if path.exists():
-            return StageStatus(state.name, "stale", "stage record unreadable" + (f"; {needs}" if needs else ""))
+            return StageStatus(state.name, "stale",
+                               "stage record unreadable" + (f"; {needs}" if needs else ""))
         return StageStatus(state.name, "missing")
     if absent or rec["fingerprint"] != state.fingerprint:
         present = {k: v for k, v in state.deps.items() if v is not None}

@@ -308,7 +308,9 @@ def read_receipt(task: ShardTask) -> ShardEntry | None:
         entry = ShardEntry.from_json(obj) if isinstance(obj, dict) else None
     except (KeyError, TypeError, ValueError):
         return None
-    return entry if entry is not None and entry.file == task.file and entry.hash == task.hash else None
+    if entry is None or entry.file != task.file or entry.hash != task.hash:
+        return None
+    return entry
 
 
 def done_entry(task: ShardTask, hasher: FileHasher | None) -> ShardEntry | None:
@@ -377,7 +379,8 @@ def write_shard(task: ShardTask, records: list[ShardRecord], errors: list[str],
                 # unequal files. The image is kept as its encoded file (a JPEG is ~10x
                 # smaller than its pixels); masks are bit-packed (8x smaller).
                 g.create_dataset("features", data=r.features, track_times=False)
-                g.create_dataset("image", data=np.frombuffer(r.encoded, np.uint8), track_times=False)
+                g.create_dataset("image", data=np.frombuffer(r.encoded, np.uint8),
+                                 track_times=False)
                 if r.mask is not None:
                     g.create_dataset("mask", data=pack_mask(r.mask), track_times=False)
                 for key in ("category", "stem", "source"):
@@ -398,7 +401,8 @@ def write_shard(task: ShardTask, records: list[ShardRecord], errors: list[str],
         bad_marker(path).unlink(missing_ok=True)
     finally:
         tmp.unlink(missing_ok=True)
-    rows = tuple((r.category, r.stem, r.source, *r.orig_size, *r.box.as_tuple(), int(r.mask is not None))
+    rows = tuple((r.category, r.stem, r.source, *r.orig_size, *r.box.as_tuple(),
+                  int(r.mask is not None))
                  for r in records)
     entry = ShardEntry(task.file, task.hash, size, digest, rows, tuple(errors), tuple(rejected))
     atomic_write_json(task.receipt, entry.to_json())

@@ -13,7 +13,8 @@ CATEGORIES = {  # category -> (object colour, background colour)
 }
 
 
-def _sample(rng: np.random.Generator, category: str, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+def _sample(rng: np.random.Generator, category: str, h: int,
+            w: int) -> tuple[np.ndarray, np.ndarray]:
     obj_col, bg_col = (np.array(c, np.float32) for c in CATEGORIES[category])
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     # background: its colour, diagonal stripes of random phase and low-amplitude noise
