@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -65,6 +66,27 @@ def trained_run(base: Path, data_root: Path, *extra: str):
     run_train(cfg, **quiet)
     run_predict(cfg, "test", **quiet)
     return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synth_root):
+    """Extract, train (tiny) and predict the test split of the generated data (one run per
+    test module that asks for it): (base folder, data root, config)."""
+    base = tmp_path_factory.mktemp("seg_run")
+    return base, synth_root, trained_run(base, synth_root)
+
+
+def synth_images(folder: Path, names: list[str], root: Path,
+                 size: tuple[int, int] | None = None, first: int = 0) -> None:
+    """Copies of the generated test images (from the `first`-th on) under `names` (format
+    from the suffix), cropped to `size` (w, h) when given."""
+    srcs = sorted((root / "test").rglob("images/*.jpg"))
+    for k, name in enumerate(names, first):
+        im = Image.open(srcs[k % len(srcs)]).convert("RGB")
+        if size is not None:
+            im = im.crop((0, 0, *size))
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        im.save(folder / name)
 
 
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600):

@@ -28,14 +28,13 @@ from pipeline.export import (
 from pipeline.models import LinearHead, PacUpsampler, TrainedModels, UpsamplerSpec
 from pipeline.predict import checked_models
 from pipeline.segment import run_segment
-from tests.conftest import cli_sets, one_line_error, run_cli
-from tests.test_segment import synth_images, trained  # noqa: F401
+from tests.conftest import cli_sets, one_line_error, run_cli, synth_images
 
 AGREEMENT = 0.999  # segment rounds features to float16 after a per-image forward; see export.py
 
 
 @pytest.fixture(scope="module")
-def exported(trained, tmp_path_factory):  # noqa: F811 (the fixture imported above)
+def exported(trained, tmp_path_factory):
     base, root, cfg = trained
     path = tmp_path_factory.mktemp("export") / "model.pt2"
     r = run_cli("export", "--out", str(path), *cli_sets(base, root), timeout=600)
@@ -96,8 +95,10 @@ def test_masks_agree_with_segment(trained, exported, tmp_path):
 def test_up_to_date_and_refusals(trained, exported):
     base, root, cfg = trained
     r = run_cli("export", "--out", str(exported), *cli_sets(base, root))
-    assert r.returncode == 0 and r.stdout == f"export: up to date -> {exported}\n", r.stdout + r.stderr
-    r = run_cli("export", "--out", str(exported), *cli_sets(base, root, "backbone.name=dino_vits16"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"export: up to date -> {exported}\n", r.stdout + r.stderr
+    r = run_cli("export", "--out", str(exported),
+                *cli_sets(base, root, "backbone.name=dino_vits16"))
     assert r.returncode == 1
     one_line_error(r, "train-head", "backbone.name")
     r = run_cli("export", *cli_sets(base, root, "run.name=untrained"))
@@ -176,7 +177,8 @@ def test_vit_exports_with_dynamic_sizes(name):
     bb = backbones.create_backbone(name, "random")
     p, c = bb.spec.patch_size, bb.spec.embed_dim
     torch.manual_seed(0)
-    models = TrainedModels(LinearHead(c).eval(), PacUpsampler(UpsamplerSpec(c, p, residual=True)).eval(),
+    models = TrainedModels(LinearHead(c).eval(),
+                           PacUpsampler(UpsamplerSpec(c, p, residual=True)).eval(),
                            p, "test", {}, {})
     program = SegmentationProgram(bb, models, torch.float32).eval().requires_grad_(False)
     exported = export_program(program, p, 4 * p, 6 * p).module()

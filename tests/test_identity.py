@@ -18,8 +18,7 @@ from pipeline.predict import run_predict
 from pipeline.segment import run_segment
 from pipeline.store import bad_marker, read_manifest, store_dir
 from pipeline.train import run_train
-from tests.conftest import TINY_TRAIN, cli_sets, make_cfg, run_cli
-from tests.test_segment import synth_images
+from tests.conftest import TINY_TRAIN, cli_sets, make_cfg, run_cli, synth_images
 
 QUIET = dict(log=lambda s: None, progress=False)
 

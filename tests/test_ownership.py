@@ -15,8 +15,14 @@ from pipeline.extract import run_extract
 from pipeline.owned import MARKER, Ledger, claim_folder
 from pipeline.segment import run_segment
 from pipeline.train import run_train
-from tests.conftest import cli_sets, make_cfg, one_line_error, run_cli, trained_run
-from tests.test_segment import synth_images
+from tests.conftest import (
+    cli_sets,
+    make_cfg,
+    one_line_error,
+    run_cli,
+    synth_images,
+    trained_run,
+)
 
 QUIET = dict(log=lambda s: None, progress=False)
 
@@ -70,7 +76,8 @@ def test_segment_refuses_a_folder_it_did_not_create(trained, tmp_path):
     (docs / "a.png").write_bytes(b"my own file")
     (docs / "notes.txt").write_text("mine")
     before = tree(docs)
-    r = run_cli("segment", str(tmp_path / "in"), "--out", str(docs), "--force", *cli_sets(base, root))
+    r = run_cli("segment", str(tmp_path / "in"), "--out", str(docs), "--force",
+                *cli_sets(base, root))
     assert r.returncode == 2, r.stderr
     one_line_error(r, str(docs), "not created by")
     assert tree(docs) == before

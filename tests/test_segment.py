@@ -11,20 +11,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from pipeline.segment import RECORD_FILE, run_segment
-from tests.conftest import TINY_TRAIN, cli_sets, make_cfg, one_line_error, run_cli, trained_run
+from tests.conftest import TINY_TRAIN, cli_sets, make_cfg, one_line_error, run_cli, synth_images
 
 FAST = TINY_TRAIN
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, synth_root):
-    """Extract, train (tiny) and predict the test split of the generated data."""
-    base = tmp_path_factory.mktemp("seg_run")
-    return base, synth_root, trained_run(base, synth_root)
 
 
 def sha(path: Path) -> str:
@@ -34,23 +26,11 @@ def sha(path: Path) -> str:
 def check_mask(mask_path: Path, size: tuple[int, int]) -> np.ndarray:
     """An 8-bit L PNG of `size` (w, h) holding only 0 and 255; returns it as bool."""
     with Image.open(mask_path) as im:
-        assert im.format == "PNG" and im.mode == "L" and im.size == size, (mask_path, im.size, im.mode)
+        assert im.format == "PNG" and im.mode == "L" and im.size == size, (
+            mask_path, im.size, im.mode)
         a = np.asarray(im)
     assert set(np.unique(a)) <= {0, 255}
     return a > 127
-
-
-def synth_images(folder: Path, names: list[str], root: Path, size: tuple[int, int] | None = None,
-                 first: int = 0) -> None:
-    """Copies of the generated test images (from the `first`-th on) under `names` (format
-    from the suffix), cropped to `size` (w, h) when given."""
-    srcs = sorted((root / "test").rglob("images/*.jpg"))
-    for k, name in enumerate(names, first):
-        im = Image.open(srcs[k % len(srcs)]).convert("RGB")
-        if size is not None:
-            im = im.crop((0, 0, *size))
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        im.save(folder / name)
 
 
 # ----------------------------------------------------------------------------- the contract
@@ -93,11 +73,12 @@ def test_folders_files_spaces_hidden_and_link_loops(trained, tmp_path):
     single = tmp_path / "elsewhere" / "one shot.jpeg"
     synth_images(single.parent, [single.name], root)
     out = tmp_path / "out dir"
-    r = run_cli("segment", str(photos), str(single), "--out", str(out), *cli_sets(base, root), timeout=300)
+    r = run_cli("segment", str(photos), str(single), "--out", str(out), *cli_sets(base, root),
+                timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
-    assert re.fullmatch(rf"segment: 6 masks in [\d.]+ s \([\d.]+ images/s\) -> {re.escape(str(out))}\n",
-                        r.stdout), r.stdout
+    assert re.fullmatch(rf"segment: 6 masks in [\d.]+ s \([\d.]+ images/s\) -> "
+                        rf"{re.escape(str(out))}\n", r.stdout), r.stdout
     rels = {"a/b/deep.png", "top.png", "with space.png", "UPPER.png", "a/b/c.png", "one shot.png"}
     written = {p.relative_to(out).as_posix() for p in out.rglob("*.png")}
     assert written == rels
@@ -107,7 +88,8 @@ def test_folders_files_spaces_hidden_and_link_loops(trained, tmp_path):
         check_mask(out / "top.png", im.size)
     # a rerun does nothing, quickly
     r = run_cli("segment", str(photos), str(single), "--out", str(out), *cli_sets(base, root))
-    assert r.returncode == 0 and r.stdout == f"segment: 6 masks up to date -> {out}\n", r.stdout + r.stderr
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"segment: 6 masks up to date -> {out}\n", r.stdout + r.stderr
     # default output folder: <outputs>/<run>/segment; --no-overlays; no dataset and no
     # feature store needed, and none written
     r = run_cli("segment", str(single), "--no-overlays",
@@ -134,7 +116,8 @@ def test_exif_orientation_is_applied(trained, tmp_path):
     from pipeline.data import load_image
     pixels = load_image(tmp_path / "in" / "sideways.jpg")
     assert pixels.shape == (72, 120, 3)
-    assert pixels[:30, :40].mean(axis=(0, 1))[0] > 150 and pixels[40:, 60:].mean(axis=(0, 1))[0] < 100
+    assert pixels[:30, :40].mean(axis=(0, 1))[0] > 150
+    assert pixels[40:, 60:].mean(axis=(0, 1))[0] < 100
     Image.fromarray(pixels).save(tmp_path / "in" / "plain.png")  # the same pixels, no EXIF
     out = tmp_path / "out"
     res = run_segment(cfg, [tmp_path / "in"], out, progress=False)
@@ -153,7 +136,8 @@ def test_refuses_models_of_another_backbone_or_training(trained, tmp_path):
     synth_images(tmp_path / "in", ["x.jpg"], root)
     out = tmp_path / "out"
     for extra in ("backbone.name=dino_vits16", "train.lr=1e-3"):
-        r = run_cli("segment", str(tmp_path / "in"), "--out", str(out), *cli_sets(base, root, extra))
+        r = run_cli("segment", str(tmp_path / "in"), "--out", str(out),
+                    *cli_sets(base, root, extra))
         assert r.returncode == 1
         line = one_line_error(r, "train-head", extra.split("=")[0])
         assert r.stdout == "", line
@@ -191,7 +175,7 @@ def test_two_images_for_one_mask_is_an_error_before_any_work(trained, tmp_path):
     one_line_error(r, "no images")
 
 
-# ----------------------------------------------------------------------------- resumption, bad images
+# ------------------------------------------------------------------------ resumption, bad images
 
 def test_rerun_recomputes_only_what_changed(trained, tmp_path):
     base, root, cfg = trained
@@ -236,10 +220,10 @@ def test_bad_image_is_skipped_and_exit_1(trained, tmp_path):
     out = tmp_path / "out"
     r = run_cli("segment", str(src), "--out", str(out), *cli_sets(base, root))
     assert r.returncode == 1, r.stderr
-    skipped = [l for l in r.stderr.splitlines() if l.startswith("  skipped: ")]
+    skipped = [line for line in r.stderr.splitlines() if line.startswith("  skipped: ")]
     assert len(skipped) == 3, r.stderr
     for name in ("broken.jpg", "truncated.jpg", "dangling.png"):
-        assert sum(name in l for l in skipped) == 1, (name, skipped)
+        assert sum(name in line for line in skipped) == 1, (name, skipped)
     one_line_error(r, "3 image(s)")
     assert r.stdout.startswith("segment: 2 masks in ")
     assert {p.name for p in out.glob("*.png")} == {"good1.png", "good2.png"}
