@@ -9,6 +9,7 @@ The reference forward is written out here, following DINO's and DINOv2's own cod
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import math
 import os
@@ -101,7 +102,8 @@ def timm_features(bb: Backbone, x: torch.Tensor) -> torch.Tensor:
     B, _, H, W = x.shape
     p = bb.spec.patch_size
     with torch.no_grad():
-        t = bb.model.forward_features((x.float() - bb.mean) / bb.std)[:, bb.model.num_prefix_tokens:]
+        t = bb.model.forward_features((x.float() - bb.mean) / bb.std)
+        t = t[:, bb.model.num_prefix_tokens:]
     return t.reshape(B, H // p, W // p, -1)
 
 
@@ -150,9 +152,10 @@ def test_registry_names_and_specs():
     for name, (patch, dim, source) in expect.items():
         spec = get_spec(name)
         assert isinstance(spec, BackboneSpec)
-        assert (spec.name, spec.patch_size, spec.embed_dim, spec.source) == (name, patch, dim, source)
+        assert ((spec.name, spec.patch_size, spec.embed_dim, spec.source)
+                == (name, patch, dim, source))
         assert spec.mean == (0.485, 0.456, 0.406) and spec.std == (0.229, 0.224, 0.225)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         spec.patch_size = 3  # frozen
 
 
@@ -209,14 +212,16 @@ def test_vit_forward_matches_timm(random_backbones, name):
     sizes they follow DINO's rule, no longer timm's antialiased resize."""
     bb = random_backbones[name]
     p, (gh, gw) = bb.spec.patch_size, bb.model.patch_embed.grid_size
-    assert (gh, gw) == {"dino_vits16": (14, 14), "dino_vits8": (28, 28), "dinov2_vits14": (37, 37)}[name]
+    trained_grid = {"dino_vits16": (14, 14), "dino_vits8": (28, 28), "dinov2_vits14": (37, 37)}
+    assert (gh, gw) == trained_grid[name]
     x = images(p, b=2, gh=gh, gw=gw)  # 224 x 224, or 518 x 518 for DINOv2
     out = feats(bb, x)
     assert out.shape == (2, gh, gw, 384)
     assert torch.equal(out, timm_features(bb, x))
     x = images(p, b=1, gh=5, gw=7)
     out = feats(bb, x)
-    torch.testing.assert_close(out, vit_reference(bb.spec.source[5:].split(".")[0], bb.model.state_dict(), x))
+    model_name = bb.spec.source[5:].split(".")[0]
+    torch.testing.assert_close(out, vit_reference(model_name, bb.model.state_dict(), x))
     assert (out - timm_features(bb, x)).abs().max() > 1e-3
 
 

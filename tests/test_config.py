@@ -16,7 +16,8 @@ def test_contract_keys_exist_with_contract_defaults():
     cfg = load_config(ROOT / "configs" / "default.toml")
     assert set(CONTRACT_KEYS) <= set(all_keys())
     assert (cfg.run.name, cfg.paths.cache, cfg.paths.outputs) == ("default", "cache", "outputs")
-    assert (cfg.data.root, cfg.data.layout, cfg.data.train_split) == ("data/obj_seg", "obj_seg", "train")
+    assert ((cfg.data.root, cfg.data.layout, cfg.data.train_split)
+            == ("data/obj_seg", "obj_seg", "train"))
     assert (cfg.backbone.name, cfg.backbone.weights) == ("dino_vits16", "pretrained")
     assert (cfg.extract.batch_size, cfg.extract.device) == (32, "auto")
     # changed from the contract's example values (5e-4, 10): measured better on real data,
@@ -121,7 +122,8 @@ def test_config_show_round_trips(tmp_path):
     cfg = load_config(saved)
     assert cfg.train.lr == 1e-3 and cfg.run.name == 'a "b"' and cfg.upsampler.channels == [8, 1]
     assert cfg == load_config(ROOT / "configs" / "default.toml",
-                              ["train.lr=1e-3", 'run.name="a \\"b\\""', "upsampler.channels=[8, 1]"])
+                              ["train.lr=1e-3", 'run.name="a \\"b\\""',
+                               "upsampler.channels=[8, 1]"])
 
 
 def test_version_and_installed_command_from_any_folder(tmp_path):

@@ -92,7 +92,8 @@ def test_broken_links_are_reported_not_raised(tmp_path):
     (images / "loop.jpg").symlink_to(images / "loop.jpg")
     items, problems = list_items(root, "obj_seg", "train")
     assert len(items) == 2
-    assert sorted(p.split(":")[0].rsplit("/", 1)[1] for p in problems) == ["dangling.jpg", "loop.jpg"]
+    names = sorted(p.split(":")[0].rsplit("/", 1)[1] for p in problems)
+    assert names == ["dangling.jpg", "loop.jpg"]
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -153,7 +154,8 @@ def test_fit_box(h, w, fit, expected):
     assert fit_box(h, w, 16, fit) == expected
 
 
-@pytest.mark.parametrize("h, w, fit", [(37, 53, "crop"), (37, 53, "pad"), (16, 16, "crop"), (9, 70, "crop")])
+@pytest.mark.parametrize("h, w, fit",
+                         [(37, 53, "crop"), (37, 53, "pad"), (16, 16, "crop"), (9, 70, "crop")])
 def test_canvas_roundtrip(h, w, fit):
     img = np.arange(h * w).reshape(h, w)
     box = fit_box(h, w, 16, fit)

@@ -35,9 +35,10 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster():
     from pipeline.executors import preserved_environment
-    with preserved_environment(), distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  host="127.0.0.1", dashboard_address=None,
-                                  silence_logs=logging.ERROR) as c:
+    with preserved_environment(), distributed.LocalCluster(n_workers=2, threads_per_worker=1,
+                                                           processes=True, host="127.0.0.1",
+                                                           dashboard_address=None,
+                                                           silence_logs=logging.ERROR) as c:
         yield c
 
 

@@ -59,8 +59,8 @@ def test_features_do_not_depend_on_batch_size(tmp_path, synth_root):
     run_extract(b, ["test"], **quiet)
     ca, cb = FeatureStore.open(a, "test"), FeatureStore.open(b, "test")
     for i in range(len(ca)):
-        np.testing.assert_allclose(ca.features(i).astype(np.float32), cb.features(i).astype(np.float32),
-                                   rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(ca.features(i).astype(np.float32),
+                                   cb.features(i).astype(np.float32), rtol=1e-2, atol=1e-2)
 
 
 def test_config_change_marks_stale_and_recomputes(tmp_path, synth_root):
@@ -92,7 +92,8 @@ def test_changed_image_recomputes_only_its_shard(tmp_path):
     changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
     shards_changed = {k for k in changed if k.endswith(".h5")}
     # the disc shard was replaced, the block shard kept byte for byte
-    assert any("/disc-" in k for k in shards_changed) and not any("/block-" in k for k in shards_changed)
+    assert any("/disc-" in k for k in shards_changed)
+    assert not any("/block-" in k for k in shards_changed)
     assert res.n_images == 3
 
 
@@ -107,10 +108,11 @@ def test_bad_files_are_reported_and_the_rest_is_cached(tmp_path):
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
-    assert any("disc/images/00000.jpg: corrupt" in l for l in lines)
-    assert any("block/annotations/00002.png: mask size 10x10 differs" in l for l in lines)
-    assert not any("00001" in l for l in lines)  # an image without annotation is no problem
-    assert lines[-1] == "error: 2 file(s) could not be used (listed above); the other images are cached"
+    assert any("disc/images/00000.jpg: corrupt" in line for line in lines)
+    assert any("block/annotations/00002.png: mask size 10x10 differs" in line for line in lines)
+    assert not any("00001" in line for line in lines)  # an image without annotation: no problem
+    assert lines[-1] == ("error: 2 file(s) could not be used (listed above); the other images "
+                         "are cached")
     store = FeatureStore.open(cfg, "train")
     assert len(store) == 4
     unannotated = [m for m in store.items if not m.annotated]
@@ -134,12 +136,14 @@ def test_empty_and_missing_dataset_errors(tmp_path):
     cfg = make_cfg(tmp_path, tmp_path / "nothing")
     r = run_cli("extract-features", *[a for s in _sets(cfg) for a in ("--set", s)])
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == [f"error: dataset folder not found: {tmp_path / 'nothing'}"]
+    assert r.stderr.strip().splitlines() == [
+        f"error: dataset folder not found: {tmp_path / 'nothing'}"]
 
 
 def test_missing_upstream_names_the_command(tmp_path, synth_root):
     cfg = make_cfg(tmp_path, synth_root)
-    with pytest.raises(StoreError, match="no manifest; run `python cli.py extract-features --split train`"):
+    with pytest.raises(StoreError,
+                       match="no manifest; run `python cli.py extract-features --split train`"):
         FeatureStore.open(cfg, "train")
 
 

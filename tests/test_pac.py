@@ -123,7 +123,7 @@ def test_gradients_match_reference(stride, dilation, padding, normalize):
     expected = torch.autograd.grad(ref, (x, f, w, b), gout)
     for fn in IMPLS:
         got = torch.autograd.grad(fn(x, f, w, b, **kw), (x, f, w, b), gout)
-        for name, g_got, g_exp in zip("xfwb", got, expected):
+        for name, g_got, g_exp in zip("xfwb", got, expected, strict=True):
             torch.testing.assert_close(g_got, g_exp, rtol=1e-9, atol=1e-10,
                                        msg=f"{fn.__name__}: d/d{name}")
 

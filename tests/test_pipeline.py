@@ -60,7 +60,8 @@ def test_run_predict_report_and_status(tmp_path, odd_root):
     assert report["split"] == "test" and report["n_images"] == 6
     assert report["backbone"] == {"name": "mobilenet_v2", "weights": "random"}
     assert report["n_predicted"] == 6
-    assert report["config"]["train"]["epochs"] == 2 and report["config"]["data"]["root"] == str(odd_root)
+    assert report["config"]["train"]["epochs"] == 2
+    assert report["config"]["data"]["root"] == str(odd_root)
     assert set(report["fingerprints"]) == {"features", "models"}
     assert report["versions"]["torch"]
     assert sorted((r["category"], r["stem"]) for r in report["per_image"]) == \
@@ -104,7 +105,7 @@ def test_run_predict_report_and_status(tmp_path, odd_root):
     assert "predict.threshold" in lines[2]
     # the backbone: everything
     lines = run_cli("status", *args, "--set", "backbone.name=dino_vits16").stdout.splitlines()
-    assert all("stale (" in l and "backbone.name" in l for l in lines), lines
+    assert all("stale (" in line and "backbone.name" in line for line in lines), lines
 
 
 def test_predict_resumes_from_units(tmp_path, odd_root):
@@ -143,7 +144,8 @@ def test_demo_runs_offline(tmp_path):
                     reason="../shared/data/obj_seg or the MobileNetV2 weights are absent")
 def test_real_data_pac_beats_bilinear(tmp_path):
     r = run_cli("run", "--split", "test",
-                "--set", f"data.root={SHARED_DATA / 'obj_seg'}", "--set", f"paths.cache={tmp_path / 'c'}",
+                "--set", f"data.root={SHARED_DATA / 'obj_seg'}",
+                "--set", f"paths.cache={tmp_path / 'c'}",
                 "--set", f"paths.outputs={tmp_path / 'o'}", "--set", "backbone.name=mobilenet_v2",
                 "--set", f"backbone.weights={SHARED_WEIGHTS}", timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]

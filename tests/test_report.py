@@ -53,7 +53,7 @@ def fake_report(categories=("bear", ODD)) -> dict:
     base = {"linear_nearest": (0.812, 0.734, 0.401), "linear_bilinear": (0.846, 0.771, 0.522),
             "pac": (0.912, 0.858, 0.713)}
     variants = {}
-    for k, (v, (m, j, f)) in enumerate(base.items()):
+    for v, (m, j, f) in base.items():
         variants[v] = {
             "overall": metrics(m, j, f, 5),
             "per_category": {c: metrics(round(m - 0.01 * (i + 1), 3), round(j - 0.02 * i, 3),
@@ -103,7 +103,7 @@ def fake_variant_thumb(category: str, stem: str, h: int = 48, w: int = 80,
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     gt, _ = fake_masks(h, w)
-    masks = {v: fake_masks(h, w, shift)[1] for v, shift in zip(VARIANTS, (9, 6, 2))}
+    masks = {v: fake_masks(h, w, shift)[1] for v, shift in zip(VARIANTS, (9, 6, 2), strict=True)}
     return VariantThumb(category, stem, image, gt, masks)
 
 
@@ -199,11 +199,11 @@ def test_write_reports_markdown(written):
     md = paths["md"].read_text(encoding="utf-8")
     assert "mobilenet_v2" in md and "test" in md.splitlines()[0]
     lines = md.splitlines()
-    header = next(i for i, l in enumerate(lines) if l.startswith("| variant |"))
+    header = next(i for i, line in enumerate(lines) if line.startswith("| variant |"))
     for col in ("mIoU", "FG IoU", "BG IoU", "J mean", "Boundary F", "Accuracy", "Precision",
                 "Recall", "images"):
         assert col in lines[header]
-    rows = {l.split("|")[1].strip(): l for l in lines[header + 2: header + 5]}
+    rows = {line.split("|")[1].strip(): line for line in lines[header + 2: header + 5]}
     assert list(rows) == list(VARIANTS)  # in reading order
     for v in VARIANTS:
         o = report["variants"][v]["overall"]
@@ -418,7 +418,7 @@ def test_worst_images_show_the_variants_side_by_side(tmp_path):
     assert len(parser.strips) == 2  # the worst image, then the extra variant thumb
     labels = parser.strips[0]["labels"]
     assert labels[:2] == ["image", "ground truth"] and len(labels) == 5
-    for label, v in zip(labels[2:], VARIANTS):
+    for label, v in zip(labels[2:], VARIANTS, strict=True):
         assert label.startswith(v) and f"J {r['j'][v]:.3f}" in label
     with Image.open(tmp_path / urllib.parse.unquote(parser.strips[0]["img"]["src"])) as im:
         assert im.size == (5 * 80 + 4 * report_mod.STRIP_GAP, 48)
@@ -519,7 +519,8 @@ def test_rewrite_drops_stale_files_and_handles_minimal_inputs(tmp_path):
     for key in ("config", "fingerprints", "versions", "n_predicted"):
         del report[key]
     paths = write_reports(tmp_path, "val", report, [], many[:1], [], None)
-    pac_row = next(l for l in paths["md"].read_text().splitlines() if l.startswith("| pac |"))
+    pac_row = next(line for line in paths["md"].read_text().splitlines()
+                   if line.startswith("| pac |"))
     assert "| 0.500 |" in pac_row and pac_row.count("\u2014") == 2 and pac_row.endswith("| 5 |")
     assert sorted(p.name for p in paths["files"].iterdir()) == [
         "best_01.jpg", "best_01_full.jpg", "overall.pdf", "overall.png", "overall.svg",
@@ -576,7 +577,7 @@ def test_overlay_colours():
     assert dominant(fn) == 2 and fn[2] > grey  # blue
     for px, colour in ((tp, TP_COLOUR), (fp, FP_COLOUR), (fn, FN_COLOUR)):
         # a tint: each channel between the grey's and the colour's
-        assert all(min(grey, c) <= p <= max(grey, c) for p, c in zip(px, colour))
+        assert all(min(grey, c) <= p <= max(grey, c) for p, c in zip(px, colour, strict=True))
     assert tuple(out[2, 2]) == CONTOUR_COLOUR and tuple(out[9, 6]) == CONTOUR_COLOUR
     assert tuple(out[5, 9]) == CONTOUR_COLOUR and tuple(out[5, 10]) != CONTOUR_COLOUR
 
@@ -649,7 +650,8 @@ def test_full_size_strips_are_stored_at_twice_their_css_size(tmp_path):
     strips = parse(paths["html"].read_text(encoding="utf-8")).strips
     assert len(strips) == 2
     side = report_mod.PANEL_MAX_SIDE
-    for strip, panel in zip(strips, ((side, round(480 * side / 854)), (side // 2, side))):
+    for strip, panel in zip(strips, ((side, round(480 * side / 854)), (side // 2, side)),
+                            strict=True):
         f = tmp_path / urllib.parse.unquote(strip["img"]["src"])
         with Image.open(f) as im:
             assert im.size == (strip_width(panel[0]), panel[1])
@@ -677,7 +679,7 @@ def test_thumbnail_strip_panels():
     assert (panels[0] == image).all()  # (1) the image itself
     np.testing.assert_array_equal(panels[3], overlay(image, gt, pred))  # (4) the errors
     dim = round(grey * report_mod.MASK_DIM)
-    for panel, mask in ((panels[1], gt), (panels[2], pred)):  # (2) ground truth, (3) prediction
+    for panel in (panels[1], panels[2]):  # (2) ground truth, (3) prediction: both hold (5, 6)
         assert tuple(panel[0, 0]) == (dim, dim, dim)  # background dimmed
         assert tuple(panel[5, 6]) == MASK_COLOUR or panel[5, 6].min() > grey  # object bright
     assert tuple(panels[1][5, 2]) == MASK_COLOUR and tuple(panels[2][5, 2]) == (dim, dim, dim)
@@ -716,13 +718,13 @@ def test_near_ties_are_not_bolded(tmp_path):
     v["linear_nearest"]["per_category"]["bear"]["boundary_f"] = 0.70149  # both shown as 0.701
     paths = write_reports(tmp_path, "test", report, [], [], [], None)
     lines = paths["md"].read_text(encoding="utf-8").splitlines()
-    header = next(i for i, l in enumerate(lines) if l.startswith("| variant |"))
-    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
-            for l in lines[header + 2: header + 5]}
+    header = next(i for i, line in enumerate(lines) if line.startswith("| variant |"))
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in lines[header + 2: header + 5]}
     assert rows["pac"][0] == "**0.912**" and rows["linear_bilinear"][0] == "0.912"
     assert rows["pac"][3] == "**0.800**" and rows["linear_bilinear"][3] == "**0.800**"
     f_table = lines[lines.index("### Boundary F"):]
-    bear = next(l for l in f_table if l.startswith("| bear |")).split("|")[3:-1]
+    bear = next(line for line in f_table if line.startswith("| bear |")).split("|")[3:-1]
     assert [c.strip() for c in bear] == ["**0.701**", "0.522", "0.701"]  # nearest, bilinear, pac
     text = paths["html"].read_text(encoding="utf-8")
     assert bold_cells(text).count("0.912") == 1 and bold_cells(text).count("0.800") == 2

@@ -41,7 +41,7 @@ def test_two_runs_differ_in_exactly_train_lr(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert "train.lr" in lines[0] and "pac mIoU" in lines[0]
-    row_slow = next(l for l in lines if l.startswith("| slow "))
-    row_fast = next(l for l in lines if l.startswith("| fast "))
+    row_slow = next(line for line in lines if line.startswith("| slow "))
+    row_fast = next(line for line in lines if line.startswith("| fast "))
     assert "0.001" in row_slow and row_slow.rstrip(" |").endswith("no")
     assert "0.005" in row_fast and row_fast.rstrip(" |").endswith("yes")

@@ -54,9 +54,11 @@ def test_upsampler_outputs_full_size_for_any_patch_size(patch, n_stages):
 
 
 def test_residual_and_learned_guide_variants_run():
-    spec = UpsamplerSpec(in_channels=5, patch_size=16, guide="learned", residual=True, normalize=True)
+    spec = UpsamplerSpec(in_channels=5, patch_size=16, guide="learned", residual=True,
+                         normalize=True)
     up = PacUpsampler(spec)
-    out = up(torch.randn(1, 5, 2, 3), torch.zeros(1, 3, 32, 48, dtype=torch.uint8), torch.randn(1, 1, 2, 3))
+    out = up(torch.randn(1, 5, 2, 3), torch.zeros(1, 3, 32, 48, dtype=torch.uint8),
+             torch.randn(1, 1, 2, 3))
     assert out.shape == (1, 1, 32, 48)
 
 
@@ -72,14 +74,16 @@ def test_uint8_guide_pyramid_is_the_float_pyramid_rounded_to_8_bits():
     assert fast.spec.pyramid == "uint8"
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    for a, b in zip(fast.guide_pyramid(image, sizes), legacy.guide_pyramid(image, sizes)):
+    for a, b in zip(fast.guide_pyramid(image, sizes), legacy.guide_pyramid(image, sizes),
+                    strict=True):
         levels = (a * std + mean) * 255
         torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-3)
         assert (a - b).abs().max() <= 1.0 / 255 / min(IMAGENET_STD) + 1e-6
     # full size: no resize, both are the normalised image itself
     torch.testing.assert_close(fast.guide_pyramid(image, [(64, 96)])[0], normalize_image(image))
     # a real difference at the coarse levels (the test can tell the two apart)
-    assert not torch.equal(fast.guide_pyramid(image, sizes[:1])[0], legacy.guide_pyramid(image, sizes[:1])[0])
+    assert not torch.equal(fast.guide_pyramid(image, sizes[:1])[0],
+                           legacy.guide_pyramid(image, sizes[:1])[0])
 
 
 def test_models_saved_before_the_uint8_pyramid_load_with_the_float_pyramid(tmp_path):

@@ -35,7 +35,8 @@ def run(tmp_path_factory, synth_root):
     plain_report = json.loads(report_path(plain, "test").read_text())
     shards = {p: p.stat().st_mtime_ns for p in store_dir(plain).rglob("*.h5")}
     pdir = pred_dir_of(plain, "test")
-    plain_masks = {p.relative_to(pdir).as_posix(): np.asarray(Image.open(p)) > 127 for p in pdir.rglob("*.png")}
+    plain_masks = {p.relative_to(pdir).as_posix(): np.asarray(Image.open(p)) > 127
+                   for p in pdir.rglob("*.png")}
     flip = copy_config(plain, **{"predict.tta": "flip"})
     return base, synth_root, plain, flip, plain_report, shards, plain_masks
 
@@ -77,22 +78,26 @@ def test_flip_averages_the_mirror_images_logits(run):
     agree = total = plain_agree = 0
     for i in range(len(store)):
         item = store.read(i)
-        canvas = torch.from_numpy(np.array(to_canvas(item.image, item.meta.box))).permute(2, 0, 1)[None]
+        canvas = torch.from_numpy(np.array(to_canvas(item.image, item.meta.box)))
+        canvas = canvas.permute(2, 0, 1)[None]
 
         def logits(feats: np.ndarray, image: torch.Tensor) -> torch.Tensor:
             f = torch.from_numpy(feats.astype(np.float32)).permute(2, 0, 1)[None]
             with torch.no_grad():
                 return models.upsampler(f, image, models.head(f))[0, 0]
 
-        mean = (logits(item.features, canvas) + logits(mirror.features(i), canvas.flip(-1)).flip(-1)) / 2
+        own = logits(item.features, canvas)
+        mean = (own + logits(mirror.features(i), canvas.flip(-1)).flip(-1)) / 2
         expected = from_canvas((mean > threshold).numpy(), item.meta.box, item.meta.orig_size)
         rel = f"{item.meta.category}/{item.meta.stem}.png"
         got = np.asarray(Image.open(pred_dir_of(flip, "test") / rel)) > 127
         agree += int((got == expected).sum())
         total += got.size
         plain_agree += int((plain_masks[rel] == expected).sum())
-    print(f"pixels off the rule: with TTA {total - agree}, without {total - plain_agree} of {total}")
-    assert agree >= 0.999 * total  # rounding of the threaded heads may flip a pixel at the threshold
+    print(f"pixels off the rule: with TTA {total - agree}, without {total - plain_agree} "
+          f"of {total}")
+    # rounding of the threaded heads may flip a pixel at the threshold
+    assert agree >= 0.999 * total
     # the rule can tell TTA from no TTA: the masks without it are far further off
     assert total - plain_agree > 10 * (total - agree) + 10
 
@@ -100,7 +105,8 @@ def test_flip_averages_the_mirror_images_logits(run):
     assert run_extract(plain, ["train", "test"], **quiet).up_to_date
     assert not predict_status(plain, "test").up_to_date
     run_predict(plain, "test", **quiet)
-    assert json.loads(report_path(plain, "test").read_text())["variants"] == plain_report["variants"]
+    again = json.loads(report_path(plain, "test").read_text())
+    assert again["variants"] == plain_report["variants"]
 
 
 def test_segment_and_export_apply_the_same_tta(run, tmp_path):
