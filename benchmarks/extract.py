@@ -75,7 +75,8 @@ def plain_batched(name: str, weights: str, device, canvases, bs: int, precision:
     amp = autocast_dtype(precision, device)
     x_all = [torch.from_numpy(np.stack(canvases[k:k + bs])).permute(0, 3, 1, 2)
              for k in range(0, len(canvases), bs)]
-    with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32,
+                                                enabled=amp is not None):
         model(x_all[0].to(device))
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -88,11 +89,13 @@ def plain_batched(name: str, weights: str, device, canvases, bs: int, precision:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(SHARED / "data" / "obj_seg"))
     ap.add_argument("--layout", default="obj_seg")
     ap.add_argument("--backbone", default="mobilenet_v2")
-    ap.add_argument("--weights", default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt"))
+    ap.add_argument("--weights",
+                    default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt"))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=4)
@@ -104,7 +107,8 @@ def main() -> None:
     if not root.is_dir():
         sys.exit(f"benchmark data not found: {root}")
     device = resolve_device(args.device)
-    items = [it for s in list_splits(root, args.layout) for it in list_items(root, args.layout, s)[0]]
+    items = [it for s in list_splits(root, args.layout)
+             for it in list_items(root, args.layout, s)[0]]
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
         sets = [f"data.root={root}", f"data.layout={args.layout}", f"backbone.name={args.backbone}",
@@ -122,9 +126,11 @@ def main() -> None:
         canvases = []
         for it in items:
             img = load_image(root / it.image)
-            canvases.append(np.ascontiguousarray(to_canvas(img, fit_box(img.shape[0], img.shape[1], patch, "crop"))))
+            box = fit_box(img.shape[0], img.shape[1], patch, "crop")
+            canvases.append(np.ascontiguousarray(to_canvas(img, box)))
         t_b = forward_only(cfg, canvases)
-        t_b_plain = plain_batched(args.backbone, args.weights, device, canvases, args.batch_size, args.precision)
+        t_b_plain = plain_batched(args.backbone, args.weights, device, canvases, args.batch_size,
+                                  args.precision)
         del canvases
 
         t0 = time.perf_counter()
@@ -146,7 +152,8 @@ def main() -> None:
     for label, t in rows:
         lines.append(f"| {label} | {t:.1f} | {n / t:.1f} | {t_a / t:.2f}x |")
     lines.append("")
-    lines.append(f"(c) reaches {100 * t_b / t_c:.0f} % of (b)'s throughput and is {t_a / t_c:.2f}x the course's way.")
+    lines.append(f"(c) reaches {100 * t_b / t_c:.0f} % of (b)'s throughput and is "
+                 f"{t_a / t_c:.2f}x the course's way.")
     text = "\n".join(lines)
     print(text)
     if args.markdown_out:

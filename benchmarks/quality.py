@@ -31,7 +31,9 @@ DATASETS = {
     "obj_seg": (SHARED / "data" / "obj_seg", "obj_seg", "train", "test"),
     "davis2016_subset": (SHARED / "data" / "davis2016_subset", "davis2016", "train", "val"),
 }
-DEFAULT_OPTIONS = ["baseline=backbone.layers=1", "layers 2=backbone.layers=2", "layers 3=backbone.layers=3"]
+DEFAULT_OPTIONS = ["baseline=backbone.layers=1", "layers 2=backbone.layers=2",
+                   "layers 3=backbone.layers=3"]
+HEADLINE = ("miou", "j_mean", "boundary_f")
 
 
 def cli(args: list[str], sets: list[str]) -> float:
@@ -48,13 +50,23 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def headline(report_path: Path) -> dict:
+    """The HEADLINE metrics of linear_bilinear and pac in a report."""
+    rep = json.loads(report_path.read_text())
+    return {v: {k: rep["variants"][v]["overall"][k] for k in HEADLINE}
+            for v in ("linear_bilinear", "pac")}
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--option", action="append", help='"label=key=value[,key=value]"; repeatable')
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--weights", default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt"))
-    ap.add_argument("--work", default=None, help="cache and outputs folder (default: a temporary one)")
+    ap.add_argument("--weights",
+                    default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt"))
+    ap.add_argument("--work", default=None,
+                    help="cache and outputs folder (default: a temporary one)")
     ap.add_argument("--json", default=None, help="write the raw results here")
     ap.add_argument("--tta", action="store_true",
                     help="also predict each run with predict.tta=flip (stage 1 adds the mirrored "
@@ -85,20 +97,18 @@ def main() -> None:
                        + cli(["extract-features", "--split", test], sets),
                        "train_s": cli(["train-head"], sets),
                        "predict_s": cli(["predict", "--split", test], sets)}
-                rep = json.loads((work / ds / "outputs" / run / f"report_{test}.json").read_text())
-                row["metrics"] = {v: {k: rep["variants"][v]["overall"][k] for k in ("miou", "j_mean", "boundary_f")}
-                                  for v in ("linear_bilinear", "pac")}
+                report = work / ds / "outputs" / run / f"report_{test}.json"
+                row["metrics"] = headline(report)
                 grown = dir_bytes(features) - before  # the option's store, when this run made it
-                row["cache_bytes"] = grown or next((r["cache_bytes"] for r in results
-                                                    if r["dataset"] == ds and r["option"] == label), 0)
+                row["cache_bytes"] = grown or next(
+                    (r["cache_bytes"] for r in results
+                     if r["dataset"] == ds and r["option"] == label), 0)
                 if args.tta:
                     tsets = [*sets, "predict.tta=flip"]
                     before = dir_bytes(features)
                     row["tta_extract_s"] = cli(["extract-features", "--split", test], tsets)
                     row["tta_predict_s"] = cli(["predict", "--split", test], tsets)
-                    rep = json.loads((work / ds / "outputs" / run / f"report_{test}.json").read_text())
-                    row["metrics_tta"] = {v: {k: rep["variants"][v]["overall"][k] for k in ("miou", "j_mean", "boundary_f")}
-                                          for v in ("linear_bilinear", "pac")}
+                    row["metrics_tta"] = headline(report)
                     row["tta_cache_bytes"] = dir_bytes(features) - before
                 results.append(row)
                 print(json.dumps(row), flush=True)
@@ -114,18 +124,22 @@ def _triples(metrics: dict) -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    print("\n| dataset | option | seed | linear_bilinear mIoU / J / F | PAC mIoU / J / F | stage 1 / 2 / 3 s | cache MiB |")
+    print("\n| dataset | option | seed | linear_bilinear mIoU / J / F | PAC mIoU / J / F "
+          "| stage 1 / 2 / 3 s | cache MiB |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['dataset']} | {r['option']} | {r['seed']} | {_triples(r['metrics'])} | "
               f"{r['extract_s']:.0f} / {r['train_s']:.0f} / {r['predict_s']:.0f} | "
               f"{r['cache_bytes'] / 2**20:.0f} |")
     if any("metrics_tta" in r for r in results):
-        print("\n| dataset | option | seed | + flip TTA: linear_bilinear mIoU / J / F | PAC mIoU / J / F | stage 1 s added / stage 3 s with TTA | cache MiB added |")
+        print("\n| dataset | option | seed | + flip TTA: linear_bilinear mIoU / J / F "
+              "| PAC mIoU / J / F | stage 1 s added / stage 3 s with TTA | cache MiB added |")
         print("|---|---|---|---|---|---|---|")
         for r in results:
-            print(f"| {r['dataset']} | {r['option']} | {r['seed']} | {_triples(r['metrics_tta'])} | "
-                  f"{r['tta_extract_s']:.0f} / {r['tta_predict_s']:.0f} | {r['tta_cache_bytes'] / 2**20:.0f} |")
+            print(f"| {r['dataset']} | {r['option']} | {r['seed']} "
+                  f"| {_triples(r['metrics_tta'])} "
+                  f"| {r['tta_extract_s']:.0f} / {r['tta_predict_s']:.0f} "
+                  f"| {r['tta_cache_bytes'] / 2**20:.0f} |")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ def run_measured(label: str, argv: list[str], check: bool = True) -> Measured:
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
         out.seek(0)
         err.seek(0)
-        m = Measured(label, proc.returncode, seconds, usage.ru_maxrss * 1024, out.read(), err.read())
+        m = Measured(label, proc.returncode, seconds, usage.ru_maxrss * 1024, out.read(),
+                     err.read())
     print(f"[run_all] {label}: {m.seconds:.1f} s, peak {mib(m.peak_rss)}, exit {m.returncode}",
           file=sys.stderr, flush=True)
     if check and m.returncode != 0:
@@ -140,7 +141,8 @@ def parse_md_table(text: str) -> list[dict[str, str]]:
     if len(lines) < 2:
         return []
     cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
-    return [dict(zip(cells[0], c)) for c in cells[2:]]
+    # lenient: a row with missing or extra cells keeps what lines up with the header
+    return [dict(zip(cells[0], c, strict=False)) for c in cells[2:]]
 
 
 def summary_table(rows: list[Row]) -> str:
@@ -252,11 +254,13 @@ def bench_extract_script(s: Setup, rep: Report) -> None:
     for r in parse_md_table(text):
         way = r.get("way", "?")
         per_s = float(r["images/s"])  # more digits than its seconds column, which has one decimal
-        rep.summary.append(Row(f"stage 1 {way}", s.device, n, n / per_s if per_s else float(r["seconds"]),
-                               per_second=r["images/s"]))
-    rep.sections.append(("Stage 1: the course's way, the forward pass, the stage (benchmarks/extract.py)",
-                         text + f"\n\nAll four ways ran in one process (peak RSS {mib(m.peak_rss)}), "
-                         "so the summary table gives no per-way peak memory."))
+        seconds = n / per_s if per_s else float(r["seconds"])
+        rep.summary.append(Row(f"stage 1 {way}", s.device, n, seconds, per_second=r["images/s"]))
+    rep.sections.append(("Stage 1: the course's way, the forward pass, the stage "
+                         "(benchmarks/extract.py)",
+                         text + "\n\nAll four ways ran in one process (peak RSS "
+                         f"{mib(m.peak_rss)}), so the summary table gives no per-way peak "
+                         "memory."))
 
 
 def parse_number(pattern: str, text: str) -> float | None:
@@ -278,7 +282,8 @@ def bench_stages(s: Setup, rep: Report) -> tuple[Path, Measured]:
     m = extract = run_measured("stage 1 extract-features", argv("extract-features"))
     n = parse_number(r"extract-features: (\d+) images", m.stdout)
     rows.append(("`cli.py extract-features` (all splits)", m,
-                 parse_number(r"images in ([\d.]+) s", m.stdout), int(n) if n is not None else n_all))
+                 parse_number(r"images in ([\d.]+) s", m.stdout),
+                 int(n) if n is not None else n_all))
     m = run_measured("stage 2 train-head", argv("train-head"))
     rows.append((f"`cli.py train-head` ({cfg.train.linear_epochs} linear + {cfg.train.epochs} PAC "
                  f"epochs, {cfg.data.train_split} split)", m,
@@ -286,16 +291,19 @@ def bench_stages(s: Setup, rep: Report) -> tuple[Path, Measured]:
     m = run_measured("stage 3 predict", argv("predict", "--split", cfg.data.test_split))
     n = parse_number(r"predict \[\w+\]: (\d+) images", m.stdout)
     rows.append((f"`cli.py predict --split {cfg.data.test_split}`", m,
-                 parse_number(r"images in ([\d.]+) s", m.stdout), int(n) if n is not None else n_test))
+                 parse_number(r"images in ([\d.]+) s", m.stdout),
+                 int(n) if n is not None else n_test))
     m = run_measured("no-op rerun", argv("run", "--split", cfg.data.test_split))
-    rows.append((f"`cli.py run --split {cfg.data.test_split}`, all up to date (no-op)", m, None, None))
+    rows.append((f"`cli.py run --split {cfg.data.test_split}`, all up to date (no-op)", m,
+                 None, None))
     if m.stdout.count("up to date") < 3:
         rep.notes.append("The no-op `cli.py run` did not report all three stages up to date:\n"
                          + "\n".join(f"    {ln}" for ln in m.stdout.strip().splitlines()))
 
     for label, m, _, images in rows:
         rep.summary.append(Row(label, s.device, images, m.seconds, mib(m.peak_rss)))
-    table = md_table(["command", "wall s", "stage's own s", "images", "images/s (wall)", "peak RSS"],
+    table = md_table(["command", "wall s", "stage's own s", "images", "images/s (wall)",
+                      "peak RSS"],
                      [[label, f"{m.seconds:.2f}", f"{own:.1f}" if own is not None else "-",
                        str(images) if images is not None else "-", rate(images, m.seconds),
                        mib(m.peak_rss)] for label, m, own, images in rows], "lrrrrr")
@@ -314,7 +322,8 @@ def cache_files(cache: Path) -> dict[str, Path]:
     """The feature-cache files whose bytes must not depend on how they were computed:
     model.json, <split>/manifest.json and <split>/shards/*.h5, keyed by path under features/."""
     base = cache / "features"
-    files = [*base.glob("*/model.json"), *base.glob("*/*/manifest.json"), *base.glob("*/*/shards/*.h5")]
+    files = [*base.glob("*/model.json"), *base.glob("*/*/manifest.json"),
+             *base.glob("*/*/shards/*.h5")]
     return {p.relative_to(base).as_posix(): p for p in files}
 
 
@@ -367,8 +376,8 @@ def compare_caches(ref: Path, other: Path) -> tuple[bool, str]:
 def bench_dask(s: Setup, rep: Report, local_cache: Path, local: Measured) -> None:
     """3. Stage 1 on local Dask clusters vs the local run, and whether the caches are equal."""
     n = count_images(s.data)
-    rows = [["local (threads in one process)", f"{local.seconds:.2f}", rate(n, local.seconds), "1.00x",
-             mib(local.peak_rss), "(reference)"]]
+    rows = [["local (threads in one process)", f"{local.seconds:.2f}", rate(n, local.seconds),
+             "1.00x", mib(local.peak_rss), "(reference)"]]
     for scheduler in DASK_SCHEDULERS:
         folder = s.work / f"dask-{scheduler.replace(':', '')}"
         m = run_measured(f"stage 1 dask {scheduler}",
@@ -376,8 +385,8 @@ def bench_dask(s: Setup, rep: Report, local_cache: Path, local: Measured) -> Non
                                   (f"dask.scheduler={json.dumps(scheduler)}",)))
         same, detail = compare_caches(local_cache, folder / "cache")
         if not same:
-            rep.notes.append(f"The `dask.scheduler={scheduler}` cache is not identical to the local "
-                             f"one: {detail}.")
+            rep.notes.append(f"The `dask.scheduler={scheduler}` cache is not identical to the "
+                             f"local one: {detail}.")
         rows.append([f"`dask.scheduler={scheduler}`", f"{m.seconds:.2f}", rate(n, m.seconds),
                      f"{local.seconds / m.seconds:.2f}x", mib(m.peak_rss),
                      ("yes: " if same else "NO: ") + detail])
@@ -390,8 +399,8 @@ def bench_dask(s: Setup, rep: Report, local_cache: Path, local: Measured) -> Non
         "faster). Dask workers run one thread each, and the nanny sets OMP_NUM_THREADS=1 in "
         "them, so torch uses 1 thread per worker. Peak RSS is ru_maxrss of the CLI process tree: "
         "the largest single process in it, not the sum over workers.\n\n"
-        + md_table(["scheduler", "seconds", "images/s", "vs local", "peak RSS", "cache identical to local"],
-                   rows, "lrrrrl")
+        + md_table(["scheduler", "seconds", "images/s", "vs local", "peak RSS",
+                    "cache identical to local"], rows, "lrrrrl")
         + "\n\nFeature differences of float16 rounding size (~1e-7) come from torch's thread count "
         "(1 in a Dask worker, all cores locally); \"HDF5 file layout only\" means the same records "
         "were written to different bytes."))
@@ -410,10 +419,11 @@ def bench_pac(s: Setup, rep: Report) -> None:
         for r in parse_md_table(text):
             batch = re.search(r"\bB(\d+)\b", r["shape"])
             rep.summary.append(Row(f"PAC fwd+bwd `{r['variant']}` {r['shape']}", dev,
-                                   int(batch.group(1)) if batch else None, float(r["fwd+bwd ms"]) / 1e3,
+                                   int(batch.group(1)) if batch else None,
+                                   float(r["fwd+bwd ms"]) / 1e3,
                                    f"{float(r['peak MiB']):.0f} MiB"))
-        rep.sections.append((f"PAC op on {dev}, {size.group(1) if size else ''} (benchmarks/pac.py)",
-                             text))
+        rep.sections.append((f"PAC op on {dev}, {size.group(1) if size else ''} "
+                             "(benchmarks/pac.py)", text))
 
 
 def run_section(name: str, rep: Report, fn, *args):
@@ -430,9 +440,11 @@ def run_section(name: str, rep: Report, fn, *args):
 
 def render(s: Setup, rep: Report, skipped: list[str], elapsed: float, command: str,
            load_start: tuple[float, ...]) -> str:
-    title = "# Benchmark results" + (" (--quick: generated data, random weights)" if s.quick else "")
+    title = ("# Benchmark results"
+             + (" (--quick: generated data, random weights)" if s.quick else ""))
     parts = [title, "",
-             f"Written by `{command}` in {elapsed:.0f} s.", "", *machine_header(s.device, load_start), "",
+             f"Written by `{command}` in {elapsed:.0f} s.", "",
+             *machine_header(s.device, load_start), "",
              "## Summary", "",
              "Seconds are wall time; for the `cli.py` rows they include interpreter start-up, "
              "and peak memory is the child process's max RSS. PAC rows: one forward+backward "
@@ -449,14 +461,17 @@ def render(s: Setup, rep: Report, skipped: list[str], elapsed: float, command: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="small generated dataset, random weights, small PAC size (< 1 minute)")
     ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
                     help="device of the stages (extract/train/predict.device)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the Markdown file to write")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="obj_seg dataset (not with --quick)")
-    ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="MobileNetV2 weights (not with --quick)")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                    help="obj_seg dataset (not with --quick)")
+    ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
+                    help="MobileNetV2 weights (not with --quick)")
     ap.add_argument("--skip-pac", action="store_true", help="skip the PAC op benchmark")
     ap.add_argument("--skip-dask", action="store_true", help="skip the Dask scaling benchmark")
     ap.add_argument("--keep-work", action="store_true",

@@ -67,9 +67,10 @@ def forward_only(cfg, frames: list[Path]) -> float:
     canvases = []
     for f in frames:
         img = load_image(f)
-        canvases.append(np.ascontiguousarray(to_canvas(img, fit_box(*img.shape[:2], ex.patch, ex.fit))))
-    batches = same_size_batches([fit_box(c.shape[0], c.shape[1], ex.patch, ex.fit) for c in canvases],
-                                ex.batch_size)
+        box = fit_box(*img.shape[:2], ex.patch, ex.fit)
+        canvases.append(np.ascontiguousarray(to_canvas(img, box)))
+    batches = same_size_batches([fit_box(c.shape[0], c.shape[1], ex.patch, ex.fit)
+                                 for c in canvases], ex.batch_size)
     ex.launch([canvases[i] for i in batches[0]])()  # warm-up
     if ex.device.type == "cuda":
         torch.cuda.synchronize()
@@ -88,11 +89,13 @@ def segment_once(cfg, frames_dir: Path, out: Path, overlays: bool) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(SHARED / "data" / "obj_seg"))
     ap.add_argument("--layout", default="obj_seg")
     ap.add_argument("--backbone", default="mobilenet_v2")
-    ap.add_argument("--weights", default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt"))
+    ap.add_argument("--weights",
+                    default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt"))
     ap.add_argument("--outputs", default=None, help="paths.outputs of an existing trained run")
     ap.add_argument("--run", default="default", help="run.name of that run")
     ap.add_argument("--device", default="cpu")
@@ -119,7 +122,8 @@ def main() -> None:
             t0 = time.perf_counter()
             run_extract(cfg, [cfg.data.train_split], log=lambda s: None, progress=False)
             run_train(cfg, log=lambda s: None, progress=False)
-            print(f"(trained a quick run in {time.perf_counter() - t0:.0f} s; not timed)", file=sys.stderr)
+            print(f"(trained a quick run in {time.perf_counter() - t0:.0f} s; not timed)",
+                  file=sys.stderr)
         frames = link_frames(root, args.layout, work / "frames")
         n = len(frames)
         segment_once(cfg, work / "frames", work / "warm", False)  # warm-up: page cache, allocator
@@ -135,7 +139,8 @@ def main() -> None:
 
     t = {k: statistics.median(v) for k, v in times.items()}
     device = resolve_device(args.device)
-    rows = [(f"(a) backbone forward only (Extractor.launch, batch {args.batch_size}, no I/O)", t["forward"]),
+    rows = [(f"(a) backbone forward only (Extractor.launch, batch {args.batch_size}, no I/O)",
+             t["forward"]),
             ("(b) `segment --no-overlays` end to end", t["plain"]),
             ("(b') `segment` end to end, with overlays (default)", t["overlays"])]
     lines = [f"segment vs forward: {args.backbone} ({Path(args.weights).name}), {n} frames of "

@@ -42,7 +42,7 @@ def dataset_bytes(cache: Path) -> tuple[int, dict[str, int], int]:
     for path in cache.rglob("*.h5"):
         total += path.stat().st_size
         with h5py.File(path, "r") as f:
-            for name, g in f.items():
+            for g in f.values():
                 n += 1
                 for ds_name, ds in g.items():
                     parts[ds_name] = parts.get(ds_name, 0) + ds.id.get_storage_size()
@@ -50,7 +50,8 @@ def dataset_bytes(cache: Path) -> tuple[int, dict[str, int], int]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", type=Path, default=ROOT, help="checkout whose cli.py to measure")
     ap.add_argument("--size-data", type=Path, default=SHARED / "data" / "davis2016_subset")
     ap.add_argument("--size-layout", default="davis2016")
@@ -62,11 +63,13 @@ def main() -> int:
             print(f"skipped: {p} is absent", file=sys.stderr)
             return 0
     work = Path(tempfile.mkdtemp(prefix="store_size_"))
-    common = ["--set", "backbone.name=mobilenet_v2", "--set", f"backbone.weights={args.weights.resolve()}",
+    common = ["--set", "backbone.name=mobilenet_v2",
+              "--set", f"backbone.weights={args.weights.resolve()}",
               "--set", f"paths.outputs={work / 'outputs'}"]
     try:
         size_sets = [*common, "--set", f"paths.cache={work / 'cache_size'}",
-                     "--set", f"data.root={args.size_data.resolve()}", "--set", f"data.layout={args.size_layout}"]
+                     "--set", f"data.root={args.size_data.resolve()}",
+                     "--set", f"data.layout={args.size_layout}"]
         t_extract = cli(args.repo, "extract-features", *size_sets)
         total, parts, n = dataset_bytes(work / "cache_size")
         train_sets = [*common, "--set", f"paths.cache={work / 'cache_train'}",

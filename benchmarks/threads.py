@@ -31,9 +31,11 @@ def spin() -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=SHARED / "data" / "obj_seg")
-    ap.add_argument("--weights", type=Path, default=SHARED / "weights" / "mobilenet_v2_imagenet_features.pt")
+    ap.add_argument("--weights", type=Path,
+                    default=SHARED / "weights" / "mobilenet_v2_imagenet_features.pt")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--linear-epochs", type=int, default=10)
     args = ap.parse_args()
@@ -42,15 +44,16 @@ def main() -> int:
         return 0
     work = Path(tempfile.mkdtemp(prefix="threads_"))
     sets = ["--set", f"data.root={args.data.resolve()}", "--set", "backbone.name=mobilenet_v2",
-            "--set", f"backbone.weights={args.weights.resolve()}", "--set", f"paths.cache={work / 'cache'}",
+            "--set", f"backbone.weights={args.weights.resolve()}",
+            "--set", f"paths.cache={work / 'cache'}",
             "--set", f"paths.outputs={work / 'outputs'}", "--set", f"train.epochs={args.epochs}",
             "--set", f"train.linear_epochs={args.linear_epochs}"]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
 
     def cli(*a: str) -> float:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, str(ROOT / "cli.py"), *a, *sets], cwd=ROOT, env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run([sys.executable, str(ROOT / "cli.py"), *a, *sets], cwd=ROOT, env=env,
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return time.perf_counter() - t0
 
     rows = []
