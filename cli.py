@@ -29,7 +29,9 @@ def load(config_path: str | Path | None, overrides) -> Config:
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
+    """Print `message` as one `error:` line (a library's multi-line text is joined) and exit."""
+    one_line = "; ".join(part.strip() for part in message.splitlines() if part.strip())
+    click.echo(f"error: {one_line}", err=True)
     sys.exit(code)
 
 
@@ -99,6 +101,15 @@ def stage_command(func):
     return wrapper
 
 
+def split_names(value):
+    """A --split value (or several) checked to be plain folder names: a `/`, `..` or an
+    absolute path would make the stages write outside their folders (exit 2, one line)."""
+    from pipeline.config import check_name
+    for name in (value if isinstance(value, tuple) else (value,) if value else ()):
+        guarded(check_name, "--split", name)
+    return value
+
+
 scheduler_option = click.option(
     "--scheduler", default=None, metavar="ADDRESS",
     help='Run on Dask: "local:N" or "tcp://host:8786" (same as --set dask.scheduler=...).')
@@ -146,7 +157,8 @@ def do_extract(cfg, force: bool, splits=()) -> bool:
 
 @cli.command("extract-features")
 @scheduler_option
-@click.option("--split", "splits", multiple=True, help="Split(s) to extract (default: all).")
+@click.option("--split", "splits", multiple=True, callback=lambda c, p, v: split_names(v),
+              help="Split(s) to extract (default: all).")
 @stage_command
 def extract_features(cfg, force, splits):
     """Stage 1: images -> backbone patch features in the HDF5 cache."""
@@ -184,7 +196,8 @@ def do_predict(cfg, force: bool, split: str) -> None:
 
 @cli.command()
 @scheduler_option
-@click.option("--split", default=None, help="Split to predict (default: data.test_split).")
+@click.option("--split", default=None, callback=lambda c, p, v: split_names(v),
+              help="Split to predict (default: data.test_split).")
 @stage_command
 def predict(cfg, force, split):
     """Stage 3: masks for a split, plus the IoU report."""
@@ -193,7 +206,8 @@ def predict(cfg, force, split):
 
 @cli.command()
 @scheduler_option
-@click.option("--split", default=None, help="Split to predict (default: data.test_split).")
+@click.option("--split", default=None, callback=lambda c, p, v: split_names(v),
+              help="Split to predict (default: data.test_split).")
 @stage_command
 def run(cfg, force, split):
     """All three stages in order, each skipped when up to date."""
@@ -256,7 +270,7 @@ def export_model(cfg, force, out_file, height, width):
 
 
 @cli.command()
-@click.option("--split", default=None,
+@click.option("--split", default=None, callback=lambda c, p, v: split_names(v),
               help="Split whose predictions to check (default: data.test_split).")
 @click.option("--verify", is_flag=True,
               help="Rehash every input and output, ignoring the checksum memo (reads all the "
@@ -283,7 +297,7 @@ def status(cfg, force, split, verify):
 
 
 @cli.command()
-@click.option("--split", default=None,
+@click.option("--split", default=None, callback=lambda c, p, v: split_names(v),
               help="Split whose reports to compare (default: data.test_split).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @stage_command

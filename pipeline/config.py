@@ -184,10 +184,12 @@ RANGES: dict[str, Range] = {
     "train.weight_decay": Range(0, 10),
     "train.boundary_weight": Range(0, 1000),
     "train.seed": Range(0, 2**32 - 1),
-    "upsampler.hidden": Range(1, 1024),
-    "upsampler.channels": Range(1, 1024),
-    "upsampler.kernel_size": Range(1, 15),
-    "upsampler.guide_channels": Range(1, 256),
+    # the PAC stages run at up to full resolution: beyond these, one training epoch of a
+    # 480p dataset takes minutes and its checkpoint a GB (1024 channels, 15 x 15: 1 GB)
+    "upsampler.hidden": Range(1, 256),
+    "upsampler.channels": Range(1, 256),
+    "upsampler.kernel_size": Range(1, 11),
+    "upsampler.guide_channels": Range(1, 64),
     "predict.batch_size": Range(1, 4096),
     "predict.threshold": Range(0, 1, lo_open=True, hi_open=True),
     "predict.thumbnails": Range(0, 100),
@@ -277,8 +279,10 @@ def _validate(cfg: Config) -> None:
     if not cfg.backbone.weights.strip():
         raise ConfigError("bad value for backbone.weights: empty "
                           "(\"pretrained\", \"random\" or a file)")
-    if not cfg.run.name or "/" in cfg.run.name or cfg.run.name.startswith("."):
-        raise ConfigError(f"bad value for run.name: {cfg.run.name!r} (a plain folder name)")
+    check_name("run.name", cfg.run.name)
+    for key in ("data.train_split", "data.test_split", "data.val_split"):
+        if cfg.get(key) or key != "data.val_split":
+            check_name(key, cfg.get(key))
     if cfg.data.val_split and cfg.data.val_split == cfg.data.train_split:
         raise ConfigError("bad value for data.val_split: it must differ from data.train_split")
     sched = cfg.dask.scheduler
@@ -291,6 +295,23 @@ def _validate(cfg: Config) -> None:
             f"{n.lo}..{n.hi}, or \"tcp://host:port\")")
     for key in PATH_KEYS:
         _home(key, cfg.get(key))
+
+
+def _is_str_key(key: str) -> bool:
+    """Whether `key` is a known config key whose value is a string."""
+    section, _, name = key.partition(".")
+    return isinstance(getattr(getattr(Config(), section, None), name, None), str)
+
+
+def check_name(what: str, name: str) -> str:
+    """`name` when it is one plain path component (a run or split name: it becomes a folder
+    name under the tool's own folders), else ConfigError naming `what`: a `/`, `..`, a
+    leading `.` or an absolute path would write elsewhere."""
+    if (not name or "/" in name or "\\" in name or "\0" in name or name.startswith(".")
+            or name != name.strip()):
+        raise ConfigError(f"bad value for {what}: {name!r} (a plain folder name: no '/', "
+                          "no leading '.', no surrounding spaces)")
+    return name
 
 
 def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
@@ -323,12 +344,17 @@ def load_config(path: str | Path | None = None,
     cfg = Config()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file not found: {path}")
+        if not path.is_file():  # a folder, FIFO or device: never opened (a FIFO would hang)
+            raise ConfigError(f"config file {path} is not a regular file")
         try:
-            doc = tomllib.loads(path.read_text())
+            doc = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is no statement
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot parse config file {path}: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: "
+                              f"{e.strerror or type(e).__name__}") from None
         where = f" in {path}"
         for section, table in doc.items():
             if not isinstance(table, dict):
@@ -337,6 +363,8 @@ def load_config(path: str | Path | None = None,
                 _apply(cfg, f"{section}.{name}", value, where)
     for item in overrides:
         key, value = parse_set(item)
+        if _is_str_key(key) and not isinstance(value, str) and not isinstance(value, list):
+            value = item.split("=", 1)[1].strip()  # `--set run.name=2024`: the name "2024"
         _apply(cfg, key, value, " in --set")
     _validate(cfg)
     _expand_user(cfg)

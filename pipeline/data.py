@@ -237,8 +237,8 @@ def check_pixels(size: tuple[int, int], name: str | Path, max_pixels: int | None
     pixels = w * h
     if max_pixels is not None and pixels > max_pixels:
         raise ImageTooLarge(
-            f"{name}: {what} of {w}x{h} pixels ({pixels / 1e6:.1f} megapixels) is larger "
-            f"than data.max_pixels = {max_pixels} ({max_pixels / 1e6:.1f} megapixels): not "
+            f"{name}: {what} of {w}x{h} pixels ({pixels / 1e6:.3g} megapixels) is larger "
+            f"than data.max_pixels = {max_pixels} ({max_pixels / 1e6:.3g} megapixels): not "
             f"decoded; {_RETRY}", pixels)
 
 
@@ -346,7 +346,9 @@ def to_canvas(array: np.ndarray, box: Box) -> np.ndarray:
     h, w = array.shape[:2]
     ys = np.clip(np.arange(box.height) + box.top, 0, h - 1)
     xs = np.clip(np.arange(box.width) + box.left, 0, w - 1)
-    if box.top >= 0 and box.left >= 0:  # pure crop: a view is enough
+    if 0 <= box.top and box.top + box.height <= h and 0 <= box.left and box.left + box.width <= w:
+        # pure crop: a view is enough (a canvas one pixel larger than the image has top or
+        # left 0 too: it needs the padding below)
         return array[box.top:box.top + box.height, box.left:box.left + box.width]
     return array[ys][:, xs]
 

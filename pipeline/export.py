@@ -176,13 +176,15 @@ def run_export(cfg: Config, out: str | Path | None = None, height: int | None = 
     ModelError naming train-head when the models are missing or do not match `cfg`."""
     t0 = time.perf_counter()
     path = Path(out) if out is not None else default_path(cfg)
+    if path.is_dir() or not path.name:
+        raise UsageError(f"--out {str(out)!r}: a folder, not a file name (e.g. model.pt2)")
     feature_params(cfg)  # a bad backbone.layers or weights path is told before any models
     with checked_models(cfg) as models:
         state = _state(cfg, models, path, height, width)
         if not force and judge(cfg.run_dir, state).up_to_date:
             return ExportResult(path, models.patch_size, up_to_date=True, bytes=path.stat().st_size)
         # the run folder's ledger records every file export writes, wherever it is
-        ledger = Ledger(claim_run_dir(cfg.run_dir))
+        ledger = Ledger(claim_run_dir(cfg.run_dir), "export")
         ledger.check(path)  # before the work: never replace a file the tool did not write
         program = build_program(cfg, models)
         patch = program.backbone.spec.patch_size

@@ -317,7 +317,7 @@ def load_models(model_dir: Path, device: torch.device | str = "cpu") -> TrainedM
         head.load_state_dict(states[HEAD_FILE])
         up = PacUpsampler(UpsamplerSpec(**{"pyramid": "float", **card["upsampler"]}))
         up.load_state_dict(states[UPSAMPLER_FILE])
-    except (KeyError, TypeError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ModelError(f"{model_dir}: models do not match their card ({type(e).__name__}): "
                          f"{repair}") from None
     return TrainedModels(head.to(device).eval(), up.to(device).eval(),

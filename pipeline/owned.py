@@ -55,7 +55,7 @@ def claim_folder(folder: str | Path, what: str, legacy: Iterable[str] = ()) -> P
     folder = Path(folder)
     legacy = tuple(legacy)
     if folder.is_dir() and _marker(folder) is not None:
-        return folder
+        return refuse_links(folder, what)
     if folder.exists() and not folder.is_dir():
         raise OwnershipError(f"{folder}: {what} is a file, not a folder; choose another path")
     if folder.is_dir():
@@ -69,6 +69,20 @@ def claim_folder(folder: str | Path, what: str, legacy: Iterable[str] = ()) -> P
                 f"{folder / MARKER}: {what}'s marker is damaged, so its files are not known to "
                 f"be {TOOL}'s; choose a new folder, or delete the marker if they are")
     atomic_write_json(folder / MARKER, {"tool": TOOL, "version": 1, "files": {}})
+    return refuse_links(folder, what)
+
+
+def refuse_links(folder: Path, what: str) -> Path:
+    """`folder` when nothing inside it is a symbolic link, else OwnershipError naming the
+    first: the tool never makes links, so one in its folder was put there, and writing
+    through it would write outside the folder (the folder itself may be a link)."""
+    for dirpath, dirnames, filenames in os.walk(folder):  # links are listed, not followed
+        for name in (*dirnames, *filenames):
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                raise OwnershipError(
+                    f"{path}: a symbolic link inside {what}, which {TOOL} never makes; writing "
+                    "through it could change files elsewhere: remove it (or move the target in)")
     return folder
 
 
@@ -86,8 +100,9 @@ class Ledger:
     folder); a key is the path relative to `folder`, or absolute for a file outside it.
     `stamp` memoises that the file, as it was then (stat_stamp), had the last hash."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, writer: str):
         self.folder = Path(folder)
+        self.writer = writer  # the command that keeps this ledger, for messages
         self._root = Path(os.path.abspath(self.folder))
         doc = _marker(self.folder) or {}
         files = doc.get("files")
@@ -142,7 +157,8 @@ class Ledger:
                     return
             except OSError:
                 pass
-        raise OwnershipError(f"{full}: exists and was not written by {TOOL}; move or delete it "
+        raise OwnershipError(f"{full}: exists and was not written here by {TOOL}'s "
+                             f"{self.writer}; move or delete it "
                              "first (it is never overwritten, --force included)")
 
     def intend(self, writes: dict[Path, bytes]) -> None:

@@ -43,7 +43,7 @@ from .fsutil import (
     sha256_file,
     stat_stamp,
 )
-from .owned import Ledger, claim_folder, claim_run_dir
+from .owned import Ledger, claim_folder, claim_run_dir, is_marked
 from .predict import Predictor, checked_models, mask_png_bytes, tta_params
 from .progress import Progress
 from .report import mask_panel
@@ -55,6 +55,8 @@ RECORD_VERSION = 1
 OVERLAY_DIR = "overlays"
 CHUNK = 64  # images decoded ahead of the model per step (two steps in flight)
 OVERLAY_QUALITY = 90
+TOOL_FOLDER_SIGNS = (RECORD_FILE, ".file_hashes.json")  # folders of earlier versions
+JPEG_MAX_SIDE = 65500  # libjpeg's limit on an overlay's width and height
 
 
 def default_out_dir(cfg: Config) -> Path:
@@ -100,7 +102,10 @@ def _images_in(folder: Path, skip: set[tuple[int, int]], problems: list[str]) ->
             dirnames[:] = []
             continue
         seen.add(key)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # hidden folders, and the tool's own (earlier --out folders, run folders, caches):
+        # masks and overlays are never segmented again
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and not is_marked(Path(dirpath) / d, TOOL_FOLDER_SIGNS))
         for name in sorted(filenames):
             if _is_image_name(name):
                 yield Path(dirpath) / name
@@ -220,9 +225,11 @@ class _Unreadable:
     error: str
 
 
-def _decode(src: Source, patch: int, fit: str, max_pixels: int) -> _Decoded | _Unreadable:
+def _decode(src: Source, patch: int, fit: str, max_pixels: int,
+            overlays: bool = False) -> _Decoded | _Unreadable:
     """Read and decode one image as stage 1 does; an unreadable one (not a regular file,
-    larger than `max_pixels` = data.max_pixels, corrupt) carries its error."""
+    larger than `max_pixels` = data.max_pixels, corrupt, or, with `overlays`, a side longer
+    than a JPEG overlay can have) carries its error."""
     try:
         st = src.path.stat()  # before reading: a change while reading shows up next run
         data = read_bytes(src.path, "image", max_pixels)
@@ -233,6 +240,9 @@ def _decode(src: Source, patch: int, fit: str, max_pixels: int) -> _Decoded | _U
         return _Unreadable(src, f"{src.path}: cannot read image "
                                 f"({e.strerror or type(e).__name__})")
     h, w = image.shape[:2]
+    if overlays and max(h, w) > JPEG_MAX_SIDE:
+        return _Unreadable(src, f"{src.path}: {w}x{h} pixels: an overlay (JPEG) has at most "
+                                f"{JPEG_MAX_SIDE} pixels a side; segment it with --no-overlays")
     return _Decoded(src, image, fit_box(h, w, patch, fit), sha256_bytes(data),
                     stat_stamp(st))
 
@@ -306,7 +316,7 @@ def run_segment(cfg: Config, paths: Sequence[str | Path], out_dir: str | Path | 
         with file_lock(out_dir / ".segment.lock", f"segment into {out_dir}"):
             settings = settings_fingerprint(cfg, models.fingerprint)
             record = SegmentRecord(out_dir)
-            ledger = Ledger(out_dir)
+            ledger = Ledger(out_dir, "segment")
             todo = [s for s in sources
                     if force or not record.is_current(s, ledger, settings, overlays)]
             result.n_current = len(sources) - len(todo)
@@ -346,7 +356,7 @@ def _stream(cfg: Config, todo: list[Source], extractor: Extractor, predictor: Pr
         chunk = next(chunks, None)
         if chunk is not None:
             window.append([decode_pool.submit(_decode, s, extractor.patch, extractor.fit,
-                                              cfg.data.max_pixels) for s in chunk])
+                                              cfg.data.max_pixels, overlays) for s in chunk])
 
     def write(files: dict[str, bytes]) -> None:
         for rel, data in files.items():

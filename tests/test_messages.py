@@ -128,3 +128,42 @@ def test_an_allocator_failure_is_one_line_exit_1(capsys):
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         cli.guarded(bug)
+
+
+# ----------------------------------------------------------------------------- red-team cases
+
+def test_config_files_that_are_not_files_and_odd_set_values(tmp_path):
+    from pipeline.config import load_config
+    for path, why in (("/dev/zero", "not a regular file"), (str(tmp_path), "not a regular file"),
+                      (str(tmp_path / "none.toml"), "not found")):
+        with pytest.raises(ConfigError, match=why):
+            load_config(path)
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf[run]\nname = \"x\"\n")
+    assert load_config(bom).run.name == "x"
+    # a bare number for a string key is the string
+    assert load_config(None, ["run.name=2024", "data.test_split=2024"]).run.name == "2024"
+
+
+def test_an_edited_model_card_is_one_line(tmp_path):
+    import json as json_
+    from pipeline.errors import ModelError
+    from pipeline.models import LinearHead, PacUpsampler, UpsamplerSpec, load_models, save_models
+    save_models(tmp_path, LinearHead(5), PacUpsampler(UpsamplerSpec(5, 16)), {}, {}, 16)
+    card = json_.loads((tmp_path / "models.json").read_text())
+    card["head"]["in_channels"] = "abc"
+    (tmp_path / "models.json").write_text(json_.dumps(card))
+    with pytest.raises(ModelError, match="do not match their card"):
+        load_models(tmp_path)
+
+
+def test_a_multi_line_library_message_is_one_error_line(capsys):
+    import cli
+
+    def hdf5() -> None:
+        raise OSError(28, "Can't write data (file write failed: time = x,\n filename = y)", "f.h5")
+
+    with pytest.raises(SystemExit):
+        cli.guarded(hdf5)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: f.h5:"), err

@@ -167,10 +167,10 @@ def test_ledger_write_ahead_and_byte_equal():
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         folder = claim_folder(Path(d) / "f", "test")
-        led = Ledger(folder)
+        led = Ledger(folder, "test")
         led.write(folder / "x.bin", b"one")
         led.intend({folder / "x.bin": b"two"})  # recorded, then "killed" before the write
-        again = Ledger(folder)
+        again = Ledger(folder, "test")
         assert again.content_is(folder / "x.bin")  # the old content is still ours
         again.write(folder / "x.bin", b"two")
         (folder / "y.bin").write_bytes(b"foreign")
@@ -233,5 +233,51 @@ def test_relative_out_paths_are_checked_where_they_are(trained, tmp_path):
     pred_before = pred.read_bytes()
     r = run_cli("segment", "u", "--out", run_rel, *cli_sets(base, root), cwd=tmp_path)
     assert r.returncode == 2, r.stdout + r.stderr
-    one_line_error(r, "was not written by")
+    one_line_error(r, "was not written here by")
     assert pred.read_bytes() == pred_before
+
+
+# ----------------------------------------------------------------------------- red-team cases
+
+def test_split_names_must_be_plain_folder_names(synth_root, tmp_path):
+    """An absolute split name or one with `..` would make stage 1 and predict write into the
+    dataset (the join drops the prefix): refused up front, exit 2, the dataset intact."""
+    before = tree(synth_root)
+    sets = cli_sets(tmp_path, synth_root)
+    for split in (str(synth_root / "test"), "test/../train", "..", ".hidden"):
+        for cmd in (["extract-features", "--split", split], ["predict", "--split", split],
+                    ["status", "--split", split]):
+            r = run_cli(*cmd, *sets)
+            assert r.returncode == 2, (cmd, r.stderr)
+            one_line_error(r, "--split")
+        r = run_cli("extract-features", *cli_sets(tmp_path, synth_root, f"data.test_split={split}"))
+        assert r.returncode == 2
+        one_line_error(r, "data.test_split")
+    assert tree(synth_root) == before and not (tmp_path / "cache").exists()
+
+
+def test_a_link_inside_the_tools_folders_is_refused(synth_root, tmp_path):
+    """A folder of the run replaced by a link to a folder of the user's: predict refuses
+    (exit 2) instead of writing masks through it; the user's files are intact."""
+    cfg = trained_run(tmp_path / "run", synth_root)
+    mine = tmp_path / "mine"
+    synth_images(mine / "test" / "disc", ["00000.png"], synth_root)
+    before = tree(mine)
+    preds = cfg.run_dir / "predictions"
+    preds.rename(tmp_path / "predictions.orig")
+    preds.symlink_to(mine, target_is_directory=True)
+    r = run_cli("predict", "--force", *cli_sets(tmp_path / "run", synth_root))
+    assert r.returncode == 2, r.stderr
+    one_line_error(r, str(preds), "symbolic link")
+    assert tree(mine) == before
+
+
+def test_segment_does_not_read_the_tools_own_folders_as_input(trained, tmp_path):
+    """`segment ph --out ph/masks1`, then `--out ph/masks2`: the first run's masks and
+    overlays are not segmented again."""
+    base, root, cfg = trained
+    ph = tmp_path / "ph"
+    synth_images(ph, ["a.jpg", "b.jpg"], root)
+    assert run_segment(cfg, [ph], ph / "masks1", progress=False).n_written == 2
+    res = run_segment(cfg, [ph], ph / "masks2", progress=False)
+    assert res.n_written == 2 and not (ph / "masks2" / "masks1").exists()

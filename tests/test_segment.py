@@ -270,3 +270,18 @@ seg.run_segment(cfg, [Path({str(src)!r})], Path({str(out)!r}), progress=False)
     assert 4 <= len(complete) < 10
     res = run_segment(cfg, [src], out, progress=False)
     assert (res.n_written, res.n_current) == (10 - len(complete), len(complete))
+
+
+def test_a_side_longer_than_a_jpeg_overlay_allows_is_one_bad_image(trained, tmp_path):
+    """A 1 x 66000 image: with overlays it is one skipped image naming the file and the way
+    out (--no-overlays); without, its mask is written."""
+    base, root, cfg = trained
+    src = tmp_path / "in"
+    synth_images(src, ["ok.jpg"], root)
+    Image.fromarray(np.zeros((16, 66000, 3), np.uint8)).save(src / "long.png")
+    res = run_segment(cfg, [src], tmp_path / "out", progress=False)
+    assert res.n_written == 1 and len(res.errors) == 1
+    assert "long.png" in res.errors[0] and "--no-overlays" in res.errors[0]
+    res = run_segment(cfg, [src / "long.png"], tmp_path / "out2", overlays=False, progress=False)
+    assert res.n_written == 1 and not res.errors
+    check_mask(tmp_path / "out2" / "long.png", (66000, 16))
