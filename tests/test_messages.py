@@ -147,6 +147,7 @@ def test_config_files_that_are_not_files_and_odd_set_values(tmp_path):
 
 def test_an_edited_model_card_is_one_line(tmp_path):
     import json as json_
+
     from pipeline.errors import ModelError
     from pipeline.models import LinearHead, PacUpsampler, UpsamplerSpec, load_models, save_models
     save_models(tmp_path, LinearHead(5), PacUpsampler(UpsamplerSpec(5, 16)), {}, {}, 16)
