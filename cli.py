@@ -302,14 +302,16 @@ def status(cfg, force, split, verify):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @stage_command
 def runs(cfg, force, split, as_json):
-    """One row per run: the config keys that differ, the split's metrics, up to date or not."""
+    """One row per run: the config keys that differ, the split's metrics, up to date or not
+    (judged in the run's folder as listed; a damaged file is a row that says so)."""
     import json
 
     from pipeline import runs as runs_mod
     split = split or cfg.data.test_split
     rows = runs_mod.collect(cfg, split)
     if as_json:
-        click.echo(json.dumps(runs_mod.as_json(rows), indent=1))
+        # strict JSON: every number in a row is finite (damaged files are rows that say so)
+        click.echo(json.dumps(runs_mod.as_json(rows), indent=1, allow_nan=False))
     elif not rows:
         click.echo(f"no runs under {cfg.paths.outputs}")
     else:

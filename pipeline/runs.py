@@ -1,35 +1,270 @@
 """`runs`: the runs under `paths.outputs` side by side, like `dvc exp show --only-changed`:
 the config keys whose values differ between runs, a split's headline metrics per variant,
-the training time, and whether each run is up to date for its own recorded config."""
+the training time, and whether each run is up to date for its own recorded config.
+
+Every file is parsed once, where it is read, into a typed result (ParsedReport, ParsedRecord)
+that holds only finite numbers: a file that is not what its writer writes (not valid JSON,
+NaN / Infinity / 1e999, a wrong type, a metric out of [0, 1], a missing field) makes its run
+a row that says `damaged: <file>: <why>`; the other runs are listed as usual.
+
+Up to date is judged from the run folder as listed, by content fingerprints, never through
+a path: the run's stage records against its recorded config's settings, and the predict
+record against the models in the folder. The inputs the run read from outside its folder
+(the stored features in the cache, a local weights file) are taken as the records hold them
+(`status` checks those, with the paths of the current config). So a run folder that was
+copied or moved, or listed from another working folder, gets the same answer as in place.
+"""
 from __future__ import annotations
 
+import json
+import math
+import os
+import stat
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 from . import predict, train
-from .config import Config, config_from_dict
+from .config import Config, config_from_dict, copy_config
 from .errors import PipelineError
-from .fsutil import read_json
-from .stages import load_record
+from .models import models_fingerprint, training_params
+from .stages import StageState, diff_params, record_path
+from .store import mirrored_splits
 
 HEADLINE = ("miou", "j_mean", "boundary_f")
 IGNORED_KEYS = {"run.name", "run.threads", "dask.scheduler", "extract.num_workers",
                 "extract.batch_size", "predict.batch_size", "extract.device", "train.device",
                 "predict.device"}  # do not change results, or name the row
+MAX_FILE_BYTES = 256 << 20  # a report or record larger than this is not one the tool wrote
+MAX_INT = 2**63 - 1  # larger integers in a file are damage (no JSON reader keeps them exact)
+T = TypeVar("T")
+
+
+class Damaged(Exception):
+    """Why a file is not what its writer writes (one line; the caller names the file)."""
 
 
 @dataclass
 class RunRow:
+    """One run as `runs` lists it (the --json row); every number is finite."""
     run: str
     params: dict[str, Any] = field(default_factory=dict)  # only the keys that differ
-    # variant -> headline metrics (None: missing from the report)
+    # variant -> headline metrics (a variant without scored images is left out)
     metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)
     n_images: int | None = None
     train_seconds: float | None = None
-    up_to_date: bool | None = None  # None: unknown (no recorded config, or it cannot be checked)
+    up_to_date: bool | None = None  # None: unknown (no report, or a damaged file)
     report: str | None = None  # the HTML report, relative to paths.outputs
+    why: str = ""  # why the run is not up to date, or why that is unknown
+    damaged: str | None = None  # the damaged file(s) and why; None: every file read is sound
 
+
+@dataclass(frozen=True)
+class ParsedReport:
+    """What `runs` reads of report_<split>.json, validated."""
+    n_images: int
+    metrics: dict[str, dict[str, float]]  # variant -> HEADLINE metric -> value in [0, 1]
+    config: Config  # the recorded effective config
+
+
+@dataclass(frozen=True)
+class ParsedRecord:
+    """A stage record (stages/<stage>.json), validated."""
+    fingerprint: str
+    params: dict[str, Any]
+    deps: dict[str, str | None]
+    seconds: float | None  # train-head's training time (None: a record made before it was kept)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _reject_constant(name: str) -> NoReturn:
+    raise Damaged(f"non-finite number {name}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise Damaged(f"number {text[:24]} out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    digits = text.lstrip("-")
+    if len(digits) > 19 or abs(int(text)) > MAX_INT:
+        raise Damaged(f"integer {text[:24]}{'...' if len(text) > 24 else ''} out of range")
+    return int(text)
+
+
+def read_doc(path: Path) -> Any | None:
+    """The strictly parsed JSON content of the regular file `path` (only finite numbers), or
+    None when it does not exist; Damaged when it cannot be read or is not such JSON. Opened
+    non-blocking and checked on the descriptor: a FIFO named like a report never hangs."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise Damaged(f"cannot read ({e.strerror or type(e).__name__})") from None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise Damaged("not a regular file")
+            data = f.read(MAX_FILE_BYTES + 1)
+        except OSError as e:
+            raise Damaged(f"cannot read ({e.strerror or type(e).__name__})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise Damaged(f"larger than {MAX_FILE_BYTES >> 20} MiB")
+    try:
+        return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float,
+                          parse_int=_bounded_int)
+    except json.JSONDecodeError as e:
+        raise Damaged(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise Damaged("not valid JSON (not UTF-8 text)") from None
+    except RecursionError:
+        raise Damaged("not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer literal of more digits than Python converts
+        raise Damaged(f"not valid JSON ({str(e)[:80]})") from None
+
+
+def _show(value: Any) -> str:
+    """A value as it reads in the file, cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+             type(None): "null", int: "a number", float: "a number"}
+    return f"{names.get(type(value), type(value).__name__)} ({_show(value)})"
+
+
+def _field(doc: dict[str, Any], key: str, where: str) -> Any:
+    if key not in doc:
+        raise Damaged(f"{where}{key} missing")
+    return doc[key]
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise Damaged(f"{where or 'the file'} is {_kind(value)}, not an object")
+    return value
+
+
+def _metric(value: Any, where: str) -> float:
+    """A metric: a finite number in [0, 1] (parsing keeps only finite numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise Damaged(f"{where} is {_kind(value)}, not a number in [0, 1]")
+    return float(value)
+
+
+def _count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise Damaged(f"{where} is {_kind(value)}, not a count")
+    return value
+
+
+def parse_report(doc: Any) -> ParsedReport:
+    """The validated part of a report that `runs` reads; Damaged naming the first bad field."""
+    doc = _object(doc, "")
+    n_images = _count(_field(doc, "n_images", ""), "n_images")
+    variants = _object(_field(doc, "variants", ""), "variants")
+    metrics: dict[str, dict[str, float]] = {}
+    for v in (*predict.VARIANTS, *sorted(set(variants) - set(predict.VARIANTS))):
+        block = _object(_field(variants, v, "variants."), f"variants.{v}")
+        overall = _field(block, "overall", f"variants.{v}.")
+        if overall is None:  # no annotated image: nothing scored
+            continue
+        overall = _object(overall, f"variants.{v}.overall")
+        metrics[v] = {k: _metric(_field(overall, k, f"variants.{v}.overall."),
+                                 f"variants.{v}.overall.{k}") for k in HEADLINE}
+    config = _object(_field(doc, "config", ""), "config")
+    try:
+        cfg = config_from_dict(config, " in config")
+    except PipelineError as e:
+        raise Damaged(str(e)) from None
+    except (TypeError, ValueError, AttributeError) as e:  # a shape the validator never met
+        raise Damaged(f"config: {type(e).__name__}: {str(e)[:80]}") from None
+    return ParsedReport(n_images, metrics, cfg)
+
+
+def parse_record(doc: Any) -> ParsedRecord:
+    """A stage record, validated; Damaged naming the first bad field."""
+    doc = _object(doc, "")
+    fp = _field(doc, "fingerprint", "")
+    if not isinstance(fp, str):
+        raise Damaged(f"fingerprint is {_kind(fp)}, not a string")
+    params = _object(_field(doc, "params", ""), "params")
+    deps = _object(doc.get("deps", {}), "deps")
+    for k, v in deps.items():
+        if v is not None and not isinstance(v, str):
+            raise Damaged(f"deps.{k} is {_kind(v)}, not a fingerprint")
+    seconds = doc.get("seconds")
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                or seconds < 0):
+        raise Damaged(f"seconds is {_kind(seconds)}, not a duration")
+    return ParsedRecord(fp, params, deps, None if seconds is None else float(seconds))
+
+
+# ----------------------------------------------------------------------------- judging
+
+def _expected_training(cfg: Config, rec: ParsedRecord | None) -> dict[str, Any]:
+    """training_params of the recorded config without reading a path: a local weights file
+    is identified by the content hash that the training record holds (the file is an input
+    outside the run folder, like the cache)."""
+    if cfg.backbone.weights in ("pretrained", "random"):
+        return training_params(cfg)
+    params = training_params(copy_config(cfg, backbone__weights="random"))
+    held = rec.params.get("backbone.weights") if rec is not None else None
+    params["backbone.weights"] = (held if isinstance(held, str) and held.startswith("sha256:")
+                                  else f"file {cfg.backbone.weights}")
+    return params
+
+
+def _stage_problem(rec: ParsedRecord | None, state: StageState) -> str:
+    """Why the stage recorded as `rec` is not up to date for `state` ("" when it is)."""
+    if rec is None:
+        return f"{state.name}: missing"
+    if rec.fingerprint != state.fingerprint:
+        changes = diff_params(rec.params, state.params) + diff_params(rec.deps, state.deps)
+        return f"{state.name}: stale ({'; '.join(changes) or 'settings changed'})"
+    if state.outs_problem:
+        return f"{state.name}: stale ({state.outs_problem})"
+    return ""
+
+
+def judge_run(run_dir: Path, split: str, report: ParsedReport, trained: ParsedRecord | None,
+              predicted: ParsedRecord | None) -> tuple[bool | None, str]:
+    """(up to date, why not) of the run in `run_dir` for its recorded config, from content
+    fingerprints alone (see the module docstring); (None, why) when it cannot be checked."""
+    cfg = report.config
+    try:
+        models_fp, models_why = models_fingerprint(run_dir / "models")
+    except (TypeError, KeyError, ValueError, AttributeError):  # a card of a foreign shape
+        models_fp, models_why = None, f"{run_dir / 'models'}: model card damaged"
+    except OSError as e:
+        models_fp, models_why = None, f"{e.filename or run_dir}: {e.strerror or e}"
+    try:
+        train_state = StageState(train.STAGE, dict(trained.deps) if trained else {},
+                                 _expected_training(cfg, trained), models_why)
+    except (PipelineError, OSError) as e:
+        return None, f"cannot check: {str(e)[:120]}"
+    pred_state = StageState(predict.stage_name(split),
+                            {**(predicted.deps if predicted else {}), "models": models_fp},
+                            {**{k: cfg.get(k) for k in predict.PARAMS},
+                             **predict.tta_params(cfg)})
+    problems = [p for p in (_stage_problem(trained, train_state),
+                            _stage_problem(predicted, pred_state)) if p]
+    if cfg.predict.tta == "flip" and not mirrored_splits(cfg, [split]):
+        problems.append(f"predict.tta = flip: no mirrored features for the training split "
+                        f"'{split}'")
+    return not problems, "; ".join(problems)
+
+
+# ----------------------------------------------------------------------------- listing
 
 def _flatten(doc: dict) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, table in doc.items() if isinstance(table, dict)
@@ -44,45 +279,81 @@ def run_dirs(outputs: Path) -> list[Path]:
                   if d.is_dir() and ((d / "stages").is_dir() or (d / "models").is_dir()))
 
 
-def _up_to_date(config: dict, split: str) -> bool | None:
-    try:
-        cfg = config_from_dict(config)
-        return train.status(cfg).up_to_date and predict.status(cfg, split).up_to_date
-    except (PipelineError, OSError):
-        return None
+def read_run(run_dir: Path, split: str) -> tuple[RunRow, dict[str, Any]]:
+    """The row of one run and its flattened recorded config ({} when there is none)."""
+    row = RunRow(run_dir.name)
+    damage: list[str] = []
+
+    def load(path: Path, parse: Callable[[Any], T]) -> T | None:
+        try:
+            doc = read_doc(path)
+            return None if doc is None else parse(doc)
+        except Damaged as e:
+            damage.append(f"{path}: {e}")
+            return None
+
+    report = load(run_dir / f"report_{split}.json", parse_report)
+    trained = load(record_path(run_dir, train.STAGE), parse_record)
+    predicted = load(record_path(run_dir, predict.stage_name(split)), parse_record)
+    if report is not None:
+        row.metrics = {v: dict(m) for v, m in report.metrics.items()}
+        row.n_images = report.n_images
+    if trained is not None:
+        row.train_seconds = trained.seconds
+    if (run_dir / f"report_{split}.html").is_file():
+        row.report = f"{run_dir.name}/report_{split}.html"
+    if damage:
+        row.damaged = "; ".join(damage)
+        row.why = "a damaged file"
+    elif report is None:
+        row.why = f"no report_{split}.json"
+    else:
+        row.up_to_date, row.why = judge_run(run_dir, split, report, trained, predicted)
+    return row, (_flatten(report.config.to_dict()) if report is not None else {})
 
 
 def collect(cfg: Config, split: str) -> list[RunRow]:
-    """One row per run, sorted by the PAC mIoU (best first; runs without a report last)."""
-    outputs = Path(cfg.paths.outputs)
+    """One row per run, sorted by the PAC mIoU (best first; runs without one last)."""
     rows, configs = [], []
-    for d in run_dirs(outputs):
-        report = read_json(d / f"report_{split}.json")
-        report = report if isinstance(report, dict) else {}
-        config = report.get("config") if isinstance(report.get("config"), dict) else None
-        row = RunRow(d.name)
-        for v, block in (report.get("variants") or {}).items():
-            overall = block.get("overall") if isinstance(block, dict) else None
-            if isinstance(overall, dict):
-                row.metrics[v] = {k: overall.get(k) for k in HEADLINE}
-        row.n_images = report.get("n_images")
-        rec = load_record(d, train.STAGE)
-        row.train_seconds = rec.get("seconds") if rec else None
-        row.up_to_date = _up_to_date(config, split) if config else None
-        if (d / f"report_{split}.html").is_file():
-            row.report = f"{d.name}/report_{split}.html"
+    for d in run_dirs(Path(cfg.paths.outputs)):
+        row, config = read_run(d, split)
         rows.append(row)
-        configs.append(_flatten(config) if config else {})
+        configs.append(config)
     keys = sorted({k for c in configs for k in c} - IGNORED_KEYS)
     differing = [k for k in keys if len({repr(c.get(k)) for c in configs if c}) > 1]
     for row, c in zip(rows, configs, strict=True):
         row.params = {k: c.get(k) for k in differing} if c else {}
-    rows.sort(key=lambda r: (-(r.metrics.get("pac", {}).get("miou") or -1.0), r.run))
+
+    def best_first(r: RunRow) -> tuple[bool, float, str]:
+        miou = r.metrics.get("pac", {}).get("miou")
+        return miou is None, -(miou or 0.0), r.run
+    rows.sort(key=best_first)
     return rows
 
 
 def as_json(rows: list[RunRow]) -> list[dict]:
+    """The rows as strict JSON data (json.dumps(..., allow_nan=False) accepts it)."""
     return [asdict(r) for r in rows]
+
+
+def _cell(text: str) -> str:
+    """`text` as one Markdown table cell: `|` escaped, control characters (and undecodable
+    bytes) as backslash escapes, so that a name never adds or splits a column or a line."""
+    out = []
+    for c in text:
+        if c == "|":
+            out.append("\\|")
+        elif c.isprintable():
+            out.append(c)
+        else:
+            out.append(c.encode("unicode_escape", "backslashreplace").decode("ascii"))
+    return "".join(out)
+
+
+def _value(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:g}"
+    return "-" if x is None else _cell(x if isinstance(x, str) else json.dumps(x))
 
 
 def table(rows: list[RunRow]) -> str:
@@ -91,16 +362,18 @@ def table(rows: list[RunRow]) -> str:
     cols = (["run", *keys, "pac mIoU", "pac J", "pac F", "bilinear mIoU", "bilinear F", "images",
              "train s", "up to date"])
 
-    def num(x: Any) -> str:
+    def num(x: float | int | None) -> str:
         return f"{x:.3f}" if isinstance(x, float) else ("-" if x is None else str(x))
 
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines = ["| " + " | ".join(_cell(c) for c in cols) + " |",
+             "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         pac, bil = r.metrics.get("pac", {}), r.metrics.get("linear_bilinear", {})
-        cells = [r.run, *(num(r.params.get(k)) for k in keys),
+        state = ({True: "yes", False: "no", None: "?"}[r.up_to_date] if r.damaged is None
+                 else f"damaged: {r.damaged}")
+        cells = [_cell(r.run), *(_value(r.params.get(k)) for k in keys),
                  num(pac.get("miou")), num(pac.get("j_mean")), num(pac.get("boundary_f")),
                  num(bil.get("miou")), num(bil.get("boundary_f")), num(r.n_images),
-                 "-" if r.train_seconds is None else f"{r.train_seconds:.0f}",
-                 {True: "yes", False: "no", None: "?"}[r.up_to_date]]
+                 "-" if r.train_seconds is None else f"{r.train_seconds:.0f}", _cell(state)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
