@@ -284,7 +284,7 @@ def status(cfg, force, split, verify):
     split = split or cfg.data.test_split
     checks = ((extract.STAGE, extract.status, (cfg, (), verify)),
               (train.STAGE, train.status, (cfg,)),
-              (predict_stage.stage_name(split), predict_stage.status, (cfg, split)))
+              (predict_stage.stage_name(split), predict_stage.status, (cfg, split, verify)))
     for name, check, args in checks:
         try:
             st = check(*args)

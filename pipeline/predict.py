@@ -28,7 +28,16 @@ from .data import Box, from_canvas, same_size_batches, to_canvas
 from .devices import CpuFanout, resolve_device
 from .errors import ConfigError, ModelError, StoreError
 from .executors import portable_config, run_tasks, worker_cached
-from .fsutil import atomic_write_bytes, atomic_write_json, exclusive_lock, file_lock, read_json
+from .fsutil import (
+    FileHasher,
+    atomic_write_bytes,
+    atomic_write_json,
+    exclusive_lock,
+    file_lock,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+)
 from .metrics import ImageStats, image_stats, summarize
 from .models import (
     TrainedModels,
@@ -38,10 +47,18 @@ from .models import (
     training_params,
     upsample_logits,
 )
-from .owned import claim_run_dir
+from .owned import RUN_LEGACY, claim_run_dir, is_marked
 from .progress import Progress
 from .report import Thumb, VariantThumb, write_reports
-from .stages import StageState, StageStatus, diff_params, judge, save_record, without_absent
+from .stages import (
+    StageState,
+    StageStatus,
+    diff_params,
+    judge,
+    load_record,
+    save_record,
+    without_absent,
+)
 from .store import CachedItem, FeatureStore, feature_params, mirrored_splits, split_fingerprint
 
 VARIANTS = ("linear_nearest", "linear_bilinear", "pac")
@@ -61,10 +78,12 @@ def report_path(cfg: Config, split: str) -> Path:
 
 
 def stage_state(cfg: Config, split: str, models_fp: str | None = None,
-                features_fp: str | None = None, mirrored_fp: str | None = None) -> StageState:
+                features_fp: str | None = None, mirrored_fp: str | None = None,
+                verify: bool = False) -> StageState:
     """Stage 3 depends on the trained models and the stored split (content fingerprints),
     with predict.tta = "flip" also on the split's mirrored features, and on its own
-    settings; its output is the report (and the masks)."""
+    settings; its outputs are the masks and the reports, checked against the sha256 the
+    stage recorded (through a stat memo; `verify`: rehashed)."""
     if models_fp is None:
         models_fp, _ = models_fingerprint(model_dir(cfg))
     if features_fp is None:
@@ -78,8 +97,51 @@ def stage_state(cfg: Config, split: str, models_fp: str | None = None,
         deps[f"mirrored[{split}]"] = mirrored_fp
         repair[f"mirrored[{split}]"] = extract
     params = {**{k: cfg.get(k) for k in PARAMS}, **tta_params(cfg)}
-    outs = "" if report_path(cfg, split).is_file() else "report missing"
+    if not report_path(cfg, split).is_file():
+        outs = "report missing"
+    else:
+        bad = outs_problems(cfg, split, verify)
+        outs = "; ".join(bad[:3]) + (f"; +{len(bad) - 3} more" if len(bad) > 3 else "")
     return StageState(stage_name(split), deps, params, outs, repair)
+
+
+def outs_hasher(cfg: Config, verify: bool = False) -> FileHasher:
+    """The stat memo of the run's output checksums (in its stages/ folder)."""
+    return FileHasher(cfg.run_dir / "stages" / ".outs_hashes.json", verify=verify,
+                      writable=is_marked(cfg.run_dir, RUN_LEGACY))
+
+
+def outs_problems(cfg: Config, split: str, verify: bool = False) -> list[str]:
+    """The split's recorded outputs (masks, reports; paths relative to the run folder) that
+    are missing or differ from what predict wrote. Records of earlier versions list none."""
+    rec = load_record(cfg.run_dir, stage_name(split))
+    outs = rec.get("outs") if rec is not None else None
+    if not isinstance(outs, dict):
+        return []
+    hasher = outs_hasher(cfg, verify)
+    problems = []
+    for rel, digest in outs.items():
+        path = cfg.run_dir / rel
+        try:
+            if hasher.digest(path) != digest:
+                problems.append(f"{rel} changed")
+        except OSError:
+            problems.append(f"{rel} missing")
+    hasher.save()
+    return problems
+
+
+def _outputs(cfg: Config, split: str, rows: list[dict]) -> dict[str, str]:
+    """{path relative to the run folder: sha256} of what predict wrote for `split`."""
+    files = [report_path(cfg, split), cfg.run_dir / f"report_{split}.md",
+             cfg.run_dir / f"report_{split}.html",
+             *sorted((cfg.run_dir / f"report_{split}_files").rglob("*"))]
+    outs = {p.relative_to(cfg.run_dir).as_posix(): sha256_file(p) for p in files if p.is_file()}
+    pdir = pred_dir_of(cfg, split).relative_to(cfg.run_dir).as_posix()
+    for r in rows:
+        if isinstance(r.get("mask"), str):
+            outs[f"{pdir}/{r['category']}/{r['stem']}.png"] = r["mask"]
+    return outs
 
 
 def tta_params(cfg: Config) -> dict[str, str]:
@@ -96,11 +158,11 @@ def _no_mirrored_features(cfg: Config, split: str) -> str:
     return ""
 
 
-def status(cfg: Config, split: str) -> StageStatus:
+def status(cfg: Config, split: str, verify: bool = False) -> StageStatus:
     why = _no_mirrored_features(cfg, split)
     if why:
         return StageStatus(stage_name(split), "stale", why)
-    state = stage_state(cfg, split)
+    state = stage_state(cfg, split, verify=verify)
     st = judge(cfg.run_dir, state)
     card, _ = read_card(model_dir(cfg))
     if state.deps["models"] is not None and card is not None:  # intact models: the config's?
@@ -236,14 +298,14 @@ def predict_shard(store: FeatureStore, shard: int, predictor: Predictor, pred_di
         mirrored = None if mirror is None else [mirror.features(metas[i].index) for i in batch]
         for item, masks in zip(items, predictor.batch_masks(items, mirrored), strict=True):
             meta = item.meta
-            atomic_write_bytes(pred_dir / meta.category / f"{meta.stem}.png",
-                               mask_png_bytes(masks["pac"]))
+            png = mask_png_bytes(masks["pac"])
+            atomic_write_bytes(pred_dir / meta.category / f"{meta.stem}.png", png)
             stats = None
             if item.mask is not None:
                 stats = {v: image_stats(masks[v], item.mask, meta.category, meta.stem).to_dict()
                          for v in VARIANTS}
             rows[meta.index] = {"category": meta.category, "stem": meta.stem, "index": meta.index,
-                                "stats": stats}
+                                "stats": stats, "mask": sha256_bytes(png)}
     return {"items": [rows[m.index] for m in metas]}
 
 
@@ -326,6 +388,13 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
             if (isinstance(u, dict) and u.get("fingerprint") == fp
                     and isinstance(u.get("items"), list)):
                 units[si] = u
+        if not force and units:  # masks found missing or changed: their shards again
+            bad = {rel for rel in (x.rsplit(" ", 1)[0] for x in outs_problems(cfg, split))}
+            pfx = pred_dir_of(cfg, split).relative_to(cfg.run_dir).as_posix()
+            for si in [si for si, u in units.items()
+                       if any(f"{pfx}/{r.get('category')}/{r.get('stem')}.png" in bad
+                              for r in u["items"] if isinstance(r, dict))]:
+                del units[si]
         todo = [si for si in range(len(hashes)) if si not in units]
         predictor = Predictor(models, device, cfg.predict.threshold)
         if todo:
@@ -356,8 +425,8 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
         report = build_report(cfg, split, rows, fingerprints)
         atomic_write_json(rpath, report)
         _write_human_reports(cfg, split, report, rows, store, predictor, mirror)
-        save_record(cfg.run_dir, stage_state(cfg, split, models.fingerprint, store.fingerprint,
-                                             mirror_fp))
+        done = StageState(state.name, state.deps, state.params, "", state.upstream)
+        save_record(cfg.run_dir, done, outs=_outputs(cfg, split, rows))
     res = PredictResult(n_images=report["n_images"], n_predicted=report["n_predicted"],
                         seconds=time.perf_counter() - t0, predictions_dir=pdir, report_json=rpath)
     res.headline = headline(report)

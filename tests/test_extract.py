@@ -148,7 +148,9 @@ def test_missing_upstream_names_the_command(tmp_path, synth_root):
 
 
 def test_second_writer_is_refused_with_a_clear_message(tmp_path, synth_root):
+    from pipeline.owned import claim_folder
     cfg = make_cfg(tmp_path, synth_root)
+    claim_folder(cfg.paths.cache, "paths.cache")  # as the first writer did before locking
     with exclusive_lock(store_dir(cfg) / ".lock", "held"):
         with pytest.raises(LockError, match="in use by another process"):
             run_extract(cfg, **quiet)

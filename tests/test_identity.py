@@ -167,3 +167,47 @@ def test_predict_after_cp_p_of_a_dataset_image_is_stale(data_copy, tmp_path):
     assert not res.up_to_date
     after = json.loads(res.report_json.read_text())
     assert after["fingerprints"]["features"] != before["fingerprints"]["features"]
+
+
+def test_predict_outputs_are_verified_and_only_the_damage_repaired(synth_root, tmp_path):
+    """A deleted or replaced mask, a deleted report figure or an edited Markdown report:
+    status says stale naming it, a plain predict restores it (recomputing only the shard of
+    a bad mask) and everything else is left as it was."""
+    from pipeline import predict as predict_stage
+    from tests.conftest import trained_run
+    cfg = trained_run(tmp_path, synth_root)
+    pdir = cfg.run_dir / "predictions" / "test"
+    masks = sorted(pdir.rglob("*.png"))
+    clean = {p: p.read_bytes() for p in masks}
+    md = cfg.run_dir / "report_test.md"
+    md_clean = md.read_bytes()
+    figure = sorted((cfg.run_dir / "report_test_files").rglob("*.*"))[0]
+    masks[0].unlink()
+    masks[1].write_bytes(masks[2].read_bytes())
+    md.write_text("edited")
+    figure.unlink()
+    st = predict_stage.status(cfg, "test")
+    assert st.state == "stale", st.line()
+    for what in (masks[0].name, "report_test.md"):
+        assert what in st.why, st.line()
+    untouched = {p: p.stat().st_mtime_ns for p in masks[3:]
+                 if p.parent != masks[0].parent and p.parent != masks[1].parent}
+    assert untouched  # the test can see a shard recomputed that needed not be
+    res = run_predict(cfg, "test", **QUIET)
+    assert not res.up_to_date
+    assert {p: p.read_bytes() for p in masks} == clean
+    assert md.read_bytes() == md_clean and figure.is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in untouched.items())  # other shards kept
+    assert predict_stage.status(cfg, "test").up_to_date
+    # bit rot in a mask (no stat change) is seen by --verify only
+    data = bytearray(masks[4].read_bytes())
+    data[-20] ^= 1
+    st_before = masks[4].stat()
+    with open(masks[4], "r+b") as fh:
+        fh.write(bytes(data))
+    memo = json.loads((cfg.run_dir / "stages" / ".outs_hashes.json").read_text())
+    memo[str(masks[4].resolve())][0] = stat_stamp(masks[4].stat())  # the stat memo fooled
+    (cfg.run_dir / "stages" / ".outs_hashes.json").write_text(json.dumps(memo))
+    assert predict_stage.status(cfg, "test").up_to_date
+    assert predict_stage.status(cfg, "test", verify=True).state == "stale"
+    assert st_before.st_size == masks[4].stat().st_size
