@@ -8,8 +8,9 @@ NaN / Infinity / 1e999, a wrong type, a metric out of [0, 1], a missing field) m
 a row that says `damaged: <file>: <why>`; the other runs are listed as usual.
 
 Up to date is judged from the run folder as listed, by content fingerprints, never through
-a path: the run's stage records against its recorded config's settings, and the predict
-record against the models in the folder. The inputs the run read from outside its folder
+a path: the run's stage records against its recorded config's settings, the predict
+record against the models in the folder and the outputs it lists (masks, reports: sha256 of
+paths relative to the run folder). The inputs the run read from outside its folder
 (the stored features in the cache, a local weights file) are taken as the records hold them
 (`status` checks those, with the paths of the current config). So a run folder that was
 copied or moved, or listed from another working folder, gets the same answer as in place.
@@ -22,12 +23,13 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn, TypeVar
 
 from . import predict, train
 from .config import Config, config_from_dict, copy_config
 from .errors import PipelineError
+from .fsutil import FileHasher
 from .models import models_fingerprint, training_params
 from .stages import StageState, diff_params, record_path
 from .store import mirrored_splits
@@ -75,6 +77,8 @@ class ParsedRecord:
     params: dict[str, Any]
     deps: dict[str, str | None]
     seconds: float | None  # train-head's training time (None: a record made before it was kept)
+    # predict's outputs: path relative to the run folder -> sha256 (None: an earlier record)
+    outs: dict[str, str] | None = None
 
 
 # ----------------------------------------------------------------------------- reading
@@ -206,7 +210,16 @@ def parse_record(doc: Any) -> ParsedRecord:
     if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
                                 or seconds < 0):
         raise Damaged(f"seconds is {_kind(seconds)}, not a duration")
-    return ParsedRecord(fp, params, deps, None if seconds is None else float(seconds))
+    outs = doc.get("outs")
+    if outs is not None:
+        outs = _object(outs, "outs")
+        for rel, digest in outs.items():
+            parts = PurePosixPath(rel).parts
+            if not parts or rel.startswith("/") or ".." in parts or any(c in rel for c in "\\\0"):
+                raise Damaged(f"outs: {_show(rel)} is not a path inside the run folder")
+            if not isinstance(digest, str):
+                raise Damaged(f"outs.{rel} is {_kind(digest)}, not a sha256")
+    return ParsedRecord(fp, params, deps, None if seconds is None else float(seconds), outs)
 
 
 # ----------------------------------------------------------------------------- judging
@@ -236,6 +249,23 @@ def _stage_problem(rec: ParsedRecord | None, state: StageState) -> str:
     return ""
 
 
+def _outs_problem(run_dir: Path, rec: ParsedRecord | None) -> str:
+    """Which of the outputs that `rec` lists (masks, reports) are missing or changed in
+    `run_dir` ("" when none): their sha256 through the run's stat memo, which `runs` reads
+    but never writes (a copied folder's files are hashed again: their paths are new)."""
+    if rec is None or not rec.outs:
+        return ""
+    hasher = FileHasher(run_dir / "stages" / ".outs_hashes.json", writable=False)
+    bad = []
+    for rel, digest in rec.outs.items():
+        try:
+            if hasher.digest(run_dir / rel) != digest:
+                bad.append(f"{rel} changed")
+        except (OSError, ValueError):
+            bad.append(f"{rel} missing")
+    return "; ".join(bad[:3]) + (f"; +{len(bad) - 3} more" if len(bad) > 3 else "")
+
+
 def judge_run(run_dir: Path, split: str, report: ParsedReport, trained: ParsedRecord | None,
               predicted: ParsedRecord | None) -> tuple[bool | None, str]:
     """(up to date, why not) of the run in `run_dir` for its recorded config, from content
@@ -255,7 +285,7 @@ def judge_run(run_dir: Path, split: str, report: ParsedReport, trained: ParsedRe
     pred_state = StageState(predict.stage_name(split),
                             {**(predicted.deps if predicted else {}), "models": models_fp},
                             {**{k: cfg.get(k) for k in predict.PARAMS},
-                             **predict.tta_params(cfg)})
+                             **predict.tta_params(cfg)}, _outs_problem(run_dir, predicted))
     problems = [p for p in (_stage_problem(trained, train_state),
                             _stage_problem(predicted, pred_state)) if p]
     if cfg.predict.tta == "flip" and not mirrored_splits(cfg, [split]):

@@ -157,6 +157,8 @@ DAMAGE = {  # id: (file, edit of the parsed JSON or None, raw text for RAW, expe
     "record-seconds-overflow": (TRAIN, setter("seconds", RAW), "1e999", "out of range"),
     "record-params-list": (TRAIN, setter("params", []), None, "params is a list"),
     "record-deps-number": (PREDICT, setter("deps.models", 5), None, "deps.models is a number"),
+    "record-outs-outside": (PREDICT, setter("outs", {"../../x": "0"}), None,
+                            "not a path inside the run folder"),
 }
 
 
@@ -238,6 +240,18 @@ def test_copied_run_folder_is_judged_where_it_is(run_base, synth_root, tmp_path,
     row = listed(out, synth_root)["copy"]
     assert row["up_to_date"] is False and "linear_head.pt" in row["why"], row
     assert listed(run_base / "outputs", synth_root)["default"]["up_to_date"] is True
+
+    # a deleted mask, a hand-edited (still valid) report: stale, naming the file
+    copies(run_base, out, "no-mask", "edited")
+    mask = next((out / "no-mask" / "predictions" / "test").rglob("*.png"))
+    mask.unlink()
+    report = json.loads((out / "edited" / REPORT).read_text())
+    report["variants"]["pac"]["overall"]["miou"] = 0.999
+    (out / "edited" / REPORT).write_text(json.dumps(report))
+    rows = listed(out, synth_root)
+    assert rows["no-mask"]["up_to_date"] is False and mask.name in rows["no-mask"]["why"]
+    assert rows["edited"]["up_to_date"] is False and "report_test.json changed" in rows[
+        "edited"]["why"]
 
     moved = tmp_path / "moved"
     copies(run_base, moved, "default")
