@@ -39,9 +39,9 @@ from .extract import Extractor
 from .fsutil import sha256_bytes, sha256_file
 from .models import TrainedModels
 from .owned import Ledger, claim_run_dir
-from .predict import checked_models, tta_params
+from .params import feature_params, inference_params, tta_params
+from .predict import checked_models
 from .stages import StageState, judge, load_record, save_record
-from .store import feature_params
 
 STAGE = "export"
 MAX_SIDE = 8192  # largest image side the program accepts
@@ -154,8 +154,7 @@ class ExportResult:
 
 def _state(cfg: Config, models: TrainedModels, path: Path, height: int | None,
            width: int | None) -> StageState:
-    params = {k: v for k, v in feature_params(cfg).items() if k != "format"}
-    params.update(tta_params(cfg))
+    params = {**inference_params(cfg), **tta_params(cfg)}
     params.update({"predict.threshold": cfg.predict.threshold, "out": str(path.resolve()),
                    "height": height, "width": width, "min_patches": MIN_PATCHES,
                    "torch": torch.__version__})

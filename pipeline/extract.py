@@ -39,21 +39,19 @@ from .errors import ImageTooLarge, StoreError
 from .executors import portable_config, run_tasks, worker_cached
 from .fsutil import atomic_write_json, exclusive_lock, remove_temporaries
 from .owned import claim_folder, claim_run_dir
+from .params import FORMAT_VERSION, feature_params, mirrored_splits
 from .progress import Progress
 from .stages import StageState, StageStatus, judge, load_record, save_record
 from .store import (
     CACHE_LEGACY,
-    FORMAT_VERSION,
     Manifest,
     ShardRecord,
     ShardTask,
     SplitPlan,
     bad_marker,
     done_entry,
-    feature_params,
     file_hasher,
     manifest_path,
-    mirrored_splits,
     plan_split,
     read_manifest,
     split_problems,

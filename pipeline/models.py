@@ -16,12 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD
-from .config import Config
 from .errors import ModelError
 from .fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
 from .pac import PacConv2d
 from .stages import fingerprint
-from .store import feature_params
 
 
 class FeatureNorm(nn.Module):
@@ -191,23 +189,6 @@ CARD_FILE = "models.json"  # written last: names the files with their sha256
 # (they load as before); 2: with card_version and the upsampler's "pyramid". A card of a
 # newer version than this one is refused (a newer vit-objseg wrote it).
 CARD_VERSION = 2
-TRAIN_IGNORED = {"train.device"}  # config keys that do not change the trained models
-
-
-def training_params(cfg: Config) -> dict[str, Any]:
-    """Every setting that trained models depend on besides their input features: the feature
-    settings (so a consumer can tell whether its backbone matches), the training and
-    upsampler keys, and the splits. Recorded in the model card, compared by consumers."""
-    params: dict[str, Any] = {k: v for k, v in feature_params(cfg).items() if k != "format"}
-    for section in ("train", "upsampler"):
-        for k, v in getattr(cfg, section).__dict__.items():
-            if f"{section}.{k}" not in TRAIN_IGNORED:
-                params[f"{section}.{k}"] = v
-    params["data.train_split"] = cfg.data.train_split
-    params["data.val_split"] = cfg.data.val_split
-    return params
-
-
 @dataclass
 class TrainedModels:
     """Stage 2's output as its consumers see it: the heads, their settings and fingerprint."""

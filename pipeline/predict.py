@@ -44,10 +44,10 @@ from .models import (
     load_models,
     models_fingerprint,
     read_card,
-    training_params,
     upsample_logits,
 )
 from .owned import RUN_LEGACY, claim_run_dir, is_marked
+from .params import feature_params, mirrored_splits, predict_params, training_params
 from .progress import Progress
 from .report import Thumb, VariantThumb, write_reports
 from .stages import (
@@ -57,12 +57,10 @@ from .stages import (
     judge,
     load_record,
     save_record,
-    without_absent,
 )
-from .store import CachedItem, FeatureStore, feature_params, mirrored_splits, split_fingerprint
+from .store import CachedItem, FeatureStore, split_fingerprint
 
 VARIANTS = ("linear_nearest", "linear_bilinear", "pac")
-PARAMS = ("predict.threshold", "predict.thumbnails")  # what the report depends on besides inputs
 
 
 def stage_name(split: str) -> str:
@@ -96,7 +94,7 @@ def stage_state(cfg: Config, split: str, models_fp: str | None = None,
             mirrored_fp = split_fingerprint(cfg, split, mirror=True)
         deps[f"mirrored[{split}]"] = mirrored_fp
         repair[f"mirrored[{split}]"] = extract
-    params = {**{k: cfg.get(k) for k in PARAMS}, **tta_params(cfg)}
+    params = predict_params(cfg)
     if not report_path(cfg, split).is_file():
         outs = "report missing"
     else:
@@ -142,12 +140,6 @@ def _outputs(cfg: Config, split: str, rows: list[dict]) -> dict[str, str]:
         if isinstance(r.get("mask"), str):
             outs[f"{pdir}/{r['category']}/{r['stem']}.png"] = r["mask"]
     return outs
-
-
-def tta_params(cfg: Config) -> dict[str, str]:
-    """predict.tta as an entry of a result's fingerprint (predict, segment, export): absent
-    at "none", so results made before the key existed stay current."""
-    return without_absent({"predict.tta": cfg.predict.tta})
 
 
 def _no_mirrored_features(cfg: Config, split: str) -> str:

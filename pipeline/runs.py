@@ -30,9 +30,9 @@ from . import predict, train
 from .config import Config, config_from_dict, copy_config
 from .errors import PipelineError
 from .fsutil import FileHasher
-from .models import models_fingerprint, training_params
+from .models import models_fingerprint
+from .params import mirrored_splits, predict_params, training_params
 from .stages import StageState, diff_params, record_path
-from .store import mirrored_splits
 
 HEADLINE = ("miou", "j_mean", "boundary_f")
 IGNORED_KEYS = {"run.name", "run.threads", "dask.scheduler", "extract.num_workers",
@@ -284,8 +284,7 @@ def judge_run(run_dir: Path, split: str, report: ParsedReport, trained: ParsedRe
         return None, f"cannot check: {str(e)[:120]}"
     pred_state = StageState(predict.stage_name(split),
                             {**(predicted.deps if predicted else {}), "models": models_fp},
-                            {**{k: cfg.get(k) for k in predict.PARAMS},
-                             **predict.tta_params(cfg)}, _outs_problem(run_dir, predicted))
+                            predict_params(cfg), _outs_problem(run_dir, predicted))
     problems = [p for p in (_stage_problem(trained, train_state),
                             _stage_problem(predicted, pred_state)) if p]
     if cfg.predict.tta == "flip" and not mirrored_splits(cfg, [split]):

@@ -44,11 +44,11 @@ from .fsutil import (
     stat_stamp,
 )
 from .owned import Ledger, claim_folder, claim_run_dir, is_marked
-from .predict import Predictor, checked_models, mask_png_bytes, tta_params
+from .params import inference_params, tta_params
+from .predict import Predictor, checked_models, mask_png_bytes
 from .progress import Progress
 from .report import mask_panel
 from .stages import fingerprint
-from .store import feature_params
 
 RECORD_FILE = ".segment.json"
 RECORD_VERSION = 1
@@ -146,7 +146,7 @@ def settings_fingerprint(cfg: Config, models_fp: str) -> str:
     """What a mask depends on besides its image: the models, the feature settings (backbone,
     weights, canvas fit, precision, feature dtype), the threshold and the test-time
     augmentation (absent at "none", so masks made before the key stay current)."""
-    features = {k: v for k, v in feature_params(cfg).items() if k != "format"}
+    features = inference_params(cfg)
     return fingerprint({"models": models_fp, "features": features,
                         "threshold": cfg.predict.threshold, **tta_params(cfg)})
 

@@ -90,8 +90,8 @@ def _show(v: Any) -> str:
 
 # Parameters left out of a fingerprint at one value, so that results made before the key
 # existed stay current; their absence means that value (the one place that says which):
-# backbone.layers at 1 (store.feature_params), the mirrored-store flag at False (ditto),
-# predict.tta at "none" (predict.tta_params). diff_params reads an absent key as its value.
+# backbone.layers at 1 (params.feature_params), the mirrored-store flag at False (ditto),
+# predict.tta at "none" (params.tta_params). diff_params reads an absent key as its value.
 ABSENT_AS: dict[str, Any] = {"backbone.layers": 1, "mirror": False, "predict.tta": "none"}
 
 _NO_VALUE = object()  # an absent key without an ABSENT_AS value

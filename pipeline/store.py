@@ -25,15 +25,12 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
 
-from .backbones import FEATURE_VERSION, resolve_layers, weights_identity
 from .config import Config
 from .data import Box, Item, decode_image, list_items
-from .devices import resolve_precision
 from .errors import StoreError
 from .fsutil import (
     FileHasher,
@@ -44,37 +41,13 @@ from .fsutil import (
     sha256_file,
 )
 from .owned import is_marked
-from .stages import fingerprint, without_absent
+from .params import FORMAT_VERSION, feature_params
+from .stages import fingerprint
 
-FORMAT_VERSION = 3  # 3: encoded image bytes, optional masks, checksummed shards and manifest
 SHARD_SIZE = 64  # images per shard: the unit of resumption and of distributed work
 
 
 # ----------------------------------------------------------------------------- identity
-
-def feature_params(cfg: Config, mirror: bool = False) -> dict[str, Any]:
-    """What determines a feature value besides the image: the store's feature key. `mirror`:
-    the key of the store of mirrored features (each canvas flipped left-right before the
-    backbone), which stage 1 adds for the predicted splits when predict.tta = "flip"."""
-    params: dict[str, Any] = {
-        "format": FORMAT_VERSION,
-        "backbone.name": cfg.backbone.name,
-        "backbone.weights": weights_identity(cfg.backbone.weights),
-        "backbone.features": FEATURE_VERSION,
-        "extract.fit": cfg.extract.fit,
-        "extract.precision": resolve_precision(cfg.extract.precision, cfg.extract.device),
-        "extract.feature_dtype": cfg.extract.feature_dtype,
-    }
-    params["backbone.layers"] = resolve_layers(cfg.backbone.name, cfg.backbone.layers)
-    params["mirror"] = mirror
-    return without_absent(params)  # at 1 / False: stores made before the keys stay valid
-
-
-def mirrored_splits(cfg: Config, splits: list[str]) -> list[str]:
-    """Which of `splits` get mirrored features too: with predict.tta = "flip", every split but
-    the training split (training never uses them)."""
-    return [s for s in splits if s != cfg.data.train_split] if cfg.predict.tta == "flip" else []
-
 
 def store_dir(cfg: Config, fparams: dict | None = None) -> Path:
     fparams = fparams or feature_params(cfg)

@@ -35,9 +35,9 @@ from .models import (
     UpsamplerSpec,
     models_fingerprint,
     save_models,
-    training_params,
 )
 from .owned import claim_run_dir
+from .params import training_params
 from .progress import Progress
 from .report import plot_training_curves
 from .stages import StageState, StageStatus, judge, save_record

@@ -235,7 +235,7 @@ def test_backbone_layers_changes_the_feature_key_and_the_channels(tmp_path, synt
     """backbone.layers = 1 keeps the key of stores made before the setting existed; another
     value is another store, whose features have the concatenated channels; 0 (the default)
     is the backbone's measured default: 2 for mobilenet_v2, 1 for the ViTs."""
-    from pipeline.store import feature_params
+    from pipeline.params import feature_params
     auto, one, two = (make_cfg(tmp_path, synth_root, f"backbone.layers={n}") for n in (0, 1, 2))
     assert auto.backbone.layers == 0 and "backbone.layers" not in feature_params(one)
     assert store_dir(auto) == store_dir(two) != store_dir(one)

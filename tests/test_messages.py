@@ -9,9 +9,9 @@ from PIL import Image
 
 from pipeline.backbones import max_layers, resolve_layers
 from pipeline.errors import ConfigError, StoreError, UsageError
-from pipeline.predict import tta_params
+from pipeline.params import feature_params, tta_params
 from pipeline.stages import ABSENT_AS, StageState, diff_params, judge, save_record
-from pipeline.store import FeatureStore, feature_params
+from pipeline.store import FeatureStore
 from tests.conftest import cli_sets, make_cfg, one_line_error, run_cli
 
 # ----------------------------------------------------------------------------- diff_params

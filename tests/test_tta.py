@@ -17,10 +17,11 @@ from pipeline.data import from_canvas, to_canvas
 from pipeline.extract import Extractor, run_extract
 from pipeline.extract import status as extract_status
 from pipeline.models import load_models
+from pipeline.params import feature_params
 from pipeline.predict import model_dir, pred_dir_of, report_path, run_predict
 from pipeline.predict import status as predict_status
 from pipeline.segment import run_segment
-from pipeline.store import FeatureStore, feature_params, store_dir
+from pipeline.store import FeatureStore, store_dir
 from pipeline.train import status as train_status
 from tests.conftest import one_line_error, run_cli, trained_run
 
