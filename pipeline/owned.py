@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .data import TOOL_MARKER
 from .errors import OwnershipError
 from .fsutil import (
     atomic_write_bytes,
@@ -31,7 +32,7 @@ from .fsutil import (
     stat_stamp,
 )
 
-MARKER = ".vit-objseg.json"
+MARKER = TOOL_MARKER  # data.py lists datasets without them
 TOOL = "vit-objseg"
 KEEP_HASHES = 2  # per file: the last content written and the one before (a killed write)
 

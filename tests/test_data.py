@@ -391,3 +391,16 @@ def test_every_small_size_gets_a_canvas_of_the_box_size():
                 assert canvas.shape == (box.height, box.width, 3), (fit, h, w, box)
                 assert from_canvas(np.zeros((1, box.height, box.width)), box, (h, w)).shape \
                     == (1, h, w)
+
+
+def test_a_folder_of_the_tools_own_under_the_data_root_is_no_split(tmp_path):
+    """paths.outputs (or paths.cache) pointed at the dataset: the run folder it creates there
+    carries the marker and is not listed as a split (it would have no images, failing every
+    later stage 1)."""
+    from pipeline.data import list_splits
+    from pipeline.owned import claim_folder, claim_run_dir
+    from pipeline.synth import make_dataset
+    root = make_dataset(tmp_path / "d", "obj_seg", {"train": 2, "test": 2}, size=(32, 48))
+    claim_run_dir(root / "default")
+    claim_folder(root / "cache", "paths.cache")
+    assert list_splits(root, "obj_seg") == ["test", "train"]
