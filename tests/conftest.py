@@ -1,6 +1,7 @@
 """Shared fixtures: a generated dataset in both layouts and a config pointing at it."""
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -68,12 +69,29 @@ def trained_run(base: Path, data_root: Path, *extra: str):
     return cfg
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory, synth_root):
-    """Extract, train (tiny) and predict the test split of the generated data (one run per
-    test module that asks for it): (base folder, data root, config)."""
+    """Extract, train (tiny) and predict the test split of the generated data, once for the
+    whole session: (base folder, data root, config). Read only: a test that writes into the
+    run's folders (segment or export to the default paths, a stage rerun with other settings,
+    damage) takes `trained_copy` instead, so that no test depends on another's leftovers."""
     base = tmp_path_factory.mktemp("seg_run")
     return base, synth_root, trained_run(base, synth_root)
+
+
+def copy_run(trained, dest: Path):
+    """A private copy of the session's trained run (its cache and outputs) under `dest`, and
+    its config: (base folder, data root, config). Copying takes a fraction of a second,
+    training again several."""
+    base, root, _ = trained
+    shutil.copytree(base, dest, symlinks=True)
+    return dest, root, make_cfg(dest, root, *TINY_TRAIN)
+
+
+@pytest.fixture()
+def trained_copy(trained, tmp_path):
+    """`trained`, copied for this test alone (it may write into the run's folders)."""
+    return copy_run(trained, tmp_path / "run")
 
 
 def synth_images(folder: Path, names: list[str], root: Path,
@@ -104,3 +122,4 @@ def one_line_error(r, *parts: str) -> str:
     for p in parts:
         assert p in lines[0], (p, lines[0])
     return lines[0]
+

@@ -28,14 +28,27 @@ from pipeline.export import (
 from pipeline.models import LinearHead, PacUpsampler, TrainedModels, UpsamplerSpec
 from pipeline.predict import checked_models
 from pipeline.segment import run_segment
-from tests.conftest import cli_sets, one_line_error, run_cli, synth_images
+from tests.conftest import (
+    cli_sets,
+    copy_run,
+    one_line_error,
+    run_cli,
+    synth_images,
+)
 
 AGREEMENT = 0.999  # segment rounds features to float16 after a per-image forward; see export.py
 
 
 @pytest.fixture(scope="module")
-def exported(trained, tmp_path_factory):
-    base, root, cfg = trained
+def export_run(trained, tmp_path_factory):
+    """A copy of the session's trained run, for this module: export records what it wrote in
+    the run folder (its stage record, the ledger), which other modules must not see."""
+    return copy_run(trained, tmp_path_factory.mktemp("export_run") / "run")
+
+
+@pytest.fixture(scope="module")
+def exported(export_run, tmp_path_factory):
+    base, root, cfg = export_run
     path = tmp_path_factory.mktemp("export") / "model.pt2"
     r = run_cli("export", "--out", str(path), *cli_sets(base, root), timeout=600)
     assert r.returncode == 0, r.stderr
@@ -70,10 +83,10 @@ def test_runs_with_torch_alone_at_other_sizes(exported, tmp_path):
     assert (tmp_path / "3x96x128.npy").is_file() and (tmp_path / "1x160x48.npy").is_file()
 
 
-def test_masks_agree_with_segment(trained, exported, tmp_path):
+def test_masks_agree_with_segment(export_run, exported, tmp_path):
     """On images whose size is a multiple of the patch (no canvas crop): prob > threshold
     equals segment's mask on >= 99.9 % of the pixels."""
-    base, root, cfg = trained
+    base, root, cfg = export_run
     src = tmp_path / "in"
     names = [f"img{k}.png" for k in range(6)]
     synth_images(src, names, root, size=(128, 96))
@@ -92,8 +105,8 @@ def test_masks_agree_with_segment(trained, exported, tmp_path):
     print(f"export vs segment: {100 * agree:.4f} % of pixels agree")
 
 
-def test_up_to_date_and_refusals(trained, exported):
-    base, root, cfg = trained
+def test_up_to_date_and_refusals(export_run, exported):
+    base, root, cfg = export_run
     r = run_cli("export", "--out", str(exported), *cli_sets(base, root))
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"export: up to date -> {exported}\n", r.stdout + r.stderr
@@ -128,11 +141,11 @@ def test_example_side_range():
                                 f"from {2 * patch} to {8192 // patch * patch}")
 
 
-def test_smallest_side_works_and_one_patch_is_refused(trained, exported):
+def test_smallest_side_works_and_one_patch_is_refused(export_run, exported):
     """The program takes sides of 2 patches (32 px) up to 8192 px, equal to the eager program
     it was exported from, and refuses one patch (16 px) with torch's guard naming the minimum,
     as its META_FILE says."""
-    base, root, cfg = trained
+    base, root, cfg = export_run
     extra = {META_FILE: ""}
     program = torch.export.load(exported, extra_files=extra).module()
     meta = json.loads(extra[META_FILE])

@@ -74,9 +74,8 @@ def test_a_dataset_image_replaced_with_cp_p_is_recomputed(data_copy, tmp_path):
     assert not res.up_to_date and res.n_images == 3  # the category's shard only
 
 
-def test_a_segment_input_replaced_with_cp_p_is_recomputed(synth_root, tmp_path):
-    from tests.conftest import trained_run
-    cfg = trained_run(tmp_path, synth_root)
+def test_a_segment_input_replaced_with_cp_p_is_recomputed(trained, synth_root, tmp_path):
+    cfg = trained[2]
     src = tmp_path / "in"
     synth_images(src, ["p.jpg", "q.jpg"], synth_root)
     out = tmp_path / "out"
@@ -169,13 +168,12 @@ def test_predict_after_cp_p_of_a_dataset_image_is_stale(data_copy, tmp_path):
     assert after["fingerprints"]["features"] != before["fingerprints"]["features"]
 
 
-def test_predict_outputs_are_verified_and_only_the_damage_repaired(synth_root, tmp_path):
+def test_predict_outputs_are_verified_and_only_the_damage_repaired(trained_copy):
     """A deleted or replaced mask, a deleted report figure or an edited Markdown report:
     status says stale naming it, a plain predict restores it (recomputing only the shard of
     a bad mask) and everything else is left as it was."""
     from pipeline import predict as predict_stage
-    from tests.conftest import trained_run
-    cfg = trained_run(tmp_path, synth_root)
+    cfg = trained_copy[2]
     pdir = cfg.run_dir / "predictions" / "test"
     masks = sorted(pdir.rglob("*.png"))
     clean = {p: p.read_bytes() for p in masks}

@@ -21,16 +21,9 @@ from tests.conftest import (
     one_line_error,
     run_cli,
     synth_images,
-    trained_run,
 )
 
 QUIET = dict(log=lambda s: None, progress=False)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, synth_root):
-    base = tmp_path_factory.mktemp("own_run")
-    return base, synth_root, trained_run(base, synth_root)
 
 
 def tree(folder: Path) -> dict[str, str]:
@@ -181,11 +174,17 @@ def test_ledger_write_ahead_and_byte_equal():
         assert json.loads((folder / MARKER).read_text())["tool"] == "vit-objseg"
 
 
-def test_export_never_replaces_a_file_it_did_not_write(trained, tmp_path):
+def test_export_never_replaces_a_file_it_did_not_write(trained_copy, tmp_path, monkeypatch):
     """`export --out FILE` over a user's file: exit 2 before any work, the file intact
-    (--force included); a file the tool exported is replaced."""
+    (--force included); a file the tool exported is replaced. (A copy of the run: export
+    records what it wrote in the run folder. Whose file it is does not depend on the program
+    inside: the tool's own exports are of a tiny stand-in program, not a traced backbone,
+    which test_export covers.)"""
+    import torch
+
+    from pipeline import export as export_mod
     from pipeline.export import run_export
-    base, root, cfg = trained
+    base, root, cfg = trained_copy
     mine = tmp_path / "model.pt2"
     mine.write_bytes(b"my own model")
     for force in (False, True):
@@ -195,6 +194,8 @@ def test_export_never_replaces_a_file_it_did_not_write(trained, tmp_path):
     r = run_cli("export", "--out", str(mine), *cli_sets(base, root))
     assert r.returncode == 2
     one_line_error(r, str(mine), "move or delete")
+    stand_in = torch.export.export(torch.nn.Identity(), (torch.zeros(1),))
+    monkeypatch.setattr(export_mod, "export_program", lambda program, patch, h, w: stand_in)
     ours = tmp_path / "exported" / "m.pt2"
     first = run_export(cfg, ours)
     assert not first.up_to_date and ours.is_file()
@@ -213,10 +214,11 @@ def test_demo_does_not_write_its_dataset_into_a_folder_of_yours(tmp_path):
     assert tree(mine) == before
 
 
-def test_relative_out_paths_are_checked_where_they_are(trained, tmp_path):
+def test_relative_out_paths_are_checked_where_they_are(trained_copy, tmp_path):
     """`--out` and `export --out` relative to the working folder: the ledger checks the file
-    that is really there (the run folder's own marker, a dataset image, predict's masks)."""
-    base, root, cfg = trained
+    that is really there (the run folder's own marker, a dataset image, predict's masks).
+    On a copy of the run: the commands aim at the run folder itself."""
+    base, root, cfg = trained_copy
     run_rel = os.path.relpath(cfg.run_dir, tmp_path)
     marker = cfg.run_dir / MARKER
     before = marker.read_bytes()
@@ -256,17 +258,17 @@ def test_split_names_must_be_plain_folder_names(synth_root, tmp_path):
     assert tree(synth_root) == before and not (tmp_path / "cache").exists()
 
 
-def test_a_link_inside_the_tools_folders_is_refused(synth_root, tmp_path):
+def test_a_link_inside_the_tools_folders_is_refused(trained_copy, synth_root, tmp_path):
     """A folder of the run replaced by a link to a folder of the user's: predict refuses
     (exit 2) instead of writing masks through it; the user's files are intact."""
-    cfg = trained_run(tmp_path / "run", synth_root)
+    run_base, _, cfg = trained_copy
     mine = tmp_path / "mine"
     synth_images(mine / "test" / "disc", ["00000.png"], synth_root)
     before = tree(mine)
     preds = cfg.run_dir / "predictions"
     preds.rename(tmp_path / "predictions.orig")
     preds.symlink_to(mine, target_is_directory=True)
-    r = run_cli("predict", "--force", *cli_sets(tmp_path / "run", synth_root))
+    r = run_cli("predict", "--force", *cli_sets(run_base, synth_root))
     assert r.returncode == 2, r.stderr
     one_line_error(r, str(preds), "symbolic link")
     assert tree(mine) == before

@@ -63,8 +63,9 @@ def test_masks_equal_predict_byte_for_byte(trained, tmp_path):
     assert not (sub / "overlays").exists()
 
 
-def test_folders_files_spaces_hidden_and_link_loops(trained, tmp_path):
-    base, root, cfg = trained
+def test_folders_files_spaces_hidden_and_link_loops(trained_copy, tmp_path):
+    """(A copy of the run: the last command writes into the run's default output folder.)"""
+    base, root, cfg = trained_copy
     photos = tmp_path / "photos"
     synth_images(photos, ["a/b/deep.jpg", "top.png", "with space.jpg", "UPPER.JPG",
                           ".hidden.jpg", ".cache/skipped.jpg", "a/b/c.webp"], root)

@@ -23,16 +23,16 @@ from pipeline.predict import status as predict_status
 from pipeline.segment import run_segment
 from pipeline.store import FeatureStore, store_dir
 from pipeline.train import status as train_status
-from tests.conftest import one_line_error, run_cli, trained_run
+from tests.conftest import copy_run, one_line_error, run_cli
 
 quiet = dict(log=lambda s: None, progress=False)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, synth_root):
-    """A trained tiny run, predicted on the test split without and then with flip TTA."""
-    base = tmp_path_factory.mktemp("tta_run")
-    plain = trained_run(base, synth_root)
+def run(tmp_path_factory, trained):
+    """A copy of the session's trained tiny run (the tests add the mirrored store and predict
+    into it), predicted on the test split without and then with flip TTA."""
+    base, synth_root, plain = copy_run(trained, tmp_path_factory.mktemp("tta") / "run")
     plain_report = json.loads(report_path(plain, "test").read_text())
     shards = {p: p.stat().st_mtime_ns for p in store_dir(plain).rglob("*.h5")}
     pdir = pred_dir_of(plain, "test")
