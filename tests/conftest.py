@@ -123,3 +123,29 @@ def one_line_error(r, *parts: str) -> str:
         assert p in lines[0], (p, lines[0])
     return lines[0]
 
+
+SHALLOW_VIT_DEPTH = 2  # blocks of the ViTs built by shallow_vits
+
+
+def shallow_vits(monkeypatch, depth: int = SHALLOW_VIT_DEPTH) -> None:
+    """Make create_backbone build the registry's ViTs with `depth` blocks instead of 12, for
+    tests about plumbing (shapes, position embeddings, export, checkpoint keys), where the
+    number of blocks changes nothing but the time. The registry's own builders run, with
+    timm.create_model given depth=...; only the registry entries are patched (undone with
+    `monkeypatch`), never the config."""
+    import timm
+
+    from pipeline import backbones
+
+    def shallow(build):
+        def build_shallow(spec, pretrained):
+            real = timm.create_model
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(timm, "create_model",
+                           lambda *args, **kwargs: real(*args, **{**kwargs, "depth": depth}))
+                return build(spec, pretrained)
+        return build_shallow
+
+    for name, (build, kind) in list(backbones._BUILDERS.items()):
+        if kind == "vit":
+            monkeypatch.setitem(backbones._BUILDERS, name, (shallow(build), kind))

@@ -33,9 +33,11 @@ from pipeline.backbones import (  # noqa: E402
     list_backbones,
     weights_identity,
 )
+from tests.conftest import SHALLOW_VIT_DEPTH, shallow_vits  # noqa: E402
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 NAMES = ["dino_vits16", "dino_vits8", "dinov2_vits14", "mobilenet_v2"]
+VITS = ["dino_vits16", "dino_vits8", "dinov2_vits14"]
 
 
 def images(patch: int, b: int = 2, gh: int = 2, gw: int = 3, seed: int = 0) -> torch.Tensor:
@@ -74,9 +76,10 @@ def vit_reference(timm_name: str, sd: dict, x: torch.Tensor, n_last: int = 1) ->
     forward (conv patch embedding, CLS token, position embeddings by DINO's rule, the
     blocks, the final norm) through the blocks of a timm model holding the same tensors.
     `n_last` > 1: DINO's get_intermediate_layers(x, n_last) (each of the last blocks' outputs
-    through the final norm), concatenated along the channels."""
+    through the final norm), concatenated along the channels. As many blocks as `sd` holds."""
     import timm
-    m = timm.create_model(timm_name, pretrained=False, num_classes=0)
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    m = timm.create_model(timm_name, pretrained=False, num_classes=0, depth=depth)
     m.load_state_dict(sd, strict=True)
     m.eval()
     B, _, H, W = x.shape
@@ -126,12 +129,14 @@ def random_backbones() -> dict[str, Backbone]:
 
 
 @pytest.fixture(scope="module")
-def dino16():
+def dino16_data():
     """Teacher / student state dicts for ViT-S/16 in the original DINO key format (= timm's
-    key names, no head), an input batch and the reference features of each."""
+    key names, no head), an input batch and the reference features of each. Two blocks, not
+    twelve: what these checkpoints test is their keys and layouts (see `dino16`)."""
     import timm
     torch.manual_seed(123)
-    m = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
+    m = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0,
+                          depth=SHALLOW_VIT_DEPTH)
     teacher = {k: v.clone() for k, v in m.state_dict().items()}
     g = torch.Generator().manual_seed(7)
     student = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in teacher.items()}
@@ -139,6 +144,15 @@ def dino16():
     return {"teacher": teacher, "student": student, "x": x,
             "ref_teacher": vit_reference("vit_small_patch16_224", teacher, x),
             "ref_student": vit_reference("vit_small_patch16_224", student, x)}
+
+
+@pytest.fixture()
+def dino16(dino16_data, monkeypatch):
+    """dino16_data, with create_backbone building its ViTs with as many blocks (the registry
+    patched for this test): the checkpoint tests are about key formats, prefixes, wrappers and
+    refusals, which the number of blocks does not change."""
+    shallow_vits(monkeypatch)
+    return dino16_data
 
 
 # ----------------------------------------------------------------------------- registry
@@ -205,24 +219,33 @@ def test_random_is_deterministic_and_keeps_global_rng(random_backbones):
     assert torch.equal(feats(again, x), feats(random_backbones["mobilenet_v2"], x))
 
 
-@pytest.mark.parametrize("name", ["dino_vits16", "dino_vits8", "dinov2_vits14"])
-def test_vit_forward_matches_timm(random_backbones, name):
-    """At the trained size (no position-embedding resize) the features are timm's own
-    forward_features: patch tokens after the final norm, CLS dropped, row-major h x w. At other
-    sizes they follow DINO's rule, no longer timm's antialiased resize."""
+@pytest.mark.parametrize("name", VITS)
+def test_vit_forward_matches_timm(random_backbones, monkeypatch, name):
+    """At other sizes than the trained one the features follow DINO's rule (the reference
+    written out here), no longer timm's antialiased resize: on the real 12-block model, the
+    numerics that matter. At the trained size (no position-embedding resize) the features are
+    timm's own forward_features, bit for bit: patch tokens after the final norm, CLS dropped,
+    row-major h x w. Bit identity is the same code path whatever the number of blocks, and the
+    trained grid is what costs (37 x 37 tokens for DINOv2), so that half runs on 2 blocks."""
     bb = random_backbones[name]
-    p, (gh, gw) = bb.spec.patch_size, bb.model.patch_embed.grid_size
+    assert len(bb.model.blocks) == 12
+    p = bb.spec.patch_size
+    x = images(p, b=1, gh=5, gw=7)
+    out = feats(bb, x)
+    model_name = bb.spec.source[5:].split(".")[0]
+    torch.testing.assert_close(out, vit_reference(model_name, bb.model.state_dict(), x))
+    assert (out - timm_features(bb, x)).abs().max() > 1e-3
+
+    shallow_vits(monkeypatch)
+    bb = create_backbone(name, "random")
+    assert len(bb.model.blocks) == SHALLOW_VIT_DEPTH
+    gh, gw = bb.model.patch_embed.grid_size
     trained_grid = {"dino_vits16": (14, 14), "dino_vits8": (28, 28), "dinov2_vits14": (37, 37)}
     assert (gh, gw) == trained_grid[name]
     x = images(p, b=2, gh=gh, gw=gw)  # 224 x 224, or 518 x 518 for DINOv2
     out = feats(bb, x)
     assert out.shape == (2, gh, gw, 384)
     assert torch.equal(out, timm_features(bb, x))
-    x = images(p, b=1, gh=5, gw=7)
-    out = feats(bb, x)
-    model_name = bb.spec.source[5:].split(".")[0]
-    torch.testing.assert_close(out, vit_reference(model_name, bb.model.state_dict(), x))
-    assert (out - timm_features(bb, x)).abs().max() > 1e-3
 
 
 def bicubic_by_hand(grid: torch.Tensor, scale: tuple[float, float], out_hw: tuple[int, int]):
@@ -399,8 +422,11 @@ def test_load_wrapped_timm_state_dict(tmp_path, dino16, wrapper):
                                dino16["ref_student"])
 
 
-def test_load_dinov2_original_checkpoint(tmp_path, random_backbones):
-    src = random_backbones["dinov2_vits14"].model
+def test_load_dinov2_original_checkpoint(tmp_path, monkeypatch):
+    """DINOv2's own release layout (its mask_token dropped): key formats, so 2 blocks."""
+    shallow_vits(monkeypatch)
+    src = create_backbone("dinov2_vits14", "random").model
+    assert len(src.blocks) == SHALLOW_VIT_DEPTH
     g = torch.Generator().manual_seed(3)
     sd = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in src.state_dict().items()}
     x = images(14)
@@ -479,12 +505,12 @@ def test_wrong_patch_size(tmp_path, random_backbones):
 
 def test_missing_and_unexpected_keys(tmp_path, dino16, mobilenet_full):
     sd = dict(dino16["teacher"])
-    del sd["norm.weight"], sd["blocks.3.attn.qkv.weight"]
+    del sd["norm.weight"], sd["blocks.1.attn.qkv.weight"]
     path = tmp_path / "partial.pth"
     torch.save(sd, path)
     with pytest.raises(BackboneError) as e:
         create_backbone("dino_vits16", str(path))
-    assert_one_line(e, "partial.pth", "missing", "norm.weight", "blocks.3.attn.qkv.weight")
+    assert_one_line(e, "partial.pth", "missing", "norm.weight", "blocks.1.attn.qkv.weight")
 
     path = tmp_path / "extra.pth"
     torch.save({**dino16["teacher"], "decoder.weight": torch.zeros(2)}, path)
@@ -648,14 +674,24 @@ def test_pretrained_fails_fast_when_the_hub_does_not_resolve(monkeypatch):
 
 # ----------------------------------------------------------------------------- backbone.layers
 
-def test_vit_layers_are_dinos_intermediate_layers_concatenated(tmp_path, dino16):
+def test_vit_layers_are_dinos_intermediate_layers_concatenated(tmp_path, monkeypatch):
+    """backbone.layers = 4: the last four blocks' outputs, each through the final norm. Which
+    blocks are taken does not depend on the depth as long as there are more than four, so the
+    ViT has 6 blocks (the first four are then not the last four)."""
+    import timm
+    depth = 6
+    shallow_vits(monkeypatch, depth)
+    torch.manual_seed(321)
+    teacher = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0,
+                                depth=depth).state_dict()
     path = tmp_path / "teacher.pth"
-    torch.save(dino16["teacher"], path)
+    torch.save(teacher, path)
     x = images(16, gh=3, gw=5)
     bb = create_backbone("dino_vits16", str(path), layers=4)
+    assert len(bb.model.blocks) == depth
     out = feats(bb, x)
     assert out.shape == (2, 3, 5, 4 * 384) and bb.feature_shape(48, 80) == (3, 5, 1536)
-    torch.testing.assert_close(out, vit_reference("vit_small_patch16_224", dino16["teacher"], x, 4))
+    torch.testing.assert_close(out, vit_reference("vit_small_patch16_224", teacher, x, 4))
     # the last 384 channels are the one-layer features
     torch.testing.assert_close(out[..., -384:], feats(create_backbone("dino_vits16", str(path)), x))
 
