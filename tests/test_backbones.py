@@ -657,18 +657,21 @@ def test_shared_mobilenet_weights():
 
 
 def test_pretrained_fails_fast_when_the_hub_does_not_resolve(monkeypatch):
-    """Offline machines get the one-line error at once, not after minutes of retries."""
+    """Offline machines get the one-line error at once, not after minutes of retries: the
+    hub's host is looked up once (is it reachable at all?), then the weights are looked for in
+    the hub's offline mode (the local cache only), which never looks the host up again: no
+    connection attempt, hence no retry. Counted, not timed."""
     import socket
-    import time
+    lookups = []
 
     def no_dns(host, *a, **k):
+        lookups.append(host)
         raise socket.gaierror(-2, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
-    t0 = time.perf_counter()
     with pytest.raises(BackboneError) as e:
         create_backbone("dino_vits16", "pretrained")
-    assert time.perf_counter() - t0 < 5
+    assert lookups == ["huggingface.co"]
     assert_one_line(e, "could not download", "backbone.weights")
 
 
