@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -75,30 +76,65 @@ def test_local_cluster_leaves_the_environment_alone(tmp_path, data):
 
 
 def test_killed_worker_is_retried_and_leaves_no_partial_shard(tmp_path, data, cluster):
+    """One worker is made to stop in the middle of writing a shard (its temporary file
+    complete, not yet renamed) and is killed there: the extraction was still running (fewer
+    shards complete than the run has), the scheduler ran that shard's task again (after the
+    worker it was on died), and the cache equals a local run's, with no temporary file left.
+    Deterministic: the kill waits for the worker to say where it is, never for a time."""
     local = make_cfg(tmp_path / "local", data)
     run_extract(local, **quiet)
+    n_total = len(list(cache_dir(local).rglob("*.h5")))
     cfg = make_cfg(tmp_path / "dask", data)
-    shards = cache_dir(cfg) / "train" / "shards"
+    stopped = tmp_path / "stopped"  # written by the worker where it stops: the shard's tmp path
     result = {}
+
+    def stop_mid_write(flag: str) -> None:
+        """On the victim worker: the first shard's checksum (taken on its complete temporary
+        file, before the rename) says where it is, then waits to be killed."""
+        import pipeline.store as store
+        real = store.sha256_file
+
+        def stopping(path):
+            digest = real(path)
+            if str(path).endswith(".tmp"):
+                with open(flag + ".part", "w") as f:
+                    f.write(str(path))
+                os.replace(flag + ".part", flag)
+                while True:
+                    time.sleep(1)
+            return digest
+        store.sha256_file = stopping
 
     def work():
         result["res"] = run_extract(cfg, executor=cluster.scheduler_address, **quiet)
 
     with distributed.Client(cluster.scheduler_address) as client:
         pids = client.run(os.getpid)  # {worker address: pid}
-    t = threading.Thread(target=work)
-    t.start()
-    t_end = time.time() + 120
-    while time.time() < t_end and not (shards.is_dir() and any(shards.iterdir())):
-        time.sleep(0.005)
-    os.kill(sorted(pids.values())[0], signal.SIGKILL)  # mid-run: shards are being written
-    t.join(300)
-    assert not t.is_alive()
+        victim = sorted(pids)[0]
+        client.run(stop_mid_write, str(stopped), workers=[victim])
+        t = threading.Thread(target=work)
+        t.start()
+        t_end = time.time() + 300  # a bound on the wait only; the test never asserts a time
+        while time.time() < t_end and t.is_alive() and not stopped.exists():
+            time.sleep(0.01)
+        assert stopped.exists(), "the victim worker never reached a shard's write"
+        tmp = Path(stopped.read_text())
+        assert tmp.is_file()  # a partial (unrenamed) shard is on disk when the worker dies
+        complete = [p for p in cache_dir(cfg).rglob("*.h5") if not p.name.startswith(".")]
+        assert len(complete) < n_total  # the extraction was still running
+        os.kill(pids[victim], signal.SIGKILL)
+        t.join(300)
+        assert not t.is_alive()
+        key = "extract-" + tmp.name[1:].split(".h5.")[0].rsplit("-", 1)[1]
+        story = client.run_on_scheduler(
+            lambda dask_scheduler: [tuple(s[:3]) for s in dask_scheduler.story(key)])
+    # the scheduler gave the task to a worker again after the kill: twice into "processing"
+    assert [s[2] for s in story].count("processing") >= 2, story
     assert result["res"].n_images == 156
     got, want = digest(cache_dir(cfg), "*"), digest(cache_dir(local), "*")
     assert sorted(got) == sorted(want)
     assert [k for k in want if got[k] != want[k]] == []
-    assert not list(cache_dir(cfg).rglob("*.tmp"))
+    assert not tmp.exists() and not list(cache_dir(cfg).rglob("*.tmp"))
 
 
 def test_worker_reopens_a_re_extracted_split(tmp_path):
