@@ -1,8 +1,15 @@
 """Shared fixtures: a generated dataset in both layouts and a config pointing at it."""
 from __future__ import annotations
 
+import atexit
+import json
+import os
+import select
 import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -107,10 +114,88 @@ def synth_images(folder: Path, names: list[str], root: Path,
         im.save(folder / name)
 
 
-def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600):
-    import subprocess
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+class _CliServer:
+    """A warm interpreter (tests/cli_server.py) that has imported cli.py and the pipeline and
+    forks one child process per CLI call. Restarted when the environment it started with has
+    changed (other than PYTEST_CURRENT_TEST), so that nothing imported there saw another."""
+
+    IGNORED_ENV = ("PYTEST_CURRENT_TEST",)
+
+    def __init__(self) -> None:
+        self.env = self._env()
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cli_server.py"),
+                                      str(ROOT)], cwd=ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, bufsize=0)
+
+    @classmethod
+    def _env(cls) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if k not in cls.IGNORED_ENV}
+
+    def usable(self) -> bool:
+        return self.proc.poll() is None and self._env() == self.env
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def _line(self, timeout: float | None = None) -> int | None:
+        out = self.proc.stdout
+        assert out is not None
+        if timeout is not None and not select.select([out], [], [], timeout)[0]:
+            return None
+        line = out.readline()  # unbuffered: never reads past the line
+        if not line:
+            raise RuntimeError("the CLI server ended")
+        return int(line)
+
+    def run(self, args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory(prefix="run_cli-") as d:
+            out, err = Path(d) / "stdout", Path(d) / "stderr"
+            req = {"args": args, "cwd": str(cwd), "env": dict(os.environ),
+                   "stdout": str(out), "stderr": str(err)}
+            assert self.proc.stdin is not None
+            self.proc.stdin.write((json.dumps(req) + "\n").encode())
+            pid = self._line()
+            assert pid is not None
+            code = None
+            try:
+                code = self._line(timeout)
+            finally:
+                if code is None:  # timed out, or interrupted: kill the child (not yet reaped)
+                    os.kill(pid, signal.SIGKILL)
+            if code is None:
+                self._line()
+                raise subprocess.TimeoutExpired([*CLI, *args], timeout, out.read_text(),
+                                                err.read_text())
+            return subprocess.CompletedProcess([*CLI, *args], code, out.read_text(),
+                                               err.read_text())
+
+
+CLI = [sys.executable, str(ROOT / "cli.py")]
+_server: list[_CliServer] = []  # the running one, started by the first run_cli
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python cli.py ARGS` in `cwd`: its own process (exit code, stdout, stderr as text),
+    killed after `timeout` s (subprocess.TimeoutExpired), like subprocess.run. The process is
+    forked from a warm interpreter that has imported cli.py and the pipeline once, instead
+    of starting Python and torch again (1.5 s a call); FRESH_CLI=1 in the environment, or a
+    platform without fork, starts each one afresh."""
+    cwd = Path(cwd)
+    if os.environ.get("FRESH_CLI") or not hasattr(os, "fork") or not cwd.is_dir():
+        return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout)
+    if _server and not _server[0].usable():
+        _server.pop().close()
+    if not _server:
+        _server.append(_CliServer())
+        atexit.register(lambda: [s.close() for s in _server])
+    try:
+        return _server[0].run(list(args), cwd, timeout)
+    except BaseException:
+        _server.pop().close()  # a timeout or an interrupted exchange: a new server next time
+        raise
 
 
 def one_line_error(r, *parts: str) -> str:
