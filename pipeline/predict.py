@@ -36,7 +36,6 @@ from .fsutil import (
     file_lock,
     read_json,
     sha256_bytes,
-    sha256_file,
 )
 from .metrics import ImageStats, image_stats, summarize
 from .models import (
@@ -130,15 +129,22 @@ def outs_problems(cfg: Config, split: str, verify: bool = False) -> list[str]:
 
 
 def _outputs(cfg: Config, split: str, rows: list[dict]) -> dict[str, str]:
-    """{path relative to the run folder: sha256} of what predict wrote for `split`."""
+    """{path relative to the run folder: sha256} of what predict wrote for `split` (the masks
+    as the units recorded them); the stat memo is filled here, so that the next `status`
+    reads none of these files."""
+    hasher = outs_hasher(cfg)
     files = [report_path(cfg, split), cfg.run_dir / f"report_{split}.md",
              cfg.run_dir / f"report_{split}.html",
              *sorted((cfg.run_dir / f"report_{split}_files").rglob("*"))]
-    outs = {p.relative_to(cfg.run_dir).as_posix(): sha256_file(p) for p in files if p.is_file()}
+    outs = {p.relative_to(cfg.run_dir).as_posix(): hasher.digest(p) for p in files if p.is_file()}
     pdir = pred_dir_of(cfg, split).relative_to(cfg.run_dir).as_posix()
     for r in rows:
         if isinstance(r.get("mask"), str):
-            outs[f"{pdir}/{r['category']}/{r['stem']}.png"] = r["mask"]
+            rel = f"{pdir}/{r['category']}/{r['stem']}.png"
+            outs[rel] = r["mask"]
+            with contextlib.suppress(OSError):  # checked (and reported) by status
+                hasher.digest(cfg.run_dir / rel)
+    hasher.save()
     return outs
 
 
