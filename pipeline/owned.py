@@ -61,11 +61,12 @@ def claim_folder(folder: str | Path, what: str, legacy: Iterable[str] = ()) -> P
         raise OwnershipError(f"{folder}: {what} is a file, not a folder; choose another path")
     if folder.is_dir():
         garbled = (folder / MARKER).exists()
-        if not (garbled or any((folder / n).exists() for n in legacy)) and any(folder.iterdir()):
+        earlier = any((folder / n).exists() for n in legacy)  # made by an earlier version
+        if not (garbled or earlier) and any(folder.iterdir()):
             raise OwnershipError(
                 f"{folder}: {what} exists and was not created by {TOOL} (no {MARKER}); "
                 "choose a new folder, or move its files away")
-        if garbled and not any((folder / n).exists() for n in legacy):
+        if garbled and not earlier:
             raise OwnershipError(
                 f"{folder / MARKER}: {what}'s marker is damaged, so its files are not known to "
                 f"be {TOOL}'s; choose a new folder, or delete the marker if they are")

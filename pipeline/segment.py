@@ -49,13 +49,14 @@ from .predict import Predictor, checked_models, mask_png_bytes
 from .progress import Progress
 from .report import mask_panel
 from .stages import fingerprint
+from .store import CACHE_LEGACY
 
 RECORD_FILE = ".segment.json"
 RECORD_VERSION = 1
 OVERLAY_DIR = "overlays"
 CHUNK = 64  # images decoded ahead of the model per step (two steps in flight)
 OVERLAY_QUALITY = 90
-TOOL_FOLDER_SIGNS = (RECORD_FILE, ".file_hashes.json")  # folders of earlier versions
+TOOL_FOLDER_SIGNS = (RECORD_FILE, *CACHE_LEGACY)  # folders of earlier versions
 JPEG_MAX_SIDE = 65500  # libjpeg's limit on an overlay's width and height
 
 

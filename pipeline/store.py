@@ -54,14 +54,15 @@ def store_dir(cfg: Config, fparams: dict | None = None) -> Path:
     return Path(cfg.paths.cache) / "features" / f"{cfg.backbone.name}-{fingerprint(fparams)[:12]}"
 
 
-CACHE_LEGACY = (".file_hashes.json",)  # in a cache folder made before the marker
+MEMO_FILE = ".file_hashes.json"  # the checksum memo, in the cache folder
+CACHE_LEGACY = (MEMO_FILE,)  # in a cache folder made before the marker
 
 
 def file_hasher(cfg: Config, verify: bool = False) -> FileHasher:
     """The sha256 memo of data files and shards (keyed by path and stat stamp), kept in the
     cache folder; saved only once the tool has claimed that folder. `verify`: rehash all."""
     cache = Path(cfg.paths.cache)
-    return FileHasher(cache / ".file_hashes.json", verify=verify,
+    return FileHasher(cache / MEMO_FILE, verify=verify,
                       writable=is_marked(cache, CACHE_LEGACY))
 
 
