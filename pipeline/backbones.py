@@ -203,7 +203,7 @@ def _dino_resize_matrix(size: int, m: int, identity: torch.Tensor) -> torch.Tens
     (scale factor (size + 0.1) / m, align_corners=False, borders clamped) gives output y,
     or the identity rows where `identity` (a bool tensor: the trained grid) holds. The size
     enters as a tensor, never as a Python float, so torch.export keeps it symbolic."""
-    dst = torch.arange(size, dtype=torch.float64)
+    dst = torch.arange(size, dtype=torch.float64, device=identity.device)
     n = dst[-1:] + 1  # `size` as a tensor
     src = (dst + 0.5) * (m / (n + POS_INTERPOLATE_OFFSET)) - 0.5
     i0 = src.floor()
@@ -217,7 +217,8 @@ def _dino_resize_matrix(size: int, m: int, identity: torch.Tensor) -> torch.Tens
     i0 = i0.long()
     mat = sum(nn.functional.one_hot((i0 + k - 1).clamp(0, m - 1), m).double() * wk[:, None]
               for k, wk in enumerate(taps))
-    eye = nn.functional.one_hot(torch.arange(size).clamp(max=m - 1), m).double()
+    eye = nn.functional.one_hot(torch.arange(size, device=identity.device).clamp(max=m - 1),
+                                m).double()
     return torch.where(identity, eye, mat)
 
 
@@ -231,8 +232,8 @@ def _exportable_pos_embed(pos_embed: torch.Tensor, num_prefix: int, m: int,
     eager path keeps torch's kernel (the feature cache's values)."""
     h, w = grid
     dim = pos_embed.shape[-1]
-    rows = torch.arange(h)
-    cols = torch.arange(w)
+    rows = torch.arange(h, device=pos_embed.device)  # on the embeddings' device, not cpu
+    cols = torch.arange(w, device=pos_embed.device)
     trained = ((rows[-1:] + 1) == m) & ((cols[-1:] + 1) == m)  # both sides at the trained grid
     patch = pos_embed[0, num_prefix:].double().reshape(m, m, dim)
     out = torch.einsum("yi,ijc,xj->yxc", _dino_resize_matrix(h, m, trained), patch,
