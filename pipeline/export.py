@@ -35,12 +35,11 @@ import torch.nn as nn
 from .backbones import Backbone
 from .config import Config
 from .errors import UsageError
-from .extract import Extractor
 from .fsutil import sha256_bytes, sha256_file
+from .inference import BackboneRunner, checked_models
 from .models import TrainedModels
 from .owned import Ledger, claim_run_dir
 from .params import feature_params, inference_params, tta_params
-from .predict import checked_models
 from .stages import StageState, judge, load_record, save_record
 
 STAGE = "export"
@@ -86,8 +85,8 @@ class SegmentationProgram(nn.Module):
 
 def build_program(cfg: Config, models: TrainedModels) -> SegmentationProgram:
     """The program on CPU in eval mode, without gradients; the backbone is built and
-    optimised exactly as stage 1 builds it (`Extractor`)."""
-    backbone = Extractor(cfg, torch.device("cpu")).backbone
+    optimised exactly as stage 1 builds it (`inference.BackboneRunner`)."""
+    backbone = BackboneRunner(cfg, torch.device("cpu")).backbone
     program = SegmentationProgram(backbone, models, getattr(torch, cfg.extract.feature_dtype),
                                   cfg.predict.tta == "flip")
     return program.to("cpu").eval().requires_grad_(False)

@@ -8,7 +8,6 @@ a damaged shard is recomputed alone, and shards can be handed to a Dask cluster 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 import time
@@ -19,9 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .backbones import Backbone, create_backbone, resolve_layers
 from .config import Config
 from .data import (
     Box,
@@ -34,10 +31,10 @@ from .data import (
     same_size_batches,
     to_canvas,
 )
-from .devices import CpuFanout, autocast_dtype, resolve_device, resolve_precision
 from .errors import ImageTooLarge, StoreError
 from .executors import portable_config, run_tasks, worker_cached
 from .fsutil import atomic_write_json, exclusive_lock, remove_temporaries
+from .inference import BackboneRunner
 from .owned import claim_folder, claim_run_dir
 from .params import FORMAT_VERSION, feature_params, mirrored_splits
 from .progress import Progress
@@ -99,65 +96,9 @@ def decode(data_root: str, item: Item, patch: int, fit: str,
     return Decoded(item, loaded, fit_box(h, w, patch, fit))
 
 
-class Extractor:
-    """A loaded backbone plus everything needed to turn decoded images into shard records."""
-
-    def __init__(self, cfg: Config, device: torch.device | None = None):
-        self.device = device or resolve_device(cfg.extract.device)
-        layers = resolve_layers(cfg.backbone.name, cfg.backbone.layers)
-        self.backbone: Backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights,
-                                                  layers).to(self.device)
-        self.backbone.optimize_for_inference(self.device)
-        self.patch = self.backbone.spec.patch_size
-        self.fit = cfg.extract.fit
-        self.batch_size = cfg.extract.batch_size
-        self.amp = autocast_dtype(resolve_precision(cfg.extract.precision, cfg.extract.device),
-                                  self.device)
-        self.out_dtype = np.dtype(cfg.extract.feature_dtype)
-        self.model: Callable[[torch.Tensor], torch.Tensor] = self.backbone
-        self.cpu = CpuFanout()
-        if cfg.extract.compile and self.device.type == "cuda":
-            self.model = torch.compile(self.backbone, dynamic=False)
-
-    def _autocast(self):
-        """A fresh autocast context for this device and precision (fp32: none)."""
-        return (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None
-                else contextlib.nullcontext())
-
-    @torch.inference_mode()
-    def launch(self, canvases: list[np.ndarray], mirror: bool = False) -> Callable[[], np.ndarray]:
-        """Start the forward pass of one same-size batch of canvases (uint8 (H, W, 3));
-        returns a function giving the features (B, h, w, C) in `extract.feature_dtype`, as
-        they are stored. `mirror`: of the canvases flipped left-right (for predict.tta). On
-        CUDA the copy back is asynchronous, so the caller can prepare the next batch before
-        waiting. Stage 1 and `segment` both compute features here."""
-        x = torch.from_numpy(np.ascontiguousarray(np.stack(canvases))).permute(0, 3, 1, 2)
-        if mirror:
-            x = x.flip(-1)
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        if self.device.type == "cpu":
-            # one image per single-threaded forward, images spread over the cores (CpuFanout)
-            def one(i: int) -> torch.Tensor:
-                with torch.inference_mode(), self._autocast():
-                    return self.model(x[i:i + 1])
-            feats = torch.cat(self.cpu.map(one, x.shape[0]))
-        else:
-            with self._autocast():
-                feats = self.model(x)
-        feats = feats.to(torch.float16 if self.out_dtype == np.float16 else torch.float32)
-        if self.device.type == "cuda":
-            host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
-            host.copy_(feats, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-
-            def fetch() -> np.ndarray:
-                done.synchronize()
-                return host.numpy()
-            return fetch
-        out = feats.numpy()
-        return lambda: out
+class Extractor(BackboneRunner):
+    """A loaded backbone (the shared forward, `inference.BackboneRunner`) plus everything
+    needed to turn decoded images into shard records."""
 
     def shard_records(self, decoded: Iterable[Decoded | Undecodable],
                       on_batch: Callable[[int], None] | None = None,

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +23,8 @@ import torch
 from PIL import Image
 
 from .config import Config
-from .data import Box, from_canvas, same_size_batches, to_canvas
-from .devices import CpuFanout, resolve_device
+from .data import same_size_batches
+from .devices import resolve_device
 from .errors import ConfigError, ModelError, StoreError
 from .executors import portable_config, run_tasks, worker_cached
 from .fsutil import (
@@ -33,41 +32,35 @@ from .fsutil import (
     atomic_write_bytes,
     atomic_write_json,
     exclusive_lock,
-    file_lock,
     read_json,
     sha256_bytes,
 )
-from .metrics import ImageStats, image_stats, summarize
-from .models import (
-    TrainedModels,
-    load_models,
-    models_fingerprint,
-    read_card,
-    upsample_logits,
+from .inference import (
+    VARIANTS,
+    Predictor,
+    _models_mismatch,
+    checked_models,
+    mask_png_bytes,
+    model_dir,
 )
+from .metrics import ImageStats, image_stats, summarize
+from .models import load_models, models_fingerprint, read_card
 from .owned import RUN_LEGACY, claim_run_dir, is_marked
-from .params import feature_params, mirrored_splits, predict_params, training_params
+from .params import mirrored_splits, predict_params
 from .progress import Progress
 from .report import Thumb, VariantThumb, write_reports
 from .stages import (
     StageState,
     StageStatus,
-    diff_params,
     judge,
     load_record,
     save_record,
 )
 from .store import CachedItem, FeatureStore, split_fingerprint
 
-VARIANTS = ("linear_nearest", "linear_bilinear", "pac")
-
 
 def stage_name(split: str) -> str:
     return f"predict[{split}]"
-
-
-def model_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "models"
 
 
 def report_path(cfg: Config, split: str) -> Path:
@@ -171,107 +164,7 @@ def status(cfg: Config, split: str, verify: bool = False) -> StageStatus:
     return st
 
 
-def _models_mismatch(cfg: Config, params: dict, deps: dict) -> str:
-    """Why models trained with `params` on the stored splits `deps` are not the ones the
-    current config asks for ("" when they are): other training settings, or a stored split
-    that has changed since training."""
-    diff = diff_params(params, training_params(cfg))
-    if diff:
-        return "; ".join(diff[:4]) + (f" (+{len(diff) - 4} more)" if len(diff) > 4 else "")
-    for dep, fp in deps.items():
-        split = dep[len("features["):-1]
-        now = split_fingerprint(cfg, split)
-        if now is not None and now != fp:
-            return f"features[{split}] changed since training"
-    return ""
-
-
-@contextlib.contextmanager
-def checked_models(cfg: Config, device: torch.device | str = "cpu") -> Iterator[TrainedModels]:
-    """The run's trained models, verified, held (a shared lock) against a train-head of the
-    same run for the duration, and refused (ModelError naming train-head) when they were
-    trained with other settings than the current config's."""
-    feature_params(cfg)  # a setting no backbone offers is a usage error before "no models"
-    mdir = model_dir(cfg)
-    if not mdir.is_dir():  # no models: say so without creating the folder for the lock
-        load_models(mdir)
-    # shared: predicts of several splits, segment and export may read at once
-    with file_lock(mdir / ".lock", f"the models of run '{cfg.run.name}' (train-head is running)",
-                   shared=True):
-        models = load_models(mdir, device)
-        why = _models_mismatch(cfg, models.params, models.deps)
-        if why:
-            raise ModelError(f"the models in {mdir} were trained with other settings ({why}): "
-                             "run `python cli.py train-head` first")
-        yield models
-
-
 # ----------------------------------------------------------------------------- the work unit
-
-class Predictor:
-    """Trained models on a device: patch features and their image canvases -> full-size
-    masks. `predict` (features from the store) and `segment` (features just computed) both
-    call `masks`, so the two give the same mask for the same image."""
-
-    def __init__(self, models: TrainedModels, device: torch.device, threshold: float):
-        self.models = models
-        self.device = device
-        self.logit_threshold = math.log(threshold / (1 - threshold))
-        self.cpu = CpuFanout() if device.type == "cpu" else None
-
-    def masks(self, features: np.ndarray, canvases: np.ndarray, boxes: Sequence[Box],
-              sizes: Sequence[tuple[int, int]], variants: Sequence[str] = VARIANTS,
-              mirrored: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
-        """Boolean masks (H, W) at each image's original size, per variant, for one batch of
-        same-size canvases: `features` (B, h, w, C) as stage 1 stores them, `canvases` uint8
-        (B, H', W', 3), `boxes[i]` where canvas i sits in its image of size `sizes[i]` (H, W).
-        `mirrored`: the features of the mirrored canvases (predict.tta = "flip"): each
-        variant's logits are averaged with the mirror image's, mirrored back.
-        On CPU each image goes through the heads alone in a single-threaded pass
-        (CpuFanout): a mask depends neither on the batch nor on the core count."""
-        if self.cpu is not None:
-            parts = self.cpu.map(lambda j: self._binary(
-                features[j:j + 1], canvases[j:j + 1], variants,
-                None if mirrored is None else mirrored[j:j + 1]), len(boxes))
-            binary = {v: np.concatenate([p[v] for p in parts]) for v in variants}
-        else:
-            binary = self._binary(features, canvases, variants, mirrored)
-        return [{v: from_canvas(binary[v][j], box, size) for v in variants}
-                for j, (box, size) in enumerate(zip(boxes, sizes, strict=True))]
-
-    def _logits(self, f: torch.Tensor, img: torch.Tensor,
-                variants: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Each variant's logits (B, 1, H', W') at canvas size."""
-        size = (img.shape[-2], img.shape[-1])
-        base = self.models.head(f)
-        logits = {"linear_nearest": lambda: upsample_logits(base, size, "nearest"),
-                  "linear_bilinear": lambda: upsample_logits(base, size, "bilinear"),
-                  "pac": lambda: self.models.upsampler(f, img, base)}
-        return {v: logits[v]() for v in variants}
-
-    @torch.inference_mode()
-    def _binary(self, features: np.ndarray, canvases: np.ndarray, variants: Sequence[str],
-                mirrored: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Thresholded logits (B, H', W') at canvas size for each variant."""
-        def tensor(feats: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(feats.astype(np.float32)).permute(0, 3, 1, 2).to(self.device)
-
-        img = torch.from_numpy(np.ascontiguousarray(canvases)).permute(0, 3, 1, 2).to(self.device)
-        logits = self._logits(tensor(features), img, variants)
-        if mirrored is not None:
-            flipped = self._logits(tensor(mirrored), img.flip(-1), variants)
-            logits = {v: (logits[v] + flipped[v].flip(-1)).mul_(0.5) for v in variants}
-        return {v: (logits[v][:, 0] > self.logit_threshold).cpu().numpy() for v in variants}
-
-    def batch_masks(self, items: list[CachedItem],
-                    mirrored: list[np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
-        """`masks` of every variant for cached items whose canvases share one size
-        (`mirrored`: their mirrored features, for predict.tta = "flip")."""
-        return self.masks(np.stack([it.features for it in items]),
-                          np.stack([to_canvas(it.image, it.meta.box) for it in items]),
-                          [it.meta.box for it in items], [it.meta.orig_size for it in items],
-                          mirrored=None if mirrored is None else np.stack(mirrored))
-
 
 def check_mirrored(store: FeatureStore, mirror: FeatureStore) -> None:
     """StoreError unless `mirror` holds the mirrored features of exactly `store`'s images,
@@ -334,14 +227,6 @@ def predict_task(cfg: Config, split_dir: str, fingerprint: str, shard: int, pred
                               make_predictor)
     return shard, predict_shard(store, shard, predictor, Path(pred_dir), cfg.predict.batch_size,
                                 mirror)
-
-
-def mask_png_bytes(mask: np.ndarray) -> bytes:
-    """A boolean mask as the 8-bit L PNG that predict and segment write (0 / 255)."""
-    import io
-    buf = io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------- the stage

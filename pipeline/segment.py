@@ -3,8 +3,8 @@ run. No annotations, no training data and no feature store are needed, and nothi
 
 The computation is stage 1's and stage 3's own: images are decoded as stage 1 decodes them
 (EXIF orientation applied) and put on the same canvas (`fit_box`, `extract.fit`), the
-backbone runs through `Extractor.launch` (which returns the features in the dtype the store
-keeps, float16 by default), and the heads and the threshold are `Predictor.masks`. So on CPU
+backbone runs through `BackboneRunner.launch` (stage 1's forward: the features in the dtype the
+store keeps, float16 by default), and the heads and the threshold are `Predictor.masks`. So on CPU
 an image that is also in a cached split gets the same mask, byte for byte, as `predict`.
 
 Outputs under `<out>` (default `<outputs>/<run>/segment/`): for a folder argument the mask at
@@ -13,7 +13,8 @@ overlays at `overlays/<same path>.jpg`. `<out>/.segment.json` records, per mask,
 file's sha256 and the settings it was computed with, so a rerun recomputes only images that
 changed (or all of them, when the models or settings did).
 
-Layering: this module uses stage 1's extractor and stage 3's predictor; no stage imports it.
+Layering: this module uses the shared inference path (pipeline/inference.py) and imports no
+stage module; no stage imports it.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ from .config import Config
 from .data import IMAGE_EXTS, Box, decode_image, fit_box, read_bytes, same_size_batches, to_canvas
 from .devices import resolve_device
 from .errors import DataError, OwnershipError
-from .extract import Extractor
 from .fsutil import (
     atomic_write_bytes,
     atomic_write_json,
@@ -43,9 +43,9 @@ from .fsutil import (
     sha256_file,
     stat_stamp,
 )
+from .inference import BackboneRunner, Predictor, checked_models, mask_png_bytes
 from .owned import Ledger, claim_folder, claim_run_dir, is_marked
 from .params import inference_params, tta_params
-from .predict import Predictor, checked_models, mask_png_bytes
 from .progress import Progress
 from .report import mask_panel
 from .stages import fingerprint
@@ -324,7 +324,7 @@ def run_segment(cfg: Config, paths: Sequence[str | Path], out_dir: str | Path | 
             try:
                 if todo:
                     predictor = Predictor(models, device, cfg.predict.threshold)
-                    _stream(cfg, todo, Extractor(cfg), predictor, ledger, overlays, settings,
+                    _stream(cfg, todo, BackboneRunner(cfg), predictor, ledger, overlays, settings,
                             record, result, progress, warn)
             finally:
                 record.save()
@@ -338,7 +338,7 @@ def _chunks(items: list, n: int) -> Iterator[list]:
         yield items[k:k + n]
 
 
-def _stream(cfg: Config, todo: list[Source], extractor: Extractor, predictor: Predictor,
+def _stream(cfg: Config, todo: list[Source], extractor: BackboneRunner, predictor: Predictor,
             ledger: Ledger, overlays: bool, settings: str, record: SegmentRecord,
             result: SegmentResult, progress: bool, warn: Callable[[str], None]) -> None:
     """Decode ahead in a thread pool (two chunks in flight), run same-size batches through the

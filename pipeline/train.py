@@ -29,6 +29,7 @@ from .data import canvas_valid, to_canvas
 from .devices import CpuFanout, resolve_device
 from .errors import DataError, StoreError, TrainingDiverged
 from .fsutil import atomic_write_bytes, exclusive_lock, sha256_bytes
+from .inference import model_dir
 from .models import (
     LinearHead,
     PacUpsampler,
@@ -49,10 +50,6 @@ IMAGE_MEMO_BYTES = 4 << 30
 
 
 # ----------------------------------------------------------------------------- the contract
-
-def model_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "models"
-
 
 def _splits(cfg: Config) -> list[str]:
     return [cfg.data.train_split] + ([cfg.data.val_split] if cfg.data.val_split else [])

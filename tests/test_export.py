@@ -25,8 +25,8 @@ from pipeline.export import (
     build_program,
     export_program,
 )
+from pipeline.inference import checked_models
 from pipeline.models import LinearHead, PacUpsampler, TrainedModels, UpsamplerSpec
-from pipeline.predict import checked_models
 from pipeline.segment import run_segment
 from tests.conftest import (
     SHALLOW_VIT_DEPTH,

@@ -1,0 +1,214 @@
+"""The inference path that `predict` (stage 3), `segment` and `export` share, below the stages:
+the run's trained models checked against the config (`checked_models`), the backbone forward
+that turns uint8 canvases into features as stage 1 stores them (`BackboneRunner`, the base of
+stage 1's `Extractor`), the heads and the threshold (`Predictor`) and the mask file
+(`mask_png_bytes`). One path, so that the three give the same mask for the same image.
+
+Layering: this module imports no stage module (extract, train, predict); the stages,
+`segment` and `export` import it.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .backbones import Backbone, create_backbone, resolve_layers
+from .config import Config
+from .data import Box, from_canvas, to_canvas
+from .devices import CpuFanout, autocast_dtype, resolve_device, resolve_precision
+from .errors import ModelError
+from .fsutil import file_lock
+from .models import TrainedModels, load_models, upsample_logits
+from .params import feature_params, training_params
+from .stages import diff_params
+from .store import CachedItem, split_fingerprint
+
+VARIANTS = ("linear_nearest", "linear_bilinear", "pac")
+
+
+def model_dir(cfg: Config) -> Path:
+    """The run's model folder: train-head writes it, predict, segment and export read it."""
+    return cfg.run_dir / "models"
+
+
+# ----------------------------------------------------------------------------- the models
+
+def _models_mismatch(cfg: Config, params: dict, deps: dict) -> str:
+    """Why models trained with `params` on the stored splits `deps` are not the ones the
+    current config asks for ("" when they are): other training settings, or a stored split
+    that has changed since training."""
+    diff = diff_params(params, training_params(cfg))
+    if diff:
+        return "; ".join(diff[:4]) + (f" (+{len(diff) - 4} more)" if len(diff) > 4 else "")
+    for dep, fp in deps.items():
+        split = dep[len("features["):-1]
+        now = split_fingerprint(cfg, split)
+        if now is not None and now != fp:
+            return f"features[{split}] changed since training"
+    return ""
+
+
+@contextlib.contextmanager
+def checked_models(cfg: Config, device: torch.device | str = "cpu") -> Iterator[TrainedModels]:
+    """The run's trained models, verified, held (a shared lock) against a train-head of the
+    same run for the duration, and refused (ModelError naming train-head) when they were
+    trained with other settings than the current config's."""
+    feature_params(cfg)  # a setting no backbone offers is a usage error before "no models"
+    mdir = model_dir(cfg)
+    if not mdir.is_dir():  # no models: say so without creating the folder for the lock
+        load_models(mdir)
+    # shared: predicts of several splits, segment and export may read at once
+    with file_lock(mdir / ".lock", f"the models of run '{cfg.run.name}' (train-head is running)",
+                   shared=True):
+        models = load_models(mdir, device)
+        why = _models_mismatch(cfg, models.params, models.deps)
+        if why:
+            raise ModelError(f"the models in {mdir} were trained with other settings ({why}): "
+                             "run `python cli.py train-head` first")
+        yield models
+
+
+# ----------------------------------------------------------------------------- the backbone
+
+class BackboneRunner:
+    """A loaded backbone on its device: same-size batches of uint8 canvases -> patch features
+    in `extract.feature_dtype`, exactly as stage 1 stores them. Stage 1's `Extractor` adds the
+    shard records; `segment` calls `launch` directly and `export` takes the `backbone`."""
+
+    def __init__(self, cfg: Config, device: torch.device | None = None):
+        self.device = device or resolve_device(cfg.extract.device)
+        layers = resolve_layers(cfg.backbone.name, cfg.backbone.layers)
+        self.backbone: Backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights,
+                                                  layers).to(self.device)
+        self.backbone.optimize_for_inference(self.device)
+        self.patch = self.backbone.spec.patch_size
+        self.fit = cfg.extract.fit
+        self.batch_size = cfg.extract.batch_size
+        self.amp = autocast_dtype(resolve_precision(cfg.extract.precision, cfg.extract.device),
+                                  self.device)
+        self.out_dtype = np.dtype(cfg.extract.feature_dtype)
+        self.model: Callable[[torch.Tensor], torch.Tensor] = self.backbone
+        self.cpu = CpuFanout()
+        if cfg.extract.compile and self.device.type == "cuda":
+            self.model = torch.compile(self.backbone, dynamic=False)
+
+    def _autocast(self):
+        """A fresh autocast context for this device and precision (fp32: none)."""
+        return (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None
+                else contextlib.nullcontext())
+
+    @torch.inference_mode()
+    def launch(self, canvases: list[np.ndarray], mirror: bool = False) -> Callable[[], np.ndarray]:
+        """Start the forward pass of one same-size batch of canvases (uint8 (H, W, 3));
+        returns a function giving the features (B, h, w, C) in `extract.feature_dtype`, as
+        they are stored. `mirror`: of the canvases flipped left-right (for predict.tta). On
+        CUDA the copy back is asynchronous, so the caller can prepare the next batch before
+        waiting. Stage 1 and `segment` both compute features here."""
+        x = torch.from_numpy(np.ascontiguousarray(np.stack(canvases))).permute(0, 3, 1, 2)
+        if mirror:
+            x = x.flip(-1)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        if self.device.type == "cpu":
+            # one image per single-threaded forward, images spread over the cores (CpuFanout)
+            def one(i: int) -> torch.Tensor:
+                with torch.inference_mode(), self._autocast():
+                    return self.model(x[i:i + 1])
+            feats = torch.cat(self.cpu.map(one, x.shape[0]))
+        else:
+            with self._autocast():
+                feats = self.model(x)
+        feats = feats.to(torch.float16 if self.out_dtype == np.float16 else torch.float32)
+        if self.device.type == "cuda":
+            host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+            host.copy_(feats, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+
+            def fetch() -> np.ndarray:
+                done.synchronize()
+                return host.numpy()
+            return fetch
+        out = feats.numpy()
+        return lambda: out
+
+
+# ----------------------------------------------------------------------------- the heads
+
+class Predictor:
+    """Trained models on a device: patch features and their image canvases -> full-size
+    masks. `predict` (features from the store) and `segment` (features just computed) both
+    call `masks`, so the two give the same mask for the same image."""
+
+    def __init__(self, models: TrainedModels, device: torch.device, threshold: float):
+        self.models = models
+        self.device = device
+        self.logit_threshold = math.log(threshold / (1 - threshold))
+        self.cpu = CpuFanout() if device.type == "cpu" else None
+
+    def masks(self, features: np.ndarray, canvases: np.ndarray, boxes: Sequence[Box],
+              sizes: Sequence[tuple[int, int]], variants: Sequence[str] = VARIANTS,
+              mirrored: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+        """Boolean masks (H, W) at each image's original size, per variant, for one batch of
+        same-size canvases: `features` (B, h, w, C) as stage 1 stores them, `canvases` uint8
+        (B, H', W', 3), `boxes[i]` where canvas i sits in its image of size `sizes[i]` (H, W).
+        `mirrored`: the features of the mirrored canvases (predict.tta = "flip"): each
+        variant's logits are averaged with the mirror image's, mirrored back.
+        On CPU each image goes through the heads alone in a single-threaded pass
+        (CpuFanout): a mask depends neither on the batch nor on the core count."""
+        if self.cpu is not None:
+            parts = self.cpu.map(lambda j: self._binary(
+                features[j:j + 1], canvases[j:j + 1], variants,
+                None if mirrored is None else mirrored[j:j + 1]), len(boxes))
+            binary = {v: np.concatenate([p[v] for p in parts]) for v in variants}
+        else:
+            binary = self._binary(features, canvases, variants, mirrored)
+        return [{v: from_canvas(binary[v][j], box, size) for v in variants}
+                for j, (box, size) in enumerate(zip(boxes, sizes, strict=True))]
+
+    def _logits(self, f: torch.Tensor, img: torch.Tensor,
+                variants: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Each variant's logits (B, 1, H', W') at canvas size."""
+        size = (img.shape[-2], img.shape[-1])
+        base = self.models.head(f)
+        logits = {"linear_nearest": lambda: upsample_logits(base, size, "nearest"),
+                  "linear_bilinear": lambda: upsample_logits(base, size, "bilinear"),
+                  "pac": lambda: self.models.upsampler(f, img, base)}
+        return {v: logits[v]() for v in variants}
+
+    @torch.inference_mode()
+    def _binary(self, features: np.ndarray, canvases: np.ndarray, variants: Sequence[str],
+                mirrored: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Thresholded logits (B, H', W') at canvas size for each variant."""
+        def tensor(feats: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(feats.astype(np.float32)).permute(0, 3, 1, 2).to(self.device)
+
+        img = torch.from_numpy(np.ascontiguousarray(canvases)).permute(0, 3, 1, 2).to(self.device)
+        logits = self._logits(tensor(features), img, variants)
+        if mirrored is not None:
+            flipped = self._logits(tensor(mirrored), img.flip(-1), variants)
+            logits = {v: (logits[v] + flipped[v].flip(-1)).mul_(0.5) for v in variants}
+        return {v: (logits[v][:, 0] > self.logit_threshold).cpu().numpy() for v in variants}
+
+    def batch_masks(self, items: list[CachedItem],
+                    mirrored: list[np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
+        """`masks` of every variant for cached items whose canvases share one size
+        (`mirrored`: their mirrored features, for predict.tta = "flip")."""
+        return self.masks(np.stack([it.features for it in items]),
+                          np.stack([to_canvas(it.image, it.meta.box) for it in items]),
+                          [it.meta.box for it in items], [it.meta.orig_size for it in items],
+                          mirrored=None if mirrored is None else np.stack(mirrored))
+
+
+def mask_png_bytes(mask: np.ndarray) -> bytes:
+    """A boolean mask as the 8-bit L PNG that predict and segment write (0 / 255)."""
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
+    return buf.getvalue()
