@@ -12,15 +12,12 @@ the units at the end.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 
 from .config import Config
 from .data import same_size_batches
@@ -43,12 +40,13 @@ from .inference import (
     mask_png_bytes,
     model_dir,
 )
-from .metrics import ImageStats, image_stats, summarize
+from .metrics import image_stats
 from .models import load_models, models_fingerprint, read_card
 from .owned import RUN_LEGACY, claim_run_dir, is_marked
 from .params import mirrored_splits, predict_params
 from .progress import Progress
-from .report import Thumb, VariantThumb, write_reports
+from .report import stage as report_stage
+from .report.stage import headline
 from .stages import (
     StageState,
     StageStatus,
@@ -334,95 +332,18 @@ def pred_dir_of(cfg: Config, split: str) -> Path:
 
 
 def build_report(cfg: Config, split: str, rows: list[dict], fingerprints: dict[str, str]) -> dict:
-    """The report of a split: metrics of the annotated images (`n_images`), how many masks
-    were written (`n_predicted`), and its provenance: the effective config, the content
-    fingerprints of the features and models used, the versions, and J and F per image."""
-    if not rows:
-        raise StoreError(f"split '{split}' holds no usable image: nothing to predict")
-    scored = [r for r in rows if r["stats"] is not None]
-    variants = {}
-    for v in VARIANTS:
-        if scored:
-            variants[v] = summarize([ImageStats.from_dict(r["stats"][v]) for r in scored])
-        else:
-            variants[v] = {"overall": None, "per_category": {}}
-    per_image = [{"category": r["category"], "stem": r["stem"],
-                  "j": {v: r["stats"][v]["j"] for v in VARIANTS},
-                  "f": {v: r["stats"][v]["f"] for v in VARIANTS}} for r in scored]
-    return {"split": split, "n_images": len(scored), "n_predicted": len(rows),
-            "backbone": {"name": cfg.backbone.name, "weights": cfg.backbone.weights},
-            "run": cfg.run.name, "variants": variants, "config": cfg.to_dict(),
-            "fingerprints": dict(fingerprints), "per_image": per_image,
-            "versions": {"vit-objseg": _package_version(), "torch": torch.__version__}}
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("vit-objseg")
-    except PackageNotFoundError:  # running from a checkout that was never installed
-        return "unknown"
-
-
-def headline(report: dict) -> list[str]:
-    if report["n_images"] == 0:
-        return [f"no annotated image among the {report['n_predicted']}: masks written, "
-                "nothing scored"]
-    out = []
-    for v in VARIANTS:
-        m = report["variants"][v]["overall"]
-        out.append(f"{v:<16} mIoU {m['miou']:.3f}  J {m['j_mean']:.3f}  F {m['boundary_f']:.3f}")
-    if report["n_images"] < report["n_predicted"]:
-        out.append(f"scored {report['n_images']} annotated of {report['n_predicted']} images")
-    return out
-
-
-def _other_runs(cfg: Config, split: str) -> list[tuple[str, str]]:
-    """(run name, link relative to this run's folder) of the other runs' reports of `split`."""
-    outputs = cfg.run_dir.parent
-    return [(d.name, f"../{d.name}/report_{split}.html") for d in sorted(outputs.iterdir())
-            if d.is_dir() and d.name != cfg.run.name and (d / f"report_{split}.html").is_file()]
+    """report_<split>.json's content from the units' rows (see report.stage.build_report)."""
+    return report_stage.build_report(cfg, split, rows, fingerprints, VARIANTS)
 
 
 def _write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict],
                          store: FeatureStore, predictor: Predictor,
                          mirror: FeatureStore | None) -> None:
-    rows = [r for r in rows if r["stats"] is not None]
-    per_image = report["per_image"]
-    k = cfg.predict.thumbnails
-    ranked = sorted(rows, key=lambda r: (r["stats"]["pac"]["j"], r["category"], r["stem"]))
-    worst = ranked[:k]
-    best = [r for r in ranked[::-1] if r not in worst][:k]
-    pdir = pred_dir_of(cfg, split)
+    """The Markdown and HTML reports (report.stage.write_human_reports); the worst images'
+    masks of every variant computed again by `predictor`, as the pass computed them."""
+    def variant_masks(item: CachedItem) -> dict[str, np.ndarray]:
+        mirrored = None if mirror is None else [mirror.features(item.meta.index)]
+        return predictor.batch_masks([item], mirrored)[0]
 
-    def scored(r: dict) -> tuple[CachedItem, np.ndarray]:
-        """A scored row's image and its annotation."""
-        item = store.read(r["index"])
-        if item.mask is None:  # scored from this very store (its fingerprint is in the units')
-            raise StoreError(f"{store.split_dir}: {item.meta.source} is scored but has no "
-                             "annotation; rerun predict with --force")
-        return item, item.mask
-
-    def thumb(r: dict) -> Thumb:
-        item, mask = scored(r)
-        pred = np.asarray(Image.open(pdir / r["category"] / f"{r['stem']}.png")) > 127
-        s = r["stats"]["pac"]
-        return Thumb(r["category"], r["stem"], s["j"], s["f"], item.image, mask, pred)
-
-    history = []
-    mfile = cfg.run_dir / "metrics.jsonl"
-    if mfile.is_file():
-        for line in mfile.read_text().splitlines():
-            try:
-                history.append(json.loads(line))
-            except ValueError:  # the training curves are decoration: a damaged line is dropped
-                continue
-    def variants(r: dict) -> VariantThumb:  # the worst images with every variant's mask
-        item, mask = scored(r)
-        mirrored = None if mirror is None else [mirror.features(r["index"])]
-        return VariantThumb(r["category"], r["stem"], item.image, mask,
-                            predictor.batch_masks([item], mirrored)[0])
-
-    write_reports(cfg.run_dir, split, report, per_image, [thumb(r) for r in best],
-                  [thumb(r) for r in worst], history,
-                  variant_thumbs=[variants(r) for r in worst], other_runs=_other_runs(cfg, split))
+    report_stage.write_human_reports(cfg, split, report, rows, store, pred_dir_of(cfg, split),
+                                     variant_masks)

@@ -18,33 +18,30 @@ copied or moved, or listed from another working folder, gets the same answer as 
 from __future__ import annotations
 
 import json
-import math
-import os
-import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 from . import predict, train
 from .config import Config, config_from_dict, copy_config
 from .errors import PipelineError
 from .fsutil import FileHasher
+from .jsondoc import Damaged, read_doc
+from .jsondoc import an_object as _object
+from .jsondoc import field_of as _field
+from .jsondoc import kind as _kind
+from .jsondoc import show as _show
 from .models import models_fingerprint
 from .params import mirrored_splits, predict_params, training_params
+from .report import doc as report_doc
 from .stages import StageState, diff_params, record_path
 
 HEADLINE = ("miou", "j_mean", "boundary_f")
 IGNORED_KEYS = {"run.name", "run.threads", "dask.scheduler", "extract.num_workers",
                 "extract.batch_size", "predict.batch_size", "extract.device", "train.device",
                 "predict.device"}  # do not change results, or name the row
-MAX_FILE_BYTES = 256 << 20  # a report or record larger than this is not one the tool wrote
-MAX_INT = 2**63 - 1  # larger integers in a file are damage (no JSON reader keeps them exact)
 T = TypeVar("T")
-
-
-class Damaged(Exception):
-    """Why a file is not what its writer writes (one line; the caller names the file)."""
 
 
 @dataclass
@@ -83,116 +80,20 @@ class ParsedRecord:
 
 # ----------------------------------------------------------------------------- reading
 
-def _reject_constant(name: str) -> NoReturn:
-    raise Damaged(f"non-finite number {name}")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise Damaged(f"number {text[:24]} out of range")
-    return value
-
-
-def _bounded_int(text: str) -> int:
-    digits = text.lstrip("-")
-    if len(digits) > 19 or abs(int(text)) > MAX_INT:
-        raise Damaged(f"integer {text[:24]}{'...' if len(text) > 24 else ''} out of range")
-    return int(text)
-
-
-def read_doc(path: Path) -> Any | None:
-    """The strictly parsed JSON content of the regular file `path` (only finite numbers), or
-    None when it does not exist; Damaged when it cannot be read or is not such JSON. Opened
-    non-blocking and checked on the descriptor: a FIFO named like a report never hangs."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise Damaged(f"cannot read ({e.strerror or type(e).__name__})") from None
-    with os.fdopen(fd, "rb") as f:
-        try:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise Damaged("not a regular file")
-            data = f.read(MAX_FILE_BYTES + 1)
-        except OSError as e:
-            raise Damaged(f"cannot read ({e.strerror or type(e).__name__})") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise Damaged(f"larger than {MAX_FILE_BYTES >> 20} MiB")
-    try:
-        return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float,
-                          parse_int=_bounded_int)
-    except json.JSONDecodeError as e:
-        raise Damaged(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    except UnicodeDecodeError:
-        raise Damaged("not valid JSON (not UTF-8 text)") from None
-    except RecursionError:
-        raise Damaged("not valid JSON (nested too deeply)") from None
-    except ValueError as e:  # e.g. an integer literal of more digits than Python converts
-        raise Damaged(f"not valid JSON ({str(e)[:80]})") from None
-
-
-def _show(value: Any) -> str:
-    """A value as it reads in the file, cut short."""
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-             type(None): "null", int: "a number", float: "a number"}
-    return f"{names.get(type(value), type(value).__name__)} ({_show(value)})"
-
-
-def _field(doc: dict[str, Any], key: str, where: str) -> Any:
-    if key not in doc:
-        raise Damaged(f"{where}{key} missing")
-    return doc[key]
-
-
-def _object(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise Damaged(f"{where or 'the file'} is {_kind(value)}, not an object")
-    return value
-
-
-def _metric(value: Any, where: str) -> float:
-    """A metric: a finite number in [0, 1] (parsing keeps only finite numbers)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise Damaged(f"{where} is {_kind(value)}, not a number in [0, 1]")
-    return float(value)
-
-
-def _count(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise Damaged(f"{where} is {_kind(value)}, not a count")
-    return value
-
-
 def parse_report(doc: Any) -> ParsedReport:
-    """The validated part of a report that `runs` reads; Damaged naming the first bad field."""
-    doc = _object(doc, "")
-    n_images = _count(_field(doc, "n_images", ""), "n_images")
-    variants = _object(_field(doc, "variants", ""), "variants")
-    metrics: dict[str, dict[str, float]] = {}
-    for v in (*predict.VARIANTS, *sorted(set(variants) - set(predict.VARIANTS))):
-        block = _object(_field(variants, v, "variants."), f"variants.{v}")
-        overall = _field(block, "overall", f"variants.{v}.")
-        if overall is None:  # no annotated image: nothing scored
-            continue
-        overall = _object(overall, f"variants.{v}.overall")
-        metrics[v] = {k: _metric(_field(overall, k, f"variants.{v}.overall."),
-                                 f"variants.{v}.overall.{k}") for k in HEADLINE}
-    config = _object(_field(doc, "config", ""), "config")
+    """What `runs` reads of a report (report.doc's strict parse): Damaged naming the first
+    bad field."""
+    report = report_doc.parse_report(doc, required=predict.VARIANTS)
+    metrics = {v: {k: m.values[k] for k in HEADLINE}
+               for v, s in report.variants.items() if (m := s.overall) is not None}
+    assert report.n_images is not None and report.config is not None  # required: strict
     try:
-        cfg = config_from_dict(config, " in config")
+        cfg = config_from_dict(report.config, " in config")
     except PipelineError as e:
         raise Damaged(str(e)) from None
     except (TypeError, ValueError, AttributeError) as e:  # a shape the validator never met
         raise Damaged(f"config: {type(e).__name__}: {str(e)[:80]}") from None
-    return ParsedReport(n_images, metrics, cfg)
+    return ParsedReport(report.n_images, metrics, cfg)
 
 
 def parse_record(doc: Any) -> ParsedRecord:

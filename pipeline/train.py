@@ -40,7 +40,7 @@ from .models import (
 from .owned import claim_run_dir
 from .params import training_params
 from .progress import Progress
-from .report import plot_training_curves
+from .report import LOSS_CURVES, save_training_curves
 from .stages import StageState, StageStatus, judge, save_record
 from .store import FeatureStore, split_fingerprint
 
@@ -464,7 +464,7 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
 
     save_models(mdir, head, up, state.params, state.deps, patch)
     _write_history(cfg, history)
-    plot_training_curves(history, cfg.run_dir / "loss_curves.png")
+    save_training_curves(history, cfg.run_dir / LOSS_CURVES)  # also shown by the reports
     return history
 
 

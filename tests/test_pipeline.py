@@ -86,6 +86,10 @@ def test_run_predict_report_and_status(tmp_path, odd_root):
         assert sum(m["n_images"] for m in v["per_category"].values()) == 6
     for ext in ("md", "html"):
         assert (out / f"report_test.{ext}").is_file()
+    # the training curves: drawn once, by train-head; the report shows that drawing
+    for ext in ("svg", "pdf", "png"):
+        assert (out / f"report_test_files/training_curves.{ext}").read_bytes() == \
+            (out / f"loss_curves.{ext}").read_bytes()
     # masks: 0/255, the input's own size (the odd one included)
     for cat in ("block", "disc"):
         for i in range(3):

@@ -3,6 +3,7 @@ figures, click-to-enlarge thumbnails, the variants side by side, the unannotated
 other runs, the settings and provenance, overlay colours, curves, packaging."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tomllib
@@ -80,6 +81,11 @@ def fake_per_image(categories=("bear", ODD)) -> list[dict]:
             f = {v: float(rng.uniform(0.3, 1.0)) for v in VARIANTS}
             rows.append({"category": c, "stem": f"{i:05d}", "j": j, "f": f})
     return rows
+
+
+def parsed_rows(rows: list[dict]) -> list:
+    """Per-image rows as the report writer holds them (typed)."""
+    return report_mod.parse_report({"per_image": rows}, strict=False).per_image
 
 
 def fake_masks(h: int, w: int, shift: int = 4):
@@ -376,14 +382,15 @@ def test_figures_are_vector_and_valid(written, tmp_path):
 def test_plots_are_zoomed_to_the_data():
     """The overall dot plot's and the scatter's axes are around the values, not 0-1."""
     report = fake_report()
-    fig = report_mod._plot_overall(report["variants"], fake_per_image())
+    parsed = report_mod.parse_report(report, strict=False)
+    fig = report_mod._plot_overall(parsed.variants, parsed_rows(fake_per_image()))
     axes = fig.get_axes()
     assert len(axes) == 3
     lo, hi = axes[0].get_xlim()  # mIoU: values 0.812 .. 0.912
     assert 0.6 < lo < 0.812 and 0.912 < hi < 1.0
     rows = [{"category": "a" if i % 2 else "b", "stem": str(i),
              "j": {"linear_bilinear": 0.80 + 0.01 * i, "pac": 0.82 + 0.01 * i}} for i in range(10)]
-    fig = report_mod._plot_scatter(rows, "linear_bilinear", "pac")
+    fig = report_mod._plot_scatter(parsed_rows(rows), "linear_bilinear", "pac")
     ax = fig.get_axes()[0]
     assert ax.get_xlim() == ax.get_ylim()
     lo, hi = ax.get_xlim()
@@ -527,6 +534,57 @@ def test_rewrite_drops_stale_files_and_handles_minimal_inputs(tmp_path):
     assert "Training curves" not in paths["html"].read_text()
     assert "Provenance" not in paths["html"].read_text()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
+
+
+def test_training_curves_of_stage_2_are_shown_not_drawn_again(tmp_path, monkeypatch):
+    """Given the curves train-head saved (save_training_curves), the report copies them:
+    the same files and page as drawing them from the history, and no drawing."""
+    drawn = write_reports(tmp_path / "drawn", "test", fake_report(), [], [], [], HISTORY)
+    curves = report_mod.save_training_curves(HISTORY, tmp_path / "run" / "loss_curves")
+    assert [p.name for p in curves] == ["loss_curves.svg", "loss_curves.pdf", "loss_curves.png"]
+
+    def no_drawing(history):
+        raise AssertionError("the training curves were drawn again")
+    monkeypatch.setattr(report_mod, "_training_figure", no_drawing)
+    shown = write_reports(tmp_path / "shown", "test", fake_report(), [], [], [], None,
+                          curves=curves)
+    for ext in ("svg", "pdf", "png"):
+        name = f"training_curves.{ext}"
+        assert (shown["files"] / name).read_bytes() == (drawn["files"] / name).read_bytes()
+    assert shown["html"].read_bytes() == drawn["html"].read_bytes()
+    assert shown["md"].read_bytes() == drawn["md"].read_bytes()
+
+
+def test_hand_edited_report_renders_what_is_sound(tmp_path):
+    """A report dict that is not what stage 3 writes (a string for a number, a list for an
+    object, NaN, a huge number, a row that is not an object) is read once, leniently: the
+    unsound fields show as a dash, the rest as usual; no crash."""
+    report = fake_report(categories=("bear",))
+    v = report["variants"]
+    v["pac"]["overall"]["miou"] = "n/a"
+    v["pac"]["overall"]["j_mean"] = float("nan")
+    v["linear_nearest"] = []
+    v["linear_bilinear"]["per_category"] = ["bear"]
+    v["pac"]["per_category"]["bear"]["boundary_f"] = 1e999
+    report.update(n_images="5", config=[1], fingerprints="x", versions={"torch": {"a": 1}},
+                  backbone=["x"], run={"name": "old"})
+    rows = fake_per_image(("bear",))
+    rows[0]["j"] = "high"
+    rows[1]["j"]["pac"] = None
+    rows.append([1, 2])
+    paths = write_reports(tmp_path, "test", report, rows, [], [], None)
+    lines = paths["md"].read_text(encoding="utf-8").splitlines()
+    pac = next(line for line in lines if line.startswith("| pac |")).split("|")[2:-1]
+    assert pac[0].strip() == "\u2014" and pac[3].strip() == "\u2014"  # mIoU, J mean
+    assert "0.862" in pac[1]  # FG IoU, sound
+    assert not any(line.startswith("| linear_nearest |") for line in lines)
+    visible = parse(paths["html"].read_text(encoding="utf-8")).visible
+    assert (paths["files"] / "per_image_j.svg").is_file() and "name: old" in visible
+    with pytest.raises(report_mod.Damaged, match=r'n_images is a string \("5"\)'):
+        report_mod.parse_report(report, required=VARIANTS)  # read strictly: the first one
+    report["n_images"] = 5
+    with pytest.raises(report_mod.Damaged, match="variants.linear_nearest is a list"):
+        report_mod.parse_report(report, required=VARIANTS)
 
 
 def test_write_reports_lays_out_each_figure_once(tmp_path, monkeypatch):
@@ -764,15 +822,43 @@ def test_css_fits_narrow_screens(written):
 
 def test_templates_ship_with_the_package():
     """A non-editable `pip install .` must carry the templates: pyproject's package-data
-    globs match every file of pipeline/templates/, and jinja2 is a dependency."""
+    globs match every file of pipeline/report/templates/, and jinja2 is a dependency."""
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     deps = meta["project"]["dependencies"]
     assert any(re.match(r"jinja2\b", d, re.I) for d in deps)
-    globs = meta["tool"]["setuptools"]["package-data"]["pipeline"]
-    files = sorted(p.relative_to(ROOT / "pipeline")
+    globs = meta["tool"]["setuptools"]["package-data"]["pipeline.report"]
+    assert "pipeline.report" in meta["tool"]["setuptools"]["packages"]
+    files = sorted(p.relative_to(ROOT / "pipeline" / "report")
                    for p in report_mod.TEMPLATE_DIR.iterdir() if p.is_file())
     assert {str(f) for f in files} >= {"templates/report.html.j2", "templates/report.md.j2",
                                         "templates/report.css"}
     for f in files:
         assert any(f.match(g) for g in globs), f"{f} is not package data"
     assert report_mod.TEMPLATE_DIR == Path(report_mod.__file__).with_name("templates")
+
+
+# ----------------------------------------------------------------------------- stage 3's report
+
+def test_stage_3_reads_each_shown_image_once(trained_copy, monkeypatch):
+    """Stage 3's report reads each best or worst image from the store once (the worst images
+    with every variant's masks, the best with the pac mask written), on top of the pass
+    itself; the strips and figures it writes are those of the run's first report."""
+    from pipeline import predict as predict_stage
+    from pipeline.store import FeatureStore
+
+    cfg = trained_copy[2]
+    files = cfg.run_dir / "report_test_files"
+    written = {p.name: p.read_bytes() for p in files.iterdir()}
+    reads: dict[int, int] = {}
+    real = FeatureStore.read
+
+    def counted(self, index):
+        reads[index] = reads.get(index, 0) + 1
+        return real(self, index)
+    monkeypatch.setattr(FeatureStore, "read", counted)
+    predict_stage.run_predict(cfg, "test", force=True, log=lambda s: None, progress=False)
+    report = json.loads((cfg.run_dir / "report_test.json").read_text())
+    shown = min(2 * cfg.predict.thumbnails, report["n_images"])
+    assert sorted(reads.values(), reverse=True)[:shown] == [2] * shown  # the pass, the report
+    assert max(reads.values()) == 2 and sum(reads.values()) == report["n_predicted"] + shown
+    assert {p.name: p.read_bytes() for p in files.iterdir()} == written

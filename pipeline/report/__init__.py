@@ -1,0 +1,196 @@
+"""Human-readable reports of stage 3: a Markdown file and an offline HTML page rendered from
+Jinja2 templates, with vector figures and click-to-enlarge overlay thumbnails; and the
+training-curve figure of stage 2.
+
+The JSON report (the public contract) is computed by ``stage.build_report`` and written by
+stage 3; ``write_reports`` renders it. Everything written for one split lives next to the JSON:
+
+    <out_dir>/report_<split>.md
+    <out_dir>/report_<split>.html
+    <out_dir>/report_<split>_files/   figures (SVG for the page, PDF for papers, PNG for the
+                                      Markdown), thumbnail strips and their enlargements
+
+so the three can be moved or zipped together and opened offline: links are relative, the CSS
+is inline, there is no JavaScript, no web font and no URL of the network.
+
+The modules, each one job:
+
+    doc.py      report_<split>.json read and validated once into a typed Report (also `runs`)
+    panels.py   mask panels, error overlays, strips, the labelled enlargement grid
+    figures.py  the matplotlib figures (object-oriented API on Agg; pyplot never imported)
+    view.py     the view model (plain data) and the Jinja2 templates (templates/) it fills
+    strips.py   the best / worst images' strips written to the files folder
+    stage.py    stage 3's report: the JSON's content, the CLI headline, the images shown
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ..fsutil import atomic_write_bytes
+from ..jsondoc import Damaged
+from .doc import ImageScores, Report, parse_per_image, parse_report
+from .figures import (
+    BASELINE,
+    CANDIDATE,
+    FIGURES,
+    LOSS_CURVES,
+    _plot_categories,
+    _plot_overall,
+    _plot_scatter,
+    _save_figure,
+    _training_figure,
+    _zoom,
+    plot_training_curves,
+    save_training_curves,
+    svg_size_in,
+)
+from .panels import (
+    CONTOUR_COLOUR,
+    FN_COLOUR,
+    FP_COLOUR,
+    LEGEND,
+    MASK_COLOUR,
+    MASK_DIM,
+    PANEL_MAX_SIDE,
+    PANELS,
+    STRIP_GAP,
+    TP_COLOUR,
+    Thumb,
+    VariantThumb,
+    mask_panel,
+    overlay,
+    thumbnail_strip,
+    variant_strip,
+)
+from .strips import write_strips
+from .view import (
+    TEMPLATE_DIR,
+    _best_flags,
+    categories_of,
+    figure_entry,
+    headline_text,
+    ordered_variants,
+    render,
+    view_model,
+)
+
+__all__ = ["Thumb", "VariantThumb", "overlay", "thumbnail_strip", "variant_strip",
+           "mask_panel", "plot_training_curves", "save_training_curves", "LOSS_CURVES",
+           "write_reports", "headline_text", "TP_COLOUR", "FP_COLOUR", "FN_COLOUR",
+           "CONTOUR_COLOUR", "MASK_COLOUR", "MASK_DIM", "LEGEND", "PANELS", "PANEL_MAX_SIDE",
+           "STRIP_GAP", "TEMPLATE_DIR", "Report", "parse_report", "Damaged", "_best_flags",
+           "_plot_overall", "_plot_scatter", "_zoom"]
+
+
+def write_reports(out_dir: Path, split: str, report: Report | dict,
+                  per_image: list[dict] | None,
+                  thumbs_best: list[Thumb], thumbs_worst: list[Thumb | VariantThumb],
+                  history: list[dict] | None = None, *,
+                  variant_thumbs: list[VariantThumb] | None = None,
+                  other_runs: list[tuple[str, str]] | None = None,
+                  curves: list[Path] | None = None) -> dict[str, Path]:
+    """Writes out_dir/report_<split>.md, out_dir/report_<split>.html and the figures and
+    thumbnails under out_dir/report_<split>_files/ (relative links only, so the three can be
+    moved or zipped together and opened offline). Does NOT write the JSON (the caller does).
+
+    report: a typed Report, or the report as a dict (stage 3's, or a hand-made one: read once,
+    leniently, by ``parse_report``: a missing or unusable field is shown as a dash).
+    per_image: one dict per image: ``{"category", "stem", "j": {variant: J}, "f": {variant: F}}``
+    (None: the report's own ``per_image``).
+    history: stage 2's metrics.jsonl rows (the training curves, drawn here), optional;
+    curves: the training curves stage 2 drew (``save_training_curves``: SVG, PDF, PNG), shown
+    as they are instead (history is then not used).
+    variant_thumbs: images with every variant's mask (``VariantThumb``); a worst image with
+    one is shown as the variants side by side (image, ground truth, one errors panel per
+    variant) instead of the pac-only strip; variant thumbs of images not among
+    ``thumbs_worst`` are appended to the worst images.
+    other_runs: ``(run name, path of its report HTML relative to out_dir)`` pairs, listed as
+    links at the top of both reports (plain paths: they are URL-quoted here).
+
+    The files folder is built aside and swapped in whole, so a stale thumbnail of an earlier
+    run never lingers and a killed run leaves the previous folder intact; the two text files
+    are replaced atomically. Returns ``{"md": path, "html": path, "files": dir}``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    split = str(split)
+    if not isinstance(report, Report):
+        report = parse_report(report, strict=False)
+    rows: list[ImageScores] = (report.per_image if per_image is None
+                               else parse_per_image(per_image))
+    variants = ordered_variants(report.variants)
+    vnames = list(variants)
+    scored = any(v.overall is not None for v in variants.values())
+    categories = categories_of(variants) if scored else []
+    index = {(r.category, r.stem): r for r in rows}
+    md_path = out_dir / f"report_{split}.md"
+    html_path = out_dir / f"report_{split}.html"
+    files_dir = out_dir / f"report_{split}_files"
+    tmp_dir = out_dir / f".report_{split}_files.tmp-{os.getpid()}"
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    tmp_dir.mkdir()
+    try:
+        figures: dict[str, dict | None] = dict.fromkeys(FIGURES)
+
+        def add_figure(fig, key, title, alt, caption):
+            if fig is None:
+                return
+            size = tuple(fig.get_size_inches())
+            _save_figure(fig, [tmp_dir / f"{key}.{ext}" for ext in ("svg", "pdf", "png")])
+            figures[key] = figure_entry(key, title, alt, caption, files_dir, size)
+
+        if scored:
+            add_figure(_plot_overall(variants, rows), "overall", "Variants, overall",
+                       "dot plot of mIoU, J and F per variant",
+                       "Each panel has its own zoomed axis.")
+            if categories:
+                add_figure(_plot_categories(variants, categories), "per_category",
+                           "mIoU per category", "dot plot of mIoU per category and variant",
+                           f"Categories sorted by the mIoU of {CANDIDATE}.")
+            if CANDIDATE in variants and BASELINE in variants and rows:
+                add_figure(_plot_scatter(rows, BASELINE, CANDIDATE), "per_image_j",
+                           "Per-image J", f"scatter plot of per-image J, {CANDIDATE} against "
+                           f"{BASELINE}",
+                           f"One point per image; above the dashed diagonal, {CANDIDATE} "
+                           f"is better.")
+        curves_args = ("training_curves", "Training curves", "training loss curves",
+                       "Loss per epoch of each training phase.")
+        size = svg_size_in(curves[0]) if curves else None
+        if curves and size is not None:  # stage 2's drawing, as it is
+            for path in curves:
+                shutil.copyfile(path, tmp_dir / f"training_curves{path.suffix}")
+            figures["training_curves"] = figure_entry(*curves_args, files_dir, size)
+        elif history:
+            add_figure(_training_figure(history), *curves_args)
+
+        vthumbs = {(str(t.category), str(t.stem)): t for t in (variant_thumbs or [])}
+        worst: list[Thumb | VariantThumb] = list(thumbs_worst or [])
+        seen = {(str(t.category), str(t.stem)) for t in worst}
+        worst += [t for k, t in vthumbs.items() if k not in seen]
+        strips = {"best": write_strips(thumbs_best or [], {}, "best", tmp_dir, files_dir,
+                                       vnames, index),
+                  "worst": write_strips(worst, vthumbs, "worst", tmp_dir, files_dir, vnames,
+                                        index)}
+
+        vm = view_model(split, report, rows, strips, figures, other_runs, md_path.name,
+                        html_path.name)
+        html_text = render("report.html.j2", vm)
+        md_text = render("report.md.j2", vm)
+
+        old_dir = out_dir / f".report_{split}_files.old-{os.getpid()}"
+        if files_dir.exists():
+            if old_dir.exists():
+                shutil.rmtree(old_dir)
+            files_dir.rename(old_dir)
+        tmp_dir.rename(files_dir)
+        if old_dir.exists():
+            shutil.rmtree(old_dir, ignore_errors=True)
+    finally:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    atomic_write_bytes(md_path, md_text.encode("utf-8"))
+    atomic_write_bytes(html_path, html_text.encode("utf-8"))
+    return {"md": md_path, "html": html_path, "files": files_dir}

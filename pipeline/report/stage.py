@@ -1,0 +1,131 @@
+"""Stage 3's report: the content of report_<split>.json (metrics of the annotated images,
+their provenance, J and F per image), the lines the CLI prints, and the human-readable
+reports with the best and worst images of the split (see ``write_reports``)."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from ..config import Config
+from ..errors import StoreError
+from ..metrics import ImageStats, summarize
+from . import write_reports
+from .figures import LOSS_CURVES, curve_files
+from .panels import Thumb, VariantThumb
+
+if TYPE_CHECKING:
+    from ..store import CachedItem, FeatureStore
+
+
+def build_report(cfg: Config, split: str, rows: list[dict], fingerprints: dict[str, str],
+                 variants: Sequence[str]) -> dict:
+    """The report of a split: metrics of the annotated images (`n_images`), how many masks
+    were written (`n_predicted`), and its provenance: the effective config, the content
+    fingerprints of the features and models used, the versions, and J and F per image.
+    `rows`: stage 3's unit items (``stats``: {variant: ImageStats dict}, None unannotated)."""
+    import torch
+
+    if not rows:
+        raise StoreError(f"split '{split}' holds no usable image: nothing to predict")
+    scored = [r for r in rows if r["stats"] is not None]
+    summary = {}
+    for v in variants:
+        if scored:
+            summary[v] = summarize([ImageStats.from_dict(r["stats"][v]) for r in scored])
+        else:
+            summary[v] = {"overall": None, "per_category": {}}
+    per_image = [{"category": r["category"], "stem": r["stem"],
+                  "j": {v: r["stats"][v]["j"] for v in variants},
+                  "f": {v: r["stats"][v]["f"] for v in variants}} for r in scored]
+    return {"split": split, "n_images": len(scored), "n_predicted": len(rows),
+            "backbone": {"name": cfg.backbone.name, "weights": cfg.backbone.weights},
+            "run": cfg.run.name, "variants": summary, "config": cfg.to_dict(),
+            "fingerprints": dict(fingerprints), "per_image": per_image,
+            "versions": {"vit-objseg": package_version(), "torch": torch.__version__}}
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("vit-objseg")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown"
+
+
+def headline(report: dict) -> list[str]:
+    """The lines the CLI prints after stage 3: each variant's mIoU, J and F."""
+    if report["n_images"] == 0:
+        return [f"no annotated image among the {report['n_predicted']}: masks written, "
+                "nothing scored"]
+    out = []
+    for v, block in report["variants"].items():
+        m = block["overall"]
+        out.append(f"{v:<16} mIoU {m['miou']:.3f}  J {m['j_mean']:.3f}  F {m['boundary_f']:.3f}")
+    if report["n_images"] < report["n_predicted"]:
+        out.append(f"scored {report['n_images']} annotated of {report['n_predicted']} images")
+    return out
+
+
+def other_runs(cfg: Config, split: str) -> list[tuple[str, str]]:
+    """(run name, link relative to this run's folder) of the other runs' reports of `split`."""
+    outputs = cfg.run_dir.parent
+    return [(d.name, f"../{d.name}/report_{split}.html") for d in sorted(outputs.iterdir())
+            if d.is_dir() and d.name != cfg.run.name and (d / f"report_{split}.html").is_file()]
+
+
+def _history(run_dir: Path) -> list[dict]:
+    """Stage 2's metrics.jsonl rows (the training curves are decoration: a damaged line is
+    dropped)."""
+    history = []
+    mfile = run_dir / "metrics.jsonl"
+    if mfile.is_file():
+        for line in mfile.read_text().splitlines():
+            try:
+                history.append(json.loads(line))
+            except ValueError:
+                continue
+    return history
+
+
+def write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict],
+                        store: FeatureStore, pred_dir: Path,
+                        variant_masks: Callable[[CachedItem], dict[str, np.ndarray]]) -> None:
+    """The Markdown and HTML reports of stage 3 next to its JSON `report`: the
+    predict.thumbnails best images (pac masks read back from `pred_dir`) and worst images
+    (every variant's masks, from `variant_masks` of the stored item), each image read from
+    `store` once; the training curves as stage 2 drew them (drawn from its metrics.jsonl for
+    a run trained before it kept them)."""
+    rows = [r for r in rows if r["stats"] is not None]
+    k = cfg.predict.thumbnails
+    ranked = sorted(rows, key=lambda r: (r["stats"]["pac"]["j"], r["category"], r["stem"]))
+    worst = ranked[:k]
+    best = [r for r in ranked[::-1] if r not in worst][:k]
+
+    def scored(r: dict) -> tuple[CachedItem, np.ndarray]:
+        """A scored row's stored item and its annotation."""
+        item = store.read(r["index"])
+        if item.mask is None:  # scored from this very store (its fingerprint is in the units')
+            raise StoreError(f"{store.split_dir}: {item.meta.source} is scored but has no "
+                             "annotation; rerun predict with --force")
+        return item, item.mask
+
+    def thumb(r: dict) -> Thumb:
+        item, mask = scored(r)
+        pred = np.asarray(Image.open(pred_dir / r["category"] / f"{r['stem']}.png")) > 127
+        s = r["stats"]["pac"]
+        return Thumb(r["category"], r["stem"], s["j"], s["f"], item.image, mask, pred)
+
+    def variants(r: dict) -> VariantThumb:  # the worst images, with every variant's mask
+        item, mask = scored(r)
+        return VariantThumb(r["category"], r["stem"], item.image, mask, variant_masks(item))
+
+    curves = curve_files(cfg.run_dir / LOSS_CURVES)
+    kept = all(p.is_file() for p in curves)
+    write_reports(cfg.run_dir, split, report, report["per_image"], [thumb(r) for r in best],
+                  [variants(r) for r in worst], None if kept else _history(cfg.run_dir),
+                  other_runs=other_runs(cfg, split), curves=curves if kept else None)

@@ -1,0 +1,436 @@
+"""The report as the templates see it: ``view_model`` turns a typed ``Report`` into plain data
+(formatted numbers, best flags, file names, notes) and ``render`` lays it out with the Jinja2
+templates of ``templates/`` (``report.html.j2`` autoescaped, ``report.md.j2`` with the ``md``
+escaping filter, ``report.css`` inlined). No HTML is assembled in Python.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Config
+from ..data import display_name
+from ..jsondoc import finite as _finite
+from .doc import ImageScores, Metrics, Report, VariantScores, parse_report
+from .figures import (
+    BASELINE,
+    CANDIDATE,
+    CATEGORY_METRICS,
+    VARIANT_ORDER,
+    _bootstrap_ci,
+    _value,
+    _variant_colour,
+)
+from .panels import LEGEND
+
+TEMPLATE_DIR = Path(__file__).with_name("templates")
+
+# ----------------------------------------------------------------------------- metric tables
+
+# (key in METRICS, column title) of the overall table, in order
+OVERALL_COLUMNS = (
+    ("miou", "mIoU"), ("fg_iou", "FG IoU"), ("bg_iou", "BG IoU"), ("j_mean", "J mean"),
+    ("boundary_f", "Boundary F"), ("accuracy", "Accuracy"), ("precision", "Precision"),
+    ("recall", "Recall"),
+)
+# the metrics of the headline (PAC's gain over bilinear upsampling)
+HEADLINE_METRICS = (("miou", "mIoU"), ("j_mean", "J"), ("boundary_f", "F"))
+
+METRIC_NOTES = (
+    ("mIoU", "mean of the object IoU and the background IoU, each computed over all pixels of "
+             "the group pooled together (the course convention)."),
+    ("FG IoU / BG IoU", "IoU of the object class / of the background class over the pooled "
+                        "pixels."),
+    ("J mean", "mean over images of the per-image object IoU (DAVIS region similarity J): "
+               "every image counts equally, whatever the size of its object."),
+    ("Boundary F", "DAVIS boundary F-measure: precision/recall of the predicted vs. "
+                   "ground-truth object contours, matched within 0.008 x the image diagonal; "
+                   "averaged over images."),
+    ("Accuracy / Precision / Recall", "pixel accuracy, and the precision / recall of the "
+                                      "object pixels."),
+    ("95% intervals", "bootstrap intervals over images (2000 resamples of the per-image "
+                      "values): how much the mean would move with another sample of images "
+                      "like these."),
+)
+
+VARIANT_NOTES = {
+    "linear_nearest": "linear head, patch logits upsampled with nearest-neighbour interpolation",
+    "linear_bilinear": "linear head, patch logits upsampled bilinearly",
+    "pac": "pixel-adaptive-convolution upsampler guided by the image",
+}
+
+# config sections shown in the settings summary (all their keys), and single keys added
+SETTINGS_SECTIONS = ("backbone", "train", "upsampler")
+SETTINGS_KEYS = ("data.train_split", "extract.fit", "predict.threshold")
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def _fmt(x) -> str:
+    return f"{float(x):.3f}" if _finite(x) else "\u2014"
+
+
+def _signed(x) -> str:
+    """A difference with its sign at 3 decimals: +0.025, -0.013, \u00b10.000."""
+    if not _finite(x):
+        return "\u2014"
+    s = f"{float(x):+.3f}"
+    return "\u00b10.000" if s in ("+0.000", "-0.000") else s
+
+
+def _fmt_int(x: int | None) -> str:
+    return "\u2014" if x is None else str(x)
+
+
+def _plural(n: int | None, word: str) -> str:
+    return f"{_fmt_int(n)} {word}" + ("" if n == 1 else "s")
+
+
+def _best_flags(values: list) -> list[bool]:
+    """Which values are the best: the largest of the raw (unrounded) numbers, so two values
+    shown alike at 3 decimals are both flagged only when they are truly equal; none when fewer
+    than two finite numbers compete. Pass the numbers, never their formatted strings."""
+    present = [float(v) for v in values if _finite(v)]
+    if len(present) < 2:
+        return [False] * len(values)
+    top = max(present)
+    return [_finite(v) and float(v) == top for v in values]
+
+
+def ordered_variants(variants: dict[str, VariantScores]) -> dict[str, VariantScores]:
+    """The variants in reading order (nearest, bilinear, pac, then any other in its own
+    order), whatever the order of the JSON's keys."""
+    order = [v for v in VARIANT_ORDER if v in variants] + [v for v in variants
+                                                            if v not in VARIANT_ORDER]
+    return {v: variants[v] for v in order}
+
+
+def categories_of(variants: dict[str, VariantScores]) -> list[str]:
+    seen: dict[str, None] = {}
+    for v in variants.values():
+        for c in v.per_category:
+            seen.setdefault(c, None)
+    return list(seen)
+
+
+def _category_count(variants: dict[str, VariantScores], cat: str) -> int | None:
+    for v in variants.values():
+        m = v.per_category.get(cat)
+        if m is not None and m.n_images is not None:
+            return m.n_images
+    return None
+
+
+def _config_value(v) -> str:
+    """A config value as TOML writes it (strings unquoted)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_config_value(x) for x in v) + "]"
+    if v == "":
+        return '""'
+    return str(v)
+
+
+_MD_SPECIAL = re.compile(r"([\\|`*\[\]<>#!])")
+_MD_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+
+
+def _md(text) -> str:
+    """Text made safe for a Markdown table cell or heading (literal, one line)."""
+    s = " ".join(str(text).split())
+    s = _MD_SPECIAL.sub(r"\\\1", s)
+    return _MD_UNDERSCORE.sub(r"\\_", s)
+
+
+def _url(path: str) -> str:
+    """A relative path as a URL (each segment percent-quoted, '/' kept; a name's undecodable
+    bytes, held as surrogates, quoted as those bytes, so the link finds the file)."""
+    return urllib.parse.quote(str(path).replace(os.sep, "/"), safe="/#",
+                              errors="surrogateescape")
+
+
+def _rel(files_dir: Path, name: str) -> str:
+    """A relative URL (from the report file) to a file in files_dir."""
+    return urllib.parse.quote(f"{files_dir.name}/{name}", errors="surrogateescape")
+
+
+# ----------------------------------------------------------------------------- headline
+
+def _overall(report: Report, variant: str) -> Metrics | None:
+    v = report.variants.get(variant)
+    return None if v is None else v.overall
+
+
+def _gains(report: Report) -> list[tuple[str, float]] | None:
+    cand, base = _overall(report, CANDIDATE), _overall(report, BASELINE)
+    if cand is None or base is None:
+        return None
+    out = [(label, c - b) for k, label in HEADLINE_METRICS
+           if (c := cand.get(k)) is not None and (b := base.get(k)) is not None]
+    return out or None
+
+
+def _scored(report: Report) -> int | None:
+    cand = _overall(report, CANDIDATE)
+    n = None if cand is None else cand.n_images
+    return n if n is not None else report.n_images
+
+
+def headline_text(report: Report | dict) -> str | None:
+    """The report's headline: PAC's gain over bilinear upsampling, from the overall metrics,
+    e.g. "PAC upsampler: +0.025 mIoU, +0.030 J, +0.071 F over bilinear upsampling
+    (35 images)". None when either variant has no overall metrics (nothing annotated)."""
+    if not isinstance(report, Report):
+        report = parse_report(report, strict=False)
+    gains = _gains(report)
+    if gains is None:
+        return None
+    parts = ", ".join(f"{_signed(d)} {label}" for label, d in gains)
+    return (f"PAC upsampler: {parts} over bilinear upsampling "
+            f"({_plural(_scored(report), 'image')})")
+
+
+def _no_annotation_text(report: Report, split: str) -> str:
+    n = report.n_predicted
+    masks = _plural(n, "mask") if n is not None else "the masks"
+    return (f"No image of the {split} split is annotated: {masks} "
+            f"{'was' if n == 1 else 'were'} written to predictions/{split}/, "
+            "and there is nothing to score.")
+
+
+def _paired_note(per_image: list[ImageScores]) -> str | None:
+    """Per-image comparison of the candidate with the baseline: on how many images it is
+    better / worse, and a bootstrap interval of the mean J gain."""
+    diffs = [a - b for r in per_image
+             if (a := r.j.get(CANDIDATE)) is not None and (b := r.j.get(BASELINE)) is not None]
+    if not diffs:
+        return None
+    better = sum(d > 1e-9 for d in diffs)
+    worse = sum(d < -1e-9 for d in diffs)
+    text = (f"Per image, {CANDIDATE} has a higher J than {BASELINE} on {better} of "
+            f"{len(diffs)} images and a lower one on {worse}")
+    ci = _bootstrap_ci(diffs)
+    if ci:
+        text += (f"; mean J gain {_signed(float(np.mean(diffs)))} (95% bootstrap interval "
+                 f"{_signed(ci[0])} to {_signed(ci[1])})")
+    return text + "."
+
+
+# ----------------------------------------------------------------------------- view model
+
+@dataclass
+class Strip:
+    """A thumbnail strip written to the files folder, as the page shows it."""
+    category: str
+    stem: str
+    url: str  # the strip, relative to the report
+    full_url: str  # its click-to-enlarge image
+    css_size: tuple[int, int]  # (w, h) shown, in CSS px: never more than the stored size
+    gap_fraction: float  # one gap between two panels / the strip's width
+    labels: list[tuple[str, tuple[str, ...]]]  # per panel: its name and its scores, if any
+    scores: list[tuple[str, str, str]]  # (variant, J, F) shown in the caption
+    kind: str  # "strip" (4 panels, pac) or "variants"
+    caption: str  # the scores after the image's name
+
+    def score_text(self, which: int) -> str:
+        """The J (which=1) or F (which=2) of the caption: "0.812", or per variant
+        "linear_nearest 0.41, linear_bilinear 0.45, pac 0.52"."""
+        if len(self.scores) == 1:
+            return self.scores[0][which]
+        return ", ".join(f"{s[0]} {s[which]}" for s in self.scores)
+
+
+def _cell(x, best: bool = False) -> dict:
+    return {"text": _fmt(x), "best": bool(best)}
+
+
+def _overall_table(variants: dict[str, VariantScores], colours: dict) -> dict:
+    vnames = list(variants)
+    cols = [[_value(variants[v].overall, k) for v in vnames] for k, _ in OVERALL_COLUMNS]
+    flags = [_best_flags(c) for c in cols]
+    rows = [{"variant": v, "colour": colours[v],
+             "cells": [_cell(cols[j][i], flags[j][i]) for j in range(len(cols))],
+             "n": _fmt_int(o.n_images if (o := variants[v].overall) is not None else None)}
+            for i, v in enumerate(vnames)]
+    return {"columns": [t for _, t in OVERALL_COLUMNS], "rows": rows}
+
+
+def _category_tables(variants: dict[str, VariantScores], categories: list[str]) -> list[dict]:
+    vnames = list(variants)
+    tables = []
+    for key, title in CATEGORY_METRICS:
+        rows = []
+        for c in categories:
+            vals = [_value(variants[v].per_category.get(c), key) for v in vnames]
+            rows.append({"category": display_name(c),
+                         "n": _fmt_int(_category_count(variants, c)),
+                         "cells": [_cell(x, b)
+                                   for x, b in zip(vals, _best_flags(vals), strict=True)]})
+        tables.append({"title": title, "rows": rows})
+    return tables
+
+
+_MAX_ROWS = 5000
+
+
+def _per_image_table(per_image: list[ImageScores], vnames: list[str]) -> dict | None:
+    if not per_image:
+        return None
+    key_v = CANDIDATE if CANDIDATE in vnames else (vnames[-1] if vnames else "")
+
+    def sort_key(r: ImageScores) -> tuple[int, float, str, str]:
+        x = r.j.get(key_v)
+        return (0 if x is not None else 1, x if x is not None else 0.0, r.category, r.stem)
+
+    ranked = sorted(per_image, key=sort_key)
+    rows = []
+    for r in ranked[:_MAX_ROWS]:
+        rows.append({"category": display_name(r.category), "stem": display_name(r.stem),
+                     "j": [_fmt(r.j.get(v)) for v in vnames],
+                     "f": [_fmt(r.f.get(v)) for v in vnames]})
+    return {"key": key_v or None, "n": len(ranked), "rows": rows,
+            "truncated": len(ranked) > len(rows)}
+
+
+def _settings(config: dict[str, dict] | None) -> list[dict]:
+    """The training settings (backbone.*, train.*, upsampler.* and a few single keys) as
+    rows {key, value, changed}; ``changed`` when the value differs from the built-in default."""
+    if config is None:
+        return []
+    defaults = Config().to_dict()
+    rows = []
+
+    def add(section, name, value):
+        d = (defaults.get(section) or {})
+        changed = name in d and d[name] != value and not (
+            _finite(d[name]) and _finite(value) and float(d[name]) == float(value))
+        rows.append({"key": f"{section}.{name}", "value": _config_value(value),
+                     "changed": bool(changed)})
+
+    for section in SETTINGS_SECTIONS:
+        for name, value in (config.get(section) or {}).items():
+            add(section, name, value)
+    for key in SETTINGS_KEYS:
+        section, name = key.split(".", 1)
+        if name in (config.get(section) or {}):
+            add(section, name, config[section][name])
+    return rows
+
+
+def _config_toml(config: dict[str, dict] | None) -> str | None:
+    if not config:
+        return None
+    lines = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            lit = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                   if isinstance(v, str) else _config_value(v))
+            lines.append(f"{k} = {lit}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _provenance(report: Report) -> list[tuple[str, str]]:
+    return [(f"{k} {label}", "\u2014" if v is None else v)
+            for d, label in ((report.fingerprints, "fingerprint"), (report.versions, "version"))
+            for k, v in d.items()]
+
+
+def _other_runs(other_runs: list[tuple[str, str]] | None) -> list[dict]:
+    return [{"name": str(name), "href": _url(href)} for name, href in other_runs or []]
+
+
+def figure_entry(key: str, title: str, alt: str, caption: str, files_dir: Path,
+            size_in: tuple[float, float]) -> dict:
+    return {"key": key, "title": title, "alt": alt, "caption": caption,
+            "svg": _rel(files_dir, f"{key}.svg"), "pdf": _rel(files_dir, f"{key}.pdf"),
+            "png": _rel(files_dir, f"{key}.png"),
+            # CSS px of the SVG (its own size is in pt: 72 per inch, CSS has 96)
+            "width": round(size_in[0] * 96), "height": round(size_in[1] * 96)}
+
+
+def view_model(split: str, report: Report, per_image: list[ImageScores],
+               strips: dict[str, list[Strip]], figures: dict[str, dict | None],
+               other_runs: list[tuple[str, str]] | None, md_name: str, html_name: str) -> dict:
+    """What the templates show, as plain data."""
+    variants = ordered_variants(report.variants)
+    vnames = list(variants)
+    colours = {v: _variant_colour(v, i) for i, v in enumerate(vnames)}
+    scored = any(v.overall is not None for v in variants.values())
+    categories = categories_of(variants) if scored else []
+    name = "?" if report.backbone is None else report.backbone
+    n_images, n_predicted = report.n_images, report.n_predicted
+    images_text = _plural(n_images, "image") + " scored"
+    if n_predicted is not None and n_predicted != n_images:
+        images_text += f" of {_fmt_int(n_predicted)} predicted"
+    settings = _settings(report.config)
+    return {
+        "title": f"Segmentation report: {split} split, {name} backbone",
+        "split": split, "backbone": name, "weights": report.weights,
+        "run": report.run, "images_text": images_text,
+        "md_name": _url(md_name), "html_name": _url(html_name),
+        "md_label": md_name, "html_label": html_name,
+        "scored": scored,
+        "headline": headline_text(report) if scored else None,
+        "gains": [{"value": _signed(d), "label": label,
+                   "css": "up" if _signed(d).startswith("+") else
+                   "down" if _signed(d).startswith("-") else ""}
+                  for label, d in (_gains(report) or [])] if scored else [],
+        "n_scored": _plural(_scored(report), "image"),
+        "no_annotation": None if scored else _no_annotation_text(report, split),
+        "paired_note": _paired_note(per_image) if scored else None,
+        "variants": [{"name": v, "colour": colours[v], "note": VARIANT_NOTES.get(v)}
+                     for v in vnames],
+        "overall": _overall_table(variants, colours) if scored else None,
+        "category_tables": _category_tables(variants, categories) if categories else [],
+        "per_image": _per_image_table(per_image, vnames) if scored else None,
+        "figures": figures,
+        "strips": strips,
+        "legend": [{"label": label, "colour": f"rgb({r},{g},{b})"}
+                   for label, (r, g, b) in LEGEND],
+        "settings": settings,
+        "settings_changed": any(r["changed"] for r in settings),
+        "config_toml": _config_toml(report.config),
+        "provenance": _provenance(report),
+        "other_runs": _other_runs(other_runs),
+        "metric_notes": METRIC_NOTES,
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def _env():
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+    env = Environment(
+        loader=FileSystemLoader(str(TEMPLATE_DIR)),
+        # HTML (and anything not named .md.j2) is autoescaped; Markdown escapes with |md
+        autoescape=select_autoescape(enabled_extensions=("html.j2", "html"),
+                                     disabled_extensions=("md.j2",),
+                                     default_for_string=True, default=True),
+        undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+        keep_trailing_newline=True)
+    env.filters["md"] = _md
+    env.filters["wbr"] = _wbr
+    return env
+
+
+def _wbr(text):
+    """Escaped text with a line-break opportunity after each underscore (narrow headers)."""
+    from markupsafe import Markup, escape
+    return Markup("_<wbr>").join(escape(part) for part in str(text).split("_"))
+
+
+def render(template: str, vm: dict) -> str:
+    """The rendered page as valid UTF-8 text: the names were shown with display_name by the
+    view model, and anything else from the report (a config path such as data.root) that
+    holds a non-UTF-8 name's surrogates shows U+FFFD there too."""
+    return display_name(_env().get_template(template).render(**vm))
