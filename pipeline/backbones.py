@@ -1,11 +1,11 @@
-"""Frozen feature extractors, chosen by name from config (a small registry, timm style).
-
-Each entry maps a config name to its spec (patch size, channels, normalisation: data kept
-next to the model) and a builder. `Backbone.forward` takes a uint8 batch and returns the
-patch-feature map (B, h, w, C); normalisation runs on the tensor's device, so GPU users send
-uint8 over PCIe. The ViTs are timm modules run with DINO's / DINOv2's own position-embedding
-rule at sizes other than the trained one (`vit_forward_features`). Weights files are read
-without unpickling arbitrary objects: torch.load(weights_only=True) or safetensors.
+"""Frozen feature extractors, built from the backbone registry (pipeline/registry.py: each
+name's spec, torch-free) by the builders here, keyed by the spec's `builder` and registered
+with `@builder` (timm's `register_model` style). `Backbone.forward` takes a uint8 batch and
+returns the patch-feature map (B, h, w, C); normalisation runs on the tensor's device, so GPU
+users send uint8 over PCIe. The ViTs are timm modules run with DINO's / DINOv2's own
+position-embedding rule at sizes other than the trained one (`vit_forward_features`).
+Weights files are read without unpickling arbitrary objects: torch.load(weights_only=True)
+or safetensors.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import stat
 import struct
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,8 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 
-from .errors import BackboneError, ConfigError
+from .errors import BackboneError
+from .registry import BackboneSpec, check_layers, get_spec
 
 if TYPE_CHECKING:  # timm is imported when a ViT is built (it takes a second)
     from timm.models.vision_transformer import VisionTransformer
@@ -43,46 +43,8 @@ FEATURE_VERSION = 2
 # `interpolate_offset`, 0.1 in the released models; facebookresearch/dino issue #8)
 POS_INTERPOLATE_OFFSET = 0.1
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    patch_size: int  # output stride; images are cropped/padded to a multiple of it
-    embed_dim: int  # C of the feature map
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    source: str  # "timm:<model>" or "torchvision:<model>"
-    checkpoint_hint: str  # the file a user offline should download and pass
-
-
-_REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in [
-    BackboneSpec("dino_vits16", 16, 384, IMAGENET_MEAN, IMAGENET_STD,
-                 "timm:vit_small_patch16_224.dino", "dino_deitsmall16_pretrain.pth"),
-    BackboneSpec("dino_vits8", 8, 384, IMAGENET_MEAN, IMAGENET_STD,
-                 "timm:vit_small_patch8_224.dino", "dino_deitsmall8_pretrain.pth"),
-    BackboneSpec("dinov2_vits14", 14, 384, IMAGENET_MEAN, IMAGENET_STD,
-                 "timm:vit_small_patch14_dinov2.lvd142m", "dinov2_vits14_pretrain.pth"),
-    BackboneSpec("mobilenet_v2", 16, 96, IMAGENET_MEAN, IMAGENET_STD,
-                 "torchvision:mobilenet_v2", "a torchvision mobilenet_v2 state dict (.pth)"),
-]}
-
 # heads and classifiers that checkpoints may carry and a feature extractor does not use
 _DROP_PREFIXES = ("head.", "head_dist.", "fc_norm.", "classifier.", "mask_token")
-
-
-def list_backbones() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get_spec(name: str) -> BackboneSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise BackboneError(f"unknown backbone {name!r} "
-                            f"(one of {', '.join(list_backbones())})") from None
 
 
 class Backbone(nn.Module):
@@ -449,18 +411,26 @@ def _first_line(e: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- builders
 
+Builder = Callable[[BackboneSpec, bool], nn.Module]  # (spec, pretrained) -> the model
+BUILDERS: dict[str, Builder] = {}
+
+
+def builder(key: str) -> Callable[[Builder], Builder]:
+    """Register a builder under `key`, the `builder` of the registry entries it makes."""
+    def register(fn: Builder) -> Builder:
+        BUILDERS[key] = fn
+        return fn
+    return register
+
+
+@builder("timm")
 def _build_timm(spec: BackboneSpec, pretrained: bool) -> nn.Module:
     import timm
     return timm.create_model(spec.source.split(":", 1)[1], pretrained=pretrained, num_classes=0,
                              dynamic_img_size=True)
 
 
-# mobilenet_v2's stride-16 output is features[13] (96 channels); backbone.layers = N adds the
-# outputs of the next N - 1 stages (160, 320 and 1280 channels), kept at stride 16.
-MOBILENET_TAPS = (13, 16, 17, 18)
-MOBILENET_CHANNELS = (96, 160, 320, 1280)
-
-
+@builder("torchvision:mobilenet_v2")
 def _build_mobilenet(spec: BackboneSpec, pretrained: bool) -> nn.Module:
     import torchvision
     model = torchvision.models.mobilenet_v2(weights=None)
@@ -533,52 +503,12 @@ def _hub_offline():
             os.environ["HF_HUB_OFFLINE"] = old_env
 
 
-_BUILDERS: dict[str, tuple[Callable[[BackboneSpec, bool], nn.Module], str]] = {
-    "dino_vits16": (_build_timm, "vit"),
-    "dino_vits8": (_build_timm, "vit"),
-    "dinov2_vits14": (_build_timm, "vit"),
-    "mobilenet_v2": (_build_mobilenet, "cnn"),
-}
-
-
-VIT_DEPTH = 12  # blocks of the ViT-S models in the registry
-
-# backbone.layers = 0 ("auto") means these, measured with stage 3's report on both shared
-# datasets (README, "Feature layers and TTA, measured"): mobilenet_v2 gains on both from its
-# 160-channel stage; the ViTs could not be measured offline (no DINO weights) and keep 1.
-AUTO_LAYERS = {"mobilenet_v2": 2}
-
-
-def resolve_layers(name: str, layers: int) -> int:
-    """backbone.layers as a number: 0 -> the backbone's measured default. A ConfigError
-    (usage error) naming the key and the backbone's range when the backbone has fewer
-    layers: every command computes the feature key through here before it looks for a store,
-    so an impossible value is never mistaken for a missing stage 1."""
-    resolved = layers or AUTO_LAYERS.get(name, 1)
-    _check_layers(name, layers, resolved)
-    return resolved
-
-
-def max_layers(name: str) -> int:
-    """The largest backbone.layers a backbone offers."""
-    return len(MOBILENET_TAPS) if _BUILDERS[get_spec(name).name][1] == "cnn" else VIT_DEPTH
-
-
-def _check_layers(name: str, layers: int, resolved: int) -> None:
-    """ConfigError unless `resolved` (backbone.layers `layers`, 0 resolved) is 1 to
-    max_layers(name)."""
-    top = max_layers(name)
-    if not 1 <= resolved <= top:
-        raise ConfigError(f"bad value for backbone.layers: {layers} ({name} offers 1 to {top}; "
-                          f"0 = its default, {AUTO_LAYERS.get(name, 1)})")
-
-
 def create_backbone(name: str, weights: str, layers: int = 1) -> Backbone:
     """A frozen backbone in eval mode. `weights`: "pretrained" (download), "random" (seeded,
     global RNG untouched), or a local checkpoint file; `layers`: backbone.layers."""
     spec = get_spec(name)
-    build, kind = _BUILDERS[name]
-    _check_layers(name, layers, layers)
+    build = BUILDERS[spec.builder]
+    check_layers(name, layers, layers)
     path = None
     if weights not in ("pretrained", "random"):
         path, _ = weights_file(weights)
@@ -598,26 +528,27 @@ def create_backbone(name: str, weights: str, layers: int = 1) -> Backbone:
                 # or partial download in the cache
                 raise BackboneError(
                     f"could not download pretrained weights for {name} ({_first_line(e)}); "
-                    f"download {spec.checkpoint_hint} elsewhere and pass it with "
+                    f"download {spec.checkpoint_hint} ({spec.checkpoint_url}) elsewhere "
+                    "and pass it with "
                     "--set backbone.weights=/path/to/file"
                 ) from None
         else:
             model = build(spec, False)
-    if kind == "cnn":
+    if spec.kind == "cnn":
         if not isinstance(model, nn.Sequential):
             raise TypeError(f"{name}: expected its blocks in an nn.Sequential, got "
                             f"{type(model).__name__}")
-        features = model[:MOBILENET_TAPS[layers - 1] + 1]
+        features = model[:spec.taps[layers - 1] + 1]
         if path is not None:
             _load_into(features, extract_state_dict(_read_checkpoint(path)), path, spec)
-        cnn = MobileNetTaps(features, MOBILENET_TAPS[:layers]) if layers > 1 else features
+        cnn = MobileNetTaps(features, spec.taps[:layers]) if layers > 1 else features
         cnn.eval().requires_grad_(False)
-        return CNNBackbone(spec, cnn, layers, sum(MOBILENET_CHANNELS[:layers])).eval()
+        return CNNBackbone(spec, cnn, layers, spec.channels(layers)).eval()
     vit = _as_vit(name, model)
     if path is not None:
         _load_into(vit, extract_state_dict(_read_checkpoint(path)), path, spec)
     vit.eval().requires_grad_(False)
-    return ViTBackbone(spec, vit, layers, spec.embed_dim * layers).eval()
+    return ViTBackbone(spec, vit, layers, spec.channels(layers)).eval()
 
 
 def _as_vit(name: str, model: nn.Module) -> VisionTransformer:

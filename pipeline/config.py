@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .registry import list_backbones, most_layers
 
 
 @dataclass
@@ -134,7 +135,7 @@ DEVICE_HELP = '"auto", "cpu", "cuda" or "cuda:N"'
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.layout": ("obj_seg", "davis2016"),
-    "backbone.name": ("dino_vits16", "dino_vits8", "dinov2_vits14", "mobilenet_v2"),
+    "backbone.name": tuple(list_backbones()),  # the backbone registry's names
     "extract.precision": ("auto", "fp32", "bf16", "fp16"),
     "extract.feature_dtype": ("float16", "float32"),
     "extract.fit": ("crop", "pad"),
@@ -172,7 +173,7 @@ class Range:
 RANGES: dict[str, Range] = {
     "run.threads": Range(0, 256),
     "data.max_pixels": Range(1, 2**31 - 1),
-    "backbone.layers": Range(0, 12),
+    "backbone.layers": Range(0, most_layers()),  # 0 = the backbone's default (registry)
     "extract.batch_size": Range(1, 4096),
     "extract.num_workers": Range(0, 64),
     "train.lr": Range(0, 10, lo_open=True),

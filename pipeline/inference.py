@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backbones import Backbone, create_backbone, resolve_layers
+from .backbones import Backbone, create_backbone
 from .config import Config
 from .data import Box, from_canvas, to_canvas
 from .devices import CpuFanout, autocast_dtype, resolve_device, resolve_precision
@@ -27,6 +27,7 @@ from .errors import ModelError
 from .fsutil import file_lock
 from .models import TrainedModels, load_models, upsample_logits
 from .params import feature_params, training_params
+from .registry import resolve_layers
 from .stages import diff_params
 from .store import CachedItem, split_fingerprint
 

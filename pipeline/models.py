@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbones import IMAGENET_MEAN, IMAGENET_STD
 from .errors import ModelError
 from .fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
 from .pac import PacConv2d
+from .registry import IMAGENET_MEAN, IMAGENET_STD
 from .stages import fingerprint
 
 

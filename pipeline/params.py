@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backbones import FEATURE_VERSION, resolve_layers, weights_identity
+from .backbones import FEATURE_VERSION, weights_identity
 from .config import Config
 from .devices import resolve_precision
+from .registry import resolve_layers
 from .stages import without_absent
 
 FORMAT_VERSION = 3  # the feature store's format: 3 = encoded image bytes, optional masks,

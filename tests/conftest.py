@@ -216,11 +216,11 @@ def shallow_vits(monkeypatch, depth: int = SHALLOW_VIT_DEPTH) -> None:
     """Make create_backbone build the registry's ViTs with `depth` blocks instead of 12, for
     tests about plumbing (shapes, position embeddings, export, checkpoint keys), where the
     number of blocks changes nothing but the time. The registry's own builders run, with
-    timm.create_model given depth=...; only the registry entries are patched (undone with
-    `monkeypatch`), never the config."""
+    timm.create_model given depth=...; only the builders of the ViT entries are patched
+    (undone with `monkeypatch`), never the config."""
     import timm
 
-    from pipeline import backbones
+    from pipeline import backbones, registry
 
     def shallow(build):
         def build_shallow(spec, pretrained):
@@ -231,6 +231,5 @@ def shallow_vits(monkeypatch, depth: int = SHALLOW_VIT_DEPTH) -> None:
                 return build(spec, pretrained)
         return build_shallow
 
-    for name, (build, kind) in list(backbones._BUILDERS.items()):
-        if kind == "vit":
-            monkeypatch.setitem(backbones._BUILDERS, name, (shallow(build), kind))
+    for key in sorted({spec.builder for spec in registry.specs() if spec.kind == "vit"}):
+        monkeypatch.setitem(backbones.BUILDERS, key, shallow(backbones.BUILDERS[key]))

@@ -23,16 +23,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import backbones  # noqa: E402
+from pipeline import backbones, registry  # noqa: E402
 from pipeline.backbones import (  # noqa: E402
     Backbone,
     BackboneError,
-    BackboneSpec,
     create_backbone,
-    get_spec,
-    list_backbones,
     weights_identity,
 )
+from pipeline.registry import BackboneSpec, get_spec, list_backbones  # noqa: E402
 from tests.conftest import SHALLOW_VIT_DEPTH, shallow_vits  # noqa: E402
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
@@ -171,6 +169,45 @@ def test_registry_names_and_specs():
         assert spec.mean == (0.485, 0.456, 0.406) and spec.std == (0.229, 0.224, 0.225)
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.patch_size = 3  # frozen
+
+
+def test_registry_entries_carry_builder_kind_layers_and_taps():
+    """One registry: each entry's builder is registered, its layers and taps are its own, and
+    config takes its choices and range from it."""
+    from pipeline.config import CHOICES, RANGES, load_config
+    assert [s.name for s in registry.specs()] == NAMES
+    for spec in registry.specs():
+        assert spec.builder in backbones.BUILDERS, spec.name
+        assert spec.kind == ("cnn" if spec.name == "mobilenet_v2" else "vit")
+        assert 1 <= spec.default_layers <= spec.max_layers
+    assert [registry.max_layers(n) for n in NAMES] == [12, 12, 12, 4]
+    assert [registry.resolve_layers(n, 0) for n in NAMES] == [1, 1, 1, 2]
+    mnv2 = get_spec("mobilenet_v2")
+    assert mnv2.taps == (13, 16, 17, 18) and [mnv2.channels(n) for n in (1, 2, 3, 4)] == [
+        96, 256, 576, 1856]
+    assert get_spec("dino_vits8").channels(3) == 3 * 384
+    for name in VITS:  # the official releases whose key formats are read
+        spec = get_spec(name)
+        assert spec.checkpoint_url.startswith("https://dl.fbaipublicfiles.com/dino")
+        assert spec.checkpoint_url.endswith("/" + spec.checkpoint_hint)
+    assert CHOICES["backbone.name"] == tuple(NAMES)
+    assert (RANGES["backbone.layers"].lo, RANGES["backbone.layers"].hi) == (0, 12)
+    with pytest.raises(ValueError):  # a name is registered once
+        registry.register(get_spec("dino_vits16"))
+    with pytest.raises(ValueError):  # a CNN's taps are its layers
+        dataclasses.replace(mnv2, taps=(13, 16))
+    assert load_config(overrides=["backbone.name=dinov2_vits14"]).backbone.name == "dinov2_vits14"
+
+
+def test_the_registry_and_config_import_no_torch():
+    """`config show` validates against the registry: its data (and config) load without torch
+    (or timm, torchvision)."""
+    import subprocess
+    code = ("import sys; import pipeline.config, pipeline.registry; "
+            "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
 
 
 def test_unknown_name():

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from pipeline.backbones import max_layers, resolve_layers
 from pipeline.errors import ConfigError, StoreError, UsageError
 from pipeline.params import feature_params, tta_params
+from pipeline.registry import max_layers, resolve_layers
 from pipeline.stages import ABSENT_AS, StageState, diff_params, judge, save_record
 from pipeline.store import FeatureStore
 from tests.conftest import cli_sets, make_cfg, one_line_error, run_cli

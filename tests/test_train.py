@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.config import copy_config
 from pipeline.errors import PipelineError, StoreError
 from pipeline.extract import run_extract
@@ -24,6 +23,7 @@ from pipeline.models import (
     normalize_image,
     save_models,
 )
+from pipeline.registry import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.train import model_dir, patch_targets, run_train, status
 from tests.conftest import ROOT, make_cfg
 
