@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from pipeline.config import Config, load_config
-from pipeline.errors import PipelineError, UsageError
+from pipeline.errors import PipelineError, os_error_line
 
 # The checkout's default config; an installed command without a checkout uses the same
 # values built into pipeline/config.py (a test keeps the two equal).
@@ -33,14 +33,6 @@ def _fail(message: str, code: int) -> None:
     one_line = "; ".join(part.strip() for part in message.splitlines() if part.strip())
     click.echo(f"error: {one_line}", err=True)
     sys.exit(code)
-
-
-def os_error_line(e: OSError) -> str:
-    """One line for a filesystem error: the file and the problem (permission, full disk,
-    symlink loop, ...), never a traceback."""
-    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
-    what = e.strerror or type(e).__name__
-    return f"{where}: {what}" if where else what
 
 
 MEMORY_ADVICE = ("lower extract.batch_size, predict.batch_size, train.crop, upsampler.hidden, "
@@ -125,34 +117,11 @@ def cli() -> None:
         sys.stdout.reconfigure(errors="backslashreplace")
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def do_extract(cfg, force: bool, splits=()) -> bool:
-    from pipeline.extract import run_extract
-    res = run_extract(cfg, splits, force=force, progress=True)
-    if res.up_to_date:
-        click.echo("extract-features: up to date")
-        if res.n_errors:
-            click.echo(f"note: {res.n_errors} file(s) were skipped when the cache was built "
-                       "(rerun with --force to list them)", err=True)
-        return True
-    rate = res.n_images / res.seconds if res.seconds > 0 else 0.0
-    click.echo(f"extract-features: {res.n_images} images in {res.seconds:.1f} s "
-               f"({rate:.1f} images/s), cache {_human_bytes(res.cache_bytes)}"
-               + (f", {res.n_errors} skipped" if res.n_errors else ""))
-    if res.errors:
-        for e in res.errors:
-            click.echo(f"  skipped: {e}", err=True)
-        click.echo(f"error: {res.n_errors} file(s) could not be used (listed above); "
-                   "the other images are cached", err=True)
-        return False
-    return True
+def echo_outcome(outcome) -> bool:
+    """Print what a stage did (its summary lines); whether it went well."""
+    for text, to_err in outcome.lines():
+        click.echo(text, err=to_err)
+    return outcome.ok
 
 
 @cli.command("extract-features")
@@ -162,36 +131,16 @@ def do_extract(cfg, force: bool, splits=()) -> bool:
 @stage_command
 def extract_features(cfg, force, splits):
     """Stage 1: images -> backbone patch features in the HDF5 cache."""
-    sys.exit(0 if do_extract(cfg, force, splits) else 1)
-
-
-def do_train(cfg, force: bool) -> None:
-    from pipeline.train import run_train
-    res = run_train(cfg, force=force)
-    if res.up_to_date:
-        click.echo("train-head: up to date")
-    else:
-        click.echo(f"train-head: trained in {res.seconds:.1f} s; models in {res.model_dir}")
+    from pipeline.extract import run_extract
+    sys.exit(0 if echo_outcome(run_extract(cfg, splits, force=force, progress=True)) else 1)
 
 
 @cli.command("train-head")
 @stage_command
 def train_head(cfg, force):
     """Stage 2: train the linear head and the PAC upsampler from the cache."""
-    do_train(cfg, force)
-
-
-def do_predict(cfg, force: bool, split: str) -> None:
-    from pipeline.predict import run_predict
-    res = run_predict(cfg, split, force=force)
-    if res.up_to_date:
-        click.echo(f"predict [{split}]: up to date; report {res.report_json}")
-        return
-    click.echo(f"predict [{split}]: {res.n_predicted} images in {res.seconds:.1f} s "
-               f"({res.n_images} annotated, scored); masks in {res.predictions_dir}")
-    click.echo(f"report: {res.report_json} (also .md and .html)")
-    for line in res.headline:
-        click.echo(f"  {line}")
+    from pipeline.train import run_train
+    echo_outcome(run_train(cfg, force=force))
 
 
 @cli.command()
@@ -201,7 +150,8 @@ def do_predict(cfg, force: bool, split: str) -> None:
 @stage_command
 def predict(cfg, force, split):
     """Stage 3: masks for a split, plus the IoU report."""
-    do_predict(cfg, force, split or cfg.data.test_split)
+    from pipeline.predict import run_predict
+    echo_outcome(run_predict(cfg, split or cfg.data.test_split, force=force))
 
 
 @cli.command()
@@ -211,12 +161,9 @@ def predict(cfg, force, split):
 @stage_command
 def run(cfg, force, split):
     """All three stages in order, each skipped when up to date."""
-    split = split or cfg.data.test_split
-    needed = [cfg.data.train_split, split] + ([cfg.data.val_split] if cfg.data.val_split else [])
-    ok = do_extract(cfg, force, tuple(dict.fromkeys(needed)))
-    do_train(cfg, force)
-    do_predict(cfg, force, split)
-    sys.exit(0 if ok else 1)
+    from pipeline.workflow import run_all
+    ok = [echo_outcome(outcome) for outcome in run_all(cfg, split or cfg.data.test_split, force)]
+    sys.exit(0 if all(ok) else 1)
 
 
 def do_segment(cfg, force: bool, paths, out_dir, overlays: bool) -> bool:
@@ -265,7 +212,8 @@ def export_model(cfg, force, out_file, height, width):
     if res.up_to_date:
         click.echo(f"export: up to date -> {res.path}")
     else:
-        click.echo(f"export: {res.path} ({_human_bytes(res.bytes)}) in {res.seconds:.1f} s; "
+        from pipeline.fsutil import human_bytes
+        click.echo(f"export: {res.path} ({human_bytes(res.bytes)}) in {res.seconds:.1f} s; "
                    f"input uint8 (B, 3, H, W), H and W multiples of {res.patch_size}")
 
 
@@ -278,21 +226,9 @@ def export_model(cfg, force, out_file, height, width):
 @stage_command
 def status(cfg, force, split, verify):
     """One line per stage: up-to-date, stale (why) or missing."""
-    from pipeline import extract, train
-    from pipeline import predict as predict_stage
-    from pipeline.stages import StageStatus
-    split = split or cfg.data.test_split
-    checks = ((extract.STAGE, extract.status, (cfg, (), verify)),
-              (train.STAGE, train.status, (cfg,)),
-              (predict_stage.stage_name(split), predict_stage.status, (cfg, split, verify)))
-    for name, check, args in checks:
-        try:
-            st = check(*args)
-        except UsageError:  # a config no command can use (e.g. backbone.layers): exit 2
-            raise
-        except (PipelineError, OSError) as e:  # status reports, it never fails
-            why = os_error_line(e) if isinstance(e, OSError) else str(e)
-            st = StageStatus(name, "stale", f"cannot check: {why}")
+    from pipeline.stages import Context
+    from pipeline.workflow import statuses
+    for st in statuses(Context.of(cfg, split, verify)):
         click.echo(st.line())
 
 
@@ -329,6 +265,58 @@ def config_show(cfg, force):
     """Print the effective config (file + --set) as TOML, to save and edit."""
     from pipeline.config import to_toml
     click.echo(to_toml(cfg), nl=False)
+
+
+@cli.group("cache")
+def cache_group() -> None:
+    """The feature cache (paths.cache): its stores, and removing those no run uses."""
+
+
+def _store_summary(params: dict) -> str:
+    keys = ("backbone.layers", "extract.fit", "extract.precision", "extract.feature_dtype")
+    shown = [f"{k.split('.', 1)[1]}={params[k]}" for k in keys if k in params]
+    return f"{params.get('backbone.name', '?')} ({', '.join(shown)})" + (
+        ", mirrored" if params.get("mirror") else "")
+
+
+@cache_group.command("list")
+@stage_command
+def cache_list(cfg, force):
+    """Each store: backbone and settings, splits (images, dataset), size, the runs using it."""
+    from pipeline.cache import stores
+    from pipeline.fsutil import human_bytes
+    infos = stores(cfg)
+    if not infos:
+        click.echo(f"no feature stores in {cfg.paths.cache}")
+    for info in infos:
+        click.echo(f"{info.path.name}: {_store_summary(info.params)}, {human_bytes(info.bytes)}")
+        for f in info.folders:
+            where = ", ".join(k.split(":", 1)[1] for k in f.datasets) or "not indexed"
+            what = f"{f.n_images} images" if f.fingerprint else "incomplete"
+            click.echo(f"  {f.split} [{f.path.name}]: {what}; {where}")
+        runs = ", ".join(str(r) for r in info.runs) or "none"
+        click.echo(f"  runs: {runs}" + (f" ({len(info.gone)} gone)" if info.gone else ""))
+
+
+@cache_group.command("gc")
+@click.option("--yes", is_flag=True, help="Remove them (without it: only list them).")
+@stage_command
+def cache_gc(cfg, force, yes):
+    """Remove the stores no live run uses (a dry run unless --yes)."""
+    from pipeline.cache import collect_garbage
+    from pipeline.fsutil import human_bytes
+    done, skipped = collect_garbage(cfg, remove=yes)
+    for path, size, why in done:
+        click.echo(f"{'removed' if yes else 'would remove'} {path} ({human_bytes(size)}): {why}")
+    for line in skipped:
+        click.echo(f"skipped: {line}", err=True)
+    total = human_bytes(sum(size for _, size, _ in done))
+    if not done:
+        click.echo(f"cache gc: nothing to remove in {cfg.paths.cache}")
+    elif yes:
+        click.echo(f"cache gc: {len(done)} removed, {total} freed")
+    else:
+        click.echo(f"cache gc: {len(done)} to remove ({total}); rerun with --yes to remove them")
 
 
 @cli.command()

@@ -66,3 +66,11 @@ class ImageTooLarge(DataError):
 
     def __reduce__(self):  # picklable (to and from Dask workers) with its pixel count
         return (type(self), (str(self), self.pixels))
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for a filesystem error: the file and the problem (permission, full disk,
+    symlink loop, ...), never a traceback."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
+    what = e.strerror or type(e).__name__
+    return f"{where}: {what}" if where else what

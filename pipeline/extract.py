@@ -9,6 +9,8 @@ a damaged shard is recomputed alone, and shards can be handed to a Dask cluster 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import threading
 import time
 from collections import deque
@@ -33,12 +35,19 @@ from .data import (
 )
 from .errors import ImageTooLarge, StoreError
 from .executors import portable_config, run_tasks, worker_cached
-from .fsutil import atomic_write_json, exclusive_lock, remove_temporaries
+from .fsutil import (
+    FileHasher,
+    atomic_write_json,
+    exclusive_lock,
+    human_bytes,
+    read_json,
+    remove_temporaries,
+)
 from .inference import BackboneRunner
-from .owned import claim_folder, claim_run_dir
-from .params import FORMAT_VERSION, feature_params, mirrored_splits
+from .owned import claim_folder
+from .params import feature_params, mirrored_splits
 from .progress import Progress
-from .stages import StageState, StageStatus, judge, load_record, save_record
+from .stages import Context, StageState, StageStatus, fingerprint, first_problems, judge_record
 from .store import (
     CACHE_LEGACY,
     Manifest,
@@ -46,10 +55,14 @@ from .store import (
     ShardTask,
     SplitPlan,
     bad_marker,
+    dataset_key,
     done_entry,
     file_hasher,
+    index_split,
+    locate_in,
     manifest_path,
     plan_split,
+    read_index,
     read_manifest,
     split_problems,
     store_dir,
@@ -234,6 +247,29 @@ class ExtractResult:
     errors: list[str] = field(default_factory=list)
     up_to_date: bool = False
 
+    @property
+    def ok(self) -> bool:
+        """False when this run could not use some files (known ones are a note, exit 0)."""
+        return self.up_to_date or not self.errors
+
+    def lines(self) -> list[tuple[str, bool]]:
+        """What the command reports (text, to stderr)."""
+        if self.up_to_date:
+            out = [(f"{STAGE}: up to date", False)]
+            if self.n_errors:
+                out.append((f"note: {self.n_errors} file(s) were skipped when the cache was "
+                            "built (rerun with --force to list them)", True))
+            return out
+        rate = self.n_images / self.seconds if self.seconds > 0 else 0.0
+        out = [(f"{STAGE}: {self.n_images} images in {self.seconds:.1f} s ({rate:.1f} images/s),"
+                f" cache {human_bytes(self.cache_bytes)}"
+                + (f", {self.n_errors} skipped" if self.n_errors else ""), False)]
+        if self.errors:
+            out += [(f"  skipped: {e}", True) for e in self.errors]
+            out.append((f"error: {self.n_errors} file(s) could not be used (listed above); "
+                        "the other images are cached", True))
+        return out
+
 
 def _assemble_manifest(plan: SplitPlan, hasher) -> Manifest:
     """The split's manifest from its shards' receipts (each checked against its shard), written
@@ -275,10 +311,8 @@ def run_extract(cfg: Config, splits: Iterable[str] = (), force: bool = False,
     problems that stop the stage."""
     t0 = time.perf_counter()
     claim_folder(cfg.paths.cache, "paths.cache", CACHE_LEGACY)
-    claim_run_dir(cfg.run_dir)
     hasher = file_hasher(cfg)
-    groups = [(fparams, [plan_split(cfg, s, fparams, hasher) for s in names], label)
-              for fparams, names, label in _store_groups(cfg, selected_splits(cfg, splits))]
+    groups = _plans(cfg, selected_splits(cfg, splits), hasher)
     result = ExtractResult(up_to_date=True)
     for fparams, plans, label in groups:
         errors = _extract_store(cfg, fparams, plans, label, hasher, result, force, log, progress,
@@ -286,7 +320,6 @@ def run_extract(cfg: Config, splits: Iterable[str] = (), force: bool = False,
         if not label:  # the mirrored store lists the same unusable files again
             result.errors.extend(errors)
     hasher.save()
-    _record(cfg, groups[0][1], groups[0][0])
     result.n_errors = len(result.errors)
     result.seconds = time.perf_counter() - t0
     if not result.up_to_date:  # an up-to-date run reports no size: no walk over the store
@@ -303,12 +336,18 @@ def _extract_store(cfg: Config, fparams: dict, plans: list[SplitPlan], label: st
     hasher.save()
     todo = [p for p in plans if force or problems[p.split]]
     errors: list[str] = []
+    sdir = store_dir(cfg, fparams)
+    unindexed = [p for p in plans if read_index(sdir).get(dataset_key(cfg, p.split))
+                 != p.split_dir.name]
     if not todo:
+        if unindexed:  # stored already (e.g. the dataset moved, or a store made before the
+            with exclusive_lock(sdir / ".lock", f"feature store {sdir}"):  # index): index it
+                for p in unindexed:
+                    index_split(sdir, dataset_key(cfg, p.split), p.split_dir.name)
         for p in plans:
             errors.extend(_listed_errors(p))
         return errors
     result.up_to_date = False
-    sdir = store_dir(cfg, fparams)
     with exclusive_lock(sdir / ".lock", f"feature store {sdir}"):
         atomic_write_json(sdir / "features.json", fparams)
         pending: list[ShardTask] = []
@@ -325,7 +364,8 @@ def _extract_store(cfg: Config, fparams: dict, plans: list[SplitPlan], label: st
                     t.path.unlink(missing_ok=True)
                     t.receipt.unlink(missing_ok=True)
                     bad_marker(t.path).unlink(missing_ok=True)
-                    pending.append(t)
+                    if force or not _reuse(t, sdir, hasher):
+                        pending.append(t)
         n_total = sum(len(t.items) for t in pending)
         n_cached = sum(len(p.items) for p in todo) - n_total
         log(f"extract-features{label}: {len(todo)} split(s), {n_total} images to extract"
@@ -340,8 +380,35 @@ def _extract_store(cfg: Config, fparams: dict, plans: list[SplitPlan], label: st
         for p in plans:
             if p not in todo:
                 errors.extend(_listed_errors(p))
+            index_split(sdir, dataset_key(cfg, p.split), p.split_dir.name)
         hasher.save()
     return errors
+
+
+def _reuse(task: ShardTask, sdir: Path, hasher: FileHasher) -> bool:
+    """Link the shard of `task` from another folder of the store that holds it intact (an
+    earlier version of the split, another dataset with the same images): a shard's name is
+    the hash of its inputs, and shards are never modified in place."""
+    name = Path(task.file).name
+    for other in sorted(sdir.glob(f"*/shards/{name}")):
+        if other == task.path:
+            continue
+        src = dataclasses.replace(task, split_dir=str(other.parent.parent))
+        if done_entry(src, hasher) is None:
+            continue
+        try:
+            for a, b in ((src.path, task.path), (src.receipt, task.receipt)):
+                b.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(a, b)
+                except OSError:  # a file system without hard links: a copy
+                    shutil.copyfile(a, b)
+        except OSError:
+            task.path.unlink(missing_ok=True)
+            task.receipt.unlink(missing_ok=True)
+            continue
+        return True
+    return False
 
 
 def _listed_errors(plan: SplitPlan) -> list[str]:
@@ -383,45 +450,123 @@ def _dask_extract(task: ShardTask, cfg: Config) -> tuple[str, int]:
     return task.hash, extract_task(task, cfg)
 
 
-def _state(rec: dict | None, plans: list[SplitPlan], fparams: dict,
-           outs_problem: str = "") -> StageState:
-    """Stage 1's state for these splits; the record's other splits are carried along."""
-    deps = dict((rec or {}).get("deps", {}))
-    deps.update({f"data[{p.split}]": p.data_digest for p in plans})
-    return StageState(STAGE, deps, dict(fparams), outs_problem)
+# ----------------------------------------------------------------------------- the stage
+
+def _plans(cfg: Config, splits: list[str], hasher: FileHasher
+           ) -> list[tuple[dict, list[SplitPlan], str]]:
+    return [(fparams, [plan_split(cfg, s, fparams, hasher) for s in names], label)
+            for fparams, names, label in _store_groups(cfg, splits)]
 
 
-def _record(cfg: Config, plans: list[SplitPlan], fparams: dict) -> None:
-    rec = load_record(cfg.run_dir, STAGE)
-    state = _state(rec, plans, fparams)
-    if rec is None or rec["fingerprint"] != state.fingerprint:
-        save_record(cfg.run_dir, state)
+def _split_record(plan: SplitPlan) -> tuple[str | None, str]:
+    """The data digest the store's manifest of the split records (None: no manifest) and why
+    it cannot be read ("" when it can)."""
+    m, why = read_manifest(plan.split_dir)
+    if m is not None:
+        return m.data_digest, ""
+    return None, ("" if why == "no manifest" else why)
+
+
+def store_record(cfg: Config, fparams: dict, plans: list[SplitPlan]) -> dict | None:
+    """Stage 1's record for these splits, read from the store it describes (its features.json
+    and the splits' manifests; shared by every run using the cache). Without a store for
+    `fparams`, the record of the store with the same splits made last (so that `status`
+    names the settings that changed), or None."""
+    def record(sdir: Path) -> dict | None:
+        params = read_json(sdir / "features.json")
+        if not isinstance(params, dict):
+            return None
+        deps = {}
+        for p in plans:  # the folder the index names for this dataset's split (or holds it)
+            split_dir = locate_in(sdir, cfg, p.split)
+            if split_dir is None and p.split_dir.parent == sdir:
+                split_dir = p.split_dir
+            m, _ = read_manifest(split_dir) if split_dir is not None else (None, "")
+            if m is not None:
+                deps[f"data[{p.split}]"] = m.data_digest
+        if not deps:
+            return None
+        return {"params": params, "deps": deps, "fingerprint": fingerprint(
+            {"deps": deps, "params": params})}
+
+    sdir = store_dir(cfg, fparams)
+    own = record(sdir) if sdir.is_dir() else None
+    if own is not None:
+        return own
+    features = Path(cfg.paths.cache) / "features"
+    others = [d for d in features.glob("*/features.json") if d.parent != sdir] \
+        if features.is_dir() else []
+    for f in sorted(others, key=lambda f: f.stat().st_mtime, reverse=True):
+        other = record(f.parent)
+        if other is not None and bool(other["params"].get("mirror")) == bool(
+                fparams.get("mirror")):
+            return other
+    return None
+
+
+def _state(plans: list[SplitPlan], fparams: dict, problems: list[str]) -> StageState:
+    return StageState(STAGE, {f"data[{p.split}]": p.data_digest for p in plans}, dict(fparams),
+                      first_problems(problems))
+
+
+class ExtractStage:
+    """Stage 1 as data: deps the splits' data digests, params the feature key, outs the
+    stored splits (shards with checksums and the manifests); its record is the store."""
+    in_run = False
+
+    def name(self, split: str) -> str:
+        return STAGE
+
+    def splits(self, ctx: Context, all_splits: bool) -> list[str]:
+        """Every split of the dataset (`status`), or those the run needs (`run`)."""
+        cfg = ctx.cfg
+        if all_splits:
+            return selected_splits(cfg)
+        needed = [cfg.data.train_split, ctx.split, cfg.data.val_split]
+        return list(dict.fromkeys(s for s in needed if s))
+
+    def state(self, ctx: Context) -> StageState:
+        return self._judged(ctx)[0]
+
+    def _judged(self, ctx: Context, splits: list[str] | None = None
+                ) -> tuple[StageState, StageStatus]:
+        cfg = ctx.cfg
+        hasher = file_hasher(cfg, ctx.verify)
+        groups = _plans(cfg, self.splits(ctx, True) if splits is None else splits, hasher)
+        fparams, plans, _ = groups[0]
+        problems = []  # of the outputs; a missing or outdated manifest is judged from the record
+        for _, ps, label in groups:
+            for p in ps:
+                whys = split_problems(p, hasher)
+                problems += [f"{p.split}{label}: {why}" for why in whys
+                             if label or why not in ("no manifest", f"data[{p.split}] changed")]
+                if not whys and locate_in(p.split_dir.parent, cfg, p.split) != p.split_dir:
+                    problems.append(f"{p.split}{label}: stored, not indexed for "
+                                    f"{cfg.data.root} (e.g. a moved dataset)")
+        hasher.save()
+        state = _state(plans, fparams, problems)
+        rec = store_record(cfg, fparams, plans)
+        if rec is not None and rec["params"] == fparams:
+            for p in plans:  # a damaged manifest is an outs problem, not a changed dep
+                if _split_record(p)[1]:
+                    rec["deps"][f"data[{p.split}]"] = p.data_digest
+            rec["fingerprint"] = fingerprint({"deps": rec["deps"], "params": rec["params"]})
+        return state, judge_record(rec, state)
+
+    def status(self, ctx: Context, splits: list[str] | None = None) -> StageStatus:
+        """up to date when every split's store (and mirrored store, with predict.tta =
+        "flip") is current and intact, whichever run wrote it. `ctx.verify`: rehash every
+        data file and shard (a shard found bad is marked, so that extract-features repairs
+        it)."""
+        try:
+            return self._judged(ctx, splits)[1]
+        except DataError as e:
+            return StageStatus(STAGE, "stale", f"dataset problem: {e}")
+
+    def run(self, ctx: Context, force: bool) -> ExtractResult:
+        return run_extract(ctx.cfg, self.splits(ctx, False), force=force, progress=True)
 
 
 def status(cfg: Config, splits: Iterable[str] = (), verify: bool = False) -> StageStatus:
-    """Stage 1's status for the given splits (all by default): up to date when every split's
-    store (and mirrored store, with predict.tta = "flip") is current and intact, whichever
-    run wrote it. `verify`: rehash every data file and shard, ignoring the checksum memo (a
-    shard found bad is marked, so that plain extract-features repairs it)."""
-    hasher = file_hasher(cfg, verify)
-    try:
-        groups = [(fparams, [plan_split(cfg, s, fparams, hasher) for s in names], label)
-                  for fparams, names, label in _store_groups(cfg, selected_splits(cfg, splits))]
-    except DataError as e:
-        return StageStatus(STAGE, "stale", f"dataset problem: {e}")
-    fparams, plans, _ = groups[0]
-    problems = [f"{p.split}: {why}" for p in plans for why in split_problems(p, hasher)]
-    mirror_problems = [f"{p.split} mirrored (predict.tta = flip): {why}" for _, ps, _ in groups[1:]
-                       for p in ps for why in split_problems(p, hasher)]
-    hasher.save()
-    if not problems:
-        return (StageStatus(STAGE, "stale", "; ".join(mirror_problems[:3])) if mirror_problems
-                else StageStatus(STAGE, "up-to-date"))
-    rec = load_record(cfg.run_dir, STAGE)
-    if rec is not None and rec["params"].get("format") != FORMAT_VERSION:
-        return StageStatus(STAGE, "stale", f"cache format {rec['params'].get('format', 2)} -> "
-                                           f"{FORMAT_VERSION} (stored images are now compact)")
-    st = judge(cfg.run_dir, _state(rec, plans, fparams, "; ".join(problems[:3])))
-    if st.up_to_date:  # the record matches, yet the store is not intact
-        return StageStatus(STAGE, "stale", "; ".join(problems[:3]))
-    return st
+    """Stage 1's status for the given splits (all by default)."""
+    return ExtractStage().status(Context.of(cfg, verify=verify), list(splits) or None)

@@ -171,3 +171,12 @@ class FileHasher:
             self._dirty = False
         with contextlib.suppress(OSError):
             atomic_write_bytes(self.memo_path, data)
+
+
+def human_bytes(n: float) -> str:
+    """`n` bytes as B, KiB, MiB or GiB with one decimal."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"

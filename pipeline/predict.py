@@ -48,13 +48,15 @@ from .progress import Progress
 from .report import stage as report_stage
 from .report.stage import headline
 from .stages import (
+    Context,
     StageState,
     StageStatus,
+    first_problems,
     judge,
     load_record,
     save_record,
 )
-from .store import CachedItem, FeatureStore, split_fingerprint
+from .store import CachedItem, FeatureStore, register_run, split_fingerprint
 
 
 def stage_name(split: str) -> str:
@@ -67,53 +69,67 @@ def report_path(cfg: Config, split: str) -> Path:
 
 def stage_state(cfg: Config, split: str, models_fp: str | None = None,
                 features_fp: str | None = None, mirrored_fp: str | None = None,
-                verify: bool = False) -> StageState:
+                verify: bool = False, recorded: dict | None = None) -> StageState:
     """Stage 3 depends on the trained models and the stored split (content fingerprints),
     with predict.tta = "flip" also on the split's mirrored features, and on its own
     settings; its outputs are the masks and the reports, checked against the sha256 the
-    stage recorded (through a stat memo; `verify`: rehashed)."""
+    stage recorded (through a stat memo; `verify`: rehashed).
+
+    The models are a dependency only when they were trained for the current config (their
+    card's training settings and stored splits): other models are unusable, and the stage
+    waits for train-head (predict cannot retrain). `recorded`: the stage's record, whose
+    feature deps stand in for the store's (`runs`: nothing outside the run folder read)."""
+    unusable: dict[str, str] = {}
     if models_fp is None:
         models_fp, _ = models_fingerprint(model_dir(cfg))
-    if features_fp is None:
-        features_fp = split_fingerprint(cfg, split)
+        card, _ = read_card(model_dir(cfg))
+        if models_fp is not None and card is not None and recorded is None:
+            why = _models_mismatch(cfg, card["params"], card["deps"])
+            if why:
+                models_fp, unusable["models"] = None, f"trained with other settings ({why})"
     extract = f"python cli.py extract-features --split {split}"
-    deps = {"models": models_fp, f"features[{split}]": features_fp}
+    deps: dict[str, str | None] = {"models": models_fp}
     repair = {"models": "python cli.py train-head", f"features[{split}]": extract}
-    if cfg.predict.tta == "flip":
-        if mirrored_fp is None:
-            mirrored_fp = split_fingerprint(cfg, split, mirror=True)
-        deps[f"mirrored[{split}]"] = mirrored_fp
-        repair[f"mirrored[{split}]"] = extract
+    if recorded is not None:
+        deps.update({k: v for k, v in recorded.get("deps", {}).items() if k != "models"})
+    else:
+        deps[f"features[{split}]"] = (features_fp if features_fp is not None
+                                       else split_fingerprint(cfg, split))
+        if cfg.predict.tta == "flip":
+            deps[f"mirrored[{split}]"] = (mirrored_fp if mirrored_fp is not None
+                                           else split_fingerprint(cfg, split, mirror=True))
+            repair[f"mirrored[{split}]"] = extract
     params = predict_params(cfg)
     if not report_path(cfg, split).is_file():
         outs = "report missing"
     else:
-        bad = outs_problems(cfg, split, verify)
-        outs = "; ".join(bad[:3]) + (f"; +{len(bad) - 3} more" if len(bad) > 3 else "")
-    return StageState(stage_name(split), deps, params, outs, repair)
+        outs = first_problems(outs_problems(cfg, split, verify, writable=recorded is None))
+    return StageState(stage_name(split), deps, params, outs, repair, unusable)
 
 
-def outs_hasher(cfg: Config, verify: bool = False) -> FileHasher:
+def outs_hasher(cfg: Config, verify: bool = False, writable: bool = True) -> FileHasher:
     """The stat memo of the run's output checksums (in its stages/ folder)."""
     return FileHasher(cfg.run_dir / "stages" / ".outs_hashes.json", verify=verify,
-                      writable=is_marked(cfg.run_dir, RUN_LEGACY))
+                      writable=writable and is_marked(cfg.run_dir, RUN_LEGACY))
 
 
-def outs_problems(cfg: Config, split: str, verify: bool = False) -> list[str]:
+def outs_problems(cfg: Config, split: str, verify: bool = False,
+                  writable: bool = True) -> list[str]:
     """The split's recorded outputs (masks, reports; paths relative to the run folder) that
-    are missing or differ from what predict wrote. Records of earlier versions list none."""
+    are missing or differ from what predict wrote. Records of earlier versions list none.
+    `writable`: the stat memo may be refreshed (not by `runs`)."""
     rec = load_record(cfg.run_dir, stage_name(split))
     outs = rec.get("outs") if rec is not None else None
     if not isinstance(outs, dict):
         return []
-    hasher = outs_hasher(cfg, verify)
+    hasher = outs_hasher(cfg, verify, writable)
     problems = []
     for rel, digest in outs.items():
         path = cfg.run_dir / rel
         try:
-            if hasher.digest(path) != digest:
+            if not isinstance(digest, str) or hasher.digest(path) != digest:
                 problems.append(f"{rel} changed")
-        except OSError:
+        except (OSError, ValueError):
             problems.append(f"{rel} missing")
     hasher.save()
     return problems
@@ -147,19 +163,31 @@ def _no_mirrored_features(cfg: Config, split: str) -> str:
     return ""
 
 
-def status(cfg: Config, split: str, verify: bool = False) -> StageStatus:
-    why = _no_mirrored_features(cfg, split)
-    if why:
-        return StageStatus(stage_name(split), "stale", why)
-    state = stage_state(cfg, split, verify=verify)
-    st = judge(cfg.run_dir, state)
-    card, _ = read_card(model_dir(cfg))
-    if state.deps["models"] is not None and card is not None:  # intact models: the config's?
-        why = _models_mismatch(cfg, card["params"], card["deps"])
+class PredictStage:
+    """Stage 3 as data: deps the models (when trained for this config) and the stored split,
+    params the report's settings, outs the masks and reports with their sha256."""
+    in_run = True
+
+    def name(self, split: str) -> str:
+        return stage_name(split)
+
+    def state(self, ctx: Context) -> StageState:
+        rec = load_record(ctx.cfg.run_dir, stage_name(ctx.split)) if ctx.recorded else None
+        return stage_state(ctx.cfg, ctx.split, verify=ctx.verify,
+                           recorded=(rec or {}) if ctx.recorded else None)
+
+    def status(self, ctx: Context) -> StageStatus:
+        why = _no_mirrored_features(ctx.cfg, ctx.split)
         if why:
-            tail = f"; {st.why}" if st.why and not st.up_to_date else ""
-            return StageStatus(st.stage, "stale", f"waits for train-head ({why}){tail}")
-    return st
+            return StageStatus(stage_name(ctx.split), "stale", why)
+        return judge(ctx.cfg.run_dir, self.state(ctx))
+
+    def run(self, ctx: Context, force: bool) -> PredictResult:
+        return run_predict(ctx.cfg, ctx.split, force=force)
+
+
+def status(cfg: Config, split: str, verify: bool = False) -> StageStatus:
+    return PredictStage().status(Context.of(cfg, split, verify))
 
 
 # ----------------------------------------------------------------------------- the work unit
@@ -238,6 +266,17 @@ class PredictResult:
     predictions_dir: Path | None = None
     report_json: Path | None = None
     headline: list[str] = field(default_factory=list)
+    split: str = ""
+    ok: bool = True
+
+    def lines(self) -> list[tuple[str, bool]]:
+        """What the command reports (text, to stderr)."""
+        if self.up_to_date:
+            return [(f"predict [{self.split}]: up to date; report {self.report_json}", False)]
+        return [(f"predict [{self.split}]: {self.n_predicted} images in {self.seconds:.1f} s "
+                 f"({self.n_images} annotated, scored); masks in {self.predictions_dir}", False),
+                (f"report: {self.report_json} (also .md and .html)", False),
+                *((f"  {line}", False) for line in self.headline)]
 
 
 def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str], None] = print,
@@ -257,7 +296,7 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
         st = judge(cfg.run_dir, state)
         if not force and st.up_to_date:
             return PredictResult(up_to_date=True, report_json=rpath,
-                                 predictions_dir=pred_dir_of(cfg, split))
+                                 predictions_dir=pred_dir_of(cfg, split), split=split)
         log(f"predict [{split}]: {st.reason(force)}")
         fp = state.fingerprint
         udir = cfg.run_dir / "stages" / f"predict_{split}_units"
@@ -308,8 +347,12 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
         _write_human_reports(cfg, split, report, rows, store, predictor, mirror)
         done = StageState(state.name, state.deps, state.params, "", state.upstream)
         save_record(cfg.run_dir, done, outs=_outputs(cfg, split, rows))
+        for used in (store, mirror):  # cache gc keeps the stores a live run uses
+            if used is not None:
+                register_run(used.split_dir, cfg.run_dir)
     res = PredictResult(n_images=report["n_images"], n_predicted=report["n_predicted"],
-                        seconds=time.perf_counter() - t0, predictions_dir=pdir, report_json=rpath)
+                        seconds=time.perf_counter() - t0, predictions_dir=pdir, report_json=rpath,
+                        split=split)
     res.headline = headline(report)
     return res
 

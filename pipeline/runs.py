@@ -26,16 +26,13 @@ from typing import Any, TypeVar
 from . import predict, train
 from .config import Config, config_from_dict, copy_config
 from .errors import PipelineError
-from .fsutil import FileHasher
 from .jsondoc import Damaged, read_doc
 from .jsondoc import an_object as _object
 from .jsondoc import field_of as _field
 from .jsondoc import kind as _kind
 from .jsondoc import show as _show
-from .models import models_fingerprint
-from .params import mirrored_splits, predict_params, training_params
 from .report import doc as report_doc
-from .stages import StageState, diff_params, record_path
+from .stages import record_path
 
 HEADLINE = ("miou", "j_mean", "boundary_f")
 IGNORED_KEYS = {"run.name", "run.threads", "dask.scheduler", "extract.num_workers",
@@ -125,72 +122,21 @@ def parse_record(doc: Any) -> ParsedRecord:
 
 # ----------------------------------------------------------------------------- judging
 
-def _expected_training(cfg: Config, rec: ParsedRecord | None) -> dict[str, Any]:
-    """training_params of the recorded config without reading a path: a local weights file
-    is identified by the content hash that the training record holds (the file is an input
-    outside the run folder, like the cache)."""
-    if cfg.backbone.weights in ("pretrained", "random"):
-        return training_params(cfg)
-    params = training_params(copy_config(cfg, backbone__weights="random"))
-    held = rec.params.get("backbone.weights") if rec is not None else None
-    params["backbone.weights"] = (held if isinstance(held, str) and held.startswith("sha256:")
-                                  else f"file {cfg.backbone.weights}")
-    return params
-
-
-def _stage_problem(rec: ParsedRecord | None, state: StageState) -> str:
-    """Why the stage recorded as `rec` is not up to date for `state` ("" when it is)."""
-    if rec is None:
-        return f"{state.name}: missing"
-    if rec.fingerprint != state.fingerprint:
-        changes = diff_params(rec.params, state.params) + diff_params(rec.deps, state.deps)
-        return f"{state.name}: stale ({'; '.join(changes) or 'settings changed'})"
-    if state.outs_problem:
-        return f"{state.name}: stale ({state.outs_problem})"
-    return ""
-
-
-def _outs_problem(run_dir: Path, rec: ParsedRecord | None) -> str:
-    """Which of the outputs that `rec` lists (masks, reports) are missing or changed in
-    `run_dir` ("" when none): their sha256 through the run's stat memo, which `runs` reads
-    but never writes (a copied folder's files are hashed again: their paths are new)."""
-    if rec is None or not rec.outs:
-        return ""
-    hasher = FileHasher(run_dir / "stages" / ".outs_hashes.json", writable=False)
-    bad = []
-    for rel, digest in rec.outs.items():
-        try:
-            if hasher.digest(run_dir / rel) != digest:
-                bad.append(f"{rel} changed")
-        except (OSError, ValueError):
-            bad.append(f"{rel} missing")
-    return "; ".join(bad[:3]) + (f"; +{len(bad) - 3} more" if len(bad) > 3 else "")
-
-
-def judge_run(run_dir: Path, split: str, report: ParsedReport, trained: ParsedRecord | None,
-              predicted: ParsedRecord | None) -> tuple[bool | None, str]:
-    """(up to date, why not) of the run in `run_dir` for its recorded config, from content
-    fingerprints alone (see the module docstring); (None, why) when it cannot be checked."""
-    cfg = report.config
+def judge_run(run_dir: Path, split: str, report: ParsedReport) -> tuple[bool | None, str]:
+    """(up to date, why not) of the run in `run_dir` for its recorded config, judged by the
+    stage list on what the folder holds (workflow.recorded_problems); (None, why) when it
+    cannot be checked."""
+    from .workflow import recorded_problems  # above the stages; runs is listed by the CLI
     try:
-        models_fp, models_why = models_fingerprint(run_dir / "models")
-    except (TypeError, KeyError, ValueError, AttributeError):  # a card of a foreign shape
-        models_fp, models_why = None, f"{run_dir / 'models'}: model card damaged"
-    except OSError as e:
-        models_fp, models_why = None, f"{e.filename or run_dir}: {e.strerror or e}"
-    try:
-        train_state = StageState(train.STAGE, dict(trained.deps) if trained else {},
-                                 _expected_training(cfg, trained), models_why)
-    except (PipelineError, OSError) as e:
+        cfg = copy_config(report.config, paths__outputs=str(run_dir.parent),
+                          run__name=run_dir.name)
+        problems = recorded_problems(cfg, split)
+    except (TypeError, KeyError, ValueError, AttributeError):  # a file of a foreign shape
+        return None, f"cannot check: {run_dir / 'models'}: model card damaged"
+    except PipelineError as e:
         return None, f"cannot check: {str(e)[:120]}"
-    pred_state = StageState(predict.stage_name(split),
-                            {**(predicted.deps if predicted else {}), "models": models_fp},
-                            predict_params(cfg), _outs_problem(run_dir, predicted))
-    problems = [p for p in (_stage_problem(trained, train_state),
-                            _stage_problem(predicted, pred_state)) if p]
-    if cfg.predict.tta == "flip" and not mirrored_splits(cfg, [split]):
-        problems.append(f"predict.tta = flip: no mirrored features for the training split "
-                        f"'{split}'")
+    except OSError as e:
+        return None, f"cannot check: {e.filename or run_dir}: {e.strerror or e}"
     return not problems, "; ".join(problems)
 
 
@@ -224,7 +170,7 @@ def read_run(run_dir: Path, split: str) -> tuple[RunRow, dict[str, Any]]:
 
     report = load(run_dir / f"report_{split}.json", parse_report)
     trained = load(record_path(run_dir, train.STAGE), parse_record)
-    predicted = load(record_path(run_dir, predict.stage_name(split)), parse_record)
+    load(record_path(run_dir, predict.stage_name(split)), parse_record)  # damaged: a row says so
     if report is not None:
         row.metrics = {v: dict(m) for v, m in report.metrics.items()}
         row.n_images = report.n_images
@@ -238,7 +184,7 @@ def read_run(run_dir: Path, split: str) -> tuple[RunRow, dict[str, Any]]:
     elif report is None:
         row.why = f"no report_{split}.json"
     else:
-        row.up_to_date, row.why = judge_run(run_dir, split, report, trained, predicted)
+        row.up_to_date, row.why = judge_run(run_dir, split, report)
     return row, (_flatten(report.config.to_dict()) if report is not None else {})
 
 

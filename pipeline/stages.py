@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .fsutil import atomic_write_json, canonical_json, read_json
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def fingerprint(obj: Any) -> str:
@@ -31,6 +35,7 @@ class StageState:
     params: dict[str, Any]
     outs_problem: str = ""  # why the stage's own outputs are not intact ("": they are)
     upstream: dict[str, str] = field(default_factory=dict)  # dep -> command that makes it
+    unusable: dict[str, str] = field(default_factory=dict)  # absent dep -> why ("": absent)
 
     @property
     def fingerprint(self) -> str:
@@ -61,6 +66,57 @@ class StageStatus:
     def line(self) -> str:
         tail = f" ({self.why})" if self.why else ""
         return f"{self.stage}: {self.state}{tail}"
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a stage is judged or run for: the config (its run_dir is the run folder judged:
+    `runs` points it at each folder it lists), the split predicted, how deeply to check."""
+    cfg: Config
+    split: str
+    verify: bool = False  # rehash inputs and outputs, ignoring the stat memo
+    recorded: bool = False  # upstream deps as the run folder recorded them, nothing outside
+    # the run folder read or written (`runs`)
+
+    @classmethod
+    def of(cls, cfg: Config, split: str | None = None, verify: bool = False) -> Context:
+        return cls(cfg, split or cfg.data.test_split, verify)
+
+
+class Outcome(Protocol):
+    """What a stage's run did, as its command reports it."""
+    @property
+    def ok(self) -> bool:
+        """False: the stage finished but some inputs could not be used (exit 1)."""
+        ...
+
+    def lines(self) -> list[tuple[str, bool]]:
+        """The summary lines, each with whether it goes to stderr."""
+        ...
+
+
+class Stage(Protocol):
+    """One stage as data (DVC's Stage(deps, params, outs)): its state now, judged against
+    its record, and how to bring it up to date. The ordered list is `workflow.STAGES`."""
+    @property
+    def in_run(self) -> bool:
+        """Whether its record lives in the run folder (stage 1's lives with the store)."""
+        ...
+
+    def name(self, split: str) -> str:
+        ...
+
+    def state(self, ctx: Context) -> StageState:
+        """Deps, params and outs now (deps as recorded when ctx.recorded)."""
+        ...
+
+    def status(self, ctx: Context) -> StageStatus:
+        """up-to-date / stale (why) / missing: judge() of state() against the record."""
+        ...
+
+    def run(self, ctx: Context, force: bool) -> Outcome:
+        """Bring the stage up to date (everything with `force`)."""
+        ...
 
 
 def record_path(run_dir: Path, stage: str) -> Path:
@@ -126,25 +182,49 @@ def diff_params(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
+def _needs(state: StageState, key: str) -> str:
+    why = state.unusable.get(key, "")
+    if why:
+        return f"waits for `{state.upstream[key]}`: {key} {why}" if key in state.upstream \
+            else f"{key} {why}"
+    if key in state.upstream:
+        return f"needs {key}: run `{state.upstream[key]}`"
+    return f"{key} absent"
+
+
 def judge(run_dir: Path, state: StageState) -> StageStatus:
-    """up-to-date / stale (why) / missing for `state` against the stage's record."""
-    path = record_path(run_dir, state.name)
-    rec = load_record(run_dir, state.name)
+    """up-to-date / stale (why) / missing for `state` against the stage's record in
+    `run_dir`."""
+    return judge_record(load_record(run_dir, state.name), state,
+                        record_path(run_dir, state.name).exists())
+
+
+def judge_record(rec: dict | None, state: StageState, damaged: bool = False) -> StageStatus:
+    """up-to-date / stale (why) / missing for `state` against the record `rec` (None: no
+    record; `damaged`: one exists but cannot be read). The one place that decides."""
     absent = state.missing_deps()
-    needs = "; ".join(f"needs {k}: run `{state.upstream[k]}`" if k in state.upstream
-                      else f"{k} absent" for k in absent)
+    needs = "; ".join(_needs(state, k) for k in absent)
     if rec is None:
-        if path.exists():
+        if damaged:
             return StageStatus(state.name, "stale",
                                "stage record unreadable" + (f"; {needs}" if needs else ""))
+        if any(state.unusable.get(k) for k in absent):
+            return StageStatus(state.name, "stale", needs)
         return StageStatus(state.name, "missing")
     if absent or rec["fingerprint"] != state.fingerprint:
         present = {k: v for k, v in state.deps.items() if v is not None}
         old_deps = {k: v for k, v in rec.get("deps", {}).items() if k in present}
         changes = diff_params(rec["params"], state.params) + diff_params(old_deps, present)
-        if needs:
-            changes.append(needs)
+        if needs:  # what the stage waits for first, then what changed
+            changes = [needs, *changes] if any(state.unusable.get(k) for k in absent) \
+                else [*changes, needs]
         return StageStatus(state.name, "stale", "; ".join(changes) or "settings changed")
     if state.outs_problem:
         return StageStatus(state.name, "stale", state.outs_problem)
     return StageStatus(state.name, "up-to-date")
+
+
+def first_problems(problems: Sequence[str], n: int = 3) -> str:
+    """The first `n` of `problems` joined, with how many more there are."""
+    more = f"; +{len(problems) - n} more" if len(problems) > n else ""
+    return "; ".join(problems[:n]) + more

@@ -1,11 +1,20 @@
 """The feature store: stage 1's output, and all that the later stages know about stage 1.
 
-Layout under `<paths.cache>/features/<backbone>-<feature key>/`:
+Layout under `<paths.cache>/features/<backbone>-<feature key>/` (a "store"):
     features.json                   what the feature key stands for (backbone, weights, ...)
+    index.json                      which folder holds each dataset's split (see below)
+    runs/<hash>.json                the runs whose models or reports use this store (cache gc)
     .lock                           held (flock) by the one process writing this store
-    <split>/shards/<cat>-<k>-<hash>.h5    up to SHARD_SIZE images of one category
-    <split>/shards/<cat>-<k>-<hash>.json  the shard's size, sha256 and items (its receipt)
-    <split>/manifest.json           written last: the split is complete
+    <folder>/shards/<cat>-<k>-<hash>.h5    up to SHARD_SIZE images of one category
+    <folder>/shards/<cat>-<k>-<hash>.json  the shard's size, sha256 and items (its receipt)
+    <folder>/manifest.json          written last: the split is complete
+
+A split is stored in the folder `<split>-<data digest>`, named by what it holds (the digest of
+its image and mask files), so several datasets with a split of the same name share a store
+without evicting each other, and a moved dataset is found again. A folder named `<split>`
+alone was made before the index (adopted as it is when its content matches). The index maps a
+dataset (its layout, absolute root and split name) to its folder, so that the later stages
+find their split without reading or hashing the dataset; stage 1 writes it.
 
 A shard's name carries the hash of everything that determines its content (the feature key,
 the image and mask files' sha256), and it is written under a temporary name and renamed into
@@ -22,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
+import shutil
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +63,76 @@ SHARD_SIZE = 64  # images per shard: the unit of resumption and of distributed w
 def store_dir(cfg: Config, fparams: dict | None = None) -> Path:
     fparams = fparams or feature_params(cfg)
     return Path(cfg.paths.cache) / "features" / f"{cfg.backbone.name}-{fingerprint(fparams)[:12]}"
+
+
+INDEX_FILE = "index.json"  # in a store: dataset key -> the folder of its split
+RUNS_DIR = "runs"  # in a store: one file per run that uses it
+
+
+def dataset_key(cfg: Config, split: str) -> str:
+    """What identifies a dataset's split in the index: layout, absolute root, split name."""
+    return f"{cfg.data.layout}:{Path(cfg.data.root).resolve()}:{split}"
+
+
+def split_folder(split: str, data_digest: str) -> str:
+    """The store folder of a split holding the data with `data_digest`."""
+    return f"{split}-{data_digest[:16]}"
+
+
+def read_index(sdir: Path) -> dict[str, str]:
+    """The store's index (dataset key -> split folder name); entries that are not a plain
+    folder name are ignored, a damaged index is an empty one."""
+    obj = read_json(Path(sdir) / INDEX_FILE)
+    splits = obj.get("splits") if isinstance(obj, dict) else None
+    if not isinstance(splits, dict):
+        return {}
+    return {k: v for k, v in splits.items() if isinstance(k, str) and isinstance(v, str)
+            and v and "/" not in v and "\\" not in v and v not in (".", "..")}
+
+
+def index_split(sdir: Path, key: str, folder: str) -> None:
+    """Point the index entry `key` at `folder` (the caller holds the store's lock). The folder
+    it pointed to before (the dataset's earlier content) is removed unless another entry
+    still names it: its unchanged shards were linked into the new folder."""
+    index = read_index(sdir)
+    old = index.get(key)
+    if old == folder:
+        return
+    index[key] = folder
+    atomic_write_json(Path(sdir) / INDEX_FILE, {"splits": index})
+    if old is not None and old not in index.values() and manifest_path(Path(sdir) / old).exists():
+        manifest_path(Path(sdir) / old).unlink()  # first: a half-removed folder is no split
+        shutil.rmtree(Path(sdir) / old, ignore_errors=True)
+
+
+def locate_split(cfg: Config, split: str, mirror: bool = False) -> Path | None:
+    """The folder of the stored split of the configured dataset for the current feature
+    settings (`mirror`: its mirrored features), from the store's index alone (no data file
+    read), or None when stage 1 has not stored it. A store made before the index: the folder
+    named like the split."""
+    return locate_in(store_dir(cfg, feature_params(cfg, mirror)), cfg, split)
+
+
+def locate_in(sdir: Path, cfg: Config, split: str) -> Path | None:
+    """locate_split in the store `sdir`."""
+    name = read_index(sdir).get(dataset_key(cfg, split))
+    if name is not None:
+        return sdir / name
+    if not (sdir / INDEX_FILE).exists() and manifest_path(sdir / split).is_file():
+        return sdir / split
+    return None
+
+
+def register_run(split_dir: Path, run_dir: Path) -> None:
+    """Note in the store holding `split_dir` that the run in `run_dir` uses it (cache gc keeps
+    a store while a registered run's folder exists). Best effort: a read-only cache is used
+    all the same."""
+    run = str(Path(run_dir).resolve())
+    name = hashlib.sha256(run.encode()).hexdigest()[:16]
+    entry = Path(split_dir).parent / RUNS_DIR / f"{name}.json"
+    if read_json(entry) != {"run": run}:
+        with contextlib.suppress(OSError):
+            atomic_write_json(entry, {"run": run})
 
 
 MEMO_FILE = ".file_hashes.json"  # the checksum memo, in the cache folder
@@ -256,7 +337,12 @@ def plan_split(cfg: Config, split: str, fparams: dict, hasher: FileHasher) -> Sp
     ids = [(it.image, hasher.digest(root / it.image), it.mask,
             hasher.digest(root / it.mask) if it.mask else None) for it in items]
     digest = fingerprint([ids, problems])
-    split_dir = store_dir(cfg, fparams) / split
+    sdir = store_dir(cfg, fparams)
+    split_dir = sdir / split_folder(split, digest)
+    if not split_dir.is_dir():  # a store made before the index holds this very data?
+        m, _ = read_manifest(sdir / split)
+        if m is not None and m.data_digest == digest and m.feature_key == key:
+            split_dir = sdir / split
     by_cat: dict[str, list[int]] = {}
     for i, it in enumerate(items):
         by_cat.setdefault(it.category, []).append(i)
@@ -415,8 +501,9 @@ class FeatureStore:
         self.split_dir = Path(split_dir)
         manifest, why = read_manifest(self.split_dir)
         if manifest is None:
+            split = re.sub(r"-[0-9a-f]{16}$", "", self.split_dir.name)
             raise StoreError(f"{manifest_path(self.split_dir)}: {why}; run "
-                             f"`python cli.py extract-features --split {self.split_dir.name}`")
+                             f"`python cli.py extract-features --split {split}`")
         self.manifest = manifest
         self.split = manifest.split
         self.fingerprint = manifest.fingerprint
@@ -436,11 +523,12 @@ class FeatureStore:
 
     @classmethod
     def open(cls, cfg: Config, split: str, mirror: bool = False) -> FeatureStore:
-        """The stored split for the current feature settings (`mirror`: its mirrored
-        features); StoreError naming the command to run when it is missing or damaged, or a
-        UsageError when the split has no manifest and the readable dataset has no such split."""
-        split_dir = store_dir(cfg, feature_params(cfg, mirror)) / split
-        if not manifest_path(split_dir).exists():  # not extracted: is it a split at all?
+        """The stored split of the configured dataset for the current feature settings
+        (`mirror`: its mirrored features); StoreError naming the command to run when it is
+        missing or damaged, or a UsageError when the split has no manifest and the readable
+        dataset has no such split."""
+        split_dir = locate_split(cfg, split, mirror)
+        if split_dir is None or not manifest_path(split_dir).exists():  # is it a split at all?
             from .data import list_splits
             from .errors import DataError, UsageError
             try:
@@ -450,6 +538,11 @@ class FeatureStore:
             if split not in splits:
                 raise UsageError(f"split '{split}' not found in {cfg.data.root} "
                                  f"(splits: {', '.join(splits)})")
+        if split_dir is None:
+            sdir = store_dir(cfg, feature_params(cfg, mirror))
+            raise StoreError(f"{sdir}: no stored features of split '{split}' of {cfg.data.root}"
+                             f" for these settings; run `python cli.py extract-features "
+                             f"--split {split}`")
         return cls(split_dir)
 
     def _damaged(self, entry: ShardEntry, what: str) -> None:
@@ -537,5 +630,6 @@ class FeatureStore:
 def split_fingerprint(cfg: Config, split: str, mirror: bool = False) -> str | None:
     """The content fingerprint of the stored split for the current feature settings (`mirror`:
     of its mirrored features), or None when there is no valid manifest (reads it only)."""
-    m, _ = read_manifest(store_dir(cfg, feature_params(cfg, mirror)) / split)
+    split_dir = locate_split(cfg, split, mirror)
+    m, _ = read_manifest(split_dir) if split_dir is not None else (None, "")
     return m.fingerprint if m is not None else None

@@ -18,13 +18,14 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .backbones import get_spec
-from .config import Config
+from .config import Config, copy_config
 from .data import canvas_valid, to_canvas
 from .devices import CpuFanout, resolve_device
 from .errors import DataError, StoreError, TrainingDiverged
@@ -41,8 +42,8 @@ from .owned import claim_run_dir
 from .params import training_params
 from .progress import Progress
 from .report import LOSS_CURVES, save_training_curves
-from .stages import StageState, StageStatus, judge, save_record
-from .store import FeatureStore, split_fingerprint
+from .stages import Context, StageState, StageStatus, judge, load_record, save_record
+from .store import FeatureStore, register_run, split_fingerprint
 
 STAGE = "train-head"
 # decoded training images kept in memory (JPEG decoding per crop is slow)
@@ -66,8 +67,44 @@ def stage_state(cfg: Config, deps: dict[str, str | None] | None = None) -> Stage
                        for s in _splits(cfg)})
 
 
+def recorded_training_params(cfg: Config, rec: dict | None) -> dict[str, Any]:
+    """training_params of a recorded config without reading a path: a local weights file is
+    identified by the content hash that the training record `rec` holds (the file is an
+    input outside the run folder, like the cache)."""
+    if cfg.backbone.weights in ("pretrained", "random"):
+        return training_params(cfg)
+    params = training_params(copy_config(cfg, backbone__weights="random"))
+    held = rec.get("params", {}).get("backbone.weights") if rec is not None else None
+    params["backbone.weights"] = (held if isinstance(held, str) and held.startswith("sha256:")
+                                  else f"file {cfg.backbone.weights}")
+    return params
+
+
+class TrainStage:
+    """Stage 2 as data: deps the stored splits' fingerprints, params the training settings,
+    outs the model set (files checked against the card's checksums)."""
+    in_run = True
+
+    def name(self, split: str) -> str:
+        return STAGE
+
+    def state(self, ctx: Context) -> StageState:
+        if not ctx.recorded:
+            return stage_state(ctx.cfg)
+        rec = load_record(ctx.cfg.run_dir, STAGE)
+        deps = dict(rec["deps"]) if rec is not None else {}
+        _, why = models_fingerprint(model_dir(ctx.cfg))
+        return StageState(STAGE, deps, recorded_training_params(ctx.cfg, rec), why)
+
+    def status(self, ctx: Context) -> StageStatus:
+        return judge(ctx.cfg.run_dir, self.state(ctx))
+
+    def run(self, ctx: Context, force: bool) -> TrainResult:
+        return run_train(ctx.cfg, force=force)
+
+
 def status(cfg: Config) -> StageStatus:
-    return judge(cfg.run_dir, stage_state(cfg))
+    return TrainStage().status(Context.of(cfg))
 
 
 # ----------------------------------------------------------------------------- targets
@@ -183,6 +220,13 @@ class TrainResult:
     seconds: float = 0.0
     model_dir: Path | None = None
     history: list | None = None
+    ok: bool = True
+
+    def lines(self) -> list[tuple[str, bool]]:
+        """What the command reports (text, to stderr)."""
+        if self.up_to_date:
+            return [(f"{STAGE}: up to date", False)]
+        return [(f"{STAGE}: trained in {self.seconds:.1f} s; models in {self.model_dir}", False)]
 
 
 def _epoch_rng(seed: int, phase: int, epoch: int) -> np.random.Generator:
@@ -282,6 +326,8 @@ def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = pri
         history = _train(cfg, state, train_store, val_store, force, log, progress)
         seconds = time.perf_counter() - t0
         save_record(cfg.run_dir, stage_state(cfg, state.deps), seconds=round(seconds, 1))
+        for used in stores.values():  # cache gc keeps the stores a live run uses
+            register_run(used.split_dir, cfg.run_dir)
         _remove_checkpoints(mdir)
     return TrainResult(seconds=seconds, model_dir=mdir, history=history)
 

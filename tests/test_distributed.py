@@ -143,19 +143,20 @@ def test_worker_reopens_a_re_extracted_split(tmp_path):
     from PIL import Image
 
     from pipeline.predict import predict_task
-    from pipeline.store import FeatureStore
+    from pipeline.store import FeatureStore, locate_split
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 2, "test": 1}, size=(48, 64), seed=8)
     cfg = make_cfg(tmp_path, root, "train.epochs=1", "train.linear_epochs=1", "train.crop=32")
     run_extract(cfg, **quiet)
     run_train(cfg, **quiet)
     models_fp = json.loads((cfg.run_dir / "models" / "models.json").read_text())["fingerprint"]
-    sdir = str(cache_dir(cfg) / "test")
+    sdir = str(locate_split(cfg, "test"))
     first = FeatureStore(sdir)
     _, unit = predict_task(cfg, sdir, first.fingerprint, 0, str(tmp_path / "p"), models_fp)
     # a new image in the first category's shard changes the split's content
     src = root / "test" / first.items[0].category / "images"
     Image.open(next(src.glob("*.jpg"))).save(src / "zz_new.jpg")
     run_extract(cfg, **quiet)
+    sdir = str(locate_split(cfg, "test"))  # the new content's folder
     second = FeatureStore(sdir)
     assert second.fingerprint != first.fingerprint
     _, unit2 = predict_task(cfg, sdir, second.fingerprint, 0, str(tmp_path / "p"), models_fp)

@@ -16,7 +16,7 @@ from pipeline.data import load_image, load_mask
 from pipeline.errors import LockError, StoreError
 from pipeline.extract import run_extract, status
 from pipeline.fsutil import exclusive_lock
-from pipeline.store import FeatureStore, store_dir
+from pipeline.store import FeatureStore, locate_split, store_dir
 from pipeline.synth import make_dataset
 from tests.conftest import ROOT, SHARED_DATA, SHARED_WEIGHTS, make_cfg, run_cli
 
@@ -87,13 +87,23 @@ def test_changed_image_recomputes_only_its_shard(tmp_path):
     Image.fromarray(arr).save(img)
     st = status(cfg)
     assert st.state == "stale" and "data[train] changed" in st.why
+    old_dir = locate_split(cfg, "train")
+    block = next(old_dir.glob("shards/block-*.h5"))
+    inode = block.stat().st_ino
     res = run_extract(cfg, **quiet)
     after = cache_digest(store_dir(cfg))
-    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
-    shards_changed = {k for k in changed if k.endswith(".h5")}
-    # the disc shard was replaced, the block shard kept byte for byte
-    assert any("/disc-" in k for k in shards_changed)
-    assert not any("/block-" in k for k in shards_changed)
+    # the split's new content has a folder of its own; the superseded one is gone
+    new_dir = locate_split(cfg, "train")
+    assert new_dir != old_dir and not old_dir.exists()
+
+    def shards(digests):
+        return {k.rsplit("/", 1)[1]: v for k, v in digests.items() if k.endswith(".h5")}
+    was, now = shards(before), shards(after)
+    # the disc shard was computed again, the block shard kept byte for byte (the same file)
+    assert {k for k in was if k.startswith("disc-")}.isdisjoint(now)
+    assert {k: v for k, v in was.items() if k.startswith("block-")} == \
+        {k: v for k, v in now.items() if k.startswith("block-")}
+    assert (new_dir / "shards" / block.name).stat().st_ino == inode
     assert res.n_images == 3
 
 
@@ -143,7 +153,8 @@ def test_empty_and_missing_dataset_errors(tmp_path):
 def test_missing_upstream_names_the_command(tmp_path, synth_root):
     cfg = make_cfg(tmp_path, synth_root)
     with pytest.raises(StoreError,
-                       match="no manifest; run `python cli.py extract-features --split train`"):
+                       match="no stored features of split 'train' of .*; run "
+                             "`python cli.py extract-features --split train`"):
         FeatureStore.open(cfg, "train")
 
 
@@ -187,7 +198,7 @@ def test_sigkill_then_resume_equals_clean_run(tmp_path):
     killed = make_cfg(tmp_path / "killed", root)
     args = [sys.executable, str(ROOT / "cli.py"), "extract-features"] + \
         [a for s in _sets(killed) for a in ("--set", s)]
-    shards = store_dir(killed) / "train" / "shards"
+    shards = store_dir(killed) / locate_split(clean, "train").name / "shards"  # same data
     def n_shards():
         return len(list(shards.glob("*.h5"))) if shards.is_dir() else 0
 
@@ -243,5 +254,5 @@ def test_backbone_layers_changes_the_feature_key_and_the_channels(tmp_path, synt
     assert "backbone.layers" not in feature_params(vit)
     for cfg, channels in ((one, 96), (two, 96 + 160)):
         run_extract(cfg, ["test"], log=lambda s: None, progress=False)
-        store = FeatureStore(store_dir(cfg) / "test")
+        store = FeatureStore(locate_split(cfg, "test"))
         assert store.read(0).features.shape[-1] == channels

@@ -88,7 +88,8 @@ def test_open_names_a_split_the_dataset_lacks(tmp_path, synth_root):
     # a split that exists but is not extracted: the old advice stands
     with pytest.raises(StoreError) as e:
         FeatureStore.open(cfg, "test")
-    assert "no manifest" in str(e.value) and "extract-features --split test" in str(e.value)
+    assert "no stored features of split 'test'" in str(e.value) \
+        and "extract-features --split test" in str(e.value)
     # no readable dataset: the old advice too (extract-features will name the problem)
     cfg = make_cfg(tmp_path, tmp_path / "no_dataset")
     with pytest.raises(StoreError) as e:

@@ -135,9 +135,12 @@ def test_stages_refuse_run_and_cache_folders_they_did_not_create(synth_root, tmp
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
     before = tree(mine)
-    cfg = make_cfg(tmp_path, synth_root, f"paths.outputs={tmp_path}", "run.name=mine")
+    cfg = make_cfg(tmp_path, synth_root, f"paths.outputs={tmp_path}", "run.name=mine",
+                   "data.val_split=")
+    run_extract(cfg, ["train"], **QUIET)  # stage 1 writes into the cache only
+    assert tree(mine) == before
     with pytest.raises(OwnershipError, match="not created by"):
-        run_extract(cfg, ["test"], **QUIET)
+        run_train(cfg, **QUIET)
     cfg = make_cfg(tmp_path, synth_root, f"paths.cache={mine}")
     r = run_cli("extract-features", "--split", "test", *[a for s in (
         f"data.root={synth_root}", f"paths.cache={mine}", f"paths.outputs={tmp_path / 'o'}",

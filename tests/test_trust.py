@@ -15,7 +15,7 @@ from pipeline.errors import LockError, ModelError, StoreError
 from pipeline.extract import run_extract
 from pipeline.fsutil import exclusive_lock
 from pipeline.predict import run_predict
-from pipeline.store import store_dir
+from pipeline.store import locate_split, store_dir
 from pipeline.synth import make_dataset
 from pipeline.train import model_dir, run_train
 from tests.conftest import make_cfg, one_line_error, run_cli
@@ -56,7 +56,9 @@ def trained(tmp_path_factory):
 def run_copy(trained, tmp_path):
     """A private copy of the trained run and its config."""
     shutil.copytree(trained, tmp_path / "w")
-    return make_cfg(tmp_path / "w", tmp_path / "w" / "data", *FAST)
+    cfg = make_cfg(tmp_path / "w", tmp_path / "w" / "data", *FAST)
+    assert run_extract(cfg, **quiet).up_to_date  # the moved dataset is found, and indexed
+    return cfg
 
 
 def status_lines(cfg, *extra) -> list[str]:
@@ -77,7 +79,8 @@ def test_predict_refuses_models_trained_with_other_settings(run_copy):
     lines = status_lines(cfg, "train.lr=1e-3")
     assert lines[0] == "extract-features: up-to-date"
     assert lines[1].startswith("train-head: stale (") and "train.lr" in lines[1]
-    assert lines[2].startswith("predict[test]: stale (waits for train-head (train.lr")
+    assert lines[2].startswith("predict[test]: stale (waits for `python cli.py train-head`: "
+                               "models trained with other settings (train.lr: 0.002 -> 0.001)")
     # run retrains first, then predicts; afterwards all up to date
     r = run_cli("run", *cli_sets(cfg, "train.lr=1e-3"))
     assert r.returncode == 0, r.stderr
@@ -106,7 +109,7 @@ def test_predict_needs_no_training_images(run_copy):
 # ----------------------------------------------------------------------------- damaged cache
 
 def _shard(cfg, split="test", k=0) -> Path:
-    return sorted((store_dir(cfg) / split / "shards").glob("*.h5"))[k]
+    return sorted((locate_split(cfg, split) / "shards").glob("*.h5"))[k]
 
 
 def stage_lines(cfg) -> list[str]:
@@ -132,7 +135,7 @@ def test_damaged_cache_is_found_and_repaired_by_plain_extract(run_copy, damage, 
     clean = digest_tree(sdir)
     report = (cfg.run_dir / "report_test.json").read_text()
     shard = _shard(cfg)
-    manifest = sdir / "test" / "manifest.json"
+    manifest = locate_split(cfg, "test") / "manifest.json"
     if damage == "flip":  # corrupt bytes in place: same size
         data = bytearray(shard.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -191,12 +194,12 @@ def test_reader_verifies_checksums_even_when_the_memo_is_fooled(run_copy):
 
 def test_old_cache_format_is_stale_with_the_reason(run_copy):
     cfg = run_copy
-    rec_path = cfg.run_dir / "stages" / "extract-features.json"
-    rec = json.loads(rec_path.read_text())
-    rec["params"]["format"] = 2
-    rec_path.write_text(json.dumps(rec))
-    shutil.rmtree(store_dir(cfg))  # the new-format store does not exist yet
-    assert "cache format 2 -> 3" in status_lines(cfg)[0]
+    # a store made by the previous format, and none of the current one
+    old = store_dir(cfg).with_name("old-format")
+    store_dir(cfg).rename(old)
+    features = json.loads((old / "features.json").read_text())
+    (old / "features.json").write_text(json.dumps({**features, "format": 2}))
+    assert status_lines(cfg)[0] == "extract-features: stale (format: 2 -> 3)"
 
 
 def test_garbage_stage_records_are_absent_not_tracebacks(run_copy):

@@ -21,7 +21,7 @@ from pipeline.params import feature_params
 from pipeline.predict import model_dir, pred_dir_of, report_path, run_predict
 from pipeline.predict import status as predict_status
 from pipeline.segment import run_segment
-from pipeline.store import FeatureStore, store_dir
+from pipeline.store import FeatureStore, locate_split, store_dir
 from pipeline.train import status as train_status
 from tests.conftest import copy_run, one_line_error, run_cli
 
@@ -48,7 +48,7 @@ def test_mirrored_features_are_those_of_the_mirrored_canvas(run):
     res = run_extract(flip, ["train", "test"], **quiet)
     assert not res.up_to_date
     # the training split gets none: training never uses them
-    assert not (store_dir(flip, feature_params(flip, mirror=True)) / "train").exists()
+    assert locate_split(flip, "train", mirror=True) is None
     store, mirror = FeatureStore.open(flip, "test"), FeatureStore.open(flip, "test", mirror=True)
     ex = Extractor(flip)
     for i in range(len(store)):

@@ -18,7 +18,7 @@ import h5py
 import pytest
 from PIL import Image
 
-from pipeline.store import FeatureStore
+from pipeline.store import FeatureStore, locate_split
 from pipeline.synth import make_dataset
 from tests.conftest import ROOT, cli_sets, trained_run
 
@@ -231,5 +231,5 @@ def test_raising_max_pixels_retries_only_the_shards_it_refused(tmp_path):
     res = run_extract(large, **quiet)
     assert not res.up_to_date and res.n_errors == 0
     assert res.n_images == n_big  # that category's shard only
-    m, _ = read_manifest(store_dir(large) / "test")
+    m, _ = read_manifest(locate_split(large, "test"))
     assert m.n_images == len(list((root / "test").rglob("images/*.jpg"))) and not m.errors

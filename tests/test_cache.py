@@ -1,0 +1,148 @@
+"""Several datasets in one feature cache, stores made before the index, `cache list` and
+`cache gc`, and read-only commands that create nothing."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from pipeline.config import copy_config
+from pipeline.extract import run_extract
+from pipeline.predict import run_predict
+from pipeline.store import (
+    INDEX_FILE,
+    FeatureStore,
+    locate_split,
+    split_fingerprint,
+    store_dir,
+)
+from pipeline.synth import make_dataset
+from pipeline.train import run_train
+from tests.conftest import TINY_TRAIN, make_cfg, run_cli
+
+quiet = dict(log=lambda s: None, progress=False)
+
+
+def _sets(cfg) -> list[str]:
+    out = []
+    for s in (f"data.root={cfg.data.root}", f"paths.cache={cfg.paths.cache}",
+              f"paths.outputs={cfg.paths.outputs}", f"run.name={cfg.run.name}",
+              "backbone.name=mobilenet_v2", "backbone.weights=random", "extract.device=cpu",
+              "train.device=cpu", "predict.device=cpu", *TINY_TRAIN):
+        out += ["--set", s]
+    return out
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    """Dataset `a` extracted, trained and predicted; dataset `b` (other images, the same
+    split names) extracted into the same cache afterwards, as run `b`."""
+    base = tmp_path_factory.mktemp("two")
+    a_root = make_dataset(base / "a", "obj_seg", {"train": 3, "test": 2}, size=(48, 64), seed=1)
+    b_root = make_dataset(base / "b", "obj_seg", {"train": 3, "test": 2}, size=(48, 64), seed=2)
+    a = make_cfg(base, a_root, *TINY_TRAIN, "run.name=a")
+    run_extract(a, **quiet)
+    run_train(a, **quiet)
+    run_predict(a, "test", **quiet)
+    b = copy_config(a, data__root=str(b_root), run__name="b")
+    run_extract(b, **quiet)
+    return base, a, b
+
+
+def _copy(two, tmp_path):
+    base, a, b = two
+    shutil.copytree(base, tmp_path / "w")
+    moved = {"paths__cache": str(tmp_path / "w" / "cache"),
+             "paths__outputs": str(tmp_path / "w" / "outputs")}
+    return (tmp_path / "w", copy_config(a, **moved), copy_config(b, **moved))
+
+
+# ----------------------------------------------------------------------------- several datasets
+
+def test_two_datasets_share_a_cache_without_evicting_each_other(two, tmp_path):
+    base, a, b = _copy(two, tmp_path)
+    assert split_fingerprint(a, "train") != split_fingerprint(b, "train")
+    assert locate_split(a, "train").parent == locate_split(b, "train").parent  # one store
+    # back to a: nothing recomputed, its models and report current
+    assert run_extract(a, **quiet).up_to_date
+    assert run_train(a, **quiet).up_to_date
+    assert run_predict(a, "test", **quiet).up_to_date
+    r = run_cli("status", *_sets(a))
+    assert r.stdout.splitlines() == ["extract-features: up-to-date", "train-head: up-to-date",
+                                     "predict[test]: up-to-date"], r.stdout
+    # and b's stored splits are its own
+    assert FeatureStore.open(b, "test").fingerprint == split_fingerprint(b, "test")
+    assert run_extract(b, **quiet).up_to_date
+
+
+def test_store_made_before_the_index_is_adopted_not_recomputed(two, tmp_path):
+    base, a, b = _copy(two, tmp_path)
+    sdir = store_dir(a)
+    fps = {s: split_fingerprint(a, s) for s in ("train", "test")}
+    for folder in [p for p in sdir.iterdir() if p.is_dir() and p.name != "runs"]:
+        shutil.rmtree(folder) if folder != locate_split(a, folder.name.rsplit("-", 1)[0]) \
+            else folder.rename(sdir / folder.name.rsplit("-", 1)[0])  # the old layout
+    (sdir / INDEX_FILE).unlink()
+    # readers find the old folders without the index ...
+    assert {s: split_fingerprint(a, s) for s in fps} == fps
+    assert run_train(a, **quiet).up_to_date
+    # ... and stage 1 adopts them as they are
+    res = run_extract(a, **quiet)
+    assert res.up_to_date, res
+    index = json.loads((sdir / INDEX_FILE).read_text())["splits"]
+    assert sorted(index.values()) == ["test", "train"]
+    assert {s: split_fingerprint(a, s) for s in fps} == fps
+
+
+# ----------------------------------------------------------------------------- list and gc
+
+def test_cache_list_shows_stores_splits_and_runs(two, tmp_path):
+    base, a, b = _copy(two, tmp_path)
+    r = run_cli("cache", "list", *_sets(a))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert store_dir(a).name in out and "mobilenet_v2" in out
+    assert out.count("  train [train-") == 2 and out.count("  test [test-") == 2, out
+    assert str(a.data.root) in out and str(b.data.root) in out
+    assert f"runs: {a.run_dir.resolve()}" in out, out
+
+
+def test_cache_gc_removes_only_what_no_live_run_uses(two, tmp_path):
+    base, a, b = _copy(two, tmp_path)
+    wide = copy_config(a, extract__feature_dtype="float32", run__name="wide")
+    run_extract(wide, ["test"], **quiet)  # a second store, which no run uses
+    unused = store_dir(wide)
+    before = sorted(p.relative_to(base) for p in base.rglob("*"))
+    r = run_cli("cache", "gc", *_sets(a))
+    assert r.returncode == 0, r.stderr
+    assert f"would remove {unused}" in r.stdout and "--yes" in r.stdout, r.stdout
+    assert sorted(p.relative_to(base) for p in base.rglob("*")) == before  # a dry run
+    r = run_cli("cache", "gc", "--yes", *_sets(a))
+    assert r.returncode == 0, r.stderr
+    assert not unused.exists()
+    # the store run a uses stays, b's splits with it (indexed), and run a is current
+    assert run_extract(a, **quiet).up_to_date and run_extract(b, **quiet).up_to_date
+    assert run_predict(a, "test", **quiet).up_to_date
+    # a run registered from another outputs folder keeps its store while its folder exists
+    elsewhere = copy_config(wide, paths__outputs=str(tmp_path / "other"))
+    run_extract(elsewhere, **quiet)
+    run_train(elsewhere, **quiet)
+    assert "nothing to remove" in run_cli("cache", "gc", "--yes", *_sets(a)).stdout
+    shutil.rmtree(elsewhere.run_dir)
+    r = run_cli("cache", "gc", "--yes", *_sets(a))
+    assert f"removed {store_dir(elsewhere)}" in r.stdout, r.stdout
+    assert not store_dir(elsewhere).exists()
+
+
+# ----------------------------------------------------------------------------- read-only
+
+@pytest.mark.parametrize("command", [("status",), ("runs",), ("cache", "list"),
+                                     ("cache", "gc"), ("config", "show")])
+def test_read_only_commands_create_nothing(command, tmp_path, synth_root):
+    work = tmp_path / "fresh"
+    work.mkdir()
+    r = run_cli(*command, "--set", f"data.root={synth_root}", "--set", "backbone.name=mobilenet_v2",
+                "--set", "backbone.weights=random", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert list(work.iterdir()) == []
