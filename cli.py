@@ -28,6 +28,18 @@ def load(config_path: str | Path | None, overrides) -> Config:
     return load_config(config_path, overrides)
 
 
+def load_run(config_path: str | Path | None, overrides, name: str, guard: str | None) -> Config:
+    """`--run NAME`: the run's recorded config (found under the paths.outputs of --config /
+    --set or the default) with the --config file's keys and the --set overrides on top.
+    `guard`: "use" (segment, predict, export) or "train" (train-head) refuse a key that would
+    make the run's models stale (exit 2); None (status, config show) shows it."""
+    from pipeline.runconfig import load_run_config, refuse_stale
+    run = load_run_config(load(config_path, overrides), name, config_path, overrides)
+    if guard is not None:
+        refuse_stale(run, training=guard == "train")
+    return run.cfg
+
+
 def _fail(message: str, code: int) -> None:
     """Print `message` as one `error:` line (a library's multi-line text is joined) and exit."""
     one_line = "; ".join(part.strip() for part in message.splitlines() if part.strip())
@@ -83,7 +95,9 @@ def stage_command(func):
         scheduler = kwargs.pop("scheduler", None)
         if scheduler:
             overrides = (*overrides, f"dask.scheduler={scheduler}")
-        cfg = guarded(load, config_path, overrides)
+        run = kwargs.pop("run_name", None)  # (NAME, guard) of --run (run_option)
+        cfg = (guarded(load, config_path, overrides) if run is None
+               else guarded(load_run, config_path, overrides, *run))
         if distributable and cfg.dask.scheduler:
             from pipeline.executors import require_distributed
             guarded(require_distributed)
@@ -100,6 +114,19 @@ def split_names(value):
     for name in (value if isinstance(value, tuple) else (value,) if value else ()):
         guarded(check_name, "--split", name)
     return value
+
+
+def run_option(guard: str | None):
+    """`--run NAME` for a stage_command: its config starts from that run's record; `guard`
+    as in load_run (what a key that would make the run's models stale does)."""
+    what = {"use": " A key that would make its models stale is refused.",
+            "train": " Its models are not retrained under a changed config (refused).",
+            None: ""}[guard]
+    return click.option(
+        "--run", "run_name", default=None, metavar="NAME",
+        callback=lambda c, p, v: None if v is None else (v, guard),
+        help="Start from the config run NAME was trained with (<paths.outputs>/NAME/"
+             f"config.toml); --config and --set apply on top.{what}")
 
 
 scheduler_option = click.option(
@@ -136,6 +163,7 @@ def extract_features(cfg, force, splits):
 
 
 @cli.command("train-head")
+@run_option("train")
 @stage_command
 def train_head(cfg, force):
     """Stage 2: train the linear head and the PAC upsampler from the cache."""
@@ -147,6 +175,7 @@ def train_head(cfg, force):
 @scheduler_option
 @click.option("--split", default=None, callback=lambda c, p, v: split_names(v),
               help="Split to predict (default: data.test_split).")
+@run_option("use")
 @stage_command
 def predict(cfg, force, split):
     """Stage 3: masks for a split, plus the IoU report."""
@@ -189,6 +218,7 @@ def do_segment(cfg, force: bool, paths, out_dir, overlays: bool) -> bool:
               help="Output folder [default: <paths.outputs>/<run.name>/segment].")
 @click.option("--overlays/--no-overlays", default=True, show_default=True,
               help="Also write overlays/<path>.jpg: the image with the mask tinted and outlined.")
+@run_option("use")
 @stage_command
 def segment(cfg, force, paths, out_dir, overlays):
     """Masks for image files or folders (recursive) with the run's trained models."""
@@ -204,6 +234,7 @@ def segment(cfg, force, paths, out_dir, overlays):
 @click.option("--width", type=int, default=None,
               help="Example image width for tracing, a multiple of the patch size "
                    "[default: 20 patches].")
+@run_option("use")
 @stage_command
 def export_model(cfg, force, out_file, height, width):
     """One self-contained torch.export file: uint8 images -> object probability."""
@@ -223,6 +254,7 @@ def export_model(cfg, force, out_file, height, width):
 @click.option("--verify", is_flag=True,
               help="Rehash every input and output, ignoring the checksum memo (reads all the "
                    "data and the cache); what is found damaged is marked for repair.")
+@run_option(None)
 @stage_command
 def status(cfg, force, split, verify):
     """One line per stage: up-to-date, stale (why) or missing."""
@@ -260,6 +292,7 @@ def config_group() -> None:
 
 
 @config_group.command("show")
+@run_option(None)
 @stage_command
 def config_show(cfg, force):
     """Print the effective config (file + --set) as TOML, to save and edit."""

@@ -340,9 +340,10 @@ def parse_set(item: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path | None = None,
-                overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- the TOML file at `path` (if given) <- `overrides` ("key=value" strings)."""
-    cfg = Config()
+                overrides: list[str] | tuple[str, ...] = (), base: Config | None = None) -> Config:
+    """Defaults (or a copy of `base`: a run's recorded config) <- the TOML file at `path` (if
+    given) <- `overrides` ("key=value" strings)."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
     if path is not None:
         path = Path(path)
         if not path.exists():

@@ -27,6 +27,7 @@ from .errors import ModelError
 from .fsutil import file_lock
 from .models import TrainedModels, load_models, upsample_logits
 from .params import feature_params, training_params
+from .runconfig import reproduces
 from .registry import resolve_layers
 from .stages import diff_params
 from .store import CachedItem, split_fingerprint
@@ -71,8 +72,12 @@ def checked_models(cfg: Config, device: torch.device | str = "cpu") -> Iterator[
         models = load_models(mdir, device)
         why = _models_mismatch(cfg, models.params, models.deps)
         if why:
+            # the run's recorded config trained these models: --run uses them as they are
+            as_trained = (f", or add `--run {cfg.run.name}` to use the run as it was trained"
+                          if diff_params(models.params, training_params(cfg))
+                          and reproduces(cfg, models.params) else "")
             raise ModelError(f"the models in {mdir} were trained with other settings ({why}): "
-                             "run `python cli.py train-head` first")
+                             f"run `python cli.py train-head` first{as_trained}")
         yield models
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import runconfig
 from .backbones import get_spec
 from .config import Config, copy_config
 from .data import canvas_valid, to_canvas
@@ -321,11 +322,14 @@ def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = pri
         state = stage_state(cfg, {f"features[{s}]": st.fingerprint for s, st in stores.items()})
         st = judge(cfg.run_dir, state)
         if st.up_to_date and not force:
+            if not runconfig.record_path(cfg.run_dir).exists():  # trained before records
+                runconfig.write_record(cfg)
             return TrainResult(up_to_date=True, model_dir=mdir)
         log(f"train-head: {st.reason(force)}")
         history = _train(cfg, state, train_store, val_store, force, log, progress)
         seconds = time.perf_counter() - t0
         save_record(cfg.run_dir, stage_state(cfg, state.deps), seconds=round(seconds, 1))
+        runconfig.write_record(cfg)  # <run>/config.toml: what `--run NAME` starts from
         for used in stores.values():  # cache gc keeps the stores a live run uses
             register_run(used.split_dir, cfg.run_dir)
         _remove_checkpoints(mdir)
