@@ -107,20 +107,11 @@ class _NoDask:
 # ----------------------------------------------------------------------------- the JSON
 
 def atomic_write_json(path: Path, obj: dict) -> None:
-    """Write `obj` as JSON to `path` through a temporary file and a rename, so that a reader
-    (or a kill) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=False, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    """Write `obj` as strict JSON to `path` atomically (fsutil's writer: a reader, or a kill,
+    never sees half a file)."""
+    from pipeline.fsutil import atomic_write_bytes
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False, default=str)
+                              + "\n").encode())
 
 
 def _finite(value: Any) -> Any:

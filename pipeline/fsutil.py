@@ -9,9 +9,11 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +22,68 @@ from .errors import LockError
 _CHUNK = 1 << 20
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that the file is either the old or the new content, never a
-    mix: a temporary name, fsync, rename."""
+def temporary_name(path: Path, kind: str = "") -> Path:
+    """The name a writer of `path` gives its temporary: hidden, next to `path` (so that the
+    rename stays on one file system), unique to the process and thread, ending in .tmp (what
+    remove_temporaries deletes). `kind`: a second temporary of the same writer (".old")."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{kind}.tmp")
+
+
+def _name_error(e: OSError, path: Path) -> None:
+    if e.filename is None:  # a failed write or fsync (EIO, ENOSPC) names no file: name it
+        e.filename = os.fspath(path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path next to `path` for the caller to write; on a clean exit the file is
+    fsynced and renamed to `path`, so that `path` is either the old or the new content, never
+    a mix. The temporary is gone on any exit (a killed writer's is remove_temporaries')."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = temporary_name(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except OSError as e:  # a failed write or fsync (EIO, ENOSPC) names no file: name it
-        if e.filename is None:
-            e.filename = os.fspath(path)
+    except OSError as e:
+        _name_error(e, path)
         raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (atomic_file)."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """A new empty temporary folder next to `path` for the caller to fill; on a clean exit it
+    takes `path`'s place (an old folder is renamed aside first, then removed: a reader finds
+    the old or the new folder complete, or for an instant none). The temporaries are gone on
+    any exit (a killed writer's are remove_temporaries')."""
+    path = Path(path)
+    tmp, old = temporary_name(path), temporary_name(path, ".old")
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+    finally:
+        for p in (tmp, old):
+            if p.exists():
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -86,10 +131,21 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def remove_temporaries(folder: Path) -> None:
-    """Delete temporary files left by killed writers (never complete files)."""
-    if Path(folder).is_dir():
-        for p in Path(folder).glob(".*.tmp"):
+def remove_temporaries(folder: Path, of: Iterable[str] | None = None) -> None:
+    """Delete the temporary files and folders (temporary_name) that killed writers left in
+    `folder`, never complete ones: all of them, or only those of the names in `of`. Only where
+    no live writer is at work: the caller holds the lock of what it cleans."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    mine = None if of is None else re.compile(
+        "|".join(rf"\.{re.escape(n)}\.\d+\.\d+(\.old)?\.tmp" for n in of))
+    for p in folder.glob(".*.tmp"):
+        if mine is not None and not mine.fullmatch(p.name):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 

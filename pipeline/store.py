@@ -45,6 +45,7 @@ from .data import Box, Item, decode_image, list_items
 from .errors import StoreError
 from .fsutil import (
     FileHasher,
+    atomic_file,
     atomic_write_bytes,
     atomic_write_json,
     canonical_json,
@@ -420,14 +421,12 @@ class ShardRecord:
 
 def write_shard(task: ShardTask, records: list[ShardRecord], errors: list[str],
                 rejected: tuple[int, ...] = ()) -> ShardEntry:
-    """Write a complete shard atomically (temporary name, fsync, rename), then its receipt.
+    """Write a complete shard atomically (fsutil.atomic_file), then its receipt.
     `rejected`: the pixel counts of the images refused by data.max_pixels.
 
     Deterministic: the same records give the same bytes (no timestamps)."""
     path = task.path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_file(path) as tmp:
         with h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=True) as f:
             for k, v in sorted(task.attrs.items()):
                 f.attrs[k] = v
@@ -453,14 +452,9 @@ def write_shard(task: ShardTask, records: list[ShardRecord], errors: list[str],
                     except UnicodeEncodeError:
                         name = os.fsencode(name)
                     g.attrs[key] = name
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
         digest = sha256_file(tmp)
         size = tmp.stat().st_size
-        os.replace(tmp, path)
-        bad_marker(path).unlink(missing_ok=True)
-    finally:
-        tmp.unlink(missing_ok=True)
+    bad_marker(path).unlink(missing_ok=True)
     rows = tuple((r.category, r.stem, r.source, *r.orig_size, *r.box.as_tuple(),
                   int(r.mask is not None))
                  for r in records)

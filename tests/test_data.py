@@ -356,6 +356,51 @@ def test_read_error_names_the_file(tmp_path, monkeypatch):
     assert not target.exists() and os.listdir(target.parent) == []  # no temporary left
 
 
+def test_one_atomic_writer_and_its_temporaries(tmp_path):
+    """Files and folders are written under temporary_name and renamed whole; what a killed
+    writer leaves is what remove_temporaries deletes (all, or only a target's), never a
+    complete file or another target's temporary."""
+    from pipeline.fsutil import (
+        atomic_file,
+        atomic_folder,
+        atomic_write_bytes,
+        remove_temporaries,
+        temporary_name,
+    )
+    target = tmp_path / "shard.h5"
+    with pytest.raises(RuntimeError), atomic_file(target) as tmp:
+        tmp.write_bytes(b"half")
+        assert tmp == temporary_name(target) and tmp.name.startswith(".shard.h5.")
+        raise RuntimeError("killed")
+    assert sorted(tmp_path.iterdir()) == []  # neither the target nor the temporary
+    atomic_write_bytes(target, b"old")
+    folder = tmp_path / "report_test_files"
+    (folder).mkdir()
+    (folder / "stale.jpg").write_bytes(b"x")
+    with pytest.raises(RuntimeError), atomic_folder(folder) as tmp:
+        (tmp / "new.jpg").write_bytes(b"y")
+        raise RuntimeError("killed")
+    assert [p.name for p in folder.iterdir()] == ["stale.jpg"]  # the old folder, intact
+    with atomic_folder(folder) as tmp:
+        (tmp / "new.jpg").write_bytes(b"y")
+    assert [p.name for p in folder.iterdir()] == ["new.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report_test_files", "shard.h5"]
+
+    # a killed writer's leftovers: a file, a folder and its aside copy, another target's
+    left = [temporary_name(target), temporary_name(folder), temporary_name(folder, ".old"),
+            temporary_name(tmp_path / "report_test_files.md")]
+    left[0].write_bytes(b"half")
+    for d in left[1:3]:
+        d.mkdir()
+        (d / "a.jpg").write_bytes(b"z")
+    left[3].write_bytes(b"half")
+    remove_temporaries(tmp_path, of=["report_test_files"])
+    assert [p.exists() for p in left] == [True, False, False, True]
+    remove_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report_test_files", "shard.h5"]
+    assert target.read_bytes() == b"old"
+
+
 def test_os_error_line_without_a_file():
     assert __import__("cli").os_error_line(OSError(5, "Input/output error")) == "Input/output error"
 

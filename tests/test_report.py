@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from pipeline import report as report_mod
+from pipeline.fsutil import temporary_name
 from pipeline.report import (
     CONTOUR_COLOUR,
     FN_COLOUR,
@@ -524,6 +525,10 @@ def test_rewrite_drops_stale_files_and_handles_minimal_inputs(tmp_path):
     del report["variants"]["pac"]["overall"]["recall"]
     for key in ("config", "fingerprints", "versions", "n_predicted"):
         del report[key]
+    killed = temporary_name(paths["files"])  # what a writer killed mid-way left: removed
+    killed.mkdir()
+    (killed / "best_01.jpg").write_bytes(b"half")
+    temporary_name(paths["md"]).write_bytes(b"half")
     paths = write_reports(tmp_path, "val", report, [], many[:1], [], None)
     pac_row = next(line for line in paths["md"].read_text().splitlines()
                    if line.startswith("| pac |"))

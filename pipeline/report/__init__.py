@@ -24,11 +24,10 @@ The modules, each one job:
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
-from ..fsutil import atomic_write_bytes
+from ..fsutil import atomic_folder, atomic_write_bytes, remove_temporaries
 from ..jsondoc import Damaged
 from .doc import ImageScores, Report, parse_per_image, parse_report
 from .figures import (
@@ -128,11 +127,9 @@ def write_reports(out_dir: Path, split: str, report: Report | dict,
     md_path = out_dir / f"report_{split}.md"
     html_path = out_dir / f"report_{split}.html"
     files_dir = out_dir / f"report_{split}_files"
-    tmp_dir = out_dir / f".report_{split}_files.tmp-{os.getpid()}"
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
-    tmp_dir.mkdir()
-    try:
+    # what a killed writer of this split's reports left (stage 3 holds the split's lock)
+    remove_temporaries(out_dir, of=(md_path.name, html_path.name, files_dir.name))
+    with atomic_folder(files_dir) as tmp_dir:
         figures: dict[str, dict | None] = dict.fromkeys(FIGURES)
 
         def add_figure(fig, key, title, alt, caption):
@@ -179,18 +176,6 @@ def write_reports(out_dir: Path, split: str, report: Report | dict,
                         html_path.name)
         html_text = render("report.html.j2", vm)
         md_text = render("report.md.j2", vm)
-
-        old_dir = out_dir / f".report_{split}_files.old-{os.getpid()}"
-        if files_dir.exists():
-            if old_dir.exists():
-                shutil.rmtree(old_dir)
-            files_dir.rename(old_dir)
-        tmp_dir.rename(files_dir)
-        if old_dir.exists():
-            shutil.rmtree(old_dir, ignore_errors=True)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir, ignore_errors=True)
     atomic_write_bytes(md_path, md_text.encode("utf-8"))
     atomic_write_bytes(html_path, html_text.encode("utf-8"))
     return {"md": md_path, "html": html_path, "files": files_dir}
