@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import math
 import os
 import pickle
@@ -28,6 +27,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 
 from .errors import BackboneError
+from .fsutil import FileHasher
 from .registry import BackboneSpec, check_layers, get_spec
 
 if TYPE_CHECKING:  # timm is imported when a ViT is built (it takes a second)
@@ -246,7 +246,7 @@ def vit_forward_features(model: VisionTransformer, x: torch.Tensor,
 
 # ----------------------------------------------------------------------------- weights
 
-_ID_MEMO: dict[tuple, str] = {}
+_WEIGHTS_HASHER = FileHasher(None)  # the weights files' digests, memoised in the process
 
 
 def weights_file(weights: str) -> tuple[Path, os.stat_result]:
@@ -270,18 +270,12 @@ def weights_file(weights: str) -> tuple[Path, os.stat_result]:
 
 
 def weights_identity(weights: str) -> str:
-    """"pretrained" | "random" | "sha256:<hex>" of a local file (memoised by path, size, mtime)."""
+    """"pretrained" | "random" | "sha256:<hex>" of a local file (memoised in the process by
+    path and stat stamp: fsutil.FileHasher)."""
     if weights in ("pretrained", "random"):
         return weights
-    path, st = weights_file(weights)
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _ID_MEMO:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _ID_MEMO[key] = "sha256:" + h.hexdigest()
-    return _ID_MEMO[key]
+    path, _ = weights_file(weights)
+    return "sha256:" + _WEIGHTS_HASHER.digest(path)
 
 
 # What torch.load(weights_only=True) raises on a damaged or foreign file: the zip reader

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import backbones, registry  # noqa: E402
+from pipeline import backbones, fsutil, registry  # noqa: E402
 from pipeline.backbones import (  # noqa: E402
     Backbone,
     BackboneError,
@@ -629,10 +629,11 @@ def test_weights_identity(tmp_path, monkeypatch):
     ident = weights_identity(str(path))
     assert ident == "sha256:" + hashlib.sha256(b"abc" * 1000).hexdigest()
 
-    # memoised: a repeated call does not read the file again
-    def no_open(*a, **k):
+    # memoised (fsutil.FileHasher, the one sha256 memo): a repeated call does not read the
+    # file again
+    def no_read(*a, **k):
         raise AssertionError("file re-read")
-    monkeypatch.setattr(backbones, "open", no_open, raising=False)
+    monkeypatch.setattr(fsutil, "sha256_file", no_read)
     assert weights_identity(str(path)) == ident
     monkeypatch.undo()
 
