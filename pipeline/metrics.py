@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["METRICS", "ImageStats", "image_stats", "aggregate", "summarize", "boundary_map",
-           "boundary_f", "boundary_radius", "disk", "dilate_disk"]
+__all__ = ["METRICS", "ImageStats", "image_stats", "ious", "miou", "aggregate", "summarize",
+           "boundary_map", "boundary_f", "boundary_radius", "disk", "dilate_disk"]
 
 METRICS = frozenset({"miou", "fg_iou", "bg_iou", "accuracy", "precision", "recall", "j_mean",
                      "boundary_f", "n_images"})
@@ -132,6 +132,17 @@ def _mean(values: list[float]) -> float:
     return min(1.0, max(0.0, math.fsum(values) / len(values)))
 
 
+def ious(tp: int, fp: int, fn: int, tn: int) -> tuple[float, float]:
+    """(fg_iou, bg_iou) of one confusion matrix (see the module docstring for the rules)."""
+    return _ratio(tp, tp + fp + fn, 1.0), _ratio(tn, tn + fp + fn, 1.0)
+
+
+def miou(tp: int, fp: int, fn: int, tn: int) -> float:
+    """The ``miou`` of one confusion matrix: the mean of its object and background IoU."""
+    fg_iou, bg_iou = ious(tp, fp, fn, tn)
+    return (fg_iou + bg_iou) / 2
+
+
 def aggregate(stats: Iterable[ImageStats]) -> dict:
     """The METRICS dict of a group of images (see the module docstring for the rules).
 
@@ -144,8 +155,7 @@ def aggregate(stats: Iterable[ImageStats]) -> dict:
     fp = sum(s.fp for s in stats)
     fn = sum(s.fn for s in stats)
     tn = sum(s.tn for s in stats)
-    fg_iou = _ratio(tp, tp + fp + fn, 1.0)
-    bg_iou = _ratio(tn, tn + fp + fn, 1.0)
+    fg_iou, bg_iou = ious(tp, fp, fn, tn)
     return {
         "miou": (fg_iou + bg_iou) / 2,
         "fg_iou": fg_iou,

@@ -32,6 +32,7 @@ from .devices import CpuFanout, resolve_device
 from .errors import DataError, StoreError, TrainingDiverged
 from .fsutil import atomic_write_bytes, exclusive_lock, sha256_bytes
 from .inference import model_dir
+from .metrics import miou
 from .models import (
     LinearHead,
     PacUpsampler,
@@ -301,13 +302,6 @@ def _confusion(logits: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) ->
     return np.array([tp, fp, fn, tn], np.int64)
 
 
-def _miou(c: np.ndarray) -> float:
-    tp, fp, fn, tn = c
-    fg = tp / (tp + fp + fn) if tp + fp + fn else 1.0
-    bg = tn / (tn + fp + fn) if tn + fp + fn else 1.0
-    return float((fg + bg) / 2)
-
-
 def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = print,
               progress: bool = True) -> TrainResult:
     """Stage 2 from the stored splits alone. Raises StoreError (naming the command to run)
@@ -563,7 +557,8 @@ def _validate(head, up, val: TrainData, device, fanout: CpuFanout | None) -> dic
             conf_lin += lin
             conf_pac += pac
     up.train()
-    return {"val_miou": _miou(conf_pac), "val_miou_linear_bilinear": _miou(conf_lin)}
+    return {"val_miou": miou(*map(int, conf_pac)),
+            "val_miou_linear_bilinear": miou(*map(int, conf_lin))}
 
 
 def _write_history(cfg: Config, history: list[dict]) -> None:
