@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .errors import LockError
+from .errors import LockError, OwnershipError
 from .fsutil import exclusive_lock, read_json
 from .models import read_card
 from .owned import is_marked
@@ -93,8 +93,9 @@ def stores(cfg: Config) -> list[StoreInfo]:
     """Every store of cfg.paths.cache, with the live runs (registered ones, and those under
     cfg.paths.outputs) that use it."""
     root = Path(cfg.paths.cache) / FEATURES
-    dirs = sorted(d for d in root.iterdir() if (d / "features.json").is_file()) \
-        if root.is_dir() else []
+    dirs = sorted(d for d in root.iterdir()  # a link is not a store of the tool's
+                  if not d.is_symlink() and (d / "features.json").is_file()) \
+        if root.is_dir() and not root.is_symlink() else []
     registered: dict[Path, list[str]] = {}
     for d in dirs:
         entries = sorted((d / RUNS_DIR).glob("*.json")) if (d / RUNS_DIR).is_dir() else []
@@ -108,7 +109,8 @@ def stores(cfg: Config) -> list[StoreInfo]:
         params = read_json(d / "features.json")
         index = read_index(d)
         folders = []
-        for sub in sorted(p for p in d.iterdir() if p.is_dir() and p.name != RUNS_DIR):
+        for sub in sorted(p for p in d.iterdir()
+                          if p.is_dir() and not p.is_symlink() and p.name != RUNS_DIR):
             m, _ = read_manifest(sub)
             folders.append(SplitFolder(
                 sub, m.split if m is not None else sub.name,
@@ -150,7 +152,8 @@ def collect_garbage(cfg: Config, remove: bool) -> tuple[list[tuple[Path, int, st
     if not remove or not todo:
         return todo, []
     if not is_marked(cache, CACHE_LEGACY):
-        return [], [f"{cache}: not a cache folder made by vit-objseg; nothing removed"]
+        raise OwnershipError(f"{cache}: not a cache folder made by vit-objseg (paths.cache); "
+                             "nothing removed")
     done, skipped = [], []
     for path, size, why in todo:
         store = path if (path / "features.json").is_file() else path.parent

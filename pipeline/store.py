@@ -537,7 +537,12 @@ class FeatureStore:
             raise StoreError(f"{sdir}: no stored features of split '{split}' of {cfg.data.root}"
                              f" for these settings; run `python cli.py extract-features "
                              f"--split {split}`")
-        return cls(split_dir)
+        store = cls(split_dir)
+        if store.split != split:  # an index entry edited to name another split's folder
+            raise StoreError(f"{split_dir.parent / INDEX_FILE}: names {split_dir.name} (split "
+                             f"'{store.split}') for split '{split}'; run `python cli.py "
+                             f"extract-features --split {split}`")
+        return store
 
     def _damaged(self, entry: ShardEntry, what: str) -> None:
         raise StoreError(f"{self.split_dir / entry.file}: shard {what}; run "
@@ -626,4 +631,4 @@ def split_fingerprint(cfg: Config, split: str, mirror: bool = False) -> str | No
     of its mirrored features), or None when there is no valid manifest (reads it only)."""
     split_dir = locate_split(cfg, split, mirror)
     m, _ = read_manifest(split_dir) if split_dir is not None else (None, "")
-    return m.fingerprint if m is not None else None
+    return m.fingerprint if m is not None and m.split == split else None

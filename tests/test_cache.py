@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from pipeline.config import copy_config
+from pipeline.errors import StoreError
 from pipeline.extract import run_extract
 from pipeline.predict import run_predict
 from pipeline.store import (
@@ -146,3 +147,47 @@ def test_read_only_commands_create_nothing(command, tmp_path, synth_root):
                 "--set", "backbone.weights=random", cwd=work)
     assert r.returncode == 0, r.stderr
     assert list(work.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- hostile
+
+def test_an_index_edited_to_name_another_split_is_refused_and_repaired(two, tmp_path):
+    base, a, b = _copy(two, tmp_path)
+    sdir = store_dir(a)
+    index = json.loads((sdir / INDEX_FILE).read_text())
+    keys = {k.rsplit(":", 1)[1]: k for k in index["splits"] if str(a.data.root) in k}
+    good = dict(index["splits"])
+    index["splits"][keys["train"]] = good[keys["test"]]  # train -> test's folder
+    (sdir / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(StoreError, match=f"{INDEX_FILE}: names test-.*for split 'train'"):
+        run_train(a, force=True, **quiet)
+    assert split_fingerprint(a, "train") is None
+    r = run_cli("status", *_sets(a))
+    assert r.stdout.splitlines()[0] == "extract-features: stale (data[train] changed)", r.stdout
+    logged: list[str] = []
+    res = run_extract(a, log=logged.append, progress=False)
+    assert res.up_to_date, logged  # re-indexed, nothing computed
+    assert json.loads((sdir / INDEX_FILE).read_text())["splits"] == good
+    assert run_train(a, **quiet).up_to_date
+
+
+def test_cache_gc_leaves_links_and_foreign_folders_alone(two, tmp_path):
+    base, a, b = _copy(two, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(store_dir(a), elsewhere)
+    (store_dir(a).parent / "linked").symlink_to(elsewhere, target_is_directory=True)
+    r = run_cli("cache", "gc", "--yes", *_sets(a))
+    assert r.returncode == 0, r.stderr
+    assert (elsewhere / "features.json").is_file()  # not followed
+    # a cache folder the tool did not make: refused, nothing removed
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tmp_path / "w" / "cache", foreign)
+    (foreign / ".vit-objseg.json").unlink()
+    (foreign / ".file_hashes.json").unlink(missing_ok=True)
+    for runs in foreign.glob("features/*/runs"):
+        shutil.rmtree(runs)  # no run uses its stores: all would be garbage
+    wide = copy_config(a, paths__cache=str(foreign), paths__outputs=str(tmp_path / "none"))
+    before = sorted(foreign.rglob("*"))
+    r = run_cli("cache", "gc", "--yes", *_sets(wide))
+    assert r.returncode == 2 and "not a cache folder made by vit-objseg" in r.stderr, r.stderr
+    assert sorted(foreign.rglob("*")) == before
