@@ -399,23 +399,33 @@ def _expand_user(cfg: Config) -> None:
             setattr(getattr(cfg, section), name, _home(key, value))
 
 
-def to_toml(cfg: Config) -> str:
-    """The config as a TOML document that load_config reads back to an equal config."""
-    def literal(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(literal(x) for x in v) + "]"
-        return json.dumps(v)  # a TOML basic string: JSON's escapes are valid TOML
+def toml_literal(value: Any) -> str:
+    """A config value as a TOML literal (a string as a basic string: JSON's escapes are valid
+    TOML; what TOML cannot hold, e.g. a damaged record's null, as its JSON)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_literal(x) for x in value) + "]"
+    return json.dumps(value)
+
+
+def toml_text(tables: dict[str, dict[str, Any]]) -> str:
+    """Config tables ({section: {key: value}}, e.g. to_dict()'s or a report's) as a TOML
+    document, in their order: the one TOML writer (config show, a run's config.toml, the
+    report's settings)."""
     lines = []
-    for sec in fields(cfg):
-        lines.append(f"[{sec.name}]")
-        lines += [f"{f.name} = {literal(getattr(getattr(cfg, sec.name), f.name))}"
-                  for f in fields(getattr(cfg, sec.name))]
+    for section, values in tables.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {toml_literal(value)}" for key, value in values.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def to_toml(cfg: Config) -> str:
+    """The config as a TOML document that load_config reads back to an equal config."""
+    return toml_text(cfg.to_dict())
 
 
 def config_from_dict(doc: dict[str, Any], where: str = "") -> Config:

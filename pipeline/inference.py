@@ -27,12 +27,11 @@ from .errors import ModelError
 from .fsutil import file_lock
 from .models import TrainedModels, load_models, upsample_logits
 from .params import feature_params, training_params
-from .runconfig import reproduces
 from .registry import resolve_layers
+from .runconfig import reproduces
 from .stages import diff_params
 from .store import CachedItem, split_fingerprint
-
-VARIANTS = ("linear_nearest", "linear_bilinear", "pac")
+from .variants import VARIANTS
 
 
 def model_dir(cfg: Config) -> Path:

@@ -47,9 +47,10 @@ from .inference import BackboneRunner, Predictor, checked_models, mask_png_bytes
 from .owned import Ledger, claim_folder, claim_run_dir, is_marked
 from .params import inference_params, tta_params
 from .progress import Progress
-from .report import mask_panel
+from .report.panels import mask_panel, outline_width
 from .stages import fingerprint
 from .store import CACHE_LEGACY
+from .variants import CANDIDATE
 
 RECORD_FILE = ".segment.json"
 RECORD_VERSION = 1
@@ -251,10 +252,9 @@ def _decode(src: Source, patch: int, fit: str, max_pixels: int,
 def overlay_jpeg(image: np.ndarray, mask: np.ndarray) -> bytes:
     """The image with the mask's object tinted and outlined and the background dimmed (the
     report's mask panels), at full size, as JPEG bytes."""
-    width = max(1, round(max(mask.shape) / 240))  # the report's outline: 1 px per 240 px
     buf = io.BytesIO()
-    Image.fromarray(mask_panel(image, mask, width)).save(buf, format="JPEG",
-                                                           quality=OVERLAY_QUALITY)
+    Image.fromarray(mask_panel(image, mask, outline_width(mask.shape))).save(
+        buf, format="JPEG", quality=OVERLAY_QUALITY)
     return buf.getvalue()
 
 
@@ -391,9 +391,10 @@ def _stream(cfg: Config, todo: list[Source], extractor: BackboneRunner, predicto
                 feats = extractor.launch(canvases)()
                 mirrored = extractor.launch(canvases, mirror=True)() if tta else None
                 masks = predictor.masks(feats, np.stack(canvases), [d.box for d in items],
-                                        [d.image.shape[:2] for d in items], variants=("pac",),
+                                        [d.image.shape[:2] for d in items],
+                                        variants=(CANDIDATE,),
                                         mirrored=mirrored)
-                files = list(write_pool.map(lambda dm: _encode(dm[0], dm[1]["pac"], overlays),
+                files = list(write_pool.map(lambda dm: _encode(dm[0], dm[1][CANDIDATE], overlays),
                                             zip(items, masks, strict=True)))
                 ledger.intend({out_dir / rel: data for f in files for rel, data in f.items()})
                 for d, f in zip(items, files, strict=True):

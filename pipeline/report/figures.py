@@ -16,15 +16,14 @@ import numpy as np
 
 from ..data import display_name
 from ..jsondoc import finite as _finite
+from ..variants import BASELINE, CANDIDATE, VARIANTS
 from .doc import ImageScores, Metrics, VariantScores
 
 # metrics with one per-category table each, and of the overall dot plot
 CATEGORY_METRICS = (("miou", "mIoU"), ("j_mean", "J mean"), ("boundary_f", "Boundary F"))
 CHART_METRICS = CATEGORY_METRICS
-# the comparison the headline and the scatter plot make
-BASELINE, CANDIDATE = "linear_bilinear", "pac"
 # the variants in reading order (any other after them, in its own order)
-VARIANT_ORDER = ("linear_nearest", "linear_bilinear", "pac")
+VARIANT_ORDER = VARIANTS
 VARIANT_COLOURS = {"linear_nearest": "#9aa5b1", "linear_bilinear": "#4c78a8", "pac": "#f58518"}
 _EXTRA_COLOURS = ("#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d", "#eeca3b")
 

@@ -189,21 +189,22 @@ def overlay(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, max_side: int =
     return _errors_panel(img, gt, pred, contour_width)
 
 
-def _line_width(img: np.ndarray) -> int:
-    """Outline width: 1 px per 240 px of panel side (about 1 CSS px as the page shows it)."""
-    return max(1, round(max(img.shape[:2]) / 240))
+def outline_width(shape: tuple[int, ...]) -> int:
+    """The outline width of a panel or overlay of `shape` (H, W[, C]): 1 px per 240 px of its
+    longer side (about 1 CSS px as the report's page shows a panel)."""
+    return max(1, round(max(shape[:2]) / 240))
 
 
 def _strip_panels(image, gt, pred, max_side) -> list[np.ndarray]:
     img, gt, pred = _prepare(image, gt, pred, max_side)
-    cw = _line_width(img)
+    cw = outline_width(img.shape)
     return [img, mask_panel(img, gt, cw), mask_panel(img, pred, cw),
             _errors_panel(img, gt, pred, cw)]
 
 
 def _variant_panels(image, gt, masks: list[np.ndarray], max_side) -> list[np.ndarray]:
     img, (gt, *masks) = _prepare_many(image, [gt, *masks], max_side)
-    cw = _line_width(img)
+    cw = outline_width(img.shape)
     return [img, mask_panel(img, gt, cw)] + [_errors_panel(img, gt, m, cw) for m in masks]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import Config
+from ..config import Config, toml_text
 from ..data import display_name
 from ..jsondoc import finite as _finite
 from .doc import ImageScores, Metrics, Report, VariantScores, parse_report
@@ -327,17 +327,7 @@ def _settings(config: dict[str, dict] | None) -> list[dict]:
 
 
 def _config_toml(config: dict[str, dict] | None) -> str | None:
-    if not config:
-        return None
-    lines = []
-    for section, values in config.items():
-        lines.append(f"[{section}]")
-        for k, v in values.items():
-            lit = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-                   if isinstance(v, str) else _config_value(v))
-            lines.append(f"{k} = {lit}")
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    return toml_text(config) if config else None
 
 
 def _provenance(report: Report) -> list[tuple[str, str]]:
