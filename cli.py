@@ -268,8 +268,11 @@ def status(cfg, force, split, verify):
 @click.option("--split", default=None, callback=lambda c, p, v: split_names(v),
               help="Split whose reports to compare (default: data.test_split).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--html", "as_html", is_flag=True,
+              help="Also write the table as <paths.outputs>/runs_<split>.html, each run linking "
+                   "to its report (offline), and print its path.")
 @stage_command
-def runs(cfg, force, split, as_json):
+def runs(cfg, force, split, as_json, as_html):
     """One row per run: the config keys that differ, the split's metrics, up to date or not
     (judged in the run's folder as listed; a damaged file is a row that says so)."""
     import json
@@ -277,6 +280,10 @@ def runs(cfg, force, split, as_json):
     from pipeline import runs as runs_mod
     split = split or cfg.data.test_split
     rows = runs_mod.collect(cfg, split)
+    if as_html:
+        from pipeline.report.runs_page import write_runs_page
+        page = write_runs_page(Path(cfg.paths.outputs), split, runs_mod.as_json(rows))
+        click.echo(f"runs page: {page}", err=True)
     if as_json:
         # strict JSON: every number in a row is finite (damaged files are rows that say so)
         click.echo(json.dumps(runs_mod.as_json(rows), indent=1, allow_nan=False))

@@ -38,7 +38,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 __all__ = ["METRICS", "ImageStats", "image_stats", "ious", "miou", "aggregate", "summarize",
-           "boundary_map", "boundary_f", "boundary_radius", "disk", "dilate_disk"]
+           "boundary_map", "boundary_f", "boundary_radius", "disk", "dilate_disk",
+           "SWEEP_THRESHOLDS", "sweep_thresholds", "sweep_counts", "sweep_summary"]
 
 METRICS = frozenset({"miou", "fg_iou", "bg_iou", "accuracy", "precision", "recall", "j_mean",
                      "boundary_f", "n_images"})
@@ -178,6 +179,67 @@ def summarize(stats: list[ImageStats]) -> dict:
         groups[s.category].append(s)
     return {"overall": aggregate(stats),
             "per_category": {c: aggregate(groups[c]) for c in sorted(groups)}}
+
+
+# ----------------------------------------------------------------------------- threshold sweep
+
+# the probability thresholds of the report's threshold sweep: 0.05, 0.10, ..., 0.95
+SWEEP_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))
+
+
+def sweep_thresholds(threshold: float) -> tuple[float, ...]:
+    """SWEEP_THRESHOLDS with the configured ``threshold`` added (in order) when it is not one
+    of them, so that the sweep always holds the point the masks were made at."""
+    return tuple(sorted({*SWEEP_THRESHOLDS, float(threshold)}))
+
+
+def sweep_counts(levels: np.ndarray, gt: np.ndarray, n_thresholds: int) -> dict[str, list[int]]:
+    """Object-class confusion counts of one image at each sweep threshold.
+
+    ``levels``: per pixel, how many of the (ascending) thresholds its object probability
+    exceeds (0 .. n_thresholds); the pixel is object at threshold k iff ``levels > k``.
+    ``gt``: the annotation (bool, same shape). Returns ``{"tp": [...], "fp": [...]}``, one
+    count per threshold (fn and tn follow from the image's object and background pixel
+    counts). One bincount over (class, level): O(pixels)."""
+    lv = np.asarray(levels)
+    g = _as_bool(gt)
+    if lv.shape != g.shape:
+        raise ValueError(f"levels {lv.shape} and annotation {g.shape} differ in shape")
+    n = int(n_thresholds) + 1
+    if n > 127:
+        raise ValueError(f"{n_thresholds} thresholds: at most 126")
+    if lv.size and int(lv.max()) >= n:
+        raise ValueError(f"a level exceeds the {n_thresholds} thresholds")
+    hist = np.bincount((lv.astype(np.uint8, copy=False) + g.view(np.uint8) * np.uint8(n)).ravel(),
+                       minlength=2 * n)
+    above = np.cumsum(hist.reshape(2, n)[:, ::-1], axis=1)[:, ::-1]  # pixels at level >= k
+    return {"tp": [int(x) for x in above[1, 1:]], "fp": [int(x) for x in above[0, 1:]]}
+
+
+def sweep_summary(thresholds: Iterable[float], images: Iterable[tuple[dict, int]]) -> list[dict]:
+    """The sweep of a group of images: per threshold ``{"threshold", "j_mean", "precision",
+    "recall"}``. ``images``: per image its ``sweep_counts`` and its number of object pixels
+    (annotated). ``j_mean``: the mean of the images' object IoU (1 for an empty
+    prediction of an empty annotation), precision and recall from the summed counts, by the
+    rules of ``aggregate``: at the threshold the masks were made at, the values equal the
+    group's METRICS exactly. [] for no image."""
+    thresholds = [float(t) for t in thresholds]
+    images = list(images)
+    if not images:
+        return []
+    out = []
+    for k, t in enumerate(thresholds):
+        js, tp, fp, fn = [], 0, 0, 0
+        for counts, n_obj in images:
+            a, b = counts["tp"][k], counts["fp"][k]
+            c = n_obj - a
+            union = a + b + c
+            js.append(a / union if union else 1.0)
+            tp, fp, fn = tp + a, fp + b, fn + c
+        out.append({"threshold": t, "j_mean": _mean(js),
+                    "precision": _ratio(tp, tp + fp, 1.0 if tp + fn == 0 else 0.0),
+                    "recall": _ratio(tp, tp + fn, 1.0 if fp == 0 else 0.0)})
+    return out
 
 
 # ----------------------------------------------------------------------------- boundaries

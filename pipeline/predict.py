@@ -7,13 +7,17 @@ train-head); the stage is up to date while the models' and the split's content f
 and its own settings are unchanged. Work is done per store shard: the shard's masks are
 written, then a small JSON "unit" with its per-image statistics is written atomically. A
 killed run resumes at the first shard without a current unit; the report is assembled from
-the units at the end.
+the units at the end. A unit also holds each annotated image's confusion counts at the sweep
+thresholds (metrics.sweep_thresholds), counted while the logits are at hand: the report's
+threshold sweep comes from the units, so a resumed run or Dask workers give the same one. A
+unit without them (written by an earlier version) is recomputed, shard by shard; its masks
+come out byte-identical.
 """
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +44,7 @@ from .inference import (
     mask_png_bytes,
     model_dir,
 )
-from .metrics import image_stats
+from .metrics import image_stats, sweep_counts, sweep_thresholds
 from .models import load_models, models_fingerprint, read_card
 from .owned import RUN_LEGACY, claim_run_dir, is_marked
 from .params import mirrored_splits, predict_params
@@ -204,26 +208,32 @@ def check_mirrored(store: FeatureStore, mirror: FeatureStore) -> None:
 
 
 def predict_shard(store: FeatureStore, shard: int, predictor: Predictor, pred_dir: Path,
-                  batch_size: int = 8, mirror: FeatureStore | None = None) -> dict:
-    """Masks of one shard written as PNG; returns the unit {"items": [...]} of statistics
-    (None for an image without annotation). Images are batched by canvas size, in order.
-    `mirror`: the split's mirrored features (predict.tta = "flip")."""
+                  batch_size: int = 8, mirror: FeatureStore | None = None,
+                  sweep: Sequence[float] = ()) -> dict:
+    """Masks of one shard written as PNG; returns the unit {"items": [...], "sweep": [...]}
+    of statistics (None for an image without annotation) and, per annotated image and
+    variant, the confusion counts at the ascending thresholds `sweep` (metrics.sweep_counts).
+    Images are batched by canvas size, in order. `mirror`: the split's mirrored features
+    (predict.tta = "flip")."""
     metas = [m for m in store.items if m.shard == shard]
     rows: dict[int, dict] = {}
     for batch in same_size_batches([m.box for m in metas], batch_size):
         items = [store.read(metas[i].index) for i in batch]
         mirrored = None if mirror is None else [mirror.features(metas[i].index) for i in batch]
-        for item, masks in zip(items, predictor.batch_masks(items, mirrored), strict=True):
+        for item, (masks, levels) in zip(
+                items, predictor.batch_masks_and_levels(items, mirrored, sweep), strict=True):
             meta = item.meta
             png = mask_png_bytes(masks["pac"])
             atomic_write_bytes(pred_dir / meta.category / f"{meta.stem}.png", png)
-            stats = None
+            stats, counts = None, None
             if item.mask is not None:
                 stats = {v: image_stats(masks[v], item.mask, meta.category, meta.stem).to_dict()
                          for v in VARIANTS}
+                if sweep:
+                    counts = {v: sweep_counts(levels[v], item.mask, len(sweep)) for v in VARIANTS}
             rows[meta.index] = {"category": meta.category, "stem": meta.stem, "index": meta.index,
-                                "stats": stats, "mask": sha256_bytes(png)}
-    return {"items": [rows[m.index] for m in metas]}
+                                "stats": stats, "mask": sha256_bytes(png), "sweep": counts}
+    return {"items": [rows[m.index] for m in metas], "sweep": list(sweep)}
 
 
 def predict_task(cfg: Config, split_dir: str, fingerprint: str, shard: int, pred_dir: str,
@@ -252,7 +262,7 @@ def predict_task(cfg: Config, split_dir: str, fingerprint: str, shard: int, pred
     predictor = worker_cached(("predictor", models_fp, cfg.predict.device, cfg.predict.threshold),
                               make_predictor)
     return shard, predict_shard(store, shard, predictor, Path(pred_dir), cfg.predict.batch_size,
-                                mirror)
+                                mirror, sweep_thresholds(cfg.predict.threshold))
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -302,11 +312,13 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
         udir = cfg.run_dir / "stages" / f"predict_{split}_units"
         pdir = pred_dir_of(cfg, split)
         hashes = [s.hash for s in store.manifest.shards]
+        sweep = sweep_thresholds(cfg.predict.threshold)
         units: dict[int, dict] = {}
         for si, h in enumerate(hashes):
             u = None if force else read_json(udir / f"{h}.json")
+            # an earlier version's unit (no sweep counts) is computed again
             if (isinstance(u, dict) and u.get("fingerprint") == fp
-                    and isinstance(u.get("items"), list)):
+                    and isinstance(u.get("items"), list) and u.get("sweep") == list(sweep)):
                 units[si] = u
         if not force and units:  # masks found missing or changed: their shards again
             bad = {rel for rel in (x.rsplit(" ", 1)[0] for x in outs_problems(cfg, split))}
@@ -331,7 +343,7 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
                                             models.fingerprint, mdir, mirror_fp)) for si in todo))
             else:
                 results = ((si, predict_shard(store, si, predictor, pdir, cfg.predict.batch_size,
-                                              mirror)) for si in todo)
+                                              mirror, sweep)) for si in todo)
             for si, unit in results:
                 unit["fingerprint"] = fp
                 atomic_write_json(udir / f"{hashes[si]}.json", unit)
@@ -342,7 +354,8 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
         fingerprints = {"features": store.fingerprint, "models": models.fingerprint}
         if mirror_fp is not None:
             fingerprints["mirrored"] = mirror_fp
-        report = build_report(cfg, split, rows, fingerprints)
+        report = build_report(cfg, split, rows, fingerprints, sweep,
+                              report_stage.resolved_settings(cfg, str(device)))
         atomic_write_json(rpath, report)
         _write_human_reports(cfg, split, report, rows, store, predictor, mirror)
         done = StageState(state.name, state.deps, state.params, "", state.upstream)
@@ -374,9 +387,10 @@ def pred_dir_of(cfg: Config, split: str) -> Path:
     return cfg.run_dir / "predictions" / split
 
 
-def build_report(cfg: Config, split: str, rows: list[dict], fingerprints: dict[str, str]) -> dict:
+def build_report(cfg: Config, split: str, rows: list[dict], fingerprints: dict[str, str],
+                 sweep: Sequence[float] = (), resolved: dict | None = None) -> dict:
     """report_<split>.json's content from the units' rows (see report.stage.build_report)."""
-    return report_stage.build_report(cfg, split, rows, fingerprints, VARIANTS)
+    return report_stage.build_report(cfg, split, rows, fingerprints, VARIANTS, sweep, resolved)
 
 
 def _write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict],

@@ -38,6 +38,7 @@ from .figures import (
     _plot_categories,
     _plot_overall,
     _plot_scatter,
+    _plot_sweep,
     _save_figure,
     _training_figure,
     _zoom,
@@ -68,6 +69,7 @@ from .view import (
     TEMPLATE_DIR,
     _best_flags,
     categories_of,
+    configured_threshold,
     figure_entry,
     headline_text,
     ordered_variants,
@@ -143,10 +145,20 @@ def write_reports(out_dir: Path, split: str, report: Report | dict,
             add_figure(_plot_overall(variants, rows), "overall", "Variants, overall",
                        "dot plot of mIoU, J and F per variant",
                        "Each panel has its own zoomed axis.")
+            if report.threshold_sweep:
+                add_figure(_plot_sweep(report.threshold_sweep, configured_threshold(report)),
+                           "threshold_sweep", "Threshold sweep",
+                           "line plots of J mean, precision and recall against the threshold, "
+                           "per variant",
+                           "Each variant's masks cut at other thresholds on the object "
+                           "probability; dotted: the configured threshold, rings: the best J.")
             if categories:
                 add_figure(_plot_categories(variants, categories), "per_category",
-                           "mIoU per category", "dot plot of mIoU per category and variant",
-                           f"Categories sorted by the mIoU of {CANDIDATE}.")
+                           "mIoU, J and F per category",
+                           "dot plots of mIoU, J and F per category and variant",
+                           f"Categories sorted by the J of {CANDIDATE}. J and F are means over "
+                           f"images, mIoU pools the pixels: a category whose small objects "
+                           f"are missed has a low J but can keep a high mIoU.")
             if CANDIDATE in variants and BASELINE in variants and rows:
                 add_figure(_plot_scatter(rows, BASELINE, CANDIDATE), "per_image_j",
                            "Per-image J", f"scatter plot of per-image J, {CANDIDATE} against "

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..jsondoc import Damaged, an_object, count, field_of, kind, metric
+from ..jsondoc import Damaged, an_object, count, field_of, finite, kind, metric
 from ..jsondoc import text as _text
 
 HEADLINE = ("miou", "j_mean", "boundary_f")  # the metrics strict reading requires
@@ -50,6 +50,15 @@ class ImageScores:
 
 
 @dataclass(frozen=True)
+class SweepPoint:
+    """One threshold of ``threshold_sweep``: J mean, precision and recall at it."""
+    threshold: float
+    j_mean: float
+    precision: float
+    recall: float
+
+
+@dataclass(frozen=True)
 class Report:
     """report_<split>.json, validated. Every number is finite; None: absent (or, read
     leniently, unusable)."""
@@ -64,6 +73,10 @@ class Report:
     config: dict[str, dict[str, Any]] | None = None  # the effective config, as recorded
     fingerprints: dict[str, str | None] = field(default_factory=dict)
     versions: dict[str, str | None] = field(default_factory=dict)
+    # variant -> the sweep's points in threshold order ({}: a report made before the sweep)
+    threshold_sweep: dict[str, list[SweepPoint]] = field(default_factory=dict)
+    # the values used where the config says "auto" or 0, e.g. {"backbone.layers": 2}
+    resolved: dict[str, Any] = field(default_factory=dict)
 
 
 class _Reader:
@@ -147,6 +160,26 @@ class _Reader:
         return out
 
 
+    def sweep(self, value: Any, where: str) -> dict[str, list[SweepPoint]]:
+        out = {}
+        for v, pts in an_object(value, where).items():
+            points = []
+            for i, p in enumerate(self.get(_a_list, pts, f"{where}.{v}", [])):
+                w = f"{where}.{v}[{i}]"
+                point = self.get(lambda x, w: SweepPoint(
+                    *(metric(field_of(an_object(x, w), k, f"{w}."), f"{w}.{k}")
+                      for k in ("threshold", "j_mean", "precision", "recall"))), p, w)
+                if point is not None:
+                    points.append(point)
+            out[v] = sorted(points, key=lambda p: p.threshold)
+        return out
+
+    def resolved(self, value: Any, where: str) -> dict[str, Any]:
+        return {k: v for k, v in an_object(value, where).items()
+                if isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                and (isinstance(v, str) or finite(v))}
+
+
 def _any_text(value: Any, where: str) -> str:
     """Read leniently, a scalar stands for its text (a hand-made report)."""
     if isinstance(value, (dict, list)):
@@ -201,7 +234,9 @@ def parse_report(doc: Any, *, strict: bool = True, required: Sequence[str] = ())
         run=r.optional(doc, "run", _text if strict else _run_text),
         variants=variants, per_image=per_image, config=config,
         fingerprints=r.optional(doc, "fingerprints", r.texts, default={}),
-        versions=r.optional(doc, "versions", r.texts, default={}))
+        versions=r.optional(doc, "versions", r.texts, default={}),
+        threshold_sweep=r.optional(doc, "threshold_sweep", r.sweep, default={}),
+        resolved=r.optional(doc, "resolved", r.resolved, default={}))
 
 
 def parse_per_image(rows: Any) -> list[ImageScores]:

@@ -17,7 +17,7 @@ import numpy as np
 from ..data import display_name
 from ..jsondoc import finite as _finite
 from ..variants import BASELINE, CANDIDATE, VARIANTS
-from .doc import ImageScores, Metrics, VariantScores
+from .doc import ImageScores, Metrics, SweepPoint, VariantScores
 
 # metrics with one per-category table each, and of the overall dot plot
 CATEGORY_METRICS = (("miou", "mIoU"), ("j_mean", "J mean"), ("boundary_f", "Boundary F"))
@@ -26,6 +26,12 @@ CHART_METRICS = CATEGORY_METRICS
 VARIANT_ORDER = VARIANTS
 VARIANT_COLOURS = {"linear_nearest": "#9aa5b1", "linear_bilinear": "#4c78a8", "pac": "#f58518"}
 _EXTRA_COLOURS = ("#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d", "#eeca3b")
+# the categories' colours: none of the variants' grey / blue / orange nor the error legend's
+# green / red / blue / yellow (panels.LEGEND), dark enough on white; with the markers below,
+# len(CATEGORY_COLOURS) x len(CATEGORY_MARKERS) categories are told apart
+CATEGORY_COLOURS = ("#7b3294", "#00a6a6", "#8c510a", "#d01c8b", "#01665e", "#6b6b00",
+                    "#de77ae", "#67001f", "#40004b")
+CATEGORY_MARKERS = ("o", "s", "^", "D")
 
 def _new_figure(figsize: tuple[float, float],
                 layout: Literal["constrained", "compressed", "tight"] | None = None):
@@ -200,7 +206,7 @@ def _zoom(values: Iterable[float], pad: float = 0.18, min_span: float = 0.04
 
 
 # the figures of a report (file stems in the files folder: .svg, .pdf and .png each)
-FIGURES = ("overall", "per_category", "per_image_j", "training_curves")
+FIGURES = ("overall", "threshold_sweep", "per_category", "per_image_j", "training_curves")
 
 N_BOOT = 2000
 
@@ -281,58 +287,115 @@ MAX_CATEGORY_ROWS = 60
 
 
 def _plot_categories(variants: dict[str, VariantScores], categories: list[str]):
-    """mIoU per category as a dot plot: one row per category (sorted by the candidate's mIoU,
-    best on top), one coloured dot per variant joined by a grey line, zoomed x axis."""
+    """mIoU, J and F per category as dot plots side by side, one row per category (sorted by
+    the candidate's J, worst at the bottom), one coloured dot per variant joined by a grey
+    line; each panel's x axis zoomed to its values. J and F are per-image means, mIoU pools
+    the pixels: they disagree when a category's images differ in object size."""
     names = list(variants)
     key_v = CANDIDATE if CANDIDATE in names else names[-1]
 
-    def val(v, c):
-        return _value(variants[v].per_category.get(c), "miou")
+    def val(v, c, key):
+        return _value(variants[v].per_category.get(c), key)
 
-    cats = sorted(categories, key=lambda c: (-val(key_v, c) if _finite(val(key_v, c))
-                                             else math.inf, str(c)))
-    title = "mIoU per category"
+    cats = sorted(categories, key=lambda c: (-val(key_v, c, "j_mean")
+                                             if _finite(val(key_v, c, "j_mean")) else math.inf,
+                                             str(c)))
+    title = "mIoU, J and F per category"
     if len(cats) > MAX_CATEGORY_ROWS:
         cats = cats[-MAX_CATEGORY_ROWS:]
-        title += f" (the {MAX_CATEGORY_ROWS} lowest by {key_v})"
+        title += f" (the {MAX_CATEGORY_ROWS} lowest J of {key_v})"
     n = len(cats)
-    fig = _new_figure((5.6, 0.3 * n + 1.25), layout="constrained")
-    ax = fig.subplots()
-    allv = []
-    for row, c in enumerate(cats):
-        y = n - 1 - row
-        fin = [x for x in (val(v, c) for v in names) if _finite(x)]
-        allv += fin
-        if len(fin) > 1:
-            ax.plot([min(fin), max(fin)], [y, y], color="#c9d1d9", lw=2, zorder=1)
-    for i, v in enumerate(names):
-        pts = [(val(v, c), n - 1 - row) for row, c in enumerate(cats) if _finite(val(v, c))]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", ms=6.5, label=v,
-                color=_variant_colour(v, i), markeredgecolor="white", markeredgewidth=0.6,
-                zorder=2 + (v == key_v), clip_on=False)
-    ax.set_yticks(range(n), [_short(c, 22) for c in reversed(cats)], fontsize=8.5)
-    ax.set_ylim(-0.6, n - 0.4)
-    ax.set_xlim(*_zoom(allv, pad=0.1))
-    ax.set_xlabel("mIoU (axis zoomed to the values, not from 0)", fontsize=8, color="#59636e")
-    ax.tick_params(axis="x", labelsize=8.5)
-    ax.tick_params(axis="y", length=0)
-    ax.grid(True, axis="x", alpha=0.3)
-    for side in ("top", "right", "left"):
-        ax.spines[side].set_visible(False)
-    ax.set_title(title, fontsize=10, loc="left", fontweight="bold")
-    fig.legend(loc="outside upper right", ncol=len(names), fontsize=8, frameon=False,
-               handletextpad=0.2, columnspacing=1.0)
+    fig = _new_figure((9.6, 0.3 * n + 1.9), layout="constrained")
+    axes = fig.subplots(1, len(CATEGORY_METRICS), sharey=True)
+    for k, (ax, (key, label)) in enumerate(zip(axes, CATEGORY_METRICS, strict=True)):
+        allv = []
+        for row, c in enumerate(cats):
+            y = n - 1 - row
+            fin = [x for x in (val(v, c, key) for v in names) if _finite(x)]
+            allv += fin
+            if len(fin) > 1:
+                ax.plot([min(fin), max(fin)], [y, y], color="#c9d1d9", lw=2, zorder=1)
+        for i, v in enumerate(names):
+            pts = [(val(v, c, key), n - 1 - row) for row, c in enumerate(cats)
+                   if _finite(val(v, c, key))]
+            if not pts:  # an empty line's extent would collapse the layout
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", ms=6, label=v,
+                    color=_variant_colour(v, i), markeredgecolor="white", markeredgewidth=0.6,
+                    zorder=2 + (v == key_v), clip_on=False)
+        if k == 0:
+            ax.set_yticks(range(n), [_short(c, 22) for c in reversed(cats)], fontsize=8.5)
+        ax.set_ylim(-0.6, n - 0.4)
+        ax.set_xlim(*_zoom(allv, pad=0.1))
+        ax.set_title(label, fontsize=9.5, loc="left", fontweight="bold")
+        ax.xaxis.set_major_locator(_max_n_locator(4))
+        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="y", length=0)
+        ax.grid(True, axis="x", alpha=0.3)
+        for side in ("top", "right", "left"):
+            ax.spines[side].set_visible(False)
+    fig.suptitle(title, fontsize=10, x=0.01, ha="left", fontweight="bold")
+    fig.supxlabel("each axis zoomed to its values (not from 0)", fontsize=7.5, color="#59636e")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper right",
+               ncol=len(names), fontsize=8, frameon=False, handletextpad=0.2,
+               columnspacing=1.0)
     return fig
 
 
-def _category_colours(categories: list[str]) -> dict[str, str] | None:
-    """A distinct colour per category (tab10 / tab20), None for more than 20 categories."""
-    from matplotlib import colormaps
-    from matplotlib.colors import to_hex
-    if len(categories) > 20:
+def _max_n_locator(n: int):
+    from matplotlib.ticker import MaxNLocator
+    return MaxNLocator(n)
+
+
+def _plot_sweep(sweep: dict[str, list[SweepPoint]], threshold: float | None):
+    """The threshold sweep: J mean against the threshold per variant (top), precision and
+    recall of the object pixels (below; solid precision, dashed recall), the configured
+    threshold marked with a dotted line and each variant's best J with a ring."""
+    names = [v for v, pts in sweep.items() if pts]
+    if not names:
         return None
-    cmap = colormaps["tab10" if len(categories) <= 10 else "tab20"]
-    return {c: to_hex(cmap(i)) for i, c in enumerate(categories)}
+    fig = _new_figure((5.6, 6.4), layout="constrained")  # stacked: readable on a phone too
+    ax_j, ax_pr = fig.subplots(2, 1)
+    for i, v in enumerate(names):
+        pts, c = sweep[v], _variant_colour(v, i)
+        ts = [p.threshold for p in pts]
+        ax_j.plot(ts, [p.j_mean for p in pts], color=c, lw=1.8, marker="o", ms=3, label=v)
+        best = max(pts, key=lambda p: (p.j_mean, -abs(p.threshold - (threshold or 0.5))))
+        ax_j.plot([best.threshold], [best.j_mean], "o", ms=9, mfc="none", mec=c, mew=1.4)
+        ax_pr.plot(ts, [p.precision for p in pts], color=c, lw=1.6, label=f"{v} precision")
+        ax_pr.plot(ts, [p.recall for p in pts], color=c, lw=1.6, ls="--",
+                   label=f"{v} recall")
+    for ax, title in ((ax_j, "J mean"), (ax_pr, "Precision (solid) and recall (dashed)")):
+        if threshold is not None:
+            ax.axvline(threshold, color="#59636e", lw=1.1, ls=":", zorder=0)
+            ax.annotate(f"configured {threshold:g}", (threshold, 0.0),
+                        xycoords=("data", "axes fraction"), xytext=(3, 3),
+                        textcoords="offset points", ha="left", va="bottom", fontsize=7.5,
+                        color="#59636e", bbox=dict(boxstyle="square,pad=0.15", fc="white",
+                                                   ec="none", alpha=0.8))
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("threshold on the object probability", fontsize=8.5)
+        ax.set_title(title, fontsize=10, loc="left", fontweight="bold")
+        ax.tick_params(labelsize=8.5)
+        ax.grid(True, alpha=0.3)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    lo, hi = _zoom([p.j_mean for v in names for p in sweep[v]], pad=0.08)
+    ax_j.set_ylim(lo, hi)
+    ax_pr.set_ylim(-0.02, 1.02)
+    fig.legend(*ax_j.get_legend_handles_labels(), loc="outside lower center", ncol=len(names),
+               fontsize=8, frameon=False, handletextpad=0.3, columnspacing=1.2)
+    return fig
+
+
+def _category_styles(categories: list[str]) -> dict[str, tuple[str, str]] | None:
+    """A distinct (colour, marker) per category from CATEGORY_COLOURS x CATEGORY_MARKERS
+    (colours first), None for more categories than that."""
+    nc, nm = len(CATEGORY_COLOURS), len(CATEGORY_MARKERS)
+    if len(categories) > nc * nm:
+        return None
+    return {c: (CATEGORY_COLOURS[i % nc], CATEGORY_MARKERS[i // nc])
+            for i, c in enumerate(categories)}
 
 
 def _plot_scatter(per_image: list[ImageScores], x_variant: str, y_variant: str):
@@ -347,7 +410,7 @@ def _plot_scatter(per_image: list[ImageScores], x_variant: str, y_variant: str):
     if not pts:
         return None
     cats = list(dict.fromkeys(c for c, _, _ in pts))
-    colours = _category_colours(cats)
+    colours = _category_styles(cats)
     many = len(pts) > 400
     fig = _new_figure((5.0, 5.3 + (0.18 * math.ceil(len(cats) / 3) if colours else 0)),
                       layout="constrained")
@@ -359,7 +422,8 @@ def _plot_scatter(per_image: list[ImageScores], x_variant: str, y_variant: str):
         xs = [a for cc, a, _ in pts if cc == c]
         ys = [b for cc, _, b in pts if cc == c]
         ax.scatter(xs, ys, s=10 if many else 28, alpha=0.55 if many else 0.85,
-                   color=colours[c] if colours else _variant_colour(y_variant, 2),
+                   color=colours[c][0] if colours else "#6a51a3",
+                   marker=colours[c][1] if colours else "o",
                    edgecolors="white", linewidths=0 if many else 0.5, zorder=2,
                    label=_short(c, 20), clip_on=False)
     better = sum(b > a + 1e-9 for _, a, b in pts)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..config import Config
 from ..errors import StoreError
-from ..metrics import ImageStats, summarize
+from ..metrics import ImageStats, summarize, sweep_summary
 from . import write_reports
 from .figures import LOSS_CURVES, curve_files
 from .panels import Thumb, VariantThumb
@@ -23,11 +23,15 @@ if TYPE_CHECKING:
 
 
 def build_report(cfg: Config, split: str, rows: list[dict], fingerprints: dict[str, str],
-                 variants: Sequence[str]) -> dict:
+                 variants: Sequence[str], sweep: Sequence[float] = (),
+                 resolved: dict | None = None) -> dict:
     """The report of a split: metrics of the annotated images (`n_images`), how many masks
     were written (`n_predicted`), and its provenance: the effective config, the content
     fingerprints of the features and models used, the versions, and J and F per image.
-    `rows`: stage 3's unit items (``stats``: {variant: ImageStats dict}, None unannotated)."""
+    `rows`: stage 3's unit items (``stats``: {variant: ImageStats dict}, None unannotated;
+    ``sweep``: {variant: sweep counts at the thresholds `sweep`}). With `sweep`, the report's
+    ``threshold_sweep``: per variant, J mean, precision and recall at each threshold.
+    `resolved`: the values used where the config says "auto" or 0 (``resolved_settings``)."""
     import torch
 
     if not rows:
@@ -42,11 +46,31 @@ def build_report(cfg: Config, split: str, rows: list[dict], fingerprints: dict[s
     per_image = [{"category": r["category"], "stem": r["stem"],
                   "j": {v: r["stats"][v]["j"] for v in variants},
                   "f": {v: r["stats"][v]["f"] for v in variants}} for r in scored]
-    return {"split": split, "n_images": len(scored), "n_predicted": len(rows),
-            "backbone": {"name": cfg.backbone.name, "weights": cfg.backbone.weights},
-            "run": cfg.run.name, "variants": summary, "config": cfg.to_dict(),
-            "fingerprints": dict(fingerprints), "per_image": per_image,
-            "versions": {"vit-objseg": package_version(), "torch": torch.__version__}}
+    report = {"split": split, "n_images": len(scored), "n_predicted": len(rows),
+              "backbone": {"name": cfg.backbone.name, "weights": cfg.backbone.weights},
+              "run": cfg.run.name, "variants": summary, "config": cfg.to_dict(),
+              "fingerprints": dict(fingerprints), "per_image": per_image,
+              "versions": {"vit-objseg": package_version(), "torch": torch.__version__}}
+    if sweep:
+        report["threshold_sweep"] = {
+            v: sweep_summary(sweep, [(r["sweep"][v], r["stats"][v]["tp"] + r["stats"][v]["fn"])
+                                     for r in scored]) for v in variants}
+    if resolved:
+        report["resolved"] = dict(resolved)
+    return report
+
+
+def resolved_settings(cfg: Config, predict_device: str) -> dict:
+    """The values stage 3 used where the config leaves the choice to the tool: backbone.layers
+    (0: the backbone's default) and its channels, extract.precision ("auto": by the device;
+    the feature key the stored split was made with), predict.device ("auto")."""
+    from ..devices import resolve_precision
+    from ..registry import get_spec, resolve_layers
+    layers = resolve_layers(cfg.backbone.name, cfg.backbone.layers)
+    return {"backbone.layers": layers,
+            "backbone.channels": get_spec(cfg.backbone.name).channels(layers),
+            "extract.precision": resolve_precision(cfg.extract.precision, cfg.extract.device),
+            "predict.device": str(predict_device)}
 
 
 def package_version() -> str:
@@ -69,6 +93,31 @@ def headline(report: dict) -> list[str]:
     if report["n_images"] < report["n_predicted"]:
         out.append(f"scored {report['n_images']} annotated of {report['n_predicted']} images")
     return out
+
+
+SPREAD_CAPS = (1, 2)  # images per category of the best / worst: one each, then two, then any
+
+
+def spread(ranked: Sequence[dict], k: int) -> list[dict]:
+    """The first `k` of the rows `ranked` spread over their categories (a DAVIS category is a
+    sequence): round-robin, at most one image per category while other categories have one
+    to offer, then at most two, then the next in rank order. In rank order."""
+    def category(r: dict) -> str:
+        return r["category"]
+
+    chosen: set[int] = set()
+    for cap in (*SPREAD_CAPS, None):
+        used: dict[str, int] = {}
+        for i in sorted(chosen):
+            used[category(ranked[i])] = used.get(category(ranked[i]), 0) + 1
+        for i, r in enumerate(ranked):
+            if len(chosen) >= k:
+                break
+            c = category(r)
+            if i not in chosen and (cap is None or used.get(c, 0) < cap):
+                chosen.add(i)
+                used[c] = used.get(c, 0) + 1
+    return [ranked[i] for i in sorted(chosen)]
 
 
 def other_runs(cfg: Config, split: str) -> list[tuple[str, str]]:
@@ -103,8 +152,9 @@ def write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict],
     rows = [r for r in rows if r["stats"] is not None]
     k = cfg.predict.thumbnails
     ranked = sorted(rows, key=lambda r: (r["stats"]["pac"]["j"], r["category"], r["stem"]))
-    worst = ranked[:k]
-    best = [r for r in ranked[::-1] if r not in worst][:k]
+    worst = spread(ranked, k)
+    taken = {id(r) for r in worst}
+    best = spread([r for r in ranked[::-1] if id(r) not in taken], k)
 
     def scored(r: dict) -> tuple[CachedItem, np.ndarray]:
         """A scored row's stored item and its annotation."""

@@ -67,7 +67,8 @@ VARIANT_NOTES = {
 
 # config sections shown in the settings summary (all their keys), and single keys added
 SETTINGS_SECTIONS = ("backbone", "train", "upsampler")
-SETTINGS_KEYS = ("data.train_split", "extract.fit", "predict.threshold")
+SETTINGS_KEYS = ("data.train_split", "extract.fit", "extract.precision", "predict.threshold",
+                 "predict.device")
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -301,9 +302,24 @@ def _per_image_table(per_image: list[ImageScores], vnames: list[str]) -> dict | 
             "truncated": len(ranked) > len(rows)}
 
 
-def _settings(config: dict[str, dict] | None) -> list[dict]:
+def _used_value(key: str, value, resolved: dict) -> str:
+    """A setting as the run used it: backbone.layers with its channels ("2 (256 channels)",
+    0 resolved to the backbone's default), an "auto" value resolved ("fp32 (auto)"), as the
+    report's ``resolved`` records them; else the value as configured."""
+    if key == "backbone.layers" and "backbone.layers" in resolved:
+        text = str(resolved["backbone.layers"])
+        if "backbone.channels" in resolved:
+            text += f" ({resolved['backbone.channels']} channels)"
+        return text
+    if value == "auto" and key in resolved:
+        return f"{_config_value(resolved[key])} (auto)"
+    return _config_value(value)
+
+
+def _settings(config: dict[str, dict] | None, resolved: dict | None = None) -> list[dict]:
     """The training settings (backbone.*, train.*, upsampler.* and a few single keys) as
-    rows {key, value, changed}; ``changed`` when the value differs from the built-in default."""
+    rows {key, value, changed}, each value as the run used it (``_used_value``); ``changed``
+    when the configured value differs from the built-in default."""
     if config is None:
         return []
     defaults = Config().to_dict()
@@ -313,7 +329,8 @@ def _settings(config: dict[str, dict] | None) -> list[dict]:
         d = (defaults.get(section) or {})
         changed = name in d and d[name] != value and not (
             _finite(d[name]) and _finite(value) and float(d[name]) == float(value))
-        rows.append({"key": f"{section}.{name}", "value": _config_value(value),
+        key = f"{section}.{name}"
+        rows.append({"key": key, "value": _used_value(key, value, resolved or {}),
                      "changed": bool(changed)})
 
     for section in SETTINGS_SECTIONS:
@@ -328,6 +345,36 @@ def _settings(config: dict[str, dict] | None) -> list[dict]:
 
 def _config_toml(config: dict[str, dict] | None) -> str | None:
     return toml_text(config) if config else None
+
+
+def configured_threshold(report: Report) -> float | None:
+    """predict.threshold as the report's config records it (None: absent or unusable)."""
+    t = ((report.config or {}).get("predict") or {}).get("threshold")
+    return float(t) if _finite(t) and 0 < float(t) < 1 else None
+
+
+def _sweep_view(report: Report, vnames: list[str], colours: dict) -> dict | None:
+    """The sweep's table: per variant J / precision / recall at the configured threshold and
+    the threshold with the best J mean (the nearer to the configured one on a tie)."""
+    t0 = configured_threshold(report)
+    rows = []
+    for v in vnames:
+        pts = report.threshold_sweep.get(v) or []
+        if not pts:
+            continue
+        at = next((p for p in pts if t0 is not None and p.threshold == t0), None)
+        best = max(pts, key=lambda p: (p.j_mean, -abs(p.threshold - (t0 or 0.5))))
+        gain = None if at is None else best.j_mean - at.j_mean
+        rows.append({"variant": v, "colour": colours.get(v, "#888"),
+                     "at": [_fmt(None if at is None else getattr(at, k))
+                            for k in ("j_mean", "precision", "recall")],
+                     "best_threshold": f"{best.threshold:g}", "best_j": _fmt(best.j_mean),
+                     "gain": _signed(gain) if gain is not None else "\u2014",
+                     "better": gain is not None and gain > 0.005})
+    if not rows:
+        return None
+    return {"threshold": "\u2014" if t0 is None else f"{t0:g}", "rows": rows,
+            "any_better": any(r["better"] for r in rows)}
 
 
 def _provenance(report: Report) -> list[tuple[str, str]]:
@@ -363,7 +410,7 @@ def view_model(split: str, report: Report, per_image: list[ImageScores],
     images_text = _plural(n_images, "image") + " scored"
     if n_predicted is not None and n_predicted != n_images:
         images_text += f" of {_fmt_int(n_predicted)} predicted"
-    settings = _settings(report.config)
+    settings = _settings(report.config, report.resolved)
     return {
         "title": f"Segmentation report: {split} split, {name} backbone",
         "split": split, "backbone": name, "weights": report.weights,
@@ -382,6 +429,7 @@ def view_model(split: str, report: Report, per_image: list[ImageScores],
         "variants": [{"name": v, "colour": colours[v], "note": VARIANT_NOTES.get(v)}
                      for v in vnames],
         "overall": _overall_table(variants, colours) if scored else None,
+        "sweep": _sweep_view(report, vnames, colours) if scored else None,
         "category_tables": _category_tables(variants, categories) if categories else [],
         "per_image": _per_image_table(per_image, vnames) if scored else None,
         "figures": figures,

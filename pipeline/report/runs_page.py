@@ -1,0 +1,58 @@
+"""The runs of one `paths.outputs` side by side as an offline HTML page (`runs --html`):
+`runs`' rows (``runs.collect``, as ``runs.as_json`` gives them) laid out by the Jinja2
+template ``templates/runs.html.j2``, each run linking to its report. Written next to the run
+folders, as ``<paths.outputs>/runs_<split>.html``, so the links are relative."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..fsutil import atomic_write_bytes
+from ..jsondoc import finite as _finite
+from .view import _best_flags, _config_value, _fmt, _url, render
+
+# (variant, metric, column title) of the page's metric columns, as `runs`' table has them
+COLUMNS = (("pac", "miou", "pac mIoU"), ("pac", "j_mean", "pac J"),
+           ("pac", "boundary_f", "pac F"), ("linear_bilinear", "miou", "bilinear mIoU"),
+           ("linear_bilinear", "j_mean", "bilinear J"),
+           ("linear_bilinear", "boundary_f", "bilinear F"))
+
+
+def runs_page_path(outputs: Path, split: str) -> Path:
+    return Path(outputs) / f"runs_{split}.html"
+
+
+def runs_view(rows: list[dict[str, Any]], split: str) -> dict:
+    """What runs.html.j2 shows: the keys that differ, one row per run with its values, its
+    metrics (the best per column flagged), its state and the link to its report."""
+    keys = sorted({k for r in rows for k in (r.get("params") or {})})
+    cols = [[(r.get("metrics") or {}).get(v, {}).get(m) for r in rows] for v, m, _ in COLUMNS]
+    flags = [_best_flags(c) for c in cols]
+    out = []
+    for i, r in enumerate(rows):
+        params = r.get("params") or {}
+        damaged = r.get("damaged")
+        up = r.get("up_to_date")
+        state = ("damaged" if damaged else "up to date" if up is True
+                 else "stale" if up is False else "unknown")
+        secs = r.get("train_seconds")
+        out.append({"run": str(r.get("run", "?")),
+                    "href": _url(r["report"]) if r.get("report") else None,
+                    "params": ["\u2014" if k not in params else _config_value(params[k])
+                               for k in keys],
+                    "cells": [{"text": _fmt(cols[j][i]), "best": flags[j][i]}
+                              for j in range(len(COLUMNS))],
+                    "n": "\u2014" if r.get("n_images") is None else str(r["n_images"]),
+                    "train_s": f"{secs:.0f}" if _finite(secs) else "\u2014",
+                    "state": state, "css": state.replace(" ", "-"),
+                    "why": str(damaged or r.get("why") or "")})
+    return {"split": split, "keys": keys, "columns": [t for _, _, t in COLUMNS], "rows": out,
+            "n": len(out)}
+
+
+def write_runs_page(outputs: Path, split: str, rows: list[dict[str, Any]]) -> Path:
+    """Writes <outputs>/runs_<split>.html (atomically) from `runs`' rows; returns its path."""
+    path = runs_page_path(outputs, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, render("runs.html.j2", runs_view(rows, split)).encode("utf-8"))
+    return path
