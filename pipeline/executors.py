@@ -63,16 +63,18 @@ def require_distributed() -> None:
 
 
 @contextlib.contextmanager
-def connect(scheduler: str) -> Iterator:
-    """A dask.distributed Client for `scheduler` ("local:N" or an address); ExecutorError
-    naming the address when it cannot be reached within CONNECT_TIMEOUT_S."""
+def connect(scheduler: str, worker_threads: int = 1) -> Iterator:
+    """A dask.distributed Client for `scheduler` ("local:N": N worker processes of
+    `worker_threads` task threads each, or an address); ExecutorError naming the address when
+    it cannot be reached within CONNECT_TIMEOUT_S."""
     require_distributed()
     from distributed import Client, LocalCluster
     if scheduler.startswith("local:"):
         n = int(scheduler.split(":", 1)[1])
         with preserved_environment(), \
-                LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                             dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+                LocalCluster(n_workers=n, threads_per_worker=worker_threads, processes=True,
+                             host="127.0.0.1", dashboard_address=None,
+                             silence_logs=logging.ERROR) as cluster, \
                 Client(cluster) as client:
             yield client
         return
@@ -100,11 +102,18 @@ def portable_config(cfg: Config) -> Config:
     return copy_config(cfg, **{k.replace(".", "__"): v for k, v in changes.items()})
 
 
-def run_tasks(scheduler: str, fn: Callable, inputs: Iterable[tuple[str, tuple]]) -> Iterator[Any]:
-    """Run fn(*args) on the cluster for each (key, args) of `inputs`; yield the results as
-    they complete. A task whose worker dies is retried elsewhere (tasks are idempotent)."""
+def run_tasks(scheduler: str, fn: Callable, inputs: Iterable[tuple[str, tuple]],
+              worker_threads: int = 1) -> Iterator[Any]:
+    """Run fn(*args) on the cluster for each (key, args) of `inputs`, handed to workers in
+    that order (earlier first: a caller that lists its largest tasks first balances the
+    workers' loads); yield the results as they complete. A task whose worker dies is retried
+    elsewhere (tasks are idempotent). `worker_threads`: task threads per worker of a
+    "local:N" cluster (tasks that overlap their I/O with another task's compute ask for 2)."""
     from distributed import as_completed
-    with connect(scheduler) as client:
-        futures = [client.submit(fn, *args, key=key, pure=False, retries=2) for key, args in inputs]
+    with connect(scheduler, worker_threads) as client:
+        calls = list(inputs)
+        futures = [client.submit(fn, *args, key=key, pure=False, retries=2,
+                                 priority=len(calls) - k)
+                   for k, (key, args) in enumerate(calls)]
         for fut in as_completed(futures):
             yield fut.result()

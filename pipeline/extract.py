@@ -8,6 +8,7 @@ a damaged shard is recomputed alone, and shards can be handed to a Dask cluster 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -15,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,6 @@ import numpy as np
 
 from .config import Config
 from .data import (
-    Box,
     DataError,
     Item,
     LoadedItem,
@@ -68,6 +68,7 @@ from .store import (
     store_dir,
     write_shard,
 )
+from .streaming import Decoded, Undecodable, Writer, stream
 
 STAGE = "extract-features"
 
@@ -79,26 +80,11 @@ def selected_splits(cfg: Config, splits: Iterable[str] = ()) -> list[str]:
 
 # ----------------------------------------------------------------------------- the engine
 
-@dataclass
-class Decoded:
-    """One item read and decoded, with its box on the canvas."""
-    item: Item
-    loaded: LoadedItem
-    box: Box
-
-
-@dataclass
-class Undecodable:
-    """One unusable item and its one-line error."""
-    item: Item
-    error: str
-    refused_pixels: int = 0  # > 0: refused by data.max_pixels (retried when it is raised)
-
-
 def decode(data_root: str, item: Item, patch: int, fit: str,
-           max_pixels: int | None) -> Decoded | Undecodable:
-    """Read and decode one item; an unusable one carries its one-line error (and, when
-    data.max_pixels refused it from its header, its pixel count)."""
+           max_pixels: int | None) -> Decoded[Item, LoadedItem] | Undecodable[Item]:
+    """Read and decode one item (its file's bytes and mask kept as `meta`); an unusable one
+    carries its one-line error (and, when data.max_pixels refused it from its header, its
+    pixel count)."""
     try:
         loaded = load_item(data_root, item, max_pixels)
     except ImageTooLarge as e:
@@ -106,14 +92,14 @@ def decode(data_root: str, item: Item, patch: int, fit: str,
     except DataError as e:
         return Undecodable(item, str(e))
     h, w = loaded.image.shape[:2]
-    return Decoded(item, loaded, fit_box(h, w, patch, fit))
+    return Decoded(item, loaded.image, fit_box(h, w, patch, fit), loaded)
 
 
 class Extractor(BackboneRunner):
     """A loaded backbone (the shared forward, `inference.BackboneRunner`) plus everything
     needed to turn decoded images into shard records."""
 
-    def shard_records(self, decoded: Iterable[Decoded | Undecodable],
+    def shard_records(self, decoded: Iterable[Decoded[Item, LoadedItem] | Undecodable[Item]],
                       on_batch: Callable[[int], None] | None = None,
                       mirror: bool = False,
                       ) -> tuple[list[ShardRecord], list[str], tuple[int, ...]]:
@@ -122,7 +108,7 @@ class Extractor(BackboneRunner):
         Batches are formed per canvas size in item order, so the same shard always sees the
         same batches. Returns the records, the unusable files' errors and the pixel counts of
         the images refused by data.max_pixels."""
-        good: list[Decoded] = []
+        good: list[Decoded[Item, LoadedItem]] = []
         errors: list[str] = []
         rejected: list[int] = []
         for d in decoded:
@@ -135,16 +121,14 @@ class Extractor(BackboneRunner):
         feats: dict[int, np.ndarray] = {}  # index in `good` -> features
         pending: deque = deque()
         for chunk in same_size_batches([d.box for d in good], self.batch_size):
-            fetch = self.launch([to_canvas(good[i].loaded.image, good[i].box) for i in chunk],
-                                mirror)
+            fetch = self.launch([to_canvas(good[i].image, good[i].box) for i in chunk], mirror)
             pending.append((chunk, fetch))
             if len(pending) > 1:
                 self._collect(pending.popleft(), feats, on_batch)
         while pending:
             self._collect(pending.popleft(), feats, on_batch)
-        records = [ShardRecord(feats[i], d.loaded.encoded, d.loaded.mask,
-                               d.loaded.image.shape[:2], d.item.category, d.item.stem,
-                               d.item.image, d.box)
+        records = [ShardRecord(feats[i], d.meta.encoded, d.meta.mask, d.image.shape[:2],
+                               d.source.category, d.source.stem, d.source.image, d.box)
                    for i, d in enumerate(good)]
         return records, errors, tuple(rejected)
 
@@ -159,81 +143,77 @@ class Extractor(BackboneRunner):
             on_batch(len(chunk))
 
 
-def run_task(task: ShardTask, extractor: Extractor,
-             decoded: Iterable[Decoded | Undecodable] | None = None) -> int:
-    """Compute and atomically write one shard with its receipt; returns its image count."""
-    if decoded is None:
-        decoded = [decode(task.data_root, it, extractor.patch, extractor.fit, task.max_pixels)
-                   for it in task.items]
-    records, errors, rejected = extractor.shard_records(decoded, mirror=task.mirror)
-    write_shard(task, records, errors, rejected)
-    return len(records)
+def stream_shards(tasks: Iterable[ShardTask], extractor: Extractor, decode_threads: int,
+                  on_done: Callable[[int], None] = lambda n: None,
+                  on_images: Callable[[int], None] | None = None, lookahead: int = 2,
+                  forward_lock: AbstractContextManager | None = None) -> None:
+    """Compute and atomically write shards with their receipts through the streaming engine
+    (pipeline/streaming.py): the items of the next `lookahead` shards are decoded by
+    `decode_threads` threads while the backbone runs, and a shard is written in the
+    background while the next one is computed. The same in this process and in a Dask task.
+    `on_images(n)` after each batch of n images (unusable ones counted per shard),
+    `on_done(n_cached)` per shard written, in order. `forward_lock`: held around each shard's
+    forward (a Dask worker's tasks share its one backbone, one forward at a time)."""
+    def items(task: ShardTask) -> list[tuple[ShardTask, Item]]:
+        return [(task, it) for it in task.items]
 
-
-def extract_task(task: ShardTask, cfg: Config) -> int:
-    """One shard on a Dask worker: decode with threads, run the worker's backbone (loaded
-    once per worker process), write atomically. Idempotent: an intact shard is kept."""
-    entry = done_entry(task, None)
-    if entry is not None:
-        return len(entry.rows)
-    key = ("extract", tuple(sorted(feature_params(cfg).items())), cfg.extract.device,
-           cfg.extract.batch_size)
-    extractor = worker_cached(key, lambda: Extractor(cfg))
-    with ThreadPoolExecutor(max(1, cfg.extract.num_workers)) as pool:
-        decoded = list(pool.map(lambda it: decode(task.data_root, it, extractor.patch,
-                                                  extractor.fit, task.max_pixels),
-                                task.items))
-    return run_task(task, extractor, decoded)
-
-
-# ----------------------------------------------------------------------------- local streaming
-
-def stream_local(tasks: list[ShardTask], extractor: Extractor, workers: int,
-                 on_done: Callable[[int], None], on_images: Callable[[int], None] | None = None,
-                 lookahead: int = 2) -> None:
-    """Run shard tasks in this process: images are decoded by a thread pool ahead of the
-    model (`lookahead` shards in flight), shards are written by a background thread.
-    `on_images(n)` after each batch of n images (failed ones counted per shard), `on_done(n_cached)`
-    per shard written."""
-    decode_pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="decode")
-    write_pool = ThreadPoolExecutor(1, thread_name_prefix="write")
-    window: deque[tuple[ShardTask, list[Future]]] = deque()
-    writes: deque[Future] = deque()
-    todo = iter(tasks)
-
-    def submit_next() -> None:
-        t = next(todo, None)
-        if t is not None:
-            window.append((t, [decode_pool.submit(decode, t.data_root, it, extractor.patch,
-                                                  extractor.fit, t.max_pixels)
-                               for it in t.items]))
+    def decode_one(entry: tuple[ShardTask, Item]):
+        task, it = entry
+        return decode(task.data_root, it, extractor.patch, extractor.fit, task.max_pixels)
 
     def write(task: ShardTask, records: list[ShardRecord], errors: list[str],
               rejected: tuple[int, ...]) -> int:
         write_shard(task, records, errors, rejected)
         return len(records)
 
+    def process(task: ShardTask, decoded, writer: Writer[int]) -> None:
+        decoded = list(decoded)  # decoded before the lock: another task's forward runs
+        with forward_lock or contextlib.nullcontext():
+            records, errors, rejected = extractor.shard_records(decoded, on_images, task.mirror)
+        if on_images is not None and errors:
+            on_images(len(errors))
+        writer.submit(write, task, records, errors, rejected)
+
+    stream(tasks, items, decode_one, process, on_done, decode_threads=decode_threads,
+           lookahead=lookahead, max_writes=1)
+
+
+DASK_WORKER_THREADS = 2  # task threads of a "local:N" worker: one shard's decoding and
+# writing overlap another's forward (`extract_task`)
+
+
+def extract_task(task: ShardTask, cfg: Config) -> int:
+    """One shard on a Dask worker, through the same streaming engine as a local run. The
+    worker loads the backbone once and keeps it, with a lock, for all its tasks; a worker
+    with T task threads has up to T shards in flight, one in the forward at a time while the
+    others decode (extract.num_workers threads shared among the T) or write: the stream of a
+    local run, sized by the worker's threads. Idempotent: an intact shard is kept."""
+    entry = done_entry(task, None)
+    if entry is not None:
+        return len(entry.rows)
+    key = ("extract", tuple(sorted(feature_params(cfg).items())), cfg.extract.device,
+           cfg.extract.batch_size)
+    extractor, lock = worker_cached(key, lambda: (Extractor(cfg), threading.Lock()))
+    done: list[int] = []
+    stream_shards([task], extractor, max(1, cfg.extract.num_workers // _worker_threads()),
+                  done.append, forward_lock=lock)
+    return done[0]
+
+
+def _worker_threads() -> int:
+    """The task threads of the Dask worker this runs on (1 outside a worker)."""
     try:
-        for _ in range(lookahead):
-            submit_next()
-        while window:
-            task, futs = window.popleft()
-            submit_next()
-            records, errors, rejected = extractor.shard_records((f.result() for f in futs),
-                                                                on_images, task.mirror)
-            if on_images is not None and errors:
-                on_images(len(errors))
-            writes.append(write_pool.submit(write, task, records, errors, rejected))
-            while len(writes) > 1 or (writes and writes[0].done()):
-                on_done(writes.popleft().result())
-        while writes:
-            on_done(writes.popleft().result())
-    finally:
-        for _, futs in window:
-            for f in futs:
-                f.cancel()
-        decode_pool.shutdown(wait=True, cancel_futures=True)
-        write_pool.shutdown(wait=True)
+        from distributed import get_worker
+        return max(1, int(get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):  # not on a worker (a direct call)
+        return 1
+
+
+def largest_first(tasks: list[ShardTask]) -> list[ShardTask]:
+    """The order shards are handed to Dask workers: the largest first, in plan order among
+    equals (greedy longest-processing-time: a worker that finishes early takes the smaller
+    shards left, so the last shard to finish is a small one)."""
+    return sorted(tasks, key=lambda t: -len(t.items))
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -436,12 +416,12 @@ def _execute(cfg: Config, tasks: list[ShardTask], n_total: int, result: ExtractR
             tasks = [dataclasses.replace(t, data_root=str(Path(t.data_root).resolve()),
                                          split_dir=str(Path(t.split_dir).resolve())) for t in tasks]
             sizes = {t.hash: len(t.items) for t in tasks}
-            calls = ((f"extract-{t.hash}", (t, wcfg)) for t in tasks)
-            for h, n in run_tasks(scheduler, _dask_extract, calls):
+            calls = ((f"extract-{t.hash}", (t, wcfg)) for t in largest_first(tasks))
+            for h, n in run_tasks(scheduler, _dask_extract, calls, DASK_WORKER_THREADS):
                 on_done(n)
                 bar.update(sizes[h])
         else:
-            stream_local(tasks, Extractor(cfg), cfg.extract.num_workers, on_done, bar.update)
+            stream_shards(tasks, Extractor(cfg), cfg.extract.num_workers, on_done, bar.update)
     finally:
         bar.close()
 

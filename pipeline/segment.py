@@ -21,9 +21,7 @@ from __future__ import annotations
 import io
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .config import Config
-from .data import IMAGE_EXTS, Box, decode_image, fit_box, read_bytes, same_size_batches, to_canvas
+from .data import IMAGE_EXTS, decode_image, fit_box, read_bytes, same_size_batches, to_canvas
 from .devices import resolve_device
 from .errors import DataError, OwnershipError
 from .fsutil import (
@@ -50,6 +48,7 @@ from .progress import Progress
 from .report.panels import mask_panel, outline_width
 from .stages import fingerprint
 from .store import CACHE_LEGACY
+from .streaming import Decoded, Undecodable, Writer, stream
 from .variants import CANDIDATE
 
 RECORD_FILE = ".segment.json"
@@ -211,24 +210,14 @@ class SegmentRecord:
 # ----------------------------------------------------------------------------- the work
 
 @dataclass
-class _Decoded:
-    """One image read and decoded, with its box on the canvas and its identity."""
-    src: Source
-    image: np.ndarray  # uint8 (H, W, 3), viewer orientation
-    box: Box
+class Identity:
+    """What `.segment.json` records of a decoded image's source file."""
     sha256: str
     stamp: list[int]
 
 
-@dataclass
-class _Unreadable:
-    """One image that cannot be segmented, and its one-line error."""
-    src: Source
-    error: str
-
-
 def _decode(src: Source, patch: int, fit: str, max_pixels: int,
-            overlays: bool = False) -> _Decoded | _Unreadable:
+            overlays: bool = False) -> Decoded[Source, Identity] | Undecodable[Source]:
     """Read and decode one image as stage 1 does; an unreadable one (not a regular file,
     larger than `max_pixels` = data.max_pixels, corrupt, or, with `overlays`, a side longer
     than a JPEG overlay can have) carries its error."""
@@ -237,16 +226,16 @@ def _decode(src: Source, patch: int, fit: str, max_pixels: int,
         data = read_bytes(src.path, "image", max_pixels)
         image = decode_image(data, src.path, max_pixels)
     except DataError as e:
-        return _Unreadable(src, str(e))
+        return Undecodable(src, str(e))
     except OSError as e:  # stat of a broken link, a link loop
-        return _Unreadable(src, f"{src.path}: cannot read image "
+        return Undecodable(src, f"{src.path}: cannot read image "
                                 f"({e.strerror or type(e).__name__})")
     h, w = image.shape[:2]
     if overlays and max(h, w) > JPEG_MAX_SIDE:
-        return _Unreadable(src, f"{src.path}: {w}x{h} pixels: an overlay (JPEG) has at most "
+        return Undecodable(src, f"{src.path}: {w}x{h} pixels: an overlay (JPEG) has at most "
                                 f"{JPEG_MAX_SIDE} pixels a side; segment it with --no-overlays")
-    return _Decoded(src, image, fit_box(h, w, patch, fit), sha256_bytes(data),
-                    stat_stamp(st))
+    return Decoded(src, image, fit_box(h, w, patch, fit),
+                   Identity(sha256_bytes(data), stat_stamp(st)))
 
 
 def overlay_jpeg(image: np.ndarray, mask: np.ndarray) -> bytes:
@@ -258,11 +247,11 @@ def overlay_jpeg(image: np.ndarray, mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _encode(d: _Decoded, mask: np.ndarray, overlays: bool) -> dict[str, bytes]:
+def _encode(d: Decoded[Source, Identity], mask: np.ndarray, overlays: bool) -> dict[str, bytes]:
     """The files of one image: {path relative to the output folder: bytes}."""
-    files = {d.src.rel: mask_png_bytes(mask)}
+    files = {d.source.rel: mask_png_bytes(mask)}
     if overlays:
-        files[d.src.overlay_rel] = overlay_jpeg(d.image, mask)
+        files[d.source.overlay_rel] = overlay_jpeg(d.image, mask)
     return files
 
 
@@ -341,79 +330,62 @@ def _chunks(items: list, n: int) -> Iterator[list]:
 def _stream(cfg: Config, todo: list[Source], extractor: BackboneRunner, predictor: Predictor,
             ledger: Ledger, overlays: bool, settings: str, record: SegmentRecord,
             result: SegmentResult, progress: bool, warn: Callable[[str], None]) -> None:
-    """Decode ahead in a thread pool (two chunks in flight), run same-size batches through the
-    backbone and the heads, encode the batch's files, record them (write-ahead: the record
-    and the ledger first), then write them in background threads."""
+    """Through the streaming engine (pipeline/streaming.py): decode ahead in a thread pool
+    (two chunks in flight), run same-size batches through the backbone and the heads, encode
+    the batch's files, record them (write-ahead: the record and the ledger first), then write
+    them in background threads."""
     out_dir = ledger.folder
-    decode_pool = ThreadPoolExecutor(max(1, cfg.extract.num_workers), thread_name_prefix="decode")
-    write_pool = ThreadPoolExecutor(2, thread_name_prefix="write")
-    window: deque[list[Future]] = deque()
-    writes: deque[Future] = deque()
-    chunks = _chunks(todo, max(CHUNK, extractor.batch_size))
     tta = cfg.predict.tta == "flip"
     bar = Progress(len(todo), "segment", enabled=progress)
 
-    def submit_next() -> None:
-        chunk = next(chunks, None)
-        if chunk is not None:
-            window.append([decode_pool.submit(_decode, s, extractor.patch, extractor.fit,
-                                              cfg.data.max_pixels, overlays) for s in chunk])
+    def decode(src: Source) -> Decoded[Source, Identity] | Undecodable[Source]:
+        return _decode(src, extractor.patch, extractor.fit, cfg.data.max_pixels, overlays)
 
     def write(files: dict[str, bytes]) -> None:
         for rel, data in files.items():
             atomic_write_bytes(out_dir / rel, data)
 
-    def finish(fut: Future) -> None:
-        fut.result()
+    def written(_: None) -> None:
         result.n_written += 1
         bar.update(1)
 
+    def process(chunk: list[Source], decoded: Iterator, writer: Writer[None]) -> None:
+        good: list[Decoded[Source, Identity]] = []
+        for d in decoded:
+            if isinstance(d, Decoded):
+                good.append(d)
+                continue
+            result.errors.append(d.error)
+            warn(d.error)
+            record.drop(d.source.rel)  # the outputs of an earlier version of this image go
+            ledger.remove(out_dir / d.source.rel)  # (only what the tool wrote)
+            ledger.remove(out_dir / d.source.overlay_rel)
+            bar.update(1)
+        for batch in same_size_batches([d.box for d in good], extractor.batch_size):
+            items = [good[i] for i in batch]
+            canvases = [to_canvas(d.image, d.box) for d in items]
+            feats = extractor.launch(canvases)()
+            mirrored = extractor.launch(canvases, mirror=True)() if tta else None
+            masks = predictor.masks(feats, np.stack(canvases), [d.box for d in items],
+                                    [d.image.shape[:2] for d in items], variants=(CANDIDATE,),
+                                    mirrored=mirrored)
+            files = writer.map(lambda dm: _encode(dm[0], dm[1][CANDIDATE], overlays),
+                               zip(items, masks, strict=True))
+            ledger.intend({out_dir / rel: data for f in files for rel, data in f.items()})
+            for d, f in zip(items, files, strict=True):
+                record.put(d.source.rel, {
+                    "sha256": d.meta.sha256, "stamp": d.meta.stamp, "settings": settings,
+                    "mask": sha256_bytes(f[d.source.rel]),
+                    "overlay": sha256_bytes(f[d.source.overlay_rel]) if overlays else None})
+                if not overlays:
+                    ledger.remove(out_dir / d.source.overlay_rel)
+            record.save()
+            for f in files:
+                writer.submit(write, f)
+
     try:
-        submit_next()
-        submit_next()
-        while window:
-            decoded: list[_Decoded | _Unreadable] = [f.result() for f in window.popleft()]
-            submit_next()
-            good: list[_Decoded] = []
-            for d in decoded:
-                if isinstance(d, _Decoded):
-                    good.append(d)
-                    continue
-                result.errors.append(d.error)
-                warn(d.error)
-                record.drop(d.src.rel)  # the outputs of an earlier version of this image go
-                ledger.remove(out_dir / d.src.rel)  # (only what the tool wrote)
-                ledger.remove(out_dir / d.src.overlay_rel)
-                bar.update(1)
-            for batch in same_size_batches([d.box for d in good], extractor.batch_size):
-                items = [good[i] for i in batch]
-                canvases = [to_canvas(d.image, d.box) for d in items]
-                feats = extractor.launch(canvases)()
-                mirrored = extractor.launch(canvases, mirror=True)() if tta else None
-                masks = predictor.masks(feats, np.stack(canvases), [d.box for d in items],
-                                        [d.image.shape[:2] for d in items],
-                                        variants=(CANDIDATE,),
-                                        mirrored=mirrored)
-                files = list(write_pool.map(lambda dm: _encode(dm[0], dm[1][CANDIDATE], overlays),
-                                            zip(items, masks, strict=True)))
-                ledger.intend({out_dir / rel: data for f in files for rel, data in f.items()})
-                for d, f in zip(items, files, strict=True):
-                    record.put(d.src.rel, {
-                        "sha256": d.sha256, "stamp": d.stamp, "settings": settings,
-                        "mask": sha256_bytes(f[d.src.rel]),
-                        "overlay": sha256_bytes(f[d.src.overlay_rel]) if overlays else None})
-                    if not overlays:
-                        ledger.remove(out_dir / d.src.overlay_rel)
-                record.save()
-                writes.extend(write_pool.submit(write, f) for f in files)
-                while len(writes) > 2 * extractor.batch_size or (writes and writes[0].done()):
-                    finish(writes.popleft())
-        while writes:
-            finish(writes.popleft())
+        stream(_chunks(todo, max(CHUNK, extractor.batch_size)), lambda chunk: chunk, decode,
+               process, written, decode_threads=cfg.extract.num_workers, write_threads=2,
+               lookahead=2, max_writes=2 * extractor.batch_size)
     finally:
         bar.close()
-        for futs in window:
-            for fut in futs:
-                fut.cancel()
-        decode_pool.shutdown(wait=True, cancel_futures=True)
-        write_pool.shutdown(wait=True)

@@ -24,7 +24,7 @@ quiet = dict(log=lambda s: None, progress=False)
 
 def digest(folder, pattern):
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob(pattern)) if p.is_file() and p.name != ".lock"}
+            for p in sorted(folder.rglob(pattern)) if p.is_file() and p.suffix != ".lock"}
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +67,18 @@ def test_dask_extract_and_predict_equal_local(tmp_path, data, cluster):
 
 
 def test_local_cluster_leaves_the_environment_alone(tmp_path, data):
+    """`local:1` (one worker of DASK_WORKER_THREADS task threads: two shards in flight sharing
+    the worker's backbone) fills the same store as a local run, and leaves os.environ as it
+    was."""
     import os
     before = dict(os.environ)
-    cfg = make_cfg(tmp_path, data)
+    cfg = make_cfg(tmp_path / "dask", data)
     res = run_extract(cfg, executor="local:1", **quiet)
     assert res.n_images == 156
     assert dict(os.environ) == before
+    local = make_cfg(tmp_path / "local", data)
+    run_extract(local, **quiet)
+    assert digest(cache_dir(cfg), "*") == digest(cache_dir(local), "*")
 
 
 def test_killed_worker_is_retried_and_leaves_no_partial_shard(tmp_path, data, cluster):
