@@ -11,9 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from .errors import ModelError
 from .fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
@@ -182,13 +184,17 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int], mode: str) -> t
 
 # ----------------------------------------------------------------------------- model files
 
-HEAD_FILE = "linear_head.pt"
-UPSAMPLER_FILE = "pac_upsampler.pt"
+HEAD_FILE = "linear_head.safetensors"
+UPSAMPLER_FILE = "pac_upsampler.safetensors"
+# the files of cards 1 and 2: {"state_dict": ...} written by torch.save (read with
+# weights_only=True)
+LEGACY_FILES = ("linear_head.pt", "pac_upsampler.pt")
 CARD_FILE = "models.json"  # written last: names the files with their sha256
 # The model card's format (see CHANGELOG.md). 1: the cards written before the key existed
-# (they load as before); 2: with card_version and the upsampler's "pyramid". A card of a
+# (they load as before); 2: with card_version and the upsampler's "pyramid"; 3: the files are
+# safetensors (HEAD_FILE, UPSAMPLER_FILE; before: LEGACY_FILES, still read). A card of a
 # newer version than this one is refused (a newer vit-objseg wrote it).
-CARD_VERSION = 2
+CARD_VERSION = 3
 @dataclass
 class TrainedModels:
     """Stage 2's output as its consumers see it: the heads, their settings and fingerprint."""
@@ -200,18 +206,19 @@ class TrainedModels:
     deps: dict[str, Any]  # the stored splits trained on (content fingerprints)
 
 
-def _torch_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+def model_files(card: dict) -> tuple[str, str]:
+    """The (head, upsampler) file names a card of its card_version lists."""
+    return ((HEAD_FILE, UPSAMPLER_FILE) if card.get("card_version", 1) >= 3
+            else LEGACY_FILES)
 
 
 def save_models(model_dir: Path, head: LinearHead, up: PacUpsampler, params: dict,
                 deps: dict, patch_size: int) -> str:
-    """Write the model files, then the card that lists their checksums (so a reader never
-    sees a half-written set). Returns the models' content fingerprint."""
-    files = {HEAD_FILE: _torch_bytes({"state_dict": head.state_dict()}),
-             UPSAMPLER_FILE: _torch_bytes({"state_dict": up.state_dict()})}
+    """Write the model files (safetensors), then the card that lists their checksums (so a
+    reader never sees a half-written set); an earlier version's files go after it. Returns
+    the models' content fingerprint."""
+    files = {HEAD_FILE: safetensors.torch.save(head.state_dict()),
+             UPSAMPLER_FILE: safetensors.torch.save(up.state_dict())}
     for name, data in files.items():
         atomic_write_bytes(model_dir / name, data)
     listing = {name: {"bytes": len(data), "sha256": sha256_bytes(data)}
@@ -222,6 +229,8 @@ def save_models(model_dir: Path, head: LinearHead, up: PacUpsampler, params: dic
         "deps": deps,
         "head": {"in_channels": head.conv.in_channels, "patch_size": patch_size},
         "upsampler": up.spec.to_dict()})
+    for name in LEGACY_FILES:
+        (model_dir / name).unlink(missing_ok=True)
     return fp
 
 
@@ -235,17 +244,18 @@ def read_card(model_dir: Path) -> tuple[dict | None, str]:
     try:
         files = card["files"]
         version = card.get("card_version", 1)
-        ok = (isinstance(card["params"], dict) and isinstance(card["deps"], dict)
-              and set(files) == {HEAD_FILE, UPSAMPLER_FILE}
-              and fingerprint(files) == card["fingerprint"]
-              and isinstance(version, int) and not isinstance(version, bool))
+        ok = isinstance(version, int) and not isinstance(version, bool)
+        if ok and version > CARD_VERSION:
+            return None, (f"{model_dir / CARD_FILE} is of card version {version}, newer than "
+                          f"this vit-objseg reads ({CARD_VERSION}): upgrade vit-objseg, or "
+                          "retrain")
+        ok = (ok and isinstance(card["params"], dict) and isinstance(card["deps"], dict)
+              and set(files) == set(model_files(card))
+              and fingerprint(files) == card["fingerprint"])
     except (KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
         return None, f"{model_dir / CARD_FILE} damaged"
-    if version > CARD_VERSION:
-        return None, (f"{model_dir / CARD_FILE} is of card version {version}, newer than this "
-                      f"vit-objseg reads ({CARD_VERSION}): upgrade vit-objseg, or retrain")
     return card, ""
 
 
@@ -265,7 +275,7 @@ def models_fingerprint(model_dir: Path) -> tuple[str | None, str]:
     card, why = read_card(model_dir)
     if card is None:
         return None, why
-    for name in (HEAD_FILE, UPSAMPLER_FILE):
+    for name in model_files(card):
         _, why = _verified_bytes(model_dir, card, name)
         if why:
             return None, why
@@ -281,23 +291,25 @@ def load_models(model_dir: Path, device: torch.device | str = "cpu") -> TrainedM
     if card is None:
         raise ModelError(f"{why} in {model_dir}: {repair}" if why == "no trained models"
                          else f"{why}: {repair}")
-    states = {}
-    for name in (HEAD_FILE, UPSAMPLER_FILE):
+    names = model_files(card)
+    states = []
+    for name in names:
         data, why = _verified_bytes(model_dir, card, name)
         if data is None:
             raise ModelError(f"{why}: {repair}")
         try:
-            states[name] = torch.load(io.BytesIO(data), map_location=device,
-                                      weights_only=True)["state_dict"]
-        except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, KeyError,
-                TypeError) as e:
+            states.append(safetensors.torch.load(data) if name not in LEGACY_FILES
+                          else torch.load(io.BytesIO(data), map_location="cpu",
+                                          weights_only=True)["state_dict"])
+        except (pickle.UnpicklingError, SafetensorError, RuntimeError, zipfile.BadZipFile,
+                EOFError, KeyError, TypeError, ValueError) as e:
             raise ModelError(f"{model_dir / name}: not a model file ({type(e).__name__}): "
                              f"{repair}") from None
     try:
         head = LinearHead(int(card["head"]["in_channels"]))
-        head.load_state_dict(states[HEAD_FILE])
+        head.load_state_dict(states[0])
         up = PacUpsampler(UpsamplerSpec(**{"pyramid": "float", **card["upsampler"]}))
-        up.load_state_dict(states[UPSAMPLER_FILE])
+        up.load_state_dict(states[1])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ModelError(f"{model_dir}: models do not match their card ({type(e).__name__}): "
                          f"{repair}") from None

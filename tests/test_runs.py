@@ -51,7 +51,7 @@ def test_two_runs_differ_in_exactly_train_lr(tmp_path):
     assert pac == sorted(pac, reverse=True)  # best first
 
     # the table, and a run made stale by damaging its models
-    (tmp_path / "outputs" / "slow" / "models" / "linear_head.pt").write_bytes(b"x")
+    (tmp_path / "outputs" / "slow" / "models" / "linear_head.safetensors").write_bytes(b"x")
     r = run_cli("runs", *base)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -236,9 +236,9 @@ def test_copied_run_folder_is_judged_where_it_is(run_base, synth_root, tmp_path,
     copies(run_base, out, "copy")
     assert listed(out, synth_root)["copy"]["up_to_date"] is True
 
-    (out / "copy" / "models" / "linear_head.pt").write_bytes(b"x")
+    (out / "copy" / "models" / "linear_head.safetensors").write_bytes(b"x")
     row = listed(out, synth_root)["copy"]
-    assert row["up_to_date"] is False and "linear_head.pt" in row["why"], row
+    assert row["up_to_date"] is False and "linear_head.safetensors" in row["why"], row
     assert listed(run_base / "outputs", synth_root)["default"]["up_to_date"] is True
 
     # a deleted mask, a hand-edited (still valid) report: stale, naming the file

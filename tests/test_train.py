@@ -16,6 +16,7 @@ from pipeline.errors import PipelineError, StoreError
 from pipeline.extract import run_extract
 from pipeline.extract import status as extract_status
 from pipeline.models import (
+    LEGACY_FILES,
     LinearHead,
     PacUpsampler,
     UpsamplerSpec,
@@ -98,22 +99,73 @@ def test_models_saved_before_the_uint8_pyramid_load_with_the_float_pyramid(tmp_p
     assert load_models(tmp_path).upsampler.spec.pyramid == "float"
 
 
-def test_card_version_old_cards_load_newer_ones_are_refused(tmp_path):
-    """Cards carry card_version; one without it (written before the key) loads as before;
-    one of a newer version is refused in one line naming the file."""
+def _legacy_card(mdir, head, up, version: int | None) -> str:
+    """The model folder as card versions 1 and 2 wrote it: {"state_dict": ...} files by
+    torch.save (linear_head.pt, pac_upsampler.pt); `version` None: no card_version key."""
+    import hashlib
+    import io
+
+    from pipeline.stages import fingerprint
+    files = {}
+    for name, module in zip(LEGACY_FILES, (head, up), strict=True):
+        buf = io.BytesIO()
+        torch.save({"state_dict": module.state_dict()}, buf)
+        files[name] = buf.getvalue()
+        (mdir / name).write_bytes(files[name])
+    listing = {n: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+               for n, d in files.items()}
+    card = {"fingerprint": fingerprint(listing), "files": listing, "params": {}, "deps": {},
+            "head": {"in_channels": head.conv.in_channels, "patch_size": 16},
+            "upsampler": up.spec.to_dict()}
+    if version is not None:
+        card["card_version"] = version
+    (mdir / "models.json").write_text(json.dumps(card))
+    return card["fingerprint"]
+
+
+def test_model_files_are_safetensors_and_earlier_cards_load(tmp_path):
+    """Models are written as safetensors (card_version 3, no pickle); the torch.save files
+    of cards 1 (no card_version) and 2 load to the same weights and the same masks; a card
+    of a newer version is refused in one line naming the file; training again replaces the
+    earlier files."""
     from pipeline.errors import ModelError
-    from pipeline.models import CARD_VERSION
+    from pipeline.models import CARD_VERSION, HEAD_FILE, UPSAMPLER_FILE
+    assert CARD_VERSION == 3
+    torch.manual_seed(0)
     spec = UpsamplerSpec(in_channels=5, patch_size=16)
-    fp = save_models(tmp_path, LinearHead(5), PacUpsampler(spec), {}, {}, 16)
-    card = json.loads((tmp_path / "models.json").read_text())
-    assert card["card_version"] == CARD_VERSION
-    del card["card_version"]
-    (tmp_path / "models.json").write_text(json.dumps(card))
-    assert load_models(tmp_path).fingerprint == fp
+    head, up = LinearHead(5), PacUpsampler(spec)
+    for p in [*head.parameters(), *up.parameters()]:
+        p.data.normal_()
+    feats = torch.randn(1, 5, 2, 3)
+    image = torch.randint(0, 256, (1, 3, 32, 48), dtype=torch.uint8)
+
+    def output(models):
+        with torch.no_grad():
+            return models.upsampler(feats, image, models.head(feats))
+
+    new = tmp_path / "new"
+    new.mkdir()
+    fp = save_models(new, head, up, {}, {}, 16)
+    assert sorted(p.name for p in new.iterdir()) == sorted([HEAD_FILE, UPSAMPLER_FILE,
+                                                            "models.json"])
+    assert (new / HEAD_FILE).read_bytes()[8:9] == b"{"  # a safetensors header, not a zip
+    card = json.loads((new / "models.json").read_text())
+    assert card["card_version"] == CARD_VERSION and load_models(new).fingerprint == fp
+    want = output(load_models(new))
+    for version in (None, 1, 2):
+        old = tmp_path / f"v{version}"
+        old.mkdir()
+        old_fp = _legacy_card(old, head, up, version)
+        models = load_models(old)
+        assert models.fingerprint == old_fp
+        assert torch.equal(output(models), want)
     card["card_version"] = CARD_VERSION + 1
-    (tmp_path / "models.json").write_text(json.dumps(card))
+    (new / "models.json").write_text(json.dumps(card))
     with pytest.raises(ModelError, match="newer than this vit-objseg reads"):
-        load_models(tmp_path)
+        load_models(new)
+    assert save_models(tmp_path / "v2", head, up, {}, {}, 16) == fp  # trained again
+    assert sorted(p.name for p in (tmp_path / "v2").iterdir()) == sorted(
+        [HEAD_FILE, UPSAMPLER_FILE, "models.json"])
 
 
 def test_missing_cache_names_the_command(tmp_path, synth_root):

@@ -218,12 +218,13 @@ def test_damaged_model_makes_train_head_stale_and_is_repaired(run_copy):
     cfg = run_copy
     mdir = model_dir(cfg)
     clean = digest_tree(mdir)
-    (mdir / "pac_upsampler.pt").write_bytes((mdir / "pac_upsampler.pt").read_bytes()[:50])
+    (mdir / "pac_upsampler.safetensors").write_bytes(
+        (mdir / "pac_upsampler.safetensors").read_bytes()[:50])
     lines = status_lines(cfg)
     assert lines[1].startswith("train-head: stale (") and "damaged" in lines[1], lines
     r = run_cli("predict", "--force", *cli_sets(cfg))
     assert r.returncode == 1
-    one_line_error(r, "pac_upsampler.pt", "train-head")
+    one_line_error(r, "pac_upsampler.safetensors", "train-head")
     r = run_cli("train-head", *cli_sets(cfg))
     assert r.returncode == 0, r.stderr
     assert digest_tree(mdir) == clean  # retrained to the same weights
@@ -232,7 +233,7 @@ def test_damaged_model_makes_train_head_stale_and_is_repaired(run_copy):
 
 def test_model_file_bytes_flipped_are_found(run_copy):
     cfg = run_copy
-    p = model_dir(cfg) / "linear_head.pt"
+    p = model_dir(cfg) / "linear_head.safetensors"
     data = bytearray(p.read_bytes())
     data[-30] ^= 0xFF
     p.write_bytes(bytes(data))
