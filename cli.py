@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from pipeline import hints
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError, os_error_line
 
@@ -91,6 +92,9 @@ def stage_command(func):
     @click.option("--force", is_flag=True, help="Recompute even when the stage is up to date.")
     @functools.wraps(func)
     def wrapper(config_path, overrides, force, **kwargs):
+        # repair hints name this program and carry these options (pipeline/hints.py)
+        hints.invoked(sys.argv[0], config_path, overrides,
+                      (kwargs.get("run_name") or (None,))[0], run_commands())
         distributable = "scheduler" in kwargs  # the command runs on Dask when configured
         scheduler = kwargs.pop("scheduler", None)
         if scheduler:
@@ -105,6 +109,12 @@ def stage_command(func):
         apply_threads(cfg.run.threads)
         return guarded(func, cfg, force=force, **kwargs)
     return wrapper
+
+
+def run_commands() -> list[str]:
+    """The commands that take --run (run_option): a repair hint naming one carries it."""
+    return [name for name, c in cli.commands.items()
+            if any(p.name == "run_name" for p in c.params)]
 
 
 def split_names(value):

@@ -36,6 +36,7 @@ from .backbones import Backbone
 from .config import Config
 from .errors import UsageError
 from .fsutil import sha256_bytes, sha256_file
+from .hints import command
 from .inference import BackboneRunner, checked_models
 from .models import TrainedModels
 from .owned import Ledger, claim_run_dir
@@ -164,7 +165,7 @@ def _state(cfg: Config, models: TrainedModels, path: Path, height: int | None,
         intact = False
     return StageState(STAGE, {"models": models.fingerprint}, params,
                       "" if intact else f"{path} missing or changed",
-                      {"models": "python cli.py train-head"})
+                      {"models": command("train-head")})
 
 
 def run_export(cfg: Config, out: str | Path | None = None, height: int | None = None,

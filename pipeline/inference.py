@@ -25,6 +25,7 @@ from .data import Box, from_canvas, to_canvas
 from .devices import CpuFanout, autocast_dtype, resolve_device, resolve_precision
 from .errors import ModelError
 from .fsutil import file_lock
+from .hints import command
 from .models import TrainedModels, load_models, upsample_logits
 from .params import feature_params, training_params
 from .registry import resolve_layers
@@ -76,7 +77,7 @@ def checked_models(cfg: Config, device: torch.device | str = "cpu") -> Iterator[
                           if diff_params(models.params, training_params(cfg))
                           and reproduces(cfg, models.params) else "")
             raise ModelError(f"the models in {mdir} were trained with other settings ({why}): "
-                             f"run `python cli.py train-head` first{as_trained}")
+                             f"run `{command('train-head')}` first{as_trained}")
         yield models
 
 

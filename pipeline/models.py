@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 
 from .errors import ModelError
 from .fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
+from .hints import command
 from .pac import PacConv2d
 from .registry import IMAGENET_MEAN, IMAGENET_STD
 from .stages import fingerprint
@@ -286,7 +287,7 @@ def load_models(model_dir: Path, device: torch.device | str = "cpu") -> TrainedM
     """The trained models in `model_dir`, verified against their card and read without
     unpickling; ModelError naming `train-head` when they are absent or damaged."""
     model_dir = Path(model_dir)
-    repair = "run `python cli.py train-head`"
+    repair = f"run `{command('train-head')}`"
     card, why = read_card(model_dir)
     if card is None:
         raise ModelError(f"{why} in {model_dir}: {repair}" if why == "no trained models"

@@ -36,6 +36,7 @@ from .fsutil import (
     read_json,
     sha256_bytes,
 )
+from .hints import command
 from .inference import (
     VARIANTS,
     Predictor,
@@ -91,9 +92,9 @@ def stage_state(cfg: Config, split: str, models_fp: str | None = None,
             why = _models_mismatch(cfg, card["params"], card["deps"])
             if why:
                 models_fp, unusable["models"] = None, f"trained with other settings ({why})"
-    extract = f"python cli.py extract-features --split {split}"
+    extract = command("extract-features", "--split", split)
     deps: dict[str, str | None] = {"models": models_fp}
-    repair = {"models": "python cli.py train-head", f"features[{split}]": extract}
+    repair = {"models": command("train-head"), f"features[{split}]": extract}
     if recorded is not None:
         deps.update({k: v for k, v in recorded.get("deps", {}).items() if k != "models"})
     else:
@@ -204,7 +205,7 @@ def check_mirrored(store: FeatureStore, mirror: FeatureStore) -> None:
                 for m in s.items]
     if layout(store) != layout(mirror):
         raise StoreError(f"{mirror.split_dir}: the mirrored features do not match the stored "
-                         f"split; run `python cli.py extract-features --split {store.split}`")
+                         f"split; run `{command('extract-features', '--split', store.split)}`")
 
 
 def predict_shard(store: FeatureStore, shard: int, predictor: Predictor, pred_dir: Path,

@@ -24,6 +24,7 @@ from pathlib import Path
 from .config import Config, check_name, config_from_dict, copy_config, load_config, parse_set
 from .errors import ConfigError, PipelineError
 from .fsutil import atomic_write_bytes
+from .hints import command
 
 RECORD = "config.toml"
 _HEADER = ("# The config this run was trained with, written by train-head; `--run <run name>`\n"
@@ -158,7 +159,7 @@ def refuse_stale(run: RunConfig, training: bool = False) -> None:
     diff = stale_keys(run.recorded, run.cfg)
     if not diff:
         return
-    new_run = f"`python cli.py train-head --run {run.name} --set run.name=NEW` with your changes"
+    new_run = f"`{command('train-head', '--run', run.name, '--set', 'run.name=NEW')}`"
     if training:
         raise ConfigError(
             f"--run {run.name}: {_shown(diff)} (recorded -> asked): a run's models are not "

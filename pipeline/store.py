@@ -52,6 +52,7 @@ from .fsutil import (
     read_json,
     sha256_file,
 )
+from .hints import command
 from .owned import is_marked
 from .params import FORMAT_VERSION, feature_params
 from .stages import fingerprint
@@ -497,7 +498,7 @@ class FeatureStore:
         if manifest is None:
             split = re.sub(r"-[0-9a-f]{16}$", "", self.split_dir.name)
             raise StoreError(f"{manifest_path(self.split_dir)}: {why}; run "
-                             f"`python cli.py extract-features --split {split}`")
+                             f"`{command('extract-features', '--split', split)}`")
         self.manifest = manifest
         self.split = manifest.split
         self.fingerprint = manifest.fingerprint
@@ -535,18 +536,18 @@ class FeatureStore:
         if split_dir is None:
             sdir = store_dir(cfg, feature_params(cfg, mirror))
             raise StoreError(f"{sdir}: no stored features of split '{split}' of {cfg.data.root}"
-                             f" for these settings; run `python cli.py extract-features "
-                             f"--split {split}`")
+                             f" for these settings; run "
+                             f"`{command('extract-features', '--split', split)}`")
         store = cls(split_dir)
         if store.split != split:  # an index entry edited to name another split's folder
             raise StoreError(f"{split_dir.parent / INDEX_FILE}: names {split_dir.name} (split "
-                             f"'{store.split}') for split '{split}'; run `python cli.py "
-                             f"extract-features --split {split}`")
+                             f"'{store.split}') for split '{split}'; run "
+                             f"`{command('extract-features', '--split', split)}`")
         return store
 
     def _damaged(self, entry: ShardEntry, what: str) -> None:
         raise StoreError(f"{self.split_dir / entry.file}: shard {what}; run "
-                         f"`python cli.py extract-features --split {self.split}` to repair it")
+                         f"`{command('extract-features', '--split', self.split)}` to repair it")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -575,7 +576,8 @@ class FeatureStore:
                 f = h5py.File(path, "r")
             except OSError as e:
                 raise StoreError(f"{path}: unreadable shard ({e}); run "
-                                 f"`python cli.py extract-features --split {self.split}`") from None
+                                 f"`{command('extract-features', '--split', self.split)}`"
+                                 ) from None
             self._open[shard] = f
             if len(self._open) > self._max_open:
                 self._open.popitem(last=False)[1].close()

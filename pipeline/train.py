@@ -31,6 +31,7 @@ from .data import canvas_valid, to_canvas
 from .devices import CpuFanout, resolve_device
 from .errors import DataError, StoreError, TrainingDiverged
 from .fsutil import atomic_write_bytes, exclusive_lock, sha256_bytes
+from .hints import command
 from .inference import model_dir
 from .metrics import miou
 from .models import (
@@ -65,7 +66,7 @@ def stage_state(cfg: Config, deps: dict[str, str | None] | None = None) -> Stage
         deps = {f"features[{s}]": split_fingerprint(cfg, s) for s in _splits(cfg)}
     _, why = models_fingerprint(model_dir(cfg))
     return StageState(STAGE, deps, training_params(cfg), why,
-                      {f"features[{s}]": f"python cli.py extract-features --split {s}"
+                      {f"features[{s}]": command("extract-features", "--split", s)
                        for s in _splits(cfg)})
 
 

@@ -251,7 +251,7 @@ def test_a_record_that_did_not_train_the_models_is_refused(trained_copy, tmp_pat
                 "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert r.returncode == 1
     line = one_line_error(r, "trained with other settings", "train.epochs: 1 -> 7")
-    assert "--run" not in line  # the record does not reproduce them: no such advice
+    assert "add `--run" not in line  # the record does not reproduce them: no such advice
 
 
 def test_a_record_that_is_a_fifo_is_one_line(trained_copy, tmp_path):

@@ -79,8 +79,9 @@ def test_predict_refuses_models_trained_with_other_settings(run_copy):
     lines = status_lines(cfg, "train.lr=1e-3")
     assert lines[0] == "extract-features: up-to-date"
     assert lines[1].startswith("train-head: stale (") and "train.lr" in lines[1]
-    assert lines[2].startswith("predict[test]: stale (waits for `python cli.py train-head`: "
-                               "models trained with other settings (train.lr: 0.002 -> 0.001)")
+    assert lines[2].startswith("predict[test]: stale (waits for `python ")  # the program run
+    assert ("cli.py train-head --set " in lines[2] and "--set train.lr=1e-3`: models trained "
+            "with other settings (train.lr: 0.002 -> 0.001)" in lines[2]), lines[2]
     # run retrains first, then predicts; afterwards all up to date
     r = run_cli("run", *cli_sets(cfg, "train.lr=1e-3"))
     assert r.returncode == 0, r.stderr
