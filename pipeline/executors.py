@@ -22,6 +22,11 @@ from .devices import resolve_precision
 from .errors import ExecutorError, UsageError
 
 CONNECT_TIMEOUT_S = 10
+# The nanny's environment for the local:N workers: Dask's default minus MALLOC_TRIM_THRESHOLD_.
+# Setting that variable (Dask sets 65536) freezes glibc's mmap threshold at 128 KiB, so every
+# tensor above it is a fresh mmap whose pages fault in again on each forward: measured 2x the
+# per-image time of a CPU forward in a worker (benchmarks/RESULTS.md, dask_overhead.py).
+NANNY_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 _WORKER_STATE: dict = {}  # per worker process: what task functions loaded
 _WORKER_LOCK = threading.Lock()
@@ -68,10 +73,11 @@ def connect(scheduler: str, worker_threads: int = 1) -> Iterator:
     `worker_threads` task threads each, or an address); ExecutorError naming the address when
     it cannot be reached within CONNECT_TIMEOUT_S."""
     require_distributed()
+    import dask
     from distributed import Client, LocalCluster
     if scheduler.startswith("local:"):
         n = int(scheduler.split(":", 1)[1])
-        with preserved_environment(), \
+        with preserved_environment(), dask.config.set(NANNY_ENVIRON), \
                 LocalCluster(n_workers=n, threads_per_worker=worker_threads, processes=True,
                              host="127.0.0.1", dashboard_address=None,
                              silence_logs=logging.ERROR) as cluster, \
