@@ -15,6 +15,7 @@ import click
 from pipeline import hints
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError, os_error_line
+from pipeline.progress import plural
 
 # The checkout's default config; an installed command without a checkout uses the same
 # values built into pipeline/config.py (a test keeps the two equal).
@@ -82,16 +83,27 @@ def guarded(call, *args, **kwargs):
         sys.exit(130)
 
 
-def stage_command(func):
-    """Common options of the stage commands, config loading and the exit-code policy:
-    0 success, 1 a failed stage (bad data, missing upstream), 2 a usage error."""
+def stage_command(func=None, *, computes: bool = True):
+    """Common options of the commands, config loading and the exit-code policy: 0 success,
+    1 a failed stage (bad data, missing upstream), 2 a usage error. `computes`: the command
+    computes something (a stage, segment, export), so it takes --force and sets the threads;
+    `@stage_command(computes=False)` for those that only read (status, runs, config show,
+    cache list / gc): no --force, and torch's threads untouched."""
+    if func is None:
+        return functools.partial(stage_command, computes=computes)
+
+    def force_option(f):
+        return click.option("--force", is_flag=True,
+                            help="Recompute even when the result is up-to-date.")(f) \
+            if computes else f
+
     @click.option("--config", "config_path", default=None,
                   help="TOML config file [default: configs/default.toml of this checkout].")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override a config key (a TOML literal, or a bare string); repeatable.")
-    @click.option("--force", is_flag=True, help="Recompute even when the stage is up to date.")
+    @force_option
     @functools.wraps(func)
-    def wrapper(config_path, overrides, force, **kwargs):
+    def wrapper(config_path, overrides, force=False, **kwargs):
         # repair hints name this program and carry these options (pipeline/hints.py)
         hints.invoked(sys.argv[0], config_path, overrides,
                       (kwargs.get("run_name") or (None,))[0], run_commands())
@@ -105,6 +117,8 @@ def stage_command(func):
         if distributable and cfg.dask.scheduler:
             from pipeline.executors import require_distributed
             guarded(require_distributed)
+        if not computes:
+            return guarded(func, cfg, **kwargs)
         from pipeline.devices import apply_threads
         apply_threads(cfg.run.threads)
         return guarded(func, cfg, force=force, **kwargs)
@@ -199,7 +213,7 @@ def predict(cfg, force, split):
               help="Split to predict (default: data.test_split).")
 @stage_command
 def run(cfg, force, split):
-    """All three stages in order, each skipped when up to date."""
+    """All three stages in order, each skipped when up-to-date."""
     from pipeline.workflow import run_all
     ok = [echo_outcome(outcome) for outcome in run_all(cfg, split or cfg.data.test_split, force)]
     sys.exit(0 if all(ok) else 1)
@@ -210,14 +224,18 @@ def do_segment(cfg, force: bool, paths, out_dir, overlays: bool) -> bool:
     res = run_segment(cfg, paths, out_dir, overlays=overlays, force=force,
                       warn=lambda line: click.echo(f"  skipped: {line}", err=True))
     if res.n_written == 0 and not res.errors:
-        click.echo(f"segment: {res.n_current} masks up to date -> {res.out_dir}")
+        click.echo(f"segment: {plural(res.n_current, 'mask')} up-to-date -> {res.out_dir}")
         return True
-    rate = res.n_written / res.seconds if res.seconds > 0 else 0.0
-    click.echo(f"segment: {res.n_written} masks in {res.seconds:.1f} s ({rate:.1f} images/s)"
-               + (f", {res.n_current} up to date" if res.n_current else "") + f" -> {res.out_dir}")
+    # the rate counts from the first image's decoding: the models' loading is not in it
+    rate = (f", {res.n_written / res.images_seconds:.1f} images/s after loading the models"
+            if res.n_written and res.images_seconds > 0 else "")
+    click.echo(f"segment: {plural(res.n_written, 'mask')} in {res.seconds:.1f} s{rate}"
+               + (f"; {res.n_current} up-to-date" if res.n_current else "")
+               + f" -> {res.out_dir}")
     if res.errors:
-        click.echo(f"error: {len(res.errors)} image(s) or folder(s) could not be segmented "
-                   "(listed above); the other masks are written", err=True)
+        click.echo(f"error: {plural(len(res.errors), 'image or folder', 'images or folders')} "
+                   "could not be segmented (listed above); the other masks are written",
+                   err=True)
         return False
     return True
 
@@ -231,7 +249,8 @@ def do_segment(cfg, force: bool, paths, out_dir, overlays: bool) -> bool:
 @run_option("use")
 @stage_command
 def segment(cfg, force, paths, out_dir, overlays):
-    """Masks for image files or folders (recursive) with the run's trained models."""
+    """Masks for PATHS, image files or folders (searched recursively), with the run's
+    trained models."""
     sys.exit(0 if do_segment(cfg, force, paths, out_dir, overlays) else 1)
 
 
@@ -249,9 +268,9 @@ def segment(cfg, force, paths, out_dir, overlays):
 def export_model(cfg, force, out_file, height, width):
     """One self-contained torch.export file: uint8 images -> object probability."""
     from pipeline.export import run_export
-    res = run_export(cfg, out_file, height=height, width=width, force=force)
+    res = run_export(cfg, out_file, height=height, width=width, force=force, log=click.echo)
     if res.up_to_date:
-        click.echo(f"export: up to date -> {res.path}")
+        click.echo(f"export: up-to-date -> {res.path}")
     else:
         from pipeline.fsutil import human_bytes
         click.echo(f"export: {res.path} ({human_bytes(res.bytes)}) in {res.seconds:.1f} s; "
@@ -265,8 +284,8 @@ def export_model(cfg, force, out_file, height, width):
               help="Rehash every input and output, ignoring the checksum memo (reads all the "
                    "data and the cache); what is found damaged is marked for repair.")
 @run_option(None)
-@stage_command
-def status(cfg, force, split, verify):
+@stage_command(computes=False)
+def status(cfg, split, verify):
     """One line per stage: up-to-date, stale (why) or missing."""
     from pipeline.stages import Context
     from pipeline.workflow import statuses
@@ -276,20 +295,33 @@ def status(cfg, force, split, verify):
 
 @cli.command()
 @click.option("--split", default=None, callback=lambda c, p, v: split_names(v),
-              help="Split whose reports to compare (default: data.test_split).")
+              help="Split whose reports to compare [default: each run's own data.test_split, "
+                   "as recorded when it was trained].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--markdown", "as_markdown", is_flag=True,
+              help="Print a Markdown table (to paste) instead of the aligned plain-text one.")
+@click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
+              help="Only the runs whose recorded config has this value (a TOML literal or a "
+                   "string; * and ? match any text; KEY `run` is the run's name); repeatable: "
+                   "all must match.")
+@click.option("--keys", "keys", default=None, metavar="K,...",
+              help="The config keys to show as columns, comma-separated [default: those whose "
+                   "values differ between the runs listed].")
 @click.option("--html", "as_html", is_flag=True,
               help="Also write the table as <paths.outputs>/runs_<split>.html, each run linking "
                    "to its report (offline), and print its path.")
-@stage_command
-def runs(cfg, force, split, as_json, as_html):
-    """One row per run: the config keys that differ, the split's metrics, up to date or not
+@stage_command(computes=False)
+def runs(cfg, split, as_json, as_html, as_markdown, filters, keys):
+    """One row per run: the config keys that differ, the split's metrics, up-to-date or not
     (judged in the run's folder as listed; a damaged file is a row that says so)."""
     import json
 
     from pipeline import runs as runs_mod
+    wanted = runs_mod.parse_filters(filters)
+    columns = None if keys is None else runs_mod.check_keys(
+        [k.strip() for k in keys.split(",") if k.strip()], "--keys")
+    rows = runs_mod.collect(cfg, split, wanted, columns)
     split = split or cfg.data.test_split
-    rows = runs_mod.collect(cfg, split)
     if as_html:
         from pipeline.report.runs_page import write_runs_page
         page = write_runs_page(Path(cfg.paths.outputs), split, runs_mod.as_json(rows))
@@ -298,9 +330,11 @@ def runs(cfg, force, split, as_json, as_html):
         # strict JSON: every number in a row is finite (damaged files are rows that say so)
         click.echo(json.dumps(runs_mod.as_json(rows), indent=1, allow_nan=False))
     elif not rows:
-        click.echo(f"no runs under {cfg.paths.outputs}")
+        click.echo(f"no runs under {cfg.paths.outputs}"
+                   + (" match the --filter" if filters and runs_mod.run_dirs(
+                       Path(cfg.paths.outputs)) else ""))
     else:
-        click.echo(runs_mod.table(rows))
+        click.echo(runs_mod.markdown(rows) if as_markdown else runs_mod.table(rows))
 
 
 @cli.group("config")
@@ -310,8 +344,8 @@ def config_group() -> None:
 
 @config_group.command("show")
 @run_option(None)
-@stage_command
-def config_show(cfg, force):
+@stage_command(computes=False)
+def config_show(cfg):
     """Print the effective config (file + --set) as TOML, to save and edit."""
     from pipeline.config import to_toml
     click.echo(to_toml(cfg), nl=False)
@@ -330,8 +364,8 @@ def _store_summary(params: dict) -> str:
 
 
 @cache_group.command("list")
-@stage_command
-def cache_list(cfg, force):
+@stage_command(computes=False)
+def cache_list(cfg):
     """Each store: backbone and settings, splits (images, dataset), size, the runs using it."""
     from pipeline.cache import stores
     from pipeline.fsutil import human_bytes
@@ -350,8 +384,8 @@ def cache_list(cfg, force):
 
 @cache_group.command("gc")
 @click.option("--yes", is_flag=True, help="Remove them (without it: only list them).")
-@stage_command
-def cache_gc(cfg, force, yes):
+@stage_command(computes=False)
+def cache_gc(cfg, yes):
     """Remove the stores no live run uses (a dry run unless --yes)."""
     from pipeline.cache import collect_garbage
     from pipeline.fsutil import human_bytes
@@ -371,9 +405,10 @@ def cache_gc(cfg, force, yes):
 
 @cli.command()
 @click.option("--config", "config_path", default=str(DEFAULT_CONFIG.parent / "demo.toml"),
-              show_default=True)
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
-@click.option("--force", is_flag=True)
+              show_default=True, help="TOML config file of the demo.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key (a TOML literal, or a bare string); repeatable.")
+@click.option("--force", is_flag=True, help="Recompute every stage even when up-to-date.")
 def demo(config_path, overrides, force):
     """Offline example: generate a small dataset and run all stages on it."""
     from pipeline.owned import claim_folder

@@ -296,7 +296,7 @@ def bench_stages(s: Setup, rep: Report) -> tuple[Path, Measured]:
     m = run_measured("no-op rerun", argv("run", "--split", cfg.data.test_split))
     rows.append((f"`cli.py run --split {cfg.data.test_split}`, all up to date (no-op)", m,
                  None, None))
-    if m.stdout.count("up to date") < 3:
+    if m.stdout.count("up-to-date") < 3:
         rep.notes.append("The no-op `cli.py run` did not report all three stages up to date:\n"
                          + "\n".join(f"    {ln}" for ln in m.stdout.strip().splitlines()))
 

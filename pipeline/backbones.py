@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import math
 import os
 import pickle
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 
-from .errors import BackboneError
+from .errors import BackboneError, EnvironmentProblem
 from .fsutil import FileHasher
 from .registry import BackboneSpec, check_layers, get_spec
 
@@ -398,9 +399,16 @@ def _load_into(model: nn.Sequential | VisionTransformer, state: dict[str, torch.
     model.load_state_dict(state, strict=True)
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException, limit: int = 400) -> str:
+    """`e`'s type and the first line of its message, whole (a library's sentence, not cut
+    mid-word); only a line longer than `limit` is cut, at a word boundary, with "..."."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    line = text[0].strip()
+    if len(line) > limit:
+        line = line[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " ..."
+    return f"{type(e).__name__}: {line}"
 
 
 # ----------------------------------------------------------------------------- builders
@@ -417,16 +425,61 @@ def builder(key: str) -> Callable[[Builder], Builder]:
     return register
 
 
+def _vision_mismatch(e: BaseException) -> bool:
+    """Whether `e`, raised by importing torchvision (or timm, which imports it), says that
+    the installed torchvision was built for another torch: its C++ operators do not register
+    (`operator torchvision::nms does not exist`) or its extension does not link."""
+    text = str(e)
+    return ("torchvision::" in text and "does not exist" in text) or (
+        isinstance(e, (ImportError, OSError)) and "torchvision" in text
+        and "undefined symbol" in text)
+
+
+def vision_mismatch_line(cause: str) -> str:
+    """The one line for a torchvision built for another torch (`cause`: the import's error
+    line): both versions and the fix."""
+    from importlib import metadata
+    try:
+        vision = metadata.version("torchvision")
+    except metadata.PackageNotFoundError:
+        vision = "?"
+    version = torch.__version__.split("+")[0]
+    major, minor = (version.split(".") + ["0"])[:2]
+    # torch 2.N pairs with torchvision 0.(N + 15) (2.0 with 0.15, ..., 2.14 with 0.29)
+    match = f"torchvision==0.{int(minor) + 15}.*" if major == "2" and minor.isdigit() \
+        else "torchvision"
+    cuda = getattr(torch.version, "cuda", None)
+    index = f"cu{cuda.replace('.', '')}" if cuda else "cpu"
+    return (f"torchvision {vision} was built for another torch than the installed torch "
+            f"{torch.__version__} ({cause}); install the two "
+            f"from one index: python -m pip install --force-reinstall torch=={version} "
+            f"'{match}' --index-url https://download.pytorch.org/whl/{index}")
+
+
+def import_vision(module: str):
+    """`module` (timm, torchvision or one of their submodules) imported, with a torchvision
+    built for another torch reported as EnvironmentProblem in one line (vision_mismatch_line)
+    instead of a traceback from deep inside the import. Imported here, lazily: commands that
+    build no backbone never import them."""
+    try:
+        return importlib.import_module(module)
+    except (RuntimeError, ImportError, OSError) as e:
+        if _vision_mismatch(e):
+            cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise EnvironmentProblem(vision_mismatch_line(cause)) from None
+        raise
+
+
 @builder("timm")
 def _build_timm(spec: BackboneSpec, pretrained: bool) -> nn.Module:
-    import timm
+    timm = import_vision("timm")
     return timm.create_model(spec.source.split(":", 1)[1], pretrained=pretrained, num_classes=0,
                              dynamic_img_size=True)
 
 
 @builder("torchvision:mobilenet_v2")
 def _build_mobilenet(spec: BackboneSpec, pretrained: bool) -> nn.Module:
-    import torchvision
+    torchvision = import_vision("torchvision")
     model = torchvision.models.mobilenet_v2(weights=None)
     if pretrained:  # not mobilenet_v2(weights=...): torchvision's own download unpickles the file
         weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1

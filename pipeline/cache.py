@@ -21,7 +21,7 @@ from .errors import LockError, OwnershipError
 from .fsutil import exclusive_lock, read_json
 from .models import read_card
 from .owned import is_marked
-from .store import CACHE_LEGACY, INDEX_FILE, RUNS_DIR, read_index, read_manifest
+from .store import CACHE_LEGACY, INDEX_FILE, RUNS_DIR, read_index, read_manifest, store_lock
 
 FEATURES = "features"  # the stores' folder inside paths.cache
 
@@ -158,7 +158,7 @@ def collect_garbage(cfg: Config, remove: bool) -> tuple[list[tuple[Path, int, st
     for path, size, why in todo:
         store = path if (path / "features.json").is_file() else path.parent
         try:
-            with exclusive_lock(store / ".lock", f"feature store {store}"):
+            with exclusive_lock(store_lock(store), f"feature store {store}"):
                 if path == store:
                     (store / "features.json").unlink()  # first: a half-removed store is none
                     (store / INDEX_FILE).unlink(missing_ok=True)

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import torch
 
-from .errors import DeviceError
+from .errors import DeviceError, thread_limits
 
 T = TypeVar("T")
 
@@ -87,6 +87,7 @@ class CpuFanout:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return list(self._pool.map(fn, range(n)))
+            with thread_limits(f"{self.threads} images side by side (run.threads)"):
+                return list(self._pool.map(fn, range(n)))
         finally:
             torch.set_num_threads(threads)

@@ -3,6 +3,9 @@ the exit code the CLI maps it to (1 a failed stage, 2 a usage error). `cli.py` c
 `PipelineError` at one boundary; anything else is a programming error and surfaces as one."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class PipelineError(Exception):
     """Base of every user-facing error; `exit_code` is what the CLI exits with."""
@@ -48,6 +51,36 @@ class ExecutorError(PipelineError):
 
 class TrainingDiverged(PipelineError):
     """A training loss or weight became non-finite (NaN or inf); no models were written."""
+
+
+class EnvironmentProblem(PipelineError):
+    """The Python environment or the machine's limits stop the tool (not the data or the
+    config): torch and torchvision built for each other's wrong versions, no thread can be
+    started. The one line names the cause and the fix."""
+
+
+# what threading / concurrent.futures raise when the process may start no more threads
+THREAD_START_FAILURE = "can't start new thread"
+
+
+def thread_limit_line(what: str) -> str:
+    """The one line for a thread that could not be started for `what`."""
+    return (f"cannot start a thread for {what}: the process has reached its limit on threads "
+            "(ulimit -u, or the container's pids limit); use fewer threads: --set "
+            "run.threads=1 and --set extract.num_workers=1")
+
+
+@contextlib.contextmanager
+def thread_limits(what: str) -> Iterator[None]:
+    """Turn the RuntimeError of a thread that could not be started (a process limit on a
+    shared machine) into EnvironmentProblem naming `what` and the knobs; any other error
+    passes unchanged."""
+    try:
+        yield
+    except RuntimeError as e:
+        if THREAD_START_FAILURE not in str(e):
+            raise
+        raise EnvironmentProblem(thread_limit_line(what)) from None
 
 
 class OwnershipError(UsageError):

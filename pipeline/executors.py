@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import Config, copy_config
 from .devices import resolve_precision
-from .errors import ExecutorError, UsageError
+from .errors import ExecutorError, UsageError, thread_limits
 
 CONNECT_TIMEOUT_S = 10
 # The nanny's environment for the local:N workers: Dask's default minus MALLOC_TRIM_THRESHOLD_.
@@ -78,6 +78,7 @@ def connect(scheduler: str, worker_threads: int = 1) -> Iterator:
     if scheduler.startswith("local:"):
         n = int(scheduler.split(":", 1)[1])
         with preserved_environment(), dask.config.set(NANNY_ENVIRON), \
+                thread_limits(f"the local Dask cluster ({scheduler})"), \
                 LocalCluster(n_workers=n, threads_per_worker=worker_threads, processes=True,
                              host="127.0.0.1", dashboard_address=None,
                              silence_logs=logging.ERROR) as cluster, \

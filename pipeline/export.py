@@ -26,6 +26,7 @@ import io
 import json
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,10 +170,12 @@ def _state(cfg: Config, models: TrainedModels, path: Path, height: int | None,
 
 
 def run_export(cfg: Config, out: str | Path | None = None, height: int | None = None,
-               width: int | None = None, force: bool = False) -> ExportResult:
+               width: int | None = None, force: bool = False,
+               log: Callable[[str], None] = print) -> ExportResult:
     """Export the run's models with their backbone to `out` (default `<run>/model.pt2`);
-    up to date (nothing done) while the models, the settings and the file are unchanged.
-    ModelError naming train-head when the models are missing or do not match `cfg`."""
+    up-to-date (nothing done) while the models, the settings and the file are unchanged.
+    ModelError naming train-head when the models are missing or do not match `cfg`. `log`:
+    a line before each step (why it exports, loading, tracing, saving), as the stages do."""
     t0 = time.perf_counter()
     path = Path(out) if out is not None else default_path(cfg)
     if path.is_dir() or not path.name:
@@ -180,16 +183,24 @@ def run_export(cfg: Config, out: str | Path | None = None, height: int | None = 
     feature_params(cfg)  # a bad backbone.layers or weights path is told before any models
     with checked_models(cfg) as models:
         state = _state(cfg, models, path, height, width)
-        if not force and judge(cfg.run_dir, state).up_to_date:
+        st = judge(cfg.run_dir, state)
+        if not force and st.up_to_date:
             return ExportResult(path, models.patch_size, up_to_date=True, bytes=path.stat().st_size)
+        log(f"export: {st.reason(force)}")
         # the run folder's ledger records every file export writes, wherever it is
         ledger = Ledger(claim_run_dir(cfg.run_dir), "export")
         ledger.check(path)  # before the work: never replace a file the tool did not write
+        log(f"export: loading the backbone ({cfg.backbone.name}) and the run's heads")
         program = build_program(cfg, models)
         patch = program.backbone.spec.patch_size
         h = _example_side(height, EXAMPLE_PATCHES[0], patch, "height")
         w = _example_side(width, EXAMPLE_PATCHES[1], patch, "width")
+        log(f"export: tracing with torch.export on a (2, 3, {h}, {w}) example, dynamic batch "
+            "and size (the long step: a minute or two for a ViT on a CPU)")
+        t_trace = time.perf_counter()
         exported = export_program(program, patch, h, w)
+        log(f"export: traced in {time.perf_counter() - t_trace:.1f} s; saving the program "
+            "with its weights")
         buf = io.BytesIO()
         with warnings.catch_warnings():
             # the archive writer's note on channels-last weights (a CNN's, see

@@ -33,7 +33,7 @@ from .data import (
     same_size_batches,
     to_canvas,
 )
-from .errors import ImageTooLarge, StoreError
+from .errors import ImageTooLarge, StoreError, thread_limits
 from .executors import portable_config, run_tasks, worker_cached
 from .fsutil import (
     FileHasher,
@@ -46,7 +46,7 @@ from .fsutil import (
 from .inference import BackboneRunner
 from .owned import claim_folder
 from .params import feature_params, mirrored_splits
-from .progress import Progress
+from .progress import Progress, plural
 from .stages import Context, StageState, StageStatus, fingerprint, first_problems, judge_record
 from .store import (
     CACHE_LEGACY,
@@ -66,6 +66,7 @@ from .store import (
     read_manifest,
     split_problems,
     store_dir,
+    store_lock,
     write_shard,
 )
 from .streaming import Decoded, Undecodable, Writer, stream
@@ -238,19 +239,21 @@ class ExtractResult:
     def lines(self) -> list[tuple[str, bool]]:
         """What the command reports (text, to stderr)."""
         if self.up_to_date:
-            out = [(f"{STAGE}: up to date", False)]
+            out = [(f"{STAGE}: up-to-date", False)]
             if self.n_errors:
-                out.append((f"note: {self.n_errors} file(s) were skipped when the cache was "
-                            "built (rerun with --force to list them)", True))
+                were = "was" if self.n_errors == 1 else "were"
+                out.append((f"note: {plural(self.n_errors, 'file')} {were} skipped when the "
+                            "cache was built (rerun with --force to list them)", True))
             return out
         rate = self.n_images / self.seconds if self.seconds > 0 else 0.0
-        out = [(f"{STAGE}: {self.n_images} images in {self.seconds:.1f} s ({rate:.1f} images/s),"
+        out = [(f"{STAGE}: {plural(self.n_images, 'image')} in {self.seconds:.1f} s "
+                f"({rate:.1f} images/s),"
                 f" cache {human_bytes(self.cache_bytes)}"
                 + (f", {self.n_errors} skipped" if self.n_errors else ""), False)]
         if self.errors:
             out += [(f"  skipped: {e}", True) for e in self.errors]
-            out.append((f"error: {self.n_errors} file(s) could not be used (listed above); "
-                        "the other images are cached", True))
+            out.append((f"error: {plural(self.n_errors, 'file')} could not be used (listed "
+                        "above); the other images are cached", True))
         return out
 
 
@@ -324,14 +327,14 @@ def _extract_store(cfg: Config, fparams: dict, plans: list[SplitPlan], label: st
                  != p.split_dir.name]
     if not todo:
         if unindexed:  # stored already (e.g. the dataset moved, or a store made before the
-            with exclusive_lock(sdir / ".lock", f"feature store {sdir}"):  # index): index it
+            with exclusive_lock(store_lock(sdir), f"feature store {sdir}"):  # index): index it
                 for p in unindexed:
                     index_split(sdir, dataset_key(cfg, p.split), p.split_dir.name)
         for p in plans:
             errors.extend(_listed_errors(p))
         return errors
     result.up_to_date = False
-    with exclusive_lock(sdir / ".lock", f"feature store {sdir}"):
+    with exclusive_lock(store_lock(sdir), f"feature store {sdir}"):
         atomic_write_json(sdir / "features.json", fparams)
         pending: list[ShardTask] = []
         for p in todo:
@@ -351,7 +354,8 @@ def _extract_store(cfg: Config, fparams: dict, plans: list[SplitPlan], label: st
                         pending.append(t)
         n_total = sum(len(t.items) for t in pending)
         n_cached = sum(len(p.items) for p in todo) - n_total
-        log(f"extract-features{label}: {len(todo)} split(s), {n_total} images to extract"
+        log(f"extract-features{label}: {plural(len(todo), 'split')}, "
+            f"{plural(n_total, 'image')} to extract"
             + (f", {n_cached} already cached" if n_cached else "")
             + f" [{cfg.backbone.name}, store {sdir}]")
         if pending:
@@ -424,7 +428,9 @@ def _execute(cfg: Config, tasks: list[ShardTask], n_total: int, result: ExtractR
                 on_done(n)
                 bar.update(sizes[h])
         else:
-            stream_shards(tasks, Extractor(cfg), cfg.extract.num_workers, on_done, bar.update)
+            extractor = Extractor(cfg)
+            with thread_limits("stage 1's decoding and writing"):
+                stream_shards(tasks, extractor, cfg.extract.num_workers, on_done, bar.update)
     finally:
         bar.close()
 

@@ -177,6 +177,18 @@ def exclusive_lock(path: Path, what: str) -> contextlib.AbstractContextManager[N
     return file_lock(path, what)
 
 
+# The hidden folder that holds the flock files of the folder it is in (a run folder, a
+# segment --out folder, the stores' parent `<cache>/features`). Lock files are never deleted:
+# a process that opened a deleted one would hold a lock no other process can see, so two
+# writers could run at once. They are empty or hold the last holder's pid.
+LOCKS = ".locks"
+
+
+def lock_path(folder: str | Path, name: str) -> Path:
+    """The flock file `name` of `folder`: `<folder>/.locks/<name>.lock`."""
+    return Path(folder) / LOCKS / f"{name}.lock"
+
+
 def stat_stamp(st: os.stat_result) -> list[int]:
     """What identifies a file's content without reading it, as git's index does: size, mtime,
     ctime (which no user-space call can set back, so `cp -p`, `rsync -t` and `tar x` cannot

@@ -24,7 +24,7 @@ from .config import Config
 from .data import Box, from_canvas, to_canvas
 from .devices import CpuFanout, autocast_dtype, resolve_device, resolve_precision
 from .errors import ModelError
-from .fsutil import file_lock
+from .fsutil import file_lock, lock_path
 from .hints import command
 from .models import TrainedModels, load_models, upsample_logits
 from .params import feature_params, training_params
@@ -67,7 +67,8 @@ def checked_models(cfg: Config, device: torch.device | str = "cpu") -> Iterator[
     if not mdir.is_dir():  # no models: say so without creating the folder for the lock
         load_models(mdir)
     # shared: predicts of several splits, segment and export may read at once
-    with file_lock(mdir / ".lock", f"the models of run '{cfg.run.name}' (train-head is running)",
+    with file_lock(lock_path(cfg.run_dir, "models"),
+                   f"the models of run '{cfg.run.name}' (train-head is running)",
                    shared=True):
         models = load_models(mdir, device)
         why = _models_mismatch(cfg, models.params, models.deps)

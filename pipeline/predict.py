@@ -33,6 +33,7 @@ from .fsutil import (
     atomic_write_bytes,
     atomic_write_json,
     exclusive_lock,
+    lock_path,
     read_json,
     sha256_bytes,
 )
@@ -49,7 +50,7 @@ from .metrics import image_stats, sweep_counts, sweep_thresholds
 from .models import load_models, models_fingerprint, read_card
 from .owned import RUN_LEGACY, claim_run_dir, is_marked
 from .params import mirrored_splits, predict_params
-from .progress import Progress
+from .progress import Progress, plural
 from .report import stage as report_stage
 from .report.stage import headline
 from .stages import (
@@ -283,8 +284,9 @@ class PredictResult:
     def lines(self) -> list[tuple[str, bool]]:
         """What the command reports (text, to stderr)."""
         if self.up_to_date:
-            return [(f"predict [{self.split}]: up to date; report {self.report_json}", False)]
-        return [(f"predict [{self.split}]: {self.n_predicted} images in {self.seconds:.1f} s "
+            return [(f"predict [{self.split}]: up-to-date; report {self.report_json}", False)]
+        return [(f"predict [{self.split}]: {plural(self.n_predicted, 'image')} in "
+                 f"{self.seconds:.1f} s "
                  f"({self.n_images} annotated, scored); masks in {self.predictions_dir}", False),
                 (f"report: {self.report_json} (also .md and .html)", False),
                 *((f"  {line}", False) for line in self.headline)]
@@ -299,7 +301,7 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
     mirror_fp = mirror.fingerprint if mirror is not None else None
     device = resolve_device(cfg.predict.device)
     with checked_models(cfg, device) as models, \
-            exclusive_lock(cfg.run_dir / f".predict-{split}.lock",
+            exclusive_lock(lock_path(cfg.run_dir, f"predict-{split}"),
                            f"predict [{split}] of run '{cfg.run.name}'"):
         claim_run_dir(cfg.run_dir)
         state = stage_state(cfg, split, models.fingerprint, store.fingerprint, mirror_fp)

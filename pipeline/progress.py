@@ -11,6 +11,11 @@ from typing import TextIO
 PLAIN_INTERVAL_S = 5.0
 
 
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """`n` and the noun in the number it takes: "1 mask", "3 masks", "1 image or folder"."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"

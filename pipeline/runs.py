@@ -17,15 +17,16 @@ copied or moved, or listed from another working folder, gets the same answer as 
 """
 from __future__ import annotations
 
+import fnmatch
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from . import predict, train
-from .config import Config, config_from_dict, copy_config
-from .errors import PipelineError
+from .config import Config, all_keys, config_from_dict, copy_config, parse_set
+from .errors import ConfigError, PipelineError, UsageError
 from .jsondoc import Damaged, read_doc
 from .jsondoc import an_object as _object
 from .jsondoc import field_of as _field
@@ -54,6 +55,7 @@ class RunRow:
     report: str | None = None  # the HTML report, relative to paths.outputs
     why: str = ""  # why the run is not up to date, or why that is unknown
     damaged: str | None = None  # the damaged file(s) and why; None: every file read is sound
+    split: str = ""  # the split whose report the metrics are from
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ def run_dirs(outputs: Path) -> list[Path]:
 
 def read_run(run_dir: Path, split: str) -> tuple[RunRow, dict[str, Any]]:
     """The row of one run and its flattened recorded config ({} when there is none)."""
-    row = RunRow(run_dir.name)
+    row = RunRow(run_dir.name, split=split)
     damage: list[str] = []
 
     def load(path: Path, parse: Callable[[Any], T]) -> T | None:
@@ -188,17 +190,78 @@ def read_run(run_dir: Path, split: str) -> tuple[RunRow, dict[str, Any]]:
     return row, (_flatten(report.config.to_dict()) if report is not None else {})
 
 
-def collect(cfg: Config, split: str) -> list[RunRow]:
-    """One row per run, sorted by the PAC mIoU (best first; runs without one last)."""
+def run_split(run_dir: Path, default: str) -> str:
+    """The split a run is listed with by default: its recorded config's data.test_split (the
+    run's config.toml, or for an older run its report's config), else `default`."""
+    from .runconfig import read_record
+    try:
+        recorded, _ = read_record(run_dir, (default,))
+    except (PipelineError, OSError):
+        return default
+    return recorded.data.test_split
+
+
+PATH_KEYS = ("backbone.weights", "data.root", "paths.cache", "paths.outputs")
+
+
+def parse_filters(items: Sequence[str]) -> list[tuple[str, Any]]:
+    """`--filter KEY=VALUE` items: a config key (or `run`, the run's folder name) and a value,
+    a TOML literal or a string (with shell wildcards: `run=lr*`). UsageError naming an unknown
+    key or an item without `=`."""
+    out = []
+    for item in items:
+        try:
+            key, value = parse_set(item)
+        except ConfigError:
+            raise UsageError(f"bad --filter {item!r}: expected KEY=VALUE") from None
+        check_keys([key], "--filter", extra=("run",))
+        out.append((key, value))
+    return out
+
+
+def check_keys(keys: Sequence[str], option: str, extra: Sequence[str] = ()) -> list[str]:
+    """`keys`, each a config key (or one of `extra`); UsageError naming the first that is not."""
+    known = set(all_keys()) | set(extra)
+    for k in keys:
+        if k not in known:
+            import difflib
+            close = difflib.get_close_matches(k, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UsageError(f"{option} {k}: not a config key{hint}")
+    return list(keys)
+
+
+def _matches(value: Any, wanted: Any) -> bool:
+    """Whether a recorded value is what a --filter asks for: equal (1 == 1.0), or its text
+    matching the wanted text, which may hold shell wildcards (* ? [...])."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and isinstance(wanted, (int, float)) and not isinstance(wanted, bool):
+        return float(value) == float(wanted)
+    if value == wanted:
+        return True
+    text = value if isinstance(value, str) else json.dumps(value)
+    pattern = wanted if isinstance(wanted, str) else json.dumps(wanted)
+    return fnmatch.fnmatchcase(text, pattern)
+
+
+def collect(cfg: Config, split: str | None = None, filters: Sequence[tuple[str, Any]] = (),
+            keys: Sequence[str] | None = None) -> list[RunRow]:
+    """One row per run, sorted by the PAC mIoU (best first; runs without one last). `split`:
+    the split of every row; None: each run's own (run_split: its recorded data.test_split).
+    `filters` (parse_filters): only the runs whose recorded config (or name, for `run`) has
+    every value asked for. `keys`: the config keys each row's params hold (any, even equal
+    across runs); None: those whose values differ between the rows listed."""
     rows, configs = [], []
     for d in run_dirs(Path(cfg.paths.outputs)):
-        row, config = read_run(d, split)
-        rows.append(row)
-        configs.append(config)
-    keys = sorted({k for c in configs for k in c} - IGNORED_KEYS)
-    differing = [k for k in keys if len({repr(c.get(k)) for c in configs if c}) > 1]
+        row, config = read_run(d, split or run_split(d, cfg.data.test_split))
+        if all(_matches(row.run if k == "run" else config.get(k), v) for k, v in filters):
+            rows.append(row)
+            configs.append(config)
+    if keys is None:
+        found = sorted({k for c in configs for k in c} - IGNORED_KEYS)
+        keys = [k for k in found if len({repr(c.get(k)) for c in configs if c}) > 1]
     for row, c in zip(rows, configs, strict=True):
-        row.params = {k: c.get(k) for k in differing} if c else {}
+        row.params = {k: c.get(k) for k in keys} if c else {}
 
     def best_first(r: RunRow) -> tuple[bool, float, str]:
         miou = r.metrics.get("pac", {}).get("miou")
@@ -212,44 +275,91 @@ def as_json(rows: list[RunRow]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
+def _printable(text: str) -> str:
+    """`text` with control characters (and undecodable bytes) as backslash escapes, so that a
+    name never splits a line."""
+    return "".join(c if c.isprintable()
+                   else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+
+
 def _cell(text: str) -> str:
     """`text` as one Markdown table cell: `|` escaped, control characters (and undecodable
     bytes) as backslash escapes, so that a name never adds or splits a column or a line."""
-    out = []
-    for c in text:
-        if c == "|":
-            out.append("\\|")
-        elif c.isprintable():
-            out.append(c)
-        else:
-            out.append(c.encode("unicode_escape", "backslashreplace").decode("ascii"))
-    return "".join(out)
+    return _printable(text).replace("|", "\\|")
+
+
+def short_paths(values: Sequence[str]) -> dict[str, str]:
+    """Each path in `values` shown by the shortest tail of its components that still tells
+    the values apart (usually the file or folder name: `dino_deitsmall16_pretrain.pth`)."""
+    distinct = sorted(set(values))
+    parts = {v: PurePosixPath(v).parts or (v,) for v in distinct}
+    for n in range(1, max(len(p) for p in parts.values()) + 1 if parts else 1):
+        shown = {v: "/".join(p[-n:]).replace("//", "/") for v, p in parts.items()}
+        if len(set(shown.values())) == len(distinct):
+            return {v: v if n >= len(parts[v]) else shown[v] for v in distinct}
+    return {v: v for v in distinct}
 
 
 def _value(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:g}"
-    return "-" if x is None else _cell(x if isinstance(x, str) else json.dumps(x))
+    return "-" if x is None else (x if isinstance(x, str) else json.dumps(x))
 
 
-def table(rows: list[RunRow]) -> str:
-    """A Markdown table (readable in a terminal too)."""
-    keys = sorted({k for r in rows for k in r.params})
-    cols = (["run", *keys, "pac mIoU", "pac J", "pac F", "bilinear mIoU", "bilinear F", "images",
-             "train s", "up to date"])
+# the metric columns: (header, variant, metric)
+METRIC_COLUMNS = (("pac mIoU", "pac", "miou"), ("pac J", "pac", "j_mean"),
+                  ("pac F", "pac", "boundary_f"), ("bilinear mIoU", "linear_bilinear", "miou"),
+                  ("bilinear F", "linear_bilinear", "boundary_f"))
+
+
+def grid(rows: list[RunRow]) -> tuple[list[str], list[list[str]], list[bool]]:
+    """The table of `rows` as text cells: (headers, one list of cells per row, whether each
+    column is numeric, i.e. right-aligned). Path keys (backbone.weights, data.root, paths.*)
+    are shortened to what tells them apart (short_paths); the plain table, the Markdown
+    table and the HTML page show these cells."""
+    keys = list(dict.fromkeys(k for r in rows for k in r.params))
+    shorter = {k: short_paths([v for r in rows if isinstance(v := r.params.get(k), str)
+                               and "/" in v]) for k in keys if k in PATH_KEYS}
+    heads = ["run", "split", *keys, *(c[0] for c in METRIC_COLUMNS), "images", "train s",
+             "up-to-date"]
+    numeric = [False, False, *(False for _ in keys), *(True for _ in METRIC_COLUMNS), True,
+               True, False]
 
     def num(x: float | int | None) -> str:
         return f"{x:.3f}" if isinstance(x, float) else ("-" if x is None else str(x))
 
-    lines = ["| " + " | ".join(_cell(c) for c in cols) + " |",
-             "|" + "|".join("---" for _ in cols) + "|"]
+    cells = []
     for r in rows:
-        pac, bil = r.metrics.get("pac", {}), r.metrics.get("linear_bilinear", {})
+        params = [shorter.get(k, {}).get(v, _value(v)) if isinstance(v := r.params.get(k), str)
+                  else _value(v) for k in keys]
         state = ({True: "yes", False: "no", None: "?"}[r.up_to_date] if r.damaged is None
                  else f"damaged: {r.damaged}")
-        cells = [_cell(r.run), *(_value(r.params.get(k)) for k in keys),
-                 num(pac.get("miou")), num(pac.get("j_mean")), num(pac.get("boundary_f")),
-                 num(bil.get("miou")), num(bil.get("boundary_f")), num(r.n_images),
-                 "-" if r.train_seconds is None else f"{r.train_seconds:.0f}", _cell(state)]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells.append([r.run, r.split, *params,
+                      *(num(r.metrics.get(v, {}).get(m)) for _, v, m in METRIC_COLUMNS),
+                      num(r.n_images),
+                      "-" if r.train_seconds is None else f"{r.train_seconds:.0f}", state])
+    return heads, cells, numeric
+
+
+def markdown(rows: list[RunRow]) -> str:
+    """A Markdown table, for pasting (`runs --markdown`)."""
+    heads, cells, numeric = grid(rows)
+    lines = ["| " + " | ".join(_cell(h) for h in heads) + " |",
+             "|" + "|".join("--:" if n else "---" for n in numeric) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def table(rows: list[RunRow]) -> str:
+    """An aligned plain-text table for the terminal (what `runs` prints): columns two spaces
+    apart, numbers right-aligned, the last column (up-to-date, or what is damaged) as is."""
+    heads, cells, numeric = grid(rows)
+    text = [[_printable(c) for c in row] for row in [heads, *cells]]
+    widths = [max(len(row[i]) for row in text) for i in range(len(heads))]
+    lines = []
+    for row in text:
+        padded = [c.rjust(w) if n else c.ljust(w)
+                  for c, w, n in zip(row[:-1], widths, numeric, strict=False)]
+        lines.append("  ".join([*padded, row[-1]]).rstrip())
     return "\n".join(lines)

@@ -31,11 +31,12 @@ from PIL import Image
 from .config import Config
 from .data import IMAGE_EXTS, decode_image, fit_box, read_bytes, same_size_batches, to_canvas
 from .devices import resolve_device
-from .errors import DataError, OwnershipError
+from .errors import DataError, OwnershipError, thread_limits
 from .fsutil import (
     atomic_write_bytes,
     atomic_write_json,
     file_lock,
+    lock_path,
     read_json,
     sha256_bytes,
     sha256_file,
@@ -280,7 +281,9 @@ class SegmentResult:
     n_written: int = 0
     n_current: int = 0  # masks already up to date, not recomputed
     errors: list[str] = field(default_factory=list)  # one line per image or folder skipped
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole command's time
+    # from the first image's decoding (the models loaded) to the last mask written: the rate
+    images_seconds: float = 0.0
 
 
 def run_segment(cfg: Config, paths: Sequence[str | Path], out_dir: str | Path | None = None,
@@ -303,7 +306,7 @@ def run_segment(cfg: Config, paths: Sequence[str | Path], out_dir: str | Path | 
         claim_folder(out_dir, "the --out folder", (RECORD_FILE,))
         for line in problems:
             warn(line)
-        with file_lock(out_dir / ".segment.lock", f"segment into {out_dir}"):
+        with file_lock(lock_path(out_dir, "segment"), f"segment into {out_dir}"):
             settings = settings_fingerprint(cfg, models.fingerprint)
             record = SegmentRecord(out_dir)
             ledger = Ledger(out_dir, "segment")
@@ -313,8 +316,9 @@ def run_segment(cfg: Config, paths: Sequence[str | Path], out_dir: str | Path | 
             try:
                 if todo:
                     predictor = Predictor(models, device, cfg.predict.threshold)
-                    _stream(cfg, todo, BackboneRunner(cfg), predictor, ledger, overlays, settings,
-                            record, result, progress, warn)
+                    with thread_limits("segment's decoding and writing"):
+                        _stream(cfg, todo, BackboneRunner(cfg), predictor, ledger, overlays,
+                                settings, record, result, progress, warn)
             finally:
                 record.save()
                 ledger.save()
@@ -383,9 +387,11 @@ def _stream(cfg: Config, todo: list[Source], extractor: BackboneRunner, predicto
             for f in files:
                 writer.submit(write, f)
 
+    t0 = time.perf_counter()
     try:
         stream(_chunks(todo, max(CHUNK, extractor.batch_size)), lambda chunk: chunk, decode,
                process, written, decode_threads=cfg.extract.num_workers, write_threads=2,
                lookahead=2, max_writes=2 * extractor.batch_size)
     finally:
+        result.images_seconds = time.perf_counter() - t0
         bar.close()

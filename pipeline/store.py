@@ -4,10 +4,13 @@ Layout under `<paths.cache>/features/<backbone>-<feature key>/` (a "store"):
     features.json                   what the feature key stands for (backbone, weights, ...)
     index.json                      which folder holds each dataset's split (see below)
     runs/<hash>.json                the runs whose models or reports use this store (cache gc)
-    .lock                           held (flock) by the one process writing this store
     <folder>/shards/<cat>-<k>-<hash>.h5    up to SHARD_SIZE images of one category
     <folder>/shards/<cat>-<k>-<hash>.json  the shard's size, sha256 and items (its receipt)
     <folder>/manifest.json          written last: the split is complete
+
+The one process writing a store holds (flock) `<paths.cache>/features/.locks/<store>.lock`
+(store_lock), outside the store, so that `cache gc` removing the store never deletes a lock
+file another process holds open.
 
 A split is stored in the folder `<split>-<data digest>`, named by what it holds (the digest of
 its image and mask files), so several datasets with a split of the same name share a store
@@ -49,6 +52,7 @@ from .fsutil import (
     atomic_write_bytes,
     atomic_write_json,
     canonical_json,
+    lock_path,
     read_json,
     sha256_file,
 )
@@ -65,6 +69,13 @@ SHARD_SIZE = 64  # images per shard: the unit of resumption and of distributed w
 def store_dir(cfg: Config, fparams: dict | None = None) -> Path:
     fparams = fparams or feature_params(cfg)
     return Path(cfg.paths.cache) / "features" / f"{cfg.backbone.name}-{fingerprint(fparams)[:12]}"
+
+
+def store_lock(store: Path) -> Path:
+    """The flock file of the store in `store` (held by the one process writing it, and by
+    `cache gc` while it removes it): in the stores' folder's `.locks/`, never inside the store,
+    which gc deletes."""
+    return lock_path(Path(store).parent, Path(store).name)
 
 
 INDEX_FILE = "index.json"  # in a store: dataset key -> the folder of its split

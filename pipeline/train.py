@@ -30,7 +30,7 @@ from .config import Config, copy_config
 from .data import canvas_valid, to_canvas
 from .devices import CpuFanout, resolve_device
 from .errors import DataError, StoreError, TrainingDiverged
-from .fsutil import atomic_write_bytes, exclusive_lock, sha256_bytes
+from .fsutil import atomic_write_bytes, exclusive_lock, lock_path, sha256_bytes
 from .hints import command
 from .inference import model_dir
 from .metrics import miou
@@ -43,7 +43,7 @@ from .models import (
 )
 from .owned import claim_run_dir
 from .params import training_params
-from .progress import Progress
+from .progress import Progress, plural
 from .report import LOSS_CURVES, save_training_curves
 from .stages import Context, StageState, StageStatus, judge, load_record, save_record
 from .store import FeatureStore, register_run, split_fingerprint
@@ -228,7 +228,7 @@ class TrainResult:
     def lines(self) -> list[tuple[str, bool]]:
         """What the command reports (text, to stderr)."""
         if self.up_to_date:
-            return [(f"{STAGE}: up to date", False)]
+            return [(f"{STAGE}: up-to-date", False)]
         return [(f"{STAGE}: trained in {self.seconds:.1f} s; models in {self.model_dir}", False)]
 
 
@@ -313,7 +313,7 @@ def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = pri
     claim_run_dir(cfg.run_dir)
     train_store = stores[cfg.data.train_split]
     val_store = stores.get(cfg.data.val_split) if cfg.data.val_split else None
-    with exclusive_lock(mdir / ".lock", f"the models of run '{cfg.run.name}'"):
+    with exclusive_lock(lock_path(cfg.run_dir, "models"), f"the models of run '{cfg.run.name}'"):
         state = stage_state(cfg, {f"features[{s}]": st.fingerprint for s, st in stores.items()})
         st = judge(cfg.run_dir, state)
         if st.up_to_date and not force:
@@ -452,7 +452,7 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
         checkpoint({"linear": epoch + 1, "upsampler": 1})
     bar.close()
     if len(linear_epochs):
-        log(f"train-head: linear head, {len(linear_epochs)} epoch(s) in "
+        log(f"train-head: linear head, {plural(len(linear_epochs), 'epoch')} in "
             f"{time.perf_counter() - t_phase:.1f} s, loss {history[-1]['loss']:.4f}")
 
     head.eval()
@@ -504,7 +504,7 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
             + (f" val mIoU {row['val_miou']:.3f}" if "val_miou" in row else ""))
     bar.close()
     if len(pac_epochs):
-        log(f"train-head: PAC upsampler, {len(pac_epochs)} epoch(s) in "
+        log(f"train-head: PAC upsampler, {plural(len(pac_epochs), 'epoch')} in "
             f"{time.perf_counter() - t_phase:.1f} s, loss {history[-1]['loss']:.4f}")
 
     save_models(mdir, head, up, state.params, state.deps, patch)

@@ -111,7 +111,7 @@ def test_up_to_date_and_refusals(export_run, exported):
     base, root, cfg = export_run
     r = run_cli("export", "--out", str(exported), *cli_sets(base, root))
     assert r.returncode == 0, r.stderr
-    assert r.stdout == f"export: up to date -> {exported}\n", r.stdout + r.stderr
+    assert r.stdout == f"export: up-to-date -> {exported}\n", r.stdout + r.stderr
     r = run_cli("export", "--out", str(exported),
                 *cli_sets(base, root, "backbone.name=dino_vits16"))
     assert r.returncode == 1

@@ -16,7 +16,7 @@ from pipeline.data import load_image, load_mask
 from pipeline.errors import LockError, StoreError
 from pipeline.extract import run_extract, status
 from pipeline.fsutil import exclusive_lock
-from pipeline.store import FeatureStore, locate_split, store_dir
+from pipeline.store import FeatureStore, locate_split, store_dir, store_lock
 from pipeline.synth import make_dataset
 from tests.conftest import ROOT, SHARED_DATA, SHARED_WEIGHTS, make_cfg, run_cli
 
@@ -24,9 +24,9 @@ quiet = dict(log=lambda s: None, progress=False)
 
 
 def cache_digest(folder):
-    """{relative path: sha256} of every file of a cache folder (lock file excluded)."""
+    """{relative path: sha256} of every file of a cache folder (lock files excluded)."""
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix != ".lock"}
 
 
 def test_extract_end_to_end(tmp_path, synth_root):
@@ -121,7 +121,7 @@ def test_bad_files_are_reported_and_the_rest_is_cached(tmp_path):
     assert any("disc/images/00000.jpg: corrupt" in line for line in lines)
     assert any("block/annotations/00002.png: mask size 10x10 differs" in line for line in lines)
     assert not any("00001" in line for line in lines)  # an image without annotation: no problem
-    assert lines[-1] == ("error: 2 file(s) could not be used (listed above); the other images "
+    assert lines[-1] == ("error: 2 files could not be used (listed above); the other images "
                          "are cached")
     store = FeatureStore.open(cfg, "train")
     assert len(store) == 4
@@ -130,7 +130,7 @@ def test_bad_files_are_reported_and_the_rest_is_cached(tmp_path):
     assert store.mask(unannotated[0].index) is None
     # nothing changed: up to date (exit 0), with a reminder of the skipped files
     r = run_cli("extract-features", *[a for s in _sets(cfg) for a in ("--set", s)])
-    assert r.returncode == 0 and "up to date" in r.stdout and "2 file(s) were skipped" in r.stderr
+    assert r.returncode == 0 and "up-to-date" in r.stdout and "2 files were skipped" in r.stderr
     # the same through the API, with a forced recompute
     res = run_extract(cfg, force=True, **quiet)
     assert res.n_images == 4 and res.n_errors == 2
@@ -162,7 +162,7 @@ def test_second_writer_is_refused_with_a_clear_message(tmp_path, synth_root):
     from pipeline.owned import claim_folder
     cfg = make_cfg(tmp_path, synth_root)
     claim_folder(cfg.paths.cache, "paths.cache")  # as the first writer did before locking
-    with exclusive_lock(store_dir(cfg) / ".lock", "held"):
+    with exclusive_lock(store_lock(store_dir(cfg)), "held"):
         with pytest.raises(LockError, match="in use by another process"):
             run_extract(cfg, **quiet)
 

@@ -104,8 +104,8 @@ def test_run_predict_report_and_status(tmp_path, odd_root):
     r = run_cli("run", *args)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[:2] == ["extract-features: up to date", "train-head: up to date"], r.stdout
-    assert lines[2].startswith("predict [test]: up to date;") and len(lines) == 3, r.stdout
+    assert lines[:2] == ["extract-features: up-to-date", "train-head: up-to-date"], r.stdout
+    assert lines[2].startswith("predict [test]: up-to-date;") and len(lines) == 3, r.stdout
     assert stamps(tmp_path / "cache", tmp_path / "outputs") == before
     r = run_cli("status", *args)
     assert r.stdout.splitlines() == ["extract-features: up-to-date", "train-head: up-to-date",

@@ -90,7 +90,7 @@ def test_segment_and_predict_use_the_run_as_trained(trained, tmp_path):
     assert mask.read_bytes() == predicted.read_bytes()
     r = run_cli("predict", "--run", "default", *where(cfg), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "up to date" in r.stdout
+    assert "up-to-date" in r.stdout
     r = run_cli("status", "--run", "default", *where(cfg), cwd=tmp_path)
     assert r.returncode == 0
     assert r.stdout.splitlines() == ["extract-features: up-to-date", "train-head: up-to-date",
@@ -176,7 +176,7 @@ def test_train_head_never_replaces_a_runs_models_under_a_changed_config(trained_
     assert load_config(cfg.run_dir.parent / "longer" / RECORD) == copy_config(
         cfg, train__epochs=2, run__name="longer")
     r = run_cli("train-head", "--run", "default", *where(cfg), cwd=base)
-    assert r.returncode == 0 and "up to date" in r.stdout, r.stderr
+    assert r.returncode == 0 and "up-to-date" in r.stdout, r.stderr
 
 
 def test_a_moved_run_is_found_where_it_is(trained, tmp_path):

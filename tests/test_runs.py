@@ -52,7 +52,7 @@ def test_two_runs_differ_in_exactly_train_lr(tmp_path):
 
     # the table, and a run made stale by damaging its models
     (tmp_path / "outputs" / "slow" / "models" / "linear_head.safetensors").write_bytes(b"x")
-    r = run_cli("runs", *base)
+    r = run_cli("runs", "--markdown", *base)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert "train.lr" in lines[0] and "pac mIoU" in lines[0]
@@ -96,7 +96,7 @@ def listed(outputs: Path, synth_root: Path, split: str = "test") -> dict[str, di
 
 def table_of(outputs: Path, synth_root: Path) -> list[str]:
     cfg = make_cfg(outputs.parent, synth_root, f"paths.outputs={outputs}")
-    return runs_mod.table(runs_mod.collect(cfg, "test")).splitlines()
+    return runs_mod.markdown(runs_mod.collect(cfg, "test")).splitlines()
 
 
 def columns(line: str) -> list[str]:
@@ -216,7 +216,12 @@ def test_cli_lists_damaged_runs_in_strict_json(run_base, synth_root, tmp_path):
     assert "train-head.json" in rows["infinite"]["damaged"]
     assert rows["infinite"]["train_seconds"] is None
 
-    r = run_cli("runs", *sets, cwd=tmp_path)
+    r = run_cli("runs", *sets, cwd=tmp_path)  # the plain table: damaged is the last column
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    at = r.stdout.splitlines()[0].index("up-to-date")
+    assert sorted(line[at:].split(":")[0] for line in r.stdout.splitlines()[1:]) == [
+        "damaged", "damaged", "yes"]
+    r = run_cli("runs", "--markdown", *sets, cwd=tmp_path)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     lines = r.stdout.splitlines()
     assert sum("damaged: " in line for line in lines) == 2

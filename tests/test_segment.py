@@ -78,7 +78,8 @@ def test_folders_files_spaces_hidden_and_link_loops(trained_copy, tmp_path):
                 timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
-    assert re.fullmatch(rf"segment: 6 masks in [\d.]+ s \([\d.]+ images/s\) -> "
+    assert re.fullmatch(rf"segment: 6 masks in [\d.]+ s, [\d.]+ images/s after loading the "
+                        rf"models -> "
                         rf"{re.escape(str(out))}\n", r.stdout), r.stdout
     rels = {"a/b/deep.png", "top.png", "with space.png", "UPPER.png", "a/b/c.png", "one shot.png"}
     written = {p.relative_to(out).as_posix() for p in out.rglob("*.png")}
@@ -90,7 +91,7 @@ def test_folders_files_spaces_hidden_and_link_loops(trained_copy, tmp_path):
     # a rerun does nothing, quickly
     r = run_cli("segment", str(photos), str(single), "--out", str(out), *cli_sets(base, root))
     assert r.returncode == 0, r.stderr
-    assert r.stdout == f"segment: 6 masks up to date -> {out}\n", r.stdout + r.stderr
+    assert r.stdout == f"segment: 6 masks up-to-date -> {out}\n", r.stdout + r.stderr
     # default output folder: <outputs>/<run>/segment; --no-overlays; no dataset and no
     # feature store needed, and none written
     r = run_cli("segment", str(single), "--no-overlays",
@@ -225,13 +226,15 @@ def test_bad_image_is_skipped_and_exit_1(trained, tmp_path):
     assert len(skipped) == 3, r.stderr
     for name in ("broken.jpg", "truncated.jpg", "dangling.png"):
         assert sum(name in line for line in skipped) == 1, (name, skipped)
-    one_line_error(r, "3 image(s)")
+    one_line_error(r, "3 images or folders could not be segmented")
     assert r.stdout.startswith("segment: 2 masks in ")
     assert {p.name for p in out.glob("*.png")} == {"good1.png", "good2.png"}
     # a rerun retries the bad ones only, and a repaired one is then written
     shutil.copy(src / "good1.jpg", src / "broken.jpg")
     r = run_cli("segment", str(src), "--out", str(out), *cli_sets(base, root))
-    assert r.returncode == 1 and "segment: 1 masks in " in r.stdout and ", 2 up to date" in r.stdout
+    # one mask (singular), the rate counted after the models were loaded
+    assert r.returncode == 1 and "segment: 1 mask in " in r.stdout, r.stdout
+    assert "images/s after loading the models; 2 up-to-date -> " in r.stdout, r.stdout
     assert (out / "broken.png").read_bytes() == (out / "good1.png").read_bytes()
 
 

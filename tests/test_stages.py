@@ -59,8 +59,8 @@ def test_status_and_run_iterate_the_stage_list(trained_copy):
     assert r.stdout.splitlines() == [f"{n}: up-to-date" for n in names]
     r = run_cli("run", *cli_sets(base, root))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == ["extract-features: up to date", "train-head: up to date",
-                                     f"predict [test]: up to date; report "
+    assert r.stdout.splitlines() == ["extract-features: up-to-date", "train-head: up-to-date",
+                                     f"predict [test]: up-to-date; report "
                                      f"{cfg.run_dir / 'report_test.json'}"]
 
 

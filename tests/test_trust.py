@@ -13,7 +13,7 @@ import torch
 
 from pipeline.errors import LockError, ModelError, StoreError
 from pipeline.extract import run_extract
-from pipeline.fsutil import exclusive_lock
+from pipeline.fsutil import exclusive_lock, lock_path
 from pipeline.predict import run_predict
 from pipeline.store import locate_split, store_dir
 from pipeline.synth import make_dataset
@@ -92,10 +92,10 @@ def test_predict_refuses_models_trained_with_other_settings(run_copy):
 
 def test_predict_does_not_run_while_train_head_trains(run_copy):
     cfg = run_copy
-    with exclusive_lock(model_dir(cfg) / ".lock", "training"):
+    with exclusive_lock(lock_path(cfg.run_dir, "models"), "training"):
         with pytest.raises(LockError, match="train-head is running"):
             run_predict(cfg, "test", force=True, **quiet)
-    with exclusive_lock(cfg.run_dir / ".predict-test.lock", "another predict"):
+    with exclusive_lock(lock_path(cfg.run_dir, "predict-test"), "another predict"):
         with pytest.raises(LockError, match="in use by another process"):
             run_predict(cfg, "test", force=True, **quiet)
 
