@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli as cli_mod
-from pipeline import backbones
+from pipeline import backbones, hints
 from pipeline import runs as runs_mod
 from pipeline.backbones import create_backbone
 from pipeline.config import copy_config
@@ -33,6 +33,13 @@ from tests.conftest import cli_sets, copy_run, run_cli
 
 QUIET = dict(log=lambda s: None, progress=False)
 NMS = "operator torchvision::nms does not exist"
+
+
+@pytest.fixture(autouse=True)
+def _own_invocation(monkeypatch):
+    """The CLI run in process (CliRunner) records its invocation for repair hints
+    (pipeline/hints.py): restored after each test, so that no later test sees it."""
+    monkeypatch.setattr(hints, "_current", hints.Invocation())
 
 
 # ----------------------------------------------------------------------------- the command tree
