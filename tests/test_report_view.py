@@ -294,7 +294,13 @@ def test_runs_page(trained_copy):
     assert p.links == ["default/report_test.html"]
     assert all((page.parent / u).is_file() for u in p.links)
     text = " ".join(" ".join(p.text).split())
-    assert "default" in text and "other" in text and "up to date" in text
+    assert "default" in text and "other" in text and "up-to-date" in text
     pac = _report(cfg)["variants"]["pac"]["overall"]
     assert f"{pac['miou']:.3f}" in text and f"{pac['j_mean']:.3f}" in text
     assert math.isfinite(pac["miou"])
+    # rewritten by the next `runs --html`; a file of the user's with that name is left alone
+    assert run_cli("runs", "--html", *cli_sets(base, root)).returncode == 0
+    page.write_text("<html>my notes</html>")
+    r = run_cli("runs", "--html", *cli_sets(base, root))
+    assert r.returncode == 2 and f"{page}: not a runs page written by vit-objseg" in r.stderr
+    assert page.read_text() == "<html>my notes</html>"

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..errors import OwnershipError
 from ..fsutil import atomic_write_bytes
 from ..jsondoc import finite as _finite
 from .view import _best_flags, _config_value, _fmt, _url, render
@@ -33,7 +34,7 @@ def runs_view(rows: list[dict[str, Any]], split: str) -> dict:
         params = r.get("params") or {}
         damaged = r.get("damaged")
         up = r.get("up_to_date")
-        state = ("damaged" if damaged else "up to date" if up is True
+        state = ("damaged" if damaged else "up-to-date" if up is True
                  else "stale" if up is False else "unknown")
         secs = r.get("train_seconds")
         out.append({"run": str(r.get("run", "?")),
@@ -44,15 +45,28 @@ def runs_view(rows: list[dict[str, Any]], split: str) -> dict:
                               for j in range(len(COLUMNS))],
                     "n": "\u2014" if r.get("n_images") is None else str(r["n_images"]),
                     "train_s": f"{secs:.0f}" if _finite(secs) else "\u2014",
-                    "state": state, "css": state.replace(" ", "-"),
+                    "state": state, "css": state,
                     "why": str(damaged or r.get("why") or "")})
     return {"split": split, "keys": keys, "columns": [t for _, _, t in COLUMNS], "rows": out,
             "n": len(out)}
 
 
+GENERATOR = b'<meta name="generator" content="vit-objseg runs page">'  # in runs.html.j2
+
+
 def write_runs_page(outputs: Path, split: str, rows: list[dict[str, Any]]) -> Path:
-    """Writes <outputs>/runs_<split>.html (atomically) from `runs`' rows; returns its path."""
+    """Writes <outputs>/runs_<split>.html (atomically) from `runs`' rows; returns its path.
+    A file of that name that this page did not write (no GENERATOR tag in its head, or not
+    a regular file) is left alone: OwnershipError naming it."""
     path = runs_page_path(outputs, split)
+    if path.is_symlink() or path.exists():
+        head = b""
+        if path.is_file() and not path.is_symlink():
+            with path.open("rb") as f:
+                head = f.read(4096)
+        if GENERATOR not in head:
+            raise OwnershipError(f"{path}: not a runs page written by vit-objseg; move or "
+                                 "delete it to write the page")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, render("runs.html.j2", runs_view(rows, split)).encode("utf-8"))
     return path
