@@ -41,6 +41,18 @@ def worker_cached(key: Hashable, factory: Callable[[], Any]) -> Any:
 
 
 @contextlib.contextmanager
+def glibc_malloc_defaults() -> Iterator[None]:
+    """Workers started meanwhile get no MALLOC_TRIM_THRESHOLD_ (NANNY_ENVIRON), also when this
+    process's environment holds it (a LocalCluster started earlier leaves Dask's value in the
+    environment of the process that started it, and the nanny takes that first). Use inside
+    preserved_environment()."""
+    import dask
+    os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    with dask.config.set(NANNY_ENVIRON):
+        yield
+
+
+@contextlib.contextmanager
 def preserved_environment() -> Iterator[None]:
     """Undo changes to os.environ on exit: starting a LocalCluster sets OMP_NUM_THREADS=1
     (and MKL's, OpenBLAS's) in the calling process for good, which would make every
@@ -73,11 +85,10 @@ def connect(scheduler: str, worker_threads: int = 1) -> Iterator:
     `worker_threads` task threads each, or an address); ExecutorError naming the address when
     it cannot be reached within CONNECT_TIMEOUT_S."""
     require_distributed()
-    import dask
     from distributed import Client, LocalCluster
     if scheduler.startswith("local:"):
         n = int(scheduler.split(":", 1)[1])
-        with preserved_environment(), dask.config.set(NANNY_ENVIRON), \
+        with preserved_environment(), glibc_malloc_defaults(), \
                 thread_limits(f"the local Dask cluster ({scheduler})"), \
                 LocalCluster(n_workers=n, threads_per_worker=worker_threads, processes=True,
                              host="127.0.0.1", dashboard_address=None,
