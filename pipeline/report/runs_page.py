@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import OwnershipError
 from ..fsutil import atomic_write_bytes
+from ..hints import current
 from ..jsondoc import finite as _finite
 from .view import _best_flags, _config_value, _fmt, _url, render
 
@@ -48,7 +49,7 @@ def runs_view(rows: list[dict[str, Any]], split: str) -> dict:
                     "state": state, "css": state,
                     "why": str(damaged or r.get("why") or "")})
     return {"split": split, "keys": keys, "columns": [t for _, _, t in COLUMNS], "rows": out,
-            "n": len(out)}
+            "n": len(out), "program": current().program}
 
 
 GENERATOR = b'<meta name="generator" content="vit-objseg runs page">'  # in runs.html.j2
