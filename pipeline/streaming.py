@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -84,11 +84,7 @@ class Writer(Generic[R]):
     def finish_submitted(self) -> None:
         """Let the writes already submitted finish (their work is done; their results are not
         handed on): used when the stream stops on an error."""
-        for fut in self._pending:
-            try:
-                fut.result()
-            except BaseException:  # noqa: BLE001, S110 - the stream's own error is raised
-                pass
+        wait(self._pending)  # their own errors are not raised: the stream's error is
 
 
 def stream(chunks: Iterable[C], items: Callable[[C], Sequence[T]], decode: Callable[[T], D],
