@@ -460,6 +460,25 @@ def render(s: Setup, rep: Report, skipped: list[str], elapsed: float, command: s
     return "\n".join(parts)
 
 
+def keep_other_sections(old: str, new: str) -> str:
+    """`new`, followed by the `## ` sections of `old` that `new` does not have (measurements
+    recorded by hand or by the other benchmarks: the Dask overhead, the device check, ...),
+    so that a run of this suite replaces its own sections only."""
+    def sections(text: str) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        for block in ("\n" + text).split("\n## ")[1:]:
+            title = block.split("\n", 1)[0].strip()
+            out.append((title, "## " + block.rstrip() + "\n"))
+        return out
+    have = {title for title, _ in sections(new)}
+    kept = [body for title, body in sections(old) if title not in have]
+    if not kept:
+        return new.rstrip() + "\n"
+    note = ("The sections below were kept from the earlier RESULTS.md (recorded by other "
+            "benchmarks or earlier runs; each says how and when it was measured).\n")
+    return new.rstrip() + "\n\n" + note + "\n" + "\n".join(kept)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -532,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    old = args.out.read_text() if args.out.is_file() else ""
+    args.out.write_text(keep_other_sections(old, text))
     print(f"[run_all] wrote {args.out}", file=sys.stderr)
     return 1 if rep.failed else 0
 
