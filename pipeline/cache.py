@@ -92,6 +92,11 @@ def _run_dirs(outputs: Path) -> list[Path]:
 def stores(cfg: Config) -> list[StoreInfo]:
     """Every store of cfg.paths.cache, with the live runs (registered ones, and those under
     cfg.paths.outputs) that use it."""
+    return _survey(cfg)[0]
+
+
+def _survey(cfg: Config) -> tuple[list[StoreInfo], set[str]]:
+    """stores(cfg), and every split fingerprint that a live run names."""
     root = Path(cfg.paths.cache) / FEATURES
     dirs = sorted(d for d in root.iterdir()  # a link is not a store of the tool's
                   if not d.is_symlink() and (d / "features.json").is_file()) \
@@ -122,18 +127,14 @@ def stores(cfg: Config) -> list[StoreInfo]:
         gone = sorted(r for r in registered[d] if not Path(r).is_dir())
         out.append(StoreInfo(d, params if isinstance(params, dict) else {}, folders, _size(d),
                              runs, gone))
-    return out
+    return out, set().union(*named.values())
 
 
 def garbage(cfg: Config) -> list[tuple[Path, int, str]]:
     """What `cache gc` removes: (path, bytes, why) of unused stores, and of split folders of
     used stores that neither the index nor a live run names."""
     out = []
-    infos = stores(cfg)
-    named_by_live = set()
-    for info in infos:
-        for run in info.runs:
-            named_by_live |= _named_fingerprints(run)
+    infos, named_by_live = _survey(cfg)
     for info in infos:
         if not info.used:
             out.append((info.path, info.bytes, "no live run uses it"))

@@ -47,7 +47,7 @@ from .inference import BackboneRunner
 from .owned import claim_folder
 from .params import feature_params, mirrored_splits
 from .progress import Progress, plural
-from .stages import Context, StageState, StageStatus, fingerprint, first_problems, judge_record
+from .stages import Context, StageState, StageStatus, first_problems, judge_record
 from .store import (
     CACHE_LEGACY,
     Manifest,
@@ -338,10 +338,8 @@ def _extract_store(cfg: Config, fparams: dict, plans: list[SplitPlan], label: st
         atomic_write_json(sdir / "features.json", fparams)
         pending: list[ShardTask] = []
         for p in todo:
-            why = problems[p.split]
-            more = f"; +{len(why) - 3} more" if len(why) > 3 else ""
-            log(f"extract-features [{p.split}{label}]: "
-                + ("computing (--force)" if force else f"computing ({'; '.join(why[:3])}{more})"))
+            why = "--force" if force else first_problems(problems[p.split])
+            log(f"extract-features [{p.split}{label}]: computing ({why})")
             remove_temporaries(p.split_dir / "shards")
             if force:
                 manifest_path(p.split_dir).unlink(missing_ok=True)
@@ -447,25 +445,23 @@ def _plans(cfg: Config, splits: list[str], hasher: FileHasher
             for fparams, names, label in _store_groups(cfg, splits)]
 
 
-def _split_record(plan: SplitPlan) -> tuple[str | None, str]:
-    """The data digest the store's manifest of the split records (None: no manifest) and why
-    it cannot be read ("" when it can)."""
+def _manifest_damage(plan: SplitPlan) -> str:
+    """Why the manifest in the plan's folder cannot be read ("" when it can or is absent)."""
     m, why = read_manifest(plan.split_dir)
-    if m is not None:
-        return m.data_digest, ""
-    return None, ("" if why == "no manifest" else why)
+    return "" if m is not None or why == "no manifest" else why
 
 
-def store_record(cfg: Config, fparams: dict, plans: list[SplitPlan]) -> dict | None:
-    """Stage 1's record for these splits, read from the store it describes (its features.json
-    and the splits' manifests; shared by every run using the cache). Without a store for
-    `fparams`, the record of the store with the same splits made last (so that `status`
-    names the settings that changed), or None."""
-    def record(sdir: Path) -> dict | None:
+def store_record(cfg: Config, fparams: dict, plans: list[SplitPlan]
+                 ) -> tuple[dict, dict[str, str | None]] | None:
+    """Stage 1's record for these splits, (params, deps), read from the store it describes
+    (its features.json and the splits' manifests; shared by every run using the cache).
+    Without a store for `fparams`, the record of the store with the same splits made last
+    (so that `status` names the settings that changed), or None."""
+    def record(sdir: Path) -> tuple[dict, dict[str, str | None]] | None:
         params = read_json(sdir / "features.json")
         if not isinstance(params, dict):
             return None
-        deps = {}
+        deps: dict[str, str | None] = {}
         for p in plans:  # the folder the index names for this dataset's split (or holds it)
             split_dir = locate_in(sdir, cfg, p.split)
             if split_dir is None and p.split_dir.parent == sdir:
@@ -473,10 +469,7 @@ def store_record(cfg: Config, fparams: dict, plans: list[SplitPlan]) -> dict | N
             m, _ = read_manifest(split_dir) if split_dir is not None else (None, "")
             if m is not None:
                 deps[f"data[{p.split}]"] = m.data_digest
-        if not deps:
-            return None
-        return {"params": params, "deps": deps, "fingerprint": fingerprint(
-            {"deps": deps, "params": params})}
+        return (params, deps) if deps else None
 
     sdir = store_dir(cfg, fparams)
     own = record(sdir) if sdir.is_dir() else None
@@ -487,8 +480,7 @@ def store_record(cfg: Config, fparams: dict, plans: list[SplitPlan]) -> dict | N
         if features.is_dir() else []
     for f in sorted(others, key=lambda f: f.stat().st_mtime, reverse=True):
         other = record(f.parent)
-        if other is not None and bool(other["params"].get("mirror")) == bool(
-                fparams.get("mirror")):
+        if other is not None and bool(other[0].get("mirror")) == bool(fparams.get("mirror")):
             return other
     return None
 
@@ -524,22 +516,28 @@ class ExtractStage:
         groups = _plans(cfg, self.splits(ctx, True) if splits is None else splits, hasher)
         fparams, plans, _ = groups[0]
         problems = []  # of the outputs; a missing or outdated manifest is judged from the record
+        damaged = set()  # splits whose manifest cannot be read: an outs problem, not a new dep
         for _, ps, label in groups:
             for p in ps:
                 whys = split_problems(p, hasher)
                 problems += [f"{p.split}{label}: {why}" for why in whys
                              if label or why not in ("no manifest", f"data[{p.split}] changed")]
+                if whys and not label and _manifest_damage(p):
+                    damaged.add(p.split)
                 if not whys and locate_in(p.split_dir.parent, cfg, p.split) != p.split_dir:
                     problems.append(f"{p.split}{label}: stored, not indexed for "
                                     f"{cfg.data.root} (e.g. a moved dataset)")
         hasher.save()
         state = _state(plans, fparams, problems)
-        rec = store_record(cfg, fparams, plans)
-        if rec is not None and rec["params"] == fparams:
-            for p in plans:  # a damaged manifest is an outs problem, not a changed dep
-                if _split_record(p)[1]:
-                    rec["deps"][f"data[{p.split}]"] = p.data_digest
-            rec["fingerprint"] = fingerprint({"deps": rec["deps"], "params": rec["params"]})
+        found = store_record(cfg, fparams, plans)
+        rec = None
+        if found is not None:
+            params, deps = found
+            if params == fparams:
+                deps.update({f"data[{p.split}]": p.data_digest for p in plans
+                             if p.split in damaged})
+            rec = {"params": params, "deps": deps,
+                   "fingerprint": StageState(STAGE, deps, params).fingerprint}
         return state, judge_record(rec, state)
 
     def status(self, ctx: Context, splits: list[str] | None = None) -> StageStatus:
