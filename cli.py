@@ -12,13 +12,13 @@ from pathlib import Path
 
 import click
 
-from pipeline import hints
-from pipeline.config import Config, load_config
-from pipeline.errors import PipelineError, os_error_line
-from pipeline.progress import plural
+from pipeline.core import hints
+from pipeline.core.config import Config, load_config
+from pipeline.core.errors import PipelineError, os_error_line
+from pipeline.core.progress import plural
 
 # The checkout's default config; an installed command without a checkout uses the same
-# values built into pipeline/config.py (a test keeps the two equal).
+# values built into pipeline/core/config.py (a test keeps the two equal).
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.toml"
 
 
@@ -104,7 +104,7 @@ def stage_command(func=None, *, computes: bool = True):
     @force_option
     @functools.wraps(func)
     def wrapper(config_path, overrides, force=False, **kwargs):
-        # repair hints name this program and carry these options (pipeline/hints.py)
+        # repair hints name this program and carry these options (pipeline/core/hints.py)
         hints.invoked(sys.argv[0], config_path, overrides,
                       (kwargs.get("run_name") or (None,))[0], run_commands())
         distributable = "scheduler" in kwargs  # the command runs on Dask when configured
@@ -119,7 +119,7 @@ def stage_command(func=None, *, computes: bool = True):
             guarded(require_distributed)
         if not computes:
             return guarded(func, cfg, **kwargs)
-        from pipeline.devices import apply_threads
+        from pipeline.models.devices import apply_threads
         apply_threads(cfg.run.threads)
         return guarded(func, cfg, force=force, **kwargs)
     return wrapper
@@ -134,7 +134,7 @@ def run_commands() -> list[str]:
 def split_names(value):
     """A --split value (or several) checked to be plain folder names: a `/`, `..` or an
     absolute path would make the stages write outside their folders (exit 2, one line)."""
-    from pipeline.config import check_name
+    from pipeline.core.config import check_name
     for name in (value if isinstance(value, tuple) else (value,) if value else ()):
         guarded(check_name, "--split", name)
     return value
@@ -182,7 +182,7 @@ def echo_outcome(outcome) -> bool:
 @stage_command
 def extract_features(cfg, force, splits):
     """Stage 1: images -> backbone patch features in the HDF5 cache."""
-    from pipeline.extract import run_extract
+    from pipeline.stages.extract import run_extract
     sys.exit(0 if echo_outcome(run_extract(cfg, splits, force=force, progress=True)) else 1)
 
 
@@ -191,7 +191,7 @@ def extract_features(cfg, force, splits):
 @stage_command
 def train_head(cfg, force):
     """Stage 2: train the linear head and the PAC upsampler from the cache."""
-    from pipeline.train import run_train
+    from pipeline.stages.train import run_train
     echo_outcome(run_train(cfg, force=force))
 
 
@@ -203,7 +203,7 @@ def train_head(cfg, force):
 @stage_command
 def predict(cfg, force, split):
     """Stage 3: masks for a split, plus the IoU report."""
-    from pipeline.predict import run_predict
+    from pipeline.stages.predict import run_predict
     echo_outcome(run_predict(cfg, split or cfg.data.test_split, force=force))
 
 
@@ -220,7 +220,7 @@ def run(cfg, force, split):
 
 
 def do_segment(cfg, force: bool, paths, out_dir, overlays: bool) -> bool:
-    from pipeline.segment import run_segment
+    from pipeline.commands.segment import run_segment
     res = run_segment(cfg, paths, out_dir, overlays=overlays, force=force,
                       warn=lambda line: click.echo(f"  skipped: {line}", err=True))
     if res.n_written == 0 and not res.errors:
@@ -267,12 +267,12 @@ def segment(cfg, force, paths, out_dir, overlays):
 @stage_command
 def export_model(cfg, force, out_file, height, width):
     """One self-contained torch.export file: uint8 images -> object probability."""
-    from pipeline.export import run_export
+    from pipeline.commands.export import run_export
     res = run_export(cfg, out_file, height=height, width=width, force=force, log=click.echo)
     if res.up_to_date:
         click.echo(f"export: up-to-date -> {res.path}")
     else:
-        from pipeline.fsutil import human_bytes
+        from pipeline.core.fsutil import human_bytes
         click.echo(f"export: {res.path} ({human_bytes(res.bytes)}) in {res.seconds:.1f} s; "
                    f"input uint8 (B, 3, H, W), H and W multiples of {res.patch_size}")
 
@@ -287,7 +287,7 @@ def export_model(cfg, force, out_file, height, width):
 @stage_command(computes=False)
 def status(cfg, split, verify):
     """One line per stage: up-to-date, stale (why) or missing."""
-    from pipeline.stages import Context
+    from pipeline.stages.base import Context
     from pipeline.workflow import statuses
     for st in statuses(Context.of(cfg, split, verify)):
         click.echo(st.line())
@@ -316,7 +316,7 @@ def runs(cfg, split, as_json, as_html, as_markdown, filters, keys):
     (judged in the run's folder as listed; a damaged file is a row that says so)."""
     import json
 
-    from pipeline import runs as runs_mod
+    from pipeline.commands import runs as runs_mod
     wanted = runs_mod.parse_filters(filters)
     columns = None if keys is None else runs_mod.check_keys(
         [k.strip() for k in keys.split(",") if k.strip()], "--keys")
@@ -347,7 +347,7 @@ def config_group() -> None:
 @stage_command(computes=False)
 def config_show(cfg):
     """Print the effective config (file + --set) as TOML, to save and edit."""
-    from pipeline.config import to_toml
+    from pipeline.core.config import to_toml
     click.echo(to_toml(cfg), nl=False)
 
 
@@ -367,8 +367,8 @@ def _store_summary(params: dict) -> str:
 @stage_command(computes=False)
 def cache_list(cfg):
     """Each store: backbone and settings, splits (images, dataset), size, the runs using it."""
-    from pipeline.cache import stores
-    from pipeline.fsutil import human_bytes
+    from pipeline.commands.cache import stores
+    from pipeline.core.fsutil import human_bytes
     infos = stores(cfg)
     if not infos:
         click.echo(f"no feature stores in {cfg.paths.cache}")
@@ -387,8 +387,8 @@ def cache_list(cfg):
 @stage_command(computes=False)
 def cache_gc(cfg, yes):
     """Remove the stores no live run uses (a dry run unless --yes)."""
-    from pipeline.cache import collect_garbage
-    from pipeline.fsutil import human_bytes
+    from pipeline.commands.cache import collect_garbage
+    from pipeline.core.fsutil import human_bytes
     done, skipped = collect_garbage(cfg, remove=yes)
     for path, size, why in done:
         click.echo(f"{'removed' if yes else 'would remove'} {path} ({human_bytes(size)}): {why}")
@@ -411,9 +411,9 @@ def cache_gc(cfg, yes):
 @click.option("--force", is_flag=True, help="Recompute every stage even when up-to-date.")
 def demo(config_path, overrides, force):
     """Offline example: generate a small dataset and run all stages on it."""
-    from pipeline.owned import claim_folder
-    from pipeline.store import CACHE_LEGACY
-    from pipeline.synth import make_dataset
+    from pipeline.core.owned import claim_folder
+    from pipeline.data.synth import make_dataset
+    from pipeline.store.feature_store import CACHE_LEGACY
     cfg = guarded(load_config, config_path, overrides)
     root = Path(cfg.data.root)
     if not (root / "train").is_dir() and not (root / "ImageSets").is_dir():

@@ -26,11 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.backbones import create_backbone  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import fit_box, list_items, list_splits, load_image, to_canvas  # noqa: E402
-from pipeline.devices import autocast_dtype, resolve_device  # noqa: E402
-from pipeline.extract import Extractor, run_extract  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
+from pipeline.data.dataset import fit_box, list_items, list_splits, load_image, to_canvas  # noqa: E402
+from pipeline.models.backbones import create_backbone  # noqa: E402
+from pipeline.models.devices import autocast_dtype, resolve_device  # noqa: E402
+from pipeline.stages.extract import Extractor, run_extract  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 

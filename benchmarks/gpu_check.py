@@ -109,7 +109,7 @@ class _NoDask:
 def atomic_write_json(path: Path, obj: dict) -> None:
     """Write `obj` as strict JSON to `path` atomically (fsutil's writer: a reader, or a kill,
     never sees half a file)."""
-    from pipeline.fsutil import atomic_write_bytes
+    from pipeline.core.fsutil import atomic_write_bytes
     atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False, default=str)
                               + "\n").encode())
 
@@ -335,12 +335,12 @@ def backbone_runner(cfg, device=None):
     try:
         from pipeline.inference import BackboneRunner
     except ImportError:
-        from pipeline.extract import Extractor as BackboneRunner
+        from pipeline.stages.extract import Extractor as BackboneRunner
     return BackboneRunner(cfg, device)
 
 
 def make_config(sets: list[str]):
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     return load_config(ROOT / "configs" / "default.toml", sets)
 
 
@@ -432,7 +432,7 @@ def stage1_timers(timers: Timers) -> Iterator[list[str]]:
     the decoding threads), canvas (main thread), launch (main thread: stacking, host-to-device
     copy and the forward's launch; on CPU the whole forward), fetch (main thread waiting for
     the device and the copy back), write (the writer thread: HDF5 shard and receipt)."""
-    import pipeline.extract as ex
+    import pipeline.stages.extract as ex
     runner_cls: Any
     try:
         from pipeline.inference import BackboneRunner
@@ -467,12 +467,12 @@ def run_checks(rep: Report, args: argparse.Namespace, device, data: Path, weight
     import numpy as np
     import torch
 
-    from pipeline.data import decode_image, fit_box, read_bytes, to_canvas
-    from pipeline.export import run_export
-    from pipeline.extract import run_extract
-    from pipeline.predict import run_predict
-    from pipeline.segment import run_segment
-    from pipeline.train import run_train
+    from pipeline.commands.export import run_export
+    from pipeline.commands.segment import run_segment
+    from pipeline.data.dataset import decode_image, fit_box, read_bytes, to_canvas
+    from pipeline.stages.extract import run_extract
+    from pipeline.stages.predict import run_predict
+    from pipeline.stages.train import run_train
 
     quiet: dict[str, Any] = {"log": lambda line: None, "progress": False}
     r: Any  # each stage's result
@@ -553,7 +553,7 @@ def export_agreement(path: Path, seg_in: Path, seg_out: Path, cfg, device) -> tu
     import torch
     import torch.export.passes
 
-    from pipeline.data import decode_image, fit_box, read_bytes, to_canvas
+    from pipeline.data.dataset import decode_image, fit_box, read_bytes, to_canvas
 
     program = torch.export.passes.move_to_device_pass(torch.export.load(path), device).module()
     groups: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -603,8 +603,8 @@ def resume_after_kill(rep: Report, cfg, sets: list[str], work: Path) -> None:
     within the precision's tolerance)."""
     import h5py
 
-    from pipeline.extract import run_extract
-    from pipeline.store import store_dir
+    from pipeline.stages.extract import run_extract
+    from pipeline.store.feature_store import store_dir
 
     kill_cache = work / "quality" / "cache_kill"
     kcfg = make_config([*sets, f"paths.cache={kill_cache}"])
@@ -666,11 +666,11 @@ def resume_after_kill(rep: Report, cfg, sets: list[str], work: Path) -> None:
 def run_speed(rep: Report, args: argparse.Namespace, device, data: Path, work: Path) -> None:
     import torch
 
-    from pipeline.extract import run_extract
-    from pipeline.predict import run_predict
-    from pipeline.segment import run_segment
-    from pipeline.store import store_dir
-    from pipeline.train import run_train
+    from pipeline.commands.segment import run_segment
+    from pipeline.stages.extract import run_extract
+    from pipeline.stages.predict import run_predict
+    from pipeline.stages.train import run_train
+    from pipeline.store.feature_store import store_dir
 
     quiet: dict[str, Any] = {"log": lambda line: None, "progress": False}
     r: Any  # each stage's result
@@ -851,8 +851,8 @@ def main(argv: list[str] | None = None) -> int:
             quick=args.quick, data=str(data), date=time.strftime("%Y-%m-%d %H:%M:%S %z"))
     import torch
 
-    import pipeline.extract  # noqa: F401  (the pipeline imported: part of start-up)
-    from pipeline.devices import resolve_device
+    import pipeline.stages.extract  # noqa: F401  (the pipeline imported: part of start-up)
+    from pipeline.models.devices import resolve_device
     device = resolve_device(args.device or "auto")
     torch.empty(1, device=device)  # the CUDA context
     synchronize(device)

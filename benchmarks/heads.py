@@ -25,11 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import fit_box, load_image, to_canvas  # noqa: E402
-from pipeline.extract import Extractor  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
+from pipeline.data.dataset import fit_box, load_image, to_canvas  # noqa: E402
 from pipeline.inference import Predictor  # noqa: E402
-from pipeline.models import LinearHead, PacUpsampler, TrainedModels, UpsamplerSpec  # noqa: E402
+from pipeline.models.heads import LinearHead, PacUpsampler, TrainedModels, UpsamplerSpec  # noqa: E402
+from pipeline.stages.extract import Extractor  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 

@@ -34,7 +34,7 @@ def _worker(variant: str, layer: tuple, size: tuple[int, int], device: str, repe
     """Measure one variant on one layer in this (fresh) process; put a result dict on queue."""
     import torch
 
-    from pipeline import pac
+    from pipeline.models import pac
 
     if threads:
         torch.set_num_threads(threads)

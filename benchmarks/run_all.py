@@ -17,7 +17,7 @@ What it runs, each in its own child process (so each peak memory is that process
   4. benchmarks/pac.py: the PAC op's forward+backward time and peak memory vs the naive unfold
      version, on CPU at 480x848 (also on CUDA when --device resolves to CUDA). A few minutes.
 
-`--quick` swaps the real data for a small generated dataset (pipeline.synth.make_dataset),
+`--quick` swaps the real data for a small generated dataset (pipeline.data.synth.make_dataset),
 randomly initialised backbone weights and a small PAC size, so the suite runs in well under a
 minute. Scratch files go to a fresh folder under benchmarks/_work/ (git-ignored), removed at
 the end unless --keep-work.
@@ -194,7 +194,7 @@ def machine_header(device: str, load_start: tuple[float, ...]) -> list[str]:
 
 
 def resolve_device(name: str) -> str:
-    from pipeline.devices import resolve_device as resolve
+    from pipeline.models.devices import resolve_device as resolve
     return str(resolve(name))
 
 
@@ -222,7 +222,7 @@ class Report:
 
 
 def count_images(data: Path, split: str | None = None) -> int:
-    from pipeline.data import list_items, list_splits
+    from pipeline.data.dataset import list_items, list_splits
     splits = [split] if split else list_splits(data, LAYOUT)
     return sum(len(list_items(data, LAYOUT, s)[0]) for s in splits)
 
@@ -271,7 +271,7 @@ def parse_number(pattern: str, text: str) -> float | None:
 def bench_stages(s: Setup, rep: Report) -> tuple[Path, Measured]:
     """2. The three CLI stages and the no-op rerun into a fresh cache; returns that cache and
     the measurement of its `extract-features` run (the reference of the Dask benchmark)."""
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     cache, outputs = s.work / "stages" / "cache", s.work / "stages" / "outputs"
     argv = lambda *cmd: cli_argv(list(cmd), s, cache, outputs)  # noqa: E731
     cfg = load_config(ROOT / "configs" / "default.toml", s.sets)
@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = Report()
     try:
         if args.quick:
-            from pipeline.synth import make_dataset
+            from pipeline.data.synth import make_dataset
             data = make_dataset(work / "data" / LAYOUT, LAYOUT, QUICK_SPLITS, size=QUICK_SIZE)
             weights = "random"
         else:

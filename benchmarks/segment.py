@@ -31,12 +31,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import fit_box, list_items, list_splits, load_image, same_size_batches, to_canvas  # noqa: E402
-from pipeline.devices import apply_threads, resolve_device  # noqa: E402
-from pipeline.extract import Extractor, run_extract  # noqa: E402
-from pipeline.segment import run_segment  # noqa: E402
-from pipeline.train import run_train  # noqa: E402
+from pipeline.commands.segment import run_segment  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
+from pipeline.data.dataset import (  # noqa: E402
+    fit_box,
+    list_items,
+    list_splits,
+    load_image,
+    same_size_batches,
+    to_canvas,
+)
+from pipeline.models.devices import apply_threads, resolve_device  # noqa: E402
+from pipeline.stages.extract import Extractor, run_extract  # noqa: E402
+from pipeline.stages.train import run_train  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 QUICK_TRAIN = ["train.epochs=2", "train.linear_epochs=5", "train.crop=160"]

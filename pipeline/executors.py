@@ -17,9 +17,9 @@ from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import Config, copy_config
-from .devices import resolve_precision
-from .errors import ExecutorError, UsageError, thread_limits
+from .core.config import Config, copy_config
+from .core.errors import ExecutorError, UsageError, thread_limits
+from .models.devices import resolve_precision
 
 CONNECT_TIMEOUT_S = 10
 # The nanny's environment for the local:N workers: Dask's default minus MALLOC_TRIM_THRESHOLD_.

@@ -19,20 +19,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backbones import Backbone, create_backbone
-from .config import Config
-from .data import Box, from_canvas, to_canvas
-from .devices import CpuFanout, autocast_dtype, resolve_device, resolve_precision
-from .errors import ModelError
-from .fsutil import file_lock, lock_path
-from .hints import command
-from .models import TrainedModels, load_models, upsample_logits
+from .core.config import Config
+from .core.errors import ModelError
+from .core.fingerprints import diff_params
+from .core.fsutil import file_lock, lock_path
+from .core.hints import command
+from .core.registry import resolve_layers
+from .core.variants import VARIANTS
+from .data.dataset import Box, from_canvas, to_canvas
+from .models.backbones import Backbone, create_backbone
+from .models.devices import CpuFanout, autocast_dtype, resolve_device, resolve_precision
+from .models.heads import TrainedModels, load_models, upsample_logits
 from .params import feature_params, training_params
-from .registry import resolve_layers
 from .runconfig import reproduces
-from .stages import diff_params
-from .store import CachedItem, split_fingerprint
-from .variants import VARIANTS
+from .store.feature_store import CachedItem, split_fingerprint
 
 
 def model_dir(cfg: Config) -> Path:

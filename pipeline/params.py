@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backbones import FEATURE_VERSION, weights_identity
-from .config import Config
-from .devices import resolve_precision
-from .registry import resolve_layers
-from .stages import without_absent
+from .core.config import Config
+from .core.fingerprints import without_absent
+from .core.registry import resolve_layers
+from .models.backbones import FEATURE_VERSION, weights_identity
+from .models.devices import resolve_precision
 
 FORMAT_VERSION = 3  # the feature store's format: 3 = encoded image bytes, optional masks,
 # checksummed shards and manifest (see CHANGELOG.md for what a change recomputes)

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, check_name, config_from_dict, copy_config, load_config, parse_set
-from .errors import ConfigError, PipelineError
-from .fsutil import atomic_write_bytes
-from .hints import command
+from .core.config import Config, check_name, config_from_dict, copy_config, load_config, parse_set
+from .core.errors import ConfigError, PipelineError
+from .core.fsutil import atomic_write_bytes
+from .core.hints import command
 
 RECORD = "config.toml"
 _HEADER = ("# The config this run was trained with, written by train-head; `--run <run name>`\n"
@@ -49,7 +49,7 @@ def recordable(cfg: Config) -> Config:
 
 def write_record(cfg: Config) -> Path:
     """Record `cfg` (the config the run's models were just trained with) in its run folder."""
-    from .config import to_toml
+    from .core.config import to_toml
     path = record_path(cfg.run_dir)
     text = _HEADER + to_toml(recordable(cfg))
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -68,7 +68,7 @@ def _reports(run_dir: Path, first: Sequence[str]) -> list[Path]:
 
 def _from_report(path: Path) -> Config:
     """The `config` of a report, read strictly (the report's own parser) and validated."""
-    from .jsondoc import Damaged, read_doc
+    from .core.jsondoc import Damaged, read_doc
     from .report.doc import parse_report
     try:
         doc = read_doc(path)
@@ -141,8 +141,8 @@ def load_run_config(plain: Config, name: str, config_path: str | Path | None,
 
 def stale_keys(recorded: Config, cfg: Config) -> list[str]:
     """The differences (`key: recorded -> asked`) of the settings the models depend on."""
+    from .core.fingerprints import diff_params
     from .params import training_params
-    from .stages import diff_params
     return diff_params(training_params(recorded), training_params(cfg))
 
 
@@ -176,8 +176,8 @@ def reproduces(cfg: Config, params: dict) -> bool:
     `params` (the models' card): then `--run <name>` uses the run as it was trained."""
     try:
         recorded, _ = read_record(cfg.run_dir, [cfg.data.test_split])
+        from .core.fingerprints import diff_params
         from .params import training_params
-        from .stages import diff_params
         return not diff_params(params, training_params(recorded))
     except (PipelineError, OSError):
         return False

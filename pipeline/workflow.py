@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from .config import Config
-from .errors import PipelineError, UsageError, os_error_line
-from .extract import ExtractStage
-from .predict import PredictStage
-from .stages import Context, Outcome, Stage, StageStatus
-from .train import TrainStage
+from .core.config import Config
+from .core.errors import PipelineError, UsageError, os_error_line
+from .stages.base import Context, Outcome, Stage, StageStatus
+from .stages.extract import ExtractStage
+from .stages.predict import PredictStage
+from .stages.train import TrainStage
 
 STAGES: tuple[Stage, ...] = (ExtractStage(), TrainStage(), PredictStage())
 

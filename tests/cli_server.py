@@ -68,12 +68,12 @@ def main() -> None:
     sys.path[0] = root  # as for `python cli.py`: the script's folder first
     # what the commands import, once (cli.py itself imports the pipeline lazily)
     import cli  # noqa: F401
-    import pipeline.export  # noqa: F401
-    import pipeline.extract  # noqa: F401
-    import pipeline.predict  # noqa: F401
-    import pipeline.runs  # noqa: F401
-    import pipeline.segment  # noqa: F401
-    import pipeline.train  # noqa: F401
+    import pipeline.commands.export  # noqa: F401
+    import pipeline.commands.runs  # noqa: F401
+    import pipeline.commands.segment  # noqa: F401
+    import pipeline.stages.extract  # noqa: F401
+    import pipeline.stages.predict  # noqa: F401
+    import pipeline.stages.train  # noqa: F401
     warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
     requests = sys.stdin.buffer
     replies = os.fdopen(os.dup(1), "wb", buffering=0)

@@ -18,8 +18,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.synth import make_dataset  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
+from pipeline.data.synth import make_dataset  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 SHARED_DATA = SHARED / "data"
@@ -65,9 +65,9 @@ def cli_sets(tmp_path: Path, data_root: Path, *extra: str) -> list[str]:
 def trained_run(base: Path, data_root: Path, *extra: str):
     """make_cfg with a tiny training, then extract, train-head and predict the test split;
     returns the config."""
-    from pipeline.extract import run_extract
-    from pipeline.predict import run_predict
-    from pipeline.train import run_train
+    from pipeline.stages.extract import run_extract
+    from pipeline.stages.predict import run_predict
+    from pipeline.stages.train import run_train
     cfg = make_cfg(base, data_root, *TINY_TRAIN, *extra)
     quiet = dict(log=lambda s: None, progress=False)
     run_extract(cfg, **quiet)
@@ -220,7 +220,8 @@ def shallow_vits(monkeypatch, depth: int = SHALLOW_VIT_DEPTH) -> None:
     (undone with `monkeypatch`), never the config."""
     import timm
 
-    from pipeline import backbones, registry
+    from pipeline.core import registry
+    from pipeline.models import backbones
 
     def shallow(build):
         def build_shallow(spec, pretrained):

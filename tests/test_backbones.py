@@ -4,7 +4,7 @@ The checkpoints are written here, in tmp dirs, from randomly initialised models;
 features of a loaded backbone are compared with a model built directly from the same
 tensors, which proves that the weights were really loaded (and normalised inputs match).
 The reference forward is written out here, following DINO's and DINOv2's own code
-(`prepare_tokens` / `interpolate_pos_encoding`), independently of pipeline.backbones.
+(`prepare_tokens` / `interpolate_pos_encoding`), independently of pipeline.models.backbones.
 """
 from __future__ import annotations
 
@@ -23,14 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import backbones, fsutil, registry  # noqa: E402
-from pipeline.backbones import (  # noqa: E402
-    Backbone,
-    BackboneError,
-    create_backbone,
-    weights_identity,
-)
-from pipeline.registry import BackboneSpec, get_spec, list_backbones  # noqa: E402
+from pipeline.core import fsutil, registry  # noqa: E402
+from pipeline.core.registry import BackboneSpec, get_spec, list_backbones  # noqa: E402
+from pipeline.models import backbones  # noqa: E402
+from pipeline.models.backbones import Backbone, BackboneError, create_backbone, weights_identity
 from tests.conftest import SHALLOW_VIT_DEPTH, shallow_vits  # noqa: E402
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
@@ -174,7 +170,7 @@ def test_registry_names_and_specs():
 def test_registry_entries_carry_builder_kind_layers_and_taps():
     """One registry: each entry's builder is registered, its layers and taps are its own, and
     config takes its choices and range from it."""
-    from pipeline.config import CHOICES, RANGES, load_config
+    from pipeline.core.config import CHOICES, RANGES, load_config
     assert [s.name for s in registry.specs()] == NAMES
     for spec in registry.specs():
         assert spec.builder in backbones.BUILDERS, spec.name
@@ -203,7 +199,7 @@ def test_the_registry_and_config_import_no_torch():
     """`config show` validates against the registry: its data (and config) load without torch
     (or timm, torchvision)."""
     import subprocess
-    code = ("import sys; import pipeline.config, pipeline.registry; "
+    code = ("import sys; import pipeline.core.config, pipeline.core.registry; "
             "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[1], timeout=120)
@@ -770,7 +766,7 @@ def test_mobilenet_layers_are_later_stages_kept_at_stride_16(tmp_path):
 
 
 def test_layers_beyond_the_backbone_are_a_usage_error():
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
     with pytest.raises(ConfigError) as err:
         create_backbone("mobilenet_v2", "random", layers=5)
     assert_one_line(err, "backbone.layers", "1 to 4")

@@ -7,19 +7,19 @@ import shutil
 
 import pytest
 
-from pipeline.config import copy_config
-from pipeline.errors import StoreError
-from pipeline.extract import run_extract
-from pipeline.predict import run_predict
-from pipeline.store import (
+from pipeline.core.config import copy_config
+from pipeline.core.errors import StoreError
+from pipeline.data.synth import make_dataset
+from pipeline.stages.extract import run_extract
+from pipeline.stages.predict import run_predict
+from pipeline.stages.train import run_train
+from pipeline.store.feature_store import (
     INDEX_FILE,
     FeatureStore,
     locate_split,
     split_fingerprint,
     store_dir,
 )
-from pipeline.synth import make_dataset
-from pipeline.train import run_train
 from tests.conftest import TINY_TRAIN, make_cfg, run_cli
 
 quiet = dict(log=lambda s: None, progress=False)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, all_keys, load_config, parse_set
+from pipeline.core.config import ConfigError, all_keys, load_config, parse_set
 from tests.conftest import ROOT, run_cli
 
 CONTRACT_KEYS = ["run.name", "paths.cache", "paths.outputs", "data.root", "data.layout",
@@ -101,7 +101,7 @@ def test_cli_usage_errors_exit_2_with_one_line(tmp_path):
 def test_builtin_defaults_equal_the_default_config_file():
     """An installed command without a checkout uses the built-in defaults: they must be the
     values of configs/default.toml."""
-    from pipeline.config import Config
+    from pipeline.core.config import Config
     assert load_config(ROOT / "configs" / "default.toml") == Config()
 
 
@@ -144,7 +144,7 @@ def test_plain_progress_lines_without_a_terminal(monkeypatch):
     """Without a terminal: plain lines at most every interval, and a last one at the end."""
     import io
 
-    from pipeline import progress as progress_mod
+    from pipeline.core import progress as progress_mod
     clock = iter([0.0, 0.0, 1.0, 6.0, 7.0, 12.5, 13.0])  # start, 5 updates, close
     monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: next(clock))
     out = io.StringIO()
@@ -164,7 +164,7 @@ def _numeric_keys() -> dict[str, type]:
     found from the dataclass fields so that a new key cannot be forgotten."""
     from dataclasses import fields as dc_fields
 
-    from pipeline.config import Config
+    from pipeline.core.config import Config
     cfg = Config()
     keys = {}
     for sec in dc_fields(cfg):
@@ -176,7 +176,7 @@ def _numeric_keys() -> dict[str, type]:
 
 
 def test_every_numeric_key_has_a_fixed_range():
-    from pipeline.config import LIST_LENGTHS, RANGES
+    from pipeline.core.config import LIST_LENGTHS, RANGES
     numeric = _numeric_keys()
     assert "data.max_pixels" in numeric and "upsampler.channels" in numeric
     assert set(RANGES) == set(numeric)
@@ -184,7 +184,7 @@ def test_every_numeric_key_has_a_fixed_range():
 
 
 def test_defaults_are_inside_the_ranges():
-    from pipeline.config import LIST_LENGTHS, RANGES, Config
+    from pipeline.core.config import LIST_LENGTHS, RANGES, Config
     cfg = Config()
     for key, rng in RANGES.items():
         value = cfg.get(key)
@@ -196,7 +196,7 @@ def test_defaults_are_inside_the_ranges():
 
 
 def test_range_ends_of_integer_keys_are_accepted_and_one_past_refused():
-    from pipeline.config import RANGES
+    from pipeline.core.config import RANGES
     for key, kind in _numeric_keys().items():
         if kind is not int:
             continue
@@ -264,7 +264,7 @@ def test_range_error_message_names_the_key_value_and_range():
 
 
 def test_non_finite_values_in_a_file_and_in_a_recorded_config_are_refused(tmp_path):
-    from pipeline.config import Config, config_from_dict
+    from pipeline.core.config import Config, config_from_dict
     p = tmp_path / "c.toml"
     p.write_text("[train]\nlr = nan\n")
     with pytest.raises(ConfigError, match=f"bad value for train.lr in {p}: nan"):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import (
+from pipeline.core.fsutil import FileHasher
+from pipeline.data.dataset import (
     Box,
     DataError,
     canvas_valid,
@@ -18,8 +19,7 @@ from pipeline.data import (
     load_mask,
     to_canvas,
 )
-from pipeline.fsutil import FileHasher
-from pipeline.synth import make_dataset
+from pipeline.data.synth import make_dataset
 
 
 def test_obj_seg_layout(synth_root):
@@ -222,7 +222,7 @@ def test_huge_image_is_refused_from_its_header(tmp_path):
     its megapixels and data.max_pixels, before decoding, without PIL's bomb warning/error."""
     import warnings
 
-    from pipeline.errors import ImageTooLarge
+    from pipeline.core.errors import ImageTooLarge
     path = tmp_path / "big.png"
     Image.new("1", (20000, 20000)).save(path)
     with warnings.catch_warnings():
@@ -242,8 +242,8 @@ def test_max_pixels_replaces_pils_own_limit(tmp_path, monkeypatch):
     FeatureStore.image), and is refused by max_pixels alone; the global is not changed."""
     import warnings
 
-    from pipeline.data import decode_image
-    from pipeline.errors import ImageTooLarge
+    from pipeline.core.errors import ImageTooLarge
+    from pipeline.data.dataset import decode_image
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses > 200 px
     arr = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
     Image.fromarray(arr).save(tmp_path / "a.png")
@@ -261,8 +261,8 @@ def test_file_too_long_for_max_pixels_is_not_read(tmp_path, monkeypatch):
     """A 10 GB ".jpg" (sparse) is refused from its size, never read into memory."""
     import os
 
-    from pipeline.data import max_file_bytes, read_bytes
-    from pipeline.errors import ImageTooLarge
+    from pipeline.core.errors import ImageTooLarge
+    from pipeline.data.dataset import max_file_bytes, read_bytes
     path = tmp_path / "huge.jpg"
     with open(path, "wb") as f:
         f.truncate(10 << 30)
@@ -300,12 +300,12 @@ def test_fifo_and_device_are_refused_without_blocking(tmp_path):
     the open descriptor) and from listing, which reports them and lists the other images."""
     import os
 
-    from pipeline.extract import decode
+    from pipeline.stages.extract import decode
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 1}, size=(32, 32))
     images = root / "train/disc/images"
     os.mkfifo(images / "x.jpg")
     (images / "y.jpg").symlink_to("/dev/zero")
-    code = ("from pipeline.data import DataError, load_image, read_bytes\n"
+    code = ("from pipeline.data.dataset import DataError, load_image, read_bytes\n"
             f"for p in {[str(images / 'x.jpg'), str(images / 'y.jpg')]!r}:\n"
             "    for read in (lambda p: read_bytes(p, 'image'), load_image):\n"
             "        try:\n"
@@ -337,8 +337,8 @@ def test_read_error_names_the_file(tmp_path, monkeypatch):
     import os
 
     from cli import os_error_line
-    from pipeline.data import read_bytes
-    from pipeline.fsutil import atomic_write_bytes, sha256_file
+    from pipeline.core.fsutil import atomic_write_bytes, sha256_file
+    from pipeline.data.dataset import read_bytes
     with pytest.raises(DataError) as e:  # reading /proc/self/mem at offset 0 gives EIO
         read_bytes("/proc/self/mem", "image")
     assert str(e.value) == "/proc/self/mem: cannot read image (Input/output error)"
@@ -360,7 +360,7 @@ def test_one_atomic_writer_and_its_temporaries(tmp_path):
     """Files and folders are written under temporary_name and renamed whole; what a killed
     writer leaves is what remove_temporaries deletes (all, or only a target's), never a
     complete file or another target's temporary."""
-    from pipeline.fsutil import (
+    from pipeline.core.fsutil import (
         atomic_file,
         atomic_folder,
         atomic_write_bytes,
@@ -427,7 +427,7 @@ def test_every_small_size_gets_a_canvas_of_the_box_size():
     pixel short (the crop fast path with top or left 0)."""
     import numpy as np
 
-    from pipeline.data import fit_box, from_canvas, to_canvas
+    from pipeline.data.dataset import fit_box, from_canvas, to_canvas
     for fit in ("crop", "pad"):
         for h in range(1, 40):
             for w in (1, 15, 16, 17, 31, 33):
@@ -442,9 +442,9 @@ def test_a_folder_of_the_tools_own_under_the_data_root_is_no_split(tmp_path):
     """paths.outputs (or paths.cache) pointed at the dataset: the run folder it creates there
     carries the marker and is not listed as a split (it would have no images, failing every
     later stage 1)."""
-    from pipeline.data import list_splits
-    from pipeline.owned import claim_folder, claim_run_dir
-    from pipeline.synth import make_dataset
+    from pipeline.core.owned import claim_folder, claim_run_dir
+    from pipeline.data.dataset import list_splits
+    from pipeline.data.synth import make_dataset
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 2, "test": 2}, size=(32, 48))
     claim_run_dir(root / "default")
     claim_folder(root / "cache", "paths.cache")

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.extract import run_extract
-from pipeline.predict import run_predict
-from pipeline.store import store_dir as cache_dir
-from pipeline.synth import make_dataset
-from pipeline.train import run_train
+from pipeline.data.synth import make_dataset
+from pipeline.stages.extract import run_extract
+from pipeline.stages.predict import run_predict
+from pipeline.stages.train import run_train
+from pipeline.store.feature_store import store_dir as cache_dir
 from tests.conftest import make_cfg
 
 distributed = pytest.importorskip("distributed")
@@ -97,7 +97,7 @@ def test_killed_worker_is_retried_and_leaves_no_partial_shard(tmp_path, data, cl
     def stop_mid_write(flag: str) -> None:
         """On the victim worker: the first shard's checksum (taken on its complete temporary
         file, before the rename) says where it is, then waits to be killed."""
-        import pipeline.store as store
+        import pipeline.store.feature_store as store
         real = store.sha256_file
 
         def stopping(path):
@@ -148,8 +148,8 @@ def test_worker_reopens_a_re_extracted_split(tmp_path):
     re-extracted (new content) it reads the new manifest, not the first one it opened."""
     from PIL import Image
 
-    from pipeline.predict import predict_task
-    from pipeline.store import FeatureStore, locate_split
+    from pipeline.stages.predict import predict_task
+    from pipeline.store.feature_store import FeatureStore, locate_split
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 2, "test": 1}, size=(48, 64), seed=8)
     cfg = make_cfg(tmp_path, root, "train.epochs=1", "train.linear_epochs=1", "train.crop=32")
     run_extract(cfg, **quiet)

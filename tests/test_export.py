@@ -16,18 +16,18 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import backbones
-from pipeline.errors import UsageError
-from pipeline.export import (
+from pipeline.commands.export import (
     META_FILE,
     SegmentationProgram,
     _example_side,
     build_program,
     export_program,
 )
+from pipeline.commands.segment import run_segment
+from pipeline.core.errors import UsageError
 from pipeline.inference import checked_models
-from pipeline.models import LinearHead, PacUpsampler, TrainedModels, UpsamplerSpec
-from pipeline.segment import run_segment
+from pipeline.models import backbones
+from pipeline.models.heads import LinearHead, PacUpsampler, TrainedModels, UpsamplerSpec
 from tests.conftest import (
     SHALLOW_VIT_DEPTH,
     cli_sets,

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import copy_config
-from pipeline.data import load_image, load_mask
-from pipeline.errors import LockError, StoreError
-from pipeline.extract import run_extract, status
-from pipeline.fsutil import exclusive_lock
-from pipeline.store import FeatureStore, locate_split, store_dir, store_lock
-from pipeline.synth import make_dataset
+from pipeline.core.config import copy_config
+from pipeline.core.errors import LockError, StoreError
+from pipeline.core.fsutil import exclusive_lock
+from pipeline.data.dataset import load_image, load_mask
+from pipeline.data.synth import make_dataset
+from pipeline.stages.extract import run_extract, status
+from pipeline.store.feature_store import FeatureStore, locate_split, store_dir, store_lock
 from tests.conftest import ROOT, SHARED_DATA, SHARED_WEIGHTS, make_cfg, run_cli
 
 quiet = dict(log=lambda s: None, progress=False)
@@ -159,7 +159,7 @@ def test_missing_upstream_names_the_command(tmp_path, synth_root):
 
 
 def test_second_writer_is_refused_with_a_clear_message(tmp_path, synth_root):
-    from pipeline.owned import claim_folder
+    from pipeline.core.owned import claim_folder
     cfg = make_cfg(tmp_path, synth_root)
     claim_folder(cfg.paths.cache, "paths.cache")  # as the first writer did before locking
     with exclusive_lock(store_lock(store_dir(cfg)), "held"):

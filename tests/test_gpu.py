@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import backbones
-from pipeline.export import SegmentationProgram, export_program
-from pipeline.models import LinearHead, PacUpsampler, TrainedModels, UpsamplerSpec
+from pipeline.commands.export import SegmentationProgram, export_program
+from pipeline.models import backbones
+from pipeline.models.heads import LinearHead, PacUpsampler, TrainedModels, UpsamplerSpec
 from tests.conftest import (
     ROOT,
     TINY_TRAIN,
@@ -92,7 +92,7 @@ def test_exportable_pos_embed_follows_its_device():
 
 
 def test_exported_program_holds_no_hard_coded_device(monkeypatch):
-    """export traces on the CPU (pipeline/export.py: build_program, export_program), so every
+    """export traces on the CPU (commands/export.py: build_program, export_program), so every
     factory call in the graph names `cpu`; a program is moved to another device with
     torch.export's move_to_device_pass (README), which rewrites those. After the move to
     `meta` (standing in for cuda: any stray CPU tensor fails there as on cuda) no node names
@@ -192,9 +192,9 @@ def test_bf16_autocast_features(monkeypatch, tmp_path, synth_root):
 def test_stage1_and_training_on_cuda(tmp_path, synth_root):
     """extract-features and train-head on CUDA (bf16 features, what "auto" resolves to there):
     the models are written and predict on the CPU reads them."""
-    from pipeline.extract import run_extract
-    from pipeline.predict import run_predict
-    from pipeline.train import run_train
+    from pipeline.stages.extract import run_extract
+    from pipeline.stages.predict import run_predict
+    from pipeline.stages.train import run_train
 
     cfg = make_cfg(tmp_path, synth_root, *TINY_TRAIN, f"extract.device={DEVICE}",
                    f"train.device={DEVICE}", "extract.precision=bf16")
@@ -209,7 +209,7 @@ def test_stage1_and_training_on_cuda(tmp_path, synth_root):
 @needs_cuda
 def test_predict_on_cuda_matches_cpu(trained, tmp_path):
     """Stage 3 on CUDA against stage 3 on CPU (same features and models)."""
-    from pipeline.predict import run_predict
+    from pipeline.stages.predict import run_predict
 
     base, root, cfg = copy_run(trained, tmp_path / "run")
     quiet = dict(log=lambda s: None, progress=False)
@@ -224,7 +224,7 @@ def test_predict_on_cuda_matches_cpu(trained, tmp_path):
 def test_segment_on_cuda_matches_cpu(trained, tmp_path):
     """segment with the backbone and the heads on CUDA (float32: the run was trained on CPU
     features) against segment on the CPU."""
-    from pipeline.segment import run_segment
+    from pipeline.commands.segment import run_segment
 
     base, root, cfg = copy_run(trained, tmp_path / "run")
     src = tmp_path / "in"
@@ -243,7 +243,7 @@ def test_export_then_run_on_cuda(trained, tmp_path):
     says), gives the CPU program's probabilities."""
     import torch.export.passes
 
-    from pipeline.export import run_export
+    from pipeline.commands.export import run_export
 
     _, _, cfg = copy_run(trained, tmp_path / "run")
     path = tmp_path / "model.pt2"

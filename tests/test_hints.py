@@ -1,5 +1,5 @@
 """Repair hints name the program the user ran (`vit-objseg` installed, `python cli.py` from a
-checkout) and carry their --config / --set / --run (pipeline/hints.py): pasted, a hint acts
+checkout) and carry their --config / --set / --run (pipeline/core/hints.py): pasted, a hint acts
 on the user's dataset and settings, not the defaults."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shlex
 import subprocess
 import sys
 
-from pipeline import hints
+from pipeline.core import hints
 from tests.conftest import ROOT, cpu_sets, one_line_error, run_cli
 
 

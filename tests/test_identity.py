@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import extract, train
-from pipeline.errors import StoreError
-from pipeline.extract import run_extract
-from pipeline.fsutil import FileHasher, sha256_file, stat_stamp
-from pipeline.predict import run_predict
-from pipeline.segment import run_segment
-from pipeline.store import bad_marker, locate_split, read_manifest
-from pipeline.train import run_train
+from pipeline.commands.segment import run_segment
+from pipeline.core.errors import StoreError
+from pipeline.core.fsutil import FileHasher, sha256_file, stat_stamp
+from pipeline.stages import extract, train
+from pipeline.stages.extract import run_extract
+from pipeline.stages.predict import run_predict
+from pipeline.stages.train import run_train
+from pipeline.store.feature_store import bad_marker, locate_split, read_manifest
 from tests.conftest import TINY_TRAIN, cli_sets, make_cfg, run_cli, synth_images
 
 QUIET = dict(log=lambda s: None, progress=False)
@@ -172,7 +172,7 @@ def test_predict_outputs_are_verified_and_only_the_damage_repaired(trained_copy)
     """A deleted or replaced mask, a deleted report figure or an edited Markdown report:
     status says stale naming it, a plain predict restores it (recomputing only the shard of
     a bad mask) and everything else is left as it was."""
-    from pipeline import predict as predict_stage
+    from pipeline.stages import predict as predict_stage
     cfg = trained_copy[2]
     pdir = cfg.run_dir / "predictions" / "test"
     masks = sorted(pdir.rglob("*.png"))

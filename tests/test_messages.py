@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from pipeline.errors import ConfigError, StoreError, UsageError
+from pipeline.core.errors import ConfigError, StoreError, UsageError
+from pipeline.core.fingerprints import ABSENT_AS, diff_params
+from pipeline.core.registry import max_layers, resolve_layers
 from pipeline.params import feature_params, tta_params
-from pipeline.registry import max_layers, resolve_layers
-from pipeline.stages import ABSENT_AS, StageState, diff_params, judge, save_record
-from pipeline.store import FeatureStore
+from pipeline.stages.base import StageState, judge, save_record
+from pipeline.store.feature_store import FeatureStore
 from tests.conftest import cli_sets, make_cfg, one_line_error, run_cli
 
 # ----------------------------------------------------------------------------- diff_params
@@ -134,7 +135,7 @@ def test_an_allocator_failure_is_one_line_exit_1(capsys):
 # ----------------------------------------------------------------------------- red-team cases
 
 def test_config_files_that_are_not_files_and_odd_set_values(tmp_path):
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     for path, why in (("/dev/zero", "not a regular file"), (str(tmp_path), "not a regular file"),
                       (str(tmp_path / "none.toml"), "not found")):
         with pytest.raises(ConfigError, match=why):
@@ -149,8 +150,14 @@ def test_config_files_that_are_not_files_and_odd_set_values(tmp_path):
 def test_an_edited_model_card_is_one_line(tmp_path):
     import json as json_
 
-    from pipeline.errors import ModelError
-    from pipeline.models import LinearHead, PacUpsampler, UpsamplerSpec, load_models, save_models
+    from pipeline.core.errors import ModelError
+    from pipeline.models.heads import (
+        LinearHead,
+        PacUpsampler,
+        UpsamplerSpec,
+        load_models,
+        save_models,
+    )
     save_models(tmp_path, LinearHead(5), PacUpsampler(UpsamplerSpec(5, 16)), {}, {}, 16)
     card = json_.loads((tmp_path / "models.json").read_text())
     card["head"]["in_channels"] = "abc"

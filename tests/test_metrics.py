@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import metrics
-from pipeline.metrics import (
+from pipeline.metrics import masks as metrics
+from pipeline.metrics.masks import (
     METRICS,
     ImageStats,
     aggregate,

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import OwnershipError
-from pipeline.extract import run_extract
-from pipeline.owned import MARKER, Ledger, claim_folder
-from pipeline.segment import run_segment
-from pipeline.train import run_train
+from pipeline.commands.segment import run_segment
+from pipeline.core.errors import OwnershipError
+from pipeline.core.owned import MARKER, Ledger, claim_folder
+from pipeline.stages.extract import run_extract
+from pipeline.stages.train import run_train
 from tests.conftest import (
     cli_sets,
     make_cfg,
@@ -185,8 +185,8 @@ def test_export_never_replaces_a_file_it_did_not_write(trained_copy, tmp_path, m
     which test_export covers.)"""
     import torch
 
-    from pipeline import export as export_mod
-    from pipeline.export import run_export
+    from pipeline.commands import export as export_mod
+    from pipeline.commands.export import run_export
     base, root, cfg = trained_copy
     mine = tmp_path / "model.pt2"
     mine.write_bytes(b"my own model")

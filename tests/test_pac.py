@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.pac import PacConv2d, pac_conv2d, pac_conv2d_unfold
+from pipeline.models.pac import PacConv2d, pac_conv2d, pac_conv2d_unfold
 
 IMPLS = [pac_conv2d, pac_conv2d_unfold]
 F64 = torch.float64

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.synth import make_dataset
+from pipeline.data.synth import make_dataset
 from tests.conftest import ROOT, SHARED_DATA, SHARED_WEIGHTS, run_cli
 
 METRIC_KEYS = {"miou", "fg_iou", "bg_iou", "accuracy", "precision", "recall", "j_mean",
@@ -126,10 +126,10 @@ def test_run_predict_report_and_status(tmp_path, odd_root):
 
 
 def test_predict_resumes_from_units(tmp_path, odd_root):
-    from pipeline.config import load_config
-    from pipeline.extract import run_extract
-    from pipeline.predict import run_predict
-    from pipeline.train import run_train
+    from pipeline.core.config import load_config
+    from pipeline.stages.extract import run_extract
+    from pipeline.stages.predict import run_predict
+    from pipeline.stages.train import run_train
     cfg = load_config(ROOT / "configs/default.toml", sets(tmp_path, odd_root)[1::2])
     quiet = dict(log=lambda s: None, progress=False)
     run_extract(cfg, **quiet)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, all_keys
+from pipeline.core.config import Config, all_keys
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ROW = re.compile(r"^\|\s*`([^`]+)`\s*\|(.*)\|\s*$")
@@ -62,7 +62,7 @@ def test_documented_default_matches_config(key):
     documented = tomllib.loads(f"v = {m.group(1)}")["v"]
     actual = Config().get(key)
     assert documented == actual and type(documented) is type(actual), \
-        f"README says {key} defaults to {m.group(1)}, pipeline/config.py says {actual!r}"
+        f"README says {key} defaults to {m.group(1)}, pipeline/core/config.py says {actual!r}"
 
 
 def test_no_leftover_placeholders():

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from pipeline import report as report_mod
-from pipeline.fsutil import temporary_name
+from pipeline.core.fsutil import temporary_name
 from pipeline.report import (
     CONTOUR_COLOUR,
     FN_COLOUR,
@@ -848,8 +848,8 @@ def test_stage_3_reads_each_shown_image_once(trained_copy, monkeypatch):
     """Stage 3's report reads each best or worst image from the store once (the worst images
     with every variant's masks, the best with the pac mask written), on top of the pass
     itself; the strips and figures it writes are those of the run's first report."""
-    from pipeline import predict as predict_stage
-    from pipeline.store import FeatureStore
+    from pipeline.stages import predict as predict_stage
+    from pipeline.store.feature_store import FeatureStore
 
     cfg = trained_copy[2]
     files = cfg.run_dir / "report_test_files"

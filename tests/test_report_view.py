@@ -14,16 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import predict as predict_mod
 from pipeline.inference import Predictor, _logit
-from pipeline.metrics import (
+from pipeline.metrics.masks import (
     SWEEP_THRESHOLDS,
     image_stats,
     sweep_counts,
     sweep_summary,
     sweep_thresholds,
 )
-from pipeline.predict import run_predict
 from pipeline.report import write_reports
 from pipeline.report.doc import parse_report
 from pipeline.report.figures import (
@@ -36,6 +34,8 @@ from pipeline.report.figures import (
 )
 from pipeline.report.panels import LEGEND
 from pipeline.report.stage import spread
+from pipeline.stages import predict as predict_mod
+from pipeline.stages.predict import run_predict
 from tests.conftest import TINY_TRAIN, cli_sets, make_cfg, run_cli
 
 QUIET = dict(log=lambda s: None, progress=False)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import config_from_dict, copy_config, load_config, to_toml
-from pipeline.errors import StoreError
+from pipeline.core.config import config_from_dict, copy_config, load_config, to_toml
+from pipeline.core.errors import StoreError
 from pipeline.runconfig import RECORD, recordable
-from pipeline.train import run_train
+from pipeline.stages.train import run_train
 from tests.conftest import make_cfg, one_line_error, run_cli
 
 quiet = dict(log=lambda s: None, progress=False)

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from pipeline import runs as runs_mod
-from pipeline.synth import make_dataset
+from pipeline.commands import runs as runs_mod
+from pipeline.data.synth import make_dataset
 from tests.conftest import make_cfg, run_cli, trained_run
 
 FAST = ["train.epochs=1", "train.linear_epochs=2", "train.crop=48", "train.batch_size=4"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.segment import RECORD_FILE, run_segment
+from pipeline.commands.segment import RECORD_FILE, run_segment
 from tests.conftest import TINY_TRAIN, cli_sets, make_cfg, one_line_error, run_cli, synth_images
 
 FAST = TINY_TRAIN
@@ -115,7 +115,7 @@ def test_exif_orientation_is_applied(trained, tmp_path):
     exif[0x0112] = 6  # "rotate 90 CW to display"
     (tmp_path / "in").mkdir()
     stored.save(tmp_path / "in" / "sideways.jpg", exif=exif.tobytes(), quality=95)
-    from pipeline.data import load_image
+    from pipeline.data.dataset import load_image
     pixels = load_image(tmp_path / "in" / "sideways.jpg")
     assert pixels.shape == (72, 120, 3)
     assert pixels[:30, :40].mean(axis=(0, 1))[0] > 150

@@ -7,12 +7,12 @@ import json
 import shutil
 
 from pipeline import workflow
-from pipeline.config import copy_config
-from pipeline.extract import STAGE as EXTRACT
-from pipeline.extract import run_extract
-from pipeline.predict import PredictStage, stage_state
-from pipeline.stages import Context, StageState, judge_record, save_record
-from pipeline.store import locate_split
+from pipeline.core.config import copy_config
+from pipeline.stages.base import Context, StageState, judge_record, save_record
+from pipeline.stages.extract import STAGE as EXTRACT
+from pipeline.stages.extract import run_extract
+from pipeline.stages.predict import PredictStage, stage_state
+from pipeline.store.feature_store import locate_split
 from tests.conftest import cli_sets, run_cli
 
 

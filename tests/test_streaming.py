@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from pipeline.store import SHARD_SIZE
+from pipeline.store.feature_store import SHARD_SIZE
 from pipeline.streaming import Undecodable, stream
 
 
@@ -132,10 +132,10 @@ def test_a_failing_decoder_or_write_stops_the_stream_and_earlier_writes_complete
 def test_shards_are_bounded_and_handed_to_workers_largest_first(tmp_path):
     """Shards hold at most SHARD_SIZE images of one category (file order); Dask receives them
     largest first, plan order among equals (greedy balance: the last ones are the small)."""
-    from pipeline.extract import largest_first
+    from pipeline.data.synth import make_dataset
     from pipeline.params import feature_params
-    from pipeline.store import file_hasher, plan_split
-    from pipeline.synth import make_dataset
+    from pipeline.stages.extract import largest_first
+    from pipeline.store.feature_store import file_hasher, plan_split
     from tests.conftest import make_cfg
 
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 200}, size=(24, 32), seed=3)

@@ -19,16 +19,17 @@ import pytest
 from click.testing import CliRunner
 
 import cli as cli_mod
-from pipeline import backbones, hints
-from pipeline import runs as runs_mod
-from pipeline.backbones import create_backbone
-from pipeline.config import copy_config
-from pipeline.devices import CpuFanout
-from pipeline.errors import BackboneError, EnvironmentProblem
-from pipeline.fsutil import LOCKS, exclusive_lock, lock_path
-from pipeline.predict import run_predict
-from pipeline.registry import get_spec
-from pipeline.store import RUNS_DIR, store_dir, store_lock
+from pipeline.commands import runs as runs_mod
+from pipeline.core import hints
+from pipeline.core.config import copy_config
+from pipeline.core.errors import BackboneError, EnvironmentProblem
+from pipeline.core.fsutil import LOCKS, exclusive_lock, lock_path
+from pipeline.core.registry import get_spec
+from pipeline.models import backbones
+from pipeline.models.backbones import create_backbone
+from pipeline.models.devices import CpuFanout
+from pipeline.stages.predict import run_predict
+from pipeline.store.feature_store import RUNS_DIR, store_dir, store_lock
 from tests.conftest import cli_sets, copy_run, run_cli
 
 QUIET = dict(log=lambda s: None, progress=False)
@@ -38,7 +39,7 @@ NMS = "operator torchvision::nms does not exist"
 @pytest.fixture(autouse=True)
 def _own_invocation(monkeypatch):
     """The CLI run in process (CliRunner) records its invocation for repair hints
-    (pipeline/hints.py): restored after each test, so that no later test sees it."""
+    (pipeline/core/hints.py): restored after each test, so that no later test sees it."""
     monkeypatch.setattr(hints, "_current", hints.Invocation())
 
 
@@ -190,7 +191,7 @@ def test_no_thread_in_extract_is_one_line(no_threads, tmp_path, synth_root):
 
 
 def test_other_runtime_errors_pass_unchanged():
-    from pipeline.errors import thread_limits
+    from pipeline.core.errors import thread_limits
     with pytest.raises(RuntimeError, match="something else"), thread_limits("x"):
         raise RuntimeError("something else")
 

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import copy_config
-from pipeline.errors import PipelineError, StoreError
-from pipeline.extract import run_extract
-from pipeline.extract import status as extract_status
-from pipeline.models import (
+from pipeline.core.config import copy_config
+from pipeline.core.errors import PipelineError, StoreError
+from pipeline.core.registry import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.models.heads import (
     LEGACY_FILES,
     LinearHead,
     PacUpsampler,
@@ -24,8 +23,9 @@ from pipeline.models import (
     normalize_image,
     save_models,
 )
-from pipeline.registry import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.train import model_dir, patch_targets, run_train, status
+from pipeline.stages.extract import run_extract
+from pipeline.stages.extract import status as extract_status
+from pipeline.stages.train import model_dir, patch_targets, run_train, status
 from tests.conftest import ROOT, make_cfg
 
 quiet = dict(log=lambda s: None, progress=False)
@@ -105,7 +105,7 @@ def _legacy_card(mdir, head, up, version: int | None) -> str:
     import hashlib
     import io
 
-    from pipeline.stages import fingerprint
+    from pipeline.core.fingerprints import fingerprint
     files = {}
     for name, module in zip(LEGACY_FILES, (head, up), strict=True):
         buf = io.BytesIO()
@@ -128,8 +128,8 @@ def test_model_files_are_safetensors_and_earlier_cards_load(tmp_path):
     of cards 1 (no card_version) and 2 load to the same weights and the same masks; a card
     of a newer version is refused in one line naming the file; training again replaces the
     earlier files."""
-    from pipeline.errors import ModelError
-    from pipeline.models import CARD_VERSION, HEAD_FILE, UPSAMPLER_FILE
+    from pipeline.core.errors import ModelError
+    from pipeline.models.heads import CARD_VERSION, HEAD_FILE, UPSAMPLER_FILE
     assert CARD_VERSION == 3
     torch.manual_seed(0)
     spec = UpsamplerSpec(in_channels=5, patch_size=16)
@@ -243,7 +243,7 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, synth_root):
 def test_weights_do_not_depend_on_the_thread_count(tmp_path):
     """Each image's forward and backward run alone in one thread, gradients are summed in
     image order: 1, 2 or 3 threads give the same weights, bit for bit."""
-    from pipeline.synth import make_dataset
+    from pipeline.data.synth import make_dataset
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 3}, size=(224, 288), seed=3)
     threads = torch.get_num_threads()
     weights = []
@@ -280,8 +280,8 @@ def _strict_json_lines(path) -> list[dict]:
 def test_a_diverging_loss_stops_training_keeping_the_last_good_checkpoint(
         tmp_path, synth_root, monkeypatch, capsys, phase, key, kept_next, kept_rows):
     import cli
-    import pipeline.train as train_mod
-    from pipeline.models import CARD_FILE
+    import pipeline.stages.train as train_mod
+    from pipeline.models.heads import CARD_FILE
     cfg = make_cfg(tmp_path, synth_root, "train.epochs=3", "train.linear_epochs=2",
                    "train.crop=48", "train.batch_size=3")
     run_extract(cfg, **quiet)
@@ -326,7 +326,7 @@ def test_a_diverging_loss_stops_training_keeping_the_last_good_checkpoint(
 
 
 def test_metrics_jsonl_refuses_non_finite_values(tmp_path, synth_root):
-    from pipeline.train import _write_history
+    from pipeline.stages.train import _write_history
     cfg = make_cfg(tmp_path, synth_root)
     with pytest.raises(ValueError):
         _write_history(cfg, [{"phase": "linear", "epoch": 1, "loss": float("nan")}])

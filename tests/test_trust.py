@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.errors import LockError, ModelError, StoreError
-from pipeline.extract import run_extract
-from pipeline.fsutil import exclusive_lock, lock_path
-from pipeline.predict import run_predict
-from pipeline.store import locate_split, store_dir
-from pipeline.synth import make_dataset
-from pipeline.train import model_dir, run_train
+from pipeline.core.errors import LockError, ModelError, StoreError
+from pipeline.core.fsutil import exclusive_lock, lock_path
+from pipeline.data.synth import make_dataset
+from pipeline.stages.extract import run_extract
+from pipeline.stages.predict import run_predict
+from pipeline.stages.train import model_dir, run_train
+from pipeline.store.feature_store import locate_split, store_dir
 from tests.conftest import make_cfg, one_line_error, run_cli
 
 quiet = dict(log=lambda s: None, progress=False)
@@ -115,8 +115,8 @@ def _shard(cfg, split="test", k=0) -> Path:
 
 def stage_lines(cfg) -> list[str]:
     """What `status` prints, in this process (its three checks, as cli.status runs them)."""
-    from pipeline import extract, train
-    from pipeline import predict as predict_stage
+    from pipeline.stages import extract, train
+    from pipeline.stages import predict as predict_stage
     return [extract.status(cfg).line(), train.status(cfg).line(),
             predict_stage.status(cfg, "test").line()]
 
@@ -295,7 +295,7 @@ def test_an_unreachable_scheduler_is_one_line_after_a_bounded_wait(run_copy, mon
     client is given; the real connection attempt runs with the bound set to 1 s."""
     distributed = pytest.importorskip("distributed")
     from pipeline import executors
-    from pipeline.errors import ExecutorError
+    from pipeline.core.errors import ExecutorError
     cfg = run_copy
     given = []
 

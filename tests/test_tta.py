@@ -12,17 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import copy_config
-from pipeline.data import from_canvas, to_canvas
-from pipeline.extract import Extractor, run_extract
-from pipeline.extract import status as extract_status
-from pipeline.models import load_models
+from pipeline.commands.segment import run_segment
+from pipeline.core.config import copy_config
+from pipeline.data.dataset import from_canvas, to_canvas
+from pipeline.models.heads import load_models
 from pipeline.params import feature_params
-from pipeline.predict import model_dir, pred_dir_of, report_path, run_predict
-from pipeline.predict import status as predict_status
-from pipeline.segment import run_segment
-from pipeline.store import FeatureStore, locate_split, store_dir
-from pipeline.train import status as train_status
+from pipeline.stages.extract import Extractor, run_extract
+from pipeline.stages.extract import status as extract_status
+from pipeline.stages.predict import model_dir, pred_dir_of, report_path, run_predict
+from pipeline.stages.predict import status as predict_status
+from pipeline.stages.train import status as train_status
+from pipeline.store.feature_store import FeatureStore, locate_split, store_dir
 from tests.conftest import copy_run, one_line_error, run_cli
 
 quiet = dict(log=lambda s: None, progress=False)
@@ -122,7 +122,7 @@ def test_segment_and_export_apply_the_same_tta(run, tmp_path):
     # the plain masks in that folder are no longer current: a plain rerun recomputes them
     assert run_segment(plain, [root / "test"], out, overlays=False, progress=False).n_written > 0
 
-    from pipeline.export import build_program
+    from pipeline.commands.export import build_program
     program = build_program(flip, load_models(model_dir(flip)))
     assert program.mirror_tta
     x = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8)

@@ -18,8 +18,8 @@ import h5py
 import pytest
 from PIL import Image
 
-from pipeline.store import FeatureStore, locate_split
-from pipeline.synth import make_dataset
+from pipeline.data.synth import make_dataset
+from pipeline.store.feature_store import FeatureStore, locate_split
 from tests.conftest import ROOT, cli_sets, trained_run
 
 CAFE, ETE = b"caf\xe9", b"\xe9t\xe9"  # Latin-1 "café" and "été": not UTF-8
@@ -206,9 +206,9 @@ def test_raising_max_pixels_retries_only_the_shards_it_refused(tmp_path):
     """Stage 1 with data.max_pixels below one category's image size: those images are
     skipped (exit 1 path) and the others cached; the rerun is up to date; raising the limit
     recomputes only the shard of the refused images, and no other stage key changes."""
-    from pipeline import extract
-    from pipeline.extract import run_extract
-    from pipeline.store import read_manifest, store_dir
+    from pipeline.stages import extract
+    from pipeline.stages.extract import run_extract
+    from pipeline.store.feature_store import read_manifest, store_dir
     from tests.conftest import make_cfg
     root = make_dataset(tmp_path / "data", "obj_seg", {"train": 4, "test": 2}, size=(64, 96),
                         seed=4)

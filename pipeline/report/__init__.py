@@ -27,8 +27,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..fsutil import atomic_folder, atomic_write_bytes, remove_temporaries
-from ..jsondoc import Damaged
+from ..core.fsutil import atomic_folder, atomic_write_bytes, remove_temporaries
+from ..core.jsondoc import Damaged
 from .doc import ImageScores, Report, parse_per_image, parse_report
 from .figures import (
     BASELINE,

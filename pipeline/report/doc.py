@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..jsondoc import Damaged, an_object, count, field_of, finite, kind, metric
-from ..jsondoc import text as _text
+from ..core.jsondoc import Damaged, an_object, count, field_of, finite, kind, metric
+from ..core.jsondoc import text as _text
 
 HEADLINE = ("miou", "j_mean", "boundary_f")  # the metrics strict reading requires
 METRIC_KEYS = ("miou", "fg_iou", "bg_iou", "accuracy", "precision", "recall", "j_mean",

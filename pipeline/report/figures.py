@@ -14,9 +14,9 @@ from typing import Literal
 
 import numpy as np
 
-from ..data import display_name
-from ..jsondoc import finite as _finite
-from ..variants import BASELINE, CANDIDATE, VARIANTS
+from ..core.jsondoc import finite as _finite
+from ..core.variants import BASELINE, CANDIDATE, VARIANTS
+from ..data.dataset import display_name
 from .doc import ImageScores, Metrics, SweepPoint, VariantScores
 
 # metrics with one per-category table each, and of the overall dot plot

@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import OwnershipError
-from ..fsutil import atomic_write_bytes
-from ..hints import current
-from ..jsondoc import finite as _finite
+from ..core.errors import OwnershipError
+from ..core.fsutil import atomic_write_bytes
+from ..core.hints import current
+from ..core.jsondoc import finite as _finite
 from .view import _best_flags, _config_value, _fmt, _url, render
 
 # (variant, metric, column title) of the page's metric columns, as `runs`' table has them

@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from ..config import Config
-from ..errors import StoreError
-from ..metrics import ImageStats, summarize, sweep_summary
+from ..core.config import Config
+from ..core.errors import StoreError
+from ..metrics.masks import ImageStats, summarize, sweep_summary
 from . import write_reports
 from .figures import LOSS_CURVES, curve_files
 from .panels import Thumb, VariantThumb
 
 if TYPE_CHECKING:
-    from ..store import CachedItem, FeatureStore
+    from ..store.feature_store import CachedItem, FeatureStore
 
 
 def build_report(cfg: Config, split: str, rows: list[dict], fingerprints: dict[str, str],
@@ -64,8 +64,8 @@ def resolved_settings(cfg: Config, predict_device: str) -> dict:
     """The values stage 3 used where the config leaves the choice to the tool: backbone.layers
     (0: the backbone's default) and its channels, extract.precision ("auto": by the device;
     the feature key the stored split was made with), predict.device ("auto")."""
-    from ..devices import resolve_precision
-    from ..registry import get_spec, resolve_layers
+    from ..core.registry import get_spec, resolve_layers
+    from ..models.devices import resolve_precision
     layers = resolve_layers(cfg.backbone.name, cfg.backbone.layers)
     return {"backbone.layers": layers,
             "backbone.channels": get_spec(cfg.backbone.name).channels(layers),

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..data import display_name
+from ..data.dataset import display_name
 from .doc import ImageScores
 from .figures import CANDIDATE
 from .panels import (

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import Config, toml_text
-from ..data import display_name
-from ..jsondoc import finite as _finite
+from ..core.config import Config, toml_text
+from ..core.jsondoc import finite as _finite
+from ..data.dataset import display_name
 from .doc import ImageScores, Metrics, Report, VariantScores, parse_report
 from .figures import (
     BASELINE,

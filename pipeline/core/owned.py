@@ -21,7 +21,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .data import TOOL_MARKER
 from .errors import OwnershipError
 from .fsutil import (
     atomic_write_bytes,
@@ -32,7 +31,7 @@ from .fsutil import (
     stat_stamp,
 )
 
-MARKER = TOOL_MARKER  # data.py lists datasets without them
+MARKER = ".vit-objseg.json"  # the folders the tool creates carry it (data lists none of them)
 TOOL = "vit-objseg"
 KEEP_HASHES = 2  # per file: the last content written and the one before (a killed write)
 

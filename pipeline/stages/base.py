@@ -9,22 +9,15 @@ to the record says why it is not.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .fsutil import atomic_write_json, canonical_json, read_json
+from ..core.fingerprints import diff_params, fingerprint
+from ..core.fsutil import atomic_write_json, read_json
 
 if TYPE_CHECKING:
-    from .config import Config
-
-
-def fingerprint(obj: Any) -> str:
-    """A stable short hash of JSON-able data."""
-    return hashlib.sha256(canonical_json(obj)).hexdigest()[:16]
+    from ..core.config import Config
 
 
 @dataclass
@@ -139,49 +132,6 @@ def save_record(run_dir: Path, state: StageState, **extra: Any) -> None:
                        "deps": state.deps, "params": state.params, **extra})
 
 
-def _show(v: Any) -> str:
-    s = json.dumps(v, default=str)
-    return s if len(s) <= 40 else s[:37] + "..."
-
-
-# Parameters left out of a fingerprint at one value, so that results made before the key
-# existed stay current; their absence means that value (the one place that says which):
-# backbone.layers at 1 (params.feature_params), the mirrored-store flag at False (ditto),
-# predict.tta at "none" (params.tta_params). diff_params reads an absent key as its value.
-ABSENT_AS: dict[str, Any] = {"backbone.layers": 1, "mirror": False, "predict.tta": "none"}
-
-_NO_VALUE = object()  # an absent key without an ABSENT_AS value
-
-
-def without_absent(params: dict[str, Any]) -> dict[str, Any]:
-    """`params` less the keys at their ABSENT_AS value (how results recorded before a key
-    existed stay current)."""
-    return {k: v for k, v in params.items() if k not in ABSENT_AS or v != ABSENT_AS[k]}
-
-
-def _value(params: dict[str, Any], key: str) -> Any:
-    return params[key] if key in params else ABSENT_AS.get(key, _NO_VALUE)
-
-
-def diff_params(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two parameter (or dependency) dicts, in key order.
-    A key of ABSENT_AS that one side lacks has its absent-at value there, so a change from
-    or to that value reads `key: old -> new`, not "is new" / "dropped"."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        was, now = _value(old, key), _value(new, key)
-        if was is _NO_VALUE:
-            out.append(f"{key} is new")
-        elif now is _NO_VALUE:
-            out.append(f"{key} dropped")
-        elif was != now:
-            if key.startswith(("data[", "features[", "models")):
-                out.append(f"{key} changed")
-            else:
-                out.append(f"{key}: {_show(was)} -> {_show(now)}")
-    return out
-
-
 def _needs(state: StageState, key: str) -> str:
     why = state.unusable.get(key, "")
     if why:
@@ -222,9 +172,3 @@ def judge_record(rec: dict | None, state: StageState, damaged: bool = False) -> 
     if state.outs_problem:
         return StageStatus(state.name, "stale", state.outs_problem)
     return StageStatus(state.name, "up-to-date")
-
-
-def first_problems(problems: Sequence[str], n: int = 3) -> str:
-    """The first `n` of `problems` joined, with how many more there are."""
-    more = f"; +{len(problems) - n} more" if len(problems) > n else ""
-    return "; ".join(problems[:n]) + more

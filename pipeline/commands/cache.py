@@ -16,12 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .errors import LockError, OwnershipError
-from .fsutil import exclusive_lock, read_json
-from .models import read_card
-from .owned import is_marked
-from .store import CACHE_LEGACY, INDEX_FILE, RUNS_DIR, read_index, read_manifest, store_lock
+from ..core.config import Config
+from ..core.errors import LockError, OwnershipError
+from ..core.fsutil import exclusive_lock, read_json
+from ..core.owned import is_marked
+from ..models.heads import read_card
+from ..store.feature_store import (
+    CACHE_LEGACY,
+    INDEX_FILE,
+    RUNS_DIR,
+    read_index,
+    read_manifest,
+    store_lock,
+)
 
 FEATURES = "features"  # the stores' folder inside paths.cache
 

@@ -24,29 +24,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import runconfig
-from .backbones import get_spec
-from .config import Config, copy_config
-from .data import canvas_valid, to_canvas
-from .devices import CpuFanout, resolve_device
-from .errors import DataError, StoreError, TrainingDiverged
-from .fsutil import atomic_write_bytes, exclusive_lock, lock_path, sha256_bytes
-from .hints import command
-from .inference import model_dir
-from .metrics import miou
-from .models import (
-    LinearHead,
-    PacUpsampler,
-    UpsamplerSpec,
-    models_fingerprint,
-    save_models,
-)
-from .owned import claim_run_dir
-from .params import training_params
-from .progress import Progress, plural
-from .report import LOSS_CURVES, save_training_curves
-from .stages import Context, StageState, StageStatus, judge, load_record, save_record
-from .store import FeatureStore, register_run, split_fingerprint
+from .. import runconfig
+from ..core.config import Config, copy_config
+from ..core.errors import DataError, StoreError, TrainingDiverged
+from ..core.fsutil import atomic_write_bytes, exclusive_lock, lock_path, sha256_bytes
+from ..core.hints import command
+from ..core.owned import claim_run_dir
+from ..core.progress import Progress, plural
+from ..data.dataset import canvas_valid, to_canvas
+from ..inference import model_dir
+from ..metrics.masks import miou
+from ..models.backbones import get_spec
+from ..models.devices import CpuFanout, resolve_device
+from ..models.heads import LinearHead, PacUpsampler, UpsamplerSpec, models_fingerprint, save_models
+from ..params import training_params
+from ..report import LOSS_CURVES, save_training_curves
+from ..store.feature_store import FeatureStore, register_run, split_fingerprint
+from .base import Context, StageState, StageStatus, judge, load_record, save_record
 
 STAGE = "train-head"
 # decoded training images kept in memory (JPEG decoding per crop is slow)

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import torch
 
-from .errors import DeviceError, thread_limits
+from ..core.errors import DeviceError, thread_limits
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""Stage 1: images -> frozen-backbone patch features in the feature store (pipeline/store.py).
+"""Stage 1: images -> frozen-backbone patch features in the feature store (pipeline/store/).
 
 The work is cut into shards (SHARD_SIZE images of one category, in file order). A shard is an
 independent, idempotent task: its output name is the hash of its inputs, and it is written
@@ -22,8 +22,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config
-from .data import (
+from ..core.config import Config
+from ..core.errors import ImageTooLarge, StoreError, thread_limits
+from ..core.fingerprints import first_problems
+from ..core.fsutil import (
+    FileHasher,
+    atomic_write_json,
+    exclusive_lock,
+    human_bytes,
+    read_json,
+    remove_temporaries,
+)
+from ..core.owned import claim_folder
+from ..core.progress import Progress, plural
+from ..data.dataset import (
     DataError,
     Item,
     LoadedItem,
@@ -33,22 +45,10 @@ from .data import (
     same_size_batches,
     to_canvas,
 )
-from .errors import ImageTooLarge, StoreError, thread_limits
-from .executors import portable_config, run_tasks, worker_cached
-from .fsutil import (
-    FileHasher,
-    atomic_write_json,
-    exclusive_lock,
-    human_bytes,
-    read_json,
-    remove_temporaries,
-)
-from .inference import BackboneRunner
-from .owned import claim_folder
-from .params import feature_params, mirrored_splits
-from .progress import Progress, plural
-from .stages import Context, StageState, StageStatus, first_problems, judge_record
-from .store import (
+from ..executors import portable_config, run_tasks, worker_cached
+from ..inference import BackboneRunner
+from ..params import feature_params, mirrored_splits
+from ..store.feature_store import (
     CACHE_LEGACY,
     Manifest,
     ShardRecord,
@@ -69,7 +69,8 @@ from .store import (
     store_lock,
     write_shard,
 )
-from .streaming import Decoded, Undecodable, Writer, stream
+from ..streaming import Decoded, Undecodable, Writer, stream
+from .base import Context, StageState, StageStatus, judge_record
 
 STAGE = "extract-features"
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import DataError, ImageTooLarge
+from ..core.errors import DataError, ImageTooLarge
+from ..core.owned import MARKER
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-TOOL_MARKER = ".vit-objseg.json"  # owned.MARKER: the folders the tool creates carry it
 MASK_THRESHOLD = 128  # a mask pixel is object where its L value is >= this
 # bytes a file may have per allowed pixel (8: 16-bit RGBA, uncompressed), plus headers and
 # metadata: a longer file is refused unread whatever its header says
@@ -53,7 +53,7 @@ def list_splits(root: str | Path, layout: str) -> list[str]:
     if layout == "obj_seg":
         # a folder of the tool's own (a run or cache folder put under data.root) is no split
         splits = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                        and not (p / TOOL_MARKER).is_file())
+                        and not (p / MARKER).is_file())
     elif layout == "davis2016":
         sets = root / "ImageSets" / "480p"
         splits = sorted(p.stem for p in sets.glob("*.txt")) if sets.is_dir() else []

@@ -23,12 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config
-from .data import same_size_batches
-from .devices import resolve_device
-from .errors import ConfigError, ModelError, StoreError
-from .executors import portable_config, run_tasks, worker_cached
-from .fsutil import (
+from ..core.config import Config
+from ..core.errors import ConfigError, ModelError, StoreError
+from ..core.fingerprints import first_problems
+from ..core.fsutil import (
     FileHasher,
     atomic_write_bytes,
     atomic_write_json,
@@ -37,8 +35,12 @@ from .fsutil import (
     read_json,
     sha256_bytes,
 )
-from .hints import command
-from .inference import (
+from ..core.hints import command
+from ..core.owned import RUN_LEGACY, claim_run_dir, is_marked
+from ..core.progress import Progress, plural
+from ..data.dataset import same_size_batches
+from ..executors import portable_config, run_tasks, worker_cached
+from ..inference import (
     VARIANTS,
     Predictor,
     _models_mismatch,
@@ -46,23 +48,14 @@ from .inference import (
     mask_png_bytes,
     model_dir,
 )
-from .metrics import image_stats, sweep_counts, sweep_thresholds
-from .models import load_models, models_fingerprint, read_card
-from .owned import RUN_LEGACY, claim_run_dir, is_marked
-from .params import mirrored_splits, predict_params
-from .progress import Progress, plural
-from .report import stage as report_stage
-from .report.stage import headline
-from .stages import (
-    Context,
-    StageState,
-    StageStatus,
-    first_problems,
-    judge,
-    load_record,
-    save_record,
-)
-from .store import CachedItem, FeatureStore, register_run, split_fingerprint
+from ..metrics.masks import image_stats, sweep_counts, sweep_thresholds
+from ..models.devices import resolve_device
+from ..models.heads import load_models, models_fingerprint, read_card
+from ..params import mirrored_splits, predict_params
+from ..report import stage as report_stage
+from ..report.stage import headline
+from ..store.feature_store import CachedItem, FeatureStore, register_run, split_fingerprint
+from .base import Context, StageState, StageStatus, judge, load_record, save_record
 
 
 def stage_name(split: str) -> str:

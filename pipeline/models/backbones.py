@@ -1,4 +1,4 @@
-"""Frozen feature extractors, built from the backbone registry (pipeline/registry.py: each
+"""Frozen feature extractors, built from the backbone registry (pipeline/core/registry.py: each
 name's spec, torch-free) by the builders here, keyed by the spec's `builder` and registered
 with `@builder` (timm's `register_model` style). `Backbone.forward` takes a uint8 batch and
 returns the patch-feature map (B, h, w, C); normalisation runs on the tensor's device, so GPU
@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 
-from .errors import BackboneError, EnvironmentProblem
-from .fsutil import FileHasher
-from .registry import BackboneSpec, check_layers, get_spec
+from ..core.errors import BackboneError, EnvironmentProblem
+from ..core.fsutil import FileHasher
+from ..core.registry import BackboneSpec, check_layers, get_spec
 
 if TYPE_CHECKING:  # timm is imported when a ViT is built (it takes a second)
     from timm.models.vision_transformer import VisionTransformer

@@ -17,12 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from .errors import ModelError
-from .fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
-from .hints import command
+from ..core.errors import ModelError
+from ..core.fingerprints import fingerprint
+from ..core.fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
+from ..core.hints import command
+from ..core.registry import IMAGENET_MEAN, IMAGENET_STD
 from .pac import PacConv2d
-from .registry import IMAGENET_MEAN, IMAGENET_STD
-from .stages import fingerprint
 
 
 class FeatureNorm(nn.Module):

@@ -24,16 +24,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-from . import predict, train
-from .config import Config, all_keys, config_from_dict, copy_config, parse_set
-from .errors import ConfigError, PipelineError, UsageError
-from .jsondoc import Damaged, read_doc
-from .jsondoc import an_object as _object
-from .jsondoc import field_of as _field
-from .jsondoc import kind as _kind
-from .jsondoc import show as _show
-from .report import doc as report_doc
-from .stages import record_path
+from ..core.config import Config, all_keys, config_from_dict, copy_config, parse_set
+from ..core.errors import ConfigError, PipelineError, UsageError
+from ..core.jsondoc import Damaged, read_doc
+from ..core.jsondoc import an_object as _object
+from ..core.jsondoc import field_of as _field
+from ..core.jsondoc import kind as _kind
+from ..core.jsondoc import show as _show
+from ..report import doc as report_doc
+from ..stages import predict, train
+from ..stages.base import record_path
 
 HEADLINE = ("miou", "j_mean", "boundary_f")
 IGNORED_KEYS = {"run.name", "run.threads", "dask.scheduler", "extract.num_workers",
@@ -128,7 +128,7 @@ def judge_run(run_dir: Path, split: str, report: ParsedReport) -> tuple[bool | N
     """(up to date, why not) of the run in `run_dir` for its recorded config, judged by the
     stage list on what the folder holds (workflow.recorded_problems); (None, why) when it
     cannot be checked."""
-    from .workflow import recorded_problems  # above the stages; runs is listed by the CLI
+    from ..workflow import recorded_problems  # above the stages; runs is listed by the CLI
     try:
         cfg = copy_config(report.config, paths__outputs=str(run_dir.parent),
                           run__name=run_dir.name)
@@ -193,7 +193,7 @@ def read_run(run_dir: Path, split: str) -> tuple[RunRow, dict[str, Any]]:
 def run_split(run_dir: Path, default: str) -> str:
     """The split a run is listed with by default: its recorded config's data.test_split (the
     run's config.toml, or for an older run its report's config), else `default`."""
-    from .runconfig import read_record
+    from ..runconfig import read_record
     try:
         recorded, _ = read_record(run_dir, (default,))
     except (PipelineError, OSError):

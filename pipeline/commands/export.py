@@ -33,16 +33,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .backbones import Backbone
-from .config import Config
-from .errors import UsageError
-from .fsutil import sha256_bytes, sha256_file
-from .hints import command
-from .inference import BackboneRunner, checked_models
-from .models import TrainedModels
-from .owned import Ledger, claim_run_dir
-from .params import feature_params, inference_params, tta_params
-from .stages import StageState, judge, load_record, save_record
+from ..core.config import Config
+from ..core.errors import UsageError
+from ..core.fsutil import sha256_bytes, sha256_file
+from ..core.hints import command
+from ..core.owned import Ledger, claim_run_dir
+from ..inference import BackboneRunner, checked_models
+from ..models.backbones import Backbone
+from ..models.heads import TrainedModels
+from ..params import feature_params, inference_params, tta_params
+from ..stages.base import StageState, judge, load_record, save_record
 
 STAGE = "export"
 MAX_SIDE = 8192  # largest image side the program accepts

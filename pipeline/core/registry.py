@@ -3,7 +3,7 @@
 size, channels, normalisation, the builder that makes the model, its default and maximum
 `backbone.layers` and, for a CNN, the blocks tapped for them, plus where its official weights
 are published. Importable without torch: config validation (`config show`) reads it, and
-pipeline/backbones.py builds the models from it (its builders keyed by `builder`).
+pipeline/models/backbones.py builds the models from it (its builders keyed by `builder`).
 """
 from __future__ import annotations
 

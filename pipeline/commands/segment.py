@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .config import Config
-from .data import IMAGE_EXTS, decode_image, fit_box, read_bytes, same_size_batches, to_canvas
-from .devices import resolve_device
-from .errors import DataError, OwnershipError, thread_limits
-from .fsutil import (
+from ..core.config import Config
+from ..core.errors import DataError, OwnershipError, thread_limits
+from ..core.fingerprints import fingerprint
+from ..core.fsutil import (
     atomic_write_bytes,
     atomic_write_json,
     file_lock,
@@ -42,15 +41,23 @@ from .fsutil import (
     sha256_file,
     stat_stamp,
 )
-from .inference import BackboneRunner, Predictor, checked_models, mask_png_bytes
-from .owned import Ledger, claim_folder, claim_run_dir, is_marked
-from .params import inference_params, tta_params
-from .progress import Progress
-from .report.panels import mask_panel, outline_width
-from .stages import fingerprint
-from .store import CACHE_LEGACY
-from .streaming import Decoded, Undecodable, Writer, stream
-from .variants import CANDIDATE
+from ..core.owned import Ledger, claim_folder, claim_run_dir, is_marked
+from ..core.progress import Progress
+from ..core.variants import CANDIDATE
+from ..data.dataset import (
+    IMAGE_EXTS,
+    decode_image,
+    fit_box,
+    read_bytes,
+    same_size_batches,
+    to_canvas,
+)
+from ..inference import BackboneRunner, Predictor, checked_models, mask_png_bytes
+from ..models.devices import resolve_device
+from ..params import inference_params, tta_params
+from ..report.panels import mask_panel, outline_width
+from ..store.feature_store import CACHE_LEGACY
+from ..streaming import Decoded, Undecodable, Writer, stream
 
 RECORD_FILE = ".segment.json"
 RECORD_VERSION = 1
@@ -293,7 +300,7 @@ def run_segment(cfg: Config, paths: Sequence[str | Path], out_dir: str | Path | 
     train-head when they are missing or were trained with other settings than `cfg`'s).
     Images whose mask is current are skipped unless `force`; an unreadable image is skipped,
     reported through `warn(line)` and listed in `errors`, and its earlier outputs are removed
-    (when the tool wrote them: see pipeline/owned.py)."""
+    (when the tool wrote them: see pipeline/core/owned.py)."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
     sources, problems = find_sources(paths, out_dir)

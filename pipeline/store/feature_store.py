@@ -43,10 +43,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .config import Config
-from .data import Box, Item, decode_image, list_items
-from .errors import StoreError
-from .fsutil import (
+from ..core.config import Config
+from ..core.errors import StoreError
+from ..core.fingerprints import fingerprint
+from ..core.fsutil import (
     FileHasher,
     atomic_file,
     atomic_write_bytes,
@@ -56,10 +56,10 @@ from .fsutil import (
     read_json,
     sha256_file,
 )
-from .hints import command
-from .owned import is_marked
-from .params import FORMAT_VERSION, feature_params
-from .stages import fingerprint
+from ..core.hints import command
+from ..core.owned import is_marked
+from ..data.dataset import Box, Item, decode_image, list_items
+from ..params import FORMAT_VERSION, feature_params
 
 SHARD_SIZE = 64  # images per shard: the unit of resumption and of distributed work
 
@@ -535,8 +535,8 @@ class FeatureStore:
         dataset has no such split."""
         split_dir = locate_split(cfg, split, mirror)
         if split_dir is None or not manifest_path(split_dir).exists():  # is it a split at all?
-            from .data import list_splits
-            from .errors import DataError, UsageError
+            from ..core.errors import DataError, UsageError
+            from ..data.dataset import list_splits
             try:
                 splits = list_splits(cfg.data.root, cfg.data.layout)
             except (DataError, OSError):  # no readable dataset: extract-features will say so
