@@ -26,6 +26,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.metrics import definitions  # noqa: E402
+
 SHARED = ROOT.parent / "shared"
 DATASETS = {
     "obj_seg": (SHARED / "data" / "obj_seg", "obj_seg", "train", "test"),
@@ -33,7 +37,7 @@ DATASETS = {
 }
 DEFAULT_OPTIONS = ["baseline=backbone.layers=1", "layers 2=backbone.layers=2",
                    "layers 3=backbone.layers=3"]
-HEADLINE = ("miou", "j_mean", "boundary_f")
+HEADLINE = tuple(m.key for m in definitions.HEADLINE)
 
 
 def cli(args: list[str], sets: list[str]) -> float:

@@ -8,16 +8,18 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.metrics import masks as metrics
-from pipeline.metrics.masks import (
-    METRICS,
-    ImageStats,
-    aggregate,
+from pipeline.metrics import boundary as metrics
+from pipeline.metrics.boundary import (
     boundary_f,
     boundary_map,
     boundary_radius,
     dilate_disk,
     disk,
+)
+from pipeline.metrics.definitions import BLOCK_KEYS as METRICS
+from pipeline.metrics.masks import (
+    ImageStats,
+    aggregate,
     image_stats,
     summarize,
 )

@@ -384,20 +384,20 @@ def test_plots_are_zoomed_to_the_data():
     """The overall dot plot's and the scatter's axes are around the values, not 0-1."""
     report = fake_report()
     parsed = report_mod.parse_report(report, strict=False)
-    fig = report_mod._plot_overall(parsed.variants, parsed_rows(fake_per_image()))
+    fig = report_mod.plot_overall(parsed.variants, parsed_rows(fake_per_image()))
     axes = fig.get_axes()
     assert len(axes) == 3
     lo, hi = axes[0].get_xlim()  # mIoU: values 0.812 .. 0.912
     assert 0.6 < lo < 0.812 and 0.912 < hi < 1.0
     rows = [{"category": "a" if i % 2 else "b", "stem": str(i),
              "j": {"linear_bilinear": 0.80 + 0.01 * i, "pac": 0.82 + 0.01 * i}} for i in range(10)]
-    fig = report_mod._plot_scatter(parsed_rows(rows), "linear_bilinear", "pac")
+    fig = report_mod.plot_scatter(parsed_rows(rows), "linear_bilinear", "pac")
     ax = fig.get_axes()[0]
     assert ax.get_xlim() == ax.get_ylim()
     lo, hi = ax.get_xlim()
     assert 0.7 < lo < 0.80 and 0.91 < hi <= 1.005
     assert len(ax.collections) >= 2  # one colour per category
-    assert report_mod._zoom([1.0, 1.0]) [1] >= 1.0  # a point at 1 is not cut
+    assert report_mod.zoom([1.0, 1.0]) [1] >= 1.0  # a point at 1 is not cut
 
 
 def test_thumbnails_link_to_enlargements(written):
@@ -550,7 +550,7 @@ def test_training_curves_of_stage_2_are_shown_not_drawn_again(tmp_path, monkeypa
 
     def no_drawing(history):
         raise AssertionError("the training curves were drawn again")
-    monkeypatch.setattr(report_mod, "_training_figure", no_drawing)
+    monkeypatch.setattr(report_mod, "training_figure", no_drawing)
     shown = write_reports(tmp_path / "shown", "test", fake_report(), [], [], [], None,
                           curves=curves)
     for ext in ("svg", "pdf", "png"):
@@ -777,7 +777,7 @@ def test_thumbnail_strip_panels():
 # ----------------------------------------------------------------------------- best flags
 
 def test_best_flags_use_unrounded_values():
-    flags = report_mod._best_flags
+    flags = report_mod.best_flags
     assert flags([0.9124, 0.9116, 0.5]) == [True, False, False]  # both shown as 0.912
     assert flags([0.9124, 0.9124, 0.5]) == [True, True, False]  # a true tie
     assert flags([np.float32(0.25), 0.25, float("nan"), None]) == [True, True, False, False]

@@ -23,15 +23,12 @@ from pipeline.metrics.masks import (
     sweep_thresholds,
 )
 from pipeline.report import write_reports
+from pipeline.report.charts import CATEGORY_COLOURS
+from pipeline.report.charts import plot_categories as _plot_categories
+from pipeline.report.charts import plot_scatter as _plot_scatter
+from pipeline.report.charts import plot_sweep as _plot_sweep
 from pipeline.report.doc import parse_report
-from pipeline.report.figures import (
-    _EXTRA_COLOURS,
-    CATEGORY_COLOURS,
-    VARIANT_COLOURS,
-    _plot_categories,
-    _plot_scatter,
-    _plot_sweep,
-)
+from pipeline.report.figures import _EXTRA_COLOURS, VARIANT_COLOURS
 from pipeline.report.panels import LEGEND
 from pipeline.report.stage import spread
 from pipeline.stages import predict as predict_mod

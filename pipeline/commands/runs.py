@@ -31,11 +31,11 @@ from ..core.jsondoc import an_object as _object
 from ..core.jsondoc import field_of as _field
 from ..core.jsondoc import kind as _kind
 from ..core.jsondoc import show as _show
+from ..metrics.definitions import HEADLINE, RUNS_COLUMNS
 from ..report import doc as report_doc
 from ..stages import predict, train
 from ..stages.base import record_path
 
-HEADLINE = ("miou", "j_mean", "boundary_f")
 IGNORED_KEYS = {"run.name", "run.threads", "dask.scheduler", "extract.num_workers",
                 "extract.batch_size", "predict.batch_size", "extract.device", "train.device",
                 "predict.device"}  # do not change results, or name the row
@@ -83,7 +83,7 @@ def parse_report(doc: Any) -> ParsedReport:
     """What `runs` reads of a report (report.doc's strict parse): Damaged naming the first
     bad field."""
     report = report_doc.parse_report(doc, required=predict.VARIANTS)
-    metrics = {v: {k: m.values[k] for k in HEADLINE}
+    metrics = {v: {h.key: m.values[h.key] for h in HEADLINE}
                for v, s in report.variants.items() if (m := s.overall) is not None}
     assert report.n_images is not None and report.config is not None  # required: strict
     try:
@@ -307,12 +307,6 @@ def _value(x: Any) -> str:
     return "-" if x is None else (x if isinstance(x, str) else json.dumps(x))
 
 
-# the metric columns: (header, variant, metric)
-METRIC_COLUMNS = (("pac mIoU", "pac", "miou"), ("pac J", "pac", "j_mean"),
-                  ("pac F", "pac", "boundary_f"), ("bilinear mIoU", "linear_bilinear", "miou"),
-                  ("bilinear F", "linear_bilinear", "boundary_f"))
-
-
 def grid(rows: list[RunRow]) -> tuple[list[str], list[list[str]], list[bool]]:
     """The table of `rows` as text cells: (headers, one list of cells per row, whether each
     column is numeric, i.e. right-aligned). Path keys (backbone.weights, data.root, paths.*)
@@ -321,9 +315,9 @@ def grid(rows: list[RunRow]) -> tuple[list[str], list[list[str]], list[bool]]:
     keys = list(dict.fromkeys(k for r in rows for k in r.params))
     shorter = {k: short_paths([v for r in rows if isinstance(v := r.params.get(k), str)
                                and "/" in v]) for k in keys if k in PATH_KEYS}
-    heads = ["run", "split", *keys, *(c[0] for c in METRIC_COLUMNS), "images", "train s",
+    heads = ["run", "split", *keys, *(c[0] for c in RUNS_COLUMNS), "images", "train s",
              "up-to-date"]
-    numeric = [False, False, *(False for _ in keys), *(True for _ in METRIC_COLUMNS), True,
+    numeric = [False, False, *(False for _ in keys), *(True for _ in RUNS_COLUMNS), True,
                True, False]
 
     def num(x: float | int | None) -> str:
@@ -336,7 +330,7 @@ def grid(rows: list[RunRow]) -> tuple[list[str], list[list[str]], list[bool]]:
         state = ({True: "yes", False: "no", None: "?"}[r.up_to_date] if r.damaged is None
                  else f"damaged: {r.damaged}")
         cells.append([r.run, r.split, *params,
-                      *(num(r.metrics.get(v, {}).get(m)) for _, v, m in METRIC_COLUMNS),
+                      *(num(r.metrics.get(v, {}).get(m.key)) for _, v, m in RUNS_COLUMNS),
                       num(r.n_images),
                       "-" if r.train_seconds is None else f"{r.train_seconds:.0f}", state])
     return heads, cells, numeric

@@ -15,37 +15,44 @@ is inline, there is no JavaScript, no web font and no URL of the network.
 
 The modules, each one job:
 
-    doc.py      report_<split>.json read and validated once into a typed Report (also `runs`)
-    panels.py   mask panels, error overlays, strips, the labelled enlargement grid
-    figures.py  the matplotlib figures (object-oriented API on Agg; pyplot never imported)
-    view.py     the view model (plain data) and the Jinja2 templates (templates/) it fills
-    strips.py   the best / worst images' strips written to the files folder
-    stage.py    stage 3's report: the JSON's content, the CLI headline, the images shown
+    doc.py        report_<split>.json read and validated once into a typed Report (also `runs`)
+    panels.py     mask panels, error overlays, strips, the labelled enlargement grid
+    figures.py    matplotlib figures on Agg (pyplot never imported), saved without timestamps;
+                  the training curves; colours, zoomed axes, bootstrap intervals
+    charts.py     the report's charts: overall and per-category dot plots, sweep, J scatter
+    format.py     how values are shown: scores, gains, counts, best flags, config values, links
+    view.py       the view model (plain data) the templates show
+    render.py     the Jinja2 templates (templates/) and their rendering
+    strips.py     the best / worst images' strips written to the files folder
+    stage.py      stage 3's report: the JSON's content, the CLI headline, the images shown
+    runs_page.py  `runs --html`: the runs side by side as an offline page
+
+The metrics (their keys, labels, order, notes) are ``metrics.definitions``'.
 """
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..core.fsutil import atomic_folder, atomic_write_bytes, remove_temporaries
 from ..core.jsondoc import Damaged
-from .doc import ImageScores, Report, parse_per_image, parse_report
+from ..core.variants import BASELINE, CANDIDATE
+from ..metrics.definitions import headline_names
+from .charts import plot_categories, plot_overall, plot_scatter, plot_sweep
+from .doc import ImageScores, Report, VariantScores, parse_per_image, parse_report
 from .figures import (
-    BASELINE,
-    CANDIDATE,
     FIGURES,
     LOSS_CURVES,
-    _plot_categories,
-    _plot_overall,
-    _plot_scatter,
-    _plot_sweep,
-    _save_figure,
-    _training_figure,
-    _zoom,
     plot_training_curves,
+    save_figure,
     save_training_curves,
     svg_size_in,
+    training_figure,
+    zoom,
 )
+from .format import best_flags
 from .panels import (
     CONTOUR_COLOUR,
     FN_COLOUR,
@@ -64,31 +71,103 @@ from .panels import (
     thumbnail_strip,
     variant_strip,
 )
+from .render import TEMPLATE_DIR, render
 from .strips import write_strips
 from .view import (
-    TEMPLATE_DIR,
-    _best_flags,
     categories_of,
     configured_threshold,
     figure_entry,
     headline_text,
     ordered_variants,
-    render,
     view_model,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["Thumb", "VariantThumb", "overlay", "thumbnail_strip", "variant_strip",
            "mask_panel", "plot_training_curves", "save_training_curves", "LOSS_CURVES",
            "write_reports", "headline_text", "TP_COLOUR", "FP_COLOUR", "FN_COLOUR",
            "CONTOUR_COLOUR", "MASK_COLOUR", "MASK_DIM", "LEGEND", "PANELS", "PANEL_MAX_SIDE",
-           "STRIP_GAP", "TEMPLATE_DIR", "Report", "parse_report", "Damaged", "_best_flags",
-           "_plot_overall", "_plot_scatter", "_zoom"]
+           "STRIP_GAP", "TEMPLATE_DIR", "Report", "parse_report", "Damaged", "best_flags",
+           "plot_overall", "plot_scatter", "zoom"]
+
+FigureEntries = dict[str, dict[str, Any] | None]
 
 
-def write_reports(out_dir: Path, split: str, report: Report | dict,
-                  per_image: list[dict] | None,
+class _Figures:
+    """The figures of one report saved into the files folder being built (`tmp_dir`, to be
+    `files_dir`): each in SVG, PDF and PNG, and its entry for the view model."""
+
+    def __init__(self, tmp_dir: Path, files_dir: Path):
+        self.tmp_dir, self.files_dir = tmp_dir, files_dir
+        self.entries: FigureEntries = dict.fromkeys(FIGURES)
+
+    def add(self, fig: Figure | None, key: str, title: str, alt: str, caption: str) -> None:
+        if fig is None:
+            return
+        size = tuple(fig.get_size_inches())
+        save_figure(fig, [self.tmp_dir / f"{key}.{ext}" for ext in ("svg", "pdf", "png")])
+        self.entries[key] = figure_entry(key, title, alt, caption, self.files_dir, size)
+
+    def copy(self, curves: Sequence[Path], size: tuple[float, float], key: str,
+             title: str, alt: str, caption: str) -> None:
+        """Files drawn elsewhere (stage 2's training curves), as they are."""
+        for path in curves:
+            shutil.copyfile(path, self.tmp_dir / f"{key}{path.suffix}")
+        self.entries[key] = figure_entry(key, title, alt, caption, self.files_dir, size)
+
+
+def _score_figures(figs: _Figures, report: Report, variants: dict[str, VariantScores],
+                   rows: list[ImageScores]) -> None:
+    """The figures of the scores: overall, the threshold sweep, per category, per image."""
+    names = headline_names()
+    figs.add(plot_overall(variants, rows), "overall", "Variants, overall",
+             f"dot plot of {names} per variant", "Each panel has its own zoomed axis.")
+    if report.threshold_sweep:
+        figs.add(plot_sweep(report.threshold_sweep, configured_threshold(report)),
+                 "threshold_sweep", "Threshold sweep",
+                 "line plots of J mean, precision and recall against the threshold, per variant",
+                 "Each variant's masks cut at other thresholds on the object probability; "
+                 "dotted: the configured threshold, rings: the best J.")
+    categories = categories_of(variants)
+    if categories:
+        figs.add(plot_categories(variants, categories), "per_category",
+                 f"{names} per category", f"dot plots of {names} per category and variant",
+                 f"Categories sorted by the J of {CANDIDATE}. J and F are means over images, "
+                 f"mIoU pools the pixels: a category whose small objects are missed has a low "
+                 f"J but can keep a high mIoU.")
+    if CANDIDATE in variants and BASELINE in variants and rows:
+        figs.add(plot_scatter(rows, BASELINE, CANDIDATE), "per_image_j", "Per-image J",
+                 f"scatter plot of per-image J, {CANDIDATE} against {BASELINE}",
+                 f"One point per image; above the dashed diagonal, {CANDIDATE} is better.")
+
+
+def _curves_figure(figs: _Figures, history: list[dict[str, Any]] | None,
+                   curves: list[Path] | None) -> None:
+    """The training curves: stage 2's drawing as it is, else drawn from its history."""
+    args = ("training_curves", "Training curves", "training loss curves",
+            "Loss per epoch of each training phase.")
+    size = svg_size_in(curves[0]) if curves else None
+    if curves and size is not None:
+        figs.copy(curves, size, *args)
+    elif history:
+        figs.add(training_figure(history), *args)
+
+
+def _worst_with_variants(thumbs_worst: list[Thumb | VariantThumb] | None,
+                         vthumbs: dict[tuple[str, str], VariantThumb]
+                         ) -> list[Thumb | VariantThumb]:
+    """The worst images, then the variant thumbs of images not among them."""
+    worst: list[Thumb | VariantThumb] = list(thumbs_worst or [])
+    seen = {(str(t.category), str(t.stem)) for t in worst}
+    return worst + [t for k, t in vthumbs.items() if k not in seen]
+
+
+def write_reports(out_dir: Path, split: str, report: Report | dict[str, Any],
+                  per_image: list[dict[str, Any]] | None,
                   thumbs_best: list[Thumb], thumbs_worst: list[Thumb | VariantThumb],
-                  history: list[dict] | None = None, *,
+                  history: list[dict[str, Any]] | None = None, *,
                   variant_thumbs: list[VariantThumb] | None = None,
                   other_runs: list[tuple[str, str]] | None = None,
                   curves: list[Path] | None = None) -> dict[str, Path]:
@@ -123,8 +202,6 @@ def write_reports(out_dir: Path, split: str, report: Report | dict,
                                else parse_per_image(per_image))
     variants = ordered_variants(report.variants)
     vnames = list(variants)
-    scored = any(v.overall is not None for v in variants.values())
-    categories = categories_of(variants) if scored else []
     index = {(r.category, r.stem): r for r in rows}
     md_path = out_dir / f"report_{split}.md"
     html_path = out_dir / f"report_{split}.html"
@@ -132,59 +209,16 @@ def write_reports(out_dir: Path, split: str, report: Report | dict,
     # what a killed writer of this split's reports left (stage 3 holds the split's lock)
     remove_temporaries(out_dir, of=(md_path.name, html_path.name, files_dir.name))
     with atomic_folder(files_dir) as tmp_dir:
-        figures: dict[str, dict | None] = dict.fromkeys(FIGURES)
-
-        def add_figure(fig, key, title, alt, caption):
-            if fig is None:
-                return
-            size = tuple(fig.get_size_inches())
-            _save_figure(fig, [tmp_dir / f"{key}.{ext}" for ext in ("svg", "pdf", "png")])
-            figures[key] = figure_entry(key, title, alt, caption, files_dir, size)
-
-        if scored:
-            add_figure(_plot_overall(variants, rows), "overall", "Variants, overall",
-                       "dot plot of mIoU, J and F per variant",
-                       "Each panel has its own zoomed axis.")
-            if report.threshold_sweep:
-                add_figure(_plot_sweep(report.threshold_sweep, configured_threshold(report)),
-                           "threshold_sweep", "Threshold sweep",
-                           "line plots of J mean, precision and recall against the threshold, "
-                           "per variant",
-                           "Each variant's masks cut at other thresholds on the object "
-                           "probability; dotted: the configured threshold, rings: the best J.")
-            if categories:
-                add_figure(_plot_categories(variants, categories), "per_category",
-                           "mIoU, J and F per category",
-                           "dot plots of mIoU, J and F per category and variant",
-                           f"Categories sorted by the J of {CANDIDATE}. J and F are means over "
-                           f"images, mIoU pools the pixels: a category whose small objects "
-                           f"are missed has a low J but can keep a high mIoU.")
-            if CANDIDATE in variants and BASELINE in variants and rows:
-                add_figure(_plot_scatter(rows, BASELINE, CANDIDATE), "per_image_j",
-                           "Per-image J", f"scatter plot of per-image J, {CANDIDATE} against "
-                           f"{BASELINE}",
-                           f"One point per image; above the dashed diagonal, {CANDIDATE} "
-                           f"is better.")
-        curves_args = ("training_curves", "Training curves", "training loss curves",
-                       "Loss per epoch of each training phase.")
-        size = svg_size_in(curves[0]) if curves else None
-        if curves and size is not None:  # stage 2's drawing, as it is
-            for path in curves:
-                shutil.copyfile(path, tmp_dir / f"training_curves{path.suffix}")
-            figures["training_curves"] = figure_entry(*curves_args, files_dir, size)
-        elif history:
-            add_figure(_training_figure(history), *curves_args)
-
+        figs = _Figures(tmp_dir, files_dir)
+        if any(v.overall is not None for v in variants.values()):
+            _score_figures(figs, report, variants, rows)
+        _curves_figure(figs, history, curves)
         vthumbs = {(str(t.category), str(t.stem)): t for t in (variant_thumbs or [])}
-        worst: list[Thumb | VariantThumb] = list(thumbs_worst or [])
-        seen = {(str(t.category), str(t.stem)) for t in worst}
-        worst += [t for k, t in vthumbs.items() if k not in seen]
         strips = {"best": write_strips(thumbs_best or [], {}, "best", tmp_dir, files_dir,
                                        vnames, index),
-                  "worst": write_strips(worst, vthumbs, "worst", tmp_dir, files_dir, vnames,
-                                        index)}
-
-        vm = view_model(split, report, rows, strips, figures, other_runs, md_path.name,
+                  "worst": write_strips(_worst_with_variants(thumbs_worst, vthumbs), vthumbs,
+                                        "worst", tmp_dir, files_dir, vnames, index)}
+        vm = view_model(split, report, rows, strips, figs.entries, other_runs, md_path.name,
                         html_path.name)
         html_text = render("report.html.j2", vm)
         md_text = render("report.md.j2", vm)

@@ -15,10 +15,9 @@ from typing import Any, TypeVar
 
 from ..core.jsondoc import Damaged, an_object, count, field_of, finite, kind, metric
 from ..core.jsondoc import text as _text
+from ..metrics.definitions import HEADLINE, KEYS
 
-HEADLINE = ("miou", "j_mean", "boundary_f")  # the metrics strict reading requires
-METRIC_KEYS = ("miou", "fg_iou", "bg_iou", "accuracy", "precision", "recall", "j_mean",
-               "boundary_f")
+REQUIRED = tuple(m.key for m in HEADLINE)  # the metrics strict reading requires
 T = TypeVar("T")
 
 
@@ -105,7 +104,7 @@ class _Reader:
     def metrics(self, value: Any, where: str, required: Sequence[str] = ()) -> Metrics:
         block = an_object(value, where)
         values = {}
-        for k in METRIC_KEYS:
+        for k in KEYS:
             if k in block:
                 m = self.get(metric, block[k], f"{where}.{k}")
                 if m is not None:
@@ -120,7 +119,7 @@ class _Reader:
         if "overall" not in block and self.strict:
             raise Damaged(f"{where}.overall missing")
         if block.get("overall") is not None:
-            required = HEADLINE if self.strict else ()
+            required = REQUIRED if self.strict else ()
             overall = self.get(lambda v, w: self.metrics(v, w, required), block["overall"],
                                f"{where}.overall")
         cats = self.optional(block, "per_category", an_object, f"{where}.", {})
@@ -197,7 +196,7 @@ def parse_report(doc: Any, *, strict: bool = True, required: Sequence[str] = ())
     """The report `doc` (parsed JSON, or the dict stage 3 builds) as a typed Report.
 
     strict: Damaged naming the first field that is not what stage 3 writes; n_images, the
-    variants (at least those in `required`), their overall HEADLINE metrics (or null) and the
+    variants (at least those in `required`), their overall headline metrics (or null) and the
     config must be present. Lenient (strict=False): a missing or unusable field is left out.
     """
     r = _Reader(strict)

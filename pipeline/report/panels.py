@@ -105,7 +105,8 @@ def _contour(mask: np.ndarray, width: int = 1) -> np.ndarray:
     return mask & ~eroded
 
 
-def _prepare_many(image: np.ndarray, masks: list, max_side: int):
+def _prepare_many(image: np.ndarray, masks: list[np.ndarray], max_side: int
+                  ) -> tuple[np.ndarray, list[np.ndarray]]:
     """The image (uint8 RGB) and the masks (bool), downscaled (never upscaled) so that the
     longest side is ``max_side``: the image with Lanczos, the masks by area majority."""
     img = _as_rgb_uint8(image)
@@ -125,7 +126,8 @@ def _prepare_many(image: np.ndarray, masks: list, max_side: int):
     return img, masks
 
 
-def _prepare(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, max_side: int):
+def _prepare(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, max_side: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     img, (gt, pred) = _prepare_many(image, [gt, pred], max_side)
     return img, gt, pred
 
@@ -195,20 +197,22 @@ def outline_width(shape: tuple[int, ...]) -> int:
     return max(1, round(max(shape[:2]) / 240))
 
 
-def _strip_panels(image, gt, pred, max_side) -> list[np.ndarray]:
+def strip_panels(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, max_side: int
+                 ) -> list[np.ndarray]:
     img, gt, pred = _prepare(image, gt, pred, max_side)
     cw = outline_width(img.shape)
     return [img, mask_panel(img, gt, cw), mask_panel(img, pred, cw),
             _errors_panel(img, gt, pred, cw)]
 
 
-def _variant_panels(image, gt, masks: list[np.ndarray], max_side) -> list[np.ndarray]:
+def variant_panels(image: np.ndarray, gt: np.ndarray, masks: list[np.ndarray], max_side: int
+                   ) -> list[np.ndarray]:
     img, (gt, *masks) = _prepare_many(image, [gt, *masks], max_side)
     cw = outline_width(img.shape)
     return [img, mask_panel(img, gt, cw)] + [_errors_panel(img, gt, m, cw) for m in masks]
 
 
-def _hstack(panels: list[np.ndarray], gap: int) -> np.ndarray:
+def hstack(panels: list[np.ndarray], gap: int) -> np.ndarray:
     h, w = panels[0].shape[:2]
     out = np.full((h, len(panels) * w + (len(panels) - 1) * gap, 3), 255, np.uint8)
     for i, panel in enumerate(panels):
@@ -226,9 +230,9 @@ def thumbnail_strip(image: np.ndarray, gt: np.ndarray, pred: np.ndarray,
     ``max_side``; outlines are 1 px per 240 px of panel side, so about 1 CSS px at the page's
     display size. Returns the strip (uint8 RGB) and the size (w, h) of one panel.
     """
-    panels = _strip_panels(image, gt, pred, max_side)
+    panels = strip_panels(image, gt, pred, max_side)
     h, w = panels[0].shape[:2]
-    return _hstack(panels, gap), (w, h)
+    return hstack(panels, gap), (w, h)
 
 
 def variant_strip(image: np.ndarray, gt: np.ndarray, masks: dict[str, np.ndarray],
@@ -237,15 +241,15 @@ def variant_strip(image: np.ndarray, gt: np.ndarray, masks: dict[str, np.ndarray
     """The variants of one image side by side: the image, the ground truth (as in
     ``thumbnail_strip``), then one errors panel (``overlay``'s colours) per entry of ``masks``,
     in its order. Returns the strip (uint8 RGB) and the size (w, h) of one panel."""
-    panels = _variant_panels(image, gt, list(masks.values()), max_side)
+    panels = variant_panels(image, gt, list(masks.values()), max_side)
     h, w = panels[0].shape[:2]
-    return _hstack(panels, gap), (w, h)
+    return hstack(panels, gap), (w, h)
 
 
 # ----------------------------------------------------------------------------- enlargements
 
 @functools.lru_cache(maxsize=8)
-def _font(size: int):
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: scalable
     except (TypeError, OSError, ImportError):
@@ -264,7 +268,7 @@ def _row_counts(n: int) -> list[int]:
     return rows
 
 
-def _labelled_grid(panels: list[np.ndarray], labels: list[str], title: str,
+def labelled_grid(panels: list[np.ndarray], labels: list[str], title: str,
                    legend: bool = True) -> np.ndarray:
     """The click-to-enlarge image: the panels in rows (``_row_counts``), each with its label
     underneath, a title line on top and the error colours' legend at the bottom."""

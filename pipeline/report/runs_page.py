@@ -11,25 +11,25 @@ from ..core.errors import OwnershipError
 from ..core.fsutil import atomic_write_bytes
 from ..core.hints import current
 from ..core.jsondoc import finite as _finite
-from .view import _best_flags, _config_value, _fmt, _url, render
-
-# (variant, metric, column title) of the page's metric columns, as `runs`' table has them
-COLUMNS = (("pac", "miou", "pac mIoU"), ("pac", "j_mean", "pac J"),
-           ("pac", "boundary_f", "pac F"), ("linear_bilinear", "miou", "bilinear mIoU"),
-           ("linear_bilinear", "j_mean", "bilinear J"),
-           ("linear_bilinear", "boundary_f", "bilinear F"))
+from ..metrics.definitions import RUNS_COLUMNS
+from .format import best_flags, config_value, fmt, url_of
+from .render import render
 
 
 def runs_page_path(outputs: Path, split: str) -> Path:
+    """Where the runs page of `split` is written: <outputs>/runs_<split>.html."""
     return Path(outputs) / f"runs_{split}.html"
 
 
-def runs_view(rows: list[dict[str, Any]], split: str) -> dict:
+def runs_view(rows: list[dict[str, Any]], split: str) -> dict[str, Any]:
     """What runs.html.j2 shows: the keys that differ, one row per run with its values, its
-    metrics (the best per column flagged), its state and the link to its report."""
+    metrics (the columns of `runs`' table: RUNS_COLUMNS; the best per column flagged), its
+    state and the link to its report."""
     keys = sorted({k for r in rows for k in (r.get("params") or {})})
-    cols = [[(r.get("metrics") or {}).get(v, {}).get(m) for r in rows] for v, m, _ in COLUMNS]
-    flags = [_best_flags(c) for c in cols]
+    cols = [[(r.get("metrics") or {}).get(v, {}).get(m.key) for r in rows]
+            for _, v, m in RUNS_COLUMNS]
+    flags = [best_flags(c, m.higher_is_better)
+             for c, (_, _, m) in zip(cols, RUNS_COLUMNS, strict=True)]
     out = []
     for i, r in enumerate(rows):
         params = r.get("params") or {}
@@ -39,16 +39,16 @@ def runs_view(rows: list[dict[str, Any]], split: str) -> dict:
                  else "stale" if up is False else "unknown")
         secs = r.get("train_seconds")
         out.append({"run": str(r.get("run", "?")),
-                    "href": _url(r["report"]) if r.get("report") else None,
-                    "params": ["\u2014" if k not in params else _config_value(params[k])
+                    "href": url_of(r["report"]) if r.get("report") else None,
+                    "params": ["\u2014" if k not in params else config_value(params[k])
                                for k in keys],
-                    "cells": [{"text": _fmt(cols[j][i]), "best": flags[j][i]}
-                              for j in range(len(COLUMNS))],
+                    "cells": [{"text": fmt(cols[j][i]), "best": flags[j][i]}
+                              for j in range(len(RUNS_COLUMNS))],
                     "n": "\u2014" if r.get("n_images") is None else str(r["n_images"]),
                     "train_s": f"{secs:.0f}" if _finite(secs) else "\u2014",
                     "state": state, "css": state,
                     "why": str(damaged or r.get("why") or "")})
-    return {"split": split, "keys": keys, "columns": [t for _, _, t in COLUMNS], "rows": out,
+    return {"split": split, "keys": keys, "columns": [t for t, _, _ in RUNS_COLUMNS], "rows": out,
             "n": len(out), "program": current().program}
 
 

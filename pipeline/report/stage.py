@@ -13,6 +13,7 @@ from PIL import Image
 
 from ..core.config import Config
 from ..core.errors import StoreError
+from ..metrics.definitions import HEADLINE
 from ..metrics.masks import ImageStats, summarize, sweep_summary
 from . import write_reports
 from .figures import LOSS_CURVES, curve_files
@@ -82,14 +83,14 @@ def package_version() -> str:
 
 
 def headline(report: dict) -> list[str]:
-    """The lines the CLI prints after stage 3: each variant's mIoU, J and F."""
+    """The lines the CLI prints after stage 3: each variant's headline metrics."""
     if report["n_images"] == 0:
         return [f"no annotated image among the {report['n_predicted']}: masks written, "
                 "nothing scored"]
     out = []
     for v, block in report["variants"].items():
         m = block["overall"]
-        out.append(f"{v:<16} mIoU {m['miou']:.3f}  J {m['j_mean']:.3f}  F {m['boundary_f']:.3f}")
+        out.append(f"{v:<16} " + "  ".join(f"{h.short} {h.text(m[h.key])}" for h in HEADLINE))
     if report["n_images"] < report["n_predicted"]:
         out.append(f"scored {report['n_images']} annotated of {report['n_predicted']} images")
     return out

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..core.variants import CANDIDATE
 from ..data.dataset import display_name
 from .doc import ImageScores
-from .figures import CANDIDATE
+from .format import file_url, fmt
 from .panels import (
     FULL_MAX_SIDE,
     JPEG_QUALITY,
@@ -23,12 +24,14 @@ from .panels import (
     VARIANT_LEAD_PANELS,
     Thumb,
     VariantThumb,
-    _hstack,
-    _labelled_grid,
-    _strip_panels,
-    _variant_panels,
+    hstack,
+    labelled_grid,
+    strip_panels,
+    variant_panels,
 )
-from .view import Strip, _fmt, _rel
+from .view import Strip
+
+__all__ = ["write_strips"]
 
 
 def _thumb_scores(row: ImageScores | None, vnames: list[str]
@@ -70,21 +73,21 @@ def _variant_strip(vt: VariantThumb, scores: dict[str, tuple], vnames: list[str]
     """Every variant's mask side by side; `j`, `f`: the pac variant's scores, captioned."""
     order = [v for v in vnames if v in vt.masks] + [v for v in vt.masks if v not in vnames]
     masks = [vt.masks[v] for v in order]
-    shown = [(v, _fmt(scores.get(v, (None, None))[0]),
-              _fmt(scores.get(v, (None, None))[1])) for v in order]
+    shown = [(v, fmt(scores.get(v, (None, None))[0]),
+              fmt(scores.get(v, (None, None))[1])) for v in order]
     labels: list[tuple[str, tuple[str, ...]]] = [(x, ()) for x in VARIANT_LEAD_PANELS]
     labels += [(v, (f"J {vj}", f"F {vf}")) for v, vj, vf in shown]
-    return _StripPanels(shown, labels, _variant_panels(vt.image, vt.gt, masks, PANEL_MAX_SIDE),
-                        _variant_panels(vt.image, vt.gt, masks, FULL_MAX_SIDE), "variants",
-                        f"{CANDIDATE}: J {_fmt(j)}, F {_fmt(f)}")
+    return _StripPanels(shown, labels, variant_panels(vt.image, vt.gt, masks, PANEL_MAX_SIDE),
+                        variant_panels(vt.image, vt.gt, masks, FULL_MAX_SIDE), "variants",
+                        f"{CANDIDATE}: J {fmt(j)}, F {fmt(f)}")
 
 
 def _pac_strip(t: Thumb) -> _StripPanels:
     """The 4-panel strip of the pac prediction."""
-    return _StripPanels([(CANDIDATE, _fmt(t.j), _fmt(t.f))], [(x, ()) for x in PANELS],
-                        _strip_panels(t.image, t.gt, t.pred, PANEL_MAX_SIDE),
-                        _strip_panels(t.image, t.gt, t.pred, FULL_MAX_SIDE), "strip",
-                        f"J {_fmt(t.j)}, F {_fmt(t.f)}")
+    return _StripPanels([(CANDIDATE, fmt(t.j), fmt(t.f))], [(x, ()) for x in PANELS],
+                        strip_panels(t.image, t.gt, t.pred, PANEL_MAX_SIDE),
+                        strip_panels(t.image, t.gt, t.pred, FULL_MAX_SIDE), "strip",
+                        f"J {fmt(t.j)}, F {fmt(t.f)}")
 
 
 def write_strips(thumbs: Iterable[Thumb | VariantThumb],
@@ -103,11 +106,12 @@ def write_strips(thumbs: Iterable[Thumb | VariantThumb],
         else:
             vt = variant_thumbs.get((str(t.category), str(t.stem)))
             p = _pac_strip(t) if vt is None else _variant_strip(vt, scores, vnames, t.j, t.f)
-        arr = _hstack(p.small, STRIP_GAP)
-        grid = _labelled_grid(p.big, [" \u00b7 ".join((a, *b)) for a, b in p.labels],
+        arr = hstack(p.small, STRIP_GAP)
+        grid = labelled_grid(p.big, [" \u00b7 ".join((a, *b)) for a, b in p.labels],
                               f"{title} \u00b7 {p.caption}")
         css, gap = _save_strip(arr, p.small[0].shape[1::-1], grid, name, tmp_dir)
         out.append(Strip(display_name(t.category), display_name(t.stem),
-                         _rel(files_dir, f"{name}.jpg"), _rel(files_dir, f"{name}_full.jpg"),
+                         file_url(files_dir, f"{name}.jpg"),
+                         file_url(files_dir, f"{name}_full.jpg"),
                          css, gap, p.labels, p.shown, p.kind, p.caption))
     return out

@@ -1,63 +1,45 @@
 """The report as the templates see it: ``view_model`` turns a typed ``Report`` into plain data
-(formatted numbers, best flags, file names, notes) and ``render`` lays it out with the Jinja2
-templates of ``templates/`` (``report.html.j2`` autoescaped, ``report.md.j2`` with the ``md``
-escaping filter, ``report.css`` inlined). No HTML is assembled in Python.
+(formatted numbers, best flags, file names, notes) that ``render.render`` lays out with the
+Jinja2 templates. The metrics shown, their order, labels and notes: ``metrics.definitions``.
 """
 from __future__ import annotations
 
-import functools
-import os
-import re
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..core.config import Config, toml_text
 from ..core.jsondoc import finite as _finite
+from ..core.variants import BASELINE, CANDIDATE
 from ..data.dataset import display_name
+from ..metrics.definitions import HEADLINE, OVERALL_TABLE, Metric
 from .doc import ImageScores, Metrics, Report, VariantScores, parse_report
-from .figures import (
-    BASELINE,
-    CANDIDATE,
-    CATEGORY_METRICS,
-    VARIANT_ORDER,
-    _bootstrap_ci,
-    _value,
-    _variant_colour,
-)
+from .figures import VARIANT_ORDER, bootstrap_ci, metric_value, variant_colour
+from .format import best_flags, config_value, file_url, fmt, fmt_int, plural, signed, url_of
 from .panels import LEGEND
 
-TEMPLATE_DIR = Path(__file__).with_name("templates")
+__all__ = ["Strip", "view_model", "headline_text", "ordered_variants", "categories_of",
+           "configured_threshold", "figure_entry", "METRIC_NOTES", "VARIANT_NOTES"]
 
-# ----------------------------------------------------------------------------- metric tables
 
-# (key in METRICS, column title) of the overall table, in order
-OVERALL_COLUMNS = (
-    ("miou", "mIoU"), ("fg_iou", "FG IoU"), ("bg_iou", "BG IoU"), ("j_mean", "J mean"),
-    ("boundary_f", "Boundary F"), ("accuracy", "Accuracy"), ("precision", "Precision"),
-    ("recall", "Recall"),
-)
-# the metrics of the headline (PAC's gain over bilinear upsampling)
-HEADLINE_METRICS = (("miou", "mIoU"), ("j_mean", "J"), ("boundary_f", "F"))
+def _metric_notes(metrics: tuple[Metric, ...]) -> tuple[tuple[str, str], ...]:
+    """(labels, note) per note of `metrics`, in their order: the metrics that share a note,
+    side by side, are named together ("FG IoU / BG IoU")."""
+    groups: list[tuple[list[str], str]] = []
+    for m in metrics:
+        if groups and groups[-1][1] == m.note:
+            groups[-1][0].append(m.label)
+        else:
+            groups.append(([m.label], m.note))
+    return tuple((" / ".join(labels), note) for labels, note in groups)
 
-METRIC_NOTES = (
-    ("mIoU", "mean of the object IoU and the background IoU, each computed over all pixels of "
-             "the group pooled together (the course convention)."),
-    ("FG IoU / BG IoU", "IoU of the object class / of the background class over the pooled "
-                        "pixels."),
-    ("J mean", "mean over images of the per-image object IoU (DAVIS region similarity J): "
-               "every image counts equally, whatever the size of its object."),
-    ("Boundary F", "DAVIS boundary F-measure: precision/recall of the predicted vs. "
-                   "ground-truth object contours, matched within 0.008 x the image diagonal; "
-                   "averaged over images."),
-    ("Accuracy / Precision / Recall", "pixel accuracy, and the precision / recall of the "
-                                      "object pixels."),
-    ("95% intervals", "bootstrap intervals over images (2000 resamples of the per-image "
-                      "values): how much the mean would move with another sample of images "
-                      "like these."),
-)
+
+# the notes below the tables: each metric's, in the overall table's order, then the intervals'
+METRIC_NOTES = (*_metric_notes(OVERALL_TABLE), (
+    "95% intervals", "bootstrap intervals over images (2000 resamples of the per-image values): "
+                     "how much the mean would move with another sample of images like these."))
 
 VARIANT_NOTES = {
     "linear_nearest": "linear head, patch logits upsampled with nearest-neighbour interpolation",
@@ -71,38 +53,7 @@ SETTINGS_KEYS = ("data.train_split", "extract.fit", "extract.precision", "predic
                  "predict.device")
 
 
-# ----------------------------------------------------------------------------- formatting
-
-def _fmt(x) -> str:
-    return f"{float(x):.3f}" if _finite(x) else "\u2014"
-
-
-def _signed(x) -> str:
-    """A difference with its sign at 3 decimals: +0.025, -0.013, \u00b10.000."""
-    if not _finite(x):
-        return "\u2014"
-    s = f"{float(x):+.3f}"
-    return "\u00b10.000" if s in ("+0.000", "-0.000") else s
-
-
-def _fmt_int(x: int | None) -> str:
-    return "\u2014" if x is None else str(x)
-
-
-def _plural(n: int | None, word: str) -> str:
-    return f"{_fmt_int(n)} {word}" + ("" if n == 1 else "s")
-
-
-def _best_flags(values: list) -> list[bool]:
-    """Which values are the best: the largest of the raw (unrounded) numbers, so two values
-    shown alike at 3 decimals are both flagged only when they are truly equal; none when fewer
-    than two finite numbers compete. Pass the numbers, never their formatted strings."""
-    present = [float(v) for v in values if _finite(v)]
-    if len(present) < 2:
-        return [False] * len(values)
-    top = max(present)
-    return [_finite(v) and float(v) == top for v in values]
-
+# ----------------------------------------------------------------------------- variants
 
 def ordered_variants(variants: dict[str, VariantScores]) -> dict[str, VariantScores]:
     """The variants in reading order (nearest, bilinear, pac, then any other in its own
@@ -128,42 +79,6 @@ def _category_count(variants: dict[str, VariantScores], cat: str) -> int | None:
     return None
 
 
-def _config_value(v) -> str:
-    """A config value as TOML writes it (strings unquoted)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_config_value(x) for x in v) + "]"
-    if v == "":
-        return '""'
-    return str(v)
-
-
-_MD_SPECIAL = re.compile(r"([\\|`*\[\]<>#!])")
-_MD_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
-
-
-def _md(text) -> str:
-    """Text made safe for a Markdown table cell or heading (literal, one line)."""
-    s = " ".join(str(text).split())
-    s = _MD_SPECIAL.sub(r"\\\1", s)
-    return _MD_UNDERSCORE.sub(r"\\_", s)
-
-
-def _url(path: str) -> str:
-    """A relative path as a URL (each segment percent-quoted, '/' kept; a name's undecodable
-    bytes, held as surrogates, quoted as those bytes, so the link finds the file)."""
-    return urllib.parse.quote(str(path).replace(os.sep, "/"), safe="/#",
-                              errors="surrogateescape")
-
-
-def _rel(files_dir: Path, name: str) -> str:
-    """A relative URL (from the report file) to a file in files_dir."""
-    return urllib.parse.quote(f"{files_dir.name}/{name}", errors="surrogateescape")
-
-
 # ----------------------------------------------------------------------------- headline
 
 def _overall(report: Report, variant: str) -> Metrics | None:
@@ -175,8 +90,8 @@ def _gains(report: Report) -> list[tuple[str, float]] | None:
     cand, base = _overall(report, CANDIDATE), _overall(report, BASELINE)
     if cand is None or base is None:
         return None
-    out = [(label, c - b) for k, label in HEADLINE_METRICS
-           if (c := cand.get(k)) is not None and (b := base.get(k)) is not None]
+    out = [(m.short, c - b) for m in HEADLINE
+           if (c := cand.get(m.key)) is not None and (b := base.get(m.key)) is not None]
     return out or None
 
 
@@ -195,14 +110,14 @@ def headline_text(report: Report | dict) -> str | None:
     gains = _gains(report)
     if gains is None:
         return None
-    parts = ", ".join(f"{_signed(d)} {label}" for label, d in gains)
+    parts = ", ".join(f"{signed(d)} {label}" for label, d in gains)
     return (f"PAC upsampler: {parts} over bilinear upsampling "
-            f"({_plural(_scored(report), 'image')})")
+            f"({plural(_scored(report), 'image')})")
 
 
 def _no_annotation_text(report: Report, split: str) -> str:
     n = report.n_predicted
-    masks = _plural(n, "mask") if n is not None else "the masks"
+    masks = plural(n, "mask") if n is not None else "the masks"
     return (f"No image of the {split} split is annotated: {masks} "
             f"{'was' if n == 1 else 'were'} written to predictions/{split}/, "
             "and there is nothing to score.")
@@ -219,10 +134,10 @@ def _paired_note(per_image: list[ImageScores]) -> str | None:
     worse = sum(d < -1e-9 for d in diffs)
     text = (f"Per image, {CANDIDATE} has a higher J than {BASELINE} on {better} of "
             f"{len(diffs)} images and a lower one on {worse}")
-    ci = _bootstrap_ci(diffs)
+    ci = bootstrap_ci(diffs)
     if ci:
-        text += (f"; mean J gain {_signed(float(np.mean(diffs)))} (95% bootstrap interval "
-                 f"{_signed(ci[0])} to {_signed(ci[1])})")
+        text += (f"; mean J gain {signed(float(np.mean(diffs)))} (95% bootstrap interval "
+                 f"{signed(ci[0])} to {signed(ci[1])})")
     return text + "."
 
 
@@ -250,33 +165,37 @@ class Strip:
         return ", ".join(f"{s[0]} {s[which]}" for s in self.scores)
 
 
-def _cell(x, best: bool = False) -> dict:
-    return {"text": _fmt(x), "best": bool(best)}
+def _cell(m: Metric, x: object, best: bool = False) -> dict[str, Any]:
+    """A table cell of metric `m`: its value as `m` formats it (a dash: none), and whether it
+    is the best of its column."""
+    return {"text": m.text(float(x)) if _finite(x) else "\u2014", "best": bool(best)}
 
 
-def _overall_table(variants: dict[str, VariantScores], colours: dict) -> dict:
+def _overall_table(variants: dict[str, VariantScores], colours: dict[str, str]
+                   ) -> dict[str, Any]:
     vnames = list(variants)
-    cols = [[_value(variants[v].overall, k) for v in vnames] for k, _ in OVERALL_COLUMNS]
-    flags = [_best_flags(c) for c in cols]
+    cols = [[metric_value(variants[v].overall, m.key) for v in vnames] for m in OVERALL_TABLE]
+    flags = [best_flags(c, m.higher_is_better) for c, m in zip(cols, OVERALL_TABLE, strict=True)]
     rows = [{"variant": v, "colour": colours[v],
-             "cells": [_cell(cols[j][i], flags[j][i]) for j in range(len(cols))],
-             "n": _fmt_int(o.n_images if (o := variants[v].overall) is not None else None)}
+             "cells": [_cell(m, cols[j][i], flags[j][i]) for j, m in enumerate(OVERALL_TABLE)],
+             "n": fmt_int(o.n_images if (o := variants[v].overall) is not None else None)}
             for i, v in enumerate(vnames)]
-    return {"columns": [t for _, t in OVERALL_COLUMNS], "rows": rows}
+    return {"columns": [m.label for m in OVERALL_TABLE], "rows": rows}
 
 
-def _category_tables(variants: dict[str, VariantScores], categories: list[str]) -> list[dict]:
+def _category_tables(variants: dict[str, VariantScores], categories: list[str]
+                     ) -> list[dict[str, Any]]:
     vnames = list(variants)
     tables = []
-    for key, title in CATEGORY_METRICS:
+    for m in HEADLINE:
         rows = []
         for c in categories:
-            vals = [_value(variants[v].per_category.get(c), key) for v in vnames]
+            vals = [metric_value(variants[v].per_category.get(c), m.key) for v in vnames]
             rows.append({"category": display_name(c),
-                         "n": _fmt_int(_category_count(variants, c)),
-                         "cells": [_cell(x, b)
-                                   for x, b in zip(vals, _best_flags(vals), strict=True)]})
-        tables.append({"title": title, "rows": rows})
+                         "n": fmt_int(_category_count(variants, c)),
+                         "cells": [_cell(m, x, b) for x, b in
+                                   zip(vals, best_flags(vals, m.higher_is_better), strict=True)]})
+        tables.append({"title": m.label, "rows": rows})
     return tables
 
 
@@ -296,13 +215,13 @@ def _per_image_table(per_image: list[ImageScores], vnames: list[str]) -> dict | 
     rows = []
     for r in ranked[:_MAX_ROWS]:
         rows.append({"category": display_name(r.category), "stem": display_name(r.stem),
-                     "j": [_fmt(r.j.get(v)) for v in vnames],
-                     "f": [_fmt(r.f.get(v)) for v in vnames]})
+                     "j": [fmt(r.j.get(v)) for v in vnames],
+                     "f": [fmt(r.f.get(v)) for v in vnames]})
     return {"key": key_v or None, "n": len(ranked), "rows": rows,
             "truncated": len(ranked) > len(rows)}
 
 
-def _used_value(key: str, value, resolved: dict) -> str:
+def _used_value(key: str, value: object, resolved: dict[str, Any]) -> str:
     """A setting as the run used it: backbone.layers with its channels ("2 (256 channels)",
     0 resolved to the backbone's default), an "auto" value resolved ("fp32 (auto)"), as the
     report's ``resolved`` records them; else the value as configured."""
@@ -312,8 +231,8 @@ def _used_value(key: str, value, resolved: dict) -> str:
             text += f" ({resolved['backbone.channels']} channels)"
         return text
     if value == "auto" and key in resolved:
-        return f"{_config_value(resolved[key])} (auto)"
-    return _config_value(value)
+        return f"{config_value(resolved[key])} (auto)"
+    return config_value(value)
 
 
 def _settings(config: dict[str, dict] | None, resolved: dict | None = None) -> list[dict]:
@@ -325,7 +244,7 @@ def _settings(config: dict[str, dict] | None, resolved: dict | None = None) -> l
     defaults = Config().to_dict()
     rows = []
 
-    def add(section, name, value):
+    def add(section: str, name: str, value: object) -> None:
         d = (defaults.get(section) or {})
         changed = name in d and d[name] != value and not (
             _finite(d[name]) and _finite(value) and float(d[name]) == float(value))
@@ -366,10 +285,10 @@ def _sweep_view(report: Report, vnames: list[str], colours: dict) -> dict | None
         best = max(pts, key=lambda p: (p.j_mean, -abs(p.threshold - (t0 or 0.5))))
         gain = None if at is None else best.j_mean - at.j_mean
         rows.append({"variant": v, "colour": colours.get(v, "#888"),
-                     "at": [_fmt(None if at is None else getattr(at, k))
+                     "at": [fmt(None if at is None else getattr(at, k))
                             for k in ("j_mean", "precision", "recall")],
-                     "best_threshold": f"{best.threshold:g}", "best_j": _fmt(best.j_mean),
-                     "gain": _signed(gain) if gain is not None else "\u2014",
+                     "best_threshold": f"{best.threshold:g}", "best_j": fmt(best.j_mean),
+                     "gain": signed(gain) if gain is not None else "\u2014",
                      "better": gain is not None and gain > 0.005})
     if not rows:
         return None
@@ -384,14 +303,14 @@ def _provenance(report: Report) -> list[tuple[str, str]]:
 
 
 def _other_runs(other_runs: list[tuple[str, str]] | None) -> list[dict]:
-    return [{"name": str(name), "href": _url(href)} for name, href in other_runs or []]
+    return [{"name": str(name), "href": url_of(href)} for name, href in other_runs or []]
 
 
 def figure_entry(key: str, title: str, alt: str, caption: str, files_dir: Path,
             size_in: tuple[float, float]) -> dict:
     return {"key": key, "title": title, "alt": alt, "caption": caption,
-            "svg": _rel(files_dir, f"{key}.svg"), "pdf": _rel(files_dir, f"{key}.pdf"),
-            "png": _rel(files_dir, f"{key}.png"),
+            "svg": file_url(files_dir, f"{key}.svg"), "pdf": file_url(files_dir, f"{key}.pdf"),
+            "png": file_url(files_dir, f"{key}.png"),
             # CSS px of the SVG (its own size is in pt: 72 per inch, CSS has 96)
             "width": round(size_in[0] * 96), "height": round(size_in[1] * 96)}
 
@@ -402,28 +321,28 @@ def view_model(split: str, report: Report, per_image: list[ImageScores],
     """What the templates show, as plain data."""
     variants = ordered_variants(report.variants)
     vnames = list(variants)
-    colours = {v: _variant_colour(v, i) for i, v in enumerate(vnames)}
+    colours = {v: variant_colour(v, i) for i, v in enumerate(vnames)}
     scored = any(v.overall is not None for v in variants.values())
     categories = categories_of(variants) if scored else []
     name = "?" if report.backbone is None else report.backbone
     n_images, n_predicted = report.n_images, report.n_predicted
-    images_text = _plural(n_images, "image") + " scored"
+    images_text = plural(n_images, "image") + " scored"
     if n_predicted is not None and n_predicted != n_images:
-        images_text += f" of {_fmt_int(n_predicted)} predicted"
+        images_text += f" of {fmt_int(n_predicted)} predicted"
     settings = _settings(report.config, report.resolved)
     return {
         "title": f"Segmentation report: {split} split, {name} backbone",
         "split": split, "backbone": name, "weights": report.weights,
         "run": report.run, "images_text": images_text,
-        "md_name": _url(md_name), "html_name": _url(html_name),
+        "md_name": url_of(md_name), "html_name": url_of(html_name),
         "md_label": md_name, "html_label": html_name,
         "scored": scored,
         "headline": headline_text(report) if scored else None,
-        "gains": [{"value": _signed(d), "label": label,
-                   "css": "up" if _signed(d).startswith("+") else
-                   "down" if _signed(d).startswith("-") else ""}
+        "gains": [{"value": signed(d), "label": label,
+                   "css": "up" if signed(d).startswith("+") else
+                   "down" if signed(d).startswith("-") else ""}
                   for label, d in (_gains(report) or [])] if scored else [],
-        "n_scored": _plural(_scored(report), "image"),
+        "n_scored": plural(_scored(report), "image"),
         "no_annotation": None if scored else _no_annotation_text(report, split),
         "paired_note": _paired_note(per_image) if scored else None,
         "variants": [{"name": v, "colour": colours[v], "note": VARIANT_NOTES.get(v)}
@@ -445,30 +364,3 @@ def view_model(split: str, report: Report, per_image: list[ImageScores],
     }
 
 
-@functools.lru_cache(maxsize=1)
-def _env():
-    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-    env = Environment(
-        loader=FileSystemLoader(str(TEMPLATE_DIR)),
-        # HTML (and anything not named .md.j2) is autoescaped; Markdown escapes with |md
-        autoescape=select_autoescape(enabled_extensions=("html.j2", "html"),
-                                     disabled_extensions=("md.j2",),
-                                     default_for_string=True, default=True),
-        undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-        keep_trailing_newline=True)
-    env.filters["md"] = _md
-    env.filters["wbr"] = _wbr
-    return env
-
-
-def _wbr(text):
-    """Escaped text with a line-break opportunity after each underscore (narrow headers)."""
-    from markupsafe import Markup, escape
-    return Markup("_<wbr>").join(escape(part) for part in str(text).split("_"))
-
-
-def render(template: str, vm: dict) -> str:
-    """The rendered page as valid UTF-8 text: the names were shown with display_name by the
-    view model, and anything else from the report (a config path such as data.root) that
-    holds a non-UTF-8 name's surrogates shows U+FFFD there too."""
-    return display_name(_env().get_template(template).render(**vm))
