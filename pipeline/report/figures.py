@@ -15,6 +15,7 @@ from typing import Literal
 import numpy as np
 
 from ..core.jsondoc import finite as _finite
+from ..core.layout import LOSS_CURVES  # noqa: F401 (re-exported until its users import core.layout)
 from ..core.variants import BASELINE, CANDIDATE, VARIANTS
 from ..data.dataset import display_name
 from .doc import ImageScores, Metrics, SweepPoint, VariantScores
@@ -144,7 +145,6 @@ def plot_training_curves(history: list[dict] | None, path: Path) -> Path | None:
 
 
 CURVE_FORMATS = ("svg", "pdf", "png")  # those of the report's figures: page, paper, Markdown
-LOSS_CURVES = "loss_curves"  # stage 2's drawing of them: <run>/loss_curves.{svg,pdf,png}
 
 
 def curve_files(stem: Path) -> list[Path]:
