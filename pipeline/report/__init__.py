@@ -29,12 +29,12 @@ from pathlib import Path
 
 from ..core.fsutil import atomic_folder, atomic_write_bytes, remove_temporaries
 from ..core.jsondoc import Damaged
+from ..core.layout import RunLayout
 from .doc import ImageScores, Report, parse_per_image, parse_report
 from .figures import (
     BASELINE,
     CANDIDATE,
     FIGURES,
-    LOSS_CURVES,
     _plot_categories,
     _plot_overall,
     _plot_scatter,
@@ -78,7 +78,7 @@ from .view import (
 )
 
 __all__ = ["Thumb", "VariantThumb", "overlay", "thumbnail_strip", "variant_strip",
-           "mask_panel", "plot_training_curves", "save_training_curves", "LOSS_CURVES",
+           "mask_panel", "plot_training_curves", "save_training_curves",
            "write_reports", "headline_text", "TP_COLOUR", "FP_COLOUR", "FN_COLOUR",
            "CONTOUR_COLOUR", "MASK_COLOUR", "MASK_DIM", "LEGEND", "PANELS", "PANEL_MAX_SIDE",
            "STRIP_GAP", "TEMPLATE_DIR", "Report", "parse_report", "Damaged", "_best_flags",
@@ -126,9 +126,10 @@ def write_reports(out_dir: Path, split: str, report: Report | dict,
     scored = any(v.overall is not None for v in variants.values())
     categories = categories_of(variants) if scored else []
     index = {(r.category, r.stem): r for r in rows}
-    md_path = out_dir / f"report_{split}.md"
-    html_path = out_dir / f"report_{split}.html"
-    files_dir = out_dir / f"report_{split}_files"
+    layout = RunLayout(out_dir)
+    md_path = layout.report(split, ".md")
+    html_path = layout.report(split, ".html")
+    files_dir = layout.report_files(split)
     # what a killed writer of this split's reports left (stage 3 holds the split's lock)
     remove_temporaries(out_dir, of=(md_path.name, html_path.name, files_dir.name))
     with atomic_folder(files_dir) as tmp_dir:

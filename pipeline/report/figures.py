@@ -15,7 +15,6 @@ from typing import Literal
 import numpy as np
 
 from ..core.jsondoc import finite as _finite
-from ..core.layout import LOSS_CURVES  # noqa: F401 (re-exported until its users import core.layout)
 from ..core.variants import BASELINE, CANDIDATE, VARIANTS
 from ..data.dataset import display_name
 from .doc import ImageScores, Metrics, SweepPoint, VariantScores
