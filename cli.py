@@ -432,8 +432,9 @@ def demo(config_path, overrides, force):
     except SystemExit as e:
         if e.code:
             raise
+    from pipeline.core.layout import RunLayout
     click.echo(f"demo: done in {time.perf_counter() - t0:.1f} s; open "
-               f"{cfg.run_dir / f'report_{cfg.data.test_split}.html'}")
+               f"{RunLayout.of(cfg).report(cfg.data.test_split, '.html')}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import os
 import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .core.config import Config, copy_config
 from .core.errors import ExecutorError, UsageError, thread_limits
@@ -135,3 +135,22 @@ def run_tasks(scheduler: str, fn: Callable, inputs: Iterable[tuple[str, tuple]],
                    for k, (key, args) in enumerate(calls)]
         for fut in as_completed(futures):
             yield fut.result()
+
+
+T = TypeVar("T")
+
+
+def scheduler_of(cfg: Config, executor: str | None = None) -> str:
+    """Where a stage's tasks run: `executor` when given, else dask.scheduler ("": here)."""
+    return executor if executor is not None else cfg.dask.scheduler
+
+
+def execute(scheduler: str, fn: Callable[..., T], remote: Callable[[], Iterable[tuple[str, tuple]]],
+            local: Callable[[], Iterable[T]], worker_threads: int = 1) -> Iterator[T]:
+    """The one choice between here and Dask for a stage's tasks: with a `scheduler`, fn(*args)
+    for each (key, args) of remote() on the cluster (run_tasks: results as they complete);
+    without, local()'s results (the same tasks in this process, in order)."""
+    if scheduler:
+        yield from run_tasks(scheduler, fn, remote(), worker_threads)
+    else:
+        yield from local()

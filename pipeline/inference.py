@@ -22,8 +22,9 @@ from PIL import Image
 from .core.config import Config
 from .core.errors import ModelError
 from .core.fingerprints import diff_params
-from .core.fsutil import file_lock, lock_path
+from .core.fsutil import file_lock
 from .core.hints import command
+from .core.layout import RunLayout
 from .core.registry import resolve_layers
 from .core.variants import VARIANTS
 from .data.dataset import Box, from_canvas, to_canvas
@@ -37,7 +38,7 @@ from .store.feature_store import CachedItem, split_fingerprint
 
 def model_dir(cfg: Config) -> Path:
     """The run's model folder: train-head writes it, predict, segment and export read it."""
-    return cfg.run_dir / "models"
+    return RunLayout.of(cfg).models
 
 
 # ----------------------------------------------------------------------------- the models
@@ -67,7 +68,7 @@ def checked_models(cfg: Config, device: torch.device | str = "cpu") -> Iterator[
     if not mdir.is_dir():  # no models: say so without creating the folder for the lock
         load_models(mdir)
     # shared: predicts of several splits, segment and export may read at once
-    with file_lock(lock_path(cfg.run_dir, "models"),
+    with file_lock(RunLayout.of(cfg).lock("models"),
                    f"the models of run '{cfg.run.name}' (train-head is running)",
                    shared=True):
         models = load_models(mdir, device)

@@ -25,15 +25,16 @@ from .core.config import Config, check_name, config_from_dict, copy_config, load
 from .core.errors import ConfigError, PipelineError
 from .core.fsutil import atomic_write_bytes
 from .core.hints import command
+from .core.layout import RUN_CONFIG, RunLayout
 
-RECORD = "config.toml"
+RECORD = RUN_CONFIG
 _HEADER = ("# The config this run was trained with, written by train-head; `--run <run name>`\n"
            "# starts from it. paths.outputs and run.name are not read back (a run is wherever\n"
            "# its folder is).\n")
 
 
 def record_path(run_dir: Path) -> Path:
-    return Path(run_dir) / RECORD
+    return RunLayout(Path(run_dir)).config
 
 
 def recordable(cfg: Config) -> Config:
@@ -59,10 +60,10 @@ def write_record(cfg: Config) -> Path:
 def _reports(run_dir: Path, first: Sequence[str]) -> list[Path]:
     """The run's report_<split>.json files, those of the splits `first` first."""
     try:
-        found = sorted(p for p in run_dir.glob("report_*.json") if not p.name.startswith("."))
+        found = RunLayout(run_dir).reports()
     except OSError:
         found = []
-    head = [run_dir / f"report_{s}.json" for s in first]
+    head = [RunLayout(run_dir).report(s) for s in first]
     return [p for p in head if p in found] + [p for p in found if p not in head]
 
 
@@ -105,7 +106,7 @@ def _runs_hint(run_dir: Path) -> str:
     """` (runs there: a, b)` naming the run folders next to `run_dir`, or why none."""
     try:
         names = sorted(d.name for d in run_dir.parent.iterdir()
-                       if (d / "models").is_dir() or record_path(d).is_file())
+                       if RunLayout(d).models.is_dir() or record_path(d).is_file())
     except OSError:
         return " (paths.outputs is not a readable folder)"
     if not names:

@@ -19,6 +19,7 @@ from typing import Any
 from ..core.config import Config
 from ..core.errors import LockError, OwnershipError
 from ..core.fsutil import exclusive_lock, read_json
+from ..core.layout import RunLayout, run_dirs
 from ..core.owned import is_marked
 from ..models.heads import read_card
 from ..store.feature_store import (
@@ -75,25 +76,19 @@ def _named_fingerprints(run_dir: Path) -> set[str]:
         if isinstance(doc, dict):
             names.update(v for v in doc.values() if isinstance(v, str))
 
-    card, _ = read_card(run_dir / "models")
+    run = RunLayout(run_dir)
+    card, _ = read_card(run.models)
     if card is not None:
         deps(card.get("deps"))
-    for rec in sorted((run_dir / "stages").glob("*.json")) if (run_dir / "stages").is_dir() else []:
+    for rec in sorted(run.stages.glob("*.json")) if run.stages.is_dir() else []:
         doc = read_json(rec)
         if isinstance(doc, dict):
             deps(doc.get("deps"))
-    for report in sorted(run_dir.glob("report_*.json")):
+    for report in run.reports():
         doc = read_json(report)
         if isinstance(doc, dict):
             deps(doc.get("fingerprints"))
     return names
-
-
-def _run_dirs(outputs: Path) -> list[Path]:
-    if not outputs.is_dir():
-        return []
-    return sorted(d for d in outputs.iterdir()
-                  if d.is_dir() and ((d / "stages").is_dir() or (d / "models").is_dir()))
 
 
 def stores(cfg: Config) -> list[StoreInfo]:
@@ -114,7 +109,7 @@ def _survey(cfg: Config) -> tuple[list[StoreInfo], set[str]]:
         registered[d] = [doc["run"] for doc in map(read_json, entries)
                          if isinstance(doc, dict) and isinstance(doc.get("run"), str)]
     live = {Path(r) for runs in registered.values() for r in runs if Path(r).is_dir()}
-    live |= {d.resolve() for d in _run_dirs(Path(cfg.paths.outputs))}
+    live |= {d.resolve() for d in run_dirs(Path(cfg.paths.outputs))}
     named = {run: _named_fingerprints(run) for run in sorted(live)}
     out = []
     for d in dirs:

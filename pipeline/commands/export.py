@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -37,12 +38,13 @@ from ..core.config import Config
 from ..core.errors import UsageError
 from ..core.fsutil import sha256_bytes, sha256_file
 from ..core.hints import command
-from ..core.owned import Ledger, claim_run_dir
+from ..core.layout import RunLayout
+from ..core.owned import Ledger
 from ..inference import BackboneRunner, checked_models
 from ..models.backbones import Backbone
 from ..models.heads import TrainedModels
 from ..params import feature_params, inference_params, tta_params
-from ..stages.base import StageState, judge, load_record, save_record
+from ..stages.base import StageState, load_record, reproduce
 
 STAGE = "export"
 MAX_SIDE = 8192  # largest image side the program accepts
@@ -95,7 +97,7 @@ def build_program(cfg: Config, models: TrainedModels) -> SegmentationProgram:
 
 
 def default_path(cfg: Config) -> Path:
-    return cfg.run_dir / "model.pt2"
+    return RunLayout.of(cfg).export
 
 
 def side_range(patch: int) -> tuple[int, int]:
@@ -153,20 +155,78 @@ class ExportResult:
     seconds: float = 0.0
 
 
-def _state(cfg: Config, models: TrainedModels, path: Path, height: int | None,
-           width: int | None) -> StageState:
-    params = {**inference_params(cfg), **tta_params(cfg)}
-    params.update({"predict.threshold": cfg.predict.threshold, "out": str(path.resolve()),
-                   "height": height, "width": width, "min_patches": MIN_PATCHES,
-                   "torch": torch.__version__})
-    rec = load_record(cfg.run_dir, STAGE)
-    try:
-        intact = rec is not None and sha256_file(path) == rec.get("sha256")
-    except OSError:
-        intact = False
-    return StageState(STAGE, {"models": models.fingerprint}, params,
-                      "" if intact else f"{path} missing or changed",
-                      {"models": command("train-head")})
+@dataclass
+class Export:
+    """One run of `export`, as the run template (`stages.base.reproduce`) runs it: no lock
+    (it only reads the models, under checked_models' shared lock)."""
+    cfg: Config
+    models: TrainedModels
+    path: Path
+    height: int | None
+    width: int | None
+    log: Callable[[str], None]
+    t0: float
+    label = STAGE
+    lock = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir
+
+    def state(self) -> StageState:
+        cfg = self.cfg
+        params = {**inference_params(cfg), **tta_params(cfg)}
+        params.update({"predict.threshold": cfg.predict.threshold,
+                       "out": str(self.path.resolve()), "height": self.height,
+                       "width": self.width, "min_patches": MIN_PATCHES,
+                       "torch": torch.__version__})
+        rec = load_record(self.run_dir, STAGE)
+        try:
+            intact = rec is not None and sha256_file(self.path) == rec.get("sha256")
+        except OSError:
+            intact = False
+        return StageState(STAGE, {"models": self.models.fingerprint}, params,
+                          "" if intact else f"{self.path} missing or changed",
+                          {"models": command("train-head")})
+
+    def current(self, state: StageState) -> ExportResult:
+        return ExportResult(self.path, self.models.patch_size, up_to_date=True,
+                            bytes=self.path.stat().st_size)
+
+    def compute(self, state: StageState, force: bool
+                ) -> tuple[ExportResult, StageState, dict[str, Any]]:
+        cfg, log, path = self.cfg, self.log, self.path
+        # the run folder's ledger records every file export writes, wherever it is
+        ledger = Ledger(self.run_dir, "export")
+        ledger.check(path)  # before the work: never replace a file the tool did not write
+        log(f"export: loading the backbone ({cfg.backbone.name}) and the run's heads")
+        program = build_program(cfg, self.models)
+        patch = program.backbone.spec.patch_size
+        h = _example_side(self.height, EXAMPLE_PATCHES[0], patch, "height")
+        w = _example_side(self.width, EXAMPLE_PATCHES[1], patch, "width")
+        log(f"export: tracing with torch.export on a (2, 3, {h}, {w}) example, dynamic batch "
+            "and size (the long step: a minute or two for a ViT on a CPU)")
+        t_trace = time.perf_counter()
+        exported = export_program(program, patch, h, w)
+        log(f"export: traced in {time.perf_counter() - t_trace:.1f} s; saving the program "
+            "with its weights")
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            # the archive writer's note on channels-last weights (a CNN's, see
+            # Backbone.optimize_for_inference): they are saved whole and load unchanged
+            warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+            meta_text = json.dumps(meta(cfg, self.models, patch), indent=1)
+            torch.export.save(exported, buf, extra_files={META_FILE: meta_text})
+        data = buf.getvalue()
+        ledger.write(path, data)
+        res = ExportResult(path, patch, bytes=len(data), seconds=time.perf_counter() - self.t0)
+        return res, state, {"sha256": sha256_bytes(data)}
+
+    def registered(self) -> list[Path]:
+        return []
+
+    def finish(self) -> None:
+        pass
 
 
 def run_export(cfg: Config, out: str | Path | None = None, height: int | None = None,
@@ -182,33 +242,4 @@ def run_export(cfg: Config, out: str | Path | None = None, height: int | None = 
         raise UsageError(f"--out {str(out)!r}: a folder, not a file name (e.g. model.pt2)")
     feature_params(cfg)  # a bad backbone.layers or weights path is told before any models
     with checked_models(cfg) as models:
-        state = _state(cfg, models, path, height, width)
-        st = judge(cfg.run_dir, state)
-        if not force and st.up_to_date:
-            return ExportResult(path, models.patch_size, up_to_date=True, bytes=path.stat().st_size)
-        log(f"export: {st.reason(force)}")
-        # the run folder's ledger records every file export writes, wherever it is
-        ledger = Ledger(claim_run_dir(cfg.run_dir), "export")
-        ledger.check(path)  # before the work: never replace a file the tool did not write
-        log(f"export: loading the backbone ({cfg.backbone.name}) and the run's heads")
-        program = build_program(cfg, models)
-        patch = program.backbone.spec.patch_size
-        h = _example_side(height, EXAMPLE_PATCHES[0], patch, "height")
-        w = _example_side(width, EXAMPLE_PATCHES[1], patch, "width")
-        log(f"export: tracing with torch.export on a (2, 3, {h}, {w}) example, dynamic batch "
-            "and size (the long step: a minute or two for a ViT on a CPU)")
-        t_trace = time.perf_counter()
-        exported = export_program(program, patch, h, w)
-        log(f"export: traced in {time.perf_counter() - t_trace:.1f} s; saving the program "
-            "with its weights")
-        buf = io.BytesIO()
-        with warnings.catch_warnings():
-            # the archive writer's note on channels-last weights (a CNN's, see
-            # Backbone.optimize_for_inference): they are saved whole and load unchanged
-            warnings.filterwarnings("ignore", message="No complete tensor found in the group")
-            meta_text = json.dumps(meta(cfg, models, patch), indent=1)
-            torch.export.save(exported, buf, extra_files={META_FILE: meta_text})
-        data = buf.getvalue()
-        ledger.write(path, data)
-        save_record(cfg.run_dir, state, sha256=sha256_bytes(data))
-    return ExportResult(path, patch, bytes=len(data), seconds=time.perf_counter() - t0)
+        return reproduce(Export(cfg, models, path, height, width, log, t0), force, log)

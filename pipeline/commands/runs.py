@@ -31,6 +31,7 @@ from ..core.jsondoc import an_object as _object
 from ..core.jsondoc import field_of as _field
 from ..core.jsondoc import kind as _kind
 from ..core.jsondoc import show as _show
+from ..core.layout import RunLayout, run_dirs
 from ..metrics.definitions import HEADLINE, RUNS_COLUMNS
 from ..report import doc as report_doc
 from ..stages import predict, train
@@ -134,7 +135,7 @@ def judge_run(run_dir: Path, split: str, report: ParsedReport) -> tuple[bool | N
                           run__name=run_dir.name)
         problems = recorded_problems(cfg, split)
     except (TypeError, KeyError, ValueError, AttributeError):  # a file of a foreign shape
-        return None, f"cannot check: {run_dir / 'models'}: model card damaged"
+        return None, f"cannot check: {RunLayout(run_dir).models}: model card damaged"
     except PipelineError as e:
         return None, f"cannot check: {str(e)[:120]}"
     except OSError as e:
@@ -147,14 +148,6 @@ def judge_run(run_dir: Path, split: str, report: ParsedReport) -> tuple[bool | N
 def _flatten(doc: dict) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, table in doc.items() if isinstance(table, dict)
             for k, v in table.items()}
-
-
-def run_dirs(outputs: Path) -> list[Path]:
-    """Folders under `outputs` that hold a run (stage records or models)."""
-    if not outputs.is_dir():
-        return []
-    return sorted(d for d in outputs.iterdir()
-                  if d.is_dir() and ((d / "stages").is_dir() or (d / "models").is_dir()))
 
 
 def read_run(run_dir: Path, split: str) -> tuple[RunRow, dict[str, Any]]:
@@ -170,7 +163,8 @@ def read_run(run_dir: Path, split: str) -> tuple[RunRow, dict[str, Any]]:
             damage.append(f"{path}: {e}")
             return None
 
-    report = load(run_dir / f"report_{split}.json", parse_report)
+    run = RunLayout(run_dir)
+    report = load(run.report(split), parse_report)
     trained = load(record_path(run_dir, train.STAGE), parse_record)
     load(record_path(run_dir, predict.stage_name(split)), parse_record)  # damaged: a row says so
     if report is not None:
@@ -178,13 +172,13 @@ def read_run(run_dir: Path, split: str) -> tuple[RunRow, dict[str, Any]]:
         row.n_images = report.n_images
     if trained is not None:
         row.train_seconds = trained.seconds
-    if (run_dir / f"report_{split}.html").is_file():
-        row.report = f"{run_dir.name}/report_{split}.html"
+    if run.report(split, ".html").is_file():
+        row.report = f"{run_dir.name}/{run.report(split, '.html').name}"
     if damage:
         row.damaged = "; ".join(damage)
         row.why = "a damaged file"
     elif report is None:
-        row.why = f"no report_{split}.json"
+        row.why = f"no {run.report(split).name}"
     else:
         row.up_to_date, row.why = judge_run(run_dir, split, report)
     return row, (_flatten(report.config.to_dict()) if report is not None else {})

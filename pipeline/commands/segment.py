@@ -34,13 +34,13 @@ from ..core.fingerprints import fingerprint
 from ..core.fsutil import (
     atomic_write_bytes,
     atomic_write_json,
-    file_lock,
     lock_path,
     read_json,
     sha256_bytes,
     sha256_file,
     stat_stamp,
 )
+from ..core.layout import RunLayout
 from ..core.owned import Ledger, claim_folder, claim_run_dir, is_marked
 from ..core.progress import Progress
 from ..core.variants import CANDIDATE
@@ -56,6 +56,7 @@ from ..inference import BackboneRunner, Predictor, checked_models, mask_png_byte
 from ..models.devices import resolve_device
 from ..params import inference_params, tta_params
 from ..report.panels import mask_panel, outline_width
+from ..stages.base import Lock
 from ..store.feature_store import CACHE_LEGACY
 from ..streaming import Decoded, Undecodable, Writer, stream
 
@@ -69,7 +70,7 @@ JPEG_MAX_SIDE = 65500  # libjpeg's limit on an overlay's width and height
 
 
 def default_out_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "segment"
+    return RunLayout.of(cfg).segment
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -313,7 +314,7 @@ def run_segment(cfg: Config, paths: Sequence[str | Path], out_dir: str | Path | 
         claim_folder(out_dir, "the --out folder", (RECORD_FILE,))
         for line in problems:
             warn(line)
-        with file_lock(lock_path(out_dir, "segment"), f"segment into {out_dir}"):
+        with Lock(lock_path(out_dir, "segment"), f"segment into {out_dir}").held():
             settings = settings_fingerprint(cfg, models.fingerprint)
             record = SegmentRecord(out_dir)
             ledger = Ledger(out_dir, "segment")

@@ -38,13 +38,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.fsutil import atomic_folder, atomic_write_bytes, remove_temporaries
 from ..core.jsondoc import Damaged
+from ..core.layout import RunLayout
 from ..core.variants import BASELINE, CANDIDATE
 from ..metrics.definitions import headline_names
 from .charts import plot_categories, plot_overall, plot_scatter, plot_sweep
 from .doc import ImageScores, Report, VariantScores, parse_per_image, parse_report
 from .figures import (
     FIGURES,
-    LOSS_CURVES,
     plot_training_curves,
     save_figure,
     save_training_curves,
@@ -86,7 +86,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["Thumb", "VariantThumb", "overlay", "thumbnail_strip", "variant_strip",
-           "mask_panel", "plot_training_curves", "save_training_curves", "LOSS_CURVES",
+           "mask_panel", "plot_training_curves", "save_training_curves",
            "write_reports", "headline_text", "TP_COLOUR", "FP_COLOUR", "FN_COLOUR",
            "CONTOUR_COLOUR", "MASK_COLOUR", "MASK_DIM", "LEGEND", "PANELS", "PANEL_MAX_SIDE",
            "STRIP_GAP", "TEMPLATE_DIR", "Report", "parse_report", "Damaged", "best_flags",
@@ -203,9 +203,10 @@ def write_reports(out_dir: Path, split: str, report: Report | dict[str, Any],
     variants = ordered_variants(report.variants)
     vnames = list(variants)
     index = {(r.category, r.stem): r for r in rows}
-    md_path = out_dir / f"report_{split}.md"
-    html_path = out_dir / f"report_{split}.html"
-    files_dir = out_dir / f"report_{split}_files"
+    layout = RunLayout(out_dir)
+    md_path = layout.report(split, ".md")
+    html_path = layout.report(split, ".html")
+    files_dir = layout.report_files(split)
     # what a killed writer of this split's reports left (stage 3 holds the split's lock)
     remove_temporaries(out_dir, of=(md_path.name, html_path.name, files_dir.name))
     with atomic_folder(files_dir) as tmp_dir:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["new_figure", "save_figure", "training_figure", "plot_training_curves",
            "save_training_curves", "curve_files", "svg_size_in", "variant_colour", "short_name",
-           "metric_value", "zoom", "bootstrap_ci", "FIGURES", "LOSS_CURVES", "CURVE_FORMATS",
+           "metric_value", "zoom", "bootstrap_ci", "FIGURES", "CURVE_FORMATS",
            "VARIANT_ORDER", "VARIANT_COLOURS", "N_BOOT"]
 
 # the variants in reading order (any other after them, in its own order)
@@ -145,7 +145,6 @@ def plot_training_curves(history: list[dict] | None, path: Path) -> Path | None:
 
 
 CURVE_FORMATS = ("svg", "pdf", "png")  # those of the report's figures: page, paper, Markdown
-LOSS_CURVES = "loss_curves"  # stage 2's drawing of them: <run>/loss_curves.{svg,pdf,png}
 
 
 def curve_files(stem: Path) -> list[Path]:

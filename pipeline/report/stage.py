@@ -13,10 +13,11 @@ from PIL import Image
 
 from ..core.config import Config
 from ..core.errors import StoreError
+from ..core.layout import RunLayout
 from ..metrics.definitions import HEADLINE
 from ..metrics.masks import ImageStats, summarize, sweep_summary
 from . import write_reports
-from .figures import LOSS_CURVES, curve_files
+from .figures import curve_files
 from .panels import Thumb, VariantThumb
 
 if TYPE_CHECKING:
@@ -123,16 +124,17 @@ def spread(ranked: Sequence[dict], k: int) -> list[dict]:
 
 def other_runs(cfg: Config, split: str) -> list[tuple[str, str]]:
     """(run name, link relative to this run's folder) of the other runs' reports of `split`."""
-    outputs = cfg.run_dir.parent
-    return [(d.name, f"../{d.name}/report_{split}.html") for d in sorted(outputs.iterdir())
-            if d.is_dir() and d.name != cfg.run.name and (d / f"report_{split}.html").is_file()]
+    others = [RunLayout(d) for d in sorted(cfg.run_dir.parent.iterdir())
+              if d.is_dir() and d.name != cfg.run.name]
+    return [(r.name, f"../{r.name}/{r.report(split, '.html').name}") for r in others
+            if r.report(split, ".html").is_file()]
 
 
 def _history(run_dir: Path) -> list[dict]:
     """Stage 2's metrics.jsonl rows (the training curves are decoration: a damaged line is
     dropped)."""
     history = []
-    mfile = run_dir / "metrics.jsonl"
+    mfile = RunLayout(run_dir).history
     if mfile.is_file():
         for line in mfile.read_text().splitlines():
             try:
@@ -175,8 +177,9 @@ def write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict],
         item, mask = scored(r)
         return VariantThumb(r["category"], r["stem"], item.image, mask, variant_masks(item))
 
-    curves = curve_files(cfg.run_dir / LOSS_CURVES)
+    run = RunLayout.of(cfg)
+    curves = curve_files(run.loss_curves)
     kept = all(p.is_file() for p in curves)
     write_reports(cfg.run_dir, split, report, report["per_image"], [thumb(r) for r in best],
-                  [variants(r) for r in worst], None if kept else _history(cfg.run_dir),
+                  [variants(r) for r in worst], None if kept else _history(run.root),
                   other_runs=other_runs(cfg, split), curves=curves if kept else None)

@@ -1,4 +1,5 @@
-"""Whether a stage is up to date, in the style of `dvc status`: one mechanism for all stages.
+"""Whether a stage is up to date, in the style of `dvc status`: one mechanism for all stages,
+and one template that runs every recording stage (`reproduce`, DVC's Stage.reproduce).
 
 A stage declares its dependencies (the content fingerprints of the upstream outputs it reads:
 a stored split, the trained models) and its parameters (its config keys, with derived values
@@ -9,12 +10,18 @@ to the record says why it is not.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..core.fingerprints import diff_params, fingerprint
-from ..core.fsutil import atomic_write_json, read_json
+from ..core.fsutil import atomic_write_json, exclusive_lock, read_json
+from ..core.layout import RunLayout
+from ..core.owned import claim_run_dir
+from ..store.feature_store import register_run
 
 if TYPE_CHECKING:
     from ..core.config import Config
@@ -113,7 +120,7 @@ class Stage(Protocol):
 
 
 def record_path(run_dir: Path, stage: str) -> Path:
-    return Path(run_dir) / "stages" / f"{stage}.json"
+    return RunLayout(Path(run_dir)).record(stage)
 
 
 def load_record(run_dir: Path, stage: str) -> dict | None:
@@ -125,11 +132,15 @@ def load_record(run_dir: Path, stage: str) -> dict | None:
     return rec
 
 
+def as_record(state: StageState, **extra: Any) -> dict[str, Any]:
+    """The record of a completed run in `state` (`extra`: fields of the stage's own)."""
+    return {"stage": state.name, "fingerprint": state.fingerprint, "deps": state.deps,
+            "params": state.params, **extra}
+
+
 def save_record(run_dir: Path, state: StageState, **extra: Any) -> None:
     """Record `state` as the stage's last completed run (after its outputs are complete)."""
-    atomic_write_json(record_path(run_dir, state.name),
-                      {"stage": state.name, "fingerprint": state.fingerprint,
-                       "deps": state.deps, "params": state.params, **extra})
+    atomic_write_json(record_path(run_dir, state.name), as_record(state, **extra))
 
 
 def _needs(state: StageState, key: str) -> str:
@@ -172,3 +183,81 @@ def judge_record(rec: dict | None, state: StageState, damaged: bool = False) -> 
     if state.outs_problem:
         return StageStatus(state.name, "stale", state.outs_problem)
     return StageStatus(state.name, "up-to-date")
+
+
+# ----------------------------------------------------------------------------- the run template
+
+@dataclass(frozen=True)
+class Lock:
+    """A flock a recording run declares (`<folder>/.locks/<name>.lock`, RunLayout.lock) and
+    `reproduce` holds; `what` names the locked thing in the LockError."""
+    path: Path
+    what: str
+
+    def held(self) -> AbstractContextManager[None]:
+        return exclusive_lock(self.path, self.what)
+
+
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class Recording(Protocol[R_co]):
+    """One run of a stage or command that records what it computed (train-head, predict,
+    export), as `reproduce` runs it: it declares its run folder, lock and state, and says how
+    to compute; the template does the rest, once, for all of them."""
+    @property
+    def label(self) -> str:
+        """The prefix of its log lines: "train-head", "predict [test]", "export"."""
+        ...
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder its record lives in (claimed before anything is written)."""
+        ...
+
+    @property
+    def lock(self) -> Lock | None:
+        """Held from judging to registering (None: the run needs none)."""
+        ...
+
+    def state(self) -> StageState:
+        """Deps, params and outs now."""
+        ...
+
+    def current(self, state: StageState) -> R_co:
+        """The result when it is up to date (nothing computed)."""
+        ...
+
+    def compute(self, state: StageState, force: bool) -> tuple[R_co, StageState, dict[str, Any]]:
+        """Compute the outputs: the result, the state to record (its outputs complete) and
+        the record's own fields."""
+        ...
+
+    def registered(self) -> Sequence[Path]:
+        """The stored splits it used (cache gc keeps the stores a live run uses)."""
+        ...
+
+    def finish(self) -> None:
+        """What follows the record, still under the lock (e.g. removing checkpoints)."""
+        ...
+
+
+def reproduce(job: Recording[R], force: bool = False,
+              log: Callable[[str], None] = print) -> R:
+    """DVC's Stage.reproduce for every recording run: claim the run folder, hold the lock,
+    judge the state against the record, skip when up to date (unless `force`), else log why,
+    compute, record, register the stores used, finish."""
+    claim_run_dir(job.run_dir)
+    with job.lock.held() if job.lock is not None else contextlib.nullcontext():
+        state = job.state()
+        st = judge(job.run_dir, state)
+        if st.up_to_date and not force:
+            return job.current(state)
+        log(f"{job.label}: {st.reason(force)}")
+        result, done, extra = job.compute(state, force)
+        save_record(job.run_dir, done, **extra)
+        for split_dir in job.registered():
+            register_run(split_dir, job.run_dir)
+        job.finish()
+    return result

@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +45,7 @@ from ..data.dataset import (
     same_size_batches,
     to_canvas,
 )
-from ..executors import portable_config, run_tasks, worker_cached
+from ..executors import execute, portable_config, scheduler_of, worker_cached
 from ..inference import BackboneRunner
 from ..params import feature_params, mirrored_splits
 from ..store.feature_store import (
@@ -70,7 +70,7 @@ from ..store.feature_store import (
     write_shard,
 )
 from ..streaming import Decoded, Undecodable, Writer, stream
-from .base import Context, StageState, StageStatus, judge_record
+from .base import Context, StageState, StageStatus, as_record, judge_record
 
 STAGE = "extract-features"
 
@@ -415,21 +415,26 @@ def _execute(cfg: Config, tasks: list[ShardTask], n_total: int, result: ExtractR
         with lock:
             result.n_images += n_cached
 
+    sizes = {t.hash: len(t.items) for t in tasks}
+
+    def remote() -> Iterator[tuple[str, tuple]]:
+        wcfg = portable_config(cfg)
+        portable = [dataclasses.replace(t, data_root=str(Path(t.data_root).resolve()),
+                                        split_dir=str(Path(t.split_dir).resolve()))
+                    for t in tasks]
+        return ((f"extract-{t.hash}", (t, wcfg)) for t in largest_first(portable))
+
+    def local() -> list[tuple[str, int]]:  # progress through the stream's own callbacks
+        extractor = Extractor(cfg)
+        with thread_limits("stage 1's decoding and writing"):
+            stream_shards(tasks, extractor, cfg.extract.num_workers, on_done, bar.update)
+        return []
+
     try:
-        scheduler = executor if executor is not None else cfg.dask.scheduler
-        if scheduler:
-            wcfg = portable_config(cfg)
-            tasks = [dataclasses.replace(t, data_root=str(Path(t.data_root).resolve()),
-                                         split_dir=str(Path(t.split_dir).resolve())) for t in tasks]
-            sizes = {t.hash: len(t.items) for t in tasks}
-            calls = ((f"extract-{t.hash}", (t, wcfg)) for t in largest_first(tasks))
-            for h, n in run_tasks(scheduler, _dask_extract, calls, DASK_WORKER_THREADS):
-                on_done(n)
-                bar.update(sizes[h])
-        else:
-            extractor = Extractor(cfg)
-            with thread_limits("stage 1's decoding and writing"):
-                stream_shards(tasks, extractor, cfg.extract.num_workers, on_done, bar.update)
+        for h, n in execute(scheduler_of(cfg, executor), _dask_extract, remote, local,
+                            DASK_WORKER_THREADS):
+            on_done(n)
+            bar.update(sizes[h])
     finally:
         bar.close()
 
@@ -537,8 +542,7 @@ class ExtractStage:
             if params == fparams:
                 deps.update({f"data[{p.split}]": p.data_digest for p in plans
                              if p.split in damaged})
-            rec = {"params": params, "deps": deps,
-                   "fingerprint": StageState(STAGE, deps, params).fingerprint}
+            rec = as_record(StageState(STAGE, deps, params))
         return state, judge_record(rec, state)
 
     def status(self, ctx: Context, splits: list[str] | None = None) -> StageStatus:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,16 +31,15 @@ from ..core.fsutil import (
     FileHasher,
     atomic_write_bytes,
     atomic_write_json,
-    exclusive_lock,
-    lock_path,
     read_json,
     sha256_bytes,
 )
 from ..core.hints import command
-from ..core.owned import RUN_LEGACY, claim_run_dir, is_marked
+from ..core.layout import RunLayout
+from ..core.owned import RUN_LEGACY, is_marked
 from ..core.progress import Progress, plural
 from ..data.dataset import same_size_batches
-from ..executors import portable_config, run_tasks, worker_cached
+from ..executors import execute, portable_config, scheduler_of, worker_cached
 from ..inference import (
     VARIANTS,
     Predictor,
@@ -50,12 +50,15 @@ from ..inference import (
 )
 from ..metrics.masks import image_stats, sweep_counts, sweep_thresholds
 from ..models.devices import resolve_device
-from ..models.heads import load_models, models_fingerprint, read_card
+from ..models.heads import TrainedModels, load_models, models_fingerprint, read_card
 from ..params import mirrored_splits, predict_params
 from ..report import stage as report_stage
 from ..report.stage import headline
-from ..store.feature_store import CachedItem, FeatureStore, register_run, split_fingerprint
-from .base import Context, StageState, StageStatus, judge, load_record, save_record
+from ..store.feature_store import CachedItem, FeatureStore, split_fingerprint
+from .base import Context, Lock, StageState, StageStatus, judge, load_record, reproduce
+
+if TYPE_CHECKING:
+    import torch
 
 
 def stage_name(split: str) -> str:
@@ -63,7 +66,7 @@ def stage_name(split: str) -> str:
 
 
 def report_path(cfg: Config, split: str) -> Path:
-    return cfg.run_dir / f"report_{split}.json"
+    return RunLayout.of(cfg).report(split)
 
 
 def stage_state(cfg: Config, split: str, models_fp: str | None = None,
@@ -108,7 +111,7 @@ def stage_state(cfg: Config, split: str, models_fp: str | None = None,
 
 def outs_hasher(cfg: Config, verify: bool = False, writable: bool = True) -> FileHasher:
     """The stat memo of the run's output checksums (in its stages/ folder)."""
-    return FileHasher(cfg.run_dir / "stages" / ".outs_hashes.json", verify=verify,
+    return FileHasher(RunLayout.of(cfg).outs_hashes, verify=verify,
                       writable=writable and is_marked(cfg.run_dir, RUN_LEGACY))
 
 
@@ -139,17 +142,17 @@ def _outputs(cfg: Config, split: str, rows: list[dict]) -> dict[str, str]:
     as the units recorded them); the stat memo is filled here, so that the next `status`
     reads none of these files."""
     hasher = outs_hasher(cfg)
-    files = [report_path(cfg, split), cfg.run_dir / f"report_{split}.md",
-             cfg.run_dir / f"report_{split}.html",
-             *sorted((cfg.run_dir / f"report_{split}_files").rglob("*"))]
-    outs = {p.relative_to(cfg.run_dir).as_posix(): hasher.digest(p) for p in files if p.is_file()}
-    pdir = pred_dir_of(cfg, split).relative_to(cfg.run_dir).as_posix()
+    run = RunLayout.of(cfg)
+    files = [run.report(split), run.report(split, ".md"), run.report(split, ".html"),
+             *sorted(run.report_files(split).rglob("*"))]
+    outs = {run.rel(p): hasher.digest(p) for p in files if p.is_file()}
+    pdir = run.rel(run.predictions(split))
     for r in rows:
         if isinstance(r.get("mask"), str):
             rel = f"{pdir}/{r['category']}/{r['stem']}.png"
             outs[rel] = r["mask"]
             with contextlib.suppress(OSError):  # checked (and reported) by status
-                hasher.digest(cfg.run_dir / rel)
+                hasher.digest(run.root / rel)
     hasher.save()
     return outs
 
@@ -285,84 +288,140 @@ class PredictResult:
                 *((f"  {line}", False) for line in self.headline)]
 
 
+@dataclass
+class Prediction:
+    """One run of stage 3 for a split, as the run template (`base.reproduce`) runs it."""
+    cfg: Config
+    split: str
+    store: FeatureStore
+    mirror: FeatureStore | None
+    models: TrainedModels
+    device: torch.device
+    progress: bool
+    executor: str | None
+    t0: float
+
+    @property
+    def label(self) -> str:
+        return f"predict [{self.split}]"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir
+
+    @property
+    def lock(self) -> Lock:
+        return Lock(RunLayout.of(self.cfg).lock(f"predict-{self.split}"),
+                    f"predict [{self.split}] of run '{self.cfg.run.name}'")
+
+    @property
+    def mirror_fp(self) -> str | None:
+        return self.mirror.fingerprint if self.mirror is not None else None
+
+    def state(self) -> StageState:
+        return stage_state(self.cfg, self.split, self.models.fingerprint,
+                           self.store.fingerprint, self.mirror_fp)
+
+    def current(self, state: StageState) -> PredictResult:
+        return PredictResult(up_to_date=True, report_json=report_path(self.cfg, self.split),
+                             predictions_dir=pred_dir_of(self.cfg, self.split), split=self.split)
+
+    def compute(self, state: StageState, force: bool
+                ) -> tuple[PredictResult, StageState, dict[str, Any]]:
+        cfg, split, store, mirror = self.cfg, self.split, self.store, self.mirror
+        fp = state.fingerprint
+        udir = RunLayout.of(cfg).units(split)
+        hashes = [s.hash for s in store.manifest.shards]
+        sweep = sweep_thresholds(cfg.predict.threshold)
+        units = _current_units(cfg, split, udir, hashes, fp, sweep, force)
+        predictor = Predictor(self.models, self.device, cfg.predict.threshold)
+        todo = [si for si in range(len(hashes)) if si not in units]
+        if todo:
+            self._predict_shards(todo, predictor, fp, sweep, units, udir, hashes)
+        rows = [r for si in range(len(hashes)) for r in units[si]["items"]]
+        fingerprints = {"features": store.fingerprint, "models": self.models.fingerprint}
+        if self.mirror_fp is not None:
+            fingerprints["mirrored"] = self.mirror_fp
+        report = build_report(cfg, split, rows, fingerprints, sweep,
+                              report_stage.resolved_settings(cfg, str(self.device)))
+        rpath = report_path(cfg, split)
+        atomic_write_json(rpath, report)
+        _write_human_reports(cfg, split, report, rows, store, predictor, mirror)
+        done = StageState(state.name, state.deps, state.params, "", state.upstream)
+        outs = _outputs(cfg, split, rows)
+        res = PredictResult(n_images=report["n_images"], n_predicted=report["n_predicted"],
+                            predictions_dir=pred_dir_of(cfg, split), report_json=rpath,
+                            split=split, headline=headline(report))
+        return res, done, {"outs": outs}
+
+    def _predict_shards(self, todo: list[int], predictor: Predictor, fp: str,
+                        sweep: Sequence[float], units: dict[int, dict], udir: Path,
+                        hashes: list[str]) -> None:
+        """Predict the shards `todo` (locally or on Dask), each unit written as it comes."""
+        cfg, store, mirror = self.cfg, self.store, self.mirror
+        pdir = pred_dir_of(cfg, self.split)
+        todo_set = set(todo)
+        n_todo = sum(1 for m in store.items if m.shard in todo_set)
+        bar = Progress(n_todo, f"predict {self.split}", enabled=self.progress)
+
+        def remote() -> Iterator[tuple[str, tuple]]:
+            wcfg = portable_config(cfg)
+            sdir = str(store.split_dir.resolve())
+            mdir = str(mirror.split_dir.resolve()) if mirror is not None else None
+            return ((f"predict-{fp}-{si}", (wcfg, sdir, store.fingerprint, si,
+                                            str(pdir.resolve()), self.models.fingerprint, mdir,
+                                            self.mirror_fp)) for si in todo)
+
+        def local() -> Iterator[tuple[int, dict]]:
+            return ((si, predict_shard(store, si, predictor, pdir, cfg.predict.batch_size,
+                                       mirror, sweep)) for si in todo)
+
+        for si, unit in execute(scheduler_of(cfg, self.executor), predict_task, remote, local):
+            unit["fingerprint"] = fp
+            atomic_write_json(udir / f"{hashes[si]}.json", unit)
+            units[si] = unit
+            bar.update(len(unit["items"]))
+        bar.close()
+
+    def registered(self) -> list[Path]:
+        return [used.split_dir for used in (self.store, self.mirror) if used is not None]
+
+    def finish(self) -> None:
+        pass
+
+
+def _current_units(cfg: Config, split: str, udir: Path, hashes: list[str], fp: str,
+                   sweep: Sequence[float], force: bool) -> dict[int, dict]:
+    """The split's units that are current (same fingerprint and sweep, masks intact), by
+    shard; an earlier version's unit (no sweep counts) is computed again."""
+    units: dict[int, dict] = {}
+    for si, h in enumerate(hashes):
+        u = None if force else read_json(udir / f"{h}.json")
+        if (isinstance(u, dict) and u.get("fingerprint") == fp
+                and isinstance(u.get("items"), list) and u.get("sweep") == list(sweep)):
+            units[si] = u
+    if not force and units:  # masks found missing or changed: their shards again
+        bad = {rel for rel in (x.rsplit(" ", 1)[0] for x in outs_problems(cfg, split))}
+        pfx = RunLayout.of(cfg).rel(pred_dir_of(cfg, split))
+        for si in [si for si, u in units.items()
+                   if any(f"{pfx}/{r.get('category')}/{r.get('stem')}.png" in bad
+                          for r in u["items"] if isinstance(r, dict))]:
+            del units[si]
+    return units
+
+
 def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str], None] = print,
                 progress: bool = True, executor: str | None = None) -> PredictResult:
     """Stage 3 for a split: needs the stored split and the run's models, never the images."""
     t0 = time.perf_counter()
     store = FeatureStore.open(cfg, split)
     mirror = open_mirrored(cfg, store)
-    mirror_fp = mirror.fingerprint if mirror is not None else None
     device = resolve_device(cfg.predict.device)
-    with checked_models(cfg, device) as models, \
-            exclusive_lock(lock_path(cfg.run_dir, f"predict-{split}"),
-                           f"predict [{split}] of run '{cfg.run.name}'"):
-        claim_run_dir(cfg.run_dir)
-        state = stage_state(cfg, split, models.fingerprint, store.fingerprint, mirror_fp)
-        rpath = report_path(cfg, split)
-        st = judge(cfg.run_dir, state)
-        if not force and st.up_to_date:
-            return PredictResult(up_to_date=True, report_json=rpath,
-                                 predictions_dir=pred_dir_of(cfg, split), split=split)
-        log(f"predict [{split}]: {st.reason(force)}")
-        fp = state.fingerprint
-        udir = cfg.run_dir / "stages" / f"predict_{split}_units"
-        pdir = pred_dir_of(cfg, split)
-        hashes = [s.hash for s in store.manifest.shards]
-        sweep = sweep_thresholds(cfg.predict.threshold)
-        units: dict[int, dict] = {}
-        for si, h in enumerate(hashes):
-            u = None if force else read_json(udir / f"{h}.json")
-            # an earlier version's unit (no sweep counts) is computed again
-            if (isinstance(u, dict) and u.get("fingerprint") == fp
-                    and isinstance(u.get("items"), list) and u.get("sweep") == list(sweep)):
-                units[si] = u
-        if not force and units:  # masks found missing or changed: their shards again
-            bad = {rel for rel in (x.rsplit(" ", 1)[0] for x in outs_problems(cfg, split))}
-            pfx = pred_dir_of(cfg, split).relative_to(cfg.run_dir).as_posix()
-            for si in [si for si, u in units.items()
-                       if any(f"{pfx}/{r.get('category')}/{r.get('stem')}.png" in bad
-                              for r in u["items"] if isinstance(r, dict))]:
-                del units[si]
-        todo = [si for si in range(len(hashes)) if si not in units]
-        predictor = Predictor(models, device, cfg.predict.threshold)
-        if todo:
-            todo_set = set(todo)
-            n_todo = sum(1 for m in store.items if m.shard in todo_set)
-            bar = Progress(n_todo, f"predict {split}", enabled=progress)
-            scheduler = executor if executor is not None else cfg.dask.scheduler
-            if scheduler:
-                wcfg = portable_config(cfg)
-                sdir = str(store.split_dir.resolve())
-                mdir = str(mirror.split_dir.resolve()) if mirror is not None else None
-                results = run_tasks(scheduler, predict_task, (
-                    (f"predict-{fp}-{si}", (wcfg, sdir, store.fingerprint, si, str(pdir.resolve()),
-                                            models.fingerprint, mdir, mirror_fp)) for si in todo))
-            else:
-                results = ((si, predict_shard(store, si, predictor, pdir, cfg.predict.batch_size,
-                                              mirror, sweep)) for si in todo)
-            for si, unit in results:
-                unit["fingerprint"] = fp
-                atomic_write_json(udir / f"{hashes[si]}.json", unit)
-                units[si] = unit
-                bar.update(len(unit["items"]))
-            bar.close()
-        rows = [r for si in range(len(hashes)) for r in units[si]["items"]]
-        fingerprints = {"features": store.fingerprint, "models": models.fingerprint}
-        if mirror_fp is not None:
-            fingerprints["mirrored"] = mirror_fp
-        report = build_report(cfg, split, rows, fingerprints, sweep,
-                              report_stage.resolved_settings(cfg, str(device)))
-        atomic_write_json(rpath, report)
-        _write_human_reports(cfg, split, report, rows, store, predictor, mirror)
-        done = StageState(state.name, state.deps, state.params, "", state.upstream)
-        save_record(cfg.run_dir, done, outs=_outputs(cfg, split, rows))
-        for used in (store, mirror):  # cache gc keeps the stores a live run uses
-            if used is not None:
-                register_run(used.split_dir, cfg.run_dir)
-    res = PredictResult(n_images=report["n_images"], n_predicted=report["n_predicted"],
-                        seconds=time.perf_counter() - t0, predictions_dir=pdir, report_json=rpath,
-                        split=split)
-    res.headline = headline(report)
+    with checked_models(cfg, device) as models:
+        job = Prediction(cfg, split, store, mirror, models, device, progress, executor, t0)
+        res = reproduce(job, force, log)
+    if not res.up_to_date:
+        res.seconds = time.perf_counter() - t0
     return res
 
 
@@ -380,7 +439,7 @@ def open_mirrored(cfg: Config, store: FeatureStore) -> FeatureStore | None:
 
 
 def pred_dir_of(cfg: Config, split: str) -> Path:
-    return cfg.run_dir / "predictions" / split
+    return RunLayout.of(cfg).predictions(split)
 
 
 def build_report(cfg: Config, split: str, rows: list[dict], fingerprints: dict[str, str],

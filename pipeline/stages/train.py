@@ -16,7 +16,7 @@ import pickle
 import time
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from .. import runconfig
 from ..core.config import Config, copy_config
 from ..core.errors import DataError, StoreError, TrainingDiverged
-from ..core.fsutil import atomic_write_bytes, exclusive_lock, lock_path, sha256_bytes
+from ..core.fsutil import atomic_write_bytes, sha256_bytes
 from ..core.hints import command
-from ..core.owned import claim_run_dir
+from ..core.layout import RunLayout
 from ..core.progress import Progress, plural
 from ..data.dataset import canvas_valid, to_canvas
 from ..inference import model_dir
@@ -38,9 +38,9 @@ from ..models.backbones import get_spec
 from ..models.devices import CpuFanout, resolve_device
 from ..models.heads import LinearHead, PacUpsampler, UpsamplerSpec, models_fingerprint, save_models
 from ..params import training_params
-from ..report import LOSS_CURVES, save_training_curves
-from ..store.feature_store import FeatureStore, register_run, split_fingerprint
-from .base import Context, StageState, StageStatus, judge, load_record, save_record
+from ..report import save_training_curves
+from ..store.feature_store import FeatureStore, split_fingerprint
+from .base import Context, Lock, StageState, StageStatus, judge, load_record, reproduce
 
 STAGE = "train-head"
 # decoded training images kept in memory (JPEG decoding per crop is slow)
@@ -297,32 +297,59 @@ def _confusion(logits: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) ->
     return np.array([tp, fp, fn, tn], np.int64)
 
 
+@dataclass
+class Training:
+    """One run of stage 2, as the run template (`base.reproduce`) runs it."""
+    cfg: Config
+    stores: dict[str, FeatureStore]
+    log: Callable[[str], None]
+    progress: bool
+    t0: float = field(default_factory=time.perf_counter)
+    label = STAGE
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir
+
+    @property
+    def lock(self) -> Lock:
+        return Lock(RunLayout.of(self.cfg).lock("models"),
+                    f"the models of run '{self.cfg.run.name}'")
+
+    def state(self) -> StageState:
+        return stage_state(self.cfg, {f"features[{s}]": st.fingerprint
+                                      for s, st in self.stores.items()})
+
+    def current(self, state: StageState) -> TrainResult:
+        if not runconfig.record_path(self.run_dir).exists():  # trained before records
+            runconfig.write_record(self.cfg)
+        return TrainResult(up_to_date=True, model_dir=model_dir(self.cfg))
+
+    def compute(self, state: StageState, force: bool
+                ) -> tuple[TrainResult, StageState, dict[str, Any]]:
+        cfg = self.cfg
+        val_store = self.stores.get(cfg.data.val_split) if cfg.data.val_split else None
+        history = _train(cfg, state, self.stores[cfg.data.train_split], val_store, force,
+                         self.log, self.progress)
+        seconds = time.perf_counter() - self.t0
+        return (TrainResult(seconds=seconds, model_dir=model_dir(cfg), history=history),
+                stage_state(cfg, state.deps), {"seconds": round(seconds, 1)})
+
+    def registered(self) -> list[Path]:
+        return [used.split_dir for used in self.stores.values()]
+
+    def finish(self) -> None:
+        runconfig.write_record(self.cfg)  # <run>/config.toml: what `--run NAME` starts from
+        _remove_checkpoints(model_dir(self.cfg))
+
+
 def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = print,
               progress: bool = True) -> TrainResult:
     """Stage 2 from the stored splits alone. Raises StoreError (naming the command to run)
     when a split is missing or damaged, LockError when another process trains this run."""
     t0 = time.perf_counter()
-    mdir = model_dir(cfg)
     stores = {s: FeatureStore.open(cfg, s) for s in _splits(cfg)}
-    claim_run_dir(cfg.run_dir)
-    train_store = stores[cfg.data.train_split]
-    val_store = stores.get(cfg.data.val_split) if cfg.data.val_split else None
-    with exclusive_lock(lock_path(cfg.run_dir, "models"), f"the models of run '{cfg.run.name}'"):
-        state = stage_state(cfg, {f"features[{s}]": st.fingerprint for s, st in stores.items()})
-        st = judge(cfg.run_dir, state)
-        if st.up_to_date and not force:
-            if not runconfig.record_path(cfg.run_dir).exists():  # trained before records
-                runconfig.write_record(cfg)
-            return TrainResult(up_to_date=True, model_dir=mdir)
-        log(f"train-head: {st.reason(force)}")
-        history = _train(cfg, state, train_store, val_store, force, log, progress)
-        seconds = time.perf_counter() - t0
-        save_record(cfg.run_dir, stage_state(cfg, state.deps), seconds=round(seconds, 1))
-        runconfig.write_record(cfg)  # <run>/config.toml: what `--run NAME` starts from
-        for used in stores.values():  # cache gc keeps the stores a live run uses
-            register_run(used.split_dir, cfg.run_dir)
-        _remove_checkpoints(mdir)
-    return TrainResult(seconds=seconds, model_dir=mdir, history=history)
+    return reproduce(Training(cfg, stores, log, progress, t0), force, log)
 
 
 def _train(cfg: Config, state: StageState, train_store: FeatureStore,
@@ -503,7 +530,7 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
 
     save_models(mdir, head, up, state.params, state.deps, patch)
     _write_history(cfg, history)
-    save_training_curves(history, cfg.run_dir / LOSS_CURVES)  # also shown by the reports
+    save_training_curves(history, RunLayout.of(cfg).loss_curves)  # also shown by the reports
     return history
 
 
@@ -560,4 +587,4 @@ def _write_history(cfg: Config, history: list[dict]) -> None:
     """metrics.jsonl: one JSON object per epoch. Strict JSON (no NaN / Infinity): training
     stops before a non-finite row is recorded."""
     text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in history)
-    atomic_write_bytes(cfg.run_dir / "metrics.jsonl", text.encode())
+    atomic_write_bytes(RunLayout.of(cfg).history, text.encode())
