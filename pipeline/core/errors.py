@@ -97,7 +97,8 @@ class ImageTooLarge(DataError):
         super().__init__(message)
         self.pixels = int(pixels)
 
-    def __reduce__(self):  # picklable (to and from Dask workers) with its pixel count
+    def __reduce__(self) -> tuple[type[ImageTooLarge], tuple[str, int]]:
+        # picklable (to and from Dask workers) with its pixel count
         return (type(self), (str(self), self.pixels))
 
 
