@@ -64,10 +64,10 @@ def test_every_option_and_argument_has_help():
                     continue
                 if not (param.help or "").strip():
                     missing.append(f"{' '.join(path)} {param.opts[0]}")
-            elif isinstance(param, click.Argument):
-                if param.name.lower() not in (command.help or "").lower() and \
-                        param.human_readable_name.lower() not in (command.help or "").lower():
-                    missing.append(f"{' '.join(path)} {param.name} (argument)")
+            elif (isinstance(param, click.Argument)
+                  and param.name.lower() not in (command.help or "").lower()
+                  and param.human_readable_name.lower() not in (command.help or "").lower()):
+                missing.append(f"{' '.join(path)} {param.name} (argument)")
     assert not missing, missing
 
 
