@@ -479,7 +479,7 @@ def keep_other_sections(old: str, new: str) -> str:
     return new.rstrip() + "\n\n" + note + "\n" + "\n".join(kept)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
@@ -500,47 +500,60 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but CUDA is not available")
+    return args
 
+
+def setup(args: argparse.Namespace, work: Path) -> Setup:
+    """The data and weights of the run: a generated dataset and random weights for --quick."""
+    if args.quick:
+        from pipeline.data.synth import make_dataset
+        data = make_dataset(work / "data" / LAYOUT, LAYOUT, QUICK_SPLITS, size=QUICK_SIZE)
+        weights = "random"
+    else:
+        data, weights = args.data.resolve(), str(Path(args.weights).resolve())
+    return Setup(data, weights, args.device, resolve_device(args.device), work, args.quick,
+                 QUICK_SETS if args.quick else ())
+
+
+def run_sections(args: argparse.Namespace, s: Setup, rep: Report) -> list[str]:
+    """Every section the arguments ask for, into `rep`; returns the skipped ones, and why."""
+    skipped: list[str] = []
+    missing = [f"{what} not found: {p}"
+               for what, p in (("benchmark data", s.data), ("weights", s.weights))
+               if not args.quick and not Path(p).exists()]
+    if missing:
+        reason = "; ".join(missing)
+        skipped += [f"stage 1 ways (benchmarks/extract.py): {reason}",
+                    f"stages 1-3 through the CLI: {reason}"]
+        if not args.skip_dask:
+            skipped.append(f"stage 1 on Dask: {reason}")
+        for why in skipped:
+            print(f"[run_all] skipped {why}", file=sys.stderr)
+    else:
+        run_section("stage 1 ways (benchmarks/extract.py)", rep, bench_extract_script, s, rep)
+        local = run_section("stages through the CLI", rep, bench_stages, s, rep)
+        if args.skip_dask:
+            skipped.append("stage 1 on Dask: --skip-dask")
+        elif local is None:
+            skipped.append("stage 1 on Dask: no local `extract-features` run to compare with")
+        else:
+            run_section("stage 1 on Dask", rep, bench_dask, s, rep, *local)
+    if args.skip_pac:
+        skipped.append("PAC op (benchmarks/pac.py): --skip-pac")
+    else:
+        run_section("PAC op (benchmarks/pac.py)", rep, bench_pac, s, rep)
+    return skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     t0, load_start = time.perf_counter(), os.getloadavg()
     WORK_PARENT.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run_all_", dir=WORK_PARENT))
-    skipped: list[str] = []
     rep = Report()
     try:
-        if args.quick:
-            from pipeline.data.synth import make_dataset
-            data = make_dataset(work / "data" / LAYOUT, LAYOUT, QUICK_SPLITS, size=QUICK_SIZE)
-            weights = "random"
-        else:
-            data, weights = args.data.resolve(), str(Path(args.weights).resolve())
-        s = Setup(data, weights, args.device, resolve_device(args.device), work, args.quick,
-                  QUICK_SETS if args.quick else ())
-
-        missing = [f"{what} not found: {p}"
-                   for what, p in (("benchmark data", s.data), ("weights", s.weights))
-                   if not args.quick and not Path(p).exists()]
-        if missing:
-            reason = "; ".join(missing)
-            skipped += [f"stage 1 ways (benchmarks/extract.py): {reason}",
-                        f"stages 1-3 through the CLI: {reason}"]
-            if not args.skip_dask:
-                skipped.append(f"stage 1 on Dask: {reason}")
-            for why in skipped:
-                print(f"[run_all] skipped {why}", file=sys.stderr)
-        else:
-            run_section("stage 1 ways (benchmarks/extract.py)", rep, bench_extract_script, s, rep)
-            local = run_section("stages through the CLI", rep, bench_stages, s, rep)
-            if args.skip_dask:
-                skipped.append("stage 1 on Dask: --skip-dask")
-            elif local is None:
-                skipped.append("stage 1 on Dask: no local `extract-features` run to compare with")
-            else:
-                run_section("stage 1 on Dask", rep, bench_dask, s, rep, *local)
-        if args.skip_pac:
-            skipped.append("PAC op (benchmarks/pac.py): --skip-pac")
-        else:
-            run_section("PAC op (benchmarks/pac.py)", rep, bench_pac, s, rep)
-
+        s = setup(args, work)
+        skipped = run_sections(args, s, rep)
         given = sys.argv[1:] if argv is None else argv
         command = shlex.join(["python", "benchmarks/run_all.py", *given])
         text = render(s, rep, skipped, time.perf_counter() - t0, command, load_start)
@@ -555,7 +568,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(keep_other_sections(old, text))
     print(f"[run_all] wrote {args.out}", file=sys.stderr)
     return 1 if rep.failed else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
