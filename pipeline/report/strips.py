@@ -29,9 +29,30 @@ from .panels import (
     strip_panels,
     variant_panels,
 )
-from .view import Strip
 
-__all__ = ["write_strips"]
+__all__ = ["Strip", "write_strips"]
+
+
+@dataclass
+class Strip:
+    """A thumbnail strip written to the files folder, as the page shows it."""
+    category: str
+    stem: str
+    url: str  # the strip, relative to the report
+    full_url: str  # its click-to-enlarge image
+    css_size: tuple[int, int]  # (w, h) shown, in CSS px: never more than the stored size
+    gap_fraction: float  # one gap between two panels / the strip's width
+    labels: list[tuple[str, tuple[str, ...]]]  # per panel: its name and its scores, if any
+    scores: list[tuple[str, str, str]]  # (variant, J, F) shown in the caption
+    kind: str  # "strip" (4 panels, pac) or "variants"
+    caption: str  # the scores after the image's name
+
+    def score_text(self, which: int) -> str:
+        """The J (which=1) or F (which=2) of the caption: "0.812", or per variant
+        "linear_nearest 0.41, linear_bilinear 0.45, pac 0.52"."""
+        if len(self.scores) == 1:
+            return self.scores[0][which]
+        return ", ".join(f"{s[0]} {s[which]}" for s in self.scores)
 
 
 def _thumb_scores(row: ImageScores | None, vnames: list[str]

@@ -4,13 +4,13 @@ Jinja2 templates. The metrics shown, their order, labels and notes: ``metrics.de
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..core.config import Config, toml_text
+from ..core.config.schema import Config
+from ..core.config.writing import toml_text
 from ..core.jsondoc import finite as _finite
 from ..core.variants import BASELINE, CANDIDATE
 from ..data.dataset import display_name
@@ -20,7 +20,10 @@ from .figures import VARIANT_ORDER, bootstrap_ci, metric_value, variant_colour
 from .format import best_flags, config_value, file_url, fmt, fmt_int, plural, signed, url_of
 from .panels import LEGEND
 
-__all__ = ["Strip", "view_model", "headline_text", "ordered_variants", "categories_of",
+if TYPE_CHECKING:
+    from .strips import Strip
+
+__all__ = ["view_model", "headline_text", "ordered_variants", "categories_of",
            "configured_threshold", "figure_entry", "METRIC_NOTES", "VARIANT_NOTES"]
 
 
@@ -142,27 +145,6 @@ def _paired_note(per_image: list[ImageScores]) -> str | None:
 
 
 # ----------------------------------------------------------------------------- view model
-
-@dataclass
-class Strip:
-    """A thumbnail strip written to the files folder, as the page shows it."""
-    category: str
-    stem: str
-    url: str  # the strip, relative to the report
-    full_url: str  # its click-to-enlarge image
-    css_size: tuple[int, int]  # (w, h) shown, in CSS px: never more than the stored size
-    gap_fraction: float  # one gap between two panels / the strip's width
-    labels: list[tuple[str, tuple[str, ...]]]  # per panel: its name and its scores, if any
-    scores: list[tuple[str, str, str]]  # (variant, J, F) shown in the caption
-    kind: str  # "strip" (4 panels, pac) or "variants"
-    caption: str  # the scores after the image's name
-
-    def score_text(self, which: int) -> str:
-        """The J (which=1) or F (which=2) of the caption: "0.812", or per variant
-        "linear_nearest 0.41, linear_bilinear 0.45, pac 0.52"."""
-        if len(self.scores) == 1:
-            return self.scores[0][which]
-        return ", ".join(f"{s[0]} {s[which]}" for s in self.scores)
 
 
 def _cell(m: Metric, x: object, best: bool = False) -> dict[str, Any]:
