@@ -97,11 +97,11 @@ class _NoDask:
     """An import hook that refuses dask and distributed: the GPU machine has neither, so a
     stray import on this path must fail here too."""
 
-    def find_spec(self, name, path=None, target=None):
+    def find_spec(self, name, _path=None, _target=None):
+        """ImportError for dask and distributed; None (not found here) for any other."""
         if name.split(".")[0] in ("dask", "distributed"):
             raise ImportError(f"{name}: not available to the device check (no Dask on the "
                               "GPU machine)")
-        return None
 
 
 # ----------------------------------------------------------------------------- the JSON
@@ -462,19 +462,14 @@ def stage1_timers(timers: Timers) -> Iterator[list[str]]:
 
 # ----------------------------------------------------------------------------- the checks
 
+QUIET: dict[str, Any] = {"log": lambda line: None, "progress": False}
+
+
 def run_checks(rep: Report, args: argparse.Namespace, device, data: Path, weights: Path,
                work: Path) -> None:
-    import numpy as np
-    import torch
-
-    from pipeline.commands.export import run_export
-    from pipeline.commands.segment import run_segment
-    from pipeline.data.dataset import decode_image, fit_box, read_bytes, to_canvas
     from pipeline.stages.extract import run_extract
-    from pipeline.stages.predict import run_predict
     from pipeline.stages.train import run_train
 
-    quiet: dict[str, Any] = {"log": lambda line: None, "progress": False}
     r: Any  # each stage's result
     qdata = quality_data(data, work, args.quick)
     training = (["train.epochs=1", "train.linear_epochs=10", "train.crop=64"] if args.quick
@@ -484,66 +479,100 @@ def run_checks(rep: Report, args: argparse.Namespace, device, data: Path, weight
     cfg = make_config(sets)
     rep.detail("quality_config", backbone="mobilenet_v2", weights=str(weights),
                data=str(qdata), sets=sets[4:])
-    state: dict[str, Any] = {}
 
     with rep.step("quality_extract"):
-        r = run_extract(cfg, **quiet)
+        r = run_extract(cfg, **QUIET)
         rep.detail("quality_config", images=r.n_images, extract_s=r.seconds)
     with rep.step("features_match_fp32"):
-        paths = [img for _, img, _ in _frames(qdata, "test")][:4]
-        canvases = []
-        for path in paths:
-            image = decode_image(read_bytes(path), path)
-            h, w = image.shape[:2]
-            canvases.append(to_canvas(image, fit_box(h, w, 16, cfg.extract.fit)))
-        dev = backbone_runner(cfg, device)
-        cpu = backbone_runner(make_config([*sets, "extract.device=cpu",
-                                           "extract.precision=fp32"]), torch.device("cpu"))
-        got = np.concatenate([dev.launch([c])() for c in canvases]).astype(np.float32)
-        want = np.concatenate([cpu.launch([c])() for c in canvases]).astype(np.float32)
-        lo, mean = cosine_per_patch(got, want)
-        del dev, cpu
-        rep.check("features_match_fp32", lo >= COSINE_MIN and mean >= COSINE_MEAN_MIN,
-                  precision=str(cfg.extract.precision), images=len(paths),
-                  cosine_min=lo, cosine_mean=mean, max_abs_diff=float(np.abs(got - want).max()),
-                  require=f"cosine >= {COSINE_MIN} every patch, mean >= {COSINE_MEAN_MIN}")
+        check_features(rep, cfg, sets, qdata, device)
     with rep.step("quality_train"):
-        r = run_train(cfg, **quiet)
+        r = run_train(cfg, **QUIET)
         rep.detail("quality_config", train_s=r.seconds)
-    pred_dir = cfg.run_dir / "predictions" / cfg.data.test_split
+    state: dict[str, Any] = {}  # what a later step needs of an earlier one (absent: it failed)
     with rep.step("masks_match_cpu"):
-        run_predict(cfg, cfg.data.test_split, **quiet)
-        rels = sorted(str(p.relative_to(pred_dir)) for p in pred_dir.rglob("*.png"))
-        state["rels"] = rels
-        cpu_out = work / "quality" / "outputs_cpu"
-        shutil.copytree(cfg.run_dir, cpu_out / cfg.run.name, symlinks=True)
-        cfg_cpu = make_config([*sets, f"paths.outputs={cpu_out}", "predict.device=cpu"])
-        run_predict(cfg_cpu, cfg.data.test_split, force=True, **quiet)
-        cmp = compare_masks(pred_dir, cfg_cpu.run_dir / "predictions" / cfg.data.test_split, rels)
-        fg = cmp["foreground_fraction"]
-        rep.check("masks_match_cpu", cmp["pixel_agreement"] >= PIXELS_MIN and
-                  FOREGROUND[0] <= fg <= FOREGROUND[1], **cmp,
-                  require=f"pixel agreement >= {PIXELS_MIN}, foreground in {FOREGROUND}")
+        state["rels"] = check_masks(rep, cfg, sets, work)
     seg_in = segment_inputs(qdata, cfg.data.test_split, work / "quality" / "segment_in")
     seg_out = work / "quality" / "segment_out"
     with rep.step("segment_matches_predict"):
-        run_segment(cfg, [seg_in], seg_out, overlays=False, progress=False)
-        cmp = compare_masks(pred_dir, seg_out, state["rels"])
-        fg = cmp["foreground_fraction"]
-        rep.check("segment_matches_predict", cmp["pixel_agreement"] >= PIXELS_MIN and
-                  FOREGROUND[0] <= fg <= FOREGROUND[1], **cmp,
-                  require=f"pixel agreement >= {PIXELS_MIN} (byte-identical files reported)")
+        check_segment(rep, cfg, seg_in, seg_out, state["rels"])
     with rep.step("export_runs_on_device"):
-        out = work / "quality" / "model.pt2"
-        size = 32 if args.quick else None  # the smallest example: 2 x 2 patches
-        r = run_export(cfg, out, height=size, width=size)
-        agreement, n = export_agreement(out, seg_in, seg_out, cfg, device)
-        rep.check("export_runs_on_device", agreement >= PIXELS_MIN, images=n,
-                  pixel_agreement=agreement, export_s=r.seconds, bytes=r.bytes,
-                  moved_with="torch.export.passes.move_to_device_pass",
-                  require=f"prob > threshold equals segment's mask on >= {PIXELS_MIN}")
+        check_export(rep, cfg, args, seg_in, seg_out, work, device)
     with rep.step("resume_after_kill"):
         resume_after_kill(rep, cfg, sets, work)
+
+
+def check_features(rep: Report, cfg, sets: list[str], qdata: Path, device) -> None:
+    """The device's features of a few test images against fp32 on the CPU, per patch."""
+    import numpy as np
+    import torch
+
+    from pipeline.data.dataset import decode_image, fit_box, read_bytes, to_canvas
+
+    paths = [img for _, img, _ in _frames(qdata, "test")][:4]
+    canvases = []
+    for path in paths:
+        image = decode_image(read_bytes(path), path)
+        h, w = image.shape[:2]
+        canvases.append(to_canvas(image, fit_box(h, w, 16, cfg.extract.fit)))
+    dev = backbone_runner(cfg, device)
+    cpu = backbone_runner(make_config([*sets, "extract.device=cpu",
+                                       "extract.precision=fp32"]), torch.device("cpu"))
+    got = np.concatenate([dev.launch([c])() for c in canvases]).astype(np.float32)
+    want = np.concatenate([cpu.launch([c])() for c in canvases]).astype(np.float32)
+    lo, mean = cosine_per_patch(got, want)
+    del dev, cpu
+    rep.check("features_match_fp32", lo >= COSINE_MIN and mean >= COSINE_MEAN_MIN,
+              precision=str(cfg.extract.precision), images=len(paths),
+              cosine_min=lo, cosine_mean=mean, max_abs_diff=float(np.abs(got - want).max()),
+              require=f"cosine >= {COSINE_MIN} every patch, mean >= {COSINE_MEAN_MIN}")
+
+
+def check_masks(rep: Report, cfg, sets: list[str], work: Path) -> list[str]:
+    """Stage 3's masks on the device against a copy of the run predicted on the CPU; returns
+    the masks' paths relative to the predictions folder."""
+    from pipeline.stages.predict import run_predict
+
+    pred_dir = cfg.run_dir / "predictions" / cfg.data.test_split
+    run_predict(cfg, cfg.data.test_split, **QUIET)
+    rels = sorted(str(p.relative_to(pred_dir)) for p in pred_dir.rglob("*.png"))
+    cpu_out = work / "quality" / "outputs_cpu"
+    shutil.copytree(cfg.run_dir, cpu_out / cfg.run.name, symlinks=True)
+    cfg_cpu = make_config([*sets, f"paths.outputs={cpu_out}", "predict.device=cpu"])
+    run_predict(cfg_cpu, cfg.data.test_split, force=True, **QUIET)
+    cmp = compare_masks(pred_dir, cfg_cpu.run_dir / "predictions" / cfg.data.test_split, rels)
+    fg = cmp["foreground_fraction"]
+    rep.check("masks_match_cpu", cmp["pixel_agreement"] >= PIXELS_MIN and
+              FOREGROUND[0] <= fg <= FOREGROUND[1], **cmp,
+              require=f"pixel agreement >= {PIXELS_MIN}, foreground in {FOREGROUND}")
+    return rels
+
+
+def check_segment(rep: Report, cfg, seg_in: Path, seg_out: Path, rels: list[str]) -> None:
+    """segment's masks of the test images against stage 3's."""
+    from pipeline.commands.segment import run_segment
+
+    pred_dir = cfg.run_dir / "predictions" / cfg.data.test_split
+    run_segment(cfg, [seg_in], seg_out, overlays=False, progress=False)
+    cmp = compare_masks(pred_dir, seg_out, rels)
+    fg = cmp["foreground_fraction"]
+    rep.check("segment_matches_predict", cmp["pixel_agreement"] >= PIXELS_MIN and
+              FOREGROUND[0] <= fg <= FOREGROUND[1], **cmp,
+              require=f"pixel agreement >= {PIXELS_MIN} (byte-identical files reported)")
+
+
+def check_export(rep: Report, cfg, args: argparse.Namespace, seg_in: Path, seg_out: Path,
+                 work: Path, device) -> None:
+    """The exported program on the device against segment's masks."""
+    from pipeline.commands.export import run_export
+
+    out = work / "quality" / "model.pt2"
+    size = 32 if args.quick else None  # the smallest example: 2 x 2 patches
+    r = run_export(cfg, out, height=size, width=size)
+    agreement, n = export_agreement(out, seg_in, seg_out, cfg, device)
+    rep.check("export_runs_on_device", agreement >= PIXELS_MIN, images=n,
+              pixel_agreement=agreement, export_s=r.seconds, bytes=r.bytes,
+              moved_with="torch.export.passes.move_to_device_pass",
+              require=f"prob > threshold equals segment's mask on >= {PIXELS_MIN}")
 
 
 def export_agreement(path: Path, seg_in: Path, seg_out: Path, cfg, device) -> tuple[float, int]:
@@ -580,7 +609,7 @@ RESUME_CHILD = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-import pipeline.extract as ex
+import pipeline.stages.extract as ex
 real, marker, k = ex.write_shard, Path(sys.argv[2]), int(sys.argv[3])
 landed = []
 def write_then_stop(*a, **kw):
@@ -596,13 +625,32 @@ cli.cli.main(sys.argv[4:], prog_name="cli.py")
 """
 
 
+def compare_shards(shards: dict[str, Path], refs: dict[str, Path]) -> tuple[int, float, float]:
+    """How many of `shards` equal the reference shard of their name byte for byte, and the
+    lowest and mean per-patch cosine of the features of the others."""
+    import h5py
+
+    identical = 0
+    lo, mean_sum, n_feat = 1.0, 0.0, 0
+    for name, path in shards.items():
+        ref = refs.get(name)
+        if ref is None:
+            continue
+        if sha256(ref) == sha256(path):
+            identical += 1
+            continue
+        with h5py.File(path, "r") as a, h5py.File(ref, "r") as b:
+            for key in a:
+                lo_k, mean_k = cosine_per_patch(a[key]["features"][()], b[key]["features"][()])
+                lo, mean_sum, n_feat = min(lo, lo_k), mean_sum + mean_k, n_feat + 1
+    return identical, lo, mean_sum / n_feat if n_feat else 1.0
+
+
 def resume_after_kill(rep: Report, cfg, sets: list[str], work: Path) -> None:
     """`cli.py extract-features` in a child process, stopped once RESUME_SHARDS shards are
     complete and SIGKILLed there; then run_extract resumes. The landed shards must be kept
     byte for byte, and every shard must equal the uninterrupted store's (byte for byte, or
     within the precision's tolerance)."""
-    import h5py
-
     from pipeline.stages.extract import run_extract
     from pipeline.store.feature_store import store_dir
 
@@ -638,21 +686,8 @@ def resume_after_kill(rep: Report, cfg, sets: list[str], work: Path) -> None:
     refs = {p.name: p for p in store_dir(cfg).rglob("*.h5")}
     total = len(after)
     kept = all(name in after and sha256(after[name]) == h for name, h in landed.items())
-    identical = 0
-    lo, mean_sum, n_feat = 1.0, 0.0, 0
     same_names = total > 0 and set(after) <= set(refs)
-    for name, path in after.items():
-        ref = refs.get(name)
-        if ref is None:
-            continue
-        if sha256(ref) == sha256(path):
-            identical += 1
-            continue
-        with h5py.File(path, "r") as a, h5py.File(ref, "r") as b:
-            for key in a:
-                lo_k, mean_k = cosine_per_patch(a[key]["features"][()], b[key]["features"][()])
-                lo, mean_sum, n_feat = min(lo, lo_k), mean_sum + mean_k, n_feat + 1
-    mean = mean_sum / n_feat if n_feat else 1.0
+    identical, lo, mean = compare_shards(after, refs)
     rep.check("resume_after_kill",
               kept and same_names and len(landed) >= RESUME_SHARDS and 0 < len(landed) < total
               and lo >= COSINE_MIN and mean >= COSINE_MEAN_MIN,
@@ -664,24 +699,10 @@ def resume_after_kill(rep: Report, cfg, sets: list[str], work: Path) -> None:
 # ----------------------------------------------------------------------------- speed
 
 def run_speed(rep: Report, args: argparse.Namespace, device, data: Path, work: Path) -> None:
-    import torch
-
-    from pipeline.commands.segment import run_segment
-    from pipeline.stages.extract import run_extract
     from pipeline.stages.predict import run_predict
     from pipeline.stages.train import run_train
-    from pipeline.store.feature_store import store_dir
 
-    quiet: dict[str, Any] = {"log": lambda line: None, "progress": False}
-    r: Any  # each stage's result
-    src = data
-    if args.quick:  # the frames downscaled once; the speed splits link to them
-        src = work / "speed_frames"
-        for split in ("train", "test"):
-            for cat, img, mask in _frames(data, split)[:8]:
-                _downscaled(img, src / split / cat / "images" / img.name, QUICK_SCALE, False)
-                _downscaled(mask, src / split / cat / "annotations" / mask.name, QUICK_SCALE,
-                            True)
+    src = speed_frames(args, data, work)
     sdata = work / "speed_data"
     training = (["train.epochs=1", "train.linear_epochs=2", "train.crop=64",
                  f"extract.batch_size={QUICK_BATCH}"] if args.quick else [])
@@ -696,36 +717,10 @@ def run_speed(rep: Report, args: argparse.Namespace, device, data: Path, work: P
             precision=str(cfg.extract.precision), batch_size=cfg.extract.batch_size)
     rep.detail("speed_config", sets=sets[4:], seconds_per_figure=args.seconds)
 
-    forward_rate = 0.0
+    state = {"forward_rate": 0.0}
     with rep.step("forward"):
-        t0 = time.perf_counter()
-        runner = backbone_runner(cfg, device)  # the first: imports timm, allocates
-        first_load_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        runner = backbone_runner(cfg, device)  # as the stages load it: subtracted from them
-        load_s = time.perf_counter() - t0
-        patch = runner.patch
-        h, w = height // patch * patch, width // patch * patch  # extract.fit = crop
-        b = cfg.extract.batch_size
-        x = torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, device=device)
-        n, seconds = timed_loop(functools.partial(forward, runner, x), device, args.seconds, b)
-        rep.set(forward_images_per_s=n / seconds, model_load_s=load_s,
-                first_model_load_s=first_load_s)
-        rep.detail("forward", images=n, seconds=seconds, canvas=[h, w],
-                   what="runner.model under the stage's autocast on device-resident uint8 "
-                        "batches, inference_mode")
-        rep.detail("where_time_goes", forward_ms_per_image=1e3 * seconds / n)
-        if device.type == "cuda":  # host-to-device and back, one batch, as launch copies
-            feats = forward(runner, x).to(torch.float16)
-            host = x.cpu()
-            n_copy, s_copy = timed_loop(lambda: h2d(host, device), device,
-                                        min(2.0, args.seconds), b)
-            n_back, s_back = timed_loop(lambda: d2h(feats), device, min(2.0, args.seconds), b)
-            rep.detail("where_time_goes", h2d_ms_per_image=1e3 * s_copy / n_copy,
-                       d2h_ms_per_image=1e3 * s_back / n_back)
-            del feats
-        del runner, x
-        forward_rate = n / seconds
+        state["forward_rate"] = speed_forward(rep, args, cfg, device, height, width)
+    forward_rate = state["forward_rate"]
 
     feature_bytes = (height // 16) * (width // 16) * 384 * 2 + 80_000  # + JPEG, mask
     n_stage1 = int(max(32, forward_rate * args.seconds) if forward_rate else 256)
@@ -739,37 +734,14 @@ def run_speed(rep: Report, args: argparse.Namespace, device, data: Path, work: P
     repeated_split(src, sdata, cfg.data.test_split, n_stage1)
 
     with rep.step("stage1"):
-        run_extract(cfg, [cfg.data.train_split], **quiet)  # warm-up: kernels, caches
-        load_s = rep.data.get("model_load_s") or 0.0  # measured by the forward step
-        timers = Timers()
-        before = {p: p.stat().st_size for p in store_dir(cfg).rglob("*.h5")}
-        with stage1_timers(timers) as measured:
-            r = run_extract(cfg, [cfg.data.test_split], **quiet)
-        seconds = max(1e-9, r.seconds - load_s)
-        mb = sum(p.stat().st_size for p in store_dir(cfg).rglob("*.h5") if p not in before) / 1e6
-        rate = r.n_images / seconds
-        rep.set(stage1_images_per_s=rate,
-                stage1_vs_forward=rate / forward_rate if forward_rate else None,
-                write_mb_per_s=mb / max(1e-9, timers.seconds.get("write", 0.0)))
-        per_image = {f"{k}_ms_per_image": 1e3 * v / max(1, r.n_images)
-                     for k, v in timers.seconds.items()}
-        rep.detail("stage1", images=r.n_images, wall_s=r.seconds, model_load_s=load_s,
-                   store_mb=mb, instrumented=measured, decode_threads=cfg.extract.num_workers,
-                   thread_seconds=timers.seconds, calls=timers.calls, **per_image,
-                   note="decode and write are summed over their threads; launch and fetch are "
-                        "the main thread's: fetch is the wait for the device and the copy "
-                        "back, so a main thread mostly in fetch is device-bound")
-        rep.detail("where_time_goes", stage1_decode_ms_per_image=per_image.get(
-            "decode_ms_per_image"), stage1_write_ms_per_image=per_image.get("write_ms_per_image"),
-            stage1_launch_ms_per_image=per_image.get("launch_ms_per_image"),
-            stage1_fetch_wait_ms_per_image=per_image.get("fetch_ms_per_image"))
+        speed_stage1(rep, cfg, forward_rate)
     with rep.step("train_head"):
-        r = run_train(cfg, **quiet)
+        r = run_train(cfg, **QUIET)
         rep.set(train_head_s=r.seconds)
         rep.detail("train_head", frames=n_train, epochs=cfg.train.epochs,
                    linear_epochs=cfg.train.linear_epochs)
     with rep.step("predict"):
-        r = run_predict(cfg, cfg.data.test_split, **quiet)
+        r = run_predict(cfg, cfg.data.test_split, **QUIET)
         rep.set(predict_images_per_s=r.n_images / r.seconds if r.seconds else None)
         rep.detail("predict", images=r.n_images, seconds=r.seconds,
                    note="masks and the JSON / Markdown / HTML reports written; model load "
@@ -777,17 +749,105 @@ def run_speed(rep: Report, args: argparse.Namespace, device, data: Path, work: P
     with rep.step("segment"):
         n_seg = n_stage1 if args.quick else min(n_stage1, max(64, int(forward_rate
                                                                        * args.seconds / 2)))
-        seg_in = work / "speed" / "segment_in"
-        for k, img in enumerate(sorted((sdata / cfg.data.test_split).glob("*/images/*.jpg"))):
-            if k >= n_seg:
-                break
-            _link(img, seg_in / img.parent.parent.name / img.name)
-        load_s = rep.data.get("model_load_s") or 0.0
-        r = run_segment(cfg, [seg_in], work / "speed" / "segment_out", progress=False)
-        seconds = max(1e-9, r.seconds - load_s)
-        rep.set(segment_images_per_s=r.n_written / seconds)
-        rep.detail("segment", images=r.n_written, wall_s=r.seconds, model_load_s=load_s,
-                   overlays=True)
+        speed_segment(rep, cfg, sdata, work, n_seg)
+
+
+def speed_frames(args: argparse.Namespace, data: Path, work: Path) -> Path:
+    """The frames the speed splits link to: `data`'s, or with --quick a few downscaled once."""
+    if not args.quick:
+        return data
+    src = work / "speed_frames"
+    for split in ("train", "test"):
+        for cat, img, mask in _frames(data, split)[:8]:
+            _downscaled(img, src / split / cat / "images" / img.name, QUICK_SCALE, False)
+            _downscaled(mask, src / split / cat / "annotations" / mask.name, QUICK_SCALE,
+                        True)
+    return src
+
+
+def speed_forward(rep: Report, args: argparse.Namespace, cfg, device, height: int,
+                  width: int) -> float:
+    """The backbone's forward rate (images/s) on device-resident batches; its model load
+    time and, on CUDA, the copies to and from the device."""
+    import torch
+
+    t0 = time.perf_counter()
+    runner = backbone_runner(cfg, device)  # the first: imports timm, allocates
+    first_load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    runner = backbone_runner(cfg, device)  # as the stages load it: subtracted from them
+    load_s = time.perf_counter() - t0
+    patch = runner.patch
+    h, w = height // patch * patch, width // patch * patch  # extract.fit = crop
+    b = cfg.extract.batch_size
+    x = torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, device=device)
+    n, seconds = timed_loop(functools.partial(forward, runner, x), device, args.seconds, b)
+    rep.set(forward_images_per_s=n / seconds, model_load_s=load_s,
+            first_model_load_s=first_load_s)
+    rep.detail("forward", images=n, seconds=seconds, canvas=[h, w],
+               what="runner.model under the stage's autocast on device-resident uint8 "
+                    "batches, inference_mode")
+    rep.detail("where_time_goes", forward_ms_per_image=1e3 * seconds / n)
+    if device.type == "cuda":  # host-to-device and back, one batch, as launch copies
+        feats = forward(runner, x).to(torch.float16)
+        host = x.cpu()
+        n_copy, s_copy = timed_loop(lambda: h2d(host, device), device,
+                                    min(2.0, args.seconds), b)
+        n_back, s_back = timed_loop(lambda: d2h(feats), device, min(2.0, args.seconds), b)
+        rep.detail("where_time_goes", h2d_ms_per_image=1e3 * s_copy / n_copy,
+                   d2h_ms_per_image=1e3 * s_back / n_back)
+        del feats
+    del runner, x
+    return n / seconds
+
+
+def speed_stage1(rep: Report, cfg, forward_rate: float) -> None:
+    """Stage 1 on the test split after a warm-up on the train split, instrumented: its rate
+    against the forward's, the write rate, where each image's time goes."""
+    from pipeline.stages.extract import run_extract
+    from pipeline.store.feature_store import store_dir
+
+    run_extract(cfg, [cfg.data.train_split], **QUIET)  # warm-up: kernels, caches
+    load_s = rep.data.get("model_load_s") or 0.0  # measured by the forward step
+    timers = Timers()
+    before = {p: p.stat().st_size for p in store_dir(cfg).rglob("*.h5")}
+    with stage1_timers(timers) as measured:
+        r = run_extract(cfg, [cfg.data.test_split], **QUIET)
+    seconds = max(1e-9, r.seconds - load_s)
+    mb = sum(p.stat().st_size for p in store_dir(cfg).rglob("*.h5") if p not in before) / 1e6
+    rate = r.n_images / seconds
+    rep.set(stage1_images_per_s=rate,
+            stage1_vs_forward=rate / forward_rate if forward_rate else None,
+            write_mb_per_s=mb / max(1e-9, timers.seconds.get("write", 0.0)))
+    per_image = {f"{k}_ms_per_image": 1e3 * v / max(1, r.n_images)
+                 for k, v in timers.seconds.items()}
+    rep.detail("stage1", images=r.n_images, wall_s=r.seconds, model_load_s=load_s,
+               store_mb=mb, instrumented=measured, decode_threads=cfg.extract.num_workers,
+               thread_seconds=timers.seconds, calls=timers.calls, **per_image,
+               note="decode and write are summed over their threads; launch and fetch are "
+                    "the main thread's: fetch is the wait for the device and the copy "
+                    "back, so a main thread mostly in fetch is device-bound")
+    rep.detail("where_time_goes", stage1_decode_ms_per_image=per_image.get(
+        "decode_ms_per_image"), stage1_write_ms_per_image=per_image.get("write_ms_per_image"),
+        stage1_launch_ms_per_image=per_image.get("launch_ms_per_image"),
+        stage1_fetch_wait_ms_per_image=per_image.get("fetch_ms_per_image"))
+
+
+def speed_segment(rep: Report, cfg, sdata: Path, work: Path, n_seg: int) -> None:
+    """segment on the first `n_seg` test images, overlays included, model load subtracted."""
+    from pipeline.commands.segment import run_segment
+
+    seg_in = work / "speed" / "segment_in"
+    for k, img in enumerate(sorted((sdata / cfg.data.test_split).glob("*/images/*.jpg"))):
+        if k >= n_seg:
+            break
+        _link(img, seg_in / img.parent.parent.name / img.name)
+    load_s = rep.data.get("model_load_s") or 0.0
+    r = run_segment(cfg, [seg_in], work / "speed" / "segment_out", progress=False)
+    seconds = max(1e-9, r.seconds - load_s)
+    rep.set(segment_images_per_s=r.n_written / seconds)
+    rep.detail("segment", images=r.n_written, wall_s=r.seconds, model_load_s=load_s,
+               overlays=True)
 
 
 def forward(runner, x):
