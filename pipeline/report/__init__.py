@@ -72,7 +72,7 @@ from .panels import (
     variant_strip,
 )
 from .render import TEMPLATE_DIR, render
-from .strips import write_strips
+from .strips import Strip, write_strips
 from .view import (
     categories_of,
     configured_threshold,
@@ -155,13 +155,19 @@ def _curves_figure(figs: _Figures, history: list[dict[str, Any]] | None,
         figs.add(training_figure(history), *args)
 
 
-def _worst_with_variants(thumbs_worst: list[Thumb | VariantThumb] | None,
-                         vthumbs: dict[tuple[str, str], VariantThumb]
-                         ) -> list[Thumb | VariantThumb]:
-    """The worst images, then the variant thumbs of images not among them."""
+def _strips(thumbs_best: list[Thumb] | None, thumbs_worst: list[Thumb | VariantThumb] | None,
+            variant_thumbs: list[VariantThumb] | None, tmp_dir: Path, files_dir: Path,
+            vnames: list[str], index: dict[tuple[str, str], ImageScores]
+            ) -> dict[str, list[Strip]]:
+    """The best and the worst images' strips: the worst images, then the variant thumbs of
+    images not among them (a worst image with a variant thumb shows its variants)."""
+    vthumbs = {(str(t.category), str(t.stem)): t for t in (variant_thumbs or [])}
     worst: list[Thumb | VariantThumb] = list(thumbs_worst or [])
     seen = {(str(t.category), str(t.stem)) for t in worst}
-    return worst + [t for k, t in vthumbs.items() if k not in seen]
+    worst += [t for k, t in vthumbs.items() if k not in seen]
+    return {"best": write_strips(thumbs_best or [], {}, "best", tmp_dir, files_dir, vnames,
+                                 index),
+            "worst": write_strips(worst, vthumbs, "worst", tmp_dir, files_dir, vnames, index)}
 
 
 def write_reports(out_dir: Path, split: str, report: Report | dict[str, Any],
@@ -201,11 +207,9 @@ def write_reports(out_dir: Path, split: str, report: Report | dict[str, Any],
     rows: list[ImageScores] = (report.per_image if per_image is None
                                else parse_per_image(per_image))
     variants = ordered_variants(report.variants)
-    vnames = list(variants)
     index = {(r.category, r.stem): r for r in rows}
     layout = RunLayout(out_dir)
-    md_path = layout.report(split, ".md")
-    html_path = layout.report(split, ".html")
+    md_path, html_path = layout.report(split, ".md"), layout.report(split, ".html")
     files_dir = layout.report_files(split)
     # what a killed writer of this split's reports left (stage 3 holds the split's lock)
     remove_temporaries(out_dir, of=(md_path.name, html_path.name, files_dir.name))
@@ -214,11 +218,8 @@ def write_reports(out_dir: Path, split: str, report: Report | dict[str, Any],
         if any(v.overall is not None for v in variants.values()):
             _score_figures(figs, report, variants, rows)
         _curves_figure(figs, history, curves)
-        vthumbs = {(str(t.category), str(t.stem)): t for t in (variant_thumbs or [])}
-        strips = {"best": write_strips(thumbs_best or [], {}, "best", tmp_dir, files_dir,
-                                       vnames, index),
-                  "worst": write_strips(_worst_with_variants(thumbs_worst, vthumbs), vthumbs,
-                                        "worst", tmp_dir, files_dir, vnames, index)}
+        strips = _strips(thumbs_best, thumbs_worst, variant_thumbs, tmp_dir, files_dir,
+                         list(variants), index)
         vm = view_model(split, report, rows, strips, figs.entries, other_runs, md_path.name,
                         html_path.name)
         html_text = render("report.html.j2", vm)
