@@ -214,7 +214,7 @@ def predict(cfg, force, split):
 @stage_command
 def run(cfg, force, split):
     """All three stages in order, each skipped when up-to-date."""
-    from pipeline.workflow import run_all
+    from pipeline.stages.workflow import run_all
     ok = [echo_outcome(outcome) for outcome in run_all(cfg, split or cfg.data.test_split, force)]
     sys.exit(0 if all(ok) else 1)
 
@@ -288,7 +288,7 @@ def export_model(cfg, force, out_file, height, width):
 def status(cfg, split, verify):
     """One line per stage: up-to-date, stale (why) or missing."""
     from pipeline.stages.base import Context
-    from pipeline.workflow import statuses
+    from pipeline.stages.workflow import statuses
     for st in statuses(Context.of(cfg, split, verify)):
         click.echo(st.line())
 
