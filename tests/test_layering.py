@@ -27,13 +27,12 @@ FLOORS: tuple[frozenset[str], ...] = tuple(frozenset(f) for f in (
     {"report"},
     {"runconfig"},
     {"inference"},  # the one inference path of predict, segment and export
-    {"stages"},
-    {"workflow"},  # the ordered list of stages
+    {"stages"},  # stages.workflow: the ordered list of stages
     {"commands"},
 ))
 STAGES = {"stages.extract", "stages.train", "stages.predict"}
 # modules above the stages that iterate or list them
-ABOVE_STAGES = {"workflow", "commands.runs"}
+ABOVE_STAGES = {"stages.workflow", "commands.runs"}
 TORCH_FREE = ("core",)
 
 

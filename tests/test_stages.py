@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 
-from pipeline import workflow
 from pipeline.core.config import copy_config
+from pipeline.stages import workflow
 from pipeline.stages.base import Context, StageState, judge_record, save_record
 from pipeline.stages.extract import STAGE as EXTRACT
 from pipeline.stages.extract import run_extract

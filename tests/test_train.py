@@ -25,7 +25,8 @@ from pipeline.models.heads import (
 )
 from pipeline.stages.extract import run_extract
 from pipeline.stages.extract import status as extract_status
-from pipeline.stages.train import model_dir, patch_targets, run_train, status
+from pipeline.stages.train import model_dir, run_train, status
+from pipeline.stages.train_data import patch_targets
 from tests.conftest import ROOT, make_cfg
 
 quiet = dict(log=lambda s: None, progress=False)

@@ -129,7 +129,7 @@ def judge_run(run_dir: Path, split: str, report: ParsedReport) -> tuple[bool | N
     """(up to date, why not) of the run in `run_dir` for its recorded config, judged by the
     stage list on what the folder holds (workflow.recorded_problems); (None, why) when it
     cannot be checked."""
-    from ..workflow import recorded_problems  # above the stages; runs is listed by the CLI
+    from ..stages.workflow import recorded_problems  # the stage list; runs is listed by the CLI
     try:
         cfg = copy_config(report.config, paths__outputs=str(run_dir.parent),
                           run__name=run_dir.name)

@@ -1,18 +1,19 @@
 """The ordered list of stages, and what iterates it: `status`, `run` and `runs`.
 
-Above the stage modules (it imports them); nothing below imports it. Each stage is a
-`stages.Stage`: the one mechanism (`stages.judge_record`) decides whether it is up to date.
+Above the stage modules (it imports them, the one module of stages/ that may); nothing below
+imports it. Each stage is a `base.Stage`: the one mechanism (`base.judge_record`) decides
+whether it is up to date.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from .core.config import Config
-from .core.errors import PipelineError, UsageError, os_error_line
-from .stages.base import Context, Outcome, Stage, StageStatus
-from .stages.extract import ExtractStage
-from .stages.predict import PredictStage
-from .stages.train import TrainStage
+from ..core.config import Config
+from ..core.errors import PipelineError, UsageError, os_error_line
+from .base import Context, Outcome, Stage, StageStatus
+from .extract import ExtractStage
+from .predict import PredictStage
+from .train import TrainStage
 
 STAGES: tuple[Stage, ...] = (ExtractStage(), TrainStage(), PredictStage())
 

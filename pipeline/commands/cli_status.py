@@ -1,0 +1,22 @@
+"""`status`: one line per stage (the stage list: stages/workflow.py, loaded when it runs)."""
+from __future__ import annotations
+
+import click
+
+from .options import run_option, split_names, stage_command
+
+
+@click.command()
+@click.option("--split", default=None, callback=lambda c, p, v: split_names(v),
+              help="Split whose predictions to check (default: data.test_split).")
+@click.option("--verify", is_flag=True,
+              help="Rehash every input and output, ignoring the checksum memo (reads all the "
+                   "data and the cache); what is found damaged is marked for repair.")
+@run_option(None)
+@stage_command(computes=False)
+def status(cfg, split, verify):
+    """One line per stage: up-to-date, stale (why) or missing."""
+    from ..stages.base import Context
+    from ..stages.workflow import statuses
+    for st in statuses(Context.of(cfg, split, verify)):
+        click.echo(st.line())
