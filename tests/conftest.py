@@ -138,6 +138,9 @@ class _CliServer:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):  # else left to the garbage collector
+            if pipe is not None:
+                pipe.close()
 
     def _line(self, timeout: float | None = None) -> int | None:
         out = self.proc.stdout
