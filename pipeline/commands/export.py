@@ -44,7 +44,7 @@ from ..inference import BackboneRunner, checked_models
 from ..models.backbones import Backbone
 from ..models.heads import TrainedModels
 from ..params import feature_params, inference_params, tta_params
-from ..stages.base import StageState, load_record, reproduce
+from ..stages.base import Recording, StageState, load_record, reproduce
 
 STAGE = "export"
 MAX_SIDE = 8192  # largest image side the program accepts
@@ -156,7 +156,7 @@ class ExportResult:
 
 
 @dataclass
-class Export:
+class Export(Recording[ExportResult]):
     """One run of `export`, as the run template (`stages.base.reproduce`) runs it: no lock
     (it only reads the models, under checked_models' shared lock)."""
     cfg: Config
@@ -166,12 +166,9 @@ class Export:
     width: int | None
     log: Callable[[str], None]
     t0: float
-    label = STAGE
-    lock = None
 
-    @property
-    def run_dir(self) -> Path:
-        return self.cfg.run_dir
+    def __post_init__(self) -> None:
+        self.label, self.run_dir, self.lock = STAGE, self.cfg.run_dir, None
 
     def state(self) -> StageState:
         cfg = self.cfg
@@ -222,11 +219,6 @@ class Export:
         res = ExportResult(path, patch, bytes=len(data), seconds=time.perf_counter() - self.t0)
         return res, state, {"sha256": sha256_bytes(data)}
 
-    def registered(self) -> list[Path]:
-        return []
-
-    def finish(self) -> None:
-        pass
 
 
 def run_export(cfg: Config, out: str | Path | None = None, height: int | None = None,

@@ -55,7 +55,7 @@ from ..params import mirrored_splits, predict_params
 from ..report import stage as report_stage
 from ..report.stage import headline
 from ..store.feature_store import CachedItem, FeatureStore, split_fingerprint
-from .base import Context, Lock, StageState, StageStatus, judge, load_record, reproduce
+from .base import Context, Lock, Recording, StageState, StageStatus, judge, load_record, reproduce
 
 if TYPE_CHECKING:
     import torch
@@ -289,7 +289,7 @@ class PredictResult:
 
 
 @dataclass
-class Prediction:
+class Prediction(Recording[PredictResult]):
     """One run of stage 3 for a split, as the run template (`base.reproduce`) runs it."""
     cfg: Config
     split: str
@@ -301,18 +301,10 @@ class Prediction:
     executor: str | None
     t0: float
 
-    @property
-    def label(self) -> str:
-        return f"predict [{self.split}]"
-
-    @property
-    def run_dir(self) -> Path:
-        return self.cfg.run_dir
-
-    @property
-    def lock(self) -> Lock:
-        return Lock(RunLayout.of(self.cfg).lock(f"predict-{self.split}"),
-                    f"predict [{self.split}] of run '{self.cfg.run.name}'")
+    def __post_init__(self) -> None:
+        self.label, self.run_dir = f"predict [{self.split}]", self.cfg.run_dir
+        self.lock = Lock(RunLayout.of(self.cfg).lock(f"predict-{self.split}"),
+                         f"predict [{self.split}] of run '{self.cfg.run.name}'")
 
     @property
     def mirror_fp(self) -> str | None:
@@ -385,9 +377,6 @@ class Prediction:
 
     def registered(self) -> list[Path]:
         return [used.split_dir for used in (self.store, self.mirror) if used is not None]
-
-    def finish(self) -> None:
-        pass
 
 
 def _current_units(cfg: Config, split: str, udir: Path, hashes: list[str], fp: str,

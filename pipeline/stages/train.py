@@ -32,7 +32,7 @@ from ..models.heads import LinearHead, PacUpsampler, UpsamplerSpec, models_finge
 from ..params import training_params
 from ..report import save_training_curves
 from ..store.feature_store import FeatureStore, split_fingerprint
-from .base import Context, Lock, StageState, StageStatus, judge, load_record, reproduce
+from .base import Context, Lock, Recording, StageState, StageStatus, judge, load_record, reproduce
 from .checkpoints import CHECKPOINT, load_checkpoint, remove_checkpoints
 from .train_data import TrainData, boundary_band, random_crop
 from .train_loop import (
@@ -128,23 +128,18 @@ def _epoch_rng(seed: int, phase: int, epoch: int) -> np.random.Generator:
 
 
 @dataclass
-class Training:
+class Training(Recording[TrainResult]):
     """One run of stage 2, as the run template (`base.reproduce`) runs it."""
     cfg: Config
     stores: dict[str, FeatureStore]
     log: Callable[[str], None]
     progress: bool
     t0: float = field(default_factory=time.perf_counter)
-    label = STAGE
 
-    @property
-    def run_dir(self) -> Path:
-        return self.cfg.run_dir
-
-    @property
-    def lock(self) -> Lock:
-        return Lock(RunLayout.of(self.cfg).lock("models"),
-                    f"the models of run '{self.cfg.run.name}'")
+    def __post_init__(self) -> None:
+        self.label, self.run_dir = STAGE, self.cfg.run_dir
+        self.lock = Lock(RunLayout.of(self.cfg).lock("models"),
+                         f"the models of run '{self.cfg.run.name}'")
 
     def state(self) -> StageState:
         return stage_state(self.cfg, {f"features[{s}]": st.fingerprint
