@@ -186,11 +186,11 @@ class Export(Recording[ExportResult]):
                           "" if intact else f"{self.path} missing or changed",
                           {"models": command("train-head")})
 
-    def current(self, state: StageState) -> ExportResult:
+    def current(self, _state: StageState) -> ExportResult:
         return ExportResult(self.path, self.models.patch_size, up_to_date=True,
                             bytes=self.path.stat().st_size)
 
-    def compute(self, state: StageState, force: bool
+    def compute(self, state: StageState, _force: bool
                 ) -> tuple[ExportResult, StageState, dict[str, Any]]:
         cfg, log, path = self.cfg, self.log, self.path
         # the run folder's ledger records every file export writes, wherever it is

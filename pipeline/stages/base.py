@@ -103,7 +103,7 @@ class Stage(Protocol):
         """Whether its record lives in the run folder (stage 1's lives with the store)."""
         ...
 
-    def name(self, split: str) -> str:
+    def name(self, split: str, /) -> str:
         ...
 
     def state(self, ctx: Context) -> StageState:
@@ -215,11 +215,12 @@ class Recording(Protocol[R_co]):
         """Deps, params and outs now."""
         ...
 
-    def current(self, state: StageState) -> R_co:
+    def current(self, state: StageState, /) -> R_co:
         """The result when it is up to date (nothing computed)."""
         ...
 
-    def compute(self, state: StageState, force: bool) -> tuple[R_co, StageState, dict[str, Any]]:
+    def compute(self, state: StageState, force: bool, /
+                ) -> tuple[R_co, StageState, dict[str, Any]]:
         """Compute the outputs: the result, the state to record (its outputs complete) and
         the record's own fields."""
         ...
@@ -230,7 +231,7 @@ class Recording(Protocol[R_co]):
 
     def finish(self) -> None:
         """What follows the record, still under the lock (e.g. removing checkpoints)."""
-        return None
+        return None  # noqa: RET501 (a default: without a statement mypy takes it for abstract)
 
 
 def reproduce(job: Recording[R], force: bool = False,

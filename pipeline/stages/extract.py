@@ -144,7 +144,8 @@ def run_extract(cfg: Config, splits: Iterable[str] = (), force: bool = False,
     return result
 
 
-def _extract_store(cfg: Config, fparams: dict, plans: list[SplitPlan], label: str, hasher,
+def _extract_store(cfg: Config, fparams: dict, plans: list[SplitPlan], label: str,
+                   hasher: FileHasher,
                    result: ExtractResult, force: bool, log: Callable[[str], None], progress: bool,
                    executor: str | None) -> list[str]:
     """Bring one store's splits up to date; returns the splits' listed problems."""
@@ -170,16 +171,7 @@ def _extract_store(cfg: Config, fparams: dict, plans: list[SplitPlan], label: st
         for p in todo:
             why = "--force" if force else first_problems(problems[p.split])
             log(f"extract-features [{p.split}{label}]: computing ({why})")
-            remove_temporaries(p.split_dir / "shards")
-            if force:
-                manifest_path(p.split_dir).unlink(missing_ok=True)
-            for t in p.tasks:
-                if force or done_entry(t, hasher) is None:
-                    t.path.unlink(missing_ok=True)
-                    t.receipt.unlink(missing_ok=True)
-                    bad_marker(t.path).unlink(missing_ok=True)
-                    if force or not reuse_shard(t, sdir, hasher):
-                        pending.append(t)
+            pending += _pending_shards(p, sdir, hasher, force)
         n_total = sum(len(t.items) for t in pending)
         n_cached = sum(len(p.items) for p in todo) - n_total
         log(f"extract-features{label}: {plural(len(todo), 'split')}, "
@@ -198,6 +190,24 @@ def _extract_store(cfg: Config, fparams: dict, plans: list[SplitPlan], label: st
             index_split(sdir, dataset_key(cfg, p.split), p.split_dir.name)
         hasher.save()
     return errors
+
+
+def _pending_shards(plan: SplitPlan, sdir: Path, hasher: FileHasher, force: bool
+                    ) -> list[ShardTask]:
+    """The shards of `plan` to compute: the missing or damaged ones (their files removed),
+    except those linked from another folder of the store; all of them with `force`."""
+    remove_temporaries(plan.split_dir / "shards")
+    if force:
+        manifest_path(plan.split_dir).unlink(missing_ok=True)
+    pending = []
+    for t in plan.tasks:
+        if force or done_entry(t, hasher) is None:
+            t.path.unlink(missing_ok=True)
+            t.receipt.unlink(missing_ok=True)
+            bad_marker(t.path).unlink(missing_ok=True)
+            if force or not reuse_shard(t, sdir, hasher):
+                pending.append(t)
+    return pending
 
 
 def _listed_errors(plan: SplitPlan) -> list[str]:
@@ -300,7 +310,7 @@ class ExtractStage:
     stored splits (shards with checksums and the manifests); its record is the store."""
     in_run = False
 
-    def name(self, split: str) -> str:
+    def name(self, _split: str) -> str:
         return STAGE
 
     def splits(self, ctx: Context, all_splits: bool) -> list[str]:

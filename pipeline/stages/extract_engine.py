@@ -95,7 +95,7 @@ class Extractor(BackboneRunner):
         return records, errors, tuple(rejected)
 
     @staticmethod
-    def _collect(entry, feats: dict[int, np.ndarray],
+    def _collect(entry: tuple[list[int], Callable[[], np.ndarray]], feats: dict[int, np.ndarray],
                  on_batch: Callable[[int], None] | None) -> None:
         chunk, fetch = entry
         out = fetch()
@@ -119,7 +119,7 @@ def stream_shards(tasks: Iterable[ShardTask], extractor: Extractor, decode_threa
     def items(task: ShardTask) -> list[tuple[ShardTask, Item]]:
         return [(task, it) for it in task.items]
 
-    def decode_one(entry: tuple[ShardTask, Item]):
+    def decode_one(entry: tuple[ShardTask, Item]) -> Decoded[Item, LoadedItem] | Undecodable[Item]:
         task, it = entry
         return decode(task.data_root, it, extractor.patch, extractor.fit, task.max_pixels)
 
@@ -128,7 +128,8 @@ def stream_shards(tasks: Iterable[ShardTask], extractor: Extractor, decode_threa
         write_shard(task, records, errors, rejected)
         return len(records)
 
-    def process(task: ShardTask, decoded, writer: Writer[int]) -> None:
+    def process(task: ShardTask, decoded: Iterable[Decoded[Item, LoadedItem] | Undecodable[Item]],
+                writer: Writer[int]) -> None:
         decoded = list(decoded)  # decoded before the lock: another task's forward runs
         with forward_lock or contextlib.nullcontext():
             records, errors, rejected = extractor.shard_records(decoded, on_images, task.mirror)
@@ -211,7 +212,7 @@ def reuse_shard(task: ShardTask, sdir: Path, hasher: FileHasher) -> bool:
     return False
 
 
-def assemble_manifest(plan: SplitPlan, hasher) -> Manifest:
+def assemble_manifest(plan: SplitPlan, hasher: FileHasher) -> Manifest:
     """The split's manifest from its shards' receipts (each checked against its shard), written
     atomically; shards of earlier plans are removed."""
     entries = []

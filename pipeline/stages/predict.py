@@ -314,7 +314,7 @@ class Prediction(Recording[PredictResult]):
         return stage_state(self.cfg, self.split, self.models.fingerprint,
                            self.store.fingerprint, self.mirror_fp)
 
-    def current(self, state: StageState) -> PredictResult:
+    def current(self, _state: StageState) -> PredictResult:
         return PredictResult(up_to_date=True, report_json=report_path(self.cfg, self.split),
                              predictions_dir=pred_dir_of(self.cfg, self.split), split=self.split)
 

@@ -84,7 +84,7 @@ class TrainStage:
     outs the model set (files checked against the card's checksums)."""
     in_run = True
 
-    def name(self, split: str) -> str:
+    def name(self, _split: str) -> str:
         return STAGE
 
     def state(self, ctx: Context) -> StageState:
@@ -145,7 +145,7 @@ class Training(Recording[TrainResult]):
         return stage_state(self.cfg, {f"features[{s}]": st.fingerprint
                                       for s, st in self.stores.items()})
 
-    def current(self, state: StageState) -> TrainResult:
+    def current(self, _state: StageState) -> TrainResult:
         if not runconfig.record_path(self.run_dir).exists():  # trained before records
             runconfig.write_record(self.cfg)
         return TrainResult(up_to_date=True, model_dir=model_dir(self.cfg))
