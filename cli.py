@@ -25,7 +25,7 @@ from pipeline.commands.options import (
     split_names,
     stage_command,
 )
-from pipeline.core.config import load_config
+from pipeline.core.config import Config, load_config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,7 +43,7 @@ def cli() -> None:
 @click.option("--split", "splits", multiple=True, callback=lambda c, p, v: split_names(v),
               help="Split(s) to extract (default: all).")
 @stage_command
-def extract_features(cfg, force, splits):
+def extract_features(cfg: Config, force: bool, splits: tuple[str, ...]) -> None:
     """Stage 1: images -> backbone patch features in the HDF5 cache."""
     from pipeline.stages.extract import run_extract
     sys.exit(0 if echo_outcome(run_extract(cfg, splits, force=force, progress=True)) else 1)
@@ -52,7 +52,7 @@ def extract_features(cfg, force, splits):
 @cli.command("train-head")
 @run_option("train")
 @stage_command
-def train_head(cfg, force):
+def train_head(cfg: Config, force: bool) -> None:
     """Stage 2: train the linear head and the PAC upsampler from the cache."""
     from pipeline.stages.train import run_train
     echo_outcome(run_train(cfg, force=force))
@@ -64,7 +64,7 @@ def train_head(cfg, force):
               help="Split to predict (default: data.test_split).")
 @run_option("use")
 @stage_command
-def predict(cfg, force, split):
+def predict(cfg: Config, force: bool, split: str | None) -> None:
     """Stage 3: masks for a split, plus the IoU report."""
     from pipeline.stages.predict import run_predict
     echo_outcome(run_predict(cfg, split or cfg.data.test_split, force=force))
@@ -75,7 +75,7 @@ def predict(cfg, force, split):
 @click.option("--split", default=None, callback=lambda c, p, v: split_names(v),
               help="Split to predict (default: data.test_split).")
 @stage_command
-def run(cfg, force, split):
+def run(cfg: Config, force: bool, split: str | None) -> None:
     """All three stages in order, each skipped when up-to-date."""
     from pipeline.stages.workflow import run_all
     ok = [echo_outcome(outcome) for outcome in run_all(cfg, split or cfg.data.test_split, force)]
@@ -94,7 +94,7 @@ def config_group() -> None:
 @config_group.command("show")
 @run_option(None)
 @stage_command(computes=False)
-def config_show(cfg):
+def config_show(cfg: Config) -> None:
     """Print the effective config (file + --set) as TOML, to save and edit."""
     from pipeline.core.config import to_toml
     click.echo(to_toml(cfg), nl=False)
@@ -106,7 +106,7 @@ def config_show(cfg):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key (a TOML literal, or a bare string); repeatable.")
 @click.option("--force", is_flag=True, help="Recompute every stage even when up-to-date.")
-def demo(config_path, overrides, force):
+def demo(config_path: str, overrides: tuple[str, ...], force: bool) -> None:
     """Offline example: generate a small dataset and run all stages on it."""
     from pipeline.core.owned import claim_folder
     from pipeline.data.synth import make_dataset

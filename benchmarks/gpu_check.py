@@ -432,7 +432,7 @@ def stage1_timers(timers: Timers) -> Iterator[list[str]]:
     the decoding threads), canvas (main thread), launch (main thread: stacking, host-to-device
     copy and the forward's launch; on CPU the whole forward), fetch (main thread waiting for
     the device and the copy back), write (the writer thread: HDF5 shard and receipt)."""
-    import pipeline.stages.extract as ex
+    import pipeline.stages.extract_engine as ex
     runner_cls: Any
     try:
         from pipeline.inference import BackboneRunner
@@ -609,7 +609,7 @@ RESUME_CHILD = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-import pipeline.stages.extract as ex
+import pipeline.stages.extract_engine as ex
 real, marker, k = ex.write_shard, Path(sys.argv[2]), int(sys.argv[3])
 landed = []
 def write_then_stop(*a, **kw):

@@ -300,7 +300,7 @@ def test_fifo_and_device_are_refused_without_blocking(tmp_path):
     the open descriptor) and from listing, which reports them and lists the other images."""
     import os
 
-    from pipeline.stages.extract import decode
+    from pipeline.stages.extract_engine import decode
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 1}, size=(32, 32))
     images = root / "train/disc/images"
     os.mkfifo(images / "x.jpg")

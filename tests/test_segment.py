@@ -254,7 +254,7 @@ def test_a_killed_segment_loses_at_most_the_masks_in_flight(trained, tmp_path):
 import os, sys
 from pathlib import Path
 sys.path.insert(0, {str(ROOT)!r})
-import pipeline.segment as seg
+import pipeline.commands.segment as seg
 from tests.conftest import TINY_TRAIN, make_cfg
 cfg = make_cfg(Path({str(base)!r}), Path({str(root)!r}), *TINY_TRAIN)
 real, calls = seg.atomic_write_bytes, []

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from ..core.config import Config
 from .options import stage_command
 
 
@@ -20,7 +21,7 @@ def _store_summary(params: dict) -> str:
 
 @cache_group.command("list")
 @stage_command(computes=False)
-def cache_list(cfg):
+def cache_list(cfg: Config) -> None:
     """Each store: backbone and settings, splits (images, dataset), size, the runs using it."""
     from ..core.fsutil import human_bytes
     from .cache import stores
@@ -40,7 +41,7 @@ def cache_list(cfg):
 @cache_group.command("gc")
 @click.option("--yes", is_flag=True, help="Remove them (without it: only list them).")
 @stage_command(computes=False)
-def cache_gc(cfg, yes):
+def cache_gc(cfg: Config, yes: bool) -> None:
     """Remove the stores no live run uses (a dry run unless --yes)."""
     from ..core.fsutil import human_bytes
     from .cache import collect_garbage

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..core.config import Config
 from .options import run_option, stage_command
 
 
@@ -20,7 +21,8 @@ from .options import run_option, stage_command
                    "[default: 20 patches].")
 @run_option("use")
 @stage_command
-def export_model(cfg, force, out_file, height, width):
+def export_model(cfg: Config, force: bool, out_file: Path | None, height: int | None,
+                 width: int | None) -> None:
     """One self-contained torch.export file: uint8 images -> object probability."""
     from .export import run_export
     res = run_export(cfg, out_file, height=height, width=width, force=force, log=click.echo)

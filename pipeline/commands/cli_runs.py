@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from ..core.config import Config
 from .options import split_names, stage_command
 
 
@@ -26,7 +27,8 @@ from .options import split_names, stage_command
               help="Also write the table as <paths.outputs>/runs_<split>.html, each run linking "
                    "to its report (offline), and print its path.")
 @stage_command(computes=False)
-def runs(cfg, split, as_json, as_html, as_markdown, filters, keys):
+def runs(cfg: Config, split: str | None, as_json: bool, as_html: bool, as_markdown: bool,
+         filters: tuple[str, ...], keys: str | None) -> None:
     """One row per run: the config keys that differ, the split's metrics, up-to-date or not
     (judged in the run's folder as listed; a damaged file is a row that says so)."""
     import json

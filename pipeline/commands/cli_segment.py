@@ -7,11 +7,13 @@ from pathlib import Path
 
 import click
 
+from ..core.config import Config
 from ..core.progress import plural
 from .options import run_option, stage_command
 
 
-def do_segment(cfg, force: bool, paths, out_dir, overlays: bool) -> bool:
+def do_segment(cfg: Config, force: bool, paths: tuple[Path, ...], out_dir: Path | None,
+               overlays: bool) -> bool:
     from .segment import run_segment
     res = run_segment(cfg, paths, out_dir, overlays=overlays, force=force,
                       warn=lambda line: click.echo(f"  skipped: {line}", err=True))
@@ -40,7 +42,8 @@ def do_segment(cfg, force: bool, paths, out_dir, overlays: bool) -> bool:
               help="Also write overlays/<path>.jpg: the image with the mask tinted and outlined.")
 @run_option("use")
 @stage_command
-def segment(cfg, force, paths, out_dir, overlays):
+def segment(cfg: Config, force: bool, paths: tuple[Path, ...], out_dir: Path | None,
+            overlays: bool) -> None:
     """Masks for PATHS, image files or folders (searched recursively), with the run's
     trained models."""
     sys.exit(0 if do_segment(cfg, force, paths, out_dir, overlays) else 1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from ..core.config import Config
 from .options import run_option, split_names, stage_command
 
 
@@ -14,7 +15,7 @@ from .options import run_option, split_names, stage_command
                    "data and the cache); what is found damaged is marked for repair.")
 @run_option(None)
 @stage_command(computes=False)
-def status(cfg, split, verify):
+def status(cfg: Config, split: str | None, verify: bool) -> None:
     """One line per stage: up-to-date, stale (why) or missing."""
     from ..stages.base import Context
     from ..stages.workflow import statuses

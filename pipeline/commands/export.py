@@ -44,7 +44,7 @@ from ..inference import BackboneRunner, checked_models
 from ..models.backbones import Backbone
 from ..models.heads import TrainedModels
 from ..params import feature_params, inference_params, tta_params
-from ..stages.base import StageState, load_record, reproduce
+from ..stages.base import Recording, StageState, load_record, reproduce
 
 STAGE = "export"
 MAX_SIDE = 8192  # largest image side the program accepts
@@ -156,7 +156,7 @@ class ExportResult:
 
 
 @dataclass
-class Export:
+class Export(Recording[ExportResult]):
     """One run of `export`, as the run template (`stages.base.reproduce`) runs it: no lock
     (it only reads the models, under checked_models' shared lock)."""
     cfg: Config
@@ -166,12 +166,9 @@ class Export:
     width: int | None
     log: Callable[[str], None]
     t0: float
-    label = STAGE
-    lock = None
 
-    @property
-    def run_dir(self) -> Path:
-        return self.cfg.run_dir
+    def __post_init__(self) -> None:
+        self.label, self.run_dir, self.lock = STAGE, self.cfg.run_dir, None
 
     def state(self) -> StageState:
         cfg = self.cfg
@@ -189,11 +186,11 @@ class Export:
                           "" if intact else f"{self.path} missing or changed",
                           {"models": command("train-head")})
 
-    def current(self, state: StageState) -> ExportResult:
+    def current(self, _state: StageState) -> ExportResult:
         return ExportResult(self.path, self.models.patch_size, up_to_date=True,
                             bytes=self.path.stat().st_size)
 
-    def compute(self, state: StageState, force: bool
+    def compute(self, state: StageState, _force: bool
                 ) -> tuple[ExportResult, StageState, dict[str, Any]]:
         cfg, log, path = self.cfg, self.log, self.path
         # the run folder's ledger records every file export writes, wherever it is
@@ -222,11 +219,6 @@ class Export:
         res = ExportResult(path, patch, bytes=len(data), seconds=time.perf_counter() - self.t0)
         return res, state, {"sha256": sha256_bytes(data)}
 
-    def registered(self) -> list[Path]:
-        return []
-
-    def finish(self) -> None:
-        pass
 
 
 def run_export(cfg: Config, out: str | Path | None = None, height: int | None = None,

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -14,12 +16,18 @@ from ..core import hints
 from ..core.config import Config, load_config
 from ..core.errors import PipelineError, os_error_line
 
+if TYPE_CHECKING:
+    from ..stages.base import Outcome
+
+T = TypeVar("T")
+V = TypeVar("V", str, tuple[str, ...], None)
+
 # The checkout's default config; an installed command without a checkout uses the same
 # values built into pipeline/core/config.py (a test keeps the two equal).
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.toml"
 
 
-def load(config_path: str | Path | None, overrides) -> Config:
+def load(config_path: str | Path | None, overrides: list[str] | tuple[str, ...]) -> Config:
     """The effective config: `config_path` (default: DEFAULT_CONFIG when present, else the
     built-in defaults) with the --set overrides applied."""
     if config_path is None and DEFAULT_CONFIG.is_file():
@@ -27,7 +35,8 @@ def load(config_path: str | Path | None, overrides) -> Config:
     return load_config(config_path, overrides)
 
 
-def load_run(config_path: str | Path | None, overrides, name: str, guard: str | None) -> Config:
+def load_run(config_path: str | Path | None, overrides: list[str] | tuple[str, ...], name: str,
+             guard: str | None) -> Config:
     """`--run NAME`: the run's recorded config (found under the paths.outputs of --config /
     --set or the default) with the --config file's keys and the --set overrides on top.
     `guard`: "use" (segment, predict, export) or "train" (train-head) refuse a key that would
@@ -39,7 +48,7 @@ def load_run(config_path: str | Path | None, overrides, name: str, guard: str | 
     return run.cfg
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     """Print `message` as one `error:` line (a library's multi-line text is joined) and exit."""
     one_line = "; ".join(part.strip() for part in message.splitlines() if part.strip())
     click.echo(f"error: {one_line}", err=True)
@@ -61,7 +70,7 @@ def allocation_failure(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "DefaultCPUAllocator" in str(e)
 
 
-def guarded(call, *args, **kwargs):
+def guarded(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run `call`, mapping user-facing errors to their exit code at this one boundary:
     PipelineError (1, or 2 for usage errors), OSError (1), out of memory (1), Ctrl-C (130)."""
     try:
@@ -80,7 +89,7 @@ def guarded(call, *args, **kwargs):
         sys.exit(130)
 
 
-def stage_command(func=None, *, computes: bool = True):
+def stage_command(func: Callable[..., Any] | None = None, *, computes: bool = True) -> Any:
     """Common options of the commands, config loading and the exit-code policy: 0 success,
     1 a failed stage (bad data, missing upstream), 2 a usage error. `computes`: the command
     computes something (a stage, segment, export), so it takes --force and sets the threads;
@@ -89,7 +98,7 @@ def stage_command(func=None, *, computes: bool = True):
     if func is None:
         return functools.partial(stage_command, computes=computes)
 
-    def force_option(f):
+    def force_option(f: Callable[..., Any]) -> Callable[..., Any]:
         return click.option("--force", is_flag=True,
                             help="Recompute even when the result is up-to-date.")(f) \
             if computes else f
@@ -100,7 +109,8 @@ def stage_command(func=None, *, computes: bool = True):
                   help="Override a config key (a TOML literal, or a bare string); repeatable.")
     @force_option
     @functools.wraps(func)
-    def wrapper(config_path, overrides, force=False, **kwargs):
+    def wrapper(config_path: str | None, overrides: tuple[str, ...], force: bool = False,
+                **kwargs: Any) -> Any:
         # repair hints name this program and carry these options (pipeline/core/hints.py)
         hints.invoked(sys.argv[0], config_path, overrides,
                       (kwargs.get("run_name") or (None,))[0], run_commands())
@@ -133,16 +143,17 @@ def run_commands() -> list[str]:
             if c is not None and any(p.name == "run_name" for p in c.params)]
 
 
-def split_names(value):
+def split_names(value: V) -> V:
     """A --split value (or several) checked to be plain folder names: a `/`, `..` or an
     absolute path would make the stages write outside their folders (exit 2, one line)."""
     from ..core.config import check_name
-    for name in (value if isinstance(value, tuple) else (value,) if value else ()):
+    names: tuple[str, ...] = value if isinstance(value, tuple) else (value,) if value else ()
+    for name in names:
         guarded(check_name, "--split", name)
     return value
 
 
-def run_option(guard: str | None):
+def run_option(guard: str | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """`--run NAME` for a stage_command: its config starts from that run's record; `guard`
     as in load_run (what a key that would make the run's models stale does)."""
     what = {"use": " A key that would make its models stale is refused.",
@@ -160,7 +171,7 @@ scheduler_option = click.option(
     help='Run on Dask: "local:N" or "tcp://host:8786" (same as --set dask.scheduler=...).')
 
 
-def echo_outcome(outcome) -> bool:
+def echo_outcome(outcome: Outcome) -> bool:
     """Print what a stage did (its summary lines); whether it went well."""
     for text, to_err in outcome.lines():
         click.echo(text, err=to_err)

@@ -361,7 +361,7 @@ def _stream(cfg: Config, todo: list[Source], extractor: BackboneRunner, predicto
         result.n_written += 1
         bar.update(1)
 
-    def process(chunk: list[Source], decoded: Iterator, writer: Writer[None]) -> None:
+    def process(_chunk: list[Source], decoded: Iterator, writer: Writer[None]) -> None:
         good: list[Decoded[Source, Identity]] = []
         for d in decoded:
             if isinstance(d, Decoded):

@@ -103,7 +103,7 @@ class Stage(Protocol):
         """Whether its record lives in the run folder (stage 1's lives with the store)."""
         ...
 
-    def name(self, split: str) -> str:
+    def name(self, split: str, /) -> str:
         ...
 
     def state(self, ctx: Context) -> StageState:
@@ -205,42 +205,33 @@ R_co = TypeVar("R_co", covariant=True)
 class Recording(Protocol[R_co]):
     """One run of a stage or command that records what it computed (train-head, predict,
     export), as `reproduce` runs it: it declares its run folder, lock and state, and says how
-    to compute; the template does the rest, once, for all of them."""
-    @property
-    def label(self) -> str:
-        """The prefix of its log lines: "train-head", "predict [test]", "export"."""
-        ...
-
-    @property
-    def run_dir(self) -> Path:
-        """The run folder its record lives in (claimed before anything is written)."""
-        ...
-
-    @property
-    def lock(self) -> Lock | None:
-        """Held from judging to registering (None: the run needs none)."""
-        ...
+    to compute; the template does the rest, once, for all of them. A job that subclasses it
+    explicitly inherits the defaults of `registered` (none) and `finish` (nothing)."""
+    label: str  # the prefix of its log lines: "train-head", "predict [test]", "export"
+    run_dir: Path  # the run folder its record lives in (claimed before anything is written)
+    lock: Lock | None  # held from judging to registering (None: the run needs none)
 
     def state(self) -> StageState:
         """Deps, params and outs now."""
         ...
 
-    def current(self, state: StageState) -> R_co:
+    def current(self, state: StageState, /) -> R_co:
         """The result when it is up to date (nothing computed)."""
         ...
 
-    def compute(self, state: StageState, force: bool) -> tuple[R_co, StageState, dict[str, Any]]:
+    def compute(self, state: StageState, force: bool, /
+                ) -> tuple[R_co, StageState, dict[str, Any]]:
         """Compute the outputs: the result, the state to record (its outputs complete) and
         the record's own fields."""
         ...
 
     def registered(self) -> Sequence[Path]:
         """The stored splits it used (cache gc keeps the stores a live run uses)."""
-        ...
+        return ()
 
     def finish(self) -> None:
         """What follows the record, still under the lock (e.g. removing checkpoints)."""
-        ...
+        return None  # noqa: RET501 (a default: without a statement mypy takes it for abstract)
 
 
 def reproduce(job: Recording[R], force: bool = False,

@@ -36,7 +36,8 @@ def save_checkpoint(mdir: Path, obj: dict) -> None:
     atomic_write_bytes(_checksum_path(cur), sha256_bytes(data).encode())
 
 
-def load_checkpoint(mdir: Path, fp: str, device, log: Callable[[str], None]) -> dict | None:
+def load_checkpoint(mdir: Path, fp: str, device: torch.device | str,
+                    log: Callable[[str], None]) -> dict | None:
     """The newest intact checkpoint of this training (same fingerprint), read without
     unpickling; damaged ones are discarded with a note."""
     for name in (CHECKPOINT, CHECKPOINT_PREV):

@@ -25,37 +25,34 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..core.config import Config
-from ..core.errors import ConfigError, ModelError, StoreError
+from ..core.errors import ConfigError
 from ..core.fingerprints import first_problems
 from ..core.fsutil import (
     FileHasher,
-    atomic_write_bytes,
     atomic_write_json,
     read_json,
-    sha256_bytes,
 )
 from ..core.hints import command
 from ..core.layout import RunLayout
 from ..core.owned import RUN_LEGACY, is_marked
 from ..core.progress import Progress, plural
-from ..data.dataset import same_size_batches
-from ..executors import execute, portable_config, scheduler_of, worker_cached
+from ..executors import execute, portable_config, scheduler_of
 from ..inference import (
     VARIANTS,
     Predictor,
     _models_mismatch,
     checked_models,
-    mask_png_bytes,
     model_dir,
 )
-from ..metrics.masks import image_stats, sweep_counts, sweep_thresholds
+from ..metrics.masks import sweep_thresholds
 from ..models.devices import resolve_device
-from ..models.heads import TrainedModels, load_models, models_fingerprint, read_card
+from ..models.heads import TrainedModels, models_fingerprint, read_card
 from ..params import mirrored_splits, predict_params
 from ..report import stage as report_stage
 from ..report.stage import headline
 from ..store.feature_store import CachedItem, FeatureStore, split_fingerprint
-from .base import Context, Lock, StageState, StageStatus, judge, load_record, reproduce
+from .base import Context, Lock, Recording, StageState, StageStatus, judge, load_record, reproduce
+from .predict_shards import check_mirrored, predict_shard, predict_task
 
 if TYPE_CHECKING:
     import torch
@@ -192,77 +189,6 @@ def status(cfg: Config, split: str, verify: bool = False) -> StageStatus:
     return PredictStage().status(Context.of(cfg, split, verify))
 
 
-# ----------------------------------------------------------------------------- the work unit
-
-def check_mirrored(store: FeatureStore, mirror: FeatureStore) -> None:
-    """StoreError unless `mirror` holds the mirrored features of exactly `store`'s images,
-    in the same places."""
-    def layout(s: FeatureStore) -> list[tuple]:
-        return [(m.category, m.stem, m.source, m.orig_size, m.box, m.shard, m.slot)
-                for m in s.items]
-    if layout(store) != layout(mirror):
-        raise StoreError(f"{mirror.split_dir}: the mirrored features do not match the stored "
-                         f"split; run `{command('extract-features', '--split', store.split)}`")
-
-
-def predict_shard(store: FeatureStore, shard: int, predictor: Predictor, pred_dir: Path,
-                  batch_size: int = 8, mirror: FeatureStore | None = None,
-                  sweep: Sequence[float] = ()) -> dict:
-    """Masks of one shard written as PNG; returns the unit {"items": [...], "sweep": [...]}
-    of statistics (None for an image without annotation) and, per annotated image and
-    variant, the confusion counts at the ascending thresholds `sweep` (metrics.sweep_counts).
-    Images are batched by canvas size, in order. `mirror`: the split's mirrored features
-    (predict.tta = "flip")."""
-    metas = [m for m in store.items if m.shard == shard]
-    rows: dict[int, dict] = {}
-    for batch in same_size_batches([m.box for m in metas], batch_size):
-        items = [store.read(metas[i].index) for i in batch]
-        mirrored = None if mirror is None else [mirror.features(metas[i].index) for i in batch]
-        for item, (masks, levels) in zip(
-                items, predictor.batch_masks_and_levels(items, mirrored, sweep), strict=True):
-            meta = item.meta
-            png = mask_png_bytes(masks["pac"])
-            atomic_write_bytes(pred_dir / meta.category / f"{meta.stem}.png", png)
-            stats, counts = None, None
-            if item.mask is not None:
-                stats = {v: image_stats(masks[v], item.mask, meta.category, meta.stem).to_dict()
-                         for v in VARIANTS}
-                if sweep:
-                    counts = {v: sweep_counts(levels[v], item.mask, len(sweep)) for v in VARIANTS}
-            rows[meta.index] = {"category": meta.category, "stem": meta.stem, "index": meta.index,
-                                "stats": stats, "mask": sha256_bytes(png), "sweep": counts}
-    return {"items": [rows[m.index] for m in metas], "sweep": list(sweep)}
-
-
-def predict_task(cfg: Config, split_dir: str, fingerprint: str, shard: int, pred_dir: str,
-                 models_fp: str, mirror_dir: str | None = None,
-                 mirror_fp: str | None = None) -> tuple[int, dict]:
-    """One shard on a Dask worker; the worker keeps the stores and models it opened, keyed by
-    their content fingerprints (a re-extracted split or retrained models are reopened)."""
-    def opened(sdir: str, fp: str) -> FeatureStore:
-        store = worker_cached(("store", sdir, fp), lambda: FeatureStore(sdir))
-        if store.fingerprint != fp:
-            raise StoreError(f"{sdir}: the stored split changed during prediction; rerun predict")
-        return store
-
-    store = opened(split_dir, fingerprint)
-    mirror = (opened(mirror_dir, mirror_fp)
-              if mirror_dir is not None and mirror_fp is not None else None)
-
-    def make_predictor() -> Predictor:
-        device = resolve_device(cfg.predict.device)
-        models = load_models(model_dir(cfg), device)
-        if models.fingerprint != models_fp:
-            raise ModelError(f"{model_dir(cfg)}: the models changed during prediction; "
-                             "rerun predict")
-        return Predictor(models, device, cfg.predict.threshold)
-
-    predictor = worker_cached(("predictor", models_fp, cfg.predict.device, cfg.predict.threshold),
-                              make_predictor)
-    return shard, predict_shard(store, shard, predictor, Path(pred_dir), cfg.predict.batch_size,
-                                mirror, sweep_thresholds(cfg.predict.threshold))
-
-
 # ----------------------------------------------------------------------------- the stage
 
 @dataclass
@@ -289,7 +215,7 @@ class PredictResult:
 
 
 @dataclass
-class Prediction:
+class Prediction(Recording[PredictResult]):
     """One run of stage 3 for a split, as the run template (`base.reproduce`) runs it."""
     cfg: Config
     split: str
@@ -301,18 +227,10 @@ class Prediction:
     executor: str | None
     t0: float
 
-    @property
-    def label(self) -> str:
-        return f"predict [{self.split}]"
-
-    @property
-    def run_dir(self) -> Path:
-        return self.cfg.run_dir
-
-    @property
-    def lock(self) -> Lock:
-        return Lock(RunLayout.of(self.cfg).lock(f"predict-{self.split}"),
-                    f"predict [{self.split}] of run '{self.cfg.run.name}'")
+    def __post_init__(self) -> None:
+        self.label, self.run_dir = f"predict [{self.split}]", self.cfg.run_dir
+        self.lock = Lock(RunLayout.of(self.cfg).lock(f"predict-{self.split}"),
+                         f"predict [{self.split}] of run '{self.cfg.run.name}'")
 
     @property
     def mirror_fp(self) -> str | None:
@@ -322,7 +240,7 @@ class Prediction:
         return stage_state(self.cfg, self.split, self.models.fingerprint,
                            self.store.fingerprint, self.mirror_fp)
 
-    def current(self, state: StageState) -> PredictResult:
+    def current(self, _state: StageState) -> PredictResult:
         return PredictResult(up_to_date=True, report_json=report_path(self.cfg, self.split),
                              predictions_dir=pred_dir_of(self.cfg, self.split), split=self.split)
 
@@ -385,9 +303,6 @@ class Prediction:
 
     def registered(self) -> list[Path]:
         return [used.split_dir for used in (self.store, self.mirror) if used is not None]
-
-    def finish(self) -> None:
-        pass
 
 
 def _current_units(cfg: Config, split: str, udir: Path, hashes: list[str], fp: str,

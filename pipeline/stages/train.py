@@ -32,7 +32,7 @@ from ..models.heads import LinearHead, PacUpsampler, UpsamplerSpec, models_finge
 from ..params import training_params
 from ..report import save_training_curves
 from ..store.feature_store import FeatureStore, split_fingerprint
-from .base import Context, Lock, StageState, StageStatus, judge, load_record, reproduce
+from .base import Context, Lock, Recording, StageState, StageStatus, judge, load_record, reproduce
 from .checkpoints import CHECKPOINT, load_checkpoint, remove_checkpoints
 from .train_data import TrainData, boundary_band, random_crop
 from .train_loop import (
@@ -84,7 +84,7 @@ class TrainStage:
     outs the model set (files checked against the card's checksums)."""
     in_run = True
 
-    def name(self, split: str) -> str:
+    def name(self, _split: str) -> str:
         return STAGE
 
     def state(self, ctx: Context) -> StageState:
@@ -128,29 +128,24 @@ def _epoch_rng(seed: int, phase: int, epoch: int) -> np.random.Generator:
 
 
 @dataclass
-class Training:
+class Training(Recording[TrainResult]):
     """One run of stage 2, as the run template (`base.reproduce`) runs it."""
     cfg: Config
     stores: dict[str, FeatureStore]
     log: Callable[[str], None]
     progress: bool
     t0: float = field(default_factory=time.perf_counter)
-    label = STAGE
 
-    @property
-    def run_dir(self) -> Path:
-        return self.cfg.run_dir
-
-    @property
-    def lock(self) -> Lock:
-        return Lock(RunLayout.of(self.cfg).lock("models"),
-                    f"the models of run '{self.cfg.run.name}'")
+    def __post_init__(self) -> None:
+        self.label, self.run_dir = STAGE, self.cfg.run_dir
+        self.lock = Lock(RunLayout.of(self.cfg).lock("models"),
+                         f"the models of run '{self.cfg.run.name}'")
 
     def state(self) -> StageState:
         return stage_state(self.cfg, {f"features[{s}]": st.fingerprint
                                       for s, st in self.stores.items()})
 
-    def current(self, state: StageState) -> TrainResult:
+    def current(self, _state: StageState) -> TrainResult:
         if not runconfig.record_path(self.run_dir).exists():  # trained before records
             runconfig.write_record(self.cfg)
         return TrainResult(up_to_date=True, model_dir=model_dir(self.cfg))

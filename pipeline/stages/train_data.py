@@ -97,7 +97,10 @@ class TrainData:
         return self.features(k), self._canvas_image(k), mask, valid
 
 
-def random_crop(sample, patch: int, crop: int, rng: np.random.Generator):
+Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # TrainData.full
+
+
+def random_crop(sample: Sample, patch: int, crop: int, rng: np.random.Generator) -> Sample:
     """A crop of `crop` pixels (rounded down to whole patches) at a random patch position."""
     feats, image, mask, valid = sample
     h, w = feats.shape[-2:]

@@ -24,7 +24,7 @@ from ..core.progress import Progress, plural
 from ..metrics.masks import miou
 from ..models.devices import CpuFanout
 from .checkpoints import save_checkpoint
-from .train_data import TrainData
+from .train_data import Sample, TrainData
 
 
 @dataclass
@@ -57,16 +57,16 @@ class Phase:
 
 class Hook:
     """What acts around the loop; each method does nothing unless overridden."""
-    def before_phase(self, phase: Phase) -> None:
+    def before_phase(self, phase: Phase, /) -> None:
         """Before the phase's first epoch."""
 
-    def after_step(self, phase: Phase, epoch: int, loss: float) -> None:
+    def after_step(self, phase: Phase, epoch: int, loss: float, /) -> None:
         """After a batch (its mean loss)."""
 
-    def after_epoch(self, phase: Phase, epoch: int, row: dict) -> None:
+    def after_epoch(self, phase: Phase, epoch: int, row: dict, /) -> None:
         """After an epoch whose history row is `row` (a hook may add to it)."""
 
-    def after_phase(self, phase: Phase) -> None:
+    def after_phase(self, phase: Phase, /) -> None:
         """After the phase's last epoch."""
 
     def abort(self) -> None:
@@ -86,31 +86,37 @@ def train_phases(phases: Sequence[Phase], n: int, batch_size: int, hooks: Sequen
         for h in hooks:
             h.before_phase(phase)
         for epoch in phase.epochs:
-            rng = phase.rng(epoch)
-            phase.begin_epoch(epoch)
-            order = rng.permutation(n)
-            phase.module.train()
-            total, weight_sum = 0.0, 0.0
-            for b in range(0, n, batch_size):
-                loss, weight = phase.grads(order[b:b + batch_size], rng)
-                if not math.isfinite(loss):
-                    raise fail(phase, epoch, f"loss became {loss}")
-                phase.optimizer.step()
-                total += loss * weight
-                weight_sum += weight
-                for h in hooks:
-                    h.after_step(phase, epoch, loss * weight / weight)
-            if phase.scheduler is not None:
-                phase.scheduler.step()
-            epoch_loss = total / max(weight_sum, 1e-12)
-            row = {"phase": phase.key, "epoch": epoch, "loss": epoch_loss}
-            if not (math.isfinite(epoch_loss) and finite(phase.params)):
-                raise fail(phase, epoch, "weights became non-finite")
+            row = train_epoch(phase, epoch, n, batch_size, hooks, fail)
             for h in hooks:
                 h.after_epoch(phase, epoch, row)
         for h in hooks:
             h.after_phase(phase)
         phase.end()
+
+
+def train_epoch(phase: Phase, epoch: int, n: int, batch_size: int, hooks: Sequence[Hook],
+                fail: Callable[[Phase, int, str], TrainingDiverged]) -> dict:
+    """One epoch of `phase` over the `n` images in its rng's order; its history row."""
+    rng = phase.rng(epoch)
+    phase.begin_epoch(epoch)
+    order = rng.permutation(n)
+    phase.module.train()
+    total, weight_sum = 0.0, 0.0
+    for b in range(0, n, batch_size):
+        loss, weight = phase.grads(order[b:b + batch_size], rng)
+        if not math.isfinite(loss):
+            raise fail(phase, epoch, f"loss became {loss}")
+        phase.optimizer.step()
+        total += loss * weight
+        weight_sum += weight
+        for h in hooks:
+            h.after_step(phase, epoch, loss * weight / weight)
+    if phase.scheduler is not None:
+        phase.scheduler.step()
+    epoch_loss = total / max(weight_sum, 1e-12)
+    if not (math.isfinite(epoch_loss) and finite(phase.params)):
+        raise fail(phase, epoch, "weights became non-finite")
+    return {"phase": phase.key, "epoch": epoch, "loss": epoch_loss}
 
 
 def finite(params: Sequence[torch.Tensor]) -> bool:
@@ -168,7 +174,7 @@ class ValidationHook(Hook):
     device: torch.device
     fanout: CpuFanout | None
 
-    def after_epoch(self, phase: Phase, epoch: int, row: dict) -> None:
+    def after_epoch(self, phase: Phase, _epoch: int, row: dict) -> None:
         if phase.key == self.key:
             row.update(validate(self.head, self.up, self.val, self.device, self.fanout))
 
@@ -178,7 +184,7 @@ class HistoryHook(Hook):
     """Each epoch's row appended to the history (what metrics.jsonl holds)."""
     history: list[dict]
 
-    def after_epoch(self, phase: Phase, epoch: int, row: dict) -> None:
+    def after_epoch(self, _phase: Phase, _epoch: int, row: dict) -> None:
         self.history.append(row)
 
 
@@ -191,7 +197,7 @@ class CheckpointHook(Hook):
     phases: Sequence[Phase]
     write_history: Callable[[], None]
 
-    def after_epoch(self, phase: Phase, epoch: int, row: dict) -> None:
+    def after_epoch(self, phase: Phase, epoch: int, _row: dict) -> None:
         k = [p.key for p in self.phases].index(phase.key)
         nxt = {p.key: p.total + 1 if i < k else epoch + 1 if i == k else 1
                for i, p in enumerate(self.phases)}
@@ -221,12 +227,13 @@ def summed_grads(params: Sequence[torch.Tensor], loss_of: Callable[[int], torch.
 
 
 @torch.no_grad()
-def validate(head, up, val: TrainData, device, fanout: CpuFanout | None) -> dict:
+def validate(head: torch.nn.Module, up: torch.nn.Module, val: TrainData, device: torch.device,
+             fanout: CpuFanout | None) -> dict:
     up.eval()
     conf_lin = np.zeros(4, np.int64)
     conf_pac = np.zeros(4, np.int64)
 
-    def one(sample) -> tuple[np.ndarray, np.ndarray]:
+    def one(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         with torch.no_grad():
             feats, image, mask, valid = (t.to(device) for t in sample)
             base = head(feats)
