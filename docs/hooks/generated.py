@@ -3,12 +3,13 @@
 A page asks for a generated part with a marker line; the hook replaces it while the site is
 built, so the page and the code cannot disagree:
 
-- `<!-- code-map -->`: a table of the modules under `pipeline/`, each with the first line of
-  its docstring (read with `ast`, nothing imported).
+- `<!-- code-map -->`: per folder of `pipeline/`, a table of its modules, each with the
+  first sentence of its docstring (read with `ast`, nothing imported).
 """
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +17,33 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "pipeline"
 
 
-def first_line(path: Path) -> str:
-    """The first sentence-line of the module docstring of `path` ("" without one)."""
+def first_sentence(path: Path) -> str:
+    """The first sentence of the module docstring of `path` ("" without one)."""
     doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
-    line = doc.strip().split("\n\n", 1)[0]
-    return " ".join(line.split())
+    text = " ".join(doc.strip().split("\n\n", 1)[0].split())
+    end = re.search(r"\.(\s+[A-Z(`]|$)", text)
+    return text[: end.start() + 1] if end else text
 
 
 def code_map() -> str:
-    """A Markdown table: each module of the package (by path) and its docstring's first
-    paragraph, packages first by folder."""
-    rows = ["| module | holds |", "|---|---|"]
-    for path in sorted(PACKAGE.rglob("*.py"), key=lambda p: (p.parent != PACKAGE, str(p))):
-        rel = path.relative_to(ROOT).as_posix()
-        if path.name == "__init__.py" and not first_line(path):
-            continue
-        text = first_line(path).replace("|", "\\|") or "-"
-        rows.append(f"| `{rel}` | {text} |")
-    return "\n".join(rows)
+    """Markdown: per folder of the package (the package itself first), a table of its
+    modules with the first sentence of each docstring."""
+    folders: dict[Path, list[Path]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        folders.setdefault(path.parent, []).append(path)
+    out: list[str] = []
+    for folder in sorted(folders, key=lambda f: (f != PACKAGE, str(f))):
+        rel = folder.relative_to(ROOT).as_posix()
+        about = first_sentence(folder / "__init__.py") if folder != PACKAGE else ""
+        out += [f"### `{rel}/`", "", *([about, ""] if about else []),
+                "| module | holds |", "|---|---|"]
+        for path in folders[folder]:
+            if path.name == "__init__.py":
+                continue
+            text = first_sentence(path).replace("|", "\\|") or "-"
+            out.append(f"| `{path.name}` | {text} |")
+        out.append("")
+    return "\n".join(out)
 
 
 MARKERS = {"<!-- code-map -->": code_map}
