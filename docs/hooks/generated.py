@@ -5,6 +5,13 @@ built, so the page and the code cannot disagree:
 
 - `<!-- code-map -->`: per folder of `pipeline/`, a table of its modules, each with the
   first sentence of its docstring (read with `ast`, nothing imported).
+- `<!-- backbone-table -->`: the backbone registry (`pipeline/core/registry.py`): names,
+  sources, patch sizes, channels and layers.
+- `<!-- config-reference -->`: every config key with its meaning, default, allowed values
+  and what a change makes stale, from the fields of the config module (`key_docs()`).
+
+`readme_row(key)` is the README's row of a key in its short table (tests/test_docs.py
+checks the README against it).
 """
 from __future__ import annotations
 
@@ -46,7 +53,60 @@ def code_map() -> str:
     return "\n".join(out)
 
 
-MARKERS = {"<!-- code-map -->": code_map}
+def backbone_table() -> str:
+    """Markdown: one row per registered backbone."""
+    from pipeline.core.registry import specs
+
+    rows = ["| `backbone.name` | from | patch (stride) | channels | `backbone.layers` |",
+            "|---|---|---:|---|---|"]
+    for spec in specs():
+        if spec.kind == "vit":
+            channels = f"{spec.embed_dim} per block"
+        else:
+            channels = " + ".join(str(c) for c in spec.tap_channels) + " (one per layer)"
+        rows.append(f"| `{spec.name}` | `{spec.source}` | {spec.patch_size} | {channels} | "
+                    f"1 to {spec.max_layers}; 0 = {spec.default_layers} |")
+    return "\n".join(rows)
+
+
+def _docs_link(see: str) -> str:
+    """`see` ("data.md" or "scaling.md#dask") as a Markdown link from a page in docs/."""
+    page, _, anchor = see.partition("#")
+    title = anchor.replace("-", " ") if anchor else page.removesuffix(".md").replace("-", " ")
+    return f"[{title}]({see})"
+
+
+def config_reference() -> str:
+    """Markdown: per config section, each key as a heading (its anchor is the key) with its
+    meaning, default, allowed values and what a change makes stale."""
+    from pipeline.core.config import allowed_text, key_docs, toml_literal
+
+    out: list[str] = []
+    section = ""
+    for key, doc in key_docs().items():
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            out += [f"## `[{section}]`", ""]
+        see = f" See {_docs_link(doc.see)}." if doc.see else ""
+        out += [f"### `{key}` {{#{key}}}", "", f"{doc.meaning}{see}", "",
+                f"- default: `{toml_literal(doc.default)}`"]
+        allowed = allowed_text(key)
+        if allowed:
+            out.append(f"- allowed: {allowed}")
+        out += [f"- a change makes stale: {doc.stale}", ""]
+    return "\n".join(out)
+
+
+def readme_row(key: str) -> str:
+    """The row of `key` in the README's short table: key, default, meaning."""
+    from pipeline.core.config import key_docs, toml_literal
+
+    doc = key_docs()[key]
+    return f"| `{key}` | `{toml_literal(doc.default)}` | {doc.meaning} |"
+
+
+MARKERS = {"<!-- code-map -->": code_map, "<!-- backbone-table -->": backbone_table,
+           "<!-- config-reference -->": config_reference}
 
 
 def on_page_markdown(markdown: str, **_: Any) -> str:
