@@ -14,9 +14,9 @@ failed, else 1.
 Data: `--data DIR`, the obj_seg dataset (default `gpu_data/obj_seg`, else
 `../shared/data/obj_seg`), and `--weights FILE`, the MobileNetV2 ImageNet weights (default
 `gpu_data/mobilenet_v2_imagenet_features.pt`, else `../shared/weights/...`). `gpu_data/` is
-git-ignored and travels with the checkout to a lent machine (the README's "GPU" section says how
-to fill it). Nothing else is read; scratch files go to a temporary folder (`--work`), removed at
-the end unless `--keep-work`.
+git-ignored and travels with the checkout to a lent machine (CONTRIBUTING.md, "The device
+check on a lent machine", says how to fill it). Nothing else is read; scratch files go to a
+temporary folder (`--work`), removed at the end unless `--keep-work`.
 
 Two parts:
 - checks, with `mobilenet_v2` and the ImageNet weights (a model that must segment something: the
@@ -75,10 +75,10 @@ WEIGHTS_NAME = "mobilenet_v2_imagenet_features.pt"
 WEIGHTS_CANDIDATES = (GPU_DATA / WEIGHTS_NAME, SHARED / "weights" / WEIGHTS_NAME)
 SCHEMA = 1
 
-# tolerances (see README "GPU"): bf16 keeps 8 significant bits (relative rounding 2^-9 per
-# operation); through a network the features move by a few per cent at most, i.e. a cosine of
-# >= 0.999 per patch (1 - cos ~ err^2 / 2). Masks: a pixel flips only where the probability
-# sits at the threshold.
+# tolerances (see docs/scaling.md, "The device check"): bf16 keeps 8 significant bits
+# (relative rounding 2^-9 per operation); through a network the features move by a few per
+# cent at most, i.e. a cosine of >= 0.999 per patch (1 - cos ~ err^2 / 2). Masks: a pixel
+# flips only where the probability sits at the threshold.
 COSINE_MIN = 0.99  # every patch
 COSINE_MEAN_MIN = 0.999  # mean over patches
 PIXELS_MIN = 0.995  # fraction of equal mask pixels
@@ -226,7 +226,7 @@ def _first_existing(given: Path | None, candidates: tuple[Path, ...], what: str)
         if c.exists():
             return c
     raise SystemExit(f"gpu_check: no {what} found at {' or '.join(map(str, candidates))}; "
-                     "see the README's GPU section")
+                     "see CONTRIBUTING.md, the device check")
 
 
 # ----------------------------------------------------------------------------- data

@@ -94,9 +94,9 @@ def test_exportable_pos_embed_follows_its_device():
 def test_exported_program_holds_no_hard_coded_device(monkeypatch):
     """export traces on the CPU (commands/export.py: build_program, export_program), so every
     factory call in the graph names `cpu`; a program is moved to another device with
-    torch.export's move_to_device_pass (README), which rewrites those. After the move to
-    `meta` (standing in for cuda: any stray CPU tensor fails there as on cuda) no node names
-    the CPU and the program runs on meta tensors alone."""
+    torch.export's move_to_device_pass (docs/segment-export.md), which rewrites those. After
+    the move to `meta` (standing in for cuda: any stray CPU tensor fails there as on cuda) no
+    node names the CPU and the program runs on meta tensors alone."""
     import torch.export.passes
 
     shallow_vits(monkeypatch)
@@ -239,8 +239,8 @@ def test_segment_on_cuda_matches_cpu(trained, tmp_path):
 
 @needs_cuda
 def test_export_then_run_on_cuda(trained, tmp_path):
-    """The exported file, loaded and moved to CUDA with move_to_device_pass (as the README
-    says), gives the CPU program's probabilities."""
+    """The exported file, loaded and moved to CUDA with move_to_device_pass (as
+    docs/segment-export.md says), gives the CPU program's probabilities."""
     import torch.export.passes
 
     from pipeline.commands.export import run_export

@@ -169,8 +169,8 @@ def test_real_data_pac_beats_bilinear(tmp_path):
     rep = json.loads((tmp_path / "o/default/report_test.json").read_text())
     v = rep["variants"]
     assert rep["n_images"] == 35
-    # measured 0.952 / 0.906 against 0.927 / 0.835 (README, "Upsampler design"); the
-    # margins asserted here leave room for other CPUs' rounding
+    # measured 0.952 / 0.906 against 0.927 / 0.835 (benchmarks/RESULTS.md, "Upsampler
+    # design"); the margins asserted here leave room for other CPUs' rounding
     assert v["pac"]["overall"]["miou"] >= 0.92
     assert v["pac"]["overall"]["miou"] > v["linear_bilinear"]["overall"]["miou"] + 0.01
     assert v["pac"]["overall"]["boundary_f"] > v["linear_bilinear"]["overall"]["boundary_f"] + 0.03
