@@ -4,7 +4,7 @@ davis2017-evaluation code, on the masks of a predict run.
     python benchmarks/davis_check.py --official PATH/TO/davis2017-evaluation \\
         --data ../shared/data/davis2016_subset --split val \\
         --predictions outputs/<run>/predictions/val [--report outputs/<run>/report_val.json] \\
-        [--out davis_check.json]
+        [--layout obj_seg] [--out davis_check.json]
 
 The official code is imported from `--official` (a checkout of
 github.com/davisvideochallenge/davis2017-evaluation) at run time, never vendored; it needs
@@ -50,10 +50,11 @@ def read_pred(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("L")) > 127
 
 
-def load_frames(data: Path, split: str, predictions: Path) -> dict[str, list[tuple]]:
+def load_frames(data: Path, layout: str, split: str,
+                predictions: Path) -> dict[str, list[tuple]]:
     """{sequence: [(stem, image path, gt bool, pred bool)]} of the split's annotated frames,
-    in stem order."""
-    items, problems = list_items(data, "davis2016", split)
+    in stem order (a category of the layout is a sequence)."""
+    items, problems = list_items(data, layout, split)
     if problems:
         raise SystemExit(f"{data}: split '{split}' has problems: {problems[0]}")
     out: dict[str, list[tuple]] = {}
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--official", type=Path, required=True,
                     help="checkout of davis2017-evaluation (the folder holding davis2017/)")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/davis2016_subset")
+    ap.add_argument("--layout", default="davis2016", choices=("davis2016", "obj_seg"))
     ap.add_argument("--split", default="val")
     ap.add_argument("--predictions", type=Path, required=True,
                     help="a predict run's predictions/<split> folder")
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     from davis2017.evaluation import DAVISEvaluation  # the official code, at run time
     from davis2017.metrics import db_eval_boundary, db_eval_iou
 
-    frames = load_frames(args.data, args.split, args.predictions)
+    frames = load_frames(args.data, args.layout, args.split, args.predictions)
     n_frames = sum(len(r) for r in frames.values())
     ours_frame = {(seq, stem): image_stats(pred, gt, seq, stem)
                   for seq, rows in frames.items() for stem, _, gt, pred in rows}
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             per_frame["j"] = max(per_frame["j"], abs(s.j - float(db_eval_iou(gt, pred))))
             per_frame["f"] = max(per_frame["f"], abs(s.f - float(db_eval_boundary(gt, pred))))
     rows4 = [(seq, stem, s.j, s.f) for (seq, stem), s in ours_frame.items()]
-    summary: dict = {"split": args.split, "data": str(args.data), "sequences": len(frames),
+    summary: dict = {"split": args.split, "data": str(args.data), "layout": args.layout,
+                     "predictions": str(args.predictions), "sequences": len(frames),
                      "frames_in_split": n_frames, "per_frame_max_abs_diff": per_frame,
                      "tasks": {}}
     with tempfile.TemporaryDirectory(prefix="davis_check_") as tmp:
