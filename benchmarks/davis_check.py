@@ -1,4 +1,4 @@
-"""The DAVIS-protocol numbers of pipeline.davis / pipeline.metrics against the official
+"""The DAVIS-protocol numbers of pipeline.metrics (davis, masks) against the official
 davis2017-evaluation code, on the masks of a predict run.
 
     python benchmarks/davis_check.py --official PATH/TO/davis2017-evaluation \\
@@ -20,8 +20,8 @@ as they are), the images linked. Task "semi-supervised" drops each sequence's fi
 frame (the protocol of the report); task "unsupervised" evaluates every frame. Its per-frame
 functions (db_eval_iou, db_eval_boundary) are also compared frame by frame.
 
-Ours: per-frame J and F by pipeline.metrics.image_stats on the same masks, aggregated by
-pipeline.davis.davis_protocol. With `--report`, also the report's own per-image J and F of
+Ours: per-frame J and F by pipeline.metrics.masks.image_stats on the same masks, aggregated by
+pipeline.metrics.davis.davis_protocol. With `--report`, also the report's own per-image J and F of
 the variant whose masks were written (pac). Exit 1 when a difference exceeds --tol (1e-6).
 """
 from __future__ import annotations
@@ -38,9 +38,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.data import list_items, load_mask  # noqa: E402
-from pipeline.davis import davis_protocol  # noqa: E402
-from pipeline.metrics import image_stats  # noqa: E402
+from pipeline.data.dataset import list_items, load_mask  # noqa: E402
+from pipeline.metrics.davis import davis_protocol  # noqa: E402
+from pipeline.metrics.masks import image_stats  # noqa: E402
 
 MASK_VARIANT = "pac"  # the variant whose masks predict writes
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from pipeline.calibration import choose_threshold, choose_thresholds, sweep_fingerprint
-from pipeline.metrics import SWEEP_THRESHOLDS
+from pipeline.metrics.calibration import choose_threshold, choose_thresholds, sweep_fingerprint
+from pipeline.metrics.masks import SWEEP_THRESHOLDS
 
 
 def sweep(j_of, extra: tuple[float, ...] = ()) -> list[dict]:

@@ -1,5 +1,5 @@
-"""The DAVIS protocol's aggregation (pipeline.davis): statistics derived by hand on short
-sequences, the frame list (order by stem, ends excluded), the means over sequences, and the
+"""The DAVIS protocol's aggregation (pipeline.metrics.davis): statistics derived by hand on
+short sequences, the frame list (order by stem, ends excluded), the means over sequences, and the
 refusals. The comparison with the official davis2017-evaluation code on the shared val split
 is benchmarks/davis_check.py (it needs the official code and its dependencies)."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from pipeline.davis import (
+from pipeline.metrics.davis import (
     FRAMES_ALL,
     FRAMES_EXCLUDED_ENDS,
     davis_protocol,

@@ -5,7 +5,7 @@ import hashlib
 
 import pytest
 
-from pipeline.holdout import held_out, split_by_sequence
+from pipeline.data.holdout import held_out, split_by_sequence
 
 NAMES = ["bear", "blackswan", "bmx-bumps", "boat", "camel", "car-roundabout", "cows", "dog"]
 

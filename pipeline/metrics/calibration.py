@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .metrics import SWEEP_THRESHOLDS
-from .stages import fingerprint
+from ..core.fingerprints import fingerprint
+from .masks import SWEEP_THRESHOLDS
 
 __all__ = ["OBJECTIVE", "choose_threshold", "choose_thresholds", "sweep_fingerprint"]
 
