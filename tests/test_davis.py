@@ -122,3 +122,14 @@ def test_protocol_refuses_a_frame_twice_and_bad_values():
     # a bad value in an excluded end frame is refused too
     with pytest.raises(ValueError, match="J must lie in"):
         davis_protocol(frames("a", [-1.0, 0.5, 0.5]))
+
+
+def test_per_variant_from_report_rows():
+    from pipeline.metrics.davis import per_variant
+    rows = [{"category": "a", "stem": f"{k:05d}", "j": {"x": 0.1 * k, "y": 0.5},
+             "f": {"x": 0.2, "y": 0.05 * k}} for k in range(5)]
+    out = per_variant(rows, ["x", "y"])
+    assert set(out) == {"x", "y"}
+    assert out["x"]["J"]["mean"] == pytest.approx(0.2)   # frames 1..3: 0.1 0.2 0.3
+    assert out["y"]["F"]["mean"] == pytest.approx(0.1)
+    assert out["x"] == davis_protocol([("a", r["stem"], r["j"]["x"], r["f"]["x"]) for r in rows])

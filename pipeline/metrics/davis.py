@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["DECAY_BINS", "RECALL_THRESHOLD", "FRAMES_EXCLUDED_ENDS", "FRAMES_ALL",
-           "SequenceStats", "statistics", "decay_edges", "evaluated", "davis_protocol"]
+           "SequenceStats", "statistics", "decay_edges", "evaluated", "davis_protocol",
+           "per_variant"]
 
 DECAY_BINS = 4
 RECALL_THRESHOLD = 0.5
@@ -141,3 +142,13 @@ def davis_protocol(frames: Iterable[tuple[str, str, float, float]],
     out["skipped"] = skipped
     out["frames"] = FRAMES_EXCLUDED_ENDS if exclude_ends else FRAMES_ALL
     return out
+
+
+def per_variant(per_image: Iterable[dict], variants: Iterable[str],
+                exclude_ends: bool = True) -> dict[str, dict]:
+    """{variant: davis_protocol(...)} from a report's ``per_image`` rows (``category`` is the
+    sequence, ``stem`` the frame, ``j`` and ``f`` per variant): what stage 3 already keeps,
+    so nothing is recomputed."""
+    rows = list(per_image)
+    return {v: davis_protocol(((r["category"], r["stem"], r["j"][v], r["f"][v]) for r in rows),
+                              exclude_ends) for v in variants}
