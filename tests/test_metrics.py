@@ -22,6 +22,7 @@ from pipeline.metrics.masks import (
     aggregate,
     image_stats,
     summarize,
+    sweep_counts,
 )
 
 
@@ -408,7 +409,7 @@ def test_near_sparse_and_dense_paths_agree():
     assert np.array_equal(metrics._near(target, ys[pick], xs[pick], 3), expected[pick])
 
 
-@pytest.mark.parametrize("bound_th", [0.008, 0.05, 0.1, 2.5, 4])
+@pytest.mark.parametrize("bound_th", [0.008, 0.05, 0.1, 3, 4])
 def test_boundary_f_matches_brute_force(bound_th):
     rng = np.random.default_rng(int(bound_th * 1000))
     for k in range(12):
@@ -422,3 +423,55 @@ def test_boundary_f_matches_brute_force(bound_th):
         got = boundary_f(pred, gt, bound_th)
         assert got == pytest.approx(ref_boundary_f(pred, gt, bound_th), abs=1e-12), (k, got)
         assert got == pytest.approx(boundary_f(pred.astype(np.uint8) * 255, gt, bound_th))
+
+
+# ----------------------------------------------------------------------------- refusals
+
+@pytest.mark.parametrize("bound_th", [1.5, 2.25, math.inf])
+def test_non_integer_pixel_tolerance_refused(bound_th):
+    gt = mask((16, 16), (4, 9, 4, 9))
+    with pytest.raises(ValueError, match="must be an integer") as e:
+        boundary_f(gt, gt, bound_th)
+    assert "\n" not in str(e.value) and repr(bound_th) in str(e.value)
+    with pytest.raises(ValueError, match="must be an integer"):
+        boundary_radius(bound_th, (16, 16))
+
+
+def test_integer_valued_tolerance_accepted():
+    # 2.0 is the integer 2 (a float from TOML or a division); fractions < 1 of the diagonal
+    # are rounded up to whole pixels as in DAVIS
+    assert boundary_radius(2.0, SHAPE) == 2 == boundary_radius(2, SHAPE)
+    gt = blobby(np.random.default_rng(7), (40, 50))
+    pred = np.roll(gt, 2, axis=1)
+    assert boundary_f(pred, gt, 2.0) == boundary_f(pred, gt, 2)
+    for bad in (-0.5, math.nan):
+        with pytest.raises(ValueError, match="bound_th must be >= 0"):
+            boundary_f(pred, gt, bad)
+
+
+@pytest.mark.parametrize("bad", [-1, -0.5, math.nan])
+@pytest.mark.parametrize("where", ["pred", "gt"])
+def test_negative_or_nan_mask_values_refused(bad, where):
+    good = mask((6, 7), (1, 3, 2, 4)).astype(np.float64)
+    broken = good.copy()
+    broken[2, 5] = bad
+    dtype = np.int16 if float(bad).is_integer() else np.float32
+    broken = broken.astype(dtype)
+    pred, gt = (broken, good) if where == "pred" else (good, broken)
+    for call in (lambda: image_stats(pred, gt), lambda: boundary_f(pred, gt),
+                 lambda: boundary_map(broken), lambda: dilate_disk(broken, 1)):
+        with pytest.raises(ValueError, match=r"at \(2, 5\): mask values must be >= 0") as e:
+            call()
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="must be >= 0 and not NaN"):
+        sweep_counts(np.zeros((6, 7), np.uint8), broken, 19)
+
+
+def test_non_negative_numbers_are_masks():
+    # 0/1 floats, 0/255 uint8 and 0/7 int64 are the same mask; an object mask of strings is no mask
+    m = mask((9, 9), (2, 6, 1, 5))
+    ref = image_stats(m, m[::-1])
+    for pred in (m.astype(np.float32), m.astype(np.uint8) * 255, m.astype(np.int64) * 7):
+        assert image_stats(pred, m[::-1]) == ref
+    with pytest.raises(ValueError, match="bool or numbers"):
+        boundary_map(np.array([["1", "0"], ["0", "1"]]))

@@ -1,7 +1,8 @@
 """The DAVIS 2016 boundary F-measure of a predicted mask against its annotation
 (``seg2bmap`` boundaries, matched within ``ceil(0.008 * image diagonal)`` pixels in a disk
 neighbourhood), computed on the masks' bounding boxes only. The rules for empty boundaries
-are in ``definitions``."""
+are in ``definitions``. Masks are bool, or numbers where > 0 is object; a negative or NaN
+value is refused (ValueError), as is a tolerance >= 1 pixel that is not an integer."""
 from __future__ import annotations
 
 import math
@@ -12,9 +13,21 @@ __all__ = ["as_bool", "boundary_map", "boundary_f", "boundary_radius", "disk", "
 
 
 def as_bool(a: np.ndarray) -> np.ndarray:
-    """`a` as a bool array: itself when bool, else `a > 0`."""
+    """`a` as a bool array: itself when bool, else `a > 0`. ValueError on a negative or NaN
+    value, for which DAVIS has no one rule (its J and F functions count any non-zero value
+    as object, its mask reader only the object's label), and on a non-numeric array."""
     a = np.asarray(a)
-    return a if a.dtype == np.bool_ else a > 0
+    if a.dtype == np.bool_:
+        return a
+    if a.dtype.kind not in "uif":
+        raise ValueError(f"a mask must be bool or numbers, got dtype {a.dtype}")
+    if a.dtype.kind != "u" and a.size:
+        bad = np.isnan(a) | (a < 0) if a.dtype.kind == "f" else a < 0
+        if bad.any():
+            at = np.unravel_index(int(np.argmax(bad)), a.shape)
+            raise ValueError(f"mask value {a[at]!r} at {tuple(int(i) for i in at)}: mask "
+                             "values must be >= 0 and not NaN (> 0 is object)")
+    return a > 0
 
 
 def boundary_map(mask: np.ndarray) -> np.ndarray:
@@ -39,10 +52,16 @@ def boundary_map(mask: np.ndarray) -> np.ndarray:
 
 def boundary_radius(bound_th: float, shape: tuple[int, int]) -> float:
     """Match tolerance in pixels, as in DAVIS: ``bound_th`` itself when >= 1, else
-    ``ceil(bound_th * sqrt(H^2 + W^2))``."""
+    ``ceil(bound_th * sqrt(H^2 + W^2))``. ValueError on a negative or NaN ``bound_th``, and
+    on a non-integer one >= 1: DAVIS rounds a fraction of the diagonal up to whole pixels
+    but takes a tolerance >= 1 as it is, and its disk of radius 1.5 is a 4x4 element holding
+    an off-centre 2x2 square (less than its disk of radius 1)."""
     if not bound_th >= 0:
         raise ValueError(f"bound_th must be >= 0, got {bound_th!r}")
     if bound_th >= 1:
+        if not float(bound_th).is_integer():
+            raise ValueError(f"bound_th >= 1 is a tolerance in pixels and must be an integer, "
+                             f"got {bound_th!r}")
         return float(bound_th)
     h, w = shape
     return float(math.ceil(bound_th * math.sqrt(h * h + w * w)))

@@ -5,6 +5,7 @@ object IoU ``j`` and the DAVIS boundary F-measure ``f``, ``boundary``); :func:`a
 turns a group of them into a METRICS block (the metrics of ``definitions.METRICS``, their
 definitions and zero-denominator rules, and ``n_images``) and :func:`summarize` does so
 overall and per category; the threshold sweep counts and summarises the same per threshold.
+The DAVIS aggregation over sequences (mean, recall, decay, J&F) is :mod:`pipeline.metrics.davis`.
 """
 from __future__ import annotations
 
