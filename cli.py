@@ -110,7 +110,7 @@ def demo(config_path: str, overrides: tuple[str, ...], force: bool) -> None:
     """Offline example: generate a small dataset and run all stages on it."""
     from pipeline.core.owned import claim_folder
     from pipeline.data.synth import make_dataset
-    from pipeline.store.feature_store import CACHE_LEGACY
+    from pipeline.store import CACHE_LEGACY
     cfg = guarded(load_config, config_path, overrides)
     root = Path(cfg.data.root)
     if not (root / "train").is_dir() and not (root / "ImageSets").is_dir():

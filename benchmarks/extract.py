@@ -30,7 +30,7 @@ from pipeline.core.config import load_config  # noqa: E402
 from pipeline.data.dataset import fit_box, list_items, list_splits, load_image, to_canvas  # noqa: E402
 from pipeline.models.backbones import create_backbone  # noqa: E402
 from pipeline.models.devices import autocast_dtype, resolve_device  # noqa: E402
-from pipeline.stages.extract import Extractor, run_extract  # noqa: E402
+from pipeline.stages.extract import extractor_of, run_extract  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -61,7 +61,7 @@ def course_way(root: Path, items, name: str, weights: str, device, out: Path) ->
 
 def forward_only(cfg, canvases: list[np.ndarray]) -> float:
     """The stage's own engine (same optimisations, batching and precision), no I/O."""
-    ex = Extractor(cfg)
+    ex = extractor_of(cfg)
     bs = cfg.extract.batch_size
     ex.launch(canvases[:min(bs, len(canvases))])()  # warm-up
     t0 = time.perf_counter()

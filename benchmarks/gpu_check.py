@@ -333,10 +333,24 @@ def backbone_runner(cfg, device=None):
     """The stage's backbone forward (pipeline.inference.BackboneRunner, or stage 1's Extractor
     in versions before that module)."""
     try:
-        from pipeline.inference import BackboneRunner
-    except ImportError:
-        from pipeline.stages.extract import Extractor as BackboneRunner
-    return BackboneRunner(cfg, device)
+        from pipeline.models.devices import config_keys, resolve_device
+    except ImportError:  # before the keys (BackboneRunner took the config)
+        try:
+            from pipeline.inference import BackboneRunner
+        except ImportError:
+            from pipeline.stages.extract import Extractor as BackboneRunner
+        return BackboneRunner(cfg, device)
+    from pipeline.inference import BackboneRunner
+    return BackboneRunner(config_keys(cfg).feature, cfg.backbone.weights,
+                          device or resolve_device(cfg.extract.device), cfg.extract.batch_size,
+                          cfg.extract.compile)
+
+
+def store_of(cfg):
+    """The folder of the config's feature store."""
+    from pipeline.models.devices import config_keys
+    from pipeline.store import store_dir
+    return store_dir(cfg.paths.cache, config_keys(cfg).feature)
 
 
 def make_config(sets: list[str]):
@@ -652,7 +666,6 @@ def resume_after_kill(rep: Report, cfg, sets: list[str], work: Path) -> None:
     byte for byte, and every shard must equal the uninterrupted store's (byte for byte, or
     within the precision's tolerance)."""
     from pipeline.stages.extract import run_extract
-    from pipeline.store.feature_store import store_dir
 
     kill_cache = work / "quality" / "cache_kill"
     kcfg = make_config([*sets, f"paths.cache={kill_cache}"])
@@ -680,10 +693,10 @@ def resume_after_kill(rep: Report, cfg, sets: list[str], work: Path) -> None:
     child.stderr.close()
     # shards are named by their content's hash wherever the store keeps the split: matched
     # by name (the kill store holds this split alone, the reference store all splits)
-    landed = {p.name: sha256(p) for p in sorted(store_dir(kcfg).rglob("*.h5"))}
+    landed = {p.name: sha256(p) for p in sorted(store_of(kcfg).rglob("*.h5"))}
     run_extract(kcfg, [split], log=lambda line: None, progress=False)
-    after = {p.name: p for p in sorted(store_dir(kcfg).rglob("*.h5"))}
-    refs = {p.name: p for p in store_dir(cfg).rglob("*.h5")}
+    after = {p.name: p for p in sorted(store_of(kcfg).rglob("*.h5"))}
+    refs = {p.name: p for p in store_of(cfg).rglob("*.h5")}
     total = len(after)
     kept = all(name in after and sha256(after[name]) == h for name, h in landed.items())
     same_names = total > 0 and set(after) <= set(refs)
@@ -805,16 +818,15 @@ def speed_stage1(rep: Report, cfg, forward_rate: float) -> None:
     """Stage 1 on the test split after a warm-up on the train split, instrumented: its rate
     against the forward's, the write rate, where each image's time goes."""
     from pipeline.stages.extract import run_extract
-    from pipeline.store.feature_store import store_dir
 
     run_extract(cfg, [cfg.data.train_split], **QUIET)  # warm-up: kernels, caches
     load_s = rep.data.get("model_load_s") or 0.0  # measured by the forward step
     timers = Timers()
-    before = {p: p.stat().st_size for p in store_dir(cfg).rglob("*.h5")}
+    before = {p: p.stat().st_size for p in store_of(cfg).rglob("*.h5")}
     with stage1_timers(timers) as measured:
         r = run_extract(cfg, [cfg.data.test_split], **QUIET)
     seconds = max(1e-9, r.seconds - load_s)
-    mb = sum(p.stat().st_size for p in store_dir(cfg).rglob("*.h5") if p not in before) / 1e6
+    mb = sum(p.stat().st_size for p in store_of(cfg).rglob("*.h5") if p not in before) / 1e6
     rate = r.n_images / seconds
     rep.set(stage1_images_per_s=rate,
             stage1_vs_forward=rate / forward_rate if forward_rate else None,

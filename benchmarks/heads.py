@@ -29,7 +29,7 @@ from pipeline.core.config import load_config  # noqa: E402
 from pipeline.data.dataset import fit_box, load_image, to_canvas  # noqa: E402
 from pipeline.inference import Predictor  # noqa: E402
 from pipeline.models.heads import LinearHead, PacUpsampler, TrainedModels, UpsamplerSpec  # noqa: E402
-from pipeline.stages.extract import Extractor  # noqa: E402
+from pipeline.stages.extract import extractor_of  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -61,7 +61,7 @@ def main() -> None:
     cfg = load_config(ROOT / "configs" / "default.toml",
                       ["backbone.name=mobilenet_v2", f"backbone.weights={args.weights}",
                        "extract.device=cpu"])
-    ex = Extractor(cfg)
+    ex = extractor_of(cfg)
     img = load_image(src)
     canvas = np.ascontiguousarray(to_canvas(img, fit_box(*img.shape[:2], ex.patch, ex.fit)))
     torch.set_num_threads(1)

@@ -42,7 +42,7 @@ from pipeline.data.dataset import (  # noqa: E402
     to_canvas,
 )
 from pipeline.models.devices import apply_threads, resolve_device  # noqa: E402
-from pipeline.stages.extract import Extractor, run_extract  # noqa: E402
+from pipeline.stages.extract import extractor_of, run_extract  # noqa: E402
 from pipeline.stages.train import run_train  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -70,7 +70,7 @@ def link_frames(root: Path, layout: str, dest: Path) -> list[Path]:
 
 def forward_only(cfg, frames: list[Path]) -> float:
     """Seconds of stage 1's batched forward over all frames' canvases (decoded beforehand)."""
-    ex = Extractor(cfg)
+    ex = extractor_of(cfg)
     canvases = []
     for f in frames:
         img = load_image(f)

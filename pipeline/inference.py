@@ -1,11 +1,13 @@
 """The inference path that `predict` (stage 3), `segment` and `export` share, below the stages:
-the run's trained models checked against the config (`checked_models`), the backbone forward
+the run's trained models checked against the keys (`checked_models`), the backbone forward
 that turns uint8 canvases into features as stage 1 stores them (`BackboneRunner`, the base of
 stage 1's `Extractor`), the heads and the threshold (`Predictor`) and the mask file
 (`mask_png_bytes`). One path, so that the three give the same mask for the same image.
 
-Layering: this module imports no stage module (extract, train, predict); the stages,
-`segment` and `export` import it.
+It takes keys (core.keys) and folders, never the config: the stages, `segment` and `export`
+build the keys at their entry and hand them down. Layering: this module imports no stage
+module (extract, train, predict) and no run-config record; the stages, `segment` and
+`export` import it.
 """
 from __future__ import annotations
 
@@ -24,16 +26,14 @@ from .core.errors import ModelError
 from .core.fingerprints import diff_params
 from .core.fsutil import file_lock
 from .core.hints import command
+from .core.keys import FeatureKey, Keys
 from .core.layout import RunLayout
-from .core.registry import resolve_layers
 from .core.variants import VARIANTS
 from .data.dataset import Box, from_canvas, to_canvas
 from .models.backbones import Backbone, create_backbone
-from .models.devices import CpuFanout, autocast_dtype, resolve_device, resolve_precision
+from .models.devices import CpuFanout, autocast_dtype
 from .models.heads import TrainedModels, load_models, upsample_logits
-from .params import feature_params, training_params
-from .runconfig import reproduces
-from .store.feature_store import CachedItem, split_fingerprint
+from .store import CachedItem, split_fingerprint
 
 
 def model_dir(cfg: Config) -> Path:
@@ -43,43 +43,47 @@ def model_dir(cfg: Config) -> Path:
 
 # ----------------------------------------------------------------------------- the models
 
-def _models_mismatch(cfg: Config, params: dict, deps: dict) -> str:
+def _models_mismatch(cache: str | Path, keys: Keys, params: dict, deps: dict) -> str:
     """Why models trained with `params` on the stored splits `deps` are not the ones the
-    current config asks for ("" when they are): other training settings, or a stored split
-    that has changed since training."""
-    diff = diff_params(params, training_params(cfg))
+    keys ask for ("" when they are): other training settings, or a stored split (of the
+    dataset keys.data in the cache folder `cache`) that has changed since training."""
+    diff = diff_params(params, keys.train.params())
     if diff:
         return "; ".join(diff[:4]) + (f" (+{len(diff) - 4} more)" if len(diff) > 4 else "")
     for dep, fp in deps.items():
         split = dep[len("features["):-1]
-        now = split_fingerprint(cfg, split)
+        now = split_fingerprint(cache, keys.feature, keys.data, split)
         if now is not None and now != fp:
             return f"features[{split}] changed since training"
     return ""
 
 
 @contextlib.contextmanager
-def checked_models(cfg: Config, device: torch.device | str = "cpu") -> Iterator[TrainedModels]:
-    """The run's trained models, verified, held (a shared lock) against a train-head of the
-    same run for the duration, and refused (ModelError naming train-head) when they were
-    trained with other settings than the current config's."""
-    feature_params(cfg)  # a setting no backbone offers is a usage error before "no models"
-    mdir = model_dir(cfg)
+def checked_models(run: RunLayout, keys: Keys, cache: str | Path,
+                   device: torch.device | str = "cpu",
+                   as_trained: Callable[[dict], bool] = lambda params: False,
+                   ) -> Iterator[TrainedModels]:
+    """The trained models of the run `run`, verified, held (a shared lock) against a
+    train-head of the same run for the duration, and refused (ModelError naming train-head)
+    when they were trained with other settings than `keys` say (or on stored splits in
+    `cache` that changed since). `as_trained(params)`: whether the run's recorded config
+    trained models with the training params `params` (then the error names `--run`)."""
+    mdir = run.models
     if not mdir.is_dir():  # no models: say so without creating the folder for the lock
         load_models(mdir)
     # shared: predicts of several splits, segment and export may read at once
-    with file_lock(RunLayout.of(cfg).lock("models"),
-                   f"the models of run '{cfg.run.name}' (train-head is running)",
+    with file_lock(run.lock("models"),
+                   f"the models of run '{run.name}' (train-head is running)",
                    shared=True):
         models = load_models(mdir, device)
-        why = _models_mismatch(cfg, models.params, models.deps)
+        why = _models_mismatch(cache, keys, models.params, models.deps)
         if why:
             # the run's recorded config trained these models: --run uses them as they are
-            as_trained = (f", or add `--run {cfg.run.name}` to use the run as it was trained"
-                          if diff_params(models.params, training_params(cfg))
-                          and reproduces(cfg, models.params) else "")
+            as_trained_hint = (f", or add `--run {run.name}` to use the run as it was "
+                               "trained" if diff_params(models.params, keys.train.params())
+                               and as_trained(models.params) else "")
             raise ModelError(f"the models in {mdir} were trained with other settings ({why}): "
-                             f"run `{command('train-head')}` first{as_trained}")
+                             f"run `{command('train-head')}` first{as_trained_hint}")
         yield models
 
 
@@ -90,21 +94,23 @@ class BackboneRunner:
     in `extract.feature_dtype`, exactly as stage 1 stores them. Stage 1's `Extractor` adds the
     shard records; `segment` calls `launch` directly and `export` takes the `backbone`."""
 
-    def __init__(self, cfg: Config, device: torch.device | None = None):
-        self.device = device or resolve_device(cfg.extract.device)
-        layers = resolve_layers(cfg.backbone.name, cfg.backbone.layers)
-        self.backbone: Backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights,
-                                                  layers).to(self.device)
+    def __init__(self, key: FeatureKey, weights: str, device: torch.device, batch_size: int,
+                 compile: bool = False):
+        """The backbone of the features `key` with the weights `weights` (backbone.weights:
+        "pretrained", "random" or a file) on `device`, batches of `batch_size`; `compile`:
+        torch.compile it (CUDA only)."""
+        self.device = device
+        self.backbone: Backbone = create_backbone(key.backbone, weights,
+                                                  key.layers).to(self.device)
         self.backbone.optimize_for_inference(self.device)
         self.patch = self.backbone.spec.patch_size
-        self.fit = cfg.extract.fit
-        self.batch_size = cfg.extract.batch_size
-        self.amp = autocast_dtype(resolve_precision(cfg.extract.precision, cfg.extract.device),
-                                  self.device)
-        self.out_dtype = np.dtype(cfg.extract.feature_dtype)
+        self.fit = key.fit
+        self.batch_size = batch_size
+        self.amp = autocast_dtype(key.precision, self.device)
+        self.out_dtype = np.dtype(key.feature_dtype)
         self.model: Callable[[torch.Tensor], torch.Tensor] = self.backbone
         self.cpu = CpuFanout()
-        if cfg.extract.compile and self.device.type == "cuda":
+        if compile and self.device.type == "cuda":
             self.model = torch.compile(self.backbone, dynamic=False)
 
     def _autocast(self):

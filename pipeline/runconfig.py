@@ -8,7 +8,7 @@ and never read back: a run is wherever its folder is found (a moved or copied ru
 
 `--run NAME` makes that record the base config, with `--config` (its keys) and `--set` layered
 on top. A layered key that would make the run's models stale (a training key, the backbone,
-the features: `params.training_params` differs) is refused by the commands that use the
+the features: the training key, core.keys.TrainKey, differs) is refused by the commands that use the
 models (`refuse_stale`). A run trained before records were written falls back to the
 `config` of its `report_<split>.json`.
 
@@ -143,8 +143,8 @@ def load_run_config(plain: Config, name: str, config_path: str | Path | None,
 def stale_keys(recorded: Config, cfg: Config) -> list[str]:
     """The differences (`key: recorded -> asked`) of the settings the models depend on."""
     from .core.fingerprints import diff_params
-    from .params import training_params
-    return diff_params(training_params(recorded), training_params(cfg))
+    from .models.devices import config_keys
+    return diff_params(config_keys(recorded).train.params(), config_keys(cfg).train.params())
 
 
 def _shown(diff: list[str]) -> str:
@@ -178,7 +178,7 @@ def reproduces(cfg: Config, params: dict) -> bool:
     try:
         recorded, _ = read_record(cfg.run_dir, [cfg.data.test_split])
         from .core.fingerprints import diff_params
-        from .params import training_params
-        return not diff_params(params, training_params(recorded))
+        from .models.devices import config_keys
+        return not diff_params(params, config_keys(recorded).train.params())
     except (PipelineError, OSError):
         return False

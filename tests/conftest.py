@@ -56,6 +56,20 @@ def make_cfg(tmp_path: Path, data_root: Path, *extra: str, layout: str = "obj_se
 TINY_TRAIN = ("train.epochs=1", "train.linear_epochs=2", "train.crop=48")
 
 
+def stored(cfg, mirror: bool = False) -> tuple:
+    """(cache folder, feature key, dataset) of `cfg`'s store (`mirror`: of its mirrored
+    features): the leading arguments of the store's functions."""
+    from pipeline.models.devices import config_keys
+    keys = config_keys(cfg)
+    return cfg.paths.cache, keys.feature.mirrored(mirror), keys.data
+
+
+def store_of(cfg, mirror: bool = False) -> Path:
+    """The folder of `cfg`'s store (`mirror`: of its mirrored features)."""
+    from pipeline.store import store_dir
+    return store_dir(*stored(cfg, mirror)[:2])
+
+
 def cli_sets(tmp_path: Path, data_root: Path, *extra: str) -> list[str]:
     """The `--set` arguments of the CLI equal to make_cfg(tmp_path, data_root, *TINY_TRAIN,
     *extra) (the config of trained_run)."""

@@ -24,9 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.core import fsutil, registry  # noqa: E402
+from pipeline.core.keys import weights_identity  # noqa: E402
 from pipeline.core.registry import BackboneSpec, get_spec, list_backbones  # noqa: E402
 from pipeline.models import backbones  # noqa: E402
-from pipeline.models.backbones import Backbone, BackboneError, create_backbone, weights_identity
+from pipeline.models.backbones import Backbone, BackboneError, create_backbone  # noqa: E402
 from tests.conftest import SHALLOW_VIT_DEPTH, shallow_vits  # noqa: E402
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"

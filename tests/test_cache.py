@@ -13,14 +13,13 @@ from pipeline.data.synth import make_dataset
 from pipeline.stages.extract import run_extract
 from pipeline.stages.predict import run_predict
 from pipeline.stages.train import run_train
-from pipeline.store.feature_store import (
+from pipeline.store import (
     INDEX_FILE,
     FeatureStore,
     locate_split,
     split_fingerprint,
-    store_dir,
 )
-from tests.conftest import TINY_TRAIN, make_cfg, run_cli
+from tests.conftest import TINY_TRAIN, make_cfg, run_cli, store_of, stored
 
 quiet = dict(log=lambda s: None, progress=False)
 
@@ -63,8 +62,9 @@ def _copy(two, tmp_path):
 
 def test_two_datasets_share_a_cache_without_evicting_each_other(two, tmp_path):
     base, a, b = _copy(two, tmp_path)
-    assert split_fingerprint(a, "train") != split_fingerprint(b, "train")
-    assert locate_split(a, "train").parent == locate_split(b, "train").parent  # one store
+    assert split_fingerprint(*stored(a), "train") != split_fingerprint(*stored(b), "train")
+    assert (locate_split(*stored(a), "train").parent
+            == locate_split(*stored(b), "train").parent)  # one store
     # back to a: nothing recomputed, its models and report current
     assert run_extract(a, **quiet).up_to_date
     assert run_train(a, **quiet).up_to_date
@@ -73,27 +73,28 @@ def test_two_datasets_share_a_cache_without_evicting_each_other(two, tmp_path):
     assert r.stdout.splitlines() == ["extract-features: up-to-date", "train-head: up-to-date",
                                      "predict[test]: up-to-date"], r.stdout
     # and b's stored splits are its own
-    assert FeatureStore.open(b, "test").fingerprint == split_fingerprint(b, "test")
+    assert (FeatureStore.open(*stored(b), "test").fingerprint
+            == split_fingerprint(*stored(b), "test"))
     assert run_extract(b, **quiet).up_to_date
 
 
 def test_store_made_before_the_index_is_adopted_not_recomputed(two, tmp_path):
     base, a, b = _copy(two, tmp_path)
-    sdir = store_dir(a)
-    fps = {s: split_fingerprint(a, s) for s in ("train", "test")}
+    sdir = store_of(a)
+    fps = {s: split_fingerprint(*stored(a), s) for s in ("train", "test")}
     for folder in [p for p in sdir.iterdir() if p.is_dir() and p.name != "runs"]:
-        shutil.rmtree(folder) if folder != locate_split(a, folder.name.rsplit("-", 1)[0]) \
+        shutil.rmtree(folder) if folder != locate_split(*stored(a), folder.name.rsplit("-", 1)[0]) \
             else folder.rename(sdir / folder.name.rsplit("-", 1)[0])  # the old layout
     (sdir / INDEX_FILE).unlink()
     # readers find the old folders without the index ...
-    assert {s: split_fingerprint(a, s) for s in fps} == fps
+    assert {s: split_fingerprint(*stored(a), s) for s in fps} == fps
     assert run_train(a, **quiet).up_to_date
     # ... and stage 1 adopts them as they are
     res = run_extract(a, **quiet)
     assert res.up_to_date, res
     index = json.loads((sdir / INDEX_FILE).read_text())["splits"]
     assert sorted(index.values()) == ["test", "train"]
-    assert {s: split_fingerprint(a, s) for s in fps} == fps
+    assert {s: split_fingerprint(*stored(a), s) for s in fps} == fps
 
 
 # ----------------------------------------------------------------------------- list and gc
@@ -103,7 +104,7 @@ def test_cache_list_shows_stores_splits_and_runs(two, tmp_path):
     r = run_cli("cache", "list", *_sets(a))
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    assert store_dir(a).name in out and "mobilenet_v2" in out
+    assert store_of(a).name in out and "mobilenet_v2" in out
     assert out.count("  train [train-") == 2 and out.count("  test [test-") == 2, out
     assert str(a.data.root) in out and str(b.data.root) in out
     assert f"runs: {a.run_dir.resolve()}" in out, out
@@ -113,7 +114,7 @@ def test_cache_gc_removes_only_what_no_live_run_uses(two, tmp_path):
     base, a, b = _copy(two, tmp_path)
     wide = copy_config(a, extract__feature_dtype="float32", run__name="wide")
     run_extract(wide, ["test"], **quiet)  # a second store, which no run uses
-    unused = store_dir(wide)
+    unused = store_of(wide)
     before = sorted(p.relative_to(base) for p in base.rglob("*"))
     r = run_cli("cache", "gc", *_sets(a))
     assert r.returncode == 0, r.stderr
@@ -132,8 +133,8 @@ def test_cache_gc_removes_only_what_no_live_run_uses(two, tmp_path):
     assert "nothing to remove" in run_cli("cache", "gc", "--yes", *_sets(a)).stdout
     shutil.rmtree(elsewhere.run_dir)
     r = run_cli("cache", "gc", "--yes", *_sets(a))
-    assert f"removed {store_dir(elsewhere)}" in r.stdout, r.stdout
-    assert not store_dir(elsewhere).exists()
+    assert f"removed {store_of(elsewhere)}" in r.stdout, r.stdout
+    assert not store_of(elsewhere).exists()
 
 
 # ----------------------------------------------------------------------------- read-only
@@ -153,7 +154,7 @@ def test_read_only_commands_create_nothing(command, tmp_path, synth_root):
 
 def test_an_index_edited_to_name_another_split_is_refused_and_repaired(two, tmp_path):
     base, a, b = _copy(two, tmp_path)
-    sdir = store_dir(a)
+    sdir = store_of(a)
     index = json.loads((sdir / INDEX_FILE).read_text())
     keys = {k.rsplit(":", 1)[1]: k for k in index["splits"] if str(a.data.root) in k}
     good = dict(index["splits"])
@@ -161,7 +162,7 @@ def test_an_index_edited_to_name_another_split_is_refused_and_repaired(two, tmp_
     (sdir / INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(StoreError, match=f"{INDEX_FILE}: names test-.*for split 'train'"):
         run_train(a, force=True, **quiet)
-    assert split_fingerprint(a, "train") is None
+    assert split_fingerprint(*stored(a), "train") is None
     r = run_cli("status", *_sets(a))
     assert r.stdout.splitlines()[0] == "extract-features: stale (data[train] changed)", r.stdout
     logged: list[str] = []
@@ -174,8 +175,8 @@ def test_an_index_edited_to_name_another_split_is_refused_and_repaired(two, tmp_
 def test_cache_gc_leaves_links_and_foreign_folders_alone(two, tmp_path):
     base, a, b = _copy(two, tmp_path)
     elsewhere = tmp_path / "elsewhere"
-    shutil.copytree(store_dir(a), elsewhere)
-    (store_dir(a).parent / "linked").symlink_to(elsewhere, target_is_directory=True)
+    shutil.copytree(store_of(a), elsewhere)
+    (store_of(a).parent / "linked").symlink_to(elsewhere, target_is_directory=True)
     r = run_cli("cache", "gc", "--yes", *_sets(a))
     assert r.returncode == 0, r.stderr
     assert (elsewhere / "features.json").is_file()  # not followed

@@ -15,8 +15,7 @@ from pipeline.data.synth import make_dataset
 from pipeline.stages.extract import run_extract
 from pipeline.stages.predict import run_predict
 from pipeline.stages.train import run_train
-from pipeline.store.feature_store import store_dir as cache_dir
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, store_of, stored
 
 distributed = pytest.importorskip("distributed")
 quiet = dict(log=lambda s: None, progress=False)
@@ -50,7 +49,7 @@ def test_dask_extract_and_predict_equal_local(tmp_path, data, cluster):
     dask_cfg = make_cfg(tmp_path / "dask", data, *fast)
     res = run_extract(dask_cfg, executor=cluster.scheduler_address, **quiet)
     assert res.n_images == 156 and not res.errors
-    assert digest(cache_dir(dask_cfg), "*") == digest(cache_dir(local), "*")
+    assert digest(store_of(dask_cfg), "*") == digest(store_of(local), "*")
 
     # stage 3: train once, then predict locally and on the cluster from the same models
     run_train(local, **quiet)
@@ -78,7 +77,7 @@ def test_local_cluster_leaves_the_environment_alone(tmp_path, data):
     assert dict(os.environ) == before
     local = make_cfg(tmp_path / "local", data)
     run_extract(local, **quiet)
-    assert digest(cache_dir(cfg), "*") == digest(cache_dir(local), "*")
+    assert digest(store_of(cfg), "*") == digest(store_of(local), "*")
 
 
 def test_killed_worker_is_retried_and_leaves_no_partial_shard(tmp_path, data, cluster):
@@ -89,7 +88,7 @@ def test_killed_worker_is_retried_and_leaves_no_partial_shard(tmp_path, data, cl
     Deterministic: the kill waits for the worker to say where it is, never for a time."""
     local = make_cfg(tmp_path / "local", data)
     run_extract(local, **quiet)
-    n_total = len(list(cache_dir(local).rglob("*.h5")))
+    n_total = len(list(store_of(local).rglob("*.h5")))
     cfg = make_cfg(tmp_path / "dask", data)
     stopped = tmp_path / "stopped"  # written by the worker where it stops: the shard's tmp path
     result = {}
@@ -97,7 +96,7 @@ def test_killed_worker_is_retried_and_leaves_no_partial_shard(tmp_path, data, cl
     def stop_mid_write(flag: str) -> None:
         """On the victim worker: the first shard's checksum (taken on its complete temporary
         file, before the rename) says where it is, then waits to be killed."""
-        import pipeline.store.feature_store as store
+        import pipeline.store.shards as store
         real = store.sha256_file
 
         def stopping(path):
@@ -126,7 +125,7 @@ def test_killed_worker_is_retried_and_leaves_no_partial_shard(tmp_path, data, cl
         assert stopped.exists(), "the victim worker never reached a shard's write"
         tmp = Path(stopped.read_text())
         assert tmp.is_file()  # a partial (unrenamed) shard is on disk when the worker dies
-        complete = [p for p in cache_dir(cfg).rglob("*.h5") if not p.name.startswith(".")]
+        complete = [p for p in store_of(cfg).rglob("*.h5") if not p.name.startswith(".")]
         assert len(complete) < n_total  # the extraction was still running
         os.kill(pids[victim], signal.SIGKILL)
         t.join(300)
@@ -137,10 +136,10 @@ def test_killed_worker_is_retried_and_leaves_no_partial_shard(tmp_path, data, cl
     # the scheduler gave the task to a worker again after the kill: twice into "processing"
     assert [s[2] for s in story].count("processing") >= 2, story
     assert result["res"].n_images == 156
-    got, want = digest(cache_dir(cfg), "*"), digest(cache_dir(local), "*")
+    got, want = digest(store_of(cfg), "*"), digest(store_of(local), "*")
     assert sorted(got) == sorted(want)
     assert [k for k in want if got[k] != want[k]] == []
-    assert not tmp.exists() and not list(cache_dir(cfg).rglob("*.tmp"))
+    assert not tmp.exists() and not list(store_of(cfg).rglob("*.tmp"))
 
 
 def test_worker_reopens_a_re_extracted_split(tmp_path):
@@ -149,20 +148,20 @@ def test_worker_reopens_a_re_extracted_split(tmp_path):
     from PIL import Image
 
     from pipeline.stages.predict import predict_task
-    from pipeline.store.feature_store import FeatureStore, locate_split
+    from pipeline.store import FeatureStore, locate_split
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 2, "test": 1}, size=(48, 64), seed=8)
     cfg = make_cfg(tmp_path, root, "train.epochs=1", "train.linear_epochs=1", "train.crop=32")
     run_extract(cfg, **quiet)
     run_train(cfg, **quiet)
     models_fp = json.loads((cfg.run_dir / "models" / "models.json").read_text())["fingerprint"]
-    sdir = str(locate_split(cfg, "test"))
+    sdir = str(locate_split(*stored(cfg), "test"))
     first = FeatureStore(sdir)
     _, unit = predict_task(cfg, sdir, first.fingerprint, 0, str(tmp_path / "p"), models_fp)
     # a new image in the first category's shard changes the split's content
     src = root / "test" / first.items[0].category / "images"
     Image.open(next(src.glob("*.jpg"))).save(src / "zz_new.jpg")
     run_extract(cfg, **quiet)
-    sdir = str(locate_split(cfg, "test"))  # the new content's folder
+    sdir = str(locate_split(*stored(cfg), "test"))  # the new content's folder
     second = FeatureStore(sdir)
     assert second.fingerprint != first.fingerprint
     _, unit2 = predict_task(cfg, sdir, second.fingerprint, 0, str(tmp_path / "p"), models_fp)

@@ -17,8 +17,8 @@ from pipeline.core.fsutil import exclusive_lock
 from pipeline.data.dataset import load_image, load_mask
 from pipeline.data.synth import make_dataset
 from pipeline.stages.extract import run_extract, status
-from pipeline.store.feature_store import FeatureStore, locate_split, store_dir, store_lock
-from tests.conftest import ROOT, SHARED_DATA, SHARED_WEIGHTS, make_cfg, run_cli
+from pipeline.store import FeatureStore, locate_split, store_lock
+from tests.conftest import ROOT, SHARED_DATA, SHARED_WEIGHTS, make_cfg, run_cli, store_of, stored
 
 quiet = dict(log=lambda s: None, progress=False)
 
@@ -33,7 +33,7 @@ def test_extract_end_to_end(tmp_path, synth_root):
     cfg = make_cfg(tmp_path, synth_root)
     res = run_extract(cfg, **quiet)
     assert res.n_images == 18 and res.errors == [] and not res.up_to_date
-    cache = FeatureStore.open(cfg, "train")
+    cache = FeatureStore.open(*stored(cfg), "train")
     assert len(cache) == 12 and cache.categories() == ["block", "disc"]
     item = cache.read(0)
     # 96x136 image, centre-cropped to 96x128 -> a 6x8 grid of MobileNetV2 features (the
@@ -57,7 +57,7 @@ def test_features_do_not_depend_on_batch_size(tmp_path, synth_root):
     b = make_cfg(tmp_path / "b", synth_root, "extract.batch_size=5")
     run_extract(a, ["test"], **quiet)
     run_extract(b, ["test"], **quiet)
-    ca, cb = FeatureStore.open(a, "test"), FeatureStore.open(b, "test")
+    ca, cb = FeatureStore.open(*stored(a), "test"), FeatureStore.open(*stored(b), "test")
     for i in range(len(ca)):
         np.testing.assert_allclose(ca.features(i).astype(np.float32),
                                    cb.features(i).astype(np.float32), rtol=1e-2, atol=1e-2)
@@ -72,28 +72,29 @@ def test_config_change_marks_stale_and_recomputes(tmp_path, synth_root):
     assert st.state == "stale" and 'extract.fit: "crop" -> "pad"' in st.why
     res = run_extract(cfg_pad, ["test"], **quiet)
     assert res.n_images == 6
-    assert FeatureStore.open(cfg_pad, "test").read(0).features.shape == (6, 9, 256)  # 96x144 canvas
-    assert store_dir(cfg_pad) != store_dir(cfg)
+    features = FeatureStore.open(*stored(cfg_pad), "test").read(0).features
+    assert features.shape == (6, 9, 256)  # 96x144 canvas
+    assert store_of(cfg_pad) != store_of(cfg)
 
 
 def test_changed_image_recomputes_only_its_shard(tmp_path):
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 3}, size=(48, 64))
     cfg = make_cfg(tmp_path, root)
     run_extract(cfg, **quiet)
-    before = cache_digest(store_dir(cfg))
+    before = cache_digest(store_of(cfg))
     img = root / "train/disc/images/00001.jpg"
     arr = load_image(img).copy()
     arr[:8] = 0
     Image.fromarray(arr).save(img)
     st = status(cfg)
     assert st.state == "stale" and "data[train] changed" in st.why
-    old_dir = locate_split(cfg, "train")
+    old_dir = locate_split(*stored(cfg), "train")
     block = next(old_dir.glob("shards/block-*.h5"))
     inode = block.stat().st_ino
     res = run_extract(cfg, **quiet)
-    after = cache_digest(store_dir(cfg))
+    after = cache_digest(store_of(cfg))
     # the split's new content has a folder of its own; the superseded one is gone
-    new_dir = locate_split(cfg, "train")
+    new_dir = locate_split(*stored(cfg), "train")
     assert new_dir != old_dir and not old_dir.exists()
 
     def shards(digests):
@@ -123,7 +124,7 @@ def test_bad_files_are_reported_and_the_rest_is_cached(tmp_path):
     assert not any("00001" in line for line in lines)  # an image without annotation: no problem
     assert lines[-1] == ("error: 2 files could not be used (listed above); the other images "
                          "are cached")
-    store = FeatureStore.open(cfg, "train")
+    store = FeatureStore.open(*stored(cfg), "train")
     assert len(store) == 4
     unannotated = [m for m in store.items if not m.annotated]
     assert [(m.category, m.stem) for m in unannotated] == [("block", "00001")]
@@ -155,14 +156,14 @@ def test_missing_upstream_names_the_command(tmp_path, synth_root):
     with pytest.raises(StoreError,
                        match="no stored features of split 'train' of .*; run "
                              "`python cli.py extract-features --split train`"):
-        FeatureStore.open(cfg, "train")
+        FeatureStore.open(*stored(cfg), "train")
 
 
 def test_second_writer_is_refused_with_a_clear_message(tmp_path, synth_root):
     from pipeline.core.owned import claim_folder
     cfg = make_cfg(tmp_path, synth_root)
     claim_folder(cfg.paths.cache, "paths.cache")  # as the first writer did before locking
-    with exclusive_lock(store_lock(store_dir(cfg)), "held"):
+    with exclusive_lock(store_lock(store_of(cfg)), "held"):
         with pytest.raises(LockError, match="in use by another process"):
             run_extract(cfg, **quiet)
 
@@ -171,7 +172,7 @@ def test_reader_is_lazy_and_picklable(tmp_path, synth_root):
     import pickle
     cfg = make_cfg(tmp_path, synth_root)
     run_extract(cfg, ["test"], **quiet)
-    cache = FeatureStore.open(cfg, "test")
+    cache = FeatureStore.open(*stored(cfg), "test")
     assert len(cache._open) == 0  # nothing opened by listing
     clone = pickle.loads(pickle.dumps(cache))
     assert np.array_equal(clone.features(2), cache.features(2))
@@ -183,7 +184,7 @@ def test_shards_are_deterministic_hdf5(tmp_path, synth_root):
     b = make_cfg(tmp_path / "b", synth_root)
     run_extract(a, **quiet)
     run_extract(b, **quiet)
-    da, db = cache_digest(store_dir(a)), cache_digest(store_dir(b))
+    da, db = cache_digest(store_of(a)), cache_digest(store_of(b))
     shards = [k for k in da if k.endswith(".h5")]
     assert shards and all(da[k] == db[k] for k in shards)
 
@@ -193,12 +194,12 @@ def test_sigkill_then_resume_equals_clean_run(tmp_path):
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 70, "test": 20}, size=(64, 80))
     clean = make_cfg(tmp_path / "clean", root)
     run_extract(clean, **quiet)
-    expected = cache_digest(store_dir(clean))
+    expected = cache_digest(store_of(clean))
 
     killed = make_cfg(tmp_path / "killed", root)
     args = [sys.executable, str(ROOT / "cli.py"), "extract-features"] + \
         [a for s in _sets(killed) for a in ("--set", s)]
-    shards = store_dir(killed) / locate_split(clean, "train").name / "shards"  # same data
+    shards = store_of(killed) / locate_split(*stored(clean), "train").name / "shards"  # same data
     def n_shards():
         return len(list(shards.glob("*.h5"))) if shards.is_dir() else 0
 
@@ -217,7 +218,7 @@ def test_sigkill_then_resume_equals_clean_run(tmp_path):
     assert n_shards() < 4  # it really was interrupted
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    got = cache_digest(store_dir(killed))
+    got = cache_digest(store_of(killed))
     assert got == expected
 
 
@@ -229,7 +230,7 @@ def test_real_images_with_pretrained_mobilenet(tmp_path):
                    "extract.batch_size=8")
     res = run_extract(cfg, ["test"], **quiet)
     assert res.n_images == 35 and not res.errors
-    cache = FeatureStore.open(cfg, "test")
+    cache = FeatureStore.open(*stored(cfg), "test")
     assert cache.categories() == ["bear", "dog"]
     item = cache.read(0)
     assert item.features.shape == (30, 53, 256) and item.image.shape == (480, 854, 3)
@@ -246,13 +247,13 @@ def test_backbone_layers_changes_the_feature_key_and_the_channels(tmp_path, synt
     """backbone.layers = 1 keeps the key of stores made before the setting existed; another
     value is another store, whose features have the concatenated channels; 0 (the default)
     is the backbone's measured default: 2 for mobilenet_v2, 1 for the ViTs."""
-    from pipeline.params import feature_params
+    from pipeline.models.devices import config_keys
     auto, one, two = (make_cfg(tmp_path, synth_root, f"backbone.layers={n}") for n in (0, 1, 2))
-    assert auto.backbone.layers == 0 and "backbone.layers" not in feature_params(one)
-    assert store_dir(auto) == store_dir(two) != store_dir(one)
+    assert auto.backbone.layers == 0 and "backbone.layers" not in config_keys(one).feature.params()
+    assert store_of(auto) == store_of(two) != store_of(one)
     vit = make_cfg(tmp_path, synth_root, "backbone.name=dino_vits16")
-    assert "backbone.layers" not in feature_params(vit)
+    assert "backbone.layers" not in config_keys(vit).feature.params()
     for cfg, channels in ((one, 96), (two, 96 + 160)):
         run_extract(cfg, ["test"], log=lambda s: None, progress=False)
-        store = FeatureStore(locate_split(cfg, "test"))
+        store = FeatureStore(locate_split(*stored(cfg), "test"))
         assert store.read(0).features.shape[-1] == channels

@@ -172,13 +172,13 @@ def test_gpu_check_refuses_dask():
 def test_bf16_autocast_features(monkeypatch, tmp_path, synth_root):
     """Stage 1's forward on CUDA under bf16 autocast: float16 features of the CPU float32
     shape, each patch's vector within cosine COSINE_MIN of the CPU's."""
-    from pipeline.inference import BackboneRunner
+    from pipeline.stages.extract import extractor_of
 
     shallow_vits(monkeypatch)
     base = ["backbone.name=dino_vits16"]
-    gpu = BackboneRunner(make_cfg(tmp_path, synth_root, *base, f"extract.device={DEVICE}",
-                                  "extract.precision=bf16"))
-    cpu = BackboneRunner(make_cfg(tmp_path, synth_root, *base))
+    gpu = extractor_of(make_cfg(tmp_path, synth_root, *base, f"extract.device={DEVICE}",
+                                "extract.precision=bf16"))
+    cpu = extractor_of(make_cfg(tmp_path, synth_root, *base))
     assert gpu.device.type == DEVICE and gpu.amp == torch.bfloat16 and cpu.amp is None
     g = np.random.default_rng(0)
     canvases = [g.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(3)]

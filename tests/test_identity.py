@@ -17,8 +17,8 @@ from pipeline.stages import extract, train
 from pipeline.stages.extract import run_extract
 from pipeline.stages.predict import run_predict
 from pipeline.stages.train import run_train
-from pipeline.store.feature_store import bad_marker, locate_split, read_manifest
-from tests.conftest import TINY_TRAIN, cli_sets, make_cfg, run_cli, synth_images
+from pipeline.store import bad_marker, locate_split, read_manifest
+from tests.conftest import TINY_TRAIN, cli_sets, make_cfg, run_cli, stored, synth_images
 
 QUIET = dict(log=lambda s: None, progress=False)
 
@@ -103,7 +103,7 @@ def test_bit_rot_in_a_shard_is_marked_by_its_reader_and_repaired(synth_root, tmp
     extract-features recomputes that shard only, and train-head runs."""
     cfg = make_cfg(tmp_path, synth_root, *TINY_TRAIN)
     run_extract(cfg, **QUIET)
-    split_dir = locate_split(cfg, "train")
+    split_dir = locate_split(*stored(cfg), "train")
     shard = sorted((split_dir / "shards").glob("*.h5"))[0]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -130,7 +130,7 @@ def test_bit_rot_in_a_shard_is_marked_by_its_reader_and_repaired(synth_root, tmp
 def test_status_verify_rehashes_and_marks_what_it_finds(synth_root, tmp_path):
     cfg = make_cfg(tmp_path, synth_root, *TINY_TRAIN)
     run_extract(cfg, **QUIET)
-    shard = sorted((locate_split(cfg, "test") / "shards").glob("*.h5"))[-1]
+    shard = sorted((locate_split(*stored(cfg), "test") / "shards").glob("*.h5"))[-1]
     data = bytearray(shard.read_bytes())
     data[-100] ^= 0x01
     with open(shard, "r+b") as fh:

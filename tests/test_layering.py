@@ -19,10 +19,9 @@ from tests.conftest import ROOT
 PIPELINE = ROOT / "pipeline"
 # lowest first; a name is a folder (a package of pipeline/) or a top-level module
 FLOORS: tuple[frozenset[str], ...] = tuple(frozenset(f) for f in (
-    {"core"},  # config, errors, fingerprints, fsutil, registry: torch-free
+    {"core"},  # config, keys, errors, fingerprints, fsutil, registry: torch-free
     {"data", "metrics"},
     {"models"},
-    {"params"},
     {"store", "streaming", "executors"},
     {"report"},
     {"runconfig"},

@@ -10,10 +10,10 @@ from PIL import Image
 from pipeline.core.errors import ConfigError, StoreError, UsageError
 from pipeline.core.fingerprints import ABSENT_AS, diff_params
 from pipeline.core.registry import max_layers, resolve_layers
-from pipeline.params import feature_params, tta_params
+from pipeline.models.devices import config_keys
 from pipeline.stages.base import StageState, judge, save_record
-from pipeline.store.feature_store import FeatureStore
-from tests.conftest import cli_sets, make_cfg, one_line_error, run_cli
+from pipeline.store import FeatureStore
+from tests.conftest import cli_sets, make_cfg, one_line_error, run_cli, stored
 
 # ----------------------------------------------------------------------------- diff_params
 
@@ -44,10 +44,11 @@ def test_absent_as_matches_the_fingerprints(tmp_path, synth_root):
     """ABSENT_AS says what the producers leave out: feature_params at backbone.layers 1 and
     without mirror, tta_params at predict.tta none; other values are present."""
     cfg = make_cfg(tmp_path, synth_root, "backbone.layers=1", "predict.tta=none")
-    params = {**feature_params(cfg), **tta_params(cfg)}
+    params = {**config_keys(cfg).feature.params(), **config_keys(cfg).predict.tta_params()}
     assert not set(ABSENT_AS) & set(params), params
     cfg = make_cfg(tmp_path, synth_root, "backbone.layers=3", "predict.tta=flip")
-    params = {**feature_params(cfg, mirror=True), **tta_params(cfg)}
+    params = {**config_keys(cfg).feature.mirrored().params(),
+              **config_keys(cfg).predict.tta_params()}
     assert {k: params[k] for k in ABSENT_AS} == {"backbone.layers": 3, "mirror": True,
                                                  "predict.tta": "flip"}
 
@@ -84,17 +85,17 @@ def test_impossible_layers_is_a_usage_error_before_any_store(tmp_path, synth_roo
 def test_open_names_a_split_the_dataset_lacks(tmp_path, synth_root):
     cfg = make_cfg(tmp_path, synth_root)
     with pytest.raises(UsageError) as e:
-        FeatureStore.open(cfg, "nosuch")
+        FeatureStore.open(*stored(cfg), "nosuch")
     assert str(e.value) == f"split 'nosuch' not found in {synth_root} (splits: test, train)"
     # a split that exists but is not extracted: the old advice stands
     with pytest.raises(StoreError) as e:
-        FeatureStore.open(cfg, "test")
+        FeatureStore.open(*stored(cfg), "test")
     assert "no stored features of split 'test'" in str(e.value) \
         and "extract-features --split test" in str(e.value)
     # no readable dataset: the old advice too (extract-features will name the problem)
     cfg = make_cfg(tmp_path, tmp_path / "no_dataset")
     with pytest.raises(StoreError) as e:
-        FeatureStore.open(cfg, "nosuch")
+        FeatureStore.open(*stored(cfg), "nosuch")
     assert "extract-features --split nosuch" in str(e.value)
 
 

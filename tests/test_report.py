@@ -849,7 +849,7 @@ def test_stage_3_reads_each_shown_image_once(trained_copy, monkeypatch):
     with every variant's masks, the best with the pac mask written), on top of the pass
     itself; the strips and figures it writes are those of the run's first report."""
     from pipeline.stages import predict as predict_stage
-    from pipeline.store.feature_store import FeatureStore
+    from pipeline.store import FeatureStore
 
     cfg = trained_copy[2]
     files = cfg.run_dir / "report_test_files"

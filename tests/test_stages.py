@@ -12,8 +12,8 @@ from pipeline.stages.base import Context, StageState, judge_record, save_record
 from pipeline.stages.extract import STAGE as EXTRACT
 from pipeline.stages.extract import run_extract
 from pipeline.stages.predict import PredictStage, stage_state
-from pipeline.store.feature_store import locate_split
-from tests.conftest import cli_sets, run_cli
+from pipeline.store import locate_split
+from tests.conftest import cli_sets, run_cli, stored
 
 
 def _rec(state: StageState) -> dict:
@@ -81,7 +81,7 @@ def test_stage_one_keeps_its_record_with_the_store(trained_copy):
 
 def test_stage_one_data_change_and_damage_are_told_apart(trained_copy):
     base, root, cfg = trained_copy
-    manifest = locate_split(cfg, "test") / "manifest.json"
+    manifest = locate_split(*stored(cfg), "test") / "manifest.json"
     doc = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({**doc, "digest": "0" * 64}))
     line = next(workflow.statuses(Context.of(cfg))).line()

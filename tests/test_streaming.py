@@ -7,8 +7,9 @@ import threading
 
 import pytest
 
-from pipeline.store.feature_store import SHARD_SIZE
+from pipeline.store import SHARD_SIZE
 from pipeline.streaming import Undecodable, stream
+from tests.conftest import stored
 
 
 def test_writes_are_handed_on_in_order_when_they_finish_out_of_order():
@@ -133,14 +134,13 @@ def test_shards_are_bounded_and_handed_to_workers_largest_first(tmp_path):
     """Shards hold at most SHARD_SIZE images of one category (file order); Dask receives them
     largest first, plan order among equals (greedy balance: the last ones are the small)."""
     from pipeline.data.synth import make_dataset
-    from pipeline.params import feature_params
     from pipeline.stages.extract import largest_first
-    from pipeline.store.feature_store import file_hasher, plan_split
+    from pipeline.store import file_hasher, plan_split
     from tests.conftest import make_cfg
 
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 200}, size=(24, 32), seed=3)
     cfg = make_cfg(tmp_path, root)
-    plan = plan_split(cfg, "train", feature_params(cfg), file_hasher(cfg))
+    plan = plan_split(*stored(cfg), "train", file_hasher(cfg.paths.cache))
     sizes = [len(t.items) for t in plan.tasks]
     assert sum(sizes) == len(plan.items) and max(sizes) == SHARD_SIZE < 200  # categories cut
     for t in plan.tasks:

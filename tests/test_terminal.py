@@ -29,8 +29,8 @@ from pipeline.models import backbones
 from pipeline.models.backbones import create_backbone
 from pipeline.models.devices import CpuFanout
 from pipeline.stages.predict import run_predict
-from pipeline.store.feature_store import RUNS_DIR, store_dir, store_lock
-from tests.conftest import cli_sets, copy_run, run_cli
+from pipeline.store import RUNS_DIR, store_lock
+from tests.conftest import cli_sets, copy_run, run_cli, store_of
 
 QUIET = dict(log=lambda s: None, progress=False)
 NMS = "operator torchvision::nms does not exist"
@@ -324,7 +324,7 @@ def test_lock_files_live_in_locks_folders_and_survive_cache_gc(trained, tmp_path
     cache, run_dir = Path(cfg.paths.cache), cfg.run_dir
     locks = sorted(p for p in [*cache.rglob("*.lock"), *run_dir.rglob("*.lock")])
     assert locks and all(p.parent.name == LOCKS for p in locks), locks
-    store = store_dir(cfg)
+    store = store_of(cfg)
     assert store_lock(store) in locks and store not in store_lock(store).parents
     assert lock_path(run_dir, "models") in locks
     # cache gc removes the store no run uses, never its lock file
@@ -337,7 +337,7 @@ def test_lock_files_live_in_locks_folders_and_survive_cache_gc(trained, tmp_path
 
 def test_a_held_store_lock_stops_cache_gc(trained, tmp_path):
     base, root, cfg = copy_run(trained, tmp_path / "run")
-    store = store_dir(cfg)
+    store = store_of(cfg)
     shutil.rmtree(cfg.run_dir)
     shutil.rmtree(store / RUNS_DIR)
     with exclusive_lock(store_lock(store), "held"):

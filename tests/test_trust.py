@@ -17,8 +17,8 @@ from pipeline.data.synth import make_dataset
 from pipeline.stages.extract import run_extract
 from pipeline.stages.predict import run_predict
 from pipeline.stages.train import model_dir, run_train
-from pipeline.store.feature_store import locate_split, store_dir
-from tests.conftest import make_cfg, one_line_error, run_cli
+from pipeline.store import locate_split
+from tests.conftest import make_cfg, one_line_error, run_cli, store_of, stored
 
 quiet = dict(log=lambda s: None, progress=False)
 FAST = ("train.epochs=1", "train.linear_epochs=2", "train.crop=48", "train.batch_size=4")
@@ -110,7 +110,7 @@ def test_predict_needs_no_training_images(run_copy):
 # ----------------------------------------------------------------------------- damaged cache
 
 def _shard(cfg, split="test", k=0) -> Path:
-    return sorted((locate_split(cfg, split) / "shards").glob("*.h5"))[k]
+    return sorted((locate_split(*stored(cfg), split) / "shards").glob("*.h5"))[k]
 
 
 def stage_lines(cfg) -> list[str]:
@@ -132,11 +132,11 @@ def test_damaged_cache_is_found_and_repaired_by_plain_extract(run_copy, damage, 
     """In this process (the stage functions the commands call); the CLI's exit code and
     one-line error for a reader refusing a damaged cache are checked for one case."""
     cfg = run_copy
-    sdir = store_dir(cfg)
+    sdir = store_of(cfg)
     clean = digest_tree(sdir)
     report = (cfg.run_dir / "report_test.json").read_text()
     shard = _shard(cfg)
-    manifest = locate_split(cfg, "test") / "manifest.json"
+    manifest = locate_split(*stored(cfg), "test") / "manifest.json"
     if damage == "flip":  # corrupt bytes in place: same size
         data = bytearray(shard.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -196,8 +196,8 @@ def test_reader_verifies_checksums_even_when_the_memo_is_fooled(run_copy):
 def test_old_cache_format_is_stale_with_the_reason(run_copy):
     cfg = run_copy
     # a store made by the previous format, and none of the current one
-    old = store_dir(cfg).with_name("old-format")
-    store_dir(cfg).rename(old)
+    old = store_of(cfg).with_name("old-format")
+    store_of(cfg).rename(old)
     features = json.loads((old / "features.json").read_text())
     (old / "features.json").write_text(json.dumps({**features, "format": 2}))
     assert status_lines(cfg)[0] == "extract-features: stale (format: 2 -> 3)"

@@ -15,15 +15,15 @@ from PIL import Image
 from pipeline.commands.segment import run_segment
 from pipeline.core.config import copy_config
 from pipeline.data.dataset import from_canvas, to_canvas
+from pipeline.models.devices import config_keys
 from pipeline.models.heads import load_models
-from pipeline.params import feature_params
-from pipeline.stages.extract import Extractor, run_extract
+from pipeline.stages.extract import extractor_of, run_extract
 from pipeline.stages.extract import status as extract_status
 from pipeline.stages.predict import model_dir, pred_dir_of, report_path, run_predict
 from pipeline.stages.predict import status as predict_status
 from pipeline.stages.train import status as train_status
-from pipeline.store.feature_store import FeatureStore, locate_split, store_dir
-from tests.conftest import copy_run, one_line_error, run_cli
+from pipeline.store import FeatureStore, locate_split
+from tests.conftest import copy_run, one_line_error, run_cli, store_of, stored
 
 quiet = dict(log=lambda s: None, progress=False)
 
@@ -34,7 +34,7 @@ def run(tmp_path_factory, trained):
     into it), predicted on the test split without and then with flip TTA."""
     base, synth_root, plain = copy_run(trained, tmp_path_factory.mktemp("tta") / "run")
     plain_report = json.loads(report_path(plain, "test").read_text())
-    shards = {p: p.stat().st_mtime_ns for p in store_dir(plain).rglob("*.h5")}
+    shards = {p: p.stat().st_mtime_ns for p in store_of(plain).rglob("*.h5")}
     pdir = pred_dir_of(plain, "test")
     plain_masks = {p.relative_to(pdir).as_posix(): np.asarray(Image.open(p)) > 127
                    for p in pdir.rglob("*.png")}
@@ -44,13 +44,15 @@ def run(tmp_path_factory, trained):
 
 def test_mirrored_features_are_those_of_the_mirrored_canvas(run):
     _, _, plain, flip, *_ = run
-    assert feature_params(flip, mirror=True) == {**feature_params(plain), "mirror": True}
+    assert (config_keys(flip).feature.mirrored().params()
+            == {**config_keys(plain).feature.params(), "mirror": True})
     res = run_extract(flip, ["train", "test"], **quiet)
     assert not res.up_to_date
     # the training split gets none: training never uses them
-    assert locate_split(flip, "train", mirror=True) is None
-    store, mirror = FeatureStore.open(flip, "test"), FeatureStore.open(flip, "test", mirror=True)
-    ex = Extractor(flip)
+    assert locate_split(*stored(flip, mirror=True), "train") is None
+    store = FeatureStore.open(*stored(flip), "test")
+    mirror = FeatureStore.open(*stored(flip, mirror=True), "test")
+    ex = extractor_of(flip)
     for i in range(len(store)):
         item = store.read(i)
         canvas = to_canvas(item.image, item.meta.box)
@@ -71,10 +73,11 @@ def test_flip_averages_the_mirror_images_logits(run):
     report = json.loads(report_path(flip, "test").read_text())
     assert report["config"]["predict"]["tta"] == "flip" and "mirrored" in report["fingerprints"]
     # the features' shards were not rewritten for TTA
-    assert {p: p.stat().st_mtime_ns for p in store_dir(plain).rglob("*.h5")} == shards
+    assert {p: p.stat().st_mtime_ns for p in store_of(plain).rglob("*.h5")} == shards
 
     models = load_models(model_dir(flip))
-    store, mirror = FeatureStore.open(flip, "test"), FeatureStore.open(flip, "test", mirror=True)
+    store = FeatureStore.open(*stored(flip), "test")
+    mirror = FeatureStore.open(*stored(flip, mirror=True), "test")
     threshold = math.log(flip.predict.threshold / (1 - flip.predict.threshold))
     agree = total = plain_agree = 0
     for i in range(len(store)):

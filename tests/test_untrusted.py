@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from pipeline.data.synth import make_dataset
-from pipeline.store.feature_store import FeatureStore, locate_split
-from tests.conftest import ROOT, cli_sets, trained_run
+from pipeline.store import FeatureStore, locate_split
+from tests.conftest import ROOT, cli_sets, store_of, stored, trained_run
 
 CAFE, ETE = b"caf\xe9", b"\xe9t\xe9"  # Latin-1 "café" and "été": not UTF-8
 MEMORY_LIMIT = 8 << 30  # address space of a CLI subprocess (torch maps ~2 GiB)
@@ -103,7 +103,7 @@ def test_latin1_names_round_trip(latin_run, monkeypatch):
         text = (cfg.run_dir / f"report_test.{ext}").read_bytes().decode("utf-8")  # strict
         assert "caf\ufffd" in text and "\ufffdt\ufffd" in text, ext
 
-    with FeatureStore.open(cfg, "test") as store:
+    with FeatureStore.open(*stored(cfg), "test") as store:
         latin = [m.index for m in store.items if os.fsencode(m.category) == CAFE]
         assert {os.fsencode(store.items[i].stem) for i in latin} == {ETE, b"00001"}
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # a stored image has no limit
@@ -208,7 +208,7 @@ def test_raising_max_pixels_retries_only_the_shards_it_refused(tmp_path):
     recomputes only the shard of the refused images, and no other stage key changes."""
     from pipeline.stages import extract
     from pipeline.stages.extract import run_extract
-    from pipeline.store.feature_store import read_manifest, store_dir
+    from pipeline.store import read_manifest
     from tests.conftest import make_cfg
     root = make_dataset(tmp_path / "data", "obj_seg", {"train": 4, "test": 2}, size=(64, 96),
                         seed=4)
@@ -225,11 +225,11 @@ def test_raising_max_pixels_retries_only_the_shards_it_refused(tmp_path):
     again = run_extract(small, **quiet)
     assert again.up_to_date and again.n_errors == n_big
     large = make_cfg(tmp_path, root, "data.max_pixels=30000")
-    assert store_dir(large) == store_dir(small)  # not part of the feature key
+    assert store_of(large) == store_of(small)  # not part of the feature key
     st = extract.status(large)
     assert st.state == "stale" and "data.max_pixels" in st.why, st.line()
     res = run_extract(large, **quiet)
     assert not res.up_to_date and res.n_errors == 0
     assert res.n_images == n_big  # that category's shard only
-    m, _ = read_manifest(locate_split(large, "test"))
+    m, _ = read_manifest(locate_split(*stored(large), "test"))
     assert m.n_images == len(list((root / "test").rglob("images/*.jpg"))) and not m.errors

@@ -22,16 +22,15 @@ from ..core.fsutil import exclusive_lock, read_json
 from ..core.layout import RunLayout, run_dirs
 from ..core.owned import is_marked
 from ..models.heads import read_card
-from ..store.feature_store import (
+from ..store import (
     CACHE_LEGACY,
+    FEATURES,
     INDEX_FILE,
     RUNS_DIR,
     read_index,
     read_manifest,
     store_lock,
 )
-
-FEATURES = "features"  # the stores' folder inside paths.cache
 
 
 @dataclass

@@ -22,6 +22,7 @@ differences of a feature, so a few pixels near the threshold may flip: tests req
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import time
@@ -42,8 +43,9 @@ from ..core.layout import RunLayout
 from ..core.owned import Ledger
 from ..inference import BackboneRunner, checked_models
 from ..models.backbones import Backbone
+from ..models.devices import config_keys
 from ..models.heads import TrainedModels
-from ..params import feature_params, inference_params, tta_params
+from ..runconfig import reproduces
 from ..stages.base import Recording, StageState, load_record, reproduce
 
 STAGE = "export"
@@ -90,7 +92,9 @@ class SegmentationProgram(nn.Module):
 def build_program(cfg: Config, models: TrainedModels) -> SegmentationProgram:
     """The program on CPU in eval mode, without gradients; the backbone is built and
     optimised exactly as stage 1 builds it (`inference.BackboneRunner`)."""
-    backbone = BackboneRunner(cfg, torch.device("cpu")).backbone
+    backbone = BackboneRunner(config_keys(cfg).feature, cfg.backbone.weights,
+                              torch.device("cpu"), cfg.extract.batch_size,
+                              cfg.extract.compile).backbone
     program = SegmentationProgram(backbone, models, getattr(torch, cfg.extract.feature_dtype),
                                   cfg.predict.tta == "flip")
     return program.to("cpu").eval().requires_grad_(False)
@@ -171,9 +175,9 @@ class Export(Recording[ExportResult]):
         self.label, self.run_dir, self.lock = STAGE, self.cfg.run_dir, None
 
     def state(self) -> StageState:
-        cfg = self.cfg
-        params = {**inference_params(cfg), **tta_params(cfg)}
-        params.update({"predict.threshold": cfg.predict.threshold,
+        keys = config_keys(self.cfg)
+        params = {**keys.feature.inference_params(), **keys.predict.tta_params()}
+        params.update({"predict.threshold": keys.predict.threshold,
                        "out": str(self.path.resolve()), "height": self.height,
                        "width": self.width, "min_patches": MIN_PATCHES,
                        "torch": torch.__version__})
@@ -232,6 +236,7 @@ def run_export(cfg: Config, out: str | Path | None = None, height: int | None = 
     path = Path(out) if out is not None else default_path(cfg)
     if path.is_dir() or not path.name:
         raise UsageError(f"--out {str(out)!r}: a folder, not a file name (e.g. model.pt2)")
-    feature_params(cfg)  # a bad backbone.layers or weights path is told before any models
-    with checked_models(cfg) as models:
+    keys = config_keys(cfg)  # a bad backbone.layers or weights path is told before any models
+    with checked_models(RunLayout.of(cfg), keys, cfg.paths.cache,
+                        as_trained=functools.partial(reproduces, cfg)) as models:
         return reproduce(Export(cfg, models, path, height, width, log, t0), force, log)

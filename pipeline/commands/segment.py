@@ -18,6 +18,7 @@ stage module; no stage imports it.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import time
@@ -40,6 +41,7 @@ from ..core.fsutil import (
     sha256_file,
     stat_stamp,
 )
+from ..core.keys import Keys
 from ..core.layout import RunLayout
 from ..core.owned import Ledger, claim_folder, claim_run_dir, is_marked
 from ..core.progress import Progress
@@ -53,11 +55,11 @@ from ..data.dataset import (
     to_canvas,
 )
 from ..inference import BackboneRunner, Predictor, checked_models, mask_png_bytes
-from ..models.devices import resolve_device
-from ..params import inference_params, tta_params
+from ..models.devices import config_keys, resolve_device
 from ..report.panels import mask_panel, outline_width
+from ..runconfig import reproduces
 from ..stages.base import Lock
-from ..store.feature_store import CACHE_LEGACY
+from ..store import CACHE_LEGACY
 from ..streaming import Decoded, Undecodable, Writer, stream
 
 RECORD_FILE = ".segment.json"
@@ -152,13 +154,12 @@ def find_sources(paths: Sequence[str | Path], out_dir: Path) -> tuple[list[Sourc
 
 # ----------------------------------------------------------------------------- the record
 
-def settings_fingerprint(cfg: Config, models_fp: str) -> str:
+def settings_fingerprint(keys: Keys, models_fp: str) -> str:
     """What a mask depends on besides its image: the models, the feature settings (backbone,
     weights, canvas fit, precision, feature dtype), the threshold and the test-time
     augmentation (absent at "none", so masks made before the key stay current)."""
-    features = inference_params(cfg)
-    return fingerprint({"models": models_fp, "features": features,
-                        "threshold": cfg.predict.threshold, **tta_params(cfg)})
+    return fingerprint({"models": models_fp, "features": keys.feature.inference_params(),
+                        "threshold": keys.predict.threshold, **keys.predict.tta_params()})
 
 
 class SegmentRecord:
@@ -308,14 +309,16 @@ def run_segment(cfg: Config, paths: Sequence[str | Path], out_dir: str | Path | 
     refuse_inputs_as_outputs(sources, out_dir)
     result = SegmentResult(out_dir, errors=list(problems))
     device = resolve_device(cfg.predict.device)
-    with checked_models(cfg, device) as models:
+    keys = config_keys(cfg)
+    with checked_models(RunLayout.of(cfg), keys, cfg.paths.cache, device,
+                        functools.partial(reproduces, cfg)) as models:
         if out_dir == default_out_dir(cfg):
             claim_run_dir(cfg.run_dir)
         claim_folder(out_dir, "the --out folder", (RECORD_FILE,))
         for line in problems:
             warn(line)
         with Lock(lock_path(out_dir, "segment"), f"segment into {out_dir}").held():
-            settings = settings_fingerprint(cfg, models.fingerprint)
+            settings = settings_fingerprint(keys, models.fingerprint)
             record = SegmentRecord(out_dir)
             ledger = Ledger(out_dir, "segment")
             todo = [s for s in sources
@@ -325,8 +328,11 @@ def run_segment(cfg: Config, paths: Sequence[str | Path], out_dir: str | Path | 
                 if todo:
                     predictor = Predictor(models, device, cfg.predict.threshold)
                     with thread_limits("segment's decoding and writing"):
-                        _stream(cfg, todo, BackboneRunner(cfg), predictor, ledger, overlays,
-                                settings, record, result, progress, warn)
+                        runner = BackboneRunner(keys.feature, cfg.backbone.weights,
+                                                resolve_device(cfg.extract.device),
+                                                cfg.extract.batch_size, cfg.extract.compile)
+                        _stream(cfg, todo, runner, predictor, ledger, overlays, settings,
+                                record, result, progress, warn)
             finally:
                 record.save()
                 ledger.save()

@@ -16,7 +16,6 @@ import math
 import os
 import pickle
 import re
-import stat
 import struct
 import zipfile
 from collections.abc import Callable
@@ -28,17 +27,11 @@ import torch.nn as nn
 from safetensors import SafetensorError
 
 from ..core.errors import BackboneError, EnvironmentProblem
-from ..core.fsutil import FileHasher
+from ..core.keys import weights_file
 from ..core.registry import BackboneSpec, check_layers, get_spec
 
 if TYPE_CHECKING:  # timm is imported when a ViT is built (it takes a second)
     from timm.models.vision_transformer import VisionTransformer
-
-# The version of the features a backbone computes from given weights: part of the feature
-# cache's key, bumped whenever the computation changes (so that old caches are recomputed).
-# 1: timm's forward_features (dynamic_img_size: antialiased resize of the position embeddings)
-# 2: DINO-faithful position embeddings (official bicubic rule with the +0.1 offset, no antialias)
-FEATURE_VERSION = 2
 
 # DINO / DINOv2's work-around offset in the position-embedding interpolation (their
 # `interpolate_offset`, 0.1 in the released models; facebookresearch/dino issue #8)
@@ -246,38 +239,6 @@ def vit_forward_features(model: VisionTransformer, x: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------- weights
-
-_WEIGHTS_HASHER = FileHasher(None)  # the weights files' digests, memoised in the process
-
-
-def weights_file(weights: str) -> tuple[Path, os.stat_result]:
-    """The local weights file `weights` names and its stat (links followed), or a one-line
-    BackboneError saying what is there instead: nothing, a folder, or something that is not
-    a regular file (a FIFO or a device, which are never opened: reading a FIFO would wait
-    for a writer, a device could be endless)."""
-    path = Path(weights).expanduser()
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        raise BackboneError(f"weights file not found: {weights} (backbone.weights is "
-                            "\"pretrained\", \"random\" or a local checkpoint path)") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise BackboneError(f"backbone.weights: {weights} is a folder, not a weights file "
-                            "(give the checkpoint file inside it)")
-    if not stat.S_ISREG(st.st_mode):
-        raise BackboneError(f"backbone.weights: {weights} is not a regular file (a FIFO or "
-                            "device); give a checkpoint file")
-    return path, st
-
-
-def weights_identity(weights: str) -> str:
-    """"pretrained" | "random" | "sha256:<hex>" of a local file (memoised in the process by
-    path and stat stamp: fsutil.FileHasher)."""
-    if weights in ("pretrained", "random"):
-        return weights
-    path, _ = weights_file(weights)
-    return "sha256:" + _WEIGHTS_HASHER.digest(path)
-
 
 # What torch.load(weights_only=True) raises on a damaged or foreign file: the zip reader
 # (RuntimeError, BadZipFile), the file (OSError, EOFError), the weights-only unpickler

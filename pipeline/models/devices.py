@@ -1,14 +1,19 @@
-"""Devices and precisions: "auto" resolved once, in one place, for every stage."""
+"""Devices and precisions: "auto" resolved once, in one place, for every stage (and so the
+config's keys, whose feature key records the resolved precision: `config_keys`)."""
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from ..core.errors import DeviceError, thread_limits
+from ..core.keys import Keys
+
+if TYPE_CHECKING:
+    from ..core.config import Config
 
 T = TypeVar("T")
 
@@ -38,6 +43,12 @@ def resolve_precision(precision: str, device_name: str) -> str:
     on_cuda = (device_name.startswith("cuda")
                or (device_name == "auto" and torch.cuda.is_available()))
     return "bf16" if on_cuda else "fp32"
+
+
+def config_keys(cfg: Config) -> Keys:
+    """`cfg`'s keys (core.keys) on this machine, extract.precision "auto" resolved: what the
+    stage and command entry points build once and hand down, validated here."""
+    return Keys.from_config(cfg, resolve_precision(cfg.extract.precision, cfg.extract.device))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

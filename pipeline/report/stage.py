@@ -21,7 +21,7 @@ from .figures import curve_files
 from .panels import Thumb, VariantThumb
 
 if TYPE_CHECKING:
-    from ..store.feature_store import CachedItem, FeatureStore
+    from ..store import CachedItem, FeatureStore
 
 
 def build_report(cfg: Config, split: str, rows: list[dict], fingerprints: dict[str, str],

@@ -21,7 +21,7 @@ from ..core.fingerprints import diff_params, fingerprint
 from ..core.fsutil import atomic_write_json, exclusive_lock, read_json
 from ..core.layout import RunLayout
 from ..core.owned import claim_run_dir
-from ..store.feature_store import register_run
+from ..store import register_run
 
 if TYPE_CHECKING:
     from ..core.config import Config

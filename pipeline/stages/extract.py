@@ -26,6 +26,7 @@ from ..core.fsutil import (
     read_json,
     remove_temporaries,
 )
+from ..core.keys import DatasetRef, FeatureKey, Keys
 from ..core.owned import claim_folder
 from ..core.progress import Progress, plural
 from ..data.dataset import (
@@ -33,9 +34,10 @@ from ..data.dataset import (
     list_splits,
 )
 from ..executors import execute, portable_config, scheduler_of
-from ..params import feature_params, mirrored_splits
-from ..store.feature_store import (
+from ..models.devices import config_keys
+from ..store import (
     CACHE_LEGACY,
+    FEATURES,
     ShardTask,
     SplitPlan,
     bad_marker,
@@ -55,9 +57,9 @@ from ..store.feature_store import (
 from .base import Context, StageState, StageStatus, as_record, judge_record
 from .extract_engine import (
     DASK_WORKER_THREADS,
-    Extractor,
     assemble_manifest,
     dask_extract,
+    extractor_of,
     largest_first,
     reuse_shard,
     stream_shards,
@@ -108,13 +110,13 @@ class ExtractResult:
         return out
 
 
-def _store_groups(cfg: Config, splits: list[str]) -> list[tuple[dict, list[str], str]]:
-    """(feature params, splits, label) of each store stage 1 fills: the features of `splits`
+def _store_groups(keys: Keys, splits: list[str]) -> list[tuple[FeatureKey, list[str], str]]:
+    """(feature key, splits, label) of each store stage 1 fills: the features of `splits`
     and, with predict.tta = "flip", the mirrored features of the predicted ones."""
-    groups = [(feature_params(cfg), splits, "")]
-    mirrored = mirrored_splits(cfg, splits)
+    groups = [(keys.feature, splits, "")]
+    mirrored = keys.mirrored_splits(splits)
     if mirrored:
-        groups.append((feature_params(cfg, mirror=True), mirrored, " mirrored"))
+        groups.append((keys.feature.mirrored(), mirrored, " mirrored"))
     return groups
 
 
@@ -126,12 +128,13 @@ def run_extract(cfg: Config, splits: Iterable[str] = (), force: bool = False,
     the mirrored features of the predicted splits). Raises PipelineError subclasses for
     problems that stop the stage."""
     t0 = time.perf_counter()
+    keys = config_keys(cfg)
     claim_folder(cfg.paths.cache, "paths.cache", CACHE_LEGACY)
-    hasher = file_hasher(cfg)
-    groups = _plans(cfg, selected_splits(cfg, splits), hasher)
+    hasher = file_hasher(cfg.paths.cache)
+    groups = _plans(cfg.paths.cache, keys, selected_splits(cfg, splits), hasher)
     result = ExtractResult(up_to_date=True)
-    for fparams, plans, label in groups:
-        errors = _extract_store(cfg, fparams, plans, label, hasher, result, force, log, progress,
+    for fkey, plans, label in groups:
+        errors = _extract_store(cfg, fkey, plans, label, hasher, result, force, log, progress,
                                 executor)
         if not label:  # the mirrored store lists the same unusable files again
             result.errors.extend(errors)
@@ -139,12 +142,12 @@ def run_extract(cfg: Config, splits: Iterable[str] = (), force: bool = False,
     result.n_errors = len(result.errors)
     result.seconds = time.perf_counter() - t0
     if not result.up_to_date:  # an up-to-date run reports no size: no walk over the store
-        result.cache_bytes = sum(f.stat().st_size for fparams, _, _ in groups
-                                 for f in store_dir(cfg, fparams).rglob("*.h5"))
+        result.cache_bytes = sum(f.stat().st_size for fkey, _, _ in groups
+                                 for f in store_dir(cfg.paths.cache, fkey).rglob("*.h5"))
     return result
 
 
-def _extract_store(cfg: Config, fparams: dict, plans: list[SplitPlan], label: str,
+def _extract_store(cfg: Config, fkey: FeatureKey, plans: list[SplitPlan], label: str,
                    hasher: FileHasher,
                    result: ExtractResult, force: bool, log: Callable[[str], None], progress: bool,
                    executor: str | None) -> list[str]:
@@ -153,20 +156,21 @@ def _extract_store(cfg: Config, fparams: dict, plans: list[SplitPlan], label: st
     hasher.save()
     todo = [p for p in plans if force or problems[p.split]]
     errors: list[str] = []
-    sdir = store_dir(cfg, fparams)
-    unindexed = [p for p in plans if read_index(sdir).get(dataset_key(cfg, p.split))
+    sdir = store_dir(cfg.paths.cache, fkey)
+    data = config_keys(cfg).data
+    unindexed = [p for p in plans if read_index(sdir).get(dataset_key(data, p.split))
                  != p.split_dir.name]
     if not todo:
         if unindexed:  # stored already (e.g. the dataset moved, or a store made before the
             with exclusive_lock(store_lock(sdir), f"feature store {sdir}"):  # index): index it
                 for p in unindexed:
-                    index_split(sdir, dataset_key(cfg, p.split), p.split_dir.name)
+                    index_split(sdir, dataset_key(data, p.split), p.split_dir.name)
         for p in plans:
             errors.extend(_listed_errors(p))
         return errors
     result.up_to_date = False
     with exclusive_lock(store_lock(sdir), f"feature store {sdir}"):
-        atomic_write_json(sdir / "features.json", fparams)
+        atomic_write_json(sdir / "features.json", fkey.params())
         pending: list[ShardTask] = []
         for p in todo:
             why = "--force" if force else first_problems(problems[p.split])
@@ -187,7 +191,7 @@ def _extract_store(cfg: Config, fparams: dict, plans: list[SplitPlan], label: st
         for p in plans:
             if p not in todo:
                 errors.extend(_listed_errors(p))
-            index_split(sdir, dataset_key(cfg, p.split), p.split_dir.name)
+            index_split(sdir, dataset_key(data, p.split), p.split_dir.name)
         hasher.save()
     return errors
 
@@ -238,7 +242,7 @@ def _execute(cfg: Config, tasks: list[ShardTask], n_total: int, result: ExtractR
         return ((f"extract-{t.hash}", (t, wcfg)) for t in largest_first(portable))
 
     def local() -> list[tuple[str, int]]:  # progress through the stream's own callbacks
-        extractor = Extractor(cfg)
+        extractor = extractor_of(cfg)
         with thread_limits("stage 1's decoding and writing"):
             stream_shards(tasks, extractor, cfg.extract.num_workers, on_done, bar.update)
         return []
@@ -254,10 +258,10 @@ def _execute(cfg: Config, tasks: list[ShardTask], n_total: int, result: ExtractR
 
 # ----------------------------------------------------------------------------- the stage
 
-def _plans(cfg: Config, splits: list[str], hasher: FileHasher
-           ) -> list[tuple[dict, list[SplitPlan], str]]:
-    return [(fparams, [plan_split(cfg, s, fparams, hasher) for s in names], label)
-            for fparams, names, label in _store_groups(cfg, splits)]
+def _plans(cache: str | Path, keys: Keys, splits: list[str], hasher: FileHasher
+           ) -> list[tuple[FeatureKey, list[SplitPlan], str]]:
+    return [(fkey, [plan_split(cache, fkey, keys.data, s, hasher) for s in names], label)
+            for fkey, names, label in _store_groups(keys, splits)]
 
 
 def _manifest_damage(plan: SplitPlan) -> str:
@@ -266,11 +270,11 @@ def _manifest_damage(plan: SplitPlan) -> str:
     return "" if m is not None or why == "no manifest" else why
 
 
-def store_record(cfg: Config, fparams: dict, plans: list[SplitPlan]
+def store_record(cache: str | Path, fkey: FeatureKey, data: DatasetRef, plans: list[SplitPlan]
                  ) -> tuple[dict, dict[str, str | None]] | None:
     """Stage 1's record for these splits, (params, deps), read from the store it describes
     (its features.json and the splits' manifests; shared by every run using the cache).
-    Without a store for `fparams`, the record of the store with the same splits made last
+    Without a store for `fkey`, the record of the store with the same splits made last
     (so that `status` names the settings that changed), or None."""
     def record(sdir: Path) -> tuple[dict, dict[str, str | None]] | None:
         params = read_json(sdir / "features.json")
@@ -278,7 +282,7 @@ def store_record(cfg: Config, fparams: dict, plans: list[SplitPlan]
             return None
         deps: dict[str, str | None] = {}
         for p in plans:  # the folder the index names for this dataset's split (or holds it)
-            split_dir = locate_in(sdir, cfg, p.split)
+            split_dir = locate_in(sdir, data, p.split)
             if split_dir is None and p.split_dir.parent == sdir:
                 split_dir = p.split_dir
             m, _ = read_manifest(split_dir) if split_dir is not None else (None, "")
@@ -286,22 +290,22 @@ def store_record(cfg: Config, fparams: dict, plans: list[SplitPlan]
                 deps[f"data[{p.split}]"] = m.data_digest
         return (params, deps) if deps else None
 
-    sdir = store_dir(cfg, fparams)
+    sdir = store_dir(cache, fkey)
     own = record(sdir) if sdir.is_dir() else None
     if own is not None:
         return own
-    features = Path(cfg.paths.cache) / "features"
+    features = Path(cache) / FEATURES
     others = [d for d in features.glob("*/features.json") if d.parent != sdir] \
         if features.is_dir() else []
     for f in sorted(others, key=lambda f: f.stat().st_mtime, reverse=True):
         other = record(f.parent)
-        if other is not None and bool(other[0].get("mirror")) == bool(fparams.get("mirror")):
+        if other is not None and bool(other[0].get("mirror")) == fkey.mirror:
             return other
     return None
 
 
-def _state(plans: list[SplitPlan], fparams: dict, problems: list[str]) -> StageState:
-    return StageState(STAGE, {f"data[{p.split}]": p.data_digest for p in plans}, dict(fparams),
+def _state(plans: list[SplitPlan], fkey: FeatureKey, problems: list[str]) -> StageState:
+    return StageState(STAGE, {f"data[{p.split}]": p.data_digest for p in plans}, fkey.params(),
                       first_problems(problems))
 
 
@@ -327,9 +331,11 @@ class ExtractStage:
     def _judged(self, ctx: Context, splits: list[str] | None = None
                 ) -> tuple[StageState, StageStatus]:
         cfg = ctx.cfg
-        hasher = file_hasher(cfg, ctx.verify)
-        groups = _plans(cfg, self.splits(ctx, True) if splits is None else splits, hasher)
-        fparams, plans, _ = groups[0]
+        keys = config_keys(cfg)
+        hasher = file_hasher(cfg.paths.cache, ctx.verify)
+        groups = _plans(cfg.paths.cache, keys,
+                        self.splits(ctx, True) if splits is None else splits, hasher)
+        fkey, plans, _ = groups[0]
         problems = []  # of the outputs; a missing or outdated manifest is judged from the record
         damaged = set()  # splits whose manifest cannot be read: an outs problem, not a new dep
         for _, ps, label in groups:
@@ -339,16 +345,16 @@ class ExtractStage:
                              if label or why not in ("no manifest", f"data[{p.split}] changed")]
                 if whys and not label and _manifest_damage(p):
                     damaged.add(p.split)
-                if not whys and locate_in(p.split_dir.parent, cfg, p.split) != p.split_dir:
+                if not whys and locate_in(p.split_dir.parent, keys.data, p.split) != p.split_dir:
                     problems.append(f"{p.split}{label}: stored, not indexed for "
                                     f"{cfg.data.root} (e.g. a moved dataset)")
         hasher.save()
-        state = _state(plans, fparams, problems)
-        found = store_record(cfg, fparams, plans)
+        state = _state(plans, fkey, problems)
+        found = store_record(cfg.paths.cache, fkey, keys.data, plans)
         rec = None
         if found is not None:
             params, deps = found
-            if params == fparams:
+            if params == state.params:
                 deps.update({f"data[{p.split}]": p.data_digest for p in plans
                              if p.split in damaged})
             rec = as_record(StageState(STAGE, deps, params))

@@ -29,8 +29,8 @@ from ..data.dataset import (
 )
 from ..executors import worker_cached
 from ..inference import BackboneRunner
-from ..params import feature_params
-from ..store.feature_store import (
+from ..models.devices import config_keys, resolve_device
+from ..store import (
     Manifest,
     ShardRecord,
     ShardTask,
@@ -105,6 +105,13 @@ class Extractor(BackboneRunner):
             on_batch(len(chunk))
 
 
+def extractor_of(cfg: Config) -> Extractor:
+    """Stage 1's backbone for `cfg`, on extract.device."""
+    return Extractor(config_keys(cfg).feature, cfg.backbone.weights,
+                     resolve_device(cfg.extract.device), cfg.extract.batch_size,
+                     cfg.extract.compile)
+
+
 def stream_shards(tasks: Iterable[ShardTask], extractor: Extractor, decode_threads: int,
                   on_done: Callable[[int], None] = lambda n: None,
                   on_images: Callable[[int], None] | None = None, lookahead: int = 2,
@@ -154,9 +161,8 @@ def extract_task(task: ShardTask, cfg: Config) -> int:
     entry = done_entry(task, None)
     if entry is not None:
         return len(entry.rows)
-    key = ("extract", tuple(sorted(feature_params(cfg).items())), cfg.extract.device,
-           cfg.extract.batch_size)
-    extractor, lock = worker_cached(key, lambda: (Extractor(cfg), threading.Lock()))
+    key = ("extract", config_keys(cfg).feature, cfg.extract.device, cfg.extract.batch_size)
+    extractor, lock = worker_cached(key, lambda: (extractor_of(cfg), threading.Lock()))
     done: list[int] = []
     stream_shards([task], extractor, max(1, cfg.extract.num_workers // _worker_threads()),
                   done.append, forward_lock=lock)

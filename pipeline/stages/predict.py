@@ -16,6 +16,7 @@ come out byte-identical.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,12 +46,12 @@ from ..inference import (
     model_dir,
 )
 from ..metrics.masks import sweep_thresholds
-from ..models.devices import resolve_device
+from ..models.devices import config_keys, resolve_device
 from ..models.heads import TrainedModels, models_fingerprint, read_card
-from ..params import mirrored_splits, predict_params
 from ..report import stage as report_stage
 from ..report.stage import headline
-from ..store.feature_store import CachedItem, FeatureStore, split_fingerprint
+from ..runconfig import reproduces
+from ..store import CachedItem, FeatureStore, split_fingerprint
 from .base import Context, Lock, Recording, StageState, StageStatus, judge, load_record, reproduce
 from .predict_shards import check_mirrored, predict_shard, predict_task
 
@@ -78,12 +79,13 @@ def stage_state(cfg: Config, split: str, models_fp: str | None = None,
     card's training settings and stored splits): other models are unusable, and the stage
     waits for train-head (predict cannot retrain). `recorded`: the stage's record, whose
     feature deps stand in for the store's (`runs`: nothing outside the run folder read)."""
+    keys = config_keys(cfg)
     unusable: dict[str, str] = {}
     if models_fp is None:
         models_fp, _ = models_fingerprint(model_dir(cfg))
         card, _ = read_card(model_dir(cfg))
         if models_fp is not None and card is not None and recorded is None:
-            why = _models_mismatch(cfg, card["params"], card["deps"])
+            why = _models_mismatch(cfg.paths.cache, keys, card["params"], card["deps"])
             if why:
                 models_fp, unusable["models"] = None, f"trained with other settings ({why})"
     extract = command("extract-features", "--split", split)
@@ -92,13 +94,15 @@ def stage_state(cfg: Config, split: str, models_fp: str | None = None,
     if recorded is not None:
         deps.update({k: v for k, v in recorded.get("deps", {}).items() if k != "models"})
     else:
-        deps[f"features[{split}]"] = (features_fp if features_fp is not None
-                                       else split_fingerprint(cfg, split))
+        deps[f"features[{split}]"] = (
+            features_fp if features_fp is not None
+            else split_fingerprint(cfg.paths.cache, keys.feature, keys.data, split))
         if cfg.predict.tta == "flip":
-            deps[f"mirrored[{split}]"] = (mirrored_fp if mirrored_fp is not None
-                                           else split_fingerprint(cfg, split, mirror=True))
+            deps[f"mirrored[{split}]"] = (
+                mirrored_fp if mirrored_fp is not None
+                else split_fingerprint(cfg.paths.cache, keys.feature.mirrored(), keys.data, split))
             repair[f"mirrored[{split}]"] = extract
-    params = predict_params(cfg)
+    params = keys.predict.params()
     if not report_path(cfg, split).is_file():
         outs = "report missing"
     else:
@@ -156,7 +160,7 @@ def _outputs(cfg: Config, split: str, rows: list[dict]) -> dict[str, str]:
 
 def _no_mirrored_features(cfg: Config, split: str) -> str:
     """Why predict.tta = "flip" cannot be applied to `split` ("" when it can)."""
-    if cfg.predict.tta == "flip" and not mirrored_splits(cfg, [split]):
+    if cfg.predict.tta == "flip" and not config_keys(cfg).mirrored_splits([split]):
         return (f"predict.tta = flip: stage 1 stores no mirrored features for the training split "
                 f"'{split}'; predict it with --set predict.tta=none")
     return ""
@@ -329,10 +333,12 @@ def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str
                 progress: bool = True, executor: str | None = None) -> PredictResult:
     """Stage 3 for a split: needs the stored split and the run's models, never the images."""
     t0 = time.perf_counter()
-    store = FeatureStore.open(cfg, split)
+    keys = config_keys(cfg)
+    store = FeatureStore.open(cfg.paths.cache, keys.feature, keys.data, split)
     mirror = open_mirrored(cfg, store)
     device = resolve_device(cfg.predict.device)
-    with checked_models(cfg, device) as models:
+    with checked_models(RunLayout.of(cfg), keys, cfg.paths.cache, device,
+                        functools.partial(reproduces, cfg)) as models:
         job = Prediction(cfg, split, store, mirror, models, device, progress, executor, t0)
         res = reproduce(job, force, log)
     if not res.up_to_date:
@@ -348,7 +354,8 @@ def open_mirrored(cfg: Config, store: FeatureStore) -> FeatureStore | None:
     why = _no_mirrored_features(cfg, store.split)
     if why:
         raise ConfigError(why)
-    mirror = FeatureStore.open(cfg, store.split, mirror=True)
+    keys = config_keys(cfg)
+    mirror = FeatureStore.open(cfg.paths.cache, keys.feature.mirrored(), keys.data, store.split)
     check_mirrored(store, mirror)
     return mirror
 

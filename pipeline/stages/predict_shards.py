@@ -16,7 +16,7 @@ from ..inference import VARIANTS, Predictor, mask_png_bytes, model_dir
 from ..metrics.masks import image_stats, sweep_counts, sweep_thresholds
 from ..models.devices import resolve_device
 from ..models.heads import load_models
-from ..store.feature_store import FeatureStore
+from ..store import FeatureStore
 
 
 def check_mirrored(store: FeatureStore, mirror: FeatureStore) -> None:

@@ -27,11 +27,10 @@ from ..core.hints import command
 from ..core.layout import RunLayout
 from ..inference import model_dir
 from ..models.backbones import get_spec
-from ..models.devices import CpuFanout, resolve_device
+from ..models.devices import CpuFanout, config_keys, resolve_device
 from ..models.heads import LinearHead, PacUpsampler, UpsamplerSpec, models_fingerprint, save_models
-from ..params import training_params
 from ..report import save_training_curves
-from ..store.feature_store import FeatureStore, split_fingerprint
+from ..store import FeatureStore, split_fingerprint
 from .base import Context, Lock, Recording, StageState, StageStatus, judge, load_record, reproduce
 from .checkpoints import CHECKPOINT, load_checkpoint, remove_checkpoints
 from .train_data import TrainData, boundary_band, random_crop
@@ -51,28 +50,26 @@ STAGE = "train-head"
 
 # ----------------------------------------------------------------------------- the contract
 
-def _splits(cfg: Config) -> list[str]:
-    return [cfg.data.train_split] + ([cfg.data.val_split] if cfg.data.val_split else [])
-
-
 def stage_state(cfg: Config, deps: dict[str, str | None] | None = None) -> StageState:
     """Stage 2 depends on the stored splits it reads (content fingerprints) and on its
     training settings; its output is the model set, intact or not."""
+    keys = config_keys(cfg)
     if deps is None:
-        deps = {f"features[{s}]": split_fingerprint(cfg, s) for s in _splits(cfg)}
+        deps = {f"features[{s}]": split_fingerprint(cfg.paths.cache, keys.feature, keys.data, s)
+                for s in keys.train.splits}
     _, why = models_fingerprint(model_dir(cfg))
-    return StageState(STAGE, deps, training_params(cfg), why,
+    return StageState(STAGE, deps, keys.train.params(), why,
                       {f"features[{s}]": command("extract-features", "--split", s)
-                       for s in _splits(cfg)})
+                       for s in keys.train.splits})
 
 
 def recorded_training_params(cfg: Config, rec: dict | None) -> dict[str, Any]:
-    """training_params of a recorded config without reading a path: a local weights file is
-    identified by the content hash that the training record `rec` holds (the file is an
-    input outside the run folder, like the cache)."""
+    """The training key's params of a recorded config without reading a path: a local
+    weights file is identified by the content hash that the training record `rec` holds
+    (the file is an input outside the run folder, like the cache)."""
     if cfg.backbone.weights in ("pretrained", "random"):
-        return training_params(cfg)
-    params = training_params(copy_config(cfg, backbone__weights="random"))
+        return config_keys(cfg).train.params()
+    params = config_keys(copy_config(cfg, backbone__weights="random")).train.params()
     held = rec.get("params", {}).get("backbone.weights") if rec is not None else None
     params["backbone.weights"] = (held if isinstance(held, str) and held.startswith("sha256:")
                                   else f"file {cfg.backbone.weights}")
@@ -173,7 +170,9 @@ def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = pri
     """Stage 2 from the stored splits alone. Raises StoreError (naming the command to run)
     when a split is missing or damaged, LockError when another process trains this run."""
     t0 = time.perf_counter()
-    stores = {s: FeatureStore.open(cfg, s) for s in _splits(cfg)}
+    keys = config_keys(cfg)
+    stores = {s: FeatureStore.open(cfg.paths.cache, keys.feature, keys.data, s)
+              for s in keys.train.splits}
     return reproduce(Training(cfg, stores, log, progress, t0), force, log)
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..core.errors import StoreError
 from ..data.dataset import canvas_valid, to_canvas
-from ..store.feature_store import FeatureStore
+from ..store import FeatureStore
 
 # decoded training images kept in memory (JPEG decoding per crop is slow)
 IMAGE_MEMO_BYTES = 4 << 30
