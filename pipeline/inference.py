@@ -102,7 +102,7 @@ class BackboneRunner:
         self.device = device
         self.backbone: Backbone = create_backbone(key.backbone, weights,
                                                   key.layers).to(self.device)
-        self.backbone.optimize_for_inference(self.device)
+        self.backbone.optimize_for_inference()
         self.patch = self.backbone.spec.patch_size
         self.fit = key.fit
         self.batch_size = batch_size
@@ -113,7 +113,7 @@ class BackboneRunner:
         if compile and self.device.type == "cuda":
             self.model = torch.compile(self.backbone, dynamic=False)
 
-    def _autocast(self):
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
         """A fresh autocast context for this device and precision (fp32: none)."""
         return (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None
                 else contextlib.nullcontext())

@@ -24,10 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.core import fsutil, registry  # noqa: E402
+from pipeline.core.errors import BackboneError  # noqa: E402
 from pipeline.core.keys import weights_identity  # noqa: E402
 from pipeline.core.registry import BackboneSpec, get_spec, list_backbones  # noqa: E402
-from pipeline.models import backbones  # noqa: E402
-from pipeline.models.backbones import Backbone, BackboneError, create_backbone  # noqa: E402
+from pipeline.models import backbones, positions, weights  # noqa: E402
+from pipeline.models.backbones import Backbone, create_backbone  # noqa: E402
 from tests.conftest import SHALLOW_VIT_DEPTH, shallow_vits  # noqa: E402
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
@@ -322,7 +323,7 @@ def test_pos_embed_follows_dino_rule(random_backbones):
     the CLS entry is kept; at the trained grid they are untouched."""
     model = random_backbones["dino_vits16"].model
     pos = model.pos_embed.detach()
-    got = backbones.official_pos_embed(pos, 1, (5, 7))
+    got = positions.official_pos_embed(pos, 1, (5, 7))
     assert got.shape == (1, 1 + 35, 384) and got.dtype == torch.float32
     assert torch.equal(got[:, 0], pos[:, 0])
     torch.testing.assert_close(got, dino_pos_embed(pos, 5, 7), rtol=0, atol=1e-6)
@@ -335,7 +336,7 @@ def test_pos_embed_follows_dino_rule(random_backbones):
     sized = torch.nn.functional.interpolate(pos[:, 1:].reshape(1, 14, 14, 384).permute(0, 3, 1, 2),
                                             size=(5, 7), mode="bicubic")
     assert (got[0, 1:] - sized[0].permute(1, 2, 0).reshape(35, 384)).abs().max() > 1e-3
-    assert backbones.official_pos_embed(pos, 1, (14, 14)) is pos
+    assert positions.official_pos_embed(pos, 1, (14, 14)) is pos
     # and the whole forward on 5 x 7 patches
     x = images(16, b=2, gh=5, gw=7)
     torch.testing.assert_close(feats(random_backbones["dino_vits16"], x),
@@ -593,7 +594,7 @@ def test_pretrained_offline_is_one_line(monkeypatch, name, hint):
     def offline_torchvision(weights_enum, *args, **kwargs):
         offline(*args, weights=weights_enum, **kwargs)
 
-    monkeypatch.setattr(backbones, "_resolves", lambda host: True)  # reach the mocked download
+    monkeypatch.setattr(weights, "_resolves", lambda host: True)  # reach the mocked download
     monkeypatch.setattr(timm, "create_model", offline_timm)
     monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline_torchvision)
     with pytest.raises(BackboneError) as e:
@@ -610,7 +611,7 @@ def test_pretrained_mobilenet_is_loaded(monkeypatch, mobilenet_full):
     """The downloaded torchvision state dict (here: served by a stub) ends up in the model."""
     import torchvision
     sd, x, ref = mobilenet_full
-    monkeypatch.setattr(backbones, "_resolves", lambda host: True)
+    monkeypatch.setattr(weights, "_resolves", lambda host: True)
     monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict",
                         lambda self, *a, **k: {k_: v.clone() for k_, v in sd.items()})
     torch.testing.assert_close(feats(create_backbone("mobilenet_v2", "pretrained"), x), ref)

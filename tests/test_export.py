@@ -26,7 +26,7 @@ from pipeline.commands.export import (
 from pipeline.commands.segment import run_segment
 from pipeline.core.errors import UsageError
 from pipeline.inference import checked_models
-from pipeline.models import backbones
+from pipeline.models import backbones, positions
 from pipeline.models.devices import config_keys
 from pipeline.models.heads import LinearHead, PacUpsampler, TrainedModels, UpsamplerSpec
 from tests.conftest import (
@@ -178,8 +178,8 @@ def test_exportable_pos_embed_matches_dino_rule():
     for m, prefix in ((14, 1), (37, 5)):
         pos = torch.randn(1, prefix + m * m, 32)
         for grid in ((m, m), (m, m + 6), (m + 6, m), (5, 7), (1, 1), (30, 53)):
-            want = backbones.official_pos_embed(pos, prefix, grid)
-            got = backbones._exportable_pos_embed(pos, prefix, m, grid)
+            want = positions.official_pos_embed(pos, prefix, grid)
+            got = positions._exportable_pos_embed(pos, prefix, m, grid)
             assert got.shape == want.shape
             torch.testing.assert_close(got, want, rtol=0, atol=5e-5)
             if grid == (m, m):

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from pipeline.commands.export import SegmentationProgram, export_program
-from pipeline.models import backbones
+from pipeline.models import backbones, positions
 from pipeline.models.heads import LinearHead, PacUpsampler, TrainedModels, UpsamplerSpec
 from tests.conftest import (
     ROOT,
@@ -87,7 +87,7 @@ def test_exportable_pos_embed_follows_its_device():
     m, prefix = 14, 1
     pos = torch.zeros(1, prefix + m * m, 8, device="meta")
     for grid in ((m, m), (5, 7)):
-        out = backbones._exportable_pos_embed(pos, prefix, m, grid)
+        out = positions._exportable_pos_embed(pos, prefix, m, grid)
         assert out.device.type == "meta" and out.shape == (1, prefix + grid[0] * grid[1], 8)
 
 

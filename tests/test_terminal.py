@@ -25,7 +25,7 @@ from pipeline.core.config import copy_config
 from pipeline.core.errors import BackboneError, EnvironmentProblem
 from pipeline.core.fsutil import LOCKS, exclusive_lock, lock_path
 from pipeline.core.registry import get_spec
-from pipeline.models import backbones
+from pipeline.models import backbones, weights
 from pipeline.models.backbones import create_backbone
 from pipeline.models.devices import CpuFanout
 from pipeline.stages.predict import run_predict
@@ -211,7 +211,7 @@ def test_offline_message_keeps_the_whole_first_line_and_names_the_url(monkeypatc
     def offline(*args, **kwargs):
         raise urllib.error.URLError(HF_OFFLINE + "\nTraceback line\n")
 
-    monkeypatch.setattr(backbones, "_resolves", lambda host: True)
+    monkeypatch.setattr(weights, "_resolves", lambda host: True)
     monkeypatch.setattr(timm, "create_model", offline)
     monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline)
     with pytest.raises(BackboneError) as e:
@@ -225,7 +225,7 @@ def test_offline_message_keeps_the_whole_first_line_and_names_the_url(monkeypatc
 
 
 def test_a_very_long_first_line_is_cut_at_a_word():
-    line = backbones._first_line(OSError("word " * 200))
+    line = weights._first_line(OSError("word " * 200))
     assert line.endswith("word ...") and len(line) < 420
 
 

@@ -14,7 +14,7 @@ rounded to `extract.feature_dtype` (what the heads were trained on: the store ke
 the linear head and the PAC upsampler. It computes what `segment` computes, but not bit for
 bit: the backbone runs batched with torch's default threading instead of one single-threaded
 pass per image, and a ViT's position embeddings are resized by interpolation matrices
-(`backbones._exportable_pos_embed`, within float32 rounding of torch's bicubic kernel)
+(`positions._exportable_pos_embed`, within float32 rounding of torch's bicubic kernel)
 because torch.export would freeze F.interpolate's scale factor to the example's size. The
 float16 rounding of the features turns such tiny differences into occasional one-step
 differences of a feature, so a few pixels near the threshold may flip: tests require

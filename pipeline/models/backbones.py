@@ -3,42 +3,28 @@ name's spec, torch-free) by the builders here, keyed by the spec's `builder` and
 with `@builder` (timm's `register_model` style). `Backbone.forward` takes a uint8 batch and
 returns the patch-feature map (B, h, w, C); normalisation runs on the tensor's device, so GPU
 users send uint8 over PCIe. The ViTs are timm modules run with DINO's / DINOv2's own
-position-embedding rule at sizes other than the trained one (`vit_forward_features`).
-Weights files are read without unpickling arbitrary objects: torch.load(weights_only=True)
-or safetensors.
+position-embedding rule at sizes other than the trained one (models/positions.py:
+`vit_forward_features`). Weights files are read, and published weights downloaded, by
+models/weights.py (never unpickling arbitrary objects).
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import importlib
-import math
-import os
-import pickle
-import re
-import struct
-import zipfile
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
 
-from ..core.errors import BackboneError, EnvironmentProblem
+from ..core.errors import EnvironmentProblem
 from ..core.keys import weights_file
 from ..core.registry import BackboneSpec, check_layers, get_spec
+from .positions import vit_forward_features
+from .weights import load_checkpoint, pretrained_model
 
 if TYPE_CHECKING:  # timm is imported when a ViT is built (it takes a second)
     from timm.models.vision_transformer import VisionTransformer
-
-# DINO / DINOv2's work-around offset in the position-embedding interpolation (their
-# `interpolate_offset`, 0.1 in the released models; facebookresearch/dino issue #8)
-POS_INTERPOLATE_OFFSET = 0.1
-
-# heads and classifiers that checkpoints may carry and a feature extractor does not use
-_DROP_PREFIXES = ("head.", "head_dist.", "fc_norm.", "classifier.", "mask_token")
 
 
 class Backbone(nn.Module):
@@ -60,7 +46,7 @@ class Backbone(nn.Module):
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0,
                              persistent=False)
 
-    def optimize_for_inference(self, device: torch.device) -> Backbone:
+    def optimize_for_inference(self) -> Backbone:
         """Speed-ups that keep the function (CNNs: see CNNBackbone; none for ViTs)."""
         return self
 
@@ -109,7 +95,7 @@ class CNNBackbone(Backbone):
         super().__init__(spec, layers, channels)
         self.model = model
 
-    def optimize_for_inference(self, device: torch.device) -> Backbone:
+    def optimize_for_inference(self) -> Backbone:
         """BatchNorm folded into the convolutions and channels-last memory layout (both
         faster on CPU and GPU)."""
         from torch.fx.experimental.optimization import fuse
@@ -118,258 +104,9 @@ class CNNBackbone(Backbone):
         self.channels_last = True
         return self
 
-    def feature_map(self, x: torch.Tensor, B: int, h: int, w: int) -> torch.Tensor:
+    def feature_map(self, x: torch.Tensor, B: int, h: int, w: int  # noqa: ARG002
+                    ) -> torch.Tensor:  # (the convolutions' output has its grid already)
         return self.model(x).permute(0, 2, 3, 1)
-
-
-def official_pos_embed(pos_embed: torch.Tensor, num_prefix: int,
-                       grid: tuple[int, int]) -> torch.Tensor:
-    """The position embeddings (1, num_prefix + h*w, C) for a grid of h x w patches, resized
-    as DINO and DINOv2 do (`interpolate_pos_encoding`): bicubic, align_corners=False, no
-    antialias, with `scale_factor=((h + 0.1) / M, (w + 0.1) / M)` (not an output size: the
-    sampling positions follow that scale), in float32; unchanged at the trained M x M grid.
-    timm's dynamic_img_size resizes to the exact size with antialiasing instead, which moves
-    the final features (e.g. by up to 1.4e-2 for ViT-S/16 with random weights at 480x848)."""
-    h, w = grid
-    n = pos_embed.shape[1] - num_prefix
-    m = math.isqrt(n)
-    if m * m != n:
-        raise ValueError(f"position embeddings of {n} patches are not a square grid")
-    if torch.compiler.is_exporting():
-        return _exportable_pos_embed(pos_embed, num_prefix, m, grid)
-    if (h, w) == (m, m):
-        return pos_embed
-    dim = pos_embed.shape[-1]
-    patch = pos_embed[:, num_prefix:].float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
-    patch = nn.functional.interpolate(
-        patch, scale_factor=((h + POS_INTERPOLATE_OFFSET) / m, (w + POS_INTERPOLATE_OFFSET) / m),
-        mode="bicubic", align_corners=False)
-    if tuple(patch.shape[-2:]) != (h, w):  # the offset makes floor(m * scale) == h, w
-        raise RuntimeError(f"position embeddings resized to {tuple(patch.shape[-2:])}, "
-                           f"not {(h, w)}")
-    patch = patch.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(pos_embed.dtype)
-    return torch.cat((pos_embed[:, :num_prefix], patch), dim=1)
-
-
-_CUBIC_A = -0.75  # the bicubic convolution constant of torch's (and OpenCV's) "bicubic" mode
-
-
-def _dino_resize_matrix(size: int, m: int, identity: torch.Tensor) -> torch.Tensor:
-    """(size, m) float64: row y holds the bicubic taps that `official_pos_embed`'s resize
-    (scale factor (size + 0.1) / m, align_corners=False, borders clamped) gives output y,
-    or the identity rows where `identity` (a bool tensor: the trained grid) holds. The size
-    enters as a tensor, never as a Python float, so torch.export keeps it symbolic."""
-    dst = torch.arange(size, dtype=torch.float64, device=identity.device)
-    n = dst[-1:] + 1  # `size` as a tensor
-    src = (dst + 0.5) * (m / (n + POS_INTERPOLATE_OFFSET)) - 0.5
-    i0 = src.floor()
-    t = src - i0
-    u = 1 - t
-    a = _CUBIC_A
-    taps = (((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
-            ((a + 2) * t - (a + 3)) * t * t + 1,
-            ((a + 2) * u - (a + 3)) * u * u + 1,
-            ((a * (u + 1) - 5 * a) * (u + 1) + 8 * a) * (u + 1) - 4 * a)
-    i0 = i0.long()
-    mat = sum(nn.functional.one_hot((i0 + k - 1).clamp(0, m - 1), m).double() * wk[:, None]
-              for k, wk in enumerate(taps))
-    eye = nn.functional.one_hot(torch.arange(size, device=identity.device).clamp(max=m - 1),
-                                m).double()
-    return torch.where(identity, eye, mat)
-
-
-def _exportable_pos_embed(pos_embed: torch.Tensor, num_prefix: int, m: int,
-                          grid: tuple[int, int]) -> torch.Tensor:
-    """`official_pos_embed` for torch.export, where the grid size is symbolic: the same
-    resize written as two interpolation matrices (float64), with no Python branch or float
-    on the grid size (F.interpolate's scale factor would be frozen to the example's grid).
-    Agrees with the eager resize to float32 rounding (a few parts in a million: torch's
-    kernel computes the sampling positions in float32), not bit for bit, which is why the
-    eager path keeps torch's kernel (the feature cache's values)."""
-    h, w = grid
-    dim = pos_embed.shape[-1]
-    rows = torch.arange(h, device=pos_embed.device)  # on the embeddings' device, not cpu
-    cols = torch.arange(w, device=pos_embed.device)
-    trained = ((rows[-1:] + 1) == m) & ((cols[-1:] + 1) == m)  # both sides at the trained grid
-    patch = pos_embed[0, num_prefix:].double().reshape(m, m, dim)
-    out = torch.einsum("yi,ijc,xj->yxc", _dino_resize_matrix(h, m, trained), patch,
-                       _dino_resize_matrix(w, m, trained))
-    return torch.cat((pos_embed[:, :num_prefix], out.reshape(1, h * w, dim).to(pos_embed.dtype)),
-                     dim=1)
-
-
-def vit_forward_features(model: VisionTransformer, x: torch.Tensor,
-                         layers: int = 1) -> torch.Tensor:
-    """timm's VisionTransformer.forward_features (all tokens, after the final norm) with the
-    position embeddings resized by the official DINO / DINOv2 rule (`official_pos_embed`)
-    instead of timm's; the same modules, so timm checkpoints load unchanged. With `layers`
-    > 1, the outputs of the last `layers` blocks, each through the final norm, concatenated
-    along the channels in block order (DINO's and DINOv2's `get_intermediate_layers(n,
-    norm=True)`, as their linear evaluations use them)."""
-    pos_embed = model.pos_embed
-    if pos_embed is None:
-        raise BackboneError("a ViT without position embeddings (timm's pos_embed='none') is not "
-                            "supported")
-    tokens = model.patch_embed(x)  # (B, h, w, C) with dynamic_img_size (NHWC), else (B, h*w, C)
-    if tokens.ndim == 4:
-        grid = (tokens.shape[1], tokens.shape[2])
-        tokens = tokens.flatten(1, 2)
-    else:
-        p = model.patch_embed.patch_size
-        grid = (x.shape[-2] // p[0], x.shape[-1] // p[1])
-    prefix = [t.expand(tokens.shape[0], -1, -1) for t in (model.cls_token, model.reg_token)
-              if t is not None]
-    if model.no_embed_class:  # position embeddings for the patches only: add, then concat
-        tokens = tokens + official_pos_embed(pos_embed, 0, grid)
-        tokens = torch.cat(prefix + [tokens], dim=1)
-    else:  # DINO / DINOv2 (and original timm): concat, then add (the CLS token has its own)
-        tokens = torch.cat(prefix + [tokens], dim=1)
-        tokens = tokens + official_pos_embed(pos_embed, model.num_prefix_tokens, grid)
-    tokens = model.pos_drop(tokens)
-    tokens = model.patch_drop(tokens)
-    tokens = model.norm_pre(tokens)
-    if layers == 1:
-        return model.norm(model.blocks(tokens))
-    first, outs = len(model.blocks) - layers, []
-    for i, block in enumerate(model.blocks):
-        tokens = block(tokens)
-        if i >= first:
-            outs.append(model.norm(tokens))
-    return torch.cat(outs, dim=-1)
-
-
-# ----------------------------------------------------------------------------- weights
-
-# What torch.load(weights_only=True) raises on a damaged or foreign file: the zip reader
-# (RuntimeError, BadZipFile), the file (OSError, EOFError), the weights-only unpickler
-# reading garbage (IndexError/KeyError on its stack and memo, struct.error, TypeError,
-# UnicodeDecodeError) and the legacy format's storage lookup (AssertionError "storage key
-# ... not found"; found by fuzzing). UnpicklingError is handled apart: the safe loader's refusal.
-_UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, LookupError,
-               TypeError, struct.error, AssertionError)
-
-# The only non-tensor type a checkpoint may contain: DINO's training checkpoints pickle their
-# command line (`args`) as an argparse.Namespace.
-_SAFE_GLOBALS: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [argparse.Namespace]
-
-
-def _is_safetensors(path: Path) -> bool:
-    """By suffix, or by content: an 8-byte little-endian header length, then a JSON object
-    (a torch checkpoint starts with a zip or pickle header instead)."""
-    if path.suffix.lower() == ".safetensors":
-        return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False
-    return len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK")
-
-
-def _read_checkpoint(path: Path) -> dict:
-    """The checkpoint's top-level dict, read without ever unpickling arbitrary objects:
-    safetensors, or torch.load(weights_only=True) with argparse.Namespace allowed. Anything
-    the safe loader refuses is refused here too, in one line (no fallback)."""
-    if _is_safetensors(path):
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise BackboneError(f"{path}: not a readable .safetensors file "
-                                f"({_first_line(e)})") from None
-    try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise BackboneError(f"{path}: refused: loading it would need unpickling arbitrary objects "
-                            f"({_refusal_reason(e)}); only tensors and plain containers are read. "
-                            "Where you trust the file, convert it to a plain state dict "
-                            "(torch.save(model.state_dict(), ...)) or to .safetensors") from None
-    except _UNREADABLE as e:
-        raise BackboneError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
-    if not isinstance(obj, dict):
-        raise BackboneError(f"{path}: not a state dict (found {type(obj).__name__})")
-    return obj
-
-
-def _refusal_reason(e: pickle.UnpicklingError) -> str:
-    """What the weights-only unpickler refused, in a few words: "Unsupported global: GLOBAL
-    builtins.exec", or its own reason ("Unsupported operand 149", ...)."""
-    text = str(e)
-    m = re.search(r"Unsupported global: GLOBAL [\w.<>]+", text)
-    if m:
-        return m.group(0)
-    m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-    return m.group(1).strip()[:160] if m else "the safe loader refused it"
-
-
-def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
-    """The backbone's tensors from any of the accepted checkpoint formats: a plain state
-    dict, {"state_dict"|"model": ...} wrappers, or a DINO training checkpoint (the teacher),
-    with `module.` / `backbone.` prefixes removed and head keys dropped."""
-    for key in ("teacher", "state_dict", "model", "student"):
-        if key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    out = {}
-    for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        stripped = True
-        while stripped:  # any order and repetition of wrapper prefixes
-            stripped = False
-            for prefix in ("module.", "backbone.", "_orig_mod."):
-                if k.startswith(prefix):
-                    k, stripped = k[len(prefix):], True
-        if k.startswith(_DROP_PREFIXES):
-            continue
-        out[k] = v
-    return out
-
-
-def _load_into(model: nn.Sequential | VisionTransformer, state: dict[str, torch.Tensor],
-               path: Path, spec: BackboneSpec) -> None:
-    own = model.state_dict()
-    if isinstance(model, nn.Sequential):  # torchvision's features[:n]: keys "0.conv..."
-        state = {k[len("features."):] if k.startswith("features.") else k: v
-                 for k, v in state.items()}
-        state = {k: v for k, v in state.items()
-                 if not (k.split(".", 1)[0].isdigit() and int(k.split(".", 1)[0]) >= len(model))}
-    for k in own:  # old BatchNorm checkpoints lack the (unused in eval) batch counters
-        if k.endswith("num_batches_tracked") and k not in state:
-            state[k] = own[k]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing:
-        raise BackboneError(f"{path}: not a {spec.name} checkpoint: missing {len(missing)} keys "
-                            f"(e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        raise BackboneError(f"{path}: unexpected keys for {spec.name} "
-                            f"(e.g. {', '.join(unexpected[:3])})")
-    for k, v in state.items():
-        if v.shape != own[k].shape and k != "pos_embed":
-            raise BackboneError(f"{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, "
-                                f"{spec.name} {tuple(own[k].shape)}")
-    if (not isinstance(model, nn.Sequential)  # (a ViT: only they have position embeddings)
-            and "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape):
-        # a checkpoint trained at another resolution: interpolate its position embeddings
-        from timm.layers import resample_abs_pos_embed
-        n_prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
-        state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], new_size=model.patch_embed.grid_size, num_prefix_tokens=n_prefix)
-    model.load_state_dict(state, strict=True)
-
-
-def _first_line(e: BaseException, limit: int = 400) -> str:
-    """`e`'s type and the first line of its message, whole (a library's sentence, not cut
-    mid-word); only a line longer than `limit` is cut, at a word boundary, with "..."."""
-    text = str(e).strip().splitlines()
-    if not text:
-        return type(e).__name__
-    line = text[0].strip()
-    if len(line) > limit:
-        line = line[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " ..."
-    return f"{type(e).__name__}: {line}"
 
 
 # ----------------------------------------------------------------------------- builders
@@ -417,7 +154,7 @@ def vision_mismatch_line(cause: str) -> str:
             f"'{match}' --index-url https://download.pytorch.org/whl/{index}")
 
 
-def import_vision(module: str):
+def import_vision(module: str) -> ModuleType:
     """`module` (timm, torchvision or one of their submodules) imported, with a torchvision
     built for another torch reported as EnvironmentProblem in one line (vision_mismatch_line)
     instead of a traceback from deep inside the import. Imported here, lazily: commands that
@@ -439,7 +176,8 @@ def _build_timm(spec: BackboneSpec, pretrained: bool) -> nn.Module:
 
 
 @builder("torchvision:mobilenet_v2")
-def _build_mobilenet(spec: BackboneSpec, pretrained: bool) -> nn.Module:
+def _build_mobilenet(spec: BackboneSpec, pretrained: bool) -> nn.Module:  # noqa: ARG001
+    # (a Builder's signature: this builder makes one network, whatever the spec)
     torchvision = import_vision("torchvision")
     model = torchvision.models.mobilenet_v2(weights=None)
     if pretrained:  # not mobilenet_v2(weights=...): torchvision's own download unpickles the file
@@ -476,41 +214,6 @@ class MobileNetTaps(nn.Module):
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
-_HOSTS = {"timm": "huggingface.co", "torchvision": "download.pytorch.org"}
-
-
-def _resolves(host: str) -> bool:
-    """Whether the download host resolves: offline machines skip minutes of hub retries."""
-    import socket
-    try:
-        socket.getaddrinfo(host, 443)
-        return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _hub_offline():
-    """Hugging Face hub in offline mode (cache only) for the duration; torchvision already
-    looks in its cache before downloading."""
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        yield
-        return
-    old_env, old_const = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = old_const
-        if old_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old_env
-
-
 def create_backbone(name: str, weights: str, layers: int = 1) -> Backbone:
     """A frozen backbone in eval mode. `weights`: "pretrained" (download), "random" (seeded,
     global RNG untouched), or a local checkpoint file; `layers`: backbone.layers."""
@@ -522,39 +225,20 @@ def create_backbone(name: str, weights: str, layers: int = 1) -> Backbone:
         path, _ = weights_file(weights)
     with torch.random.fork_rng(devices=[]):  # model init never touches the caller's RNG
         torch.manual_seed(0)
-        if weights == "pretrained":
-            source = spec.source.split(":", 1)[0]
-            try:
-                if _resolves(_HOSTS[source]):
-                    model = build(spec, True)
-                else:  # offline: a cached download still works, and fails fast otherwise
-                    with _hub_offline():
-                        model = build(spec, True)
-            except (OSError, RuntimeError, ValueError, SafetensorError) as e:
-                # OSError: no network, urllib / requests / huggingface_hub errors (offline:
-                # LocalEntryNotFoundError); RuntimeError, ValueError, SafetensorError: a bad
-                # or partial download in the cache
-                raise BackboneError(
-                    f"could not download pretrained weights for {name} ({_first_line(e)}); "
-                    f"download {spec.checkpoint_hint} ({spec.checkpoint_url}) elsewhere "
-                    "and pass it with "
-                    "--set backbone.weights=/path/to/file"
-                ) from None
-        else:
-            model = build(spec, False)
+        model = pretrained_model(spec, build) if weights == "pretrained" else build(spec, False)
     if spec.kind == "cnn":
         if not isinstance(model, nn.Sequential):
             raise TypeError(f"{name}: expected its blocks in an nn.Sequential, got "
                             f"{type(model).__name__}")
         features = model[:spec.taps[layers - 1] + 1]
         if path is not None:
-            _load_into(features, extract_state_dict(_read_checkpoint(path)), path, spec)
+            load_checkpoint(features, path, spec)
         cnn = MobileNetTaps(features, spec.taps[:layers]) if layers > 1 else features
         cnn.eval().requires_grad_(False)
         return CNNBackbone(spec, cnn, layers, spec.channels(layers)).eval()
     vit = _as_vit(name, model)
     if path is not None:
-        _load_into(vit, extract_state_dict(_read_checkpoint(path)), path, spec)
+        load_checkpoint(vit, path, spec)
     vit.eval().requires_grad_(False)
     return ViTBackbone(spec, vit, layers, spec.channels(layers)).eval()
 
