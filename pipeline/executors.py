@@ -14,12 +14,10 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
-from .core.config import Config, copy_config
+from .core.config import Config
 from .core.errors import ExecutorError, UsageError, thread_limits
-from .models.devices import resolve_precision
 
 CONNECT_TIMEOUT_S = 10
 # The nanny's environment for the local:N workers: Dask's default minus MALLOC_TRIM_THRESHOLD_.
@@ -105,19 +103,6 @@ def connect(scheduler: str, worker_threads: int = 1) -> Iterator:
                             "locally") from None
     with client:
         yield client
-
-
-def portable_config(cfg: Config) -> Config:
-    """The config as workers must see it: paths absolute (a worker's working directory is
-    not the driver's) and extract.precision resolved on the driver, so every worker
-    computes what the store's key says."""
-    changes = {"data.root": str(Path(cfg.data.root).resolve()),
-               "paths.cache": str(Path(cfg.paths.cache).resolve()),
-               "paths.outputs": str(Path(cfg.paths.outputs).resolve()),
-               "extract.precision": resolve_precision(cfg.extract.precision, cfg.extract.device)}
-    if cfg.backbone.weights not in ("pretrained", "random"):
-        changes["backbone.weights"] = str(Path(cfg.backbone.weights).expanduser().resolve())
-    return copy_config(cfg, **{k.replace(".", "__"): v for k, v in changes.items()})
 
 
 def run_tasks(scheduler: str, fn: Callable, inputs: Iterable[tuple[str, tuple]],

@@ -17,11 +17,19 @@ Below the stages: train-head imports this module to write the record; it imports
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core.config import Config, check_name, config_from_dict, copy_config, load_config, parse_set
+from .core.config import (
+    PATH_KEYS,
+    Config,
+    check_name,
+    config_from_dict,
+    copy_config,
+    load_config,
+    parse_set,
+)
 from .core.errors import ConfigError, PipelineError
 from .core.fsutil import atomic_write_bytes
 from .core.hints import command
@@ -37,14 +45,27 @@ def record_path(run_dir: Path) -> Path:
     return RunLayout(Path(run_dir)).config
 
 
+def _absolute(cfg: Config, absolute: Callable[[str], str]) -> dict[str, str]:
+    """The copy_config changes that make `cfg`'s paths (PATH_KEYS: the data, cache and
+    outputs folders and a local weights file) absolute by `absolute`."""
+    return {key.replace(".", "__"): absolute(cfg.get(key)) for key in PATH_KEYS
+            if key != "backbone.weights" or cfg.backbone.weights not in ("pretrained", "random")}
+
+
 def recordable(cfg: Config) -> Config:
-    """`cfg` as recorded: the data, cache and outputs folders and a local weights file as
-    absolute paths (relative ones would mean another folder elsewhere)."""
-    changes = {"data__root": os.path.abspath(cfg.data.root),
-               "paths__cache": os.path.abspath(cfg.paths.cache),
-               "paths__outputs": os.path.abspath(cfg.paths.outputs)}
-    if cfg.backbone.weights not in ("pretrained", "random"):
-        changes["backbone__weights"] = os.path.abspath(cfg.backbone.weights)
+    """`cfg` as recorded: its paths absolute (relative ones would mean another folder
+    elsewhere)."""
+    return copy_config(cfg, **_absolute(cfg, os.path.abspath))
+
+
+def portable_config(cfg: Config) -> Config:
+    """`cfg` as Dask workers must see it: its paths absolute, links resolved (a worker's
+    working directory is not the driver's), and extract.precision resolved on the driver,
+    so every worker computes what the store's key says."""
+    from .models.devices import resolve_precision
+    changes = _absolute(cfg, lambda path: str(Path(path).expanduser().resolve()))
+    changes["extract__precision"] = resolve_precision(cfg.extract.precision,
+                                                      cfg.extract.device)
     return copy_config(cfg, **changes)
 
 

@@ -92,16 +92,6 @@ class FeatureKey:
     feature_dtype: str
     mirror: bool = False
 
-    @classmethod
-    def from_config(cls, cfg: Config, precision: str, mirror: bool = False) -> FeatureKey:
-        """The key of `cfg`'s features (`precision`: extract.precision resolved). A weights
-        file that is not there, an unknown backbone or a backbone.layers it does not offer
-        is a one-line error here, before any store is looked for."""
-        weights = weights_identity(cfg.backbone.weights)
-        return cls(cfg.backbone.name, weights,
-                   resolve_layers(cfg.backbone.name, cfg.backbone.layers), cfg.extract.fit,
-                   precision, cfg.extract.feature_dtype, mirror)
-
     def params(self) -> dict[str, Any]:
         """The key as the store records it (features.json) and hashes it."""
         params: dict[str, Any] = {
@@ -155,13 +145,6 @@ class TrainKey:
     train_split: str
     val_split: str  # "": no validation during training
 
-    @classmethod
-    def from_config(cls, cfg: Config, feature: FeatureKey) -> TrainKey:
-        settings = tuple((f"{section}.{k}", _frozen(v)) for section in TRAIN_SECTIONS
-                         for k, v in getattr(cfg, section).__dict__.items()
-                         if f"{section}.{k}" not in TRAIN_IGNORED)
-        return cls(feature.mirrored(False), settings, cfg.data.train_split, cfg.data.val_split)
-
     def params(self) -> dict[str, Any]:
         """The key as the model card records it."""
         params = self.feature.inference_params()
@@ -184,10 +167,6 @@ class PredictKey:
     thumbnails: int
     tta: str  # predict.tta: "none" | "flip"
 
-    @classmethod
-    def from_config(cls, cfg: Config) -> PredictKey:
-        return cls(cfg.predict.threshold, cfg.predict.thumbnails, cfg.predict.tta)
-
     def tta_params(self) -> dict[str, str]:
         """predict.tta as an entry of a result's fingerprint: absent at "none", so results
         made before the key existed stay current."""
@@ -207,10 +186,6 @@ class DatasetRef:
     layout: str
     max_pixels: int | None = None
 
-    @classmethod
-    def from_config(cls, cfg: Config) -> DatasetRef:
-        return cls(cfg.data.root, cfg.data.layout, cfg.data.max_pixels)
-
 
 @dataclass(frozen=True)
 class Keys:
@@ -222,11 +197,21 @@ class Keys:
 
     @classmethod
     def from_config(cls, cfg: Config, precision: str) -> Keys:
-        """`cfg`'s keys (`precision`: extract.precision resolved); validates what the keys
-        depend on (FeatureKey.from_config)."""
-        feature = FeatureKey.from_config(cfg, precision)
-        return cls(feature, TrainKey.from_config(cfg, feature), PredictKey.from_config(cfg),
-                   DatasetRef.from_config(cfg))
+        """`cfg`'s keys (`precision`: extract.precision resolved), the one place a config
+        becomes keys. A weights file that is not there, an unknown backbone or a
+        backbone.layers it does not offer is a one-line error here, before any store or
+        model is looked for."""
+        weights = weights_identity(cfg.backbone.weights)
+        feature = FeatureKey(cfg.backbone.name, weights,
+                             resolve_layers(cfg.backbone.name, cfg.backbone.layers),
+                             cfg.extract.fit, precision, cfg.extract.feature_dtype)
+        settings = tuple((f"{section}.{k}", _frozen(v)) for section in TRAIN_SECTIONS
+                         for k, v in getattr(cfg, section).__dict__.items()
+                         if f"{section}.{k}" not in TRAIN_IGNORED)
+        train = TrainKey(feature, settings, cfg.data.train_split, cfg.data.val_split)
+        predict = PredictKey(cfg.predict.threshold, cfg.predict.thumbnails, cfg.predict.tta)
+        return cls(feature, train, predict,
+                   DatasetRef(cfg.data.root, cfg.data.layout, cfg.data.max_pixels))
 
     def mirrored_splits(self, splits: Sequence[str]) -> list[str]:
         """Which of `splits` get mirrored features too: with predict.tta = "flip", every

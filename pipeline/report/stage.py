@@ -1,34 +1,35 @@
 """Stage 3's report: the content of report_<split>.json (metrics of the annotated images,
 their provenance, J and F per image), the lines the CLI prints, and the human-readable
-reports with the best and worst images of the split (see ``write_reports``)."""
+reports with the best and worst images of the split (see ``write_reports``). It is handed
+the rows and the images to show; it reads no store."""
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from ..core.config import Config
 from ..core.errors import StoreError
+from ..core.keys import FeatureKey
 from ..core.layout import RunLayout
+from ..core.registry import get_spec
 from ..metrics.definitions import HEADLINE
 from ..metrics.masks import ImageStats, summarize, sweep_summary
 from . import write_reports
 from .figures import curve_files
 from .panels import Thumb, VariantThumb
 
-if TYPE_CHECKING:
-    from ..store import CachedItem, FeatureStore
 
-
-def build_report(cfg: Config, split: str, rows: list[dict], fingerprints: dict[str, str],
-                 variants: Sequence[str], sweep: Sequence[float] = (),
-                 resolved: dict | None = None) -> dict:
+def build_report(config: dict[str, dict[str, Any]], split: str, rows: list[dict],
+                 fingerprints: dict[str, str], variants: Sequence[str],
+                 sweep: Sequence[float] = (), resolved: dict | None = None) -> dict:
     """The report of a split: metrics of the annotated images (`n_images`), how many masks
-    were written (`n_predicted`), and its provenance: the effective config, the content
+    were written (`n_predicted`), and its provenance: the effective `config` (its tables, as
+    Config.to_dict gives them), the content
     fingerprints of the features and models used, the versions, and J and F per image.
     `rows`: stage 3's unit items (``stats``: {variant: ImageStats dict}, None unannotated;
     ``sweep``: {variant: sweep counts at the thresholds `sweep`}). With `sweep`, the report's
@@ -49,8 +50,9 @@ def build_report(cfg: Config, split: str, rows: list[dict], fingerprints: dict[s
                   "j": {v: r["stats"][v]["j"] for v in variants},
                   "f": {v: r["stats"][v]["f"] for v in variants}} for r in scored]
     report = {"split": split, "n_images": len(scored), "n_predicted": len(rows),
-              "backbone": {"name": cfg.backbone.name, "weights": cfg.backbone.weights},
-              "run": cfg.run.name, "variants": summary, "config": cfg.to_dict(),
+              "backbone": {"name": config["backbone"]["name"],
+                           "weights": config["backbone"]["weights"]},
+              "run": config["run"]["name"], "variants": summary, "config": config,
               "fingerprints": dict(fingerprints), "per_image": per_image,
               "versions": {"vit-objseg": package_version(), "torch": torch.__version__}}
     if sweep:
@@ -62,16 +64,13 @@ def build_report(cfg: Config, split: str, rows: list[dict], fingerprints: dict[s
     return report
 
 
-def resolved_settings(cfg: Config, predict_device: str) -> dict:
+def resolved_settings(key: FeatureKey, predict_device: str) -> dict:
     """The values stage 3 used where the config leaves the choice to the tool: backbone.layers
     (0: the backbone's default) and its channels, extract.precision ("auto": by the device;
-    the feature key the stored split was made with), predict.device ("auto")."""
-    from ..core.registry import get_spec, resolve_layers
-    from ..models.devices import resolve_precision
-    layers = resolve_layers(cfg.backbone.name, cfg.backbone.layers)
-    return {"backbone.layers": layers,
-            "backbone.channels": get_spec(cfg.backbone.name).channels(layers),
-            "extract.precision": resolve_precision(cfg.extract.precision, cfg.extract.device),
+    the feature key `key` the stored split was made with), predict.device ("auto")."""
+    return {"backbone.layers": key.layers,
+            "backbone.channels": get_spec(key.backbone).channels(key.layers),
+            "extract.precision": key.precision,
             "predict.device": str(predict_device)}
 
 
@@ -122,10 +121,10 @@ def spread(ranked: Sequence[dict], k: int) -> list[dict]:
     return [ranked[i] for i in sorted(chosen)]
 
 
-def other_runs(cfg: Config, split: str) -> list[tuple[str, str]]:
-    """(run name, link relative to this run's folder) of the other runs' reports of `split`."""
-    others = [RunLayout(d) for d in sorted(cfg.run_dir.parent.iterdir())
-              if d.is_dir() and d.name != cfg.run.name]
+def other_runs(run: RunLayout, split: str) -> list[tuple[str, str]]:
+    """(run name, link relative to `run`'s folder) of the other runs' reports of `split`."""
+    others = [RunLayout(d) for d in sorted(run.root.parent.iterdir())
+              if d.is_dir() and d.name != run.name]
     return [(r.name, f"../{r.name}/{r.report(split, '.html').name}") for r in others
             if r.report(split, ".html").is_file()]
 
@@ -144,42 +143,43 @@ def _history(run_dir: Path) -> list[dict]:
     return history
 
 
-def write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict],
-                        store: FeatureStore, pred_dir: Path,
-                        variant_masks: Callable[[CachedItem], dict[str, np.ndarray]]) -> None:
-    """The Markdown and HTML reports of stage 3 next to its JSON `report`: the
-    predict.thumbnails best images (pac masks read back from `pred_dir`) and worst images
-    (every variant's masks, from `variant_masks` of the stored item), each image read from
-    `store` once; the training curves as stage 2 drew them (drawn from its metrics.jsonl for
-    a run trained before it kept them)."""
+@dataclass(frozen=True)
+class Shown:
+    """A scored image as the human reports show it: the image (H, W, 3) uint8, its annotation
+    (H, W) bool, and every variant's masks (the worst images'), computed when asked."""
+    image: np.ndarray
+    mask: np.ndarray
+    variant_masks: Callable[[], dict[str, np.ndarray]]
+
+
+def write_human_reports(run: RunLayout, split: str, report: dict, rows: list[dict],
+                        thumbnails: int, shown: Callable[[dict], Shown]) -> None:
+    """The Markdown and HTML reports of stage 3 next to its JSON `report` in the run `run`:
+    the `thumbnails` (predict.thumbnails) best images (pac masks read back from the split's
+    predictions) and worst images (every variant's masks), each image got from `shown(row)`
+    once; the training curves as stage 2 drew them (drawn from its metrics.jsonl for a run
+    trained before it kept them)."""
     rows = [r for r in rows if r["stats"] is not None]
-    k = cfg.predict.thumbnails
+    k = thumbnails
+    pred_dir = run.predictions(split)
     ranked = sorted(rows, key=lambda r: (r["stats"]["pac"]["j"], r["category"], r["stem"]))
     worst = spread(ranked, k)
     taken = {id(r) for r in worst}
     best = spread([r for r in ranked[::-1] if id(r) not in taken], k)
 
-    def scored(r: dict) -> tuple[CachedItem, np.ndarray]:
-        """A scored row's stored item and its annotation."""
-        item = store.read(r["index"])
-        if item.mask is None:  # scored from this very store (its fingerprint is in the units')
-            raise StoreError(f"{store.split_dir}: {item.meta.source} is scored but has no "
-                             "annotation; rerun predict with --force")
-        return item, item.mask
-
     def thumb(r: dict) -> Thumb:
-        item, mask = scored(r)
+        item = shown(r)
         pred = np.asarray(Image.open(pred_dir / r["category"] / f"{r['stem']}.png")) > 127
         s = r["stats"]["pac"]
-        return Thumb(r["category"], r["stem"], s["j"], s["f"], item.image, mask, pred)
+        return Thumb(r["category"], r["stem"], s["j"], s["f"], item.image, item.mask, pred)
 
     def variants(r: dict) -> VariantThumb:  # the worst images, with every variant's mask
-        item, mask = scored(r)
-        return VariantThumb(r["category"], r["stem"], item.image, mask, variant_masks(item))
+        item = shown(r)
+        return VariantThumb(r["category"], r["stem"], item.image, item.mask,
+                            item.variant_masks())
 
-    run = RunLayout.of(cfg)
     curves = curve_files(run.loss_curves)
     kept = all(p.is_file() for p in curves)
-    write_reports(cfg.run_dir, split, report, report["per_image"], [thumb(r) for r in best],
+    write_reports(run.root, split, report, report["per_image"], [thumb(r) for r in best],
                   [variants(r) for r in worst], None if kept else _history(run.root),
-                  other_runs=other_runs(cfg, split), curves=curves if kept else None)
+                  other_runs=other_runs(run, split), curves=curves if kept else None)

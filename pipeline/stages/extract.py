@@ -33,8 +33,9 @@ from ..data.dataset import (
     DataError,
     list_splits,
 )
-from ..executors import execute, portable_config, scheduler_of
+from ..executors import execute, scheduler_of
 from ..models.devices import config_keys
+from ..runconfig import portable_config
 from ..store import (
     CACHE_LEGACY,
     FEATURES,

@@ -23,10 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from ..core.config import Config
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, StoreError
 from ..core.fingerprints import first_problems
 from ..core.fsutil import (
     FileHasher,
@@ -37,7 +35,7 @@ from ..core.hints import command
 from ..core.layout import RunLayout
 from ..core.owned import RUN_LEGACY, is_marked
 from ..core.progress import Progress, plural
-from ..executors import execute, portable_config, scheduler_of
+from ..executors import execute, scheduler_of
 from ..inference import (
     VARIANTS,
     Predictor,
@@ -50,8 +48,8 @@ from ..models.devices import config_keys, resolve_device
 from ..models.heads import TrainedModels, models_fingerprint, read_card
 from ..report import stage as report_stage
 from ..report.stage import headline
-from ..runconfig import reproduces
-from ..store import CachedItem, FeatureStore, split_fingerprint
+from ..runconfig import portable_config, reproduces
+from ..store import FeatureStore, split_fingerprint
 from .base import Context, Lock, Recording, StageState, StageStatus, judge, load_record, reproduce
 from .predict_shards import check_mirrored, predict_shard, predict_task
 
@@ -265,7 +263,8 @@ class Prediction(Recording[PredictResult]):
         if self.mirror_fp is not None:
             fingerprints["mirrored"] = self.mirror_fp
         report = build_report(cfg, split, rows, fingerprints, sweep,
-                              report_stage.resolved_settings(cfg, str(self.device)))
+                              report_stage.resolved_settings(config_keys(cfg).feature,
+                                                             str(self.device)))
         rpath = report_path(cfg, split)
         atomic_write_json(rpath, report)
         _write_human_reports(cfg, split, report, rows, store, predictor, mirror)
@@ -367,7 +366,8 @@ def pred_dir_of(cfg: Config, split: str) -> Path:
 def build_report(cfg: Config, split: str, rows: list[dict], fingerprints: dict[str, str],
                  sweep: Sequence[float] = (), resolved: dict | None = None) -> dict:
     """report_<split>.json's content from the units' rows (see report.stage.build_report)."""
-    return report_stage.build_report(cfg, split, rows, fingerprints, VARIANTS, sweep, resolved)
+    return report_stage.build_report(cfg.to_dict(), split, rows, fingerprints, VARIANTS, sweep,
+                                     resolved)
 
 
 def _write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict],
@@ -375,9 +375,14 @@ def _write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict]
                          mirror: FeatureStore | None) -> None:
     """The Markdown and HTML reports (report.stage.write_human_reports); the worst images'
     masks of every variant computed again by `predictor`, as the pass computed them."""
-    def variant_masks(item: CachedItem) -> dict[str, np.ndarray]:
+    def shown(row: dict) -> report_stage.Shown:
+        item = store.read(row["index"])
+        if item.mask is None:  # scored from this very store (its fingerprint is in the units')
+            raise StoreError(f"{store.split_dir}: {item.meta.source} is scored but has no "
+                             "annotation; rerun predict with --force")
         mirrored = None if mirror is None else [mirror.features(item.meta.index)]
-        return predictor.batch_masks([item], mirrored)[0]
+        return report_stage.Shown(item.image, item.mask,
+                                  lambda: predictor.batch_masks([item], mirrored)[0])
 
-    report_stage.write_human_reports(cfg, split, report, rows, store, pred_dir_of(cfg, split),
-                                     variant_masks)
+    report_stage.write_human_reports(RunLayout.of(cfg), split, report, rows,
+                                     cfg.predict.thumbnails, shown)
