@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -48,6 +48,19 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
+
+
+def _check_placement(input: torch.Tensor, guide: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> None:
+    """ValueError unless the tensors are on one device and floating-point."""
+    devices = {t.device for t in (input, guide, weight) + ((bias,) if bias is not None else ())}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    given: tuple[tuple[str, torch.Tensor | None], ...] = (
+        ("input", input), ("guide", guide), ("weight", weight), ("bias", bias))
+    for name, tensor in given:
+        if tensor is not None and not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
 
 
 def _validate(input: torch.Tensor, guide: torch.Tensor, weight: torch.Tensor,
@@ -76,14 +89,7 @@ def _validate(input: torch.Tensor, guide: torch.Tensor, weight: torch.Tensor,
                          f"{tuple(input.shape[-2:])}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != Co):
         raise ValueError(f"bias must have shape ({Co},), got {tuple(bias.shape)}")
-    devices = {t.device for t in (input, guide, weight) + ((bias,) if bias is not None else ())}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    given: tuple[tuple[str, torch.Tensor | None], ...] = (
-        ("input", input), ("guide", guide), ("weight", weight), ("bias", bias))
-    for name, tensor in given:
-        if tensor is not None and not tensor.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    _check_placement(input, guide, weight, bias)
     span = dilation * (kh - 1) + 1
     Ho = (H + 2 * padding - span) // stride + 1
     Wo = (W + 2 * padding - span) // stride + 1
@@ -102,7 +108,7 @@ def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return dtype
 
 
-def _no_autocast(device: torch.device):
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
     """Disable autocast inside the op (it does its own dtype handling)."""
     try:
         return torch.autocast(device_type=device.type, enabled=False)
@@ -322,7 +328,9 @@ class _PacConv2dFunction(torch.autograd.Function):
     n the filter tap W_n (Co x Ci) mixes channels with one matrix product."""
 
     @staticmethod
-    def forward(ctx, input, guide, weight, bias, stride, padding, dilation, normalize, Ho, Wo):
+    def forward(ctx: Any, input: torch.Tensor, guide: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, stride: int, padding: int, dilation: int,
+                normalize: bool, Ho: int, Wo: int) -> torch.Tensor:
         cd = _compute_dtype(input, guide, weight, bias)
         B, Ci, H, W = input.shape
         Co, _, k, _ = weight.shape
@@ -358,7 +366,9 @@ class _PacConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: torch.Tensor  # noqa: C901, PLR0912, PLR0915
+                 ) -> tuple[torch.Tensor | None, ...]:
+        # (the PAC backward, kept whole: each input's gradient term beside the others)
         geo, cd = ctx.geo, ctx.cd
         if ctx.normalize:
             input, guide, weight, bias, s_inv, result = ctx.saved_tensors
@@ -523,7 +533,8 @@ class PacConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int = 0, dilation: int = 1, bias: bool = True,
-                 normalize: bool = False, device=None, dtype=None):
+                 normalize: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         _check_int("in_channels", in_channels, 1)
         _check_int("out_channels", out_channels, 1)
@@ -536,11 +547,10 @@ class PacConv2d(nn.Module):
         self.padding = _check_int("padding", padding, 0)
         self.dilation = _check_int("dilation", dilation, 1)
         self.normalize = bool(normalize)
-        factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(
-            (out_channels, in_channels, kernel_size, kernel_size), **factory))
+            (out_channels, in_channels, kernel_size, kernel_size), device=device, dtype=dtype))
         if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+            self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
