@@ -74,7 +74,7 @@ def one_run(dataset: str, scheduler: str, cores: int, work: Path) -> dict:
 
 def count_images(dataset: str) -> int:
     sys.path.insert(0, str(ROOT))
-    from pipeline.data.dataset import list_items, list_splits
+    from pipeline.data import list_items, list_splits
     root, layout = DATASETS[dataset]
     return sum(len(list_items(root, layout, s)[0]) for s in list_splits(root, layout))
 

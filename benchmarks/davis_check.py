@@ -38,7 +38,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.data.dataset import list_items, load_mask  # noqa: E402
+from pipeline.data import list_items, load_mask  # noqa: E402
 from pipeline.metrics.davis import davis_protocol  # noqa: E402
 from pipeline.metrics.masks import image_stats  # noqa: E402
 

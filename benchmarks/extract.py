@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.core.config import load_config  # noqa: E402
-from pipeline.data.dataset import fit_box, list_items, list_splits, load_image, to_canvas  # noqa: E402
+from pipeline.data import fit_box, list_items, list_splits, load_image, to_canvas  # noqa: E402
 from pipeline.models.backbones import create_backbone  # noqa: E402
 from pipeline.models.devices import autocast_dtype, resolve_device  # noqa: E402
 from pipeline.stages.extract import extractor_of, run_extract  # noqa: E402

@@ -520,7 +520,7 @@ def check_features(rep: Report, cfg, sets: list[str], qdata: Path, device) -> No
     import numpy as np
     import torch
 
-    from pipeline.data.dataset import decode_image, fit_box, read_bytes, to_canvas
+    from pipeline.data import decode_image, fit_box, read_bytes, to_canvas
 
     paths = [img for _, img, _ in _frames(qdata, "test")][:4]
     canvases = []
@@ -596,7 +596,7 @@ def export_agreement(path: Path, seg_in: Path, seg_out: Path, cfg, device) -> tu
     import torch
     import torch.export.passes
 
-    from pipeline.data.dataset import decode_image, fit_box, read_bytes, to_canvas
+    from pipeline.data import decode_image, fit_box, read_bytes, to_canvas
 
     program = torch.export.passes.move_to_device_pass(torch.export.load(path), device).module()
     groups: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}

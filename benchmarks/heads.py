@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.core.config import load_config  # noqa: E402
-from pipeline.data.dataset import fit_box, load_image, to_canvas  # noqa: E402
+from pipeline.data import fit_box, load_image, to_canvas  # noqa: E402
 from pipeline.inference import Predictor  # noqa: E402
 from pipeline.models.heads import LinearHead, PacUpsampler, TrainedModels, UpsamplerSpec  # noqa: E402
 from pipeline.stages.extract import extractor_of  # noqa: E402

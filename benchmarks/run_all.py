@@ -222,7 +222,7 @@ class Report:
 
 
 def count_images(data: Path, split: str | None = None) -> int:
-    from pipeline.data.dataset import list_items, list_splits
+    from pipeline.data import list_items, list_splits
     splits = [split] if split else list_splits(data, LAYOUT)
     return sum(len(list_items(data, LAYOUT, s)[0]) for s in splits)
 

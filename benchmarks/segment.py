@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.commands.segment import run_segment  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
-from pipeline.data.dataset import (  # noqa: E402
+from pipeline.data import (  # noqa: E402
     fit_box,
     list_items,
     list_splits,

@@ -29,7 +29,7 @@ from .core.hints import command
 from .core.keys import FeatureKey, Keys
 from .core.layout import RunLayout
 from .core.variants import VARIANTS
-from .data.dataset import Box, from_canvas, to_canvas
+from .data import Box, from_canvas, to_canvas
 from .models.backbones import Backbone, create_backbone
 from .models.devices import CpuFanout, autocast_dtype
 from .models.heads import TrainedModels, load_models, upsample_logits

@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from .data.dataset import Box
+from .data import Box
 
 S = TypeVar("S")  # what an item is (stage 1: a dataset Item; segment: a Source)
 M = TypeVar("M")  # what decoding it yields besides the pixels

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.core.errors import DataError
 from pipeline.core.fsutil import FileHasher
-from pipeline.data.dataset import (
+from pipeline.data import (
     Box,
-    DataError,
     canvas_valid,
     fit_box,
     from_canvas,
@@ -243,7 +243,7 @@ def test_max_pixels_replaces_pils_own_limit(tmp_path, monkeypatch):
     import warnings
 
     from pipeline.core.errors import ImageTooLarge
-    from pipeline.data.dataset import decode_image
+    from pipeline.data import decode_image
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses > 200 px
     arr = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
     Image.fromarray(arr).save(tmp_path / "a.png")
@@ -262,7 +262,7 @@ def test_file_too_long_for_max_pixels_is_not_read(tmp_path, monkeypatch):
     import os
 
     from pipeline.core.errors import ImageTooLarge
-    from pipeline.data.dataset import max_file_bytes, read_bytes
+    from pipeline.data import max_file_bytes, read_bytes
     path = tmp_path / "huge.jpg"
     with open(path, "wb") as f:
         f.truncate(10 << 30)
@@ -305,7 +305,8 @@ def test_fifo_and_device_are_refused_without_blocking(tmp_path):
     images = root / "train/disc/images"
     os.mkfifo(images / "x.jpg")
     (images / "y.jpg").symlink_to("/dev/zero")
-    code = ("from pipeline.data.dataset import DataError, load_image, read_bytes\n"
+    code = ("from pipeline.core.errors import DataError\n"
+            "from pipeline.data import load_image, read_bytes\n"
             f"for p in {[str(images / 'x.jpg'), str(images / 'y.jpg')]!r}:\n"
             "    for read in (lambda p: read_bytes(p, 'image'), load_image):\n"
             "        try:\n"
@@ -338,7 +339,7 @@ def test_read_error_names_the_file(tmp_path, monkeypatch):
 
     from cli import os_error_line
     from pipeline.core.fsutil import atomic_write_bytes, sha256_file
-    from pipeline.data.dataset import read_bytes
+    from pipeline.data import read_bytes
     with pytest.raises(DataError) as e:  # reading /proc/self/mem at offset 0 gives EIO
         read_bytes("/proc/self/mem", "image")
     assert str(e.value) == "/proc/self/mem: cannot read image (Input/output error)"
@@ -427,7 +428,7 @@ def test_every_small_size_gets_a_canvas_of_the_box_size():
     pixel short (the crop fast path with top or left 0)."""
     import numpy as np
 
-    from pipeline.data.dataset import fit_box, from_canvas, to_canvas
+    from pipeline.data import fit_box, from_canvas, to_canvas
     for fit in ("crop", "pad"):
         for h in range(1, 40):
             for w in (1, 15, 16, 17, 31, 33):
@@ -443,7 +444,7 @@ def test_a_folder_of_the_tools_own_under_the_data_root_is_no_split(tmp_path):
     carries the marker and is not listed as a split (it would have no images, failing every
     later stage 1)."""
     from pipeline.core.owned import claim_folder, claim_run_dir
-    from pipeline.data.dataset import list_splits
+    from pipeline.data import list_splits
     from pipeline.data.synth import make_dataset
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 2, "test": 2}, size=(32, 48))
     claim_run_dir(root / "default")

@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline.core.config import copy_config
 from pipeline.core.errors import LockError, StoreError
 from pipeline.core.fsutil import exclusive_lock
-from pipeline.data.dataset import load_image, load_mask
+from pipeline.data import load_image, load_mask
 from pipeline.data.synth import make_dataset
 from pipeline.stages.extract import run_extract, status
 from pipeline.store import FeatureStore, locate_split, store_lock

@@ -115,7 +115,7 @@ def test_exif_orientation_is_applied(trained, tmp_path):
     exif[0x0112] = 6  # "rotate 90 CW to display"
     (tmp_path / "in").mkdir()
     stored.save(tmp_path / "in" / "sideways.jpg", exif=exif.tobytes(), quality=95)
-    from pipeline.data.dataset import load_image
+    from pipeline.data import load_image
     pixels = load_image(tmp_path / "in" / "sideways.jpg")
     assert pixels.shape == (72, 120, 3)
     assert pixels[:30, :40].mean(axis=(0, 1))[0] > 150

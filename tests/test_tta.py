@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.commands.segment import run_segment
 from pipeline.core.config import copy_config
-from pipeline.data.dataset import from_canvas, to_canvas
+from pipeline.data import from_canvas, to_canvas
 from pipeline.models.devices import config_keys
 from pipeline.models.heads import load_models
 from pipeline.stages.extract import extractor_of, run_extract

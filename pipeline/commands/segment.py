@@ -46,7 +46,7 @@ from ..core.layout import RunLayout
 from ..core.owned import Ledger, claim_folder, claim_run_dir, is_marked
 from ..core.progress import Progress
 from ..core.variants import CANDIDATE
-from ..data.dataset import (
+from ..data import (
     IMAGE_EXTS,
     decode_image,
     fit_box,

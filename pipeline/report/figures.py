@@ -16,7 +16,7 @@ import numpy as np
 
 from ..core.jsondoc import finite as _finite
 from ..core.variants import VARIANTS
-from ..data.dataset import display_name
+from ..data import display_name
 from .doc import Metrics
 
 if TYPE_CHECKING:

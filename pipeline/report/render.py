@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..data.dataset import display_name
+from ..data import display_name
 
 if TYPE_CHECKING:
     from jinja2 import Environment

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..core.variants import CANDIDATE
-from ..data.dataset import display_name
+from ..data import display_name
 from .doc import ImageScores
 from .format import file_url, fmt
 from .panels import (

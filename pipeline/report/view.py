@@ -13,7 +13,7 @@ from ..core.config.schema import Config
 from ..core.config.writing import toml_text
 from ..core.jsondoc import finite as _finite
 from ..core.variants import BASELINE, CANDIDATE
-from ..data.dataset import display_name
+from ..data import display_name
 from ..metrics.definitions import HEADLINE, OVERALL_TABLE, Metric
 from .doc import ImageScores, Metrics, Report, VariantScores, parse_report
 from .figures import VARIANT_ORDER, bootstrap_ci, metric_value, variant_colour

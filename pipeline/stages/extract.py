@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.config import Config
-from ..core.errors import StoreError, thread_limits
+from ..core.errors import DataError, StoreError, thread_limits
 from ..core.fingerprints import first_problems
 from ..core.fsutil import (
     FileHasher,
@@ -29,8 +29,7 @@ from ..core.fsutil import (
 from ..core.keys import DatasetRef, FeatureKey, Keys
 from ..core.owned import claim_folder
 from ..core.progress import Progress, plural
-from ..data.dataset import (
-    DataError,
+from ..data import (
     list_splits,
 )
 from ..executors import execute, scheduler_of

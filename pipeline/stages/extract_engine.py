@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from ..core.config import Config
-from ..core.errors import ImageTooLarge, StoreError
+from ..core.errors import DataError, ImageTooLarge, StoreError
 from ..core.fsutil import FileHasher, atomic_write_json
-from ..data.dataset import (
-    DataError,
+from ..data import (
     Item,
     LoadedItem,
     fit_box,

@@ -10,7 +10,7 @@ from ..core.config import Config
 from ..core.errors import ModelError, StoreError
 from ..core.fsutil import atomic_write_bytes, sha256_bytes
 from ..core.hints import command
-from ..data.dataset import same_size_batches
+from ..data import same_size_batches
 from ..executors import worker_cached
 from ..inference import VARIANTS, Predictor, mask_png_bytes, model_dir
 from ..metrics.masks import image_stats, sweep_counts, sweep_thresholds

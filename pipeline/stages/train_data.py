@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import StoreError
-from ..data.dataset import canvas_valid, to_canvas
+from ..data import canvas_valid, to_canvas
 from ..store import FeatureStore
 
 # decoded training images kept in memory (JPEG decoding per crop is slow)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..core.fsutil import FileHasher, atomic_write_bytes, canonical_json, read_json, sha256_file
 from ..core.keys import FORMAT_VERSION
-from ..data.dataset import Box
+from ..data import Box
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..core.fingerprints import fingerprint
 from ..core.fsutil import FileHasher, read_json
 from ..core.keys import FORMAT_VERSION, DatasetRef, FeatureKey
-from ..data.dataset import Item, list_items
+from ..data import Item, list_items
 from .index import pre_index_folder, split_folder, store_dir
 from .manifest import ShardEntry, check_shard, read_manifest
 

@@ -15,7 +15,7 @@ from ..core.errors import DataError, StoreError, UsageError
 from ..core.fsutil import sha256_file
 from ..core.hints import command
 from ..core.keys import DatasetRef, FeatureKey
-from ..data.dataset import Box, decode_image, list_splits
+from ..data import Box, decode_image, list_splits
 from .index import INDEX_FILE, locate_split, store_dir
 from .manifest import ItemMeta, ShardEntry, manifest_path, mark_bad, read_manifest
 from .shards import unpack_mask

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 
 from ..core.fsutil import atomic_file, atomic_write_json, sha256_file
-from ..data.dataset import Box
+from ..data import Box
 from .manifest import ShardEntry, bad_marker
 from .plan import ShardTask
 
