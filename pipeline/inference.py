@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .core.config import Config
 from .core.errors import ModelError
 from .core.fingerprints import diff_params
 from .core.fsutil import file_lock
@@ -34,12 +33,6 @@ from .models.backbones import Backbone, create_backbone
 from .models.devices import CpuFanout, autocast_dtype
 from .models.heads import TrainedModels, load_models, upsample_logits
 from .store import CachedItem, split_fingerprint
-
-
-def model_dir(cfg: Config) -> Path:
-    """The run's model folder: train-head writes it, predict, segment and export read it."""
-    return RunLayout.of(cfg).models
-
 
 # ----------------------------------------------------------------------------- the models
 

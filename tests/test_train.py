@@ -13,6 +13,7 @@ import torch
 
 from pipeline.core.config import copy_config
 from pipeline.core.errors import PipelineError, StoreError
+from pipeline.core.layout import RunLayout
 from pipeline.core.registry import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.models.heads import (
     LEGACY_FILES,
@@ -25,7 +26,7 @@ from pipeline.models.heads import (
 )
 from pipeline.stages.extract import run_extract
 from pipeline.stages.extract import status as extract_status
-from pipeline.stages.train import model_dir, run_train, status
+from pipeline.stages.train import run_train, status
 from pipeline.stages.train_data import patch_targets
 from tests.conftest import ROOT, make_cfg
 
@@ -187,7 +188,7 @@ def test_train_end_to_end_and_incremental(tmp_path, synth_root):
     assert rows[2]["loss"] < rows[0]["loss"]  # the linear head learns
     assert all(0 <= r["val_miou"] <= 1 for r in rows if r["phase"] == "upsampler")
     assert (cfg.run_dir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    models = load_models(model_dir(cfg))
+    models = load_models(RunLayout.of(cfg).models)
     assert models.patch_size == 16
     assert not (cfg.run_dir / "models" / "checkpoint.pt").exists()
     # unchanged -> up to date; a training key -> stale, stage 1 untouched
@@ -201,7 +202,7 @@ def test_train_end_to_end_and_incremental(tmp_path, synth_root):
 
 
 def _weights(cfg):
-    m = load_models(model_dir(cfg))
+    m = load_models(RunLayout.of(cfg).models)
     return {**{f"h.{k}": v for k, v in m.head.state_dict().items()},
             **{f"u.{k}": v for k, v in m.upsampler.state_dict().items()}}
 
@@ -315,7 +316,7 @@ def test_a_diverging_loss_stops_training_keeping_the_last_good_checkpoint(
         run_train(cfg, **quiet)
     assert type(e.value).__name__ == "TrainingDiverged" and e.value.exit_code == 1
 
-    mdir = model_dir(cfg)
+    mdir = RunLayout.of(cfg).models
     assert not (mdir / CARD_FILE).exists()  # save_models was never reached
     assert not (cfg.run_dir / "loss_curves.png").exists()
     assert status(cfg).state == "missing"  # no stage record

@@ -13,10 +13,11 @@ import torch
 
 from pipeline.core.errors import LockError, ModelError, StoreError
 from pipeline.core.fsutil import exclusive_lock, lock_path
+from pipeline.core.layout import RunLayout
 from pipeline.data.synth import make_dataset
 from pipeline.stages.extract import run_extract
 from pipeline.stages.predict import run_predict
-from pipeline.stages.train import model_dir, run_train
+from pipeline.stages.train import run_train
 from pipeline.store import locate_split
 from tests.conftest import make_cfg, one_line_error, run_cli, store_of, stored
 
@@ -217,7 +218,7 @@ def test_garbage_stage_records_are_absent_not_tracebacks(run_copy):
 
 def test_damaged_model_makes_train_head_stale_and_is_repaired(run_copy):
     cfg = run_copy
-    mdir = model_dir(cfg)
+    mdir = RunLayout.of(cfg).models
     clean = digest_tree(mdir)
     (mdir / "pac_upsampler.safetensors").write_bytes(
         (mdir / "pac_upsampler.safetensors").read_bytes()[:50])
@@ -234,7 +235,7 @@ def test_damaged_model_makes_train_head_stale_and_is_repaired(run_copy):
 
 def test_model_file_bytes_flipped_are_found(run_copy):
     cfg = run_copy
-    p = model_dir(cfg) / "linear_head.safetensors"
+    p = RunLayout.of(cfg).models / "linear_head.safetensors"
     data = bytearray(p.read_bytes())
     data[-30] ^= 0xFF
     p.write_bytes(bytes(data))
@@ -254,7 +255,7 @@ class _Marker:
 
 def test_corrupt_and_malicious_checkpoints_are_discarded(run_copy, tmp_path):
     cfg = run_copy
-    mdir = model_dir(cfg)
+    mdir = RunLayout.of(cfg).models
     clean = digest_tree(mdir)
     marker = tmp_path / "pwned"
     for payload in ("truncated", "malicious"):

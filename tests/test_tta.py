@@ -14,12 +14,13 @@ from PIL import Image
 
 from pipeline.commands.segment import run_segment
 from pipeline.core.config import copy_config
+from pipeline.core.layout import RunLayout
 from pipeline.data import from_canvas, to_canvas
 from pipeline.models.devices import config_keys
 from pipeline.models.heads import load_models
 from pipeline.stages.extract import extractor_of, run_extract
 from pipeline.stages.extract import status as extract_status
-from pipeline.stages.predict import model_dir, pred_dir_of, report_path, run_predict
+from pipeline.stages.predict import pred_dir_of, report_path, run_predict
 from pipeline.stages.predict import status as predict_status
 from pipeline.stages.train import status as train_status
 from pipeline.store import FeatureStore, locate_split
@@ -75,7 +76,7 @@ def test_flip_averages_the_mirror_images_logits(run):
     # the features' shards were not rewritten for TTA
     assert {p: p.stat().st_mtime_ns for p in store_of(plain).rglob("*.h5")} == shards
 
-    models = load_models(model_dir(flip))
+    models = load_models(RunLayout.of(flip).models)
     store = FeatureStore.open(*stored(flip), "test")
     mirror = FeatureStore.open(*stored(flip, mirror=True), "test")
     threshold = math.log(flip.predict.threshold / (1 - flip.predict.threshold))
@@ -126,7 +127,7 @@ def test_segment_and_export_apply_the_same_tta(run, tmp_path):
     assert run_segment(plain, [root / "test"], out, overlays=False, progress=False).n_written > 0
 
     from pipeline.commands.export import build_program
-    program = build_program(flip, load_models(model_dir(flip)))
+    program = build_program(flip, load_models(RunLayout.of(flip).models))
     assert program.mirror_tta
     x = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8)
     with torch.no_grad():

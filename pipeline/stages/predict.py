@@ -41,7 +41,6 @@ from ..inference import (
     Predictor,
     _models_mismatch,
     checked_models,
-    model_dir,
 )
 from ..metrics.masks import sweep_thresholds
 from ..models.devices import config_keys, resolve_device
@@ -80,8 +79,8 @@ def stage_state(cfg: Config, split: str, models_fp: str | None = None,
     keys = config_keys(cfg)
     unusable: dict[str, str] = {}
     if models_fp is None:
-        models_fp, _ = models_fingerprint(model_dir(cfg))
-        card, _ = read_card(model_dir(cfg))
+        models_fp, _ = models_fingerprint(RunLayout.of(cfg).models)
+        card, _ = read_card(RunLayout.of(cfg).models)
         if models_fp is not None and card is not None and recorded is None:
             why = _models_mismatch(cfg.paths.cache, keys, card["params"], card["deps"])
             if why:

@@ -10,9 +10,10 @@ from ..core.config import Config
 from ..core.errors import ModelError, StoreError
 from ..core.fsutil import atomic_write_bytes, sha256_bytes
 from ..core.hints import command
+from ..core.layout import RunLayout
 from ..data import same_size_batches
 from ..executors import worker_cached
-from ..inference import VARIANTS, Predictor, mask_png_bytes, model_dir
+from ..inference import VARIANTS, Predictor, mask_png_bytes
 from ..metrics.masks import image_stats, sweep_counts, sweep_thresholds
 from ..models.devices import resolve_device
 from ..models.heads import load_models
@@ -76,9 +77,9 @@ def predict_task(cfg: Config, split_dir: str, fingerprint: str, shard: int, pred
 
     def make_predictor() -> Predictor:
         device = resolve_device(cfg.predict.device)
-        models = load_models(model_dir(cfg), device)
+        models = load_models(RunLayout.of(cfg).models, device)
         if models.fingerprint != models_fp:
-            raise ModelError(f"{model_dir(cfg)}: the models changed during prediction; "
+            raise ModelError(f"{RunLayout.of(cfg).models}: the models changed during prediction; "
                              "rerun predict")
         return Predictor(models, device, cfg.predict.threshold)
 

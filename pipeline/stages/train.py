@@ -25,7 +25,6 @@ from ..core.errors import DataError, TrainingDiverged
 from ..core.fsutil import atomic_write_bytes
 from ..core.hints import command
 from ..core.layout import RunLayout
-from ..inference import model_dir
 from ..models.backbones import get_spec
 from ..models.devices import CpuFanout, config_keys, resolve_device
 from ..models.heads import LinearHead, PacUpsampler, UpsamplerSpec, models_fingerprint, save_models
@@ -57,7 +56,7 @@ def stage_state(cfg: Config, deps: dict[str, str | None] | None = None) -> Stage
     if deps is None:
         deps = {f"features[{s}]": split_fingerprint(cfg.paths.cache, keys.feature, keys.data, s)
                 for s in keys.train.splits}
-    _, why = models_fingerprint(model_dir(cfg))
+    _, why = models_fingerprint(RunLayout.of(cfg).models)
     return StageState(STAGE, deps, keys.train.params(), why,
                       {f"features[{s}]": command("extract-features", "--split", s)
                        for s in keys.train.splits})
@@ -89,7 +88,7 @@ class TrainStage:
             return stage_state(ctx.cfg)
         rec = load_record(ctx.cfg.run_dir, STAGE)
         deps = dict(rec["deps"]) if rec is not None else {}
-        _, why = models_fingerprint(model_dir(ctx.cfg))
+        _, why = models_fingerprint(RunLayout.of(ctx.cfg).models)
         return StageState(STAGE, deps, recorded_training_params(ctx.cfg, rec), why)
 
     def status(self, ctx: Context) -> StageStatus:
@@ -145,7 +144,7 @@ class Training(Recording[TrainResult]):
     def current(self, _state: StageState) -> TrainResult:
         if not runconfig.record_path(self.run_dir).exists():  # trained before records
             runconfig.write_record(self.cfg)
-        return TrainResult(up_to_date=True, model_dir=model_dir(self.cfg))
+        return TrainResult(up_to_date=True, model_dir=RunLayout.of(self.cfg).models)
 
     def compute(self, state: StageState, force: bool
                 ) -> tuple[TrainResult, StageState, dict[str, Any]]:
@@ -154,7 +153,7 @@ class Training(Recording[TrainResult]):
         history = _train(cfg, state, self.stores[cfg.data.train_split], val_store, force,
                          self.log, self.progress)
         seconds = time.perf_counter() - self.t0
-        return (TrainResult(seconds=seconds, model_dir=model_dir(cfg), history=history),
+        return (TrainResult(seconds=seconds, model_dir=RunLayout.of(cfg).models, history=history),
                 stage_state(cfg, state.deps), {"seconds": round(seconds, 1)})
 
     def registered(self) -> list[Path]:
@@ -162,7 +161,7 @@ class Training(Recording[TrainResult]):
 
     def finish(self) -> None:
         runconfig.write_record(self.cfg)  # <run>/config.toml: what `--run NAME` starts from
-        remove_checkpoints(model_dir(self.cfg))
+        remove_checkpoints(RunLayout.of(self.cfg).models)
 
 
 def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = print,
@@ -236,7 +235,7 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
     save the models, the history and its curves."""
     fp = state.fingerprint
     device = resolve_device(cfg.train.device)
-    mdir = model_dir(cfg)
+    mdir = RunLayout.of(cfg).models
     mdir.mkdir(parents=True, exist_ok=True)
     patch = get_spec(cfg.backbone.name).patch_size
     data, val = _train_data(cfg, train_store, val_store, patch)
