@@ -337,7 +337,7 @@ def test_read_error_names_the_file(tmp_path, monkeypatch):
     import errno
     import os
 
-    from cli import os_error_line
+    from pipeline.core.errors import os_error_line
     from pipeline.core.fsutil import atomic_write_bytes, sha256_file
     from pipeline.data import read_bytes
     with pytest.raises(DataError) as e:  # reading /proc/self/mem at offset 0 gives EIO
@@ -403,7 +403,8 @@ def test_one_atomic_writer_and_its_temporaries(tmp_path):
 
 
 def test_os_error_line_without_a_file():
-    assert __import__("cli").os_error_line(OSError(5, "Input/output error")) == "Input/output error"
+    from pipeline.core.errors import os_error_line
+    assert os_error_line(OSError(5, "Input/output error")) == "Input/output error"
 
 
 def test_davis_split_list_with_latin1_names(tmp_path):
