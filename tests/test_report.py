@@ -867,3 +867,106 @@ def test_stage_3_reads_each_shown_image_once(trained_copy, monkeypatch):
     assert sorted(reads.values(), reverse=True)[:shown] == [2] * shown  # the pass, the report
     assert max(reads.values()) == 2 and sum(reads.values()) == report["n_predicted"] + shown
     assert {p.name: p.read_bytes() for p in files.iterdir()} == written
+
+
+# ----------------------------------------------------------------------------- DAVIS protocol
+
+def test_davis_table_in_both_reports(tmp_path):
+    from pipeline.metrics.davis import per_variant
+    report = fake_report()
+    rows = fake_per_image()
+    report["davis"] = per_variant(rows, VARIANTS)
+    paths = write_reports(tmp_path / "run", "test", report, parsed_rows(rows), [], [], None)
+    pac = report["davis"]["pac"]
+    assert pac["n_sequences"] == 2 and pac["per_sequence"]["bear"]["n_frames"] == 1
+    md = paths["md"].read_text(encoding="utf-8")
+    lines = md.splitlines()
+    head = lines.index("## DAVIS protocol")
+    table = next(i for i in range(head, len(lines)) if lines[i].startswith("| variant |"))
+    assert "J&F" in lines[table] and "J decay" in lines[table]
+    row = next(line for line in lines[table:] if line.startswith("| pac |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == ["pac", f"{pac['J']['mean']:.3f}", f"{pac['J']['recall']:.3f}",
+                     f"{pac['J']['decay']:+.3f}".replace("+0.000", "\u00b10.000"),
+                     f"{pac['F']['mean']:.3f}", f"{pac['F']['recall']:.3f}",
+                     f"{pac['F']['decay']:+.3f}".replace("+0.000", "\u00b10.000"),
+                     f"{pac['J&F']:.3f}"]
+    assert "except each sequence's first and last" in md and "over 2 sequences" in md
+    page = parse(paths["html"].read_text(encoding="utf-8"))
+    assert "davis-protocol" in page.ids
+    assert f"{pac['J&F']:.3f}" in page.visible and "J&F" in page.visible
+
+
+def test_report_without_davis_field_has_no_table(written):
+    paths, _ = written
+    assert "## DAVIS protocol" not in paths["md"].read_text(encoding="utf-8")
+    assert "davis-protocol" not in parse(paths["html"].read_text(encoding="utf-8")).ids
+
+
+def test_davis_field_read_strictly():
+    from pipeline.core.jsondoc import Damaged
+    from pipeline.metrics.davis import per_variant
+    report = fake_report()
+    report["davis"] = per_variant(fake_per_image(), VARIANTS)
+    parsed = report_mod.parse_report(report)
+    assert parsed.davis["pac"].jf == pytest.approx(report["davis"]["pac"]["J&F"])
+    assert parsed.davis["pac"].j == pytest.approx(report["davis"]["pac"]["J"])
+    empty = per_variant([], VARIANTS)  # no sequence evaluated: nulls, read as absent
+    assert report_mod.parse_report({**report, "davis": empty}).davis["pac"].jf is None
+    report["davis"]["pac"]["F"]["decay"] = 1.5
+    with pytest.raises(Damaged, match=r"davis.pac.F.decay is a number \(1.5\), not a number in "
+                                      r"\[-1, 1\]"):
+        report_mod.parse_report(report)
+    assert "decay" not in report_mod.parse_report(report, strict=False).davis["pac"].f
+
+
+def test_stage_3_report_has_the_davis_aggregate(trained):
+    from pipeline.metrics.davis import FRAMES_EXCLUDED_ENDS, per_variant
+    cfg = trained[2]
+    report = json.loads((cfg.run_dir / "report_test.json").read_text())
+    assert set(report["davis"]) == set(report["variants"])
+    assert report["davis"] == per_variant(report["per_image"], list(report["variants"]))
+    pac = report["davis"]["pac"]
+    assert pac["frames"] == FRAMES_EXCLUDED_ENDS and pac["per_sequence"]
+    counts: dict[str, int] = {}
+    for r in report["per_image"]:
+        counts[r["category"]] = counts.get(r["category"], 0) + 1
+    assert {s: b["n_frames"] + 2 for s, b in pac["per_sequence"].items()} == \
+        {c: n for c, n in counts.items() if n >= 3}
+    assert pac["skipped"] == {c: n for c, n in counts.items() if n < 3}
+
+
+def test_report_of_an_earlier_format_is_rebuilt_from_the_units(trained_copy, monkeypatch):
+    """A run predicted before the DAVIS aggregate (its record has no report_format) is stale;
+    predicting again rebuilds the reports from the stored units: no shard is predicted again
+    and no mask is rewritten."""
+    from pipeline.stages import predict as predict_stage
+    from pipeline.stages.base import load_record, record_path
+
+    cfg = trained_copy[2]
+    rpath = cfg.run_dir / "report_test.json"
+    old = json.loads(rpath.read_text())
+    del old["davis"]
+    rec_file = record_path(cfg.run_dir, "predict[test]")
+    rec = json.loads(rec_file.read_text())
+    del rec["report_format"]
+    rec_file.write_text(json.dumps(rec))
+    st = predict_stage.status(cfg, "test")
+    assert st.state == "stale" and "report of format 1, now 2" in st.why
+    masks = {p: (p.stat().st_ino, p.stat().st_mtime_ns)
+             for p in (cfg.run_dir / "predictions" / "test").rglob("*.png")}
+    assert masks
+
+    def no_shard(*a, **k):
+        raise AssertionError("a shard was predicted again")
+    monkeypatch.setattr(predict_stage, "predict_shard", no_shard)
+    res = predict_stage.run_predict(cfg, "test", log=lambda s: None, progress=False)
+    assert not res.up_to_date
+    new = json.loads(rpath.read_text())
+    # the same report (paths aside: the copy's folders differ), with the aggregate added
+    assert "davis" in new
+    assert {k: v for k, v in new.items() if k not in ("davis", "config")} == \
+        {k: v for k, v in old.items() if k != "config"}
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in masks} == masks
+    assert load_record(cfg.run_dir, "predict[test]")["report_format"] == 2
+    assert predict_stage.status(cfg, "test").up_to_date

@@ -58,6 +58,18 @@ class SweepPoint:
 
 
 @dataclass(frozen=True)
+class DavisScores:
+    """One variant's ``davis`` block (the DAVIS protocol, metrics.davis): J and F each
+    {"mean", "recall", "decay"} over sequences (the sound ones), J&F, how many sequences,
+    which frames. None: absent (or null: no sequence had a frame to evaluate)."""
+    j: dict[str, float]
+    f: dict[str, float]
+    jf: float | None = None
+    n_sequences: int | None = None
+    frames: str | None = None
+
+
+@dataclass(frozen=True)
 class Report:
     """report_<split>.json, validated. Every number is finite; None: absent (or, read
     leniently, unusable)."""
@@ -76,6 +88,8 @@ class Report:
     threshold_sweep: dict[str, list[SweepPoint]] = field(default_factory=dict)
     # the values used where the config says "auto" or 0, e.g. {"backbone.layers": 2}
     resolved: dict[str, Any] = field(default_factory=dict)
+    # variant -> the DAVIS protocol's aggregate ({}: a report made before it)
+    davis: dict[str, DavisScores] = field(default_factory=dict)
 
 
 class _Reader:
@@ -173,10 +187,45 @@ class _Reader:
             out[v] = sorted(points, key=lambda p: p.threshold)
         return out
 
+    def davis_stats(self, value: Any, where: str) -> dict[str, float]:
+        """{"mean", "recall", "decay"}: null (no sequence) is left out; decay in [-1, 1]."""
+        block = an_object(value, where)
+        out = {}
+        for k, check in (("mean", metric), ("recall", metric), ("decay", _decay)):
+            if block.get(k) is not None:
+                x = self.optional(block, k, check, f"{where}.")
+                if x is not None:
+                    out[k] = x
+        return out
+
+    def davis(self, value: Any, where: str) -> dict[str, DavisScores]:
+        out = {}
+        for v, b in an_object(value, where).items():
+            w = f"{where}.{v}"
+            block = self.get(an_object, b, w)
+            if block is None:
+                continue
+            jf = block.get("J&F")
+            out[v] = DavisScores(
+                j=self.optional(block, "J", self.davis_stats, f"{w}.", {}),
+                f=self.optional(block, "F", self.davis_stats, f"{w}.", {}),
+                jf=None if jf is None else self.optional(block, "J&F", metric, f"{w}."),
+                n_sequences=self.optional(block, "n_sequences", count, f"{w}."),
+                frames=self.optional(block, "frames", _text if self.strict else _any_text,
+                                     f"{w}."))
+        return out
+
     def resolved(self, value: Any, where: str) -> dict[str, Any]:
         return {k: v for k, v in an_object(value, where).items()
                 if isinstance(v, (str, int, float)) and not isinstance(v, bool)
                 and (isinstance(v, str) or finite(v))}
+
+
+def _decay(value: Any, where: str) -> float:
+    """A DAVIS decay: a difference of two means in [0, 1], so a finite number in [-1, 1]."""
+    if not finite(value) or not -1 <= value <= 1:
+        raise Damaged(f"{where} is {kind(value)}, not a number in [-1, 1]")
+    return float(value)
 
 
 def _any_text(value: Any, where: str) -> str:
@@ -235,7 +284,8 @@ def parse_report(doc: Any, *, strict: bool = True, required: Sequence[str] = ())
         fingerprints=r.optional(doc, "fingerprints", r.texts, default={}),
         versions=r.optional(doc, "versions", r.texts, default={}),
         threshold_sweep=r.optional(doc, "threshold_sweep", r.sweep, default={}),
-        resolved=r.optional(doc, "resolved", r.resolved, default={}))
+        resolved=r.optional(doc, "resolved", r.resolved, default={}),
+        davis=r.optional(doc, "davis", r.davis, default={}))
 
 
 def parse_per_image(rows: Any) -> list[ImageScores]:

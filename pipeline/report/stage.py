@@ -17,11 +17,17 @@ from ..core.errors import StoreError
 from ..core.keys import FeatureKey
 from ..core.layout import RunLayout
 from ..core.registry import get_spec
+from ..metrics.davis import per_variant as davis_per_variant
 from ..metrics.definitions import HEADLINE
 from ..metrics.masks import ImageStats, summarize, sweep_summary
 from . import write_reports
 from .figures import curve_files
 from .panels import Thumb, VariantThumb
+
+# what report_<split>.json holds, recorded with stage 3's record: 2 = adds ``davis``. A record
+# of a lower (or no) format makes stage 3 rebuild its reports from its stored units (no mask,
+# feature or model is computed again)
+REPORT_FORMAT = 2
 
 
 def build_report(config: dict[str, dict[str, Any]], split: str, rows: list[dict],
@@ -33,7 +39,9 @@ def build_report(config: dict[str, dict[str, Any]], split: str, rows: list[dict]
     fingerprints of the features and models used, the versions, and J and F per image.
     `rows`: stage 3's unit items (``stats``: {variant: ImageStats dict}, None unannotated;
     ``sweep``: {variant: sweep counts at the thresholds `sweep`}). With `sweep`, the report's
-    ``threshold_sweep``: per variant, J mean, precision and recall at each threshold.
+    ``threshold_sweep``: per variant, J mean, precision and recall at each threshold. With
+    annotated images, ``davis``: per variant the DAVIS protocol's aggregate of the per-image
+    J and F (metrics.davis; a category is a sequence, its frames in stem order).
     `resolved`: the values used where the config says "auto" or 0 (``resolved_settings``)."""
     import torch
 
@@ -55,6 +63,8 @@ def build_report(config: dict[str, dict[str, Any]], split: str, rows: list[dict]
               "run": config["run"]["name"], "variants": summary, "config": config,
               "fingerprints": dict(fingerprints), "per_image": per_image,
               "versions": {"vit-objseg": package_version(), "torch": torch.__version__}}
+    if per_image:
+        report["davis"] = davis_per_variant(per_image, variants)
     if sweep:
         report["threshold_sweep"] = {
             v: sweep_summary(sweep, [(r["sweep"][v], r["stats"][v]["tp"] + r["stats"][v]["fn"])

@@ -278,6 +278,28 @@ def _sweep_view(report: Report, vnames: list[str], colours: dict) -> dict | None
             "any_better": any(r["better"] for r in rows)}
 
 
+DAVIS_STATS = ("mean", "recall", "decay")
+
+
+def _davis_view(report: Report, vnames: list[str], colours: dict) -> dict | None:
+    """The DAVIS protocol's table: per variant J and F mean / recall / decay over sequences
+    and J&F (report_<split>.json's ``davis``)."""
+    rows, frames, n_seq = [], None, None
+    for v in vnames:
+        d = report.davis.get(v)
+        if d is None:
+            continue
+        frames, n_seq = frames or d.frames, n_seq if n_seq is not None else d.n_sequences
+        rows.append({"variant": v, "colour": colours.get(v, "#888"),
+                     "j": [(signed if k == "decay" else fmt)(d.j.get(k)) for k in DAVIS_STATS],
+                     "f": [(signed if k == "decay" else fmt)(d.f.get(k)) for k in DAVIS_STATS],
+                     "jf": fmt(d.jf)})
+    if not rows:
+        return None
+    return {"rows": rows, "frames": frames or "\u2014",
+            "n_sequences": "\u2014" if n_seq is None else fmt_int(n_seq)}
+
+
 def _provenance(report: Report) -> list[tuple[str, str]]:
     return [(f"{k} {label}", "\u2014" if v is None else v)
             for d, label in ((report.fingerprints, "fingerprint"), (report.versions, "version"))
@@ -331,6 +353,7 @@ def view_model(split: str, report: Report, per_image: list[ImageScores],
                      for v in vnames],
         "overall": _overall_table(variants, colours) if scored else None,
         "sweep": _sweep_view(report, vnames, colours) if scored else None,
+        "davis": _davis_view(report, vnames, colours) if scored else None,
         "category_tables": _category_tables(variants, categories) if categories else [],
         "per_image": _per_image_table(per_image, vnames) if scored else None,
         "figures": figures,

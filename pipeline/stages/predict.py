@@ -46,7 +46,7 @@ from ..metrics.masks import sweep_thresholds
 from ..models.devices import config_keys, resolve_device
 from ..models.heads import TrainedModels, models_fingerprint, read_card
 from ..report import stage as report_stage
-from ..report.stage import headline
+from ..report.stage import REPORT_FORMAT, headline
 from ..runconfig import portable_config, reproduces
 from ..store import FeatureStore, split_fingerprint
 from .base import Context, Lock, Recording, StageState, StageStatus, judge, load_record, reproduce
@@ -103,8 +103,22 @@ def stage_state(cfg: Config, split: str, models_fp: str | None = None,
     if not report_path(cfg, split).is_file():
         outs = "report missing"
     else:
-        outs = first_problems(outs_problems(cfg, split, verify, writable=recorded is None))
+        outs = (first_problems(outs_problems(cfg, split, verify, writable=recorded is None))
+                or _report_outdated(cfg, split))
     return StageState(stage_name(split), deps, params, outs, repair, unusable)
+
+
+def _report_outdated(cfg: Config, split: str) -> str:
+    """Why the split's reports are of an earlier format than REPORT_FORMAT ("" when current
+    or when there is no record): compute() then rebuilds them from the current units."""
+    rec = load_record(cfg.run_dir, stage_name(split))
+    if rec is None:
+        return ""
+    found = rec.get("report_format", 1)
+    if isinstance(found, int) and not isinstance(found, bool) and found >= REPORT_FORMAT:
+        return ""
+    return (f"report of format {found!r}, now {REPORT_FORMAT} (adds the DAVIS aggregate): "
+            "rebuilt from the stored per-image results")
 
 
 def outs_hasher(cfg: Config, verify: bool = False, writable: bool = True) -> FileHasher:
@@ -272,7 +286,7 @@ class Prediction(Recording[PredictResult]):
         res = PredictResult(n_images=report["n_images"], n_predicted=report["n_predicted"],
                             predictions_dir=pred_dir_of(cfg, split), report_json=rpath,
                             split=split, headline=headline(report))
-        return res, done, {"outs": outs}
+        return res, done, {"outs": outs, "report_format": REPORT_FORMAT}
 
     def _predict_shards(self, todo: list[int], predictor: Predictor, fp: str,
                         sweep: Sequence[float], units: dict[int, dict], udir: Path,
