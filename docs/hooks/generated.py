@@ -7,6 +7,8 @@ built, so the page and the code cannot disagree:
   first sentence of its docstring (read with `ast`, nothing imported).
 - `<!-- backbone-table -->`: the backbone registry (`pipeline/core/registry.py`): names,
   sources, patch sizes, channels and layers.
+- `<!-- commands-reference -->`: `python cli.py --help` as it prints, then each command in
+  the group's (pipeline) order through mkdocs-click, followed by its examples (its epilog).
 - `<!-- config-reference -->`: every config key with its meaning, default, allowed values
   and what a change makes stale, from the fields of the config module (`key_docs()`).
 
@@ -79,9 +81,9 @@ def _docs_link(see: str) -> str:
 def config_reference() -> str:
     """Markdown: per config section, each key as a heading (its anchor is the key) with its
     meaning, default, allowed values and what a change makes stale."""
-    from pipeline.core.config import allowed_text, key_docs, toml_literal
+    from pipeline.core.config import Config, allowed_text, key_docs, toml_literal
 
-    out: list[str] = []
+    defaults, out = Config(), []
     section = ""
     for key, doc in key_docs().items():
         if key.split(".")[0] != section:
@@ -89,7 +91,7 @@ def config_reference() -> str:
             out += [f"## `[{section}]`", ""]
         see = f" See {_docs_link(doc.see)}." if doc.see else ""
         out += [f"### `{key}` {{#{key}}}", "", f"{doc.meaning}{see}", "",
-                f"- default: `{toml_literal(doc.default)}`"]
+                f"- default: `{toml_literal(defaults.get(key))}`"]
         allowed = allowed_text(key)
         if allowed:
             out.append(f"- allowed: {allowed}")
@@ -97,15 +99,59 @@ def config_reference() -> str:
     return "\n".join(out)
 
 
+def _command_attribute(command: Any) -> tuple[str, str]:
+    """(module, attribute) under which `command` (a Click command) is importable, for
+    mkdocs-click's `:module:` and `:command:`."""
+    import sys
+
+    module = sys.modules[command.callback.__module__]
+    name = next(n for n, v in vars(module).items() if v is command)
+    return module.__name__, name
+
+
+def _epilog_examples(command: Any) -> list[str]:
+    """The example lines of a command's epilog (`examples(...)`)."""
+    lines = (command.epilog or "").splitlines()
+    return [line.strip() for line in lines if line.strip().startswith("python cli.py")]
+
+
+def commands_reference() -> str:
+    """Markdown: the top-level --help, then per command (in the group's order) mkdocs-click's
+    rendering of its options and its examples."""
+    import click
+
+    from cli import cli
+
+    ctx = click.Context(cli, info_name="python cli.py", terminal_width=88, max_content_width=88)
+    out = ["```text", cli.get_help(ctx), "```", ""]
+    for name in cli.list_commands(ctx):
+        command = cli.get_command(ctx, name)
+        module, attribute = _command_attribute(command)
+        out += ["::: mkdocs-click", f"    :module: {module}", f"    :command: {attribute}",
+                f"    :prog_name: python cli.py {name}", "    :depth: 1", "    :style: plain"]
+        if isinstance(command, click.Group):
+            out.append("    :list_subcommands: true")
+        out.append("")
+        groups = [command, *getattr(command, "commands", {}).values()]
+        for sub in groups:
+            lines = _epilog_examples(sub)
+            if lines:
+                title = "Examples" if sub is command else f"Examples of `{name} {sub.name}`"
+                out += [f"**{title}:**", "", "```bash", *lines, "```", ""]
+    return "\n".join(out)
+
+
 def readme_row(key: str) -> str:
-    """The row of `key` in the README's short table: key, default, meaning."""
-    from pipeline.core.config import key_docs, toml_literal
+    """The row of `key` in the README's short table: key, default, meaning, allowed."""
+    from pipeline.core.config import Config, allowed_text, key_docs, toml_literal
 
     doc = key_docs()[key]
-    return f"| `{key}` | `{toml_literal(doc.default)}` | {doc.meaning} |"
+    allowed = allowed_text(key) or "-"
+    return f"| `{key}` | `{toml_literal(Config().get(key))}` | {doc.meaning} | {allowed} |"
 
 
 MARKERS = {"<!-- code-map -->": code_map, "<!-- backbone-table -->": backbone_table,
+           "<!-- commands-reference -->": commands_reference,
            "<!-- config-reference -->": config_reference}
 
 

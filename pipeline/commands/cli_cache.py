@@ -4,10 +4,12 @@ from __future__ import annotations
 import click
 
 from ..core.config import Config
-from .options import stage_command
+from .options import examples, stage_command
 
 
-@click.group("cache")
+@click.group(
+    "cache", short_help="The feature cache: list its stores, remove unused ones.",
+    epilog=examples("cache list", "cache gc --yes"))
 def cache_group() -> None:
     """The feature cache (paths.cache): its stores, and removing those no run uses."""
 
@@ -19,7 +21,9 @@ def _store_summary(params: dict) -> str:
         ", mirrored" if params.get("mirror") else "")
 
 
-@cache_group.command("list")
+@cache_group.command(
+    "list",
+    epilog=examples("cache list", "cache list --set paths.cache=/data/vit-cache"))
 @stage_command(computes=False)
 def cache_list(cfg: Config) -> None:
     """Each store: backbone and settings, splits (images, dataset), size, the runs using it."""
@@ -38,7 +42,9 @@ def cache_list(cfg: Config) -> None:
         click.echo(f"  runs: {runs}" + (f" ({len(info.gone)} gone)" if info.gone else ""))
 
 
-@cache_group.command("gc")
+@cache_group.command(
+    "gc",
+    epilog=examples("cache gc", "cache gc --yes"))
 @click.option("--yes", is_flag=True, help="Remove them (without it: only list them).")
 @stage_command(computes=False)
 def cache_gc(cfg: Config, yes: bool) -> None:

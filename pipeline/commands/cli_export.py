@@ -7,10 +7,12 @@ from pathlib import Path
 import click
 
 from ..core.config import Config
-from .options import run_option, stage_command
+from .options import examples, run_option, stage_command
 
 
-@click.command("export")
+@click.command(
+    "export", short_help="One torch.export file: uint8 images -> probabilities.",
+    epilog=examples("export", "export --run long --out long.pt2"))
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The .pt2 file [default: <paths.outputs>/<run.name>/model.pt2].")
 @click.option("--height", type=int, default=None,
@@ -23,7 +25,8 @@ from .options import run_option, stage_command
 @stage_command
 def export_model(cfg: Config, force: bool, out_file: Path | None, height: int | None,
                  width: int | None) -> None:
-    """One self-contained torch.export file: uint8 images -> object probability."""
+    """One self-contained torch.export file: uint8 images -> object probability, runnable
+    with torch alone."""
     from .export import run_export
     res = run_export(cfg, out_file, height=height, width=width, force=force, log=click.echo)
     if res.up_to_date:

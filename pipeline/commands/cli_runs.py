@@ -6,10 +6,12 @@ from pathlib import Path
 import click
 
 from ..core.config import Config
-from .options import split_names, stage_command
+from .options import examples, split_names, stage_command
 
 
-@click.command()
+@click.command(
+    short_help="The runs side by side: differing keys and metrics.",
+    epilog=examples("runs", "runs --filter 'run=lr*' --markdown"))
 @click.option("--split", default=None, callback=lambda c, p, v: split_names(v),
               help="Split whose reports to compare [default: each run's own data.test_split, "
                    "as recorded when it was trained].")

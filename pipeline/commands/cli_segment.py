@@ -9,7 +9,7 @@ import click
 
 from ..core.config import Config
 from ..core.progress import plural
-from .options import run_option, stage_command
+from .options import examples, run_option, stage_command
 
 
 def do_segment(cfg: Config, force: bool, paths: tuple[Path, ...], out_dir: Path | None,
@@ -34,7 +34,10 @@ def do_segment(cfg: Config, force: bool, paths: tuple[Path, ...], out_dir: Path 
     return True
 
 
-@click.command()
+@click.command(
+    short_help="Masks for your own image files or folders.",
+    epilog=examples("segment my_photos/",
+                    "segment a.jpg b.png --out masks/ --no-overlays --run long"))
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: <paths.outputs>/<run.name>/segment].")

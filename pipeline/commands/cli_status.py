@@ -4,10 +4,12 @@ from __future__ import annotations
 import click
 
 from ..core.config import Config
-from .options import run_option, split_names, stage_command
+from .options import examples, run_option, split_names, stage_command
 
 
-@click.command()
+@click.command(
+    short_help="One line per stage: up-to-date, stale (why) or missing.",
+    epilog=examples("status", "status --split val --verify"))
 @click.option("--split", default=None, callback=lambda c, p, v: split_names(v),
               help="Split whose predictions to check (default: data.test_split).")
 @click.option("--verify", is_flag=True,
@@ -16,7 +18,7 @@ from .options import run_option, split_names, stage_command
 @run_option(None)
 @stage_command(computes=False)
 def status(cfg: Config, split: str | None, verify: bool) -> None:
-    """One line per stage: up-to-date, stale (why) or missing."""
+    """One line per stage: up-to-date, stale (why) or missing; exit 0."""
     from ..stages.base import Context
     from ..stages.workflow import statuses
     for st in statuses(Context.of(cfg, split, verify)):

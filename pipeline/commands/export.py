@@ -55,7 +55,8 @@ MAX_SIDE = 8192  # largest image side the program accepts
 # convolutions and reshapes branch on size != 1, so a program traced at more than one patch
 # fails on one patch with an obscure guard; backed_size_oblivious tracing moves the problem
 # to a batch of 1. The Dims therefore declare the minimum, and torch refuses a smaller side
-# with "Guard failed: images.size()[2] >= 32" (patch 16), which the meta and README explain.
+# with "Guard failed: images.size()[2] >= 32" (patch 16), which the meta and
+# docs/segment-export.md explain.
 MIN_PATCHES = 2
 MAX_BATCH = 1024
 EXAMPLE_PATCHES = (14, 20)  # default example size for tracing, in patches (height, width)

@@ -48,6 +48,16 @@ def load_run(config_path: str | Path | None, overrides: list[str] | tuple[str, .
     return run.cfg
 
 
+EXAMPLE_PROG = "python cli.py"  # how the examples start (`vit-objseg` works the same)
+
+
+def examples(*command_lines: str) -> str:
+    """A command's epilog: its examples (`command_lines` after the program's name), printed
+    as they are (not rewrapped) at the end of its --help, and under its entry on the docs
+    site's commands page."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {EXAMPLE_PROG} {c}" for c in command_lines)
+
+
 def _fail(message: str, code: int) -> NoReturn:
     """Print `message` as one `error:` line (a library's multi-line text is joined) and exit."""
     one_line = "; ".join(part.strip() for part in message.splitlines() if part.strip())

@@ -82,8 +82,9 @@ register(BackboneSpec(
     max_layers=VIT_S_DEPTH))
 # mobilenet_v2's stride-16 output is features[13] (96 channels); backbone.layers = N adds the
 # outputs of the next N - 1 stages (160, 320 and 1280 channels), kept at stride 16. Its
-# default, 2, was measured with stage 3's report on both shared datasets (README, "Feature
-# layers and TTA, measured"); the ViTs could not be measured offline (no DINO weights): 1.
+# default, 2, was measured with stage 3's report on both shared datasets (benchmarks/
+# RESULTS.md, "Feature layers and flip TTA"); the ViTs could not be measured offline (no DINO
+# weights): 1.
 register(BackboneSpec(
     "mobilenet_v2", "cnn", 16, 96, "torchvision:mobilenet_v2", "torchvision:mobilenet_v2",
     "a torchvision mobilenet_v2 state dict (.pth)",

@@ -1,20 +1,26 @@
 """Typed TOML configuration: defaults, a config file, and `--set key=value` overrides.
 
-Every key has a default in ``schema`` (the one place for them, one dataclass per section); a
-config file and `--set` may only override known keys, with values of the default's type (ints
-are accepted for floats) and, where listed in CHOICES, one of the allowed values. Every numeric
-key has a fixed range in RANGES (the same on every machine, so a recorded config validates
+Every key has a default in ``schema`` (the one place for them, one dataclass per section),
+declared with ``meta.key`` together with its meaning, what it allows and what a change makes
+stale. A config file and `--set` may only override known keys, with values of the default's
+type (ints are accepted for floats) and, where the field declares choices, one of them. Every
+numeric key declares a fixed range (the same on every machine, so a recorded config validates
 anywhere): a non-finite or out-of-range value is a one-line ConfigError before any work.
 
-    schema.py   the fields: sections, keys, defaults (Config)
-    rules.py    what a value may be: CHOICES, RANGES, devices, paths, names (validate)
+    meta.py     a field's documentation (KeyDoc, key), Range, the words the rules use
+    schema.py   the fields: sections, keys, defaults, documentation (Config, key_docs)
+    rules.py    what a value may be, read from the fields: CHOICES, RANGES, devices, paths,
+                names (validate, allowed_text)
+    explain.py  `config show --explain KEY`
     load.py     a TOML file, a recorded config and --set overrides into a Config
     writing.py  config tables as TOML
 """
 from __future__ import annotations
 
 from ..errors import ConfigError
+from .explain import explain
 from .load import config_from_dict, copy_config, load_config, parse_set
+from .meta import KeyDoc, key
 from .rules import (
     CHOICES,
     DASK_LOCAL_WORKERS,
@@ -24,6 +30,7 @@ from .rules import (
     PATH_KEYS,
     RANGES,
     Range,
+    allowed_text,
     check_name,
 )
 from .schema import (
@@ -38,11 +45,13 @@ from .schema import (
     TrainCfg,
     UpsamplerCfg,
     all_keys,
+    key_docs,
 )
 from .writing import to_toml, toml_literal, toml_text
 
 __all__ = ["ConfigError", "Config", "RunCfg", "PathsCfg", "DataCfg", "BackboneCfg",
            "ExtractCfg", "TrainCfg", "UpsamplerCfg", "PredictCfg", "DaskCfg", "all_keys",
+           "key_docs", "KeyDoc", "key", "allowed_text", "explain",
            "CHOICES", "RANGES", "Range", "LIST_LENGTHS", "ODD", "DASK_LOCAL_WORKERS",
            "DEVICE_HELP", "PATH_KEYS", "check_name", "load_config", "parse_set",
            "config_from_dict", "copy_config", "toml_literal", "toml_text", "to_toml"]

@@ -4,94 +4,51 @@ recorded config validates anywhere), the form of devices, paths, names and the D
 A value that breaks a rule is a one-line ConfigError naming the key, before any work."""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..registry import list_backbones, most_layers
-from .schema import Config
+from .meta import DASK_HELP, DASK_LOCAL_WORKERS, DEVICE_HELP, NAME_HELP, Range
+from .schema import Config, key_docs
 
 __all__ = ["DEVICE_HELP", "CHOICES", "Range", "RANGES", "LIST_LENGTHS", "ODD",
-           "DASK_LOCAL_WORKERS", "PATH_KEYS", "check_range", "check_name", "validate", "home"]
+           "DASK_LOCAL_WORKERS", "PATH_KEYS", "allowed_text", "check_range", "check_name",
+           "validate", "home"]
 
-DEVICE_HELP = '"auto", "cpu", "cuda" or "cuda:N"'
-
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.layout": ("obj_seg", "davis2016"),
-    "backbone.name": tuple(list_backbones()),  # the backbone registry's names
-    "extract.precision": ("auto", "fp32", "bf16", "fp16"),
-    "extract.feature_dtype": ("float16", "float32"),
-    "extract.fit": ("crop", "pad"),
-    "upsampler.guide": ("rgb", "learned"),
-    "predict.tta": ("none", "flip"),
-}
-
-
-@dataclass(frozen=True)
-class Range:
-    """The allowed values of a numeric key: lo..hi, each end included unless marked open.
-    Integer keys use closed ranges; float keys must also be finite."""
-    lo: float
-    hi: float
-    lo_open: bool = False
-    hi_open: bool = False
-
-    def __contains__(self, value: float) -> bool:
-        """Whether `value` (finite, for a float) lies in the range."""
-        if isinstance(value, float) and not math.isfinite(value):
-            return False
-        above = value > self.lo if self.lo_open else value >= self.lo
-        below = value < self.hi if self.hi_open else value <= self.hi
-        return above and below
-
-    def describe(self, integer: bool) -> str:
-        """`an integer in 0..256` or `a finite number in (0, 10]`."""
-        if integer:
-            return f"an integer in {self.lo}..{self.hi}"
-        return (f"a finite number in {'(' if self.lo_open else '['}{self.lo:g}, "
-                f"{self.hi:g}{')' if self.hi_open else ']'}")
+# The rules each field declares with its documentation (schema, meta.key): one source for
+# what is enforced here and what the docs, `config show --explain` and the errors say.
+# Ranges are fixed, not derived from this machine's cores or memory: a recorded config is
+# re-validated on another machine.
+_DOCS = key_docs()
+CHOICES: dict[str, tuple[str, ...]] = {k: d.choices for k, d in _DOCS.items() if d.choices}
+# every numeric key's range (for a list key, of each entry; LIST_LENGTHS bounds the entries)
+RANGES: dict[str, Range] = {k: d.range for k, d in _DOCS.items() if d.range is not None}
+LIST_LENGTHS: dict[str, Range] = {k: d.length for k, d in _DOCS.items() if d.length is not None}
+ODD = {k for k, d in _DOCS.items() if d.odd}
 
 
-# Every numeric key's fixed range (for upsampler.channels: of each entry; LIST_LENGTHS bounds
-# the number of entries). Fixed, not derived from this machine's cores or memory: a recorded
-# config is re-validated on another machine.
-RANGES: dict[str, Range] = {
-    "run.threads": Range(0, 256),
-    "data.max_pixels": Range(1, 2**31 - 1),
-    "backbone.layers": Range(0, most_layers()),  # 0 = the backbone's default (registry)
-    "extract.batch_size": Range(1, 4096),
-    "extract.num_workers": Range(0, 64),
-    "train.lr": Range(0, 10, lo_open=True),
-    "train.linear_lr": Range(0, 10, lo_open=True),
-    "train.epochs": Range(1, 100_000),
-    "train.linear_epochs": Range(0, 100_000),
-    "train.batch_size": Range(1, 4096),
-    "train.crop": Range(0, 8192),
-    "train.weight_decay": Range(0, 10),
-    "train.boundary_weight": Range(0, 1000),
-    "train.seed": Range(0, 2**32 - 1),
-    # the PAC stages run at up to full resolution: beyond these, one training epoch of a
-    # 480p dataset takes minutes and its checkpoint a GB (1024 channels, 15 x 15: 1 GB)
-    "upsampler.hidden": Range(1, 256),
-    "upsampler.channels": Range(1, 256),
-    "upsampler.kernel_size": Range(1, 11),
-    "upsampler.guide_channels": Range(1, 64),
-    "predict.batch_size": Range(1, 4096),
-    "predict.threshold": Range(0, 1, lo_open=True, hi_open=True),
-    "predict.thumbnails": Range(0, 100),
-}
+def _list_rule(key: str) -> str:
+    """The rule of a list key in words: "1 to 8 integers, each in 1..256, the last 1"."""
+    length, rng = LIST_LENGTHS[key], RANGES[key]
+    return f"{length.lo} to {length.hi} integers, each in {rng.lo}..{rng.hi}, the last 1"
 
 
-LIST_LENGTHS: dict[str, Range] = {"upsampler.channels": Range(1, 8)}
+def _range_rule(key: str) -> str:
+    """The range of a numeric key in words: "an odd integer in 1..11", "a finite number in
+    (0, 10]"."""
+    what = RANGES[key].describe(integer=not isinstance(Config().get(key), float))
+    return what.replace("an integer", "an odd integer") if key in ODD else what
 
 
-ODD = {"upsampler.kernel_size"}
-
-
-DASK_LOCAL_WORKERS = Range(1, 256)  # N of dask.scheduler = "local:N"
+def allowed_text(key: str) -> str:
+    """What `key` allows, in the words of its errors ("" for a free value, e.g. a bool)."""
+    if key in LIST_LENGTHS:
+        return _list_rule(key)
+    if key in RANGES:
+        return _range_rule(key)
+    if key in CHOICES:
+        return f"one of {', '.join(CHOICES[key])}"
+    return _DOCS[key].allowed if key in _DOCS else ""
 
 
 def _digits(text: str) -> bool:
@@ -101,7 +58,7 @@ def _digits(text: str) -> bool:
 
 def check_range(key: str, value: Any, where: str = "") -> None:
     """ConfigError (one line naming the key, the value and the range) unless `value` is in
-    RANGES[key] (a list: its length in LIST_LENGTHS[key], each entry in range)."""
+    RANGES[key] (a list: its length in LIST_LENGTHS[key], each entry in range, the last 1)."""
     rng = RANGES.get(key)
     if rng is None:
         return
@@ -109,16 +66,10 @@ def check_range(key: str, value: Any, where: str = "") -> None:
         length = LIST_LENGTHS[key]
         if not (value and len(value) in length and all(v in rng for v in value)
                 and value[-1] == 1):
-            raise ConfigError(
-                f"bad value for {key}{where}: {value!r} ({length.lo} to {length.hi} integers, "
-                f"each in {rng.lo}..{rng.hi}, the last 1)")
+            raise ConfigError(f"bad value for {key}{where}: {value!r} ({_list_rule(key)})")
         return
-    odd = key in ODD
-    if value not in rng or (odd and value % 2 == 0):
-        what = rng.describe(integer=not isinstance(Config().get(key), float))
-        if odd:
-            what = what.replace("an integer", "an odd integer")
-        raise ConfigError(f"bad value for {key}{where}: {value!r} ({what})")
+    if value not in rng or (key in ODD and value % 2 == 0):
+        raise ConfigError(f"bad value for {key}{where}: {value!r} ({_range_rule(key)})")
 
 
 def _check_devices(cfg: Config) -> None:
@@ -151,10 +102,7 @@ def _check_scheduler(cfg: Config) -> None:
     if sched and not (sched.startswith(("tcp://", "tls://", "inproc://"))
                       or (sched.startswith("local:") and _digits(sched[6:])
                           and int(sched[6:]) in DASK_LOCAL_WORKERS)):
-        n = DASK_LOCAL_WORKERS
-        raise ConfigError(
-            f"bad value for dask.scheduler: {sched!r} (\"\", \"local:N\" with N in "
-            f"{n.lo}..{n.hi}, or \"tcp://host:port\")")
+        raise ConfigError(f"bad value for dask.scheduler: {sched!r} ({DASK_HELP})")
 
 
 def validate(cfg: Config) -> None:
@@ -163,8 +111,7 @@ def validate(cfg: Config) -> None:
     one plain folder name, a bad dask.scheduler, a `~user` that cannot be expanded."""
     for key, allowed in CHOICES.items():
         if cfg.get(key) not in allowed:
-            raise ConfigError(
-                f"bad value for {key}: {cfg.get(key)!r} (one of {', '.join(allowed)})")
+            raise ConfigError(f"bad value for {key}: {cfg.get(key)!r} ({allowed_text(key)})")
     for key in RANGES:
         check_range(key, cfg.get(key))
     _check_devices(cfg)
@@ -181,8 +128,7 @@ def check_name(what: str, name: str) -> str:
     leading `.` or an absolute path would write elsewhere."""
     if (not name or "/" in name or "\\" in name or "\0" in name or name.startswith(".")
             or name != name.strip()):
-        raise ConfigError(f"bad value for {what}: {name!r} (a plain folder name: no '/', "
-                          "no leading '.', no surrounding spaces)")
+        raise ConfigError(f"bad value for {what}: {name!r} ({NAME_HELP})")
     return name
 
 
