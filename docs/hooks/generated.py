@@ -59,15 +59,16 @@ def backbone_table() -> str:
     """Markdown: one row per registered backbone."""
     from pipeline.core.registry import specs
 
-    rows = ["| `backbone.name` | from | patch (stride) | channels | `backbone.layers` |",
-            "|---|---|---:|---|---|"]
+    rows = ["| name | from | patch | channels | layers | 0 means |",
+            "|---|---|---:|---|---:|---:|"]
     for spec in specs():
         if spec.kind == "vit":
-            channels = f"{spec.embed_dim} per block"
+            channels = f"{spec.embed_dim} a block"
         else:
-            channels = " + ".join(str(c) for c in spec.tap_channels) + " (one per layer)"
-        rows.append(f"| `{spec.name}` | `{spec.source}` | {spec.patch_size} | {channels} | "
-                    f"1 to {spec.max_layers}; 0 = {spec.default_layers} |")
+            channels = " + ".join(str(c) for c in spec.tap_channels)
+        rows.append(f"| `{spec.name}` | {spec.source.split(':')[0]} | {spec.patch_size} | "
+                    f"{channels} | "
+                    f"1 to {spec.max_layers} | {spec.default_layers} |")
     return "\n".join(rows)
 
 
