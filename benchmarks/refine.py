@@ -35,7 +35,31 @@ from pipeline.data.dataset import Box, from_canvas, to_canvas  # noqa: E402
 from pipeline.metrics.masks import aggregate, image_stats  # noqa: E402
 from pipeline.models.refine import dense_crf, guided_filter  # noqa: E402
 
-REFINERS: dict[str, Callable[..., torch.Tensor]] = {"crf": dense_crf, "guided": guided_filter}
+
+def pydensecrf_reference(prob: torch.Tensor, image: torch.Tensor, *, iterations: int = 5,
+                         appearance_weight: float = 10.0, appearance_xy: float = 80.0,
+                         appearance_rgb: float = 13.0, smoothness_weight: float = 3.0,
+                         smoothness_xy: float = 3.0) -> torch.Tensor:
+    """The compiled fully connected CRF (pydensecrf2; only where installed, never a
+    dependency), on the same unary, for comparison: the weights are its Potts `compat`s
+    (its kernels are normalised per pixel, so they do not mean what dense_crf's weights do)."""
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    p = prob[0, 0].double().numpy()
+    rgb = np.ascontiguousarray(image[0].permute(1, 2, 0).numpy().astype(np.uint8))
+    H, W = p.shape
+    crf = dcrf.DenseCRF2D(W, H, 2)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(np.stack([1 - p, p]), clip=1e-5)))
+    crf.addPairwiseGaussian(sxy=smoothness_xy, compat=smoothness_weight)
+    crf.addPairwiseBilateral(sxy=appearance_xy, srgb=appearance_rgb, rgbim=rgb,
+                             compat=appearance_weight)
+    q = np.array(crf.inference(iterations))[1].reshape(H, W)
+    return torch.from_numpy(q).float()[None, None]
+
+
+REFINERS: dict[str, Callable[..., torch.Tensor]] = {"crf": dense_crf, "guided": guided_filter,
+                                                    "pydensecrf": pydensecrf_reference}
 
 
 PER_IMAGE = ("canvas", "gt", "pac", "bilinear")  # arrays whose shape may differ between images
@@ -123,7 +147,10 @@ def score(data: dict[str, np.ndarray], source: str, refiner: str, kwargs: dict,
         cat, stem = str(name).split("/", 1)
         stats.append(image_stats(mask, gt, cat, stem))
     m = aggregate(stats)
-    return {"source": source, "refiner": refiner, "kwargs": kwargs, "threshold": threshold,
+    cats = sorted({s.category for s in stats})
+    per_category = {c: {k: aggregate([s for s in stats if s.category == c])[k]
+                        for k in ("j_mean", "boundary_f")} for c in cats}
+    return {"per_category": per_category, "source": source, "refiner": refiner, "kwargs": kwargs, "threshold": threshold,
             "miou": m["miou"], "j_mean": m["j_mean"], "boundary_f": m["boundary_f"],
             "precision": m["precision"], "recall": m["recall"], "n_images": m["n_images"],
             "cpu_s_per_image": seconds / len(stats)}
@@ -141,6 +168,9 @@ def cmd_score(args: argparse.Namespace) -> None:
                       f"mIoU {row['miou']:.4f} J {row['j_mean']:.4f} F {row['boundary_f']:.4f}"
                       f" P {row['precision']:.3f} R {row['recall']:.3f} "
                       f"cpu {row['cpu_s_per_image']:.2f} s", flush=True)
+                if args.per_category:
+                    print("    " + "  ".join(f"{c} {m['j_mean']:.3f}/{m['boundary_f']:.3f}"
+                                           for c, m in row["per_category"].items()))
                 if args.json:
                     with open(args.json, "a") as fh:
                         fh.write(json.dumps(row) + "\n")
@@ -181,6 +211,7 @@ def main() -> None:
     s.add_argument("--threshold", default="0.5")
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--json", default=None)
+    s.add_argument("--per-category", action="store_true", help="also J / F per category")
     t = sub.add_parser("time")
     t.add_argument("--grid", action="append")
     t.add_argument("--threads", type=int, default=2)

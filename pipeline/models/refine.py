@@ -269,7 +269,8 @@ def dense_crf(prob: torch.Tensor, image: torch.Tensor, *, iterations: int = 5,
               appearance_weight: float = 4.0, appearance_xy: float = 40.0,
               appearance_rgb: float = 13.0, smoothness_weight: float = 1.0,
               smoothness_xy: float = 3.0, kernel_size: int = 5,
-              dilations: Sequence[int] = (1, 4, 16), scale: int = 1) -> torch.Tensor:
+              dilations: Sequence[int] = (1, 4, 16), scale: int = 1,
+              unary_scale: float = 1.0) -> torch.Tensor:
     """Object probabilities after mean-field inference in the dense CRF whose unary is
     -log(prob) and whose Potts pairwise weight between pixels i and j is
 
@@ -287,6 +288,9 @@ def dense_crf(prob: torch.Tensor, image: torch.Tensor, *, iterations: int = 5,
     `scale` > 1: inference on the image and the probabilities reduced by `scale` (block
     means; lengths in pixels stay those of the full-resolution image), and the CRF's change
     of the logits, upsampled bilinearly, added to the full-resolution unary.
+    `unary_scale`: the unary is unary_scale * log(p / (1 - p)) (a temperature: below 1 the
+    pairwise terms weigh more against it); the result is the input's logit plus the CRF's
+    change over unary_scale, so where the CRF changes nothing the probability is the input's.
     `iterations` 0 returns `prob` (clipped to [EPS, 1 - EPS]).
     """
     dtype = _check(prob, image)
@@ -299,12 +303,15 @@ def dense_crf(prob: torch.Tensor, image: torch.Tensor, *, iterations: int = 5,
                         ("smoothness_weight", smoothness_weight)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    _positive("unary_scale", unary_scale)
     offsets = crf_offsets(kernel_size, dilations)
     size = (prob.shape[-2], prob.shape[-1])
     unary = _logit(prob.to(dtype))
     if iterations == 0 or (appearance_weight == 0 and smoothness_weight == 0):
         return torch.sigmoid(unary).to(prob.dtype)
     low_unary = _logit(_downsample(prob.to(dtype), scale)) if scale > 1 else unary
+    if unary_scale != 1.0:
+        low_unary = low_unary * unary_scale
     guide = _downsample(image.to(dtype), scale) / appearance_rgb
     kernel = _AppearanceKernel(guide, offsets, appearance_xy / scale) \
         if appearance_weight > 0 else None
@@ -319,4 +326,6 @@ def dense_crf(prob: torch.Tensor, image: torch.Tensor, *, iterations: int = 5,
         if smoothness_weight > 0:
             message.add_(_gaussian_message(m, smoothness_xy / scale), alpha=smoothness_weight)
         q = torch.sigmoid(low_unary + message)
+    if unary_scale != 1.0:
+        message.div_(unary_scale)
     return torch.sigmoid(unary + _upsample(message, size)).to(prob.dtype)
