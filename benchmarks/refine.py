@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.data.dataset import Box, from_canvas, to_canvas  # noqa: E402
+from pipeline.data.canvas import Box, from_canvas, to_canvas  # noqa: E402
 from pipeline.metrics.masks import aggregate, image_stats  # noqa: E402
 from pipeline.models.refine import dense_crf, guided_filter  # noqa: E402
 
@@ -73,16 +73,20 @@ def _objects(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def cmd_probs(args: argparse.Namespace) -> None:
+    from pipeline.core.layout import RunLayout
     from pipeline.inference import checked_models
+    from pipeline.models.devices import config_keys
     from pipeline.models.heads import upsample_logits
     from pipeline.runconfig import read_record
-    from pipeline.store.feature_store import FeatureStore
+    from pipeline.store import FeatureStore
 
     cfg, _ = read_record(Path(args.run))
-    store = FeatureStore.open(cfg, args.split)
+    keys = config_keys(cfg)
+    store = FeatureStore.open(cfg.paths.cache, keys.feature, keys.data, args.split)
     rows: dict[str, list] = {k: [] for k in ("canvas", "gt", "pac", "bilinear", "box", "size",
                                              "name")}
-    with checked_models(cfg, "cpu") as models, torch.inference_mode():
+    with checked_models(RunLayout(Path(args.run)), keys, cfg.paths.cache, "cpu") as models, \
+            torch.inference_mode():
         for meta in store.items:
             if not meta.annotated:
                 continue
@@ -150,7 +154,8 @@ def score(data: dict[str, np.ndarray], source: str, refiner: str, kwargs: dict,
     cats = sorted({s.category for s in stats})
     per_category = {c: {k: aggregate([s for s in stats if s.category == c])[k]
                         for k in ("j_mean", "boundary_f")} for c in cats}
-    return {"per_category": per_category, "source": source, "refiner": refiner, "kwargs": kwargs, "threshold": threshold,
+    return {"per_category": per_category, "source": source, "refiner": refiner,
+            "kwargs": kwargs, "threshold": threshold,
             "miou": m["miou"], "j_mean": m["j_mean"], "boundary_f": m["boundary_f"],
             "precision": m["precision"], "recall": m["recall"], "n_images": m["n_images"],
             "cpu_s_per_image": seconds / len(stats)}
