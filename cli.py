@@ -3,6 +3,7 @@
 
 Run `python cli.py --help`, or `python cli.py demo` for an offline end-to-end example.
 """
+
 from __future__ import annotations
 
 import sys
@@ -38,8 +39,10 @@ class InOrder(click.Group):
 
 
 @click.group(
-    cls=InOrder, context_settings={"help_option_names": ["-h", "--help"]},
-    epilog=examples("demo", "run --set data.root=data/obj_seg"))
+    cls=InOrder,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=examples("demo", "run --set data.root=data/obj_seg"),
+)
 @click.version_option(package_name="vit-objseg", prog_name="vit-objseg")
 def cli() -> None:
     """Binary object segmentation from frozen self-supervised ViT features.
@@ -53,53 +56,76 @@ def cli() -> None:
 
 
 @cli.command(
-    "extract-features", short_help="Stage 1: cache the backbone features of every split.",
-    epilog=examples("extract-features", "extract-features --split train --set backbone.layers=2"))
+    "extract-features",
+    short_help="Stage 1: cache the backbone features of every split.",
+    epilog=examples("extract-features", "extract-features --split train --set backbone.layers=2"),
+)
 @scheduler_option
-@click.option("--split", "splits", multiple=True, callback=lambda c, p, v: split_names(v),
-              help="Split(s) to extract (default: all).")
+@click.option(
+    "--split",
+    "splits",
+    multiple=True,
+    callback=lambda c, p, v: split_names(v),
+    help="Split(s) to extract (default: all).",
+)
 @stage_command
 def extract_features(cfg: Config, force: bool, splits: tuple[str, ...]) -> None:
     """Stage 1: images -> backbone patch features in the HDF5 cache (all splits by default)."""
     from pipeline.stages.extract import run_extract
+
     sys.exit(0 if echo_outcome(run_extract(cfg, splits, force=force, progress=True)) else 1)
 
 
 @cli.command(
-    "train-head", short_help="Stage 2: train the linear head and the PAC upsampler.",
-    epilog=examples("train-head", "train-head --set run.name=long --set train.epochs=40"))
+    "train-head",
+    short_help="Stage 2: train the linear head and the PAC upsampler.",
+    epilog=examples("train-head", "train-head --set run.name=long --set train.epochs=40"),
+)
 @run_option("train")
 @stage_command
 def train_head(cfg: Config, force: bool) -> None:
     """Stage 2: train the linear head and the PAC upsampler from the cache."""
     from pipeline.stages.train import run_train
+
     echo_outcome(run_train(cfg, force=force))
 
 
 @cli.command(
     short_help="Stage 3: masks and reports (IoU, J, F) for a split.",
-    epilog=examples("predict --split test", "predict --run long --set predict.threshold=0.3"))
+    epilog=examples("predict --split test", "predict --run long --set predict.threshold=0.3"),
+)
 @scheduler_option
-@click.option("--split", default=None, callback=lambda c, p, v: split_names(v),
-              help="Split to predict (default: data.test_split).")
+@click.option(
+    "--split",
+    default=None,
+    callback=lambda c, p, v: split_names(v),
+    help="Split to predict (default: data.test_split).",
+)
 @run_option("use")
 @stage_command
 def predict(cfg: Config, force: bool, split: str | None) -> None:
     """Stage 3: masks for a split, plus the IoU / J / F reports (JSON, Markdown, HTML)."""
     from pipeline.stages.predict import run_predict
+
     echo_outcome(run_predict(cfg, split or cfg.data.test_split, force=force))
 
 
 @cli.command(
     short_help="All three stages in order, each skipped when up to date.",
-    epilog=examples("run", "run --set data.layout=davis2016 --set data.test_split=val"))
+    epilog=examples("run", "run --set data.layout=davis2016 --set data.test_split=val"),
+)
 @scheduler_option
-@click.option("--split", default=None, callback=lambda c, p, v: split_names(v),
-              help="Split to predict (default: data.test_split).")
+@click.option(
+    "--split",
+    default=None,
+    callback=lambda c, p, v: split_names(v),
+    help="Split to predict (default: data.test_split).",
+)
 @stage_command
 def run(cfg: Config, force: bool, split: str | None) -> None:
     """All three stages in order, each skipped when up-to-date."""
     from pipeline.stages.workflow import run_all
+
     ok = [echo_outcome(outcome) for outcome in run_all(cfg, split or cfg.data.test_split, force)]
     sys.exit(0 if all(ok) else 1)
 
@@ -110,25 +136,36 @@ for command in (status, segment, export_model, runs):
 
 
 @cli.group(
-    "config", cls=InOrder, short_help="The effective configuration, or one key explained.",
-    epilog=examples("config show > mine.toml", "config show --explain train.lr"))
+    "config",
+    cls=InOrder,
+    short_help="The effective configuration, or one key explained.",
+    epilog=examples("config show > mine.toml", "config show --explain train.lr"),
+)
 def config_group() -> None:
     """Inspect the effective configuration."""
 
 
 @config_group.command(
     "show",
-    epilog=examples("config show --set train.lr=1e-3 > mine.toml",
-                    "config show --explain data.max_pixels"))
-@click.option("--explain", "explain_key", default=None, metavar="KEY",
-              help="Explain one key instead: its meaning, value, default, what it allows and "
-                   "what a change makes stale.")
+    epilog=examples(
+        "config show --set train.lr=1e-3 > mine.toml", "config show --explain data.max_pixels"
+    ),
+)
+@click.option(
+    "--explain",
+    "explain_key",
+    default=None,
+    metavar="KEY",
+    help="Explain one key instead: its meaning, value, default, what it allows and "
+    "what a change makes stale.",
+)
 @run_option(None)
 @stage_command(computes=False)
 def config_show(cfg: Config, explain_key: str | None) -> None:
     """Print the effective config (file + --set) as TOML, to save and edit (it loads back
     equal); with --explain KEY, what that key means."""
     from pipeline.core.config import explain, to_toml
+
     if explain_key is not None:
         click.echo(guarded(explain, explain_key, cfg))
         return
@@ -140,11 +177,22 @@ cli.add_command(cache_group)
 
 @cli.command(
     short_help="Offline example: a generated dataset through all stages.",
-    epilog=examples("demo", "demo --force"))
-@click.option("--config", "config_path", default=str(DEFAULT_CONFIG.parent / "demo.toml"),
-              show_default=True, help="TOML config file of the demo.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key (a TOML literal, or a bare string); repeatable.")
+    epilog=examples("demo", "demo --force"),
+)
+@click.option(
+    "--config",
+    "config_path",
+    default=str(DEFAULT_CONFIG.parent / "demo.toml"),
+    show_default=True,
+    help="TOML config file of the demo.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key (a TOML literal, or a bare string); repeatable.",
+)
 @click.option("--force", is_flag=True, help="Recompute every stage even when up-to-date.")
 def demo(config_path: str, overrides: tuple[str, ...], force: bool) -> None:
     """Offline example: generate a small dataset and run all stages on it (with
@@ -153,6 +201,7 @@ def demo(config_path: str, overrides: tuple[str, ...], force: bool) -> None:
     from pipeline.core.owned import claim_folder
     from pipeline.data.synth import make_dataset
     from pipeline.store import CACHE_LEGACY
+
     cfg = guarded(load_config, config_path, overrides)
     root = Path(cfg.data.root)
     if not (root / "train").is_dir() and not (root / "ImageSets").is_dir():
@@ -172,8 +221,11 @@ def demo(config_path: str, overrides: tuple[str, ...], force: bool) -> None:
         if e.code:
             raise
     from pipeline.core.layout import RunLayout
-    click.echo(f"demo: done in {time.perf_counter() - t0:.1f} s; open "
-               f"{RunLayout.of(cfg).report(cfg.data.test_split, '.html')}")
+
+    click.echo(
+        f"demo: done in {time.perf_counter() - t0:.1f} s; open "
+        f"{RunLayout.of(cfg).report(cfg.data.test_split, '.html')}"
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ of the machine's load hits both alike; the medians are reported, with the 1-minu
 average before and after every run. Writes its section of benchmarks/RESULTS.md (replacing an
 earlier one of this script) and prints a JSON summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,28 +54,50 @@ def one_run(dataset: str, scheduler: str, cores: int, work: Path) -> dict:
     of the whole command and the stage's own seconds (its "N images in X s" line)."""
     root, layout = DATASETS[dataset]
     cache = Path(tempfile.mkdtemp(prefix="cache-", dir=work))
-    cmd = [sys.executable, str(ROOT / "cli.py"), "extract-features",
-           "--set", f"data.root={root}", "--set", f"data.layout={layout}",
-           "--set", "backbone.name=mobilenet_v2", "--set", f"backbone.weights={WEIGHTS}",
-           "--set", f"paths.cache={cache}", "--set", f"paths.outputs={work / 'outputs'}",
-           "--set", f"run.threads={cores}", "--set", f"dask.scheduler={scheduler}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "extract-features",
+        "--set",
+        f"data.root={root}",
+        "--set",
+        f"data.layout={layout}",
+        "--set",
+        "backbone.name=mobilenet_v2",
+        "--set",
+        f"backbone.weights={WEIGHTS}",
+        "--set",
+        f"paths.cache={cache}",
+        "--set",
+        f"paths.outputs={work / 'outputs'}",
+        "--set",
+        f"run.threads={cores}",
+        "--set",
+        f"dask.scheduler={scheduler}",
+    ]
     before = load1()
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    found = re.findall(r"extract-features: [\d,]+ images? in ([\d.]+) s",
-                       p.stdout + p.stderr)
+    found = re.findall(r"extract-features: [\d,]+ images? in ([\d.]+) s", p.stdout + p.stderr)
     stage = float(found[-1]) if found else float("nan")
     subprocess.run(["rm", "-rf", str(cache)], check=False)
-    return {"dataset": dataset, "scheduler": scheduler or "local", "wall_s": round(wall, 2),
-            "stage_s": stage, "load_before": round(before, 2), "load_after": round(load1(), 2)}
+    return {
+        "dataset": dataset,
+        "scheduler": scheduler or "local",
+        "wall_s": round(wall, 2),
+        "stage_s": stage,
+        "load_before": round(before, 2),
+        "load_after": round(load1(), 2),
+    }
 
 
 def count_images(dataset: str) -> int:
     sys.path.insert(0, str(ROOT))
     from pipeline.data import list_items, list_splits
+
     root, layout = DATASETS[dataset]
     return sum(len(list_items(root, layout, s)[0]) for s in list_splits(root, layout))
 
@@ -91,12 +114,21 @@ def summarise(runs: list[dict], sizes: dict[str, int]) -> dict:
     for sched in sorted({r["scheduler"] for r in runs}):
         res: dict = {}
         for key in ("wall_s", "stage_s"):
-            pts = [(sizes[d], statistics.median(r[key] for r in runs
-                                                if r["scheduler"] == sched and r["dataset"] == d))
-                   for d in DATASETS]
+            pts = [
+                (
+                    sizes[d],
+                    statistics.median(
+                        r[key] for r in runs if r["scheduler"] == sched and r["dataset"] == d
+                    ),
+                )
+                for d in DATASETS
+            ]
             fixed, per_image = fit(pts)
-            res[key] = {"medians": {d: t for d, (_, t) in zip(DATASETS, pts, strict=True)},
-                        "fixed_s": round(fixed, 2), "per_image_ms": round(per_image * 1e3, 1)}
+            res[key] = {
+                "medians": {d: t for d, (_, t) in zip(DATASETS, pts, strict=True)},
+                "fixed_s": round(fixed, 2),
+                "per_image_ms": round(per_image * 1e3, 1),
+            }
         out[sched] = res
     return out
 
@@ -108,7 +140,7 @@ def paired_overheads(runs: list[dict], sizes: dict[str, int], dask: str) -> list
     d0, d1 = DATASETS
     out = []
     for k in range(len(runs) // 4):
-        rep = {(r["dataset"], r["scheduler"]): r["wall_s"] for r in runs[4 * k:4 * k + 4]}
+        rep = {(r["dataset"], r["scheduler"]): r["wall_s"] for r in runs[4 * k : 4 * k + 4]}
         slope = {s: (rep[(d1, s)] - rep[(d0, s)]) / (n1 - n0) for s in ("local", dask)}
         out.append(slope[dask] / slope["local"] - 1)
     return out
@@ -123,11 +155,15 @@ def render(summary: dict, runs: list[dict], sizes: dict[str, int], args, command
     rows = []
     for sched, res in summary.items():
         w, s = res["wall_s"], res["stage_s"]
-        rows.append(f"| {sched} | " + " | ".join(f"{w['medians'][d]:.1f}" for d in DATASETS)
-                    + f" | {w['fixed_s']:.1f} | {w['per_image_ms']:.1f} | {s['fixed_s']:.1f} |"
-                    f" {s['per_image_ms']:.1f} |")
+        rows.append(
+            f"| {sched} | "
+            + " | ".join(f"{w['medians'][d]:.1f}" for d in DATASETS)
+            + f" | {w['fixed_s']:.1f} | {w['per_image_ms']:.1f} | {s['fixed_s']:.1f} |"
+            f" {s['per_image_ms']:.1f} |"
+        )
     lines = [
-        HEADING, "",
+        HEADING,
+        "",
         f"- date: {datetime.now(UTC).isoformat(timespec='seconds')}",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}",
@@ -143,24 +179,30 @@ def render(summary: dict, runs: list[dict], sizes: dict[str, int], args, command
         "decodes or writes while another is in the forward)",
         "",
         "Fixed = intercept (a run of 0 images: interpreter, imports, cluster start, model "
-        "loads), per image = slope between the two sizes. \"stage\" columns: the stage's own "
+        'loads), per image = slope between the two sizes. "stage" columns: the stage\'s own '
         "time (its log line; without the interpreter's start and imports).",
         "",
         "| scheduler | obj_seg wall s | davis wall s | fixed s | per image ms "
         "| stage fixed s | stage per image ms |",
         "|---|---:|---:|---:|---:|---:|---:|",
-        *rows, "",
+        *rows,
+        "",
         f"Per-image overhead of `local:{args.workers}` against in-process: {over * 100:+.1f} % "
         f"(target at most {TARGET * 100:.0f} %: {'met' if over <= TARGET else 'missed'}); "
         f"fixed start-up {dask['fixed_s'] - local['fixed_s']:+.1f} s. Per repeat (its own four "
-        "runs, close in time): " + ", ".join(f"{p * 100:+.1f} %" for p in paired)
+        "runs, close in time): "
+        + ", ".join(f"{p * 100:+.1f} %" for p in paired)
         + f" (median {statistics.median(paired) * 100:+.1f} %).",
         "",
-        "Every run:", "",
+        "Every run:",
+        "",
         "| dataset | scheduler | wall s | stage s | load before | load after |",
         "|---|---|---:|---:|---:|---:|",
-        *[f"| {r['dataset']} | {r['scheduler']} | {r['wall_s']:.1f} | {r['stage_s']:.1f} | "
-          f"{r['load_before']:.1f} | {r['load_after']:.1f} |" for r in runs],
+        *[
+            f"| {r['dataset']} | {r['scheduler']} | {r['wall_s']:.1f} | {r['stage_s']:.1f} | "
+            f"{r['load_before']:.1f} | {r['load_after']:.1f} |"
+            for r in runs
+        ],
     ]
     return "\n".join(lines) + "\n"
 
@@ -173,7 +215,7 @@ def write_section(path: Path, section: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     else:
         end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
+        text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
     path.write_text(text)
 
 
@@ -190,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {d: count_images(d) for d in DATASETS}
     runs = []
     (ROOT / "benchmarks" / "_work").mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="dask-overhead-", dir=ROOT / "benchmarks" / "_work"
-                                     ) as tmp:
+    with tempfile.TemporaryDirectory(
+        prefix="dask-overhead-", dir=ROOT / "benchmarks" / "_work"
+    ) as tmp:
         work = Path(tmp)
         for _ in range(args.repeats):
             for dataset in DATASETS:
@@ -200,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps(r), file=sys.stderr, flush=True)
                     runs.append(r)
     summary = summarise(runs, sizes)
-    command = shlex.join(["python", "benchmarks/dask_overhead.py",
-                          *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(
+        ["python", "benchmarks/dask_overhead.py", *(sys.argv[1:] if argv is None else argv)]
+    )
     section = render(summary, runs, sizes, args, command)
     print(section)
     print(json.dumps({"sizes": sizes, "summary": summary, "runs": runs}))

@@ -24,6 +24,7 @@ Ours: per-frame J and F by pipeline.metrics.masks.image_stats on the same masks,
 pipeline.metrics.davis.davis_protocol. With `--report`, also the report's own per-image J and F of
 the variant whose masks were written (pac). Exit 1 when a difference exceeds --tol (1e-6).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,7 @@ def read_pred(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("L")) > 127
 
 
-def load_frames(data: Path, layout: str, split: str,
-                predictions: Path) -> dict[str, list[tuple]]:
+def load_frames(data: Path, layout: str, split: str, predictions: Path) -> dict[str, list[tuple]]:
     """{sequence: [(stem, image path, gt bool, pred bool)]} of the split's annotated frames,
     in stem order (a category of the layout is a sequence)."""
     items, problems = list_items(data, layout, split)
@@ -66,8 +66,9 @@ def load_frames(data: Path, layout: str, split: str,
             raise SystemExit(f"{pred_file}: no predicted mask for {it.key}")
         gt, pred = load_mask(data / it.mask), read_pred(pred_file)
         if gt.shape != pred.shape:
-            raise SystemExit(f"{pred_file}: size {pred.shape} differs from the annotation's "
-                             f"{gt.shape}")
+            raise SystemExit(
+                f"{pred_file}: size {pred.shape} differs from the annotation's {gt.shape}"
+            )
         out.setdefault(it.category, []).append((it.stem, data / it.image, gt, pred))
     for rows in out.values():
         rows.sort(key=lambda r: r[0])
@@ -104,14 +105,19 @@ def official_aggregate(evaluation_cls, droot: Path, results: Path, task: str) ->
     out: dict = {}
     for m in ("J", "F"):
         names = list(res[m]["M_per_object"])
-        out[m] = {"mean": float(np.mean(res[m]["M"])), "recall": float(np.mean(res[m]["R"])),
-                  "decay": float(np.mean(res[m]["D"]))}
+        out[m] = {
+            "mean": float(np.mean(res[m]["M"])),
+            "recall": float(np.mean(res[m]["R"])),
+            "decay": float(np.mean(res[m]["D"])),
+        }
         out.setdefault("per_sequence", {})
         for k, name in enumerate(names):
             seq = name.rsplit("_", 1)[0]  # "<sequence>_<object>", one object here
             out["per_sequence"].setdefault(seq, {})[m] = {
-                "mean": float(res[m]["M"][k]), "recall": float(res[m]["R"][k]),
-                "decay": float(res[m]["D"][k])}
+                "mean": float(res[m]["M"][k]),
+                "recall": float(res[m]["R"][k]),
+                "decay": float(res[m]["D"][k]),
+            }
     out["J&F"] = (out["J"]["mean"] + out["F"]["mean"]) / 2
     return out
 
@@ -120,8 +126,10 @@ def differences(ours: dict, theirs: dict) -> dict[str, float]:
     """Absolute differences of every global and per-sequence statistic."""
     diff = {"J&F": abs(ours["J&F"] - theirs["J&F"])}
     if set(ours["per_sequence"]) != set(theirs["per_sequence"]):
-        raise SystemExit(f"sequences differ: ours {sorted(ours['per_sequence'])}, official "
-                         f"{sorted(theirs['per_sequence'])}")
+        raise SystemExit(
+            f"sequences differ: ours {sorted(ours['per_sequence'])}, official "
+            f"{sorted(theirs['per_sequence'])}"
+        )
     for m in ("J", "F"):
         for s in ("mean", "recall", "decay"):
             diff[f"{m}.{s}"] = abs(ours[m][s] - theirs[m][s])
@@ -132,13 +140,18 @@ def differences(ours: dict, theirs: dict) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--official", type=Path, required=True,
-                    help="checkout of davis2017-evaluation (the folder holding davis2017/)")
+    ap.add_argument(
+        "--official",
+        type=Path,
+        required=True,
+        help="checkout of davis2017-evaluation (the folder holding davis2017/)",
+    )
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/davis2016_subset")
     ap.add_argument("--layout", default="davis2016", choices=("davis2016", "obj_seg"))
     ap.add_argument("--split", default="val")
-    ap.add_argument("--predictions", type=Path, required=True,
-                    help="a predict run's predictions/<split> folder")
+    ap.add_argument(
+        "--predictions", type=Path, required=True, help="a predict run's predictions/<split> folder"
+    )
     ap.add_argument("--report", type=Path, help="that run's report_<split>.json (optional)")
     ap.add_argument("--tol", type=float, default=1e-6)
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
@@ -150,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
 
     frames = load_frames(args.data, args.layout, args.split, args.predictions)
     n_frames = sum(len(r) for r in frames.values())
-    ours_frame = {(seq, stem): image_stats(pred, gt, seq, stem)
-                  for seq, rows in frames.items() for stem, _, gt, pred in rows}
+    ours_frame = {
+        (seq, stem): image_stats(pred, gt, seq, stem)
+        for seq, rows in frames.items()
+        for stem, _, gt, pred in rows
+    }
     per_frame = {"j": 0.0, "f": 0.0}
     for seq, rows in frames.items():
         for stem, _, gt, pred in rows:
@@ -159,17 +175,24 @@ def main(argv: list[str] | None = None) -> int:
             per_frame["j"] = max(per_frame["j"], abs(s.j - float(db_eval_iou(gt, pred))))
             per_frame["f"] = max(per_frame["f"], abs(s.f - float(db_eval_boundary(gt, pred))))
     rows4 = [(seq, stem, s.j, s.f) for (seq, stem), s in ours_frame.items()]
-    summary: dict = {"split": args.split, "data": str(args.data), "layout": args.layout,
-                     "predictions": str(args.predictions), "sequences": len(frames),
-                     "frames_in_split": n_frames, "per_frame_max_abs_diff": per_frame,
-                     "tasks": {}}
+    summary: dict = {
+        "split": args.split,
+        "data": str(args.data),
+        "layout": args.layout,
+        "predictions": str(args.predictions),
+        "sequences": len(frames),
+        "frames_in_split": n_frames,
+        "per_frame_max_abs_diff": per_frame,
+        "tasks": {},
+    }
     with tempfile.TemporaryDirectory(prefix="davis_check_") as tmp:
         droot, results = official_layout(frames, Path(tmp))
         for task, exclude_ends in (("semi-supervised", True), ("unsupervised", False)):
             ours = davis_protocol(rows4, exclude_ends=exclude_ends)
             if ours["skipped"]:
-                raise SystemExit(f"sequences with too few frames for the official code: "
-                                 f"{ours['skipped']}")
+                raise SystemExit(
+                    f"sequences with too few frames for the official code: {ours['skipped']}"
+                )
             theirs = official_aggregate(DAVISEvaluation, droot, results, task)
             diff = differences(ours, theirs)
             worst = max(diff, key=lambda k: diff[k])
@@ -178,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                 "frames_evaluated": sum(s["n_frames"] for s in ours["per_sequence"].values()),
                 "ours": {k: ours[k] for k in ("J", "F", "J&F")},
                 "official": {k: theirs[k] for k in ("J", "F", "J&F")},
-                "max_abs_diff": diff[worst], "worst": worst}
+                "max_abs_diff": diff[worst],
+                "worst": worst,
+            }
     if args.report is not None:
         report = json.loads(args.report.read_text())
         rep = {(r["category"], r["stem"]): r for r in report["per_image"]}
@@ -186,16 +211,24 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{args.report}: its images differ from the split's annotated ones")
         summary["report_vs_masks_max_abs_diff"] = max(
             max(abs(rep[k]["j"][MASK_VARIANT] - s.j), abs(rep[k]["f"][MASK_VARIANT] - s.f))
-            for k, s in ours_frame.items())
+            for k, s in ours_frame.items()
+        )
     text = json.dumps(summary, indent=2)
     print(text)
     if args.out is not None:
         args.out.write_text(text + "\n")
-    worst_all = max([*per_frame.values(), *(t["max_abs_diff"] for t in summary["tasks"].values()),
-                     summary.get("report_vs_masks_max_abs_diff", 0.0)])
-    print(f"max abs difference to the official code: {worst_all:.3g} "
-          f"({'ok' if worst_all <= args.tol else 'FAILED'}, tolerance {args.tol:g})",
-          file=sys.stderr)
+    worst_all = max(
+        [
+            *per_frame.values(),
+            *(t["max_abs_diff"] for t in summary["tasks"].values()),
+            summary.get("report_vs_masks_max_abs_diff", 0.0),
+        ]
+    )
+    print(
+        f"max abs difference to the official code: {worst_all:.3g} "
+        f"({'ok' if worst_all <= args.tol else 'FAILED'}, tolerance {args.tol:g})",
+        file=sys.stderr,
+    )
     return 0 if worst_all <= args.tol else 1
 
 

@@ -10,6 +10,7 @@ On the same images, backbone and weights, in one run:
     python benchmarks/extract.py                      # MobileNetV2 on ../shared/data/obj_seg
     python benchmarks/extract.py --backbone dino_vits16 --weights random --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,20 +64,24 @@ def forward_only(cfg, canvases: list[np.ndarray]) -> float:
     """The stage's own engine (same optimisations, batching and precision), no I/O."""
     ex = extractor_of(cfg)
     bs = cfg.extract.batch_size
-    ex.launch(canvases[:min(bs, len(canvases))])()  # warm-up
+    ex.launch(canvases[: min(bs, len(canvases))])()  # warm-up
     t0 = time.perf_counter()
     for k in range(0, len(canvases), bs):
-        ex.launch(canvases[k:k + bs])()
+        ex.launch(canvases[k : k + bs])()
     return time.perf_counter() - t0
 
 
 def plain_batched(name: str, weights: str, device, canvases, bs: int, precision: str) -> float:
     model = create_backbone(name, weights).to(device)
     amp = autocast_dtype(precision, device)
-    x_all = [torch.from_numpy(np.stack(canvases[k:k + bs])).permute(0, 3, 1, 2)
-             for k in range(0, len(canvases), bs)]
-    with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32,
-                                                enabled=amp is not None):
+    x_all = [
+        torch.from_numpy(np.stack(canvases[k : k + bs])).permute(0, 3, 1, 2)
+        for k in range(0, len(canvases), bs)
+    ]
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None),
+    ):
         model(x_all[0].to(device))
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -89,13 +94,15 @@ def plain_batched(name: str, weights: str, device, canvases, bs: int, precision:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data", default=str(SHARED / "data" / "obj_seg"))
     ap.add_argument("--layout", default="obj_seg")
     ap.add_argument("--backbone", default="mobilenet_v2")
-    ap.add_argument("--weights",
-                    default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt"))
+    ap.add_argument(
+        "--weights", default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt")
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=4)
@@ -107,15 +114,23 @@ def main() -> None:
     if not root.is_dir():
         sys.exit(f"benchmark data not found: {root}")
     device = resolve_device(args.device)
-    items = [it for s in list_splits(root, args.layout)
-             for it in list_items(root, args.layout, s)[0]]
+    items = [
+        it for s in list_splits(root, args.layout) for it in list_items(root, args.layout, s)[0]
+    ]
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
-        sets = [f"data.root={root}", f"data.layout={args.layout}", f"backbone.name={args.backbone}",
-                f"backbone.weights={args.weights}", f"extract.device={args.device}",
-                f"extract.batch_size={args.batch_size}", f"extract.num_workers={args.workers}",
-                f"extract.precision={args.precision}", f"paths.cache={work / 'cache'}",
-                f"paths.outputs={work / 'outputs'}"]
+        sets = [
+            f"data.root={root}",
+            f"data.layout={args.layout}",
+            f"backbone.name={args.backbone}",
+            f"backbone.weights={args.weights}",
+            f"extract.device={args.device}",
+            f"extract.batch_size={args.batch_size}",
+            f"extract.num_workers={args.workers}",
+            f"extract.precision={args.precision}",
+            f"paths.cache={work / 'cache'}",
+            f"paths.outputs={work / 'outputs'}",
+        ]
         cfg = load_config(ROOT / "configs" / "default.toml", sets)
         n = len(items)
 
@@ -129,8 +144,9 @@ def main() -> None:
             box = fit_box(img.shape[0], img.shape[1], patch, "crop")
             canvases.append(np.ascontiguousarray(to_canvas(img, box)))
         t_b = forward_only(cfg, canvases)
-        t_b_plain = plain_batched(args.backbone, args.weights, device, canvases, args.batch_size,
-                                  args.precision)
+        t_b_plain = plain_batched(
+            args.backbone, args.weights, device, canvases, args.batch_size, args.precision
+        )
         del canvases
 
         t0 = time.perf_counter()
@@ -146,14 +162,18 @@ def main() -> None:
         (f"(b') forward only, plain model, batch {args.batch_size} (no I/O)", t_b_plain),
         ("(c) extract-features end to end", t_c),
     ]
-    head = (f"Stage 1, {args.backbone} ({Path(args.weights).name}), {n} images of {root.name}, "
-            f"device {device}, precision {args.precision}; machine: {machine(device)}")
+    head = (
+        f"Stage 1, {args.backbone} ({Path(args.weights).name}), {n} images of {root.name}, "
+        f"device {device}, precision {args.precision}; machine: {machine(device)}"
+    )
     lines = [head, "", "| way | seconds | images/s | vs (a) |", "|---|---:|---:|---:|"]
     for label, t in rows:
         lines.append(f"| {label} | {t:.1f} | {n / t:.1f} | {t_a / t:.2f}x |")
     lines.append("")
-    lines.append(f"(c) reaches {100 * t_b / t_c:.0f} % of (b)'s throughput and is "
-                 f"{t_a / t_c:.2f}x the course's way.")
+    lines.append(
+        f"(c) reaches {100 * t_b / t_c:.0f} % of (b)'s throughput and is "
+        f"{t_a / t_c:.2f}x the course's way."
+    )
     text = "\n".join(lines)
     print(text)
     if args.markdown_out:

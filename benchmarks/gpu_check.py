@@ -38,6 +38,7 @@ Two parts:
 export) so that it runs in CI on 2 CPU cores in under 3 minutes; its figures are not
 benchmarks. The check never imports Dask (it blocks the import, as the GPU machine has none).
 """
+
 from __future__ import annotations
 
 import time
@@ -100,18 +101,22 @@ class _NoDask:
     def find_spec(self, name, _path=None, _target=None):
         """ImportError for dask and distributed; None (not found here) for any other."""
         if name.split(".")[0] in ("dask", "distributed"):
-            raise ImportError(f"{name}: not available to the device check (no Dask on the "
-                              "GPU machine)")
+            raise ImportError(
+                f"{name}: not available to the device check (no Dask on the GPU machine)"
+            )
 
 
 # ----------------------------------------------------------------------------- the JSON
+
 
 def atomic_write_json(path: Path, obj: dict) -> None:
     """Write `obj` as strict JSON to `path` atomically (fsutil's writer: a reader, or a kill,
     never sees half a file)."""
     from pipeline.core.fsutil import atomic_write_bytes
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False, default=str)
-                              + "\n").encode())
+
+    atomic_write_bytes(
+        path, (json.dumps(obj, indent=1, allow_nan=False, default=str) + "\n").encode()
+    )
 
 
 def _finite(value: Any) -> Any:
@@ -131,8 +136,14 @@ class Report:
 
     def __init__(self, path: Path | None):
         self.path = path
-        self.data: dict[str, Any] = {"schema": SCHEMA, "complete": False, "checks": {},
-                                     "details": {}, "steps": {}, "errors": {}}
+        self.data: dict[str, Any] = {
+            "schema": SCHEMA,
+            "complete": False,
+            "checks": {},
+            "details": {},
+            "steps": {},
+            "errors": {},
+        }
         self.write()
 
     def set(self, **values: Any) -> None:
@@ -146,8 +157,11 @@ class Report:
     def check(self, name: str, ok: bool, **why: Any) -> None:
         self.data["checks"][name] = bool(ok)
         self.detail(name, **why)
-        print(f"[gpu_check] check {name}: {'PASS' if ok else 'FAIL'} {_finite(why)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[gpu_check] check {name}: {'PASS' if ok else 'FAIL'} {_finite(why)}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -158,10 +172,12 @@ class Report:
         try:
             yield
         except Exception as e:  # noqa: BLE001 - recorded, and the next step runs
-            self.data["errors"][name] = (f"{type(e).__name__}: {e}\n"
-                                         + "".join(traceback.format_exc().splitlines(True)[-12:]))
-            print(f"[gpu_check] {name} FAILED: {type(e).__name__}: {e}", file=sys.stderr,
-                  flush=True)
+            self.data["errors"][name] = f"{type(e).__name__}: {e}\n" + "".join(
+                traceback.format_exc().splitlines(True)[-12:]
+            )
+            print(
+                f"[gpu_check] {name} FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True
+            )
         finally:
             s = time.perf_counter() - t0
             self.data["steps"][name] = s
@@ -179,35 +195,65 @@ class Report:
 
 # ----------------------------------------------------------------------------- arguments
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None,
-                   help="cuda, cuda:N or cpu (default: cuda when available, else cpu)")
-    p.add_argument("--data", type=Path, default=None,
-                   help="the obj_seg dataset (default: gpu_data/obj_seg, else "
-                        "../shared/data/obj_seg)")
-    p.add_argument("--weights", type=Path, default=None,
-                   help=f"MobileNetV2 ImageNet weights (default: gpu_data/{WEIGHTS_NAME}, else "
-                        "../shared/weights/...)")
-    p.add_argument("--dino-weights", default="random",
-                   help="dino_vits16 weights for the speed part (a file; default random: "
-                        "weights do not change speed)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny sizes: a smoke test of every path (CI), not a benchmark")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cuda, cuda:N or cpu (default: cuda when available, else cpu)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="the obj_seg dataset (default: gpu_data/obj_seg, else ../shared/data/obj_seg)",
+    )
+    p.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help=f"MobileNetV2 ImageNet weights (default: gpu_data/{WEIGHTS_NAME}, else "
+        "../shared/weights/...)",
+    )
+    p.add_argument(
+        "--dino-weights",
+        default="random",
+        help="dino_vits16 weights for the speed part (a file; default random: "
+        "weights do not change speed)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes: a smoke test of every path (CI), not a benchmark",
+    )
     p.add_argument("--out", type=Path, default=None, help="the JSON file (default: stdout only)")
-    p.add_argument("--work", type=Path, default=None,
-                   help="scratch folder (default: a new temporary folder)")
+    p.add_argument(
+        "--work", type=Path, default=None, help="scratch folder (default: a new temporary folder)"
+    )
     p.add_argument("--keep-work", action="store_true", help="keep the scratch folder")
-    p.add_argument("--seconds", type=float, default=None,
-                   help="work per speed figure (default 20; --quick 1)")
-    p.add_argument("--max-store-gb", type=float, default=12.0,
-                   help="cap on the stage-1 speed store (disk), default 12")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra config override for the speed part (repeatable), e.g. "
-                        "extract.num_workers=16")
-    p.add_argument("--skip", action="append", default=[], choices=("checks", "speed"),
-                   help="leave out a part")
+    p.add_argument(
+        "--seconds", type=float, default=None, help="work per speed figure (default 20; --quick 1)"
+    )
+    p.add_argument(
+        "--max-store-gb",
+        type=float,
+        default=12.0,
+        help="cap on the stage-1 speed store (disk), default 12",
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override for the speed part (repeatable), e.g. extract.num_workers=16",
+    )
+    p.add_argument(
+        "--skip", action="append", default=[], choices=("checks", "speed"), help="leave out a part"
+    )
     args = p.parse_args(argv)
     if args.seconds is None:
         args.seconds = 1.0 if args.quick else 20.0
@@ -225,11 +271,14 @@ def _first_existing(given: Path | None, candidates: tuple[Path, ...], what: str)
     for c in candidates:
         if c.exists():
             return c
-    raise SystemExit(f"gpu_check: no {what} found at {' or '.join(map(str, candidates))}; "
-                     "see CONTRIBUTING.md, the device check")
+    raise SystemExit(
+        f"gpu_check: no {what} found at {' or '.join(map(str, candidates))}; "
+        "see CONTRIBUTING.md, the device check"
+    )
 
 
 # ----------------------------------------------------------------------------- data
+
 
 def _link(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -243,13 +292,15 @@ def _frames(root: Path, split: str) -> list[tuple[str, Path, Path]]:
     """(category, image, mask) of an obj_seg split, in order."""
     out = []
     for img in sorted((root / split).glob("*/images/*.jpg")):
-        out.append((img.parent.parent.name, img,
-                    img.parent.parent / "annotations" / f"{img.stem}.png"))
+        out.append(
+            (img.parent.parent.name, img, img.parent.parent / "annotations" / f"{img.stem}.png")
+        )
     return out
 
 
 def _downscaled(src: Path, dst: Path, scale: int, mask: bool) -> None:
     from PIL import Image
+
     dst.parent.mkdir(parents=True, exist_ok=True)
     with Image.open(src) as im:
         size = (max(1, im.width // scale), max(1, im.height // scale))
@@ -301,15 +352,26 @@ def segment_inputs(data: Path, split: str, dst: Path, limit: int | None = None) 
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def device_info(device) -> dict[str, Any]:
     import torch
-    info: dict[str, Any] = {"type": device.type, "torch": torch.__version__,
-                            "cuda": torch.version.cuda, "python": platform.python_version(),
-                            "cpu_cores": os.cpu_count(), "host": platform.node()}
+
+    info: dict[str, Any] = {
+        "type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu_cores": os.cpu_count(),
+        "host": platform.node(),
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, capability=f"{props.major}.{props.minor}",
-                    memory_gb=props.total_memory / 1e9, cudnn=torch.backends.cudnn.version())
+        info.update(
+            name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gb=props.total_memory / 1e9,
+            cudnn=torch.backends.cudnn.version(),
+        )
     else:
         info["name"] = platform.processor() or platform.machine()
     return info
@@ -317,16 +379,20 @@ def device_info(device) -> dict[str, Any]:
 
 def synchronize(device) -> None:
     import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def peak_memory_gb(device) -> tuple[float, str]:
     import torch
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9, "torch.cuda.max_memory_allocated"
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-            "ru_maxrss of this process")
+    return (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "ru_maxrss of this process",
+    )
 
 
 def backbone_runner(cfg, device=None):
@@ -341,32 +407,47 @@ def backbone_runner(cfg, device=None):
             from pipeline.stages.extract import Extractor as BackboneRunner
         return BackboneRunner(cfg, device)
     from pipeline.inference import BackboneRunner
-    return BackboneRunner(config_keys(cfg).feature, cfg.backbone.weights,
-                          device or resolve_device(cfg.extract.device), cfg.extract.batch_size,
-                          cfg.extract.compile)
+
+    return BackboneRunner(
+        config_keys(cfg).feature,
+        cfg.backbone.weights,
+        device or resolve_device(cfg.extract.device),
+        cfg.extract.batch_size,
+        cfg.extract.compile,
+    )
 
 
 def store_of(cfg):
     """The folder of the config's feature store."""
     from pipeline.models.devices import config_keys
     from pipeline.store import store_dir
+
     return store_dir(cfg.paths.cache, config_keys(cfg).feature)
 
 
 def make_config(sets: list[str]):
     from pipeline.core.config import load_config
+
     return load_config(ROOT / "configs" / "default.toml", sets)
 
 
 def base_sets(work: Path, name: str, data: Path, device: str) -> list[str]:
-    return [f"data.root={data}", "data.layout=obj_seg", f"paths.cache={work / name / 'cache'}",
-            f"paths.outputs={work / name / 'outputs'}", f"extract.device={device}",
-            f"train.device={device}", f"predict.device={device}", "predict.thumbnails=2"]
+    return [
+        f"data.root={data}",
+        "data.layout=obj_seg",
+        f"paths.cache={work / name / 'cache'}",
+        f"paths.outputs={work / name / 'outputs'}",
+        f"extract.device={device}",
+        f"train.device={device}",
+        f"predict.device={device}",
+        "predict.thumbnails=2",
+    ]
 
 
 def read_mask(path: Path):
     import numpy as np
     from PIL import Image
+
     with Image.open(path) as im:
         return np.asarray(im) > 127
 
@@ -384,13 +465,18 @@ def compare_masks(a_dir: Path, b_dir: Path, rels: list[str]) -> dict[str, Any]:
         equal += int((ma == mb).sum())
         total += ma.size
         fg += int(ma.sum())
-    return {"masks": len(rels), "identical_files": identical,
-            "pixel_agreement": equal / max(1, total), "foreground_fraction": fg / max(1, total)}
+    return {
+        "masks": len(rels),
+        "identical_files": identical,
+        "pixel_agreement": equal / max(1, total),
+        "foreground_fraction": fg / max(1, total),
+    }
 
 
 def cosine_per_patch(a, b) -> tuple[float, float]:
     """(min, mean) cosine similarity of corresponding feature vectors (..., C)."""
     import numpy as np
+
     a = a.reshape(-1, a.shape[-1]).astype(np.float64)
     b = b.reshape(-1, b.shape[-1]).astype(np.float64)
     num = (a * b).sum(1)
@@ -425,6 +511,7 @@ class Timers:
                 return fn(*a, **k)
             finally:
                 self.add(name, time.perf_counter() - t0)
+
         return timed
 
     def patch(self, owner: Any, attr: str, name: str) -> bool:
@@ -447,15 +534,20 @@ def stage1_timers(timers: Timers) -> Iterator[list[str]]:
     copy and the forward's launch; on CPU the whole forward), fetch (main thread waiting for
     the device and the copy back), write (the writer thread: HDF5 shard and receipt)."""
     import pipeline.stages.extract_engine as ex
+
     runner_cls: Any
     try:
         from pipeline.inference import BackboneRunner
+
         runner_cls = BackboneRunner
     except ImportError:
         runner_cls = ex.Extractor
     found = []
-    for owner, attr, name in ((ex, "decode", "decode"), (ex, "to_canvas", "canvas"),
-                              (ex, "write_shard", "write")):
+    for owner, attr, name in (
+        (ex, "decode", "decode"),
+        (ex, "to_canvas", "canvas"),
+        (ex, "write_shard", "write"),
+    ):
         if timers.patch(owner, attr, name):
             found.append(name)
     launch = runner_cls.launch
@@ -479,20 +571,33 @@ def stage1_timers(timers: Timers) -> Iterator[list[str]]:
 QUIET: dict[str, Any] = {"log": lambda line: None, "progress": False}
 
 
-def run_checks(rep: Report, args: argparse.Namespace, device, data: Path, weights: Path,
-               work: Path) -> None:
+def run_checks(
+    rep: Report, args: argparse.Namespace, device, data: Path, weights: Path, work: Path
+) -> None:
     from pipeline.stages.extract import run_extract
     from pipeline.stages.train import run_train
 
     r: Any  # each stage's result
     qdata = quality_data(data, work, args.quick)
-    training = (["train.epochs=1", "train.linear_epochs=10", "train.crop=64"] if args.quick
-                else ["train.epochs=4"])
-    sets = [*base_sets(work, "quality", qdata, str(device)), "backbone.name=mobilenet_v2",
-            f"backbone.weights={weights}", *training]
+    training = (
+        ["train.epochs=1", "train.linear_epochs=10", "train.crop=64"]
+        if args.quick
+        else ["train.epochs=4"]
+    )
+    sets = [
+        *base_sets(work, "quality", qdata, str(device)),
+        "backbone.name=mobilenet_v2",
+        f"backbone.weights={weights}",
+        *training,
+    ]
     cfg = make_config(sets)
-    rep.detail("quality_config", backbone="mobilenet_v2", weights=str(weights),
-               data=str(qdata), sets=sets[4:])
+    rep.detail(
+        "quality_config",
+        backbone="mobilenet_v2",
+        weights=str(weights),
+        data=str(qdata),
+        sets=sets[4:],
+    )
 
     with rep.step("quality_extract"):
         r = run_extract(cfg, **QUIET)
@@ -529,16 +634,23 @@ def check_features(rep: Report, cfg, sets: list[str], qdata: Path, device) -> No
         h, w = image.shape[:2]
         canvases.append(to_canvas(image, fit_box(h, w, 16, cfg.extract.fit)))
     dev = backbone_runner(cfg, device)
-    cpu = backbone_runner(make_config([*sets, "extract.device=cpu",
-                                       "extract.precision=fp32"]), torch.device("cpu"))
+    cpu = backbone_runner(
+        make_config([*sets, "extract.device=cpu", "extract.precision=fp32"]), torch.device("cpu")
+    )
     got = np.concatenate([dev.launch([c])() for c in canvases]).astype(np.float32)
     want = np.concatenate([cpu.launch([c])() for c in canvases]).astype(np.float32)
     lo, mean = cosine_per_patch(got, want)
     del dev, cpu
-    rep.check("features_match_fp32", lo >= COSINE_MIN and mean >= COSINE_MEAN_MIN,
-              precision=str(cfg.extract.precision), images=len(paths),
-              cosine_min=lo, cosine_mean=mean, max_abs_diff=float(np.abs(got - want).max()),
-              require=f"cosine >= {COSINE_MIN} every patch, mean >= {COSINE_MEAN_MIN}")
+    rep.check(
+        "features_match_fp32",
+        lo >= COSINE_MIN and mean >= COSINE_MEAN_MIN,
+        precision=str(cfg.extract.precision),
+        images=len(paths),
+        cosine_min=lo,
+        cosine_mean=mean,
+        max_abs_diff=float(np.abs(got - want).max()),
+        require=f"cosine >= {COSINE_MIN} every patch, mean >= {COSINE_MEAN_MIN}",
+    )
 
 
 def check_masks(rep: Report, cfg, sets: list[str], work: Path) -> list[str]:
@@ -555,9 +667,12 @@ def check_masks(rep: Report, cfg, sets: list[str], work: Path) -> list[str]:
     run_predict(cfg_cpu, cfg.data.test_split, force=True, **QUIET)
     cmp = compare_masks(pred_dir, cfg_cpu.run_dir / "predictions" / cfg.data.test_split, rels)
     fg = cmp["foreground_fraction"]
-    rep.check("masks_match_cpu", cmp["pixel_agreement"] >= PIXELS_MIN and
-              FOREGROUND[0] <= fg <= FOREGROUND[1], **cmp,
-              require=f"pixel agreement >= {PIXELS_MIN}, foreground in {FOREGROUND}")
+    rep.check(
+        "masks_match_cpu",
+        cmp["pixel_agreement"] >= PIXELS_MIN and FOREGROUND[0] <= fg <= FOREGROUND[1],
+        **cmp,
+        require=f"pixel agreement >= {PIXELS_MIN}, foreground in {FOREGROUND}",
+    )
     return rels
 
 
@@ -569,13 +684,17 @@ def check_segment(rep: Report, cfg, seg_in: Path, seg_out: Path, rels: list[str]
     run_segment(cfg, [seg_in], seg_out, overlays=False, progress=False)
     cmp = compare_masks(pred_dir, seg_out, rels)
     fg = cmp["foreground_fraction"]
-    rep.check("segment_matches_predict", cmp["pixel_agreement"] >= PIXELS_MIN and
-              FOREGROUND[0] <= fg <= FOREGROUND[1], **cmp,
-              require=f"pixel agreement >= {PIXELS_MIN} (byte-identical files reported)")
+    rep.check(
+        "segment_matches_predict",
+        cmp["pixel_agreement"] >= PIXELS_MIN and FOREGROUND[0] <= fg <= FOREGROUND[1],
+        **cmp,
+        require=f"pixel agreement >= {PIXELS_MIN} (byte-identical files reported)",
+    )
 
 
-def check_export(rep: Report, cfg, args: argparse.Namespace, seg_in: Path, seg_out: Path,
-                 work: Path, device) -> None:
+def check_export(
+    rep: Report, cfg, args: argparse.Namespace, seg_in: Path, seg_out: Path, work: Path, device
+) -> None:
     """The exported program on the device against segment's masks."""
     from pipeline.commands.export import run_export
 
@@ -583,10 +702,16 @@ def check_export(rep: Report, cfg, args: argparse.Namespace, seg_in: Path, seg_o
     size = 32 if args.quick else None  # the smallest example: 2 x 2 patches
     r = run_export(cfg, out, height=size, width=size)
     agreement, n = export_agreement(out, seg_in, seg_out, cfg, device)
-    rep.check("export_runs_on_device", agreement >= PIXELS_MIN, images=n,
-              pixel_agreement=agreement, export_s=r.seconds, bytes=r.bytes,
-              moved_with="torch.export.passes.move_to_device_pass",
-              require=f"prob > threshold equals segment's mask on >= {PIXELS_MIN}")
+    rep.check(
+        "export_runs_on_device",
+        agreement >= PIXELS_MIN,
+        images=n,
+        pixel_agreement=agreement,
+        export_s=r.seconds,
+        bytes=r.bytes,
+        moved_with="torch.export.passes.move_to_device_pass",
+        require=f"prob > threshold equals segment's mask on >= {PIXELS_MIN}",
+    )
 
 
 def export_agreement(path: Path, seg_in: Path, seg_out: Path, cfg, device) -> tuple[float, int]:
@@ -608,7 +733,7 @@ def export_agreement(path: Path, seg_in: Path, seg_out: Path, cfg, device) -> tu
     equal = total = n = 0
     for pairs in groups.values():
         for k in range(0, len(pairs), EXPORT_BATCH):
-            chunk = pairs[k:k + EXPORT_BATCH]
+            chunk = pairs[k : k + EXPORT_BATCH]
             x = torch.from_numpy(np.stack([c for c, _ in chunk])).permute(0, 3, 1, 2)
             with torch.no_grad():
                 prob = program(x.contiguous().to(device))[:, 0].float().cpu().numpy()
@@ -671,19 +796,33 @@ def resume_after_kill(rep: Report, cfg, sets: list[str], work: Path) -> None:
     kcfg = make_config([*sets, f"paths.cache={kill_cache}"])
     split = cfg.data.train_split
     marker = work / "quality" / "killed_after"
-    argv = [sys.executable, "-c", RESUME_CHILD, str(ROOT), str(marker), str(RESUME_SHARDS),
-            "extract-features", "--split", split,
-            *[a for s in [*sets, f"paths.cache={kill_cache}"] for a in ("--set", s)]]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    argv = [
+        sys.executable,
+        "-c",
+        RESUME_CHILD,
+        str(ROOT),
+        str(marker),
+        str(RESUME_SHARDS),
+        "extract-features",
+        "--split",
+        split,
+        *[a for s in [*sets, f"paths.cache={kill_cache}"] for a in ("--set", s)],
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
+    child = subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     assert child.stderr is not None
     deadline = time.monotonic() + 600
     while not marker.exists():
         if child.poll() is not None:
-            raise RuntimeError(f"the stage-1 child ended (exit {child.returncode}) before "
-                               f"{RESUME_SHARDS} shard(s) landed: {child.stderr.read()[-2000:]}")
+            raise RuntimeError(
+                f"the stage-1 child ended (exit {child.returncode}) before "
+                f"{RESUME_SHARDS} shard(s) landed: {child.stderr.read()[-2000:]}"
+            )
         if time.monotonic() > deadline:
             child.kill()
             raise RuntimeError("the stage-1 child wrote no shard in 600 s")
@@ -701,15 +840,26 @@ def resume_after_kill(rep: Report, cfg, sets: list[str], work: Path) -> None:
     kept = all(name in after and sha256(after[name]) == h for name, h in landed.items())
     same_names = total > 0 and set(after) <= set(refs)
     identical, lo, mean = compare_shards(after, refs)
-    rep.check("resume_after_kill",
-              kept and same_names and len(landed) >= RESUME_SHARDS and 0 < len(landed) < total
-              and lo >= COSINE_MIN and mean >= COSINE_MEAN_MIN,
-              shards_total=total, shards_landed_before_kill=len(landed), landed_kept=kept,
-              shards_as_uninterrupted=same_names, identical_to_uninterrupted=identical,
-              cosine_min_of_others=lo, cosine_mean_of_others=mean)
+    rep.check(
+        "resume_after_kill",
+        kept
+        and same_names
+        and len(landed) >= RESUME_SHARDS
+        and 0 < len(landed) < total
+        and lo >= COSINE_MIN
+        and mean >= COSINE_MEAN_MIN,
+        shards_total=total,
+        shards_landed_before_kill=len(landed),
+        landed_kept=kept,
+        shards_as_uninterrupted=same_names,
+        identical_to_uninterrupted=identical,
+        cosine_min_of_others=lo,
+        cosine_mean_of_others=mean,
+    )
 
 
 # ----------------------------------------------------------------------------- speed
+
 
 def run_speed(rep: Report, args: argparse.Namespace, device, data: Path, work: Path) -> None:
     from pipeline.stages.predict import run_predict
@@ -717,17 +867,38 @@ def run_speed(rep: Report, args: argparse.Namespace, device, data: Path, work: P
 
     src = speed_frames(args, data, work)
     sdata = work / "speed_data"
-    training = (["train.epochs=1", "train.linear_epochs=2", "train.crop=64",
-                 f"extract.batch_size={QUICK_BATCH}"] if args.quick else [])
-    sets = [*base_sets(work, "speed", sdata, str(device)), "backbone.name=dino_vits16",
-            f"backbone.weights={args.dino_weights}", *training, *args.sets]
+    training = (
+        [
+            "train.epochs=1",
+            "train.linear_epochs=2",
+            "train.crop=64",
+            f"extract.batch_size={QUICK_BATCH}",
+        ]
+        if args.quick
+        else []
+    )
+    sets = [
+        *base_sets(work, "speed", sdata, str(device)),
+        "backbone.name=dino_vits16",
+        f"backbone.weights={args.dino_weights}",
+        *training,
+        *args.sets,
+    ]
     cfg = make_config(sets)
-    height, width = ((SPEED_SIZE[0] // QUICK_SCALE, SPEED_SIZE[1] // QUICK_SCALE) if args.quick
-                     else SPEED_SIZE)
-    rep.set(backbone="dino_vits16", image_size=[height, width],
-            speed_weights=(args.dino_weights if args.dino_weights != "random" else
-                           "random (no DINO checkpoint given; weights do not change speed)"),
-            precision=str(cfg.extract.precision), batch_size=cfg.extract.batch_size)
+    height, width = (
+        (SPEED_SIZE[0] // QUICK_SCALE, SPEED_SIZE[1] // QUICK_SCALE) if args.quick else SPEED_SIZE
+    )
+    rep.set(
+        backbone="dino_vits16",
+        image_size=[height, width],
+        speed_weights=(
+            args.dino_weights
+            if args.dino_weights != "random"
+            else "random (no DINO checkpoint given; weights do not change speed)"
+        ),
+        precision=str(cfg.extract.precision),
+        batch_size=cfg.extract.batch_size,
+    )
     rep.detail("speed_config", sets=sets[4:], seconds_per_figure=args.seconds)
 
     state = {"forward_rate": 0.0}
@@ -751,17 +922,25 @@ def run_speed(rep: Report, args: argparse.Namespace, device, data: Path, work: P
     with rep.step("train_head"):
         r = run_train(cfg, **QUIET)
         rep.set(train_head_s=r.seconds)
-        rep.detail("train_head", frames=n_train, epochs=cfg.train.epochs,
-                   linear_epochs=cfg.train.linear_epochs)
+        rep.detail(
+            "train_head",
+            frames=n_train,
+            epochs=cfg.train.epochs,
+            linear_epochs=cfg.train.linear_epochs,
+        )
     with rep.step("predict"):
         r = run_predict(cfg, cfg.data.test_split, **QUIET)
         rep.set(predict_images_per_s=r.n_images / r.seconds if r.seconds else None)
-        rep.detail("predict", images=r.n_images, seconds=r.seconds,
-                   note="masks and the JSON / Markdown / HTML reports written; model load "
-                        "included")
+        rep.detail(
+            "predict",
+            images=r.n_images,
+            seconds=r.seconds,
+            note="masks and the JSON / Markdown / HTML reports written; model load included",
+        )
     with rep.step("segment"):
-        n_seg = n_stage1 if args.quick else min(n_stage1, max(64, int(forward_rate
-                                                                       * args.seconds / 2)))
+        n_seg = (
+            n_stage1 if args.quick else min(n_stage1, max(64, int(forward_rate * args.seconds / 2)))
+        )
         speed_segment(rep, cfg, sdata, work, n_seg)
 
 
@@ -773,13 +952,13 @@ def speed_frames(args: argparse.Namespace, data: Path, work: Path) -> Path:
     for split in ("train", "test"):
         for cat, img, mask in _frames(data, split)[:8]:
             _downscaled(img, src / split / cat / "images" / img.name, QUICK_SCALE, False)
-            _downscaled(mask, src / split / cat / "annotations" / mask.name, QUICK_SCALE,
-                        True)
+            _downscaled(mask, src / split / cat / "annotations" / mask.name, QUICK_SCALE, True)
     return src
 
 
-def speed_forward(rep: Report, args: argparse.Namespace, cfg, device, height: int,
-                  width: int) -> float:
+def speed_forward(
+    rep: Report, args: argparse.Namespace, cfg, device, height: int, width: int
+) -> float:
     """The backbone's forward rate (images/s) on device-resident batches; its model load
     time and, on CUDA, the copies to and from the device."""
     import torch
@@ -795,20 +974,26 @@ def speed_forward(rep: Report, args: argparse.Namespace, cfg, device, height: in
     b = cfg.extract.batch_size
     x = torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, device=device)
     n, seconds = timed_loop(functools.partial(forward, runner, x), device, args.seconds, b)
-    rep.set(forward_images_per_s=n / seconds, model_load_s=load_s,
-            first_model_load_s=first_load_s)
-    rep.detail("forward", images=n, seconds=seconds, canvas=[h, w],
-               what="runner.model under the stage's autocast on device-resident uint8 "
-                    "batches, inference_mode")
+    rep.set(forward_images_per_s=n / seconds, model_load_s=load_s, first_model_load_s=first_load_s)
+    rep.detail(
+        "forward",
+        images=n,
+        seconds=seconds,
+        canvas=[h, w],
+        what="runner.model under the stage's autocast on device-resident uint8 "
+        "batches, inference_mode",
+    )
     rep.detail("where_time_goes", forward_ms_per_image=1e3 * seconds / n)
     if device.type == "cuda":  # host-to-device and back, one batch, as launch copies
         feats = forward(runner, x).to(torch.float16)
         host = x.cpu()
-        n_copy, s_copy = timed_loop(lambda: h2d(host, device), device,
-                                    min(2.0, args.seconds), b)
+        n_copy, s_copy = timed_loop(lambda: h2d(host, device), device, min(2.0, args.seconds), b)
         n_back, s_back = timed_loop(lambda: d2h(feats), device, min(2.0, args.seconds), b)
-        rep.detail("where_time_goes", h2d_ms_per_image=1e3 * s_copy / n_copy,
-                   d2h_ms_per_image=1e3 * s_back / n_back)
+        rep.detail(
+            "where_time_goes",
+            h2d_ms_per_image=1e3 * s_copy / n_copy,
+            d2h_ms_per_image=1e3 * s_back / n_back,
+        )
         del feats
     del runner, x
     return n / seconds
@@ -828,21 +1013,36 @@ def speed_stage1(rep: Report, cfg, forward_rate: float) -> None:
     seconds = max(1e-9, r.seconds - load_s)
     mb = sum(p.stat().st_size for p in store_of(cfg).rglob("*.h5") if p not in before) / 1e6
     rate = r.n_images / seconds
-    rep.set(stage1_images_per_s=rate,
-            stage1_vs_forward=rate / forward_rate if forward_rate else None,
-            write_mb_per_s=mb / max(1e-9, timers.seconds.get("write", 0.0)))
-    per_image = {f"{k}_ms_per_image": 1e3 * v / max(1, r.n_images)
-                 for k, v in timers.seconds.items()}
-    rep.detail("stage1", images=r.n_images, wall_s=r.seconds, model_load_s=load_s,
-               store_mb=mb, instrumented=measured, decode_threads=cfg.extract.num_workers,
-               thread_seconds=timers.seconds, calls=timers.calls, **per_image,
-               note="decode and write are summed over their threads; launch and fetch are "
-                    "the main thread's: fetch is the wait for the device and the copy "
-                    "back, so a main thread mostly in fetch is device-bound")
-    rep.detail("where_time_goes", stage1_decode_ms_per_image=per_image.get(
-        "decode_ms_per_image"), stage1_write_ms_per_image=per_image.get("write_ms_per_image"),
+    rep.set(
+        stage1_images_per_s=rate,
+        stage1_vs_forward=rate / forward_rate if forward_rate else None,
+        write_mb_per_s=mb / max(1e-9, timers.seconds.get("write", 0.0)),
+    )
+    per_image = {
+        f"{k}_ms_per_image": 1e3 * v / max(1, r.n_images) for k, v in timers.seconds.items()
+    }
+    rep.detail(
+        "stage1",
+        images=r.n_images,
+        wall_s=r.seconds,
+        model_load_s=load_s,
+        store_mb=mb,
+        instrumented=measured,
+        decode_threads=cfg.extract.num_workers,
+        thread_seconds=timers.seconds,
+        calls=timers.calls,
+        **per_image,
+        note="decode and write are summed over their threads; launch and fetch are "
+        "the main thread's: fetch is the wait for the device and the copy "
+        "back, so a main thread mostly in fetch is device-bound",
+    )
+    rep.detail(
+        "where_time_goes",
+        stage1_decode_ms_per_image=per_image.get("decode_ms_per_image"),
+        stage1_write_ms_per_image=per_image.get("write_ms_per_image"),
         stage1_launch_ms_per_image=per_image.get("launch_ms_per_image"),
-        stage1_fetch_wait_ms_per_image=per_image.get("fetch_ms_per_image"))
+        stage1_fetch_wait_ms_per_image=per_image.get("fetch_ms_per_image"),
+    )
 
 
 def speed_segment(rep: Report, cfg, sdata: Path, work: Path, n_seg: int) -> None:
@@ -858,12 +1058,12 @@ def speed_segment(rep: Report, cfg, sdata: Path, work: Path, n_seg: int) -> None
     r = run_segment(cfg, [seg_in], work / "speed" / "segment_out", progress=False)
     seconds = max(1e-9, r.seconds - load_s)
     rep.set(segment_images_per_s=r.n_written / seconds)
-    rep.detail("segment", images=r.n_written, wall_s=r.seconds, model_load_s=load_s,
-               overlays=True)
+    rep.detail("segment", images=r.n_written, wall_s=r.seconds, model_load_s=load_s, overlays=True)
 
 
 def forward(runner, x):
     import torch
+
     with torch.inference_mode(), runner._autocast():
         return runner.model(x)
 
@@ -876,12 +1076,12 @@ def h2d(host, device):
 def d2h(feats):
     """Features back to pinned host memory, as BackboneRunner.launch copies them."""
     import torch
+
     out = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
     return out.copy_(feats, non_blocking=True)
 
 
-def timed_loop(fn: Callable[[], Any], device, seconds: float, per_call: int
-               ) -> tuple[int, float]:
+def timed_loop(fn: Callable[[], Any], device, seconds: float, per_call: int) -> tuple[int, float]:
     """Calls of `fn` (each `per_call` images) after two warm-up calls, for at least `seconds`;
     returns (images, seconds)."""
     for _ in range(2):
@@ -899,6 +1099,7 @@ def timed_loop(fn: Callable[[], Any], device, seconds: float, per_call: int
 
 
 # ----------------------------------------------------------------------------- main
+
 
 def process_age_s() -> float | None:
     """Seconds since this process started (Linux: /proc), so start-up includes the
@@ -918,19 +1119,25 @@ def main(argv: list[str] | None = None) -> int:
     data = _first_existing(args.data, DATA_CANDIDATES, "obj_seg dataset")
     weights = _first_existing(args.weights, WEIGHTS_CANDIDATES, "MobileNetV2 weights")
     rep = Report(args.out)
-    rep.set(command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None
-                                                        else sys.argv[1:])]),
-            quick=args.quick, data=str(data), date=time.strftime("%Y-%m-%d %H:%M:%S %z"))
+    rep.set(
+        command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        quick=args.quick,
+        data=str(data),
+        date=time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    )
     import torch
 
     import pipeline.stages.extract  # noqa: F401  (the pipeline imported: part of start-up)
     from pipeline.models.devices import resolve_device
+
     device = resolve_device(args.device or "auto")
     torch.empty(1, device=device)  # the CUDA context
     synchronize(device)
     age = process_age_s()
-    rep.set(device=device_info(device), startup_s=(age if age is not None
-                                                   else time.perf_counter() - T_ENTRY))
+    rep.set(
+        device=device_info(device),
+        startup_s=(age if age is not None else time.perf_counter() - T_ENTRY),
+    )
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
     rep.detail("run", work=str(work))
@@ -941,8 +1148,13 @@ def main(argv: list[str] | None = None) -> int:
             run_speed(rep, args, device, data, work)
     finally:
         gb, how = peak_memory_gb(device)
-        rep.set(peak_memory_gb=gb, peak_memory_of=how, complete=True, ok=rep.ok,
-                total_s=time.perf_counter() - T_ENTRY)
+        rep.set(
+            peak_memory_gb=gb,
+            peak_memory_of=how,
+            complete=True,
+            ok=rep.ok,
+            total_s=time.perf_counter() - T_ENTRY,
+        )
         if not args.keep_work and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(_finite(rep.data), indent=1, allow_nan=False, default=str))

@@ -10,6 +10,7 @@ threads, and as two concurrent single-threaded streams (what CpuFanout does for 
 Best and median: the heads' best of --repeat runs in three interleaved rounds (the best
 round and the median round), the backbone's best and median of its runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,11 +47,13 @@ def timed(fn, repeat: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--image", default=str(SHARED / "data" / "obj_seg" / "test"))
-    ap.add_argument("--weights",
-                    default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt"))
+    ap.add_argument(
+        "--weights", default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt")
+    )
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--batch", type=int, default=16, help="images per backbone call")
     args = ap.parse_args()
@@ -58,9 +61,10 @@ def main() -> None:
     src = Path(args.image)
     if src.is_dir():
         src = sorted(p for p in src.rglob("*.jpg"))[0]
-    cfg = load_config(ROOT / "configs" / "default.toml",
-                      ["backbone.name=mobilenet_v2", f"backbone.weights={args.weights}",
-                       "extract.device=cpu"])
+    cfg = load_config(
+        ROOT / "configs" / "default.toml",
+        ["backbone.name=mobilenet_v2", f"backbone.weights={args.weights}", "extract.device=cpu"],
+    )
     ex = extractor_of(cfg)
     img = load_image(src)
     canvas = np.ascontiguousarray(to_canvas(img, fit_box(*img.shape[:2], ex.patch, ex.fit)))
@@ -72,14 +76,16 @@ def main() -> None:
     for pyramid in ("uint8", "float"):
         torch.manual_seed(0)
         spec = UpsamplerSpec(c, ex.patch, residual=True, pyramid=pyramid)
-        models = TrainedModels(LinearHead(c).eval(), PacUpsampler(spec).eval(), ex.patch, "",
-                               {}, {})
+        models = TrainedModels(
+            LinearHead(c).eval(), PacUpsampler(spec).eval(), ex.patch, "", {}, {}
+        )
         preds[pyramid] = Predictor(models, torch.device("cpu"), 0.5)
     times: dict[str, list[float]] = {k: [] for k in preds}
     for _ in range(3):  # interleaved rounds, so that drifting machine state hits both alike
         for k, pred in preds.items():
-            best, med = timed(lambda pred=pred: pred._binary(feats, canvas[None], ("pac",)),
-                              args.repeat)
+            best, med = timed(
+                lambda pred=pred: pred._binary(feats, canvas[None], ("pac",)), args.repeat
+            )
             times[k].append(best)
     for k, ts in times.items():
         rows.append((f"heads, 1 thread, {k} guide pyramid", min(ts), statistics.median(ts)))
@@ -88,24 +94,34 @@ def main() -> None:
     for threads in (1, 2):
         torch.set_num_threads(threads)
         best, med = timed(lambda: ex.launch(batch)(), max(3, args.repeat // 5))
-        rows.append((f"backbone forward, {threads} intra-op thread(s)", best / args.batch,
-                     med / args.batch))
+        rows.append(
+            (f"backbone forward, {threads} intra-op thread(s)", best / args.batch, med / args.batch)
+        )
 
     def two_streams() -> None:
         def one() -> None:
             torch.set_num_threads(1)
             ex.launch(batch)()
+
         ts = [threading.Thread(target=one) for _ in range(2)]
         for t in ts:
             t.start()
         for t in ts:
             t.join()
-    best, med = timed(two_streams, max(3, args.repeat // 5))
-    rows.append(("backbone forward, 2 concurrent 1-thread streams", best / (2 * args.batch),
-                 med / (2 * args.batch)))
 
-    print(f"{src.name} {canvas.shape[1]}x{canvas.shape[0]}, MobileNetV2 features "
-          f"{tuple(feats.shape[1:3])}x{c}; torch {torch.__version__}\n")
+    best, med = timed(two_streams, max(3, args.repeat // 5))
+    rows.append(
+        (
+            "backbone forward, 2 concurrent 1-thread streams",
+            best / (2 * args.batch),
+            med / (2 * args.batch),
+        )
+    )
+
+    print(
+        f"{src.name} {canvas.shape[1]}x{canvas.shape[0]}, MobileNetV2 features "
+        f"{tuple(feats.shape[1:3])}x{c}; torch {torch.__version__}\n"
+    )
     print("| what | best ms/image | median ms/image |\n|---|---:|---:|")
     for label, best, med in rows:
         print(f"| {label} | {best * 1e3:.1f} | {med * 1e3:.1f} |")

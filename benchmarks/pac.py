@@ -8,6 +8,7 @@ that process's own: on CPU the rise of the resident-set high-water mark
 (getrusage ru_maxrss) over its value right after the inputs were allocated; on CUDA
 torch.cuda.max_memory_allocated over the memory allocated by the inputs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,18 @@ LAYERS = [
 ]
 
 
-def _worker(variant: str, layer: tuple, size: tuple[int, int], device: str, repeats: int,
-            warmup: int, normalize: bool, guide_grad: bool, threads: int | None, queue) -> None:
+def _worker(
+    variant: str,
+    layer: tuple,
+    size: tuple[int, int],
+    device: str,
+    repeats: int,
+    warmup: int,
+    normalize: bool,
+    guide_grad: bool,
+    threads: int | None,
+    queue,
+) -> None:
     """Measure one variant on one layer in this (fresh) process; put a result dict on queue."""
     import torch
 
@@ -79,17 +90,36 @@ def _worker(variant: str, layer: tuple, size: tuple[int, int], device: str, repe
         peak = torch.cuda.max_memory_allocated(dev) - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    queue.put({"variant": variant, "layer": layer[0], "ms": 1e3 * statistics.median(times),
-               "peak_mib": peak / 2 ** 20, "threads": torch.get_num_threads()})
+    queue.put(
+        {
+            "variant": variant,
+            "layer": layer[0],
+            "ms": 1e3 * statistics.median(times),
+            "peak_mib": peak / 2**20,
+            "threads": torch.get_num_threads(),
+        }
+    )
 
 
 def measure(variant: str, layer: tuple, args) -> dict:
     """Run _worker in a fresh spawned process and return its result."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(variant, layer, args.size, args.device,
-                                             args.repeats, args.warmup, args.normalize,
-                                             not args.no_guide_grad, args.threads, queue))
+    proc = ctx.Process(
+        target=_worker,
+        args=(
+            variant,
+            layer,
+            args.size,
+            args.device,
+            args.repeats,
+            args.warmup,
+            args.normalize,
+            not args.no_guide_grad,
+            args.threads,
+            queue,
+        ),
+    )
     proc.start()
     try:
         result = queue.get(timeout=args.timeout)
@@ -120,8 +150,10 @@ def table(results: list[dict], args, threads: int) -> str:
         ref = base.get(r["layer"])
         t_ratio = f"{r['ms'] / ref['ms']:.2f}" if ref else "-"
         m_ratio = f"{r['peak_mib'] / ref['peak_mib']:.2f}" if ref and ref["peak_mib"] > 0 else "-"
-        lines.append(f"| {r['variant']} | {r['layer']} {H}x{W} | {r['ms']:.1f} | "
-                     f"{r['peak_mib']:.1f} | {t_ratio} | {m_ratio} |")
+        lines.append(
+            f"| {r['variant']} | {r['layer']} {H}x{W} | {r['ms']:.1f} | "
+            f"{r['peak_mib']:.1f} | {t_ratio} | {m_ratio} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -130,18 +162,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--size", type=lambda s: tuple(int(v) for v in s.split("x")),
-                        default=(480, 848), help="HxW, default 480x848")
+    parser.add_argument(
+        "--size",
+        type=lambda s: tuple(int(v) for v in s.split("x")),
+        default=(480, 848),
+        help="HxW, default 480x848",
+    )
     parser.add_argument("--normalize", action="store_true", help="kernel normalisation on")
-    parser.add_argument("--no-guide-grad", action="store_true",
-                        help="guide without requires_grad (a raw RGB guide)")
+    parser.add_argument(
+        "--no-guide-grad", action="store_true", help="guide without requires_grad (a raw RGB guide)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
-    parser.add_argument("--markdown-out", type=Path, default=None,
-                        help="append the Markdown table to this file")
+    parser.add_argument(
+        "--markdown-out", type=Path, default=None, help="append the Markdown table to this file"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda":
         import torch
+
         if not torch.cuda.is_available():
             parser.error("--device cuda but CUDA is not available")
 
@@ -149,8 +188,11 @@ def main(argv: list[str] | None = None) -> None:
     for layer in LAYERS:
         for variant in VARIANTS:
             r = measure(variant, layer, args)
-            print(f"  {variant:18s} {layer[0]:22s} {r['ms']:9.1f} ms {r['peak_mib']:9.1f} MiB",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {variant:18s} {layer[0]:22s} {r['ms']:9.1f} ms {r['peak_mib']:9.1f} MiB",
+                file=sys.stderr,
+                flush=True,
+            )
             results.append(r)
     md = table(results, args, results[0]["threads"])
     print(md)

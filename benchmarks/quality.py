@@ -15,6 +15,7 @@ Raw results go to --json. With --tta each run is then also predicted with predic
 (its models reused); a second invocation on the same --work finds every stage up to date and
 only adds that (its stage seconds are then the no-op reruns', not the first pass's).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,11 @@ DATASETS = {
     "obj_seg": (SHARED / "data" / "obj_seg", "obj_seg", "train", "test"),
     "davis2016_subset": (SHARED / "data" / "davis2016_subset", "davis2016", "train", "val"),
 }
-DEFAULT_OPTIONS = ["baseline=backbone.layers=1", "layers 2=backbone.layers=2",
-                   "layers 3=backbone.layers=3"]
+DEFAULT_OPTIONS = [
+    "baseline=backbone.layers=1",
+    "layers 2=backbone.layers=2",
+    "layers 3=backbone.layers=3",
+]
 HEADLINE = tuple(m.key for m in definitions.HEADLINE)
 
 
@@ -57,24 +61,32 @@ def dir_bytes(path: Path) -> int:
 def headline(report_path: Path) -> dict:
     """The HEADLINE metrics of linear_bilinear and pac in a report."""
     rep = json.loads(report_path.read_text())
-    return {v: {k: rep["variants"][v]["overall"][k] for k in HEADLINE}
-            for v in ("linear_bilinear", "pac")}
+    return {
+        v: {k: rep["variants"][v]["overall"][k] for k in HEADLINE}
+        for v in ("linear_bilinear", "pac")
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--option", action="append", help='"label=key=value[,key=value]"; repeatable')
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--weights",
-                    default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt"))
-    ap.add_argument("--work", default=None,
-                    help="cache and outputs folder (default: a temporary one)")
+    ap.add_argument(
+        "--weights", default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt")
+    )
+    ap.add_argument(
+        "--work", default=None, help="cache and outputs folder (default: a temporary one)"
+    )
     ap.add_argument("--json", default=None, help="write the raw results here")
-    ap.add_argument("--tta", action="store_true",
-                    help="also predict each run with predict.tta=flip (stage 1 adds the mirrored "
-                         "features of the test split; the models are reused)")
+    ap.add_argument(
+        "--tta",
+        action="store_true",
+        help="also predict each run with predict.tta=flip (stage 1 adds the mirrored "
+        "features of the test split; the models are reused)",
+    )
     args = ap.parse_args()
     options = []
     for spec in args.option or DEFAULT_OPTIONS:
@@ -89,24 +101,42 @@ def main() -> None:
         for label, extra in options:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 run = f"{ds}-{label.replace(' ', '_')}-s{seed}"
-                sets = [f"data.root={root}", f"data.layout={layout}", f"data.train_split={train}",
-                        f"data.test_split={test}", "backbone.name=mobilenet_v2",
-                        f"backbone.weights={args.weights}", f"paths.cache={work / ds / 'cache'}",
-                        f"paths.outputs={work / ds / 'outputs'}", f"run.name={run}",
-                        f"train.seed={seed}", *extra]
+                sets = [
+                    f"data.root={root}",
+                    f"data.layout={layout}",
+                    f"data.train_split={train}",
+                    f"data.test_split={test}",
+                    "backbone.name=mobilenet_v2",
+                    f"backbone.weights={args.weights}",
+                    f"paths.cache={work / ds / 'cache'}",
+                    f"paths.outputs={work / ds / 'outputs'}",
+                    f"run.name={run}",
+                    f"train.seed={seed}",
+                    *extra,
+                ]
                 features = work / ds / "cache" / "features"
                 before = dir_bytes(features) if features.is_dir() else 0
-                row = {"dataset": ds, "option": label, "sets": extra, "seed": seed,
-                       "extract_s": cli(["extract-features", "--split", train], sets)
-                       + cli(["extract-features", "--split", test], sets),
-                       "train_s": cli(["train-head"], sets),
-                       "predict_s": cli(["predict", "--split", test], sets)}
+                row = {
+                    "dataset": ds,
+                    "option": label,
+                    "sets": extra,
+                    "seed": seed,
+                    "extract_s": cli(["extract-features", "--split", train], sets)
+                    + cli(["extract-features", "--split", test], sets),
+                    "train_s": cli(["train-head"], sets),
+                    "predict_s": cli(["predict", "--split", test], sets),
+                }
                 report = work / ds / "outputs" / run / f"report_{test}.json"
                 row["metrics"] = headline(report)
                 grown = dir_bytes(features) - before  # the option's store, when this run made it
                 row["cache_bytes"] = grown or next(
-                    (r["cache_bytes"] for r in results
-                     if r["dataset"] == ds and r["option"] == label), 0)
+                    (
+                        r["cache_bytes"]
+                        for r in results
+                        if r["dataset"] == ds and r["option"] == label
+                    ),
+                    0,
+                )
                 if args.tta:
                     tsets = [*sets, "predict.tta=flip"]
                     before = dir_bytes(features)
@@ -122,28 +152,38 @@ def main() -> None:
 
 
 def _triples(metrics: dict) -> str:
-    """"mIoU / J / F" of linear_bilinear and of PAC, as two table cells."""
-    return " | ".join(f"{m['miou']:.3f} / {m['j_mean']:.3f} / {m['boundary_f']:.3f}"
-                      for m in (metrics["linear_bilinear"], metrics["pac"]))
+    """ "mIoU / J / F" of linear_bilinear and of PAC, as two table cells."""
+    return " | ".join(
+        f"{m['miou']:.3f} / {m['j_mean']:.3f} / {m['boundary_f']:.3f}"
+        for m in (metrics["linear_bilinear"], metrics["pac"])
+    )
 
 
 def print_table(results: list[dict]) -> None:
-    print("\n| dataset | option | seed | linear_bilinear mIoU / J / F | PAC mIoU / J / F "
-          "| stage 1 / 2 / 3 s | cache MiB |")
+    print(
+        "\n| dataset | option | seed | linear_bilinear mIoU / J / F | PAC mIoU / J / F "
+        "| stage 1 / 2 / 3 s | cache MiB |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['dataset']} | {r['option']} | {r['seed']} | {_triples(r['metrics'])} | "
-              f"{r['extract_s']:.0f} / {r['train_s']:.0f} / {r['predict_s']:.0f} | "
-              f"{r['cache_bytes'] / 2**20:.0f} |")
+        print(
+            f"| {r['dataset']} | {r['option']} | {r['seed']} | {_triples(r['metrics'])} | "
+            f"{r['extract_s']:.0f} / {r['train_s']:.0f} / {r['predict_s']:.0f} | "
+            f"{r['cache_bytes'] / 2**20:.0f} |"
+        )
     if any("metrics_tta" in r for r in results):
-        print("\n| dataset | option | seed | + flip TTA: linear_bilinear mIoU / J / F "
-              "| PAC mIoU / J / F | stage 1 s added / stage 3 s with TTA | cache MiB added |")
+        print(
+            "\n| dataset | option | seed | + flip TTA: linear_bilinear mIoU / J / F "
+            "| PAC mIoU / J / F | stage 1 s added / stage 3 s with TTA | cache MiB added |"
+        )
         print("|---|---|---|---|---|---|---|")
         for r in results:
-            print(f"| {r['dataset']} | {r['option']} | {r['seed']} "
-                  f"| {_triples(r['metrics_tta'])} "
-                  f"| {r['tta_extract_s']:.0f} / {r['tta_predict_s']:.0f} "
-                  f"| {r['tta_cache_bytes'] / 2**20:.0f} |")
+            print(
+                f"| {r['dataset']} | {r['option']} | {r['seed']} "
+                f"| {_triples(r['metrics_tta'])} "
+                f"| {r['tta_extract_s']:.0f} / {r['tta_predict_s']:.0f} "
+                f"| {r['tta_cache_bytes'] / 2**20:.0f} |"
+            )
 
 
 if __name__ == "__main__":

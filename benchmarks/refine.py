@@ -15,6 +15,7 @@ never touches the models again. `score` refines those with each parameter combin
 row per combination; `--json` appends the rows to a file. `time` measures seconds per
 480 x 854 frame (its 480 x 832 canvas for mobilenet_v2) of each refiner on the CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,17 @@ from pipeline.metrics.masks import aggregate, image_stats  # noqa: E402
 from pipeline.models.refine import dense_crf, guided_filter  # noqa: E402
 
 
-def pydensecrf_reference(prob: torch.Tensor, image: torch.Tensor, *, iterations: int = 5,
-                         appearance_weight: float = 10.0, appearance_xy: float = 80.0,
-                         appearance_rgb: float = 13.0, smoothness_weight: float = 3.0,
-                         smoothness_xy: float = 3.0) -> torch.Tensor:
+def pydensecrf_reference(
+    prob: torch.Tensor,
+    image: torch.Tensor,
+    *,
+    iterations: int = 5,
+    appearance_weight: float = 10.0,
+    appearance_xy: float = 80.0,
+    appearance_rgb: float = 13.0,
+    smoothness_weight: float = 3.0,
+    smoothness_xy: float = 3.0,
+) -> torch.Tensor:
     """The compiled fully connected CRF (pydensecrf2; only where installed, never a
     dependency), on the same unary, for comparison: the weights are its Potts `compat`s
     (its kernels are normalised per pixel, so they do not mean what dense_crf's weights do)."""
@@ -52,14 +60,18 @@ def pydensecrf_reference(prob: torch.Tensor, image: torch.Tensor, *, iterations:
     crf = dcrf.DenseCRF2D(W, H, 2)
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(np.stack([1 - p, p]), clip=1e-5)))
     crf.addPairwiseGaussian(sxy=smoothness_xy, compat=smoothness_weight)
-    crf.addPairwiseBilateral(sxy=appearance_xy, srgb=appearance_rgb, rgbim=rgb,
-                             compat=appearance_weight)
+    crf.addPairwiseBilateral(
+        sxy=appearance_xy, srgb=appearance_rgb, rgbim=rgb, compat=appearance_weight
+    )
     q = np.array(crf.inference(iterations))[1].reshape(H, W)
     return torch.from_numpy(q).float()[None, None]
 
 
-REFINERS: dict[str, Callable[..., torch.Tensor]] = {"crf": dense_crf, "guided": guided_filter,
-                                                    "pydensecrf": pydensecrf_reference}
+REFINERS: dict[str, Callable[..., torch.Tensor]] = {
+    "crf": dense_crf,
+    "guided": guided_filter,
+    "pydensecrf": pydensecrf_reference,
+}
 
 
 PER_IMAGE = ("canvas", "gt", "pac", "bilinear")  # arrays whose shape may differ between images
@@ -83,10 +95,13 @@ def cmd_probs(args: argparse.Namespace) -> None:
     cfg, _ = read_record(Path(args.run))
     keys = config_keys(cfg)
     store = FeatureStore.open(cfg.paths.cache, keys.feature, keys.data, args.split)
-    rows: dict[str, list] = {k: [] for k in ("canvas", "gt", "pac", "bilinear", "box", "size",
-                                             "name")}
-    with checked_models(RunLayout(Path(args.run)), keys, cfg.paths.cache, "cpu") as models, \
-            torch.inference_mode():
+    rows: dict[str, list] = {
+        k: [] for k in ("canvas", "gt", "pac", "bilinear", "box", "size", "name")
+    }
+    with (
+        checked_models(RunLayout(Path(args.run)), keys, cfg.paths.cache, "cpu") as models,
+        torch.inference_mode(),
+    ):
         for meta in store.items:
             if not meta.annotated:
                 continue
@@ -104,8 +119,9 @@ def cmd_probs(args: argparse.Namespace) -> None:
             rows["box"].append(meta.box.as_tuple())
             rows["size"].append(meta.orig_size)
             rows["name"].append(f"{meta.category}/{meta.stem}")
-    np.savez(args.out, **{k: _objects(v) if k in PER_IMAGE else np.array(v)
-                          for k, v in rows.items()})
+    np.savez(
+        args.out, **{k: _objects(v) if k in PER_IMAGE else np.array(v) for k, v in rows.items()}
+    )
     print(f"{len(rows['name'])} images of {args.run} [{args.split}] -> {args.out}")
 
 
@@ -120,8 +136,10 @@ def parse_grid(specs: list[str]) -> list[tuple[str, dict]]:
     for spec in specs:
         key, _, values = spec.partition("=")
         refiner, _, arg = key.partition(".")
-        vals = [json.loads(v) if not v.startswith("(") else tuple(json.loads(f"[{v[1:-1]}]"))
-                for v in values.split(";" if "(" in values else ",")]
+        vals = [
+            json.loads(v) if not v.startswith("(") else tuple(json.loads(f"[{v[1:-1]}]"))
+            for v in values.split(";" if "(" in values else ",")
+        ]
         by_refiner.setdefault(refiner, []).append((arg, vals))
     out = []
     for refiner, axes in by_refiner.items():
@@ -133,8 +151,9 @@ def parse_grid(specs: list[str]) -> list[tuple[str, dict]]:
     return out
 
 
-def score(data: dict[str, np.ndarray], source: str, refiner: str, kwargs: dict,
-          threshold: float = 0.5) -> dict:
+def score(
+    data: dict[str, np.ndarray], source: str, refiner: str, kwargs: dict, threshold: float = 0.5
+) -> dict:
     stats, seconds = [], 0.0
     for i, name in enumerate(data["name"]):
         logits = torch.from_numpy(data[source][i].astype(np.float32))[None, None]
@@ -147,18 +166,31 @@ def score(data: dict[str, np.ndarray], source: str, refiner: str, kwargs: dict,
         box = Box(*(int(v) for v in data["box"][i]))
         size = tuple(int(v) for v in data["size"][i])
         mask = from_canvas((prob[0, 0] > threshold).numpy(), box, size)
-        gt = np.unpackbits(data["gt"][i])[:size[0] * size[1]].reshape(size).astype(bool)
+        gt = np.unpackbits(data["gt"][i])[: size[0] * size[1]].reshape(size).astype(bool)
         cat, stem = str(name).split("/", 1)
         stats.append(image_stats(mask, gt, cat, stem))
     m = aggregate(stats)
     cats = sorted({s.category for s in stats})
-    per_category = {c: {k: aggregate([s for s in stats if s.category == c])[k]
-                        for k in ("j_mean", "boundary_f")} for c in cats}
-    return {"per_category": per_category, "source": source, "refiner": refiner,
-            "kwargs": kwargs, "threshold": threshold,
-            "miou": m["miou"], "j_mean": m["j_mean"], "boundary_f": m["boundary_f"],
-            "precision": m["precision"], "recall": m["recall"], "n_images": m["n_images"],
-            "cpu_s_per_image": seconds / len(stats)}
+    per_category = {
+        c: {
+            k: aggregate([s for s in stats if s.category == c])[k] for k in ("j_mean", "boundary_f")
+        }
+        for c in cats
+    }
+    return {
+        "per_category": per_category,
+        "source": source,
+        "refiner": refiner,
+        "kwargs": kwargs,
+        "threshold": threshold,
+        "miou": m["miou"],
+        "j_mean": m["j_mean"],
+        "boundary_f": m["boundary_f"],
+        "precision": m["precision"],
+        "recall": m["recall"],
+        "n_images": m["n_images"],
+        "cpu_s_per_image": seconds / len(stats),
+    }
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -169,13 +201,21 @@ def cmd_score(args: argparse.Namespace) -> None:
         for threshold in [float(t) for t in args.threshold.split(",")]:
             for refiner, kwargs in combos:
                 row = {"probs": args.probs, **score(data, source, refiner, kwargs, threshold)}
-                print(f"{source:8s} {refiner:6s} t={threshold:.2f} {json.dumps(kwargs):70s} "
-                      f"mIoU {row['miou']:.4f} J {row['j_mean']:.4f} F {row['boundary_f']:.4f}"
-                      f" P {row['precision']:.3f} R {row['recall']:.3f} "
-                      f"cpu {row['cpu_s_per_image']:.2f} s", flush=True)
+                print(
+                    f"{source:8s} {refiner:6s} t={threshold:.2f} {json.dumps(kwargs):70s} "
+                    f"mIoU {row['miou']:.4f} J {row['j_mean']:.4f} F {row['boundary_f']:.4f}"
+                    f" P {row['precision']:.3f} R {row['recall']:.3f} "
+                    f"cpu {row['cpu_s_per_image']:.2f} s",
+                    flush=True,
+                )
                 if args.per_category:
-                    print("    " + "  ".join(f"{c} {m['j_mean']:.3f}/{m['boundary_f']:.3f}"
-                                           for c, m in row["per_category"].items()))
+                    print(
+                        "    "
+                        + "  ".join(
+                            f"{c} {m['j_mean']:.3f}/{m['boundary_f']:.3f}"
+                            for c, m in row["per_category"].items()
+                        )
+                    )
                 if args.json:
                     with open(args.json, "a") as fh:
                         fh.write(json.dumps(row) + "\n")
@@ -196,14 +236,17 @@ def cmd_time(args: argparse.Namespace) -> None:
             fn(prob, img, **kwargs)
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
-        print(f"{refiner:6s} {json.dumps(kwargs):70s} wall {np.median(wall):.3f} s "
-              f"(min {min(wall):.3f})  cpu {np.median(cpu):.3f} s  threads {args.threads}",
-              flush=True)
+        print(
+            f"{refiner:6s} {json.dumps(kwargs):70s} wall {np.median(wall):.3f} s "
+            f"(min {min(wall):.3f})  cpu {np.median(cpu):.3f} s  threads {args.threads}",
+            flush=True,
+        )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("probs")
     p.add_argument("--run", required=True, help="the run folder (<paths.outputs>/<run.name>)")

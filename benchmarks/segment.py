@@ -13,6 +13,7 @@ Without --outputs a quick run (extract + a short train-head) is trained in a tem
 first (not timed). The frames are passed as one folder: a temporary folder of links to the
 layout's images (the annotations are left out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,9 @@ def forward_only(cfg, frames: list[Path]) -> float:
         img = load_image(f)
         box = fit_box(*img.shape[:2], ex.patch, ex.fit)
         canvases.append(np.ascontiguousarray(to_canvas(img, box)))
-    batches = same_size_batches([fit_box(c.shape[0], c.shape[1], ex.patch, ex.fit)
-                                 for c in canvases], ex.batch_size)
+    batches = same_size_batches(
+        [fit_box(c.shape[0], c.shape[1], ex.patch, ex.fit) for c in canvases], ex.batch_size
+    )
     ex.launch([canvases[i] for i in batches[0]])()  # warm-up
     if ex.device.type == "cuda":
         torch.cuda.synchronize()
@@ -96,13 +98,15 @@ def segment_once(cfg, frames_dir: Path, out: Path, overlays: bool) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data", default=str(SHARED / "data" / "obj_seg"))
     ap.add_argument("--layout", default="obj_seg")
     ap.add_argument("--backbone", default="mobilenet_v2")
-    ap.add_argument("--weights",
-                    default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt"))
+    ap.add_argument(
+        "--weights", default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt")
+    )
     ap.add_argument("--outputs", default=None, help="paths.outputs of an existing trained run")
     ap.add_argument("--run", default="default", help="run.name of that run")
     ap.add_argument("--device", default="cpu")
@@ -116,11 +120,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_segment_"))
     try:
         outputs = Path(args.outputs) if args.outputs else work / "outputs"
-        sets = [f"data.root={root}", f"data.layout={args.layout}", f"backbone.name={args.backbone}",
-                f"backbone.weights={args.weights}", f"extract.device={args.device}",
-                f"train.device={args.device}", f"predict.device={args.device}",
-                f"extract.batch_size={args.batch_size}", f"paths.cache={work / 'cache'}",
-                f"paths.outputs={outputs}", f"run.name={args.run}"]
+        sets = [
+            f"data.root={root}",
+            f"data.layout={args.layout}",
+            f"backbone.name={args.backbone}",
+            f"backbone.weights={args.weights}",
+            f"extract.device={args.device}",
+            f"train.device={args.device}",
+            f"predict.device={args.device}",
+            f"extract.batch_size={args.batch_size}",
+            f"paths.cache={work / 'cache'}",
+            f"paths.outputs={outputs}",
+            f"run.name={args.run}",
+        ]
         if not args.outputs:
             sets += QUICK_TRAIN
         cfg = load_config(ROOT / "configs" / "default.toml", sets)
@@ -129,8 +141,10 @@ def main() -> None:
             t0 = time.perf_counter()
             run_extract(cfg, [cfg.data.train_split], log=lambda s: None, progress=False)
             run_train(cfg, log=lambda s: None, progress=False)
-            print(f"(trained a quick run in {time.perf_counter() - t0:.0f} s; not timed)",
-                  file=sys.stderr)
+            print(
+                f"(trained a quick run in {time.perf_counter() - t0:.0f} s; not timed)",
+                file=sys.stderr,
+            )
         frames = link_frames(root, args.layout, work / "frames")
         n = len(frames)
         segment_once(cfg, work / "frames", work / "warm", False)  # warm-up: page cache, allocator
@@ -146,14 +160,22 @@ def main() -> None:
 
     t = {k: statistics.median(v) for k, v in times.items()}
     device = resolve_device(args.device)
-    rows = [(f"(a) backbone forward only (Extractor.launch, batch {args.batch_size}, no I/O)",
-             t["forward"]),
-            ("(b) `segment --no-overlays` end to end", t["plain"]),
-            ("(b') `segment` end to end, with overlays (default)", t["overlays"])]
-    lines = [f"segment vs forward: {args.backbone} ({Path(args.weights).name}), {n} frames of "
-             f"{root.name}, device {device}; {machine(device)}; median of {args.repeat}; "
-             f"1-min load average {load0:.2f} -> {load1:.2f}", "",
-             "| way | images | seconds | images/s | vs (a) |", "|---|---:|---:|---:|---:|"]
+    rows = [
+        (
+            f"(a) backbone forward only (Extractor.launch, batch {args.batch_size}, no I/O)",
+            t["forward"],
+        ),
+        ("(b) `segment --no-overlays` end to end", t["plain"]),
+        ("(b') `segment` end to end, with overlays (default)", t["overlays"]),
+    ]
+    lines = [
+        f"segment vs forward: {args.backbone} ({Path(args.weights).name}), {n} frames of "
+        f"{root.name}, device {device}; {machine(device)}; median of {args.repeat}; "
+        f"1-min load average {load0:.2f} -> {load1:.2f}",
+        "",
+        "| way | images | seconds | images/s | vs (a) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for label, s in rows:
         lines.append(f"| {label} | {n} | {s:.2f} | {n / s:.1f} | {100 * t['forward'] / s:.0f} % |")
     print("\n".join(lines))

@@ -11,6 +11,7 @@ times, their medians, the machine (CPUs) and the load average before and after, 
 snippet for benchmarks/RESULTS.md (wall time on a loaded machine is mostly waiting: the CPU
 seconds say what the command costs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,14 @@ def status(args: list[str]) -> tuple[float, float, subprocess.CompletedProcess[s
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), "status", *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "status", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -45,8 +52,14 @@ def status(args: list[str]) -> tuple[float, float, subprocess.CompletedProcess[s
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="the run to judge (--run of cli.py)")
-    ap.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
-                    help="a config override, as cli.py's --set (repeatable)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="sets",
+        metavar="KEY=VALUE",
+        help="a config override, as cli.py's --set (repeatable)",
+    )
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--check", action="store_true", help=f"exit 1 when the median > {TARGET_S}")
     a = ap.parse_args()
@@ -54,8 +67,10 @@ def main() -> int:
     _, _, first = status(args)  # warms the file cache; its output says whether it is up to date
     lines = first.stdout.strip().splitlines()
     if first.returncode or not lines or any("up-to-date" not in ln for ln in lines):
-        print(f"not an up-to-date run (exit {first.returncode}):\n{first.stdout}{first.stderr}",
-              file=sys.stderr)
+        print(
+            f"not an up-to-date run (exit {first.returncode}):\n{first.stdout}{first.stderr}",
+            file=sys.stderr,
+        )
         return 2
     load_before = os.getloadavg()
     runs = [status(args)[:2] for _ in range(a.repeats)]
@@ -63,15 +78,23 @@ def main() -> int:
     times = [w for w, _ in runs]
     median = statistics.median(times)
     cpu = statistics.median(c for _, c in runs)
-    print(f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; machine: "
-          f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    print(f"- load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; "
-          f"after: {', '.join(f'{x:.2f}' for x in load_after)}")
-    print(f"- `cli.py status {' '.join(args)}` ({len(lines)} stages up-to-date), "
-          f"{a.repeats} runs: {', '.join(f'{t:.2f}' for t in times)} s")
-    print(f"- median {median:.2f} s wall (target < {TARGET_S} s: "
-          f"{'met' if median < TARGET_S else 'NOT met'}), median CPU (user + system) "
-          f"{cpu:.2f} s; CPU: {', '.join(f'{c:.2f}' for _, c in runs)} s")
+    print(
+        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; machine: "
+        f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    )
+    print(
+        f"- load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; "
+        f"after: {', '.join(f'{x:.2f}' for x in load_after)}"
+    )
+    print(
+        f"- `cli.py status {' '.join(args)}` ({len(lines)} stages up-to-date), "
+        f"{a.repeats} runs: {', '.join(f'{t:.2f}' for t in times)} s"
+    )
+    print(
+        f"- median {median:.2f} s wall (target < {TARGET_S} s: "
+        f"{'met' if median < TARGET_S else 'NOT met'}), median CPU (user + system) "
+        f"{cpu:.2f} s; CPU: {', '.join(f'{c:.2f}' for _, c in runs)} s"
+    )
     return 1 if a.check and median >= TARGET_S else 0
 
 

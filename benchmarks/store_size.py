@@ -12,6 +12,7 @@ older checkout, e.g. `git worktree add /tmp/old <commit>`, is measured the same 
    default config, wall seconds of the child process (interpreter start-up included).
 Prints a Markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,12 @@ WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_features.pt"
 
 def cli(repo: Path, *args: str) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, str(repo / "cli.py"), *args], cwd=repo, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, str(repo / "cli.py"), *args],
+        cwd=repo,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return time.perf_counter() - t0
 
 
@@ -50,8 +55,9 @@ def dataset_bytes(cache: Path) -> tuple[int, dict[str, int], int]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--repo", type=Path, default=ROOT, help="checkout whose cli.py to measure")
     ap.add_argument("--size-data", type=Path, default=SHARED / "data" / "davis2016_subset")
     ap.add_argument("--size-layout", default="davis2016")
@@ -63,28 +69,48 @@ def main() -> int:
             print(f"skipped: {p} is absent", file=sys.stderr)
             return 0
     work = Path(tempfile.mkdtemp(prefix="store_size_"))
-    common = ["--set", "backbone.name=mobilenet_v2",
-              "--set", f"backbone.weights={args.weights.resolve()}",
-              "--set", f"paths.outputs={work / 'outputs'}"]
+    common = [
+        "--set",
+        "backbone.name=mobilenet_v2",
+        "--set",
+        f"backbone.weights={args.weights.resolve()}",
+        "--set",
+        f"paths.outputs={work / 'outputs'}",
+    ]
     try:
-        size_sets = [*common, "--set", f"paths.cache={work / 'cache_size'}",
-                     "--set", f"data.root={args.size_data.resolve()}",
-                     "--set", f"data.layout={args.size_layout}"]
+        size_sets = [
+            *common,
+            "--set",
+            f"paths.cache={work / 'cache_size'}",
+            "--set",
+            f"data.root={args.size_data.resolve()}",
+            "--set",
+            f"data.layout={args.size_layout}",
+        ]
         t_extract = cli(args.repo, "extract-features", *size_sets)
         total, parts, n = dataset_bytes(work / "cache_size")
-        train_sets = [*common, "--set", f"paths.cache={work / 'cache_train'}",
-                      "--set", f"data.root={args.train_data.resolve()}"]
+        train_sets = [
+            *common,
+            "--set",
+            f"paths.cache={work / 'cache_train'}",
+            "--set",
+            f"data.root={args.train_data.resolve()}",
+        ]
         cli(args.repo, "extract-features", "--split", "train", *train_sets)
         t_train = cli(args.repo, "train-head", *train_sets)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     mib = 1 << 20
-    print("| checkout | images | store MiB | KiB/image | features MiB | image MiB | mask MiB "
-          "| extract s | train-head s |")
+    print(
+        "| checkout | images | store MiB | KiB/image | features MiB | image MiB | mask MiB "
+        "| extract s | train-head s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| {args.repo} | {n} | {total / mib:.1f} | {total / n / 1024:.0f} "
-          f"| {parts.get('features', 0) / mib:.1f} | {parts.get('image', 0) / mib:.1f} "
-          f"| {parts.get('mask', 0) / mib:.1f} | {t_extract:.1f} | {t_train:.1f} |")
+    print(
+        f"| {args.repo} | {n} | {total / mib:.1f} | {total / n / 1024:.0f} "
+        f"| {parts.get('features', 0) / mib:.1f} | {parts.get('image', 0) / mib:.1f} "
+        f"| {parts.get('mask', 0) / mib:.1f} | {t_extract:.1f} | {t_train:.1f} |"
+    )
     return 0
 
 

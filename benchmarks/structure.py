@@ -12,6 +12,7 @@
     python benchmarks/structure.py --json           # the figures as JSON
     python benchmarks/structure.py --no-torch       # skip the (slower) torch check
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,7 @@ def _absolute(node: ast.ImportFrom, name: str, is_package: bool) -> str:
     if not node.level:
         return node.module or ""
     base = name.split(".") if is_package else name.split(".")[:-1]
-    base = base[:len(base) - node.level + 1]
+    base = base[: len(base) - node.level + 1]
     return ".".join(base + ([node.module] if node.module else []))
 
 
@@ -89,6 +90,7 @@ def longest_chain(graph: dict[str, set[str]]) -> list[str]:
     module-level graph has no circle, tests/test_layering.py; where the imports inside
     functions make one, every simple path is searched)."""
     if not _has_circle(graph):
+
         @functools.cache
         def from_(name: str) -> tuple[str, ...]:
             tails = [from_(dep) for dep in sorted(graph.get(name, ()))]
@@ -129,8 +131,9 @@ def _annotation_names(node: ast.expr | None) -> Iterator[str]:
             yield sub.attr
 
 
-def functions_taking(root: Path, type_name: str = "Config", arg: str = "cfg"
-                     ) -> dict[str, list[str]]:
+def functions_taking(
+    root: Path, type_name: str = "Config", arg: str = "cfg"
+) -> dict[str, list[str]]:
     """Module -> the functions (and methods) with a parameter annotated `type_name` (also
     `type_name | None`, a string annotation, `config.Config`) or named `arg` (cli.py's
     commands are not annotated)."""
@@ -142,8 +145,9 @@ def functions_taking(root: Path, type_name: str = "Config", arg: str = "cfg"
                 continue
             a = node.args
             params = [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]
-            if any(p.arg == arg or type_name in _annotation_names(p.annotation)
-                   for p in params if p):
+            if any(
+                p.arg == arg or type_name in _annotation_names(p.annotation) for p in params if p
+            ):
                 out.setdefault(name, []).append(f"{node.name}:{node.lineno}")
     return out
 
@@ -151,8 +155,14 @@ def functions_taking(root: Path, type_name: str = "Config", arg: str = "cfg"
 def loads_torch(root: Path, name: str) -> bool:
     """Whether importing module `name` alone, in a fresh interpreter, loads torch."""
     code = f"import sys, {name}; print('torch' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
-                          text=True, env={"PYTHONPATH": str(root), "PATH": ""}, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(root), "PATH": ""},
+        check=False,
+    )
     if done.returncode:
         raise RuntimeError(f"import {name} failed: {done.stderr.strip().splitlines()[-1:]}")
     return done.stdout.strip() == "True"
@@ -192,15 +202,21 @@ def main() -> int:
     top, every = f["longest_chain_module_level"], f["longest_chain_with_local_imports"]
     print(f"{f['root']}: {f['modules']} modules")
     print(f"longest import chain, module level: {len(top)} modules: {' -> '.join(top)}")
-    print(f"longest import chain, with imports inside functions: {len(every)} modules: "
-          f"{' -> '.join(every)}")
+    print(
+        f"longest import chain, with imports inside functions: {len(every)} modules: "
+        f"{' -> '.join(every)}"
+    )
     taking = f["modules_with_functions_taking_config"]
-    print(f"functions taking Config: {f['functions_taking_config']} in {len(taking)} modules: "
-          + ", ".join(f"{m} {n}" for m, n in taking.items()))
+    print(
+        f"functions taking Config: {f['functions_taking_config']} in {len(taking)} modules: "
+        + ", ".join(f"{m} {n}" for m, n in taking.items())
+    )
     if "modules_loading_torch" in f:
         torch = f["modules_loading_torch"]
-        print(f"modules loading torch when imported: {len(torch)} of {f['modules']} "
-              f"(torch-free: {f['modules_torch_free']}): {', '.join(torch)}")
+        print(
+            f"modules loading torch when imported: {len(torch)} of {f['modules']} "
+            f"(torch-free: {f['modules_torch_free']}): {', '.join(torch)}"
+        )
     return 0
 
 

@@ -9,6 +9,7 @@ Stage 1 runs once into a scratch cache; then each case runs `cli.py train-head -
 child process and is timed (wall seconds, interpreter start-up included). The load is a
 separate Python process spinning on one core. Prints a Markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,13 @@ def spin() -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data", type=Path, default=SHARED / "data" / "obj_seg")
-    ap.add_argument("--weights", type=Path,
-                    default=SHARED / "weights" / "mobilenet_v2_imagenet_features.pt")
+    ap.add_argument(
+        "--weights", type=Path, default=SHARED / "weights" / "mobilenet_v2_imagenet_features.pt"
+    )
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--linear-epochs", type=int, default=10)
     args = ap.parse_args()
@@ -43,17 +46,34 @@ def main() -> int:
         print(f"skipped: {args.data} or {args.weights} is absent", file=sys.stderr)
         return 0
     work = Path(tempfile.mkdtemp(prefix="threads_"))
-    sets = ["--set", f"data.root={args.data.resolve()}", "--set", "backbone.name=mobilenet_v2",
-            "--set", f"backbone.weights={args.weights.resolve()}",
-            "--set", f"paths.cache={work / 'cache'}",
-            "--set", f"paths.outputs={work / 'outputs'}", "--set", f"train.epochs={args.epochs}",
-            "--set", f"train.linear_epochs={args.linear_epochs}"]
+    sets = [
+        "--set",
+        f"data.root={args.data.resolve()}",
+        "--set",
+        "backbone.name=mobilenet_v2",
+        "--set",
+        f"backbone.weights={args.weights.resolve()}",
+        "--set",
+        f"paths.cache={work / 'cache'}",
+        "--set",
+        f"paths.outputs={work / 'outputs'}",
+        "--set",
+        f"train.epochs={args.epochs}",
+        "--set",
+        f"train.linear_epochs={args.linear_epochs}",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
 
     def cli(*a: str) -> float:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, str(ROOT / "cli.py"), *a, *sets], cwd=ROOT, env=env,
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, str(ROOT / "cli.py"), *a, *sets],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         return time.perf_counter() - t0
 
     rows = []
@@ -75,14 +95,18 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     idle = {t: s for load, t, s in rows if not load}
-    print(f"train-head, {args.epochs} PAC + {args.linear_epochs} linear epochs, "
-          f"{os.cpu_count()} cores, torch default threads = usable cores")
+    print(
+        f"train-head, {args.epochs} PAC + {args.linear_epochs} linear epochs, "
+        f"{os.cpu_count()} cores, torch default threads = usable cores"
+    )
     print("| machine | run.threads | seconds | vs idle, same threads | vs idle, default |")
     print("|---|---|---:|---:|---:|")
     for load, threads, s in rows:
         name = "default (0)" if threads == 0 else str(threads)
-        print(f"| {'loaded (1 busy process)' if load else 'idle'} | {name} | {s:.1f} "
-              f"| {s / idle[threads]:.2f}x | {s / idle[0]:.2f}x |")
+        print(
+            f"| {'loaded (1 busy process)' if load else 'idle'} | {name} | {s:.1f} "
+            f"| {s / idle[threads]:.2f}x | {s / idle[0]:.2f}x |"
+        )
     return 0
 
 

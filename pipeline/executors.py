@@ -7,6 +7,7 @@ in `worker_cached`, keyed by what defines it, for all its tasks.
 "local:N" starts N local worker processes on loopback; "tcp://host:8786" connects to a
 running scheduler (`dask scheduler` + `dask worker ...`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,6 +46,7 @@ def glibc_malloc_defaults() -> Iterator[None]:
     environment of the process that started it, and the nanny takes that first). Use inside
     preserved_environment()."""
     import dask
+
     os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     with dask.config.set(NANNY_ENVIRON):
         yield
@@ -73,8 +75,10 @@ def require_distributed() -> None:
     try:
         import distributed  # noqa: F401
     except ImportError:
-        raise UsageError("dask.scheduler / --scheduler needs Dask, which is not installed: "
-                         f"`{DASK_EXTRA}`, or leave dask.scheduler empty to run locally") from None
+        raise UsageError(
+            "dask.scheduler / --scheduler needs Dask, which is not installed: "
+            f"`{DASK_EXTRA}`, or leave dask.scheduler empty to run locally"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -84,40 +88,54 @@ def connect(scheduler: str, worker_threads: int = 1) -> Iterator:
     it cannot be reached within CONNECT_TIMEOUT_S."""
     require_distributed()
     from distributed import Client, LocalCluster
+
     if scheduler.startswith("local:"):
         n = int(scheduler.split(":", 1)[1])
-        with preserved_environment(), glibc_malloc_defaults(), \
-                thread_limits(f"the local Dask cluster ({scheduler})"), \
-                LocalCluster(n_workers=n, threads_per_worker=worker_threads, processes=True,
-                             host="127.0.0.1", dashboard_address=None,
-                             silence_logs=logging.ERROR) as cluster, \
-                Client(cluster) as client:
+        with (
+            preserved_environment(),
+            glibc_malloc_defaults(),
+            thread_limits(f"the local Dask cluster ({scheduler})"),
+            LocalCluster(
+                n_workers=n,
+                threads_per_worker=worker_threads,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             yield client
         return
     try:
         client = Client(scheduler, timeout=CONNECT_TIMEOUT_S)
     except (OSError, TimeoutError) as e:
-        raise ExecutorError(f"cannot reach the Dask scheduler at {scheduler} within "
-                            f"{CONNECT_TIMEOUT_S} s ({type(e).__name__}); start it with "
-                            "`dask scheduler`, or leave dask.scheduler empty to run "
-                            "locally") from None
+        raise ExecutorError(
+            f"cannot reach the Dask scheduler at {scheduler} within "
+            f"{CONNECT_TIMEOUT_S} s ({type(e).__name__}); start it with "
+            "`dask scheduler`, or leave dask.scheduler empty to run "
+            "locally"
+        ) from None
     with client:
         yield client
 
 
-def run_tasks(scheduler: str, fn: Callable, inputs: Iterable[tuple[str, tuple]],
-              worker_threads: int = 1) -> Iterator[Any]:
+def run_tasks(
+    scheduler: str, fn: Callable, inputs: Iterable[tuple[str, tuple]], worker_threads: int = 1
+) -> Iterator[Any]:
     """Run fn(*args) on the cluster for each (key, args) of `inputs`, handed to workers in
     that order (earlier first: a caller that lists its largest tasks first balances the
     workers' loads); yield the results as they complete. A task whose worker dies is retried
     elsewhere (tasks are idempotent). `worker_threads`: task threads per worker of a
     "local:N" cluster (tasks that overlap their I/O with another task's compute ask for 2)."""
     from distributed import as_completed
+
     with connect(scheduler, worker_threads) as client:
         calls = list(inputs)
-        futures = [client.submit(fn, *args, key=key, pure=False, retries=2,
-                                 priority=len(calls) - k)
-                   for k, (key, args) in enumerate(calls)]
+        futures = [
+            client.submit(fn, *args, key=key, pure=False, retries=2, priority=len(calls) - k)
+            for k, (key, args) in enumerate(calls)
+        ]
         for fut in as_completed(futures):
             yield fut.result()
 
@@ -130,8 +148,13 @@ def scheduler_of(cfg: Config, executor: str | None = None) -> str:
     return executor if executor is not None else cfg.dask.scheduler
 
 
-def execute(scheduler: str, fn: Callable[..., T], remote: Callable[[], Iterable[tuple[str, tuple]]],
-            local: Callable[[], Iterable[T]], worker_threads: int = 1) -> Iterator[T]:
+def execute(
+    scheduler: str,
+    fn: Callable[..., T],
+    remote: Callable[[], Iterable[tuple[str, tuple]]],
+    local: Callable[[], Iterable[T]],
+    worker_threads: int = 1,
+) -> Iterator[T]:
     """The one choice between here and Dask for a stage's tasks: with a `scheduler`, fn(*args)
     for each (key, args) of remote() on the cluster (run_tasks: results as they complete);
     without, local()'s results (the same tasks in this process, in order)."""

@@ -9,6 +9,7 @@ build the keys at their entry and hand them down. Layering: this module imports 
 module (extract, train, predict) and no run-config record; the stages, `segment` and
 `export` import it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,6 +37,7 @@ from .store import CachedItem, split_fingerprint
 
 # ----------------------------------------------------------------------------- the models
 
+
 def _models_mismatch(cache: str | Path, keys: Keys, params: dict, deps: dict) -> str:
     """Why models trained with `params` on the stored splits `deps` are not the ones the
     keys ask for ("" when they are): other training settings, or a stored split (of the
@@ -44,7 +46,7 @@ def _models_mismatch(cache: str | Path, keys: Keys, params: dict, deps: dict) ->
     if diff:
         return "; ".join(diff[:4]) + (f" (+{len(diff) - 4} more)" if len(diff) > 4 else "")
     for dep, fp in deps.items():
-        split = dep[len("features["):-1]
+        split = dep[len("features[") : -1]
         now = split_fingerprint(cache, keys.feature, keys.data, split)
         if now is not None and now != fp:
             return f"features[{split}] changed since training"
@@ -52,10 +54,13 @@ def _models_mismatch(cache: str | Path, keys: Keys, params: dict, deps: dict) ->
 
 
 @contextlib.contextmanager
-def checked_models(run: RunLayout, keys: Keys, cache: str | Path,
-                   device: torch.device | str = "cpu",
-                   as_trained: Callable[[dict], bool] = lambda params: False,
-                   ) -> Iterator[TrainedModels]:
+def checked_models(
+    run: RunLayout,
+    keys: Keys,
+    cache: str | Path,
+    device: torch.device | str = "cpu",
+    as_trained: Callable[[dict], bool] = lambda params: False,
+) -> Iterator[TrainedModels]:
     """The trained models of the run `run`, verified, held (a shared lock) against a
     train-head of the same run for the duration, and refused (ModelError naming train-head)
     when they were trained with other settings than `keys` say (or on stored splits in
@@ -65,36 +70,46 @@ def checked_models(run: RunLayout, keys: Keys, cache: str | Path,
     if not mdir.is_dir():  # no models: say so without creating the folder for the lock
         load_models(mdir)
     # shared: predicts of several splits, segment and export may read at once
-    with file_lock(run.lock("models"),
-                   f"the models of run '{run.name}' (train-head is running)",
-                   shared=True):
+    with file_lock(
+        run.lock("models"), f"the models of run '{run.name}' (train-head is running)", shared=True
+    ):
         models = load_models(mdir, device)
         why = _models_mismatch(cache, keys, models.params, models.deps)
         if why:
             # the run's recorded config trained these models: --run uses them as they are
-            as_trained_hint = (f", or add `--run {run.name}` to use the run as it was "
-                               "trained" if diff_params(models.params, keys.train.params())
-                               and as_trained(models.params) else "")
-            raise ModelError(f"the models in {mdir} were trained with other settings ({why}): "
-                             f"run `{command('train-head')}` first{as_trained_hint}")
+            as_trained_hint = (
+                f", or add `--run {run.name}` to use the run as it was trained"
+                if diff_params(models.params, keys.train.params()) and as_trained(models.params)
+                else ""
+            )
+            raise ModelError(
+                f"the models in {mdir} were trained with other settings ({why}): "
+                f"run `{command('train-head')}` first{as_trained_hint}"
+            )
         yield models
 
 
 # ----------------------------------------------------------------------------- the backbone
+
 
 class BackboneRunner:
     """A loaded backbone on its device: same-size batches of uint8 canvases -> patch features
     in `extract.feature_dtype`, exactly as stage 1 stores them. Stage 1's `Extractor` adds the
     shard records; `segment` calls `launch` directly and `export` takes the `backbone`."""
 
-    def __init__(self, key: FeatureKey, weights: str, device: torch.device, batch_size: int,
-                 compile: bool = False):
+    def __init__(
+        self,
+        key: FeatureKey,
+        weights: str,
+        device: torch.device,
+        batch_size: int,
+        compile: bool = False,
+    ):
         """The backbone of the features `key` with the weights `weights` (backbone.weights:
         "pretrained", "random" or a file) on `device`, batches of `batch_size`; `compile`:
         torch.compile it (CUDA only)."""
         self.device = device
-        self.backbone: Backbone = create_backbone(key.backbone, weights,
-                                                  key.layers).to(self.device)
+        self.backbone: Backbone = create_backbone(key.backbone, weights, key.layers).to(self.device)
         self.backbone.optimize_for_inference()
         self.patch = self.backbone.spec.patch_size
         self.fit = key.fit
@@ -108,8 +123,11 @@ class BackboneRunner:
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         """A fresh autocast context for this device and precision (fp32: none)."""
-        return (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None
-                else contextlib.nullcontext())
+        return (
+            torch.autocast(self.device.type, dtype=self.amp)
+            if self.amp is not None
+            else contextlib.nullcontext()
+        )
 
     @torch.inference_mode()
     def launch(self, canvases: list[np.ndarray], mirror: bool = False) -> Callable[[], np.ndarray]:
@@ -127,7 +145,8 @@ class BackboneRunner:
             # one image per single-threaded forward, images spread over the cores (CpuFanout)
             def one(i: int) -> torch.Tensor:
                 with torch.inference_mode(), self._autocast():
-                    return self.model(x[i:i + 1])
+                    return self.model(x[i : i + 1])
+
             feats = torch.cat(self.cpu.map(one, x.shape[0]))
         else:
             with self._autocast():
@@ -142,12 +161,14 @@ class BackboneRunner:
             def fetch() -> np.ndarray:
                 done.synchronize()
                 return host.numpy()
+
             return fetch
         out = feats.numpy()
         return lambda: out
 
 
 # ----------------------------------------------------------------------------- the heads
+
 
 def _logit(p: float) -> float:
     """A probability threshold as the logit threshold the masks are cut at."""
@@ -165,9 +186,15 @@ class Predictor:
         self.logit_threshold = _logit(threshold)
         self.cpu = CpuFanout() if device.type == "cpu" else None
 
-    def masks(self, features: np.ndarray, canvases: np.ndarray, boxes: Sequence[Box],
-              sizes: Sequence[tuple[int, int]], variants: Sequence[str] = VARIANTS,
-              mirrored: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+    def masks(
+        self,
+        features: np.ndarray,
+        canvases: np.ndarray,
+        boxes: Sequence[Box],
+        sizes: Sequence[tuple[int, int]],
+        variants: Sequence[str] = VARIANTS,
+        mirrored: np.ndarray | None = None,
+    ) -> list[dict[str, np.ndarray]]:
         """Boolean masks (H, W) at each image's original size, per variant, for one batch of
         same-size canvases: `features` (B, h, w, C) as stage 1 stores them, `canvases` uint8
         (B, H', W', 3), `boxes[i]` where canvas i sits in its image of size `sizes[i]` (H, W).
@@ -175,46 +202,75 @@ class Predictor:
         variant's logits are averaged with the mirror image's, mirrored back.
         On CPU each image goes through the heads alone in a single-threaded pass
         (CpuFanout): a mask depends neither on the batch nor on the core count."""
-        return [m for m, _ in self.masks_and_levels(features, canvases, boxes, sizes, variants,
-                                                    mirrored)]
+        return [
+            m
+            for m, _ in self.masks_and_levels(features, canvases, boxes, sizes, variants, mirrored)
+        ]
 
-    def masks_and_levels(self, features: np.ndarray, canvases: np.ndarray, boxes: Sequence[Box],
-                         sizes: Sequence[tuple[int, int]], variants: Sequence[str] = VARIANTS,
-                         mirrored: np.ndarray | None = None, sweep: Sequence[float] = ()
-                         ) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    def masks_and_levels(
+        self,
+        features: np.ndarray,
+        canvases: np.ndarray,
+        boxes: Sequence[Box],
+        sizes: Sequence[tuple[int, int]],
+        variants: Sequence[str] = VARIANTS,
+        mirrored: np.ndarray | None = None,
+        sweep: Sequence[float] = (),
+    ) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
         """`masks`, and per variant the sweep levels (uint8 (H, W)): for each pixel, how many
         of the ascending probability thresholds `sweep` its object probability exceeds (the
         pixel is object at sweep[k] iff its level > k; compared in logit space exactly as the
         mask is, so at the configured threshold the level gives the mask). No sweep: {}."""
         if self.cpu is not None:
-            parts = self.cpu.map(lambda j: self._binary(
-                features[j:j + 1], canvases[j:j + 1], variants,
-                None if mirrored is None else mirrored[j:j + 1], sweep), len(boxes))
+            parts = self.cpu.map(
+                lambda j: self._binary(
+                    features[j : j + 1],
+                    canvases[j : j + 1],
+                    variants,
+                    None if mirrored is None else mirrored[j : j + 1],
+                    sweep,
+                ),
+                len(boxes),
+            )
             binary = {v: np.concatenate([p[0][v] for p in parts]) for v in variants}
-            levels = ({v: np.concatenate([p[1][v] for p in parts]) for v in variants}
-                      if sweep else {})
+            levels = (
+                {v: np.concatenate([p[1][v] for p in parts]) for v in variants} if sweep else {}
+            )
         else:
             binary, levels = self._binary(features, canvases, variants, mirrored, sweep)
-        return [({v: from_canvas(binary[v][j], box, size) for v in variants},
-                 {v: from_canvas(lv[j], box, size) for v, lv in levels.items()})
-                for j, (box, size) in enumerate(zip(boxes, sizes, strict=True))]
+        return [
+            (
+                {v: from_canvas(binary[v][j], box, size) for v in variants},
+                {v: from_canvas(lv[j], box, size) for v, lv in levels.items()},
+            )
+            for j, (box, size) in enumerate(zip(boxes, sizes, strict=True))
+        ]
 
-    def _logits(self, f: torch.Tensor, img: torch.Tensor,
-                variants: Sequence[str]) -> dict[str, torch.Tensor]:
+    def _logits(
+        self, f: torch.Tensor, img: torch.Tensor, variants: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
         """Each variant's logits (B, 1, H', W') at canvas size."""
         size = (img.shape[-2], img.shape[-1])
         base = self.models.head(f)
-        logits = {"linear_nearest": lambda: upsample_logits(base, size, "nearest"),
-                  "linear_bilinear": lambda: upsample_logits(base, size, "bilinear"),
-                  "pac": lambda: self.models.upsampler(f, img, base)}
+        logits = {
+            "linear_nearest": lambda: upsample_logits(base, size, "nearest"),
+            "linear_bilinear": lambda: upsample_logits(base, size, "bilinear"),
+            "pac": lambda: self.models.upsampler(f, img, base),
+        }
         return {v: logits[v]() for v in variants}
 
     @torch.inference_mode()
-    def _binary(self, features: np.ndarray, canvases: np.ndarray, variants: Sequence[str],
-                mirrored: np.ndarray | None = None, sweep: Sequence[float] = ()
-                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def _binary(
+        self,
+        features: np.ndarray,
+        canvases: np.ndarray,
+        variants: Sequence[str],
+        mirrored: np.ndarray | None = None,
+        sweep: Sequence[float] = (),
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Thresholded logits (B, H', W') at canvas size for each variant, and their sweep
         levels (uint8, same shape; {} without `sweep`)."""
+
         def tensor(feats: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(feats.astype(np.float32)).permute(0, 3, 1, 2).to(self.device)
 
@@ -238,23 +294,28 @@ class Predictor:
             levels[v] = lv
         return binary, levels
 
-    def batch_masks(self, items: list[CachedItem],
-                    mirrored: list[np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
+    def batch_masks(
+        self, items: list[CachedItem], mirrored: list[np.ndarray] | None = None
+    ) -> list[dict[str, np.ndarray]]:
         """`masks` of every variant for cached items whose canvases share one size
         (`mirrored`: their mirrored features, for predict.tta = "flip")."""
         return [m for m, _ in self.batch_masks_and_levels(items, mirrored)]
 
-    def batch_masks_and_levels(self, items: list[CachedItem],
-                               mirrored: list[np.ndarray] | None = None,
-                               sweep: Sequence[float] = ()
-                               ) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    def batch_masks_and_levels(
+        self,
+        items: list[CachedItem],
+        mirrored: list[np.ndarray] | None = None,
+        sweep: Sequence[float] = (),
+    ) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
         """`masks_and_levels` of every variant for cached items whose canvases share one size."""
-        return self.masks_and_levels(np.stack([it.features for it in items]),
-                                     np.stack([to_canvas(it.image, it.meta.box) for it in items]),
-                                     [it.meta.box for it in items],
-                                     [it.meta.orig_size for it in items],
-                                     mirrored=None if mirrored is None else np.stack(mirrored),
-                                     sweep=sweep)
+        return self.masks_and_levels(
+            np.stack([it.features for it in items]),
+            np.stack([to_canvas(it.image, it.meta.box) for it in items]),
+            [it.meta.box for it in items],
+            [it.meta.orig_size for it in items],
+            mirrored=None if mirrored is None else np.stack(mirrored),
+            sweep=sweep,
+        )
 
 
 def mask_png_bytes(mask: np.ndarray) -> bytes:

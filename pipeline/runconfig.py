@@ -14,6 +14,7 @@ models (`refuse_stale`). A run trained before records were written falls back to
 
 Below the stages: train-head imports this module to write the record; it imports no stage.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,9 +37,11 @@ from .core.hints import command
 from .core.layout import RUN_CONFIG, RunLayout
 
 RECORD = RUN_CONFIG
-_HEADER = ("# The config this run was trained with, written by train-head; `--run <run name>`\n"
-           "# starts from it. paths.outputs and run.name are not read back (a run is wherever\n"
-           "# its folder is).\n")
+_HEADER = (
+    "# The config this run was trained with, written by train-head; `--run <run name>`\n"
+    "# starts from it. paths.outputs and run.name are not read back (a run is wherever\n"
+    "# its folder is).\n"
+)
 
 
 def record_path(run_dir: Path) -> Path:
@@ -48,8 +51,11 @@ def record_path(run_dir: Path) -> Path:
 def _absolute(cfg: Config, absolute: Callable[[str], str]) -> dict[str, str]:
     """The copy_config changes that make `cfg`'s paths (PATH_KEYS: the data, cache and
     outputs folders and a local weights file) absolute by `absolute`."""
-    return {key.replace(".", "__"): absolute(cfg.get(key)) for key in PATH_KEYS
-            if key != "backbone.weights" or cfg.backbone.weights not in ("pretrained", "random")}
+    return {
+        key.replace(".", "__"): absolute(cfg.get(key))
+        for key in PATH_KEYS
+        if key != "backbone.weights" or cfg.backbone.weights not in ("pretrained", "random")
+    }
 
 
 def recordable(cfg: Config) -> Config:
@@ -63,15 +69,16 @@ def portable_config(cfg: Config) -> Config:
     working directory is not the driver's), and extract.precision resolved on the driver,
     so every worker computes what the store's key says."""
     from .models.devices import resolve_precision
+
     changes = _absolute(cfg, lambda path: str(Path(path).expanduser().resolve()))
-    changes["extract__precision"] = resolve_precision(cfg.extract.precision,
-                                                      cfg.extract.device)
+    changes["extract__precision"] = resolve_precision(cfg.extract.precision, cfg.extract.device)
     return copy_config(cfg, **changes)
 
 
 def write_record(cfg: Config) -> Path:
     """Record `cfg` (the config the run's models were just trained with) in its run folder."""
     from .core.config import to_toml
+
     path = record_path(cfg.run_dir)
     text = _HEADER + to_toml(recordable(cfg))
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -92,12 +99,12 @@ def _from_report(path: Path) -> Config:
     """The `config` of a report, read strictly (the report's own parser) and validated."""
     from .core.jsondoc import Damaged, read_doc
     from .report.doc import parse_report
+
     try:
         doc = read_doc(path)
         report = parse_report(doc, strict=True)
     except Damaged as e:
-        raise ConfigError(f"{path}: damaged ({e}); cannot take the run's config from it") \
-            from None
+        raise ConfigError(f"{path}: damaged ({e}); cannot take the run's config from it") from None
     assert report.config is not None  # strict: required
     try:
         return config_from_dict(report.config, f" in {path} (config)")
@@ -118,16 +125,21 @@ def read_record(run_dir: Path, splits: Sequence[str] = ()) -> tuple[Config, Path
         raise ConfigError(f"--run {run_dir.name}: no run folder {run_dir}{_runs_hint(run_dir)}")
     for report in _reports(run_dir, splits):
         return _from_report(report), report
-    raise ConfigError(f"--run {run_dir.name}: {run_dir} has no recorded config ({RECORD}, "
-                      "written by train-head) and no report_<split>.json to take it from: "
-                      "give its settings with --config / --set instead of --run")
+    raise ConfigError(
+        f"--run {run_dir.name}: {run_dir} has no recorded config ({RECORD}, "
+        "written by train-head) and no report_<split>.json to take it from: "
+        "give its settings with --config / --set instead of --run"
+    )
 
 
 def _runs_hint(run_dir: Path) -> str:
     """` (runs there: a, b)` naming the run folders next to `run_dir`, or why none."""
     try:
-        names = sorted(d.name for d in run_dir.parent.iterdir()
-                       if RunLayout(d).models.is_dir() or record_path(d).is_file())
+        names = sorted(
+            d.name
+            for d in run_dir.parent.iterdir()
+            if RunLayout(d).models.is_dir() or record_path(d).is_file()
+        )
     except OSError:
         return " (paths.outputs is not a readable folder)"
     if not names:
@@ -139,14 +151,16 @@ def _runs_hint(run_dir: Path) -> str:
 @dataclass(frozen=True)
 class RunConfig:
     """What `--run NAME` resolved to."""
+
     name: str
     recorded: Config  # the run's record, in this outputs folder under this name
     source: Path  # the file it was read from (config.toml, or a report)
     cfg: Config  # the record with --config and --set on top
 
 
-def load_run_config(plain: Config, name: str, config_path: str | Path | None,
-                    overrides: Sequence[str]) -> RunConfig:
+def load_run_config(
+    plain: Config, name: str, config_path: str | Path | None, overrides: Sequence[str]
+) -> RunConfig:
     """`--run NAME`: the run's record found at <plain.paths.outputs>/NAME (`plain`: the config
     of --config / --set alone, or the default), then the keys of the `config_path` file and
     the `overrides` on top. The run stays NAME unless `--set run.name=...` names a new run
@@ -165,6 +179,7 @@ def stale_keys(recorded: Config, cfg: Config) -> list[str]:
     """The differences (`key: recorded -> asked`) of the settings the models depend on."""
     from .core.fingerprints import diff_params
     from .models.devices import config_keys
+
     return diff_params(config_keys(recorded).train.params(), config_keys(cfg).train.params())
 
 
@@ -186,11 +201,13 @@ def refuse_stale(run: RunConfig, training: bool = False) -> None:
         raise ConfigError(
             f"--run {run.name}: {_shown(diff)} (recorded -> asked): a run's models are not "
             f"replaced under a changed config; train a new run: {new_run}, or drop that --set "
-            "(or --config key)")
+            "(or --config key)"
+        )
     raise ConfigError(
         f"--run {run.name}: {_shown(diff)} (recorded -> asked) would make the run's models "
         "stale: drop that --set (or --config key) to use the run as it was trained, or train "
-        f"a new run: {new_run}")
+        f"a new run: {new_run}"
+    )
 
 
 def reproduces(cfg: Config, params: dict) -> bool:
@@ -200,6 +217,7 @@ def reproduces(cfg: Config, params: dict) -> bool:
         recorded, _ = read_record(cfg.run_dir, [cfg.data.test_split])
         from .core.fingerprints import diff_params
         from .models.devices import config_keys
+
         return not diff_params(params, config_keys(recorded).train.params())
     except (PipelineError, OSError):
         return False

@@ -16,6 +16,7 @@ ahead has been cancelled.
 
 Layering: below the stages; imports no stage module.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -40,6 +41,7 @@ R = TypeVar("R")  # a write's result
 class Decoded(Generic[S, M]):
     """One item read and decoded: its pixels, its box on the canvas and what else its reader
     keeps (stage 1: the file's bytes and the mask; segment: the source file's identity)."""
+
     source: S
     image: np.ndarray  # uint8 (H, W, 3), viewer orientation
     box: Box
@@ -49,6 +51,7 @@ class Decoded(Generic[S, M]):
 @dataclass
 class Undecodable(Generic[S]):
     """One unusable item and its one-line error."""
+
     source: S
     error: str
     refused_pixels: int = 0  # > 0: refused by data.max_pixels from its header
@@ -59,8 +62,7 @@ class Writer(Generic[R]):
     waits while more than `max_writes` are unfinished; finished writes are handed to
     `on_written` in submission order, in the calling thread."""
 
-    def __init__(self, pool: ThreadPoolExecutor, max_writes: int,
-                 on_written: Callable[[R], None]):
+    def __init__(self, pool: ThreadPoolExecutor, max_writes: int, on_written: Callable[[R], None]):
         self._pool = pool
         self._max = max(1, max_writes)
         self._on_written = on_written
@@ -87,10 +89,18 @@ class Writer(Generic[R]):
         wait(self._pending)  # their own errors are not raised: the stream's error is
 
 
-def stream(chunks: Iterable[C], items: Callable[[C], Sequence[T]], decode: Callable[[T], D],
-           process: Callable[[C, Iterator[D], Writer[R]], None],
-           on_written: Callable[[R], None] = lambda r: None, *, decode_threads: int,
-           write_threads: int = 1, lookahead: int = 2, max_writes: int = 1) -> None:
+def stream(
+    chunks: Iterable[C],
+    items: Callable[[C], Sequence[T]],
+    decode: Callable[[T], D],
+    process: Callable[[C, Iterator[D], Writer[R]], None],
+    on_written: Callable[[R], None] = lambda r: None,
+    *,
+    decode_threads: int,
+    write_threads: int = 1,
+    lookahead: int = 2,
+    max_writes: int = 1,
+) -> None:
     """For each chunk in order: `process(chunk, decoded items in order, writer)`, while the
     items of the next `lookahead` chunks (`items(chunk)`) are decoded by `decode_threads`
     threads and the writes the processing submits (`writer.submit(fn, *args)`) run on

@@ -11,6 +11,7 @@ for each, two lines on stdout: the child's pid as soon as it is forked (so that 
 can kill it on a timeout), then its exit code (negative: killed by that signal). EOF on
 stdin ends the server. Only the caller (run_cli) talks to it.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -38,10 +39,15 @@ def child(root: str, req: dict) -> int:
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=unbuffered)
-    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), errors="backslashreplace",
-                                  line_buffering=True, write_through=unbuffered)
+    sys.stderr = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False),
+        errors="backslashreplace",
+        line_buffering=True,
+        write_through=unbuffered,
+    )
     sys.argv = [os.path.join(root, "cli.py"), *req["args"]]
     import cli
+
     code = 1
     try:
         try:
@@ -74,6 +80,7 @@ def main() -> None:
     import pipeline.stages.extract  # noqa: F401
     import pipeline.stages.predict  # noqa: F401
     import pipeline.stages.train  # noqa: F401
+
     warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
     requests = sys.stdin.buffer
     replies = os.fdopen(os.dup(1), "wb", buffering=0)

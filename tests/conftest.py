@@ -1,4 +1,5 @@
 """Shared fixtures: a generated dataset in both layouts and a config pointing at it."""
+
 from __future__ import annotations
 
 import atexit
@@ -28,29 +29,49 @@ SHARED_WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_features.pt"
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("synth") / "obj_seg", "obj_seg",
-                        {"train": 6, "test": 3}, size=(96, 136), seed=1)
+    return make_dataset(
+        tmp_path_factory.mktemp("synth") / "obj_seg",
+        "obj_seg",
+        {"train": 6, "test": 3},
+        size=(96, 136),
+        seed=1,
+    )
 
 
 @pytest.fixture(scope="session")
 def synth_davis_root(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("synth") / "davis", "davis2016",
-                        {"train": 4, "val": 2}, size=(80, 112), seed=2)
+    return make_dataset(
+        tmp_path_factory.mktemp("synth") / "davis",
+        "davis2016",
+        {"train": 4, "val": 2},
+        size=(80, 112),
+        seed=2,
+    )
 
 
 def cpu_sets(tmp_path: Path, data_root: Path, *extra: str, layout: str = "obj_seg") -> list[str]:
     """The KEY=VALUE overrides of a fast CPU run on `data_root`, everything under tmp_path."""
-    return [f"data.root={data_root}", f"data.layout={layout}",
-            f"paths.cache={tmp_path / 'cache'}", f"paths.outputs={tmp_path / 'outputs'}",
-            "backbone.name=mobilenet_v2", "backbone.weights=random",
-            "extract.batch_size=4", "extract.device=cpu", "extract.num_workers=2",
-            "train.device=cpu", "predict.device=cpu", *extra]
+    return [
+        f"data.root={data_root}",
+        f"data.layout={layout}",
+        f"paths.cache={tmp_path / 'cache'}",
+        f"paths.outputs={tmp_path / 'outputs'}",
+        "backbone.name=mobilenet_v2",
+        "backbone.weights=random",
+        "extract.batch_size=4",
+        "extract.device=cpu",
+        "extract.num_workers=2",
+        "train.device=cpu",
+        "predict.device=cpu",
+        *extra,
+    ]
 
 
 def make_cfg(tmp_path: Path, data_root: Path, *extra: str, layout: str = "obj_seg"):
     """A config for a fast CPU run on generated data, with everything under tmp_path."""
-    return load_config(ROOT / "configs" / "default.toml",
-                       cpu_sets(tmp_path, data_root, *extra, layout=layout))
+    return load_config(
+        ROOT / "configs" / "default.toml", cpu_sets(tmp_path, data_root, *extra, layout=layout)
+    )
 
 
 TINY_TRAIN = ("train.epochs=1", "train.linear_epochs=2", "train.crop=48")
@@ -60,6 +81,7 @@ def stored(cfg, mirror: bool = False) -> tuple:
     """(cache folder, feature key, dataset) of `cfg`'s store (`mirror`: of its mirrored
     features): the leading arguments of the store's functions."""
     from pipeline.models.devices import config_keys
+
     keys = config_keys(cfg)
     return cfg.paths.cache, keys.feature.mirrored(mirror), keys.data
 
@@ -67,6 +89,7 @@ def stored(cfg, mirror: bool = False) -> tuple:
 def store_of(cfg, mirror: bool = False) -> Path:
     """The folder of `cfg`'s store (`mirror`: of its mirrored features)."""
     from pipeline.store import store_dir
+
     return store_dir(*stored(cfg, mirror)[:2])
 
 
@@ -82,6 +105,7 @@ def trained_run(base: Path, data_root: Path, *extra: str):
     from pipeline.stages.extract import run_extract
     from pipeline.stages.predict import run_predict
     from pipeline.stages.train import run_train
+
     cfg = make_cfg(base, data_root, *TINY_TRAIN, *extra)
     quiet = dict(log=lambda s: None, progress=False)
     run_extract(cfg, **quiet)
@@ -115,8 +139,9 @@ def trained_copy(trained, tmp_path):
     return copy_run(trained, tmp_path / "run")
 
 
-def synth_images(folder: Path, names: list[str], root: Path,
-                 size: tuple[int, int] | None = None, first: int = 0) -> None:
+def synth_images(
+    folder: Path, names: list[str], root: Path, size: tuple[int, int] | None = None, first: int = 0
+) -> None:
     """Copies of the generated test images (from the `first`-th on) under `names` (format
     from the suffix), cropped to `size` (w, h) when given."""
     srcs = sorted((root / "test").rglob("images/*.jpg"))
@@ -137,9 +162,13 @@ class _CliServer:
 
     def __init__(self) -> None:
         self.env = self._env()
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cli_server.py"),
-                                      str(ROOT)], cwd=ROOT, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, bufsize=0)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "cli_server.py"), str(ROOT)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+        )
 
     @classmethod
     def _env(cls) -> dict[str, str]:
@@ -169,8 +198,13 @@ class _CliServer:
     def run(self, args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory(prefix="run_cli-") as d:
             out, err = Path(d) / "stdout", Path(d) / "stderr"
-            req = {"args": args, "cwd": str(cwd), "env": dict(os.environ),
-                   "stdout": str(out), "stderr": str(err)}
+            req = {
+                "args": args,
+                "cwd": str(cwd),
+                "env": dict(os.environ),
+                "stdout": str(out),
+                "stderr": str(err),
+            }
             assert self.proc.stdin is not None
             self.proc.stdin.write((json.dumps(req) + "\n").encode())
             pid = self._line()
@@ -183,10 +217,12 @@ class _CliServer:
                     os.kill(pid, signal.SIGKILL)
             if code is None:
                 self._line()
-                raise subprocess.TimeoutExpired([*CLI, *args], timeout, out.read_text(),
-                                                err.read_text())
-            return subprocess.CompletedProcess([*CLI, *args], code, out.read_text(),
-                                               err.read_text())
+                raise subprocess.TimeoutExpired(
+                    [*CLI, *args], timeout, out.read_text(), err.read_text()
+                )
+            return subprocess.CompletedProcess(
+                [*CLI, *args], code, out.read_text(), err.read_text()
+            )
 
 
 CLI = [sys.executable, str(ROOT / "cli.py")]
@@ -201,8 +237,9 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.Co
     platform without fork, starts each one afresh."""
     cwd = Path(cwd)
     if os.environ.get("FRESH_CLI") or not hasattr(os, "fork") or not cwd.is_dir():
-        return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+        )
     if _server and not _server[0].usable():
         _server.pop().close()
     if not _server:
@@ -244,9 +281,13 @@ def shallow_vits(monkeypatch, depth: int = SHALLOW_VIT_DEPTH) -> None:
         def build_shallow(spec, pretrained):
             real = timm.create_model
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(timm, "create_model",
-                           lambda *args, **kwargs: real(*args, **{**kwargs, "depth": depth}))
+                mp.setattr(
+                    timm,
+                    "create_model",
+                    lambda *args, **kwargs: real(*args, **{**kwargs, "depth": depth}),
+                )
                 return build(spec, pretrained)
+
         return build_shallow
 
     for key in sorted({spec.builder for spec in registry.specs() if spec.kind == "vit"}):

@@ -6,6 +6,7 @@ tensors, which proves that the weights were really loaded (and normalised inputs
 The reference forward is written out here, following DINO's and DINOv2's own code
 (`prepare_tokens` / `interpolate_pos_encoding`), independently of pipeline.models.backbones.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,6 +75,7 @@ def vit_reference(timm_name: str, sd: dict, x: torch.Tensor, n_last: int = 1) ->
     `n_last` > 1: DINO's get_intermediate_layers(x, n_last) (each of the last blocks' outputs
     through the final norm), concatenated along the channels. As many blocks as `sd` holds."""
     import timm
+
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     m = timm.create_model(timm_name, pretrained=False, num_classes=0, depth=depth)
     m.load_state_dict(sd, strict=True)
@@ -81,8 +83,9 @@ def vit_reference(timm_name: str, sd: dict, x: torch.Tensor, n_last: int = 1) ->
     B, _, H, W = x.shape
     p = m.patch_embed.patch_size[0]
     with torch.no_grad():
-        t = torch.nn.functional.conv2d(normalise(x), m.patch_embed.proj.weight,
-                                       m.patch_embed.proj.bias, stride=p)
+        t = torch.nn.functional.conv2d(
+            normalise(x), m.patch_embed.proj.weight, m.patch_embed.proj.bias, stride=p
+        )
         t = t.flatten(2).transpose(1, 2)
         t = torch.cat((m.cls_token.expand(B, -1, -1), t), dim=1)
         t = t + dino_pos_embed(m.pos_embed, H // p, W // p)
@@ -102,7 +105,7 @@ def timm_features(bb: Backbone, x: torch.Tensor) -> torch.Tensor:
     p = bb.spec.patch_size
     with torch.no_grad():
         t = bb.model.forward_features((x.float() - bb.mean) / bb.std)
-        t = t[:, bb.model.num_prefix_tokens:]
+        t = t[:, bb.model.num_prefix_tokens :]
     return t.reshape(B, H // p, W // p, -1)
 
 
@@ -130,16 +133,22 @@ def dino16_data():
     key names, no head), an input batch and the reference features of each. Two blocks, not
     twelve: what these checkpoints test is their keys and layouts (see `dino16`)."""
     import timm
+
     torch.manual_seed(123)
-    m = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0,
-                          depth=SHALLOW_VIT_DEPTH)
+    m = timm.create_model(
+        "vit_small_patch16_224", pretrained=False, num_classes=0, depth=SHALLOW_VIT_DEPTH
+    )
     teacher = {k: v.clone() for k, v in m.state_dict().items()}
     g = torch.Generator().manual_seed(7)
     student = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in teacher.items()}
     x = images(16)
-    return {"teacher": teacher, "student": student, "x": x,
-            "ref_teacher": vit_reference("vit_small_patch16_224", teacher, x),
-            "ref_student": vit_reference("vit_small_patch16_224", student, x)}
+    return {
+        "teacher": teacher,
+        "student": student,
+        "x": x,
+        "ref_teacher": vit_reference("vit_small_patch16_224", teacher, x),
+        "ref_student": vit_reference("vit_small_patch16_224", student, x),
+    }
 
 
 @pytest.fixture()
@@ -153,17 +162,24 @@ def dino16(dino16_data, monkeypatch):
 
 # ----------------------------------------------------------------------------- registry
 
+
 def test_registry_names_and_specs():
     assert list_backbones() == NAMES
-    expect = {"dino_vits16": (16, 384, "timm:vit_small_patch16_224.dino"),
-              "dino_vits8": (8, 384, "timm:vit_small_patch8_224.dino"),
-              "dinov2_vits14": (14, 384, "timm:vit_small_patch14_dinov2.lvd142m"),
-              "mobilenet_v2": (16, 96, "torchvision:mobilenet_v2")}
+    expect = {
+        "dino_vits16": (16, 384, "timm:vit_small_patch16_224.dino"),
+        "dino_vits8": (8, 384, "timm:vit_small_patch8_224.dino"),
+        "dinov2_vits14": (14, 384, "timm:vit_small_patch14_dinov2.lvd142m"),
+        "mobilenet_v2": (16, 96, "torchvision:mobilenet_v2"),
+    }
     for name, (patch, dim, source) in expect.items():
         spec = get_spec(name)
         assert isinstance(spec, BackboneSpec)
-        assert ((spec.name, spec.patch_size, spec.embed_dim, spec.source)
-                == (name, patch, dim, source))
+        assert (spec.name, spec.patch_size, spec.embed_dim, spec.source) == (
+            name,
+            patch,
+            dim,
+            source,
+        )
         assert spec.mean == (0.485, 0.456, 0.406) and spec.std == (0.229, 0.224, 0.225)
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.patch_size = 3  # frozen
@@ -173,6 +189,7 @@ def test_registry_entries_carry_builder_kind_layers_and_taps():
     """One registry: each entry's builder is registered, its layers and taps are its own, and
     config takes its choices and range from it."""
     from pipeline.core.config import CHOICES, RANGES, load_config
+
     assert [s.name for s in registry.specs()] == NAMES
     for spec in registry.specs():
         assert spec.builder in backbones.BUILDERS, spec.name
@@ -182,7 +199,11 @@ def test_registry_entries_carry_builder_kind_layers_and_taps():
     assert [registry.resolve_layers(n, 0) for n in NAMES] == [1, 1, 1, 2]
     mnv2 = get_spec("mobilenet_v2")
     assert mnv2.taps == (13, 16, 17, 18) and [mnv2.channels(n) for n in (1, 2, 3, 4)] == [
-        96, 256, 576, 1856]
+        96,
+        256,
+        576,
+        1856,
+    ]
     assert get_spec("dino_vits8").channels(3) == 3 * 384
     for name in VITS:  # the official releases whose key formats are read
         spec = get_spec(name)
@@ -201,10 +222,18 @@ def test_the_registry_and_config_import_no_torch():
     """`config show` validates against the registry: its data (and config) load without torch
     (or timm, torchvision)."""
     import subprocess
-    code = ("import sys; import pipeline.core.config, pipeline.core.registry; "
-            "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=Path(__file__).resolve().parents[1], timeout=120)
+
+    code = (
+        "import sys; import pipeline.core.config, pipeline.core.registry; "
+        "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
     assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
 
 
@@ -217,6 +246,7 @@ def test_unknown_name():
 
 
 # ----------------------------------------------------------------------------- forward
+
 
 @pytest.mark.parametrize("name", NAMES)
 def test_random_forward_shapes(random_backbones, name):
@@ -241,9 +271,9 @@ def test_random_forward_shapes(random_backbones, name):
 def test_forward_rejects_bad_input(random_backbones):
     bb = random_backbones["mobilenet_v2"]
     with pytest.raises(ValueError):
-        bb(torch.zeros(1, 3, 32, 32))                      # float, not uint8
+        bb(torch.zeros(1, 3, 32, 32))  # float, not uint8
     with pytest.raises(ValueError):
-        bb(torch.zeros(1, 4, 32, 32, dtype=torch.uint8))   # 4 channels
+        bb(torch.zeros(1, 4, 32, 32, dtype=torch.uint8))  # 4 channels
 
 
 def test_random_is_deterministic_and_keeps_global_rng(random_backbones):
@@ -295,6 +325,7 @@ def bicubic_by_hand(grid: torch.Tensor, scale: tuple[float, float], out_hw: tupl
 
         def far(d):
             return ((A * d - 5 * A) * d + 8 * A) * d - 4 * A
+
         return [far(t + 1), near(t), near(1 - t), far(2 - t)]
 
     def taps(n_out: int, s: float, n_in: int) -> list[list[tuple[int, float]]]:
@@ -302,8 +333,9 @@ def bicubic_by_hand(grid: torch.Tensor, scale: tuple[float, float], out_hw: tupl
         for i in range(n_out):
             src = (i + 0.5) / s - 0.5
             i0 = math.floor(src)
-            rows.append([(min(max(i0 - 1 + k, 0), n_in - 1), wk)
-                         for k, wk in enumerate(weights(src - i0))])
+            rows.append(
+                [(min(max(i0 - 1 + k, 0), n_in - 1), wk) for k, wk in enumerate(weights(src - i0))]
+            )
         return rows
 
     g = grid.double()
@@ -331,19 +363,24 @@ def test_pos_embed_follows_dino_rule(random_backbones):
     torch.testing.assert_close(got[0, 1:].double(), by_hand.reshape(35, 384), rtol=0, atol=1e-6)
     # neither timm's resize (exact size, antialiased) nor a plain resize to the size
     from timm.layers import resample_abs_pos_embed
+
     timm_pos = resample_abs_pos_embed(pos, new_size=(5, 7), old_size=(14, 14), num_prefix_tokens=1)
     assert (got - timm_pos).abs().max() > 1e-3
-    sized = torch.nn.functional.interpolate(pos[:, 1:].reshape(1, 14, 14, 384).permute(0, 3, 1, 2),
-                                            size=(5, 7), mode="bicubic")
+    sized = torch.nn.functional.interpolate(
+        pos[:, 1:].reshape(1, 14, 14, 384).permute(0, 3, 1, 2), size=(5, 7), mode="bicubic"
+    )
     assert (got[0, 1:] - sized[0].permute(1, 2, 0).reshape(35, 384)).abs().max() > 1e-3
     assert positions.official_pos_embed(pos, 1, (14, 14)) is pos
     # and the whole forward on 5 x 7 patches
     x = images(16, b=2, gh=5, gw=7)
-    torch.testing.assert_close(feats(random_backbones["dino_vits16"], x),
-                               vit_reference("vit_small_patch16_224", model.state_dict(), x))
+    torch.testing.assert_close(
+        feats(random_backbones["dino_vits16"], x),
+        vit_reference("vit_small_patch16_224", model.state_dict(), x),
+    )
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
 
 def test_load_dino_release_checkpoint(tmp_path, dino16):
     path = tmp_path / "dino_deitsmall16_pretrain.pth"
@@ -362,12 +399,24 @@ def dino_training_checkpoint(dino16) -> dict:
     teacher["head.last_layer.weight_g"] = torch.ones(65536, 1)
     student = {"module.backbone." + k: v for k, v in dino16["student"].items()}
     student["module.head.mlp.0.weight"] = torch.randn(2048, 384)
-    optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4)}},
-                 "param_groups": [{"lr": 0.0005, "weight_decay": 0.04, "params": [0]}]}
-    return {"student": student, "teacher": teacher, "optimizer": optimizer, "epoch": 3,
-            "args": argparse.Namespace(arch="vit_small", patch_size=16, lr=0.0005,
-                                       out_dim=65536, data_path="/path/to/imagenet/train/"),
-            "dino_loss": {"center": torch.zeros(1, 65536)}}
+    optimizer = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4)}},
+        "param_groups": [{"lr": 0.0005, "weight_decay": 0.04, "params": [0]}],
+    }
+    return {
+        "student": student,
+        "teacher": teacher,
+        "optimizer": optimizer,
+        "epoch": 3,
+        "args": argparse.Namespace(
+            arch="vit_small",
+            patch_size=16,
+            lr=0.0005,
+            out_dim=65536,
+            data_path="/path/to/imagenet/train/",
+        ),
+        "dino_loss": {"center": torch.zeros(1, 65536)},
+    }
 
 
 def test_load_dino_training_checkpoint_prefers_teacher(tmp_path, dino16):
@@ -395,8 +444,9 @@ class _ExecMarker(_OpenMarker):
         return exec, (f"open({str(self.marker)!r}, 'w').close()",)
 
 
-@pytest.mark.parametrize("payload,where", [(_OpenMarker, "top"), (_ExecMarker, "top"),
-                                           (_OpenMarker, "args")])
+@pytest.mark.parametrize(
+    "payload,where", [(_OpenMarker, "top"), (_ExecMarker, "top"), (_OpenMarker, "args")]
+)
 def test_malicious_checkpoint_is_refused_unexecuted(tmp_path, dino16, payload, where):
     """A pickle that runs code when loaded: refused in one line, the code never runs (no
     fallback to an unsafe load), even hidden in the allowed argparse.Namespace."""
@@ -412,8 +462,16 @@ def test_malicious_checkpoint_is_refused_unexecuted(tmp_path, dino16, payload, w
     with pytest.raises(BackboneError) as e:
         create_backbone("dino_vits16", str(path))
     glob = "exec" if payload is _ExecMarker else "open"
-    msg = assert_one_line(e, "shared_checkpoint.pth", "refused", "unpickling arbitrary objects",
-                          "Unsupported global: GLOBAL", glob, ".safetensors", "state dict")
+    msg = assert_one_line(
+        e,
+        "shared_checkpoint.pth",
+        "refused",
+        "unpickling arbitrary objects",
+        "Unsupported global: GLOBAL",
+        glob,
+        ".safetensors",
+        "state dict",
+    )
     assert len(msg) < 500
     assert not marker.exists()
     assert e.value.__cause__ is None and e.value.__suppress_context__
@@ -421,22 +479,26 @@ def test_malicious_checkpoint_is_refused_unexecuted(tmp_path, dino16, payload, w
 
 def test_load_safetensors(tmp_path, dino16):
     from safetensors.torch import save_file
+
     path = tmp_path / "model.safetensors"
     save_file(dino16["teacher"], str(path))
-    torch.testing.assert_close(feats(create_backbone("dino_vits16", str(path)), dino16["x"]),
-                               dino16["ref_teacher"])
+    torch.testing.assert_close(
+        feats(create_backbone("dino_vits16", str(path)), dino16["x"]), dino16["ref_teacher"]
+    )
     # the same key normalisation as for torch checkpoints: prefixes stripped, heads dropped;
     # recognised by content as well as by suffix
     sd = {"module.backbone." + k: v for k, v in dino16["student"].items()}
     sd["head.weight"], sd["head.bias"] = torch.zeros(1000, 384), torch.zeros(1000)
     odd = tmp_path / "student.bin"
     save_file(sd, str(odd))
-    torch.testing.assert_close(feats(create_backbone("dino_vits16", str(odd)), dino16["x"]),
-                               dino16["ref_student"])
+    torch.testing.assert_close(
+        feats(create_backbone("dino_vits16", str(odd)), dino16["x"]), dino16["ref_student"]
+    )
 
 
 def test_damaged_safetensors(tmp_path, dino16):
     from safetensors.torch import save_file
+
     path = tmp_path / "model.safetensors"
     save_file(dino16["teacher"], str(path))
     data = path.read_bytes()
@@ -453,8 +515,9 @@ def test_load_wrapped_timm_state_dict(tmp_path, dino16, wrapper):
     sd["head.weight"], sd["head.bias"] = torch.zeros(1000, 384), torch.zeros(1000)
     path = tmp_path / "wrapped.pt"
     torch.save({wrapper: sd, "epoch": 1}, path)
-    torch.testing.assert_close(feats(create_backbone("dino_vits16", str(path)), dino16["x"]),
-                               dino16["ref_student"])
+    torch.testing.assert_close(
+        feats(create_backbone("dino_vits16", str(path)), dino16["x"]), dino16["ref_student"]
+    )
 
 
 def test_load_dinov2_original_checkpoint(tmp_path, monkeypatch):
@@ -474,6 +537,7 @@ def test_load_dinov2_original_checkpoint(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def mobilenet_full():
     import torchvision
+
     torch.manual_seed(5)
     m = torchvision.models.mobilenet_v2(weights=None).eval()
     # non-trivial BatchNorm statistics, so that loading them is checked too
@@ -490,17 +554,21 @@ def mobilenet_full():
 @pytest.mark.parametrize("layout", ["full", "features", "features14"])
 def test_load_mobilenet_state_dicts(tmp_path, mobilenet_full, layout):
     sd, x, ref = mobilenet_full
-    if layout == "features":     # as in shared/weights/mobilenet_v2_imagenet_features.pt
+    if layout == "features":  # as in shared/weights/mobilenet_v2_imagenet_features.pt
         sd = {k: v for k, v in sd.items() if k.startswith("features.")}
     elif layout == "features14":  # someone saved model.features[:14].state_dict()
-        sd = {k[len("features."):]: v for k, v in sd.items()
-              if k.startswith("features.") and int(k.split(".")[1]) < 14}
+        sd = {
+            k[len("features.") :]: v
+            for k, v in sd.items()
+            if k.startswith("features.") and int(k.split(".")[1]) < 14
+        }
     path = tmp_path / f"mobilenet_{layout}.pth"
     torch.save(sd, path)
     torch.testing.assert_close(feats(create_backbone("mobilenet_v2", str(path)), x), ref)
 
 
 # ----------------------------------------------------------------------------- bad files
+
 
 def test_corrupt_file(tmp_path):
     path = tmp_path / "corrupt.pth"
@@ -573,10 +641,16 @@ def test_missing_path(tmp_path):
 
 # ----------------------------------------------------------------------------- pretrained
 
-@pytest.mark.parametrize("name,hint", [("dino_vits16", "dino_deitsmall16_pretrain.pth"),
-                                       ("dino_vits8", "dino_deitsmall8_pretrain.pth"),
-                                       ("dinov2_vits14", "dinov2_vits14_pretrain.pth"),
-                                       ("mobilenet_v2", "mobilenet_v2")])
+
+@pytest.mark.parametrize(
+    "name,hint",
+    [
+        ("dino_vits16", "dino_deitsmall16_pretrain.pth"),
+        ("dino_vits8", "dino_deitsmall8_pretrain.pth"),
+        ("dinov2_vits14", "dinov2_vits14_pretrain.pth"),
+        ("mobilenet_v2", "mobilenet_v2"),
+    ],
+)
 def test_pretrained_offline_is_one_line(monkeypatch, name, hint):
     import timm
     import torchvision
@@ -610,14 +684,19 @@ def test_pretrained_offline_is_one_line(monkeypatch, name, hint):
 def test_pretrained_mobilenet_is_loaded(monkeypatch, mobilenet_full):
     """The downloaded torchvision state dict (here: served by a stub) ends up in the model."""
     import torchvision
+
     sd, x, ref = mobilenet_full
     monkeypatch.setattr(weights, "_resolves", lambda host: True)
-    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict",
-                        lambda self, *a, **k: {k_: v.clone() for k_, v in sd.items()})
+    monkeypatch.setattr(
+        torchvision.models._api.WeightsEnum,
+        "get_state_dict",
+        lambda self, *a, **k: {k_: v.clone() for k_, v in sd.items()},
+    )
     torch.testing.assert_close(feats(create_backbone("mobilenet_v2", "pretrained"), x), ref)
 
 
 # ----------------------------------------------------------------------------- identity
+
 
 def test_weights_identity(tmp_path, monkeypatch):
     assert weights_identity("pretrained") == "pretrained"
@@ -631,11 +710,12 @@ def test_weights_identity(tmp_path, monkeypatch):
     # file again
     def no_read(*a, **k):
         raise AssertionError("file re-read")
+
     monkeypatch.setattr(fsutil, "sha256_file", no_read)
     assert weights_identity(str(path)) == ident
     monkeypatch.undo()
 
-    path.write_bytes(b"abd" * 1000)          # same size: the mtime tells
+    path.write_bytes(b"abd" * 1000)  # same size: the mtime tells
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     changed = weights_identity(str(path))
@@ -645,8 +725,10 @@ def test_weights_identity(tmp_path, monkeypatch):
 @pytest.fixture
 def no_hang():
     """Fail instead of waiting forever: opening a FIFO without a writer blocks."""
+
     def timeout(*_):
         raise AssertionError("blocked: the weights path was opened")
+
     old = signal.signal(signal.SIGALRM, timeout)
     signal.alarm(20)
     yield
@@ -654,26 +736,39 @@ def no_hang():
     signal.signal(signal.SIGALRM, old)
 
 
-@pytest.mark.parametrize("kind", ["folder", "fifo", "dev_null", "dev_zero", "link_to_fifo",
-                                  "missing", "missing_parent"])
+@pytest.mark.parametrize(
+    "kind", ["folder", "fifo", "dev_null", "dev_zero", "link_to_fifo", "missing", "missing_parent"]
+)
 def test_weights_path_that_is_not_a_file(tmp_path, kind, no_hang):
     """backbone.weights naming a folder, a FIFO or a device is told as such, in one line, by
     both the feature key (weights_identity) and the builder, without opening it; "not found"
     only when nothing is there."""
-    path = {"folder": tmp_path, "fifo": tmp_path / "w.fifo", "dev_null": Path("/dev/null"),
-            "dev_zero": Path("/dev/zero"), "link_to_fifo": tmp_path / "link.pth",
-            "missing": tmp_path / "none.pth", "missing_parent": tmp_path / "none" / "w.pth"}[kind]
+    path = {
+        "folder": tmp_path,
+        "fifo": tmp_path / "w.fifo",
+        "dev_null": Path("/dev/null"),
+        "dev_zero": Path("/dev/zero"),
+        "link_to_fifo": tmp_path / "link.pth",
+        "missing": tmp_path / "none.pth",
+        "missing_parent": tmp_path / "none" / "w.pth",
+    }[kind]
     if kind in ("fifo", "link_to_fifo"):
         os.mkfifo(tmp_path / "w.fifo")
     if kind == "link_to_fifo":
         path.symlink_to(tmp_path / "w.fifo")
     if kind.startswith("dev") and not path.exists():
         pytest.skip(f"{path} absent")
-    want = {"folder": "is a folder, not a weights file", "fifo": "is not a regular file (a FIFO",
-            "link_to_fifo": "is not a regular file (a FIFO", "missing": "weights file not found",
-            "missing_parent": "weights file not found"}.get(kind, "is not a regular file (a FIFO")
-    for call in (lambda: weights_identity(str(path)),
-                 lambda: create_backbone("mobilenet_v2", str(path))):
+    want = {
+        "folder": "is a folder, not a weights file",
+        "fifo": "is not a regular file (a FIFO",
+        "link_to_fifo": "is not a regular file (a FIFO",
+        "missing": "weights file not found",
+        "missing_parent": "weights file not found",
+    }.get(kind, "is not a regular file (a FIFO")
+    for call in (
+        lambda: weights_identity(str(path)),
+        lambda: create_backbone("mobilenet_v2", str(path)),
+    ):
         with pytest.raises(BackboneError) as e:
             call()
         msg = assert_one_line(e, str(path), want)
@@ -681,6 +776,7 @@ def test_weights_path_that_is_not_a_file(tmp_path, kind, no_hang):
 
 
 # ----------------------------------------------------------------------------- shared weights
+
 
 def test_shared_mobilenet_weights():
     path = SHARED_WEIGHTS / "mobilenet_v2_imagenet_features.pt"
@@ -698,6 +794,7 @@ def test_pretrained_fails_fast_when_the_hub_does_not_resolve(monkeypatch):
     the hub's offline mode (the local cache only), which never looks the host up again: no
     connection attempt, hence no retry. Counted, not timed."""
     import socket
+
     lookups = []
 
     def no_dns(host, *a, **k):
@@ -713,16 +810,19 @@ def test_pretrained_fails_fast_when_the_hub_does_not_resolve(monkeypatch):
 
 # ----------------------------------------------------------------------------- backbone.layers
 
+
 def test_vit_layers_are_dinos_intermediate_layers_concatenated(tmp_path, monkeypatch):
     """backbone.layers = 4: the last four blocks' outputs, each through the final norm. Which
     blocks are taken does not depend on the depth as long as there are more than four, so the
     ViT has 6 blocks (the first four are then not the last four)."""
     import timm
+
     depth = 6
     shallow_vits(monkeypatch, depth)
     torch.manual_seed(321)
-    teacher = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0,
-                                depth=depth).state_dict()
+    teacher = timm.create_model(
+        "vit_small_patch16_224", pretrained=False, num_classes=0, depth=depth
+    ).state_dict()
     path = tmp_path / "teacher.pth"
     torch.save(teacher, path)
     x = images(16, gh=3, gw=5)
@@ -741,6 +841,7 @@ def test_mobilenet_layers_are_later_stages_kept_at_stride_16(tmp_path):
     ("a trous") output at even positions equals the strided output, exactly in exact
     arithmetic, whatever the weights."""
     import torchvision
+
     torch.manual_seed(0)
     ref = torchvision.models.mobilenet_v2(weights=None).features.eval()
     for m in ref.modules():  # non-trivial BatchNorm statistics
@@ -762,13 +863,15 @@ def test_mobilenet_layers_are_later_stages_kept_at_stride_16(tmp_path):
     assert all(t.shape[1:3] == (6, 8) for t in f.values())
     torch.testing.assert_close(f[1], outs[13].permute(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
     for n, (tap, lo, hi) in {2: (16, 96, 256), 3: (17, 256, 576), 4: (18, 576, 1856)}.items():
-        torch.testing.assert_close(f[4][:, ::2, ::2, lo:hi], outs[tap].permute(0, 2, 3, 1),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            f[4][:, ::2, ::2, lo:hi], outs[tap].permute(0, 2, 3, 1), rtol=1e-4, atol=1e-4
+        )
         torch.testing.assert_close(f[n], f[4][..., :hi])
 
 
 def test_layers_beyond_the_backbone_are_a_usage_error():
     from pipeline.core.errors import ConfigError
+
     with pytest.raises(ConfigError) as err:
         create_backbone("mobilenet_v2", "random", layers=5)
     assert_one_line(err, "backbone.layers", "1 to 4")

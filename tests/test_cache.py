@@ -1,5 +1,6 @@
 """Several datasets in one feature cache, stores made before the index, `cache list` and
 `cache gc`, and read-only commands that create nothing."""
+
 from __future__ import annotations
 
 import json
@@ -26,10 +27,18 @@ quiet = dict(log=lambda s: None, progress=False)
 
 def _sets(cfg) -> list[str]:
     out = []
-    for s in (f"data.root={cfg.data.root}", f"paths.cache={cfg.paths.cache}",
-              f"paths.outputs={cfg.paths.outputs}", f"run.name={cfg.run.name}",
-              "backbone.name=mobilenet_v2", "backbone.weights=random", "extract.device=cpu",
-              "train.device=cpu", "predict.device=cpu", *TINY_TRAIN):
+    for s in (
+        f"data.root={cfg.data.root}",
+        f"paths.cache={cfg.paths.cache}",
+        f"paths.outputs={cfg.paths.outputs}",
+        f"run.name={cfg.run.name}",
+        "backbone.name=mobilenet_v2",
+        "backbone.weights=random",
+        "extract.device=cpu",
+        "train.device=cpu",
+        "predict.device=cpu",
+        *TINY_TRAIN,
+    ):
         out += ["--set", s]
     return out
 
@@ -53,28 +62,36 @@ def two(tmp_path_factory):
 def _copy(two, tmp_path):
     base, a, b = two
     shutil.copytree(base, tmp_path / "w")
-    moved = {"paths__cache": str(tmp_path / "w" / "cache"),
-             "paths__outputs": str(tmp_path / "w" / "outputs")}
+    moved = {
+        "paths__cache": str(tmp_path / "w" / "cache"),
+        "paths__outputs": str(tmp_path / "w" / "outputs"),
+    }
     return (tmp_path / "w", copy_config(a, **moved), copy_config(b, **moved))
 
 
 # ----------------------------------------------------------------------------- several datasets
 
+
 def test_two_datasets_share_a_cache_without_evicting_each_other(two, tmp_path):
     base, a, b = _copy(two, tmp_path)
     assert split_fingerprint(*stored(a), "train") != split_fingerprint(*stored(b), "train")
-    assert (locate_split(*stored(a), "train").parent
-            == locate_split(*stored(b), "train").parent)  # one store
+    assert (
+        locate_split(*stored(a), "train").parent == locate_split(*stored(b), "train").parent
+    )  # one store
     # back to a: nothing recomputed, its models and report current
     assert run_extract(a, **quiet).up_to_date
     assert run_train(a, **quiet).up_to_date
     assert run_predict(a, "test", **quiet).up_to_date
     r = run_cli("status", *_sets(a))
-    assert r.stdout.splitlines() == ["extract-features: up-to-date", "train-head: up-to-date",
-                                     "predict[test]: up-to-date"], r.stdout
+    assert r.stdout.splitlines() == [
+        "extract-features: up-to-date",
+        "train-head: up-to-date",
+        "predict[test]: up-to-date",
+    ], r.stdout
     # and b's stored splits are its own
-    assert (FeatureStore.open(*stored(b), "test").fingerprint
-            == split_fingerprint(*stored(b), "test"))
+    assert FeatureStore.open(*stored(b), "test").fingerprint == split_fingerprint(
+        *stored(b), "test"
+    )
     assert run_extract(b, **quiet).up_to_date
 
 
@@ -83,8 +100,9 @@ def test_store_made_before_the_index_is_adopted_not_recomputed(two, tmp_path):
     sdir = store_of(a)
     fps = {s: split_fingerprint(*stored(a), s) for s in ("train", "test")}
     for folder in [p for p in sdir.iterdir() if p.is_dir() and p.name != "runs"]:
-        shutil.rmtree(folder) if folder != locate_split(*stored(a), folder.name.rsplit("-", 1)[0]) \
-            else folder.rename(sdir / folder.name.rsplit("-", 1)[0])  # the old layout
+        shutil.rmtree(folder) if folder != locate_split(
+            *stored(a), folder.name.rsplit("-", 1)[0]
+        ) else folder.rename(sdir / folder.name.rsplit("-", 1)[0])  # the old layout
     (sdir / INDEX_FILE).unlink()
     # readers find the old folders without the index ...
     assert {s: split_fingerprint(*stored(a), s) for s in fps} == fps
@@ -98,6 +116,7 @@ def test_store_made_before_the_index_is_adopted_not_recomputed(two, tmp_path):
 
 
 # ----------------------------------------------------------------------------- list and gc
+
 
 def test_cache_list_shows_stores_splits_and_runs(two, tmp_path):
     base, a, b = _copy(two, tmp_path)
@@ -139,18 +158,29 @@ def test_cache_gc_removes_only_what_no_live_run_uses(two, tmp_path):
 
 # ----------------------------------------------------------------------------- read-only
 
-@pytest.mark.parametrize("command", [("status",), ("runs",), ("cache", "list"),
-                                     ("cache", "gc"), ("config", "show")])
+
+@pytest.mark.parametrize(
+    "command", [("status",), ("runs",), ("cache", "list"), ("cache", "gc"), ("config", "show")]
+)
 def test_read_only_commands_create_nothing(command, tmp_path, synth_root):
     work = tmp_path / "fresh"
     work.mkdir()
-    r = run_cli(*command, "--set", f"data.root={synth_root}", "--set", "backbone.name=mobilenet_v2",
-                "--set", "backbone.weights=random", cwd=work)
+    r = run_cli(
+        *command,
+        "--set",
+        f"data.root={synth_root}",
+        "--set",
+        "backbone.name=mobilenet_v2",
+        "--set",
+        "backbone.weights=random",
+        cwd=work,
+    )
     assert r.returncode == 0, r.stderr
     assert list(work.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- hostile
+
 
 def test_an_index_edited_to_name_another_split_is_refused_and_repaired(two, tmp_path):
     base, a, b = _copy(two, tmp_path)

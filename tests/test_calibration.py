@@ -1,5 +1,6 @@
 """predict.threshold = "auto": the choice from a validation report's threshold sweep
 (pipeline.calibration), its objective, ties and refusals."""
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,10 @@ def sweep(j_of, extra: tuple[float, ...] = ()) -> list[dict]:
 def test_the_best_mean_j_on_the_grid():
     assert choose_threshold(sweep(lambda t: 1 - abs(t - 0.3))) == 0.3
     # a point off the grid (where the validation masks were made) is no candidate
-    assert choose_threshold(sweep(lambda t: 0.99 if t == 0.33 else 1 - abs(t - 0.3),
-                                  extra=(0.33,))) == 0.3
+    assert (
+        choose_threshold(sweep(lambda t: 0.99 if t == 0.33 else 1 - abs(t - 0.3), extra=(0.33,)))
+        == 0.3
+    )
 
 
 def test_ties_go_to_the_threshold_nearest_half_then_lower():
@@ -29,8 +32,12 @@ def test_ties_go_to_the_threshold_nearest_half_then_lower():
 
 
 def test_per_variant_and_refusals():
-    report = {"threshold_sweep": {"a": sweep(lambda t: 1 - abs(t - 0.25)),
-                                  "b": sweep(lambda t: 1 - abs(t - 0.6))}}
+    report = {
+        "threshold_sweep": {
+            "a": sweep(lambda t: 1 - abs(t - 0.25)),
+            "b": sweep(lambda t: 1 - abs(t - 0.6)),
+        }
+    }
     assert choose_thresholds(report, ["a", "b"]) == {"a": 0.25, "b": 0.6}
     with pytest.raises(ValueError, match="no threshold sweep of variant 'c'"):
         choose_thresholds(report, ["c"])
@@ -48,7 +55,7 @@ def test_fingerprint_follows_what_the_choice_reads():
     a = {"threshold_sweep": {"pac": sweep(lambda t: t / 2)}}
     b = {"threshold_sweep": {"pac": sweep(lambda t: t / 2)}}
     for p in b["threshold_sweep"]["pac"]:
-        p["precision"] = 0.9   # not read by the choice
+        p["precision"] = 0.9  # not read by the choice
     assert sweep_fingerprint(a, ["pac"]) == sweep_fingerprint(b, ["pac"])
     b["threshold_sweep"]["pac"][3]["j_mean"] = 0.01
     assert sweep_fingerprint(a, ["pac"]) != sweep_fingerprint(b, ["pac"])

@@ -1,4 +1,5 @@
 """Dataset layouts, decoding of any image/mask mode, the contract's mask rule, and the canvas."""
+
 from pathlib import Path
 
 import numpy as np
@@ -143,19 +144,23 @@ def test_corrupt_image_and_wrong_size_mask_name_the_file(tmp_path):
     assert items[1].mask in msg and "10x10" in msg and "48x32" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("h, w, fit, expected", [
-    (480, 854, "crop", Box(0, 3, 480, 848)),
-    (480, 854, "pad", Box(0, -5, 480, 864)),
-    (30, 40, "crop", Box(7, 4, 16, 32)),
-    (10, 40, "crop", Box(-3, 4, 16, 32)),  # a side shorter than a patch is padded
-    (32, 32, "crop", Box(0, 0, 32, 32)),
-])
+@pytest.mark.parametrize(
+    "h, w, fit, expected",
+    [
+        (480, 854, "crop", Box(0, 3, 480, 848)),
+        (480, 854, "pad", Box(0, -5, 480, 864)),
+        (30, 40, "crop", Box(7, 4, 16, 32)),
+        (10, 40, "crop", Box(-3, 4, 16, 32)),  # a side shorter than a patch is padded
+        (32, 32, "crop", Box(0, 0, 32, 32)),
+    ],
+)
 def test_fit_box(h, w, fit, expected):
     assert fit_box(h, w, 16, fit) == expected
 
 
-@pytest.mark.parametrize("h, w, fit",
-                         [(37, 53, "crop"), (37, 53, "pad"), (16, 16, "crop"), (9, 70, "crop")])
+@pytest.mark.parametrize(
+    "h, w, fit", [(37, 53, "crop"), (37, 53, "pad"), (16, 16, "crop"), (9, 70, "crop")]
+)
 def test_canvas_roundtrip(h, w, fit):
     img = np.arange(h * w).reshape(h, w)
     box = fit_box(h, w, 16, fit)
@@ -176,6 +181,7 @@ def test_canvas_roundtrip(h, w, fit):
 
 def test_from_canvas_accepts_torch_tensors():
     import torch
+
     box = fit_box(20, 35, 16, "crop")
     t = torch.arange(box.height * box.width, dtype=torch.float32).reshape(1, box.height, box.width)
     out = from_canvas(t, box, (20, 35))
@@ -197,6 +203,7 @@ def test_file_hasher_memo(tmp_path):
 
 # ----------------------------------------------------------------------------- hostile files
 
+
 def _alarm(seconds: int):
     """A context that fails the test (TimeoutError) instead of hanging when the main thread
     blocks longer than `seconds` (a FIFO opened for reading blocks until a writer comes)."""
@@ -207,6 +214,7 @@ def _alarm(seconds: int):
     def guard():
         def fail(signum, frame):
             raise TimeoutError(f"still blocked after {seconds} s")
+
         old = signal.signal(signal.SIGALRM, fail)
         signal.alarm(seconds)
         try:
@@ -214,6 +222,7 @@ def _alarm(seconds: int):
         finally:
             signal.alarm(0)
             signal.signal(signal.SIGALRM, old)
+
     return guard()
 
 
@@ -223,6 +232,7 @@ def test_huge_image_is_refused_from_its_header(tmp_path):
     import warnings
 
     from pipeline.core.errors import ImageTooLarge
+
     path = tmp_path / "big.png"
     Image.new("1", (20000, 20000)).save(path)
     with warnings.catch_warnings():
@@ -244,6 +254,7 @@ def test_max_pixels_replaces_pils_own_limit(tmp_path, monkeypatch):
 
     from pipeline.core.errors import ImageTooLarge
     from pipeline.data import decode_image
+
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses > 200 px
     arr = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
     Image.fromarray(arr).save(tmp_path / "a.png")
@@ -263,12 +274,14 @@ def test_file_too_long_for_max_pixels_is_not_read(tmp_path, monkeypatch):
 
     from pipeline.core.errors import ImageTooLarge
     from pipeline.data import max_file_bytes, read_bytes
+
     path = tmp_path / "huge.jpg"
     with open(path, "wb") as f:
         f.truncate(10 << 30)
 
     def no_read(*args, **kwargs):
         pytest.fail("the file was opened for reading")
+
     monkeypatch.setattr(os, "fdopen", no_read)
     with pytest.raises(ImageTooLarge) as e:
         read_bytes(path, "image", 40_000_000)
@@ -290,8 +303,15 @@ def _isolated(code: str, timeout: int = 60):
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-    return subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
-                          capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
+
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=limit,
+    )
 
 
 def test_fifo_and_device_are_refused_without_blocking(tmp_path):
@@ -301,33 +321,40 @@ def test_fifo_and_device_are_refused_without_blocking(tmp_path):
     import os
 
     from pipeline.stages.extract_engine import decode
+
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 1}, size=(32, 32))
     images = root / "train/disc/images"
     os.mkfifo(images / "x.jpg")
     (images / "y.jpg").symlink_to("/dev/zero")
-    code = ("from pipeline.core.errors import DataError\n"
-            "from pipeline.data import load_image, read_bytes\n"
-            f"for p in {[str(images / 'x.jpg'), str(images / 'y.jpg')]!r}:\n"
-            "    for read in (lambda p: read_bytes(p, 'image'), load_image):\n"
-            "        try:\n"
-            "            read(p)\n"
-            "        except DataError as e:\n"
-            "            print(e)\n")
+    code = (
+        "from pipeline.core.errors import DataError\n"
+        "from pipeline.data import load_image, read_bytes\n"
+        f"for p in {[str(images / 'x.jpg'), str(images / 'y.jpg')]!r}:\n"
+        "    for read in (lambda p: read_bytes(p, 'image'), load_image):\n"
+        "        try:\n"
+        "            read(p)\n"
+        "        except DataError as e:\n"
+        "            print(e)\n"
+    )
     r = _isolated(code)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == 2 * [f"{images / 'x.jpg'}: not a regular file (a FIFO)"] + \
-        2 * [f"{images / 'y.jpg'}: not a regular file (a character device)"]
+    assert r.stdout.splitlines() == 2 * [f"{images / 'x.jpg'}: not a regular file (a FIFO)"] + 2 * [
+        f"{images / 'y.jpg'}: not a regular file (a character device)"
+    ]
     items, problems = list_items(root, "obj_seg", "train")
     assert len(items) == 2
-    assert sorted(problems) == [f"{images / 'x.jpg'}: not a regular file (a FIFO)",
-                                f"{images / 'y.jpg'}: not a regular file (a character device)"]
+    assert sorted(problems) == [
+        f"{images / 'x.jpg'}: not a regular file (a FIFO)",
+        f"{images / 'y.jpg'}: not a regular file (a character device)",
+    ]
     # stage 1's decoder on an image swapped for a FIFO after listing (in this process: a
     # blocking open would be interrupted by the alarm)
     (images / "00000.jpg").unlink()
     os.mkfifo(images / "00000.jpg")
     with _alarm(20):
-        d = decode(str(root), next(it for it in items if it.category == "disc"), 16, "crop",
-                   40_000_000)
+        d = decode(
+            str(root), next(it for it in items if it.category == "disc"), 16, "crop", 40_000_000
+        )
     assert d.error == f"{images / '00000.jpg'}: not a regular file (a FIFO)"
 
 
@@ -340,6 +367,7 @@ def test_read_error_names_the_file(tmp_path, monkeypatch):
     from pipeline.core.errors import os_error_line
     from pipeline.core.fsutil import atomic_write_bytes, sha256_file
     from pipeline.data import read_bytes
+
     with pytest.raises(DataError) as e:  # reading /proc/self/mem at offset 0 gives EIO
         read_bytes("/proc/self/mem", "image")
     assert str(e.value) == "/proc/self/mem: cannot read image (Input/output error)"
@@ -349,6 +377,7 @@ def test_read_error_names_the_file(tmp_path, monkeypatch):
 
     def eio(fd):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
+
     monkeypatch.setattr(os, "fsync", eio)
     target = tmp_path / "out" / "mask.png"
     with pytest.raises(OSError) as e:
@@ -368,6 +397,7 @@ def test_one_atomic_writer_and_its_temporaries(tmp_path):
         remove_temporaries,
         temporary_name,
     )
+
     target = tmp_path / "shard.h5"
     with pytest.raises(RuntimeError), atomic_file(target) as tmp:
         tmp.write_bytes(b"half")
@@ -388,8 +418,12 @@ def test_one_atomic_writer_and_its_temporaries(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report_test_files", "shard.h5"]
 
     # a killed writer's leftovers: a file, a folder and its aside copy, another target's
-    left = [temporary_name(target), temporary_name(folder), temporary_name(folder, ".old"),
-            temporary_name(tmp_path / "report_test_files.md")]
+    left = [
+        temporary_name(target),
+        temporary_name(folder),
+        temporary_name(folder, ".old"),
+        temporary_name(tmp_path / "report_test_files.md"),
+    ]
     left[0].write_bytes(b"half")
     for d in left[1:3]:
         d.mkdir()
@@ -404,19 +438,22 @@ def test_one_atomic_writer_and_its_temporaries(tmp_path):
 
 def test_os_error_line_without_a_file():
     from pipeline.core.errors import os_error_line
+
     assert os_error_line(OSError(5, "Input/output error")) == "Input/output error"
 
 
 def test_davis_split_list_with_latin1_names(tmp_path):
     """A split list holding Latin-1 bytes (an old archive) finds the files those bytes name."""
     import os
+
     root = make_dataset(tmp_path / "d", "davis2016", {"val": 1}, size=(32, 32))
     lst = root / "ImageSets/480p/val.txt"
     seqs = root / "JPEGImages/480p"
     first = sorted(os.listdir(seqs))[0]
     os.rename(os.fsencode(seqs / first), os.fsencode(seqs) + b"/caf\xe9")
-    lst.write_bytes(lst.read_bytes().replace(f"JPEGImages/480p/{first}/".encode(),
-                                             b"JPEGImages/480p/caf\xe9/"))
+    lst.write_bytes(
+        lst.read_bytes().replace(f"JPEGImages/480p/{first}/".encode(), b"JPEGImages/480p/caf\xe9/")
+    )
     items, problems = list_items(root, "davis2016", "val")
     assert problems == [] and len(items) == 2
     latin = [it for it in items if os.fsencode(it.category) == b"caf\xe9"]
@@ -430,14 +467,18 @@ def test_every_small_size_gets_a_canvas_of_the_box_size():
     import numpy as np
 
     from pipeline.data import fit_box, from_canvas, to_canvas
+
     for fit in ("crop", "pad"):
         for h in range(1, 40):
             for w in (1, 15, 16, 17, 31, 33):
                 box = fit_box(h, w, 16, fit)
                 canvas = to_canvas(np.zeros((h, w, 3), np.uint8), box)
                 assert canvas.shape == (box.height, box.width, 3), (fit, h, w, box)
-                assert from_canvas(np.zeros((1, box.height, box.width)), box, (h, w)).shape \
-                    == (1, h, w)
+                assert from_canvas(np.zeros((1, box.height, box.width)), box, (h, w)).shape == (
+                    1,
+                    h,
+                    w,
+                )
 
 
 def test_a_folder_of_the_tools_own_under_the_data_root_is_no_split(tmp_path):
@@ -447,6 +488,7 @@ def test_a_folder_of_the_tools_own_under_the_data_root_is_no_split(tmp_path):
     from pipeline.core.owned import claim_folder, claim_run_dir
     from pipeline.data import list_splits
     from pipeline.data.synth import make_dataset
+
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 2, "test": 2}, size=(32, 48))
     claim_run_dir(root / "default")
     claim_folder(root / "cache", "paths.cache")

@@ -2,6 +2,7 @@
 short sequences, the frame list (order by stem, ends excluded), the means over sequences, and the
 refusals. The comparison with the official davis2017-evaluation code on the shared val split
 is benchmarks/davis_check.py (it needs the official code and its dependencies)."""
+
 from __future__ import annotations
 
 import math
@@ -21,10 +22,10 @@ from pipeline.metrics.davis import (
 def test_decay_edges_by_hand():
     # e_k = round(1 + k (n - 1) / 4) - 1, halves rounded up
     assert decay_edges(1) == [0, 0, 0, 0, 0]
-    assert decay_edges(2) == [0, 0, 1, 1, 1]      # 1, 1.25, 1.5 -> 2, 1.75, 2
+    assert decay_edges(2) == [0, 0, 1, 1, 1]  # 1, 1.25, 1.5 -> 2, 1.75, 2
     assert decay_edges(5) == [0, 1, 2, 3, 4]
-    assert decay_edges(6) == [0, 1, 3, 4, 5]      # 1, 2.25, 3.5 -> 4, 4.75, 6
-    assert decay_edges(10) == [0, 2, 5, 7, 9]     # 1, 3.25, 5.5 -> 6, 7.75, 10
+    assert decay_edges(6) == [0, 1, 3, 4, 5]  # 1, 2.25, 3.5 -> 4, 4.75, 6
+    assert decay_edges(10) == [0, 2, 5, 7, 9]  # 1, 3.25, 5.5 -> 6, 7.75, 10
     # past 256 frames the edges go on growing (the official code's uint8 edges would wrap)
     assert decay_edges(301) == [0, 75, 150, 225, 300]
     with pytest.raises(ValueError, match="at least one frame"):
@@ -40,7 +41,7 @@ def test_statistics_by_hand():
     # six frames, edges 0 1 3 4 5: first bin v[0..1], last v[4..5]
     s = statistics([0.9, 0.7, 0.0, 0.0, 0.5, 0.1])
     assert s.decay == pytest.approx(0.8 - 0.3)
-    assert s.recall == pytest.approx(2 / 6)        # 0.5 itself is not above 0.5
+    assert s.recall == pytest.approx(2 / 6)  # 0.5 itself is not above 0.5
 
 
 def test_statistics_of_one_and_two_frames():
@@ -60,8 +61,7 @@ def test_statistics_refuse_values_outside_the_unit_interval(bad):
 
 def test_evaluated_frames_sorted_without_ends():
     assert evaluated(["00004", "00000", "00002", "00006"]) == ["00002", "00004"]
-    assert evaluated(["00004", "00000", "00002"], exclude_ends=False) == ["00000", "00002",
-                                                                          "00004"]
+    assert evaluated(["00004", "00000", "00002"], exclude_ends=False) == ["00000", "00002", "00004"]
     assert evaluated(["a", "b"]) == []
     with pytest.raises(ValueError, match="twice"):
         evaluated(["a", "a", "b"])
@@ -126,10 +126,18 @@ def test_protocol_refuses_a_frame_twice_and_bad_values():
 
 def test_per_variant_from_report_rows():
     from pipeline.metrics.davis import per_variant
-    rows = [{"category": "a", "stem": f"{k:05d}", "j": {"x": 0.1 * k, "y": 0.5},
-             "f": {"x": 0.2, "y": 0.05 * k}} for k in range(5)]
+
+    rows = [
+        {
+            "category": "a",
+            "stem": f"{k:05d}",
+            "j": {"x": 0.1 * k, "y": 0.5},
+            "f": {"x": 0.2, "y": 0.05 * k},
+        }
+        for k in range(5)
+    ]
     out = per_variant(rows, ["x", "y"])
     assert set(out) == {"x", "y"}
-    assert out["x"]["J"]["mean"] == pytest.approx(0.2)   # frames 1..3: 0.1 0.2 0.3
+    assert out["x"]["J"]["mean"] == pytest.approx(0.2)  # frames 1..3: 0.1 0.2 0.3
     assert out["y"]["F"]["mean"] == pytest.approx(0.1)
     assert out["x"] == davis_protocol([("a", r["stem"], r["j"]["x"], r["f"]["x"]) for r in rows])

@@ -2,6 +2,7 @@
 metrics follows: the report's blocks hold exactly its metrics in its order, the overall table
 shows each once, the headline metrics are those of `runs`, of its HTML page and of the CLI's
 lines after stage 3."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,8 +27,10 @@ from pipeline.report.view import METRIC_NOTES
 
 def test_keys_are_unique_and_a_block_holds_them_in_order():
     assert len(set(KEYS)) == len(KEYS) == len(METRICS)
-    stats = [ImageStats(tp=3, fp=1, fn=2, tn=10, j=0.5, f=0.25, category="a"),
-             ImageStats(tp=0, fp=0, fn=0, tn=16, j=1.0, f=1.0, category="b")]
+    stats = [
+        ImageStats(tp=3, fp=1, fn=2, tn=10, j=0.5, f=0.25, category="a"),
+        ImageStats(tp=0, fp=0, fn=0, tn=16, j=1.0, f=1.0, category="b"),
+    ]
     block = aggregate(stats)
     assert list(block) == [*KEYS, "n_images"] and set(block) == BLOCK_KEYS
     assert all(0.0 <= block[k] <= 1.0 for k in KEYS) and block["n_images"] == 2

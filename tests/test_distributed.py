@@ -1,5 +1,6 @@
 """Stages 1 and 3 on a dask.distributed LocalCluster (2 worker processes on loopback): the
 same cache and the same masks as a local run, also when a worker is killed mid-run."""
+
 import hashlib
 import json
 import logging
@@ -22,23 +23,39 @@ quiet = dict(log=lambda s: None, progress=False)
 
 
 def digest(folder, pattern):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob(pattern)) if p.is_file() and p.suffix != ".lock"}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob(pattern))
+        if p.is_file() and p.suffix != ".lock"
+    }
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("dask") / "d", "obj_seg",
-                        {"train": 70, "test": 8}, size=(64, 80), seed=5)
+    return make_dataset(
+        tmp_path_factory.mktemp("dask") / "d",
+        "obj_seg",
+        {"train": 70, "test": 8},
+        size=(64, 80),
+        seed=5,
+    )
 
 
 @pytest.fixture(scope="module")
 def cluster():
     from pipeline.executors import preserved_environment
-    with preserved_environment(), distributed.LocalCluster(n_workers=2, threads_per_worker=1,
-                                                           processes=True, host="127.0.0.1",
-                                                           dashboard_address=None,
-                                                           silence_logs=logging.ERROR) as c:
+
+    with (
+        preserved_environment(),
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        ) as c,
+    ):
         yield c
 
 
@@ -57,6 +74,7 @@ def test_dask_extract_and_predict_equal_local(tmp_path, data, cluster):
     report_local = a.report_json.read_text()
     preds_local = digest(a.predictions_dir, "*.png")
     import shutil
+
     shutil.rmtree(local.run_dir / "predictions")
     (local.run_dir / "stages" / "predict[test].json").unlink()
     shutil.rmtree(local.run_dir / "stages" / "predict_test_units")
@@ -70,6 +88,7 @@ def test_local_cluster_leaves_the_environment_alone(tmp_path, data):
     the worker's backbone) fills the same store as a local run, and leaves os.environ as it
     was."""
     import os
+
     before = dict(os.environ)
     cfg = make_cfg(tmp_path / "dask", data)
     res = run_extract(cfg, executor="local:1", **quiet)
@@ -97,6 +116,7 @@ def test_killed_worker_is_retried_and_leaves_no_partial_shard(tmp_path, data, cl
         """On the victim worker: the first shard's checksum (taken on its complete temporary
         file, before the rename) says where it is, then waits to be killed."""
         import pipeline.store.shards as store
+
         real = store.sha256_file
 
         def stopping(path):
@@ -108,6 +128,7 @@ def test_killed_worker_is_retried_and_leaves_no_partial_shard(tmp_path, data, cl
                 while True:
                     time.sleep(1)
             return digest
+
         store.sha256_file = stopping
 
     def work():
@@ -132,7 +153,8 @@ def test_killed_worker_is_retried_and_leaves_no_partial_shard(tmp_path, data, cl
         assert not t.is_alive()
         key = "extract-" + tmp.name[1:].split(".h5.")[0].rsplit("-", 1)[1]
         story = client.run_on_scheduler(
-            lambda dask_scheduler: [tuple(s[:3]) for s in dask_scheduler.story(key)])
+            lambda dask_scheduler: [tuple(s[:3]) for s in dask_scheduler.story(key)]
+        )
     # the scheduler gave the task to a worker again after the kill: twice into "processing"
     assert [s[2] for s in story].count("processing") >= 2, story
     assert result["res"].n_images == 156
@@ -149,6 +171,7 @@ def test_worker_reopens_a_re_extracted_split(tmp_path):
 
     from pipeline.stages.predict import predict_task
     from pipeline.store import FeatureStore, locate_split
+
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 2, "test": 1}, size=(48, 64), seed=8)
     cfg = make_cfg(tmp_path, root, "train.epochs=1", "train.linear_epochs=1", "train.crop=32")
     run_extract(cfg, **quiet)
@@ -173,6 +196,7 @@ def test_local_workers_keep_glibc_malloc_defaults():
     """The local:N workers' nanny does not set MALLOC_TRIM_THRESHOLD_ (Dask's default sets it,
     which freezes glibc's mmap threshold and doubles a CPU forward's time per image)."""
     from pipeline.executors import connect
+
     with connect("local:1") as client:
         envs = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
     assert list(envs.values()) == [None]

@@ -6,6 +6,7 @@ a key added without it fails test_every_config_key_is_documented. Nothing here r
 heading: the README's parts that the site includes are found by their snippet markers
 (`<!-- --8<-- [start:NAME] -->`), its table of keys by its `config-table` markers.
 """
+
 import importlib.util
 import json
 import re
@@ -67,10 +68,12 @@ def _hooks():
 
 # ----------------------------------------------------------------------------- the README
 
+
 def test_readme_is_short():
     size = len(README.read_bytes())
-    assert size <= README_MAX_BYTES, \
+    assert size <= README_MAX_BYTES, (
         f"README.md is {size} bytes (at most {README_MAX_BYTES}): move the detail into docs/"
+    )
 
 
 def test_readme_names_the_install_and_test_commands_ci_runs():
@@ -86,12 +89,16 @@ def test_readme_names_the_install_and_test_commands_ci_runs():
 def test_included_readme_sections_exist():
     """Each `--8<-- "README.md:NAME"` of a page has its start and end markers in the README."""
     readme = README.read_text()
-    wanted = {m.group(1) for page in _pages()
-              for m in re.finditer(r'--8<-- "README\.md:([\w-]+)"', page.read_text())}
+    wanted = {
+        m.group(1)
+        for page in _pages()
+        for m in re.finditer(r'--8<-- "README\.md:([\w-]+)"', page.read_text())
+    }
     assert wanted, "no page includes a part of the README"
     for name in sorted(wanted):
-        assert f"--8<-- [start:{name}]" in readme and f"--8<-- [end:{name}]" in readme, \
+        assert f"--8<-- [start:{name}]" in readme and f"--8<-- [end:{name}]" in readme, (
             f"README.md lacks the snippet markers of section {name!r} that docs/ includes"
+        )
 
 
 def test_readme_key_table_is_generated_from_the_fields():
@@ -104,23 +111,28 @@ def test_readme_key_table_is_generated_from_the_fields():
     for row in rows:
         key = row.split("`")[1]
         assert key in all_keys(), f"README's config table names an unknown key {key}"
-        assert row == hooks.readme_row(key), \
+        assert row == hooks.readme_row(key), (
             f"README.md's row of {key} is out of date; it should read:\n{hooks.readme_row(key)}"
+        )
 
 
 # ----------------------------------------------------------------------------- config keys
+
 
 def test_every_config_key_is_documented():
     """Every field is declared with key(default, meaning, stale=..., ...): its meaning is a
     sentence, it says what a change makes stale, and its `see` page exists."""
     docs = key_docs()
     missing = [k for k in all_keys() if k not in docs]
-    assert not missing, (f"config keys without documentation: {missing}; declare each as "
-                         "`name: T = key(default, \"Meaning.\", stale=..., range=...)` in "
-                         "pipeline/core/config/schema.py")
+    assert not missing, (
+        f"config keys without documentation: {missing}; declare each as "
+        '`name: T = key(default, "Meaning.", stale=..., range=...)` in '
+        "pipeline/core/config/schema.py"
+    )
     for k, doc in docs.items():
-        assert doc.meaning[:1].isupper() and doc.meaning.endswith("."), \
+        assert doc.meaning[:1].isupper() and doc.meaning.endswith("."), (
             f"{k}: the meaning should be a sentence: {doc.meaning!r}"
+        )
         assert doc.stale, f"{k}: say what a change makes stale (STALE_* or a phrase)"
         if doc.see:
             page = DOCS / doc.see.split("#")[0]
@@ -173,8 +185,9 @@ def test_no_page_writes_a_rule_by_hand():
         text = path.read_text()
         assert not re.search(r"\ballowed:", text), f"{path.name} states an `allowed:` by hand"
         for k in RANGES:
-            assert not re.search(rf"`{re.escape(k)}`[^\n|]{{0,60}}\b\d+ to \d+", text), \
+            assert not re.search(rf"`{re.escape(k)}`[^\n|]{{0,60}}\b\d+ to \d+", text), (
                 f"{path.name} gives a range of {k} by hand: link the configuration page"
+            )
 
 
 def test_configuration_reference_has_every_key_with_its_default_and_rule():
@@ -194,8 +207,11 @@ def test_config_show_explain_prints_the_field_documentation():
     assert r.returncode == 0, r.stderr
     doc = key_docs()["train.lr"]
     assert r.stdout.splitlines()[0] == "train.lr = 0.001  (default: 0.002)"
-    for part in (doc.meaning, f"allowed: {allowed_text('train.lr')}",
-                 f"a change makes stale: {doc.stale}"):
+    for part in (
+        doc.meaning,
+        f"allowed: {allowed_text('train.lr')}",
+        f"a change makes stale: {doc.stale}",
+    ):
         assert part in r.stdout, (part, r.stdout)
     bad = run_cli("config", "show", "--explain", "train.lrr")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
@@ -204,13 +220,25 @@ def test_config_show_explain_prints_the_field_documentation():
 
 # ----------------------------------------------------------------------------- --help
 
-PIPELINE_ORDER = ["extract-features", "train-head", "predict", "run", "status", "segment",
-                  "export", "runs", "config", "cache", "demo"]
+PIPELINE_ORDER = [
+    "extract-features",
+    "train-head",
+    "predict",
+    "run",
+    "status",
+    "segment",
+    "export",
+    "runs",
+    "config",
+    "cache",
+    "demo",
+]
 
 
 def _commands() -> list[tuple[str, click.Command]]:
     """(path, command) of every command and subcommand of the CLI."""
     from cli import cli
+
     out = []
     for name, command in cli.commands.items():
         out.append((name, command))
@@ -246,22 +274,25 @@ def test_help_ends_with_real_examples(path, command, tmp_path, monkeypatch):
     """Every command's --help ends with one or two examples of that command, and each parses
     (its options exist, its --set keys and values are valid config)."""
     from cli import cli
+
     root = click.Context(cli, info_name="python cli.py")
     lines = command.get_help(click.Context(command, parent=root, info_name=path)).splitlines()
     assert "  Examples:" in lines, f"`{path} --help` has no examples"
-    examples = [t.strip() for t in lines[lines.index("  Examples:") + 1:] if t.strip()]
+    examples = [t.strip() for t in lines[lines.index("  Examples:") + 1 :] if t.strip()]
     assert 1 <= len(examples) <= 2 and lines[-1].strip() == examples[-1], lines
     monkeypatch.chdir(tmp_path)
     for line in examples:
         assert line.startswith(f"python cli.py {path}"), line
-        args = [a.strip("'") for a in
-                line.removeprefix(f"python cli.py {path}").split(">")[0].split()]
+        args = [
+            a.strip("'") for a in line.removeprefix(f"python cli.py {path}").split(">")[0].split()
+        ]
         load_config(None, [args[i + 1] for i, a in enumerate(args) if a == "--set"])
         _make_paths(args, tmp_path)
         command.make_context(path.split()[-1], args, parent=root)  # a usage error raises
 
 
 # ----------------------------------------------------------------------------- the site
+
 
 @pytest.mark.parametrize("path", [README, *_pages()], ids=lambda p: p.name)
 def test_user_pages_name_no_shared_path(path):

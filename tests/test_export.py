@@ -2,6 +2,7 @@
 `pipeline`), at dynamic batch and image sizes, agreeing with `segment`; the refusal of models
 that do not match the config; ViT backbones export with dynamic sizes too (DINO's position
 embedding resize written so that torch.export keeps the grid size symbolic)."""
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,14 @@ def exported(export_run, tmp_path_factory):
 def run_isolated(code: str, cwd, *args: str) -> subprocess.CompletedProcess:
     """Python in a fresh process started outside the checkout, without PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_runs_with_torch_alone_at_other_sizes(exported, tmp_path):
@@ -113,8 +120,9 @@ def test_up_to_date_and_refusals(export_run, exported):
     r = run_cli("export", "--out", str(exported), *cli_sets(base, root))
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"export: up-to-date -> {exported}\n", r.stdout + r.stderr
-    r = run_cli("export", "--out", str(exported),
-                *cli_sets(base, root, "backbone.name=dino_vits16"))
+    r = run_cli(
+        "export", "--out", str(exported), *cli_sets(base, root, "backbone.name=dino_vits16")
+    )
     assert r.returncode == 1
     one_line_error(r, "train-head", "backbone.name")
     r = run_cli("export", *cli_sets(base, root, "run.name=untrained"))
@@ -140,8 +148,10 @@ def test_example_side_range():
     for value, patch in ((16, 16), (0, 16), (-32, 16), (8208, 16), (14, 14), (8204, 14), (40, 16)):
         with pytest.raises(UsageError) as e:
             _example_side(value, 14, patch, "height")
-        assert str(e.value) == (f"--height {value}: must be a multiple of the patch size {patch} "
-                                f"from {2 * patch} to {8192 // patch * patch}")
+        assert str(e.value) == (
+            f"--height {value}: must be a multiple of the patch size {patch} "
+            f"from {2 * patch} to {8192 // patch * patch}"
+        )
 
 
 def test_smallest_side_works_and_one_patch_is_refused(export_run, exported):
@@ -171,6 +181,7 @@ def test_smallest_side_works_and_one_patch_is_refused(export_run, exported):
 
 # ----------------------------------------------------------------------------- ViT backbones
 
+
 def test_exportable_pos_embed_matches_dino_rule():
     """The matrix form of DINO's resize (used while exporting) against the eager F.interpolate
     one: equal at the trained grid, within float32 rounding elsewhere."""
@@ -197,9 +208,14 @@ def test_vit_exports_with_dynamic_sizes(name, monkeypatch):
     assert len(bb.model.blocks) == SHALLOW_VIT_DEPTH
     p, c = bb.spec.patch_size, bb.spec.embed_dim
     torch.manual_seed(0)
-    models = TrainedModels(LinearHead(c).eval(),
-                           PacUpsampler(UpsamplerSpec(c, p, residual=True)).eval(),
-                           p, "test", {}, {})
+    models = TrainedModels(
+        LinearHead(c).eval(),
+        PacUpsampler(UpsamplerSpec(c, p, residual=True)).eval(),
+        p,
+        "test",
+        {},
+        {},
+    )
     program = SegmentationProgram(bb, models, torch.float32).eval().requires_grad_(False)
     exported = export_program(program, p, 4 * p, 6 * p).module()
     trained_grid = bb.model.patch_embed.grid_size[0]

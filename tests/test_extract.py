@@ -1,5 +1,6 @@
 """Stage 1 end to end: the cache's content and format, up-to-date detection, bad files,
 the writer lock, and resumption after SIGKILL giving the same cache as a clean run."""
+
 import hashlib
 import os
 import signal
@@ -25,8 +26,11 @@ quiet = dict(log=lambda s: None, progress=False)
 
 def cache_digest(folder):
     """{relative path: sha256} of every file of a cache folder (lock files excluded)."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix != ".lock"}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix != ".lock"
+    }
 
 
 def test_extract_end_to_end(tmp_path, synth_root):
@@ -59,8 +63,12 @@ def test_features_do_not_depend_on_batch_size(tmp_path, synth_root):
     run_extract(b, ["test"], **quiet)
     ca, cb = FeatureStore.open(*stored(a), "test"), FeatureStore.open(*stored(b), "test")
     for i in range(len(ca)):
-        np.testing.assert_allclose(ca.features(i).astype(np.float32),
-                                   cb.features(i).astype(np.float32), rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(
+            ca.features(i).astype(np.float32),
+            cb.features(i).astype(np.float32),
+            rtol=1e-2,
+            atol=1e-2,
+        )
 
 
 def test_config_change_marks_stale_and_recomputes(tmp_path, synth_root):
@@ -99,11 +107,13 @@ def test_changed_image_recomputes_only_its_shard(tmp_path):
 
     def shards(digests):
         return {k.rsplit("/", 1)[1]: v for k, v in digests.items() if k.endswith(".h5")}
+
     was, now = shards(before), shards(after)
     # the disc shard was computed again, the block shard kept byte for byte (the same file)
     assert {k for k in was if k.startswith("disc-")}.isdisjoint(now)
-    assert {k: v for k, v in was.items() if k.startswith("block-")} == \
-        {k: v for k, v in now.items() if k.startswith("block-")}
+    assert {k: v for k, v in was.items() if k.startswith("block-")} == {
+        k: v for k, v in now.items() if k.startswith("block-")
+    }
     assert (new_dir / "shards" / block.name).stat().st_ino == inode
     assert res.n_images == 3
 
@@ -122,8 +132,9 @@ def test_bad_files_are_reported_and_the_rest_is_cached(tmp_path):
     assert any("disc/images/00000.jpg: corrupt" in line for line in lines)
     assert any("block/annotations/00002.png: mask size 10x10 differs" in line for line in lines)
     assert not any("00001" in line for line in lines)  # an image without annotation: no problem
-    assert lines[-1] == ("error: 2 files could not be used (listed above); the other images "
-                         "are cached")
+    assert lines[-1] == (
+        "error: 2 files could not be used (listed above); the other images are cached"
+    )
     store = FeatureStore.open(*stored(cfg), "train")
     assert len(store) == 4
     unannotated = [m for m in store.items if not m.annotated]
@@ -138,9 +149,15 @@ def test_bad_files_are_reported_and_the_rest_is_cached(tmp_path):
 
 
 def _sets(cfg):
-    return [f"data.root={cfg.data.root}", f"paths.cache={cfg.paths.cache}",
-            f"paths.outputs={cfg.paths.outputs}", "backbone.name=mobilenet_v2",
-            "backbone.weights=random", "extract.device=cpu", "extract.batch_size=4"]
+    return [
+        f"data.root={cfg.data.root}",
+        f"paths.cache={cfg.paths.cache}",
+        f"paths.outputs={cfg.paths.outputs}",
+        "backbone.name=mobilenet_v2",
+        "backbone.weights=random",
+        "extract.device=cpu",
+        "extract.batch_size=4",
+    ]
 
 
 def test_empty_and_missing_dataset_errors(tmp_path):
@@ -148,19 +165,23 @@ def test_empty_and_missing_dataset_errors(tmp_path):
     r = run_cli("extract-features", *[a for s in _sets(cfg) for a in ("--set", s)])
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
-        f"error: dataset folder not found: {tmp_path / 'nothing'}"]
+        f"error: dataset folder not found: {tmp_path / 'nothing'}"
+    ]
 
 
 def test_missing_upstream_names_the_command(tmp_path, synth_root):
     cfg = make_cfg(tmp_path, synth_root)
-    with pytest.raises(StoreError,
-                       match="no stored features of split 'train' of .*; run "
-                             "`python cli.py extract-features --split train`"):
+    with pytest.raises(
+        StoreError,
+        match="no stored features of split 'train' of .*; run "
+        "`python cli.py extract-features --split train`",
+    ):
         FeatureStore.open(*stored(cfg), "train")
 
 
 def test_second_writer_is_refused_with_a_clear_message(tmp_path, synth_root):
     from pipeline.core.owned import claim_folder
+
     cfg = make_cfg(tmp_path, synth_root)
     claim_folder(cfg.paths.cache, "paths.cache")  # as the first writer did before locking
     with exclusive_lock(store_lock(store_of(cfg)), "held"):
@@ -170,6 +191,7 @@ def test_second_writer_is_refused_with_a_clear_message(tmp_path, synth_root):
 
 def test_reader_is_lazy_and_picklable(tmp_path, synth_root):
     import pickle
+
     cfg = make_cfg(tmp_path, synth_root)
     run_extract(cfg, ["test"], **quiet)
     cache = FeatureStore.open(*stored(cfg), "test")
@@ -197,9 +219,11 @@ def test_sigkill_then_resume_equals_clean_run(tmp_path):
     expected = cache_digest(store_of(clean))
 
     killed = make_cfg(tmp_path / "killed", root)
-    args = [sys.executable, str(ROOT / "cli.py"), "extract-features"] + \
-        [a for s in _sets(killed) for a in ("--set", s)]
+    args = [sys.executable, str(ROOT / "cli.py"), "extract-features"] + [
+        a for s in _sets(killed) for a in ("--set", s)
+    ]
     shards = store_of(killed) / locate_split(*stored(clean), "train").name / "shards"  # same data
+
     def n_shards():
         return len(list(shards.glob("*.h5"))) if shards.is_dir() else 0
 
@@ -223,11 +247,17 @@ def test_sigkill_then_resume_equals_clean_run(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_DATA / "obj_seg").is_dir() or not SHARED_WEIGHTS.is_file(),
-                    reason="../shared/data/obj_seg or the MobileNetV2 weights are absent")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "obj_seg").is_dir() or not SHARED_WEIGHTS.is_file(),
+    reason="../shared/data/obj_seg or the MobileNetV2 weights are absent",
+)
 def test_real_images_with_pretrained_mobilenet(tmp_path):
-    cfg = make_cfg(tmp_path, SHARED_DATA / "obj_seg", f"backbone.weights={SHARED_WEIGHTS}",
-                   "extract.batch_size=8")
+    cfg = make_cfg(
+        tmp_path,
+        SHARED_DATA / "obj_seg",
+        f"backbone.weights={SHARED_WEIGHTS}",
+        "extract.batch_size=8",
+    )
     res = run_extract(cfg, ["test"], **quiet)
     assert res.n_images == 35 and not res.errors
     cache = FeatureStore.open(*stored(cfg), "test")
@@ -248,6 +278,7 @@ def test_backbone_layers_changes_the_feature_key_and_the_channels(tmp_path, synt
     value is another store, whose features have the concatenated channels; 0 (the default)
     is the backbone's measured default: 2 for mobilenet_v2, 1 for the ViTs."""
     from pipeline.models.devices import config_keys
+
     auto, one, two = (make_cfg(tmp_path, synth_root, f"backbone.layers={n}") for n in (0, 1, 2))
     assert auto.backbone.layers == 0 and "backbone.layers" not in config_keys(one).feature.params()
     assert store_of(auto) == store_of(two) != store_of(one)

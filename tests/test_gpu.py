@@ -5,6 +5,7 @@ to CUDA. The unmarked ones run in the default suite on CPU: the exported program
 device that survives torch.export's `move_to_device_pass` (checked on the `meta` device), the
 position-embedding resize follows its input's device, and benchmarks/gpu_check.py's JSON
 writer and arguments (its CPU quick run is in .ci/run)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -49,9 +50,14 @@ def vit_program(name: str = "dino_vits16") -> tuple[SegmentationProgram, int]:
     bb = backbones.create_backbone(name, "random")
     p, c = bb.spec.patch_size, bb.spec.embed_dim
     torch.manual_seed(0)
-    models = TrainedModels(LinearHead(c).eval(),
-                           PacUpsampler(UpsamplerSpec(c, p, residual=True)).eval(),
-                           p, "test", {}, {})
+    models = TrainedModels(
+        LinearHead(c).eval(),
+        PacUpsampler(UpsamplerSpec(c, p, residual=True)).eval(),
+        p,
+        "test",
+        {},
+        {},
+    )
     return SegmentationProgram(bb, models, torch.float16).eval().requires_grad_(False), p
 
 
@@ -70,8 +76,10 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def masks_in(folder) -> dict[str, np.ndarray]:
-    return {str(p.relative_to(folder)): np.asarray(Image.open(p)) > 127
-            for p in sorted(folder.rglob("*.png"))}
+    return {
+        str(p.relative_to(folder)): np.asarray(Image.open(p)) > 127
+        for p in sorted(folder.rglob("*.png"))
+    }
 
 
 def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
@@ -80,6 +88,7 @@ def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 
 
 # ----------------------------------------------------------------------------- CPU, default run
+
 
 def test_exportable_pos_embed_follows_its_device():
     """The export-time position-embedding resize builds its index tensors on the embeddings'
@@ -149,8 +158,7 @@ def test_gpu_check_arguments_and_json(tmp_path, capsys):
     with rep.step("third"):
         rep.check("b", False)
     doc = json.loads(out.read_text())
-    assert "boom" in doc["errors"]["second"] and set(doc["steps"]) == {"first", "second",
-                                                                        "third"}
+    assert "boom" in doc["errors"]["second"] and set(doc["steps"]) == {"first", "second", "third"}
     assert doc["checks"] == {"a": True, "b": False} and not rep.ok
     assert not list(out.parent.glob(".*.tmp"))  # the temporary files renamed or removed
     lo, mean = gc.cosine_per_patch(np.ones((2, 3, 4)), np.ones((2, 3, 4)))
@@ -168,6 +176,7 @@ def test_gpu_check_refuses_dask():
 
 # ----------------------------------------------------------------------------- CUDA
 
+
 @needs_cuda
 def test_bf16_autocast_features(monkeypatch, tmp_path, synth_root):
     """Stage 1's forward on CUDA under bf16 autocast: float16 features of the CPU float32
@@ -176,8 +185,9 @@ def test_bf16_autocast_features(monkeypatch, tmp_path, synth_root):
 
     shallow_vits(monkeypatch)
     base = ["backbone.name=dino_vits16"]
-    gpu = extractor_of(make_cfg(tmp_path, synth_root, *base, f"extract.device={DEVICE}",
-                                "extract.precision=bf16"))
+    gpu = extractor_of(
+        make_cfg(tmp_path, synth_root, *base, f"extract.device={DEVICE}", "extract.precision=bf16")
+    )
     cpu = extractor_of(make_cfg(tmp_path, synth_root, *base))
     assert gpu.device.type == DEVICE and gpu.amp == torch.bfloat16 and cpu.amp is None
     g = np.random.default_rng(0)
@@ -196,8 +206,14 @@ def test_stage1_and_training_on_cuda(tmp_path, synth_root):
     from pipeline.stages.predict import run_predict
     from pipeline.stages.train import run_train
 
-    cfg = make_cfg(tmp_path, synth_root, *TINY_TRAIN, f"extract.device={DEVICE}",
-                   f"train.device={DEVICE}", "extract.precision=bf16")
+    cfg = make_cfg(
+        tmp_path,
+        synth_root,
+        *TINY_TRAIN,
+        f"extract.device={DEVICE}",
+        f"train.device={DEVICE}",
+        "extract.precision=bf16",
+    )
     quiet = dict(log=lambda s: None, progress=False)
     assert run_extract(cfg, **quiet).n_images > 0
     r = run_train(cfg, **quiet)
@@ -230,8 +246,14 @@ def test_segment_on_cuda_matches_cpu(trained, tmp_path):
     src = tmp_path / "in"
     synth_images(src, [f"img{k}.jpg" for k in range(5)], root)
     run_segment(cfg, [src], tmp_path / "cpu", overlays=False, progress=False)
-    gpu_cfg = make_cfg(base, root, *TINY_TRAIN, f"extract.device={DEVICE}",
-                       f"predict.device={DEVICE}", "extract.precision=fp32")
+    gpu_cfg = make_cfg(
+        base,
+        root,
+        *TINY_TRAIN,
+        f"extract.device={DEVICE}",
+        f"predict.device={DEVICE}",
+        "extract.precision=fp32",
+    )
     r = run_segment(gpu_cfg, [src], tmp_path / "gpu", progress=False)
     assert r.n_written == 5 and not r.errors
     assert agreement(masks_in(tmp_path / "gpu"), masks_in(tmp_path / "cpu")) >= PIXELS_MIN
@@ -250,8 +272,9 @@ def test_export_then_run_on_cuda(trained, tmp_path):
     run_export(cfg, path, height=32, width=48)
     cpu = torch.export.load(path).module()
     gpu = torch.export.passes.move_to_device_pass(torch.export.load(path), DEVICE).module()
-    x = torch.randint(0, 256, (3, 3, 96, 128), dtype=torch.uint8,
-                      generator=torch.Generator().manual_seed(0))
+    x = torch.randint(
+        0, 256, (3, 3, 96, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         want, got = cpu(x), gpu(x.to(DEVICE))
     assert got.device.type == DEVICE and got.shape == want.shape == (3, 1, 96, 128)

@@ -1,4 +1,5 @@
 """data.val_cut's choice of held-out sequences (pipeline.holdout)."""
+
 from __future__ import annotations
 
 import hashlib

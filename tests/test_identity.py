@@ -1,6 +1,7 @@
 """Content identity that `cp -p`, `rsync -t` and bit rot cannot fool: the checksum memo is
 keyed by a stat stamp with the inode and ctime, a reader that finds a shard failing its
 checksum marks it for repair, and `status --verify` rehashes everything."""
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ QUIET = dict(log=lambda s: None, progress=False)
 def cp_p(src: Path, dst: Path) -> None:
     """Replace `dst` by other bytes of the same size with its mtime restored (`cp -p`)."""
     st = dst.stat()
-    data = bytearray(src.read_bytes()[:st.st_size].ljust(st.st_size, b"\0"))
+    data = bytearray(src.read_bytes()[: st.st_size].ljust(st.st_size, b"\0"))
     assert bytes(data) != dst.read_bytes()
     tmp = dst.with_name(dst.name + ".new")
     tmp.write_bytes(bytes(data))
@@ -173,6 +174,7 @@ def test_predict_outputs_are_verified_and_only_the_damage_repaired(trained_copy)
     status says stale naming it, a plain predict restores it (recomputing only the shard of
     a bad mask) and everything else is left as it was."""
     from pipeline.stages import predict as predict_stage
+
     cfg = trained_copy[2]
     pdir = cfg.run_dir / "predictions" / "test"
     masks = sorted(pdir.rglob("*.png"))
@@ -188,8 +190,11 @@ def test_predict_outputs_are_verified_and_only_the_damage_repaired(trained_copy)
     assert st.state == "stale", st.line()
     for what in (masks[0].name, "report_test.md"):
         assert what in st.why, st.line()
-    untouched = {p: p.stat().st_mtime_ns for p in masks[3:]
-                 if p.parent != masks[0].parent and p.parent != masks[1].parent}
+    untouched = {
+        p: p.stat().st_mtime_ns
+        for p in masks[3:]
+        if p.parent != masks[0].parent and p.parent != masks[1].parent
+    }
     assert untouched  # the test can see a shard recomputed that needed not be
     res = run_predict(cfg, "test", **QUIET)
     assert not res.up_to_date

@@ -5,6 +5,7 @@ own. The stage modules (stages/extract, train, predict) import no other stage; b
 stages nothing imports one, and the commands on a trained run (segment, export) import none
 either; module-level imports form no circle; the torch-free floor stays torch-free. Read from
 the source with `ast` (every import, also those inside functions)."""
+
 from __future__ import annotations
 
 import ast
@@ -18,17 +19,20 @@ from tests.conftest import ROOT
 
 PIPELINE = ROOT / "pipeline"
 # lowest first; a name is a folder (a package of pipeline/) or a top-level module
-FLOORS: tuple[frozenset[str], ...] = tuple(frozenset(f) for f in (
-    {"core"},  # config, keys, errors, fingerprints, fsutil, registry: torch-free
-    {"data", "metrics"},
-    {"models"},
-    {"store", "streaming", "executors"},
-    {"report"},
-    {"runconfig"},
-    {"inference"},  # the one inference path of predict, segment and export
-    {"stages"},  # stages.workflow: the ordered list of stages
-    {"commands"},
-))
+FLOORS: tuple[frozenset[str], ...] = tuple(
+    frozenset(f)
+    for f in (
+        {"core"},  # config, keys, errors, fingerprints, fsutil, registry: torch-free
+        {"data", "metrics"},
+        {"models"},
+        {"store", "streaming", "executors"},
+        {"report"},
+        {"runconfig"},
+        {"inference"},  # the one inference path of predict, segment and export
+        {"stages"},  # stages.workflow: the ordered list of stages
+        {"commands"},
+    )
+)
 STAGES = {"stages.extract", "stages.train", "stages.predict"}
 # modules above the stages that iterate or list them
 ABOVE_STAGES = {"stages.workflow", "commands.runs"}
@@ -79,7 +83,7 @@ def imports(path: Path, top_level_only: bool = False, source: str | None = None)
                     out.add(_target(parts))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = _package(path)[:len(_package(path)) - node.level + 1]
+                base = _package(path)[: len(_package(path)) - node.level + 1]
                 full = base + (node.module.split(".") if node.module else [])
             else:
                 full = (node.module or "").split(".")
@@ -111,17 +115,31 @@ def floor(name: str) -> int:
 def test_the_parser_sees_relative_and_package_imports():
     """The helper itself: relative and absolute imports, in a folder's module, at module
     level and inside functions, of modules and of folders' modules."""
-    src = ("from __future__ import annotations\nimport os\nfrom . import predict, train\n"
-           "from ..store import FeatureStore\nfrom ..core.config import Config\n"
-           "from .. import inference\n"
-           "def f():\n    from pipeline.stages.extract import Extractor\n"
-           "    import pipeline.commands.runs\n    from pipeline.stages import base\n")
+    src = (
+        "from __future__ import annotations\nimport os\nfrom . import predict, train\n"
+        "from ..store import FeatureStore\nfrom ..core.config import Config\n"
+        "from .. import inference\n"
+        "def f():\n    from pipeline.stages.extract import Extractor\n"
+        "    import pipeline.commands.runs\n    from pipeline.stages import base\n"
+    )
     nested = PIPELINE / "stages" / "probe.py"
     assert imports(nested, source=src) == {
-        "stages.predict", "stages.train", "store", "core.config", "inference", "stages.extract",
-        "commands.runs", "stages.base"}
+        "stages.predict",
+        "stages.train",
+        "store",
+        "core.config",
+        "inference",
+        "stages.extract",
+        "commands.runs",
+        "stages.base",
+    }
     assert imports(nested, top_level_only=True, source=src) == {
-        "stages.predict", "stages.train", "store", "core.config", "inference"}
+        "stages.predict",
+        "stages.train",
+        "store",
+        "core.config",
+        "inference",
+    }
 
 
 def test_every_module_is_on_a_floor_and_imports_none_above_it():
@@ -155,7 +173,7 @@ def test_no_import_circle():
         state[name] = 1
         for dep in sorted(graph.get(name, ())):
             if state.get(dep) == 1:
-                cycle = path[path.index(dep):] + [dep] if dep in path else [name, dep]
+                cycle = path[path.index(dep) :] + [dep] if dep in path else [name, dep]
                 raise AssertionError(f"import circle: {' -> '.join(cycle)}")
             if dep not in state:
                 visit(dep, [*path, dep])
@@ -168,8 +186,12 @@ def test_no_import_circle():
 
 def test_the_torch_free_floor_imports_no_torch():
     names = sorted(f"pipeline.{m}" for m in all_imports() if m.split(".")[0] in TORCH_FREE)
-    code = ("import sys\n" + "".join(f"import {n}\n" for n in names)
-            + "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    code = (
+        "import sys\n"
+        + "".join(f"import {n}\n" for n in names)
+        + "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]", (names, out)

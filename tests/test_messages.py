@@ -2,6 +2,7 @@
 fingerprints at its default (`backbone.layers: 1 -> 2`, not "is new"), a backbone.layers the
 backbone does not have (a usage error, not "run extract-features"), and a split the dataset
 does not have (named as such, not "run extract-features --split nosuch")."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,6 +17,7 @@ from pipeline.store import FeatureStore
 from tests.conftest import cli_sets, make_cfg, one_line_error, run_cli, stored
 
 # ----------------------------------------------------------------------------- diff_params
+
 
 def test_diff_params_reads_absent_keys_as_their_default():
     assert diff_params({}, {"backbone.layers": 2}) == ["backbone.layers: 1 -> 2"]
@@ -34,8 +36,9 @@ def test_status_line_names_old_and_new_layers(tmp_path):
     """Through judge, as `status` shows it: a record made at the default (key absent)."""
     old = StageState("train-head", {"features[train]": "abc"}, {"train.lr": 0.1})
     save_record(tmp_path, old)
-    new = StageState("train-head", {"features[train]": "abc"},
-                     {"train.lr": 0.1, "backbone.layers": 2})
+    new = StageState(
+        "train-head", {"features[train]": "abc"}, {"train.lr": 0.1, "backbone.layers": 2}
+    )
     st = judge(tmp_path, new)
     assert st.line() == "train-head: stale (backbone.layers: 1 -> 2)", st.line()
 
@@ -47,13 +50,19 @@ def test_absent_as_matches_the_fingerprints(tmp_path, synth_root):
     params = {**config_keys(cfg).feature.params(), **config_keys(cfg).predict.tta_params()}
     assert not set(ABSENT_AS) & set(params), params
     cfg = make_cfg(tmp_path, synth_root, "backbone.layers=3", "predict.tta=flip")
-    params = {**config_keys(cfg).feature.mirrored().params(),
-              **config_keys(cfg).predict.tta_params()}
-    assert {k: params[k] for k in ABSENT_AS} == {"backbone.layers": 3, "mirror": True,
-                                                 "predict.tta": "flip"}
+    params = {
+        **config_keys(cfg).feature.mirrored().params(),
+        **config_keys(cfg).predict.tta_params(),
+    }
+    assert {k: params[k] for k in ABSENT_AS} == {
+        "backbone.layers": 3,
+        "mirror": True,
+        "predict.tta": "flip",
+    }
 
 
 # ----------------------------------------------------------------------------- backbone.layers
+
 
 def test_resolve_layers_refuses_what_the_backbone_lacks():
     assert resolve_layers("mobilenet_v2", 0) == 2 and resolve_layers("dino_vits16", 0) == 1
@@ -72,8 +81,13 @@ def test_impossible_layers_is_a_usage_error_before_any_store(tmp_path, synth_roo
     sets = cli_sets(tmp_path, synth_root, "backbone.layers=12")
     (tmp_path / "in").mkdir()
     Image.new("RGB", (64, 48)).save(tmp_path / "in" / "x.jpg")
-    for cmd in (["train-head"], ["predict"], ["export"], ["status"],
-                ["segment", str(tmp_path / "in")]):
+    for cmd in (
+        ["train-head"],
+        ["predict"],
+        ["export"],
+        ["status"],
+        ["segment", str(tmp_path / "in")],
+    ):
         r = run_cli(*cmd, *sets)
         assert r.returncode == 2, (cmd, r.stdout, r.stderr)
         line = one_line_error(r, "backbone.layers: 12", "mobilenet_v2 offers 1 to 4")
@@ -81,6 +95,7 @@ def test_impossible_layers_is_a_usage_error_before_any_store(tmp_path, synth_roo
 
 
 # ----------------------------------------------------------------------------- unknown split
+
 
 def test_open_names_a_split_the_dataset_lacks(tmp_path, synth_root):
     cfg = make_cfg(tmp_path, synth_root)
@@ -90,8 +105,9 @@ def test_open_names_a_split_the_dataset_lacks(tmp_path, synth_root):
     # a split that exists but is not extracted: the old advice stands
     with pytest.raises(StoreError) as e:
         FeatureStore.open(*stored(cfg), "test")
-    assert "no stored features of split 'test'" in str(e.value) \
-        and "extract-features --split test" in str(e.value)
+    assert "no stored features of split 'test'" in str(
+        e.value
+    ) and "extract-features --split test" in str(e.value)
     # no readable dataset: the old advice too (extract-features will name the problem)
     cfg = make_cfg(tmp_path, tmp_path / "no_dataset")
     with pytest.raises(StoreError) as e:
@@ -108,23 +124,29 @@ def test_predict_unknown_split_cli(tmp_path, synth_root):
 
 # ----------------------------------------------------------------------------- out of memory
 
+
 def test_an_allocator_failure_is_one_line_exit_1(capsys):
     """torch's CPU allocator raises a plain RuntimeError: the CLI boundary makes it (and
     MemoryError) one line with the keys to lower; any other RuntimeError stays a bug."""
     import cli
 
     def alloc() -> None:
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
-                           "can't allocate memory: you tried to allocate 100000000000 bytes.\n"
-                           "more")
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+            "can't allocate memory: you tried to allocate 100000000000 bytes.\n"
+            "more"
+        )
 
     for boom in (alloc, lambda: [0] * (1 << 62)):
         with pytest.raises(SystemExit) as e:
             cli.guarded(boom)
         assert e.value.code == 1
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: out of memory") \
-            and "upsampler.hidden" in err[0], err
+        assert (
+            len(err) == 1
+            and err[0].startswith("error: out of memory")
+            and "upsampler.hidden" in err[0]
+        ), err
 
     def bug() -> None:
         raise RuntimeError("shape mismatch")
@@ -135,14 +157,19 @@ def test_an_allocator_failure_is_one_line_exit_1(capsys):
 
 # ----------------------------------------------------------------------------- red-team cases
 
+
 def test_config_files_that_are_not_files_and_odd_set_values(tmp_path):
     from pipeline.core.config import load_config
-    for path, why in (("/dev/zero", "not a regular file"), (str(tmp_path), "not a regular file"),
-                      (str(tmp_path / "none.toml"), "not found")):
+
+    for path, why in (
+        ("/dev/zero", "not a regular file"),
+        (str(tmp_path), "not a regular file"),
+        (str(tmp_path / "none.toml"), "not found"),
+    ):
         with pytest.raises(ConfigError, match=why):
             load_config(path)
     bom = tmp_path / "bom.toml"
-    bom.write_bytes(b"\xef\xbb\xbf[run]\nname = \"x\"\n")
+    bom.write_bytes(b'\xef\xbb\xbf[run]\nname = "x"\n')
     assert load_config(bom).run.name == "x"
     # a bare number for a string key is the string
     assert load_config(None, ["run.name=2024", "data.test_split=2024"]).run.name == "2024"
@@ -159,6 +186,7 @@ def test_an_edited_model_card_is_one_line(tmp_path):
         load_models,
         save_models,
     )
+
     save_models(tmp_path, LinearHead(5), PacUpsampler(UpsamplerSpec(5, 16)), {}, {}, 16)
     card = json_.loads((tmp_path / "models.json").read_text())
     card["head"]["in_channels"] = "abc"

@@ -1,5 +1,6 @@
 """Metrics: hand-derived values on tiny masks, and the fast boundary code against slow
 reference implementations written here (explicit loops, brute-force distances)."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ def mask(shape, *boxes):
     """A bool mask with the given (y0, y1, x0, x1) boxes (inclusive) set."""
     m = np.zeros(shape, dtype=bool)
     for y0, y1, x0, x1 in boxes:
-        m[y0:y1 + 1, x0:x1 + 1] = True
+        m[y0 : y1 + 1, x0 : x1 + 1] = True
     return m
 
 
@@ -47,6 +48,7 @@ def check_metrics(m: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- slow references
+
 
 def ref_boundary_map(seg: np.ndarray) -> np.ndarray:
     """DAVIS seg2bmap phrased as in its source, one pixel at a time: neighbours outside the
@@ -123,6 +125,7 @@ def blobby(rng: np.random.Generator, shape, noise: float = 0.0) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- hand-made cases
 
+
 def test_confusion_matrix_4x4_one_pixel_overlap():
     # GT object rows 1-2 x cols 1-2; prediction rows 2-3 x cols 2-3: they share (2, 2).
     gt = mask((4, 4), (1, 2, 1, 2))
@@ -130,11 +133,11 @@ def test_confusion_matrix_4x4_one_pixel_overlap():
     s = image_stats(pred, gt, "cat", "x")
     # tp = 1; fp = 4 - 1 = 3; fn = 4 - 1 = 3; tn = 16 - 7 = 9
     assert (s.tp, s.fp, s.fn, s.tn) == (1, 3, 3, 9)
-    assert s.j == pytest.approx(1 / 7)          # 1 / (1 + 3 + 3)
+    assert s.j == pytest.approx(1 / 7)  # 1 / (1 + 3 + 3)
     m = aggregate([s])
     check_metrics(m)
     assert m["fg_iou"] == pytest.approx(1 / 7)
-    assert m["bg_iou"] == pytest.approx(9 / 15)   # 9 / (9 + 3 + 3)
+    assert m["bg_iou"] == pytest.approx(9 / 15)  # 9 / (9 + 3 + 3)
     assert m["miou"] == pytest.approx((1 / 7 + 9 / 15) / 2)
     assert m["accuracy"] == pytest.approx(10 / 16)
     assert m["precision"] == pytest.approx(1 / 4)
@@ -206,11 +209,11 @@ def test_object_predicted_where_there_is_none():
     pred = mask((8, 8), (2, 3, 2, 3))
     s = image_stats(pred, gt)
     assert (s.tp, s.fp, s.fn, s.tn) == (0, 4, 0, 60)
-    assert s.j == 0.0 and s.f == 0.0   # GT boundary empty, pred not: P = 0, R = 1 -> F = 0
+    assert s.j == 0.0 and s.f == 0.0  # GT boundary empty, pred not: P = 0, R = 1 -> F = 0
     m = aggregate([s])
     check_metrics(m)
     assert m["fg_iou"] == 0.0 and m["precision"] == 0.0
-    assert m["recall"] == 0.0          # no GT object, but something predicted
+    assert m["recall"] == 0.0  # no GT object, but something predicted
     assert m["bg_iou"] == pytest.approx(60 / 64)
 
 
@@ -220,8 +223,8 @@ SHAPE = (120, 160)
 
 def test_tolerance_is_two_pixels_here():
     assert boundary_radius(0.008, SHAPE) == 2
-    assert boundary_radius(0.008, (480, 854)) == 8   # DAVIS 480p: ceil(7.84)
-    assert boundary_radius(3, SHAPE) == 3            # >= 1: pixels, as in DAVIS
+    assert boundary_radius(0.008, (480, 854)) == 8  # DAVIS 480p: ceil(7.84)
+    assert boundary_radius(3, SHAPE) == 3  # >= 1: pixels, as in DAVIS
 
 
 def test_one_pixel_object_found_and_missed():
@@ -236,13 +239,13 @@ def test_one_pixel_object_found_and_missed():
 
 
 def test_shift_within_tolerance_gives_f1_but_j_below_1():
-    gt = mask(SHAPE, (40, 59, 60, 79))               # a 20 x 20 square
-    pred = mask(SHAPE, (40, 59, 62, 81))             # moved 2 px right
+    gt = mask(SHAPE, (40, 59, 60, 79))  # a 20 x 20 square
+    pred = mask(SHAPE, (40, 59, 62, 81))  # moved 2 px right
     s = image_stats(pred, gt)
     # every boundary pixel of one is the other's moved by exactly 2 <= r: F = 1
     assert s.f == 1.0
     assert s.j == pytest.approx(20 * 18 / (20 * 22))  # 9/11
-    pred = mask(SHAPE, (41, 60, 61, 80))             # moved (1, 1): distance sqrt(2) <= 2
+    pred = mask(SHAPE, (41, 60, 61, 80))  # moved (1, 1): distance sqrt(2) <= 2
     s = image_stats(pred, gt)
     assert s.f == 1.0 and s.j == pytest.approx(19 * 19 / (800 - 19 * 19))
 
@@ -269,17 +272,18 @@ def test_disk_and_dilation_radius():
         0 1 1 1 0
         1 1 1 1 1
         0 1 1 1 0
-        0 0 1 0 0""")                                 # x^2 + y^2 <= 4
+        0 0 1 0 0""")  # x^2 + y^2 <= 4
     assert np.array_equal(disk(2), expected)
-    assert disk(8).shape == (17, 17) and disk(8).sum() == 197   # lattice points, r = 8
+    assert disk(8).shape == (17, 17) and disk(8).sum() == 197  # lattice points, r = 8
     assert disk(0).shape == (1, 1) and disk(0).all()
     m = mask((9, 9), (4, 4, 4, 4))
     out = np.zeros((9, 9), bool)
     out[2:7, 2:7] = expected
     assert np.array_equal(dilate_disk(m, 2), out)
     # at the corner the disk is clipped by the image
-    assert np.array_equal(dilate_disk(mask((9, 9), (0, 0, 0, 0)), 2)[:3, :3],
-                          arr("1 1 1\n1 1 0\n1 0 0"))
+    assert np.array_equal(
+        dilate_disk(mask((9, 9), (0, 0, 0, 0)), 2)[:3, :3], arr("1 1 1\n1 1 0\n1 0 0")
+    )
     assert not dilate_disk(np.zeros((5, 5), bool), 3).any()
 
 
@@ -293,10 +297,10 @@ def test_aggregate_sums_pixels_instead_of_averaging_images():
     # mean of per-image IoUs would be 0.5; pixel-summed: 100 / (100 + 0 + 1)
     assert m["j_mean"] == pytest.approx(0.5)
     assert m["fg_iou"] == pytest.approx(100 / 101)
-    assert m["bg_iou"] == pytest.approx(99 / 100)     # tn 0 + 99, fp 0, fn 1
+    assert m["bg_iou"] == pytest.approx(99 / 100)  # tn 0 + 99, fp 0, fn 1
     assert m["accuracy"] == pytest.approx(199 / 200)
     assert m["precision"] == 1.0 and m["recall"] == pytest.approx(100 / 101)
-    assert m["boundary_f"] == pytest.approx(0.5)      # A: no boundaries, F 1; B: F 0
+    assert m["boundary_f"] == pytest.approx(0.5)  # A: no boundaries, F 1; B: F 0
     assert m["n_images"] == 2
     # any iterable works; an empty group does not
     assert aggregate(iter([a, b])) == m
@@ -373,6 +377,7 @@ def test_input_types_and_shape_checks():
 
 # ----------------------------------------------------------------------------- vs references
 
+
 def test_boundary_map_matches_reference():
     rng = np.random.default_rng(2)
     shapes = [(1, 1), (1, 7), (7, 1), (2, 2), (3, 5), (17, 23), (31, 29)]
@@ -388,8 +393,9 @@ def test_dilate_disk_matches_reference(radius):
     for noise in (0.0, 0.02, 0.3):
         m = blobby(rng, (37, 53), noise) & (rng.random((37, 53)) < 0.5)
         assert np.array_equal(dilate_disk(m, radius), ref_dilate(m, radius)), noise
-    assert np.array_equal(disk(radius), ref_dilate(mask(disk(radius).shape, (
-        len(disk(radius)) // 2,) * 4), radius))
+    assert np.array_equal(
+        disk(radius), ref_dilate(mask(disk(radius).shape, (len(disk(radius)) // 2,) * 4), radius)
+    )
 
 
 def test_near_sparse_and_dense_paths_agree():
@@ -403,9 +409,9 @@ def test_near_sparse_and_dense_paths_agree():
     d2 = (ys[:, None] - ty[None, :]) ** 2 + (xs[:, None] - tx[None, :]) ** 2
     expected = (d2 <= 9).any(axis=1)
     assert expected.any() and not expected.all()
-    dense = metrics._near(target, ys, xs, 3)          # many queries
+    dense = metrics._near(target, ys, xs, 3)  # many queries
     assert np.array_equal(dense, expected)
-    pick = rng.choice(ys.size, 20, replace=False)      # few queries
+    pick = rng.choice(ys.size, 20, replace=False)  # few queries
     assert np.array_equal(metrics._near(target, ys[pick], xs[pick], 3), expected[pick])
 
 
@@ -426,6 +432,7 @@ def test_boundary_f_matches_brute_force(bound_th):
 
 
 # ----------------------------------------------------------------------------- refusals
+
 
 @pytest.mark.parametrize("bound_th", [1.5, 2.25, math.inf])
 def test_non_integer_pixel_tolerance_refused(bound_th):
@@ -458,8 +465,12 @@ def test_negative_or_nan_mask_values_refused(bad, where):
     dtype = np.int16 if float(bad).is_integer() else np.float32
     broken = broken.astype(dtype)
     pred, gt = (broken, good) if where == "pred" else (good, broken)
-    for call in (lambda: image_stats(pred, gt), lambda: boundary_f(pred, gt),
-                 lambda: boundary_map(broken), lambda: dilate_disk(broken, 1)):
+    for call in (
+        lambda: image_stats(pred, gt),
+        lambda: boundary_f(pred, gt),
+        lambda: boundary_map(broken),
+        lambda: dilate_disk(broken, 1),
+    ):
         with pytest.raises(ValueError, match=r"at \(2, 5\): mask values must be >= 0") as e:
             call()
         assert "\n" not in str(e.value)

@@ -1,6 +1,7 @@
 """Nothing of the user's is written over or deleted: the tool writes only inside folders it
 created (a marker) and over files it wrote (a write-ahead ledger of their contents), and
 `segment` refuses an output path that is one of its inputs, all before any work."""
+
 from __future__ import annotations
 
 import hashlib
@@ -28,11 +29,15 @@ QUIET = dict(log=lambda s: None, progress=False)
 
 def tree(folder: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under `folder` (what must stay unchanged)."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 # ----------------------------------------------------------------------------- segment
+
 
 def test_segment_refuses_to_write_a_mask_over_its_input(trained, tmp_path):
     """`segment PHOTO.png --out <PHOTO's folder>`: exit 2 before any work, the photo intact,
@@ -42,8 +47,14 @@ def test_segment_refuses_to_write_a_mask_over_its_input(trained, tmp_path):
     synth_images(photos, ["PHOTO.png", "other.jpg"], root)
     before = tree(photos)
     for extra in ([], ["--force"]):
-        r = run_cli("segment", str(photos / "PHOTO.png"), "--out", str(photos), *extra,
-                    *cli_sets(base, root))
+        r = run_cli(
+            "segment",
+            str(photos / "PHOTO.png"),
+            "--out",
+            str(photos),
+            *extra,
+            *cli_sets(base, root),
+        )
         assert r.returncode == 2, r.stderr
         one_line_error(r, str(photos / "PHOTO.png"))
         assert tree(photos) == before
@@ -54,8 +65,7 @@ def test_segment_refuses_to_write_a_mask_over_its_input(trained, tmp_path):
     synth_images(tmp_path / "in", ["sub/a.jpg"], root)
     before = tree(out)
     with pytest.raises(OwnershipError, match="is one of the images"):
-        run_segment(cfg, [tmp_path / "in", out / "overlays" / "sub" / "a.jpg"], out,
-                    progress=False)
+        run_segment(cfg, [tmp_path / "in", out / "overlays" / "sub" / "a.jpg"], out, progress=False)
     assert tree(out) == before
 
 
@@ -69,8 +79,9 @@ def test_segment_refuses_a_folder_it_did_not_create(trained, tmp_path):
     (docs / "a.png").write_bytes(b"my own file")
     (docs / "notes.txt").write_text("mine")
     before = tree(docs)
-    r = run_cli("segment", str(tmp_path / "in"), "--out", str(docs), "--force",
-                *cli_sets(base, root))
+    r = run_cli(
+        "segment", str(tmp_path / "in"), "--out", str(docs), "--force", *cli_sets(base, root)
+    )
     assert r.returncode == 2, r.stderr
     one_line_error(r, str(docs), "not created by")
     assert tree(docs) == before
@@ -119,8 +130,9 @@ def test_a_garbled_ledger_means_not_ours(trained, tmp_path):
     masks = tree(out)
     (out / MARKER).write_text("{garbled")
     res = run_segment(cfg, [src], out, progress=False)
-    assert res.n_written == 2 and {k: v for k, v in tree(out).items() if k.endswith(".png")} == \
-        {k: v for k, v in masks.items() if k.endswith(".png")}
+    assert res.n_written == 2 and {k: v for k, v in tree(out).items() if k.endswith(".png")} == {
+        k: v for k, v in masks.items() if k.endswith(".png")
+    }
     (out / MARKER).write_text("{garbled")
     (out / "a.png").write_bytes(b"edited by hand")
     with pytest.raises(OwnershipError, match="a.png"):
@@ -130,22 +142,37 @@ def test_a_garbled_ledger_means_not_ours(trained, tmp_path):
 
 # ----------------------------------------------------------------------------- stages and export
 
+
 def test_stages_refuse_run_and_cache_folders_they_did_not_create(synth_root, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
     before = tree(mine)
-    cfg = make_cfg(tmp_path, synth_root, f"paths.outputs={tmp_path}", "run.name=mine",
-                   "data.val_split=")
+    cfg = make_cfg(
+        tmp_path, synth_root, f"paths.outputs={tmp_path}", "run.name=mine", "data.val_split="
+    )
     run_extract(cfg, ["train"], **QUIET)  # stage 1 writes into the cache only
     assert tree(mine) == before
     with pytest.raises(OwnershipError, match="not created by"):
         run_train(cfg, **QUIET)
     cfg = make_cfg(tmp_path, synth_root, f"paths.cache={mine}")
-    r = run_cli("extract-features", "--split", "test", *[a for s in (
-        f"data.root={synth_root}", f"paths.cache={mine}", f"paths.outputs={tmp_path / 'o'}",
-        "backbone.name=mobilenet_v2", "backbone.weights=random", "extract.device=cpu")
-        for a in ("--set", s)])
+    r = run_cli(
+        "extract-features",
+        "--split",
+        "test",
+        *[
+            a
+            for s in (
+                f"data.root={synth_root}",
+                f"paths.cache={mine}",
+                f"paths.outputs={tmp_path / 'o'}",
+                "backbone.name=mobilenet_v2",
+                "backbone.weights=random",
+                "extract.device=cpu",
+            )
+            for a in ("--set", s)
+        ],
+    )
     assert r.returncode == 2
     one_line_error(r, str(mine), "paths.cache")
     assert tree(mine) == before
@@ -161,6 +188,7 @@ def test_ledger_write_ahead_and_byte_equal():
     """Unit: a killed write leaves either the old or the new content, both known as ours;
     a foreign file is refused unless byte-equal."""
     import tempfile
+
     with tempfile.TemporaryDirectory() as d:
         folder = claim_folder(Path(d) / "f", "test")
         led = Ledger(folder, "test")
@@ -187,6 +215,7 @@ def test_export_never_replaces_a_file_it_did_not_write(trained_copy, tmp_path, m
 
     from pipeline.commands import export as export_mod
     from pipeline.commands.export import run_export
+
     base, root, cfg = trained_copy
     mine = tmp_path / "model.pt2"
     mine.write_bytes(b"my own model")
@@ -210,8 +239,15 @@ def test_demo_does_not_write_its_dataset_into_a_folder_of_yours(tmp_path):
     mine.mkdir()
     (mine / "holiday.jpg").write_bytes(b"not generated")
     before = tree(mine)
-    r = run_cli("demo", "--set", f"data.root={mine}", "--set", f"paths.cache={tmp_path / 'c'}",
-                "--set", f"paths.outputs={tmp_path / 'o'}")
+    r = run_cli(
+        "demo",
+        "--set",
+        f"data.root={mine}",
+        "--set",
+        f"paths.cache={tmp_path / 'c'}",
+        "--set",
+        f"paths.outputs={tmp_path / 'o'}",
+    )
     assert r.returncode == 2, r.stderr
     one_line_error(r, str(mine), "data.root")
     assert tree(mine) == before
@@ -244,14 +280,18 @@ def test_relative_out_paths_are_checked_where_they_are(trained_copy, tmp_path):
 
 # ----------------------------------------------------------------------------- red-team cases
 
+
 def test_split_names_must_be_plain_folder_names(synth_root, tmp_path):
     """An absolute split name or one with `..` would make stage 1 and predict write into the
     dataset (the join drops the prefix): refused up front, exit 2, the dataset intact."""
     before = tree(synth_root)
     sets = cli_sets(tmp_path, synth_root)
     for split in (str(synth_root / "test"), "test/../train", "..", ".hidden"):
-        for cmd in (["extract-features", "--split", split], ["predict", "--split", split],
-                    ["status", "--split", split]):
+        for cmd in (
+            ["extract-features", "--split", split],
+            ["predict", "--split", split],
+            ["status", "--split", split],
+        ):
             r = run_cli(*cmd, *sets)
             assert r.returncode == 2, (cmd, r.stderr)
             one_line_error(r, "--split")

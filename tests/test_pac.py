@@ -1,5 +1,6 @@
 """Pixel-adaptive convolution: both implementations against a literal loop reference, gradients,
 the plain-convolution special case, the border convention, the module, and saved memory."""
+
 from __future__ import annotations
 
 import itertools
@@ -26,8 +27,9 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
-def reference_pac(x, f, w, b=None, stride=1, padding=0, dilation=1, normalize=False,
-                  guide_pad_value=0.0):
+def reference_pac(
+    x, f, w, b=None, stride=1, padding=0, dilation=1, normalize=False, guide_pad_value=0.0
+):
     """The defining formula, literally: Python loops over output pixels and kernel offsets.
 
     Neighbours outside the image are skipped (K = 0); a window with none inside normalises
@@ -88,14 +90,15 @@ def test_forward_matches_reference(stride, dilation, padding, normalize):
     Wo = (9 + 2 * padding - 2 * dilation - 1) // stride + 1
     assert ref.shape == (2, 2, Ho, Wo)
     for fn in IMPLS:
-        out = fn(x, f, w, b, stride=stride, padding=padding, dilation=dilation,
-                 normalize=normalize)
+        out = fn(x, f, w, b, stride=stride, padding=padding, dilation=dilation, normalize=normalize)
         assert out.shape == ref.shape and out.dtype == F64
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, msg=fn.__name__)
 
 
-@pytest.mark.parametrize("k,stride,padding,dilation", [(1, 1, 0, 1), (1, 2, 1, 1), (5, 1, 2, 1),
-                                                       (5, 2, 3, 1), (5, 1, 1, 2)])
+@pytest.mark.parametrize(
+    "k,stride,padding,dilation",
+    [(1, 1, 0, 1), (1, 2, 1, 1), (5, 1, 2, 1), (5, 2, 3, 1), (5, 1, 1, 2)],
+)
 def test_other_kernel_sizes(k, stride, padding, dilation):
     x, f, w, b = make_inputs(k=k, H=8, W=7, seed=k)
     for normalize in (False, True):
@@ -112,9 +115,17 @@ def test_no_bias():
         torch.testing.assert_close(fn(x, f, w, None, padding=1, normalize=True), ref)
 
 
-@pytest.mark.parametrize("stride,dilation,padding,normalize",
-                         [(1, 1, 1, False), (1, 1, 1, True), (2, 1, 2, True), (1, 2, 1, False),
-                          (2, 2, 2, True), (2, 1, 0, False)])
+@pytest.mark.parametrize(
+    "stride,dilation,padding,normalize",
+    [
+        (1, 1, 1, False),
+        (1, 1, 1, True),
+        (2, 1, 2, True),
+        (1, 2, 1, False),
+        (2, 2, 2, True),
+        (2, 1, 0, False),
+    ],
+)
 def test_gradients_match_reference(stride, dilation, padding, normalize):
     x, f, w, b = make_inputs(requires_grad=True, seed=11)
     kw = dict(stride=stride, padding=padding, dilation=dilation, normalize=normalize)
@@ -124,8 +135,9 @@ def test_gradients_match_reference(stride, dilation, padding, normalize):
     for fn in IMPLS:
         got = torch.autograd.grad(fn(x, f, w, b, **kw), (x, f, w, b), gout)
         for name, g_got, g_exp in zip("xfwb", got, expected, strict=True):
-            torch.testing.assert_close(g_got, g_exp, rtol=1e-9, atol=1e-10,
-                                       msg=f"{fn.__name__}: d/d{name}")
+            torch.testing.assert_close(
+                g_got, g_exp, rtol=1e-9, atol=1e-10, msg=f"{fn.__name__}: d/d{name}"
+            )
 
 
 def test_partial_requires_grad():
@@ -141,10 +153,12 @@ def test_partial_requires_grad():
     torch.testing.assert_close(ow, gw)
     # guide only
     f2 = f.clone().requires_grad_(True)
-    (gf,) = torch.autograd.grad(reference_pac(x.detach(), f2, w.detach(), None, 2, 1, 1,
-                                              True).sum(), f2)
-    (of,) = torch.autograd.grad(pac_conv2d(x.detach(), f2, w.detach(), None, 2, 1, 1,
-                                           True).sum(), f2)
+    (gf,) = torch.autograd.grad(
+        reference_pac(x.detach(), f2, w.detach(), None, 2, 1, 1, True).sum(), f2
+    )
+    (of,) = torch.autograd.grad(
+        pac_conv2d(x.detach(), f2, w.detach(), None, 2, 1, 1, True).sum(), f2
+    )
     torch.testing.assert_close(of, gf)
 
 
@@ -153,12 +167,16 @@ def test_partial_requires_grad():
 def test_gradcheck(normalize, stride, padding, dilation):
     x, f, w, b = make_inputs(B=1, Ci=2, Co=2, Cg=2, H=5, W=6, requires_grad=True, seed=2)
     assert torch.autograd.gradcheck(
-        lambda *t: pac_conv2d(*t, stride=stride, padding=padding, dilation=dilation,
-                              normalize=normalize), (x, f, w, b))
+        lambda *t: pac_conv2d(
+            *t, stride=stride, padding=padding, dilation=dilation, normalize=normalize
+        ),
+        (x, f, w, b),
+    )
 
 
-@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 0, 2),
-                                                     (2, 2, 2), (1, 2, 1)])
+@pytest.mark.parametrize(
+    "stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 0, 2), (2, 2, 2), (1, 2, 1)]
+)
 def test_constant_guide_is_plain_convolution(stride, padding, dilation):
     """A constant guide makes K = 1 inside the image; without normalisation PAC is conv2d.
     A zero guide keeps that true even when a window centre falls in the padding."""
@@ -212,8 +230,7 @@ def test_window_without_inside_neighbours_gives_bias():
         torch.testing.assert_close(out[:, :, 0, 0], b.detach().expand(2, -1))
         grads = torch.autograd.grad(out.sum(), (x, f, w, b))
         assert all(torch.isfinite(g).all() for g in grads)
-    ref = reference_pac(x.detach(), f.detach(), w.detach(), b.detach(), padding=2,
-                        normalize=True)
+    ref = reference_pac(x.detach(), f.detach(), w.detach(), b.detach(), padding=2, normalize=True)
     torch.testing.assert_close(pac_conv2d(x, f, w, b, padding=2, normalize=True), ref)
 
 
@@ -241,21 +258,25 @@ def test_float32_and_bfloat16():
     assert torch.isfinite(xb.grad.float()).all() and torch.isfinite(fb.grad.float()).all()
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(w=(2, 3, 2, 2)), "odd"),
-    (dict(w=(2, 3, 3, 5)), "square"),
-    (dict(w=(2, 4, 3, 3)), "channel"),
-    (dict(f=(2, 2, 7, 8)), "size"),
-    (dict(f=(1, 2, 7, 9)), "batch"),
-    (dict(b=(3,)), "bias"),
-    (dict(stride=0), "stride"),
-    (dict(padding=-1), "padding"),
-    (dict(dilation=0), "dilation"),
-    (dict(H=2), "smaller"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(w=(2, 3, 2, 2)), "odd"),
+        (dict(w=(2, 3, 3, 5)), "square"),
+        (dict(w=(2, 4, 3, 3)), "channel"),
+        (dict(f=(2, 2, 7, 8)), "size"),
+        (dict(f=(1, 2, 7, 9)), "batch"),
+        (dict(b=(3,)), "bias"),
+        (dict(stride=0), "stride"),
+        (dict(padding=-1), "padding"),
+        (dict(dilation=0), "dilation"),
+        (dict(H=2), "smaller"),
+    ],
+)
 def test_argument_validation(bad, match):
-    shapes = dict(x=(2, 3, bad.get("H", 7), 9), f=(2, 2, bad.get("H", 7), 9), w=(2, 3, 3, 3),
-                  b=(2,))
+    shapes = dict(
+        x=(2, 3, bad.get("H", 7), 9), f=(2, 2, bad.get("H", 7), 9), w=(2, 3, 3, 3), b=(2,)
+    )
     shapes.update({k: v for k, v in bad.items() if k in shapes})
     t = {k: torch.randn(v) for k, v in shapes.items()}
     kw = {k: v for k, v in bad.items() if k in ("stride", "padding", "dilation")}
@@ -289,9 +310,11 @@ def test_module():
 
 def test_module_bfloat16():
     m = PacConv2d(4, 2, 3, padding=1)
-    x, f = torch.randn(1, 4, 9, 7, dtype=torch.bfloat16), torch.randn(1, 3, 9, 7,
-                                                                       dtype=torch.bfloat16)
-    out = m(x, f)                                  # float32 parameters, bfloat16 activations
+    x, f = (
+        torch.randn(1, 4, 9, 7, dtype=torch.bfloat16),
+        torch.randn(1, 3, 9, 7, dtype=torch.bfloat16),
+    )
+    out = m(x, f)  # float32 parameters, bfloat16 activations
     assert out.dtype == torch.bfloat16 and out.shape == (1, 2, 9, 7)
     ref = m(x.float(), f.float())
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
@@ -321,13 +344,14 @@ def test_saved_memory_does_not_grow_with_kernel_area(normalize):
     """pac_conv2d saves (about) its inputs, never per-offset kernels; the unfold formulation
     saves k^2-sized tensors. Counted exactly with saved-tensor hooks, not timed."""
     k = 5
-    x, f, w, b = make_inputs(B=2, Ci=4, Co=4, Cg=3, H=40, W=48, k=k, dtype=torch.float32,
-                             requires_grad=True)
+    x, f, w, b = make_inputs(
+        B=2, Ci=4, Co=4, Cg=3, H=40, W=48, k=k, dtype=torch.float32, requires_grad=True
+    )
     inputs = sum(t.numel() * t.element_size() for t in (x, f, w))
     kw = dict(padding=2, normalize=normalize)
     lean = _saved_bytes(pac_conv2d, x, f, w, b, **kw)
     naive = _saved_bytes(pac_conv2d_unfold, x, f, w, b, **kw)
-    assert lean > 0                      # the hooks do see the custom function's tensors
+    assert lean > 0  # the hooks do see the custom function's tensors
     assert lean < 2.5 * inputs
     # the bound is discriminating: the naive version is far above it
     assert naive >= k * k * (inputs - w.numel() * 4)

@@ -1,5 +1,6 @@
 """What installing gives: Dask is an optional extra (everything but the scale-out runs
 without it, and asking for a scheduler without it is one line naming the extra)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -7,15 +8,18 @@ import sys
 
 from tests.conftest import ROOT, cpu_sets, one_line_error
 
-WITHOUT_DASK = ("import sys; sys.modules['dask'] = None; sys.modules['distributed'] = None; "
-                f"sys.path.insert(0, {str(ROOT)!r}); sys.argv = ['cli.py'] + sys.argv[1:]; "
-                "import cli; cli.cli()")
+WITHOUT_DASK = (
+    "import sys; sys.modules['dask'] = None; sys.modules['distributed'] = None; "
+    f"sys.path.insert(0, {str(ROOT)!r}); sys.argv = ['cli.py'] + sys.argv[1:]; "
+    "import cli; cli.cli()"
+)
 
 
 def run_without_dask(*args: str) -> subprocess.CompletedProcess:
     """The CLI in a process where `import dask` / `import distributed` fail."""
-    return subprocess.run([sys.executable, "-c", WITHOUT_DASK, *args], capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_DASK, *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def test_everything_but_the_scale_out_runs_without_dask(synth_root, tmp_path):
@@ -31,6 +35,7 @@ def test_everything_but_the_scale_out_runs_without_dask(synth_root, tmp_path):
 
 def test_pyproject_declares_dask_as_an_extra():
     import tomllib
+
     doc = tomllib.loads((ROOT / "pyproject.toml").read_text())
     deps = " ".join(doc["project"]["dependencies"])
     extras = doc["project"]["optional-dependencies"]

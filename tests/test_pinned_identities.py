@@ -9,6 +9,7 @@ The expected values are tests/data/pinned_identities.json. Regenerate it only fo
 change of what is stored (with a CHANGELOG entry): PIN_IDENTITIES=write pytest this file. The
 split folders carry a digest of the generated images' bytes, so a new Pillow JPEG encoder
 changes them too (then regenerate and say so)."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,12 @@ PINNED = Path(__file__).parent / "data" / "pinned_identities.json"
 def _portable(obj: Any, base: Path, root: Path) -> Any:
     """`obj` with the test's temporary paths replaced by placeholders."""
     text = json.dumps(obj, sort_keys=True)
-    for path, name in ((root.resolve(), "<data>"), (base.resolve(), "<base>"),
-                       (root, "<data>"), (base, "<base>")):
+    for path, name in (
+        (root.resolve(), "<data>"),
+        (base.resolve(), "<base>"),
+        (root, "<data>"),
+        (base, "<base>"),
+    ):
         text = text.replace(str(path), name)
     return json.loads(text)
 

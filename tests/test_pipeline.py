@@ -1,5 +1,6 @@
 """The whole pipeline through the CLI: predict's outputs and the report's contract, status
 after config changes, fast no-op reruns, the demo, and a real-data run when available."""
+
 import json
 
 import numpy as np
@@ -9,16 +10,32 @@ from PIL import Image
 from pipeline.data.synth import make_dataset
 from tests.conftest import ROOT, SHARED_DATA, SHARED_WEIGHTS, run_cli
 
-METRIC_KEYS = {"miou", "fg_iou", "bg_iou", "accuracy", "precision", "recall", "j_mean",
-               "boundary_f", "n_images"}
+METRIC_KEYS = {
+    "miou",
+    "fg_iou",
+    "bg_iou",
+    "accuracy",
+    "precision",
+    "recall",
+    "j_mean",
+    "boundary_f",
+    "n_images",
+}
 FAST = ["train.epochs=2", "train.linear_epochs=5", "train.crop=64", "train.batch_size=4"]
 
 
 def sets(tmp_path, root, *extra):
     out = []
-    for s in [f"data.root={root}", f"paths.cache={tmp_path / 'cache'}",
-              f"paths.outputs={tmp_path / 'outputs'}", "backbone.name=mobilenet_v2",
-              "backbone.weights=random", "extract.batch_size=4", *FAST, *extra]:
+    for s in [
+        f"data.root={root}",
+        f"paths.cache={tmp_path / 'cache'}",
+        f"paths.outputs={tmp_path / 'outputs'}",
+        "backbone.name=mobilenet_v2",
+        "backbone.weights=random",
+        "extract.batch_size=4",
+        *FAST,
+        *extra,
+    ]:
         out += ["--set", s]
     return out
 
@@ -26,12 +43,18 @@ def sets(tmp_path, root, *extra):
 @pytest.fixture(scope="module")
 def odd_root(tmp_path_factory):
     """Generated data plus one test image of an odd size that is not a multiple of 16."""
-    root = make_dataset(tmp_path_factory.mktemp("odd") / "d", "obj_seg", {"train": 5, "test": 3},
-                        size=(88, 120), seed=3)
+    root = make_dataset(
+        tmp_path_factory.mktemp("odd") / "d",
+        "obj_seg",
+        {"train": 5, "test": 3},
+        size=(88, 120),
+        seed=3,
+    )
     img = Image.open(root / "test/disc/images/00002.jpg").resize((101, 75))
     img.save(root / "test/disc/images/00002.jpg")
-    Image.open(root / "test/disc/annotations/00002.png").resize((101, 75), Image.NEAREST) \
-        .save(root / "test/disc/annotations/00002.png")
+    Image.open(root / "test/disc/annotations/00002.png").resize((101, 75), Image.NEAREST).save(
+        root / "test/disc/annotations/00002.png"
+    )
     return root
 
 
@@ -40,9 +63,12 @@ def stamps(*folders) -> dict:
     takes them and writes its holder into them) and the checksum memos (.file_hashes.json,
     stages/.outs_hashes.json: a check may fill them in): a file rewritten, even with the same
     bytes, or replaced shows as a change."""
-    return {p: (p.stat().st_ino, p.stat().st_mtime_ns)
-            for f in folders for p in sorted(f.rglob("*"))
-            if p.is_file() and not p.name.endswith((".lock", "_hashes.json"))}
+    return {
+        p: (p.stat().st_ino, p.stat().st_mtime_ns)
+        for f in folders
+        for p in sorted(f.rglob("*"))
+        if p.is_file() and not p.name.endswith((".lock", "_hashes.json"))
+    }
 
 
 def check_metrics(m):
@@ -57,8 +83,11 @@ def test_run_predict_report_and_status(tmp_path, odd_root):
     args = sets(tmp_path, odd_root)
     r = run_cli("status", *args)
     assert r.returncode == 0
-    assert r.stdout.splitlines() == ["extract-features: missing", "train-head: missing",
-                                     "predict[test]: missing"]
+    assert r.stdout.splitlines() == [
+        "extract-features: missing",
+        "train-head: missing",
+        "predict[test]: missing",
+    ]
     r = run_cli("predict", "--split", "test", *args)
     assert r.returncode == 1 and "extract-features" in r.stderr and "Traceback" not in r.stderr
 
@@ -73,8 +102,9 @@ def test_run_predict_report_and_status(tmp_path, odd_root):
     assert report["config"]["data"]["root"] == str(odd_root)
     assert set(report["fingerprints"]) == {"features", "models"}
     assert report["versions"]["torch"]
-    assert sorted((r["category"], r["stem"]) for r in report["per_image"]) == \
-        [(c, f"{i:05d}") for c in ("block", "disc") for i in range(3)]
+    assert sorted((r["category"], r["stem"]) for r in report["per_image"]) == [
+        (c, f"{i:05d}") for c in ("block", "disc") for i in range(3)
+    ]
     for r in report["per_image"]:
         assert set(r["j"]) == set(r["f"]) == {"linear_nearest", "linear_bilinear", "pac"}
     assert set(report["variants"]) == {"linear_nearest", "linear_bilinear", "pac"}
@@ -88,8 +118,9 @@ def test_run_predict_report_and_status(tmp_path, odd_root):
         assert (out / f"report_test.{ext}").is_file()
     # the training curves: drawn once, by train-head; the report shows that drawing
     for ext in ("svg", "pdf", "png"):
-        assert (out / f"report_test_files/training_curves.{ext}").read_bytes() == \
-            (out / f"loss_curves.{ext}").read_bytes()
+        assert (out / f"report_test_files/training_curves.{ext}").read_bytes() == (
+            out / f"loss_curves.{ext}"
+        ).read_bytes()
     # masks: 0/255, the input's own size (the odd one included)
     for cat in ("block", "disc"):
         for i in range(3):
@@ -108,8 +139,11 @@ def test_run_predict_report_and_status(tmp_path, odd_root):
     assert lines[2].startswith("predict [test]: up-to-date;") and len(lines) == 3, r.stdout
     assert stamps(tmp_path / "cache", tmp_path / "outputs") == before
     r = run_cli("status", *args)
-    assert r.stdout.splitlines() == ["extract-features: up-to-date", "train-head: up-to-date",
-                                     "predict[test]: up-to-date"]
+    assert r.stdout.splitlines() == [
+        "extract-features: up-to-date",
+        "train-head: up-to-date",
+        "predict[test]: up-to-date",
+    ]
 
     # a training key: stage 1 stays up to date, stages 2 and 3 become stale
     lines = run_cli("status", *args, "--set", "train.lr=1e-3").stdout.splitlines()
@@ -130,6 +164,7 @@ def test_predict_resumes_from_units(tmp_path, odd_root):
     from pipeline.stages.extract import run_extract
     from pipeline.stages.predict import run_predict
     from pipeline.stages.train import run_train
+
     cfg = load_config(ROOT / "configs/default.toml", sets(tmp_path, odd_root)[1::2])
     quiet = dict(log=lambda s: None, progress=False)
     run_extract(cfg, **quiet)
@@ -157,14 +192,27 @@ def test_demo_runs_offline(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_DATA / "obj_seg").is_dir() or not SHARED_WEIGHTS.is_file(),
-                    reason="../shared/data/obj_seg or the MobileNetV2 weights are absent")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "obj_seg").is_dir() or not SHARED_WEIGHTS.is_file(),
+    reason="../shared/data/obj_seg or the MobileNetV2 weights are absent",
+)
 def test_real_data_pac_beats_bilinear(tmp_path):
-    r = run_cli("run", "--split", "test",
-                "--set", f"data.root={SHARED_DATA / 'obj_seg'}",
-                "--set", f"paths.cache={tmp_path / 'c'}",
-                "--set", f"paths.outputs={tmp_path / 'o'}", "--set", "backbone.name=mobilenet_v2",
-                "--set", f"backbone.weights={SHARED_WEIGHTS}", timeout=1200)
+    r = run_cli(
+        "run",
+        "--split",
+        "test",
+        "--set",
+        f"data.root={SHARED_DATA / 'obj_seg'}",
+        "--set",
+        f"paths.cache={tmp_path / 'c'}",
+        "--set",
+        f"paths.outputs={tmp_path / 'o'}",
+        "--set",
+        "backbone.name=mobilenet_v2",
+        "--set",
+        f"backbone.weights={SHARED_WEIGHTS}",
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((tmp_path / "o/default/report_test.json").read_text())
     v = rep["variants"]
@@ -198,8 +246,10 @@ def test_unannotated_images_are_predicted_and_not_scored(tmp_path):
     assert report["n_images"] == 0 and report["n_predicted"] == 4
     assert all(v["overall"] is None for v in report["variants"].values())
     assert "no annotated image" in r.stdout
-    assert "no annotated image" in (out / "report_test.md").read_text() or \
-        "0 images" in (out / "report_test.md").read_text()
+    assert (
+        "no annotated image" in (out / "report_test.md").read_text()
+        or "0 images" in (out / "report_test.md").read_text()
+    )
     # a train split without annotations: one line, exit 1
     for p in (root / "train").rglob("annotations/*.png"):
         p.unlink()

@@ -2,6 +2,7 @@
 dense CRF against a literal mean-field loop over its offsets, and what refinement must do on
 synthetic images (keep a clean edge, remove salt noise, follow a colour edge), its
 determinism, batch independence, shapes and dtypes."""
+
 from __future__ import annotations
 
 import math
@@ -79,8 +80,9 @@ def reference_guided(p, image, r, eps):
     for u in range(H):
         for v in range(W):
             rows, cols = window(H, u, r), window(W, v, r)
-            q[u, v] = a[rows][:, cols].reshape(-1, 3).mean(0) @ img[:, u, v] \
-                + b[rows][:, cols].mean()
+            q[u, v] = (
+                a[rows][:, cols].reshape(-1, 3).mean(0) @ img[:, u, v] + b[rows][:, cols].mean()
+            )
     return torch.from_numpy(np.clip(q, 0, 1))[None, None]
 
 
@@ -90,10 +92,14 @@ def reference_crf(prob, image, iterations, w_app, xy_app, rgb_app, w_sm, xy_sm, 
     img = image[0].to(F64)
     H, W = P.shape
     offsets = crf_offsets(k, dilations)
-    z_app = sum(a * math.exp(-0.5 * (dy * dy + dx * dx) / xy_app ** 2) for dy, dx, a in offsets)
+    z_app = sum(a * math.exp(-0.5 * (dy * dy + dx * dx) / xy_app**2) for dy, dx, a in offsets)
     r = max(1, math.ceil(3 * xy_sm))
-    sm = [(dy, dx, math.exp(-0.5 * (dy * dy + dx * dx) / xy_sm ** 2))
-          for dy in range(-r, r + 1) for dx in range(-r, r + 1) if (dy, dx) != (0, 0)]
+    sm = [
+        (dy, dx, math.exp(-0.5 * (dy * dy + dx * dx) / xy_sm**2))
+        for dy in range(-r, r + 1)
+        for dx in range(-r, r + 1)
+        if (dy, dx) != (0, 0)
+    ]
     z_sm = sum(g for _, _, g in sm)
     p = P.clamp(EPS, 1 - EPS)
     unary = torch.log(p) - torch.log1p(-p)
@@ -107,8 +113,10 @@ def reference_crf(prob, image, iterations, w_app, xy_app, rgb_app, w_sm, xy_sm, 
                 for dy, dx, area in offsets:
                     y, x = u + dy, v + dx
                     if 0 <= y < H and 0 <= x < W:
-                        kern = math.exp(-0.5 * (dy * dy + dx * dx) / xy_app ** 2 - 0.5 * float(
-                            ((img[:, y, x] - img[:, u, v]) ** 2).sum()) / rgb_app ** 2)
+                        kern = math.exp(
+                            -0.5 * (dy * dy + dx * dx) / xy_app**2
+                            - 0.5 * float(((img[:, y, x] - img[:, u, v]) ** 2).sum()) / rgb_app**2
+                        )
                         acc_a += area * kern * float(m[y, x])
                 for dy, dx, g in sm:
                     y, x = u + dy, v + dx
@@ -131,8 +139,9 @@ def test_box_mean_matches_explicit_windows(radius):
 def test_box_mean_radius_zero_is_identity_and_constant_stays():
     x = rand(1, 1, 5, 6)
     assert torch.equal(box_mean(x, 0), x)
-    torch.testing.assert_close(box_mean(torch.full((1, 1, 30, 40), 0.7), 6),
-                               torch.full((1, 1, 30, 40), 0.7))
+    torch.testing.assert_close(
+        box_mean(torch.full((1, 1, 30, 40), 0.7), 6), torch.full((1, 1, 30, 40), 0.7)
+    )
 
 
 # ----------------------------------------------------------------------------- guided filter
@@ -181,31 +190,59 @@ def test_crf_offsets_cover_each_ring_once_with_its_area():
     assert len({(dy, dx) for dy, dx, _ in offs}) == len(offs) == 72
     assert (0, 0) not in {(dy, dx) for dy, dx, _ in offs}
     # the areas add up to the whole window less the centre
-    assert math.isclose(sum(a for _, _, a in offs), 65 ** 2 - 1)
+    assert math.isclose(sum(a for _, _, a in offs), 65**2 - 1)
     assert all(a == 1 for dy, dx, a in offs if max(abs(dy), abs(dx)) <= 2)
     assert len(crf_offsets(3, (1, 2))) == 16
-    for bad in [dict(kernel_size=4, dilations=(1,)), dict(kernel_size=5, dilations=()),
-                dict(kernel_size=5, dilations=(4, 1)), dict(kernel_size=5, dilations=(0,))]:
+    for bad in [
+        dict(kernel_size=4, dilations=(1,)),
+        dict(kernel_size=5, dilations=()),
+        dict(kernel_size=5, dilations=(4, 1)),
+        dict(kernel_size=5, dilations=(0,)),
+    ]:
         with pytest.raises(ValueError):
             crf_offsets(**bad)
 
 
-@pytest.mark.parametrize(("dilations", "kernel_size"),
-                         [((1,), 3), ((1, 3), 3), ((1, 2), 5), ((1, 16), 3)])
+@pytest.mark.parametrize(
+    ("dilations", "kernel_size"), [((1,), 3), ((1, 3), 3), ((1, 2), 5), ((1, 16), 3)]
+)
 def test_dense_crf_matches_the_literal_mean_field_loop(dilations, kernel_size):
     img = rand_image(1, 8, 10, seed=3)
     p = rand(1, 1, 8, 10, seed=4, dtype=F64)
-    args = dict(iterations=3, appearance_weight=3.0, appearance_xy=4.0, appearance_rgb=60.0,
-                smoothness_weight=1.5, smoothness_xy=1.0)
+    args = dict(
+        iterations=3,
+        appearance_weight=3.0,
+        appearance_xy=4.0,
+        appearance_rgb=60.0,
+        smoothness_weight=1.5,
+        smoothness_xy=1.0,
+    )
     out = dense_crf(p, img, kernel_size=kernel_size, dilations=dilations, **args)
-    ref = reference_crf(p, img, args["iterations"], args["appearance_weight"],
-                        args["appearance_xy"], args["appearance_rgb"], args["smoothness_weight"],
-                        args["smoothness_xy"], kernel_size, dilations)
+    ref = reference_crf(
+        p,
+        img,
+        args["iterations"],
+        args["appearance_weight"],
+        args["appearance_xy"],
+        args["appearance_rgb"],
+        args["smoothness_weight"],
+        args["smoothness_xy"],
+        kernel_size,
+        dilations,
+    )
     torch.testing.assert_close(out, ref)
 
 
-CRF = dict(iterations=5, appearance_weight=6.0, appearance_xy=20.0, appearance_rgb=13.0,
-           smoothness_weight=2.0, smoothness_xy=2.0, kernel_size=5, dilations=(1, 4))
+CRF = dict(
+    iterations=5,
+    appearance_weight=6.0,
+    appearance_xy=20.0,
+    appearance_rgb=13.0,
+    smoothness_weight=2.0,
+    smoothness_xy=2.0,
+    kernel_size=5,
+    dilations=(1, 4),
+)
 
 
 def test_crf_keeps_a_clean_step_edge():
@@ -250,21 +287,28 @@ def test_crf_without_pairwise_terms_returns_the_clipped_input():
 def test_refiners_are_deterministic():
     img = rand_image(1, 40, 56, seed=5)
     p = rand(1, 1, 40, 56, seed=6)
-    for fn in (lambda: dense_crf(p, img, **CRF), lambda: dense_crf(p, img, scale=2),
-               lambda: guided_filter(p, img, radius=4, eps=1e-3, subsample=2)):
+    for fn in (
+        lambda: dense_crf(p, img, **CRF),
+        lambda: dense_crf(p, img, scale=2),
+        lambda: guided_filter(p, img, radius=4, eps=1e-3, subsample=2),
+    ):
         assert torch.equal(fn(), fn())
 
 
-@pytest.mark.parametrize("refine", [
-    lambda p, i: dense_crf(p, i, **CRF),
-    lambda p, i: dense_crf(p, i, scale=2, dilations=(1, 3)),
-    lambda p, i: guided_filter(p, i, radius=3, eps=1e-2),
-    lambda p, i: guided_filter(p, i, radius=4, eps=1e-2, subsample=2)])
+@pytest.mark.parametrize(
+    "refine",
+    [
+        lambda p, i: dense_crf(p, i, **CRF),
+        lambda p, i: dense_crf(p, i, scale=2, dilations=(1, 3)),
+        lambda p, i: guided_filter(p, i, radius=3, eps=1e-2),
+        lambda p, i: guided_filter(p, i, radius=4, eps=1e-2, subsample=2),
+    ],
+)
 def test_each_image_of_a_batch_is_refined_on_its_own(refine):
     img = rand_image(3, 24, 30, seed=7)
     p = rand(3, 1, 24, 30, seed=8)
     together = refine(p, img)
-    alone = torch.cat([refine(p[b:b + 1], img[b:b + 1]) for b in range(3)])
+    alone = torch.cat([refine(p[b : b + 1], img[b : b + 1]) for b in range(3)])
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-6)
 
 
@@ -272,8 +316,11 @@ def test_each_image_of_a_batch_is_refined_on_its_own(refine):
 def test_refiners_keep_shape_and_dtype_and_range(dtype):
     img = rand_image(2, 21, 35, seed=9)
     p = rand(2, 1, 21, 35, seed=10).to(dtype)
-    for out in (dense_crf(p, img, **CRF), dense_crf(p, img, scale=3, dilations=(1, 2)),
-                guided_filter(p, img, radius=5, eps=1e-2, subsample=2)):
+    for out in (
+        dense_crf(p, img, **CRF),
+        dense_crf(p, img, scale=3, dilations=(1, 2)),
+        guided_filter(p, img, radius=5, eps=1e-2, subsample=2),
+    ):
         assert out.shape == p.shape and out.dtype == dtype
         assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
 
@@ -288,20 +335,28 @@ def test_a_float_image_gives_what_its_uint8_gives():
 def test_refiners_run_on_the_meta_device():
     p = torch.empty((2, 1, 48, 64), device="meta")
     img = torch.empty((2, 3, 48, 64), dtype=torch.uint8, device="meta")
-    for out in (dense_crf(p, img, **CRF), dense_crf(p, img, scale=2, **CRF),
-                guided_filter(p, img, radius=6, subsample=2)):
+    for out in (
+        dense_crf(p, img, **CRF),
+        dense_crf(p, img, scale=2, **CRF),
+        guided_filter(p, img, radius=6, subsample=2),
+    ):
         assert out.shape == p.shape and out.device.type == "meta"
 
 
 def test_bad_arguments_are_refused():
     p, img = rand(1, 1, 8, 8), rand_image(1, 8, 8)
-    for call in (lambda: dense_crf(p[0], img), lambda: dense_crf(p, img[:, :2]),
-                 lambda: dense_crf(p, img[..., :7]), lambda: dense_crf(p, img, iterations=-1),
-                 lambda: dense_crf(p, img, appearance_rgb=0.0),
-                 lambda: dense_crf(p, img, smoothness_weight=float("nan")),
-                 lambda: dense_crf(p, img, scale=0),
-                 lambda: dense_crf((p > 0.5).to(torch.uint8), img),
-                 lambda: guided_filter(p, img, radius=0), lambda: guided_filter(p, img, eps=0),
-                 lambda: guided_filter(p, img, subsample=0)):
+    for call in (
+        lambda: dense_crf(p[0], img),
+        lambda: dense_crf(p, img[:, :2]),
+        lambda: dense_crf(p, img[..., :7]),
+        lambda: dense_crf(p, img, iterations=-1),
+        lambda: dense_crf(p, img, appearance_rgb=0.0),
+        lambda: dense_crf(p, img, smoothness_weight=float("nan")),
+        lambda: dense_crf(p, img, scale=0),
+        lambda: dense_crf((p > 0.5).to(torch.uint8), img),
+        lambda: guided_filter(p, img, radius=0),
+        lambda: guided_filter(p, img, eps=0),
+        lambda: guided_filter(p, img, subsample=0),
+    ):
         with pytest.raises(ValueError):
             call()

@@ -1,6 +1,7 @@
 """The Markdown / HTML reports: contents, offline links, escaping, the headline, vector
 figures, click-to-enlarge thumbnails, the variants side by side, the unannotated split,
 other runs, the settings and provenance, overlay colours, curves, packaging."""
+
 from __future__ import annotations
 
 import json
@@ -45,32 +46,56 @@ FIGURES = ("overall", "per_category", "per_image_j", "training_curves")
 
 
 def metrics(miou: float, j: float, f: float, n: int) -> dict:
-    return {"miou": miou, "fg_iou": round(miou - 0.05, 3), "bg_iou": round(miou + 0.05, 3),
-            "accuracy": 0.951, "precision": 0.874, "recall": 0.862, "j_mean": j,
-            "boundary_f": f, "n_images": n}
+    return {
+        "miou": miou,
+        "fg_iou": round(miou - 0.05, 3),
+        "bg_iou": round(miou + 0.05, 3),
+        "accuracy": 0.951,
+        "precision": 0.874,
+        "recall": 0.862,
+        "j_mean": j,
+        "boundary_f": f,
+        "n_images": n,
+    }
 
 
 def fake_report(categories=("bear", ODD)) -> dict:
-    base = {"linear_nearest": (0.812, 0.734, 0.401), "linear_bilinear": (0.846, 0.771, 0.522),
-            "pac": (0.912, 0.858, 0.713)}
+    base = {
+        "linear_nearest": (0.812, 0.734, 0.401),
+        "linear_bilinear": (0.846, 0.771, 0.522),
+        "pac": (0.912, 0.858, 0.713),
+    }
     variants = {}
     for v, (m, j, f) in base.items():
         variants[v] = {
             "overall": metrics(m, j, f, 5),
-            "per_category": {c: metrics(round(m - 0.01 * (i + 1), 3), round(j - 0.02 * i, 3),
-                                        round(f + 0.01 * i, 3), 2 + i)
-                             for i, c in enumerate(categories)},
+            "per_category": {
+                c: metrics(
+                    round(m - 0.01 * (i + 1), 3),
+                    round(j - 0.02 * i, 3),
+                    round(f + 0.01 * i, 3),
+                    2 + i,
+                )
+                for i, c in enumerate(categories)
+            },
         }
-    return {"split": "test", "n_images": 5, "n_predicted": 5,
+    return {
+        "split": "test",
+        "n_images": 5,
+        "n_predicted": 5,
+        "backbone": {"name": "mobilenet_v2", "weights": "../shared/weights/mnv2.pt"},
+        "run": "unit-test",
+        "created": "2024-01-01T00:00:00",
+        "config": {
             "backbone": {"name": "mobilenet_v2", "weights": "../shared/weights/mnv2.pt"},
-            "run": "unit-test", "created": "2024-01-01T00:00:00",
-            "config": {"backbone": {"name": "mobilenet_v2", "weights": "../shared/weights/mnv2.pt"},
-                       "train": {"lr": 0.0005, "epochs": 20, "batch_size": 4},
-                       "upsampler": {"hidden": 16, "channels": [4, 4, 4, 1], "residual": True},
-                       "predict": {"threshold": 0.5, "thumbnails": 6}},
-            "fingerprints": {"features": "f00dfeed01234567", "models": "c0ffee0123456789"},
-            "versions": {"vit-objseg": "0.1.0", "torch": "2.14.1"},
-            "variants": variants}
+            "train": {"lr": 0.0005, "epochs": 20, "batch_size": 4},
+            "upsampler": {"hidden": 16, "channels": [4, 4, 4, 1], "residual": True},
+            "predict": {"threshold": 0.5, "thumbnails": 6},
+        },
+        "fingerprints": {"features": "f00dfeed01234567", "models": "c0ffee0123456789"},
+        "versions": {"vit-objseg": "0.1.0", "torch": "2.14.1"},
+        "variants": variants,
+    }
 
 
 def fake_per_image(categories=("bear", ODD)) -> list[dict]:
@@ -96,16 +121,18 @@ def fake_masks(h: int, w: int, shift: int = 4):
     return gt, pred
 
 
-def fake_thumb(category: str, stem: str, j: float, h: int = 48, w: int = 80,
-               seed: int = 0) -> Thumb:
+def fake_thumb(
+    category: str, stem: str, j: float, h: int = 48, w: int = 80, seed: int = 0
+) -> Thumb:
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     gt, pred = fake_masks(h, w)
     return Thumb(category, stem, j, j - 0.1, image, gt, pred)
 
 
-def fake_variant_thumb(category: str, stem: str, h: int = 48, w: int = 80,
-                       seed: int = 0) -> VariantThumb:
+def fake_variant_thumb(
+    category: str, stem: str, h: int = 48, w: int = 80, seed: int = 0
+) -> VariantThumb:
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     gt, _ = fake_masks(h, w)
@@ -113,9 +140,16 @@ def fake_variant_thumb(category: str, stem: str, h: int = 48, w: int = 80,
     return VariantThumb(category, stem, image, gt, masks)
 
 
-HISTORY = [{"phase": "linear", "epoch": e, "loss": 0.7 / (e + 1)} for e in range(4)] + \
-          [{"phase": "upsampler", "epoch": e, "loss": 0.3 / (e + 1), "val_miou": 0.8 + 0.02 * e,
-            "val_miou_linear_bilinear": 0.78} for e in range(3)]
+HISTORY = [{"phase": "linear", "epoch": e, "loss": 0.7 / (e + 1)} for e in range(4)] + [
+    {
+        "phase": "upsampler",
+        "epoch": e,
+        "loss": 0.3 / (e + 1),
+        "val_miou": 0.8 + 0.02 * e,
+        "val_miou_linear_bilinear": 0.78,
+    }
+    for e in range(3)
+]
 
 
 class RefCollector(HTMLParser):
@@ -139,16 +173,14 @@ class RefCollector(HTMLParser):
             self.imgs.append(a)
             if len(self._stack) >= 2 and self._stack[-2][1].get("class") == "strip":
                 assert self._stack[-1][0] == "a", "a strip's image is a link"
-                self.strips.append({"img": a, "href": self._stack[-1][1].get("href"),
-                                    "labels": []})
+                self.strips.append({"img": a, "href": self._stack[-1][1].get("href"), "labels": []})
             return
         if tag in ("meta", "br", "wbr", "link", "hr", "input"):
             return
         self._stack.append((tag, a))
         if "id" in a:
             self.ids[a["id"]] = []
-        if tag == "span" and len(self._stack) >= 2 and \
-                self._stack[-2][1].get("class") == "panels":
+        if tag == "span" and len(self._stack) >= 2 and self._stack[-2][1].get("class") == "panels":
             self._label = []
 
     def handle_endtag(self, tag):
@@ -190,8 +222,15 @@ def written(tmp_path_factory):
     report = fake_report()
     best = [fake_thumb("bear", "00002", 0.95, seed=1), fake_thumb(ODD, "00001", 0.9, seed=2)]
     worst = [fake_thumb(ODD, "00000", 0.31, seed=3)]
-    paths = write_reports(tmp_path_factory.mktemp("written") / "run", "test", report,
-                          fake_per_image(), best, worst, HISTORY)
+    paths = write_reports(
+        tmp_path_factory.mktemp("written") / "run",
+        "test",
+        report,
+        fake_per_image(),
+        best,
+        worst,
+        HISTORY,
+    )
     return paths, report
 
 
@@ -206,10 +245,19 @@ def test_write_reports_markdown(written):
     assert "mobilenet_v2" in md and "test" in md.splitlines()[0]
     lines = md.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| variant |"))
-    for col in ("mIoU", "FG IoU", "BG IoU", "J mean", "Boundary F", "Accuracy", "Precision",
-                "Recall", "images"):
+    for col in (
+        "mIoU",
+        "FG IoU",
+        "BG IoU",
+        "J mean",
+        "Boundary F",
+        "Accuracy",
+        "Precision",
+        "Recall",
+        "images",
+    ):
         assert col in lines[header]
-    rows = {line.split("|")[1].strip(): line for line in lines[header + 2: header + 5]}
+    rows = {line.split("|")[1].strip(): line for line in lines[header + 2 : header + 5]}
     assert list(rows) == list(VARIANTS)  # in reading order
     for v in VARIANTS:
         o = report["variants"][v]["overall"]
@@ -248,7 +296,8 @@ def test_html_links_are_local_and_exist(written):
     assert parser.refs, "the page references its figures"
     srcs = [i["src"] for i in parser.imgs]
     assert sorted(r for r in srcs if r.endswith(".svg")) == sorted(
-        f"report_test_files/{k}.svg" for k in FIGURES)  # vector figures on the page
+        f"report_test_files/{k}.svg" for k in FIGURES
+    )  # vector figures on the page
     assert len([r for r in srcs if r.endswith(".jpg")]) == 3  # thumbnails
     assert len(srcs) == 7
     base = paths["html"].parent
@@ -316,9 +365,17 @@ def test_autoescape_of_every_field(tmp_path):
     per_image[0]["stem"] = SCRIPT
     best = [fake_thumb(SCRIPT, SCRIPT, 0.9, seed=1)]
     worst = [fake_thumb(SCRIPT, "00000", 0.3, seed=2)]
-    paths = write_reports(tmp_path, "test", report, per_image, best, worst, HISTORY,
-                          variant_thumbs=[fake_variant_thumb(SCRIPT, "00000")],
-                          other_runs=[(SCRIPT, "../x/report_test.html")])
+    paths = write_reports(
+        tmp_path,
+        "test",
+        report,
+        per_image,
+        best,
+        worst,
+        HISTORY,
+        variant_thumbs=[fake_variant_thumb(SCRIPT, "00000")],
+        other_runs=[(SCRIPT, "../x/report_test.html")],
+    )
     text = paths["html"].read_text(encoding="utf-8")
     assert "<script" not in text.lower()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
@@ -331,12 +388,19 @@ def test_autoescape_of_every_field(tmp_path):
 def test_headline_is_pac_gain_over_bilinear(written):
     paths, report = written
     v = report["variants"]
-    gains = {label: v["pac"]["overall"][k] - v["linear_bilinear"]["overall"][k]
-             for k, label in (("miou", "mIoU"), ("j_mean", "J"), ("boundary_f", "F"))}
-    expected = ("PAC upsampler: " + ", ".join(f"{g:+.3f} {label}" for label, g in gains.items())
-                + " over bilinear upsampling (5 images)")
-    assert expected == "PAC upsampler: +0.066 mIoU, +0.087 J, +0.191 F over bilinear " \
-                       "upsampling (5 images)"
+    gains = {
+        label: v["pac"]["overall"][k] - v["linear_bilinear"]["overall"][k]
+        for k, label in (("miou", "mIoU"), ("j_mean", "J"), ("boundary_f", "F"))
+    }
+    expected = (
+        "PAC upsampler: "
+        + ", ".join(f"{g:+.3f} {label}" for label, g in gains.items())
+        + " over bilinear upsampling (5 images)"
+    )
+    assert (
+        expected == "PAC upsampler: +0.066 mIoU, +0.087 J, +0.191 F over bilinear "
+        "upsampling (5 images)"
+    )
     assert headline_text(report) == expected
     parser = parse(paths["html"].read_text(encoding="utf-8"))
     shown = squash("".join(parser.ids["headline"]))
@@ -351,8 +415,10 @@ def test_headline_signs_and_ties():
     v = report["variants"]
     v["pac"]["overall"].update(miou=0.800, j_mean=0.7712, boundary_f=0.52204)
     v["linear_bilinear"]["overall"].update(miou=0.846, j_mean=0.771, boundary_f=0.522)
-    assert headline_text(report) == ("PAC upsampler: -0.046 mIoU, \u00b10.000 J, \u00b10.000 F "
-                                     "over bilinear upsampling (5 images)")
+    assert headline_text(report) == (
+        "PAC upsampler: -0.046 mIoU, \u00b10.000 J, \u00b10.000 F "
+        "over bilinear upsampling (5 images)"
+    )
     v["pac"]["overall"]["n_images"] = 1
     assert headline_text(report).endswith("(1 image)")
     v["pac"]["overall"] = None
@@ -373,8 +439,9 @@ def test_figures_are_vector_and_valid(written, tmp_path):
     # reproducible: the same report renders the same vector files (no dates, fixed ids)
     first = {p.name: p.read_bytes() for p in paths["files"].glob("*.svg")}
     first |= {p.name: p.read_bytes() for p in paths["files"].glob("*.pdf")}
-    files = write_reports(tmp_path, "test", fake_report(), fake_per_image(), [], [],
-                          HISTORY)["files"]
+    files = write_reports(tmp_path, "test", fake_report(), fake_per_image(), [], [], HISTORY)[
+        "files"
+    ]
     again = {p.name: p.read_bytes() for p in files.glob("*.svg")}
     again |= {p.name: p.read_bytes() for p in files.glob("*.pdf")}
     assert again == first
@@ -389,15 +456,21 @@ def test_plots_are_zoomed_to_the_data():
     assert len(axes) == 3
     lo, hi = axes[0].get_xlim()  # mIoU: values 0.812 .. 0.912
     assert 0.6 < lo < 0.812 and 0.912 < hi < 1.0
-    rows = [{"category": "a" if i % 2 else "b", "stem": str(i),
-             "j": {"linear_bilinear": 0.80 + 0.01 * i, "pac": 0.82 + 0.01 * i}} for i in range(10)]
+    rows = [
+        {
+            "category": "a" if i % 2 else "b",
+            "stem": str(i),
+            "j": {"linear_bilinear": 0.80 + 0.01 * i, "pac": 0.82 + 0.01 * i},
+        }
+        for i in range(10)
+    ]
     fig = report_mod.plot_scatter(parsed_rows(rows), "linear_bilinear", "pac")
     ax = fig.get_axes()[0]
     assert ax.get_xlim() == ax.get_ylim()
     lo, hi = ax.get_xlim()
     assert 0.7 < lo < 0.80 and 0.91 < hi <= 1.005
     assert len(ax.collections) >= 2  # one colour per category
-    assert report_mod.zoom([1.0, 1.0]) [1] >= 1.0  # a point at 1 is not cut
+    assert report_mod.zoom([1.0, 1.0])[1] >= 1.0  # a point at 1 is not cut
 
 
 def test_thumbnails_link_to_enlargements(written):
@@ -408,8 +481,10 @@ def test_thumbnails_link_to_enlargements(written):
     for strip in parser.strips:
         href, src = strip["href"], strip["img"]["src"]
         assert href and href != src and href.endswith("_full.jpg")
-        with Image.open(base / urllib.parse.unquote(href)) as big, \
-                Image.open(base / urllib.parse.unquote(src)) as small:
+        with (
+            Image.open(base / urllib.parse.unquote(href)) as big,
+            Image.open(base / urllib.parse.unquote(src)) as small,
+        ):
             assert big.format == "JPEG"
             assert big.size[1] > small.size[1]  # panels in rows, labelled: taller
 
@@ -419,8 +494,9 @@ def test_worst_images_show_the_variants_side_by_side(tmp_path):
     r = per_image[3]  # a<b&c / 00000
     worst = [fake_thumb(ODD, "00000", r["j"]["pac"], seed=3)]
     vt = [fake_variant_thumb(ODD, "00000", seed=3), fake_variant_thumb("bear", "00001", seed=4)]
-    paths = write_reports(tmp_path, "test", fake_report(), per_image, [], worst, None,
-                          variant_thumbs=vt)
+    paths = write_reports(
+        tmp_path, "test", fake_report(), per_image, [], worst, None, variant_thumbs=vt
+    )
     parser = parse(paths["html"].read_text(encoding="utf-8"))
     assert len(parser.strips) == 2  # the worst image, then the extra variant thumb
     labels = parser.strips[0]["labels"]
@@ -442,7 +518,7 @@ def test_variant_strip_panels():
     masks = {"a": gt.copy(), "b": np.zeros((h, w), bool)}
     out, (pw, ph) = variant_strip(image, gt, masks)
     assert (pw, ph) == (w, h) and out.shape == (h, 4 * w + 3 * gap, 3)
-    panels = [out[:, i * (w + gap): i * (w + gap) + w] for i in range(4)]
+    panels = [out[:, i * (w + gap) : i * (w + gap) + w] for i in range(4)]
     assert (panels[0] == image).all()
     np.testing.assert_array_equal(panels[2], overlay(image, gt, masks["a"]))
     np.testing.assert_array_equal(panels[3], overlay(image, gt, masks["b"]))
@@ -454,14 +530,19 @@ def test_no_annotated_image(tmp_path):
     """A split without annotations: the page says so plainly, how many masks were written,
     and shows no empty table or plot."""
     report = fake_report()
-    report.update(n_images=0, n_predicted=4,
-                  variants={v: {"overall": None, "per_category": {}} for v in VARIANTS})
+    report.update(
+        n_images=0,
+        n_predicted=4,
+        variants={v: {"overall": None, "per_category": {}} for v in VARIANTS},
+    )
     paths = write_reports(tmp_path, "test", report, [], [], [], None)
     text = paths["html"].read_text(encoding="utf-8")
     parser = parse(text)
     message = squash("".join(parser.ids["headline"]))
-    assert message == ("No image of the test split is annotated: 4 masks were written to "
-                       "predictions/test/, and there is nothing to score.")
+    assert message == (
+        "No image of the test split is annotated: 4 masks were written to "
+        "predictions/test/, and there is nothing to score."
+    )
     assert "<table" not in text and parser.imgs == []
     assert "PAC upsampler" not in parser.visible and "Overall" not in parser.visible
     assert "train.lr" in parser.visible  # the settings and provenance are still there
@@ -472,7 +553,8 @@ def test_no_annotated_image(tmp_path):
     # with training curves, those are shown (they are not empty)
     paths = write_reports(tmp_path, "test", report, [], [], [], HISTORY)
     assert [i["src"] for i in parse(paths["html"].read_text()).imgs] == [
-        "report_test_files/training_curves.svg"]
+        "report_test_files/training_curves.svg"
+    ]
 
 
 def test_other_runs_links(tmp_path):
@@ -483,12 +565,15 @@ def test_other_runs_links(tmp_path):
     assert hrefs == ["../lr%201e-3/report_test.html", "../b%26w/report_test.html"]
     assert "Other runs: lr 1e-3 b&w" in parser.visible
     md = paths["md"].read_text(encoding="utf-8")
-    assert ("- Other runs: [lr 1e-3](../lr%201e-3/report_test.html), "
-            "[b&w](../b%26w/report_test.html)") in md
+    assert (
+        "- Other runs: [lr 1e-3](../lr%201e-3/report_test.html), [b&w](../b%26w/report_test.html)"
+    ) in md
     # none given: no such list
     paths = write_reports(tmp_path, "test", fake_report(), [], [], [], None)
-    assert "Other runs" not in paths["html"].read_text() and "Other runs" not in \
-        paths["md"].read_text()
+    assert (
+        "Other runs" not in paths["html"].read_text()
+        and "Other runs" not in paths["md"].read_text()
+    )
 
 
 def test_settings_and_provenance(written):
@@ -497,9 +582,14 @@ def test_settings_and_provenance(written):
     paths, report = written
     text = paths["html"].read_text(encoding="utf-8")
     visible = parse(text).visible
-    for key, value in (("train.lr", "0.0005"), ("train.epochs", "20"),
-                       ("upsampler.channels", "[4, 4, 4, 1]"), ("upsampler.residual", "true"),
-                       ("backbone.name", "mobilenet_v2"), ("predict.threshold", "0.5")):
+    for key, value in (
+        ("train.lr", "0.0005"),
+        ("train.epochs", "20"),
+        ("upsampler.channels", "[4, 4, 4, 1]"),
+        ("upsampler.residual", "true"),
+        ("backbone.name", "mobilenet_v2"),
+        ("predict.threshold", "0.5"),
+    ):
         assert f"{key} {value}" in visible
     assert "predict.thumbnails" not in visible.split("Provenance")[0]  # not a training setting
     assert re.search(r'<div class="changed[^"]*"><code>train\.lr</code><span>0\.0005</span>', text)
@@ -530,12 +620,20 @@ def test_rewrite_drops_stale_files_and_handles_minimal_inputs(tmp_path):
     (killed / "best_01.jpg").write_bytes(b"half")
     temporary_name(paths["md"]).write_bytes(b"half")
     paths = write_reports(tmp_path, "val", report, [], many[:1], [], None)
-    pac_row = next(line for line in paths["md"].read_text().splitlines()
-                   if line.startswith("| pac |"))
+    pac_row = next(
+        line for line in paths["md"].read_text().splitlines() if line.startswith("| pac |")
+    )
     assert "| 0.500 |" in pac_row and pac_row.count("\u2014") == 2 and pac_row.endswith("| 5 |")
     assert sorted(p.name for p in paths["files"].iterdir()) == [
-        "best_01.jpg", "best_01_full.jpg", "overall.pdf", "overall.png", "overall.svg",
-        "per_category.pdf", "per_category.png", "per_category.svg"]
+        "best_01.jpg",
+        "best_01_full.jpg",
+        "overall.pdf",
+        "overall.png",
+        "overall.svg",
+        "per_category.pdf",
+        "per_category.png",
+        "per_category.svg",
+    ]
     assert "Training curves" not in paths["html"].read_text()
     assert "Provenance" not in paths["html"].read_text()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
@@ -550,9 +648,11 @@ def test_training_curves_of_stage_2_are_shown_not_drawn_again(tmp_path, monkeypa
 
     def no_drawing(history):
         raise AssertionError("the training curves were drawn again")
+
     monkeypatch.setattr(report_mod, "training_figure", no_drawing)
-    shown = write_reports(tmp_path / "shown", "test", fake_report(), [], [], [], None,
-                          curves=curves)
+    shown = write_reports(
+        tmp_path / "shown", "test", fake_report(), [], [], [], None, curves=curves
+    )
     for ext in ("svg", "pdf", "png"):
         name = f"training_curves.{ext}"
         assert (shown["files"] / name).read_bytes() == (drawn["files"] / name).read_bytes()
@@ -571,8 +671,14 @@ def test_hand_edited_report_renders_what_is_sound(tmp_path):
     v["linear_nearest"] = []
     v["linear_bilinear"]["per_category"] = ["bear"]
     v["pac"]["per_category"]["bear"]["boundary_f"] = 1e999
-    report.update(n_images="5", config=[1], fingerprints="x", versions={"torch": {"a": 1}},
-                  backbone=["x"], run={"name": "old"})
+    report.update(
+        n_images="5",
+        config=[1],
+        fingerprints="x",
+        versions={"torch": {"a": 1}},
+        backbone=["x"],
+        run={"name": "old"},
+    )
     rows = fake_per_image(("bear",))
     rows[0]["j"] = "high"
     rows[1]["j"]["pac"] = None
@@ -608,17 +714,21 @@ def test_write_reports_lays_out_each_figure_once(tmp_path, monkeypatch):
             fig = fig_of(self, *args)
             counts[fig] = counts.get(fig, 0) + 1
             return real(self, *args, **kwargs)
+
         return wrapper
 
     for engine in (layout_engine.ConstrainedLayoutEngine, layout_engine.TightLayoutEngine):
-        monkeypatch.setattr(engine, "execute",
-                            counting(layouts, engine.execute, lambda _, fig: fig))
+        monkeypatch.setattr(
+            engine, "execute", counting(layouts, engine.execute, lambda _, fig: fig)
+        )
     monkeypatch.setattr(Figure, "savefig", counting(saves, Figure.savefig, lambda fig, *_: fig))
     thumbs = [fake_thumb("bear", f"{i:05d}", 0.5, h=480, w=854, seed=i) for i in range(4)]
-    paths = write_reports(tmp_path, "test", fake_report(), fake_per_image() * 50, thumbs[:2],
-                          thumbs[2:], HISTORY)
-    assert sorted(p.name for p in paths["files"].glob("*.svg")) == \
-        sorted(f"{key}.svg" for key in FIGURES)
+    paths = write_reports(
+        tmp_path, "test", fake_report(), fake_per_image() * 50, thumbs[:2], thumbs[2:], HISTORY
+    )
+    assert sorted(p.name for p in paths["files"].glob("*.svg")) == sorted(
+        f"{key}.svg" for key in FIGURES
+    )
     assert list(saves.values()) == [3] * len(FIGURES)  # one save per format, no more
     assert layouts and set(layouts) <= set(saves)
     assert list(layouts.values()) == [1] * len(layouts), list(layouts.values())
@@ -630,11 +740,16 @@ def test_overlay_size():
     out = overlay(image, mask, mask)
     assert out.dtype == np.uint8 and out.shape == (180, 320, 3)
     assert overlay(image, mask, mask, max_side=100).shape == (56, 100, 3)
-    tall = overlay(np.zeros((500, 50, 3), np.uint8), np.zeros((500, 50), bool),
-                   np.zeros((500, 50), bool), max_side=200)
+    tall = overlay(
+        np.zeros((500, 50, 3), np.uint8),
+        np.zeros((500, 50), bool),
+        np.zeros((500, 50), bool),
+        max_side=200,
+    )
     assert tall.shape == (200, 20, 3)
-    small = overlay(np.zeros((10, 12, 3), np.uint8), np.zeros((10, 12), bool),
-                    np.zeros((10, 12), bool))
+    small = overlay(
+        np.zeros((10, 12, 3), np.uint8), np.zeros((10, 12), bool), np.zeros((10, 12), bool)
+    )
     assert small.shape == (10, 12, 3)  # never upscaled
     with pytest.raises(ValueError):
         overlay(image, mask[:10], mask)
@@ -682,21 +797,31 @@ def test_no_pyplot_no_display(tmp_path):
     import os
     import subprocess
     import sys
-    code = ("import sys; from pipeline.report import plot_training_curves as p; "
-            f"p([{{'phase': 'linear', 'epoch': 0, 'loss': 1.0}}], {str(tmp_path / 'c.png')!r}); "
-            "from tests.test_report import fake_report, fake_per_image, HISTORY; "
-            "from pipeline.report import write_reports; "
-            f"write_reports({str(tmp_path / 'r')!r}, 't', fake_report(), fake_per_image(), [], [], "
-            "HISTORY); assert 'matplotlib.pyplot' not in sys.modules")
+
+    code = (
+        "import sys; from pipeline.report import plot_training_curves as p; "
+        f"p([{{'phase': 'linear', 'epoch': 0, 'loss': 1.0}}], {str(tmp_path / 'c.png')!r}); "
+        "from tests.test_report import fake_report, fake_per_image, HISTORY; "
+        "from pipeline.report import write_reports; "
+        f"write_reports({str(tmp_path / 'r')!r}, 't', fake_report(), fake_per_image(), [], [], "
+        "HISTORY); assert 'matplotlib.pyplot' not in sys.modules"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "MPLBACKEND")}
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
-                       env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "c.png").read_bytes()[:8] == PNG_SIGNATURE
     assert (tmp_path / "r" / "report_t_files" / "per_image_j.svg").is_file()
 
 
 # ----------------------------------------------------------------------------- thumbnail strips
+
 
 def strip_width(panel_w: int) -> int:
     return len(PANELS) * panel_w + (len(PANELS) - 1) * report_mod.STRIP_GAP
@@ -726,14 +851,17 @@ def test_html_thumbnails_are_four_panel_strips(written):
 
 
 def test_full_size_strips_are_stored_at_twice_their_css_size(tmp_path):
-    thumbs = [fake_thumb("bear", "00000", 0.8, h=480, w=854, seed=1),
-              fake_thumb("bear", "00001", 0.7, h=600, w=300, seed=2)]
+    thumbs = [
+        fake_thumb("bear", "00000", 0.8, h=480, w=854, seed=1),
+        fake_thumb("bear", "00001", 0.7, h=600, w=300, seed=2),
+    ]
     paths = write_reports(tmp_path, "test", fake_report(), [], thumbs, [], None)
     strips = parse(paths["html"].read_text(encoding="utf-8")).strips
     assert len(strips) == 2
     side = report_mod.PANEL_MAX_SIDE
-    for strip, panel in zip(strips, ((side, round(480 * side / 854)), (side // 2, side)),
-                            strict=True):
+    for strip, panel in zip(
+        strips, ((side, round(480 * side / 854)), (side // 2, side)), strict=True
+    ):
         f = tmp_path / urllib.parse.unquote(strip["img"]["src"])
         with Image.open(f) as im:
             assert im.size == (strip_width(panel[0]), panel[1])
@@ -755,9 +883,9 @@ def test_thumbnail_strip_panels():
     out, (pw, ph) = thumbnail_strip(image, gt, pred)
     assert (pw, ph) == (w, h)  # small: never upscaled
     assert out.dtype == np.uint8 and out.shape == (h, 4 * w + 3 * gap, 3)
-    panels = [out[:, i * (w + gap): i * (w + gap) + w] for i in range(4)]
+    panels = [out[:, i * (w + gap) : i * (w + gap) + w] for i in range(4)]
     for i in range(3):
-        assert (out[:, i * (w + gap) + w: (i + 1) * (w + gap)] == 255).all()  # white gaps
+        assert (out[:, i * (w + gap) + w : (i + 1) * (w + gap)] == 255).all()  # white gaps
     assert (panels[0] == image).all()  # (1) the image itself
     np.testing.assert_array_equal(panels[3], overlay(image, gt, pred))  # (4) the errors
     dim = round(grey * report_mod.MASK_DIM)
@@ -767,14 +895,16 @@ def test_thumbnail_strip_panels():
     assert tuple(panels[1][5, 2]) == MASK_COLOUR and tuple(panels[2][5, 2]) == (dim, dim, dim)
     assert tuple(panels[1][5, 12]) == (dim, dim, dim) and panels[2][5, 12].min() > grey
 
-    big, (pw, ph) = thumbnail_strip(np.zeros((480, 854, 3), np.uint8),
-                                    np.zeros((480, 854), bool), np.zeros((480, 854), bool))
+    big, (pw, ph) = thumbnail_strip(
+        np.zeros((480, 854, 3), np.uint8), np.zeros((480, 854), bool), np.zeros((480, 854), bool)
+    )
     assert (pw, ph) == (report_mod.PANEL_MAX_SIDE, 270) and big.shape == (270, strip_width(pw), 3)
     with pytest.raises(ValueError):
         thumbnail_strip(image, gt[:5], pred)
 
 
 # ----------------------------------------------------------------------------- best flags
+
 
 def test_best_flags_use_unrounded_values():
     flags = report_mod.best_flags
@@ -801,11 +931,13 @@ def test_near_ties_are_not_bolded(tmp_path):
     paths = write_reports(tmp_path, "test", report, [], [], [], None)
     lines = paths["md"].read_text(encoding="utf-8").splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| variant |"))
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in lines[header + 2: header + 5]}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in lines[header + 2 : header + 5]
+    }
     assert rows["pac"][0] == "**0.912**" and rows["linear_bilinear"][0] == "0.912"
     assert rows["pac"][3] == "**0.800**" and rows["linear_bilinear"][3] == "**0.800**"
-    f_table = lines[lines.index("### Boundary F"):]
+    f_table = lines[lines.index("### Boundary F") :]
     bear = next(line for line in f_table if line.startswith("| bear |")).split("|")[3:-1]
     assert [c.strip() for c in bear] == ["**0.701**", "0.522", "0.701"]  # nearest, bilinear, pac
     text = paths["html"].read_text(encoding="utf-8")
@@ -817,13 +949,14 @@ def test_css_fits_narrow_screens(written):
     """The findings at a 360 px viewport: no fixed minimum wider than the screen."""
     paths, _ = written
     text = paths["html"].read_text(encoding="utf-8")
-    css = text[text.index("<style>"): text.index("</style>")]
+    css = text[text.index("<style>") : text.index("</style>")]
     assert "max-content 1fr" not in css  # dl.notes: a long term no longer pushes the page wide
     assert not re.search(r"minmax\(\d+px", css)  # grids use minmax(min(Npx,100%), ...) or 0
     assert "@media (max-width:600px)" in css
 
 
 # ----------------------------------------------------------------------------- packaging
+
 
 def test_templates_ship_with_the_package():
     """A non-editable `pip install .` must carry the templates: pyproject's package-data
@@ -833,16 +966,23 @@ def test_templates_ship_with_the_package():
     assert any(re.match(r"jinja2\b", d, re.I) for d in deps)
     globs = meta["tool"]["setuptools"]["package-data"]["pipeline.report"]
     assert "pipeline.report" in meta["tool"]["setuptools"]["packages"]
-    files = sorted(p.relative_to(ROOT / "pipeline" / "report")
-                   for p in report_mod.TEMPLATE_DIR.iterdir() if p.is_file())
-    assert {str(f) for f in files} >= {"templates/report.html.j2", "templates/report.md.j2",
-                                        "templates/report.css"}
+    files = sorted(
+        p.relative_to(ROOT / "pipeline" / "report")
+        for p in report_mod.TEMPLATE_DIR.iterdir()
+        if p.is_file()
+    )
+    assert {str(f) for f in files} >= {
+        "templates/report.html.j2",
+        "templates/report.md.j2",
+        "templates/report.css",
+    }
     for f in files:
         assert any(f.match(g) for g in globs), f"{f} is not package data"
     assert report_mod.TEMPLATE_DIR == Path(report_mod.__file__).with_name("templates")
 
 
 # ----------------------------------------------------------------------------- stage 3's report
+
 
 def test_stage_3_reads_each_shown_image_once(trained_copy, monkeypatch):
     """Stage 3's report reads each best or worst image from the store once (the worst images
@@ -860,6 +1000,7 @@ def test_stage_3_reads_each_shown_image_once(trained_copy, monkeypatch):
     def counted(self, index):
         reads[index] = reads.get(index, 0) + 1
         return real(self, index)
+
     monkeypatch.setattr(FeatureStore, "read", counted)
     predict_stage.run_predict(cfg, "test", force=True, log=lambda s: None, progress=False)
     report = json.loads((cfg.run_dir / "report_test.json").read_text())
@@ -871,8 +1012,10 @@ def test_stage_3_reads_each_shown_image_once(trained_copy, monkeypatch):
 
 # ----------------------------------------------------------------------------- DAVIS protocol
 
+
 def test_davis_table_in_both_reports(tmp_path):
     from pipeline.metrics.davis import per_variant
+
     report = fake_report()
     rows = fake_per_image()
     report["davis"] = per_variant(rows, VARIANTS)
@@ -886,11 +1029,16 @@ def test_davis_table_in_both_reports(tmp_path):
     assert "J&F" in lines[table] and "J decay" in lines[table]
     row = next(line for line in lines[table:] if line.startswith("| pac |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells == ["pac", f"{pac['J']['mean']:.3f}", f"{pac['J']['recall']:.3f}",
-                     f"{pac['J']['decay']:+.3f}".replace("+0.000", "\u00b10.000"),
-                     f"{pac['F']['mean']:.3f}", f"{pac['F']['recall']:.3f}",
-                     f"{pac['F']['decay']:+.3f}".replace("+0.000", "\u00b10.000"),
-                     f"{pac['J&F']:.3f}"]
+    assert cells == [
+        "pac",
+        f"{pac['J']['mean']:.3f}",
+        f"{pac['J']['recall']:.3f}",
+        f"{pac['J']['decay']:+.3f}".replace("+0.000", "\u00b10.000"),
+        f"{pac['F']['mean']:.3f}",
+        f"{pac['F']['recall']:.3f}",
+        f"{pac['F']['decay']:+.3f}".replace("+0.000", "\u00b10.000"),
+        f"{pac['J&F']:.3f}",
+    ]
     assert "except each sequence's first and last" in md and "over 2 sequences" in md
     page = parse(paths["html"].read_text(encoding="utf-8"))
     assert "davis-protocol" in page.ids
@@ -906,6 +1054,7 @@ def test_report_without_davis_field_has_no_table(written):
 def test_davis_field_read_strictly():
     from pipeline.core.jsondoc import Damaged
     from pipeline.metrics.davis import per_variant
+
     report = fake_report()
     report["davis"] = per_variant(fake_per_image(), VARIANTS)
     parsed = report_mod.parse_report(report)
@@ -914,14 +1063,18 @@ def test_davis_field_read_strictly():
     empty = per_variant([], VARIANTS)  # no sequence evaluated: nulls, read as absent
     assert report_mod.parse_report({**report, "davis": empty}).davis["pac"].jf is None
     report["davis"]["pac"]["F"]["decay"] = 1.5
-    with pytest.raises(Damaged, match=r"davis.pac.F.decay is a number \(1.5\), not a number in "
-                                      r"\[-1, 1\]"):
+    with pytest.raises(
+        Damaged,
+        match=r"davis.pac.F.decay is a number \(1.5\), not a number in "
+        r"\[-1, 1\]",
+    ):
         report_mod.parse_report(report)
     assert "decay" not in report_mod.parse_report(report, strict=False).davis["pac"].f
 
 
 def test_stage_3_report_has_the_davis_aggregate(trained):
     from pipeline.metrics.davis import FRAMES_EXCLUDED_ENDS, per_variant
+
     cfg = trained[2]
     report = json.loads((cfg.run_dir / "report_test.json").read_text())
     assert set(report["davis"]) == set(report["variants"])
@@ -931,8 +1084,9 @@ def test_stage_3_report_has_the_davis_aggregate(trained):
     counts: dict[str, int] = {}
     for r in report["per_image"]:
         counts[r["category"]] = counts.get(r["category"], 0) + 1
-    assert {s: b["n_frames"] + 2 for s, b in pac["per_sequence"].items()} == \
-        {c: n for c, n in counts.items() if n >= 3}
+    assert {s: b["n_frames"] + 2 for s, b in pac["per_sequence"].items()} == {
+        c: n for c, n in counts.items() if n >= 3
+    }
     assert pac["skipped"] == {c: n for c, n in counts.items() if n < 3}
 
 
@@ -953,20 +1107,24 @@ def test_report_of_an_earlier_format_is_rebuilt_from_the_units(trained_copy, mon
     rec_file.write_text(json.dumps(rec))
     st = predict_stage.status(cfg, "test")
     assert st.state == "stale" and "report of format 1, now 2" in st.why
-    masks = {p: (p.stat().st_ino, p.stat().st_mtime_ns)
-             for p in (cfg.run_dir / "predictions" / "test").rglob("*.png")}
+    masks = {
+        p: (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in (cfg.run_dir / "predictions" / "test").rglob("*.png")
+    }
     assert masks
 
     def no_shard(*a, **k):
         raise AssertionError("a shard was predicted again")
+
     monkeypatch.setattr(predict_stage, "predict_shard", no_shard)
     res = predict_stage.run_predict(cfg, "test", log=lambda s: None, progress=False)
     assert not res.up_to_date
     new = json.loads(rpath.read_text())
     # the same report (paths aside: the copy's folders differ), with the aggregate added
     assert "davis" in new
-    assert {k: v for k, v in new.items() if k not in ("davis", "config")} == \
-        {k: v for k, v in old.items() if k != "config"}
+    assert {k: v for k, v in new.items() if k not in ("davis", "config")} == {
+        k: v for k, v in old.items() if k != "config"
+    }
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in masks} == masks
     assert load_record(cfg.run_dir, "predict[test]")["report_format"] == 2
     assert predict_stage.status(cfg, "test").up_to_date

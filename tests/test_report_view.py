@@ -2,6 +2,7 @@
 spread over categories, J and F per category, a category palette apart from the variants'
 and the error legend's, the threshold sweep (stage 3's units, exact at the configured
 threshold, resumed units and earlier versions' units), and the runs page."""
+
 from __future__ import annotations
 
 import json
@@ -45,6 +46,7 @@ def _report(cfg, split="test") -> dict:
 
 # ----------------------------------------------------------------------------- the sweep
 
+
 def test_sweep_thresholds():
     assert SWEEP_THRESHOLDS == tuple(round(0.05 * k, 2) for k in range(1, 20))
     assert SWEEP_THRESHOLDS[0] == 0.05 and SWEEP_THRESHOLDS[-1] == 0.95 and 0.5 in SWEEP_THRESHOLDS
@@ -59,15 +61,27 @@ def test_levels_cut_exactly_where_the_mask_does():
     sweep = sweep_thresholds(0.3)
     k = sweep.index(0.3)
     edge = np.float32(_logit(0.3))
-    vals = [edge, np.nextafter(edge, np.float32(-9)), np.nextafter(edge, np.float32(9)),
-            np.float32(0.0), np.float32(-0.0), np.float32(_logit(0.95)), np.float32(-50)]
+    vals = [
+        edge,
+        np.nextafter(edge, np.float32(-9)),
+        np.nextafter(edge, np.float32(9)),
+        np.float32(0.0),
+        np.float32(-0.0),
+        np.float32(_logit(0.95)),
+        np.float32(-50),
+    ]
     x = torch.tensor(np.array(vals, np.float32)).reshape(1, 1, 1, len(vals))
     pred = Predictor.__new__(Predictor)
     pred.device = torch.device("cpu")
     pred.logit_threshold = _logit(0.3)
     pred._logits = lambda f, img, variants: {v: x.clone() for v in variants}
-    binary, levels = pred._binary(np.zeros((1, 1, 1, 4), np.float32),
-                                  np.zeros((1, 1, len(vals), 3), np.uint8), ("pac",), None, sweep)
+    binary, levels = pred._binary(
+        np.zeros((1, 1, 1, 4), np.float32),
+        np.zeros((1, 1, len(vals), 3), np.uint8),
+        ("pac",),
+        None,
+        sweep,
+    )
     assert levels["pac"].dtype == np.uint8
     assert ((levels["pac"] > k) == binary["pac"]).all()
     for j, t in enumerate(sweep):  # every level: the comparison with that threshold's logit
@@ -141,8 +155,11 @@ def test_units_without_sweep_are_recomputed_others_reused(trained_copy, monkeypa
     (cfg.run_dir / "report_test.json").unlink()  # the stage must run, reading its units
     calls = []
     real = predict_mod.predict_shard
-    monkeypatch.setattr(predict_mod, "predict_shard",
-                        lambda store, si, *a, **k: calls.append(si) or real(store, si, *a, **k))
+    monkeypatch.setattr(
+        predict_mod,
+        "predict_shard",
+        lambda store, si, *a, **k: calls.append(si) or real(store, si, *a, **k),
+    )
     run_predict(cfg, "test", **QUIET)
     assert len(calls) == 1  # only the old unit's shard
     after = _report(cfg)
@@ -153,6 +170,7 @@ def test_units_without_sweep_are_recomputed_others_reused(trained_copy, monkeypa
 
 
 # ----------------------------------------------------------------------------- the page
+
 
 class _Text(HTMLParser):
     def __init__(self):
@@ -192,10 +210,12 @@ def test_settings_show_the_values_used(trained):
 
 
 def test_auto_device_resolved_in_a_hand_made_report(tmp_path):
-    report = {"n_images": 0, "variants": {}, "config": {"predict": {"device": "auto"},
-                                                        "backbone": {"layers": 3}},
-              "resolved": {"predict.device": "cuda:0", "backbone.layers": 3,
-                           "backbone.channels": 1152}}
+    report = {
+        "n_images": 0,
+        "variants": {},
+        "config": {"predict": {"device": "auto"}, "backbone": {"layers": 3}},
+        "resolved": {"predict.device": "cuda:0", "backbone.layers": 3, "backbone.channels": 1152},
+    }
     out = write_reports(tmp_path, "test", report, [], [], [])
     html = out["html"].read_text()
     assert "<code>predict.device</code><span>cuda:0 (auto)</span>" in html
@@ -204,9 +224,11 @@ def test_auto_device_resolved_in_a_hand_made_report(tmp_path):
 
 
 def test_spread_over_categories():
-    ranked = ([{"category": "bear", "stem": f"{i:05d}"} for i in range(6)]
-              + [{"category": "dog", "stem": "a"}, {"category": "dog", "stem": "b"},
-                 {"category": "cat", "stem": "a"}])
+    ranked = [{"category": "bear", "stem": f"{i:05d}"} for i in range(6)] + [
+        {"category": "dog", "stem": "a"},
+        {"category": "dog", "stem": "b"},
+        {"category": "cat", "stem": "a"},
+    ]
     got = spread(ranked, 4)
     assert [r["category"] for r in got] == ["bear", "bear", "dog", "cat"]  # rank order
     assert [r["stem"] for r in got if r["category"] == "bear"] == ["00000", "00001"]
@@ -222,17 +244,21 @@ def test_worst_images_spread_in_the_report(trained):
     cats = {r["category"] for r in _report(cfg)["per_image"]}
     assert len(worst) == min(cfg.predict.thumbnails, len(_report(cfg)["per_image"]))
     # every category shows up before any shows up a third time
-    assert set(worst[:len(cats)]) == cats
+    assert set(worst[: len(cats)]) == cats
 
 
 def test_per_category_plot_shows_miou_j_and_f():
     from pipeline.report.doc import Metrics, VariantScores
+
     cats = ["blackswan", "bear"]
-    vals = {"blackswan": {"miou": 0.595, "j_mean": 0.25, "boundary_f": 0.3},
-            "bear": {"miou": 0.9, "j_mean": 0.85, "boundary_f": 0.7}}
-    variants = {v: VariantScores(Metrics({"miou": 0.7}, 2),
-                                 {c: Metrics(dict(vals[c]), 1) for c in cats})
-                for v in VARIANTS}
+    vals = {
+        "blackswan": {"miou": 0.595, "j_mean": 0.25, "boundary_f": 0.3},
+        "bear": {"miou": 0.9, "j_mean": 0.85, "boundary_f": 0.7},
+    }
+    variants = {
+        v: VariantScores(Metrics({"miou": 0.7}, 2), {c: Metrics(dict(vals[c]), 1) for c in cats})
+        for v in VARIANTS
+    }
     fig = _plot_categories(variants, cats)
     axes = fig.get_axes()
     assert [a.get_title(loc="left") for a in axes] == ["mIoU", "J mean", "Boundary F"]
@@ -241,7 +267,7 @@ def test_per_category_plot_shows_miou_j_and_f():
 
 
 def _rgb(c: str) -> np.ndarray:
-    return np.array([int(c[i:i + 2], 16) for i in (1, 3, 5)], float)
+    return np.array([int(c[i : i + 2], 16) for i in (1, 3, 5)], float)
 
 
 def test_category_palette_apart_from_variants_and_legend():
@@ -252,10 +278,14 @@ def test_category_palette_apart_from_variants_and_legend():
         assert min(np.linalg.norm(_rgb(c) - o) for o in others) > 80, c
         assert min(np.linalg.norm(_rgb(c) - _rgb(d)) for d in CATEGORY_COLOURS if d != c) > 40
     from pipeline.report.doc import ImageScores
-    rows = [ImageScores(f"c{i}", "s", {"linear_bilinear": 0.5, "pac": 0.6}, {})
-            for i in range(len(CATEGORY_COLOURS) + 3)]
+
+    rows = [
+        ImageScores(f"c{i}", "s", {"linear_bilinear": 0.5, "pac": 0.6}, {})
+        for i in range(len(CATEGORY_COLOURS) + 3)
+    ]
     fig = _plot_scatter(rows, "linear_bilinear", "pac")
     from matplotlib.colors import to_hex
+
     used = {to_hex(col.get_facecolor()[0]) for col in fig.get_axes()[0].collections[1:]}
     assert used <= set(CATEGORY_COLOURS) and len(used) == len(CATEGORY_COLOURS)
 
@@ -277,6 +307,7 @@ def test_sweep_in_the_html(trained):
 
 
 # ----------------------------------------------------------------------------- runs page
+
 
 def test_runs_page(trained_copy):
     base, root, cfg = trained_copy

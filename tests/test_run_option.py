@@ -2,6 +2,7 @@
 `--run NAME` on segment, predict, export, status, train-head and config show starts from that
 record, with --config and --set on top; a key that would make the run's models stale is
 refused (status reports it); runs trained before records fall back to their report."""
+
 from __future__ import annotations
 
 import json
@@ -38,6 +39,7 @@ def shown(cfg, *args: str, cwd: Path) -> str:
 
 # ----------------------------------------------------------------------------- the record
 
+
 def test_train_head_records_the_effective_config(trained):
     _, _, cfg = trained
     record = cfg.run_dir / RECORD
@@ -47,14 +49,23 @@ def test_train_head_records_the_effective_config(trained):
 
 def test_the_record_holds_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(None, ["data.root=data/x", "paths.cache=c", "paths.outputs=o",
-                             "backbone.weights=w/file.pt"])
+    cfg = load_config(
+        None, ["data.root=data/x", "paths.cache=c", "paths.outputs=o", "backbone.weights=w/file.pt"]
+    )
     rec = recordable(cfg)
     assert rec.data.root == str(tmp_path / "data" / "x")
     assert rec.paths.cache == str(tmp_path / "c")
     assert rec.backbone.weights == str(tmp_path / "w" / "file.pt")
-    assert copy_config(rec, data__root="data/x", paths__cache="c", paths__outputs="o",
-                       backbone__weights="w/file.pt") == cfg  # nothing else changed
+    assert (
+        copy_config(
+            rec,
+            data__root="data/x",
+            paths__cache="c",
+            paths__outputs="o",
+            backbone__weights="w/file.pt",
+        )
+        == cfg
+    )  # nothing else changed
 
 
 def test_no_record_without_completed_training(tmp_path, synth_root):
@@ -73,6 +84,7 @@ def test_an_up_to_date_train_head_records_a_run_trained_before(trained_copy):
 
 # ----------------------------------------------------------------------------- using a run
 
+
 def test_segment_and_predict_use_the_run_as_trained(trained, tmp_path):
     _, root, cfg = trained
     img = image_of(root)
@@ -80,10 +92,22 @@ def test_segment_and_predict_use_the_run_as_trained(trained, tmp_path):
     # 10 epochs, ...): without --run the models are refused, naming --run
     r = run_cli("segment", str(img), *where(cfg), "--out", str(tmp_path / "a"), cwd=tmp_path)
     assert r.returncode == 1
-    one_line_error(r, "trained with other settings", "train-head",
-                   "add `--run default` to use the run as it was trained")
-    r = run_cli("segment", str(img), "--run", "default", *where(cfg), "--out",
-                str(tmp_path / "a"), cwd=tmp_path)
+    one_line_error(
+        r,
+        "trained with other settings",
+        "train-head",
+        "add `--run default` to use the run as it was trained",
+    )
+    r = run_cli(
+        "segment",
+        str(img),
+        "--run",
+        "default",
+        *where(cfg),
+        "--out",
+        str(tmp_path / "a"),
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     mask = tmp_path / "a" / f"{img.stem}.png"
     predicted = cfg.run_dir / "predictions" / "test" / img.parent.parent.name / mask.name
@@ -93,8 +117,11 @@ def test_segment_and_predict_use_the_run_as_trained(trained, tmp_path):
     assert "up-to-date" in r.stdout
     r = run_cli("status", "--run", "default", *where(cfg), cwd=tmp_path)
     assert r.returncode == 0
-    assert r.stdout.splitlines() == ["extract-features: up-to-date", "train-head: up-to-date",
-                                     "predict[test]: up-to-date"]
+    assert r.stdout.splitlines() == [
+        "extract-features: up-to-date",
+        "train-head: up-to-date",
+        "predict[test]: up-to-date",
+    ]
 
 
 def test_config_show_prints_the_record_that_loads_back_equal(trained, tmp_path):
@@ -107,31 +134,44 @@ def test_config_show_prints_the_record_that_loads_back_equal(trained, tmp_path):
     assert f'outputs = "{cfg.paths.outputs}"' in record.read_text()
 
 
-CHANGES = {"train.epochs=3": "train.epochs: 1 -> 3",
-           "backbone.name=dino_vits16": 'backbone.name: "mobilenet_v2" -> "dino_vits16"',
-           "extract.feature_dtype=float32": 'extract.feature_dtype: "float16" -> "float32"'}
+CHANGES = {
+    "train.epochs=3": "train.epochs: 1 -> 3",
+    "backbone.name=dino_vits16": 'backbone.name: "mobilenet_v2" -> "dino_vits16"',
+    "extract.feature_dtype=float32": 'extract.feature_dtype: "float16" -> "float32"',
+}
 
 
 @pytest.mark.parametrize("command", ["segment", "predict", "export"])
 @pytest.mark.parametrize("change", sorted(CHANGES))
 def test_a_key_that_would_make_the_models_stale_is_refused(trained, tmp_path, command, change):
     _, root, cfg = trained
-    args = {"segment": [str(image_of(root)), "--out", str(tmp_path / "o")],
-            "predict": [], "export": ["--out", str(tmp_path / "m.pt2")]}[command]
+    args = {
+        "segment": [str(image_of(root)), "--out", str(tmp_path / "o")],
+        "predict": [],
+        "export": ["--out", str(tmp_path / "m.pt2")],
+    }[command]
     r = run_cli(command, *args, "--run", "default", *where(cfg, change), cwd=tmp_path)
     assert r.returncode == 2
-    one_line_error(r, "--run default", CHANGES[change], "would make the run's models stale",
-                   "drop that --set", "--set run.name=NEW")
+    one_line_error(
+        r,
+        "--run default",
+        CHANGES[change],
+        "would make the run's models stale",
+        "drop that --set",
+        "--set run.name=NEW",
+    )
     assert not (tmp_path / "o").exists() and not (tmp_path / "m.pt2").exists()
 
 
 def test_keys_that_do_not_touch_the_models_are_layered(trained, tmp_path):
     _, _, cfg = trained
-    text = shown(cfg, "--set", "predict.threshold=0.3", "--set", "extract.batch_size=2",
-                 cwd=tmp_path)
+    text = shown(
+        cfg, "--set", "predict.threshold=0.3", "--set", "extract.batch_size=2", cwd=tmp_path
+    )
     (tmp_path / "c.toml").write_text(text)
     assert load_config(tmp_path / "c.toml") == copy_config(
-        cfg, predict__threshold=0.3, extract__batch_size=2)
+        cfg, predict__threshold=0.3, extract__batch_size=2
+    )
 
 
 def test_a_config_file_is_layered_on_the_record(trained, tmp_path):
@@ -143,8 +183,18 @@ def test_a_config_file_is_layered_on_the_record(trained, tmp_path):
     (tmp_path / "c.toml").write_text(text)
     assert load_config(tmp_path / "c.toml") == copy_config(cfg, predict__threshold=0.25)
     conf.write_text("[train]\nepochs = 4\n")
-    r = run_cli("segment", str(image_of(root)), "--run", "default", "--config", str(conf),
-                *where(cfg), "--out", str(tmp_path / "o"), cwd=tmp_path)
+    r = run_cli(
+        "segment",
+        str(image_of(root)),
+        "--run",
+        "default",
+        "--config",
+        str(conf),
+        *where(cfg),
+        "--out",
+        str(tmp_path / "o"),
+        cwd=tmp_path,
+    )
     assert r.returncode == 2
     one_line_error(r, "train.epochs: 1 -> 4", "--config key")
 
@@ -160,21 +210,26 @@ def test_status_reports_the_change_and_exits_0(trained, tmp_path):
 
 def test_train_head_never_replaces_a_runs_models_under_a_changed_config(trained_copy):
     base, _, cfg = trained_copy
-    card = (cfg.run_dir / "models").stat().st_mtime_ns, sorted(
-        p.read_bytes() for p in (cfg.run_dir / "models").iterdir() if p.is_file())
+    card = (
+        (cfg.run_dir / "models").stat().st_mtime_ns,
+        sorted(p.read_bytes() for p in (cfg.run_dir / "models").iterdir() if p.is_file()),
+    )
     r = run_cli("train-head", "--run", "default", *where(cfg, "train.epochs=2"), cwd=base)
     assert r.returncode == 2
-    one_line_error(r, "--run default", "train.epochs: 1 -> 2", "not replaced",
-                   "--set run.name=NEW")
-    assert card == ((cfg.run_dir / "models").stat().st_mtime_ns, sorted(
-        p.read_bytes() for p in (cfg.run_dir / "models").iterdir() if p.is_file()))
+    one_line_error(r, "--run default", "train.epochs: 1 -> 2", "not replaced", "--set run.name=NEW")
+    assert card == (
+        (cfg.run_dir / "models").stat().st_mtime_ns,
+        sorted(p.read_bytes() for p in (cfg.run_dir / "models").iterdir() if p.is_file()),
+    )
     # the way out: a new run that starts from this one's config
-    r = run_cli("train-head", "--run", "default", *where(cfg, "train.epochs=2",
-                                                            "run.name=longer"), cwd=base)
+    r = run_cli(
+        "train-head", "--run", "default", *where(cfg, "train.epochs=2", "run.name=longer"), cwd=base
+    )
     assert r.returncode == 0, r.stderr
     assert "trained" in r.stdout
     assert load_config(cfg.run_dir.parent / "longer" / RECORD) == copy_config(
-        cfg, train__epochs=2, run__name="longer")
+        cfg, train__epochs=2, run__name="longer"
+    )
     r = run_cli("train-head", "--run", "default", *where(cfg), cwd=base)
     assert r.returncode == 0 and "up-to-date" in r.stdout, r.stderr
 
@@ -196,13 +251,17 @@ def test_a_moved_run_is_found_where_it_is(trained, tmp_path):
 
 # ----------------------------------------------------------------------------- no record
 
+
 def test_a_run_trained_before_records_uses_its_report(trained_copy, tmp_path):
     base, _, cfg = trained_copy
     (cfg.run_dir / RECORD).unlink()
     text = shown(cfg, cwd=tmp_path)
     report = json.loads((cfg.run_dir / "report_test.json").read_text())
-    recorded = copy_config(config_from_dict(report["config"]), paths__cache=cfg.paths.cache,
-                           paths__outputs=cfg.paths.outputs)  # the --set ones
+    recorded = copy_config(
+        config_from_dict(report["config"]),
+        paths__cache=cfg.paths.cache,
+        paths__outputs=cfg.paths.outputs,
+    )  # the --set ones
     assert text == to_toml(recorded) and recorded == cfg
     # a report edited by hand into something that is no config: one line naming it
     report["config"]["train"]["lr"] = "fast"
@@ -219,12 +278,16 @@ def test_a_run_trained_before_records_uses_its_report(trained_copy, tmp_path):
 
 # ----------------------------------------------------------------------------- hostile input
 
-@pytest.mark.parametrize("edit,parts", [
-    (lambda t: t.replace("lr = 0.002", "lr = -1.0"), ["train.lr", RECORD]),
-    (lambda t: t + "\n[train]\nlr = 1\n", ["cannot parse", RECORD]),
-    (lambda t: t.replace("[run]", "[run]\nevil = 1"), ["unknown config key 'run.evil'"]),
-    (lambda t: t.replace('name = "default"', 'name = "../x"'), ["run.name"]),
-])
+
+@pytest.mark.parametrize(
+    "edit,parts",
+    [
+        (lambda t: t.replace("lr = 0.002", "lr = -1.0"), ["train.lr", RECORD]),
+        (lambda t: t + "\n[train]\nlr = 1\n", ["cannot parse", RECORD]),
+        (lambda t: t.replace("[run]", "[run]\nevil = 1"), ["unknown config key 'run.evil'"]),
+        (lambda t: t.replace('name = "default"', 'name = "../x"'), ["run.name"]),
+    ],
+)
 def test_a_hand_edited_record_is_one_line(trained_copy, tmp_path, edit, parts):
     _, _, cfg = trained_copy
     record = cfg.run_dir / RECORD
@@ -247,8 +310,16 @@ def test_a_record_that_did_not_train_the_models_is_refused(trained_copy, tmp_pat
     base, root, cfg = trained_copy
     record = cfg.run_dir / RECORD
     record.write_text(record.read_text().replace("epochs = 1", "epochs = 7"))
-    r = run_cli("segment", str(image_of(root)), "--run", "default", *where(cfg),
-                "--out", str(tmp_path / "o"), cwd=tmp_path)
+    r = run_cli(
+        "segment",
+        str(image_of(root)),
+        "--run",
+        "default",
+        *where(cfg),
+        "--out",
+        str(tmp_path / "o"),
+        cwd=tmp_path,
+    )
     assert r.returncode == 1
     line = one_line_error(r, "trained with other settings", "train.epochs: 1 -> 7")
     assert "add `--run" not in line  # the record does not reproduce them: no such advice
@@ -264,12 +335,15 @@ def test_a_record_that_is_a_fifo_is_one_line(trained_copy, tmp_path):
     one_line_error(r, "not a regular file")
 
 
-@pytest.mark.parametrize("name,parts", [
-    ("missing", ["no run folder", "runs there: default"]),
-    ("a/b", ["bad value for --run"]),
-    ("..", ["bad value for --run"]),
-    ("", ["bad value for --run"]),
-])
+@pytest.mark.parametrize(
+    "name,parts",
+    [
+        ("missing", ["no run folder", "runs there: default"]),
+        ("a/b", ["bad value for --run"]),
+        ("..", ["bad value for --run"]),
+        ("", ["bad value for --run"]),
+    ],
+)
 def test_run_names_that_are_no_run(trained, tmp_path, name, parts):
     _, _, cfg = trained
     r = run_cli("predict", "--run", name, *where(cfg), cwd=tmp_path)

@@ -3,6 +3,7 @@ their metrics and whether each is up to date; their report JSONs record their co
 damaged report or stage record is a row that says so (never a traceback, never NaN in the
 JSON); up to date is judged in the run folder as listed (copied, moved, another working
 folder); a `|` in a run name keeps the table's columns."""
+
 from __future__ import annotations
 
 import json
@@ -26,15 +27,24 @@ RELATIVE = ("paths.outputs=outputs", "paths.cache=cache")  # as with the default
 def test_two_runs_differ_in_exactly_train_lr(tmp_path):
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 3, "test": 2}, size=(64, 80), seed=6)
     base = []
-    for s in [f"data.root={root}", f"paths.cache={tmp_path / 'cache'}",
-              f"paths.outputs={tmp_path / 'outputs'}", "backbone.name=mobilenet_v2",
-              "backbone.weights=random", "predict.device=cpu", "train.device=cpu", *FAST]:
+    for s in [
+        f"data.root={root}",
+        f"paths.cache={tmp_path / 'cache'}",
+        f"paths.outputs={tmp_path / 'outputs'}",
+        "backbone.name=mobilenet_v2",
+        "backbone.weights=random",
+        "predict.device=cpu",
+        "train.device=cpu",
+        *FAST,
+    ]:
         base += ["--set", s]
     for name, lr in (("slow", "1e-3"), ("fast", "5e-3")):
         r = run_cli("run", *base, "--set", f"run.name={name}", "--set", f"train.lr={lr}")
         assert r.returncode == 0, r.stderr
-    reports = {n: json.loads((tmp_path / "outputs" / n / "report_test.json").read_text())
-               for n in ("slow", "fast")}
+    reports = {
+        n: json.loads((tmp_path / "outputs" / n / "report_test.json").read_text())
+        for n in ("slow", "fast")
+    }
     assert reports["slow"]["config"]["train"]["lr"] == 1e-3
     assert reports["fast"]["config"]["train"]["lr"] == 5e-3
 
@@ -63,6 +73,7 @@ def test_two_runs_differ_in_exactly_train_lr(tmp_path):
 
 
 # ----------------------------------------------------------------------------- one tiny run
+
 
 @pytest.fixture(scope="module")
 def run_base(tmp_path_factory, synth_root) -> Path:
@@ -107,6 +118,7 @@ def columns(line: str) -> list[str]:
 def strict_loads(text: str) -> Any:
     def refuse(name: str) -> None:
         raise ValueError(f"non-standard JSON constant {name}")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -126,6 +138,7 @@ def setter(path: str, value: Any) -> Callable[[dict], None]:
     def edit(doc: dict) -> None:
         parent, key = at(doc, path)
         parent[key] = value
+
     return edit
 
 
@@ -133,6 +146,7 @@ def deleter(path: str) -> Callable[[dict], None]:
     def edit(doc: dict) -> None:
         parent, key = at(doc, path)
         del parent[key]
+
     return edit
 
 
@@ -157,13 +171,16 @@ DAMAGE = {  # id: (file, edit of the parsed JSON or None, raw text for RAW, expe
     "record-seconds-overflow": (TRAIN, setter("seconds", RAW), "1e999", "out of range"),
     "record-params-list": (TRAIN, setter("params", []), None, "params is a list"),
     "record-deps-number": (PREDICT, setter("deps.models", 5), None, "deps.models is a number"),
-    "record-outs-outside": (PREDICT, setter("outs", {"../../x": "0"}), None,
-                            "not a path inside the run folder"),
+    "record-outs-outside": (
+        PREDICT,
+        setter("outs", {"../../x": "0"}),
+        None,
+        "not a path inside the run folder",
+    ),
 }
 
 
-def damage(run_dir: Path, file: str, edit: Callable[[dict], None] | None,
-           raw: str | None) -> None:
+def damage(run_dir: Path, file: str, edit: Callable[[dict], None] | None, raw: str | None) -> None:
     path = run_dir / file
     if edit is None:
         path.write_text(raw or "")
@@ -220,7 +237,10 @@ def test_cli_lists_damaged_runs_in_strict_json(run_base, synth_root, tmp_path):
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     at = r.stdout.splitlines()[0].index("up-to-date")
     assert sorted(line[at:].split(":")[0] for line in r.stdout.splitlines()[1:]) == [
-        "damaged", "damaged", "yes"]
+        "damaged",
+        "damaged",
+        "yes",
+    ]
     r = run_cli("runs", "--markdown", *sets, cwd=tmp_path)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     lines = r.stdout.splitlines()
@@ -231,6 +251,7 @@ def test_cli_lists_damaged_runs_in_strict_json(run_base, synth_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------- up to date
+
 
 def test_copied_run_folder_is_judged_where_it_is(run_base, synth_root, tmp_path, monkeypatch):
     """A run folder copied to another outputs folder (under another name) is up to date like
@@ -255,8 +276,10 @@ def test_copied_run_folder_is_judged_where_it_is(run_base, synth_root, tmp_path,
     (out / "edited" / REPORT).write_text(json.dumps(report))
     rows = listed(out, synth_root)
     assert rows["no-mask"]["up_to_date"] is False and mask.name in rows["no-mask"]["why"]
-    assert rows["edited"]["up_to_date"] is False and "report_test.json changed" in rows[
-        "edited"]["why"]
+    assert (
+        rows["edited"]["up_to_date"] is False
+        and "report_test.json changed" in rows["edited"]["why"]
+    )
 
     moved = tmp_path / "moved"
     copies(run_base, moved, "default")
@@ -270,8 +293,7 @@ def test_runs_from_another_working_folder(run_base, synth_root, tmp_path, monkey
     copy whose report is older is stale in both."""
     monkeypatch.chdir(run_base)
     assert listed(Path("outputs"), synth_root)["default"]["up_to_date"] is True
-    r = run_cli("runs", "--json", "--set", f"paths.outputs={run_base / 'outputs'}",
-                cwd=tmp_path)
+    r = run_cli("runs", "--json", "--set", f"paths.outputs={run_base / 'outputs'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     (row,) = strict_loads(r.stdout)
     assert row["run"] == "default" and row["up_to_date"] is True, row
@@ -288,6 +310,7 @@ def test_runs_from_another_working_folder(run_base, synth_root, tmp_path, monkey
 
 
 # ----------------------------------------------------------------------------- the table
+
 
 def test_pipe_and_newline_in_run_names_keep_the_columns(run_base, synth_root, tmp_path):
     out = tmp_path / "outputs"

@@ -2,6 +2,7 @@
 folders, file arguments, spaces, EXIF orientation), byte identity with `predict` on a cached
 split, refusals (models of another backbone, no models, duplicate outputs), resumption, and
 bad images skipped with exit 1."""
+
 from __future__ import annotations
 
 import hashlib
@@ -27,13 +28,17 @@ def check_mask(mask_path: Path, size: tuple[int, int]) -> np.ndarray:
     """An 8-bit L PNG of `size` (w, h) holding only 0 and 255; returns it as bool."""
     with Image.open(mask_path) as im:
         assert im.format == "PNG" and im.mode == "L" and im.size == size, (
-            mask_path, im.size, im.mode)
+            mask_path,
+            im.size,
+            im.mode,
+        )
         a = np.asarray(im)
     assert set(np.unique(a)) <= {0, 255}
     return a > 127
 
 
 # ----------------------------------------------------------------------------- the contract
+
 
 def test_masks_equal_predict_byte_for_byte(trained, tmp_path):
     """Every image of the cached test split: segment's mask file is predict's, byte for byte
@@ -58,8 +63,9 @@ def test_masks_equal_predict_byte_for_byte(trained, tmp_path):
     files = sorted((root / "test").rglob("images/*.jpg"), reverse=True)[:3]
     run_segment(cfg, files, sub, overlays=False, progress=False)
     for f in files:
-        assert (sub / f"{f.stem}.png").read_bytes() == \
-            (cfg.run_dir / "predictions/test" / f.parent.parent.name / f"{f.stem}.png").read_bytes()
+        assert (sub / f"{f.stem}.png").read_bytes() == (
+            cfg.run_dir / "predictions/test" / f.parent.parent.name / f"{f.stem}.png"
+        ).read_bytes()
     assert not (sub / "overlays").exists()
 
 
@@ -67,25 +73,41 @@ def test_folders_files_spaces_hidden_and_link_loops(trained_copy, tmp_path):
     """(A copy of the run: the last command writes into the run's default output folder.)"""
     base, root, cfg = trained_copy
     photos = tmp_path / "photos"
-    synth_images(photos, ["a/b/deep.jpg", "top.png", "with space.jpg", "UPPER.JPG",
-                          ".hidden.jpg", ".cache/skipped.jpg", "a/b/c.webp"], root)
+    synth_images(
+        photos,
+        [
+            "a/b/deep.jpg",
+            "top.png",
+            "with space.jpg",
+            "UPPER.JPG",
+            ".hidden.jpg",
+            ".cache/skipped.jpg",
+            "a/b/c.webp",
+        ],
+        root,
+    )
     (photos / "notes.txt").write_text("not an image")
     (photos / "a" / "loop").symlink_to(photos, target_is_directory=True)  # a link loop
     single = tmp_path / "elsewhere" / "one shot.jpeg"
     synth_images(single.parent, [single.name], root)
     out = tmp_path / "out dir"
-    r = run_cli("segment", str(photos), str(single), "--out", str(out), *cli_sets(base, root),
-                timeout=300)
+    r = run_cli(
+        "segment", str(photos), str(single), "--out", str(out), *cli_sets(base, root), timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
-    assert re.fullmatch(rf"segment: 6 masks in [\d.]+ s, [\d.]+ images/s after loading the "
-                        rf"models -> "
-                        rf"{re.escape(str(out))}\n", r.stdout), r.stdout
+    assert re.fullmatch(
+        rf"segment: 6 masks in [\d.]+ s, [\d.]+ images/s after loading the "
+        rf"models -> "
+        rf"{re.escape(str(out))}\n",
+        r.stdout,
+    ), r.stdout
     rels = {"a/b/deep.png", "top.png", "with space.png", "UPPER.png", "a/b/c.png", "one shot.png"}
     written = {p.relative_to(out).as_posix() for p in out.rglob("*.png")}
     assert written == rels
-    assert {p.relative_to(out / "overlays").as_posix() for p in (out / "overlays").rglob("*.jpg")} \
-        == {r[:-4] + ".jpg" for r in rels}
+    assert {
+        p.relative_to(out / "overlays").as_posix() for p in (out / "overlays").rglob("*.jpg")
+    } == {r[:-4] + ".jpg" for r in rels}
     with Image.open(photos / "top.png") as im:
         check_mask(out / "top.png", im.size)
     # a rerun does nothing, quickly
@@ -94,9 +116,14 @@ def test_folders_files_spaces_hidden_and_link_loops(trained_copy, tmp_path):
     assert r.stdout == f"segment: 6 masks up-to-date -> {out}\n", r.stdout + r.stderr
     # default output folder: <outputs>/<run>/segment; --no-overlays; no dataset and no
     # feature store needed, and none written
-    r = run_cli("segment", str(single), "--no-overlays",
-                *cli_sets(base, root, f"data.root={tmp_path / 'no-data'}",
-                          f"paths.cache={tmp_path / 'no-cache'}"))
+    r = run_cli(
+        "segment",
+        str(single),
+        "--no-overlays",
+        *cli_sets(
+            base, root, f"data.root={tmp_path / 'no-data'}", f"paths.cache={tmp_path / 'no-cache'}"
+        ),
+    )
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "no-cache").exists() and not (tmp_path / "no-data").exists()
     default = cfg.run_dir / "segment"
@@ -116,6 +143,7 @@ def test_exif_orientation_is_applied(trained, tmp_path):
     (tmp_path / "in").mkdir()
     stored.save(tmp_path / "in" / "sideways.jpg", exif=exif.tobytes(), quality=95)
     from pipeline.data import load_image
+
     pixels = load_image(tmp_path / "in" / "sideways.jpg")
     assert pixels.shape == (72, 120, 3)
     assert pixels[:30, :40].mean(axis=(0, 1))[0] > 150
@@ -133,13 +161,15 @@ def test_exif_orientation_is_applied(trained, tmp_path):
 
 # ----------------------------------------------------------------------------- refusals
 
+
 def test_refuses_models_of_another_backbone_or_training(trained, tmp_path):
     base, root, cfg = trained
     synth_images(tmp_path / "in", ["x.jpg"], root)
     out = tmp_path / "out"
     for extra in ("backbone.name=dino_vits16", "train.lr=1e-3"):
-        r = run_cli("segment", str(tmp_path / "in"), "--out", str(out),
-                    *cli_sets(base, root, extra))
+        r = run_cli(
+            "segment", str(tmp_path / "in"), "--out", str(out), *cli_sets(base, root, extra)
+        )
         assert r.returncode == 1
         line = one_line_error(r, "train-head", extra.split("=")[0])
         assert r.stdout == "", line
@@ -164,8 +194,14 @@ def test_two_images_for_one_mask_is_an_error_before_any_work(trained, tmp_path):
     one_line_error(r, str(tmp_path / "in" / "a.jpg"), str(tmp_path / "in" / "a.png"))
     assert not out.exists()
     synth_images(tmp_path / "other", ["b.png"], root)
-    r = run_cli("segment", str(tmp_path / "in" / "b.jpg"), str(tmp_path / "other" / "b.png"),
-                "--out", str(out), *cli_sets(base, root))
+    r = run_cli(
+        "segment",
+        str(tmp_path / "in" / "b.jpg"),
+        str(tmp_path / "other" / "b.png"),
+        "--out",
+        str(out),
+        *cli_sets(base, root),
+    )
     assert r.returncode == 1
     one_line_error(r, "b.jpg", str(tmp_path / "other" / "b.png"))
     assert not out.exists()
@@ -178,6 +214,7 @@ def test_two_images_for_one_mask_is_an_error_before_any_work(trained, tmp_path):
 
 
 # ------------------------------------------------------------------------ resumption, bad images
+
 
 def test_rerun_recomputes_only_what_changed(trained, tmp_path):
     base, root, cfg = trained
@@ -217,7 +254,7 @@ def test_bad_image_is_skipped_and_exit_1(trained, tmp_path):
     synth_images(src, ["good1.jpg", "good2.png"], root)
     (src / "broken.jpg").write_bytes(b"not a jpeg at all")
     good = (src / "good1.jpg").read_bytes()
-    (src / "truncated.jpg").write_bytes(good[:len(good) // 3])
+    (src / "truncated.jpg").write_bytes(good[: len(good) // 3])
     (src / "dangling.png").symlink_to(tmp_path / "nowhere.png")
     out = tmp_path / "out"
     r = run_cli("segment", str(src), "--out", str(out), *cli_sets(base, root))
@@ -246,6 +283,7 @@ def test_a_killed_segment_loses_at_most_the_masks_in_flight(trained, tmp_path):
     import sys
 
     from tests.conftest import ROOT
+
     base, root, cfg = trained
     src, out = tmp_path / "in", tmp_path / "out"
     names = [f"i{k:02d}" for k in range(10)]
@@ -266,11 +304,13 @@ def killing(path, data):
 seg.atomic_write_bytes = killing
 seg.run_segment(cfg, [Path({str(src)!r})], Path({str(out)!r}), progress=False)
 """
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert r.returncode == 9, r.stderr
-    complete = [n for n in names
-                if (out / f"{n}.png").is_file() and (out / "overlays" / f"{n}.jpg").is_file()]
+    complete = [
+        n
+        for n in names
+        if (out / f"{n}.png").is_file() and (out / "overlays" / f"{n}.jpg").is_file()
+    ]
     assert 4 <= len(complete) < 10
     res = run_segment(cfg, [src], out, progress=False)
     assert (res.n_written, res.n_current) == (10 - len(complete), len(complete))

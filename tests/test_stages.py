@@ -1,6 +1,7 @@
 """The stage mechanism: stages as data (deps, params, outs) judged by one function against
 their record; the ordered stage list that `status`, `run` and `runs` iterate; stage 1's record
 kept with the store it describes; predict's models a declared dependency."""
+
 from __future__ import annotations
 
 import json
@@ -22,33 +23,42 @@ def _rec(state: StageState) -> dict:
 
 # ----------------------------------------------------------------------------- judge_record
 
+
 def test_judge_record_decides_from_deps_params_and_outs():
     state = StageState("s", {"features[train]": "a"}, {"train.lr": 0.1})
     assert judge_record(None, state).line() == "s: missing"
     assert judge_record(None, state, damaged=True).line() == "s: stale (stage record unreadable)"
     assert judge_record(_rec(state), state).line() == "s: up-to-date"
     moved = StageState("s", {"features[train]": "b"}, {"train.lr": 0.2})
-    assert judge_record(_rec(state), moved).line() == \
-        "s: stale (train.lr: 0.1 -> 0.2; features[train] changed)"
+    assert (
+        judge_record(_rec(state), moved).line()
+        == "s: stale (train.lr: 0.1 -> 0.2; features[train] changed)"
+    )
     broken = StageState("s", state.deps, state.params, "models/pac.safetensors changed")
-    assert judge_record(_rec(state), broken).line() == \
-        "s: stale (models/pac.safetensors changed)"
+    assert judge_record(_rec(state), broken).line() == "s: stale (models/pac.safetensors changed)"
 
 
 def test_an_absent_dep_names_its_command_and_an_unusable_one_says_why():
     rec = _rec(StageState("p", {"models": "m1"}, {}))
     absent = StageState("p", {"models": None}, {}, upstream={"models": "vit-objseg train-head"})
     assert judge_record(rec, absent).why == "needs models: run `vit-objseg train-head`"
-    unusable = StageState("p", {"models": None}, {}, upstream={"models": "vit-objseg train-head"},
-                          unusable={"models": "trained with other settings (train.lr: 1 -> 2)"})
-    want = ("waits for `vit-objseg train-head`: models trained with other settings "
-            "(train.lr: 1 -> 2)")
+    unusable = StageState(
+        "p",
+        {"models": None},
+        {},
+        upstream={"models": "vit-objseg train-head"},
+        unusable={"models": "trained with other settings (train.lr: 1 -> 2)"},
+    )
+    want = (
+        "waits for `vit-objseg train-head`: models trained with other settings (train.lr: 1 -> 2)"
+    )
     assert judge_record(rec, unusable).why == want
     # without a record of its own, the stage still says what it waits for (not "missing")
     assert judge_record(None, unusable).line() == f"p: stale ({want})"
 
 
 # ----------------------------------------------------------------------------- the list
+
 
 def test_status_and_run_iterate_the_stage_list(trained_copy):
     base, root, cfg = trained_copy
@@ -59,12 +69,15 @@ def test_status_and_run_iterate_the_stage_list(trained_copy):
     assert r.stdout.splitlines() == [f"{n}: up-to-date" for n in names]
     r = run_cli("run", *cli_sets(base, root))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == ["extract-features: up-to-date", "train-head: up-to-date",
-                                     f"predict [test]: up-to-date; report "
-                                     f"{cfg.run_dir / 'report_test.json'}"]
+    assert r.stdout.splitlines() == [
+        "extract-features: up-to-date",
+        "train-head: up-to-date",
+        f"predict [test]: up-to-date; report {cfg.run_dir / 'report_test.json'}",
+    ]
 
 
 # ----------------------------------------------------------------------------- stage 1
+
 
 def test_stage_one_keeps_its_record_with_the_store(trained_copy):
     """No copy in the run folder: another run on the same cache finds stage 1 up to date, and
@@ -75,8 +88,10 @@ def test_stage_one_keeps_its_record_with_the_store(trained_copy):
     assert next(workflow.statuses(Context.of(other))).line() == f"{EXTRACT}: up-to-date"
     assert not other.run_dir.exists()  # status wrote nothing there
     fp16 = copy_config(cfg, extract__feature_dtype="float32")
-    assert next(workflow.statuses(Context.of(fp16))).line() == \
-        f'{EXTRACT}: stale (extract.feature_dtype: "float16" -> "float32")'
+    assert (
+        next(workflow.statuses(Context.of(fp16))).line()
+        == f'{EXTRACT}: stale (extract.feature_dtype: "float16" -> "float32")'
+    )
 
 
 def test_stage_one_data_change_and_damage_are_told_apart(trained_copy):
@@ -85,8 +100,9 @@ def test_stage_one_data_change_and_damage_are_told_apart(trained_copy):
     doc = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({**doc, "digest": "0" * 64}))
     line = next(workflow.statuses(Context.of(cfg))).line()
-    assert line == f"{EXTRACT}: stale (test: manifest damaged (its digest does not match its " \
-                   "content))", line
+    assert (
+        line == f"{EXTRACT}: stale (test: manifest damaged (its digest does not match its content))"
+    ), line
     manifest.write_text(json.dumps(doc))
     moved = copy_config(cfg, data__root=str(base / "data"))  # a moved dataset is the same
     shutil.copytree(root, base / "data")
@@ -101,6 +117,7 @@ def test_stage_one_data_change_and_damage_are_told_apart(trained_copy):
 
 
 # ----------------------------------------------------------------------------- predict
+
 
 def test_predict_declares_the_models_trained_for_its_config(trained_copy):
     base, root, cfg = trained_copy

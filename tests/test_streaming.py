@@ -1,6 +1,7 @@
 """The streaming engine (pipeline/streaming.py) that stage 1 (in process and in a Dask task)
 and `segment` share: order, bounded look-ahead and write-behind, errors; and stage 1's shards
 (bounded, handed to Dask workers largest first)."""
+
 from __future__ import annotations
 
 import threading
@@ -29,8 +30,16 @@ def test_writes_are_handed_on_in_order_when_they_finish_out_of_order():
         seen.append(list(decoded))
         writer.submit(write, chunk)
 
-    stream([0, 1, 2], lambda c: [(c, i) for i in range(5)], lambda it: it, process,
-           written.append, decode_threads=3, write_threads=2, max_writes=2)
+    stream(
+        [0, 1, 2],
+        lambda c: [(c, i) for i in range(5)],
+        lambda it: it,
+        process,
+        written.append,
+        decode_threads=3,
+        write_threads=2,
+        max_writes=2,
+    )
     assert written == [0, 1, 2]
     assert seen == [[(c, i) for i in range(5)] for c in range(3)]
 
@@ -66,8 +75,16 @@ def test_back_pressure_bounds_decoding_ahead_and_writes_waiting():
             worst["writes"] = max(worst["writes"], unfinished[0])
 
     written = []
-    stream(range(12), lambda c: [(c, i) for i in range(3)], decode, process, written.append,
-           decode_threads=4, lookahead=2, max_writes=3)
+    stream(
+        range(12),
+        lambda c: [(c, i) for i in range(3)],
+        decode,
+        process,
+        written.append,
+        decode_threads=4,
+        lookahead=2,
+        max_writes=3,
+    )
     assert written == list(range(12))
     assert worst["ahead"] <= 2
     assert worst["writes"] <= 3
@@ -76,6 +93,7 @@ def test_back_pressure_bounds_decoding_ahead_and_writes_waiting():
 def test_an_undecodable_item_is_one_error_and_the_rest_is_written():
     """A decoder describes a bad item (Undecodable); the processing sees it as one error and
     every other item is processed and written."""
+
     def decode(it):
         return Undecodable(it, f"{it}: corrupt") if it == "b3" else it
 
@@ -111,8 +129,9 @@ def test_a_failing_decoder_or_write_stops_the_stream_and_earlier_writes_complete
         writer.submit(done.append, items)
 
     with pytest.raises(OSError, match="disk gone"):
-        stream(range(5), lambda c: [(c, 0), (c, 1)], decode, process, decode_threads=2,
-               max_writes=4)
+        stream(
+            range(5), lambda c: [(c, 0), (c, 1)], decode, process, decode_threads=2, max_writes=4
+        )
     assert done == [[(0, 0), (0, 1)], [(1, 0), (1, 1)]]
 
     def bad_write(k):
@@ -122,13 +141,19 @@ def test_a_failing_decoder_or_write_stops_the_stream_and_earlier_writes_complete
 
     written = []
     with pytest.raises(ValueError, match="no space"):
-        stream(range(4), lambda c: [c], lambda it: it,
-               lambda c, d, w: (list(d), w.submit(bad_write, c)), written.append,
-               decode_threads=1)
+        stream(
+            range(4),
+            lambda c: [c],
+            lambda it: it,
+            lambda c, d, w: (list(d), w.submit(bad_write, c)),
+            written.append,
+            decode_threads=1,
+        )
     assert written == [0]
 
 
 # ----------------------------------------------------------------------------- stage 1's shards
+
 
 def test_shards_are_bounded_and_handed_to_workers_largest_first(tmp_path):
     """Shards hold at most SHARD_SIZE images of one category (file order); Dask receives them
@@ -146,8 +171,11 @@ def test_shards_are_bounded_and_handed_to_workers_largest_first(tmp_path):
     for t in plan.tasks:
         assert len({it.category for it in t.items}) == 1
     assert [it for t in plan.tasks for it in t.items] == sorted(
-        plan.items, key=lambda it: [c for c in dict.fromkeys(i.category for i in plan.items)
-                                    ].index(it.category))
+        plan.items,
+        key=lambda it: [c for c in dict.fromkeys(i.category for i in plan.items)].index(
+            it.category
+        ),
+    )
     order = largest_first(plan.tasks)
     assert [len(t.items) for t in order] == sorted(sizes, reverse=True)
     big = [t for t in plan.tasks if len(t.items) == max(sizes)]

@@ -4,6 +4,7 @@ each; `runs` is an aligned table (Markdown with --markdown) with each run's own 
 --filter and --keys; segment's plurals and rate; export's progress; `up-to-date` as the one
 word for the state; no --force where nothing is computed; help for every option; lock files
 in `.locks/` folders, never deleted."""
+
 from __future__ import annotations
 
 import importlib.abc
@@ -45,6 +46,7 @@ def _own_invocation(monkeypatch):
 
 # ----------------------------------------------------------------------------- the command tree
 
+
 def walk(group: click.Group, prefix: tuple[str, ...] = ()):
     """(path, command) of every command under `group`, groups included."""
     for name, command in sorted(group.commands.items()):
@@ -64,16 +66,25 @@ def test_every_option_and_argument_has_help():
                     continue
                 if not (param.help or "").strip():
                     missing.append(f"{' '.join(path)} {param.opts[0]}")
-            elif (isinstance(param, click.Argument)
-                  and param.name.lower() not in (command.help or "").lower()
-                  and param.human_readable_name.lower() not in (command.help or "").lower()):
+            elif (
+                isinstance(param, click.Argument)
+                and param.name.lower() not in (command.help or "").lower()
+                and param.human_readable_name.lower() not in (command.help or "").lower()
+            ):
                 missing.append(f"{' '.join(path)} {param.name} (argument)")
     assert not missing, missing
 
 
 READ_ONLY = [("status",), ("runs",), ("config", "show"), ("cache", "list"), ("cache", "gc")]
-COMPUTING = [("extract-features",), ("train-head",), ("predict",), ("run",), ("segment",),
-             ("export",), ("demo",)]
+COMPUTING = [
+    ("extract-features",),
+    ("train-head",),
+    ("predict",),
+    ("run",),
+    ("segment",),
+    ("export",),
+    ("demo",),
+]
 
 
 def command_at(path: tuple[str, ...]) -> click.Command:
@@ -98,6 +109,7 @@ def test_commands_that_compute_take_force(path):
 
 
 # ----------------------------------------------------------------------------- torch / torchvision
+
 
 class _BrokenVision(importlib.abc.MetaPathFinder):
     """Importing torchvision (or timm, which imports it) fails as a torchvision built for
@@ -124,6 +136,7 @@ def test_torchvision_for_another_torch_is_one_line(broken_vision, name):
     from importlib import metadata
 
     import torch
+
     with pytest.raises(EnvironmentProblem) as e:
         create_backbone(name, "random")
     msg = str(e.value)
@@ -147,6 +160,7 @@ def test_other_import_errors_are_not_taken_for_a_mismatch(monkeypatch):
             if name == "torchvision_missing_probe":
                 raise ImportError("No module named 'torchvision_missing_probe'")
             return None
+
     monkeypatch.setattr(sys, "meta_path", [Missing(), *sys.meta_path])
     with pytest.raises(ImportError):
         backbones.import_vision("torchvision_missing_probe")
@@ -155,23 +169,33 @@ def test_other_import_errors_are_not_taken_for_a_mismatch(monkeypatch):
 def test_read_only_commands_import_no_torch(tmp_path):
     """config show, runs and the cache commands build no backbone: a broken torchvision
     cannot stop them (they import neither torchvision nor timm; config show not even torch)."""
-    code = ("import sys, runpy; sys.argv = ['cli.py', 'config', 'show']\n"
-            "try:\n    runpy.run_path('cli.py', run_name='__main__')\n"
-            "except SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))")
+    code = (
+        "import sys, runpy; sys.argv = ['cli.py', 'config', 'show']\n"
+        "try:\n    runpy.run_path('cli.py', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))"
+    )
     import subprocess
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(cli_mod.__file__).parent,
-                       capture_output=True, text=True, timeout=300)
+
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(cli_mod.__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
 
 
 # ----------------------------------------------------------------------------- threads
 
+
 @pytest.fixture()
 def no_threads(monkeypatch):
     def refuse(self):
         raise RuntimeError("can't start new thread")
+
     monkeypatch.setattr(threading.Thread, "start", refuse)
 
 
@@ -192,15 +216,18 @@ def test_no_thread_in_extract_is_one_line(no_threads, tmp_path, synth_root):
 
 def test_other_runtime_errors_pass_unchanged():
     from pipeline.core.errors import thread_limits
+
     with pytest.raises(RuntimeError, match="something else"), thread_limits("x"):
         raise RuntimeError("something else")
 
 
 # ----------------------------------------------------------------------------- offline hub
 
-HF_OFFLINE = ("An error happened while trying to locate the file on the Hub and we cannot find "
-              "the requested files in the local cache. Please check your connection and try "
-              "again or make sure your Internet connection is on.")
+HF_OFFLINE = (
+    "An error happened while trying to locate the file on the Hub and we cannot find "
+    "the requested files in the local cache. Please check your connection and try "
+    "again or make sure your Internet connection is on."
+)
 
 
 @pytest.mark.parametrize("name", ["dino_vits16", "mobilenet_v2"])
@@ -230,6 +257,7 @@ def test_a_very_long_first_line_is_cut_at_a_word():
 
 
 # ----------------------------------------------------------------------------- runs
+
 
 @pytest.fixture(scope="module")
 def two_runs(trained, tmp_path_factory):
@@ -275,7 +303,7 @@ def test_runs_prints_an_aligned_table(two_runs):
     assert len(lines) == 3 and all(s in ("yes", "no", "?") for s in states), lines
     # numbers end where their header ends (right-aligned)
     end = head.index("pac mIoU") + len("pac mIoU")
-    assert all(line[end - 5:end].replace(".", "").isdigit() for line in lines[1:]), lines
+    assert all(line[end - 5 : end].replace(".", "").isdigit() for line in lines[1:]), lines
     # --markdown: the same cells in a Markdown table
     md = run_cli("runs", "--markdown", *cli_sets(base, root)).stdout.splitlines()
     assert md[0].startswith("| run | split |") and md[1].startswith("|---|---|")
@@ -285,15 +313,19 @@ def test_runs_prints_an_aligned_table(two_runs):
 def test_runs_filter_and_keys(two_runs):
     base, root, cfg = two_runs
     sets = cli_sets(base, root)
-    r = run_cli("runs", "--filter", "data.test_split=train", "--keys", "train.lr,backbone.name",
-                *sets)
+    r = run_cli(
+        "runs", "--filter", "data.test_split=train", "--keys", "train.lr,backbone.name", *sets
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and lines[1].startswith("b ")
     assert lines[0].split()[:4] == ["run", "split", "train.lr", "backbone.name"]
     assert "mobilenet_v2" in lines[1]
-    rows = json.loads(run_cli("runs", "--json", "--filter", "run=[ab]", "--filter",
-                              "train.epochs=1", *sets).stdout)
+    rows = json.loads(
+        run_cli(
+            "runs", "--json", "--filter", "run=[ab]", "--filter", "train.epochs=1", *sets
+        ).stdout
+    )
     assert sorted(row["run"] for row in rows) == ["a", "b"]
     rows = json.loads(run_cli("runs", "--json", "--filter", "train.epochs=7", *sets).stdout)
     assert rows == []
@@ -306,9 +338,11 @@ def test_runs_filter_and_keys(two_runs):
 
 
 def test_weights_paths_are_shortened():
-    rows = [runs_mod.RunRow("x", params={"backbone.weights": "/home/u/w/dino.pth"}),
-            runs_mod.RunRow("y", params={"backbone.weights": "random"}),
-            runs_mod.RunRow("z", params={"backbone.weights": "/home/u/old/dino.pth"})]
+    rows = [
+        runs_mod.RunRow("x", params={"backbone.weights": "/home/u/w/dino.pth"}),
+        runs_mod.RunRow("y", params={"backbone.weights": "random"}),
+        runs_mod.RunRow("z", params={"backbone.weights": "/home/u/old/dino.pth"}),
+    ]
     heads, cells, _ = runs_mod.grid(rows)
     col = heads.index("backbone.weights")
     assert [c[col] for c in cells] == ["w/dino.pth", "random", "old/dino.pth"]
@@ -318,6 +352,7 @@ def test_weights_paths_are_shortened():
 
 
 # ----------------------------------------------------------------------------- locks
+
 
 def test_lock_files_live_in_locks_folders_and_survive_cache_gc(trained, tmp_path):
     base, root, cfg = copy_run(trained, tmp_path / "run")
@@ -348,6 +383,7 @@ def test_a_held_store_lock_stops_cache_gc(trained, tmp_path):
 
 # ----------------------------------------------------------------------------- export, segment
 
+
 def test_export_says_what_it_does(trained, tmp_path, monkeypatch):
     base, root, cfg = copy_run(trained, tmp_path / "run")
     out = tmp_path / "m.pt2"
@@ -366,11 +402,23 @@ def test_export_says_what_it_does(trained, tmp_path, monkeypatch):
 def test_segment_says_one_mask(trained, tmp_path):
     base, root, cfg = copy_run(trained, tmp_path / "run")
     image = next(Path(root).rglob("*.jpg"))
-    r = run_cli("segment", str(image), "--out", str(tmp_path / "seg"), "--no-overlays",
-                *cli_sets(base, root))
+    r = run_cli(
+        "segment",
+        str(image),
+        "--out",
+        str(tmp_path / "seg"),
+        "--no-overlays",
+        *cli_sets(base, root),
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("segment: 1 mask in "), r.stdout
     assert "images/s after loading the models -> " in r.stdout
-    r = run_cli("segment", str(image), "--out", str(tmp_path / "seg"), "--no-overlays",
-                *cli_sets(base, root))
+    r = run_cli(
+        "segment",
+        str(image),
+        "--out",
+        str(tmp_path / "seg"),
+        "--no-overlays",
+        *cli_sets(base, root),
+    )
     assert r.stdout == f"segment: 1 mask up-to-date -> {tmp_path / 'seg'}\n"

@@ -1,5 +1,6 @@
 """Stage 2: patch targets, training from the cache, resumption after SIGKILL with identical
 weights, incremental reruns and the missing-upstream error."""
+
 import json
 import os
 import signal
@@ -57,11 +58,15 @@ def test_upsampler_outputs_full_size_for_any_patch_size(patch, n_stages):
 
 
 def test_residual_and_learned_guide_variants_run():
-    spec = UpsamplerSpec(in_channels=5, patch_size=16, guide="learned", residual=True,
-                         normalize=True)
+    spec = UpsamplerSpec(
+        in_channels=5, patch_size=16, guide="learned", residual=True, normalize=True
+    )
     up = PacUpsampler(spec)
-    out = up(torch.randn(1, 5, 2, 3), torch.zeros(1, 3, 32, 48, dtype=torch.uint8),
-             torch.randn(1, 1, 2, 3))
+    out = up(
+        torch.randn(1, 5, 2, 3),
+        torch.zeros(1, 3, 32, 48, dtype=torch.uint8),
+        torch.randn(1, 1, 2, 3),
+    )
     assert out.shape == (1, 1, 32, 48)
 
 
@@ -77,16 +82,18 @@ def test_uint8_guide_pyramid_is_the_float_pyramid_rounded_to_8_bits():
     assert fast.spec.pyramid == "uint8"
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    for a, b in zip(fast.guide_pyramid(image, sizes), legacy.guide_pyramid(image, sizes),
-                    strict=True):
+    for a, b in zip(
+        fast.guide_pyramid(image, sizes), legacy.guide_pyramid(image, sizes), strict=True
+    ):
         levels = (a * std + mean) * 255
         torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-3)
         assert (a - b).abs().max() <= 1.0 / 255 / min(IMAGENET_STD) + 1e-6
     # full size: no resize, both are the normalised image itself
     torch.testing.assert_close(fast.guide_pyramid(image, [(64, 96)])[0], normalize_image(image))
     # a real difference at the coarse levels (the test can tell the two apart)
-    assert not torch.equal(fast.guide_pyramid(image, sizes[:1])[0],
-                           legacy.guide_pyramid(image, sizes[:1])[0])
+    assert not torch.equal(
+        fast.guide_pyramid(image, sizes[:1])[0], legacy.guide_pyramid(image, sizes[:1])[0]
+    )
 
 
 def test_models_saved_before_the_uint8_pyramid_load_with_the_float_pyramid(tmp_path):
@@ -108,17 +115,24 @@ def _legacy_card(mdir, head, up, version: int | None) -> str:
     import io
 
     from pipeline.core.fingerprints import fingerprint
+
     files = {}
     for name, module in zip(LEGACY_FILES, (head, up), strict=True):
         buf = io.BytesIO()
         torch.save({"state_dict": module.state_dict()}, buf)
         files[name] = buf.getvalue()
         (mdir / name).write_bytes(files[name])
-    listing = {n: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()}
-               for n, d in files.items()}
-    card = {"fingerprint": fingerprint(listing), "files": listing, "params": {}, "deps": {},
-            "head": {"in_channels": head.conv.in_channels, "patch_size": 16},
-            "upsampler": up.spec.to_dict()}
+    listing = {
+        n: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in files.items()
+    }
+    card = {
+        "fingerprint": fingerprint(listing),
+        "files": listing,
+        "params": {},
+        "deps": {},
+        "head": {"in_channels": head.conv.in_channels, "patch_size": 16},
+        "upsampler": up.spec.to_dict(),
+    }
     if version is not None:
         card["card_version"] = version
     (mdir / "models.json").write_text(json.dumps(card))
@@ -132,6 +146,7 @@ def test_model_files_are_safetensors_and_earlier_cards_load(tmp_path):
     earlier files."""
     from pipeline.core.errors import ModelError
     from pipeline.models.heads import CARD_VERSION, HEAD_FILE, UPSAMPLER_FILE
+
     assert CARD_VERSION == 3
     torch.manual_seed(0)
     spec = UpsamplerSpec(in_channels=5, patch_size=16)
@@ -148,8 +163,9 @@ def test_model_files_are_safetensors_and_earlier_cards_load(tmp_path):
     new = tmp_path / "new"
     new.mkdir()
     fp = save_models(new, head, up, {}, {}, 16)
-    assert sorted(p.name for p in new.iterdir()) == sorted([HEAD_FILE, UPSAMPLER_FILE,
-                                                            "models.json"])
+    assert sorted(p.name for p in new.iterdir()) == sorted(
+        [HEAD_FILE, UPSAMPLER_FILE, "models.json"]
+    )
     assert (new / HEAD_FILE).read_bytes()[8:9] == b"{"  # a safetensors header, not a zip
     card = json.loads((new / "models.json").read_text())
     assert card["card_version"] == CARD_VERSION and load_models(new).fingerprint == fp
@@ -167,7 +183,8 @@ def test_model_files_are_safetensors_and_earlier_cards_load(tmp_path):
         load_models(new)
     assert save_models(tmp_path / "v2", head, up, {}, {}, 16) == fp  # trained again
     assert sorted(p.name for p in (tmp_path / "v2").iterdir()) == sorted(
-        [HEAD_FILE, UPSAMPLER_FILE, "models.json"])
+        [HEAD_FILE, UPSAMPLER_FILE, "models.json"]
+    )
 
 
 def test_missing_cache_names_the_command(tmp_path, synth_root):
@@ -183,8 +200,13 @@ def test_train_end_to_end_and_incremental(tmp_path, synth_root):
     res = run_train(cfg, **quiet)
     assert not res.up_to_date
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["phase"], r["epoch"]) for r in rows] == \
-        [("linear", 1), ("linear", 2), ("linear", 3), ("upsampler", 1), ("upsampler", 2)]
+    assert [(r["phase"], r["epoch"]) for r in rows] == [
+        ("linear", 1),
+        ("linear", 2),
+        ("linear", 3),
+        ("upsampler", 1),
+        ("upsampler", 2),
+    ]
     assert rows[2]["loss"] < rows[0]["loss"]  # the linear head learns
     assert all(0 <= r["val_miou"] <= 1 for r in rows if r["phase"] == "upsampler")
     assert (cfg.run_dir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -203,8 +225,10 @@ def test_train_end_to_end_and_incremental(tmp_path, synth_root):
 
 def _weights(cfg):
     m = load_models(RunLayout.of(cfg).models)
-    return {**{f"h.{k}": v for k, v in m.head.state_dict().items()},
-            **{f"u.{k}": v for k, v in m.upsampler.state_dict().items()}}
+    return {
+        **{f"h.{k}": v for k, v in m.head.state_dict().items()},
+        **{f"u.{k}": v for k, v in m.upsampler.state_dict().items()},
+    }
 
 
 def test_sigkill_then_resume_gives_the_same_weights(tmp_path, synth_root):
@@ -217,9 +241,15 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, synth_root):
     killed = make_cfg(tmp_path / "killed", synth_root, *sets)
     run_extract(killed, **quiet)
     args = [sys.executable, str(ROOT / "cli.py"), "train-head"]
-    for s in [f"data.root={synth_root}", f"paths.cache={tmp_path / 'killed' / 'cache'}",
-              f"paths.outputs={tmp_path / 'killed' / 'outputs'}", "backbone.name=mobilenet_v2",
-              "backbone.weights=random", "train.device=cpu", *sets]:
+    for s in [
+        f"data.root={synth_root}",
+        f"paths.cache={tmp_path / 'killed' / 'cache'}",
+        f"paths.outputs={tmp_path / 'killed' / 'outputs'}",
+        "backbone.name=mobilenet_v2",
+        "backbone.weights=random",
+        "train.device=cpu",
+        *sets,
+    ]:
         args += ["--set", s]
     metrics = killed.run_dir / "metrics.jsonl"
     p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -246,13 +276,20 @@ def test_weights_do_not_depend_on_the_thread_count(tmp_path):
     """Each image's forward and backward run alone in one thread, gradients are summed in
     image order: 1, 2 or 3 threads give the same weights, bit for bit."""
     from pipeline.data.synth import make_dataset
+
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 3}, size=(224, 288), seed=3)
     threads = torch.get_num_threads()
     weights = []
     try:
         for n in (1, 2, 3):
-            cfg = make_cfg(tmp_path / f"t{n}", root, "train.epochs=2", "train.linear_epochs=2",
-                           "train.crop=160", "data.test_split=train")
+            cfg = make_cfg(
+                tmp_path / f"t{n}",
+                root,
+                "train.epochs=2",
+                "train.linear_epochs=2",
+                "train.crop=160",
+                "data.test_split=train",
+            )
             torch.set_num_threads(2)
             run_extract(cfg, **quiet)
             torch.set_num_threads(n)
@@ -267,25 +304,42 @@ def test_weights_do_not_depend_on_the_thread_count(tmp_path):
 
 def _strict_json_lines(path) -> list[dict]:
     """The rows of a JSON-lines file, refusing NaN / Infinity (not JSON)."""
+
     def refuse(constant):
         raise ValueError(f"{constant} in {path}")
+
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("phase, key, kept_next, kept_rows", [
-    # the PAC loss turns NaN in PAC epoch 2: the checkpoint after PAC epoch 1 is kept
-    (2, "train.lr", {"linear": 3, "upsampler": 2},
-     [("linear", 1), ("linear", 2), ("upsampler", 1)]),
-    # the linear loss turns NaN in linear epoch 2: the checkpoint after linear epoch 1 is kept
-    (1, "train.linear_lr", {"linear": 2, "upsampler": 1}, [("linear", 1)]),
-])
+@pytest.mark.parametrize(
+    "phase, key, kept_next, kept_rows",
+    [
+        # the PAC loss turns NaN in PAC epoch 2: the checkpoint after PAC epoch 1 is kept
+        (
+            2,
+            "train.lr",
+            {"linear": 3, "upsampler": 2},
+            [("linear", 1), ("linear", 2), ("upsampler", 1)],
+        ),
+        # the linear loss turns NaN in linear epoch 2: the checkpoint after linear epoch 1 is kept
+        (1, "train.linear_lr", {"linear": 2, "upsampler": 1}, [("linear", 1)]),
+    ],
+)
 def test_a_diverging_loss_stops_training_keeping_the_last_good_checkpoint(
-        tmp_path, synth_root, monkeypatch, capsys, phase, key, kept_next, kept_rows):
+    tmp_path, synth_root, monkeypatch, capsys, phase, key, kept_next, kept_rows
+):
     import cli
     import pipeline.stages.train as train_mod
     from pipeline.models.heads import CARD_FILE
-    cfg = make_cfg(tmp_path, synth_root, "train.epochs=3", "train.linear_epochs=2",
-                   "train.crop=48", "train.batch_size=3")
+
+    cfg = make_cfg(
+        tmp_path,
+        synth_root,
+        "train.epochs=3",
+        "train.linear_epochs=2",
+        "train.crop=48",
+        "train.batch_size=3",
+    )
     run_extract(cfg, **quiet)
 
     now = {}  # the (phase, epoch) being trained: every epoch draws its rng from it
@@ -299,6 +353,7 @@ def test_a_diverging_loss_stops_training_keeping_the_last_good_checkpoint(
         def wrapped(self, *args, **kwargs):
             out = forward(self, *args, **kwargs)
             return out * float("nan") if now.get("at") == when else out
+
         return wrapped
 
     monkeypatch.setattr(train_mod, "_epoch_rng", spy)
@@ -329,6 +384,7 @@ def test_a_diverging_loss_stops_training_keeping_the_last_good_checkpoint(
 
 def test_metrics_jsonl_refuses_non_finite_values(tmp_path, synth_root):
     from pipeline.stages.train import _write_history
+
     cfg = make_cfg(tmp_path, synth_root)
     with pytest.raises(ValueError):
         _write_history(cfg, [{"phase": "linear", "epoch": 1, "loss": float("nan")}])

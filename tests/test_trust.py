@@ -1,6 +1,7 @@
 """Trust: every stage depends on its upstream's outputs, damaged caches and models are found
 and repaired by the plain stage command, no file is unpickled, and every fault is either the
 correct result or a one-line error (status always exits 0)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -27,17 +28,29 @@ FAST = ("train.epochs=1", "train.linear_epochs=2", "train.crop=48", "train.batch
 
 def cli_sets(cfg, *extra: str) -> list[str]:
     out = []
-    for s in [f"data.root={cfg.data.root}", f"paths.cache={cfg.paths.cache}",
-              f"paths.outputs={cfg.paths.outputs}", "backbone.name=mobilenet_v2",
-              "backbone.weights=random", "extract.batch_size=4", "extract.device=cpu",
-              "train.device=cpu", "predict.device=cpu", *FAST, *extra]:
+    for s in [
+        f"data.root={cfg.data.root}",
+        f"paths.cache={cfg.paths.cache}",
+        f"paths.outputs={cfg.paths.outputs}",
+        "backbone.name=mobilenet_v2",
+        "backbone.weights=random",
+        "extract.batch_size=4",
+        "extract.device=cpu",
+        "train.device=cpu",
+        "predict.device=cpu",
+        *FAST,
+        *extra,
+    ]:
         out += ["--set", s]
     return out
 
 
 def digest_tree(folder: Path, suffixes=(".h5", ".pt", ".png")) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix in suffixes}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix in suffixes
+    }
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +83,7 @@ def status_lines(cfg, *extra) -> list[str]:
 
 # ----------------------------------------------------------------------------- stale models
 
+
 def test_predict_refuses_models_trained_with_other_settings(run_copy):
     cfg = run_copy
     before = json.loads((cfg.run_dir / "report_test.json").read_text())
@@ -81,14 +95,20 @@ def test_predict_refuses_models_trained_with_other_settings(run_copy):
     assert lines[0] == "extract-features: up-to-date"
     assert lines[1].startswith("train-head: stale (") and "train.lr" in lines[1]
     assert lines[2].startswith("predict[test]: stale (waits for `python ")  # the program run
-    assert ("cli.py train-head --set " in lines[2] and "--set train.lr=1e-3`: models trained "
-            "with other settings (train.lr: 0.002 -> 0.001)" in lines[2]), lines[2]
+    assert (
+        "cli.py train-head --set " in lines[2]
+        and "--set train.lr=1e-3`: models trained with other settings (train.lr: 0.002 -> 0.001)"
+        in lines[2]
+    ), lines[2]
     # run retrains first, then predicts; afterwards all up to date
     r = run_cli("run", *cli_sets(cfg, "train.lr=1e-3"))
     assert r.returncode == 0, r.stderr
     assert "train-head: trained" in r.stdout and "predict [test]:" in r.stdout
     assert status_lines(cfg, "train.lr=1e-3") == [
-        "extract-features: up-to-date", "train-head: up-to-date", "predict[test]: up-to-date"]
+        "extract-features: up-to-date",
+        "train-head: up-to-date",
+        "predict[test]: up-to-date",
+    ]
 
 
 def test_predict_does_not_run_while_train_head_trains(run_copy):
@@ -110,6 +130,7 @@ def test_predict_needs_no_training_images(run_copy):
 
 # ----------------------------------------------------------------------------- damaged cache
 
+
 def _shard(cfg, split="test", k=0) -> Path:
     return sorted((locate_split(*stored(cfg), split) / "shards").glob("*.h5"))[k]
 
@@ -118,17 +139,24 @@ def stage_lines(cfg) -> list[str]:
     """What `status` prints, in this process (its three checks, as cli.status runs them)."""
     from pipeline.stages import extract, train
     from pipeline.stages import predict as predict_stage
-    return [extract.status(cfg).line(), train.status(cfg).line(),
-            predict_stage.status(cfg, "test").line()]
+
+    return [
+        extract.status(cfg).line(),
+        train.status(cfg).line(),
+        predict_stage.status(cfg, "test").line(),
+    ]
 
 
-@pytest.mark.parametrize("damage, why", [
-    ("flip", "fails its checksum"),
-    ("truncate", "truncated"),
-    ("delete", "missing"),
-    ("unlist", "manifest damaged"),
-    ("garbage_manifest", "manifest"),
-])
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        ("flip", "fails its checksum"),
+        ("truncate", "truncated"),
+        ("delete", "missing"),
+        ("unlist", "manifest damaged"),
+        ("garbage_manifest", "manifest"),
+    ],
+)
 def test_damaged_cache_is_found_and_repaired_by_plain_extract(run_copy, damage, why):
     """In this process (the stage functions the commands call); the CLI's exit code and
     one-line error for a reader refusing a damaged cache are checked for one case."""
@@ -168,8 +196,11 @@ def test_damaged_cache_is_found_and_repaired_by_plain_extract(run_copy, damage, 
     res = run_extract(cfg, log=logged.append, progress=False)
     assert not res.up_to_date and not res.errors
     said = "\n".join(logged)
-    assert "0 images to extract" in said if damage in ("unlist", "garbage_manifest") else \
-        "2 images to extract, 2 already cached" in said, said
+    assert (
+        "0 images to extract" in said
+        if damage in ("unlist", "garbage_manifest")
+        else "2 images to extract, 2 already cached" in said
+    ), said
     assert digest_tree(sdir) == clean
     assert stage_lines(cfg)[0] == "extract-features: up-to-date"
     # `run`: every stage up to date again, the report unchanged
@@ -189,6 +220,7 @@ def test_reader_verifies_checksums_even_when_the_memo_is_fooled(run_copy):
     data[-200] ^= 0x01
     shard.write_bytes(bytes(data))
     import os
+
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(StoreError, match="fails its checksum.*extract-features"):
         run_train(cfg, force=True, **quiet)
@@ -216,12 +248,14 @@ def test_garbage_stage_records_are_absent_not_tracebacks(run_copy):
 
 # ----------------------------------------------------------------------------- damaged models
 
+
 def test_damaged_model_makes_train_head_stale_and_is_repaired(run_copy):
     cfg = run_copy
     mdir = RunLayout.of(cfg).models
     clean = digest_tree(mdir)
     (mdir / "pac_upsampler.safetensors").write_bytes(
-        (mdir / "pac_upsampler.safetensors").read_bytes()[:50])
+        (mdir / "pac_upsampler.safetensors").read_bytes()[:50]
+    )
     lines = status_lines(cfg)
     assert lines[1].startswith("train-head: stale (") and "damaged" in lines[1], lines
     r = run_cli("predict", "--force", *cli_sets(cfg))
@@ -264,6 +298,7 @@ def test_corrupt_and_malicious_checkpoints_are_discarded(run_copy, tmp_path):
             ck.write_bytes(b"PK\x03\x04 truncated")
         else:
             import io
+
             buf = io.BytesIO()
             torch.save({"fingerprint": "x", "evil": _Marker(str(marker))}, buf)
             ck.write_bytes(buf.getvalue())
@@ -276,6 +311,7 @@ def test_corrupt_and_malicious_checkpoints_are_discarded(run_copy, tmp_path):
 
 
 # ----------------------------------------------------------------------------- one-line errors
+
 
 def test_one_line_errors(run_copy, tmp_path):
     cfg = run_copy
@@ -297,6 +333,7 @@ def test_an_unreachable_scheduler_is_one_line_after_a_bounded_wait(run_copy, mon
     distributed = pytest.importorskip("distributed")
     from pipeline import executors
     from pipeline.core.errors import ExecutorError
+
     cfg = run_copy
     given = []
 
@@ -332,6 +369,7 @@ def test_split_without_usable_images_is_one_line(tmp_path):
 def test_duplicate_stems_stop_extraction_in_one_line(tmp_path):
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 1}, size=(48, 64))
     from PIL import Image
+
     img = root / "train/disc/images/00000.jpg"
     Image.open(img).save(img.with_suffix(".png"))
     cfg = make_cfg(tmp_path, root, *FAST)

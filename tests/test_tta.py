@@ -2,6 +2,7 @@
 store, keyed like the features plus `mirror`), predict averages each variant's logits with
 the mirror image's, segment and export do the same, and switching the key recomputes only
 what it affects."""
+
 from __future__ import annotations
 
 import json
@@ -37,16 +38,19 @@ def run(tmp_path_factory, trained):
     plain_report = json.loads(report_path(plain, "test").read_text())
     shards = {p: p.stat().st_mtime_ns for p in store_of(plain).rglob("*.h5")}
     pdir = pred_dir_of(plain, "test")
-    plain_masks = {p.relative_to(pdir).as_posix(): np.asarray(Image.open(p)) > 127
-                   for p in pdir.rglob("*.png")}
+    plain_masks = {
+        p.relative_to(pdir).as_posix(): np.asarray(Image.open(p)) > 127 for p in pdir.rglob("*.png")
+    }
     flip = copy_config(plain, **{"predict.tta": "flip"})
     return base, synth_root, plain, flip, plain_report, shards, plain_masks
 
 
 def test_mirrored_features_are_those_of_the_mirrored_canvas(run):
     _, _, plain, flip, *_ = run
-    assert (config_keys(flip).feature.mirrored().params()
-            == {**config_keys(plain).feature.params(), "mirror": True})
+    assert config_keys(flip).feature.mirrored().params() == {
+        **config_keys(plain).feature.params(),
+        "mirror": True,
+    }
     res = run_extract(flip, ["train", "test"], **quiet)
     assert not res.up_to_date
     # the training split gets none: training never uses them
@@ -99,8 +103,9 @@ def test_flip_averages_the_mirror_images_logits(run):
         agree += int((got == expected).sum())
         total += got.size
         plain_agree += int((plain_masks[rel] == expected).sum())
-    print(f"pixels off the rule: with TTA {total - agree}, without {total - plain_agree} "
-          f"of {total}")
+    print(
+        f"pixels off the rule: with TTA {total - agree}, without {total - plain_agree} of {total}"
+    )
     # rounding of the threaded heads may flip a pixel at the threshold
     assert agree >= 0.999 * total
     # the rule can tell TTA from no TTA: the masks without it are far further off
@@ -127,6 +132,7 @@ def test_segment_and_export_apply_the_same_tta(run, tmp_path):
     assert run_segment(plain, [root / "test"], out, overlays=False, progress=False).n_written > 0
 
     from pipeline.commands.export import build_program
+
     program = build_program(flip, load_models(RunLayout.of(flip).models))
     assert program.mirror_tta
     x = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8)
@@ -138,9 +144,21 @@ def test_segment_and_export_apply_the_same_tta(run, tmp_path):
 def test_training_split_with_tta_is_a_usage_error(run):
     base, root, plain, flip, *_ = run
     sets = []
-    for key in ("data.root", "paths.cache", "paths.outputs", "backbone.name", "backbone.weights",
-                "extract.device", "train.device", "predict.device", "train.epochs",
-                "train.linear_epochs", "train.crop", "extract.batch_size", "extract.num_workers"):
+    for key in (
+        "data.root",
+        "paths.cache",
+        "paths.outputs",
+        "backbone.name",
+        "backbone.weights",
+        "extract.device",
+        "train.device",
+        "predict.device",
+        "train.epochs",
+        "train.linear_epochs",
+        "train.crop",
+        "extract.batch_size",
+        "extract.num_workers",
+    ):
         sets += ["--set", f"{key}={flip.get(key)}"]
     r = run_cli("predict", "--split", "train", *sets, "--set", "predict.tta=flip")
     assert r.returncode == 2

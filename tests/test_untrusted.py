@@ -4,6 +4,7 @@ folder names that are not UTF-8 (an old Latin-1 archive) and a file whose read f
 
 Whatever could hang or exhaust memory on a regression (a FIFO, /dev/zero) runs in a CLI
 subprocess with a time limit and an address-space limit, so it fails instead."""
+
 from __future__ import annotations
 
 import json
@@ -51,17 +52,29 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python cli.py ARGS` with stdout strict UTF-8 (as in a UTF-8 locale: a name that is
     not UTF-8 printed there would raise; stderr keeps Python's backslashreplace), limited in
     time and address space. Paths may hold surrogates (passed as their original bytes)."""
+
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
     env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, encoding="utf-8", errors="strict",
-                          timeout=timeout, preexec_fn=limit)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        encoding="utf-8",
+        errors="strict",
+        timeout=timeout,
+        preexec_fn=limit,
+    )
 
 
 def skipped_lines(stderr: str) -> list[str]:
-    return [line.strip()[len("skipped: "):] for line in stderr.splitlines()
-            if line.strip().startswith("skipped: ")]
+    return [
+        line.strip()[len("skipped: ") :]
+        for line in stderr.splitlines()
+        if line.strip().startswith("skipped: ")
+    ]
 
 
 def shown(path: Path | str) -> str:
@@ -82,6 +95,7 @@ def sparse(path: Path, size: int) -> Path:
 
 
 # ----------------------------------------------------------------------------- names
+
 
 def test_latin1_names_round_trip(latin_run, monkeypatch):
     """Stage 1 stores the names (bytes attrs where not UTF-8, str as before where UTF-8),
@@ -120,6 +134,7 @@ def test_latin1_names_round_trip(latin_run, monkeypatch):
 
 # ----------------------------------------------------------------------------- segment
 
+
 def test_segment_hostile_folder(latin_run, tmp_path):
     """segment on a folder holding a Latin-1-named image, a 400 MP PNG, a 10 GB sparse
     ".jpg", a FIFO x.jpg, a link y.jpg to /dev/zero and a corrupt Latin-1-named file: one
@@ -143,8 +158,9 @@ def test_segment_hostile_folder(latin_run, tmp_path):
     lines = skipped_lines(r.stderr)
     assert len(lines) == 5, r.stderr
     by_file = {line.split(": ", 1)[0]: line for line in lines}
-    assert set(by_file) == {shown(p) for p in (inp / "big.png", inp / "huge.jpg", inp / "x.jpg",
-                                               inp / "y.jpg", bad)}, lines
+    assert set(by_file) == {
+        shown(p) for p in (inp / "big.png", inp / "huge.jpg", inp / "x.jpg", inp / "y.jpg", bad)
+    }, lines
     big = by_file[str(inp / "big.png")]
     assert "20000x20000" in big and "400 megapixels" in big and "data.max_pixels" in big
     assert "data.max_pixels" in by_file[str(inp / "huge.jpg")]
@@ -159,6 +175,7 @@ def test_segment_hostile_folder(latin_run, tmp_path):
 
 
 # ----------------------------------------------------------------------------- stage 1
+
 
 def test_extract_features_hostile_dataset(latin_run, tmp_path):
     """extract-features on the Latin-1 dataset plus a 400 MP PNG, a file too long for
@@ -197,8 +214,9 @@ def test_read_error_names_the_file_in_the_cli(tmp_path):
     link.symlink_to("/proc/self/mem")
     r = run_cli("extract-features", *cli_sets(tmp_path, root))
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert any(f"{link}: " in line and "Input/output error" in line
-               for line in r.stderr.splitlines()), r.stderr
+    assert any(
+        f"{link}: " in line and "Input/output error" in line for line in r.stderr.splitlines()
+    ), r.stderr
     assert "error: Input/output error" not in r.stderr.splitlines()  # the line before the fix
 
 
@@ -210,8 +228,10 @@ def test_raising_max_pixels_retries_only_the_shards_it_refused(tmp_path):
     from pipeline.stages.extract import run_extract
     from pipeline.store import read_manifest
     from tests.conftest import make_cfg
-    root = make_dataset(tmp_path / "data", "obj_seg", {"train": 4, "test": 2}, size=(64, 96),
-                        seed=4)
+
+    root = make_dataset(
+        tmp_path / "data", "obj_seg", {"train": 4, "test": 2}, size=(64, 96), seed=4
+    )
     big = sorted((root / "test").iterdir())[0]  # one category: its images 4x the area
     for img in (big / "images").iterdir():
         Image.open(img).resize((192, 128)).save(img)

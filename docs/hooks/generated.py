@@ -15,6 +15,7 @@ built, so the page and the code cannot disagree:
 `readme_row(key)` is the README's row of a key in its short table (tests/test_docs.py
 checks the README against it).
 """
+
 from __future__ import annotations
 
 import ast
@@ -44,8 +45,13 @@ def code_map() -> str:
     for folder in sorted(folders, key=lambda f: (f != PACKAGE, str(f))):
         rel = folder.relative_to(ROOT).as_posix()
         about = first_sentence(folder / "__init__.py") if folder != PACKAGE else ""
-        out += [f"### `{rel}/`", "", *([about, ""] if about else []),
-                "| module | holds |", "|---|---|"]
+        out += [
+            f"### `{rel}/`",
+            "",
+            *([about, ""] if about else []),
+            "| module | holds |",
+            "|---|---|",
+        ]
         for path in folders[folder]:
             if path.name == "__init__.py":
                 continue
@@ -59,16 +65,17 @@ def backbone_table() -> str:
     """Markdown: one row per registered backbone."""
     from pipeline.core.registry import specs
 
-    rows = ["| name | from | patch | channels | layers | 0 means |",
-            "|---|---|---:|---|---:|---:|"]
+    rows = ["| name | from | patch | channels | layers | 0 means |", "|---|---|---:|---|---:|---:|"]
     for spec in specs():
         if spec.kind == "vit":
             channels = f"{spec.embed_dim} a block"
         else:
             channels = " + ".join(str(c) for c in spec.tap_channels)
-        rows.append(f"| `{spec.name}` | {spec.source.split(':')[0]} | {spec.patch_size} | "
-                    f"{channels} | "
-                    f"1 to {spec.max_layers} | {spec.default_layers} |")
+        rows.append(
+            f"| `{spec.name}` | {spec.source.split(':')[0]} | {spec.patch_size} | "
+            f"{channels} | "
+            f"1 to {spec.max_layers} | {spec.default_layers} |"
+        )
     return "\n".join(rows)
 
 
@@ -91,8 +98,13 @@ def config_reference() -> str:
             section = key.split(".")[0]
             out += [f"## `[{section}]`", ""]
         see = f" See {_docs_link(doc.see)}." if doc.see else ""
-        out += [f"### `{key}` {{#{key}}}", "", f"{doc.meaning}{see}", "",
-                f"- default: `{toml_literal(defaults.get(key))}`"]
+        out += [
+            f"### `{key}` {{#{key}}}",
+            "",
+            f"{doc.meaning}{see}",
+            "",
+            f"- default: `{toml_literal(defaults.get(key))}`",
+        ]
         allowed = allowed_text(key)
         if allowed:
             out.append(f"- allowed: {allowed}")
@@ -128,8 +140,14 @@ def commands_reference() -> str:
     for name in cli.list_commands(ctx):
         command = cli.get_command(ctx, name)
         module, attribute = _command_attribute(command)
-        out += ["::: mkdocs-click", f"    :module: {module}", f"    :command: {attribute}",
-                f"    :prog_name: python cli.py {name}", "    :depth: 1", "    :style: plain"]
+        out += [
+            "::: mkdocs-click",
+            f"    :module: {module}",
+            f"    :command: {attribute}",
+            f"    :prog_name: python cli.py {name}",
+            "    :depth: 1",
+            "    :style: plain",
+        ]
         if isinstance(command, click.Group):
             out.append("    :list_subcommands: true")
         out.append("")
@@ -151,9 +169,12 @@ def readme_row(key: str) -> str:
     return f"| `{key}` | `{toml_literal(Config().get(key))}` | {doc.meaning} | {allowed} |"
 
 
-MARKERS = {"<!-- code-map -->": code_map, "<!-- backbone-table -->": backbone_table,
-           "<!-- commands-reference -->": commands_reference,
-           "<!-- config-reference -->": config_reference}
+MARKERS = {
+    "<!-- code-map -->": code_map,
+    "<!-- backbone-table -->": backbone_table,
+    "<!-- commands-reference -->": commands_reference,
+    "<!-- config-reference -->": config_reference,
+}
 
 
 def on_page_markdown(markdown: str, **_: Any) -> str:

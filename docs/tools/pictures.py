@@ -10,6 +10,7 @@ Runs `cli.py demo` in DIR (a new temporary folder by default), then writes
   each variant (green: found, red: false object, blue: missed).
 The screenshot is stored as an 8-bit palette PNG, the textured masks as a JPEG, to stay small.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,15 +33,15 @@ REPORT_VIEW = (1200, 1250)  # CSS px of the screenshot: header, settings, overal
 def run_demo(work: Path) -> Path:
     """`cli.py demo` in `work`; the demo run's folder."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, str(ROOT / "cli.py"), "demo"], cwd=work, env=env,
-                   check=True)
+    subprocess.run([sys.executable, str(ROOT / "cli.py"), "demo"], cwd=work, env=env, check=True)
     return work / "outputs" / "demo"
 
 
 def palette_png(image: Image.Image, path: Path) -> None:
     """`image` as an optimised 256-colour PNG."""
     image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(
-        path, optimize=True)
+        path, optimize=True
+    )
 
 
 def report_picture(run: Path, out: Path) -> None:
@@ -50,10 +51,20 @@ def report_picture(run: Path, out: Path) -> None:
         raise SystemExit("chromium not found (apt-get install chromium)")
     with tempfile.TemporaryDirectory() as tmp:
         shot = Path(tmp) / "shot.png"
-        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
-                        "--hide-scrollbars", f"--window-size={REPORT_VIEW[0]},{REPORT_VIEW[1]}",
-                        f"--screenshot={shot}", (run / "report_test.html").as_uri()],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                f"--window-size={REPORT_VIEW[0]},{REPORT_VIEW[1]}",
+                f"--screenshot={shot}",
+                (run / "report_test.html").as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+        )
         palette_png(Image.open(shot), out)
 
 
@@ -65,8 +76,10 @@ def masks_picture(run: Path, out: Path, width: int = 900) -> None:
         raise SystemExit(f"no such strip: {', '.join(missing)}")
     strips = [Image.open(f).convert("RGB") for f in files]
     scale = width / strips[0].width
-    strips = [s.resize((width, round(s.height * width / s.width)), Image.Resampling.LANCZOS)
-              for s in strips]
+    strips = [
+        s.resize((width, round(s.height * width / s.width)), Image.Resampling.LANCZOS)
+        for s in strips
+    ]
     font = ImageFont.load_default(size=max(11, round(15 * scale * 1.5)))
     label_h, gap = font.size + 10, 4
     sheet = Image.new("RGB", (width, label_h + sum(s.height + gap for s in strips)), "white")

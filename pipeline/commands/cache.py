@@ -8,6 +8,7 @@ live while its folder exists. `cache gc` removes whole stores that no live run u
 folders of a used store that neither the index nor a live run names (a dataset's superseded
 content); nothing else, and only inside a cache folder the tool made.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,6 +37,7 @@ from ..store import (
 @dataclass
 class SplitFolder:
     """One stored split: its folder, split name, images, fingerprint and who indexes it."""
+
     path: Path
     split: str
     n_images: int
@@ -46,6 +48,7 @@ class SplitFolder:
 @dataclass
 class StoreInfo:
     """One feature store: its settings, split folders, size and the runs that use it."""
+
     path: Path
     params: dict[str, Any]
     folders: list[SplitFolder]
@@ -99,14 +102,23 @@ def stores(cfg: Config) -> list[StoreInfo]:
 def _survey(cfg: Config) -> tuple[list[StoreInfo], set[str]]:
     """stores(cfg), and every split fingerprint that a live run names."""
     root = Path(cfg.paths.cache) / FEATURES
-    dirs = sorted(d for d in root.iterdir()  # a link is not a store of the tool's
-                  if not d.is_symlink() and (d / "features.json").is_file()) \
-        if root.is_dir() and not root.is_symlink() else []
+    dirs = (
+        sorted(
+            d
+            for d in root.iterdir()  # a link is not a store of the tool's
+            if not d.is_symlink() and (d / "features.json").is_file()
+        )
+        if root.is_dir() and not root.is_symlink()
+        else []
+    )
     registered: dict[Path, list[str]] = {}
     for d in dirs:
         entries = sorted((d / RUNS_DIR).glob("*.json")) if (d / RUNS_DIR).is_dir() else []
-        registered[d] = [doc["run"] for doc in map(read_json, entries)
-                         if isinstance(doc, dict) and isinstance(doc.get("run"), str)]
+        registered[d] = [
+            doc["run"]
+            for doc in map(read_json, entries)
+            if isinstance(doc, dict) and isinstance(doc.get("run"), str)
+        ]
     live = {Path(r) for runs in registered.values() for r in runs if Path(r).is_dir()}
     live |= {d.resolve() for d in run_dirs(Path(cfg.paths.outputs))}
     named = {run: _named_fingerprints(run) for run in sorted(live)}
@@ -115,19 +127,28 @@ def _survey(cfg: Config) -> tuple[list[StoreInfo], set[str]]:
         params = read_json(d / "features.json")
         index = read_index(d)
         folders = []
-        for sub in sorted(p for p in d.iterdir()
-                          if p.is_dir() and not p.is_symlink() and p.name != RUNS_DIR):
+        for sub in sorted(
+            p for p in d.iterdir() if p.is_dir() and not p.is_symlink() and p.name != RUNS_DIR
+        ):
             m, _ = read_manifest(sub)
-            folders.append(SplitFolder(
-                sub, m.split if m is not None else sub.name,
-                m.n_images if m is not None else 0, m.fingerprint if m is not None else None,
-                sorted(k for k, v in index.items() if v == sub.name)))
+            folders.append(
+                SplitFolder(
+                    sub,
+                    m.split if m is not None else sub.name,
+                    m.n_images if m is not None else 0,
+                    m.fingerprint if m is not None else None,
+                    sorted(k for k, v in index.items() if v == sub.name),
+                )
+            )
         fps = {f.fingerprint for f in folders if f.fingerprint}
-        runs = sorted({Path(r) for r in registered[d] if Path(r).is_dir()}
-                      | {run for run, fp in named.items() if fp & fps})
+        runs = sorted(
+            {Path(r) for r in registered[d] if Path(r).is_dir()}
+            | {run for run, fp in named.items() if fp & fps}
+        )
         gone = sorted(r for r in registered[d] if not Path(r).is_dir())
-        out.append(StoreInfo(d, params if isinstance(params, dict) else {}, folders, _size(d),
-                             runs, gone))
+        out.append(
+            StoreInfo(d, params if isinstance(params, dict) else {}, folders, _size(d), runs, gone)
+        )
     return out, set().union(*named.values())
 
 
@@ -154,8 +175,9 @@ def collect_garbage(cfg: Config, remove: bool) -> tuple[list[tuple[Path, int, st
     if not remove or not todo:
         return todo, []
     if not is_marked(cache, CACHE_LEGACY):
-        raise OwnershipError(f"{cache}: not a cache folder made by vit-objseg (paths.cache); "
-                             "nothing removed")
+        raise OwnershipError(
+            f"{cache}: not a cache folder made by vit-objseg (paths.cache); nothing removed"
+        )
     done, skipped = [], []
     for path, size, why in todo:
         store = path if (path / "features.json").is_file() else path.parent

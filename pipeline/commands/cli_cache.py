@@ -1,4 +1,5 @@
 """`cache list` and `cache gc` (the work: commands/cache.py, loaded when they run)."""
+
 from __future__ import annotations
 
 import click
@@ -8,8 +9,10 @@ from .options import examples, stage_command
 
 
 @click.group(
-    "cache", short_help="The feature cache: list its stores, remove unused ones.",
-    epilog=examples("cache list", "cache gc --yes"))
+    "cache",
+    short_help="The feature cache: list its stores, remove unused ones.",
+    epilog=examples("cache list", "cache gc --yes"),
+)
 def cache_group() -> None:
     """The feature cache (paths.cache): its stores, and removing those no run uses."""
 
@@ -18,17 +21,19 @@ def _store_summary(params: dict) -> str:
     keys = ("backbone.layers", "extract.fit", "extract.precision", "extract.feature_dtype")
     shown = [f"{k.split('.', 1)[1]}={params[k]}" for k in keys if k in params]
     return f"{params.get('backbone.name', '?')} ({', '.join(shown)})" + (
-        ", mirrored" if params.get("mirror") else "")
+        ", mirrored" if params.get("mirror") else ""
+    )
 
 
 @cache_group.command(
-    "list",
-    epilog=examples("cache list", "cache list --set paths.cache=/data/vit-cache"))
+    "list", epilog=examples("cache list", "cache list --set paths.cache=/data/vit-cache")
+)
 @stage_command(computes=False)
 def cache_list(cfg: Config) -> None:
     """Each store: backbone and settings, splits (images, dataset), size, the runs using it."""
     from ..core.fsutil import human_bytes
     from .cache import stores
+
     infos = stores(cfg)
     if not infos:
         click.echo(f"no feature stores in {cfg.paths.cache}")
@@ -42,15 +47,14 @@ def cache_list(cfg: Config) -> None:
         click.echo(f"  runs: {runs}" + (f" ({len(info.gone)} gone)" if info.gone else ""))
 
 
-@cache_group.command(
-    "gc",
-    epilog=examples("cache gc", "cache gc --yes"))
+@cache_group.command("gc", epilog=examples("cache gc", "cache gc --yes"))
 @click.option("--yes", is_flag=True, help="Remove them (without it: only list them).")
 @stage_command(computes=False)
 def cache_gc(cfg: Config, yes: bool) -> None:
     """Remove the stores no live run uses (a dry run unless --yes)."""
     from ..core.fsutil import human_bytes
     from .cache import collect_garbage
+
     done, skipped = collect_garbage(cfg, remove=yes)
     for path, size, why in done:
         click.echo(f"{'removed' if yes else 'would remove'} {path} ({human_bytes(size)}): {why}")

@@ -20,6 +20,7 @@ float16 rounding of the features turns such tiny differences into occasional one
 differences of a feature, so a few pixels near the threshold may flip: tests require
 >= 99.9 % equal pixels.
 """
+
 from __future__ import annotations
 
 import functools
@@ -70,8 +71,13 @@ class SegmentationProgram(nn.Module):
     linear head, PAC upsampler (residual on the head's logits when so trained), sigmoid.
     `mirror_tta` (predict.tta = "flip"): the logits averaged with the mirror image's."""
 
-    def __init__(self, backbone: Backbone, models: TrainedModels, feature_dtype: torch.dtype,
-                 mirror_tta: bool = False):
+    def __init__(
+        self,
+        backbone: Backbone,
+        models: TrainedModels,
+        feature_dtype: torch.dtype,
+        mirror_tta: bool = False,
+    ):
         super().__init__()
         self.backbone = backbone
         self.head = models.head
@@ -93,11 +99,16 @@ class SegmentationProgram(nn.Module):
 def build_program(cfg: Config, models: TrainedModels) -> SegmentationProgram:
     """The program on CPU in eval mode, without gradients; the backbone is built and
     optimised exactly as stage 1 builds it (`inference.BackboneRunner`)."""
-    backbone = BackboneRunner(config_keys(cfg).feature, cfg.backbone.weights,
-                              torch.device("cpu"), cfg.extract.batch_size,
-                              cfg.extract.compile).backbone
-    program = SegmentationProgram(backbone, models, getattr(torch, cfg.extract.feature_dtype),
-                                  cfg.predict.tta == "flip")
+    backbone = BackboneRunner(
+        config_keys(cfg).feature,
+        cfg.backbone.weights,
+        torch.device("cpu"),
+        cfg.extract.batch_size,
+        cfg.extract.compile,
+    ).backbone
+    program = SegmentationProgram(
+        backbone, models, getattr(torch, cfg.extract.feature_dtype), cfg.predict.tta == "flip"
+    )
     return program.to("cpu").eval().requires_grad_(False)
 
 
@@ -118,37 +129,53 @@ def _example_side(value: int | None, default_patches: int, patch: int, name: str
         return default_patches * patch
     low, high = side_range(patch)
     if value % patch or not low <= value <= high:
-        raise UsageError(f"--{name} {value}: must be a multiple of the patch size {patch} "
-                         f"from {low} to {high}")
+        raise UsageError(
+            f"--{name} {value}: must be a multiple of the patch size {patch} from {low} to {high}"
+        )
     return value
 
 
-def export_program(program: SegmentationProgram, patch: int, height: int, width: int
-                   ) -> torch.export.ExportedProgram:
+def export_program(
+    program: SegmentationProgram, patch: int, height: int, width: int
+) -> torch.export.ExportedProgram:
     """torch.export of `program` with a dynamic batch and dynamic H, W (multiples of
     `patch`, MIN_PATCHES patches to MAX_SIDE), traced on a (2, 3, height, width) example."""
     Dim = torch.export.Dim
-    dims = {"images": {0: Dim("batch", min=1, max=MAX_BATCH),
-                       2: Dim("h", min=MIN_PATCHES, max=MAX_SIDE // patch) * patch,
-                       3: Dim("w", min=MIN_PATCHES, max=MAX_SIDE // patch) * patch}}
-    example = torch.randint(0, 256, (2, 3, height, width), dtype=torch.uint8,
-                            generator=torch.Generator().manual_seed(0))
+    dims = {
+        "images": {
+            0: Dim("batch", min=1, max=MAX_BATCH),
+            2: Dim("h", min=MIN_PATCHES, max=MAX_SIDE // patch) * patch,
+            3: Dim("w", min=MIN_PATCHES, max=MAX_SIDE // patch) * patch,
+        }
+    }
+    example = torch.randint(
+        0, 256, (2, 3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     return torch.export.export(program, (example,), dynamic_shapes=dims)
 
 
 def meta(cfg: Config, models: TrainedModels, patch: int) -> dict:
     """What a user of the file needs besides torch (stored in the archive as META_FILE)."""
     low, high = side_range(patch)
-    return {"input": (f"uint8 RGB (B, 3, H, W), H and W multiples of {patch} from {low} "
-                      f"({MIN_PATCHES} patches) to {high}; torch refuses a smaller side with "
-                      f"AssertionError: Guard failed: images.size()[d] >= {low} (d = 2: H, 3: W)"),
-            "output": "float32 (B, 1, H, W): object probability",
-            "patch_size": patch, "min_side": low, "max_side": high,
-            "threshold": cfg.predict.threshold, "fit": cfg.extract.fit,
-            "tta": cfg.predict.tta,
-            "backbone": cfg.backbone.name, "weights": cfg.backbone.weights,
-            "models_fingerprint": models.fingerprint, "run": cfg.run.name,
-            "torch": torch.__version__}
+    return {
+        "input": (
+            f"uint8 RGB (B, 3, H, W), H and W multiples of {patch} from {low} "
+            f"({MIN_PATCHES} patches) to {high}; torch refuses a smaller side with "
+            f"AssertionError: Guard failed: images.size()[d] >= {low} (d = 2: H, 3: W)"
+        ),
+        "output": "float32 (B, 1, H, W): object probability",
+        "patch_size": patch,
+        "min_side": low,
+        "max_side": high,
+        "threshold": cfg.predict.threshold,
+        "fit": cfg.extract.fit,
+        "tta": cfg.predict.tta,
+        "backbone": cfg.backbone.name,
+        "weights": cfg.backbone.weights,
+        "models_fingerprint": models.fingerprint,
+        "run": cfg.run.name,
+        "torch": torch.__version__,
+    }
 
 
 @dataclass
@@ -164,6 +191,7 @@ class ExportResult:
 class Export(Recording[ExportResult]):
     """One run of `export`, as the run template (`stages.base.reproduce`) runs it: no lock
     (it only reads the models, under checked_models' shared lock)."""
+
     cfg: Config
     models: TrainedModels
     path: Path
@@ -178,25 +206,37 @@ class Export(Recording[ExportResult]):
     def state(self) -> StageState:
         keys = config_keys(self.cfg)
         params = {**keys.feature.inference_params(), **keys.predict.tta_params()}
-        params.update({"predict.threshold": keys.predict.threshold,
-                       "out": str(self.path.resolve()), "height": self.height,
-                       "width": self.width, "min_patches": MIN_PATCHES,
-                       "torch": torch.__version__})
+        params.update(
+            {
+                "predict.threshold": keys.predict.threshold,
+                "out": str(self.path.resolve()),
+                "height": self.height,
+                "width": self.width,
+                "min_patches": MIN_PATCHES,
+                "torch": torch.__version__,
+            }
+        )
         rec = load_record(self.run_dir, STAGE)
         try:
             intact = rec is not None and sha256_file(self.path) == rec.get("sha256")
         except OSError:
             intact = False
-        return StageState(STAGE, {"models": self.models.fingerprint}, params,
-                          "" if intact else f"{self.path} missing or changed",
-                          {"models": command("train-head")})
+        return StageState(
+            STAGE,
+            {"models": self.models.fingerprint},
+            params,
+            "" if intact else f"{self.path} missing or changed",
+            {"models": command("train-head")},
+        )
 
     def current(self, _state: StageState) -> ExportResult:
-        return ExportResult(self.path, self.models.patch_size, up_to_date=True,
-                            bytes=self.path.stat().st_size)
+        return ExportResult(
+            self.path, self.models.patch_size, up_to_date=True, bytes=self.path.stat().st_size
+        )
 
-    def compute(self, state: StageState, _force: bool
-                ) -> tuple[ExportResult, StageState, dict[str, Any]]:
+    def compute(
+        self, state: StageState, _force: bool
+    ) -> tuple[ExportResult, StageState, dict[str, Any]]:
         cfg, log, path = self.cfg, self.log, self.path
         # the run folder's ledger records every file export writes, wherever it is
         ledger = Ledger(self.run_dir, "export")
@@ -206,12 +246,16 @@ class Export(Recording[ExportResult]):
         patch = program.backbone.spec.patch_size
         h = _example_side(self.height, EXAMPLE_PATCHES[0], patch, "height")
         w = _example_side(self.width, EXAMPLE_PATCHES[1], patch, "width")
-        log(f"export: tracing with torch.export on a (2, 3, {h}, {w}) example, dynamic batch "
-            "and size (the long step: a minute or two for a ViT on a CPU)")
+        log(
+            f"export: tracing with torch.export on a (2, 3, {h}, {w}) example, dynamic batch "
+            "and size (the long step: a minute or two for a ViT on a CPU)"
+        )
         t_trace = time.perf_counter()
         exported = export_program(program, patch, h, w)
-        log(f"export: traced in {time.perf_counter() - t_trace:.1f} s; saving the program "
-            "with its weights")
+        log(
+            f"export: traced in {time.perf_counter() - t_trace:.1f} s; saving the program "
+            "with its weights"
+        )
         buf = io.BytesIO()
         with warnings.catch_warnings():
             # the archive writer's note on channels-last weights (a CNN's, see
@@ -225,10 +269,14 @@ class Export(Recording[ExportResult]):
         return res, state, {"sha256": sha256_bytes(data)}
 
 
-
-def run_export(cfg: Config, out: str | Path | None = None, height: int | None = None,
-               width: int | None = None, force: bool = False,
-               log: Callable[[str], None] = print) -> ExportResult:
+def run_export(
+    cfg: Config,
+    out: str | Path | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
     """Export the run's models with their backbone to `out` (default `<run>/model.pt2`);
     up-to-date (nothing done) while the models, the settings and the file are unchanged.
     ModelError naming train-head when the models are missing or do not match `cfg`. `log`:
@@ -238,6 +286,7 @@ def run_export(cfg: Config, out: str | Path | None = None, height: int | None = 
     if path.is_dir() or not path.name:
         raise UsageError(f"--out {str(out)!r}: a folder, not a file name (e.g. model.pt2)")
     keys = config_keys(cfg)  # a bad backbone.layers or weights path is told before any models
-    with checked_models(RunLayout.of(cfg), keys, cfg.paths.cache,
-                        as_trained=functools.partial(reproduces, cfg)) as models:
+    with checked_models(
+        RunLayout.of(cfg), keys, cfg.paths.cache, as_trained=functools.partial(reproduces, cfg)
+    ) as models:
         return reproduce(Export(cfg, models, path, height, width, log, t0), force, log)

@@ -2,6 +2,7 @@
 the stage commands, and the one error boundary that maps user-facing errors to exit codes
 (`guarded`). cli.py holds the group; each command module (cli_*.py and the stage commands in
 cli.py) decorates its command with these."""
+
 from __future__ import annotations
 
 import functools
@@ -35,13 +36,18 @@ def load(config_path: str | Path | None, overrides: list[str] | tuple[str, ...])
     return load_config(config_path, overrides)
 
 
-def load_run(config_path: str | Path | None, overrides: list[str] | tuple[str, ...], name: str,
-             guard: str | None) -> Config:
+def load_run(
+    config_path: str | Path | None,
+    overrides: list[str] | tuple[str, ...],
+    name: str,
+    guard: str | None,
+) -> Config:
     """`--run NAME`: the run's recorded config (found under the paths.outputs of --config /
     --set or the default) with the --config file's keys and the --set overrides on top.
     `guard`: "use" (segment, predict, export) or "train" (train-head) refuse a key that would
     make the run's models stale (exit 2); None (status, config show) shows it."""
     from ..runconfig import load_run_config, refuse_stale
+
     run = load_run_config(load(config_path, overrides), name, config_path, overrides)
     if guard is not None:
         refuse_stale(run, training=guard == "train")
@@ -65,8 +71,10 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-MEMORY_ADVICE = ("lower extract.batch_size, predict.batch_size, train.crop, upsampler.hidden, "
-                 "upsampler.channels, upsampler.kernel_size or data.max_pixels")
+MEMORY_ADVICE = (
+    "lower extract.batch_size, predict.batch_size, train.crop, upsampler.hidden, "
+    "upsampler.channels, upsampler.kernel_size or data.max_pixels"
+)
 
 
 def allocation_failure(e: BaseException) -> bool:
@@ -109,36 +117,61 @@ def stage_command(func: Callable[..., Any] | None = None, *, computes: bool = Tr
         return functools.partial(stage_command, computes=computes)
 
     def force_option(f: Callable[..., Any]) -> Callable[..., Any]:
-        return click.option("--force", is_flag=True,
-                            help="Recompute even when the result is up-to-date.")(f) \
-            if computes else f
+        return (
+            click.option(
+                "--force", is_flag=True, help="Recompute even when the result is up-to-date."
+            )(f)
+            if computes
+            else f
+        )
 
-    @click.option("--config", "config_path", default=None,
-                  help="TOML config file [default: configs/default.toml of this checkout].")
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                  help="Override a config key (a TOML literal, or a bare string); repeatable.")
+    @click.option(
+        "--config",
+        "config_path",
+        default=None,
+        help="TOML config file [default: configs/default.toml of this checkout].",
+    )
+    @click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a config key (a TOML literal, or a bare string); repeatable.",
+    )
     @force_option
     @functools.wraps(func)
-    def wrapper(config_path: str | None, overrides: tuple[str, ...], force: bool = False,
-                **kwargs: Any) -> Any:
+    def wrapper(
+        config_path: str | None, overrides: tuple[str, ...], force: bool = False, **kwargs: Any
+    ) -> Any:
         # repair hints name this program and carry these options (pipeline/core/hints.py)
-        hints.invoked(sys.argv[0], config_path, overrides,
-                      (kwargs.get("run_name") or (None,))[0], run_commands())
+        hints.invoked(
+            sys.argv[0],
+            config_path,
+            overrides,
+            (kwargs.get("run_name") or (None,))[0],
+            run_commands(),
+        )
         distributable = "scheduler" in kwargs  # the command runs on Dask when configured
         scheduler = kwargs.pop("scheduler", None)
         if scheduler:
             overrides = (*overrides, f"dask.scheduler={scheduler}")
         run = kwargs.pop("run_name", None)  # (NAME, guard) of --run (run_option)
-        cfg = (guarded(load, config_path, overrides) if run is None
-               else guarded(load_run, config_path, overrides, *run))
+        cfg = (
+            guarded(load, config_path, overrides)
+            if run is None
+            else guarded(load_run, config_path, overrides, *run)
+        )
         if distributable and cfg.dask.scheduler:
             from ..executors import require_distributed
+
             guarded(require_distributed)
         if not computes:
             return guarded(func, cfg, **kwargs)
         from ..models.devices import apply_threads
+
         apply_threads(cfg.run.threads)
         return guarded(func, cfg, force=force, **kwargs)
+
     return wrapper
 
 
@@ -149,14 +182,18 @@ def run_commands() -> list[str]:
     if not isinstance(group, click.Group):
         return []
     commands = {name: group.get_command(root, name) for name in group.list_commands(root)}
-    return [name for name, c in commands.items()
-            if c is not None and any(p.name == "run_name" for p in c.params)]
+    return [
+        name
+        for name, c in commands.items()
+        if c is not None and any(p.name == "run_name" for p in c.params)
+    ]
 
 
 def split_names(value: V) -> V:
     """A --split value (or several) checked to be plain folder names: a `/`, `..` or an
     absolute path would make the stages write outside their folders (exit 2, one line)."""
     from ..core.config import check_name
+
     names: tuple[str, ...] = value if isinstance(value, tuple) else (value,) if value else ()
     for name in names:
         guarded(check_name, "--split", name)
@@ -166,19 +203,28 @@ def split_names(value: V) -> V:
 def run_option(guard: str | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """`--run NAME` for a stage_command: its config starts from that run's record; `guard`
     as in load_run (what a key that would make the run's models stale does)."""
-    what = {"use": " A key that would make its models stale is refused.",
-            "train": " Its models are not retrained under a changed config (refused).",
-            None: ""}[guard]
+    what = {
+        "use": " A key that would make its models stale is refused.",
+        "train": " Its models are not retrained under a changed config (refused).",
+        None: "",
+    }[guard]
     return click.option(
-        "--run", "run_name", default=None, metavar="NAME",
+        "--run",
+        "run_name",
+        default=None,
+        metavar="NAME",
         callback=lambda c, p, v: None if v is None else (v, guard),
         help="Start from the config run NAME was trained with (<paths.outputs>/NAME/"
-             f"config.toml); --config and --set apply on top.{what}")
+        f"config.toml); --config and --set apply on top.{what}",
+    )
 
 
 scheduler_option = click.option(
-    "--scheduler", default=None, metavar="ADDRESS",
-    help='Run on Dask: "local:N" or "tcp://host:8786" (same as --set dask.scheduler=...).')
+    "--scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help='Run on Dask: "local:N" or "tcp://host:8786" (same as --set dask.scheduler=...).',
+)
 
 
 def echo_outcome(outcome: Outcome) -> bool:

@@ -15,6 +15,7 @@ paths relative to the run folder). The inputs the run read from outside its fold
 (`status` checks those, with the paths of the current config). So a run folder that was
 copied or moved, or listed from another working folder, gets the same answer as in place.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -37,15 +38,24 @@ from ..report import doc as report_doc
 from ..stages import predict, train
 from ..stages.base import record_path
 
-IGNORED_KEYS = {"run.name", "run.threads", "dask.scheduler", "extract.num_workers",
-                "extract.batch_size", "predict.batch_size", "extract.device", "train.device",
-                "predict.device"}  # do not change results, or name the row
+IGNORED_KEYS = {
+    "run.name",
+    "run.threads",
+    "dask.scheduler",
+    "extract.num_workers",
+    "extract.batch_size",
+    "predict.batch_size",
+    "extract.device",
+    "train.device",
+    "predict.device",
+}  # do not change results, or name the row
 T = TypeVar("T")
 
 
 @dataclass
 class RunRow:
     """One run as `runs` lists it (the --json row); every number is finite."""
+
     run: str
     params: dict[str, Any] = field(default_factory=dict)  # only the keys that differ
     # variant -> headline metrics (a variant without scored images is left out)
@@ -62,6 +72,7 @@ class RunRow:
 @dataclass(frozen=True)
 class ParsedReport:
     """What `runs` reads of report_<split>.json, validated."""
+
     n_images: int
     metrics: dict[str, dict[str, float]]  # variant -> HEADLINE metric -> value in [0, 1]
     config: Config  # the recorded effective config
@@ -70,6 +81,7 @@ class ParsedReport:
 @dataclass(frozen=True)
 class ParsedRecord:
     """A stage record (stages/<stage>.json), validated."""
+
     fingerprint: str
     params: dict[str, Any]
     deps: dict[str, str | None]
@@ -80,12 +92,16 @@ class ParsedRecord:
 
 # ----------------------------------------------------------------------------- reading
 
+
 def parse_report(doc: Any) -> ParsedReport:
     """What `runs` reads of a report (report.doc's strict parse): Damaged naming the first
     bad field."""
     report = report_doc.parse_report(doc, required=predict.VARIANTS)
-    metrics = {v: {h.key: m.values[h.key] for h in HEADLINE}
-               for v, s in report.variants.items() if (m := s.overall) is not None}
+    metrics = {
+        v: {h.key: m.values[h.key] for h in HEADLINE}
+        for v, s in report.variants.items()
+        if (m := s.overall) is not None
+    }
     assert report.n_images is not None and report.config is not None  # required: strict
     try:
         cfg = config_from_dict(report.config, " in config")
@@ -108,8 +124,9 @@ def parse_record(doc: Any) -> ParsedRecord:
         if v is not None and not isinstance(v, str):
             raise Damaged(f"deps.{k} is {_kind(v)}, not a fingerprint")
     seconds = doc.get("seconds")
-    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
-                                or seconds < 0):
+    if seconds is not None and (
+        isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0
+    ):
         raise Damaged(f"seconds is {_kind(seconds)}, not a duration")
     outs = doc.get("outs")
     if outs is not None:
@@ -125,14 +142,15 @@ def parse_record(doc: Any) -> ParsedRecord:
 
 # ----------------------------------------------------------------------------- judging
 
+
 def judge_run(run_dir: Path, split: str, report: ParsedReport) -> tuple[bool | None, str]:
     """(up to date, why not) of the run in `run_dir` for its recorded config, judged by the
     stage list on what the folder holds (workflow.recorded_problems); (None, why) when it
     cannot be checked."""
     from ..stages.workflow import recorded_problems  # the stage list; runs is listed by the CLI
+
     try:
-        cfg = copy_config(report.config, paths__outputs=str(run_dir.parent),
-                          run__name=run_dir.name)
+        cfg = copy_config(report.config, paths__outputs=str(run_dir.parent), run__name=run_dir.name)
         problems = recorded_problems(cfg, split)
     except (TypeError, KeyError, ValueError, AttributeError):  # a file of a foreign shape
         return None, f"cannot check: {RunLayout(run_dir).models}: model card damaged"
@@ -145,9 +163,14 @@ def judge_run(run_dir: Path, split: str, report: ParsedReport) -> tuple[bool | N
 
 # ----------------------------------------------------------------------------- listing
 
+
 def _flatten(doc: dict) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, table in doc.items() if isinstance(table, dict)
-            for k, v in table.items()}
+    return {
+        f"{s}.{k}": v
+        for s, table in doc.items()
+        if isinstance(table, dict)
+        for k, v in table.items()
+    }
 
 
 def read_run(run_dir: Path, split: str) -> tuple[RunRow, dict[str, Any]]:
@@ -188,6 +211,7 @@ def run_split(run_dir: Path, default: str) -> str:
     """The split a run is listed with by default: its recorded config's data.test_split (the
     run's config.toml, or for an older run its report's config), else `default`."""
     from ..runconfig import read_record
+
     try:
         recorded, _ = read_record(run_dir, (default,))
     except (PipelineError, OSError):
@@ -219,6 +243,7 @@ def check_keys(keys: Sequence[str], option: str, extra: Sequence[str] = ()) -> l
     for k in keys:
         if k not in known:
             import difflib
+
             close = difflib.get_close_matches(k, sorted(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise UsageError(f"{option} {k}: not a config key{hint}")
@@ -228,8 +253,12 @@ def check_keys(keys: Sequence[str], option: str, extra: Sequence[str] = ()) -> l
 def _matches(value: Any, wanted: Any) -> bool:
     """Whether a recorded value is what a --filter asks for: equal (1 == 1.0), or its text
     matching the wanted text, which may hold shell wildcards (* ? [...])."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) \
-            and isinstance(wanted, (int, float)) and not isinstance(wanted, bool):
+    if (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and isinstance(wanted, (int, float))
+        and not isinstance(wanted, bool)
+    ):
         return float(value) == float(wanted)
     if value == wanted:
         return True
@@ -238,8 +267,12 @@ def _matches(value: Any, wanted: Any) -> bool:
     return fnmatch.fnmatchcase(text, pattern)
 
 
-def collect(cfg: Config, split: str | None = None, filters: Sequence[tuple[str, Any]] = (),
-            keys: Sequence[str] | None = None) -> list[RunRow]:
+def collect(
+    cfg: Config,
+    split: str | None = None,
+    filters: Sequence[tuple[str, Any]] = (),
+    keys: Sequence[str] | None = None,
+) -> list[RunRow]:
     """One row per run, sorted by the PAC mIoU (best first; runs without one last). `split`:
     the split of every row; None: each run's own (run_split: its recorded data.test_split).
     `filters` (parse_filters): only the runs whose recorded config (or name, for `run`) has
@@ -260,6 +293,7 @@ def collect(cfg: Config, split: str | None = None, filters: Sequence[tuple[str, 
     def best_first(r: RunRow) -> tuple[bool, float, str]:
         miou = r.metrics.get("pac", {}).get("miou")
         return miou is None, -(miou or 0.0), r.run
+
     rows.sort(key=best_first)
     return rows
 
@@ -272,9 +306,10 @@ def as_json(rows: list[RunRow]) -> list[dict]:
 def _printable(text: str) -> str:
     """`text` with control characters (and undecodable bytes) as backslash escapes, so that a
     name never splits a line."""
-    return "".join(c if c.isprintable()
-                   else c.encode("unicode_escape", "backslashreplace").decode("ascii")
-                   for c in text)
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+        for c in text
+    )
 
 
 def _cell(text: str) -> str:
@@ -307,34 +342,67 @@ def grid(rows: list[RunRow]) -> tuple[list[str], list[list[str]], list[bool]]:
     are shortened to what tells them apart (short_paths); the plain table, the Markdown
     table and the HTML page show these cells."""
     keys = list(dict.fromkeys(k for r in rows for k in r.params))
-    shorter = {k: short_paths([v for r in rows if isinstance(v := r.params.get(k), str)
-                               and "/" in v]) for k in keys if k in PATH_KEYS}
-    heads = ["run", "split", *keys, *(c[0] for c in RUNS_COLUMNS), "images", "train s",
-             "up-to-date"]
-    numeric = [False, False, *(False for _ in keys), *(True for _ in RUNS_COLUMNS), True,
-               True, False]
+    shorter = {
+        k: short_paths([v for r in rows if isinstance(v := r.params.get(k), str) and "/" in v])
+        for k in keys
+        if k in PATH_KEYS
+    }
+    heads = [
+        "run",
+        "split",
+        *keys,
+        *(c[0] for c in RUNS_COLUMNS),
+        "images",
+        "train s",
+        "up-to-date",
+    ]
+    numeric = [
+        False,
+        False,
+        *(False for _ in keys),
+        *(True for _ in RUNS_COLUMNS),
+        True,
+        True,
+        False,
+    ]
 
     def num(x: float | int | None) -> str:
         return f"{x:.3f}" if isinstance(x, float) else ("-" if x is None else str(x))
 
     cells = []
     for r in rows:
-        params = [shorter.get(k, {}).get(v, _value(v)) if isinstance(v := r.params.get(k), str)
-                  else _value(v) for k in keys]
-        state = ({True: "yes", False: "no", None: "?"}[r.up_to_date] if r.damaged is None
-                 else f"damaged: {r.damaged}")
-        cells.append([r.run, r.split, *params,
-                      *(num(r.metrics.get(v, {}).get(m.key)) for _, v, m in RUNS_COLUMNS),
-                      num(r.n_images),
-                      "-" if r.train_seconds is None else f"{r.train_seconds:.0f}", state])
+        params = [
+            shorter.get(k, {}).get(v, _value(v))
+            if isinstance(v := r.params.get(k), str)
+            else _value(v)
+            for k in keys
+        ]
+        state = (
+            {True: "yes", False: "no", None: "?"}[r.up_to_date]
+            if r.damaged is None
+            else f"damaged: {r.damaged}"
+        )
+        cells.append(
+            [
+                r.run,
+                r.split,
+                *params,
+                *(num(r.metrics.get(v, {}).get(m.key)) for _, v, m in RUNS_COLUMNS),
+                num(r.n_images),
+                "-" if r.train_seconds is None else f"{r.train_seconds:.0f}",
+                state,
+            ]
+        )
     return heads, cells, numeric
 
 
 def markdown(rows: list[RunRow]) -> str:
     """A Markdown table, for pasting (`runs --markdown`)."""
     heads, cells, numeric = grid(rows)
-    lines = ["| " + " | ".join(_cell(h) for h in heads) + " |",
-             "|" + "|".join("--:" if n else "---" for n in numeric) + "|"]
+    lines = [
+        "| " + " | ".join(_cell(h) for h in heads) + " |",
+        "|" + "|".join("--:" if n else "---" for n in numeric) + "|",
+    ]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in cells]
     return "\n".join(lines)
 
@@ -347,7 +415,9 @@ def table(rows: list[RunRow]) -> str:
     widths = [max(len(row[i]) for row in text) for i in range(len(heads))]
     lines = []
     for row in text:
-        padded = [c.rjust(w) if n else c.ljust(w)
-                  for c, w, n in zip(row[:-1], widths, numeric, strict=False)]
+        padded = [
+            c.rjust(w) if n else c.ljust(w)
+            for c, w, n in zip(row[:-1], widths, numeric, strict=False)
+        ]
         lines.append("  ".join([*padded, row[-1]]).rstrip())
     return "\n".join(lines)

@@ -16,6 +16,7 @@ changed (or all of them, when the models or settings did).
 Layering: this module uses the shared inference path (pipeline/inference.py) and imports no
 stage module; no stage imports it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -77,15 +78,17 @@ def default_out_dir(cfg: Config) -> Path:
 
 # ----------------------------------------------------------------------------- inputs
 
+
 @dataclass(frozen=True)
 class Source:
     """One image to segment and where its mask goes, relative to the output folder."""
+
     path: Path
     rel: str  # posix, suffix .png
 
     @property
     def overlay_rel(self) -> str:
-        return f"{OVERLAY_DIR}/{self.rel[:-len('.png')]}.jpg"
+        return f"{OVERLAY_DIR}/{self.rel[: -len('.png')]}.jpg"
 
 
 def _is_image_name(name: str) -> bool:
@@ -116,8 +119,11 @@ def _images_in(folder: Path, skip: set[tuple[int, int]], problems: list[str]) ->
         seen.add(key)
         # hidden folders, and the tool's own (earlier --out folders, run folders, caches):
         # masks and overlays are never segmented again
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and not is_marked(Path(dirpath) / d, TOOL_FOLDER_SIGNS))
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".") and not is_marked(Path(dirpath) / d, TOOL_FOLDER_SIGNS)
+        )
         for name in sorted(filenames):
             if _is_image_name(name):
                 yield Path(dirpath) / name
@@ -135,8 +141,10 @@ def find_sources(paths: Sequence[str | Path], out_dir: Path) -> tuple[list[Sourc
     def add(src: Source) -> None:
         other = by_rel.setdefault(src.rel, src)
         if other is not src and os.path.realpath(other.path) != os.path.realpath(src.path):
-            raise DataError(f"{other.path} and {src.path} would both write {out_dir / src.rel}; "
-                            "rename one or segment them with different --out folders")
+            raise DataError(
+                f"{other.path} and {src.path} would both write {out_dir / src.rel}; "
+                "rename one or segment them with different --out folders"
+            )
 
     for p in map(Path, paths):
         if p.is_dir():
@@ -147,19 +155,27 @@ def find_sources(paths: Sequence[str | Path], out_dir: Path) -> tuple[list[Sourc
         else:
             raise DataError(f"{p}: no such file or folder")
     if not by_rel and not problems:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in "
-                        f"{', '.join(map(str, paths))}")
+        raise DataError(
+            f"no images ({', '.join(IMAGE_EXTS)}) found in {', '.join(map(str, paths))}"
+        )
     return sorted(by_rel.values(), key=lambda s: s.rel), problems
 
 
 # ----------------------------------------------------------------------------- the record
 
+
 def settings_fingerprint(keys: Keys, models_fp: str) -> str:
     """What a mask depends on besides its image: the models, the feature settings (backbone,
     weights, canvas fit, precision, feature dtype), the threshold and the test-time
     augmentation (absent at "none", so masks made before the key stay current)."""
-    return fingerprint({"models": models_fp, "features": keys.feature.inference_params(),
-                        "threshold": keys.predict.threshold, **keys.predict.tta_params()})
+    return fingerprint(
+        {
+            "models": models_fp,
+            "features": keys.feature.inference_params(),
+            "threshold": keys.predict.threshold,
+            **keys.predict.tta_params(),
+        }
+    )
 
 
 class SegmentRecord:
@@ -172,8 +188,11 @@ class SegmentRecord:
     def __init__(self, out_dir: Path):
         self.path = out_dir / RECORD_FILE
         data = read_json(self.path)
-        masks = (data.get("masks")
-                 if isinstance(data, dict) and data.get("version") == RECORD_VERSION else None)
+        masks = (
+            data.get("masks")
+            if isinstance(data, dict) and data.get("version") == RECORD_VERSION
+            else None
+        )
         self.masks: dict[str, dict] = masks if isinstance(masks, dict) else {}
         self._dirty = False
 
@@ -184,12 +203,15 @@ class SegmentRecord:
         entry = self.masks.get(src.rel)
         if not isinstance(entry, dict) or entry.get("settings") != settings:
             return False
-        if not (isinstance(entry.get("mask"), str)
-                and ledger.content_is(ledger.folder / src.rel, entry["mask"])):
+        if not (
+            isinstance(entry.get("mask"), str)
+            and ledger.content_is(ledger.folder / src.rel, entry["mask"])
+        ):
             return False
-        if overlays and not (isinstance(entry.get("overlay"), str)
-                             and ledger.content_is(ledger.folder / src.overlay_rel,
-                                                   entry["overlay"])):
+        if overlays and not (
+            isinstance(entry.get("overlay"), str)
+            and ledger.content_is(ledger.folder / src.overlay_rel, entry["overlay"])
+        ):
             return False
         try:
             stamp = stat_stamp(src.path.stat())
@@ -219,15 +241,18 @@ class SegmentRecord:
 
 # ----------------------------------------------------------------------------- the work
 
+
 @dataclass
 class Identity:
     """What `.segment.json` records of a decoded image's source file."""
+
     sha256: str
     stamp: list[int]
 
 
-def _decode(src: Source, patch: int, fit: str, max_pixels: int,
-            overlays: bool = False) -> Decoded[Source, Identity] | Undecodable[Source]:
+def _decode(
+    src: Source, patch: int, fit: str, max_pixels: int, overlays: bool = False
+) -> Decoded[Source, Identity] | Undecodable[Source]:
     """Read and decode one image as stage 1 does; an unreadable one (not a regular file,
     larger than `max_pixels` = data.max_pixels, corrupt, or, with `overlays`, a side longer
     than a JPEG overlay can have) carries its error."""
@@ -238,14 +263,17 @@ def _decode(src: Source, patch: int, fit: str, max_pixels: int,
     except DataError as e:
         return Undecodable(src, str(e))
     except OSError as e:  # stat of a broken link, a link loop
-        return Undecodable(src, f"{src.path}: cannot read image "
-                                f"({e.strerror or type(e).__name__})")
+        return Undecodable(src, f"{src.path}: cannot read image ({e.strerror or type(e).__name__})")
     h, w = image.shape[:2]
     if overlays and max(h, w) > JPEG_MAX_SIDE:
-        return Undecodable(src, f"{src.path}: {w}x{h} pixels: an overlay (JPEG) has at most "
-                                f"{JPEG_MAX_SIDE} pixels a side; segment it with --no-overlays")
-    return Decoded(src, image, fit_box(h, w, patch, fit),
-                   Identity(sha256_bytes(data), stat_stamp(st)))
+        return Undecodable(
+            src,
+            f"{src.path}: {w}x{h} pixels: an overlay (JPEG) has at most "
+            f"{JPEG_MAX_SIDE} pixels a side; segment it with --no-overlays",
+        )
+    return Decoded(
+        src, image, fit_box(h, w, patch, fit), Identity(sha256_bytes(data), stat_stamp(st))
+    )
 
 
 def overlay_jpeg(image: np.ndarray, mask: np.ndarray) -> bytes:
@@ -253,7 +281,8 @@ def overlay_jpeg(image: np.ndarray, mask: np.ndarray) -> bytes:
     report's mask panels), at full size, as JPEG bytes."""
     buf = io.BytesIO()
     Image.fromarray(mask_panel(image, mask, outline_width(mask.shape))).save(
-        buf, format="JPEG", quality=OVERLAY_QUALITY)
+        buf, format="JPEG", quality=OVERLAY_QUALITY
+    )
     return buf.getvalue()
 
 
@@ -267,6 +296,7 @@ def _encode(d: Decoded[Source, Identity], mask: np.ndarray, overlays: bool) -> d
 
 def refuse_inputs_as_outputs(sources: Sequence[Source], out_dir: Path) -> None:
     """OwnershipError (before any work) when a mask or overlay path is one of the inputs."""
+
     def identity(path: Path) -> tuple[int, int] | None:
         try:
             st = path.stat()
@@ -280,8 +310,10 @@ def refuse_inputs_as_outputs(sources: Sequence[Source], out_dir: Path) -> None:
         for rel in (s.rel, s.overlay_rel):
             target = out_dir / rel
             if os.path.realpath(target) in inputs or identity(target) in keys:
-                raise OwnershipError(f"{target}: an output path is one of the images to segment "
-                                     f"({s.path}); choose another --out folder")
+                raise OwnershipError(
+                    f"{target}: an output path is one of the images to segment "
+                    f"({s.path}); choose another --out folder"
+                )
 
 
 @dataclass
@@ -295,9 +327,15 @@ class SegmentResult:
     images_seconds: float = 0.0
 
 
-def run_segment(cfg: Config, paths: Sequence[str | Path], out_dir: str | Path | None = None,
-                overlays: bool = True, force: bool = False, progress: bool = True,
-                warn: Callable[[str], None] = lambda line: None) -> SegmentResult:
+def run_segment(
+    cfg: Config,
+    paths: Sequence[str | Path],
+    out_dir: str | Path | None = None,
+    overlays: bool = True,
+    force: bool = False,
+    progress: bool = True,
+    warn: Callable[[str], None] = lambda line: None,
+) -> SegmentResult:
     """Masks for the images under `paths` with the run's trained models (ModelError naming
     train-head when they are missing or were trained with other settings than `cfg`'s).
     Images whose mask is current are skipped unless `force`; an unreadable image is skipped,
@@ -310,8 +348,9 @@ def run_segment(cfg: Config, paths: Sequence[str | Path], out_dir: str | Path | 
     result = SegmentResult(out_dir, errors=list(problems))
     device = resolve_device(cfg.predict.device)
     keys = config_keys(cfg)
-    with checked_models(RunLayout.of(cfg), keys, cfg.paths.cache, device,
-                        functools.partial(reproduces, cfg)) as models:
+    with checked_models(
+        RunLayout.of(cfg), keys, cfg.paths.cache, device, functools.partial(reproduces, cfg)
+    ) as models:
         if out_dir == default_out_dir(cfg):
             claim_run_dir(cfg.run_dir)
         claim_folder(out_dir, "the --out folder", (RECORD_FILE,))
@@ -321,18 +360,34 @@ def run_segment(cfg: Config, paths: Sequence[str | Path], out_dir: str | Path | 
             settings = settings_fingerprint(keys, models.fingerprint)
             record = SegmentRecord(out_dir)
             ledger = Ledger(out_dir, "segment")
-            todo = [s for s in sources
-                    if force or not record.is_current(s, ledger, settings, overlays)]
+            todo = [
+                s for s in sources if force or not record.is_current(s, ledger, settings, overlays)
+            ]
             result.n_current = len(sources) - len(todo)
             try:
                 if todo:
                     predictor = Predictor(models, device, cfg.predict.threshold)
                     with thread_limits("segment's decoding and writing"):
-                        runner = BackboneRunner(keys.feature, cfg.backbone.weights,
-                                                resolve_device(cfg.extract.device),
-                                                cfg.extract.batch_size, cfg.extract.compile)
-                        _stream(cfg, todo, runner, predictor, ledger, overlays, settings,
-                                record, result, progress, warn)
+                        runner = BackboneRunner(
+                            keys.feature,
+                            cfg.backbone.weights,
+                            resolve_device(cfg.extract.device),
+                            cfg.extract.batch_size,
+                            cfg.extract.compile,
+                        )
+                        _stream(
+                            cfg,
+                            todo,
+                            runner,
+                            predictor,
+                            ledger,
+                            overlays,
+                            settings,
+                            record,
+                            result,
+                            progress,
+                            warn,
+                        )
             finally:
                 record.save()
                 ledger.save()
@@ -342,12 +397,22 @@ def run_segment(cfg: Config, paths: Sequence[str | Path], out_dir: str | Path | 
 
 def _chunks(items: list, n: int) -> Iterator[list]:
     for k in range(0, len(items), n):
-        yield items[k:k + n]
+        yield items[k : k + n]
 
 
-def _stream(cfg: Config, todo: list[Source], extractor: BackboneRunner, predictor: Predictor,
-            ledger: Ledger, overlays: bool, settings: str, record: SegmentRecord,
-            result: SegmentResult, progress: bool, warn: Callable[[str], None]) -> None:
+def _stream(
+    cfg: Config,
+    todo: list[Source],
+    extractor: BackboneRunner,
+    predictor: Predictor,
+    ledger: Ledger,
+    overlays: bool,
+    settings: str,
+    record: SegmentRecord,
+    result: SegmentResult,
+    progress: bool,
+    warn: Callable[[str], None],
+) -> None:
     """Through the streaming engine (pipeline/streaming.py): decode ahead in a thread pool
     (two chunks in flight), run same-size batches through the backbone and the heads, encode
     the batch's files, record them (write-ahead: the record and the ledger first), then write
@@ -384,17 +449,30 @@ def _stream(cfg: Config, todo: list[Source], extractor: BackboneRunner, predicto
             canvases = [to_canvas(d.image, d.box) for d in items]
             feats = extractor.launch(canvases)()
             mirrored = extractor.launch(canvases, mirror=True)() if tta else None
-            masks = predictor.masks(feats, np.stack(canvases), [d.box for d in items],
-                                    [d.image.shape[:2] for d in items], variants=(CANDIDATE,),
-                                    mirrored=mirrored)
-            files = writer.map(lambda dm: _encode(dm[0], dm[1][CANDIDATE], overlays),
-                               zip(items, masks, strict=True))
+            masks = predictor.masks(
+                feats,
+                np.stack(canvases),
+                [d.box for d in items],
+                [d.image.shape[:2] for d in items],
+                variants=(CANDIDATE,),
+                mirrored=mirrored,
+            )
+            files = writer.map(
+                lambda dm: _encode(dm[0], dm[1][CANDIDATE], overlays),
+                zip(items, masks, strict=True),
+            )
             ledger.intend({out_dir / rel: data for f in files for rel, data in f.items()})
             for d, f in zip(items, files, strict=True):
-                record.put(d.source.rel, {
-                    "sha256": d.meta.sha256, "stamp": d.meta.stamp, "settings": settings,
-                    "mask": sha256_bytes(f[d.source.rel]),
-                    "overlay": sha256_bytes(f[d.source.overlay_rel]) if overlays else None})
+                record.put(
+                    d.source.rel,
+                    {
+                        "sha256": d.meta.sha256,
+                        "stamp": d.meta.stamp,
+                        "settings": settings,
+                        "mask": sha256_bytes(f[d.source.rel]),
+                        "overlay": sha256_bytes(f[d.source.overlay_rel]) if overlays else None,
+                    },
+                )
                 if not overlays:
                     ledger.remove(out_dir / d.source.overlay_rel)
             record.save()
@@ -403,9 +481,17 @@ def _stream(cfg: Config, todo: list[Source], extractor: BackboneRunner, predicto
 
     t0 = time.perf_counter()
     try:
-        stream(_chunks(todo, max(CHUNK, extractor.batch_size)), lambda chunk: chunk, decode,
-               process, written, decode_threads=cfg.extract.num_workers, write_threads=2,
-               lookahead=2, max_writes=2 * extractor.batch_size)
+        stream(
+            _chunks(todo, max(CHUNK, extractor.batch_size)),
+            lambda chunk: chunk,
+            decode,
+            process,
+            written,
+            decode_threads=cfg.extract.num_workers,
+            write_threads=2,
+            lookahead=2,
+            max_writes=2 * extractor.batch_size,
+        )
     finally:
         result.images_seconds = time.perf_counter() - t0
         bar.close()

@@ -1,6 +1,7 @@
 """User-facing errors: each is one line naming the file or key and the problem, and carries
 the exit code the CLI maps it to (1 a failed stage, 2 a usage error). `cli.py` catches
 `PipelineError` at one boundary; anything else is a programming error and surfaces as one."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,11 +10,13 @@ from collections.abc import Iterator
 
 class PipelineError(Exception):
     """Base of every user-facing error; `exit_code` is what the CLI exits with."""
+
     exit_code = 1
 
 
 class UsageError(PipelineError):
     """A bad command line or config (unknown key, bad value, missing config file)."""
+
     exit_code = 2
 
 
@@ -65,9 +68,11 @@ THREAD_START_FAILURE = "can't start new thread"
 
 def thread_limit_line(what: str) -> str:
     """The one line for a thread that could not be started for `what`."""
-    return (f"cannot start a thread for {what}: the process has reached its limit on threads "
-            "(ulimit -u, or the container's pids limit); use fewer threads: --set "
-            "run.threads=1 and --set extract.num_workers=1")
+    return (
+        f"cannot start a thread for {what}: the process has reached its limit on threads "
+        "(ulimit -u, or the container's pids limit); use fewer threads: --set "
+        "run.threads=1 and --set extract.num_workers=1"
+    )
 
 
 @contextlib.contextmanager

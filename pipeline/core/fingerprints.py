@@ -1,6 +1,7 @@
 """Content fingerprints of JSON-able parameters and the readable difference of two parameter
 sets: what every stage record, the store and the model card share. Torch-free, below
 everything that records a result."""
+
 from __future__ import annotations
 
 import hashlib

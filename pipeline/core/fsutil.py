@@ -1,6 +1,7 @@
 """Files that can be trusted: atomic writes, JSON that is either valid or absent, locks that
 the OS releases when a process dies, and sha256 checksums memoised like DVC's state db (keyed
 by a stat stamp that `cp -p` cannot fake, like git's index)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -116,8 +117,9 @@ def sha256_file(path: Path) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as f:  # closes fd
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or socket)",
-                              os.fspath(path))
+                raise OSError(
+                    errno.EINVAL, "not a regular file (a FIFO, device or socket)", os.fspath(path)
+                )
             for chunk in iter(lambda: f.read(_CHUNK), b""):
                 h.update(chunk)
     except OSError as e:
@@ -138,8 +140,11 @@ def remove_temporaries(folder: Path, of: Iterable[str] | None = None) -> None:
     folder = Path(folder)
     if not folder.is_dir():
         return
-    mine = None if of is None else re.compile(
-        "|".join(rf"\.{re.escape(n)}\.\d+\.\d+(\.old)?\.tmp" for n in of))
+    mine = (
+        None
+        if of is None
+        else re.compile("|".join(rf"\.{re.escape(n)}\.\d+\.\d+(\.old)?\.tmp" for n in of))
+    )
     for p in folder.glob(".*.tmp"):
         if mine is not None and not mine.fullmatch(p.name):
             continue
@@ -163,8 +168,10 @@ def file_lock(path: Path, what: str, shared: bool = False) -> Iterator[None]:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise LockError(f"{what} is in use by another process (pid {holder}): wait for it "
-                            f"to finish (lock file {path})") from None
+            raise LockError(
+                f"{what} is in use by another process (pid {holder}): wait for it "
+                f"to finish (lock file {path})"
+            ) from None
         if not shared:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)

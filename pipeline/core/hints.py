@@ -5,6 +5,7 @@
 cli.py records the invocation once per command (`invoked`); the library below builds every
 hint with `command` and never imports click. Without a CLI (the library called from Python)
 hints say `python cli.py` with no options."""
+
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Invocation:
     """How the user ran the tool: the program and the options that shape the config."""
+
     program: str = "python cli.py"
     config: str | None = None  # --config
     sets: tuple[str, ...] = ()  # --set KEY=VALUE, in order
@@ -34,12 +36,22 @@ def program_of(argv0: str) -> str:
     return shlex.quote(os.path.basename(argv0) or "vit-objseg")
 
 
-def invoked(argv0: str, config: str | None, sets: Sequence[str], run: str | None = None,
-            run_commands: Collection[str] = ()) -> None:
+def invoked(
+    argv0: str,
+    config: str | None,
+    sets: Sequence[str],
+    run: str | None = None,
+    run_commands: Collection[str] = (),
+) -> None:
     """Record how this process was invoked (cli.py, once per command)."""
     global _current
-    _current = Invocation(program_of(argv0), None if config is None else str(config),
-                          tuple(sets), run, frozenset(run_commands))
+    _current = Invocation(
+        program_of(argv0),
+        None if config is None else str(config),
+        tuple(sets),
+        run,
+        frozenset(run_commands),
+    )
 
 
 def current() -> Invocation:

@@ -2,6 +2,7 @@
 where they are read, keeping only finite numbers and bounded integers, from a regular file
 of bounded size; and the field checks that name what is wrong (``Damaged``: one line, the
 caller names the file)."""
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ class Damaged(Exception):
 
 
 # ----------------------------------------------------------------------------- the file
+
 
 def _reject_constant(name: str) -> NoReturn:
     raise Damaged(f"non-finite number {name}")
@@ -61,8 +63,9 @@ def read_doc(path: Path) -> Any | None:
     if len(data) > MAX_FILE_BYTES:
         raise Damaged(f"larger than {MAX_FILE_BYTES >> 20} MiB")
     try:
-        return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float,
-                          parse_int=_bounded_int)
+        return json.loads(
+            data, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int
+        )
     except json.JSONDecodeError as e:
         raise Damaged(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     except UnicodeDecodeError:
@@ -75,10 +78,14 @@ def read_doc(path: Path) -> Any | None:
 
 # ----------------------------------------------------------------------------- field checks
 
+
 def finite(x: object) -> TypeGuard[float]:
     """A real, finite number (numpy scalars included, bools not): usable as a float."""
-    return (isinstance(x, numbers.Real) and type(x).__name__ not in ("bool", "bool_")
-            and math.isfinite(x))
+    return (
+        isinstance(x, numbers.Real)
+        and type(x).__name__ not in ("bool", "bool_")
+        and math.isfinite(x)
+    )
 
 
 def show(value: Any) -> str:
@@ -88,8 +95,15 @@ def show(value: Any) -> str:
 
 
 def kind(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-             type(None): "null", int: "a number", float: "a number"}
+    names = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+        int: "a number",
+        float: "a number",
+    }
     return f"{names.get(type(value), type(value).__name__)} ({show(value)})"
 
 
@@ -113,8 +127,11 @@ def metric(value: Any, where: str) -> float:
 
 
 def count(value: Any, where: str) -> int:
-    if (not isinstance(value, numbers.Integral) or type(value).__name__ in ("bool", "bool_")
-            or value < 0):
+    if (
+        not isinstance(value, numbers.Integral)
+        or type(value).__name__ in ("bool", "bool_")
+        or value < 0
+    ):
         raise Damaged(f"{where} is {kind(value)}, not a count")
     return int(value)
 

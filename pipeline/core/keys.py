@@ -12,6 +12,7 @@ and passed in.
 Keys at their ABSENT_AS value (core.fingerprints) are left out of the parameters, so that
 results made before a key existed stay current. The format versions live here too.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,19 +57,25 @@ def weights_file(weights: str) -> tuple[Path, os.stat_result]:
     try:
         st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
-        raise BackboneError(f"weights file not found: {weights} (backbone.weights is "
-                            "\"pretrained\", \"random\" or a local checkpoint path)") from None
+        raise BackboneError(
+            f"weights file not found: {weights} (backbone.weights is "
+            '"pretrained", "random" or a local checkpoint path)'
+        ) from None
     if stat.S_ISDIR(st.st_mode):
-        raise BackboneError(f"backbone.weights: {weights} is a folder, not a weights file "
-                            "(give the checkpoint file inside it)")
+        raise BackboneError(
+            f"backbone.weights: {weights} is a folder, not a weights file "
+            "(give the checkpoint file inside it)"
+        )
     if not stat.S_ISREG(st.st_mode):
-        raise BackboneError(f"backbone.weights: {weights} is not a regular file (a FIFO or "
-                            "device); give a checkpoint file")
+        raise BackboneError(
+            f"backbone.weights: {weights} is not a regular file (a FIFO or "
+            "device); give a checkpoint file"
+        )
     return path, st
 
 
 def weights_identity(weights: str) -> str:
-    """"pretrained" | "random" | "sha256:<hex>" of a local file (memoised in the process by
+    """ "pretrained" | "random" | "sha256:<hex>" of a local file (memoised in the process by
     path and stat stamp: fsutil.FileHasher)."""
     if weights in ("pretrained", "random"):
         return weights
@@ -78,12 +85,14 @@ def weights_identity(weights: str) -> str:
 
 # ----------------------------------------------------------------------------- the keys
 
+
 @dataclass(frozen=True)
 class FeatureKey:
     """What determines a feature value besides the image: the feature store's key.
     `mirror`: the key of the store of mirrored features (each canvas flipped left-right
     before the backbone), which stage 1 adds for the predicted splits when predict.tta =
     "flip"."""
+
     backbone: str
     weights: str  # weights_identity of backbone.weights
     layers: int  # backbone.layers resolved (0: the backbone's default)
@@ -140,6 +149,7 @@ class TrainKey:
     settings (so a consumer can tell whether its backbone matches), the training and
     upsampler keys (less TRAIN_IGNORED), and the splits. Recorded in the model card,
     compared by its consumers."""
+
     feature: FeatureKey
     settings: tuple[tuple[str, Any], ...]  # ("train.lr", 0.002), ... (lists as tuples)
     train_split: str
@@ -163,6 +173,7 @@ class TrainKey:
 class PredictKey:
     """What stage 3's report depends on besides the models and the stored split; `tta` is
     part of every result's fingerprint (predict, segment, export)."""
+
     threshold: float
     thumbnails: int
     tta: str  # predict.tta: "none" | "flip"
@@ -174,14 +185,18 @@ class PredictKey:
 
     def params(self) -> dict[str, Any]:
         """What stage 3's record holds as its params."""
-        return {"predict.threshold": self.threshold, "predict.thumbnails": self.thumbnails,
-                **self.tta_params()}
+        return {
+            "predict.threshold": self.threshold,
+            "predict.thumbnails": self.thumbnails,
+            **self.tta_params(),
+        }
 
 
 @dataclass(frozen=True)
 class DatasetRef:
     """The dataset the splits are read from: its folder (as configured), its layout, and
     the largest image stage 1 accepts (data.max_pixels: not part of any key)."""
+
     root: str
     layout: str
     max_pixels: int | None = None
@@ -190,6 +205,7 @@ class DatasetRef:
 @dataclass(frozen=True)
 class Keys:
     """The keys of one config, built once at the boundary."""
+
     feature: FeatureKey
     train: TrainKey
     predict: PredictKey
@@ -202,16 +218,25 @@ class Keys:
         backbone.layers it does not offer is a one-line error here, before any store or
         model is looked for."""
         weights = weights_identity(cfg.backbone.weights)
-        feature = FeatureKey(cfg.backbone.name, weights,
-                             resolve_layers(cfg.backbone.name, cfg.backbone.layers),
-                             cfg.extract.fit, precision, cfg.extract.feature_dtype)
-        settings = tuple((f"{section}.{k}", _frozen(v)) for section in TRAIN_SECTIONS
-                         for k, v in getattr(cfg, section).__dict__.items()
-                         if f"{section}.{k}" not in TRAIN_IGNORED)
+        feature = FeatureKey(
+            cfg.backbone.name,
+            weights,
+            resolve_layers(cfg.backbone.name, cfg.backbone.layers),
+            cfg.extract.fit,
+            precision,
+            cfg.extract.feature_dtype,
+        )
+        settings = tuple(
+            (f"{section}.{k}", _frozen(v))
+            for section in TRAIN_SECTIONS
+            for k, v in getattr(cfg, section).__dict__.items()
+            if f"{section}.{k}" not in TRAIN_IGNORED
+        )
         train = TrainKey(feature, settings, cfg.data.train_split, cfg.data.val_split)
         predict = PredictKey(cfg.predict.threshold, cfg.predict.thumbnails, cfg.predict.tta)
-        return cls(feature, train, predict,
-                   DatasetRef(cfg.data.root, cfg.data.layout, cfg.data.max_pixels))
+        return cls(
+            feature, train, predict, DatasetRef(cfg.data.root, cfg.data.layout, cfg.data.max_pixels)
+        )
 
     def mirrored_splits(self, splits: Sequence[str]) -> list[str]:
         """Which of `splits` get mirrored features too: with predict.tta = "flip", every

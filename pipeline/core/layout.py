@@ -14,6 +14,7 @@ layout): every path of a run comes from RunLayout, and `is_run` says what a run 
     model.pt2                   `export`'s default file
     .locks/<name>.lock          the flock files of the stages writing it
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ OUTS_HASHES = ".outs_hashes.json"
 @dataclass(frozen=True)
 class RunLayout:
     """Where each file of the run in `root` (`<paths.outputs>/<run.name>`) lives."""
+
     root: Path
 
     @classmethod

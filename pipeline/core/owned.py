@@ -12,6 +12,7 @@ only if it is new, or its current content is one the ledger recorded, or it is b
 what would be written. A garbled or missing ledger means "not ours", never "everything is
 ours", and `--force` does not lift the rule.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,11 +65,13 @@ def claim_folder(folder: str | Path, what: str, legacy: Iterable[str] = ()) -> P
         if not (garbled or earlier) and any(folder.iterdir()):
             raise OwnershipError(
                 f"{folder}: {what} exists and was not created by {TOOL} (no {MARKER}); "
-                "choose a new folder, or move its files away")
+                "choose a new folder, or move its files away"
+            )
         if garbled and not earlier:
             raise OwnershipError(
                 f"{folder / MARKER}: {what}'s marker is damaged, so its files are not known to "
-                f"be {TOOL}'s; choose a new folder, or delete the marker if they are")
+                f"be {TOOL}'s; choose a new folder, or delete the marker if they are"
+            )
     atomic_write_json(folder / MARKER, {"tool": TOOL, "version": 1, "files": {}})
     return refuse_links(folder, what)
 
@@ -83,7 +86,8 @@ def refuse_links(folder: Path, what: str) -> Path:
             if path.is_symlink():
                 raise OwnershipError(
                     f"{path}: a symbolic link inside {what}, which {TOOL} never makes; writing "
-                    "through it could change files elsewhere: remove it (or move the target in)")
+                    "through it could change files elsewhere: remove it (or move the target in)"
+                )
     return folder
 
 
@@ -108,8 +112,10 @@ class Ledger:
         doc = _marker(self.folder) or {}
         files = doc.get("files")
         self.files: dict[str, dict[str, Any]] = {
-            k: v for k, v in (files.items() if isinstance(files, dict) else ())
-            if isinstance(v, dict) and isinstance(v.get("sha256"), list)}
+            k: v
+            for k, v in (files.items() if isinstance(files, dict) else ())
+            if isinstance(v, dict) and isinstance(v.get("sha256"), list)
+        }
         self._lock = threading.Lock()
         self._dirty = False
 
@@ -158,9 +164,11 @@ class Ledger:
                     return
             except OSError:
                 pass
-        raise OwnershipError(f"{full}: exists and was not written here by {TOOL}'s "
-                             f"{self.writer}; move or delete it "
-                             "first (it is never overwritten, --force included)")
+        raise OwnershipError(
+            f"{full}: exists and was not written here by {TOOL}'s "
+            f"{self.writer}; move or delete it "
+            "first (it is never overwritten, --force included)"
+        )
 
     def intend(self, writes: dict[Path, bytes]) -> None:
         """Check every write of `writes` ({path: bytes}) and record the new contents' hashes
@@ -200,7 +208,11 @@ class Ledger:
         with self._lock:
             if not self._dirty:
                 return
-            data = json.dumps({"tool": TOOL, "version": 1, "files": self.files}, indent=1,
-                              sort_keys=True) + "\n"
+            data = (
+                json.dumps(
+                    {"tool": TOOL, "version": 1, "files": self.files}, indent=1, sort_keys=True
+                )
+                + "\n"
+            )
             self._dirty = False
         atomic_write_bytes(self.folder / MARKER, data.encode())

@@ -1,6 +1,7 @@
 """Progress that works everywhere: a tqdm bar on a terminal; elsewhere (a log file, a cluster
 job) plain lines on stderr, at most one every PLAIN_INTERVAL_S seconds, and a last one at the
 end, with the rate and the time left."""
+
 from __future__ import annotations
 
 import sys
@@ -24,8 +25,15 @@ def _clock(seconds: float) -> str:
 class Progress:
     """Counts `total` units; `update(n)` from any thread. Disabled: counts silently."""
 
-    def __init__(self, total: int, desc: str, unit: str = "img", enabled: bool = True,
-                 stream: TextIO | None = None, interval: float = PLAIN_INTERVAL_S):
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str = "img",
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        interval: float = PLAIN_INTERVAL_S,
+    ):
         self.total, self.desc, self.unit = total, desc, unit
         self.stream = stream if stream is not None else sys.stderr
         self.n = 0
@@ -38,8 +46,15 @@ class Progress:
         if enabled and total > 0:
             if self.stream.isatty():
                 from tqdm import tqdm
-                self._bar = tqdm(total=total, unit=unit, desc=desc, file=self.stream,
-                                 dynamic_ncols=True, smoothing=0.1)
+
+                self._bar = tqdm(
+                    total=total,
+                    unit=unit,
+                    desc=desc,
+                    file=self.stream,
+                    dynamic_ncols=True,
+                    smoothing=0.1,
+                )
             else:
                 self._plain = True
 
@@ -63,9 +78,12 @@ class Progress:
         rate = self.n / elapsed if elapsed > 0 else 0.0
         left = (self.total - self.n) / rate if rate > 0 else float("nan")
         eta = f", {_clock(left)} left" if rate > 0 and self.n < self.total else ""
-        print(f"{self.desc}: {self.n}/{self.total} {self.unit} "
-              f"({100 * self.n / self.total:.0f} %), {rate:.1f} {self.unit}/s{eta}",
-              file=self.stream, flush=True)
+        print(
+            f"{self.desc}: {self.n}/{self.total} {self.unit} "
+            f"({100 * self.n / self.total:.0f} %), {rate:.1f} {self.unit}/s{eta}",
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self) -> None:
         with self._lock:

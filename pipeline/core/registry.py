@@ -5,6 +5,7 @@ size, channels, normalisation, the builder that makes the model, its default and
 are published. Importable without torch: config validation (`config show`) reads it, and
 pipeline/models/backbones.py builds the models from it (its builders keyed by `builder`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,13 +41,15 @@ class BackboneSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"{self.name}: kind {self.kind!r} is not one of {KINDS}")
-        if self.kind == "cnn" and not (len(self.taps) == len(self.tap_channels)
-                                       == self.max_layers and self.tap_channels[0]
-                                       == self.embed_dim):
+        if self.kind == "cnn" and not (
+            len(self.taps) == len(self.tap_channels) == self.max_layers
+            and self.tap_channels[0] == self.embed_dim
+        ):
             raise ValueError(f"{self.name}: a CNN has one tap (and its channels) per layer")
         if not 1 <= self.default_layers <= self.max_layers:
-            raise ValueError(f"{self.name}: default layers {self.default_layers} not in 1 to "
-                             f"{self.max_layers}")
+            raise ValueError(
+                f"{self.name}: default layers {self.default_layers} not in 1 to {self.max_layers}"
+            )
 
     def channels(self, layers: int) -> int:
         """C of the feature map with `layers` layers concatenated."""
@@ -68,28 +71,66 @@ VIT_S_DEPTH = 12  # blocks of the ViT-S models below
 DINO_URL = "https://dl.fbaipublicfiles.com/dino/{0}/{0}.pth"  # the original DINO release
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{0}/{0}_pretrain.pth"
 
-register(BackboneSpec(
-    "dino_vits16", "vit", 16, 384, "timm:vit_small_patch16_224.dino", "timm",
-    "dino_deitsmall16_pretrain.pth", DINO_URL.format("dino_deitsmall16_pretrain"),
-    max_layers=VIT_S_DEPTH))
-register(BackboneSpec(
-    "dino_vits8", "vit", 8, 384, "timm:vit_small_patch8_224.dino", "timm",
-    "dino_deitsmall8_pretrain.pth", DINO_URL.format("dino_deitsmall8_pretrain"),
-    max_layers=VIT_S_DEPTH))
-register(BackboneSpec(
-    "dinov2_vits14", "vit", 14, 384, "timm:vit_small_patch14_dinov2.lvd142m", "timm",
-    "dinov2_vits14_pretrain.pth", DINOV2_URL.format("dinov2_vits14"),
-    max_layers=VIT_S_DEPTH))
+register(
+    BackboneSpec(
+        "dino_vits16",
+        "vit",
+        16,
+        384,
+        "timm:vit_small_patch16_224.dino",
+        "timm",
+        "dino_deitsmall16_pretrain.pth",
+        DINO_URL.format("dino_deitsmall16_pretrain"),
+        max_layers=VIT_S_DEPTH,
+    )
+)
+register(
+    BackboneSpec(
+        "dino_vits8",
+        "vit",
+        8,
+        384,
+        "timm:vit_small_patch8_224.dino",
+        "timm",
+        "dino_deitsmall8_pretrain.pth",
+        DINO_URL.format("dino_deitsmall8_pretrain"),
+        max_layers=VIT_S_DEPTH,
+    )
+)
+register(
+    BackboneSpec(
+        "dinov2_vits14",
+        "vit",
+        14,
+        384,
+        "timm:vit_small_patch14_dinov2.lvd142m",
+        "timm",
+        "dinov2_vits14_pretrain.pth",
+        DINOV2_URL.format("dinov2_vits14"),
+        max_layers=VIT_S_DEPTH,
+    )
+)
 # mobilenet_v2's stride-16 output is features[13] (96 channels); backbone.layers = N adds the
 # outputs of the next N - 1 stages (160, 320 and 1280 channels), kept at stride 16. Its
 # default, 2, was measured with stage 3's report on both shared datasets (benchmarks/
 # RESULTS.md, "Feature layers and flip TTA"); the ViTs could not be measured offline (no DINO
 # weights): 1.
-register(BackboneSpec(
-    "mobilenet_v2", "cnn", 16, 96, "torchvision:mobilenet_v2", "torchvision:mobilenet_v2",
-    "a torchvision mobilenet_v2 state dict (.pth)",
-    "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
-    max_layers=4, default_layers=2, taps=(13, 16, 17, 18), tap_channels=(96, 160, 320, 1280)))
+register(
+    BackboneSpec(
+        "mobilenet_v2",
+        "cnn",
+        16,
+        96,
+        "torchvision:mobilenet_v2",
+        "torchvision:mobilenet_v2",
+        "a torchvision mobilenet_v2 state dict (.pth)",
+        "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+        max_layers=4,
+        default_layers=2,
+        taps=(13, 16, 17, 18),
+        tap_channels=(96, 160, 320, 1280),
+    )
+)
 
 
 def list_backbones() -> list[str]:
@@ -105,8 +146,9 @@ def get_spec(name: str) -> BackboneSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise BackboneError(f"unknown backbone {name!r} "
-                            f"(one of {', '.join(list_backbones())})") from None
+        raise BackboneError(
+            f"unknown backbone {name!r} (one of {', '.join(list_backbones())})"
+        ) from None
 
 
 def max_layers(name: str) -> int:
@@ -134,5 +176,7 @@ def check_layers(name: str, layers: int, resolved: int) -> None:
     max_layers(name)."""
     spec = get_spec(name)
     if not 1 <= resolved <= spec.max_layers:
-        raise ConfigError(f"bad value for backbone.layers: {layers} ({name} offers 1 to "
-                          f"{spec.max_layers}; 0 = its default, {spec.default_layers})")
+        raise ConfigError(
+            f"bad value for backbone.layers: {layers} ({name} offers 1 to "
+            f"{spec.max_layers}; 0 = its default, {spec.default_layers})"
+        )

@@ -1,5 +1,6 @@
 """The mask variants every prediction computes (inference.Predictor), in reading order, and
 the comparison the report's headline and scatter plot make. Torch-free: the report imports it."""
+
 from __future__ import annotations
 
 # the linear head's patch logits upsampled by nearest-neighbour and bilinear interpolation, and

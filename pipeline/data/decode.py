@@ -1,5 +1,6 @@
 """Reading and decoding a dataset's files: size limits before decoding (data.max_pixels),
 EXIF orientation, non-regular files refused, masks thresholded."""
+
 from __future__ import annotations
 
 import io
@@ -30,9 +31,13 @@ _RETRY = "raise data.max_pixels to use it (the next run retries the file)"
 
 def file_kind(mode: int) -> str:
     """What a non-regular file is, for messages ("a FIFO", "a character device", ...)."""
-    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISDIR, "a folder"))
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+    )
     return next((name for test, name in kinds if test(mode)), "not a file")
 
 
@@ -67,9 +72,12 @@ def read_bytes(path: str | Path, what: str = "file", max_pixels: int | None = No
         raise DataError(f"{path}: cannot read {what} ({e.strerror or _short(e)})") from None
     if limit is not None and size > limit:
         needed = -(-(size - BYTES_OVERHEAD) // BYTES_PER_PIXEL)  # the max_pixels it would pass
-        raise ImageTooLarge(f"{path}: {what} file of {size} bytes, more than an image within "
-                            f"data.max_pixels = {max_pixels} can need ({limit} bytes): not "
-                            f"read; {_RETRY}", needed)
+        raise ImageTooLarge(
+            f"{path}: {what} file of {size} bytes, more than an image within "
+            f"data.max_pixels = {max_pixels} can need ({limit} bytes): not "
+            f"read; {_RETRY}",
+            needed,
+        )
     return data
 
 
@@ -99,8 +107,9 @@ def _open_image(data: bytes) -> Image.Image:
     raise UnidentifiedImageError("cannot identify image file")
 
 
-def check_pixels(size: tuple[int, int], name: str | Path, max_pixels: int | None,
-                 what: str = "image") -> None:
+def check_pixels(
+    size: tuple[int, int], name: str | Path, max_pixels: int | None, what: str = "image"
+) -> None:
     """ImageTooLarge (a DataError) when `size` (width, height) has more than `max_pixels`
     pixels (None: no limit)."""
     w, h = size
@@ -109,11 +118,18 @@ def check_pixels(size: tuple[int, int], name: str | Path, max_pixels: int | None
         raise ImageTooLarge(
             f"{name}: {what} of {w}x{h} pixels ({pixels / 1e6:.3g} megapixels) is larger "
             f"than data.max_pixels = {max_pixels} ({max_pixels / 1e6:.3g} megapixels): not "
-            f"decoded; {_RETRY}", pixels)
+            f"decoded; {_RETRY}",
+            pixels,
+        )
 
 
-def _decode(data: bytes, name: str | Path, what: str, max_pixels: int | None,
-            convert: Callable[[Image.Image], Image.Image]) -> np.ndarray:
+def _decode(
+    data: bytes,
+    name: str | Path,
+    what: str,
+    max_pixels: int | None,
+    convert: Callable[[Image.Image], Image.Image],
+) -> np.ndarray:
     """`convert(im)` of the decoded image as an array, its pixel count checked against
     `max_pixels` from the header first; DataError naming the file when it cannot be used."""
     try:
@@ -133,8 +149,9 @@ def decode_image(data: bytes, name: str | Path, max_pixels: int | None = None) -
     (EXIF orientation applied), whatever the mode (L, RGBA, P, ...). `name` is for errors.
     `max_pixels`: ImageTooLarge, read from the header before decoding, for an image with
     more pixels (None: no limit, e.g. for bytes that passed it when they were stored)."""
-    rgb = _decode(data, name, "image", max_pixels,
-                  lambda im: ImageOps.exif_transpose(im).convert("RGB"))
+    rgb = _decode(
+        data, name, "image", max_pixels, lambda im: ImageOps.exif_transpose(im).convert("RGB")
+    )
     return rgb.astype(np.uint8, copy=False)
 
 
@@ -153,6 +170,7 @@ def load_mask(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
 @dataclass
 class LoadedItem:
     """One decoded item: the image file's bytes (stored as they are), its pixels and mask."""
+
     encoded: bytes
     image: np.ndarray  # uint8 (H, W, 3), viewer orientation
     mask: np.ndarray | None  # bool (H, W), None when the item has no annotation
@@ -171,7 +189,8 @@ def load_item(root: str | Path, item: Item, max_pixels: int | None = None) -> Lo
         if mask.shape != image.shape[:2]:
             raise DataError(
                 f"{root / item.mask}: mask size {mask.shape[1]}x{mask.shape[0]} differs from "
-                f"its image's {image.shape[1]}x{image.shape[0]}")
+                f"its image's {image.shape[1]}x{image.shape[0]}"
+            )
     return LoadedItem(encoded, image, mask)
 
 

@@ -7,6 +7,7 @@ listing order, and a sequence's membership depends on the names alone, never on 
 Every frame of a sequence goes to one side, so no frame of a validation sequence is trained
 on. Pure functions; the stages apply them to the training split's listing.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,9 @@ def held_out(categories: Iterable[str], n: int) -> list[str]:
     0 < n < the number of distinct categories (training keeps at least one)."""
     names = sorted(set(categories))
     if not 0 < n < len(names):
-        raise ValueError(f"cannot hold out {n} of {len(names)} sequences "
-                         f"(between 1 and {len(names) - 1})")
+        raise ValueError(
+            f"cannot hold out {n} of {len(names)} sequences (between 1 and {len(names) - 1})"
+        )
     return sorted(sorted(names, key=_rank)[:n])
 
 

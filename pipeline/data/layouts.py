@@ -3,6 +3,7 @@
 - davis2016: <root>/JPEGImages/480p/<seq>/<f>.jpg, <root>/Annotations/480p/<seq>/<f>.png,
              split lists in <root>/ImageSets/480p/<split>.txt (the category is the sequence)
 """
+
 from __future__ import annotations
 
 import os
@@ -20,6 +21,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 @dataclass(frozen=True)
 class Item:
     """One image of a split and its annotation, with paths relative to the data root."""
+
     split: str
     category: str
     stem: str
@@ -37,8 +39,11 @@ def list_splits(root: str | Path, layout: str) -> list[str]:
         raise DataError(f"dataset folder not found: {root}")
     if layout == "obj_seg":
         # a folder of the tool's own (a run or cache folder put under data.root) is no split
-        splits = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                        and not (p / MARKER).is_file())
+        splits = sorted(
+            p.name
+            for p in root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and not (p / MARKER).is_file()
+        )
     elif layout == "davis2016":
         sets = root / "ImageSets" / "480p"
         splits = sorted(p.stem for p in sets.glob("*.txt")) if sets.is_dir() else []
@@ -83,8 +88,15 @@ def _list_obj_seg(root: Path, split: str, problems: list[str]) -> list[Item]:
                 problems.append(_not_a_file(img))
                 continue
             mask = ann_dir / f"{img.stem}.png"
-            items.append(Item(split, cat_dir.name, img.stem, img.relative_to(root).as_posix(),
-                              mask.relative_to(root).as_posix() if mask.is_file() else None))
+            items.append(
+                Item(
+                    split,
+                    cat_dir.name,
+                    img.stem,
+                    img.relative_to(root).as_posix(),
+                    mask.relative_to(root).as_posix() if mask.is_file() else None,
+                )
+            )
     return items
 
 
@@ -109,8 +121,11 @@ def _list_davis2016(root: Path, split: str, problems: list[str]) -> list[Item]:
             continue
         seen.add(rel_img)
         if not img.is_file():
-            problems.append(f"{img}: listed in {lst.name} line {n} but missing"
-                            if not img.exists() else _not_a_file(img))
+            problems.append(
+                f"{img}: listed in {lst.name} line {n} but missing"
+                if not img.exists()
+                else _not_a_file(img)
+            )
             continue
         if rel_mask is not None and not (root / rel_mask).is_file():
             rel_mask = None
@@ -121,7 +136,9 @@ def _list_davis2016(root: Path, split: str, problems: list[str]) -> list[Item]:
 
 # each layout's lister: (root, split, problems to add to) -> the split's items
 _LISTERS: dict[str, Callable[[Path, str, list[str]], list[Item]]] = {
-    "obj_seg": _list_obj_seg, "davis2016": _list_davis2016}
+    "obj_seg": _list_obj_seg,
+    "davis2016": _list_davis2016,
+}
 
 
 def _not_a_file(path: Path) -> str:
@@ -152,6 +169,8 @@ def _refuse_duplicate_stems(root: Path, items: list[Item]) -> None:
     for it in items:
         other = seen.setdefault((it.category, it.stem), it)
         if other is not it:
-            raise DataError(f"{root / other.image} and {root / it.image}: two images with the "
-                            f"stem '{it.stem}' in category '{it.category}' would write one mask "
-                            "file; rename one of them")
+            raise DataError(
+                f"{root / other.image} and {root / it.image}: two images with the "
+                f"stem '{it.stem}' in category '{it.category}' would write one mask "
+                "file; rename one of them"
+            )

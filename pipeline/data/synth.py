@@ -1,5 +1,6 @@
 """A small generated dataset (shapes of distinct colour and texture on textured backgrounds)
 in either layout: the fixture of the tests and the data of `cli.py demo`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,9 @@ CATEGORIES = {  # category -> (object colour, background colour)
 }
 
 
-def _sample(rng: np.random.Generator, category: str, h: int,
-            w: int) -> tuple[np.ndarray, np.ndarray]:
+def _sample(
+    rng: np.random.Generator, category: str, h: int, w: int
+) -> tuple[np.ndarray, np.ndarray]:
     obj_col, bg_col = (np.array(c, np.float32) for c in CATEGORIES[category])
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     # background: its colour, diagonal stripes of random phase and low-amplitude noise
@@ -25,7 +27,7 @@ def _sample(rng: np.random.Generator, category: str, h: int,
     cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
     r = rng.uniform(0.18, 0.3) * min(h, w)
     if category == "disc":
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
     else:
         t = rng.uniform(0, np.pi)
         u = (xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)
@@ -37,8 +39,13 @@ def _sample(rng: np.random.Generator, category: str, h: int,
     return np.clip(img, 0, 255).astype(np.uint8), mask
 
 
-def make_dataset(root: str | Path, layout: str = "obj_seg", splits: dict[str, int] | None = None,
-                 size: tuple[int, int] = (160, 224), seed: int = 0) -> Path:
+def make_dataset(
+    root: str | Path,
+    layout: str = "obj_seg",
+    splits: dict[str, int] | None = None,
+    size: tuple[int, int] = (160, 224),
+    seed: int = 0,
+) -> Path:
     """Write a dataset under `root` with `splits[split]` images per category per split, of
     `size` = (height, width). Returns `root`. Deterministic for a given seed."""
     root = Path(root)
@@ -58,8 +65,10 @@ def make_dataset(root: str | Path, layout: str = "obj_seg", splits: dict[str, in
                     seq = f"{category}-{split}"
                     img_path = root / "JPEGImages" / "480p" / seq / f"{stem}.jpg"
                     mask_path = root / "Annotations" / "480p" / seq / f"{stem}.png"
-                    lines.append(f"/{img_path.relative_to(root).as_posix()} "
-                                 f"/{mask_path.relative_to(root).as_posix()}")
+                    lines.append(
+                        f"/{img_path.relative_to(root).as_posix()} "
+                        f"/{mask_path.relative_to(root).as_posix()}"
+                    )
                 img_path.parent.mkdir(parents=True, exist_ok=True)
                 mask_path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(img).save(img_path, quality=92)

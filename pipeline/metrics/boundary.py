@@ -3,6 +3,7 @@
 neighbourhood), computed on the masks' bounding boxes only. The rules for empty boundaries
 are in ``definitions``. Masks are bool, or numbers where > 0 is object; a negative or NaN
 value is refused (ValueError), as is a tolerance >= 1 pixel that is not an integer."""
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,10 @@ def as_bool(a: np.ndarray) -> np.ndarray:
         bad = np.isnan(a) | (a < 0) if a.dtype.kind == "f" else a < 0
         if bad.any():
             at = np.unravel_index(int(np.argmax(bad)), a.shape)
-            raise ValueError(f"mask value {a[at]!r} at {tuple(int(i) for i in at)}: mask "
-                             "values must be >= 0 and not NaN (> 0 is object)")
+            raise ValueError(
+                f"mask value {a[at]!r} at {tuple(int(i) for i in at)}: mask "
+                "values must be >= 0 and not NaN (> 0 is object)"
+            )
     return a > 0
 
 
@@ -60,8 +63,9 @@ def boundary_radius(bound_th: float, shape: tuple[int, int]) -> float:
         raise ValueError(f"bound_th must be >= 0, got {bound_th!r}")
     if bound_th >= 1:
         if not float(bound_th).is_integer():
-            raise ValueError(f"bound_th >= 1 is a tolerance in pixels and must be an integer, "
-                             f"got {bound_th!r}")
+            raise ValueError(
+                f"bound_th >= 1 is a tolerance in pixels and must be an integer, got {bound_th!r}"
+            )
         return float(bound_th)
     h, w = shape
     return float(math.ceil(bound_th * math.sqrt(h * h + w * w)))
@@ -95,7 +99,7 @@ def disk(radius: float) -> np.ndarray:
     top = len(rows) // 2
     k = np.zeros((2 * top + 1, 2 * top + 1), dtype=bool)
     for dy, w in rows:
-        k[dy + top, top - w: top + w + 1] = True
+        k[dy + top, top - w : top + w + 1] = True
     return k
 
 
@@ -115,8 +119,8 @@ def _run_prefix(crop: np.ndarray, pad: int) -> np.ndarray:
     ``out[i, pad + b] > out[i, pad + a]``."""
     hc, wc = crop.shape
     out = np.zeros((hc, wc + 1 + 2 * pad), dtype=np.int32)
-    np.cumsum(crop, axis=1, dtype=np.int32, out=out[:, pad + 1:pad + 1 + wc])
-    out[:, pad + 1 + wc:] = out[:, pad + wc:pad + wc + 1]
+    np.cumsum(crop, axis=1, dtype=np.int32, out=out[:, pad + 1 : pad + 1 + wc])
+    out[:, pad + 1 + wc :] = out[:, pad + wc : pad + wc + 1]
     return out
 
 
@@ -134,9 +138,9 @@ def _dilate_crop(crop: np.ndarray, radius: float) -> np.ndarray:
     for dy, w in rows:
         if w not in runs:
             # output column u is crop column u - top; run [u - top - w, u - top + w]
-            runs[w] = prefix[:, top + w + 1:top + w + 1 + wo] > prefix[:, top - w:top - w + wo]
+            runs[w] = prefix[:, top + w + 1 : top + w + 1 + wo] > prefix[:, top - w : top - w + wo]
         # a target pixel in crop row i reaches output row i + top - dy
-        out[top - dy:top - dy + hc] |= runs[w]
+        out[top - dy : top - dy + hc] |= runs[w]
     return out
 
 
@@ -157,14 +161,14 @@ def _near(target: np.ndarray, ys: np.ndarray, xs: np.ndarray, radius: float) -> 
     rows = _half_widths(radius)
     top = len(rows) // 2
     y0, y1, x0, x1 = box
-    crop = target[y0:y1 + 1, x0:x1 + 1]
+    crop = target[y0 : y1 + 1, x0 : x1 + 1]
     hc, wc = crop.shape
     # only queries within the box grown by R can hit anything
     sel = np.flatnonzero((ys >= y0 - top) & (ys <= y1 + top) & (xs >= x0 - top) & (xs <= x1 + top))
     if sel.size == 0:
         return hit
-    qy = ys[sel].astype(np.intp) - y0   # in [-top, hc + top)
-    qx = xs[sel].astype(np.intp) - x0   # in [-top, wc + top)
+    qy = ys[sel].astype(np.intp) - y0  # in [-top, hc + top)
+    qx = xs[sel].astype(np.intp) - x0  # in [-top, wc + top)
     if sel.size * len(rows) > crop.size:  # measured crossover of the two ways, roughly
         hit[sel] = _dilate_crop(crop, radius)[qy + top, qx + top]
         return hit
@@ -172,7 +176,7 @@ def _near(target: np.ndarray, ys: np.ndarray, xs: np.ndarray, radius: float) -> 
     # every (query + offset) index is in range without a bounds check; flat indexing
     pad = 2 * top
     prefix = np.zeros((hc + 2 * pad, wc + 1 + 2 * pad), dtype=np.int32)
-    prefix[pad:pad + hc] = _run_prefix(crop, pad)
+    prefix[pad : pad + hc] = _run_prefix(crop, pad)
     ncol = prefix.shape[1]
     flat = prefix.ravel()
     base = (qy + pad) * ncol + (qx + pad)
@@ -197,12 +201,12 @@ def dilate_disk(mask: np.ndarray, radius: float) -> np.ndarray:
         return out
     y0, y1, x0, x1 = box
     top = len(_half_widths(radius)) // 2
-    grown = _dilate_crop(m[y0:y1 + 1, x0:x1 + 1], radius)
+    grown = _dilate_crop(m[y0 : y1 + 1, x0 : x1 + 1], radius)
     # grown[v, u] is image pixel (y0 - top + v, x0 - top + u); paste what lies inside
     h, w = m.shape
     a, b = max(0, y0 - top), min(h, y1 + top + 1)
     c, d = max(0, x0 - top), min(w, x1 + top + 1)
-    out[a:b, c:d] = grown[a - (y0 - top):b - (y0 - top), c - (x0 - top):d - (x0 - top)]
+    out[a:b, c:d] = grown[a - (y0 - top) : b - (y0 - top), c - (x0 - top) : d - (x0 - top)]
     return out
 
 
@@ -217,8 +221,10 @@ def boundary_f(pred: np.ndarray, gt: np.ndarray, bound_th: float = 0.008) -> flo
     p = as_bool(pred)
     g = as_bool(gt)
     if p.shape != g.shape or p.ndim != 2:
-        raise ValueError(f"prediction and annotation must be 2-D arrays of the same shape; "
-                         f"got prediction {p.shape} and annotation {g.shape}")
+        raise ValueError(
+            f"prediction and annotation must be 2-D arrays of the same shape; "
+            f"got prediction {p.shape} and annotation {g.shape}"
+        )
     radius = boundary_radius(bound_th, p.shape)
     pb = boundary_map(p)
     gb = boundary_map(g)

@@ -8,6 +8,7 @@ point the validation masks themselves were made at, when off the grid, is not a 
 so the choice does not depend on it). Ties go to the threshold nearest 0.5, then to the
 lower one. Pure functions on the report's JSON; no torch.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -31,9 +32,13 @@ def _grid_points(sweep: object, what: str) -> dict[float, float]:
         if not isinstance(point, dict):
             raise ValueError(f"{what}: a sweep point is not an object")
         t, v = point.get("threshold"), point.get(OBJECTIVE)
-        if (isinstance(t, bool) or not isinstance(t, (int, float))
-                or isinstance(v, bool) or not isinstance(v, (int, float))
-                or not 0.0 <= v <= 1.0):  # also NaN
+        if (
+            isinstance(t, bool)
+            or not isinstance(t, (int, float))
+            or isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or not 0.0 <= v <= 1.0
+        ):  # also NaN
             raise ValueError(f"{what}: bad sweep point {point!r}")
         found[float(t)] = float(v)
     missing = [t for t in SWEEP_THRESHOLDS if t not in found]
@@ -47,8 +52,10 @@ def choose_threshold(sweep: list[dict], what: str = "sweep") -> float:
     then lower)."""
     points = _grid_points(sweep, what)
     best = max(points.values())
-    return min((t for t, v in points.items() if v == best),
-               key=lambda t: (round(abs(t - TIE_CENTRE), 9), t))  # 0.4 and 0.6 tie exactly
+    return min(
+        (t for t, v in points.items() if v == best),
+        key=lambda t: (round(abs(t - TIE_CENTRE), 9), t),
+    )  # 0.4 and 0.6 tie exactly
 
 
 def choose_thresholds(val_report: dict, variants: Iterable[str]) -> dict[str, float]:
@@ -69,6 +76,6 @@ def sweep_fingerprint(val_report: dict, variants: Iterable[str]) -> str:
     """The content fingerprint of what the choice reads: the variants' sweeps at the grid
     points (the dependency of a stage that predicts with "auto")."""
     sweeps = val_report["threshold_sweep"]
-    return fingerprint({v: [[t, o] for t, o in _grid_points(sweeps[v], v).items()]
-                        for v in variants})
-
+    return fingerprint(
+        {v: [[t, o] for t, o in _grid_points(sweeps[v], v).items()] for v in variants}
+    )

@@ -26,6 +26,7 @@ the protocol is applied to those frames (first and last of that list excluded), 
 what the official code computes when given the same frames, not its value on the full
 sequences. Pure numpy, no torch.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,9 +36,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DECAY_BINS", "RECALL_THRESHOLD", "FRAMES_EXCLUDED_ENDS", "FRAMES_ALL",
-           "SequenceStats", "statistics", "decay_edges", "evaluated", "davis_protocol",
-           "per_variant"]
+__all__ = [
+    "DECAY_BINS",
+    "RECALL_THRESHOLD",
+    "FRAMES_EXCLUDED_ENDS",
+    "FRAMES_ALL",
+    "SequenceStats",
+    "statistics",
+    "decay_edges",
+    "evaluated",
+    "davis_protocol",
+    "per_variant",
+]
 
 DECAY_BINS = 4
 RECALL_THRESHOLD = 0.5
@@ -61,12 +71,15 @@ class SequenceStats:
 def _checked(values: Sequence[float], what: str) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 1 or v.size == 0:
-        raise ValueError(f"{what}: need a non-empty 1-D list of per-frame values, "
-                         f"got shape {v.shape}")
+        raise ValueError(
+            f"{what}: need a non-empty 1-D list of per-frame values, got shape {v.shape}"
+        )
     bad = ~((v >= 0.0) & (v <= 1.0))  # also NaN
     if bad.any():
-        raise ValueError(f"{what}: per-frame values must lie in [0, 1], got "
-                         f"{v[bad][0]!r} at frame {int(np.flatnonzero(bad)[0])}")
+        raise ValueError(
+            f"{what}: per-frame values must lie in [0, 1], got "
+            f"{v[bad][0]!r} at frame {int(np.flatnonzero(bad)[0])}"
+        )
     return v
 
 
@@ -82,11 +95,13 @@ def statistics(values: Sequence[float], what: str = "sequence") -> SequenceStats
     [0, 1]; ValueError otherwise, naming `what`)."""
     v = _checked(values, what)
     e = decay_edges(v.size)
-    first = v[e[0]:e[1] + 1]
-    last = v[e[DECAY_BINS - 1]:e[DECAY_BINS] + 1]
-    return SequenceStats(mean=math.fsum(v) / v.size,
-                         recall=int(np.count_nonzero(v > RECALL_THRESHOLD)) / v.size,
-                         decay=math.fsum(first) / first.size - math.fsum(last) / last.size)
+    first = v[e[0] : e[1] + 1]
+    last = v[e[DECAY_BINS - 1] : e[DECAY_BINS] + 1]
+    return SequenceStats(
+        mean=math.fsum(v) / v.size,
+        recall=int(np.count_nonzero(v > RECALL_THRESHOLD)) / v.size,
+        decay=math.fsum(first) / first.size - math.fsum(last) / last.size,
+    )
 
 
 def evaluated(stems: Iterable[str], exclude_ends: bool = True) -> list[str]:
@@ -103,8 +118,9 @@ def _mean_of(per_sequence: dict[str, dict], measure: str, stat: str) -> float | 
     return math.fsum(vals) / len(vals) if vals else None
 
 
-def davis_protocol(frames: Iterable[tuple[str, str, float, float]],
-                   exclude_ends: bool = True) -> dict:
+def davis_protocol(
+    frames: Iterable[tuple[str, str, float, float]], exclude_ends: bool = True
+) -> dict:
     """The DAVIS aggregate of per-frame values ``(sequence, frame stem, j, f)``.
 
     Returns ``{"J": {"mean", "recall", "decay"}, "F": {...}, "J&F", "n_sequences",
@@ -118,8 +134,9 @@ def davis_protocol(frames: Iterable[tuple[str, str, float, float]],
             raise ValueError(f"sequence {seq!r}: frame {stem!r} listed twice")
         for name, value in (("J", j), ("F", f)):
             if not 0.0 <= float(value) <= 1.0:  # also NaN
-                raise ValueError(f"sequence {seq!r} frame {stem!r}: {name} must lie in [0, 1], "
-                                 f"got {value!r}")
+                raise ValueError(
+                    f"sequence {seq!r} frame {stem!r}: {name} must lie in [0, 1], got {value!r}"
+                )
         by_seq[seq][stem] = (float(j), float(f))
     per_sequence: dict[str, dict] = {}
     skipped: dict[str, int] = {}
@@ -132,9 +149,12 @@ def davis_protocol(frames: Iterable[tuple[str, str, float, float]],
         per_sequence[seq] = {
             "J": statistics([rows[s][0] for s in kept], f"sequence {seq!r} J").to_dict(),
             "F": statistics([rows[s][1] for s in kept], f"sequence {seq!r} F").to_dict(),
-            "n_frames": len(kept)}
-    out: dict = {m: {s: _mean_of(per_sequence, m, s) for s in ("mean", "recall", "decay")}
-                 for m in ("J", "F")}
+            "n_frames": len(kept),
+        }
+    out: dict = {
+        m: {s: _mean_of(per_sequence, m, s) for s in ("mean", "recall", "decay")}
+        for m in ("J", "F")
+    }
     jm, fm = out["J"]["mean"], out["F"]["mean"]
     out["J&F"] = None if jm is None or fm is None else (jm + fm) / 2
     out["n_sequences"] = len(per_sequence)
@@ -144,11 +164,16 @@ def davis_protocol(frames: Iterable[tuple[str, str, float, float]],
     return out
 
 
-def per_variant(per_image: Iterable[dict], variants: Iterable[str],
-                exclude_ends: bool = True) -> dict[str, dict]:
+def per_variant(
+    per_image: Iterable[dict], variants: Iterable[str], exclude_ends: bool = True
+) -> dict[str, dict]:
     """{variant: davis_protocol(...)} from a report's ``per_image`` rows (``category`` is the
     sequence, ``stem`` the frame, ``j`` and ``f`` per variant): what stage 3 already keeps,
     so nothing is recomputed."""
     rows = list(per_image)
-    return {v: davis_protocol(((r["category"], r["stem"], r["j"][v], r["f"][v]) for r in rows),
-                              exclude_ends) for v in variants}
+    return {
+        v: davis_protocol(
+            ((r["category"], r["stem"], r["j"][v], r["f"][v]) for r in rows), exclude_ends
+        )
+        for v in variants
+    }

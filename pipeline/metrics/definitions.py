@@ -29,6 +29,7 @@ default", never NaN):
   empty, annotated not -> P = 1, R = 0; annotated empty, predicted not -> P = 0, R = 1;
   F = 2PR / (P + R), 0 when P + R == 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,24 @@ from dataclasses import dataclass
 
 from ..core.variants import BASELINE, CANDIDATE
 
-__all__ = ["Pooled", "Metric", "METRICS", "KEYS", "BLOCK_KEYS", "HEADLINE", "OVERALL_TABLE",
-           "RUNS_COLUMNS", "metric", "ratio", "mean", "fg_iou", "bg_iou", "precision", "recall",
-           "headline_names"]
+__all__ = [
+    "Pooled",
+    "Metric",
+    "METRICS",
+    "KEYS",
+    "BLOCK_KEYS",
+    "HEADLINE",
+    "OVERALL_TABLE",
+    "RUNS_COLUMNS",
+    "metric",
+    "ratio",
+    "mean",
+    "fg_iou",
+    "bg_iou",
+    "precision",
+    "recall",
+    "headline_names",
+]
 
 
 @dataclass(frozen=True)
@@ -105,25 +121,48 @@ _PIXEL_RATES = "pixel accuracy, and the precision / recall of the object pixels.
 
 # in the order of report_<split>.json's blocks
 METRICS: tuple[Metric, ...] = (
-    Metric("miou", "mIoU", "mIoU",
-           lambda p: (fg_iou(p.tp, p.fp, p.fn) + bg_iou(p.tn, p.fp, p.fn)) / 2,
-           "mean of the object IoU and the background IoU, each computed over all pixels of "
-           "the group pooled together (the course convention).", headline=True),
+    Metric(
+        "miou",
+        "mIoU",
+        "mIoU",
+        lambda p: (fg_iou(p.tp, p.fp, p.fn) + bg_iou(p.tn, p.fp, p.fn)) / 2,
+        "mean of the object IoU and the background IoU, each computed over all pixels of "
+        "the group pooled together (the course convention).",
+        headline=True,
+    ),
     Metric("fg_iou", "FG IoU", "FG IoU", lambda p: fg_iou(p.tp, p.fp, p.fn), _POOLED_IOU),
     Metric("bg_iou", "BG IoU", "BG IoU", lambda p: bg_iou(p.tn, p.fp, p.fn), _POOLED_IOU),
-    Metric("accuracy", "Accuracy", "Accuracy",
-           lambda p: ratio(p.tp + p.tn, p.tp + p.fp + p.fn + p.tn, 1.0), _PIXEL_RATES),
-    Metric("precision", "Precision", "Precision", lambda p: precision(p.tp, p.fp, p.fn),
-           _PIXEL_RATES),
+    Metric(
+        "accuracy",
+        "Accuracy",
+        "Accuracy",
+        lambda p: ratio(p.tp + p.tn, p.tp + p.fp + p.fn + p.tn, 1.0),
+        _PIXEL_RATES,
+    ),
+    Metric(
+        "precision", "Precision", "Precision", lambda p: precision(p.tp, p.fp, p.fn), _PIXEL_RATES
+    ),
     Metric("recall", "Recall", "Recall", lambda p: recall(p.tp, p.fp, p.fn), _PIXEL_RATES),
-    Metric("j_mean", "J mean", "J", lambda p: mean(p.j),
-           "mean over images of the per-image object IoU (DAVIS region similarity J): every "
-           "image counts equally, whatever the size of its object.", headline=True,
-           per_image="j"),
-    Metric("boundary_f", "Boundary F", "F", lambda p: mean(p.f),
-           "DAVIS boundary F-measure: precision/recall of the predicted vs. ground-truth "
-           "object contours, matched within 0.008 x the image diagonal; averaged over images.",
-           headline=True, per_image="f"),
+    Metric(
+        "j_mean",
+        "J mean",
+        "J",
+        lambda p: mean(p.j),
+        "mean over images of the per-image object IoU (DAVIS region similarity J): every "
+        "image counts equally, whatever the size of its object.",
+        headline=True,
+        per_image="j",
+    ),
+    Metric(
+        "boundary_f",
+        "Boundary F",
+        "F",
+        lambda p: mean(p.f),
+        "DAVIS boundary F-measure: precision/recall of the predicted vs. ground-truth "
+        "object contours, matched within 0.008 x the image diagonal; averaged over images.",
+        headline=True,
+        per_image="f",
+    ),
 )
 KEYS = tuple(m.key for m in METRICS)
 BLOCK_KEYS = frozenset({*KEYS, "n_images"})  # the keys of one METRICS block
@@ -141,12 +180,16 @@ def metric(key: str) -> Metric:
 HEADLINE = tuple(m for m in METRICS if m.headline)
 # the report's overall table, in reading order: the pooled IoUs, the per-image means, the
 # pixel rates
-OVERALL_TABLE = tuple(metric(k) for k in ("miou", "fg_iou", "bg_iou", "j_mean", "boundary_f",
-                                          "accuracy", "precision", "recall"))
+OVERALL_TABLE = tuple(
+    metric(k)
+    for k in ("miou", "fg_iou", "bg_iou", "j_mean", "boundary_f", "accuracy", "precision", "recall")
+)
 # the metric columns of `runs` and of its HTML page: (title, variant, metric)
-RUNS_COLUMNS = tuple((f"{name} {m.short}", v, m)
-                     for v, name in ((CANDIDATE, "pac"), (BASELINE, "bilinear"))
-                     for m in HEADLINE)
+RUNS_COLUMNS = tuple(
+    (f"{name} {m.short}", v, m)
+    for v, name in ((CANDIDATE, "pac"), (BASELINE, "bilinear"))
+    for m in HEADLINE
+)
 
 
 def headline_names() -> str:

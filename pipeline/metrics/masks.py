@@ -7,6 +7,7 @@ definitions and zero-denominator rules, and ``n_images``) and :func:`summarize` 
 overall and per category; the threshold sweep counts and summarises the same per threshold.
 The DAVIS aggregation over sequences (mean, recall, decay, J&F) is :mod:`pipeline.metrics.davis`.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -18,11 +19,22 @@ import numpy as np
 from .boundary import as_bool, boundary_f
 from .definitions import METRICS, Pooled, bg_iou, fg_iou, mean, precision, recall
 
-__all__ = ["ImageStats", "image_stats", "ious", "miou", "aggregate", "summarize",
-           "SWEEP_THRESHOLDS", "sweep_thresholds", "sweep_counts", "sweep_summary"]
+__all__ = [
+    "ImageStats",
+    "image_stats",
+    "ious",
+    "miou",
+    "aggregate",
+    "summarize",
+    "SWEEP_THRESHOLDS",
+    "sweep_thresholds",
+    "sweep_counts",
+    "sweep_summary",
+]
 
 
 # ----------------------------------------------------------------------------- per image
+
 
 @dataclass
 class ImageStats:
@@ -64,12 +76,19 @@ class ImageStats:
     @classmethod
     def from_dict(cls, d: dict) -> ImageStats:
         """The inverse of :meth:`to_dict`; ``category`` and ``stem`` may be missing."""
-        return cls(tp=d["tp"], fp=d["fp"], fn=d["fn"], tn=d["tn"], j=d["j"], f=d["f"],
-                   category=d.get("category", ""), stem=d.get("stem", ""))
+        return cls(
+            tp=d["tp"],
+            fp=d["fp"],
+            fn=d["fn"],
+            tn=d["tn"],
+            j=d["j"],
+            f=d["f"],
+            category=d.get("category", ""),
+            stem=d.get("stem", ""),
+        )
 
 
-def image_stats(pred: np.ndarray, gt: np.ndarray, category: str = "",
-                stem: str = "") -> ImageStats:
+def image_stats(pred: np.ndarray, gt: np.ndarray, category: str = "", stem: str = "") -> ImageStats:
     """Statistics of one predicted mask against its annotation.
 
     ``pred``: HxW bool, or numbers where > 0 means object (0/1, 0/255). ``gt``: HxW bool
@@ -79,8 +98,10 @@ def image_stats(pred: np.ndarray, gt: np.ndarray, category: str = "",
     p = as_bool(pred)
     g = as_bool(gt)
     if p.shape != g.shape or p.ndim != 2:
-        raise ValueError(f"prediction and annotation must be 2-D arrays of the same shape; "
-                         f"got prediction {p.shape} and annotation {g.shape}")
+        raise ValueError(
+            f"prediction and annotation must be 2-D arrays of the same shape; "
+            f"got prediction {p.shape} and annotation {g.shape}"
+        )
     if p.size == 0:
         raise ValueError(f"empty image: prediction {p.shape} and annotation {g.shape}")
     n_pred = int(np.count_nonzero(p))
@@ -91,11 +112,13 @@ def image_stats(pred: np.ndarray, gt: np.ndarray, category: str = "",
     tn = p.size - tp - fp - fn
     union = tp + fp + fn
     j = tp / union if union else 1.0
-    return ImageStats(tp=tp, fp=fp, fn=fn, tn=tn, j=j, f=boundary_f(p, g),
-                      category=category, stem=stem)
+    return ImageStats(
+        tp=tp, fp=fp, fn=fn, tn=tn, j=j, f=boundary_f(p, g), category=category, stem=stem
+    )
 
 
 # ----------------------------------------------------------------------------- groups
+
 
 def ious(tp: int, fp: int, fn: int, tn: int) -> tuple[float, float]:
     """(fg_iou, bg_iou) of one confusion matrix (the rules: ``definitions``)."""
@@ -117,9 +140,14 @@ def aggregate(stats: Iterable[ImageStats]) -> dict:
     stats = list(stats)
     if not stats:
         raise ValueError("cannot aggregate metrics over zero images")
-    pooled = Pooled(tp=sum(s.tp for s in stats), fp=sum(s.fp for s in stats),
-                    fn=sum(s.fn for s in stats), tn=sum(s.tn for s in stats),
-                    j=[s.j for s in stats], f=[s.f for s in stats])
+    pooled = Pooled(
+        tp=sum(s.tp for s in stats),
+        fp=sum(s.fp for s in stats),
+        fn=sum(s.fn for s in stats),
+        tn=sum(s.tn for s in stats),
+        j=[s.j for s in stats],
+        f=[s.f for s in stats],
+    )
     return {**{m.key: m.compute(pooled) for m in METRICS}, "n_images": len(stats)}
 
 
@@ -130,8 +158,10 @@ def summarize(stats: list[ImageStats]) -> dict:
     groups: dict[str, list[ImageStats]] = defaultdict(list)
     for s in stats:
         groups[s.category].append(s)
-    return {"overall": aggregate(stats),
-            "per_category": {c: aggregate(groups[c]) for c in sorted(groups)}}
+    return {
+        "overall": aggregate(stats),
+        "per_category": {c: aggregate(groups[c]) for c in sorted(groups)},
+    }
 
 
 # ----------------------------------------------------------------------------- threshold sweep
@@ -163,8 +193,9 @@ def sweep_counts(levels: np.ndarray, gt: np.ndarray, n_thresholds: int) -> dict[
         raise ValueError(f"{n_thresholds} thresholds: at most 126")
     if lv.size and int(lv.max()) >= n:
         raise ValueError(f"a level exceeds the {n_thresholds} thresholds")
-    hist = np.bincount((lv.astype(np.uint8, copy=False) + g.view(np.uint8) * np.uint8(n)).ravel(),
-                       minlength=2 * n)
+    hist = np.bincount(
+        (lv.astype(np.uint8, copy=False) + g.view(np.uint8) * np.uint8(n)).ravel(), minlength=2 * n
+    )
     above = np.cumsum(hist.reshape(2, n)[:, ::-1], axis=1)[:, ::-1]  # pixels at level >= k
     return {"tp": [int(x) for x in above[1, 1:]], "fp": [int(x) for x in above[0, 1:]]}
 
@@ -189,6 +220,12 @@ def sweep_summary(thresholds: Iterable[float], images: Iterable[tuple[dict, int]
             union = a + b + c
             js.append(a / union if union else 1.0)
             tp, fp, fn = tp + a, fp + b, fn + c
-        out.append({"threshold": t, "j_mean": mean(js), "precision": precision(tp, fp, fn),
-                    "recall": recall(tp, fp, fn)})
+        out.append(
+            {
+                "threshold": t,
+                "j_mean": mean(js),
+                "precision": precision(tp, fp, fn),
+                "recall": recall(tp, fp, fn),
+            }
+        )
     return out

@@ -7,6 +7,7 @@ position-embedding rule at sizes other than the trained one (models/positions.py
 `vit_forward_features`). Weights files are read, and published weights downloaded, by
 models/weights.py (never unpickling arbitrary objects).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -41,10 +42,12 @@ class Backbone(nn.Module):
         self.spec = spec
         self.layers = layers  # backbone.layers: outputs concatenated into the features
         self.channels = channels or spec.embed_dim  # C of the feature map
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0,
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0,
-                             persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0, persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0, persistent=False
+        )
 
     def optimize_for_inference(self) -> Backbone:
         """Speed-ups that keep the function (CNNs: see CNNBackbone; none for ViTs)."""
@@ -53,14 +56,14 @@ class Backbone(nn.Module):
     def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
         p = self.spec.patch_size
         if height % p or width % p:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the patch "
-                             f"size {p}")
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
         return height // p, width // p, self.channels
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected a uint8 batch (B, 3, H, W), got {images.dtype} "
-                             f"{tuple(images.shape)}")
+            raise ValueError(
+                f"expected a uint8 batch (B, 3, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
         B, _, H, W = images.shape
         h, w, _ = self.feature_shape(H, W)
         x = (images.float() - self.mean) / self.std
@@ -76,22 +79,28 @@ class Backbone(nn.Module):
 class ViTBackbone(Backbone):
     kind = "vit"
 
-    def __init__(self, spec: BackboneSpec, model: VisionTransformer, layers: int = 1,
-                 channels: int | None = None):
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        model: VisionTransformer,
+        layers: int = 1,
+        channels: int | None = None,
+    ):
         super().__init__(spec, layers, channels)
         self.model = model
 
     def feature_map(self, x: torch.Tensor, B: int, h: int, w: int) -> torch.Tensor:
         tokens = vit_forward_features(self.model, x, self.layers)  # after the final norm
-        tokens = tokens[:, self.model.num_prefix_tokens:]  # drop CLS and register tokens
+        tokens = tokens[:, self.model.num_prefix_tokens :]  # drop CLS and register tokens
         return tokens.reshape(B, h, w, -1)
 
 
 class CNNBackbone(Backbone):
     kind = "cnn"
 
-    def __init__(self, spec: BackboneSpec, model: nn.Module, layers: int = 1,
-                 channels: int | None = None):
+    def __init__(
+        self, spec: BackboneSpec, model: nn.Module, layers: int = 1, channels: int | None = None
+    ):
         super().__init__(spec, layers, channels)
         self.model = model
 
@@ -99,13 +108,19 @@ class CNNBackbone(Backbone):
         """BatchNorm folded into the convolutions and channels-last memory layout (both
         faster on CPU and GPU)."""
         from torch.fx.experimental.optimization import fuse
+
         self.model = fuse(self.model.eval())
         self.to(memory_format=torch.channels_last)
         self.channels_last = True
         return self
 
-    def feature_map(self, x: torch.Tensor, B: int, h: int, w: int  # noqa: ARG002
-                    ) -> torch.Tensor:  # (the convolutions' output has its grid already)
+    def feature_map(
+        self,
+        x: torch.Tensor,
+        B: int,  # noqa: ARG002
+        h: int,  # noqa: ARG002
+        w: int,  # noqa: ARG002
+    ) -> torch.Tensor:  # (the convolutions' output has its grid already)
         return self.model(x).permute(0, 2, 3, 1)
 
 
@@ -117,9 +132,11 @@ BUILDERS: dict[str, Builder] = {}
 
 def builder(key: str) -> Callable[[Builder], Builder]:
     """Register a builder under `key`, the `builder` of the registry entries it makes."""
+
     def register(fn: Builder) -> Builder:
         BUILDERS[key] = fn
         return fn
+
     return register
 
 
@@ -129,14 +146,17 @@ def _vision_mismatch(e: BaseException) -> bool:
     (`operator torchvision::nms does not exist`) or its extension does not link."""
     text = str(e)
     return ("torchvision::" in text and "does not exist" in text) or (
-        isinstance(e, (ImportError, OSError)) and "torchvision" in text
-        and "undefined symbol" in text)
+        isinstance(e, (ImportError, OSError))
+        and "torchvision" in text
+        and "undefined symbol" in text
+    )
 
 
 def vision_mismatch_line(cause: str) -> str:
     """The one line for a torchvision built for another torch (`cause`: the import's error
     line): both versions and the fix."""
     from importlib import metadata
+
     try:
         vision = metadata.version("torchvision")
     except metadata.PackageNotFoundError:
@@ -144,14 +164,17 @@ def vision_mismatch_line(cause: str) -> str:
     version = torch.__version__.split("+")[0]
     major, minor = (version.split(".") + ["0"])[:2]
     # torch 2.N pairs with torchvision 0.(N + 15) (2.0 with 0.15, ..., 2.14 with 0.29)
-    match = f"torchvision==0.{int(minor) + 15}.*" if major == "2" and minor.isdigit() \
-        else "torchvision"
+    match = (
+        f"torchvision==0.{int(minor) + 15}.*" if major == "2" and minor.isdigit() else "torchvision"
+    )
     cuda = getattr(torch.version, "cuda", None)
     index = f"cu{cuda.replace('.', '')}" if cuda else "cpu"
-    return (f"torchvision {vision} was built for another torch than the installed torch "
-            f"{torch.__version__} ({cause}); install the two "
-            f"from one index: python -m pip install --force-reinstall torch=={version} "
-            f"'{match}' --index-url https://download.pytorch.org/whl/{index}")
+    return (
+        f"torchvision {vision} was built for another torch than the installed torch "
+        f"{torch.__version__} ({cause}); install the two "
+        f"from one index: python -m pip install --force-reinstall torch=={version} "
+        f"'{match}' --index-url https://download.pytorch.org/whl/{index}"
+    )
 
 
 def import_vision(module: str) -> ModuleType:
@@ -171,8 +194,9 @@ def import_vision(module: str) -> ModuleType:
 @builder("timm")
 def _build_timm(spec: BackboneSpec, pretrained: bool) -> nn.Module:
     timm = import_vision("timm")
-    return timm.create_model(spec.source.split(":", 1)[1], pretrained=pretrained, num_classes=0,
-                             dynamic_img_size=True)
+    return timm.create_model(
+        spec.source.split(":", 1)[1], pretrained=pretrained, num_classes=0, dynamic_img_size=True
+    )
 
 
 @builder("torchvision:mobilenet_v2")
@@ -182,8 +206,9 @@ def _build_mobilenet(spec: BackboneSpec, pretrained: bool) -> nn.Module:  # noqa
     model = torchvision.models.mobilenet_v2(weights=None)
     if pretrained:  # not mobilenet_v2(weights=...): torchvision's own download unpickles the file
         weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
-        model.load_state_dict(weights.get_state_dict(progress=True, check_hash=True,
-                                                     weights_only=True))
+        model.load_state_dict(
+            weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+        )
     return model.features
 
 
@@ -195,7 +220,7 @@ class MobileNetTaps(nn.Module):
 
     def __init__(self, features: nn.Sequential, taps: tuple[int, ...]):
         super().__init__()
-        self.blocks = features[:taps[-1] + 1]
+        self.blocks = features[: taps[-1] + 1]
         self.taps = taps
         for i in range(14, len(self.blocks)):
             for m in self.blocks[i].modules():
@@ -228,9 +253,10 @@ def create_backbone(name: str, weights: str, layers: int = 1) -> Backbone:
         model = pretrained_model(spec, build) if weights == "pretrained" else build(spec, False)
     if spec.kind == "cnn":
         if not isinstance(model, nn.Sequential):
-            raise TypeError(f"{name}: expected its blocks in an nn.Sequential, got "
-                            f"{type(model).__name__}")
-        features = model[:spec.taps[layers - 1] + 1]
+            raise TypeError(
+                f"{name}: expected its blocks in an nn.Sequential, got {type(model).__name__}"
+            )
+        features = model[: spec.taps[layers - 1] + 1]
         if path is not None:
             load_checkpoint(features, path, spec)
         cnn = MobileNetTaps(features, spec.taps[:layers]) if layers > 1 else features
@@ -245,6 +271,7 @@ def create_backbone(name: str, weights: str, layers: int = 1) -> Backbone:
 
 def _as_vit(name: str, model: nn.Module) -> VisionTransformer:
     from timm.models.vision_transformer import VisionTransformer
+
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"{name}: expected a timm VisionTransformer, got {type(model).__name__}")
     return model

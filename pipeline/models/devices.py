@@ -1,5 +1,6 @@
 """Devices and precisions: "auto" resolved once, in one place, for every stage (and so the
 config's keys, whose feature key records the resolved precision: `config_keys`)."""
+
 from __future__ import annotations
 
 import os
@@ -21,17 +22,20 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; DeviceError for an unavailable CUDA device."""
+    """ "auto" -> cuda when available, else cpu; DeviceError for an unavailable CUDA device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"device {name!r} requested but CUDA is not available; "
-                              "use device = \"auto\" or \"cpu\"")
+            raise DeviceError(
+                f'device {name!r} requested but CUDA is not available; use device = "auto" or "cpu"'
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"device {name!r} requested but only {torch.cuda.device_count()} "
-                              "CUDA device(s) are visible")
+            raise DeviceError(
+                f"device {name!r} requested but only {torch.cuda.device_count()} "
+                "CUDA device(s) are visible"
+            )
     return dev
 
 
@@ -40,8 +44,9 @@ def resolve_precision(precision: str, device_name: str) -> str:
     records what was computed, and a CPU cache is not taken for a GPU one)."""
     if precision != "auto":
         return precision
-    on_cuda = (device_name.startswith("cuda")
-               or (device_name == "auto" and torch.cuda.is_available()))
+    on_cuda = device_name.startswith("cuda") or (
+        device_name == "auto" and torch.cuda.is_available()
+    )
     return "bf16" if on_cuda else "fp32"
 
 
@@ -93,8 +98,12 @@ class CpuFanout:
         """[fn(0), ..., fn(n - 1)] computed over the threads (OpenMP's thread count is per
         thread and set to 1 in each; MKL's is process-wide: 1 meanwhile, restored after)."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cpu-image",
-                                            initializer=torch.set_num_threads, initargs=(1,))
+            self._pool = ThreadPoolExecutor(
+                self.threads,
+                thread_name_prefix="cpu-image",
+                initializer=torch.set_num_threads,
+                initargs=(1,),
+            )
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

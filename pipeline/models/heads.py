@@ -1,5 +1,6 @@
 """The trainable models of stage 2: a linear head on patch features and the PAC upsampler
 that turns patch-level predictions into a full-resolution mask, guided by the image."""
+
 from __future__ import annotations
 
 import io
@@ -71,16 +72,23 @@ def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     SIMD uint8 path (channels-last, as torchvision resizes images), several times faster than
     resizing the float image; elsewhere the float result is rounded the same way."""
     if image.device.type == "cpu":
-        return F.interpolate(image.contiguous(memory_format=torch.channels_last), size=size,
-                             mode="bilinear", align_corners=False, antialias=True)
-    out = F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False,
-                        antialias=True)
+        return F.interpolate(
+            image.contiguous(memory_format=torch.channels_last),
+            size=size,
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )
+    out = F.interpolate(
+        image.float(), size=size, mode="bilinear", align_corners=False, antialias=True
+    )
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 @dataclass
 class UpsamplerSpec:
     """Architecture of a PacUpsampler (saved with its weights)."""
+
     in_channels: int
     patch_size: int
     hidden: int = 16
@@ -129,38 +137,47 @@ class PacUpsampler(nn.Module):
         k = spec.kernel_size
         self.stages = nn.ModuleList(
             PacConv2d(cin, cout, k, padding=k // 2, normalize=spec.normalize)
-            for cin, cout in itertools.pairwise(chans))
+            for cin, cout in itertools.pairwise(chans)
+        )
         self.guide_net: nn.Sequential | None = None
         if spec.guide == "learned":
             g = spec.guide_channels
             self.guide_net = nn.Sequential(
-                nn.Conv2d(3, g, 3, padding=1), nn.LeakyReLU(0.1), nn.Conv2d(g, g, 3, padding=1))
+                nn.Conv2d(3, g, 3, padding=1), nn.LeakyReLU(0.1), nn.Conv2d(g, g, 3, padding=1)
+            )
 
     def guidance(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 image (B, 3, H, W) -> guidance features at full resolution."""
         x = normalize_image(image)
         return self.guide_net(x) if self.guide_net is not None else x
 
-    def guide_pyramid(self, image: torch.Tensor,
-                      sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    def guide_pyramid(
+        self, image: torch.Tensor, sizes: list[tuple[int, int]]
+    ) -> list[torch.Tensor]:
         """The guidance at each of `sizes` (antialiased bilinear from the full-size image)."""
         full_size = tuple(image.shape[-2:])
         if self.guide_net is None and self.spec.pyramid == "uint8":
-            return [normalize_image(image if s == full_size else resize_image(image, s))
-                    for s in sizes]
+            return [
+                normalize_image(image if s == full_size else resize_image(image, s)) for s in sizes
+            ]
         full = self.guidance(image)
-        return [full if s == full_size else
-                F.interpolate(full, size=s, mode="bilinear", align_corners=False, antialias=True)
-                for s in sizes]
+        return [
+            full
+            if s == full_size
+            else F.interpolate(full, size=s, mode="bilinear", align_corners=False, antialias=True)
+            for s in sizes
+        ]
 
-    def forward(self, feats: torch.Tensor, image: torch.Tensor,
-                base_logits: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, feats: torch.Tensor, image: torch.Tensor, base_logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """feats (B, C, h, w), image uint8 (B, 3, H, W) with H, W = h, w x patch size,
         base_logits (B, 1, h, w) the linear head's output (used when residual) -> (B, 1, H, W)."""
         H, W = image.shape[-2:]
         h, w = feats.shape[-2:]
-        guides = self.guide_pyramid(image,
-                                    [(h << i, w << i) for i in range(1, len(self.stages) + 1)])
+        guides = self.guide_pyramid(
+            image, [(h << i, w << i) for i in range(1, len(self.stages) + 1)]
+        )
         x = F.leaky_relu(self.reduce(self.norm(feats)), 0.1)
         for i, (pac, guide) in enumerate(zip(self.stages, guides, strict=True)):
             x = F.interpolate(x, size=guide.shape[-2:], mode="bilinear", align_corners=False)
@@ -196,9 +213,12 @@ CARD_FILE = "models.json"  # written last: names the files with their sha256
 # safetensors (HEAD_FILE, UPSAMPLER_FILE; before: LEGACY_FILES, still read). A card of a
 # newer version than this one is refused (a newer vit-objseg wrote it).
 CARD_VERSION = 3
+
+
 @dataclass
 class TrainedModels:
     """Stage 2's output as its consumers see it: the heads, their settings and fingerprint."""
+
     head: LinearHead
     upsampler: PacUpsampler
     patch_size: int
@@ -209,27 +229,37 @@ class TrainedModels:
 
 def model_files(card: dict) -> tuple[str, str]:
     """The (head, upsampler) file names a card of its card_version lists."""
-    return ((HEAD_FILE, UPSAMPLER_FILE) if card.get("card_version", 1) >= 3
-            else LEGACY_FILES)
+    return (HEAD_FILE, UPSAMPLER_FILE) if card.get("card_version", 1) >= 3 else LEGACY_FILES
 
 
-def save_models(model_dir: Path, head: LinearHead, up: PacUpsampler, params: dict,
-                deps: dict, patch_size: int) -> str:
+def save_models(
+    model_dir: Path, head: LinearHead, up: PacUpsampler, params: dict, deps: dict, patch_size: int
+) -> str:
     """Write the model files (safetensors), then the card that lists their checksums (so a
     reader never sees a half-written set); an earlier version's files go after it. Returns
     the models' content fingerprint."""
-    files = {HEAD_FILE: safetensors.torch.save(head.state_dict()),
-             UPSAMPLER_FILE: safetensors.torch.save(up.state_dict())}
+    files = {
+        HEAD_FILE: safetensors.torch.save(head.state_dict()),
+        UPSAMPLER_FILE: safetensors.torch.save(up.state_dict()),
+    }
     for name, data in files.items():
         atomic_write_bytes(model_dir / name, data)
-    listing = {name: {"bytes": len(data), "sha256": sha256_bytes(data)}
-               for name, data in files.items()}
+    listing = {
+        name: {"bytes": len(data), "sha256": sha256_bytes(data)} for name, data in files.items()
+    }
     fp = fingerprint(listing)
-    atomic_write_json(model_dir / CARD_FILE, {
-        "card_version": CARD_VERSION, "fingerprint": fp, "files": listing, "params": params,
-        "deps": deps,
-        "head": {"in_channels": head.conv.in_channels, "patch_size": patch_size},
-        "upsampler": up.spec.to_dict()})
+    atomic_write_json(
+        model_dir / CARD_FILE,
+        {
+            "card_version": CARD_VERSION,
+            "fingerprint": fp,
+            "files": listing,
+            "params": params,
+            "deps": deps,
+            "head": {"in_channels": head.conv.in_channels, "patch_size": patch_size},
+            "upsampler": up.spec.to_dict(),
+        },
+    )
     for name in LEGACY_FILES:
         (model_dir / name).unlink(missing_ok=True)
     return fp
@@ -240,19 +270,28 @@ def read_card(model_dir: Path) -> tuple[dict | None, str]:
     the files themselves are not read."""
     card = read_json(model_dir / CARD_FILE)
     if card is None:
-        return None, ("no trained models" if not (model_dir / CARD_FILE).exists()
-                      else f"{model_dir / CARD_FILE} damaged")
+        return None, (
+            "no trained models"
+            if not (model_dir / CARD_FILE).exists()
+            else f"{model_dir / CARD_FILE} damaged"
+        )
     try:
         files = card["files"]
         version = card.get("card_version", 1)
         ok = isinstance(version, int) and not isinstance(version, bool)
         if ok and version > CARD_VERSION:
-            return None, (f"{model_dir / CARD_FILE} is of card version {version}, newer than "
-                          f"this vit-objseg reads ({CARD_VERSION}): upgrade vit-objseg, or "
-                          "retrain")
-        ok = (ok and isinstance(card["params"], dict) and isinstance(card["deps"], dict)
-              and set(files) == set(model_files(card))
-              and fingerprint(files) == card["fingerprint"])
+            return None, (
+                f"{model_dir / CARD_FILE} is of card version {version}, newer than "
+                f"this vit-objseg reads ({CARD_VERSION}): upgrade vit-objseg, or "
+                "retrain"
+            )
+        ok = (
+            ok
+            and isinstance(card["params"], dict)
+            and isinstance(card["deps"], dict)
+            and set(files) == set(model_files(card))
+            and fingerprint(files) == card["fingerprint"]
+        )
     except (KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
@@ -290,8 +329,9 @@ def load_models(model_dir: Path, device: torch.device | str = "cpu") -> TrainedM
     repair = f"run `{command('train-head')}`"
     card, why = read_card(model_dir)
     if card is None:
-        raise ModelError(f"{why} in {model_dir}: {repair}" if why == "no trained models"
-                         else f"{why}: {repair}")
+        raise ModelError(
+            f"{why} in {model_dir}: {repair}" if why == "no trained models" else f"{why}: {repair}"
+        )
     names = model_files(card)
     states = []
     for name in names:
@@ -299,21 +339,40 @@ def load_models(model_dir: Path, device: torch.device | str = "cpu") -> TrainedM
         if data is None:
             raise ModelError(f"{why}: {repair}")
         try:
-            states.append(safetensors.torch.load(data) if name not in LEGACY_FILES
-                          else torch.load(io.BytesIO(data), map_location="cpu",
-                                          weights_only=True)["state_dict"])
-        except (pickle.UnpicklingError, SafetensorError, RuntimeError, zipfile.BadZipFile,
-                EOFError, KeyError, TypeError, ValueError) as e:
-            raise ModelError(f"{model_dir / name}: not a model file ({type(e).__name__}): "
-                             f"{repair}") from None
+            states.append(
+                safetensors.torch.load(data)
+                if name not in LEGACY_FILES
+                else torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)[
+                    "state_dict"
+                ]
+            )
+        except (
+            pickle.UnpicklingError,
+            SafetensorError,
+            RuntimeError,
+            zipfile.BadZipFile,
+            EOFError,
+            KeyError,
+            TypeError,
+            ValueError,
+        ) as e:
+            raise ModelError(
+                f"{model_dir / name}: not a model file ({type(e).__name__}): {repair}"
+            ) from None
     try:
         head = LinearHead(int(card["head"]["in_channels"]))
         head.load_state_dict(states[0])
         up = PacUpsampler(UpsamplerSpec(**{"pyramid": "float", **card["upsampler"]}))
         up.load_state_dict(states[1])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ModelError(f"{model_dir}: models do not match their card ({type(e).__name__}): "
-                         f"{repair}") from None
-    return TrainedModels(head.to(device).eval(), up.to(device).eval(),
-                         int(card["head"]["patch_size"]), card["fingerprint"], card["params"],
-                         card["deps"])
+        raise ModelError(
+            f"{model_dir}: models do not match their card ({type(e).__name__}): {repair}"
+        ) from None
+    return TrainedModels(
+        head.to(device).eval(),
+        up.to(device).eval(),
+        int(card["head"]["patch_size"]),
+        card["fingerprint"],
+        card["params"],
+        card["deps"],
+    )

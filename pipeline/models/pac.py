@@ -27,6 +27,7 @@ Public API, following the torch.nn.functional / torch.nn split:
   materialises B x C x k^2 x H x W tensors); the baseline and a second reference.
 * :class:`PacConv2d` -- the module.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,30 +51,43 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
-def _check_placement(input: torch.Tensor, guide: torch.Tensor, weight: torch.Tensor,
-                     bias: torch.Tensor | None) -> None:
+def _check_placement(
+    input: torch.Tensor, guide: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> None:
     """ValueError unless the tensors are on one device and floating-point."""
     devices = {t.device for t in (input, guide, weight) + ((bias,) if bias is not None else ())}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     given: tuple[tuple[str, torch.Tensor | None], ...] = (
-        ("input", input), ("guide", guide), ("weight", weight), ("bias", bias))
+        ("input", input),
+        ("guide", guide),
+        ("weight", weight),
+        ("bias", bias),
+    )
     for name, tensor in given:
         if tensor is not None and not tensor.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
 
 
-def _validate(input: torch.Tensor, guide: torch.Tensor, weight: torch.Tensor,
-              bias: torch.Tensor | None, stride: int, padding: int,
-              dilation: int) -> tuple[int, int]:
+def _validate(
+    input: torch.Tensor,
+    guide: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> tuple[int, int]:
     """Check shapes and hyper-parameters; return the output size (Ho, Wo)."""
     _check_int("stride", stride, 1)
     _check_int("padding", padding, 0)
     _check_int("dilation", dilation, 1)
     for name, t in (("input", input), ("guide", guide), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)}")
+            raise ValueError(
+                f"{name} must be a 4-D tensor, got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)}"
+            )
     B, Ci, H, W = input.shape
     Co, Ciw, kh, kw = weight.shape
     if kh != kw:
@@ -85,8 +99,10 @@ def _validate(input: torch.Tensor, guide: torch.Tensor, weight: torch.Tensor,
     if guide.shape[0] != B:
         raise ValueError(f"batch mismatch: input has {B} images, guide {guide.shape[0]}")
     if guide.shape[-2:] != input.shape[-2:]:
-        raise ValueError(f"guide size {tuple(guide.shape[-2:])} does not match input size "
-                         f"{tuple(input.shape[-2:])}")
+        raise ValueError(
+            f"guide size {tuple(guide.shape[-2:])} does not match input size "
+            f"{tuple(input.shape[-2:])}"
+        )
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != Co):
         raise ValueError(f"bias must have shape ({Co},), got {tuple(bias.shape)}")
     _check_placement(input, guide, weight, bias)
@@ -94,8 +110,10 @@ def _validate(input: torch.Tensor, guide: torch.Tensor, weight: torch.Tensor,
     Ho = (H + 2 * padding - span) // stride + 1
     Wo = (W + 2 * padding - span) // stride + 1
     if Ho <= 0 or Wo <= 0:
-        raise ValueError(f"input {H} x {W} (padding {padding}) is smaller than the dilated "
-                         f"kernel ({span} x {span})")
+        raise ValueError(
+            f"input {H} x {W} (padding {padding}) is smaller than the dilated "
+            f"kernel ({span} x {span})"
+        )
     return Ho, Wo
 
 
@@ -116,12 +134,11 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[obje
         return contextlib.nullcontext()
 
 
-def _valid_range(n_out: int, size: int, stride: int, padding: int,
-                 offset: int) -> tuple[int, int]:
+def _valid_range(n_out: int, size: int, stride: int, padding: int, offset: int) -> tuple[int, int]:
     """Output indices [lo, hi) whose neighbour at padded position ``u*stride + offset`` lies
     inside the image, i.e. padding <= u*stride + offset < padding + size."""
-    lo = max(0, -((offset - padding) // stride))                  # ceil((padding - offset) / s)
-    hi = min(n_out, -((offset - padding - size) // stride))       # ceil((padding+size-offset)/s)
+    lo = max(0, -((offset - padding) // stride))  # ceil((padding - offset) / s)
+    hi = min(n_out, -((offset - padding - size) // stride))  # ceil((padding+size-offset)/s)
     return lo, max(lo, hi)
 
 
@@ -150,22 +167,36 @@ class _Geometry:
     strided views, copied when a matrix is needed.
     """
 
-    def __init__(self, B: int, H: int, W: int, Ho: int, Wo: int, k: int,
-                 stride: int, padding: int, dilation: int):
+    def __init__(
+        self,
+        B: int,
+        H: int,
+        W: int,
+        Ho: int,
+        Wo: int,
+        k: int,
+        stride: int,
+        padding: int,
+        dilation: int,
+    ):
         self.B, self.H, self.W, self.Ho, self.Wo = B, H, W, Ho, Wo
         self.k, self.s, self.p, self.d = k, stride, padding, dilation
         self.centre = (k - 1) // 2
         self.Wp = W + 2 * padding
         self.wide = stride == 1
         self.Wl = self.Wp if self.wide else Wo
-        spare = -(-(k - 1) * dilation // self.Wp) if self.wide else 0   # ceil
+        spare = -(-(k - 1) * dilation // self.Wp) if self.wide else 0  # ceil
         self.Hq = H + 2 * padding + spare
         self.L = Ho * self.Wl
         rows = [_valid_range(Ho, H, stride, padding, i * dilation) for i in range(k)]
         cols = [_valid_range(Wo, W, stride, padding, j * dilation) for j in range(k)]
         # (i, j, row range, col range) for every offset with at least one neighbour inside.
-        self.offsets = [(i, j, rows[i], cols[j]) for i in range(k) for j in range(k)
-                        if rows[i][1] > rows[i][0] and cols[j][1] > cols[j][0]]
+        self.offsets = [
+            (i, j, rows[i], cols[j])
+            for i in range(k)
+            for j in range(k)
+            if rows[i][1] > rows[i][0] and cols[j][1] > cols[j][0]
+        ]
         # Every window centre inside the image: the kernel can be shared by opposite offsets.
         self.symmetric = self.wide and padding <= self.centre * dilation
 
@@ -173,12 +204,12 @@ class _Geometry:
         """Zero-padded contiguous copy (B, C, Hq, Wp) of ``t`` in ``dtype``."""
         B, C, H, W = t.shape
         out = t.new_zeros((B, C, self.Hq, self.Wp), dtype=dtype)
-        out[:, :, self.p:self.p + H, self.p:self.p + W] = t
+        out[:, :, self.p : self.p + H, self.p : self.p + W] = t
         return out
 
     def crop(self, tp: torch.Tensor) -> torch.Tensor:
         """The image part of a padded tensor."""
-        return tp[:, :, self.p:self.p + self.H, self.p:self.p + self.W]
+        return tp[:, :, self.p : self.p + self.H, self.p : self.p + self.W]
 
     def layout(self, C: int, like: torch.Tensor, zero: bool = False) -> torch.Tensor:
         shape = (self.B, C, self.Ho, self.Wl)
@@ -188,11 +219,13 @@ class _Geometry:
         """(B, C, Ho, Wl) view of padded ``tp`` seen by offset (i, j) at every output pixel."""
         B, C = tp.shape[:2]
         n = self.Hq * self.Wp
-        return tp.as_strided((B, C, self.Ho, self.Wl), (C * n, n, self.s * self.Wp, self.s),
-                             tp.storage_offset() + (i * self.Wp + j) * self.d)
+        return tp.as_strided(
+            (B, C, self.Ho, self.Wl),
+            (C * n, n, self.s * self.Wp, self.s),
+            tp.storage_offset() + (i * self.Wp + j) * self.d,
+        )
 
-    def matrix(self, tp: torch.Tensor, i: int, j: int,
-               buf: torch.Tensor | None) -> torch.Tensor:
+    def matrix(self, tp: torch.Tensor, i: int, j: int, buf: torch.Tensor | None) -> torch.Tensor:
         """The window as a (B, C, L) matrix: a view (wide layout: ``buf`` None) or a copy into
         ``buf`` (a layout of the window's channels, needed when the layout is not wide)."""
         win = self.window(tp, i, j)
@@ -206,13 +239,19 @@ class _Geometry:
         if not self.wide:
             return t.contiguous()
         out = self.layout(t.shape[1], t, zero=True)
-        out[..., :self.Wo] = t
+        out[..., : self.Wo] = t
         return out
 
 
-def _kernel(f_n: torch.Tensor, f_c: torch.Tensor, diff: torch.Tensor, out: torch.Tensor,
-            rows: tuple[int, int], cols: tuple[int, int],
-            sq: torch.Tensor | None = None) -> torch.Tensor:
+def _kernel(
+    f_n: torch.Tensor,
+    f_c: torch.Tensor,
+    diff: torch.Tensor,
+    out: torch.Tensor,
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    sq: torch.Tensor | None = None,
+) -> torch.Tensor:
     """K = exp(-|f_n - f_c|^2 / 2) into ``out`` (B, 1, Ho, Wl), zero outside the valid
     rectangle. ``diff`` receives f_n - f_c, or its square when no ``sq`` buffer is given."""
     torch.sub(f_n, f_c, out=diff)
@@ -241,8 +280,15 @@ def _safe_reciprocal(S: torch.Tensor) -> torch.Tensor:
     return torch.where(S > tiny, S.reciprocal(), torch.zeros((), dtype=S.dtype, device=S.device))
 
 
-def _accumulate(geo: _Geometry, xp: torch.Tensor, fp: torch.Tensor, f_c: torch.Tensor,
-                w: torch.Tensor, out: torch.Tensor, S: torch.Tensor | None) -> None:
+def _accumulate(
+    geo: _Geometry,
+    xp: torch.Tensor,
+    fp: torch.Tensor,
+    f_c: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    S: torch.Tensor | None,
+) -> None:
     """out += sum_n K_n W_n x_n (and S += sum_n K_n), one offset n at a time."""
     B, Co = out.shape[:2]
     diff, K, Z = geo.layout(fp.shape[1], xp), geo.layout(1, xp), geo.layout(Co, xp)
@@ -250,14 +296,20 @@ def _accumulate(geo: _Geometry, xp: torch.Tensor, fp: torch.Tensor, f_c: torch.T
     Z3 = Z.view(B, Co, geo.L)
     for i, j, rows, cols in geo.offsets:
         _kernel(geo.window(fp, i, j), f_c, diff, K, rows, cols)
-        _mm(w[i, j], geo.matrix(xp, i, j, xbuf), Z3)          # Z = W_n x_n
+        _mm(w[i, j], geo.matrix(xp, i, j, xbuf), Z3)  # Z = W_n x_n
         out.addcmul_(Z, K)
         if S is not None:
             S.add_(K)
 
 
-def _accumulate_symmetric(geo: _Geometry, xp: torch.Tensor, fp: torch.Tensor, w: torch.Tensor,
-                          out: torch.Tensor, S: torch.Tensor | None) -> None:
+def _accumulate_symmetric(
+    geo: _Geometry,
+    xp: torch.Tensor,
+    fp: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    S: torch.Tensor | None,
+) -> None:
     """`_accumulate` for stride 1 with every window centre inside the image, with half the
     kernel arithmetic. The kernel is symmetric: the weight of neighbour c + delta at centre c,
     exp(-|f(c + delta) - f(c)|^2 / 2), is also the weight of neighbour c at centre c + delta.
@@ -270,7 +322,7 @@ def _accumulate_symmetric(geo: _Geometry, xp: torch.Tensor, fp: torch.Tensor, w:
     Wp, d, m, p = geo.Wp, geo.d, geo.centre, geo.p
     L = geo.L
     n_grid = geo.Hq * Wp
-    c0 = m * d * (Wp + 1)                      # flat padded index of output 0's window centre
+    c0 = m * d * (Wp + 1)  # flat padded index of output 0's window centre
     Z = geo.layout(Co, xp)
     Z3, out3 = Z.view(B, Co, L), out.view(B, Co, L)
     D = fp.new_zeros((B, 1, geo.Hq, Wp))
@@ -279,8 +331,8 @@ def _accumulate_symmetric(geo: _Geometry, xp: torch.Tensor, fp: torch.Tensor, w:
     S3 = S.view(B, 1, L) if S is not None else None
 
     def add(i: int, j: int, K: torch.Tensor | None) -> None:
-        _mm(w[i, j], geo.matrix(xp, i, j, None), Z3)          # Z = W_n x_n
-        if K is None:                                          # the centre: K = 1
+        _mm(w[i, j], geo.matrix(xp, i, j, None), Z3)  # Z = W_n x_n
+        if K is None:  # the centre: K = 1
             out3.add_(Z3)
             if S3 is not None:
                 S3.add_(1.0)
@@ -293,21 +345,23 @@ def _accumulate_symmetric(geo: _Geometry, xp: torch.Tensor, fp: torch.Tensor, w:
     for i in range(m, geo.k):
         for j in range(geo.k):
             if i == m and j <= m:
-                continue                                       # each pair once: +delta after c
+                continue  # each pair once: +delta after c
             dr, dc = (i - m) * d, (j - m) * d
             r0, r1 = p + max(0, -dr), p + geo.H - max(0, dr)
             q0, q1 = p + max(0, -dc), p + geo.W - max(0, dc)
             if r1 <= r0 or q1 <= q0:
-                continue                                       # no pair of pixels this far apart
+                continue  # no pair of pixels this far apart
             shape = (B, Cg, r1 - r0, q1 - q0)
-            dv = diff[:math.prod(shape)].view(shape)
-            torch.sub(fp[:, :, r0 + dr:r1 + dr, q0 + dc:q1 + dc], fp[:, :, r0:r1, q0:q1], out=dv)
+            dv = diff[: math.prod(shape)].view(shape)
+            torch.sub(
+                fp[:, :, r0 + dr : r1 + dr, q0 + dc : q1 + dc], fp[:, :, r0:r1, q0:q1], out=dv
+            )
             Dr = D[:, :, r0:r1, q0:q1]
             torch.sum(dv.square_(), 1, keepdim=True, out=Dr)
             Dr.mul_(-0.5).exp_()
             shift = dr * Wp + dc
-            add(i, j, D_flat[:, :, c0:c0 + L])
-            add(geo.k - 1 - i, geo.k - 1 - j, D_flat[:, :, c0 - shift:c0 - shift + L])
+            add(i, j, D_flat[:, :, c0 : c0 + L])
+            add(geo.k - 1 - i, geo.k - 1 - j, D_flat[:, :, c0 - shift : c0 - shift + L])
             Dr.zero_()
 
 
@@ -316,8 +370,9 @@ def _accumulate_symmetric(geo: _Geometry, xp: torch.Tensor, fp: torch.Tensor, w:
 
 class _GuideGrad(NamedTuple):
     """Backward's buffers for the guide's gradient."""
-    Z: torch.Tensor    # (B, Co, Ho, Wl) scratch: W_n x_n, then G W_n x_n
-    P: torch.Tensor    # (B, 1, Ho, Wl) scratch: R = K_n dL/dK_n
+
+    Z: torch.Tensor  # (B, Co, Ho, Wl) scratch: W_n x_n, then G W_n x_n
+    P: torch.Tensor  # (B, 1, Ho, Wl) scratch: R = K_n dL/dK_n
     gfp: torch.Tensor  # (B, Cg, Hq, Wp) the padded gradient
     gfc: torch.Tensor  # (B, Cg, Ho, Wl) the window centres' share, added once at the end
 
@@ -328,16 +383,26 @@ class _PacConv2dFunction(torch.autograd.Function):
     n the filter tap W_n (Co x Ci) mixes channels with one matrix product."""
 
     @staticmethod
-    def forward(ctx: Any, input: torch.Tensor, guide: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None, stride: int, padding: int, dilation: int,
-                normalize: bool, Ho: int, Wo: int) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        guide: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: int,
+        padding: int,
+        dilation: int,
+        normalize: bool,
+        Ho: int,
+        Wo: int,
+    ) -> torch.Tensor:
         cd = _compute_dtype(input, guide, weight, bias)
         B, Ci, H, W = input.shape
         Co, _, k, _ = weight.shape
         geo = _Geometry(B, H, W, Ho, Wo, k, stride, padding, dilation)
         with _no_autocast(input.device):
             xp, fp = geo.pad(input, cd), geo.pad(guide, cd)
-            w = weight.to(cd).permute(2, 3, 0, 1).contiguous()           # (k, k, Co, Ci)
+            w = weight.to(cd).permute(2, 3, 0, 1).contiguous()  # (k, k, Co, Ci)
             f_c = geo.window(fp, geo.centre, geo.centre)
             out = geo.layout(Co, xp, zero=True)
             S = geo.layout(1, xp, zero=True) if normalize else None
@@ -366,8 +431,10 @@ class _PacConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_out: torch.Tensor  # noqa: C901, PLR0912, PLR0915
-                 ) -> tuple[torch.Tensor | None, ...]:
+    def backward(  # noqa: C901, PLR0912, PLR0915
+        ctx: Any,
+        grad_out: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, ...]:
         # (the PAC backward, kept whole: each input's gradient term beside the others)
         geo, cd = ctx.geo, ctx.cd
         if ctx.normalize:
@@ -388,23 +455,24 @@ class _PacConv2dFunction(torch.autograd.Function):
             if not (need_x or need_f or need_w):
                 return (grad_x, grad_f, grad_w, grad_b) + nones
 
-            G = geo.to_layout(grad_out.to(cd))        # dL/d(sum over offsets), junk zero
+            G = geo.to_layout(grad_out.to(cd))  # dL/d(sum over offsets), junk zero
             d_s = None
             if s_inv is not None:
                 G = G * s_inv
                 if need_f:
                     # dL/dS = -sum_o G_o (y_o - bias_o); it enters every dL/dK_n.
                     y_nb = result.to(cd)
-                    y_nb = y_nb - bias.to(cd).view(1, Co, 1, 1) if bias is not None \
-                        else y_nb.clone()
-                    d_s = geo.to_layout(y_nb.mul_(G[..., :geo.Wo]).sum(1, keepdim=True).neg_())
+                    y_nb = (
+                        y_nb - bias.to(cd).view(1, Co, 1, 1) if bias is not None else y_nb.clone()
+                    )
+                    d_s = geo.to_layout(y_nb.mul_(G[..., : geo.Wo]).sum(1, keepdim=True).neg_())
                     del y_nb
 
             need_xm = need_w or need_f
             fp = geo.pad(guide, cd)
             xp = geo.pad(input, cd) if need_xm else None
-            w = weight.to(cd).permute(2, 3, 0, 1).contiguous()           # (k, k, Co, Ci)
-            w_t = w.transpose(2, 3).contiguous()                          # (k, k, Ci, Co)
+            w = weight.to(cd).permute(2, 3, 0, 1).contiguous()  # (k, k, Co, Ci)
+            w_t = w.transpose(2, 3).contiguous()  # (k, k, Ci, Co)
             f_c = geo.window(fp, geo.centre, geo.centre)
             L = geo.L
 
@@ -414,17 +482,25 @@ class _PacConv2dFunction(torch.autograd.Function):
             # the buffers of the gradients asked for (None: not asked for)
             xbuf = geo.layout(Ci, fp) if need_xm and not geo.wide else None
             qbuf = geo.layout(Ci, fp) if need_x and not geo.wide else None
-            gf = _GuideGrad(geo.layout(Co, fp), geo.layout(1, fp), torch.zeros_like(fp),
-                            geo.layout(Cg, fp, zero=True)) if need_f else None
+            gf = (
+                _GuideGrad(
+                    geo.layout(Co, fp),
+                    geo.layout(1, fp),
+                    torch.zeros_like(fp),
+                    geo.layout(Cg, fp, zero=True),
+                )
+                if need_f
+                else None
+            )
             gxp = fp.new_zeros((B, Ci, geo.Hq, geo.Wp)) if need_x else None
             gw = fp.new_zeros((k, k, Co, Ci)) if need_w else None
             xm = None
 
             for i, j, rows, cols in geo.offsets:
                 _kernel(geo.window(fp, i, j), f_c, diff, K, rows, cols, sq)
-                torch.mul(G, K, out=KG)                                   # K_n G
+                torch.mul(G, K, out=KG)  # K_n G
                 xm = geo.matrix(xp, i, j, xbuf) if xp is not None else None
-                if gxp is not None:                                       # += W_n^T K_n G
+                if gxp is not None:  # += W_n^T K_n G
                     if qbuf is None:  # wide layout: the gradient's window is a matrix view
                         gx3 = geo.window(gxp, i, j).view(B, Ci, L)
                         if B == 1:
@@ -434,7 +510,7 @@ class _PacConv2dFunction(torch.autograd.Function):
                     else:
                         _mm(w_t[i, j], KG3, qbuf.view(B, Ci, L))
                         geo.window(gxp, i, j).add_(qbuf)
-                if gw is not None and xm is not None:                     # sum K_n G x_n^T
+                if gw is not None and xm is not None:  # sum K_n G x_n^T
                     if B == 1:
                         torch.mm(KG3[0], xm[0].t(), out=gw[i, j])
                     else:
@@ -468,9 +544,16 @@ class _PacConv2dFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------- functional API
 
 
-def pac_conv2d(input: torch.Tensor, guide: torch.Tensor, weight: torch.Tensor,
-               bias: torch.Tensor | None = None, stride: int = 1, padding: int = 0,
-               dilation: int = 1, normalize: bool = False) -> torch.Tensor:
+def pac_conv2d(
+    input: torch.Tensor,
+    guide: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    normalize: bool = False,
+) -> torch.Tensor:
     """Pixel-adaptive convolution of ``input`` guided by ``guide``.
 
     Args:
@@ -490,13 +573,21 @@ def pac_conv2d(input: torch.Tensor, guide: torch.Tensor, weight: torch.Tensor,
     respect to input, guide, weight and bias.
     """
     Ho, Wo = _validate(input, guide, weight, bias, stride, padding, dilation)
-    return _PacConv2dFunction.apply(input, guide, weight, bias, stride, padding, dilation,
-                                    bool(normalize), Ho, Wo)
+    return _PacConv2dFunction.apply(
+        input, guide, weight, bias, stride, padding, dilation, bool(normalize), Ho, Wo
+    )
 
 
-def pac_conv2d_unfold(input: torch.Tensor, guide: torch.Tensor, weight: torch.Tensor,
-                      bias: torch.Tensor | None = None, stride: int = 1, padding: int = 0,
-                      dilation: int = 1, normalize: bool = False) -> torch.Tensor:
+def pac_conv2d_unfold(
+    input: torch.Tensor,
+    guide: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    normalize: bool = False,
+) -> torch.Tensor:
     """Same as :func:`pac_conv2d`, written with ``F.unfold`` and plain autograd.
 
     Materialises (B, C, k^2, Ho*Wo) tensors: the memory-hungry baseline and a reference.
@@ -510,11 +601,12 @@ def pac_conv2d_unfold(input: torch.Tensor, guide: torch.Tensor, weight: torch.Te
         x_unf = F.unfold(input.to(cd), **kw).view(B, Ci, k * k, Ho * Wo)
         f_unf = F.unfold(guide.to(cd), **kw).view(B, guide.shape[1], k * k, Ho * Wo)
         centre = (k * k) // 2
-        kern = torch.exp(-0.5 * (f_unf - f_unf[:, :, centre:centre + 1]).pow(2).sum(1))
-        inside = F.unfold(input.new_ones((1, 1, H, W), dtype=cd), **kw)      # (1, k^2, L)
-        kern = kern * inside                                                  # (B, k^2, L)
+        kern = torch.exp(-0.5 * (f_unf - f_unf[:, :, centre : centre + 1]).pow(2).sum(1))
+        inside = F.unfold(input.new_ones((1, 1, H, W), dtype=cd), **kw)  # (1, k^2, L)
+        kern = kern * inside  # (B, k^2, L)
         out = weight.to(cd).reshape(Co, Ci * k * k) @ (x_unf * kern.unsqueeze(1)).reshape(
-            B, Ci * k * k, Ho * Wo)
+            B, Ci * k * k, Ho * Wo
+        )
         if normalize:
             out = out * _safe_reciprocal(kern.sum(1, keepdim=True))
         if bias is not None:
@@ -531,10 +623,19 @@ class PacConv2d(nn.Module):
     Parameters are initialised like ``nn.Conv2d``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, dilation: int = 1, bias: bool = True,
-                 normalize: bool = False, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        bias: bool = True,
+        normalize: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         _check_int("in_channels", in_channels, 1)
         _check_int("out_channels", out_channels, 1)
@@ -547,8 +648,11 @@ class PacConv2d(nn.Module):
         self.padding = _check_int("padding", padding, 0)
         self.dilation = _check_int("dilation", dilation, 1)
         self.normalize = bool(normalize)
-        self.weight = nn.Parameter(torch.empty(
-            (out_channels, in_channels, kernel_size, kernel_size), device=device, dtype=dtype))
+        self.weight = nn.Parameter(
+            torch.empty(
+                (out_channels, in_channels, kernel_size, kernel_size), device=device, dtype=dtype
+            )
+        )
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
         else:
@@ -565,12 +669,22 @@ class PacConv2d(nn.Module):
 
     def forward(self, input: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
         """input (B, Ci, H, W), guide (B, Cg, H, W) -> (B, Co, Ho, Wo)."""
-        return pac_conv2d(input, guide, self.weight, self.bias, self.stride, self.padding,
-                          self.dilation, self.normalize)
+        return pac_conv2d(
+            input,
+            guide,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.normalize,
+        )
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}")
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}"
+        )
         if self.padding:
             s += f", padding={self.padding}"
         if self.dilation != 1:

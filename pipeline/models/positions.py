@@ -2,6 +2,7 @@
 resize them (`official_pos_embed`; `_exportable_pos_embed` for torch.export), and the ViT
 forward that uses them (`vit_forward_features`): timm's modules, DINO's rule.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,9 @@ if TYPE_CHECKING:  # timm is imported when a ViT is built (it takes a second)
 POS_INTERPOLATE_OFFSET = 0.1
 
 
-def official_pos_embed(pos_embed: torch.Tensor, num_prefix: int,
-                       grid: tuple[int, int]) -> torch.Tensor:
+def official_pos_embed(
+    pos_embed: torch.Tensor, num_prefix: int, grid: tuple[int, int]
+) -> torch.Tensor:
     """The position embeddings (1, num_prefix + h*w, C) for a grid of h x w patches, resized
     as DINO and DINOv2 do (`interpolate_pos_encoding`): bicubic, align_corners=False, no
     antialias, with `scale_factor=((h + 0.1) / M, (w + 0.1) / M)` (not an output size: the
@@ -40,11 +42,15 @@ def official_pos_embed(pos_embed: torch.Tensor, num_prefix: int,
     dim = pos_embed.shape[-1]
     patch = pos_embed[:, num_prefix:].float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
     patch = nn.functional.interpolate(
-        patch, scale_factor=((h + POS_INTERPOLATE_OFFSET) / m, (w + POS_INTERPOLATE_OFFSET) / m),
-        mode="bicubic", align_corners=False)
+        patch,
+        scale_factor=((h + POS_INTERPOLATE_OFFSET) / m, (w + POS_INTERPOLATE_OFFSET) / m),
+        mode="bicubic",
+        align_corners=False,
+    )
     if tuple(patch.shape[-2:]) != (h, w):  # the offset makes floor(m * scale) == h, w
-        raise RuntimeError(f"position embeddings resized to {tuple(patch.shape[-2:])}, "
-                           f"not {(h, w)}")
+        raise RuntimeError(
+            f"position embeddings resized to {tuple(patch.shape[-2:])}, not {(h, w)}"
+        )
     patch = patch.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(pos_embed.dtype)
     return torch.cat((pos_embed[:, :num_prefix], patch), dim=1)
 
@@ -64,20 +70,26 @@ def _dino_resize_matrix(size: int, m: int, identity: torch.Tensor) -> torch.Tens
     t = src - i0
     u = 1 - t
     a = _CUBIC_A
-    taps = (((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
-            ((a + 2) * t - (a + 3)) * t * t + 1,
-            ((a + 2) * u - (a + 3)) * u * u + 1,
-            ((a * (u + 1) - 5 * a) * (u + 1) + 8 * a) * (u + 1) - 4 * a)
+    taps = (
+        ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+        ((a + 2) * t - (a + 3)) * t * t + 1,
+        ((a + 2) * u - (a + 3)) * u * u + 1,
+        ((a * (u + 1) - 5 * a) * (u + 1) + 8 * a) * (u + 1) - 4 * a,
+    )
     i0 = i0.long()
-    mat = sum(nn.functional.one_hot((i0 + k - 1).clamp(0, m - 1), m).double() * wk[:, None]
-              for k, wk in enumerate(taps))
-    eye = nn.functional.one_hot(torch.arange(size, device=identity.device).clamp(max=m - 1),
-                                m).double()
+    mat = sum(
+        nn.functional.one_hot((i0 + k - 1).clamp(0, m - 1), m).double() * wk[:, None]
+        for k, wk in enumerate(taps)
+    )
+    eye = nn.functional.one_hot(
+        torch.arange(size, device=identity.device).clamp(max=m - 1), m
+    ).double()
     return torch.where(identity, eye, mat)
 
 
-def _exportable_pos_embed(pos_embed: torch.Tensor, num_prefix: int, m: int,
-                          grid: tuple[int, int]) -> torch.Tensor:
+def _exportable_pos_embed(
+    pos_embed: torch.Tensor, num_prefix: int, m: int, grid: tuple[int, int]
+) -> torch.Tensor:
     """`official_pos_embed` for torch.export, where the grid size is symbolic: the same
     resize written as two interpolation matrices (float64), with no Python branch or float
     on the grid size (F.interpolate's scale factor would be frozen to the example's grid).
@@ -90,14 +102,20 @@ def _exportable_pos_embed(pos_embed: torch.Tensor, num_prefix: int, m: int,
     cols = torch.arange(w, device=pos_embed.device)
     trained = ((rows[-1:] + 1) == m) & ((cols[-1:] + 1) == m)  # both sides at the trained grid
     patch = pos_embed[0, num_prefix:].double().reshape(m, m, dim)
-    out = torch.einsum("yi,ijc,xj->yxc", _dino_resize_matrix(h, m, trained), patch,
-                       _dino_resize_matrix(w, m, trained))
-    return torch.cat((pos_embed[:, :num_prefix], out.reshape(1, h * w, dim).to(pos_embed.dtype)),
-                     dim=1)
+    out = torch.einsum(
+        "yi,ijc,xj->yxc",
+        _dino_resize_matrix(h, m, trained),
+        patch,
+        _dino_resize_matrix(w, m, trained),
+    )
+    return torch.cat(
+        (pos_embed[:, :num_prefix], out.reshape(1, h * w, dim).to(pos_embed.dtype)), dim=1
+    )
 
 
-def vit_forward_features(model: VisionTransformer, x: torch.Tensor,
-                         layers: int = 1) -> torch.Tensor:
+def vit_forward_features(
+    model: VisionTransformer, x: torch.Tensor, layers: int = 1
+) -> torch.Tensor:
     """timm's VisionTransformer.forward_features (all tokens, after the final norm) with the
     position embeddings resized by the official DINO / DINOv2 rule (`official_pos_embed`)
     instead of timm's; the same modules, so timm checkpoints load unchanged. With `layers`
@@ -106,8 +124,9 @@ def vit_forward_features(model: VisionTransformer, x: torch.Tensor,
     norm=True)`, as their linear evaluations use them)."""
     pos_embed = model.pos_embed
     if pos_embed is None:
-        raise BackboneError("a ViT without position embeddings (timm's pos_embed='none') is not "
-                            "supported")
+        raise BackboneError(
+            "a ViT without position embeddings (timm's pos_embed='none') is not supported"
+        )
     tokens = model.patch_embed(x)  # (B, h, w, C) with dynamic_img_size (NHWC), else (B, h*w, C)
     if tokens.ndim == 4:
         grid = (tokens.shape[1], tokens.shape[2])
@@ -115,8 +134,11 @@ def vit_forward_features(model: VisionTransformer, x: torch.Tensor,
     else:
         p = model.patch_embed.patch_size
         grid = (x.shape[-2] // p[0], x.shape[-1] // p[1])
-    prefix = [t.expand(tokens.shape[0], -1, -1) for t in (model.cls_token, model.reg_token)
-              if t is not None]
+    prefix = [
+        t.expand(tokens.shape[0], -1, -1)
+        for t in (model.cls_token, model.reg_token)
+        if t is not None
+    ]
     if model.no_embed_class:  # position embeddings for the patches only: add, then concat
         tokens = tokens + official_pos_embed(pos_embed, 0, grid)
         tokens = torch.cat(prefix + [tokens], dim=1)

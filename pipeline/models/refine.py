@@ -19,6 +19,7 @@ Conventions: ``prob`` is (B, 1, H, W) object probabilities in [0, 1] (any floati
 probabilities in ``prob``'s dtype; arithmetic runs in at least float32. Every image of a
 batch is refined independently of the others.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,9 @@ def _check(prob: torch.Tensor, image: torch.Tensor) -> torch.dtype:
     if not prob.is_floating_point():
         raise ValueError(f"prob must be a floating-point tensor, got {prob.dtype}")
     if image.device != prob.device:
-        raise ValueError(f"prob and image must be on one device, got {prob.device} and "
-                         f"{image.device}")
+        raise ValueError(
+            f"prob and image must be on one device, got {prob.device} and {image.device}"
+        )
     dtype = torch.promote_types(prob.dtype, torch.float32)
     if image.is_floating_point():
         dtype = torch.promote_types(dtype, image.dtype)
@@ -113,25 +115,28 @@ def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
     def count(n: int) -> torch.Tensor:
         i = torch.arange(n, device=x.device)
         return ((i + radius).clamp(max=n - 1) - (i - radius).clamp(min=0) + 1).to(x.dtype)
+
     return s / (count(H).view(-1, 1) * count(W).view(1, -1))
 
 
 # ----------------------------------------------------------------------------- guided filter
 
 
-def _guided_coefficients(p: torch.Tensor, guide: torch.Tensor, radius: int,
-                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _guided_coefficients(
+    p: torch.Tensor, guide: torch.Tensor, radius: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """He et al.'s colour guided filter: per window the linear model p ~ a . I + b, the
     coefficients averaged over the windows covering each pixel (mean a (B, 3, H, W), mean b
     (B, 1, H, W))."""
-    mean_i = box_mean(guide, radius)                                     # (B, 3, H, W)
+    mean_i = box_mean(guide, radius)  # (B, 3, H, W)
     mean_p = box_mean(p, radius)
-    cov_ip = box_mean(guide * p, radius) - mean_i * mean_p               # (B, 3, H, W)
+    cov_ip = box_mean(guide * p, radius) - mean_i * mean_p  # (B, 3, H, W)
     # the 3 x 3 covariance of the guide in each window, + eps on the diagonal
     pairs = [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
-    prods = torch.cat([guide[:, i:i + 1] * guide[:, j:j + 1] for i, j in pairs], 1)
+    prods = torch.cat([guide[:, i : i + 1] * guide[:, j : j + 1] for i, j in pairs], 1)
     sig = box_mean(prods, radius) - torch.cat(
-        [mean_i[:, i:i + 1] * mean_i[:, j:j + 1] for i, j in pairs], 1)
+        [mean_i[:, i : i + 1] * mean_i[:, j : j + 1] for i, j in pairs], 1
+    )
     a, b, c, d, e, f = sig.unbind(1)
     a, d, f = a + eps, d + eps, f + eps
     # the inverse by its adjugate (symmetric)
@@ -139,15 +144,21 @@ def _guided_coefficients(p: torch.Tensor, guide: torch.Tensor, radius: int,
     i11, i12, i22 = a * f - c * c, b * c - a * e, a * d - b * b
     det = a * i00 + b * i01 + c * i02
     x, y, z = cov_ip.unbind(1)
-    coef = torch.stack([i00 * x + i01 * y + i02 * z,
-                        i01 * x + i11 * y + i12 * z,
-                        i02 * x + i12 * y + i22 * z], 1) / det.unsqueeze(1)
+    coef = torch.stack(
+        [i00 * x + i01 * y + i02 * z, i01 * x + i11 * y + i12 * z, i02 * x + i12 * y + i22 * z], 1
+    ) / det.unsqueeze(1)
     offset = mean_p - (coef * mean_i).sum(1, keepdim=True)
     return box_mean(coef, radius), box_mean(offset, radius)
 
 
-def guided_filter(prob: torch.Tensor, image: torch.Tensor, *, radius: int = 8,
-                  eps: float = 1e-3, subsample: int = 1) -> torch.Tensor:
+def guided_filter(
+    prob: torch.Tensor,
+    image: torch.Tensor,
+    *,
+    radius: int = 8,
+    eps: float = 1e-3,
+    subsample: int = 1,
+) -> torch.Tensor:
     """`prob` filtered by the guided filter with the colour `image` as guide (intensities
     scaled to [0, 1]), clipped to [0, 1].
 
@@ -167,8 +178,9 @@ def guided_filter(prob: torch.Tensor, image: torch.Tensor, *, radius: int = 8,
     guide = image.to(dtype) / 255.0
     p = prob.to(dtype)
     r = max(1, round(radius / subsample))
-    mean_a, mean_b = _guided_coefficients(_downsample(p, subsample),
-                                          _downsample(guide, subsample), r, eps)
+    mean_a, mean_b = _guided_coefficients(
+        _downsample(p, subsample), _downsample(guide, subsample), r, eps
+    )
     mean_a, mean_b = _upsample(mean_a, size), _upsample(mean_b, size)
     q = (mean_a * guide).sum(1, keepdim=True) + mean_b
     return q.clamp_(0.0, 1.0).to(prob.dtype)
@@ -185,8 +197,9 @@ def crf_offsets(kernel_size: int, dilations: Sequence[int]) -> list[tuple[int, i
     _int("kernel_size", kernel_size, 3)
     if kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-    if not dilations or any(isinstance(d, bool) or not isinstance(d, int) or d < 1
-                            for d in dilations):
+    if not dilations or any(
+        isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dilations
+    ):
         raise ValueError(f"dilations must be ints >= 1, got {list(dilations)!r}")
     if list(dilations) != sorted(set(dilations)):
         raise ValueError(f"dilations must be strictly ascending, got {list(dilations)!r}")
@@ -194,8 +207,12 @@ def crf_offsets(kernel_size: int, dilations: Sequence[int]) -> list[tuple[int, i
     out: list[tuple[int, int, float]] = []
     inner = 0  # the half-width (in pixels) already covered
     for d in dilations:
-        ring = [(a * d, b * d) for a in range(-h, h + 1) for b in range(-h, h + 1)
-                if max(abs(a), abs(b)) * d > inner]
+        ring = [
+            (a * d, b * d)
+            for a in range(-h, h + 1)
+            for b in range(-h, h + 1)
+            if max(abs(a), abs(b)) * d > inner
+        ]
         if ring:
             area = ((2 * h * d + 1) ** 2 - (2 * inner + 1) ** 2) / len(ring)
             out += [(dy, dx, area) for dy, dx in ring]
@@ -215,8 +232,7 @@ class _AppearanceKernel:
     padding, so D needs no mask: wherever q or q + o lies in the padding, one factor of
     each product it enters is zero or the product lands in the padding."""
 
-    def __init__(self, guide: torch.Tensor, offsets: list[tuple[int, int, float]],
-                 theta_xy: float):
+    def __init__(self, guide: torch.Tensor, offsets: list[tuple[int, int, float]], theta_xy: float):
         B, C, H, W = guide.shape
         self.B, self.H, self.W = B, H, W
         self.pad = max(max(abs(dy), abs(dx)) for dy, dx, _ in offsets)
@@ -229,12 +245,12 @@ class _AppearanceKernel:
         for dy, dx, area in offsets:
             if (dy, dx) < (0, 0):
                 continue  # served by its opposite
-            coef = area * math.exp(-0.5 * (dy * dy + dx * dx) / theta_xy ** 2)
+            coef = area * math.exp(-0.5 * (dy * dy + dx * dx) / theta_xy**2)
             self.norm += 2 * coef  # the message of a neighbourhood that agrees everywhere: 1
             if abs(dy) >= H or abs(dx) >= W:
                 continue  # no two pixels of the image this far apart
             s = dy * self.Wp + dx
-            diff = flat[:, :, s:] - flat[:, :, :self.n - s]
+            diff = flat[:, :, s:] - flat[:, :, : self.n - s]
             kern = diff.square_().sum(1).mul_(-0.5).exp_().mul_(coef)  # (B, n - s)
             self.pairs.append((s, kern))
 
@@ -247,10 +263,10 @@ class _AppearanceKernel:
         xf = self.padded(x)
         out = torch.zeros_like(xf)
         for s, kern in self.pairs:
-            out[:, :self.n - s].addcmul_(kern, xf[:, s:])
-            out[:, s:].addcmul_(kern, xf[:, :self.n - s])
+            out[:, : self.n - s].addcmul_(kern, xf[:, s:])
+            out[:, s:].addcmul_(kern, xf[:, : self.n - s])
         p = self.pad
-        out = out.view(self.B, 1, self.H + 2 * p, self.Wp)[:, :, p:p + self.H, p:p + self.W]
+        out = out.view(self.B, 1, self.H + 2 * p, self.Wp)[:, :, p : p + self.H, p : p + self.W]
         return out / self.norm
 
 
@@ -265,12 +281,21 @@ def _gaussian_message(x: torch.Tensor, theta_xy: float) -> torch.Tensor:
     return out.sub_(x).div_(g.sum() ** 2 - 1.0)  # without the centre (g(0) = 1)
 
 
-def dense_crf(prob: torch.Tensor, image: torch.Tensor, *, iterations: int = 5,
-              appearance_weight: float = 4.0, appearance_xy: float = 40.0,
-              appearance_rgb: float = 13.0, smoothness_weight: float = 1.0,
-              smoothness_xy: float = 3.0, kernel_size: int = 5,
-              dilations: Sequence[int] = (1, 4, 16), scale: int = 1,
-              unary_scale: float = 1.0) -> torch.Tensor:
+def dense_crf(
+    prob: torch.Tensor,
+    image: torch.Tensor,
+    *,
+    iterations: int = 5,
+    appearance_weight: float = 4.0,
+    appearance_xy: float = 40.0,
+    appearance_rgb: float = 13.0,
+    smoothness_weight: float = 1.0,
+    smoothness_xy: float = 3.0,
+    kernel_size: int = 5,
+    dilations: Sequence[int] = (1, 4, 16),
+    scale: int = 1,
+    unary_scale: float = 1.0,
+) -> torch.Tensor:
     """Object probabilities after mean-field inference in the dense CRF whose unary is
     -log(prob) and whose Potts pairwise weight between pixels i and j is
 
@@ -296,11 +321,16 @@ def dense_crf(prob: torch.Tensor, image: torch.Tensor, *, iterations: int = 5,
     dtype = _check(prob, image)
     _int("iterations", iterations, 0)
     _int("scale", scale, 1)
-    for name, value in (("appearance_xy", appearance_xy), ("appearance_rgb", appearance_rgb),
-                        ("smoothness_xy", smoothness_xy)):
+    for name, value in (
+        ("appearance_xy", appearance_xy),
+        ("appearance_rgb", appearance_rgb),
+        ("smoothness_xy", smoothness_xy),
+    ):
         _positive(name, value)
-    for name, value in (("appearance_weight", appearance_weight),
-                        ("smoothness_weight", smoothness_weight)):
+    for name, value in (
+        ("appearance_weight", appearance_weight),
+        ("smoothness_weight", smoothness_weight),
+    ):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     _positive("unary_scale", unary_scale)
@@ -313,8 +343,9 @@ def dense_crf(prob: torch.Tensor, image: torch.Tensor, *, iterations: int = 5,
     if unary_scale != 1.0:
         low_unary = low_unary * unary_scale
     guide = _downsample(image.to(dtype), scale) / appearance_rgb
-    kernel = _AppearanceKernel(guide, offsets, appearance_xy / scale) \
-        if appearance_weight > 0 else None
+    kernel = (
+        _AppearanceKernel(guide, offsets, appearance_xy / scale) if appearance_weight > 0 else None
+    )
     del guide
     q = torch.sigmoid(low_unary)
     message = torch.zeros_like(low_unary)

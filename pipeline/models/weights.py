@@ -4,6 +4,7 @@ and the published weights downloaded through the hubs (`pretrained_model`; offli
 their download cache). What identifies a weights file in the feature key is core.keys's
 (`weights_identity`, torch-free).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,17 @@ _DROP_PREFIXES = ("head.", "head_dist.", "fc_norm.", "classifier.", "mask_token"
 # reading garbage (IndexError/KeyError on its stack and memo, struct.error, TypeError,
 # UnicodeDecodeError) and the legacy format's storage lookup (AssertionError "storage key
 # ... not found"; found by fuzzing). UnpicklingError is handled apart: the safe loader's refusal.
-_UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, LookupError,
-               TypeError, struct.error, AssertionError)
+_UNREADABLE = (
+    RuntimeError,
+    OSError,
+    EOFError,
+    ValueError,
+    zipfile.BadZipFile,
+    LookupError,
+    TypeError,
+    struct.error,
+    AssertionError,
+)
 
 # The only non-tensor type a checkpoint may contain: DINO's training checkpoints pickle their
 # command line (`args`) as an argparse.Namespace.
@@ -62,19 +72,23 @@ def _read_checkpoint(path: Path) -> dict:
     the safe loader refuses is refused here too, in one line (no fallback)."""
     if _is_safetensors(path):
         from safetensors.torch import load_file
+
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise BackboneError(f"{path}: not a readable .safetensors file "
-                                f"({_first_line(e)})") from None
+            raise BackboneError(
+                f"{path}: not a readable .safetensors file ({_first_line(e)})"
+            ) from None
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise BackboneError(f"{path}: refused: loading it would need unpickling arbitrary objects "
-                            f"({_refusal_reason(e)}); only tensors and plain containers are read. "
-                            "Where you trust the file, convert it to a plain state dict "
-                            "(torch.save(model.state_dict(), ...)) or to .safetensors") from None
+        raise BackboneError(
+            f"{path}: refused: loading it would need unpickling arbitrary objects "
+            f"({_refusal_reason(e)}); only tensors and plain containers are read. "
+            "Where you trust the file, convert it to a plain state dict "
+            "(torch.save(model.state_dict(), ...)) or to .safetensors"
+        ) from None
     except _UNREADABLE as e:
         raise BackboneError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
     if not isinstance(obj, dict):
@@ -110,43 +124,61 @@ def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
             stripped = False
             for prefix in ("module.", "backbone.", "_orig_mod."):
                 if k.startswith(prefix):
-                    k, stripped = k[len(prefix):], True
+                    k, stripped = k[len(prefix) :], True
         if k.startswith(_DROP_PREFIXES):
             continue
         out[k] = v
     return out
 
 
-def _load_into(model: nn.Sequential | VisionTransformer, state: dict[str, torch.Tensor],
-               path: Path, spec: BackboneSpec) -> None:
+def _load_into(
+    model: nn.Sequential | VisionTransformer,
+    state: dict[str, torch.Tensor],
+    path: Path,
+    spec: BackboneSpec,
+) -> None:
     own = model.state_dict()
     if isinstance(model, nn.Sequential):  # torchvision's features[:n]: keys "0.conv..."
-        state = {k[len("features."):] if k.startswith("features.") else k: v
-                 for k, v in state.items()}
-        state = {k: v for k, v in state.items()
-                 if not (k.split(".", 1)[0].isdigit() and int(k.split(".", 1)[0]) >= len(model))}
+        state = {
+            k[len("features.") :] if k.startswith("features.") else k: v for k, v in state.items()
+        }
+        state = {
+            k: v
+            for k, v in state.items()
+            if not (k.split(".", 1)[0].isdigit() and int(k.split(".", 1)[0]) >= len(model))
+        }
     for k in own:  # old BatchNorm checkpoints lack the (unused in eval) batch counters
         if k.endswith("num_batches_tracked") and k not in state:
             state[k] = own[k]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing:
-        raise BackboneError(f"{path}: not a {spec.name} checkpoint: missing {len(missing)} keys "
-                            f"(e.g. {', '.join(missing[:3])})")
+        raise BackboneError(
+            f"{path}: not a {spec.name} checkpoint: missing {len(missing)} keys "
+            f"(e.g. {', '.join(missing[:3])})"
+        )
     if unexpected:
-        raise BackboneError(f"{path}: unexpected keys for {spec.name} "
-                            f"(e.g. {', '.join(unexpected[:3])})")
+        raise BackboneError(
+            f"{path}: unexpected keys for {spec.name} (e.g. {', '.join(unexpected[:3])})"
+        )
     for k, v in state.items():
         if v.shape != own[k].shape and k != "pos_embed":
-            raise BackboneError(f"{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, "
-                                f"{spec.name} {tuple(own[k].shape)}")
-    if (not isinstance(model, nn.Sequential)  # (a ViT: only they have position embeddings)
-            and "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape):
+            raise BackboneError(
+                f"{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, "
+                f"{spec.name} {tuple(own[k].shape)}"
+            )
+    if (
+        not isinstance(model, nn.Sequential)  # (a ViT: only they have position embeddings)
+        and "pos_embed" in state
+        and state["pos_embed"].shape != own["pos_embed"].shape
+    ):
         # a checkpoint trained at another resolution: interpolate its position embeddings
         from timm.layers import resample_abs_pos_embed
+
         n_prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
         state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], new_size=model.patch_embed.grid_size, num_prefix_tokens=n_prefix)
+            state["pos_embed"], new_size=model.patch_embed.grid_size, num_prefix_tokens=n_prefix
+        )
     model.load_state_dict(state, strict=True)
 
 
@@ -162,8 +194,9 @@ def _first_line(e: BaseException, limit: int = 400) -> str:
     return f"{type(e).__name__}: {line}"
 
 
-def load_checkpoint(model: nn.Sequential | VisionTransformer, path: Path,
-                    spec: BackboneSpec) -> None:
+def load_checkpoint(
+    model: nn.Sequential | VisionTransformer, path: Path, spec: BackboneSpec
+) -> None:
     """The backbone weights of the checkpoint file `path` loaded into `model` (strictly: a
     one-line BackboneError for a file of another model, or one that needs unpickling)."""
     _load_into(model, extract_state_dict(_read_checkpoint(path)), path, spec)
@@ -177,6 +210,7 @@ _HOSTS = {"timm": "huggingface.co", "torchvision": "download.pytorch.org"}
 def _resolves(host: str) -> bool:
     """Whether the download host resolves: offline machines skip minutes of hub retries."""
     import socket
+
     try:
         socket.getaddrinfo(host, 443)
         return True
@@ -206,8 +240,9 @@ def _hub_offline() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = old_env
 
 
-def pretrained_model(spec: BackboneSpec,
-                     build: Callable[[BackboneSpec, bool], nn.Module]) -> nn.Module:
+def pretrained_model(
+    spec: BackboneSpec, build: Callable[[BackboneSpec, bool], nn.Module]
+) -> nn.Module:
     """`build(spec, True)`: the model with its published weights, downloaded (offline, when
     the host does not resolve: from the download cache, failing fast otherwise); a one-line
     BackboneError naming the file to download elsewhere when that fails."""

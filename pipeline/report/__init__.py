@@ -29,6 +29,7 @@ The modules, each one job:
 
 The metrics (their keys, labels, order, notes) are ``metrics.definitions``'.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -85,12 +86,36 @@ from .view import (
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["Thumb", "VariantThumb", "overlay", "thumbnail_strip", "variant_strip",
-           "mask_panel", "plot_training_curves", "save_training_curves",
-           "write_reports", "headline_text", "TP_COLOUR", "FP_COLOUR", "FN_COLOUR",
-           "CONTOUR_COLOUR", "MASK_COLOUR", "MASK_DIM", "LEGEND", "PANELS", "PANEL_MAX_SIDE",
-           "STRIP_GAP", "TEMPLATE_DIR", "Report", "parse_report", "Damaged", "best_flags",
-           "plot_overall", "plot_scatter", "zoom"]
+__all__ = [
+    "Thumb",
+    "VariantThumb",
+    "overlay",
+    "thumbnail_strip",
+    "variant_strip",
+    "mask_panel",
+    "plot_training_curves",
+    "save_training_curves",
+    "write_reports",
+    "headline_text",
+    "TP_COLOUR",
+    "FP_COLOUR",
+    "FN_COLOUR",
+    "CONTOUR_COLOUR",
+    "MASK_COLOUR",
+    "MASK_DIM",
+    "LEGEND",
+    "PANELS",
+    "PANEL_MAX_SIDE",
+    "STRIP_GAP",
+    "TEMPLATE_DIR",
+    "Report",
+    "parse_report",
+    "Damaged",
+    "best_flags",
+    "plot_overall",
+    "plot_scatter",
+    "zoom",
+]
 
 FigureEntries = dict[str, dict[str, Any] | None]
 
@@ -110,44 +135,73 @@ class _Figures:
         save_figure(fig, [self.tmp_dir / f"{key}.{ext}" for ext in ("svg", "pdf", "png")])
         self.entries[key] = figure_entry(key, title, alt, caption, self.files_dir, size)
 
-    def copy(self, curves: Sequence[Path], size: tuple[float, float], key: str,
-             title: str, alt: str, caption: str) -> None:
+    def copy(
+        self,
+        curves: Sequence[Path],
+        size: tuple[float, float],
+        key: str,
+        title: str,
+        alt: str,
+        caption: str,
+    ) -> None:
         """Files drawn elsewhere (stage 2's training curves), as they are."""
         for path in curves:
             shutil.copyfile(path, self.tmp_dir / f"{key}{path.suffix}")
         self.entries[key] = figure_entry(key, title, alt, caption, self.files_dir, size)
 
 
-def _score_figures(figs: _Figures, report: Report, variants: dict[str, VariantScores],
-                   rows: list[ImageScores]) -> None:
+def _score_figures(
+    figs: _Figures, report: Report, variants: dict[str, VariantScores], rows: list[ImageScores]
+) -> None:
     """The figures of the scores: overall, the threshold sweep, per category, per image."""
     names = headline_names()
-    figs.add(plot_overall(variants, rows), "overall", "Variants, overall",
-             f"dot plot of {names} per variant", "Each panel has its own zoomed axis.")
+    figs.add(
+        plot_overall(variants, rows),
+        "overall",
+        "Variants, overall",
+        f"dot plot of {names} per variant",
+        "Each panel has its own zoomed axis.",
+    )
     if report.threshold_sweep:
-        figs.add(plot_sweep(report.threshold_sweep, configured_threshold(report)),
-                 "threshold_sweep", "Threshold sweep",
-                 "line plots of J mean, precision and recall against the threshold, per variant",
-                 "Each variant's masks cut at other thresholds on the object probability; "
-                 "dotted: the configured threshold, rings: the best J.")
+        figs.add(
+            plot_sweep(report.threshold_sweep, configured_threshold(report)),
+            "threshold_sweep",
+            "Threshold sweep",
+            "line plots of J mean, precision and recall against the threshold, per variant",
+            "Each variant's masks cut at other thresholds on the object probability; "
+            "dotted: the configured threshold, rings: the best J.",
+        )
     categories = categories_of(variants)
     if categories:
-        figs.add(plot_categories(variants, categories), "per_category",
-                 f"{names} per category", f"dot plots of {names} per category and variant",
-                 f"Categories sorted by the J of {CANDIDATE}. J and F are means over images, "
-                 f"mIoU pools the pixels: a category whose small objects are missed has a low "
-                 f"J but can keep a high mIoU.")
+        figs.add(
+            plot_categories(variants, categories),
+            "per_category",
+            f"{names} per category",
+            f"dot plots of {names} per category and variant",
+            f"Categories sorted by the J of {CANDIDATE}. J and F are means over images, "
+            f"mIoU pools the pixels: a category whose small objects are missed has a low "
+            f"J but can keep a high mIoU.",
+        )
     if CANDIDATE in variants and BASELINE in variants and rows:
-        figs.add(plot_scatter(rows, BASELINE, CANDIDATE), "per_image_j", "Per-image J",
-                 f"scatter plot of per-image J, {CANDIDATE} against {BASELINE}",
-                 f"One point per image; above the dashed diagonal, {CANDIDATE} is better.")
+        figs.add(
+            plot_scatter(rows, BASELINE, CANDIDATE),
+            "per_image_j",
+            "Per-image J",
+            f"scatter plot of per-image J, {CANDIDATE} against {BASELINE}",
+            f"One point per image; above the dashed diagonal, {CANDIDATE} is better.",
+        )
 
 
-def _curves_figure(figs: _Figures, history: list[dict[str, Any]] | None,
-                   curves: list[Path] | None) -> None:
+def _curves_figure(
+    figs: _Figures, history: list[dict[str, Any]] | None, curves: list[Path] | None
+) -> None:
     """The training curves: stage 2's drawing as it is, else drawn from its history."""
-    args = ("training_curves", "Training curves", "training loss curves",
-            "Loss per epoch of each training phase.")
+    args = (
+        "training_curves",
+        "Training curves",
+        "training loss curves",
+        "Loss per epoch of each training phase.",
+    )
     size = svg_size_in(curves[0]) if curves else None
     if curves and size is not None:
         figs.copy(curves, size, *args)
@@ -155,28 +209,40 @@ def _curves_figure(figs: _Figures, history: list[dict[str, Any]] | None,
         figs.add(training_figure(history), *args)
 
 
-def _strips(thumbs_best: list[Thumb] | None, thumbs_worst: list[Thumb | VariantThumb] | None,
-            variant_thumbs: list[VariantThumb] | None, tmp_dir: Path, files_dir: Path,
-            vnames: list[str], index: dict[tuple[str, str], ImageScores]
-            ) -> dict[str, list[Strip]]:
+def _strips(
+    thumbs_best: list[Thumb] | None,
+    thumbs_worst: list[Thumb | VariantThumb] | None,
+    variant_thumbs: list[VariantThumb] | None,
+    tmp_dir: Path,
+    files_dir: Path,
+    vnames: list[str],
+    index: dict[tuple[str, str], ImageScores],
+) -> dict[str, list[Strip]]:
     """The best and the worst images' strips: the worst images, then the variant thumbs of
     images not among them (a worst image with a variant thumb shows its variants)."""
     vthumbs = {(str(t.category), str(t.stem)): t for t in (variant_thumbs or [])}
     worst: list[Thumb | VariantThumb] = list(thumbs_worst or [])
     seen = {(str(t.category), str(t.stem)) for t in worst}
     worst += [t for k, t in vthumbs.items() if k not in seen]
-    return {"best": write_strips(thumbs_best or [], {}, "best", tmp_dir, files_dir, vnames,
-                                 index),
-            "worst": write_strips(worst, vthumbs, "worst", tmp_dir, files_dir, vnames, index)}
+    return {
+        "best": write_strips(thumbs_best or [], {}, "best", tmp_dir, files_dir, vnames, index),
+        "worst": write_strips(worst, vthumbs, "worst", tmp_dir, files_dir, vnames, index),
+    }
 
 
-def write_reports(out_dir: Path, split: str, report: Report | dict[str, Any],
-                  per_image: list[dict[str, Any]] | None,
-                  thumbs_best: list[Thumb], thumbs_worst: list[Thumb | VariantThumb],
-                  history: list[dict[str, Any]] | None = None, *,
-                  variant_thumbs: list[VariantThumb] | None = None,
-                  other_runs: list[tuple[str, str]] | None = None,
-                  curves: list[Path] | None = None) -> dict[str, Path]:
+def write_reports(
+    out_dir: Path,
+    split: str,
+    report: Report | dict[str, Any],
+    per_image: list[dict[str, Any]] | None,
+    thumbs_best: list[Thumb],
+    thumbs_worst: list[Thumb | VariantThumb],
+    history: list[dict[str, Any]] | None = None,
+    *,
+    variant_thumbs: list[VariantThumb] | None = None,
+    other_runs: list[tuple[str, str]] | None = None,
+    curves: list[Path] | None = None,
+) -> dict[str, Path]:
     """Writes out_dir/report_<split>.md, out_dir/report_<split>.html and the figures and
     thumbnails under out_dir/report_<split>_files/ (relative links only, so the three can be
     moved or zipped together and opened offline). Does NOT write the JSON (the caller does).
@@ -204,8 +270,7 @@ def write_reports(out_dir: Path, split: str, report: Report | dict[str, Any],
     split = str(split)
     if not isinstance(report, Report):
         report = parse_report(report, strict=False)
-    rows: list[ImageScores] = (report.per_image if per_image is None
-                               else parse_per_image(per_image))
+    rows: list[ImageScores] = report.per_image if per_image is None else parse_per_image(per_image)
     variants = ordered_variants(report.variants)
     index = {(r.category, r.stem): r for r in rows}
     layout = RunLayout(out_dir)
@@ -218,10 +283,12 @@ def write_reports(out_dir: Path, split: str, report: Report | dict[str, Any],
         if any(v.overall is not None for v in variants.values()):
             _score_figures(figs, report, variants, rows)
         _curves_figure(figs, history, curves)
-        strips = _strips(thumbs_best, thumbs_worst, variant_thumbs, tmp_dir, files_dir,
-                         list(variants), index)
-        vm = view_model(split, report, rows, strips, figs.entries, other_runs, md_path.name,
-                        html_path.name)
+        strips = _strips(
+            thumbs_best, thumbs_worst, variant_thumbs, tmp_dir, files_dir, list(variants), index
+        )
+        vm = view_model(
+            split, report, rows, strips, figs.entries, other_runs, md_path.name, html_path.name
+        )
         html_text = render("report.html.j2", vm)
         md_text = render("report.md.j2", vm)
     atomic_write_bytes(md_path, md_text.encode("utf-8"))

@@ -1,6 +1,7 @@
 """The report's charts, drawn on ``figures.new_figure`` (matplotlib's object-oriented API on
 Agg): the overall dot plot, the dot plots per category, the threshold sweep and the per-image J
 scatter. Each returns its Figure (None: nothing to draw); ``figures.save_figure`` saves it."""
+
 from __future__ import annotations
 
 import math
@@ -16,15 +17,31 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-__all__ = ["plot_overall", "plot_categories", "plot_sweep", "plot_scatter", "CATEGORY_COLOURS",
-           "CATEGORY_MARKERS", "MAX_CATEGORY_ROWS"]
+__all__ = [
+    "plot_overall",
+    "plot_categories",
+    "plot_sweep",
+    "plot_scatter",
+    "CATEGORY_COLOURS",
+    "CATEGORY_MARKERS",
+    "MAX_CATEGORY_ROWS",
+]
 
 
 # the categories' colours: none of the variants' grey / blue / orange nor the error legend's
 # green / red / blue / yellow (panels.LEGEND), dark enough on white; with the markers below,
 # len(CATEGORY_COLOURS) x len(CATEGORY_MARKERS) categories are told apart
-CATEGORY_COLOURS = ("#7b3294", "#00a6a6", "#8c510a", "#d01c8b", "#01665e", "#6b6b00",
-                    "#de77ae", "#67001f", "#40004b")
+CATEGORY_COLOURS = (
+    "#7b3294",
+    "#00a6a6",
+    "#8c510a",
+    "#d01c8b",
+    "#01665e",
+    "#6b6b00",
+    "#de77ae",
+    "#67001f",
+    "#40004b",
+)
 
 
 CATEGORY_MARKERS = ("o", "s", "^", "D")
@@ -34,12 +51,12 @@ def _per_image_values(per_image: list[ImageScores], key: str, variant: str) -> l
     return [x for r in per_image if (x := (r.j if key == "j" else r.f).get(variant)) is not None]
 
 
-def plot_overall(variants: dict[str, VariantScores], per_image: list[ImageScores]
-                 ) -> Figure:
+def plot_overall(variants: dict[str, VariantScores], per_image: list[ImageScores]) -> Figure:
     """A dot plot, one panel per metric stacked (each with its own zoomed x axis: readable on
     a phone too), one row per variant, the value printed at each dot, 95% bootstrap intervals
     of the per-image means (J, F), and a dotted reference line at the baseline (bilinear)."""
     from matplotlib.ticker import MaxNLocator
+
     names = [v for v in variants if variants[v].overall is not None]
     n = len(names)
     fig = new_figure((5.6, len(HEADLINE) * (0.36 * n + 0.62) + 0.35), layout="constrained")
@@ -59,13 +76,29 @@ def plot_overall(variants: dict[str, VariantScores], per_image: list[ImageScores
         for i, v in enumerate(names):
             x, y, c = vals[v], ys[v], variant_colour(v, i)
             if v in cis:
-                ax.plot(cis[v], [y, y], color=c, lw=2.4, alpha=0.5, solid_capstyle="butt",
-                        zorder=2)
+                ax.plot(cis[v], [y, y], color=c, lw=2.4, alpha=0.5, solid_capstyle="butt", zorder=2)
             if _finite(x):
-                ax.plot([x], [y], "o", color=c, ms=7.5, zorder=3, clip_on=False,
-                        markeredgecolor="white", markeredgewidth=0.8)
-                ax.annotate(m.text(x), (x, y), xytext=(0, 6), textcoords="offset points",
-                            ha="center", va="bottom", fontsize=8.5, color="#1f2328")
+                ax.plot(
+                    [x],
+                    [y],
+                    "o",
+                    color=c,
+                    ms=7.5,
+                    zorder=3,
+                    clip_on=False,
+                    markeredgecolor="white",
+                    markeredgewidth=0.8,
+                )
+                ax.annotate(
+                    m.text(x),
+                    (x, y),
+                    xytext=(0, 6),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=8.5,
+                    color="#1f2328",
+                )
         ax.set_xlim(lo, hi)
         ax.set_ylim(-0.5, n - 0.2)
         ax.set_yticks([ys[v] for v in names], names)
@@ -99,9 +132,13 @@ def plot_categories(variants: dict[str, VariantScores], categories: list[str]) -
     def val(v: str, c: str, key: str) -> float:
         return metric_value(variants[v].per_category.get(c), key)
 
-    cats = sorted(categories, key=lambda c: (-val(key_v, c, "j_mean")
-                                             if _finite(val(key_v, c, "j_mean")) else math.inf,
-                                             str(c)))
+    cats = sorted(
+        categories,
+        key=lambda c: (
+            -val(key_v, c, "j_mean") if _finite(val(key_v, c, "j_mean")) else math.inf,
+            str(c),
+        ),
+    )
     title = f"{headline_names()} per category"
     if len(cats) > MAX_CATEGORY_ROWS:
         cats = cats[-MAX_CATEGORY_ROWS:]
@@ -119,13 +156,25 @@ def plot_categories(variants: dict[str, VariantScores], categories: list[str]) -
             if len(fin) > 1:
                 ax.plot([min(fin), max(fin)], [y, y], color="#c9d1d9", lw=2, zorder=1)
         for i, v in enumerate(names):
-            pts = [(val(v, c, key), n - 1 - row) for row, c in enumerate(cats)
-                   if _finite(val(v, c, key))]
+            pts = [
+                (val(v, c, key), n - 1 - row)
+                for row, c in enumerate(cats)
+                if _finite(val(v, c, key))
+            ]
             if not pts:  # an empty line's extent would collapse the layout
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", ms=6, label=v,
-                    color=variant_colour(v, i), markeredgecolor="white", markeredgewidth=0.6,
-                    zorder=2 + (v == key_v), clip_on=False)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                "o",
+                ms=6,
+                label=v,
+                color=variant_colour(v, i),
+                markeredgecolor="white",
+                markeredgewidth=0.6,
+                zorder=2 + (v == key_v),
+                clip_on=False,
+            )
         if k == 0:
             ax.set_yticks(range(n), [short_name(c, 22) for c in reversed(cats)], fontsize=8.5)
         ax.set_ylim(-0.6, n - 0.4)
@@ -139,14 +188,21 @@ def plot_categories(variants: dict[str, VariantScores], categories: list[str]) -
             ax.spines[side].set_visible(False)
     fig.suptitle(title, fontsize=10, x=0.01, ha="left", fontweight="bold")
     fig.supxlabel("each axis zoomed to its values (not from 0)", fontsize=7.5, color="#59636e")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper right",
-               ncol=len(names), fontsize=8, frameon=False, handletextpad=0.2,
-               columnspacing=1.0)
+    fig.legend(
+        *axes[0].get_legend_handles_labels(),
+        loc="outside upper right",
+        ncol=len(names),
+        fontsize=8,
+        frameon=False,
+        handletextpad=0.2,
+        columnspacing=1.0,
+    )
     return fig
 
 
 def _max_n_locator(n: int) -> MaxNLocator:
     from matplotlib.ticker import MaxNLocator
+
     return MaxNLocator(n)
 
 
@@ -166,16 +222,22 @@ def plot_sweep(sweep: dict[str, list[SweepPoint]], threshold: float | None) -> F
         best = max(pts, key=lambda p: (p.j_mean, -abs(p.threshold - (threshold or 0.5))))
         ax_j.plot([best.threshold], [best.j_mean], "o", ms=9, mfc="none", mec=c, mew=1.4)
         ax_pr.plot(ts, [p.precision for p in pts], color=c, lw=1.6, label=f"{v} precision")
-        ax_pr.plot(ts, [p.recall for p in pts], color=c, lw=1.6, ls="--",
-                   label=f"{v} recall")
+        ax_pr.plot(ts, [p.recall for p in pts], color=c, lw=1.6, ls="--", label=f"{v} recall")
     for ax, title in ((ax_j, "J mean"), (ax_pr, "Precision (solid) and recall (dashed)")):
         if threshold is not None:
             ax.axvline(threshold, color="#59636e", lw=1.1, ls=":", zorder=0)
-            ax.annotate(f"configured {threshold:g}", (threshold, 0.0),
-                        xycoords=("data", "axes fraction"), xytext=(3, 3),
-                        textcoords="offset points", ha="left", va="bottom", fontsize=7.5,
-                        color="#59636e", bbox=dict(boxstyle="square,pad=0.15", fc="white",
-                                                   ec="none", alpha=0.8))
+            ax.annotate(
+                f"configured {threshold:g}",
+                (threshold, 0.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(3, 3),
+                textcoords="offset points",
+                ha="left",
+                va="bottom",
+                fontsize=7.5,
+                color="#59636e",
+                bbox=dict(boxstyle="square,pad=0.15", fc="white", ec="none", alpha=0.8),
+            )
         ax.set_xlim(0, 1)
         ax.set_xlabel("threshold on the object probability", fontsize=8.5)
         ax.set_title(title, fontsize=10, loc="left", fontweight="bold")
@@ -186,8 +248,15 @@ def plot_sweep(sweep: dict[str, list[SweepPoint]], threshold: float | None) -> F
     lo, hi = zoom([p.j_mean for v in names for p in sweep[v]], pad=0.08)
     ax_j.set_ylim(lo, hi)
     ax_pr.set_ylim(-0.02, 1.02)
-    fig.legend(*ax_j.get_legend_handles_labels(), loc="outside lower center", ncol=len(names),
-               fontsize=8, frameon=False, handletextpad=0.3, columnspacing=1.2)
+    fig.legend(
+        *ax_j.get_legend_handles_labels(),
+        loc="outside lower center",
+        ncol=len(names),
+        fontsize=8,
+        frameon=False,
+        handletextpad=0.3,
+        columnspacing=1.2,
+    )
     return fig
 
 
@@ -197,12 +266,12 @@ def _category_styles(categories: list[str]) -> dict[str, tuple[str, str]] | None
     nc, nm = len(CATEGORY_COLOURS), len(CATEGORY_MARKERS)
     if len(categories) > nc * nm:
         return None
-    return {c: (CATEGORY_COLOURS[i % nc], CATEGORY_MARKERS[i // nc])
-            for i, c in enumerate(categories)}
+    return {
+        c: (CATEGORY_COLOURS[i % nc], CATEGORY_MARKERS[i // nc]) for i, c in enumerate(categories)
+    }
 
 
-def plot_scatter(per_image: list[ImageScores], x_variant: str, y_variant: str
-                 ) -> Figure | None:
+def plot_scatter(per_image: list[ImageScores], x_variant: str, y_variant: str) -> Figure | None:
     """Per-image J of the candidate against the baseline's: zoomed (same range on both axes),
     the diagonal, the side where the candidate is better shaded, points coloured by
     category, and how many images lie on each side."""
@@ -216,8 +285,9 @@ def plot_scatter(per_image: list[ImageScores], x_variant: str, y_variant: str
     cats = list(dict.fromkeys(c for c, _, _ in pts))
     colours = _category_styles(cats)
     many = len(pts) > 400
-    fig = new_figure((5.0, 5.3 + (0.18 * math.ceil(len(cats) / 3) if colours else 0)),
-                      layout="constrained")
+    fig = new_figure(
+        (5.0, 5.3 + (0.18 * math.ceil(len(cats) / 3) if colours else 0)), layout="constrained"
+    )
     ax = fig.subplots()
     lo, hi = zoom([p[1] for p in pts] + [p[2] for p in pts], pad=0.06)
     ax.fill_between([lo, hi], [lo, hi], [hi, hi], color="#f58518", alpha=0.07, lw=0, zorder=0)
@@ -225,29 +295,62 @@ def plot_scatter(per_image: list[ImageScores], x_variant: str, y_variant: str
     for c in cats:
         xs = [a for cc, a, _ in pts if cc == c]
         ys = [b for cc, _, b in pts if cc == c]
-        ax.scatter(xs, ys, s=10 if many else 28, alpha=0.55 if many else 0.85,
-                   color=colours[c][0] if colours else "#6a51a3",
-                   marker=colours[c][1] if colours else "o",
-                   edgecolors="white", linewidths=0 if many else 0.5, zorder=2,
-                   label=short_name(c, 20), clip_on=False)
+        ax.scatter(
+            xs,
+            ys,
+            s=10 if many else 28,
+            alpha=0.55 if many else 0.85,
+            color=colours[c][0] if colours else "#6a51a3",
+            marker=colours[c][1] if colours else "o",
+            edgecolors="white",
+            linewidths=0 if many else 0.5,
+            zorder=2,
+            label=short_name(c, 20),
+            clip_on=False,
+        )
     better = sum(b > a + 1e-9 for _, a, b in pts)
     worse = sum(b < a - 1e-9 for _, a, b in pts)
     box = dict(boxstyle="round,pad=0.3", fc="white", ec="none", alpha=0.85)
-    ax.text(0.03, 0.97, f"{y_variant} better: {better}", transform=ax.transAxes, ha="left",
-            va="top", fontsize=8.5, color="#b35806", bbox=box)
-    ax.text(0.97, 0.03, f"{x_variant} better: {worse}", transform=ax.transAxes, ha="right",
-            va="bottom", fontsize=8.5, color="#2f5d8a", bbox=box)
+    ax.text(
+        0.03,
+        0.97,
+        f"{y_variant} better: {better}",
+        transform=ax.transAxes,
+        ha="left",
+        va="top",
+        fontsize=8.5,
+        color="#b35806",
+        bbox=box,
+    )
+    ax.text(
+        0.97,
+        0.03,
+        f"{x_variant} better: {worse}",
+        transform=ax.transAxes,
+        ha="right",
+        va="bottom",
+        fontsize=8.5,
+        color="#2f5d8a",
+        bbox=box,
+    )
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_aspect("equal")
     ax.set_xlabel(f"J, {x_variant}", fontsize=9)
     ax.set_ylabel(f"J, {y_variant}", fontsize=9)
     ax.tick_params(labelsize=8.5)
-    ax.set_title(f"Per-image J, {len(pts)} images (axes zoomed)", fontsize=10, loc="left",
-                 fontweight="bold")
+    ax.set_title(
+        f"Per-image J, {len(pts)} images (axes zoomed)", fontsize=10, loc="left", fontweight="bold"
+    )
     ax.grid(True, alpha=0.3)
     if colours:
-        fig.legend(loc="outside lower center", ncol=min(len(cats), 3), fontsize=8,
-                   frameon=False, handletextpad=0.2, columnspacing=1.2,
-                   markerscale=2.0 if many else 1.0)
+        fig.legend(
+            loc="outside lower center",
+            ncol=min(len(cats), 3),
+            fontsize=8,
+            frameon=False,
+            handletextpad=0.2,
+            columnspacing=1.2,
+            markerscale=2.0 if many else 1.0,
+        )
     return fig

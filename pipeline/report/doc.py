@@ -7,6 +7,7 @@ is not what stage 3 writes is ``Damaged``, naming the field); the report writer 
 report it is given (stage 3's own, or a hand-made one) with ``strict=False``, where such a
 field is left out instead (shown as a dash) and nothing is required.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -23,9 +24,11 @@ T = TypeVar("T")
 
 # ----------------------------------------------------------------------------- the report
 
+
 @dataclass(frozen=True)
 class Metrics:
     """One METRICS block: the metrics present, each in [0, 1], and its image count."""
+
     values: dict[str, float]
     n_images: int | None = None
 
@@ -42,6 +45,7 @@ class VariantScores:
 @dataclass(frozen=True)
 class ImageScores:
     """One row of ``per_image``: J and F per variant (the sound ones)."""
+
     category: str
     stem: str
     j: dict[str, float]
@@ -51,6 +55,7 @@ class ImageScores:
 @dataclass(frozen=True)
 class SweepPoint:
     """One threshold of ``threshold_sweep``: J mean, precision and recall at it."""
+
     threshold: float
     j_mean: float
     precision: float
@@ -62,6 +67,7 @@ class DavisScores:
     """One variant's ``davis`` block (the DAVIS protocol, metrics.davis): J and F each
     {"mean", "recall", "decay"} over sequences (the sound ones), J&F, how many sequences,
     which frames. None: absent (or null: no sequence had a frame to evaluate)."""
+
     j: dict[str, float]
     f: dict[str, float]
     jf: float | None = None
@@ -73,6 +79,7 @@ class DavisScores:
 class Report:
     """report_<split>.json, validated. Every number is finite; None: absent (or, read
     leniently, unusable)."""
+
     split: str | None = None
     n_images: int | None = None
     n_predicted: int | None = None
@@ -98,8 +105,9 @@ class _Reader:
     def __init__(self, strict: bool):
         self.strict = strict
 
-    def get(self, check: Callable[[Any, str], T], value: Any, where: str,
-            default: Any = None) -> Any:
+    def get(
+        self, check: Callable[[Any, str], T], value: Any, where: str, default: Any = None
+    ) -> Any:
         try:
             return check(value, where)
         except Damaged:
@@ -107,8 +115,15 @@ class _Reader:
                 raise
             return default
 
-    def optional(self, doc: dict[str, Any], key: str, check: Callable[[Any, str], T],
-                 where: str = "", default: Any = None, required: bool = False) -> Any:
+    def optional(
+        self,
+        doc: dict[str, Any],
+        key: str,
+        check: Callable[[Any, str], T],
+        where: str = "",
+        default: Any = None,
+        required: bool = False,
+    ) -> Any:
         if key not in doc:
             if required and self.strict:
                 raise Damaged(f"{where}{key} missing")
@@ -134,8 +149,9 @@ class _Reader:
             raise Damaged(f"{where}.overall missing")
         if block.get("overall") is not None:
             required = REQUIRED if self.strict else ()
-            overall = self.get(lambda v, w: self.metrics(v, w, required), block["overall"],
-                               f"{where}.overall")
+            overall = self.get(
+                lambda v, w: self.metrics(v, w, required), block["overall"], f"{where}.overall"
+            )
         cats = self.optional(block, "per_category", an_object, f"{where}.", {})
         per_category = {}
         for c, m in cats.items():
@@ -155,23 +171,30 @@ class _Reader:
     def image(self, value: Any, where: str) -> ImageScores:
         row = an_object(value, where)
         name = _text if self.strict else _any_text
-        return ImageScores(self.optional(row, "category", name, f"{where}.", "", True),
-                           self.optional(row, "stem", name, f"{where}.", "", True),
-                           self.optional(row, "j", self.scores, f"{where}.", {}),
-                           self.optional(row, "f", self.scores, f"{where}.", {}))
+        return ImageScores(
+            self.optional(row, "category", name, f"{where}.", "", True),
+            self.optional(row, "stem", name, f"{where}.", "", True),
+            self.optional(row, "j", self.scores, f"{where}.", {}),
+            self.optional(row, "f", self.scores, f"{where}.", {}),
+        )
 
     def config(self, value: Any, where: str) -> dict[str, dict[str, Any]]:
         """The recorded config: its tables (values as recorded; `runs` validates them)."""
-        return {k: t for k, v in an_object(value, where).items()
-                if (t := self.get(an_object, v, f"{where}.{k}")) is not None}
+        return {
+            k: t
+            for k, v in an_object(value, where).items()
+            if (t := self.get(an_object, v, f"{where}.{k}")) is not None
+        }
 
     def texts(self, value: Any, where: str) -> dict[str, str | None]:
         out: dict[str, str | None] = {}
         for k, v in an_object(value, where).items():
-            out[k] = None if v is None else self.get(
-                _text if self.strict else _any_text, v, f"{where}.{k}")
+            out[k] = (
+                None
+                if v is None
+                else self.get(_text if self.strict else _any_text, v, f"{where}.{k}")
+            )
         return out
-
 
     def sweep(self, value: Any, where: str) -> dict[str, list[SweepPoint]]:
         out = {}
@@ -179,9 +202,16 @@ class _Reader:
             points = []
             for i, p in enumerate(self.get(_a_list, pts, f"{where}.{v}", [])):
                 w = f"{where}.{v}[{i}]"
-                point = self.get(lambda x, w: SweepPoint(
-                    *(metric(field_of(an_object(x, w), k, f"{w}."), f"{w}.{k}")
-                      for k in ("threshold", "j_mean", "precision", "recall"))), p, w)
+                point = self.get(
+                    lambda x, w: SweepPoint(
+                        *(
+                            metric(field_of(an_object(x, w), k, f"{w}."), f"{w}.{k}")
+                            for k in ("threshold", "j_mean", "precision", "recall")
+                        )
+                    ),
+                    p,
+                    w,
+                )
                 if point is not None:
                     points.append(point)
             out[v] = sorted(points, key=lambda p: p.threshold)
@@ -211,14 +241,18 @@ class _Reader:
                 f=self.optional(block, "F", self.davis_stats, f"{w}.", {}),
                 jf=None if jf is None else self.optional(block, "J&F", metric, f"{w}."),
                 n_sequences=self.optional(block, "n_sequences", count, f"{w}."),
-                frames=self.optional(block, "frames", _text if self.strict else _any_text,
-                                     f"{w}."))
+                frames=self.optional(block, "frames", _text if self.strict else _any_text, f"{w}."),
+            )
         return out
 
     def resolved(self, value: Any, where: str) -> dict[str, Any]:
-        return {k: v for k, v in an_object(value, where).items()
-                if isinstance(v, (str, int, float)) and not isinstance(v, bool)
-                and (isinstance(v, str) or finite(v))}
+        return {
+            k: v
+            for k, v in an_object(value, where).items()
+            if isinstance(v, (str, int, float))
+            and not isinstance(v, bool)
+            and (isinstance(v, str) or finite(v))
+        }
 
 
 def _decay(value: Any, where: str) -> float:
@@ -253,8 +287,14 @@ def parse_report(doc: Any, *, strict: bool = True, required: Sequence[str] = ())
     n_images = r.optional(doc, "n_images", count, required=True)
     variants_doc = r.optional(doc, "variants", an_object, default={}, required=True)
     variants = {}
-    names = (*required, *(sorted(set(variants_doc) - set(required)) if strict else
-                          [v for v in variants_doc if v not in required]))
+    names = (
+        *required,
+        *(
+            sorted(set(variants_doc) - set(required))
+            if strict
+            else [v for v in variants_doc if v not in required]
+        ),
+    )
     for v in names:
         if v not in variants_doc:
             if strict:
@@ -268,31 +308,43 @@ def parse_report(doc: Any, *, strict: bool = True, required: Sequence[str] = ())
     bb = doc.get("backbone")
     if isinstance(bb, dict):
         backbone = r.optional(bb, "name", _text if strict else _any_text, "backbone.")
-        weights = (None if bb.get("weights") is None
-                   else r.optional(bb, "weights", _text if strict else _any_text, "backbone."))
+        weights = (
+            None
+            if bb.get("weights") is None
+            else r.optional(bb, "weights", _text if strict else _any_text, "backbone.")
+        )
     elif bb is not None:
         backbone = r.get(_text if strict else _any_text, bb, "backbone")
     rows = r.optional(doc, "per_image", lambda v, w: _a_list(v, w), default=[])
-    per_image = [x for i, row in enumerate(rows)
-                 if (x := r.get(r.image, row, f"per_image[{i}]")) is not None]
+    per_image = [
+        x for i, row in enumerate(rows) if (x := r.get(r.image, row, f"per_image[{i}]")) is not None
+    ]
     return Report(
         split=r.optional(doc, "split", _text if strict else _any_text),
-        n_images=n_images, n_predicted=r.optional(doc, "n_predicted", count),
-        backbone=backbone, weights=weights,
+        n_images=n_images,
+        n_predicted=r.optional(doc, "n_predicted", count),
+        backbone=backbone,
+        weights=weights,
         run=r.optional(doc, "run", _text if strict else _run_text),
-        variants=variants, per_image=per_image, config=config,
+        variants=variants,
+        per_image=per_image,
+        config=config,
         fingerprints=r.optional(doc, "fingerprints", r.texts, default={}),
         versions=r.optional(doc, "versions", r.texts, default={}),
         threshold_sweep=r.optional(doc, "threshold_sweep", r.sweep, default={}),
         resolved=r.optional(doc, "resolved", r.resolved, default={}),
-        davis=r.optional(doc, "davis", r.davis, default={}))
+        davis=r.optional(doc, "davis", r.davis, default={}),
+    )
 
 
 def parse_per_image(rows: Any) -> list[ImageScores]:
     """Per-image rows given apart from a report, read leniently (the sound rows and values)."""
     r = _Reader(strict=False)
-    return [x for i, row in enumerate(rows if isinstance(rows, list) else [])
-            if (x := r.get(r.image, row, f"per_image[{i}]")) is not None]
+    return [
+        x
+        for i, row in enumerate(rows if isinstance(rows, list) else [])
+        if (x := r.get(r.image, row, f"per_image[{i}]")) is not None
+    ]
 
 
 def _a_list(value: Any, where: str) -> list:

@@ -5,6 +5,7 @@ renders to the same bytes); the training curves; what the charts share (``charts
 overall dot plot, the dot plots per category, the threshold sweep, the per-image J scatter):
 the variants' colours, zoomed axes, bootstrap intervals.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,10 +23,25 @@ from .doc import Metrics
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["new_figure", "save_figure", "training_figure", "plot_training_curves",
-           "save_training_curves", "curve_files", "svg_size_in", "variant_colour", "short_name",
-           "metric_value", "zoom", "bootstrap_ci", "FIGURES", "CURVE_FORMATS",
-           "VARIANT_ORDER", "VARIANT_COLOURS", "N_BOOT"]
+__all__ = [
+    "new_figure",
+    "save_figure",
+    "training_figure",
+    "plot_training_curves",
+    "save_training_curves",
+    "curve_files",
+    "svg_size_in",
+    "variant_colour",
+    "short_name",
+    "metric_value",
+    "zoom",
+    "bootstrap_ci",
+    "FIGURES",
+    "CURVE_FORMATS",
+    "VARIANT_ORDER",
+    "VARIANT_COLOURS",
+    "N_BOOT",
+]
 
 # the variants in reading order (any other after them, in its own order)
 VARIANT_ORDER = VARIANTS
@@ -33,25 +49,33 @@ VARIANT_COLOURS = {"linear_nearest": "#9aa5b1", "linear_bilinear": "#4c78a8", "p
 _EXTRA_COLOURS = ("#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d", "#eeca3b")
 
 
-def new_figure(figsize: tuple[float, float],
-               layout: Literal["constrained", "compressed", "tight"] | None = None) -> Figure:
+def new_figure(
+    figsize: tuple[float, float],
+    layout: Literal["constrained", "compressed", "tight"] | None = None,
+) -> Figure:
     """A matplotlib Figure on the Agg canvas (no pyplot, no display, nothing global)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=figsize, dpi=100, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
 
-_FORMAT_METADATA = {"png": {"Software": None}, "svg": {"Date": None},
-                    "pdf": {"CreationDate": None, "ModDate": None}}
+_FORMAT_METADATA = {
+    "png": {"Software": None},
+    "svg": {"Date": None},
+    "pdf": {"CreationDate": None, "ModDate": None},
+}
 
 
-def save_figure(fig: Figure, paths: str | Path | Iterable[str | Path], clear: bool = True
-                ) -> list[Path]:
+def save_figure(
+    fig: Figure, paths: str | Path | Iterable[str | Path], clear: bool = True
+) -> list[Path]:
     """Saves ``fig`` to each path, in the format its suffix names (png, svg or pdf), without
     timestamps (the same report renders to the same bytes); PNGs at 144 dpi."""
     import matplotlib
+
     out = []
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     try:
@@ -66,8 +90,12 @@ def save_figure(fig: Figure, paths: str | Path | Iterable[str | Path], clear: bo
                 p = Path(p)
                 p.parent.mkdir(parents=True, exist_ok=True)
                 fmt = p.suffix.lower().lstrip(".") or "png"
-                fig.savefig(p, dpi=144 if fmt == "png" else 100, format=fmt,
-                            metadata=_FORMAT_METADATA.get(fmt))
+                fig.savefig(
+                    p,
+                    dpi=144 if fmt == "png" else 100,
+                    format=fmt,
+                    metadata=_FORMAT_METADATA.get(fmt),
+                )
                 out.append(p)
     finally:
         if clear:
@@ -88,8 +116,9 @@ def training_figure(history: list[dict[str, Any]] | None) -> Figure | None:
     for phase, rows in phases.items():
         epochs = sorted(rows)
         loss = [(e, rows[e]["loss"]) for e in epochs if _finite(rows[e].get("loss"))]
-        val_keys = sorted({k for e in epochs for k, v in rows[e].items()
-                           if k.startswith("val_") and _finite(v)})
+        val_keys = sorted(
+            {k for e in epochs for k, v in rows[e].items() if k.startswith("val_") and _finite(v)}
+        )
         vals = {k: [(e, rows[e][k]) for e in epochs if _finite(rows[e].get(k))] for k in val_keys}
         if loss or vals:
             series.append((phase, loss, vals))
@@ -97,6 +126,7 @@ def training_figure(history: list[dict[str, Any]] | None) -> Figure | None:
         return None
 
     from matplotlib.ticker import MaxNLocator
+
     n = len(series)
     fig = new_figure((min(5.2 * n, 10.6), 3.6))
     axes = fig.subplots(1, n, squeeze=False)[0]
@@ -105,8 +135,15 @@ def training_figure(history: list[dict[str, Any]] | None) -> Figure | None:
         npts = max([len(loss)] + [len(v) for v in vals.values()])
         marker = "o" if npts <= 30 else None
         if loss:
-            handles += ax.plot([e for e, _ in loss], [v for _, v in loss], color="#4c78a8",
-                               marker=marker, markersize=3.5, lw=1.6, label="loss")
+            handles += ax.plot(
+                [e for e, _ in loss],
+                [v for _, v in loss],
+                color="#4c78a8",
+                marker=marker,
+                markersize=3.5,
+                lw=1.6,
+                label="loss",
+            )
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
         ax.set_title(phase, fontsize=11)
@@ -116,13 +153,27 @@ def training_figure(history: list[dict[str, Any]] | None) -> Figure | None:
             ax2 = ax.twinx()
             for j, (k, pts) in enumerate(vals.items()):
                 colour = ("#f58518", "#54a24b", "#e45756", "#b279a2", "#72b7b2")[j % 5]
-                handles += ax2.plot([e for e, _ in pts], [v for _, v in pts], color=colour,
-                                    marker=marker, markersize=3.5, lw=1.4, ls="--", label=k)
+                handles += ax2.plot(
+                    [e for e, _ in pts],
+                    [v for _, v in pts],
+                    color=colour,
+                    marker=marker,
+                    markersize=3.5,
+                    lw=1.4,
+                    ls="--",
+                    label=k,
+                )
             ax2.set_ylabel("validation")
         if handles:
-            ax.legend(handles=handles, labels=[h.get_label() for h in handles], fontsize=8,
-                      loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(len(handles), 3),
-                      frameon=False)
+            ax.legend(
+                handles=handles,
+                labels=[h.get_label() for h in handles],
+                fontsize=8,
+                loc="upper center",
+                bbox_to_anchor=(0.5, -0.2),
+                ncol=min(len(handles), 3),
+                frameon=False,
+            )
     fig.tight_layout()
     return fig
 
@@ -184,8 +235,7 @@ def metric_value(metrics: Metrics | None, key: str) -> float:
     return float("nan") if v is None else v
 
 
-def zoom(values: Iterable[float], pad: float = 0.18, min_span: float = 0.04
-          ) -> tuple[float, float]:
+def zoom(values: Iterable[float], pad: float = 0.18, min_span: float = 0.04) -> tuple[float, float]:
     """An axis range around ``values`` (scores in [0, 1]): their span, widened to at least
     ``min_span`` and padded by ``pad`` of it on each side, kept inside [0, 1] (a little over,
     so that a point at 1 is not cut)."""
@@ -211,8 +261,9 @@ FIGURES = ("overall", "threshold_sweep", "per_category", "per_image_j", "trainin
 N_BOOT = 2000
 
 
-def bootstrap_ci(values: Iterable[float], level: float = 0.95, seed: int = 0
-                 ) -> tuple[float, float] | None:
+def bootstrap_ci(
+    values: Iterable[float], level: float = 0.95, seed: int = 0
+) -> tuple[float, float] | None:
     """A percentile bootstrap interval of the mean (N_BOOT resamples, a fixed seed: the same
     report renders the same interval); None for fewer than 2 values."""
     x = np.asarray([v for v in values if _finite(v)], np.float64)
@@ -227,5 +278,3 @@ def bootstrap_ci(values: Iterable[float], level: float = 0.95, seed: int = 0
     m = np.concatenate(means)
     a = (1 - level) / 2
     return float(np.quantile(m, a)), float(np.quantile(m, 1 - a))
-
-

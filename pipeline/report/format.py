@@ -1,5 +1,6 @@
 """How the report and the runs page show values: numbers at 3 decimals, signed gains, counts,
 the best of a column, config values as TOML writes them, relative links."""
+
 from __future__ import annotations
 
 import os
@@ -9,8 +10,7 @@ from typing import Any
 
 from ..core.jsondoc import finite as _finite
 
-__all__ = ["fmt", "signed", "fmt_int", "plural", "best_flags", "config_value", "url_of",
-           "file_url"]
+__all__ = ["fmt", "signed", "fmt_int", "plural", "best_flags", "config_value", "url_of", "file_url"]
 
 
 def fmt(x: object) -> str:
@@ -32,7 +32,7 @@ def fmt_int(x: int | None) -> str:
 
 
 def plural(n: int | None, word: str) -> str:
-    """"1 image", "3 images" (a dash for None)."""
+    """ "1 image", "3 images" (a dash for None)."""
     return f"{fmt_int(n)} {word}" + ("" if n == 1 else "s")
 
 
@@ -64,8 +64,7 @@ def config_value(v: object) -> str:
 def url_of(path: str) -> str:
     """A relative path as a URL (each segment percent-quoted, '/' kept; a name's undecodable
     bytes, held as surrogates, quoted as those bytes, so the link finds the file)."""
-    return urllib.parse.quote(str(path).replace(os.sep, "/"), safe="/#",
-                              errors="surrogateescape")
+    return urllib.parse.quote(str(path).replace(os.sep, "/"), safe="/#", errors="surrogateescape")
 
 
 def file_url(files_dir: Path, name: str) -> str:

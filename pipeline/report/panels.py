@@ -2,6 +2,7 @@
 also used by ``segment``), thumbnail strips of one image's panels side by side, and the
 labelled click-to-enlarge grid. Pure numpy / Pillow on uint8 RGB arrays and bool masks.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,6 +45,7 @@ LEGEND = (
 @dataclass
 class Thumb:
     """One image shown in the report, with its pac-variant scores."""
+
     category: str
     stem: str
     j: float  # of the pac variant for this image
@@ -61,6 +63,7 @@ class VariantThumb:
     its (H, W) bool mask at the image's size; the panels follow the report's variant order.
     The J and F of each variant are read from the report's ``per_image`` rows.
     """
+
     category: str
     stem: str
     image: np.ndarray  # (H, W, 3) uint8, original size
@@ -69,6 +72,7 @@ class VariantThumb:
 
 
 # ----------------------------------------------------------------------------- overlay
+
 
 def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     a = np.asarray(image)
@@ -105,8 +109,9 @@ def _contour(mask: np.ndarray, width: int = 1) -> np.ndarray:
     return mask & ~eroded
 
 
-def _prepare_many(image: np.ndarray, masks: list[np.ndarray], max_side: int
-                  ) -> tuple[np.ndarray, list[np.ndarray]]:
+def _prepare_many(
+    image: np.ndarray, masks: list[np.ndarray], max_side: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """The image (uint8 RGB) and the masks (bool), downscaled (never upscaled) so that the
     longest side is ``max_side``: the image with Lanczos, the masks by area majority."""
     img = _as_rgb_uint8(image)
@@ -120,25 +125,31 @@ def _prepare_many(image: np.ndarray, masks: list[np.ndarray], max_side: int
     scale = max_side / max(h, w, 1)
     if scale < 1.0 and h and w:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS,
-                                                     reducing_gap=3.0))
+        img = np.asarray(
+            Image.fromarray(img).resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        )
         masks = [_resize_mask(m, size) for m in masks]
     return img, masks
 
 
-def _prepare(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, max_side: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _prepare(
+    image: np.ndarray, gt: np.ndarray, pred: np.ndarray, max_side: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     img, (gt, pred) = _prepare_many(image, [gt, pred], max_side)
     return img, gt, pred
 
 
-def _errors_panel(img: np.ndarray, gt: np.ndarray, pred: np.ndarray,
-                  contour_width: int = 1) -> np.ndarray:
+def _errors_panel(
+    img: np.ndarray, gt: np.ndarray, pred: np.ndarray, contour_width: int = 1
+) -> np.ndarray:
     # a per-pixel blend weight and colour (no boolean fancy indexing: ~5x faster)
     alpha = np.zeros(gt.shape, np.float32)
     colour = np.zeros(gt.shape + (3,), np.float32)
-    for sel, c, a in ((gt & pred, TP_COLOUR, TP_ALPHA), (~gt & pred, FP_COLOUR, ERR_ALPHA),
-                      (gt & ~pred, FN_COLOUR, ERR_ALPHA)):
+    for sel, c, a in (
+        (gt & pred, TP_COLOUR, TP_ALPHA),
+        (~gt & pred, FP_COLOUR, ERR_ALPHA),
+        (gt & ~pred, FN_COLOUR, ERR_ALPHA),
+    ):
         alpha[sel] = a
         colour[sel] = c
     alpha = alpha[..., None]
@@ -153,11 +164,14 @@ def _mask_luts() -> tuple[np.ndarray, np.ndarray]:
     """(256, 3) uint8 look-up tables of mask_panel: an object pixel's and a background
     pixel's new value per old value and channel (float32 arithmetic, as computed per pixel)."""
     v = np.arange(256, dtype=np.float32)[:, None]
-    obj = v * np.float32(1.0 - MASK_ALPHA) + (np.asarray(MASK_COLOUR, np.float32)
-                                              * np.float32(MASK_ALPHA))
+    obj = v * np.float32(1.0 - MASK_ALPHA) + (
+        np.asarray(MASK_COLOUR, np.float32) * np.float32(MASK_ALPHA)
+    )
     bg = v * np.float32(MASK_DIM) + np.zeros(3, np.float32)
-    return (np.clip(obj, 0, 255).round().astype(np.uint8),
-            np.clip(bg, 0, 255).round().astype(np.uint8))
+    return (
+        np.clip(obj, 0, 255).round().astype(np.uint8),
+        np.clip(bg, 0, 255).round().astype(np.uint8),
+    )
 
 
 def mask_panel(img: np.ndarray, mask: np.ndarray, contour_width: int = 1) -> np.ndarray:
@@ -176,8 +190,9 @@ def mask_panel(img: np.ndarray, mask: np.ndarray, contour_width: int = 1) -> np.
     return out
 
 
-def overlay(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, max_side: int = 320,
-            contour_width: int = 1) -> np.ndarray:
+def overlay(
+    image: np.ndarray, gt: np.ndarray, pred: np.ndarray, max_side: int = 320, contour_width: int = 1
+) -> np.ndarray:
     """A thumbnail (uint8 RGB) of ``image`` with the prediction's errors coloured.
 
     Legend (see ``LEGEND``): true positives are tinted green (``TP_COLOUR``), false positives
@@ -197,16 +212,22 @@ def outline_width(shape: tuple[int, ...]) -> int:
     return max(1, round(max(shape[:2]) / 240))
 
 
-def strip_panels(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, max_side: int
-                 ) -> list[np.ndarray]:
+def strip_panels(
+    image: np.ndarray, gt: np.ndarray, pred: np.ndarray, max_side: int
+) -> list[np.ndarray]:
     img, gt, pred = _prepare(image, gt, pred, max_side)
     cw = outline_width(img.shape)
-    return [img, mask_panel(img, gt, cw), mask_panel(img, pred, cw),
-            _errors_panel(img, gt, pred, cw)]
+    return [
+        img,
+        mask_panel(img, gt, cw),
+        mask_panel(img, pred, cw),
+        _errors_panel(img, gt, pred, cw),
+    ]
 
 
-def variant_panels(image: np.ndarray, gt: np.ndarray, masks: list[np.ndarray], max_side: int
-                   ) -> list[np.ndarray]:
+def variant_panels(
+    image: np.ndarray, gt: np.ndarray, masks: list[np.ndarray], max_side: int
+) -> list[np.ndarray]:
     img, (gt, *masks) = _prepare_many(image, [gt, *masks], max_side)
     cw = outline_width(img.shape)
     return [img, mask_panel(img, gt, cw)] + [_errors_panel(img, gt, m, cw) for m in masks]
@@ -216,13 +237,17 @@ def hstack(panels: list[np.ndarray], gap: int) -> np.ndarray:
     h, w = panels[0].shape[:2]
     out = np.full((h, len(panels) * w + (len(panels) - 1) * gap, 3), 255, np.uint8)
     for i, panel in enumerate(panels):
-        out[:, i * (w + gap): i * (w + gap) + w] = panel
+        out[:, i * (w + gap) : i * (w + gap) + w] = panel
     return out
 
 
-def thumbnail_strip(image: np.ndarray, gt: np.ndarray, pred: np.ndarray,
-                    max_side: int = PANEL_MAX_SIDE, gap: int = STRIP_GAP
-                    ) -> tuple[np.ndarray, tuple[int, int]]:
+def thumbnail_strip(
+    image: np.ndarray,
+    gt: np.ndarray,
+    pred: np.ndarray,
+    max_side: int = PANEL_MAX_SIDE,
+    gap: int = STRIP_GAP,
+) -> tuple[np.ndarray, tuple[int, int]]:
     """One report thumbnail: ``len(PANELS)`` panels side by side, all the same size, separated
     by ``gap`` white columns: the image, the ground truth, the prediction (both drawn by
     ``mask_panel``: object bright and outlined in white, background dimmed) and the errors
@@ -235,9 +260,13 @@ def thumbnail_strip(image: np.ndarray, gt: np.ndarray, pred: np.ndarray,
     return hstack(panels, gap), (w, h)
 
 
-def variant_strip(image: np.ndarray, gt: np.ndarray, masks: dict[str, np.ndarray],
-                  max_side: int = PANEL_MAX_SIDE, gap: int = STRIP_GAP
-                  ) -> tuple[np.ndarray, tuple[int, int]]:
+def variant_strip(
+    image: np.ndarray,
+    gt: np.ndarray,
+    masks: dict[str, np.ndarray],
+    max_side: int = PANEL_MAX_SIDE,
+    gap: int = STRIP_GAP,
+) -> tuple[np.ndarray, tuple[int, int]]:
     """The variants of one image side by side: the image, the ground truth (as in
     ``thumbnail_strip``), then one errors panel (``overlay``'s colours) per entry of ``masks``,
     in its order. Returns the strip (uint8 RGB) and the size (w, h) of one panel."""
@@ -247,6 +276,7 @@ def variant_strip(image: np.ndarray, gt: np.ndarray, masks: dict[str, np.ndarray
 
 
 # ----------------------------------------------------------------------------- enlargements
+
 
 @functools.lru_cache(maxsize=8)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -268,8 +298,9 @@ def _row_counts(n: int) -> list[int]:
     return rows
 
 
-def labelled_grid(panels: list[np.ndarray], labels: list[str], title: str,
-                   legend: bool = True) -> np.ndarray:
+def labelled_grid(
+    panels: list[np.ndarray], labels: list[str], title: str, legend: bool = True
+) -> np.ndarray:
     """The click-to-enlarge image: the panels in rows (``_row_counts``), each with its label
     underneath, a title line on top and the error colours' legend at the bottom."""
     h, w = panels[0].shape[:2]
@@ -289,8 +320,13 @@ def labelled_grid(panels: list[np.ndarray], labels: list[str], title: str,
         x = (width - (n * w + (n - 1) * gap)) // 2
         for _ in range(n):
             canvas.paste(Image.fromarray(panels[k]), (x, y))
-            draw.text((x + w // 2, y + h + band // 2), labels[k], fill=(60, 66, 74), font=font,
-                      anchor="mm")
+            draw.text(
+                (x + w // 2, y + h + band // 2),
+                labels[k],
+                fill=(60, 66, 74),
+                font=font,
+                anchor="mm",
+            )
             x += w + gap
             k += 1
         y += h + band + gap

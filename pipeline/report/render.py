@@ -1,6 +1,7 @@
 """The Jinja2 templates of ``templates/`` and how they are rendered: ``report.html.j2`` and
 ``runs.html.j2`` autoescaped, ``report.md.j2`` with the ``md`` escaping filter, ``report.css``
 inlined. No HTML is assembled in Python."""
+
 from __future__ import annotations
 
 import functools
@@ -31,14 +32,21 @@ def _md(text: object) -> str:
 @functools.lru_cache(maxsize=1)
 def _env() -> Environment:
     from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
     env = Environment(
         loader=FileSystemLoader(str(TEMPLATE_DIR)),
         # HTML (and anything not named .md.j2) is autoescaped; Markdown escapes with |md
-        autoescape=select_autoescape(enabled_extensions=("html.j2", "html"),
-                                     disabled_extensions=("md.j2",),
-                                     default_for_string=True, default=True),
-        undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-        keep_trailing_newline=True)
+        autoescape=select_autoescape(
+            enabled_extensions=("html.j2", "html"),
+            disabled_extensions=("md.j2",),
+            default_for_string=True,
+            default=True,
+        ),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
     env.filters["md"] = _md
     env.filters["wbr"] = _wbr
     return env
@@ -47,6 +55,7 @@ def _env() -> Environment:
 def _wbr(text: object) -> Markup:
     """Escaped text with a line-break opportunity after each underscore (narrow headers)."""
     from markupsafe import Markup, escape
+
     return Markup("_<wbr>").join(escape(part) for part in str(text).split("_"))
 
 

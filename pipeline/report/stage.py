@@ -2,6 +2,7 @@
 their provenance, J and F per image), the lines the CLI prints, and the human-readable
 reports with the best and worst images of the split (see ``write_reports``). It is handed
 the rows and the images to show; it reads no store."""
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,15 @@ from .panels import Thumb, VariantThumb
 REPORT_FORMAT = 2
 
 
-def build_report(config: dict[str, dict[str, Any]], split: str, rows: list[dict],
-                 fingerprints: dict[str, str], variants: Sequence[str],
-                 sweep: Sequence[float] = (), resolved: dict | None = None) -> dict:
+def build_report(
+    config: dict[str, dict[str, Any]],
+    split: str,
+    rows: list[dict],
+    fingerprints: dict[str, str],
+    variants: Sequence[str],
+    sweep: Sequence[float] = (),
+    resolved: dict | None = None,
+) -> dict:
     """The report of a split: metrics of the annotated images (`n_images`), how many masks
     were written (`n_predicted`), and its provenance: the effective `config` (its tables, as
     Config.to_dict gives them), the content
@@ -54,21 +61,36 @@ def build_report(config: dict[str, dict[str, Any]], split: str, rows: list[dict]
             summary[v] = summarize([ImageStats.from_dict(r["stats"][v]) for r in scored])
         else:
             summary[v] = {"overall": None, "per_category": {}}
-    per_image = [{"category": r["category"], "stem": r["stem"],
-                  "j": {v: r["stats"][v]["j"] for v in variants},
-                  "f": {v: r["stats"][v]["f"] for v in variants}} for r in scored]
-    report = {"split": split, "n_images": len(scored), "n_predicted": len(rows),
-              "backbone": {"name": config["backbone"]["name"],
-                           "weights": config["backbone"]["weights"]},
-              "run": config["run"]["name"], "variants": summary, "config": config,
-              "fingerprints": dict(fingerprints), "per_image": per_image,
-              "versions": {"vit-objseg": package_version(), "torch": torch.__version__}}
+    per_image = [
+        {
+            "category": r["category"],
+            "stem": r["stem"],
+            "j": {v: r["stats"][v]["j"] for v in variants},
+            "f": {v: r["stats"][v]["f"] for v in variants},
+        }
+        for r in scored
+    ]
+    report = {
+        "split": split,
+        "n_images": len(scored),
+        "n_predicted": len(rows),
+        "backbone": {"name": config["backbone"]["name"], "weights": config["backbone"]["weights"]},
+        "run": config["run"]["name"],
+        "variants": summary,
+        "config": config,
+        "fingerprints": dict(fingerprints),
+        "per_image": per_image,
+        "versions": {"vit-objseg": package_version(), "torch": torch.__version__},
+    }
     if per_image:
         report["davis"] = davis_per_variant(per_image, variants)
     if sweep:
         report["threshold_sweep"] = {
-            v: sweep_summary(sweep, [(r["sweep"][v], r["stats"][v]["tp"] + r["stats"][v]["fn"])
-                                     for r in scored]) for v in variants}
+            v: sweep_summary(
+                sweep, [(r["sweep"][v], r["stats"][v]["tp"] + r["stats"][v]["fn"]) for r in scored]
+            )
+            for v in variants
+        }
     if resolved:
         report["resolved"] = dict(resolved)
     return report
@@ -78,14 +100,17 @@ def resolved_settings(key: FeatureKey, predict_device: str) -> dict:
     """The values stage 3 used where the config leaves the choice to the tool: backbone.layers
     (0: the backbone's default) and its channels, extract.precision ("auto": by the device;
     the feature key `key` the stored split was made with), predict.device ("auto")."""
-    return {"backbone.layers": key.layers,
-            "backbone.channels": get_spec(key.backbone).channels(key.layers),
-            "extract.precision": key.precision,
-            "predict.device": str(predict_device)}
+    return {
+        "backbone.layers": key.layers,
+        "backbone.channels": get_spec(key.backbone).channels(key.layers),
+        "extract.precision": key.precision,
+        "predict.device": str(predict_device),
+    }
 
 
 def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("vit-objseg")
     except PackageNotFoundError:  # running from a checkout that was never installed
@@ -95,8 +120,9 @@ def package_version() -> str:
 def headline(report: dict) -> list[str]:
     """The lines the CLI prints after stage 3: each variant's headline metrics."""
     if report["n_images"] == 0:
-        return [f"no annotated image among the {report['n_predicted']}: masks written, "
-                "nothing scored"]
+        return [
+            f"no annotated image among the {report['n_predicted']}: masks written, nothing scored"
+        ]
     out = []
     for v, block in report["variants"].items():
         m = block["overall"]
@@ -113,6 +139,7 @@ def spread(ranked: Sequence[dict], k: int) -> list[dict]:
     """The first `k` of the rows `ranked` spread over their categories (a DAVIS category is a
     sequence): round-robin, at most one image per category while other categories have one
     to offer, then at most two, then the next in rank order. In rank order."""
+
     def category(r: dict) -> str:
         return r["category"]
 
@@ -133,10 +160,14 @@ def spread(ranked: Sequence[dict], k: int) -> list[dict]:
 
 def other_runs(run: RunLayout, split: str) -> list[tuple[str, str]]:
     """(run name, link relative to `run`'s folder) of the other runs' reports of `split`."""
-    others = [RunLayout(d) for d in sorted(run.root.parent.iterdir())
-              if d.is_dir() and d.name != run.name]
-    return [(r.name, f"../{r.name}/{r.report(split, '.html').name}") for r in others
-            if r.report(split, ".html").is_file()]
+    others = [
+        RunLayout(d) for d in sorted(run.root.parent.iterdir()) if d.is_dir() and d.name != run.name
+    ]
+    return [
+        (r.name, f"../{r.name}/{r.report(split, '.html').name}")
+        for r in others
+        if r.report(split, ".html").is_file()
+    ]
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -157,13 +188,20 @@ def _history(run_dir: Path) -> list[dict]:
 class Shown:
     """A scored image as the human reports show it: the image (H, W, 3) uint8, its annotation
     (H, W) bool, and every variant's masks (the worst images'), computed when asked."""
+
     image: np.ndarray
     mask: np.ndarray
     variant_masks: Callable[[], dict[str, np.ndarray]]
 
 
-def write_human_reports(run: RunLayout, split: str, report: dict, rows: list[dict],
-                        thumbnails: int, shown: Callable[[dict], Shown]) -> None:
+def write_human_reports(
+    run: RunLayout,
+    split: str,
+    report: dict,
+    rows: list[dict],
+    thumbnails: int,
+    shown: Callable[[dict], Shown],
+) -> None:
     """The Markdown and HTML reports of stage 3 next to its JSON `report` in the run `run`:
     the `thumbnails` (predict.thumbnails) best images (pac masks read back from the split's
     predictions) and worst images (every variant's masks), each image got from `shown(row)`
@@ -185,11 +223,18 @@ def write_human_reports(run: RunLayout, split: str, report: dict, rows: list[dic
 
     def variants(r: dict) -> VariantThumb:  # the worst images, with every variant's mask
         item = shown(r)
-        return VariantThumb(r["category"], r["stem"], item.image, item.mask,
-                            item.variant_masks())
+        return VariantThumb(r["category"], r["stem"], item.image, item.mask, item.variant_masks())
 
     curves = curve_files(run.loss_curves)
     kept = all(p.is_file() for p in curves)
-    write_reports(run.root, split, report, report["per_image"], [thumb(r) for r in best],
-                  [variants(r) for r in worst], None if kept else _history(run.root),
-                  other_runs=other_runs(run, split), curves=curves if kept else None)
+    write_reports(
+        run.root,
+        split,
+        report,
+        report["per_image"],
+        [thumb(r) for r in best],
+        [variants(r) for r in worst],
+        None if kept else _history(run.root),
+        other_runs=other_runs(run, split),
+        curves=curves if kept else None,
+    )

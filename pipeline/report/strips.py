@@ -1,6 +1,7 @@
 """The thumbnail strips of a report's best and worst images, written to its files folder:
 a 4-panel strip of the pac prediction, or every variant's errors side by side, each with its
 labelled click-to-enlarge grid."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -36,6 +37,7 @@ __all__ = ["Strip", "write_strips"]
 @dataclass
 class Strip:
     """A thumbnail strip written to the files folder, as the page shows it."""
+
     category: str
     stem: str
     url: str  # the strip, relative to the report
@@ -55,25 +57,32 @@ class Strip:
         return ", ".join(f"{s[0]} {s[which]}" for s in self.scores)
 
 
-def _thumb_scores(row: ImageScores | None, vnames: list[str]
-                  ) -> dict[str, tuple[float | None, float | None]]:
+def _thumb_scores(
+    row: ImageScores | None, vnames: list[str]
+) -> dict[str, tuple[float | None, float | None]]:
     if row is None:
         return {v: (None, None) for v in vnames}
     return {v: (row.j.get(v), row.f.get(v)) for v in vnames}
 
 
-def _save_strip(arr: np.ndarray, panel: tuple[int, int], big: np.ndarray, name: str,
-                tmp_dir: Path) -> tuple[tuple[int, int], float]:
+def _save_strip(
+    arr: np.ndarray, panel: tuple[int, int], big: np.ndarray, name: str, tmp_dir: Path
+) -> tuple[tuple[int, int], float]:
     pw, ph = panel
     # shown at THUMB_DENSITY stored px per CSS px when the panel is full size; a smaller
     # source image (never upscaled) is shown at its natural size
     scale = min(1.0, PANEL_MAX_SIDE / THUMB_DENSITY / max(pw, ph, 1))
     # JPEG: ~30x faster to encode than PNG on photos and a quarter of the size; stored at
     # 2 px per CSS px, 4:2:0 chroma is still 1 CSS px sharp and saves a fifth of the bytes
-    Image.fromarray(arr).save(tmp_dir / f"{name}.jpg", format="JPEG", quality=JPEG_QUALITY,
-                              subsampling=2 if scale <= 1.0 / THUMB_DENSITY else 0)
-    Image.fromarray(big).save(tmp_dir / f"{name}_full.jpg", format="JPEG",
-                              quality=JPEG_QUALITY, subsampling=0)
+    Image.fromarray(arr).save(
+        tmp_dir / f"{name}.jpg",
+        format="JPEG",
+        quality=JPEG_QUALITY,
+        subsampling=2 if scale <= 1.0 / THUMB_DENSITY else 0,
+    )
+    Image.fromarray(big).save(
+        tmp_dir / f"{name}_full.jpg", format="JPEG", quality=JPEG_QUALITY, subsampling=0
+    )
     css = (max(1, round(arr.shape[1] * scale)), max(1, round(arr.shape[0] * scale)))
     return css, STRIP_GAP / arr.shape[1]
 
@@ -81,6 +90,7 @@ def _save_strip(arr: np.ndarray, panel: tuple[int, int], big: np.ndarray, name: 
 @dataclass
 class _StripPanels:
     """What one strip shows: its panels, stored and click-to-enlarge, and their labels."""
+
     shown: list[tuple[str, str, str]]  # (variant, J, F) shown in the caption
     labels: list[tuple[str, tuple[str, ...]]]  # per panel: its name and its scores, if any
     small: list[np.ndarray]
@@ -89,32 +99,48 @@ class _StripPanels:
     caption: str
 
 
-def _variant_strip(vt: VariantThumb, scores: dict[str, tuple], vnames: list[str], j: object,
-                   f: object) -> _StripPanels:
+def _variant_strip(
+    vt: VariantThumb, scores: dict[str, tuple], vnames: list[str], j: object, f: object
+) -> _StripPanels:
     """Every variant's mask side by side; `j`, `f`: the pac variant's scores, captioned."""
     order = [v for v in vnames if v in vt.masks] + [v for v in vt.masks if v not in vnames]
     masks = [vt.masks[v] for v in order]
-    shown = [(v, fmt(scores.get(v, (None, None))[0]),
-              fmt(scores.get(v, (None, None))[1])) for v in order]
+    shown = [
+        (v, fmt(scores.get(v, (None, None))[0]), fmt(scores.get(v, (None, None))[1])) for v in order
+    ]
     labels: list[tuple[str, tuple[str, ...]]] = [(x, ()) for x in VARIANT_LEAD_PANELS]
     labels += [(v, (f"J {vj}", f"F {vf}")) for v, vj, vf in shown]
-    return _StripPanels(shown, labels, variant_panels(vt.image, vt.gt, masks, PANEL_MAX_SIDE),
-                        variant_panels(vt.image, vt.gt, masks, FULL_MAX_SIDE), "variants",
-                        f"{CANDIDATE}: J {fmt(j)}, F {fmt(f)}")
+    return _StripPanels(
+        shown,
+        labels,
+        variant_panels(vt.image, vt.gt, masks, PANEL_MAX_SIDE),
+        variant_panels(vt.image, vt.gt, masks, FULL_MAX_SIDE),
+        "variants",
+        f"{CANDIDATE}: J {fmt(j)}, F {fmt(f)}",
+    )
 
 
 def _pac_strip(t: Thumb) -> _StripPanels:
     """The 4-panel strip of the pac prediction."""
-    return _StripPanels([(CANDIDATE, fmt(t.j), fmt(t.f))], [(x, ()) for x in PANELS],
-                        strip_panels(t.image, t.gt, t.pred, PANEL_MAX_SIDE),
-                        strip_panels(t.image, t.gt, t.pred, FULL_MAX_SIDE), "strip",
-                        f"J {fmt(t.j)}, F {fmt(t.f)}")
+    return _StripPanels(
+        [(CANDIDATE, fmt(t.j), fmt(t.f))],
+        [(x, ()) for x in PANELS],
+        strip_panels(t.image, t.gt, t.pred, PANEL_MAX_SIDE),
+        strip_panels(t.image, t.gt, t.pred, FULL_MAX_SIDE),
+        "strip",
+        f"J {fmt(t.j)}, F {fmt(t.f)}",
+    )
 
 
-def write_strips(thumbs: Iterable[Thumb | VariantThumb],
-                 variant_thumbs: dict[tuple[str, str], VariantThumb], prefix: str,
-                 tmp_dir: Path, files_dir: Path, vnames: list[str],
-                 per_image_index: dict[tuple[str, str], ImageScores]) -> list[Strip]:
+def write_strips(
+    thumbs: Iterable[Thumb | VariantThumb],
+    variant_thumbs: dict[tuple[str, str], VariantThumb],
+    prefix: str,
+    tmp_dir: Path,
+    files_dir: Path,
+    vnames: list[str],
+    per_image_index: dict[tuple[str, str], ImageScores],
+) -> list[Strip]:
     """The strips of one section: a variant strip where a VariantThumb of the same image was
     given (its masks side by side), else the 4-panel strip of the pac prediction."""
     out = []
@@ -128,11 +154,22 @@ def write_strips(thumbs: Iterable[Thumb | VariantThumb],
             vt = variant_thumbs.get((str(t.category), str(t.stem)))
             p = _pac_strip(t) if vt is None else _variant_strip(vt, scores, vnames, t.j, t.f)
         arr = hstack(p.small, STRIP_GAP)
-        grid = labelled_grid(p.big, [" \u00b7 ".join((a, *b)) for a, b in p.labels],
-                              f"{title} \u00b7 {p.caption}")
+        grid = labelled_grid(
+            p.big, [" \u00b7 ".join((a, *b)) for a, b in p.labels], f"{title} \u00b7 {p.caption}"
+        )
         css, gap = _save_strip(arr, p.small[0].shape[1::-1], grid, name, tmp_dir)
-        out.append(Strip(display_name(t.category), display_name(t.stem),
-                         file_url(files_dir, f"{name}.jpg"),
-                         file_url(files_dir, f"{name}_full.jpg"),
-                         css, gap, p.labels, p.shown, p.kind, p.caption))
+        out.append(
+            Strip(
+                display_name(t.category),
+                display_name(t.stem),
+                file_url(files_dir, f"{name}.jpg"),
+                file_url(files_dir, f"{name}_full.jpg"),
+                css,
+                gap,
+                p.labels,
+                p.shown,
+                p.kind,
+                p.caption,
+            )
+        )
     return out

@@ -2,6 +2,7 @@
 (formatted numbers, best flags, file names, notes) that ``render.render`` lays out with the
 Jinja2 templates. The metrics shown, their order, labels and notes: ``metrics.definitions``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,8 +24,16 @@ from .panels import LEGEND
 if TYPE_CHECKING:
     from .strips import Strip
 
-__all__ = ["view_model", "headline_text", "ordered_variants", "categories_of",
-           "configured_threshold", "figure_entry", "METRIC_NOTES", "VARIANT_NOTES"]
+__all__ = [
+    "view_model",
+    "headline_text",
+    "ordered_variants",
+    "categories_of",
+    "configured_threshold",
+    "figure_entry",
+    "METRIC_NOTES",
+    "VARIANT_NOTES",
+]
 
 
 def _metric_notes(metrics: tuple[Metric, ...]) -> tuple[tuple[str, str], ...]:
@@ -40,9 +49,14 @@ def _metric_notes(metrics: tuple[Metric, ...]) -> tuple[tuple[str, str], ...]:
 
 
 # the notes below the tables: each metric's, in the overall table's order, then the intervals'
-METRIC_NOTES = (*_metric_notes(OVERALL_TABLE), (
-    "95% intervals", "bootstrap intervals over images (2000 resamples of the per-image values): "
-                     "how much the mean would move with another sample of images like these."))
+METRIC_NOTES = (
+    *_metric_notes(OVERALL_TABLE),
+    (
+        "95% intervals",
+        "bootstrap intervals over images (2000 resamples of the per-image values): "
+        "how much the mean would move with another sample of images like these.",
+    ),
+)
 
 VARIANT_NOTES = {
     "linear_nearest": "linear head, patch logits upsampled with nearest-neighbour interpolation",
@@ -52,17 +66,24 @@ VARIANT_NOTES = {
 
 # config sections shown in the settings summary (all their keys), and single keys added
 SETTINGS_SECTIONS = ("backbone", "train", "upsampler")
-SETTINGS_KEYS = ("data.train_split", "extract.fit", "extract.precision", "predict.threshold",
-                 "predict.device")
+SETTINGS_KEYS = (
+    "data.train_split",
+    "extract.fit",
+    "extract.precision",
+    "predict.threshold",
+    "predict.device",
+)
 
 
 # ----------------------------------------------------------------------------- variants
 
+
 def ordered_variants(variants: dict[str, VariantScores]) -> dict[str, VariantScores]:
     """The variants in reading order (nearest, bilinear, pac, then any other in its own
     order), whatever the order of the JSON's keys."""
-    order = [v for v in VARIANT_ORDER if v in variants] + [v for v in variants
-                                                            if v not in VARIANT_ORDER]
+    order = [v for v in VARIANT_ORDER if v in variants] + [
+        v for v in variants if v not in VARIANT_ORDER
+    ]
     return {v: variants[v] for v in order}
 
 
@@ -84,6 +105,7 @@ def _category_count(variants: dict[str, VariantScores], cat: str) -> int | None:
 
 # ----------------------------------------------------------------------------- headline
 
+
 def _overall(report: Report, variant: str) -> Metrics | None:
     v = report.variants.get(variant)
     return None if v is None else v.overall
@@ -93,8 +115,11 @@ def _gains(report: Report) -> list[tuple[str, float]] | None:
     cand, base = _overall(report, CANDIDATE), _overall(report, BASELINE)
     if cand is None or base is None:
         return None
-    out = [(m.short, c - b) for m in HEADLINE
-           if (c := cand.get(m.key)) is not None and (b := base.get(m.key)) is not None]
+    out = [
+        (m.short, c - b)
+        for m in HEADLINE
+        if (c := cand.get(m.key)) is not None and (b := base.get(m.key)) is not None
+    ]
     return out or None
 
 
@@ -114,33 +139,41 @@ def headline_text(report: Report | dict) -> str | None:
     if gains is None:
         return None
     parts = ", ".join(f"{signed(d)} {label}" for label, d in gains)
-    return (f"PAC upsampler: {parts} over bilinear upsampling "
-            f"({plural(_scored(report), 'image')})")
+    return f"PAC upsampler: {parts} over bilinear upsampling ({plural(_scored(report), 'image')})"
 
 
 def _no_annotation_text(report: Report, split: str) -> str:
     n = report.n_predicted
     masks = plural(n, "mask") if n is not None else "the masks"
-    return (f"No image of the {split} split is annotated: {masks} "
-            f"{'was' if n == 1 else 'were'} written to predictions/{split}/, "
-            "and there is nothing to score.")
+    return (
+        f"No image of the {split} split is annotated: {masks} "
+        f"{'was' if n == 1 else 'were'} written to predictions/{split}/, "
+        "and there is nothing to score."
+    )
 
 
 def _paired_note(per_image: list[ImageScores]) -> str | None:
     """Per-image comparison of the candidate with the baseline: on how many images it is
     better / worse, and a bootstrap interval of the mean J gain."""
-    diffs = [a - b for r in per_image
-             if (a := r.j.get(CANDIDATE)) is not None and (b := r.j.get(BASELINE)) is not None]
+    diffs = [
+        a - b
+        for r in per_image
+        if (a := r.j.get(CANDIDATE)) is not None and (b := r.j.get(BASELINE)) is not None
+    ]
     if not diffs:
         return None
     better = sum(d > 1e-9 for d in diffs)
     worse = sum(d < -1e-9 for d in diffs)
-    text = (f"Per image, {CANDIDATE} has a higher J than {BASELINE} on {better} of "
-            f"{len(diffs)} images and a lower one on {worse}")
+    text = (
+        f"Per image, {CANDIDATE} has a higher J than {BASELINE} on {better} of "
+        f"{len(diffs)} images and a lower one on {worse}"
+    )
     ci = bootstrap_ci(diffs)
     if ci:
-        text += (f"; mean J gain {signed(float(np.mean(diffs)))} (95% bootstrap interval "
-                 f"{signed(ci[0])} to {signed(ci[1])})")
+        text += (
+            f"; mean J gain {signed(float(np.mean(diffs)))} (95% bootstrap interval "
+            f"{signed(ci[0])} to {signed(ci[1])})"
+        )
     return text + "."
 
 
@@ -153,30 +186,41 @@ def _cell(m: Metric, x: object, best: bool = False) -> dict[str, Any]:
     return {"text": m.text(float(x)) if _finite(x) else "\u2014", "best": bool(best)}
 
 
-def _overall_table(variants: dict[str, VariantScores], colours: dict[str, str]
-                   ) -> dict[str, Any]:
+def _overall_table(variants: dict[str, VariantScores], colours: dict[str, str]) -> dict[str, Any]:
     vnames = list(variants)
     cols = [[metric_value(variants[v].overall, m.key) for v in vnames] for m in OVERALL_TABLE]
     flags = [best_flags(c, m.higher_is_better) for c, m in zip(cols, OVERALL_TABLE, strict=True)]
-    rows = [{"variant": v, "colour": colours[v],
-             "cells": [_cell(m, cols[j][i], flags[j][i]) for j, m in enumerate(OVERALL_TABLE)],
-             "n": fmt_int(o.n_images if (o := variants[v].overall) is not None else None)}
-            for i, v in enumerate(vnames)]
+    rows = [
+        {
+            "variant": v,
+            "colour": colours[v],
+            "cells": [_cell(m, cols[j][i], flags[j][i]) for j, m in enumerate(OVERALL_TABLE)],
+            "n": fmt_int(o.n_images if (o := variants[v].overall) is not None else None),
+        }
+        for i, v in enumerate(vnames)
+    ]
     return {"columns": [m.label for m in OVERALL_TABLE], "rows": rows}
 
 
-def _category_tables(variants: dict[str, VariantScores], categories: list[str]
-                     ) -> list[dict[str, Any]]:
+def _category_tables(
+    variants: dict[str, VariantScores], categories: list[str]
+) -> list[dict[str, Any]]:
     vnames = list(variants)
     tables = []
     for m in HEADLINE:
         rows = []
         for c in categories:
             vals = [metric_value(variants[v].per_category.get(c), m.key) for v in vnames]
-            rows.append({"category": display_name(c),
-                         "n": fmt_int(_category_count(variants, c)),
-                         "cells": [_cell(m, x, b) for x, b in
-                                   zip(vals, best_flags(vals, m.higher_is_better), strict=True)]})
+            rows.append(
+                {
+                    "category": display_name(c),
+                    "n": fmt_int(_category_count(variants, c)),
+                    "cells": [
+                        _cell(m, x, b)
+                        for x, b in zip(vals, best_flags(vals, m.higher_is_better), strict=True)
+                    ],
+                }
+            )
         tables.append({"title": m.label, "rows": rows})
     return tables
 
@@ -196,11 +240,20 @@ def _per_image_table(per_image: list[ImageScores], vnames: list[str]) -> dict | 
     ranked = sorted(per_image, key=sort_key)
     rows = []
     for r in ranked[:_MAX_ROWS]:
-        rows.append({"category": display_name(r.category), "stem": display_name(r.stem),
-                     "j": [fmt(r.j.get(v)) for v in vnames],
-                     "f": [fmt(r.f.get(v)) for v in vnames]})
-    return {"key": key_v or None, "n": len(ranked), "rows": rows,
-            "truncated": len(ranked) > len(rows)}
+        rows.append(
+            {
+                "category": display_name(r.category),
+                "stem": display_name(r.stem),
+                "j": [fmt(r.j.get(v)) for v in vnames],
+                "f": [fmt(r.f.get(v)) for v in vnames],
+            }
+        )
+    return {
+        "key": key_v or None,
+        "n": len(ranked),
+        "rows": rows,
+        "truncated": len(ranked) > len(rows),
+    }
 
 
 def _used_value(key: str, value: object, resolved: dict[str, Any]) -> str:
@@ -227,12 +280,16 @@ def _settings(config: dict[str, dict] | None, resolved: dict | None = None) -> l
     rows = []
 
     def add(section: str, name: str, value: object) -> None:
-        d = (defaults.get(section) or {})
-        changed = name in d and d[name] != value and not (
-            _finite(d[name]) and _finite(value) and float(d[name]) == float(value))
+        d = defaults.get(section) or {}
+        changed = (
+            name in d
+            and d[name] != value
+            and not (_finite(d[name]) and _finite(value) and float(d[name]) == float(value))
+        )
         key = f"{section}.{name}"
-        rows.append({"key": key, "value": _used_value(key, value, resolved or {}),
-                     "changed": bool(changed)})
+        rows.append(
+            {"key": key, "value": _used_value(key, value, resolved or {}), "changed": bool(changed)}
+        )
 
     for section in SETTINGS_SECTIONS:
         for name, value in (config.get(section) or {}).items():
@@ -266,16 +323,27 @@ def _sweep_view(report: Report, vnames: list[str], colours: dict) -> dict | None
         at = next((p for p in pts if t0 is not None and p.threshold == t0), None)
         best = max(pts, key=lambda p: (p.j_mean, -abs(p.threshold - (t0 or 0.5))))
         gain = None if at is None else best.j_mean - at.j_mean
-        rows.append({"variant": v, "colour": colours.get(v, "#888"),
-                     "at": [fmt(None if at is None else getattr(at, k))
-                            for k in ("j_mean", "precision", "recall")],
-                     "best_threshold": f"{best.threshold:g}", "best_j": fmt(best.j_mean),
-                     "gain": signed(gain) if gain is not None else "\u2014",
-                     "better": gain is not None and gain > 0.005})
+        rows.append(
+            {
+                "variant": v,
+                "colour": colours.get(v, "#888"),
+                "at": [
+                    fmt(None if at is None else getattr(at, k))
+                    for k in ("j_mean", "precision", "recall")
+                ],
+                "best_threshold": f"{best.threshold:g}",
+                "best_j": fmt(best.j_mean),
+                "gain": signed(gain) if gain is not None else "\u2014",
+                "better": gain is not None and gain > 0.005,
+            }
+        )
     if not rows:
         return None
-    return {"threshold": "\u2014" if t0 is None else f"{t0:g}", "rows": rows,
-            "any_better": any(r["better"] for r in rows)}
+    return {
+        "threshold": "\u2014" if t0 is None else f"{t0:g}",
+        "rows": rows,
+        "any_better": any(r["better"] for r in rows),
+    }
 
 
 DAVIS_STATS = ("mean", "recall", "decay")
@@ -290,38 +358,63 @@ def _davis_view(report: Report, vnames: list[str], colours: dict) -> dict | None
         if d is None:
             continue
         frames, n_seq = frames or d.frames, n_seq if n_seq is not None else d.n_sequences
-        rows.append({"variant": v, "colour": colours.get(v, "#888"),
-                     "j": [(signed if k == "decay" else fmt)(d.j.get(k)) for k in DAVIS_STATS],
-                     "f": [(signed if k == "decay" else fmt)(d.f.get(k)) for k in DAVIS_STATS],
-                     "jf": fmt(d.jf)})
+        rows.append(
+            {
+                "variant": v,
+                "colour": colours.get(v, "#888"),
+                "j": [(signed if k == "decay" else fmt)(d.j.get(k)) for k in DAVIS_STATS],
+                "f": [(signed if k == "decay" else fmt)(d.f.get(k)) for k in DAVIS_STATS],
+                "jf": fmt(d.jf),
+            }
+        )
     if not rows:
         return None
-    return {"rows": rows, "frames": frames or "\u2014",
-            "n_sequences": "\u2014" if n_seq is None else fmt_int(n_seq)}
+    return {
+        "rows": rows,
+        "frames": frames or "\u2014",
+        "n_sequences": "\u2014" if n_seq is None else fmt_int(n_seq),
+    }
 
 
 def _provenance(report: Report) -> list[tuple[str, str]]:
-    return [(f"{k} {label}", "\u2014" if v is None else v)
-            for d, label in ((report.fingerprints, "fingerprint"), (report.versions, "version"))
-            for k, v in d.items()]
+    return [
+        (f"{k} {label}", "\u2014" if v is None else v)
+        for d, label in ((report.fingerprints, "fingerprint"), (report.versions, "version"))
+        for k, v in d.items()
+    ]
 
 
 def _other_runs(other_runs: list[tuple[str, str]] | None) -> list[dict]:
     return [{"name": str(name), "href": url_of(href)} for name, href in other_runs or []]
 
 
-def figure_entry(key: str, title: str, alt: str, caption: str, files_dir: Path,
-            size_in: tuple[float, float]) -> dict:
-    return {"key": key, "title": title, "alt": alt, "caption": caption,
-            "svg": file_url(files_dir, f"{key}.svg"), "pdf": file_url(files_dir, f"{key}.pdf"),
-            "png": file_url(files_dir, f"{key}.png"),
-            # CSS px of the SVG (its own size is in pt: 72 per inch, CSS has 96)
-            "width": round(size_in[0] * 96), "height": round(size_in[1] * 96)}
+def figure_entry(
+    key: str, title: str, alt: str, caption: str, files_dir: Path, size_in: tuple[float, float]
+) -> dict:
+    return {
+        "key": key,
+        "title": title,
+        "alt": alt,
+        "caption": caption,
+        "svg": file_url(files_dir, f"{key}.svg"),
+        "pdf": file_url(files_dir, f"{key}.pdf"),
+        "png": file_url(files_dir, f"{key}.png"),
+        # CSS px of the SVG (its own size is in pt: 72 per inch, CSS has 96)
+        "width": round(size_in[0] * 96),
+        "height": round(size_in[1] * 96),
+    }
 
 
-def view_model(split: str, report: Report, per_image: list[ImageScores],
-               strips: dict[str, list[Strip]], figures: dict[str, dict | None],
-               other_runs: list[tuple[str, str]] | None, md_name: str, html_name: str) -> dict:
+def view_model(
+    split: str,
+    report: Report,
+    per_image: list[ImageScores],
+    strips: dict[str, list[Strip]],
+    figures: dict[str, dict | None],
+    other_runs: list[tuple[str, str]] | None,
+    md_name: str,
+    html_name: str,
+) -> dict:
     """What the templates show, as plain data."""
     variants = ordered_variants(report.variants)
     vnames = list(variants)
@@ -336,21 +429,37 @@ def view_model(split: str, report: Report, per_image: list[ImageScores],
     settings = _settings(report.config, report.resolved)
     return {
         "title": f"Segmentation report: {split} split, {name} backbone",
-        "split": split, "backbone": name, "weights": report.weights,
-        "run": report.run, "images_text": images_text,
-        "md_name": url_of(md_name), "html_name": url_of(html_name),
-        "md_label": md_name, "html_label": html_name,
+        "split": split,
+        "backbone": name,
+        "weights": report.weights,
+        "run": report.run,
+        "images_text": images_text,
+        "md_name": url_of(md_name),
+        "html_name": url_of(html_name),
+        "md_label": md_name,
+        "html_label": html_name,
         "scored": scored,
         "headline": headline_text(report) if scored else None,
-        "gains": [{"value": signed(d), "label": label,
-                   "css": "up" if signed(d).startswith("+") else
-                   "down" if signed(d).startswith("-") else ""}
-                  for label, d in (_gains(report) or [])] if scored else [],
+        "gains": [
+            {
+                "value": signed(d),
+                "label": label,
+                "css": "up"
+                if signed(d).startswith("+")
+                else "down"
+                if signed(d).startswith("-")
+                else "",
+            }
+            for label, d in (_gains(report) or [])
+        ]
+        if scored
+        else [],
         "n_scored": plural(_scored(report), "image"),
         "no_annotation": None if scored else _no_annotation_text(report, split),
         "paired_note": _paired_note(per_image) if scored else None,
-        "variants": [{"name": v, "colour": colours[v], "note": VARIANT_NOTES.get(v)}
-                     for v in vnames],
+        "variants": [
+            {"name": v, "colour": colours[v], "note": VARIANT_NOTES.get(v)} for v in vnames
+        ],
         "overall": _overall_table(variants, colours) if scored else None,
         "sweep": _sweep_view(report, vnames, colours) if scored else None,
         "davis": _davis_view(report, vnames, colours) if scored else None,
@@ -358,8 +467,7 @@ def view_model(split: str, report: Report, per_image: list[ImageScores],
         "per_image": _per_image_table(per_image, vnames) if scored else None,
         "figures": figures,
         "strips": strips,
-        "legend": [{"label": label, "colour": f"rgb({r},{g},{b})"}
-                   for label, (r, g, b) in LEGEND],
+        "legend": [{"label": label, "colour": f"rgb({r},{g},{b})"} for label, (r, g, b) in LEGEND],
         "settings": settings,
         "settings_changed": any(r["changed"] for r in settings),
         "config_toml": _config_toml(report.config),
@@ -367,5 +475,3 @@ def view_model(split: str, report: Report, per_image: list[ImageScores],
         "other_runs": _other_runs(other_runs),
         "metric_notes": METRIC_NOTES,
     }
-
-

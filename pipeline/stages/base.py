@@ -8,6 +8,7 @@ such as a weights file's sha256). A stable fingerprint of both is recorded in
 up to date while the fingerprint is unchanged and its outputs are intact, and the difference
 to the record says why it is not.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 @dataclass
 class StageState:
     """What a stage's result depends on now."""
+
     name: str
     deps: dict[str, str | None]  # upstream output fingerprints; None: absent or damaged
     params: dict[str, Any]
@@ -72,6 +74,7 @@ class StageStatus:
 class Context:
     """What a stage is judged or run for: the config (its run_dir is the run folder judged:
     `runs` points it at each folder it lists), the split predicted, how deeply to check."""
+
     cfg: Config
     split: str
     verify: bool = False  # rehash inputs and outputs, ignoring the stat memo
@@ -85,6 +88,7 @@ class Context:
 
 class Outcome(Protocol):
     """What a stage's run did, as its command reports it."""
+
     @property
     def ok(self) -> bool:
         """False: the stage finished but some inputs could not be used (exit 1)."""
@@ -98,13 +102,13 @@ class Outcome(Protocol):
 class Stage(Protocol):
     """One stage as data (DVC's Stage(deps, params, outs)): its state now, judged against
     its record, and how to bring it up to date. The ordered list is `workflow.STAGES`."""
+
     @property
     def in_run(self) -> bool:
         """Whether its record lives in the run folder (stage 1's lives with the store)."""
         ...
 
-    def name(self, split: str, /) -> str:
-        ...
+    def name(self, split: str, /) -> str: ...
 
     def state(self, ctx: Context) -> StageState:
         """Deps, params and outs now (deps as recorded when ctx.recorded)."""
@@ -126,16 +130,25 @@ def record_path(run_dir: Path, stage: str) -> Path:
 def load_record(run_dir: Path, stage: str) -> dict | None:
     """The stage's record, or None when absent or damaged (a damaged one is no record)."""
     rec = read_json(record_path(run_dir, stage))
-    if not (isinstance(rec, dict) and isinstance(rec.get("params"), dict)
-            and isinstance(rec.get("deps", {}), dict) and isinstance(rec.get("fingerprint"), str)):
+    if not (
+        isinstance(rec, dict)
+        and isinstance(rec.get("params"), dict)
+        and isinstance(rec.get("deps", {}), dict)
+        and isinstance(rec.get("fingerprint"), str)
+    ):
         return None
     return rec
 
 
 def as_record(state: StageState, **extra: Any) -> dict[str, Any]:
     """The record of a completed run in `state` (`extra`: fields of the stage's own)."""
-    return {"stage": state.name, "fingerprint": state.fingerprint, "deps": state.deps,
-            "params": state.params, **extra}
+    return {
+        "stage": state.name,
+        "fingerprint": state.fingerprint,
+        "deps": state.deps,
+        "params": state.params,
+        **extra,
+    }
 
 
 def save_record(run_dir: Path, state: StageState, **extra: Any) -> None:
@@ -146,8 +159,11 @@ def save_record(run_dir: Path, state: StageState, **extra: Any) -> None:
 def _needs(state: StageState, key: str) -> str:
     why = state.unusable.get(key, "")
     if why:
-        return f"waits for `{state.upstream[key]}`: {key} {why}" if key in state.upstream \
+        return (
+            f"waits for `{state.upstream[key]}`: {key} {why}"
+            if key in state.upstream
             else f"{key} {why}"
+        )
     if key in state.upstream:
         return f"needs {key}: run `{state.upstream[key]}`"
     return f"{key} absent"
@@ -156,8 +172,9 @@ def _needs(state: StageState, key: str) -> str:
 def judge(run_dir: Path, state: StageState) -> StageStatus:
     """up-to-date / stale (why) / missing for `state` against the stage's record in
     `run_dir`."""
-    return judge_record(load_record(run_dir, state.name), state,
-                        record_path(run_dir, state.name).exists())
+    return judge_record(
+        load_record(run_dir, state.name), state, record_path(run_dir, state.name).exists()
+    )
 
 
 def judge_record(rec: dict | None, state: StageState, damaged: bool = False) -> StageStatus:
@@ -167,8 +184,9 @@ def judge_record(rec: dict | None, state: StageState, damaged: bool = False) -> 
     needs = "; ".join(_needs(state, k) for k in absent)
     if rec is None:
         if damaged:
-            return StageStatus(state.name, "stale",
-                               "stage record unreadable" + (f"; {needs}" if needs else ""))
+            return StageStatus(
+                state.name, "stale", "stage record unreadable" + (f"; {needs}" if needs else "")
+            )
         if any(state.unusable.get(k) for k in absent):
             return StageStatus(state.name, "stale", needs)
         return StageStatus(state.name, "missing")
@@ -177,8 +195,11 @@ def judge_record(rec: dict | None, state: StageState, damaged: bool = False) -> 
         old_deps = {k: v for k, v in rec.get("deps", {}).items() if k in present}
         changes = diff_params(rec["params"], state.params) + diff_params(old_deps, present)
         if needs:  # what the stage waits for first, then what changed
-            changes = [needs, *changes] if any(state.unusable.get(k) for k in absent) \
+            changes = (
+                [needs, *changes]
+                if any(state.unusable.get(k) for k in absent)
                 else [*changes, needs]
+            )
         return StageStatus(state.name, "stale", "; ".join(changes) or "settings changed")
     if state.outs_problem:
         return StageStatus(state.name, "stale", state.outs_problem)
@@ -187,10 +208,12 @@ def judge_record(rec: dict | None, state: StageState, damaged: bool = False) -> 
 
 # ----------------------------------------------------------------------------- the run template
 
+
 @dataclass(frozen=True)
 class Lock:
     """A flock a recording run declares (`<folder>/.locks/<name>.lock`, RunLayout.lock) and
     `reproduce` holds; `what` names the locked thing in the LockError."""
+
     path: Path
     what: str
 
@@ -207,6 +230,7 @@ class Recording(Protocol[R_co]):
     export), as `reproduce` runs it: it declares its run folder, lock and state, and says how
     to compute; the template does the rest, once, for all of them. A job that subclasses it
     explicitly inherits the defaults of `registered` (none) and `finish` (nothing)."""
+
     label: str  # the prefix of its log lines: "train-head", "predict [test]", "export"
     run_dir: Path  # the run folder its record lives in (claimed before anything is written)
     lock: Lock | None  # held from judging to registering (None: the run needs none)
@@ -219,8 +243,7 @@ class Recording(Protocol[R_co]):
         """The result when it is up to date (nothing computed)."""
         ...
 
-    def compute(self, state: StageState, force: bool, /
-                ) -> tuple[R_co, StageState, dict[str, Any]]:
+    def compute(self, state: StageState, force: bool, /) -> tuple[R_co, StageState, dict[str, Any]]:
         """Compute the outputs: the result, the state to record (its outputs complete) and
         the record's own fields."""
         ...
@@ -234,8 +257,7 @@ class Recording(Protocol[R_co]):
         return None  # noqa: RET501 (a default: without a statement mypy takes it for abstract)
 
 
-def reproduce(job: Recording[R], force: bool = False,
-              log: Callable[[str], None] = print) -> R:
+def reproduce(job: Recording[R], force: bool = False, log: Callable[[str], None] = print) -> R:
     """DVC's Stage.reproduce for every recording run: claim the run folder, hold the lock,
     judge the state against the record, skip when up to date (unless `force`), else log why,
     compute, record, register the stores used, finish."""

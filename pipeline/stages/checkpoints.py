@@ -1,5 +1,6 @@
 """Stage 2's checkpoints: written atomically after every epoch with a checksum, the one before
 kept, read back without unpickling; a killed training resumes from the newest intact one."""
+
 from __future__ import annotations
 
 import io
@@ -36,8 +37,9 @@ def save_checkpoint(mdir: Path, obj: dict) -> None:
     atomic_write_bytes(_checksum_path(cur), sha256_bytes(data).encode())
 
 
-def load_checkpoint(mdir: Path, fp: str, device: torch.device | str,
-                    log: Callable[[str], None]) -> dict | None:
+def load_checkpoint(
+    mdir: Path, fp: str, device: torch.device | str, log: Callable[[str], None]
+) -> dict | None:
     """The newest intact checkpoint of this training (same fingerprint), read without
     unpickling; damaged ones are discarded with a note."""
     for name in (CHECKPOINT, CHECKPOINT_PREV):

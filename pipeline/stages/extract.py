@@ -6,6 +6,7 @@ atomically with a receipt of its checksum, so a run can be killed at any instant
 a damaged shard is recomputed alone, and shards can be handed to a Dask cluster unchanged
 (pipeline/executors.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,6 +76,7 @@ def selected_splits(cfg: Config, splits: Iterable[str] = ()) -> list[str]:
 
 # ----------------------------------------------------------------------------- the stage
 
+
 @dataclass
 class ExtractResult:
     n_images: int = 0
@@ -95,18 +97,33 @@ class ExtractResult:
             out = [(f"{STAGE}: up-to-date", False)]
             if self.n_errors:
                 were = "was" if self.n_errors == 1 else "were"
-                out.append((f"note: {plural(self.n_errors, 'file')} {were} skipped when the "
-                            "cache was built (rerun with --force to list them)", True))
+                out.append(
+                    (
+                        f"note: {plural(self.n_errors, 'file')} {were} skipped when the "
+                        "cache was built (rerun with --force to list them)",
+                        True,
+                    )
+                )
             return out
         rate = self.n_images / self.seconds if self.seconds > 0 else 0.0
-        out = [(f"{STAGE}: {plural(self.n_images, 'image')} in {self.seconds:.1f} s "
+        out = [
+            (
+                f"{STAGE}: {plural(self.n_images, 'image')} in {self.seconds:.1f} s "
                 f"({rate:.1f} images/s),"
                 f" cache {human_bytes(self.cache_bytes)}"
-                + (f", {self.n_errors} skipped" if self.n_errors else ""), False)]
+                + (f", {self.n_errors} skipped" if self.n_errors else ""),
+                False,
+            )
+        ]
         if self.errors:
             out += [(f"  skipped: {e}", True) for e in self.errors]
-            out.append((f"error: {plural(self.n_errors, 'file')} could not be used (listed "
-                        "above); the other images are cached", True))
+            out.append(
+                (
+                    f"error: {plural(self.n_errors, 'file')} could not be used (listed "
+                    "above); the other images are cached",
+                    True,
+                )
+            )
         return out
 
 
@@ -120,9 +137,14 @@ def _store_groups(keys: Keys, splits: list[str]) -> list[tuple[FeatureKey, list[
     return groups
 
 
-def run_extract(cfg: Config, splits: Iterable[str] = (), force: bool = False,
-                log: Callable[[str], None] = print, progress: bool = True,
-                executor: str | None = None) -> ExtractResult:
+def run_extract(
+    cfg: Config,
+    splits: Iterable[str] = (),
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    executor: str | None = None,
+) -> ExtractResult:
     """Stage 1 for the given splits (all by default): computes the shards that are missing
     or damaged, and each split's manifest (for the features and, with predict.tta = "flip",
     the mirrored features of the predicted splits). Raises PipelineError subclasses for
@@ -134,23 +156,35 @@ def run_extract(cfg: Config, splits: Iterable[str] = (), force: bool = False,
     groups = _plans(cfg.paths.cache, keys, selected_splits(cfg, splits), hasher)
     result = ExtractResult(up_to_date=True)
     for fkey, plans, label in groups:
-        errors = _extract_store(cfg, fkey, plans, label, hasher, result, force, log, progress,
-                                executor)
+        errors = _extract_store(
+            cfg, fkey, plans, label, hasher, result, force, log, progress, executor
+        )
         if not label:  # the mirrored store lists the same unusable files again
             result.errors.extend(errors)
     hasher.save()
     result.n_errors = len(result.errors)
     result.seconds = time.perf_counter() - t0
     if not result.up_to_date:  # an up-to-date run reports no size: no walk over the store
-        result.cache_bytes = sum(f.stat().st_size for fkey, _, _ in groups
-                                 for f in store_dir(cfg.paths.cache, fkey).rglob("*.h5"))
+        result.cache_bytes = sum(
+            f.stat().st_size
+            for fkey, _, _ in groups
+            for f in store_dir(cfg.paths.cache, fkey).rglob("*.h5")
+        )
     return result
 
 
-def _extract_store(cfg: Config, fkey: FeatureKey, plans: list[SplitPlan], label: str,
-                   hasher: FileHasher,
-                   result: ExtractResult, force: bool, log: Callable[[str], None], progress: bool,
-                   executor: str | None) -> list[str]:
+def _extract_store(
+    cfg: Config,
+    fkey: FeatureKey,
+    plans: list[SplitPlan],
+    label: str,
+    hasher: FileHasher,
+    result: ExtractResult,
+    force: bool,
+    log: Callable[[str], None],
+    progress: bool,
+    executor: str | None,
+) -> list[str]:
     """Bring one store's splits up to date; returns the splits' listed problems."""
     problems = {p.split: split_problems(p, hasher) for p in plans}
     hasher.save()
@@ -158,8 +192,9 @@ def _extract_store(cfg: Config, fkey: FeatureKey, plans: list[SplitPlan], label:
     errors: list[str] = []
     sdir = store_dir(cfg.paths.cache, fkey)
     data = config_keys(cfg).data
-    unindexed = [p for p in plans if read_index(sdir).get(dataset_key(data, p.split))
-                 != p.split_dir.name]
+    unindexed = [
+        p for p in plans if read_index(sdir).get(dataset_key(data, p.split)) != p.split_dir.name
+    ]
     if not todo:
         if unindexed:  # stored already (e.g. the dataset moved, or a store made before the
             with exclusive_lock(store_lock(sdir), f"feature store {sdir}"):  # index): index it
@@ -178,10 +213,12 @@ def _extract_store(cfg: Config, fkey: FeatureKey, plans: list[SplitPlan], label:
             pending += _pending_shards(p, sdir, hasher, force)
         n_total = sum(len(t.items) for t in pending)
         n_cached = sum(len(p.items) for p in todo) - n_total
-        log(f"extract-features{label}: {plural(len(todo), 'split')}, "
+        log(
+            f"extract-features{label}: {plural(len(todo), 'split')}, "
             f"{plural(n_total, 'image')} to extract"
             + (f", {n_cached} already cached" if n_cached else "")
-            + f" [{cfg.backbone.name}, store {sdir}]")
+            + f" [{cfg.backbone.name}, store {sdir}]"
+        )
         if pending:
             _execute(cfg, pending, n_total, result, progress, executor)
             for p in todo:  # temporaries of killed (e.g. distributed) writers
@@ -196,8 +233,9 @@ def _extract_store(cfg: Config, fkey: FeatureKey, plans: list[SplitPlan], label:
     return errors
 
 
-def _pending_shards(plan: SplitPlan, sdir: Path, hasher: FileHasher, force: bool
-                    ) -> list[ShardTask]:
+def _pending_shards(
+    plan: SplitPlan, sdir: Path, hasher: FileHasher, force: bool
+) -> list[ShardTask]:
     """The shards of `plan` to compute: the missing or damaged ones (their files removed),
     except those linked from another folder of the store; all of them with `force`."""
     remove_temporaries(plan.split_dir / "shards")
@@ -218,13 +256,21 @@ def _listed_errors(plan: SplitPlan) -> list[str]:
     """The unusable files listed in the split's manifest, which split_problems found current."""
     m, why = read_manifest(plan.split_dir)
     if m is None:  # removed or rewritten by another process since it was checked
-        raise StoreError(f"{manifest_path(plan.split_dir)}: {why} (changed during this run); "
-                         "rerun extract-features")
+        raise StoreError(
+            f"{manifest_path(plan.split_dir)}: {why} (changed during this run); "
+            "rerun extract-features"
+        )
     return m.errors
 
 
-def _execute(cfg: Config, tasks: list[ShardTask], n_total: int, result: ExtractResult,
-             progress: bool, executor: str | None) -> None:
+def _execute(
+    cfg: Config,
+    tasks: list[ShardTask],
+    n_total: int,
+    result: ExtractResult,
+    progress: bool,
+    executor: str | None,
+) -> None:
     bar = Progress(n_total, "extract", enabled=progress)
     lock = threading.Lock()
 
@@ -236,9 +282,14 @@ def _execute(cfg: Config, tasks: list[ShardTask], n_total: int, result: ExtractR
 
     def remote() -> Iterator[tuple[str, tuple]]:
         wcfg = portable_config(cfg)
-        portable = [dataclasses.replace(t, data_root=str(Path(t.data_root).resolve()),
-                                        split_dir=str(Path(t.split_dir).resolve()))
-                    for t in tasks]
+        portable = [
+            dataclasses.replace(
+                t,
+                data_root=str(Path(t.data_root).resolve()),
+                split_dir=str(Path(t.split_dir).resolve()),
+            )
+            for t in tasks
+        ]
         return ((f"extract-{t.hash}", (t, wcfg)) for t in largest_first(portable))
 
     def local() -> list[tuple[str, int]]:  # progress through the stream's own callbacks
@@ -248,8 +299,9 @@ def _execute(cfg: Config, tasks: list[ShardTask], n_total: int, result: ExtractR
         return []
 
     try:
-        for h, n in execute(scheduler_of(cfg, executor), dask_extract, remote, local,
-                            DASK_WORKER_THREADS):
+        for h, n in execute(
+            scheduler_of(cfg, executor), dask_extract, remote, local, DASK_WORKER_THREADS
+        ):
             on_done(n)
             bar.update(sizes[h])
     finally:
@@ -258,10 +310,14 @@ def _execute(cfg: Config, tasks: list[ShardTask], n_total: int, result: ExtractR
 
 # ----------------------------------------------------------------------------- the stage
 
-def _plans(cache: str | Path, keys: Keys, splits: list[str], hasher: FileHasher
-           ) -> list[tuple[FeatureKey, list[SplitPlan], str]]:
-    return [(fkey, [plan_split(cache, fkey, keys.data, s, hasher) for s in names], label)
-            for fkey, names, label in _store_groups(keys, splits)]
+
+def _plans(
+    cache: str | Path, keys: Keys, splits: list[str], hasher: FileHasher
+) -> list[tuple[FeatureKey, list[SplitPlan], str]]:
+    return [
+        (fkey, [plan_split(cache, fkey, keys.data, s, hasher) for s in names], label)
+        for fkey, names, label in _store_groups(keys, splits)
+    ]
 
 
 def _manifest_damage(plan: SplitPlan) -> str:
@@ -270,12 +326,14 @@ def _manifest_damage(plan: SplitPlan) -> str:
     return "" if m is not None or why == "no manifest" else why
 
 
-def store_record(cache: str | Path, fkey: FeatureKey, data: DatasetRef, plans: list[SplitPlan]
-                 ) -> tuple[dict, dict[str, str | None]] | None:
+def store_record(
+    cache: str | Path, fkey: FeatureKey, data: DatasetRef, plans: list[SplitPlan]
+) -> tuple[dict, dict[str, str | None]] | None:
     """Stage 1's record for these splits, (params, deps), read from the store it describes
     (its features.json and the splits' manifests; shared by every run using the cache).
     Without a store for `fkey`, the record of the store with the same splits made last
     (so that `status` names the settings that changed), or None."""
+
     def record(sdir: Path) -> tuple[dict, dict[str, str | None]] | None:
         params = read_json(sdir / "features.json")
         if not isinstance(params, dict):
@@ -295,8 +353,11 @@ def store_record(cache: str | Path, fkey: FeatureKey, data: DatasetRef, plans: l
     if own is not None:
         return own
     features = Path(cache) / FEATURES
-    others = [d for d in features.glob("*/features.json") if d.parent != sdir] \
-        if features.is_dir() else []
+    others = (
+        [d for d in features.glob("*/features.json") if d.parent != sdir]
+        if features.is_dir()
+        else []
+    )
     for f in sorted(others, key=lambda f: f.stat().st_mtime, reverse=True):
         other = record(f.parent)
         if other is not None and bool(other[0].get("mirror")) == fkey.mirror:
@@ -305,13 +366,18 @@ def store_record(cache: str | Path, fkey: FeatureKey, data: DatasetRef, plans: l
 
 
 def _state(plans: list[SplitPlan], fkey: FeatureKey, problems: list[str]) -> StageState:
-    return StageState(STAGE, {f"data[{p.split}]": p.data_digest for p in plans}, fkey.params(),
-                      first_problems(problems))
+    return StageState(
+        STAGE,
+        {f"data[{p.split}]": p.data_digest for p in plans},
+        fkey.params(),
+        first_problems(problems),
+    )
 
 
 class ExtractStage:
     """Stage 1 as data: deps the splits' data digests, params the feature key, outs the
     stored splits (shards with checksums and the manifests); its record is the store."""
+
     in_run = False
 
     def name(self, _split: str) -> str:
@@ -328,26 +394,33 @@ class ExtractStage:
     def state(self, ctx: Context) -> StageState:
         return self._judged(ctx)[0]
 
-    def _judged(self, ctx: Context, splits: list[str] | None = None
-                ) -> tuple[StageState, StageStatus]:
+    def _judged(
+        self, ctx: Context, splits: list[str] | None = None
+    ) -> tuple[StageState, StageStatus]:
         cfg = ctx.cfg
         keys = config_keys(cfg)
         hasher = file_hasher(cfg.paths.cache, ctx.verify)
-        groups = _plans(cfg.paths.cache, keys,
-                        self.splits(ctx, True) if splits is None else splits, hasher)
+        groups = _plans(
+            cfg.paths.cache, keys, self.splits(ctx, True) if splits is None else splits, hasher
+        )
         fkey, plans, _ = groups[0]
         problems = []  # of the outputs; a missing or outdated manifest is judged from the record
         damaged = set()  # splits whose manifest cannot be read: an outs problem, not a new dep
         for _, ps, label in groups:
             for p in ps:
                 whys = split_problems(p, hasher)
-                problems += [f"{p.split}{label}: {why}" for why in whys
-                             if label or why not in ("no manifest", f"data[{p.split}] changed")]
+                problems += [
+                    f"{p.split}{label}: {why}"
+                    for why in whys
+                    if label or why not in ("no manifest", f"data[{p.split}] changed")
+                ]
                 if whys and not label and _manifest_damage(p):
                     damaged.add(p.split)
                 if not whys and locate_in(p.split_dir.parent, keys.data, p.split) != p.split_dir:
-                    problems.append(f"{p.split}{label}: stored, not indexed for "
-                                    f"{cfg.data.root} (e.g. a moved dataset)")
+                    problems.append(
+                        f"{p.split}{label}: stored, not indexed for "
+                        f"{cfg.data.root} (e.g. a moved dataset)"
+                    )
         hasher.save()
         state = _state(plans, fkey, problems)
         found = store_record(cfg.paths.cache, fkey, keys.data, plans)
@@ -355,8 +428,9 @@ class ExtractStage:
         if found is not None:
             params, deps = found
             if params == state.params:
-                deps.update({f"data[{p.split}]": p.data_digest for p in plans
-                             if p.split in damaged})
+                deps.update(
+                    {f"data[{p.split}]": p.data_digest for p in plans if p.split in damaged}
+                )
             rec = as_record(StageState(STAGE, deps, params))
         return state, judge_record(rec, state)
 

@@ -1,6 +1,7 @@
 """Stage 1's engine: images decoded and run through the backbone into shard records, shards
 streamed to disk (here or as Dask tasks, the same code), a stored shard reused from another
 folder of the store, and a split's manifest assembled from its shards' receipts."""
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,9 @@ from ..store import (
 from ..streaming import Decoded, Undecodable, Writer, stream
 
 
-def decode(data_root: str, item: Item, patch: int, fit: str,
-           max_pixels: int | None) -> Decoded[Item, LoadedItem] | Undecodable[Item]:
+def decode(
+    data_root: str, item: Item, patch: int, fit: str, max_pixels: int | None
+) -> Decoded[Item, LoadedItem] | Undecodable[Item]:
     """Read and decode one item (its file's bytes and mask kept as `meta`); an unusable one
     carries its one-line error (and, when data.max_pixels refused it from its header, its
     pixel count)."""
@@ -60,10 +62,12 @@ class Extractor(BackboneRunner):
     """A loaded backbone (the shared forward, `inference.BackboneRunner`) plus everything
     needed to turn decoded images into shard records."""
 
-    def shard_records(self, decoded: Iterable[Decoded[Item, LoadedItem] | Undecodable[Item]],
-                      on_batch: Callable[[int], None] | None = None,
-                      mirror: bool = False,
-                      ) -> tuple[list[ShardRecord], list[str], tuple[int, ...]]:
+    def shard_records(
+        self,
+        decoded: Iterable[Decoded[Item, LoadedItem] | Undecodable[Item]],
+        on_batch: Callable[[int], None] | None = None,
+        mirror: bool = False,
+    ) -> tuple[list[ShardRecord], list[str], tuple[int, ...]]:
         """Features for one shard's decoded images (`on_batch(n)` after each batch of n;
         `mirror`: of the mirrored canvases).
         Batches are formed per canvas size in item order, so the same shard always sees the
@@ -88,14 +92,27 @@ class Extractor(BackboneRunner):
                 self._collect(pending.popleft(), feats, on_batch)
         while pending:
             self._collect(pending.popleft(), feats, on_batch)
-        records = [ShardRecord(feats[i], d.meta.encoded, d.meta.mask, d.image.shape[:2],
-                               d.source.category, d.source.stem, d.source.image, d.box)
-                   for i, d in enumerate(good)]
+        records = [
+            ShardRecord(
+                feats[i],
+                d.meta.encoded,
+                d.meta.mask,
+                d.image.shape[:2],
+                d.source.category,
+                d.source.stem,
+                d.source.image,
+                d.box,
+            )
+            for i, d in enumerate(good)
+        ]
         return records, errors, tuple(rejected)
 
     @staticmethod
-    def _collect(entry: tuple[list[int], Callable[[], np.ndarray]], feats: dict[int, np.ndarray],
-                 on_batch: Callable[[int], None] | None) -> None:
+    def _collect(
+        entry: tuple[list[int], Callable[[], np.ndarray]],
+        feats: dict[int, np.ndarray],
+        on_batch: Callable[[int], None] | None,
+    ) -> None:
         chunk, fetch = entry
         out = fetch()
         for j, i in enumerate(chunk):
@@ -106,15 +123,24 @@ class Extractor(BackboneRunner):
 
 def extractor_of(cfg: Config) -> Extractor:
     """Stage 1's backbone for `cfg`, on extract.device."""
-    return Extractor(config_keys(cfg).feature, cfg.backbone.weights,
-                     resolve_device(cfg.extract.device), cfg.extract.batch_size,
-                     cfg.extract.compile)
+    return Extractor(
+        config_keys(cfg).feature,
+        cfg.backbone.weights,
+        resolve_device(cfg.extract.device),
+        cfg.extract.batch_size,
+        cfg.extract.compile,
+    )
 
 
-def stream_shards(tasks: Iterable[ShardTask], extractor: Extractor, decode_threads: int,
-                  on_done: Callable[[int], None] = lambda n: None,
-                  on_images: Callable[[int], None] | None = None, lookahead: int = 2,
-                  forward_lock: AbstractContextManager | None = None) -> None:
+def stream_shards(
+    tasks: Iterable[ShardTask],
+    extractor: Extractor,
+    decode_threads: int,
+    on_done: Callable[[int], None] = lambda n: None,
+    on_images: Callable[[int], None] | None = None,
+    lookahead: int = 2,
+    forward_lock: AbstractContextManager | None = None,
+) -> None:
     """Compute and atomically write shards with their receipts through the streaming engine
     (pipeline/streaming.py): the items of the next `lookahead` shards are decoded by
     `decode_threads` threads while the backbone runs, and a shard is written in the
@@ -122,6 +148,7 @@ def stream_shards(tasks: Iterable[ShardTask], extractor: Extractor, decode_threa
     `on_images(n)` after each batch of n images (unusable ones counted per shard),
     `on_done(n_cached)` per shard written, in order. `forward_lock`: held around each shard's
     forward (a Dask worker's tasks share its one backbone, one forward at a time)."""
+
     def items(task: ShardTask) -> list[tuple[ShardTask, Item]]:
         return [(task, it) for it in task.items]
 
@@ -129,13 +156,17 @@ def stream_shards(tasks: Iterable[ShardTask], extractor: Extractor, decode_threa
         task, it = entry
         return decode(task.data_root, it, extractor.patch, extractor.fit, task.max_pixels)
 
-    def write(task: ShardTask, records: list[ShardRecord], errors: list[str],
-              rejected: tuple[int, ...]) -> int:
+    def write(
+        task: ShardTask, records: list[ShardRecord], errors: list[str], rejected: tuple[int, ...]
+    ) -> int:
         write_shard(task, records, errors, rejected)
         return len(records)
 
-    def process(task: ShardTask, decoded: Iterable[Decoded[Item, LoadedItem] | Undecodable[Item]],
-                writer: Writer[int]) -> None:
+    def process(
+        task: ShardTask,
+        decoded: Iterable[Decoded[Item, LoadedItem] | Undecodable[Item]],
+        writer: Writer[int],
+    ) -> None:
         decoded = list(decoded)  # decoded before the lock: another task's forward runs
         with forward_lock or contextlib.nullcontext():
             records, errors, rejected = extractor.shard_records(decoded, on_images, task.mirror)
@@ -143,8 +174,16 @@ def stream_shards(tasks: Iterable[ShardTask], extractor: Extractor, decode_threa
             on_images(len(errors))
         writer.submit(write, task, records, errors, rejected)
 
-    stream(tasks, items, decode_one, process, on_done, decode_threads=decode_threads,
-           lookahead=lookahead, max_writes=1)
+    stream(
+        tasks,
+        items,
+        decode_one,
+        process,
+        on_done,
+        decode_threads=decode_threads,
+        lookahead=lookahead,
+        max_writes=1,
+    )
 
 
 DASK_WORKER_THREADS = 2  # task threads of a "local:N" worker: one shard's decoding and
@@ -163,8 +202,13 @@ def extract_task(task: ShardTask, cfg: Config) -> int:
     key = ("extract", config_keys(cfg).feature, cfg.extract.device, cfg.extract.batch_size)
     extractor, lock = worker_cached(key, lambda: (extractor_of(cfg), threading.Lock()))
     done: list[int] = []
-    stream_shards([task], extractor, max(1, cfg.extract.num_workers // _worker_threads()),
-                  done.append, forward_lock=lock)
+    stream_shards(
+        [task],
+        extractor,
+        max(1, cfg.extract.num_workers // _worker_threads()),
+        done.append,
+        forward_lock=lock,
+    )
     return done[0]
 
 
@@ -172,6 +216,7 @@ def _worker_threads() -> int:
     """The task threads of the Dask worker this runs on (1 outside a worker)."""
     try:
         from distributed import get_worker
+
         return max(1, int(get_worker().state.nthreads))
     except (ImportError, ValueError, AttributeError):  # not on a worker (a direct call)
         return 1
@@ -224,11 +269,13 @@ def assemble_manifest(plan: SplitPlan, hasher: FileHasher) -> Manifest:
     for t in plan.tasks:
         entry = done_entry(t, hasher)
         if entry is None:
-            raise StoreError(f"{t.path}: shard missing or damaged after extraction; "
-                             "rerun extract-features")
+            raise StoreError(
+                f"{t.path}: shard missing or damaged after extraction; rerun extract-features"
+            )
         entries.append(entry)
-    manifest = Manifest(plan.split, plan.feature_key, plan.data_digest, tuple(plan.problems),
-                        tuple(entries))
+    manifest = Manifest(
+        plan.split, plan.feature_key, plan.data_digest, tuple(plan.problems), tuple(entries)
+    )
     atomic_write_json(manifest_path(plan.split_dir), manifest.to_json())
     keep = {t.path.name for t in plan.tasks} | {t.receipt.name for t in plan.tasks}
     shard_dir = plan.split_dir / "shards"

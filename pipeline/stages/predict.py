@@ -13,6 +13,7 @@ threshold sweep comes from the units, so a resumed run or Dask workers give the 
 unit without them (written by an earlier version) is recomputed, shard by shard; its masks
 come out byte-identical.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,9 +65,15 @@ def report_path(cfg: Config, split: str) -> Path:
     return RunLayout.of(cfg).report(split)
 
 
-def stage_state(cfg: Config, split: str, models_fp: str | None = None,
-                features_fp: str | None = None, mirrored_fp: str | None = None,
-                verify: bool = False, recorded: dict | None = None) -> StageState:
+def stage_state(
+    cfg: Config,
+    split: str,
+    models_fp: str | None = None,
+    features_fp: str | None = None,
+    mirrored_fp: str | None = None,
+    verify: bool = False,
+    recorded: dict | None = None,
+) -> StageState:
     """Stage 3 depends on the trained models and the stored split (content fingerprints),
     with predict.tta = "flip" also on the split's mirrored features, and on its own
     settings; its outputs are the masks and the reports, checked against the sha256 the
@@ -92,19 +99,24 @@ def stage_state(cfg: Config, split: str, models_fp: str | None = None,
         deps.update({k: v for k, v in recorded.get("deps", {}).items() if k != "models"})
     else:
         deps[f"features[{split}]"] = (
-            features_fp if features_fp is not None
-            else split_fingerprint(cfg.paths.cache, keys.feature, keys.data, split))
+            features_fp
+            if features_fp is not None
+            else split_fingerprint(cfg.paths.cache, keys.feature, keys.data, split)
+        )
         if cfg.predict.tta == "flip":
             deps[f"mirrored[{split}]"] = (
-                mirrored_fp if mirrored_fp is not None
-                else split_fingerprint(cfg.paths.cache, keys.feature.mirrored(), keys.data, split))
+                mirrored_fp
+                if mirrored_fp is not None
+                else split_fingerprint(cfg.paths.cache, keys.feature.mirrored(), keys.data, split)
+            )
             repair[f"mirrored[{split}]"] = extract
     params = keys.predict.params()
     if not report_path(cfg, split).is_file():
         outs = "report missing"
     else:
-        outs = (first_problems(outs_problems(cfg, split, verify, writable=recorded is None))
-                or _report_outdated(cfg, split))
+        outs = first_problems(
+            outs_problems(cfg, split, verify, writable=recorded is None)
+        ) or _report_outdated(cfg, split)
     return StageState(stage_name(split), deps, params, outs, repair, unusable)
 
 
@@ -117,18 +129,24 @@ def _report_outdated(cfg: Config, split: str) -> str:
     found = rec.get("report_format", 1)
     if isinstance(found, int) and not isinstance(found, bool) and found >= REPORT_FORMAT:
         return ""
-    return (f"report of format {found!r}, now {REPORT_FORMAT} (adds the DAVIS aggregate): "
-            "rebuilt from the stored per-image results")
+    return (
+        f"report of format {found!r}, now {REPORT_FORMAT} (adds the DAVIS aggregate): "
+        "rebuilt from the stored per-image results"
+    )
 
 
 def outs_hasher(cfg: Config, verify: bool = False, writable: bool = True) -> FileHasher:
     """The stat memo of the run's output checksums (in its stages/ folder)."""
-    return FileHasher(RunLayout.of(cfg).outs_hashes, verify=verify,
-                      writable=writable and is_marked(cfg.run_dir, RUN_LEGACY))
+    return FileHasher(
+        RunLayout.of(cfg).outs_hashes,
+        verify=verify,
+        writable=writable and is_marked(cfg.run_dir, RUN_LEGACY),
+    )
 
 
-def outs_problems(cfg: Config, split: str, verify: bool = False,
-                  writable: bool = True) -> list[str]:
+def outs_problems(
+    cfg: Config, split: str, verify: bool = False, writable: bool = True
+) -> list[str]:
     """The split's recorded outputs (masks, reports; paths relative to the run folder) that
     are missing or differ from what predict wrote. Records of earlier versions list none.
     `writable`: the stat memo may be refreshed (not by `runs`)."""
@@ -155,8 +173,12 @@ def _outputs(cfg: Config, split: str, rows: list[dict]) -> dict[str, str]:
     reads none of these files."""
     hasher = outs_hasher(cfg)
     run = RunLayout.of(cfg)
-    files = [run.report(split), run.report(split, ".md"), run.report(split, ".html"),
-             *sorted(run.report_files(split).rglob("*"))]
+    files = [
+        run.report(split),
+        run.report(split, ".md"),
+        run.report(split, ".html"),
+        *sorted(run.report_files(split).rglob("*")),
+    ]
     outs = {run.rel(p): hasher.digest(p) for p in files if p.is_file()}
     pdir = run.rel(run.predictions(split))
     for r in rows:
@@ -172,14 +194,17 @@ def _outputs(cfg: Config, split: str, rows: list[dict]) -> dict[str, str]:
 def _no_mirrored_features(cfg: Config, split: str) -> str:
     """Why predict.tta = "flip" cannot be applied to `split` ("" when it can)."""
     if cfg.predict.tta == "flip" and not config_keys(cfg).mirrored_splits([split]):
-        return (f"predict.tta = flip: stage 1 stores no mirrored features for the training split "
-                f"'{split}'; predict it with --set predict.tta=none")
+        return (
+            f"predict.tta = flip: stage 1 stores no mirrored features for the training split "
+            f"'{split}'; predict it with --set predict.tta=none"
+        )
     return ""
 
 
 class PredictStage:
     """Stage 3 as data: deps the models (when trained for this config) and the stored split,
     params the report's settings, outs the masks and reports with their sha256."""
+
     in_run = True
 
     def name(self, split: str) -> str:
@@ -187,8 +212,9 @@ class PredictStage:
 
     def state(self, ctx: Context) -> StageState:
         rec = load_record(ctx.cfg.run_dir, stage_name(ctx.split)) if ctx.recorded else None
-        return stage_state(ctx.cfg, ctx.split, verify=ctx.verify,
-                           recorded=(rec or {}) if ctx.recorded else None)
+        return stage_state(
+            ctx.cfg, ctx.split, verify=ctx.verify, recorded=(rec or {}) if ctx.recorded else None
+        )
 
     def status(self, ctx: Context) -> StageStatus:
         why = _no_mirrored_features(ctx.cfg, ctx.split)
@@ -206,6 +232,7 @@ def status(cfg: Config, split: str, verify: bool = False) -> StageStatus:
 
 # ----------------------------------------------------------------------------- the stage
 
+
 @dataclass
 class PredictResult:
     up_to_date: bool = False
@@ -222,16 +249,22 @@ class PredictResult:
         """What the command reports (text, to stderr)."""
         if self.up_to_date:
             return [(f"predict [{self.split}]: up-to-date; report {self.report_json}", False)]
-        return [(f"predict [{self.split}]: {plural(self.n_predicted, 'image')} in "
-                 f"{self.seconds:.1f} s "
-                 f"({self.n_images} annotated, scored); masks in {self.predictions_dir}", False),
-                (f"report: {self.report_json} (also .md and .html)", False),
-                *((f"  {line}", False) for line in self.headline)]
+        return [
+            (
+                f"predict [{self.split}]: {plural(self.n_predicted, 'image')} in "
+                f"{self.seconds:.1f} s "
+                f"({self.n_images} annotated, scored); masks in {self.predictions_dir}",
+                False,
+            ),
+            (f"report: {self.report_json} (also .md and .html)", False),
+            *((f"  {line}", False) for line in self.headline),
+        ]
 
 
 @dataclass
 class Prediction(Recording[PredictResult]):
     """One run of stage 3 for a split, as the run template (`base.reproduce`) runs it."""
+
     cfg: Config
     split: str
     store: FeatureStore
@@ -244,23 +277,31 @@ class Prediction(Recording[PredictResult]):
 
     def __post_init__(self) -> None:
         self.label, self.run_dir = f"predict [{self.split}]", self.cfg.run_dir
-        self.lock = Lock(RunLayout.of(self.cfg).lock(f"predict-{self.split}"),
-                         f"predict [{self.split}] of run '{self.cfg.run.name}'")
+        self.lock = Lock(
+            RunLayout.of(self.cfg).lock(f"predict-{self.split}"),
+            f"predict [{self.split}] of run '{self.cfg.run.name}'",
+        )
 
     @property
     def mirror_fp(self) -> str | None:
         return self.mirror.fingerprint if self.mirror is not None else None
 
     def state(self) -> StageState:
-        return stage_state(self.cfg, self.split, self.models.fingerprint,
-                           self.store.fingerprint, self.mirror_fp)
+        return stage_state(
+            self.cfg, self.split, self.models.fingerprint, self.store.fingerprint, self.mirror_fp
+        )
 
     def current(self, _state: StageState) -> PredictResult:
-        return PredictResult(up_to_date=True, report_json=report_path(self.cfg, self.split),
-                             predictions_dir=pred_dir_of(self.cfg, self.split), split=self.split)
+        return PredictResult(
+            up_to_date=True,
+            report_json=report_path(self.cfg, self.split),
+            predictions_dir=pred_dir_of(self.cfg, self.split),
+            split=self.split,
+        )
 
-    def compute(self, state: StageState, force: bool
-                ) -> tuple[PredictResult, StageState, dict[str, Any]]:
+    def compute(
+        self, state: StageState, force: bool
+    ) -> tuple[PredictResult, StageState, dict[str, Any]]:
         cfg, split, store, mirror = self.cfg, self.split, self.store, self.mirror
         fp = state.fingerprint
         udir = RunLayout.of(cfg).units(split)
@@ -275,22 +316,39 @@ class Prediction(Recording[PredictResult]):
         fingerprints = {"features": store.fingerprint, "models": self.models.fingerprint}
         if self.mirror_fp is not None:
             fingerprints["mirrored"] = self.mirror_fp
-        report = build_report(cfg, split, rows, fingerprints, sweep,
-                              report_stage.resolved_settings(config_keys(cfg).feature,
-                                                             str(self.device)))
+        report = build_report(
+            cfg,
+            split,
+            rows,
+            fingerprints,
+            sweep,
+            report_stage.resolved_settings(config_keys(cfg).feature, str(self.device)),
+        )
         rpath = report_path(cfg, split)
         atomic_write_json(rpath, report)
         _write_human_reports(cfg, split, report, rows, store, predictor, mirror)
         done = StageState(state.name, state.deps, state.params, "", state.upstream)
         outs = _outputs(cfg, split, rows)
-        res = PredictResult(n_images=report["n_images"], n_predicted=report["n_predicted"],
-                            predictions_dir=pred_dir_of(cfg, split), report_json=rpath,
-                            split=split, headline=headline(report))
+        res = PredictResult(
+            n_images=report["n_images"],
+            n_predicted=report["n_predicted"],
+            predictions_dir=pred_dir_of(cfg, split),
+            report_json=rpath,
+            split=split,
+            headline=headline(report),
+        )
         return res, done, {"outs": outs, "report_format": REPORT_FORMAT}
 
-    def _predict_shards(self, todo: list[int], predictor: Predictor, fp: str,
-                        sweep: Sequence[float], units: dict[int, dict], udir: Path,
-                        hashes: list[str]) -> None:
+    def _predict_shards(
+        self,
+        todo: list[int],
+        predictor: Predictor,
+        fp: str,
+        sweep: Sequence[float],
+        units: dict[int, dict],
+        udir: Path,
+        hashes: list[str],
+    ) -> None:
         """Predict the shards `todo` (locally or on Dask), each unit written as it comes."""
         cfg, store, mirror = self.cfg, self.store, self.mirror
         pdir = pred_dir_of(cfg, self.split)
@@ -302,13 +360,33 @@ class Prediction(Recording[PredictResult]):
             wcfg = portable_config(cfg)
             sdir = str(store.split_dir.resolve())
             mdir = str(mirror.split_dir.resolve()) if mirror is not None else None
-            return ((f"predict-{fp}-{si}", (wcfg, sdir, store.fingerprint, si,
-                                            str(pdir.resolve()), self.models.fingerprint, mdir,
-                                            self.mirror_fp)) for si in todo)
+            return (
+                (
+                    f"predict-{fp}-{si}",
+                    (
+                        wcfg,
+                        sdir,
+                        store.fingerprint,
+                        si,
+                        str(pdir.resolve()),
+                        self.models.fingerprint,
+                        mdir,
+                        self.mirror_fp,
+                    ),
+                )
+                for si in todo
+            )
 
         def local() -> Iterator[tuple[int, dict]]:
-            return ((si, predict_shard(store, si, predictor, pdir, cfg.predict.batch_size,
-                                       mirror, sweep)) for si in todo)
+            return (
+                (
+                    si,
+                    predict_shard(
+                        store, si, predictor, pdir, cfg.predict.batch_size, mirror, sweep
+                    ),
+                )
+                for si in todo
+            )
 
         for si, unit in execute(scheduler_of(cfg, self.executor), predict_task, remote, local):
             unit["fingerprint"] = fp
@@ -321,36 +399,60 @@ class Prediction(Recording[PredictResult]):
         return [used.split_dir for used in (self.store, self.mirror) if used is not None]
 
 
-def _current_units(cfg: Config, split: str, udir: Path, hashes: list[str], fp: str,
-                   sweep: Sequence[float], force: bool) -> dict[int, dict]:
+def _current_units(
+    cfg: Config,
+    split: str,
+    udir: Path,
+    hashes: list[str],
+    fp: str,
+    sweep: Sequence[float],
+    force: bool,
+) -> dict[int, dict]:
     """The split's units that are current (same fingerprint and sweep, masks intact), by
     shard; an earlier version's unit (no sweep counts) is computed again."""
     units: dict[int, dict] = {}
     for si, h in enumerate(hashes):
         u = None if force else read_json(udir / f"{h}.json")
-        if (isinstance(u, dict) and u.get("fingerprint") == fp
-                and isinstance(u.get("items"), list) and u.get("sweep") == list(sweep)):
+        if (
+            isinstance(u, dict)
+            and u.get("fingerprint") == fp
+            and isinstance(u.get("items"), list)
+            and u.get("sweep") == list(sweep)
+        ):
             units[si] = u
     if not force and units:  # masks found missing or changed: their shards again
         bad = {rel for rel in (x.rsplit(" ", 1)[0] for x in outs_problems(cfg, split))}
         pfx = RunLayout.of(cfg).rel(pred_dir_of(cfg, split))
-        for si in [si for si, u in units.items()
-                   if any(f"{pfx}/{r.get('category')}/{r.get('stem')}.png" in bad
-                          for r in u["items"] if isinstance(r, dict))]:
+        for si in [
+            si
+            for si, u in units.items()
+            if any(
+                f"{pfx}/{r.get('category')}/{r.get('stem')}.png" in bad
+                for r in u["items"]
+                if isinstance(r, dict)
+            )
+        ]:
             del units[si]
     return units
 
 
-def run_predict(cfg: Config, split: str, force: bool = False, log: Callable[[str], None] = print,
-                progress: bool = True, executor: str | None = None) -> PredictResult:
+def run_predict(
+    cfg: Config,
+    split: str,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    executor: str | None = None,
+) -> PredictResult:
     """Stage 3 for a split: needs the stored split and the run's models, never the images."""
     t0 = time.perf_counter()
     keys = config_keys(cfg)
     store = FeatureStore.open(cfg.paths.cache, keys.feature, keys.data, split)
     mirror = open_mirrored(cfg, store)
     device = resolve_device(cfg.predict.device)
-    with checked_models(RunLayout.of(cfg), keys, cfg.paths.cache, device,
-                        functools.partial(reproduces, cfg)) as models:
+    with checked_models(
+        RunLayout.of(cfg), keys, cfg.paths.cache, device, functools.partial(reproduces, cfg)
+    ) as models:
         job = Prediction(cfg, split, store, mirror, models, device, progress, executor, t0)
         res = reproduce(job, force, log)
     if not res.up_to_date:
@@ -376,26 +478,44 @@ def pred_dir_of(cfg: Config, split: str) -> Path:
     return RunLayout.of(cfg).predictions(split)
 
 
-def build_report(cfg: Config, split: str, rows: list[dict], fingerprints: dict[str, str],
-                 sweep: Sequence[float] = (), resolved: dict | None = None) -> dict:
+def build_report(
+    cfg: Config,
+    split: str,
+    rows: list[dict],
+    fingerprints: dict[str, str],
+    sweep: Sequence[float] = (),
+    resolved: dict | None = None,
+) -> dict:
     """report_<split>.json's content from the units' rows (see report.stage.build_report)."""
-    return report_stage.build_report(cfg.to_dict(), split, rows, fingerprints, VARIANTS, sweep,
-                                     resolved)
+    return report_stage.build_report(
+        cfg.to_dict(), split, rows, fingerprints, VARIANTS, sweep, resolved
+    )
 
 
-def _write_human_reports(cfg: Config, split: str, report: dict, rows: list[dict],
-                         store: FeatureStore, predictor: Predictor,
-                         mirror: FeatureStore | None) -> None:
+def _write_human_reports(
+    cfg: Config,
+    split: str,
+    report: dict,
+    rows: list[dict],
+    store: FeatureStore,
+    predictor: Predictor,
+    mirror: FeatureStore | None,
+) -> None:
     """The Markdown and HTML reports (report.stage.write_human_reports); the worst images'
     masks of every variant computed again by `predictor`, as the pass computed them."""
+
     def shown(row: dict) -> report_stage.Shown:
         item = store.read(row["index"])
         if item.mask is None:  # scored from this very store (its fingerprint is in the units')
-            raise StoreError(f"{store.split_dir}: {item.meta.source} is scored but has no "
-                             "annotation; rerun predict with --force")
+            raise StoreError(
+                f"{store.split_dir}: {item.meta.source} is scored but has no "
+                "annotation; rerun predict with --force"
+            )
         mirrored = None if mirror is None else [mirror.features(item.meta.index)]
-        return report_stage.Shown(item.image, item.mask,
-                                  lambda: predictor.batch_masks([item], mirrored)[0])
+        return report_stage.Shown(
+            item.image, item.mask, lambda: predictor.batch_masks([item], mirrored)[0]
+        )
 
-    report_stage.write_human_reports(RunLayout.of(cfg), split, report, rows,
-                                     cfg.predict.thumbnails, shown)
+    report_stage.write_human_reports(
+        RunLayout.of(cfg), split, report, rows, cfg.predict.thumbnails, shown
+    )

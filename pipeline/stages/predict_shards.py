@@ -1,6 +1,7 @@
 """Stage 3's unit of work, one store shard: its masks written as PNG and its per-image
 statistics and sweep counts returned (here, or as a Dask task keeping its stores and models
 open on the worker)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,17 +24,28 @@ from ..store import FeatureStore
 def check_mirrored(store: FeatureStore, mirror: FeatureStore) -> None:
     """StoreError unless `mirror` holds the mirrored features of exactly `store`'s images,
     in the same places."""
+
     def layout(s: FeatureStore) -> list[tuple]:
-        return [(m.category, m.stem, m.source, m.orig_size, m.box, m.shard, m.slot)
-                for m in s.items]
+        return [
+            (m.category, m.stem, m.source, m.orig_size, m.box, m.shard, m.slot) for m in s.items
+        ]
+
     if layout(store) != layout(mirror):
-        raise StoreError(f"{mirror.split_dir}: the mirrored features do not match the stored "
-                         f"split; run `{command('extract-features', '--split', store.split)}`")
+        raise StoreError(
+            f"{mirror.split_dir}: the mirrored features do not match the stored "
+            f"split; run `{command('extract-features', '--split', store.split)}`"
+        )
 
 
-def predict_shard(store: FeatureStore, shard: int, predictor: Predictor, pred_dir: Path,
-                  batch_size: int = 8, mirror: FeatureStore | None = None,
-                  sweep: Sequence[float] = ()) -> dict:
+def predict_shard(
+    store: FeatureStore,
+    shard: int,
+    predictor: Predictor,
+    pred_dir: Path,
+    batch_size: int = 8,
+    mirror: FeatureStore | None = None,
+    sweep: Sequence[float] = (),
+) -> dict:
     """Masks of one shard written as PNG; returns the unit {"items": [...], "sweep": [...]}
     of statistics (None for an image without annotation) and, per annotated image and
     variant, the confusion counts at the ascending thresholds `sweep` (metrics.sweep_counts).
@@ -45,26 +57,43 @@ def predict_shard(store: FeatureStore, shard: int, predictor: Predictor, pred_di
         items = [store.read(metas[i].index) for i in batch]
         mirrored = None if mirror is None else [mirror.features(metas[i].index) for i in batch]
         for item, (masks, levels) in zip(
-                items, predictor.batch_masks_and_levels(items, mirrored, sweep), strict=True):
+            items, predictor.batch_masks_and_levels(items, mirrored, sweep), strict=True
+        ):
             meta = item.meta
             png = mask_png_bytes(masks["pac"])
             atomic_write_bytes(pred_dir / meta.category / f"{meta.stem}.png", png)
             stats, counts = None, None
             if item.mask is not None:
-                stats = {v: image_stats(masks[v], item.mask, meta.category, meta.stem).to_dict()
-                         for v in VARIANTS}
+                stats = {
+                    v: image_stats(masks[v], item.mask, meta.category, meta.stem).to_dict()
+                    for v in VARIANTS
+                }
                 if sweep:
                     counts = {v: sweep_counts(levels[v], item.mask, len(sweep)) for v in VARIANTS}
-            rows[meta.index] = {"category": meta.category, "stem": meta.stem, "index": meta.index,
-                                "stats": stats, "mask": sha256_bytes(png), "sweep": counts}
+            rows[meta.index] = {
+                "category": meta.category,
+                "stem": meta.stem,
+                "index": meta.index,
+                "stats": stats,
+                "mask": sha256_bytes(png),
+                "sweep": counts,
+            }
     return {"items": [rows[m.index] for m in metas], "sweep": list(sweep)}
 
 
-def predict_task(cfg: Config, split_dir: str, fingerprint: str, shard: int, pred_dir: str,
-                 models_fp: str, mirror_dir: str | None = None,
-                 mirror_fp: str | None = None) -> tuple[int, dict]:
+def predict_task(
+    cfg: Config,
+    split_dir: str,
+    fingerprint: str,
+    shard: int,
+    pred_dir: str,
+    models_fp: str,
+    mirror_dir: str | None = None,
+    mirror_fp: str | None = None,
+) -> tuple[int, dict]:
     """One shard on a Dask worker; the worker keeps the stores and models it opened, keyed by
     their content fingerprints (a re-extracted split or retrained models are reopened)."""
+
     def opened(sdir: str, fp: str) -> FeatureStore:
         store = worker_cached(("store", sdir, fp), lambda: FeatureStore(sdir))
         if store.fingerprint != fp:
@@ -72,18 +101,28 @@ def predict_task(cfg: Config, split_dir: str, fingerprint: str, shard: int, pred
         return store
 
     store = opened(split_dir, fingerprint)
-    mirror = (opened(mirror_dir, mirror_fp)
-              if mirror_dir is not None and mirror_fp is not None else None)
+    mirror = (
+        opened(mirror_dir, mirror_fp) if mirror_dir is not None and mirror_fp is not None else None
+    )
 
     def make_predictor() -> Predictor:
         device = resolve_device(cfg.predict.device)
         models = load_models(RunLayout.of(cfg).models, device)
         if models.fingerprint != models_fp:
-            raise ModelError(f"{RunLayout.of(cfg).models}: the models changed during prediction; "
-                             "rerun predict")
+            raise ModelError(
+                f"{RunLayout.of(cfg).models}: the models changed during prediction; rerun predict"
+            )
         return Predictor(models, device, cfg.predict.threshold)
 
-    predictor = worker_cached(("predictor", models_fp, cfg.predict.device, cfg.predict.threshold),
-                              make_predictor)
-    return shard, predict_shard(store, shard, predictor, Path(pred_dir), cfg.predict.batch_size,
-                                mirror, sweep_thresholds(cfg.predict.threshold))
+    predictor = worker_cached(
+        ("predictor", models_fp, cfg.predict.device, cfg.predict.threshold), make_predictor
+    )
+    return shard, predict_shard(
+        store,
+        shard,
+        predictor,
+        Path(pred_dir),
+        cfg.predict.batch_size,
+        mirror,
+        sweep_thresholds(cfg.predict.threshold),
+    )

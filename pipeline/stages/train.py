@@ -6,6 +6,7 @@ written atomically after every epoch; every epoch draws its randomness from (see
 epoch) alone, so a killed run resumes from its last checkpoint and ends with the same
 weights as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,17 +50,24 @@ STAGE = "train-head"
 
 # ----------------------------------------------------------------------------- the contract
 
+
 def stage_state(cfg: Config, deps: dict[str, str | None] | None = None) -> StageState:
     """Stage 2 depends on the stored splits it reads (content fingerprints) and on its
     training settings; its output is the model set, intact or not."""
     keys = config_keys(cfg)
     if deps is None:
-        deps = {f"features[{s}]": split_fingerprint(cfg.paths.cache, keys.feature, keys.data, s)
-                for s in keys.train.splits}
+        deps = {
+            f"features[{s}]": split_fingerprint(cfg.paths.cache, keys.feature, keys.data, s)
+            for s in keys.train.splits
+        }
     _, why = models_fingerprint(RunLayout.of(cfg).models)
-    return StageState(STAGE, deps, keys.train.params(), why,
-                      {f"features[{s}]": command("extract-features", "--split", s)
-                       for s in keys.train.splits})
+    return StageState(
+        STAGE,
+        deps,
+        keys.train.params(),
+        why,
+        {f"features[{s}]": command("extract-features", "--split", s) for s in keys.train.splits},
+    )
 
 
 def recorded_training_params(cfg: Config, rec: dict | None) -> dict[str, Any]:
@@ -70,14 +78,18 @@ def recorded_training_params(cfg: Config, rec: dict | None) -> dict[str, Any]:
         return config_keys(cfg).train.params()
     params = config_keys(copy_config(cfg, backbone__weights="random")).train.params()
     held = rec.get("params", {}).get("backbone.weights") if rec is not None else None
-    params["backbone.weights"] = (held if isinstance(held, str) and held.startswith("sha256:")
-                                  else f"file {cfg.backbone.weights}")
+    params["backbone.weights"] = (
+        held
+        if isinstance(held, str) and held.startswith("sha256:")
+        else f"file {cfg.backbone.weights}"
+    )
     return params
 
 
 class TrainStage:
     """Stage 2 as data: deps the stored splits' fingerprints, params the training settings,
     outs the model set (files checked against the card's checksums)."""
+
     in_run = True
 
     def name(self, _split: str) -> str:
@@ -104,6 +116,7 @@ def status(cfg: Config) -> StageStatus:
 
 # ----------------------------------------------------------------------------- training
 
+
 @dataclass
 class TrainResult:
     up_to_date: bool = False
@@ -126,6 +139,7 @@ def _epoch_rng(seed: int, phase: int, epoch: int) -> np.random.Generator:
 @dataclass
 class Training(Recording[TrainResult]):
     """One run of stage 2, as the run template (`base.reproduce`) runs it."""
+
     cfg: Config
     stores: dict[str, FeatureStore]
     log: Callable[[str], None]
@@ -134,27 +148,34 @@ class Training(Recording[TrainResult]):
 
     def __post_init__(self) -> None:
         self.label, self.run_dir = STAGE, self.cfg.run_dir
-        self.lock = Lock(RunLayout.of(self.cfg).lock("models"),
-                         f"the models of run '{self.cfg.run.name}'")
+        self.lock = Lock(
+            RunLayout.of(self.cfg).lock("models"), f"the models of run '{self.cfg.run.name}'"
+        )
 
     def state(self) -> StageState:
-        return stage_state(self.cfg, {f"features[{s}]": st.fingerprint
-                                      for s, st in self.stores.items()})
+        return stage_state(
+            self.cfg, {f"features[{s}]": st.fingerprint for s, st in self.stores.items()}
+        )
 
     def current(self, _state: StageState) -> TrainResult:
         if not runconfig.record_path(self.run_dir).exists():  # trained before records
             runconfig.write_record(self.cfg)
         return TrainResult(up_to_date=True, model_dir=RunLayout.of(self.cfg).models)
 
-    def compute(self, state: StageState, force: bool
-                ) -> tuple[TrainResult, StageState, dict[str, Any]]:
+    def compute(
+        self, state: StageState, force: bool
+    ) -> tuple[TrainResult, StageState, dict[str, Any]]:
         cfg = self.cfg
         val_store = self.stores.get(cfg.data.val_split) if cfg.data.val_split else None
-        history = _train(cfg, state, self.stores[cfg.data.train_split], val_store, force,
-                         self.log, self.progress)
+        history = _train(
+            cfg, state, self.stores[cfg.data.train_split], val_store, force, self.log, self.progress
+        )
         seconds = time.perf_counter() - self.t0
-        return (TrainResult(seconds=seconds, model_dir=RunLayout.of(cfg).models, history=history),
-                stage_state(cfg, state.deps), {"seconds": round(seconds, 1)})
+        return (
+            TrainResult(seconds=seconds, model_dir=RunLayout.of(cfg).models, history=history),
+            stage_state(cfg, state.deps),
+            {"seconds": round(seconds, 1)},
+        )
 
     def registered(self) -> list[Path]:
         return [used.split_dir for used in self.stores.values()]
@@ -164,20 +185,23 @@ class Training(Recording[TrainResult]):
         remove_checkpoints(RunLayout.of(self.cfg).models)
 
 
-def run_train(cfg: Config, force: bool = False, log: Callable[[str], None] = print,
-              progress: bool = True) -> TrainResult:
+def run_train(
+    cfg: Config, force: bool = False, log: Callable[[str], None] = print, progress: bool = True
+) -> TrainResult:
     """Stage 2 from the stored splits alone. Raises StoreError (naming the command to run)
     when a split is missing or damaged, LockError when another process trains this run."""
     t0 = time.perf_counter()
     keys = config_keys(cfg)
-    stores = {s: FeatureStore.open(cfg.paths.cache, keys.feature, keys.data, s)
-              for s in keys.train.splits}
+    stores = {
+        s: FeatureStore.open(cfg.paths.cache, keys.feature, keys.data, s) for s in keys.train.splits
+    }
     return reproduce(Training(cfg, stores, log, progress, t0), force, log)
 
 
 @dataclass
 class Models:
     """What stage 2 trains, on its device: the two heads, their optimisers, the schedule."""
+
     head: LinearHead
     up: PacUpsampler
     opt_head: torch.optim.Optimizer
@@ -186,10 +210,15 @@ class Models:
 
     def state(self, fp: str, history: list[dict]) -> dict:
         """A checkpoint's content (without its "next")."""
-        return {"fingerprint": fp, "head": self.head.state_dict(),
-                "opt_head": self.opt_head.state_dict(), "up": self.up.state_dict(),
-                "opt_up": self.opt_up.state_dict(), "sched_up": self.sched_up.state_dict(),
-                "history": history}
+        return {
+            "fingerprint": fp,
+            "head": self.head.state_dict(),
+            "opt_head": self.opt_head.state_dict(),
+            "up": self.up.state_dict(),
+            "opt_up": self.opt_up.state_dict(),
+            "sched_up": self.sched_up.state_dict(),
+            "history": history,
+        }
 
     def load(self, ck: dict) -> None:
         self.head.load_state_dict(ck["head"])
@@ -210,27 +239,38 @@ def _models(cfg: Config, data: TrainData, patch: int, device: torch.device) -> M
     up.norm.set_stats(mean, std)
     head.to(device)
     up.to(device)
-    opt_head = torch.optim.AdamW(head.parameters(), lr=cfg.train.linear_lr,
-                                 weight_decay=cfg.train.weight_decay)
-    opt_up = torch.optim.AdamW(up.parameters(), lr=cfg.train.lr,
-                               weight_decay=cfg.train.weight_decay)
+    opt_head = torch.optim.AdamW(
+        head.parameters(), lr=cfg.train.linear_lr, weight_decay=cfg.train.weight_decay
+    )
+    opt_up = torch.optim.AdamW(
+        up.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_up, T_max=max(1, cfg.train.epochs))
     return Models(head, up, opt_head, opt_up, sched)
 
 
-def _train_data(cfg: Config, train_store: FeatureStore, val_store: FeatureStore | None,
-                patch: int) -> tuple[TrainData, TrainData | None]:
+def _train_data(
+    cfg: Config, train_store: FeatureStore, val_store: FeatureStore | None, patch: int
+) -> tuple[TrainData, TrainData | None]:
     data = TrainData(train_store, patch)
     if len(data) == 0:
-        raise DataError(f"split '{cfg.data.train_split}' has no annotated image to train on "
-                        f"({len(train_store)} image(s), none with a mask)")
+        raise DataError(
+            f"split '{cfg.data.train_split}' has no annotated image to train on "
+            f"({len(train_store)} image(s), none with a mask)"
+        )
     val = TrainData(val_store, patch) if val_store is not None else None
     return data, (val if val is not None and len(val) else None)
 
 
-def _train(cfg: Config, state: StageState, train_store: FeatureStore,
-           val_store: FeatureStore | None, force: bool, log: Callable[[str], None],
-           progress: bool) -> list[dict]:
+def _train(
+    cfg: Config,
+    state: StageState,
+    train_store: FeatureStore,
+    val_store: FeatureStore | None,
+    force: bool,
+    log: Callable[[str], None],
+    progress: bool,
+) -> list[dict]:
     """Train both phases (resuming from this training's checkpoint unless `force`), then
     save the models, the history and its curves."""
     fp = state.fingerprint
@@ -253,21 +293,37 @@ def _train(cfg: Config, state: StageState, train_store: FeatureStore,
     # instead of stalling OpenMP's barriers (3.5x slower with 2 threads next to one busy process).
     fanout = CpuFanout() if device.type == "cpu" else None
     phases = _phases(cfg, m, data, patch, device, fanout, start)
-    hooks: list[Hook] = [HistoryHook(history), CheckpointHook(
-        mdir, lambda: m.state(fp, history), phases, lambda: _write_history(cfg, history))]
+    hooks: list[Hook] = [
+        HistoryHook(history),
+        CheckpointHook(
+            mdir, lambda: m.state(fp, history), phases, lambda: _write_history(cfg, history)
+        ),
+    ]
     if val is not None:
         hooks.insert(0, ValidationHook("upsampler", m.head, m.up, val, device, fanout))
     hooks.append(ProgressHook(-(-len(data) // cfg.train.batch_size), history, log, progress))
-    train_phases(phases, len(data), cfg.train.batch_size, hooks,
-                 lambda phase, epoch, what: _diverged(cfg, mdir, history, phase, epoch, what))
+    train_phases(
+        phases,
+        len(data),
+        cfg.train.batch_size,
+        hooks,
+        lambda phase, epoch, what: _diverged(cfg, mdir, history, phase, epoch, what),
+    )
     save_models(mdir, m.head, m.up, state.params, state.deps, patch)
     _write_history(cfg, history)
     save_training_curves(history, RunLayout.of(cfg).loss_curves)  # also shown by the reports
     return history
 
 
-def _phases(cfg: Config, m: Models, data: TrainData, patch: int, device: torch.device,
-            fanout: CpuFanout | None, start: dict) -> list[Phase]:
+def _phases(
+    cfg: Config,
+    m: Models,
+    data: TrainData,
+    patch: int,
+    device: torch.device,
+    fanout: CpuFanout | None,
+    start: dict,
+) -> list[Phase]:
     """Phase 1, the linear head on patch targets; phase 2, the PAC upsampler on
     full-resolution masks (random crops), the head frozen."""
     seed = cfg.train.seed
@@ -312,26 +368,55 @@ def _phases(cfg: Config, m: Models, data: TrainData, patch: int, device: torch.d
     def pac_seed(epoch: int) -> None:
         torch.manual_seed(seed * 1_000_003 + epoch)
 
-    return [Phase("linear", "linear", "linear head", "train.linear_lr", cfg.train.linear_epochs,
-                  start["linear"], m.head, m.opt_head, linear_grads,
-                  lambda epoch: _epoch_rng(seed, 1, epoch), end=frozen),
-            Phase("upsampler", "PAC", "PAC upsampler", "train.lr", cfg.train.epochs,
-                  start["upsampler"], m.up, m.opt_up, pac_grads,
-                  lambda epoch: _epoch_rng(seed, 2, epoch), m.sched_up,
-                  pac_seed, per_epoch=True)]
+    return [
+        Phase(
+            "linear",
+            "linear",
+            "linear head",
+            "train.linear_lr",
+            cfg.train.linear_epochs,
+            start["linear"],
+            m.head,
+            m.opt_head,
+            linear_grads,
+            lambda epoch: _epoch_rng(seed, 1, epoch),
+            end=frozen,
+        ),
+        Phase(
+            "upsampler",
+            "PAC",
+            "PAC upsampler",
+            "train.lr",
+            cfg.train.epochs,
+            start["upsampler"],
+            m.up,
+            m.opt_up,
+            pac_grads,
+            lambda epoch: _epoch_rng(seed, 2, epoch),
+            m.sched_up,
+            pac_seed,
+            per_epoch=True,
+        ),
+    ]
 
 
-def _diverged(cfg: Config, mdir: Path, history: list[dict], phase: Phase, epoch: int,
-              what: str) -> TrainingDiverged:
+def _diverged(
+    cfg: Config, mdir: Path, history: list[dict], phase: Phase, epoch: int, what: str
+) -> TrainingDiverged:
     """The one-line error of a non-finite loss or weight: nothing of this epoch is
     recorded, the checkpoint of the last good epoch stays, no models are written."""
     done = history[-1] if history else None
-    last = (f"the checkpoint after {'linear' if done['phase'] == 'linear' else 'PAC'} "
-            f"epoch {done['epoch']} is kept in {mdir}" if done else "no checkpoint was written")
+    last = (
+        f"the checkpoint after {'linear' if done['phase'] == 'linear' else 'PAC'} "
+        f"epoch {done['epoch']} is kept in {mdir}"
+        if done
+        else "no checkpoint was written"
+    )
     return TrainingDiverged(
         f"train-head: training diverged: the {phase.title}'s {what} in epoch "
         f"{epoch}/{phase.total}; lower {phase.lr_key} (now {cfg.get(phase.lr_key):g}) and run "
-        f"again; {last}, no models were written")
+        f"again; {last}, no models were written"
+    )
 
 
 def _write_history(cfg: Config, history: list[dict]) -> None:

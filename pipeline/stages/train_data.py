@@ -1,6 +1,7 @@
 """Stage 2's training data: per-image tensors of a stored split (features, canvas image,
 mask), the linear head's soft patch targets, random patch-aligned crops and the boundary band
 of the PAC upsampler's loss."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,19 +16,19 @@ from ..store import FeatureStore
 IMAGE_MEMO_BYTES = 4 << 30
 
 
-def patch_targets(mask: np.ndarray, valid: np.ndarray,
-                  patch: int) -> tuple[np.ndarray, np.ndarray]:
+def patch_targets(mask: np.ndarray, valid: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray]:
     """Soft patch targets from a canvas mask (Hc, Wc): each patch's target is the fraction of
     its in-image pixels that are object; its weight is the fraction of it inside the image
     (0 for a patch made only of padding)."""
     h, w = mask.shape[0] // patch, mask.shape[1] // patch
-    m = (mask & valid)[:h * patch, :w * patch].reshape(h, patch, w, patch).sum(axis=(1, 3))
-    v = valid[:h * patch, :w * patch].reshape(h, patch, w, patch).sum(axis=(1, 3))
+    m = (mask & valid)[: h * patch, : w * patch].reshape(h, patch, w, patch).sum(axis=(1, 3))
+    v = valid[: h * patch, : w * patch].reshape(h, patch, w, patch).sum(axis=(1, 3))
     target = np.where(v > 0, m / np.maximum(v, 1), 0.0).astype(np.float32)
     return target, (v / float(patch * patch)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- data
+
 
 class TrainData:
     """Per-image training tensors of the annotated images of a stored split, read lazily
@@ -52,8 +53,9 @@ class TrainData:
         """The annotation of stored item i, one of `indices`."""
         mask = self.store.mask(i)
         if mask is None:  # annotated() lists it: the store changed under us
-            raise StoreError(f"{self.store.split_dir}: item {i} has lost its annotation; "
-                             "rerun extract-features")
+            raise StoreError(
+                f"{self.store.split_dir}: item {i} has lost its annotation; rerun extract-features"
+            )
         return mask
 
     def feature_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,8 +111,12 @@ def random_crop(sample: Sample, patch: int, crop: int, rng: np.random.Generator)
     y = int(rng.integers(0, h - ch + 1))
     x = int(rng.integers(0, w - cw + 1))
     sl = (slice(y * patch, (y + ch) * patch), slice(x * patch, (x + cw) * patch))
-    return (feats[..., y:y + ch, x:x + cw], image[..., sl[0], sl[1]],
-            mask[..., sl[0], sl[1]], valid[..., sl[0], sl[1]])
+    return (
+        feats[..., y : y + ch, x : x + cw],
+        image[..., sl[0], sl[1]],
+        mask[..., sl[0], sl[1]],
+        valid[..., sl[0], sl[1]],
+    )
 
 
 def boundary_band(mask: torch.Tensor, radius: int = 3) -> torch.Tensor:

@@ -6,6 +6,7 @@ phases only say how one batch's gradients are computed.
 Every epoch draws its randomness from (seed, phase, epoch) alone (`Phase.rng`), so a killed
 run resumes from its last checkpoint and ends with the same weights as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,6 +31,7 @@ from .train_data import Sample, TrainData
 @dataclass
 class Phase:
     """One training phase: what it trains and how one batch's gradients are computed."""
+
     key: str  # "linear" | "upsampler": its history rows and the checkpoint's "next"
     short: str  # "linear" | "PAC": its progress bar and its messages
     title: str  # "linear head" | "PAC upsampler"
@@ -57,6 +59,7 @@ class Phase:
 
 class Hook:
     """What acts around the loop; each method does nothing unless overridden."""
+
     def before_phase(self, phase: Phase, /) -> None:
         """Before the phase's first epoch."""
 
@@ -73,10 +76,16 @@ class Hook:
         """The training diverged: before the error is raised."""
 
 
-def train_phases(phases: Sequence[Phase], n: int, batch_size: int, hooks: Sequence[Hook],
-                 diverged: Callable[[Phase, int, str], TrainingDiverged]) -> None:
+def train_phases(
+    phases: Sequence[Phase],
+    n: int,
+    batch_size: int,
+    hooks: Sequence[Hook],
+    diverged: Callable[[Phase, int, str], TrainingDiverged],
+) -> None:
     """Train each phase over its epochs of batches of the `n` images (an epoch's order drawn
     from its rng); `diverged` makes the error of a non-finite loss or weight."""
+
     def fail(phase: Phase, epoch: int, what: str) -> TrainingDiverged:
         for h in hooks:
             h.abort()
@@ -94,8 +103,14 @@ def train_phases(phases: Sequence[Phase], n: int, batch_size: int, hooks: Sequen
         phase.end()
 
 
-def train_epoch(phase: Phase, epoch: int, n: int, batch_size: int, hooks: Sequence[Hook],
-                fail: Callable[[Phase, int, str], TrainingDiverged]) -> dict:
+def train_epoch(
+    phase: Phase,
+    epoch: int,
+    n: int,
+    batch_size: int,
+    hooks: Sequence[Hook],
+    fail: Callable[[Phase, int, str], TrainingDiverged],
+) -> dict:
     """One epoch of `phase` over the `n` images in its rng's order; its history row."""
     rng = phase.rng(epoch)
     phase.begin_epoch(epoch)
@@ -103,7 +118,7 @@ def train_epoch(phase: Phase, epoch: int, n: int, batch_size: int, hooks: Sequen
     phase.module.train()
     total, weight_sum = 0.0, 0.0
     for b in range(0, n, batch_size):
-        loss, weight = phase.grads(order[b:b + batch_size], rng)
+        loss, weight = phase.grads(order[b : b + batch_size], rng)
         if not math.isfinite(loss):
             raise fail(phase, epoch, f"loss became {loss}")
         phase.optimizer.step()
@@ -125,9 +140,11 @@ def finite(params: Sequence[torch.Tensor]) -> bool:
 
 # ----------------------------------------------------------------------------- the hooks
 
+
 @dataclass
 class ProgressHook(Hook):
     """A progress bar per phase, each epoch's loss (phases `per_epoch`) and a phase's summary."""
+
     n_batches: int
     history: list[dict]
     log: Callable[[str], None]
@@ -137,8 +154,12 @@ class ProgressHook(Hook):
 
     def before_phase(self, phase: Phase) -> None:
         self.t_phase = time.perf_counter()
-        self.bar = Progress(len(phase.epochs) * self.n_batches, f"train-head {phase.short.lower()}",
-                            unit="batch", enabled=self.enabled)
+        self.bar = Progress(
+            len(phase.epochs) * self.n_batches,
+            f"train-head {phase.short.lower()}",
+            unit="batch",
+            enabled=self.enabled,
+        )
 
     def after_step(self, phase: Phase, epoch: int, loss: float) -> None:
         assert self.bar is not None
@@ -148,16 +169,20 @@ class ProgressHook(Hook):
 
     def after_epoch(self, phase: Phase, epoch: int, row: dict) -> None:
         if phase.per_epoch:
-            self.log(f"train-head: {phase.short.lower()} epoch {epoch}/{phase.total} loss "
-                     f"{row['loss']:.4f}"
-                     + (f" val mIoU {row['val_miou']:.3f}" if "val_miou" in row else ""))
+            self.log(
+                f"train-head: {phase.short.lower()} epoch {epoch}/{phase.total} loss "
+                f"{row['loss']:.4f}"
+                + (f" val mIoU {row['val_miou']:.3f}" if "val_miou" in row else "")
+            )
 
     def after_phase(self, phase: Phase) -> None:
         self.abort()
         if len(phase.epochs):
-            self.log(f"train-head: {phase.title}, {plural(len(phase.epochs), 'epoch')} in "
-                     f"{time.perf_counter() - self.t_phase:.1f} s, "
-                     f"loss {self.history[-1]['loss']:.4f}")
+            self.log(
+                f"train-head: {phase.title}, {plural(len(phase.epochs), 'epoch')} in "
+                f"{time.perf_counter() - self.t_phase:.1f} s, "
+                f"loss {self.history[-1]['loss']:.4f}"
+            )
 
     def abort(self) -> None:
         if self.bar is not None:
@@ -167,6 +192,7 @@ class ProgressHook(Hook):
 @dataclass
 class ValidationHook(Hook):
     """The validation split's mIoU after each epoch of the phase `key` (the PAC upsampler)."""
+
     key: str
     head: torch.nn.Module
     up: torch.nn.Module
@@ -182,6 +208,7 @@ class ValidationHook(Hook):
 @dataclass
 class HistoryHook(Hook):
     """Each epoch's row appended to the history (what metrics.jsonl holds)."""
+
     history: list[dict]
 
     def after_epoch(self, _phase: Phase, _epoch: int, row: dict) -> None:
@@ -192,6 +219,7 @@ class HistoryHook(Hook):
 class CheckpointHook(Hook):
     """A checkpoint after each epoch (with the next epoch of every phase), and the history
     written with it."""
+
     mdir: Path
     state: Callable[[], dict]  # the fingerprint, models', optimisers' and history's state
     phases: Sequence[Phase]
@@ -199,19 +227,27 @@ class CheckpointHook(Hook):
 
     def after_epoch(self, phase: Phase, epoch: int, _row: dict) -> None:
         k = [p.key for p in self.phases].index(phase.key)
-        nxt = {p.key: p.total + 1 if i < k else epoch + 1 if i == k else 1
-               for i, p in enumerate(self.phases)}
+        nxt = {
+            p.key: p.total + 1 if i < k else epoch + 1 if i == k else 1
+            for i, p in enumerate(self.phases)
+        }
         save_checkpoint(self.mdir, {**self.state(), "next": nxt})
         self.write_history()
 
 
 # ----------------------------------------------------------------------------- gradients
 
-def summed_grads(params: Sequence[torch.Tensor], loss_of: Callable[[int], torch.Tensor], n: int,
-                  fanout: CpuFanout | None) -> list[float]:
+
+def summed_grads(
+    params: Sequence[torch.Tensor],
+    loss_of: Callable[[int], torch.Tensor],
+    n: int,
+    fanout: CpuFanout | None,
+) -> list[float]:
     """Set each parameter's .grad to the sum over j < n of the gradient of loss_of(j),
     each computed alone (on CPU: in parallel, one thread per image) and summed in index
     order, so the result does not depend on the thread count. Returns the losses."""
+
     def one(j: int) -> tuple[float, tuple]:
         loss = loss_of(j)
         return loss.item(), torch.autograd.grad(loss, params, allow_unused=True)
@@ -227,8 +263,13 @@ def summed_grads(params: Sequence[torch.Tensor], loss_of: Callable[[int], torch.
 
 
 @torch.no_grad()
-def validate(head: torch.nn.Module, up: torch.nn.Module, val: TrainData, device: torch.device,
-             fanout: CpuFanout | None) -> dict:
+def validate(
+    head: torch.nn.Module,
+    up: torch.nn.Module,
+    val: TrainData,
+    device: torch.device,
+    fanout: CpuFanout | None,
+) -> dict:
     up.eval()
     conf_lin = np.zeros(4, np.int64)
     conf_pac = np.zeros(4, np.int64)
@@ -237,8 +278,11 @@ def validate(head: torch.nn.Module, up: torch.nn.Module, val: TrainData, device:
         with torch.no_grad():
             feats, image, mask, valid = (t.to(device) for t in sample)
             base = head(feats)
-            lin = confusion(F.interpolate(base, size=mask.shape[-2:], mode="bilinear",
-                                           align_corners=False), mask, valid)
+            lin = confusion(
+                F.interpolate(base, size=mask.shape[-2:], mode="bilinear", align_corners=False),
+                mask,
+                valid,
+            )
             return lin, confusion(up(feats, image, base), mask, valid)
 
     step = 8
@@ -247,14 +291,16 @@ def validate(head: torch.nn.Module, up: torch.nn.Module, val: TrainData, device:
 
         def nth(j: int, samples: list = samples) -> tuple[np.ndarray, np.ndarray]:
             return one(samples[j])
-        parts = (fanout.map(nth, len(samples)) if fanout is not None
-                 else [one(x) for x in samples])
+
+        parts = fanout.map(nth, len(samples)) if fanout is not None else [one(x) for x in samples]
         for lin, pac in parts:
             conf_lin += lin
             conf_pac += pac
     up.train()
-    return {"val_miou": miou(*map(int, conf_pac)),
-            "val_miou_linear_bilinear": miou(*map(int, conf_lin))}
+    return {
+        "val_miou": miou(*map(int, conf_pac)),
+        "val_miou_linear_bilinear": miou(*map(int, conf_lin)),
+    }
 
 
 def confusion(logits: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> np.ndarray:

@@ -4,6 +4,7 @@ Above the stage modules (it imports them, the one module of stages/ that may); n
 imports it. Each stage is a `base.Stage`: the one mechanism (`base.judge_record`) decides
 whether it is up to date.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -34,6 +34,7 @@ Modules: index (stores, the index, runs using a store), manifest (a split's mani
 shard checks), plan (stage 1's shards of a split), shards (writing a shard), reader
 (FeatureStore: reading a split).
 """
+
 from __future__ import annotations
 
 from .index import (
@@ -76,11 +77,41 @@ from .reader import CachedItem, FeatureStore, split_fingerprint
 from .shards import ShardRecord, pack_mask, unpack_mask, write_shard
 
 __all__ = [
-    "CACHE_LEGACY", "FEATURES", "INDEX_FILE", "MEMO_FILE", "RUNS_DIR", "SHARD_SIZE",
-    "CachedItem", "FeatureStore", "ItemMeta", "Manifest", "ShardEntry", "ShardRecord",
-    "ShardTask", "SplitPlan", "bad_marker", "check_shard", "dataset_key", "done_entry",
-    "file_hasher", "index_split", "locate_in", "locate_split", "manifest_path", "mark_bad",
-    "pack_mask", "plan_split", "read_index", "read_manifest", "read_receipt", "register_run",
-    "split_fingerprint", "split_folder", "split_problems", "store_dir", "store_lock",
-    "unpack_mask", "write_shard",
+    "CACHE_LEGACY",
+    "FEATURES",
+    "INDEX_FILE",
+    "MEMO_FILE",
+    "RUNS_DIR",
+    "SHARD_SIZE",
+    "CachedItem",
+    "FeatureStore",
+    "ItemMeta",
+    "Manifest",
+    "ShardEntry",
+    "ShardRecord",
+    "ShardTask",
+    "SplitPlan",
+    "bad_marker",
+    "check_shard",
+    "dataset_key",
+    "done_entry",
+    "file_hasher",
+    "index_split",
+    "locate_in",
+    "locate_split",
+    "manifest_path",
+    "mark_bad",
+    "pack_mask",
+    "plan_split",
+    "read_index",
+    "read_manifest",
+    "read_receipt",
+    "register_run",
+    "split_fingerprint",
+    "split_folder",
+    "split_problems",
+    "store_dir",
+    "store_lock",
+    "unpack_mask",
+    "write_shard",
 ]

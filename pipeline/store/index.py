@@ -6,6 +6,7 @@ folder `<split>-<data digest>` holding the split, so that the later stages find 
 without reading or hashing the dataset; stage 1 writes it. `runs/<hash>.json` names the runs
 that use the store (cache gc). The one process writing a store holds its lock (store_lock).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,8 +63,16 @@ def read_index(sdir: Path) -> dict[str, str]:
     splits = obj.get("splits") if isinstance(obj, dict) else None
     if not isinstance(splits, dict):
         return {}
-    return {k: v for k, v in splits.items() if isinstance(k, str) and isinstance(v, str)
-            and v and "/" not in v and "\\" not in v and v not in (".", "..")}
+    return {
+        k: v
+        for k, v in splits.items()
+        if isinstance(k, str)
+        and isinstance(v, str)
+        and v
+        and "/" not in v
+        and "\\" not in v
+        and v not in (".", "..")
+    }
 
 
 def index_split(sdir: Path, key: str, folder: str) -> None:
@@ -81,8 +90,7 @@ def index_split(sdir: Path, key: str, folder: str) -> None:
         shutil.rmtree(Path(sdir) / old, ignore_errors=True)
 
 
-def locate_split(cache: str | Path, key: FeatureKey, data: DatasetRef,
-                 split: str) -> Path | None:
+def locate_split(cache: str | Path, key: FeatureKey, data: DatasetRef, split: str) -> Path | None:
     """The folder of the stored `split` of the dataset `data` in the store of `key` under
     `cache`, from the store's index alone (no data file read), or None when stage 1 has not
     stored it. A store made before the index: the folder named like the split."""
@@ -121,5 +129,4 @@ def file_hasher(cache: str | Path, verify: bool = False) -> FileHasher:
     cache folder `cache`; saved only once the tool has claimed that folder. `verify`: rehash
     all."""
     cache = Path(cache)
-    return FileHasher(cache / MEMO_FILE, verify=verify,
-                      writable=is_marked(cache, CACHE_LEGACY))
+    return FileHasher(cache / MEMO_FILE, verify=verify, writable=is_marked(cache, CACHE_LEGACY))

@@ -7,6 +7,7 @@ body, so an edited or damaged manifest, and a shard that is missing, truncated, 
 fails its checksum, are all found. A split's content fingerprint is its manifest's digest: a
 hash of the shards' checksums and items, i.e. of what stage 1 produced.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,6 +23,7 @@ from ..data import Box
 @dataclass(frozen=True)
 class ItemMeta:
     """Where one cached image lives, and how its canvas maps to the original image."""
+
     index: int
     category: str
     stem: str
@@ -44,17 +46,29 @@ class ShardEntry:
     rejected: tuple[int, ...] = ()  # pixel counts of the images refused by data.max_pixels
 
     def to_json(self) -> dict:
-        out = {"file": self.file, "hash": self.hash, "bytes": self.bytes, "sha256": self.sha256,
-               "items": [list(r) for r in self.rows], "errors": list(self.errors)}
+        out = {
+            "file": self.file,
+            "hash": self.hash,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "items": [list(r) for r in self.rows],
+            "errors": list(self.errors),
+        }
         if self.rejected:  # absent when empty: manifests of earlier versions keep their digest
             out["rejected"] = list(self.rejected)
         return out
 
     @classmethod
     def from_json(cls, d: dict) -> ShardEntry:
-        return cls(str(d["file"]), str(d["hash"]), int(d["bytes"]), str(d["sha256"]),
-                   tuple(tuple(r) for r in d["items"]), tuple(map(str, d["errors"])),
-                   tuple(int(p) for p in d.get("rejected", ())))
+        return cls(
+            str(d["file"]),
+            str(d["hash"]),
+            int(d["bytes"]),
+            str(d["sha256"]),
+            tuple(tuple(r) for r in d["items"]),
+            tuple(map(str, d["errors"])),
+            tuple(int(p) for p in d.get("rejected", ())),
+        )
 
     def retry(self, max_pixels: int) -> int:
         """How many of the images refused for their size data.max_pixels now accepts."""
@@ -64,6 +78,7 @@ class ShardEntry:
 @dataclass(frozen=True)
 class Manifest:
     """A complete split: its shards with their checksums, and what it was computed from."""
+
     split: str
     feature_key: str
     data_digest: str  # of the split's image and mask files
@@ -71,9 +86,14 @@ class Manifest:
     shards: tuple[ShardEntry, ...]
 
     def body(self) -> dict:
-        return {"format": FORMAT_VERSION, "split": self.split, "feature_key": self.feature_key,
-                "data_digest": self.data_digest, "problems": list(self.problems),
-                "shards": [s.to_json() for s in self.shards]}
+        return {
+            "format": FORMAT_VERSION,
+            "split": self.split,
+            "feature_key": self.feature_key,
+            "data_digest": self.data_digest,
+            "problems": list(self.problems),
+            "shards": [s.to_json() for s in self.shards],
+        }
 
     @property
     def digest(self) -> str:
@@ -112,9 +132,13 @@ def read_manifest(split_dir: Path) -> tuple[Manifest | None, str]:
     if obj.get("format") != FORMAT_VERSION:
         return None, f"cache format {obj.get('format')!r}, now {FORMAT_VERSION}"
     try:
-        m = Manifest(str(obj["split"]), str(obj["feature_key"]), str(obj["data_digest"]),
-                     tuple(map(str, obj["problems"])),
-                     tuple(ShardEntry.from_json(s) for s in obj["shards"]))
+        m = Manifest(
+            str(obj["split"]),
+            str(obj["feature_key"]),
+            str(obj["data_digest"]),
+            tuple(map(str, obj["problems"])),
+            tuple(ShardEntry.from_json(s) for s in obj["shards"]),
+        )
     except (KeyError, TypeError, ValueError):
         return None, "manifest damaged"
     if m.digest != obj.get("digest"):
@@ -135,9 +159,10 @@ def mark_bad(shard: Path, expected: str, found: str) -> None:
         atomic_write_bytes(bad_marker(shard), f"expected {expected}\nfound {found}\n".encode())
 
 
-def check_shard(split_dir: Path, entry: ShardEntry, hasher: FileHasher | None,
-                max_pixels: int | None = None) -> str:
-    """"" when the shard file is present with the recorded size and sha256 (and, given
+def check_shard(
+    split_dir: Path, entry: ShardEntry, hasher: FileHasher | None, max_pixels: int | None = None
+) -> str:
+    """ "" when the shard file is present with the recorded size and sha256 (and, given
     `max_pixels`, holds no image refused for a size this limit accepts), else why not. A
     checksum failure is marked (mark_bad)."""
     path = Path(split_dir) / entry.file
@@ -154,6 +179,8 @@ def check_shard(split_dir: Path, entry: ShardEntry, hasher: FileHasher | None,
         mark_bad(path, entry.sha256, digest)
         return f"shard {entry.file} fails its checksum"
     if max_pixels is not None and entry.retry(max_pixels):
-        return (f"shard {entry.file}: {entry.retry(max_pixels)} image(s) refused by an earlier "
-                "data.max_pixels now accepted")
+        return (
+            f"shard {entry.file}: {entry.retry(max_pixels)} image(s) refused by an earlier "
+            "data.max_pixels now accepted"
+        )
     return ""

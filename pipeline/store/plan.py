@@ -3,6 +3,7 @@ idempotent task whose file name carries the hash of everything that determines i
 (the feature key, the image and mask files' sha256), and whether the stored split is that
 (`split_problems`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ SHARD_SIZE = 64  # images per shard: the unit of resumption and of distributed w
 @dataclass
 class ShardTask:
     """Everything a worker needs to compute one shard (picklable)."""
+
     data_root: str
     split_dir: str
     file: str  # relative to split_dir
@@ -46,6 +48,7 @@ class ShardTask:
 @dataclass
 class SplitPlan:
     """What stage 1 must produce for a split, derived from the data files and the key."""
+
     split: str
     split_dir: Path
     items: list[Item]
@@ -56,15 +59,23 @@ class SplitPlan:
     max_pixels: int | None = None
 
 
-def plan_split(cache: str | Path, fkey: FeatureKey, data: DatasetRef, split: str,
-               hasher: FileHasher) -> SplitPlan:
+def plan_split(
+    cache: str | Path, fkey: FeatureKey, data: DatasetRef, split: str, hasher: FileHasher
+) -> SplitPlan:
     """The shards of `split` of the dataset `data` in the store of `fkey` under `cache`.
     Reads the data folder (file digests are memoised)."""
     root = Path(data.root)
     items, problems = list_items(root, data.layout, split)
     key = fkey.fingerprint
-    ids = [(it.image, hasher.digest(root / it.image), it.mask,
-            hasher.digest(root / it.mask) if it.mask else None) for it in items]
+    ids = [
+        (
+            it.image,
+            hasher.digest(root / it.image),
+            it.mask,
+            hasher.digest(root / it.mask) if it.mask else None,
+        )
+        for it in items
+    ]
     digest = fingerprint([ids, problems])
     sdir = store_dir(cache, fkey)
     split_dir = sdir / split_folder(split, digest)
@@ -79,15 +90,25 @@ def plan_split(cache: str | Path, fkey: FeatureKey, data: DatasetRef, split: str
     for cat, idx in by_cat.items():
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in cat)
         for k in range(0, len(idx), SHARD_SIZE):
-            chunk = idx[k:k + SHARD_SIZE]
+            chunk = idx[k : k + SHARD_SIZE]
             h = fingerprint([key, [ids[i] for i in chunk]])
-            tasks.append(ShardTask(str(root), str(split_dir),
-                                   f"shards/{safe}-{k // SHARD_SIZE:04d}-{h}.h5", h,
-                                   [items[i] for i in chunk],
-                                   {"feature_key": key, "split": split, "shard_hash": h,
-                                    "format": FORMAT_VERSION,
-                                    **({"mirror": 1} if fkey.mirror else {})},
-                                   data.max_pixels))
+            tasks.append(
+                ShardTask(
+                    str(root),
+                    str(split_dir),
+                    f"shards/{safe}-{k // SHARD_SIZE:04d}-{h}.h5",
+                    h,
+                    [items[i] for i in chunk],
+                    {
+                        "feature_key": key,
+                        "split": split,
+                        "shard_hash": h,
+                        "format": FORMAT_VERSION,
+                        **({"mirror": 1} if fkey.mirror else {}),
+                    },
+                    data.max_pixels,
+                )
+            )
     return SplitPlan(split, split_dir, items, problems, digest, key, tasks, data.max_pixels)
 
 

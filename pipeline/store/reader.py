@@ -1,5 +1,6 @@
 """Reading a stored split: `FeatureStore`, a read-only, lazy, verified view of one split,
 and `split_fingerprint`, its content fingerprint from the manifest alone."""
+
 from __future__ import annotations
 
 import re
@@ -42,16 +43,29 @@ class FeatureStore:
         manifest, why = read_manifest(self.split_dir)
         if manifest is None:
             split = re.sub(r"-[0-9a-f]{16}$", "", self.split_dir.name)
-            raise StoreError(f"{manifest_path(self.split_dir)}: {why}; run "
-                             f"`{command('extract-features', '--split', split)}`")
+            raise StoreError(
+                f"{manifest_path(self.split_dir)}: {why}; run "
+                f"`{command('extract-features', '--split', split)}`"
+            )
         self.manifest = manifest
         self.split = manifest.split
         self.fingerprint = manifest.fingerprint
         self.items: list[ItemMeta] = []
         for si, shard in enumerate(manifest.shards):
             for slot, (cat, stem, src, h, w, top, left, bh, bw, ann) in enumerate(shard.rows):
-                self.items.append(ItemMeta(len(self.items), cat, stem, src, (h, w),
-                                           Box(top, left, bh, bw), bool(ann), si, slot))
+                self.items.append(
+                    ItemMeta(
+                        len(self.items),
+                        cat,
+                        stem,
+                        src,
+                        (h, w),
+                        Box(top, left, bh, bw),
+                        bool(ann),
+                        si,
+                        slot,
+                    )
+                )
         for entry in manifest.shards:
             path = self.split_dir / entry.file
             size = path.stat().st_size if path.is_file() else -1
@@ -62,8 +76,7 @@ class FeatureStore:
         self._verified: set[int] = set()
 
     @classmethod
-    def open(cls, cache: str | Path, key: FeatureKey, data: DatasetRef,
-             split: str) -> FeatureStore:
+    def open(cls, cache: str | Path, key: FeatureKey, data: DatasetRef, split: str) -> FeatureStore:
         """The stored `split` of the dataset `data` in the store of `key` under `cache`;
         StoreError naming the command to run when it is missing or damaged, or a UsageError
         when the split has no manifest and the readable dataset has no such split."""
@@ -74,23 +87,30 @@ class FeatureStore:
             except (DataError, OSError):  # no readable dataset: extract-features will say so
                 splits = [split]
             if split not in splits:
-                raise UsageError(f"split '{split}' not found in {data.root} "
-                                 f"(splits: {', '.join(splits)})")
+                raise UsageError(
+                    f"split '{split}' not found in {data.root} (splits: {', '.join(splits)})"
+                )
         if split_dir is None:
             sdir = store_dir(cache, key)
-            raise StoreError(f"{sdir}: no stored features of split '{split}' of {data.root}"
-                             f" for these settings; run "
-                             f"`{command('extract-features', '--split', split)}`")
+            raise StoreError(
+                f"{sdir}: no stored features of split '{split}' of {data.root}"
+                f" for these settings; run "
+                f"`{command('extract-features', '--split', split)}`"
+            )
         store = cls(split_dir)
         if store.split != split:  # an index entry edited to name another split's folder
-            raise StoreError(f"{split_dir.parent / INDEX_FILE}: names {split_dir.name} (split "
-                             f"'{store.split}') for split '{split}'; run "
-                             f"`{command('extract-features', '--split', split)}`")
+            raise StoreError(
+                f"{split_dir.parent / INDEX_FILE}: names {split_dir.name} (split "
+                f"'{store.split}') for split '{split}'; run "
+                f"`{command('extract-features', '--split', split)}`"
+            )
         return store
 
     def _damaged(self, entry: ShardEntry, what: str) -> None:
-        raise StoreError(f"{self.split_dir / entry.file}: shard {what}; run "
-                         f"`{command('extract-features', '--split', self.split)}` to repair it")
+        raise StoreError(
+            f"{self.split_dir / entry.file}: shard {what}; run "
+            f"`{command('extract-features', '--split', self.split)}` to repair it"
+        )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -118,9 +138,10 @@ class FeatureStore:
             try:
                 f = h5py.File(path, "r")
             except OSError as e:
-                raise StoreError(f"{path}: unreadable shard ({e}); run "
-                                 f"`{command('extract-features', '--split', self.split)}`"
-                                 ) from None
+                raise StoreError(
+                    f"{path}: unreadable shard ({e}); run "
+                    f"`{command('extract-features', '--split', self.split)}`"
+                ) from None
             self._open[shard] = f
             if len(self._open) > self._max_open:
                 self._open.popitem(last=False)[1].close()
@@ -150,8 +171,9 @@ class FeatureStore:
         return unpack_mask(self._group(index)["mask"][()], m.orig_size[1])
 
     def read(self, index: int) -> CachedItem:
-        return CachedItem(self.items[index], self.features(index), self.image(index),
-                          self.mask(index))
+        return CachedItem(
+            self.items[index], self.features(index), self.image(index), self.mask(index)
+        )
 
     def annotated(self) -> list[int]:
         return [m.index for m in self.items if m.annotated]
@@ -171,8 +193,9 @@ class FeatureStore:
         self.close()
 
 
-def split_fingerprint(cache: str | Path, key: FeatureKey, data: DatasetRef,
-                      split: str) -> str | None:
+def split_fingerprint(
+    cache: str | Path, key: FeatureKey, data: DatasetRef, split: str
+) -> str | None:
     """The content fingerprint of the stored `split` of `data` in the store of `key` under
     `cache`, or None when there is no valid manifest (reads it only)."""
     split_dir = locate_split(cache, key, data, split)

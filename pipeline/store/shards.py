@@ -3,6 +3,7 @@ bytes and bit-packed masks, written atomically (under a temporary name, then ren
 place) and then its receipt (size, sha256, items). Deterministic: the same records give
 the same bytes.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,6 +21,7 @@ from .plan import ShardTask
 @dataclass
 class ShardRecord:
     """One image as stored in a shard."""
+
     features: np.ndarray  # (h, w, C)
     encoded: bytes  # the image file's bytes, as read
     mask: np.ndarray | None  # (H, W) bool, None when not annotated
@@ -30,8 +32,9 @@ class ShardRecord:
     box: Box
 
 
-def write_shard(task: ShardTask, records: list[ShardRecord], errors: list[str],
-                rejected: tuple[int, ...] = ()) -> ShardEntry:
+def write_shard(
+    task: ShardTask, records: list[ShardRecord], errors: list[str], rejected: tuple[int, ...] = ()
+) -> ShardEntry:
     """Write a complete shard atomically (fsutil.atomic_file), then its receipt.
     `rejected`: the pixel counts of the images refused by data.max_pixels.
 
@@ -49,8 +52,9 @@ def write_shard(task: ShardTask, records: list[ShardRecord], errors: list[str],
                 # unequal files. The image is kept as its encoded file (a JPEG is ~10x
                 # smaller than its pixels); masks are bit-packed (8x smaller).
                 g.create_dataset("features", data=r.features, track_times=False)
-                g.create_dataset("image", data=np.frombuffer(r.encoded, np.uint8),
-                                 track_times=False)
+                g.create_dataset(
+                    "image", data=np.frombuffer(r.encoded, np.uint8), track_times=False
+                )
                 if r.mask is not None:
                     g.create_dataset("mask", data=pack_mask(r.mask), track_times=False)
                 for key in ("category", "stem", "source"):
@@ -66,9 +70,10 @@ def write_shard(task: ShardTask, records: list[ShardRecord], errors: list[str],
         digest = sha256_file(tmp)
         size = tmp.stat().st_size
     bad_marker(path).unlink(missing_ok=True)
-    rows = tuple((r.category, r.stem, r.source, *r.orig_size, *r.box.as_tuple(),
-                  int(r.mask is not None))
-                 for r in records)
+    rows = tuple(
+        (r.category, r.stem, r.source, *r.orig_size, *r.box.as_tuple(), int(r.mask is not None))
+        for r in records
+    )
     entry = ShardEntry(task.file, task.hash, size, digest, rows, tuple(errors), tuple(rejected))
     atomic_write_json(task.receipt, entry.to_json())
     return entry

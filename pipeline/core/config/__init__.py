@@ -15,6 +15,7 @@ anywhere): a non-finite or out-of-range value is a one-line ConfigError before a
     load.py     a TOML file, a recorded config and --set overrides into a Config
     writing.py  config tables as TOML
 """
+
 from __future__ import annotations
 
 from ..errors import ConfigError
@@ -49,9 +50,38 @@ from .schema import (
 )
 from .writing import to_toml, toml_literal, toml_text
 
-__all__ = ["ConfigError", "Config", "RunCfg", "PathsCfg", "DataCfg", "BackboneCfg",
-           "ExtractCfg", "TrainCfg", "UpsamplerCfg", "PredictCfg", "DaskCfg", "all_keys",
-           "key_docs", "KeyDoc", "key", "allowed_text", "explain",
-           "CHOICES", "RANGES", "Range", "LIST_LENGTHS", "ODD", "DASK_LOCAL_WORKERS",
-           "DEVICE_HELP", "PATH_KEYS", "check_name", "load_config", "parse_set",
-           "config_from_dict", "copy_config", "toml_literal", "toml_text", "to_toml"]
+__all__ = [
+    "ConfigError",
+    "Config",
+    "RunCfg",
+    "PathsCfg",
+    "DataCfg",
+    "BackboneCfg",
+    "ExtractCfg",
+    "TrainCfg",
+    "UpsamplerCfg",
+    "PredictCfg",
+    "DaskCfg",
+    "all_keys",
+    "key_docs",
+    "KeyDoc",
+    "key",
+    "allowed_text",
+    "explain",
+    "CHOICES",
+    "RANGES",
+    "Range",
+    "LIST_LENGTHS",
+    "ODD",
+    "DASK_LOCAL_WORKERS",
+    "DEVICE_HELP",
+    "PATH_KEYS",
+    "check_name",
+    "load_config",
+    "parse_set",
+    "config_from_dict",
+    "copy_config",
+    "toml_literal",
+    "toml_text",
+    "to_toml",
+]

@@ -1,5 +1,6 @@
 """`config show --explain KEY`: one key's meaning, value, default, what it allows and what a
 change makes stale, in plain text, from the field's documentation (``meta``)."""
+
 from __future__ import annotations
 
 import difflib
@@ -25,8 +26,10 @@ def explain(key: str, cfg: Config | None = None) -> str:
     doc = docs[key]
     default = toml_literal(Config().get(key))
     value = toml_literal((cfg or Config()).get(key))
-    lines = [f"{key} = {value}" + ("  (the default)" if value == default
-                                    else f"  (default: {default})"), doc.meaning]
+    lines = [
+        f"{key} = {value}" + ("  (the default)" if value == default else f"  (default: {default})"),
+        doc.meaning,
+    ]
     allowed = allowed_text(key)
     if allowed:
         lines.append(f"allowed: {allowed}")

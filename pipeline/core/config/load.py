@@ -2,6 +2,7 @@
 `--set key=value` overrides, each value checked against its field's type and the rules, and
 `~` expanded in the path keys. A config file and `--set` may only override known keys, with
 values of the default's type (ints are accepted for floats)."""
+
 from __future__ import annotations
 
 import copy
@@ -18,6 +19,7 @@ from .schema import Config, all_keys
 
 __all__ = ["parse_set", "load_config", "config_from_dict", "copy_config"]
 
+
 def _unknown(key: str, where: str) -> ConfigError:
     close = difflib.get_close_matches(key, all_keys(), n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
@@ -26,8 +28,7 @@ def _unknown(key: str, where: str) -> ConfigError:
 
 def _coerce(key: str, value: Any, default: Any, where: str) -> Any:
     """Check `value` against the type of `default`; return it in that type."""
-    bad = ConfigError(
-        f"bad value for {key}{where}: {value!r} (expected {type(default).__name__})")
+    bad = ConfigError(f"bad value for {key}{where}: {value!r} (expected {type(default).__name__})")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise bad
@@ -41,8 +42,10 @@ def _coerce(key: str, value: Any, default: Any, where: str) -> Any:
     elif isinstance(default, str):
         if not isinstance(value, str):
             raise bad
-    elif isinstance(default, list) and (not isinstance(value, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value)):
+    elif isinstance(default, list) and (
+        not isinstance(value, list)
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         raise ConfigError(f"bad value for {key}{where}: {value!r} (expected a list of ints)")
     check_range(key, value, where)
     return value
@@ -59,8 +62,11 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
         raise _unknown(key, where)
     section, name = key.split(".")
     sec = getattr(cfg, section, None)
-    if (sec is None or not dataclasses.is_dataclass(sec)
-            or name not in {f.name for f in fields(sec)}):
+    if (
+        sec is None
+        or not dataclasses.is_dataclass(sec)
+        or name not in {f.name for f in fields(sec)}
+    ):
         raise _unknown(key, where)
     setattr(sec, name, _coerce(key, value, getattr(sec, name), where))
 
@@ -78,8 +84,11 @@ def parse_set(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path | None = None,
-                overrides: list[str] | tuple[str, ...] = (), base: Config | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: Config | None = None,
+) -> Config:
     """Defaults (or a copy of `base`: a run's recorded config) <- the TOML file at `path` (if
     given) <- `overrides` ("key=value" strings)."""
     cfg = copy.deepcopy(base) if base is not None else Config()
@@ -94,8 +103,9 @@ def load_config(path: str | Path | None = None,
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot parse config file {path}: {e}") from None
         except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: "
-                              f"{e.strerror or type(e).__name__}") from None
+            raise ConfigError(
+                f"cannot read config file {path}: {e.strerror or type(e).__name__}"
+            ) from None
         where = f" in {path}"
         for section, table in doc.items():
             if not isinstance(table, dict):

@@ -7,14 +7,26 @@ docs site's configuration page, the README's table of keys (checked by a test),
 ``config show --explain KEY``, and the rules and their one-line errors (``rules``: the
 ranges and choices enforced are the ones declared here).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-__all__ = ["Range", "KeyDoc", "key", "STALE_ALL", "STALE_TRAINED", "STALE_SPEED",
-           "DEVICE_HELP", "NAME_HELP", "PATH_HELP", "DASK_LOCAL_WORKERS", "DASK_HELP"]
+__all__ = [
+    "Range",
+    "KeyDoc",
+    "key",
+    "STALE_ALL",
+    "STALE_TRAINED",
+    "STALE_SPEED",
+    "DEVICE_HELP",
+    "NAME_HELP",
+    "PATH_HELP",
+    "DASK_LOCAL_WORKERS",
+    "DASK_HELP",
+]
 
 T = TypeVar("T")
 
@@ -23,6 +35,7 @@ T = TypeVar("T")
 class Range:
     """The allowed values of a numeric key: lo..hi, each end included unless marked open.
     Integer keys use closed ranges; float keys must also be finite."""
+
     lo: float
     hi: float
     lo_open: bool = False
@@ -40,8 +53,10 @@ class Range:
         """`an integer in 0..256` or `a finite number in (0, 10]`."""
         if integer:
             return f"an integer in {self.lo}..{self.hi}"
-        return (f"a finite number in {'(' if self.lo_open else '['}{self.lo:g}, "
-                f"{self.hi:g}{')' if self.hi_open else ']'}")
+        return (
+            f"a finite number in {'(' if self.lo_open else '['}{self.lo:g}, "
+            f"{self.hi:g}{')' if self.hi_open else ']'}"
+        )
 
 
 # What a change makes stale, in the words that most keys share (a key with its own story
@@ -55,8 +70,10 @@ DEVICE_HELP = '"auto", "cpu", "cuda" or "cuda:N"'
 NAME_HELP = "a plain folder name: no '/', no leading '.', no surrounding spaces"
 PATH_HELP = "a path, not empty; a leading `~` is the home folder"
 DASK_LOCAL_WORKERS = Range(1, 256)  # N of dask.scheduler = "local:N"
-DASK_HELP = (f'"", "local:N" with N in {DASK_LOCAL_WORKERS.lo}..{DASK_LOCAL_WORKERS.hi}, '
-             'or "tcp://host:port"')
+DASK_HELP = (
+    f'"", "local:N" with N in {DASK_LOCAL_WORKERS.lo}..{DASK_LOCAL_WORKERS.hi}, '
+    'or "tcp://host:port"'
+)
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,7 @@ class KeyDoc:
     allowed: a rule that is none of those, in words (e.g. DEVICE_HELP), checked in ``rules``.
     see: a page of the docs site (``docs/``) that tells more, e.g. "scaling.md#dask".
     """
+
     meaning: str
     stale: str
     range: Range | None = None
@@ -81,9 +99,18 @@ class KeyDoc:
     see: str = ""
 
 
-def key(default: T, meaning: str, *, stale: str, range: Range | None = None,
-        choices: tuple[str, ...] = (), length: Range | None = None, odd: bool = False,
-        allowed: str = "", see: str = "") -> T:
+def key(
+    default: T,
+    meaning: str,
+    *,
+    stale: str,
+    range: Range | None = None,
+    choices: tuple[str, ...] = (),
+    length: Range | None = None,
+    odd: bool = False,
+    allowed: str = "",
+    see: str = "",
+) -> T:
     """A config field: its default and its documentation (KeyDoc, in the field's metadata).
     A list default is copied for every Config (a dataclass default_factory)."""
     doc = KeyDoc(meaning, stale, range, choices, length, odd, allowed, see)

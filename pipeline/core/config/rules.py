@@ -2,6 +2,7 @@
 (CHOICES), the fixed range of every numeric key (RANGES: the same on every machine, so a
 recorded config validates anywhere), the form of devices, paths, names and the Dask scheduler.
 A value that breaks a rule is a one-line ConfigError naming the key, before any work."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,9 +12,21 @@ from ..errors import ConfigError
 from .meta import DASK_HELP, DASK_LOCAL_WORKERS, DEVICE_HELP, NAME_HELP, Range
 from .schema import Config, key_docs
 
-__all__ = ["DEVICE_HELP", "CHOICES", "Range", "RANGES", "LIST_LENGTHS", "ODD",
-           "DASK_LOCAL_WORKERS", "PATH_KEYS", "allowed_text", "check_range", "check_name",
-           "validate", "home"]
+__all__ = [
+    "DEVICE_HELP",
+    "CHOICES",
+    "Range",
+    "RANGES",
+    "LIST_LENGTHS",
+    "ODD",
+    "DASK_LOCAL_WORKERS",
+    "PATH_KEYS",
+    "allowed_text",
+    "check_range",
+    "check_name",
+    "validate",
+    "home",
+]
 
 # The rules each field declares with its documentation (schema, meta.key): one source for
 # what is enforced here and what the docs, `config show --explain` and the errors say.
@@ -64,8 +77,7 @@ def check_range(key: str, value: Any, where: str = "") -> None:
         return
     if isinstance(value, list):
         length = LIST_LENGTHS[key]
-        if not (value and len(value) in length and all(v in rng for v in value)
-                and value[-1] == 1):
+        if not (value and len(value) in length and all(v in rng for v in value) and value[-1] == 1):
             raise ConfigError(f"bad value for {key}{where}: {value!r} ({_list_rule(key)})")
         return
     if value not in rng or (key in ODD and value % 2 == 0):
@@ -84,8 +96,9 @@ def _check_paths(cfg: Config) -> None:
         if not str(cfg.get(key)).strip():
             raise ConfigError(f"bad value for {key}: empty (a folder path)")
     if not cfg.backbone.weights.strip():
-        raise ConfigError("bad value for backbone.weights: empty "
-                          "(\"pretrained\", \"random\" or a file)")
+        raise ConfigError(
+            'bad value for backbone.weights: empty ("pretrained", "random" or a file)'
+        )
 
 
 def _check_names(cfg: Config) -> None:
@@ -99,9 +112,14 @@ def _check_names(cfg: Config) -> None:
 
 def _check_scheduler(cfg: Config) -> None:
     sched = cfg.dask.scheduler
-    if sched and not (sched.startswith(("tcp://", "tls://", "inproc://"))
-                      or (sched.startswith("local:") and _digits(sched[6:])
-                          and int(sched[6:]) in DASK_LOCAL_WORKERS)):
+    if sched and not (
+        sched.startswith(("tcp://", "tls://", "inproc://"))
+        or (
+            sched.startswith("local:")
+            and _digits(sched[6:])
+            and int(sched[6:]) in DASK_LOCAL_WORKERS
+        )
+    ):
         raise ConfigError(f"bad value for dask.scheduler: {sched!r} ({DASK_HELP})")
 
 
@@ -126,8 +144,14 @@ def check_name(what: str, name: str) -> str:
     """`name` when it is one plain path component (a run or split name: it becomes a folder
     name under the tool's own folders), else ConfigError naming `what`: a `/`, `..`, a
     leading `.` or an absolute path would write elsewhere."""
-    if (not name or "/" in name or "\\" in name or "\0" in name or name.startswith(".")
-            or name != name.strip()):
+    if (
+        not name
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or name.startswith(".")
+        or name != name.strip()
+    ):
         raise ConfigError(f"bad value for {what}: {name!r} ({NAME_HELP})")
     return name
 
@@ -146,4 +170,5 @@ def home(key: str, value: str) -> str:
         user = value[1:].split("/", 1)[0]
         why = f"no user '{user}'" if user else "no home folder"
         raise ConfigError(
-            f"bad value for {key}: {value!r} (a path; cannot expand '~{user}': {why})") from None
+            f"bad value for {key}: {value!r} (a path; cannot expand '~{user}': {why})"
+        ) from None

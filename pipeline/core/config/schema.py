@@ -8,6 +8,7 @@ range=Range(lo, hi))`` in its section (a number needs a range, a string with fix
 choices); the docs page, ``config show --explain`` and the checks follow. What a value may be is
 ``rules``; reading a file and ``--set`` is ``load``; writing TOML is ``writing``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,146 +31,236 @@ from .meta import (
     key,
 )
 
-__all__ = ["RunCfg", "PathsCfg", "DataCfg", "BackboneCfg", "ExtractCfg", "TrainCfg",
-           "UpsamplerCfg", "PredictCfg", "DaskCfg", "Config", "all_keys", "key_docs"]
+__all__ = [
+    "RunCfg",
+    "PathsCfg",
+    "DataCfg",
+    "BackboneCfg",
+    "ExtractCfg",
+    "TrainCfg",
+    "UpsamplerCfg",
+    "PredictCfg",
+    "DaskCfg",
+    "Config",
+    "all_keys",
+    "key_docs",
+]
 
 
 @dataclass
 class RunCfg:
     name: str = key(
-        "default", "Name of the run: its models, masks and reports go to "
-        "`<paths.outputs>/<run.name>/`.",
+        "default",
+        "Name of the run: its models, masks and reports go to `<paths.outputs>/<run.name>/`.",
         stale="nothing is recomputed, but a new name is a fresh run: train-head and predict "
-              "are missing there (the feature cache is shared)",
-        allowed=NAME_HELP, see="runs.md")
+        "are missing there (the feature cache is shared)",
+        allowed=NAME_HELP,
+        see="runs.md",
+    )
     threads: int = key(
-        0, "CPU threads every stage computes with (torch intra-op threads; stage 1 runs that "
+        0,
+        "CPU threads every stage computes with (torch intra-op threads; stage 1 runs that "
         "many single-threaded forwards side by side); `0` = `OMP_NUM_THREADS` when set, else "
         "the cores this process may use (`os.sched_getaffinity`).",
         stale="nothing: results do not depend on it (stage 1 is bit-identical for any count; "
-              "training is deterministic for a fixed count)",
-        range=Range(0, 256), see="scaling.md#threads-on-shared-machines")
+        "training is deterministic for a fixed count)",
+        range=Range(0, 256),
+        see="scaling.md#threads-on-shared-machines",
+    )
 
 
 @dataclass
 class PathsCfg:
     cache: str = key(
-        "cache", "Folder of the feature cache (stage 1) and its file-hash memo.",
+        "cache",
+        "Folder of the feature cache (stage 1) and its file-hash memo.",
         stale="extract-features (nothing is cached at the new place)",
-        allowed=PATH_HELP, see="runs.md#several-datasets-in-one-cache")
+        allowed=PATH_HELP,
+        see="runs.md#several-datasets-in-one-cache",
+    )
     outputs: str = key(
-        "outputs", "Folder of the runs (models, masks, reports, stage records).",
-        stale="like `run.name`: train-head and predict start fresh", allowed=PATH_HELP,
-        see="outputs.md")
+        "outputs",
+        "Folder of the runs (models, masks, reports, stage records).",
+        stale="like `run.name`: train-head and predict start fresh",
+        allowed=PATH_HELP,
+        see="outputs.md",
+    )
 
 
 @dataclass
 class DataCfg:
     root: str = key(
-        "data/obj_seg", "The dataset folder.",
+        "data/obj_seg",
+        "The dataset folder.",
         stale="all three stages, but only when the files found there differ: the cache is "
-              "keyed by the files' contents, so moving the dataset recomputes nothing",
-        allowed=PATH_HELP, see="data.md")
+        "keyed by the files' contents, so moving the dataset recomputes nothing",
+        allowed=PATH_HELP,
+        see="data.md",
+    )
     layout: str = key(
-        "obj_seg", "How `data.root` is laid out.", stale="all three stages (another file list)",
-        choices=("obj_seg", "davis2016"), see="data.md#layouts")
+        "obj_seg",
+        "How `data.root` is laid out.",
+        stale="all three stages (another file list)",
+        choices=("obj_seg", "davis2016"),
+        see="data.md#layouts",
+    )
     train_split: str = key(
-        "train", "The split that train-head learns from.", stale=STALE_TRAINED,
-        allowed=NAME_HELP)
+        "train", "The split that train-head learns from.", stale=STALE_TRAINED, allowed=NAME_HELP
+    )
     val_split: str = key(
-        "", "Optional split scored after each PAC epoch (the validation mIoU in "
-        "`metrics.jsonl`); `\"\"` = none.", stale=STALE_TRAINED,
-        allowed=f"`\"\"`, or {NAME_HELP}, not `data.train_split`")
+        "",
+        "Optional split scored after each PAC epoch (the validation mIoU in "
+        '`metrics.jsonl`); `""` = none.',
+        stale=STALE_TRAINED,
+        allowed=f'`""`, or {NAME_HELP}, not `data.train_split`',
+    )
     test_split: str = key(
-        "test", "The default split of `predict`, `run` and `status`.",
+        "test",
+        "The default split of `predict`, `run` and `status`.",
         stale="predict (another split's result; the others are kept)",
-        allowed=NAME_HELP)
+        allowed=NAME_HELP,
+    )
     max_pixels: int = key(
-        24_000_000, "The largest image, in pixels (width x height, read from the file header "
+        24_000_000,
+        "The largest image, in pixels (width x height, read from the file header "
         "before decoding), that stage 1 and `segment` accept; a bigger one is skipped and "
         "reported as one bad image.",
         stale="nothing: it is not part of the feature key; raising it makes the next "
-              "extract-features retry only the shards of the images it rejected; lowering it "
-              "keeps what is cached",
-        range=Range(1, 2**31 - 1), see="data.md#files-are-not-trusted")
+        "extract-features retry only the shards of the images it rejected; lowering it "
+        "keeps what is cached",
+        range=Range(1, 2**31 - 1),
+        see="data.md#files-are-not-trusted",
+    )
 
 
 @dataclass
 class BackboneCfg:
     name: str = key(
-        "dino_vits16", "The frozen backbone the features come from.", stale=STALE_ALL,
-        choices=tuple(list_backbones()), see="backbones.md")
+        "dino_vits16",
+        "The frozen backbone the features come from.",
+        stale=STALE_ALL,
+        choices=tuple(list_backbones()),
+        see="backbones.md",
+    )
     weights: str = key(
-        "pretrained", "The backbone's weights: `pretrained` (downloaded), `random`, or the path "
-        "of a local checkpoint (known by its content hash).", stale=STALE_ALL,
-        allowed="`pretrained`, `random` or a file (a path, not empty)", see="backbones.md#weights")
+        "pretrained",
+        "The backbone's weights: `pretrained` (downloaded), `random`, or the path "
+        "of a local checkpoint (known by its content hash).",
+        stale=STALE_ALL,
+        allowed="`pretrained`, `random` or a file (a path, not empty)",
+        see="backbones.md#weights",
+    )
     layers: int = key(
-        0, "How many final layers are concatenated into the features, from 1 to as many as "
+        0,
+        "How many final layers are concatenated into the features, from 1 to as many as "
         "the backbone has (each backbone's most and default are on the backbones page); 0 = "
         "the backbone's measured default.",
         stale="all three stages (at 1 the feature key is the one of stores made before the "
-              "key existed)",
-        range=Range(0, most_layers()), see="backbones.md")
+        "key existed)",
+        range=Range(0, most_layers()),
+        see="backbones.md",
+    )
 
 
 @dataclass
 class ExtractCfg:
     batch_size: int = key(
-        32, "Images per forward pass on a GPU (on a CPU one image at a time).",
-        stale=STALE_SPEED, range=Range(1, 4096))
+        32,
+        "Images per forward pass on a GPU (on a CPU one image at a time).",
+        stale=STALE_SPEED,
+        range=Range(1, 4096),
+    )
     device: str = key(
-        "auto", "Device of stage 1 (`auto`: CUDA when there is a GPU).",
-        stale="nothing (speed only; but see `extract.precision`)", allowed=DEVICE_HELP,
-        see="scaling.md#gpu")
+        "auto",
+        "Device of stage 1 (`auto`: CUDA when there is a GPU).",
+        stale="nothing (speed only; but see `extract.precision`)",
+        allowed=DEVICE_HELP,
+        see="scaling.md#gpu",
+    )
     num_workers: int = key(
-        4, "Image-decoding threads of stage 1 and `segment`.", stale=STALE_SPEED,
-        range=Range(0, 64))
+        4, "Image-decoding threads of stage 1 and `segment`.", stale=STALE_SPEED, range=Range(0, 64)
+    )
     precision: str = key(
-        "auto", "Autocast precision of the backbone (`auto`: bf16 on CUDA, fp32 on CPU).",
+        "auto",
+        "Autocast precision of the backbone (`auto`: bf16 on CUDA, fp32 on CPU).",
         stale="all three stages (a change of the key; the device that `auto` resolved to is "
-              "not recorded)",
-        choices=("auto", "fp32", "bf16", "fp16"))
+        "not recorded)",
+        choices=("auto", "fp32", "bf16", "fp16"),
+    )
     feature_dtype: str = key(
-        "float16", "How features are stored.", stale=STALE_ALL, choices=("float16", "float32"))
+        "float16", "How features are stored.", stale=STALE_ALL, choices=("float16", "float32")
+    )
     fit: str = key(
-        "crop", "How an image is made a multiple of the patch size: centre `crop` or edge "
-        "`pad` (masks are always written at the image's full size).", stale=STALE_ALL,
-        choices=("crop", "pad"))
+        "crop",
+        "How an image is made a multiple of the patch size: centre `crop` or edge "
+        "`pad` (masks are always written at the image's full size).",
+        stale=STALE_ALL,
+        choices=("crop", "pad"),
+    )
     compile: bool = key(
-        False, "Compile the backbone with `torch.compile` (CUDA only).", stale=STALE_SPEED)
+        False, "Compile the backbone with `torch.compile` (CUDA only).", stale=STALE_SPEED
+    )
 
 
 @dataclass
 class TrainCfg:
     lr: float = key(
-        2e-3, "PAC upsampler learning rate (AdamW, cosine schedule).", stale=STALE_TRAINED,
-        range=Range(0, 10, lo_open=True), see="design.md#the-upsampler")
+        2e-3,
+        "PAC upsampler learning rate (AdamW, cosine schedule).",
+        stale=STALE_TRAINED,
+        range=Range(0, 10, lo_open=True),
+        see="design.md#the-upsampler",
+    )
     linear_lr: float = key(
-        1e-2, "Linear head learning rate (AdamW).", stale=STALE_TRAINED,
-        range=Range(0, 10, lo_open=True))
+        1e-2,
+        "Linear head learning rate (AdamW).",
+        stale=STALE_TRAINED,
+        range=Range(0, 10, lo_open=True),
+    )
     epochs: int = key(
-        20, "PAC upsampler epochs.", stale=STALE_TRAINED, range=Range(1, 100_000),
-        see="design.md#the-upsampler")
+        20,
+        "PAC upsampler epochs.",
+        stale=STALE_TRAINED,
+        range=Range(1, 100_000),
+        see="design.md#the-upsampler",
+    )
     linear_epochs: int = key(
-        30, "Linear head epochs (cheap: patch level).", stale=STALE_TRAINED,
-        range=Range(0, 100_000))
+        30, "Linear head epochs (cheap: patch level).", stale=STALE_TRAINED, range=Range(0, 100_000)
+    )
     batch_size: int = key(
-        4, "Images per optimiser step (unlike the other batch sizes, this one changes the "
-        "result).", stale=STALE_TRAINED, range=Range(1, 4096))
+        4,
+        "Images per optimiser step (unlike the other batch sizes, this one changes the result).",
+        stale=STALE_TRAINED,
+        range=Range(1, 4096),
+    )
     crop: int = key(
-        320, "Side of the random training crops in pixels, rounded down to whole patches; "
-        "`0` = whole images.", stale=STALE_TRAINED, range=Range(0, 8192))
+        320,
+        "Side of the random training crops in pixels, rounded down to whole patches; "
+        "`0` = whole images.",
+        stale=STALE_TRAINED,
+        range=Range(0, 8192),
+    )
     weight_decay: float = key(
-        1e-4, "AdamW weight decay of both models.", stale=STALE_TRAINED, range=Range(0, 10))
+        1e-4, "AdamW weight decay of both models.", stale=STALE_TRAINED, range=Range(0, 10)
+    )
     boundary_weight: float = key(
-        0.0, "Extra loss weight on pixels within 3 px of the mask boundary (PAC upsampler).",
-        stale=STALE_TRAINED, range=Range(0, 1000))
+        0.0,
+        "Extra loss weight on pixels within 3 px of the mask boundary (PAC upsampler).",
+        stale=STALE_TRAINED,
+        range=Range(0, 1000),
+    )
     seed: int = key(
-        0, "Seed of the initialisation, image order and crops.", stale=STALE_TRAINED,
-        range=Range(0, 2**32 - 1))
+        0,
+        "Seed of the initialisation, image order and crops.",
+        stale=STALE_TRAINED,
+        range=Range(0, 2**32 - 1),
+    )
     device: str = key(
-        "auto", "Device of training (`auto`: CUDA when there is a GPU).", stale=STALE_SPEED,
-        allowed=DEVICE_HELP)
+        "auto",
+        "Device of training (`auto`: CUDA when there is a GPU).",
+        stale=STALE_SPEED,
+        allowed=DEVICE_HELP,
+    )
 
 
 # the PAC stages run at up to full resolution: beyond these, one training epoch of a 480p
@@ -177,54 +268,87 @@ class TrainCfg:
 @dataclass
 class UpsamplerCfg:
     hidden: int = key(
-        16, "Channels of the 1x1 conv applied to the features.", stale=STALE_TRAINED,
-        range=Range(1, 256))
+        16,
+        "Channels of the 1x1 conv applied to the features.",
+        stale=STALE_TRAINED,
+        range=Range(1, 256),
+    )
     channels: list[int] = key(
-        [4, 4, 4, 1], "Output channels of the PAC stages, one x2 stage per factor of two of "
+        [4, 4, 4, 1],
+        "Output channels of the PAC stages, one x2 stage per factor of two of "
         "the patch size (4 for patch 16, 3 for 14 and 8; the last entries are used).",
-        stale=STALE_TRAINED, range=Range(1, 256), length=Range(1, 8))
-    kernel_size: int = key(
-        3, "PAC kernel size.", stale=STALE_TRAINED, range=Range(1, 11), odd=True)
+        stale=STALE_TRAINED,
+        range=Range(1, 256),
+        length=Range(1, 8),
+    )
+    kernel_size: int = key(3, "PAC kernel size.", stale=STALE_TRAINED, range=Range(1, 11), odd=True)
     guide: str = key(
-        "rgb", "What guides the PAC kernels: the image (`rgb`, as in the course) or a small "
-        "conv net on it (`learned`).", stale=STALE_TRAINED, choices=("rgb", "learned"))
+        "rgb",
+        "What guides the PAC kernels: the image (`rgb`, as in the course) or a small "
+        "conv net on it (`learned`).",
+        stale=STALE_TRAINED,
+        choices=("rgb", "learned"),
+    )
     guide_channels: int = key(
-        8, "Output channels of the `learned` guide.", stale=STALE_TRAINED, range=Range(1, 64))
+        8, "Output channels of the `learned` guide.", stale=STALE_TRAINED, range=Range(1, 64)
+    )
     residual: bool = key(
-        True, "Add the bilinearly upsampled linear-head logits to the output, so that the "
-        "upsampler learns a correction (`false`: the course design).", stale=STALE_TRAINED,
-        see="design.md#the-upsampler")
+        True,
+        "Add the bilinearly upsampled linear-head logits to the output, so that the "
+        "upsampler learns a correction (`false`: the course design).",
+        stale=STALE_TRAINED,
+        see="design.md#the-upsampler",
+    )
     normalize: bool = key(False, "Normalise the PAC kernels.", stale=STALE_TRAINED)
 
 
 @dataclass
 class PredictCfg:
     batch_size: int = key(
-        8, "Images per forward of the heads (same-size images are batched).",
-        stale=STALE_SPEED, range=Range(1, 4096))
+        8,
+        "Images per forward of the heads (same-size images are batched).",
+        stale=STALE_SPEED,
+        range=Range(1, 4096),
+    )
     device: str = key(
-        "auto", "Device of stage 3 (`auto`: CUDA when there is a GPU).", stale=STALE_SPEED,
-        allowed=DEVICE_HELP)
+        "auto",
+        "Device of stage 3 (`auto`: CUDA when there is a GPU).",
+        stale=STALE_SPEED,
+        allowed=DEVICE_HELP,
+    )
     threshold: float = key(
-        0.5, "Object probability above which a pixel is object.", stale="predict",
-        range=Range(0, 1, lo_open=True, hi_open=True))
+        0.5,
+        "Object probability above which a pixel is object.",
+        stale="predict",
+        range=Range(0, 1, lo_open=True, hi_open=True),
+    )
     thumbnails: int = key(
-        6, "Number of best and of worst images shown in the HTML report.", stale="predict",
-        range=Range(0, 100))
+        6,
+        "Number of best and of worst images shown in the HTML report.",
+        stale="predict",
+        range=Range(0, 100),
+    )
     tta: str = key(
-        "none", "Test-time augmentation: `flip` averages each variant's logits with the "
+        "none",
+        "Test-time augmentation: `flip` averages each variant's logits with the "
         "mirror image's (stage 1 stores the mirrored features of the predicted splits).",
         stale="extract-features (adds the mirrored features of the predicted splits), "
-              "predict, segment, export",
-        choices=("none", "flip"), see="design.md#feature-layers-and-test-time-augmentation")
+        "predict, segment, export",
+        choices=("none", "flip"),
+        see="design.md#feature-layers-and-test-time-augmentation",
+    )
 
 
 @dataclass
 class DaskCfg:
     scheduler: str = key(
-        "", "Where stages 1 and 3 run: `\"\"` in this process, `\"local:N\"` on N local worker "
-        "processes, or a running scheduler's address.", stale=STALE_SPEED,
-        allowed=DASK_HELP, see="scaling.md#dask")
+        "",
+        'Where stages 1 and 3 run: `""` in this process, `"local:N"` on N local worker '
+        "processes, or a running scheduler's address.",
+        stale=STALE_SPEED,
+        allowed=DASK_HELP,
+        see="scaling.md#dask",
+    )
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """The one TOML writer of config tables: `config show`, a run's config.toml, the report's
 settings."""
+
 from __future__ import annotations
 
 import json
