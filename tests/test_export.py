@@ -26,6 +26,7 @@ from pipeline.commands.export import (
 )
 from pipeline.commands.segment import run_segment
 from pipeline.core.errors import UsageError
+from pipeline.core.layout import RunLayout
 from pipeline.inference import checked_models
 from pipeline.models import backbones, positions
 from pipeline.models.devices import config_keys
@@ -164,7 +165,7 @@ def test_smallest_side_works_and_one_patch_is_refused(export_run, exported):
     meta = json.loads(extra[META_FILE])
     assert (meta["min_side"], meta["max_side"]) == (32, 8192)
     assert "multiples of 16 from 32 (2 patches) to 8192" in meta["input"], meta["input"]
-    with checked_models(cfg.run_dir, config_keys(cfg), cfg.paths.cache) as models:
+    with checked_models(RunLayout.of(cfg), config_keys(cfg), cfg.paths.cache) as models:
         eager = build_program(cfg, models)
     g = torch.Generator().manual_seed(3)
     for b, h, w in ((1, 32, 32), (2, 32, 48), (1, 8192, 32), (1, 48, 32)):
