@@ -13,7 +13,6 @@ On the same images, backbone and weights, in one run:
 
 from __future__ import annotations
 
-import argparse
 import platform
 import shutil
 import sys
@@ -27,13 +26,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import (  # noqa: E402
+    add_dataset_args,
+    dataset_values,
+    overrides,
+    parse_dataset_args,
+    parser,
+)
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.data import fit_box, list_items, list_splits, load_image, to_canvas  # noqa: E402
 from pipeline.models.backbones import create_backbone  # noqa: E402
 from pipeline.models.devices import autocast_dtype, resolve_device  # noqa: E402
 from pipeline.stages.extract import extractor_of, run_extract  # noqa: E402
-
-SHARED = ROOT.parent / "shared"
 
 
 def machine(device: torch.device) -> str:
@@ -94,43 +98,32 @@ def plain_batched(name: str, weights: str, device, canvases, bs: int, precision:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--data", default=str(SHARED / "data" / "obj_seg"))
-    ap.add_argument("--layout", default="obj_seg")
-    ap.add_argument("--backbone", default="mobilenet_v2")
-    ap.add_argument(
-        "--weights", default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt")
-    )
+    ap = parser(__doc__)
+    add_dataset_args(ap)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--markdown-out", default=None, help="append the table to this file")
-    args = ap.parse_args()
-
-    root = Path(args.data)
-    if not root.is_dir():
-        sys.exit(f"benchmark data not found: {root}")
+    args = parse_dataset_args(ap)
+    root = args.data
     device = resolve_device(args.device)
     items = [
         it for s in list_splits(root, args.layout) for it in list_items(root, args.layout, s)[0]
     ]
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
-        sets = [
-            f"data.root={root}",
-            f"data.layout={args.layout}",
-            f"backbone.name={args.backbone}",
-            f"backbone.weights={args.weights}",
-            f"extract.device={args.device}",
-            f"extract.batch_size={args.batch_size}",
-            f"extract.num_workers={args.workers}",
-            f"extract.precision={args.precision}",
-            f"paths.cache={work / 'cache'}",
-            f"paths.outputs={work / 'outputs'}",
-        ]
+        sets = overrides(
+            {
+                **dataset_values(args),
+                "extract.device": args.device,
+                "extract.batch_size": args.batch_size,
+                "extract.num_workers": args.workers,
+                "extract.precision": args.precision,
+                "paths.cache": work / "cache",
+                "paths.outputs": work / "outputs",
+            }
+        )
         cfg = load_config(ROOT / "configs" / "default.toml", sets)
         n = len(items)
 

@@ -69,6 +69,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import add_sets_arg  # noqa: E402
+
 GPU_DATA = ROOT / "gpu_data"  # git-ignored; carried to a lent machine
 SHARED = ROOT.parent / "shared"
 DATA_CANDIDATES = (GPU_DATA / "obj_seg", SHARED / "data" / "obj_seg")
@@ -243,14 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=12.0,
         help="cap on the stage-1 speed store (disk), default 12",
     )
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra config override for the speed part (repeatable), e.g. extract.num_workers=16",
-    )
+    add_sets_arg(p, "extra config override for the speed part, e.g. extract.num_workers=16")
     p.add_argument(
         "--skip", action="append", default=[], choices=("checks", "speed"), help="leave out a part"
     )
@@ -665,15 +660,24 @@ def check_masks(rep: Report, cfg, sets: list[str], work: Path) -> list[str]:
     shutil.copytree(cfg.run_dir, cpu_out / cfg.run.name, symlinks=True)
     cfg_cpu = make_config([*sets, f"paths.outputs={cpu_out}", "predict.device=cpu"])
     run_predict(cfg_cpu, cfg.data.test_split, force=True, **QUIET)
-    cmp = compare_masks(pred_dir, cfg_cpu.run_dir / "predictions" / cfg.data.test_split, rels)
+    cpu_dir = cfg_cpu.run_dir / "predictions" / cfg.data.test_split
+    check_agreement(rep, "masks_match_cpu", pred_dir, cpu_dir, rels, f"foreground in {FOREGROUND}")
+    return rels
+
+
+def check_agreement(
+    rep: Report, name: str, want: Path, got: Path, rels: list[str], also: str
+) -> None:
+    """Check `name`: the masks `rels` under `got` agree with those under `want` on at least
+    PIXELS_MIN of their pixels, with a plausible foreground share."""
+    cmp = compare_masks(want, got, rels)
     fg = cmp["foreground_fraction"]
     rep.check(
-        "masks_match_cpu",
+        name,
         cmp["pixel_agreement"] >= PIXELS_MIN and FOREGROUND[0] <= fg <= FOREGROUND[1],
         **cmp,
-        require=f"pixel agreement >= {PIXELS_MIN}, foreground in {FOREGROUND}",
+        require=f"pixel agreement >= {PIXELS_MIN}, {also}",
     )
-    return rels
 
 
 def check_segment(rep: Report, cfg, seg_in: Path, seg_out: Path, rels: list[str]) -> None:
@@ -682,13 +686,8 @@ def check_segment(rep: Report, cfg, seg_in: Path, seg_out: Path, rels: list[str]
 
     pred_dir = cfg.run_dir / "predictions" / cfg.data.test_split
     run_segment(cfg, [seg_in], seg_out, overlays=False, progress=False)
-    cmp = compare_masks(pred_dir, seg_out, rels)
-    fg = cmp["foreground_fraction"]
-    rep.check(
-        "segment_matches_predict",
-        cmp["pixel_agreement"] >= PIXELS_MIN and FOREGROUND[0] <= fg <= FOREGROUND[1],
-        **cmp,
-        require=f"pixel agreement >= {PIXELS_MIN} (byte-identical files reported)",
+    check_agreement(
+        rep, "segment_matches_predict", pred_dir, seg_out, rels, "byte-identical files reported"
     )
 
 

@@ -13,11 +13,9 @@ round and the median round), the backbone's best and median of its runs.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,34 +24,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import OBJ_SEG, WEIGHTS, best_and_median, parser, timings  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.data import fit_box, load_image, to_canvas  # noqa: E402
 from pipeline.inference import Predictor  # noqa: E402
 from pipeline.models.heads import LinearHead, PacUpsampler, TrainedModels, UpsamplerSpec  # noqa: E402
 from pipeline.stages.extract import extractor_of  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
-
 
 def timed(fn, repeat: int) -> tuple[float, float]:
     """(best, median) seconds of `fn()` after one warm-up call."""
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts), statistics.median(ts)
+    return best_and_median(timings(fn, repeat))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--image", default=str(SHARED / "data" / "obj_seg" / "test"))
-    ap.add_argument(
-        "--weights", default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt")
-    )
+    ap = parser(__doc__)
+    ap.add_argument("--image", default=str(OBJ_SEG / "test"))
+    ap.add_argument("--weights", default=str(WEIGHTS))
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--batch", type=int, default=16, help="images per backbone call")
     args = ap.parse_args()

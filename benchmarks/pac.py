@@ -17,10 +17,11 @@ import platform
 import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import timings  # noqa: E402
 
 VARIANTS = ("pac_conv2d", "pac_conv2d_unfold")
 # (label, B, Ci, Co, Cg, k, padding)
@@ -77,15 +78,7 @@ def _worker(
         base = torch.cuda.memory_allocated(dev)
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    for _ in range(warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+    times = timings(step, repeats, warmup=warmup, sync=sync)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) - base
     else:

@@ -20,21 +20,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import DAVIS, OBJ_SEG, WEIGHTS, time_cli  # noqa: E402
 from pipeline.metrics import definitions  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 DATASETS = {
-    "obj_seg": (SHARED / "data" / "obj_seg", "obj_seg", "train", "test"),
-    "davis2016_subset": (SHARED / "data" / "davis2016_subset", "davis2016", "train", "val"),
+    "obj_seg": (OBJ_SEG, "obj_seg", "train", "test"),
+    "davis2016_subset": (DAVIS, "davis2016", "train", "val"),
 }
 DEFAULT_OPTIONS = [
     "baseline=backbone.layers=1",
@@ -46,12 +45,7 @@ HEADLINE = tuple(m.key for m in definitions.HEADLINE)
 
 def cli(args: list[str], sets: list[str]) -> float:
     """Seconds of one CLI command (fails loudly)."""
-    cmd = [sys.executable, str(ROOT / "cli.py"), *args]
-    for s in sets:
-        cmd += ["--set", s]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    return time_cli([*args, *(a for s in sets for a in ("--set", s))])
 
 
 def dir_bytes(path: Path) -> int:
@@ -74,9 +68,7 @@ def main() -> None:
     ap.add_argument("--option", action="append", help='"label=key=value[,key=value]"; repeatable')
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument(
-        "--weights", default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt")
-    )
+    ap.add_argument("--weights", default=str(WEIGHTS))
     ap.add_argument(
         "--work", default=None, help="cache and outputs folder (default: a temporary one)"
     )

@@ -46,10 +46,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import OBJ_SEG, WEIGHTS, git_commit  # noqa: E402
+
 BACKBONE = "mobilenet_v2"
 LAYOUT = "obj_seg"
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "obj_seg"
-DEFAULT_WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_v2_imagenet_features.pt"
+DEFAULT_DATA = OBJ_SEG
+DEFAULT_WEIGHTS = WEIGHTS
 DEFAULT_OUT = BENCH / "RESULTS.md"
 WORK_PARENT = BENCH / "_work"
 QUICK_SPLITS = {"train": 6, "test": 3}  # images per category per split
@@ -201,24 +203,7 @@ def machine_header(device: str, load_start: tuple[float, ...]) -> list[str]:
     dev = device
     if device.startswith("cuda"):
         dev += f" ({torch.cuda.get_device_name(torch.device(device))})"
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            text=True,
-            capture_output=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            text=True,
-            capture_output=True,
-            check=True,
-        ).stdout.strip()
-        commit += " (with uncommitted changes)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "?"
+    commit = git_commit()
     return [
         f"- CPU: {cpu}, {os.cpu_count()} cores ({usable} usable), torch CPU threads "
         f"{torch.get_num_threads()}",

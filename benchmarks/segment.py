@@ -16,7 +16,6 @@ layout's images (the annotations are left out).
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import shutil
@@ -32,6 +31,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import (  # noqa: E402
+    add_dataset_args,
+    dataset_values,
+    overrides,
+    parse_dataset_args,
+    parser,
+)
 from pipeline.commands.segment import run_segment  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.data import (  # noqa: E402
@@ -46,7 +52,6 @@ from pipeline.models.devices import apply_threads, resolve_device  # noqa: E402
 from pipeline.stages.extract import extractor_of, run_extract  # noqa: E402
 from pipeline.stages.train import run_train  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
 QUICK_TRAIN = ["train.epochs=2", "train.linear_epochs=5", "train.crop=160"]
 
 
@@ -98,41 +103,30 @@ def segment_once(cfg, frames_dir: Path, out: Path, overlays: bool) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--data", default=str(SHARED / "data" / "obj_seg"))
-    ap.add_argument("--layout", default="obj_seg")
-    ap.add_argument("--backbone", default="mobilenet_v2")
-    ap.add_argument(
-        "--weights", default=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt")
-    )
+    ap = parser(__doc__)
+    add_dataset_args(ap)
     ap.add_argument("--outputs", default=None, help="paths.outputs of an existing trained run")
     ap.add_argument("--run", default="default", help="run.name of that run")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
-    args = ap.parse_args()
-
-    root = Path(args.data)
-    if not root.is_dir():
-        sys.exit(f"benchmark data not found: {root}")
+    args = parse_dataset_args(ap)
+    root = args.data
     work = Path(tempfile.mkdtemp(prefix="bench_segment_"))
     try:
         outputs = Path(args.outputs) if args.outputs else work / "outputs"
-        sets = [
-            f"data.root={root}",
-            f"data.layout={args.layout}",
-            f"backbone.name={args.backbone}",
-            f"backbone.weights={args.weights}",
-            f"extract.device={args.device}",
-            f"train.device={args.device}",
-            f"predict.device={args.device}",
-            f"extract.batch_size={args.batch_size}",
-            f"paths.cache={work / 'cache'}",
-            f"paths.outputs={outputs}",
-            f"run.name={args.run}",
-        ]
+        sets = overrides(
+            {
+                **dataset_values(args),
+                "extract.device": args.device,
+                "train.device": args.device,
+                "predict.device": args.device,
+                "extract.batch_size": args.batch_size,
+                "paths.cache": work / "cache",
+                "paths.outputs": outputs,
+                "run.name": args.run,
+            }
+        )
         if not args.outputs:
             sets += QUICK_TRAIN
         cfg = load_config(ROOT / "configs" / "default.toml", sets)

@@ -15,30 +15,30 @@ Prints a Markdown table.
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import h5py
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_features.pt"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    DAVIS,
+    OBJ_SEG,
+    ROOT,
+    WEIGHTS,
+    absent,
+    cli_sets,
+    markdown_table,
+    parser,
+    time_cli,
+)
 
 
 def cli(repo: Path, *args: str) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(
-        [sys.executable, str(repo / "cli.py"), *args],
-        cwd=repo,
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    return time.perf_counter() - t0
+    return time_cli(args, repo=repo)
 
 
 def dataset_bytes(cache: Path) -> tuple[int, dict[str, int], int]:
@@ -55,62 +55,46 @@ def dataset_bytes(cache: Path) -> tuple[int, dict[str, int], int]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__)
     ap.add_argument("--repo", type=Path, default=ROOT, help="checkout whose cli.py to measure")
-    ap.add_argument("--size-data", type=Path, default=SHARED / "data" / "davis2016_subset")
+    ap.add_argument("--size-data", type=Path, default=DAVIS)
     ap.add_argument("--size-layout", default="davis2016")
-    ap.add_argument("--train-data", type=Path, default=SHARED / "data" / "obj_seg")
+    ap.add_argument("--train-data", type=Path, default=OBJ_SEG)
     ap.add_argument("--weights", type=Path, default=WEIGHTS)
     args = ap.parse_args()
-    for p in (args.size_data, args.train_data, args.weights):
-        if not p.exists():
-            print(f"skipped: {p} is absent", file=sys.stderr)
-            return 0
+    if (missing := absent(args.size_data, args.train_data, args.weights)) is not None:
+        print(f"skipped: {missing} is absent", file=sys.stderr)
+        return 0
     work = Path(tempfile.mkdtemp(prefix="store_size_"))
-    common = [
-        "--set",
-        "backbone.name=mobilenet_v2",
-        "--set",
-        f"backbone.weights={args.weights.resolve()}",
-        "--set",
-        f"paths.outputs={work / 'outputs'}",
-    ]
+    common = {
+        "backbone.name": "mobilenet_v2",
+        "backbone.weights": args.weights.resolve(),
+        "paths.outputs": work / "outputs",
+    }
     try:
-        size_sets = [
-            *common,
-            "--set",
-            f"paths.cache={work / 'cache_size'}",
-            "--set",
-            f"data.root={args.size_data.resolve()}",
-            "--set",
-            f"data.layout={args.size_layout}",
-        ]
+        size_sets = cli_sets(
+            {
+                **common,
+                "paths.cache": work / "cache_size",
+                "data.root": args.size_data.resolve(),
+                "data.layout": args.size_layout,
+            }
+        )
         t_extract = cli(args.repo, "extract-features", *size_sets)
         total, parts, n = dataset_bytes(work / "cache_size")
-        train_sets = [
-            *common,
-            "--set",
-            f"paths.cache={work / 'cache_train'}",
-            "--set",
-            f"data.root={args.train_data.resolve()}",
-        ]
+        train_sets = cli_sets(
+            {**common, "paths.cache": work / "cache_train", "data.root": args.train_data.resolve()}
+        )
         cli(args.repo, "extract-features", "--split", "train", *train_sets)
         t_train = cli(args.repo, "train-head", *train_sets)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     mib = 1 << 20
-    print(
-        "| checkout | images | store MiB | KiB/image | features MiB | image MiB | mask MiB "
-        "| extract s | train-head s |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(
-        f"| {args.repo} | {n} | {total / mib:.1f} | {total / n / 1024:.0f} "
-        f"| {parts.get('features', 0) / mib:.1f} | {parts.get('image', 0) / mib:.1f} "
-        f"| {parts.get('mask', 0) / mib:.1f} | {t_extract:.1f} | {t_train:.1f} |"
-    )
+    header = ("checkout", "images", "store MiB", "KiB/image", "features MiB", "image MiB")
+    header += ("mask MiB", "extract s", "train-head s")
+    row = (args.repo, n, f"{total / mib:.1f}", f"{total / n / 1024:.0f}")
+    row += tuple(f"{parts.get(k, 0) / mib:.1f}" for k in ("features", "image", "mask"))
+    print(markdown_table(header, [(*row, f"{t_extract:.1f}", f"{t_train:.1f}")], "lrrrrrrrr"))
     return 0
 
 

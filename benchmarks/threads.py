@@ -12,18 +12,16 @@ separate Python process spinning on one core. Prints a Markdown table.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import OBJ_SEG, WEIGHTS, absent, cli_sets, markdown_table, parser, time_cli  # noqa: E402,E501
 
 
 def spin() -> None:
@@ -32,49 +30,31 @@ def spin() -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--data", type=Path, default=SHARED / "data" / "obj_seg")
-    ap.add_argument(
-        "--weights", type=Path, default=SHARED / "weights" / "mobilenet_v2_imagenet_features.pt"
-    )
+    ap = parser(__doc__)
+    ap.add_argument("--data", type=Path, default=OBJ_SEG)
+    ap.add_argument("--weights", type=Path, default=WEIGHTS)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--linear-epochs", type=int, default=10)
     args = ap.parse_args()
-    if not args.data.is_dir() or not args.weights.is_file():
-        print(f"skipped: {args.data} or {args.weights} is absent", file=sys.stderr)
+    if (missing := absent(args.data, args.weights)) is not None:
+        print(f"skipped: {missing} is absent", file=sys.stderr)
         return 0
     work = Path(tempfile.mkdtemp(prefix="threads_"))
-    sets = [
-        "--set",
-        f"data.root={args.data.resolve()}",
-        "--set",
-        "backbone.name=mobilenet_v2",
-        "--set",
-        f"backbone.weights={args.weights.resolve()}",
-        "--set",
-        f"paths.cache={work / 'cache'}",
-        "--set",
-        f"paths.outputs={work / 'outputs'}",
-        "--set",
-        f"train.epochs={args.epochs}",
-        "--set",
-        f"train.linear_epochs={args.linear_epochs}",
-    ]
+    sets = cli_sets(
+        {
+            "data.root": args.data.resolve(),
+            "backbone.name": "mobilenet_v2",
+            "backbone.weights": args.weights.resolve(),
+            "paths.cache": work / "cache",
+            "paths.outputs": work / "outputs",
+            "train.epochs": args.epochs,
+            "train.linear_epochs": args.linear_epochs,
+        }
+    )
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
 
     def cli(*a: str) -> float:
-        t0 = time.perf_counter()
-        subprocess.run(
-            [sys.executable, str(ROOT / "cli.py"), *a, *sets],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        return time.perf_counter() - t0
+        return time_cli([*a, *sets], env=env, stderr=False)
 
     rows = []
     try:
@@ -99,14 +79,18 @@ def main() -> int:
         f"train-head, {args.epochs} PAC + {args.linear_epochs} linear epochs, "
         f"{os.cpu_count()} cores, torch default threads = usable cores"
     )
-    print("| machine | run.threads | seconds | vs idle, same threads | vs idle, default |")
-    print("|---|---|---:|---:|---:|")
-    for load, threads, s in rows:
-        name = "default (0)" if threads == 0 else str(threads)
-        print(
-            f"| {'loaded (1 busy process)' if load else 'idle'} | {name} | {s:.1f} "
-            f"| {s / idle[threads]:.2f}x | {s / idle[0]:.2f}x |"
+    header = ("machine", "run.threads", "seconds", "vs idle, same threads", "vs idle, default")
+    table = [
+        (
+            "loaded (1 busy process)" if load else "idle",
+            "default (0)" if threads == 0 else threads,
+            f"{s:.1f}",
+            f"{s / idle[threads]:.2f}x",
+            f"{s / idle[0]:.2f}x",
         )
+        for load, threads, s in rows
+    ]
+    print(markdown_table(header, table, "llrrr"))
     return 0
 
 
