@@ -53,12 +53,21 @@ def dir_bytes(path: Path) -> int:
 
 
 def headline(report_path: Path) -> dict:
-    """The HEADLINE metrics of linear_bilinear and pac in a report."""
+    """Per variant of a report: its HEADLINE metrics, the DAVIS protocol's J&F (`davis_jf`),
+    the seconds per image (`s_per_image`, when the report times variants) and the threshold
+    its masks were cut at (`threshold`, with `chosen_on`: the split that chose it)."""
     rep = json.loads(report_path.read_text())
-    return {
-        v: {k: rep["variants"][v]["overall"][k] for k in HEADLINE}
-        for v in ("linear_bilinear", "pac")
-    }
+    seconds = rep.get("timing", {}).get("seconds_per_image", {})
+    calib = rep.get("calibration", {})
+    out = {}
+    for v, scores in rep["variants"].items():
+        row = {k: scores["overall"][k] for k in HEADLINE}
+        row["davis_jf"] = rep.get("davis", {}).get(v, {}).get("J&F")
+        row["s_per_image"] = seconds.get(v)
+        row["threshold"] = calib.get("thresholds", {}).get(v, rep["config"]["predict"]["threshold"])
+        row["chosen_on"] = calib.get("split")
+        out[v] = row
+    return out
 
 
 def main() -> None:
@@ -163,6 +172,7 @@ def print_table(results: list[dict]) -> None:
             f"{r['extract_s']:.0f} / {r['train_s']:.0f} / {r['predict_s']:.0f} | "
             f"{r['cache_bytes'] / 2**20:.0f} |"
         )
+    print_variants(results)
     if any("metrics_tta" in r for r in results):
         print(
             "\n| dataset | option | seed | + flip TTA: linear_bilinear mIoU / J / F "
@@ -175,6 +185,24 @@ def print_table(results: list[dict]) -> None:
                 f"| {_triples(r['metrics_tta'])} "
                 f"| {r['tta_extract_s']:.0f} / {r['tta_predict_s']:.0f} "
                 f"| {r['tta_cache_bytes'] / 2**20:.0f} |"
+            )
+
+
+def print_variants(results: list[dict]) -> None:
+    """Every variant of every run: mIoU / J / F, DAVIS J&F, threshold, seconds per image."""
+    print(
+        "\n| dataset | option | seed | variant | mIoU / J / F | DAVIS J&F | threshold "
+        "(chosen on) | s / image |"
+    )
+    print("|---|---|---|---|---|---:|---|---:|")
+    for r in results:
+        for v, m in r["metrics"].items():
+            jf = "-" if m["davis_jf"] is None else f"{m['davis_jf']:.3f}"
+            sec = "-" if m["s_per_image"] is None else f"{m['s_per_image']:.3f}"
+            print(
+                f"| {r['dataset']} | {r['option']} | {r['seed']} | {v} "
+                f"| {m['miou']:.3f} / {m['j_mean']:.3f} / {m['boundary_f']:.3f} | {jf} "
+                f"| {m['threshold']} ({m['chosen_on'] or 'fixed'}) | {sec} |"
             )
 
 
