@@ -17,7 +17,6 @@ import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any, TypeVar
 
-from .core.config import Config
 from .core.errors import ExecutorError, UsageError, thread_limits
 
 CONNECT_TIMEOUT_S = 10
@@ -82,12 +81,32 @@ def require_distributed() -> None:
 
 
 @contextlib.contextmanager
+def local_cluster(n_workers: int, worker_threads: int = 1) -> Iterator:
+    """A dask.distributed LocalCluster of `n_workers` worker processes on this machine (no
+    dashboard, quiet logs), started with this process's environment kept as it is."""
+    from distributed import LocalCluster
+
+    with (
+        preserved_environment(),
+        LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=worker_threads,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+    ):
+        yield cluster
+
+
+@contextlib.contextmanager
 def connect(scheduler: str, worker_threads: int = 1) -> Iterator:
     """A dask.distributed Client for `scheduler` ("local:N": N worker processes of
     `worker_threads` task threads each, or an address); ExecutorError naming the address when
     it cannot be reached within CONNECT_TIMEOUT_S."""
     require_distributed()
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if scheduler.startswith("local:"):
         n = int(scheduler.split(":", 1)[1])
@@ -95,14 +114,7 @@ def connect(scheduler: str, worker_threads: int = 1) -> Iterator:
             preserved_environment(),
             glibc_malloc_defaults(),
             thread_limits(f"the local Dask cluster ({scheduler})"),
-            LocalCluster(
-                n_workers=n,
-                threads_per_worker=worker_threads,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address=None,
-                silence_logs=logging.ERROR,
-            ) as cluster,
+            local_cluster(n, worker_threads) as cluster,
             Client(cluster) as client,
         ):
             yield client
@@ -143,9 +155,10 @@ def run_tasks(
 T = TypeVar("T")
 
 
-def scheduler_of(cfg: Config, executor: str | None = None) -> str:
-    """Where a stage's tasks run: `executor` when given, else dask.scheduler ("": here)."""
-    return executor if executor is not None else cfg.dask.scheduler
+def scheduler_of(configured: str, executor: str | None = None) -> str:
+    """Where a stage's tasks run: `executor` when given, else `configured` (dask.scheduler;
+    "": here)."""
+    return executor if executor is not None else configured
 
 
 def execute(

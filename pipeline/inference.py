@@ -202,25 +202,23 @@ class Predictor:
         variant's logits are averaged with the mirror image's, mirrored back.
         On CPU each image goes through the heads alone in a single-threaded pass
         (CpuFanout): a mask depends neither on the batch nor on the core count."""
-        return [
-            m
-            for m, _ in self.masks_and_levels(features, canvases, boxes, sizes, variants, mirrored)
-        ]
+        places = list(zip(boxes, sizes, strict=True))
+        return [m for m, _ in self.masks_and_levels(features, canvases, places, variants, mirrored)]
 
     def masks_and_levels(
         self,
         features: np.ndarray,
         canvases: np.ndarray,
-        boxes: Sequence[Box],
-        sizes: Sequence[tuple[int, int]],
+        places: Sequence[tuple[Box, tuple[int, int]]],
         variants: Sequence[str] = VARIANTS,
         mirrored: np.ndarray | None = None,
         sweep: Sequence[float] = (),
     ) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-        """`masks`, and per variant the sweep levels (uint8 (H, W)): for each pixel, how many
-        of the ascending probability thresholds `sweep` its object probability exceeds (the
-        pixel is object at sweep[k] iff its level > k; compared in logit space exactly as the
-        mask is, so at the configured threshold the level gives the mask). No sweep: {}."""
+        """`masks` (`places[i]`: where canvas i sits, its box, and its image's size), and per
+        variant the sweep levels (uint8 (H, W)): for each pixel, how many of the ascending
+        probability thresholds `sweep` its object probability exceeds (the pixel is object at
+        sweep[k] iff its level > k; compared in logit space exactly as the mask is, so at the
+        configured threshold the level gives the mask). No sweep: {}."""
         if self.cpu is not None:
             parts = self.cpu.map(
                 lambda j: self._binary(
@@ -230,7 +228,7 @@ class Predictor:
                     None if mirrored is None else mirrored[j : j + 1],
                     sweep,
                 ),
-                len(boxes),
+                len(places),
             )
             binary = {v: np.concatenate([p[0][v] for p in parts]) for v in variants}
             levels = (
@@ -243,7 +241,7 @@ class Predictor:
                 {v: from_canvas(binary[v][j], box, size) for v in variants},
                 {v: from_canvas(lv[j], box, size) for v, lv in levels.items()},
             )
-            for j, (box, size) in enumerate(zip(boxes, sizes, strict=True))
+            for j, (box, size) in enumerate(places)
         ]
 
     def _logits(
@@ -311,8 +309,7 @@ class Predictor:
         return self.masks_and_levels(
             np.stack([it.features for it in items]),
             np.stack([to_canvas(it.image, it.meta.box) for it in items]),
-            [it.meta.box for it in items],
-            [it.meta.orig_size for it in items],
+            [(it.meta.box, it.meta.orig_size) for it in items],
             mirrored=None if mirrored is None else np.stack(mirrored),
             sweep=sweep,
         )

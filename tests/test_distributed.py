@@ -3,7 +3,6 @@ same cache and the same masks as a local run, also when a worker is killed mid-r
 
 import hashlib
 import json
-import logging
 import os
 import signal
 import threading
@@ -43,19 +42,9 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    from pipeline.executors import preserved_environment
+    from pipeline.executors import local_cluster
 
-    with (
-        preserved_environment(),
-        distributed.LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        ) as c,
-    ):
+    with local_cluster(2) as c:
         yield c
 
 
@@ -170,6 +159,7 @@ def test_worker_reopens_a_re_extracted_split(tmp_path):
     from PIL import Image
 
     from pipeline.stages.predict import predict_task
+    from pipeline.stages.predict_settings import PredictSettings
     from pipeline.store import FeatureStore, locate_split
 
     root = make_dataset(tmp_path / "d", "obj_seg", {"train": 2, "test": 1}, size=(48, 64), seed=8)
@@ -179,7 +169,8 @@ def test_worker_reopens_a_re_extracted_split(tmp_path):
     models_fp = json.loads((cfg.run_dir / "models" / "models.json").read_text())["fingerprint"]
     sdir = str(locate_split(*stored(cfg), "test"))
     first = FeatureStore(sdir)
-    _, unit = predict_task(cfg, sdir, first.fingerprint, 0, str(tmp_path / "p"), models_fp)
+    settings = PredictSettings.of(cfg).portable()
+    _, unit = predict_task(settings, sdir, first.fingerprint, 0, str(tmp_path / "p"), models_fp)
     # a new image in the first category's shard changes the split's content
     src = root / "test" / first.items[0].category / "images"
     Image.open(next(src.glob("*.jpg"))).save(src / "zz_new.jpg")
@@ -187,7 +178,7 @@ def test_worker_reopens_a_re_extracted_split(tmp_path):
     sdir = str(locate_split(*stored(cfg), "test"))  # the new content's folder
     second = FeatureStore(sdir)
     assert second.fingerprint != first.fingerprint
-    _, unit2 = predict_task(cfg, sdir, second.fingerprint, 0, str(tmp_path / "p"), models_fp)
+    _, unit2 = predict_task(settings, sdir, second.fingerprint, 0, str(tmp_path / "p"), models_fp)
     assert [r["stem"] for r in unit2["items"]] == [m.stem for m in second.items if m.shard == 0]
     assert "zz_new" in [r["stem"] for r in unit2["items"]]
 

@@ -13,6 +13,7 @@ from pipeline.stages.base import Context, StageState, judge_record, save_record
 from pipeline.stages.extract import STAGE as EXTRACT
 from pipeline.stages.extract import run_extract
 from pipeline.stages.predict import PredictStage, stage_state
+from pipeline.stages.predict_settings import PredictSettings
 from pipeline.store import locate_split
 from tests.conftest import cli_sets, run_cli, stored
 
@@ -121,13 +122,13 @@ def test_stage_one_data_change_and_damage_are_told_apart(trained_copy):
 
 def test_predict_declares_the_models_trained_for_its_config(trained_copy):
     base, root, cfg = trained_copy
-    state = stage_state(cfg, "test")
+    state = stage_state(PredictSettings.of(cfg), "test")
     assert state.deps["models"] is not None and not state.unusable
     other = copy_config(cfg, train__lr=0.5)
-    state = stage_state(other, "test")
+    state = stage_state(PredictSettings.of(other), "test")
     assert state.deps["models"] is None
     assert state.unusable["models"].startswith("trained with other settings (train.lr: ")
     # a record made by predict with these models: the stage waits, it is not merely "changed"
-    save_record(other.run_dir, stage_state(cfg, "test"))
+    save_record(other.run_dir, stage_state(PredictSettings.of(cfg), "test"))
     st = PredictStage().status(Context.of(other))
     assert st.why.startswith("waits for `python cli.py train-head`"), st.why

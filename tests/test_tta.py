@@ -21,7 +21,7 @@ from pipeline.models.devices import config_keys
 from pipeline.models.heads import load_models
 from pipeline.stages.extract import extractor_of, run_extract
 from pipeline.stages.extract import status as extract_status
-from pipeline.stages.predict import pred_dir_of, report_path, run_predict
+from pipeline.stages.predict import run_predict
 from pipeline.stages.predict import status as predict_status
 from pipeline.stages.train import status as train_status
 from pipeline.store import FeatureStore, locate_split
@@ -35,9 +35,9 @@ def run(tmp_path_factory, trained):
     """A copy of the session's trained tiny run (the tests add the mirrored store and predict
     into it), predicted on the test split without and then with flip TTA."""
     base, synth_root, plain = copy_run(trained, tmp_path_factory.mktemp("tta") / "run")
-    plain_report = json.loads(report_path(plain, "test").read_text())
+    plain_report = json.loads(RunLayout.of(plain).report("test").read_text())
     shards = {p: p.stat().st_mtime_ns for p in store_of(plain).rglob("*.h5")}
-    pdir = pred_dir_of(plain, "test")
+    pdir = RunLayout.of(plain).predictions("test")
     plain_masks = {
         p.relative_to(pdir).as_posix(): np.asarray(Image.open(p)) > 127 for p in pdir.rglob("*.png")
     }
@@ -75,7 +75,7 @@ def test_flip_averages_the_mirror_images_logits(run):
     assert not predict_status(flip, "test").up_to_date
     run_predict(flip, "test", **quiet)
     assert predict_status(flip, "test").up_to_date
-    report = json.loads(report_path(flip, "test").read_text())
+    report = json.loads(RunLayout.of(flip).report("test").read_text())
     assert report["config"]["predict"]["tta"] == "flip" and "mirrored" in report["fingerprints"]
     # the features' shards were not rewritten for TTA
     assert {p: p.stat().st_mtime_ns for p in store_of(plain).rglob("*.h5")} == shards
@@ -99,7 +99,7 @@ def test_flip_averages_the_mirror_images_logits(run):
         mean = (own + logits(mirror.features(i), canvas.flip(-1)).flip(-1)) / 2
         expected = from_canvas((mean > threshold).numpy(), item.meta.box, item.meta.orig_size)
         rel = f"{item.meta.category}/{item.meta.stem}.png"
-        got = np.asarray(Image.open(pred_dir_of(flip, "test") / rel)) > 127
+        got = np.asarray(Image.open(RunLayout.of(flip).predictions("test") / rel)) > 127
         agree += int((got == expected).sum())
         total += got.size
         plain_agree += int((plain_masks[rel] == expected).sum())
@@ -115,7 +115,7 @@ def test_flip_averages_the_mirror_images_logits(run):
     assert run_extract(plain, ["train", "test"], **quiet).up_to_date
     assert not predict_status(plain, "test").up_to_date
     run_predict(plain, "test", **quiet)
-    again = json.loads(report_path(plain, "test").read_text())
+    again = json.loads(RunLayout.of(plain).report("test").read_text())
     assert again["variants"] == plain_report["variants"]
 
 
@@ -126,7 +126,7 @@ def test_segment_and_export_apply_the_same_tta(run, tmp_path):
     out = tmp_path / "seg"
     res = run_segment(flip, [root / "test"], out, overlays=False, progress=False)
     assert not res.errors
-    for p in pred_dir_of(flip, "test").rglob("*.png"):
+    for p in RunLayout.of(flip).predictions("test").rglob("*.png"):
         assert (out / p.parent.name / "images" / p.name).read_bytes() == p.read_bytes(), p
     # the plain masks in that folder are no longer current: a plain rerun recomputes them
     assert run_segment(plain, [root / "test"], out, overlays=False, progress=False).n_written > 0

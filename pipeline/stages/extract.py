@@ -300,7 +300,11 @@ def _execute(
 
     try:
         for h, n in execute(
-            scheduler_of(cfg, executor), dask_extract, remote, local, DASK_WORKER_THREADS
+            scheduler_of(cfg.dask.scheduler, executor),
+            dask_extract,
+            remote,
+            local,
+            DASK_WORKER_THREADS,
         ):
             on_done(n)
             bar.update(sizes[h])

@@ -6,19 +6,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..core.config import Config
 from ..core.errors import ModelError, StoreError
 from ..core.fsutil import atomic_write_bytes, sha256_bytes
 from ..core.hints import command
-from ..core.layout import RunLayout
+from ..core.variants import VARIANTS
 from ..data import same_size_batches
 from ..executors import worker_cached
-from ..inference import VARIANTS, Predictor, mask_png_bytes
 from ..metrics.masks import image_stats, sweep_counts, sweep_thresholds
-from ..models.devices import resolve_device
-from ..models.heads import load_models
 from ..store import FeatureStore
+from .predict_settings import PredictSettings
+
+if TYPE_CHECKING:  # torch: imported by the functions that compute
+    from ..inference import Predictor
 
 
 def check_mirrored(store: FeatureStore, mirror: FeatureStore) -> None:
@@ -51,6 +52,8 @@ def predict_shard(
     variant, the confusion counts at the ascending thresholds `sweep` (metrics.sweep_counts).
     Images are batched by canvas size, in order. `mirror`: the split's mirrored features
     (predict.tta = "flip")."""
+    from ..inference import mask_png_bytes
+
     metas = [m for m in store.items if m.shard == shard]
     rows: dict[int, dict] = {}
     for batch in same_size_batches([m.box for m in metas], batch_size):
@@ -82,7 +85,7 @@ def predict_shard(
 
 
 def predict_task(
-    cfg: Config,
+    settings: PredictSettings,
     split_dir: str,
     fingerprint: str,
     shard: int,
@@ -91,8 +94,9 @@ def predict_task(
     mirror_dir: str | None = None,
     mirror_fp: str | None = None,
 ) -> tuple[int, dict]:
-    """One shard on a Dask worker; the worker keeps the stores and models it opened, keyed by
-    their content fingerprints (a re-extracted split or retrained models are reopened)."""
+    """One shard on a Dask worker (`settings`: PredictSettings.portable); the worker keeps
+    the stores and models it opened, keyed by their content fingerprints (a re-extracted
+    split or retrained models are reopened)."""
 
     def opened(sdir: str, fp: str) -> FeatureStore:
         store = worker_cached(("store", sdir, fp), lambda: FeatureStore(sdir))
@@ -104,25 +108,32 @@ def predict_task(
     mirror = (
         opened(mirror_dir, mirror_fp) if mirror_dir is not None and mirror_fp is not None else None
     )
-
-    def make_predictor() -> Predictor:
-        device = resolve_device(cfg.predict.device)
-        models = load_models(RunLayout.of(cfg).models, device)
-        if models.fingerprint != models_fp:
-            raise ModelError(
-                f"{RunLayout.of(cfg).models}: the models changed during prediction; rerun predict"
-            )
-        return Predictor(models, device, cfg.predict.threshold)
-
     predictor = worker_cached(
-        ("predictor", models_fp, cfg.predict.device, cfg.predict.threshold), make_predictor
+        ("predictor", models_fp, settings.device, settings.threshold),
+        lambda: predictor_of(settings, models_fp),
     )
     return shard, predict_shard(
         store,
         shard,
         predictor,
         Path(pred_dir),
-        cfg.predict.batch_size,
+        settings.batch_size,
         mirror,
-        sweep_thresholds(cfg.predict.threshold),
+        sweep_thresholds(settings.threshold),
     )
+
+
+def predictor_of(settings: PredictSettings, models_fp: str) -> Predictor:
+    """The run's models on the configured device, cutting masks at the configured threshold;
+    ModelError unless their fingerprint is still `models_fp`."""
+    from ..inference import Predictor
+    from ..models.devices import resolve_device
+    from ..models.heads import load_models
+
+    device = resolve_device(settings.device)
+    models = load_models(settings.run.models, device)
+    if models.fingerprint != models_fp:
+        raise ModelError(
+            f"{settings.run.models}: the models changed during prediction; rerun predict"
+        )
+    return Predictor(models, device, settings.threshold)
