@@ -12,6 +12,12 @@ thresholds (metrics.sweep_thresholds), counted while the logits are at hand: the
 threshold sweep comes from the units, so a resumed run or Dask workers give the same one. A
 unit without them (written by an earlier version) is recomputed, shard by shard; its masks
 come out byte-identical.
+
+The config is read once, into `predict_settings.PredictSettings`, at the entry points here
+(`run_predict`, `status`, `PredictStage`); the stage's state is in `predict_state`, the unit
+of work in `predict_shards`, the Markdown / HTML reports in `predict_report`. The module
+loads no torch when imported (`status` does not compute): the inference path is imported
+when the stage computes.
 """
 
 from __future__ import annotations
@@ -30,10 +36,11 @@ from ..core.progress import Progress, plural
 from ..core.variants import VARIANTS
 from ..executors import execute, scheduler_of
 from ..metrics.masks import sweep_thresholds
+from ..report import stage as report_stage
 from ..report.stage import REPORT_FORMAT, headline, resolved_settings
 from ..store import FeatureStore
 from .base import Context, Lock, Recording, StageState, StageStatus, judge, load_record, reproduce
-from .predict_report import build_report, write_human_reports
+from .predict_report import write_human_reports
 from .predict_settings import PredictSettings
 from .predict_shards import check_mirrored, predict_shard, predict_task
 from .predict_state import no_mirrored_features, outputs, outs_problems, stage_name, stage_state
@@ -183,7 +190,9 @@ class Prediction(Recording[PredictResult]):
         if self.mirror_fp is not None:
             fingerprints["mirrored"] = self.mirror_fp
         resolved = resolved_settings(settings.keys.feature, str(self.device))
-        report = build_report(settings.config, split, rows, fingerprints, sweep, resolved)
+        report = report_stage.build_report(
+            settings.config, split, rows, fingerprints, VARIANTS, sweep, resolved
+        )
         atomic_write_json(run.report(split), report)
         thumbnails = settings.keys.predict.thumbnails
         write_human_reports(run, thumbnails, report, rows, store, predictor, self.mirror)

@@ -1,32 +1,17 @@
-"""Stage 3's reports of a split: report_<split>.json from the units' rows, and the Markdown
-and HTML reports beside it (report.stage), whose worst images' masks are computed again."""
+"""Stage 3's human reports of a split: the Markdown and HTML reports beside
+report_<split>.json (report.stage), whose worst images' masks are computed again."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..core.errors import StoreError
 from ..core.layout import RunLayout
-from ..core.variants import VARIANTS
 from ..report import stage as report_stage
 from ..store import FeatureStore
 
 if TYPE_CHECKING:
     from ..inference import Predictor
-
-
-def build_report(
-    config: dict[str, dict[str, Any]],
-    split: str,
-    rows: list[dict],
-    fingerprints: dict[str, str],
-    sweep: Sequence[float] = (),
-    resolved: dict | None = None,
-) -> dict:
-    """report_<split>.json's content from the units' rows (see report.stage.build_report);
-    `config`: the config as the report records it."""
-    return report_stage.build_report(config, split, rows, fingerprints, VARIANTS, sweep, resolved)
 
 
 def write_human_reports(
