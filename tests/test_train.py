@@ -329,7 +329,7 @@ def test_a_diverging_loss_stops_training_keeping_the_last_good_checkpoint(
     tmp_path, synth_root, monkeypatch, capsys, phase, key, kept_next, kept_rows
 ):
     import cli
-    import pipeline.stages.train as train_mod
+    import pipeline.stages.train_compute as train_mod
     from pipeline.models.heads import CARD_FILE
 
     cfg = make_cfg(
@@ -343,7 +343,7 @@ def test_a_diverging_loss_stops_training_keeping_the_last_good_checkpoint(
     run_extract(cfg, **quiet)
 
     now = {}  # the (phase, epoch) being trained: every epoch draws its rng from it
-    epoch_rng = train_mod._epoch_rng
+    epoch_rng = train_mod.epoch_rng
 
     def spy(seed, ph, epoch):
         now["at"] = (ph, epoch)
@@ -356,8 +356,8 @@ def test_a_diverging_loss_stops_training_keeping_the_last_good_checkpoint(
 
         return wrapped
 
-    monkeypatch.setattr(train_mod, "_epoch_rng", spy)
-    target = train_mod.PacUpsampler if phase == 2 else train_mod.LinearHead
+    monkeypatch.setattr(train_mod, "epoch_rng", spy)
+    target = PacUpsampler if phase == 2 else LinearHead
     monkeypatch.setattr(target, "forward", poisoned(target.forward, (phase, 2)))
 
     with pytest.raises(SystemExit) as e:  # through the CLI's error boundary
@@ -383,9 +383,11 @@ def test_a_diverging_loss_stops_training_keeping_the_last_good_checkpoint(
 
 
 def test_metrics_jsonl_refuses_non_finite_values(tmp_path, synth_root):
-    from pipeline.stages.train import _write_history
+    from pipeline.stages.train_compute import write_history
 
     cfg = make_cfg(tmp_path, synth_root)
     with pytest.raises(ValueError):
-        _write_history(cfg, [{"phase": "linear", "epoch": 1, "loss": float("nan")}])
+        write_history(
+            RunLayout.of(cfg).history, [{"phase": "linear", "epoch": 1, "loss": float("nan")}]
+        )
     assert not (cfg.run_dir / "metrics.jsonl").exists()
