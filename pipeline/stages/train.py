@@ -36,12 +36,6 @@ STAGE = "train-head"
 # ----------------------------------------------------------------------------- the contract
 
 
-def _config_keys(cfg: Config) -> Keys:
-    from ..models.devices import config_keys  # resolves "auto" precision (torch)
-
-    return config_keys(cfg)
-
-
 def _models_problem(models: Path) -> str:
     """Why the model set in `models` is not intact ("": it is)."""
     from ..models.heads import models_fingerprint
@@ -87,17 +81,19 @@ class TrainStage:
         return STAGE
 
     def state(self, ctx: Context) -> StageState:
+        from ..models.devices import config_keys  # resolves "auto" precision (torch)
+
         cfg = ctx.cfg
         models = RunLayout.of(cfg).models
         if not ctx.recorded:
-            keys = _config_keys(cfg)
+            keys = config_keys(cfg)
             return stage_state(keys.train, models, stored_deps(keys, cfg.paths.cache))
         rec = load_record(cfg.run_dir, STAGE)
         deps = dict(rec["deps"]) if rec is not None else {}
         if cfg.backbone.weights in ("pretrained", "random"):
-            params = _config_keys(cfg).train.params()
+            params = config_keys(cfg).train.params()
         else:  # a recorded run's weights file is not read
-            params = _config_keys(copy_config(cfg, backbone__weights="random")).train.params()
+            params = config_keys(copy_config(cfg, backbone__weights="random")).train.params()
             params["backbone.weights"] = recorded_weights(cfg.backbone.weights, rec)
         return StageState(STAGE, deps, params, _models_problem(models))
 
@@ -190,8 +186,10 @@ def run_train(
 ) -> TrainResult:
     """Stage 2 from the stored splits alone. Raises StoreError (naming the command to run)
     when a split is missing or damaged, LockError when another process trains this run."""
+    from ..models.devices import config_keys
+
     t0 = time.perf_counter()
-    keys = _config_keys(cfg)
+    keys = config_keys(cfg)
     stores = {
         s: FeatureStore.open(cfg.paths.cache, keys.feature, keys.data, s) for s in keys.train.splits
     }

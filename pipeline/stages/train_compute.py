@@ -124,13 +124,7 @@ def train(
     patch = get_spec(s.backbone).patch_size
     data, val = _train_data(s, train_store, val_store, patch)
     m = _models(s, data, patch, device)
-    history: list[dict] = []
-    start = {"linear": 1, "upsampler": 1}
-    ck = None if force else load_checkpoint(mdir, state.fingerprint, device, log)
-    if ck is not None:
-        m.load(ck)
-        history, start = ck["history"], ck["next"]
-        log(f"train-head: resuming from {mdir / CHECKPOINT} (next: {start})")
+    history, start = _resume(m, mdir, state.fingerprint if not force else None, device, log)
     # On CPU each image's forward and backward run in one thread with one intra-op thread,
     # images spread over run.threads threads, gradients summed in image order: the weights
     # do not depend on the thread count, and a busy machine slows training down in proportion
@@ -160,6 +154,19 @@ def train(
     write_history(s.layout.history, history)
     save_training_curves(history, s.layout.loss_curves)  # also shown by the reports
     return history
+
+
+def _resume(
+    m: Models, mdir: Path, fp: str | None, device: torch.device, log: Callable[[str], None]
+) -> tuple[list[dict], dict]:
+    """The history so far and each phase's next epoch: from the checkpoint of the training
+    `fp` in `mdir`, loaded into `m`, when there is one (`fp` None: start afresh)."""
+    ck = None if fp is None else load_checkpoint(mdir, fp, device, log)
+    if ck is None:
+        return [], {"linear": 1, "upsampler": 1}
+    m.load(ck)
+    log(f"train-head: resuming from {mdir / CHECKPOINT} (next: {ck['next']})")
+    return ck["history"], ck["next"]
 
 
 # ----------------------------------------------------------------------------- the phases

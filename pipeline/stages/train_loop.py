@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -25,7 +25,16 @@ from ..core.progress import Progress, plural
 from ..metrics.masks import miou
 from ..models.devices import CpuFanout
 from .checkpoints import save_checkpoint
-from .train_data import Sample, TrainData
+
+
+class Samples(Protocol):
+    """What validation reads of a split (train_data.TrainData): its images' tensors."""
+
+    def __len__(self) -> int: ...
+
+    def full(self, k: int, /) -> tuple[torch.Tensor, ...]:
+        """The k-th image's features, canvas image, mask and valid area."""
+        ...
 
 
 @dataclass
@@ -196,7 +205,7 @@ class ValidationHook(Hook):
     key: str
     head: torch.nn.Module
     up: torch.nn.Module
-    val: TrainData
+    val: Samples
     device: torch.device
     fanout: CpuFanout | None
 
@@ -266,7 +275,7 @@ def summed_grads(
 def validate(
     head: torch.nn.Module,
     up: torch.nn.Module,
-    val: TrainData,
+    val: Samples,
     device: torch.device,
     fanout: CpuFanout | None,
 ) -> dict:
@@ -274,7 +283,7 @@ def validate(
     conf_lin = np.zeros(4, np.int64)
     conf_pac = np.zeros(4, np.int64)
 
-    def one(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    def one(sample: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, np.ndarray]:
         with torch.no_grad():
             feats, image, mask, valid = (t.to(device) for t in sample)
             base = head(feats)
