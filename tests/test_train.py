@@ -391,3 +391,13 @@ def test_metrics_jsonl_refuses_non_finite_values(tmp_path, synth_root):
             RunLayout.of(cfg).history, [{"phase": "linear", "epoch": 1, "loss": float("nan")}]
         )
     assert not (cfg.run_dir / "metrics.jsonl").exists()
+
+
+def test_the_stage_module_loads_no_torch_so_status_need_not():
+    """pipeline.stages.train (TrainStage, which `status` judges) imports its computation,
+    and with it torch, only when it trains."""
+    code = "import sys, pipeline.stages.train; print('torch' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "False"
