@@ -22,6 +22,7 @@ The modules, each one job:
     charts.py     the report's charts: overall and per-category dot plots, sweep, J scatter
     format.py     how values are shown: scores, gains, counts, best flags, config values, links
     view.py       the view model (plain data) the templates show
+    tables.py     its tables: overall, per category and image, sweep, DAVIS, settings
     render.py     the Jinja2 templates (templates/) and their rendering
     strips.py     the best / worst images' strips written to the files folder
     stage.py      stage 3's report: the JSON's content, the CLI headline, the images shown
@@ -74,9 +75,9 @@ from .panels import (
 )
 from .render import TEMPLATE_DIR, render
 from .strips import Strip, write_strips
+from .tables import configured_threshold
 from .view import (
     categories_of,
-    configured_threshold,
     figure_entry,
     headline_text,
     ordered_variants,

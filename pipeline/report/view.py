@@ -10,16 +10,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..core.config.schema import Config
-from ..core.config.writing import toml_text
-from ..core.jsondoc import finite as _finite
 from ..core.variants import BASELINE, CANDIDATE
-from ..data import display_name
 from ..metrics.definitions import HEADLINE, OVERALL_TABLE, Metric
 from .doc import ImageScores, Metrics, Report, VariantScores, parse_report
-from .figures import VARIANT_ORDER, bootstrap_ci, metric_value, variant_colour
-from .format import best_flags, config_value, file_url, fmt, fmt_int, plural, signed, url_of
+from .figures import VARIANT_ORDER, bootstrap_ci, variant_colour
+from .format import file_url, fmt_int, plural, signed, url_of
 from .panels import LEGEND
+from .tables import (
+    category_tables,
+    config_toml,
+    davis_table,
+    overall_table,
+    per_image_table,
+    settings_rows,
+    sweep_table,
+)
 
 if TYPE_CHECKING:
     from .strips import Strip
@@ -29,7 +34,6 @@ __all__ = [
     "headline_text",
     "ordered_variants",
     "categories_of",
-    "configured_threshold",
     "figure_entry",
     "METRIC_NOTES",
     "VARIANT_NOTES",
@@ -64,17 +68,6 @@ VARIANT_NOTES = {
     "pac": "pixel-adaptive-convolution upsampler guided by the image",
 }
 
-# config sections shown in the settings summary (all their keys), and single keys added
-SETTINGS_SECTIONS = ("backbone", "train", "upsampler")
-SETTINGS_KEYS = (
-    "data.train_split",
-    "extract.fit",
-    "extract.precision",
-    "predict.threshold",
-    "predict.device",
-)
-
-
 # ----------------------------------------------------------------------------- variants
 
 
@@ -93,14 +86,6 @@ def categories_of(variants: dict[str, VariantScores]) -> list[str]:
         for c in v.per_category:
             seen.setdefault(c, None)
     return list(seen)
-
-
-def _category_count(variants: dict[str, VariantScores], cat: str) -> int | None:
-    for v in variants.values():
-        m = v.per_category.get(cat)
-        if m is not None and m.n_images is not None:
-            return m.n_images
-    return None
 
 
 # ----------------------------------------------------------------------------- headline
@@ -180,202 +165,6 @@ def _paired_note(per_image: list[ImageScores]) -> str | None:
 # ----------------------------------------------------------------------------- view model
 
 
-def _cell(m: Metric, x: object, best: bool = False) -> dict[str, Any]:
-    """A table cell of metric `m`: its value as `m` formats it (a dash: none), and whether it
-    is the best of its column."""
-    return {"text": m.text(float(x)) if _finite(x) else "\u2014", "best": bool(best)}
-
-
-def _overall_table(variants: dict[str, VariantScores], colours: dict[str, str]) -> dict[str, Any]:
-    vnames = list(variants)
-    cols = [[metric_value(variants[v].overall, m.key) for v in vnames] for m in OVERALL_TABLE]
-    flags = [best_flags(c, m.higher_is_better) for c, m in zip(cols, OVERALL_TABLE, strict=True)]
-    rows = [
-        {
-            "variant": v,
-            "colour": colours[v],
-            "cells": [_cell(m, cols[j][i], flags[j][i]) for j, m in enumerate(OVERALL_TABLE)],
-            "n": fmt_int(o.n_images if (o := variants[v].overall) is not None else None),
-        }
-        for i, v in enumerate(vnames)
-    ]
-    return {"columns": [m.label for m in OVERALL_TABLE], "rows": rows}
-
-
-def _category_tables(
-    variants: dict[str, VariantScores], categories: list[str]
-) -> list[dict[str, Any]]:
-    vnames = list(variants)
-    tables = []
-    for m in HEADLINE:
-        rows = []
-        for c in categories:
-            vals = [metric_value(variants[v].per_category.get(c), m.key) for v in vnames]
-            rows.append(
-                {
-                    "category": display_name(c),
-                    "n": fmt_int(_category_count(variants, c)),
-                    "cells": [
-                        _cell(m, x, b)
-                        for x, b in zip(vals, best_flags(vals, m.higher_is_better), strict=True)
-                    ],
-                }
-            )
-        tables.append({"title": m.label, "rows": rows})
-    return tables
-
-
-_MAX_ROWS = 5000
-
-
-def _per_image_table(per_image: list[ImageScores], vnames: list[str]) -> dict | None:
-    if not per_image:
-        return None
-    key_v = CANDIDATE if CANDIDATE in vnames else (vnames[-1] if vnames else "")
-
-    def sort_key(r: ImageScores) -> tuple[int, float, str, str]:
-        x = r.j.get(key_v)
-        return (0 if x is not None else 1, x if x is not None else 0.0, r.category, r.stem)
-
-    ranked = sorted(per_image, key=sort_key)
-    rows = []
-    for r in ranked[:_MAX_ROWS]:
-        rows.append(
-            {
-                "category": display_name(r.category),
-                "stem": display_name(r.stem),
-                "j": [fmt(r.j.get(v)) for v in vnames],
-                "f": [fmt(r.f.get(v)) for v in vnames],
-            }
-        )
-    return {
-        "key": key_v or None,
-        "n": len(ranked),
-        "rows": rows,
-        "truncated": len(ranked) > len(rows),
-    }
-
-
-def _used_value(key: str, value: object, resolved: dict[str, Any]) -> str:
-    """A setting as the run used it: backbone.layers with its channels ("2 (256 channels)",
-    0 resolved to the backbone's default), an "auto" value resolved ("fp32 (auto)"), as the
-    report's ``resolved`` records them; else the value as configured."""
-    if key == "backbone.layers" and "backbone.layers" in resolved:
-        text = str(resolved["backbone.layers"])
-        if "backbone.channels" in resolved:
-            text += f" ({resolved['backbone.channels']} channels)"
-        return text
-    if value == "auto" and key in resolved:
-        return f"{config_value(resolved[key])} (auto)"
-    return config_value(value)
-
-
-def _settings(config: dict[str, dict] | None, resolved: dict | None = None) -> list[dict]:
-    """The training settings (backbone.*, train.*, upsampler.* and a few single keys) as
-    rows {key, value, changed}, each value as the run used it (``_used_value``); ``changed``
-    when the configured value differs from the built-in default."""
-    if config is None:
-        return []
-    defaults = Config().to_dict()
-    rows = []
-
-    def add(section: str, name: str, value: object) -> None:
-        d = defaults.get(section) or {}
-        changed = (
-            name in d
-            and d[name] != value
-            and not (_finite(d[name]) and _finite(value) and float(d[name]) == float(value))
-        )
-        key = f"{section}.{name}"
-        rows.append(
-            {"key": key, "value": _used_value(key, value, resolved or {}), "changed": bool(changed)}
-        )
-
-    for section in SETTINGS_SECTIONS:
-        for name, value in (config.get(section) or {}).items():
-            add(section, name, value)
-    for key in SETTINGS_KEYS:
-        section, name = key.split(".", 1)
-        if name in (config.get(section) or {}):
-            add(section, name, config[section][name])
-    return rows
-
-
-def _config_toml(config: dict[str, dict] | None) -> str | None:
-    return toml_text(config) if config else None
-
-
-def configured_threshold(report: Report) -> float | None:
-    """predict.threshold as the report's config records it (None: absent or unusable)."""
-    t = ((report.config or {}).get("predict") or {}).get("threshold")
-    return float(t) if _finite(t) and 0 < float(t) < 1 else None
-
-
-def _sweep_view(report: Report, vnames: list[str], colours: dict) -> dict | None:
-    """The sweep's table: per variant J / precision / recall at the configured threshold and
-    the threshold with the best J mean (the nearer to the configured one on a tie)."""
-    t0 = configured_threshold(report)
-    rows = []
-    for v in vnames:
-        pts = report.threshold_sweep.get(v) or []
-        if not pts:
-            continue
-        at = next((p for p in pts if t0 is not None and p.threshold == t0), None)
-        best = max(pts, key=lambda p: (p.j_mean, -abs(p.threshold - (t0 or 0.5))))
-        gain = None if at is None else best.j_mean - at.j_mean
-        rows.append(
-            {
-                "variant": v,
-                "colour": colours.get(v, "#888"),
-                "at": [
-                    fmt(None if at is None else getattr(at, k))
-                    for k in ("j_mean", "precision", "recall")
-                ],
-                "best_threshold": f"{best.threshold:g}",
-                "best_j": fmt(best.j_mean),
-                "gain": signed(gain) if gain is not None else "\u2014",
-                "better": gain is not None and gain > 0.005,
-            }
-        )
-    if not rows:
-        return None
-    return {
-        "threshold": "\u2014" if t0 is None else f"{t0:g}",
-        "rows": rows,
-        "any_better": any(r["better"] for r in rows),
-    }
-
-
-DAVIS_STATS = ("mean", "recall", "decay")
-
-
-def _davis_view(report: Report, vnames: list[str], colours: dict) -> dict | None:
-    """The DAVIS protocol's table: per variant J and F mean / recall / decay over sequences
-    and J&F (report_<split>.json's ``davis``)."""
-    rows, frames, n_seq = [], None, None
-    for v in vnames:
-        d = report.davis.get(v)
-        if d is None:
-            continue
-        frames, n_seq = frames or d.frames, n_seq if n_seq is not None else d.n_sequences
-        rows.append(
-            {
-                "variant": v,
-                "colour": colours.get(v, "#888"),
-                "j": [(signed if k == "decay" else fmt)(d.j.get(k)) for k in DAVIS_STATS],
-                "f": [(signed if k == "decay" else fmt)(d.f.get(k)) for k in DAVIS_STATS],
-                "jf": fmt(d.jf),
-            }
-        )
-    if not rows:
-        return None
-    return {
-        "rows": rows,
-        "frames": frames or "\u2014",
-        "n_sequences": "\u2014" if n_seq is None else fmt_int(n_seq),
-    }
-
-
 def _provenance(report: Report) -> list[tuple[str, str]]:
     return [
         (f"{k} {label}", "\u2014" if v is None else v)
@@ -405,6 +194,50 @@ def figure_entry(
     }
 
 
+def _images_text(report: Report) -> str:
+    """ "35 images scored", with " of 40 predicted" when not every predicted image is."""
+    n_images, n_predicted = report.n_images, report.n_predicted
+    text = plural(n_images, "image") + " scored"
+    if n_predicted is not None and n_predicted != n_images:
+        text += f" of {fmt_int(n_predicted)} predicted"
+    return text
+
+
+def _gain_badges(report: Report) -> list[dict[str, str]]:
+    """The headline's gains as badges: the signed value, its label, "up" / "down" / ""."""
+    badges = []
+    for label, d in _gains(report) or []:
+        value = signed(d)
+        css = "up" if value.startswith("+") else "down" if value.startswith("-") else ""
+        badges.append({"value": value, "label": label, "css": css})
+    return badges
+
+
+def _scored_view(
+    report: Report, variants: dict[str, VariantScores], per_image: list[ImageScores]
+) -> dict[str, Any]:
+    """The parts of the view that need scores (None or empty where nothing is annotated)."""
+    vnames = list(variants)
+    colours = {v: variant_colour(v, i) for i, v in enumerate(vnames)}
+    scored = any(v.overall is not None for v in variants.values())
+    categories = categories_of(variants) if scored else []
+    return {
+        "scored": scored,
+        "headline": headline_text(report) if scored else None,
+        "gains": _gain_badges(report) if scored else [],
+        "n_scored": plural(_scored(report), "image"),
+        "paired_note": _paired_note(per_image) if scored else None,
+        "variants": [
+            {"name": v, "colour": colours[v], "note": VARIANT_NOTES.get(v)} for v in vnames
+        ],
+        "overall": overall_table(variants, colours) if scored else None,
+        "sweep": sweep_table(report, vnames, colours) if scored else None,
+        "davis": davis_table(report, vnames, colours) if scored else None,
+        "category_tables": category_tables(variants, categories) if categories else [],
+        "per_image": per_image_table(per_image, vnames) if scored else None,
+    }
+
+
 def view_model(
     split: str,
     report: Report,
@@ -416,61 +249,28 @@ def view_model(
     html_name: str,
 ) -> dict:
     """What the templates show, as plain data."""
-    variants = ordered_variants(report.variants)
-    vnames = list(variants)
-    colours = {v: variant_colour(v, i) for i, v in enumerate(vnames)}
-    scored = any(v.overall is not None for v in variants.values())
-    categories = categories_of(variants) if scored else []
+    scores = _scored_view(report, ordered_variants(report.variants), per_image)
     name = "?" if report.backbone is None else report.backbone
-    n_images, n_predicted = report.n_images, report.n_predicted
-    images_text = plural(n_images, "image") + " scored"
-    if n_predicted is not None and n_predicted != n_images:
-        images_text += f" of {fmt_int(n_predicted)} predicted"
-    settings = _settings(report.config, report.resolved)
+    settings = settings_rows(report.config, report.resolved)
     return {
         "title": f"Segmentation report: {split} split, {name} backbone",
         "split": split,
         "backbone": name,
         "weights": report.weights,
         "run": report.run,
-        "images_text": images_text,
+        "images_text": _images_text(report),
         "md_name": url_of(md_name),
         "html_name": url_of(html_name),
         "md_label": md_name,
         "html_label": html_name,
-        "scored": scored,
-        "headline": headline_text(report) if scored else None,
-        "gains": [
-            {
-                "value": signed(d),
-                "label": label,
-                "css": "up"
-                if signed(d).startswith("+")
-                else "down"
-                if signed(d).startswith("-")
-                else "",
-            }
-            for label, d in (_gains(report) or [])
-        ]
-        if scored
-        else [],
-        "n_scored": plural(_scored(report), "image"),
-        "no_annotation": None if scored else _no_annotation_text(report, split),
-        "paired_note": _paired_note(per_image) if scored else None,
-        "variants": [
-            {"name": v, "colour": colours[v], "note": VARIANT_NOTES.get(v)} for v in vnames
-        ],
-        "overall": _overall_table(variants, colours) if scored else None,
-        "sweep": _sweep_view(report, vnames, colours) if scored else None,
-        "davis": _davis_view(report, vnames, colours) if scored else None,
-        "category_tables": _category_tables(variants, categories) if categories else [],
-        "per_image": _per_image_table(per_image, vnames) if scored else None,
+        **scores,
+        "no_annotation": None if scores["scored"] else _no_annotation_text(report, split),
         "figures": figures,
         "strips": strips,
         "legend": [{"label": label, "colour": f"rgb({r},{g},{b})"} for label, (r, g, b) in LEGEND],
         "settings": settings,
         "settings_changed": any(r["changed"] for r in settings),
-        "config_toml": _config_toml(report.config),
+        "config_toml": config_toml(report.config),
         "provenance": _provenance(report),
         "other_runs": _other_runs(other_runs),
         "metric_notes": METRIC_NOTES,
