@@ -21,7 +21,9 @@ from ..data import display_name
 from .doc import Metrics
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
 __all__ = [
     "new_figure",
@@ -103,7 +105,15 @@ def save_figure(
     return out
 
 
-def training_figure(history: list[dict[str, Any]] | None) -> Figure | None:
+Series = list[tuple[float, float]]  # (epoch, value) of one curve
+
+
+def _training_series(
+    history: list[dict[str, Any]] | None,
+) -> list[tuple[str, Series, dict[str, Series]]]:
+    """(phase, loss, {val_* key: curve}) per phase of stage 2's rows, in order of first
+    appearance, epochs sorted (a repeated epoch: its last row); a phase with nothing finite
+    to plot is left out."""
     phases: dict[str, dict[float, dict]] = {}
     for row in history or []:
         if not isinstance(row, dict):
@@ -122,58 +132,61 @@ def training_figure(history: list[dict[str, Any]] | None) -> Figure | None:
         vals = {k: [(e, rows[e][k]) for e in epochs if _finite(rows[e].get(k))] for k in val_keys}
         if loss or vals:
             series.append((phase, loss, vals))
-    if not series:
-        return None
+    return series
 
+
+_VAL_COLOURS = ("#f58518", "#54a24b", "#e45756", "#b279a2", "#72b7b2")
+
+
+def _curve(ax: Axes, pts: Series, marker: str | None, **style: Any) -> list[Line2D]:
+    """One curve of (epoch, value) points, its markers shown when `marker` is not None."""
+    return ax.plot([e for e, _ in pts], [v for _, v in pts], marker=marker, markersize=3.5, **style)
+
+
+def _training_panel(ax: Axes, phase: str, loss: Series, vals: dict[str, Series]) -> None:
+    """One phase: the loss on `ax`, the validation curves on a twin right axis, a legend of
+    both below."""
     from matplotlib.ticker import MaxNLocator
 
+    handles = []
+    npts = max([len(loss)] + [len(v) for v in vals.values()])
+    marker = "o" if npts <= 30 else None
+    if loss:
+        handles += _curve(ax, loss, marker, color="#4c78a8", lw=1.6, label="loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(phase, fontsize=11)
+    ax.grid(True, alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if vals:
+        ax2 = ax.twinx()
+        for j, (k, pts) in enumerate(vals.items()):
+            colour = _VAL_COLOURS[j % len(_VAL_COLOURS)]
+            handles += _curve(ax2, pts, marker, color=colour, lw=1.4, ls="--", label=k)
+        ax2.set_ylabel("validation")
+    if handles:
+        ax.legend(
+            handles=handles,
+            labels=[h.get_label() for h in handles],
+            fontsize=8,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.2),
+            ncol=min(len(handles), 3),
+            frameon=False,
+        )
+
+
+def training_figure(history: list[dict[str, Any]] | None) -> Figure | None:
+    """The training curves of stage 2's rows (see plot_training_curves), one panel per
+    phase; None when there is nothing to plot."""
+    series = _training_series(history)
+    if not series:
+        return None
     n = len(series)
     fig = new_figure((min(5.2 * n, 10.6), 3.6))
     axes = fig.subplots(1, n, squeeze=False)[0]
     for ax, (phase, loss, vals) in zip(axes, series, strict=True):
-        handles = []
-        npts = max([len(loss)] + [len(v) for v in vals.values()])
-        marker = "o" if npts <= 30 else None
-        if loss:
-            handles += ax.plot(
-                [e for e, _ in loss],
-                [v for _, v in loss],
-                color="#4c78a8",
-                marker=marker,
-                markersize=3.5,
-                lw=1.6,
-                label="loss",
-            )
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
-        ax.set_title(phase, fontsize=11)
-        ax.grid(True, alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if vals:
-            ax2 = ax.twinx()
-            for j, (k, pts) in enumerate(vals.items()):
-                colour = ("#f58518", "#54a24b", "#e45756", "#b279a2", "#72b7b2")[j % 5]
-                handles += ax2.plot(
-                    [e for e, _ in pts],
-                    [v for _, v in pts],
-                    color=colour,
-                    marker=marker,
-                    markersize=3.5,
-                    lw=1.4,
-                    ls="--",
-                    label=k,
-                )
-            ax2.set_ylabel("validation")
-        if handles:
-            ax.legend(
-                handles=handles,
-                labels=[h.get_label() for h in handles],
-                fontsize=8,
-                loc="upper center",
-                bbox_to_anchor=(0.5, -0.2),
-                ncol=min(len(handles), 3),
-                frameon=False,
-            )
+        _training_panel(ax, phase, loss, vals)
     fig.tight_layout()
     return fig
 
