@@ -231,6 +231,16 @@ def _strips(
     }
 
 
+def _report_paths(out_dir: Path, split: str) -> tuple[Path, Path, Path]:
+    """The split's Markdown and HTML reports and files folder in `out_dir`, after removing
+    what a killed writer of them left (stage 3 holds the split's lock)."""
+    layout = RunLayout(out_dir)
+    md_path, html_path = layout.report(split, ".md"), layout.report(split, ".html")
+    files_dir = layout.report_files(split)
+    remove_temporaries(out_dir, of=(md_path.name, html_path.name, files_dir.name))
+    return md_path, html_path, files_dir
+
+
 def write_reports(
     out_dir: Path,
     split: str,
@@ -274,11 +284,7 @@ def write_reports(
     rows: list[ImageScores] = report.per_image if per_image is None else parse_per_image(per_image)
     variants = ordered_variants(report.variants)
     index = {(r.category, r.stem): r for r in rows}
-    layout = RunLayout(out_dir)
-    md_path, html_path = layout.report(split, ".md"), layout.report(split, ".html")
-    files_dir = layout.report_files(split)
-    # what a killed writer of this split's reports left (stage 3 holds the split's lock)
-    remove_temporaries(out_dir, of=(md_path.name, html_path.name, files_dir.name))
+    md_path, html_path, files_dir = _report_paths(out_dir, split)
     with atomic_folder(files_dir) as tmp_dir:
         figs = _Figures(tmp_dir, files_dir)
         if any(v.overall is not None for v in variants.values()):

@@ -31,6 +31,27 @@ from .panels import Thumb, VariantThumb
 REPORT_FORMAT = 2
 
 
+def _summaries(scored: list[dict], variants: Sequence[str]) -> dict[str, dict]:
+    """Per variant, the metrics of the annotated images (`scored`: overall and per
+    category; None and {} without any)."""
+    if not scored:
+        return {v: {"overall": None, "per_category": {}} for v in variants}
+    return {v: summarize([ImageStats.from_dict(r["stats"][v]) for r in scored]) for v in variants}
+
+
+def _per_image(scored: list[dict], variants: Sequence[str]) -> list[dict]:
+    """J and F per annotated image: {category, stem, j: {variant: J}, f: {variant: F}}."""
+    return [
+        {
+            "category": r["category"],
+            "stem": r["stem"],
+            "j": {v: r["stats"][v]["j"] for v in variants},
+            "f": {v: r["stats"][v]["f"] for v in variants},
+        }
+        for r in scored
+    ]
+
+
 def build_report(
     config: dict[str, dict[str, Any]],
     split: str,
@@ -55,28 +76,14 @@ def build_report(
     if not rows:
         raise StoreError(f"split '{split}' holds no usable image: nothing to predict")
     scored = [r for r in rows if r["stats"] is not None]
-    summary = {}
-    for v in variants:
-        if scored:
-            summary[v] = summarize([ImageStats.from_dict(r["stats"][v]) for r in scored])
-        else:
-            summary[v] = {"overall": None, "per_category": {}}
-    per_image = [
-        {
-            "category": r["category"],
-            "stem": r["stem"],
-            "j": {v: r["stats"][v]["j"] for v in variants},
-            "f": {v: r["stats"][v]["f"] for v in variants},
-        }
-        for r in scored
-    ]
+    per_image = _per_image(scored, variants)
     report = {
         "split": split,
         "n_images": len(scored),
         "n_predicted": len(rows),
         "backbone": {"name": config["backbone"]["name"], "weights": config["backbone"]["weights"]},
         "run": config["run"]["name"],
-        "variants": summary,
+        "variants": _summaries(scored, variants),
         "config": config,
         "fingerprints": dict(fingerprints),
         "per_image": per_image,
