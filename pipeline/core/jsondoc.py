@@ -136,7 +136,16 @@ def count(value: Any, where: str) -> int:
     return int(value)
 
 
-def text(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise Damaged(f"{where} is {kind(value)}, not a string")
+def _of_type(value: Any, where: str, of: type, noun: str) -> Any:
+    if not isinstance(value, of):
+        raise Damaged(f"{where} is {kind(value)}, not {noun}")
     return value
+
+
+def text(value: Any, where: str) -> str:
+    return _of_type(value, where, str, "a string")
+
+
+def a_list(value: Any, where: str) -> list:
+    """A list (its items are the caller's to check)."""
+    return _of_type(value, where, list, "a list")

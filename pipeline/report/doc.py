@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..core.jsondoc import Damaged, an_object, count, field_of, finite, kind, metric
+from ..core.jsondoc import Damaged, a_list, an_object, count, field_of, finite, kind, metric
 from ..core.jsondoc import text as _text
 from ..metrics.definitions import HEADLINE, KEYS
 
@@ -200,7 +200,7 @@ class _Reader:
         out = {}
         for v, pts in an_object(value, where).items():
             points = []
-            for i, p in enumerate(self.get(_a_list, pts, f"{where}.{v}", [])):
+            for i, p in enumerate(self.get(a_list, pts, f"{where}.{v}", [])):
                 w = f"{where}.{v}[{i}]"
                 point = self.get(
                     lambda x, w: SweepPoint(
@@ -315,7 +315,7 @@ def parse_report(doc: Any, *, strict: bool = True, required: Sequence[str] = ())
         )
     elif bb is not None:
         backbone = r.get(_text if strict else _any_text, bb, "backbone")
-    rows = r.optional(doc, "per_image", lambda v, w: _a_list(v, w), default=[])
+    rows = r.optional(doc, "per_image", lambda v, w: a_list(v, w), default=[])
     per_image = [
         x for i, row in enumerate(rows) if (x := r.get(r.image, row, f"per_image[{i}]")) is not None
     ]
@@ -345,9 +345,3 @@ def parse_per_image(rows: Any) -> list[ImageScores]:
         for i, row in enumerate(rows if isinstance(rows, list) else [])
         if (x := r.get(r.image, row, f"per_image[{i}]")) is not None
     ]
-
-
-def _a_list(value: Any, where: str) -> list:
-    if not isinstance(value, list):
-        raise Damaged(f"{where} is {kind(value)}, not a list")
-    return value

@@ -106,12 +106,7 @@ def load_config(
             raise ConfigError(
                 f"cannot read config file {path}: {e.strerror or type(e).__name__}"
             ) from None
-        where = f" in {path}"
-        for section, table in doc.items():
-            if not isinstance(table, dict):
-                raise _unknown(section, where)
-            for name, value in table.items():
-                _apply(cfg, f"{section}.{name}", value, where)
+        _apply_tables(cfg, doc, f" in {path}")
     for item in overrides:
         key, value = parse_set(item)
         if _is_str_key(key) and not isinstance(value, str) and not isinstance(value, list):
@@ -135,13 +130,19 @@ def config_from_dict(doc: dict[str, Any], where: str = "") -> Config:
     """A config from its to_dict() form (e.g. as recorded in a report); ConfigError if a
     key or value is not valid here."""
     cfg = Config()
+    _apply_tables(cfg, doc, where)
+    validate(cfg)
+    return cfg
+
+
+def _apply_tables(cfg: Config, doc: dict[str, Any], where: str) -> None:
+    """Sets every key of `doc`'s tables ({section: {name: value}}) in `cfg`; ConfigError for
+    an unknown section or key or a bad value (`where`: the source, for the message)."""
     for section, table in doc.items():
         if not isinstance(table, dict):
             raise _unknown(section, where)
         for name, value in table.items():
             _apply(cfg, f"{section}.{name}", value, where)
-    validate(cfg)
-    return cfg
 
 
 def copy_config(cfg: Config, **changes: Any) -> Config:
