@@ -113,10 +113,14 @@ def field_of(doc: dict[str, Any], key: str, where: str) -> Any:
     return doc[key]
 
 
-def an_object(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise Damaged(f"{where or 'the file'} is {kind(value)}, not an object")
+def _of_type(value: Any, where: str, of: type, noun: str) -> Any:
+    if not isinstance(value, of):
+        raise Damaged(f"{where} is {kind(value)}, not {noun}")
     return value
+
+
+def an_object(value: Any, where: str) -> dict[str, Any]:
+    return _of_type(value, where or "the file", dict, "an object")
 
 
 def metric(value: Any, where: str) -> float:
@@ -134,12 +138,6 @@ def count(value: Any, where: str) -> int:
     ):
         raise Damaged(f"{where} is {kind(value)}, not a count")
     return int(value)
-
-
-def _of_type(value: Any, where: str, of: type, noun: str) -> Any:
-    if not isinstance(value, of):
-        raise Damaged(f"{where} is {kind(value)}, not {noun}")
-    return value
 
 
 def text(value: Any, where: str) -> str:

@@ -37,6 +37,16 @@ EXPORT = "model.pt2"
 OUTS_HASHES = ".outs_hashes.json"
 
 
+class _InRun:
+    """A fixed path of the run folder (a RunLayout attribute): root / name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layout: RunLayout, owner: object = None) -> Path:
+        return layout.root / self.name
+
+
 @dataclass(frozen=True)
 class RunLayout:
     """Where each file of the run in `root` (`<paths.outputs>/<run.name>`) lives."""
@@ -52,26 +62,12 @@ class RunLayout:
     def name(self) -> str:
         return self.root.name
 
-    @property
-    def config(self) -> Path:
-        return self.root / RUN_CONFIG
-
-    @property
-    def models(self) -> Path:
-        return self.root / MODELS
-
-    @property
-    def history(self) -> Path:
-        return self.root / HISTORY
-
-    @property
-    def loss_curves(self) -> Path:
-        """The stem of the training curves' files (the suffix is the format's)."""
-        return self.root / LOSS_CURVES
-
-    @property
-    def stages(self) -> Path:
-        return self.root / STAGES
+    # the run's fixed files and folders
+    config = _InRun(RUN_CONFIG)
+    models = _InRun(MODELS)
+    history = _InRun(HISTORY)
+    loss_curves = _InRun(LOSS_CURVES)  # the stem: the suffix is the format's
+    stages = _InRun(STAGES)
 
     def record(self, stage: str) -> Path:
         """A stage's record: stages/<stage>.json."""
@@ -100,13 +96,8 @@ class RunLayout:
         """The JSON reports the run holds (report_<split>.json of every split), sorted."""
         return sorted(p for p in self.root.glob("report_*.json") if not p.name.startswith("."))
 
-    @property
-    def segment(self) -> Path:
-        return self.root / SEGMENT
-
-    @property
-    def export(self) -> Path:
-        return self.root / EXPORT
+    segment = _InRun(SEGMENT)
+    export = _InRun(EXPORT)
 
     def lock(self, name: str) -> Path:
         return lock_path(self.root, name)

@@ -10,7 +10,16 @@ import math
 
 import numpy as np
 
-__all__ = ["as_bool", "boundary_map", "boundary_f", "boundary_radius", "disk", "dilate_disk"]
+__all__ = [
+    "as_bool",
+    "mask_2d",
+    "mask_pair",
+    "boundary_map",
+    "boundary_f",
+    "boundary_radius",
+    "disk",
+    "dilate_disk",
+]
 
 
 def as_bool(a: np.ndarray) -> np.ndarray:
@@ -33,6 +42,27 @@ def as_bool(a: np.ndarray) -> np.ndarray:
     return a > 0
 
 
+def mask_2d(mask: np.ndarray) -> np.ndarray:
+    """`mask` as a 2-D bool array (``as_bool``); ValueError for another number of axes."""
+    m = as_bool(mask)
+    if m.ndim != 2:
+        raise ValueError(f"a mask must be 2-D, got shape {m.shape}")
+    return m
+
+
+def mask_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A prediction and its annotation as bool arrays (``as_bool``); ValueError unless both
+    are 2-D of the same shape."""
+    p = as_bool(pred)
+    g = as_bool(gt)
+    if p.shape != g.shape or p.ndim != 2:
+        raise ValueError(
+            f"prediction and annotation must be 2-D arrays of the same shape; "
+            f"got prediction {p.shape} and annotation {g.shape}"
+        )
+    return p, g
+
+
 def boundary_map(mask: np.ndarray) -> np.ndarray:
     """Boundary pixels of a binary mask by the DAVIS ``seg2bmap`` rule (same size, bool).
 
@@ -40,9 +70,7 @@ def boundary_map(mask: np.ndarray) -> np.ndarray:
     last row only the east neighbour is compared, in the last column only the south one, and
     the bottom-right pixel is never boundary (so the image border itself is no boundary).
     """
-    m = as_bool(mask)
-    if m.ndim != 2:
-        raise ValueError(f"a mask must be 2-D, got shape {m.shape}")
+    m = mask_2d(mask)
     b = np.zeros(m.shape, dtype=bool)
     if m.size == 0:
         return b
@@ -192,9 +220,7 @@ def _near(target: np.ndarray, ys: np.ndarray, xs: np.ndarray, radius: float) -> 
 def dilate_disk(mask: np.ndarray, radius: float) -> np.ndarray:
     """Binary dilation of ``mask`` by :func:`disk` (``radius``); pixels outside the image
     count as False. Same size, bool. O(H W R)."""
-    m = as_bool(mask)
-    if m.ndim != 2:
-        raise ValueError(f"a mask must be 2-D, got shape {m.shape}")
+    m = mask_2d(mask)
     out = np.zeros(m.shape, dtype=bool)
     box = _bbox(m)
     if box is None:
@@ -218,13 +244,7 @@ def boundary_f(pred: np.ndarray, gt: np.ndarray, bound_th: float = 0.008) -> flo
     vice versa; P = matched predicted / predicted, R = matched annotated / annotated.
     Empty boundaries follow the DAVIS rules (see the module docstring).
     """
-    p = as_bool(pred)
-    g = as_bool(gt)
-    if p.shape != g.shape or p.ndim != 2:
-        raise ValueError(
-            f"prediction and annotation must be 2-D arrays of the same shape; "
-            f"got prediction {p.shape} and annotation {g.shape}"
-        )
+    p, g = mask_pair(pred, gt)
     radius = boundary_radius(bound_th, p.shape)
     pb = boundary_map(p)
     gb = boundary_map(g)

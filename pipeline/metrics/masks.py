@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .boundary import as_bool, boundary_f
+from .boundary import as_bool, boundary_f, mask_pair
 from .definitions import METRICS, Pooled, bg_iou, fg_iou, mean, precision, recall
 
 __all__ = [
@@ -95,13 +95,7 @@ def image_stats(pred: np.ndarray, gt: np.ndarray, category: str = "", stem: str 
     (numbers are converted with > 0 as well). Raises ValueError when the shapes differ or
     are not 2-D and non-empty.
     """
-    p = as_bool(pred)
-    g = as_bool(gt)
-    if p.shape != g.shape or p.ndim != 2:
-        raise ValueError(
-            f"prediction and annotation must be 2-D arrays of the same shape; "
-            f"got prediction {p.shape} and annotation {g.shape}"
-        )
+    p, g = mask_pair(pred, gt)
     if p.size == 0:
         raise ValueError(f"empty image: prediction {p.shape} and annotation {g.shape}")
     n_pred = int(np.count_nonzero(p))
