@@ -319,8 +319,7 @@ def _accumulate_symmetric(
     The centre's weight is exp(0) = 1."""
     B, Co = out.shape[:2]
     Cg = fp.shape[1]
-    Wp, d, m, p = geo.Wp, geo.d, geo.centre, geo.p
-    L = geo.L
+    Wp, d, m, p, L = geo.Wp, geo.d, geo.centre, geo.p, geo.L
     n_grid = geo.Hq * Wp
     c0 = m * d * (Wp + 1)  # flat padded index of output 0's window centre
     Z = geo.layout(Co, xp)
