@@ -102,6 +102,11 @@ class UpsamplerSpec:
     # normalises it (fast); "float" resizes the normalised image (models saved before the
     # uint8 pyramid, whose cards lack this key). Values differ by rounding to 8 bits.
     pyramid: str = "uint8"
+    # "learned": a learned scale per stage of the guide (the PAC kernel's inverse bandwidth)
+    bandwidth: str = "fixed"
+    # "transposed": each x2 stage a transposed PAC (zeros between the pixels, then a PAC of
+    # kernel_size + 2), as pacnet's joint upsampler; "bilinear": bilinear x2, then the PAC
+    upsample: str = "bilinear"
 
     @property
     def n_stages(self) -> int:
@@ -126,7 +131,8 @@ class PacUpsampler(nn.Module):
     image at that scale, leaky ReLU between stages, and an exact resize to the full size at
     the end (for patch sizes that are not powers of two). Options: `guide="learned"` guides
     with a small conv net on the image instead of raw RGB; `residual=True` adds the
-    bilinearly upsampled linear-head logits, so the upsampler learns a correction."""
+    bilinearly upsampled linear-head logits, so the upsampler learns a correction;
+    `bandwidth`, `upsample`: see UpsamplerSpec."""
 
     def __init__(self, spec: UpsamplerSpec):
         super().__init__()
@@ -134,7 +140,7 @@ class PacUpsampler(nn.Module):
         self.norm = FeatureNorm(spec.in_channels)
         self.reduce = nn.Conv2d(spec.in_channels, spec.hidden, kernel_size=1)
         chans = [spec.hidden] + spec.stage_channels()
-        k = spec.kernel_size
+        k = spec.kernel_size + (2 if spec.upsample == "transposed" else 0)
         self.stages = nn.ModuleList(
             PacConv2d(cin, cout, k, padding=k // 2, normalize=spec.normalize)
             for cin, cout in itertools.pairwise(chans)
@@ -145,6 +151,9 @@ class PacUpsampler(nn.Module):
             self.guide_net = nn.Sequential(
                 nn.Conv2d(3, g, 3, padding=1), nn.LeakyReLU(0.1), nn.Conv2d(g, g, 3, padding=1)
             )
+        self.log_bandwidth: nn.Parameter | None = None  # log of each stage's guide scale
+        if spec.bandwidth == "learned":
+            self.log_bandwidth = nn.Parameter(torch.zeros(len(self.stages)))
 
     def guidance(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 image (B, 3, H, W) -> guidance features at full resolution."""
@@ -180,7 +189,9 @@ class PacUpsampler(nn.Module):
         )
         x = F.leaky_relu(self.reduce(self.norm(feats)), 0.1)
         for i, (pac, guide) in enumerate(zip(self.stages, guides, strict=True)):
-            x = F.interpolate(x, size=guide.shape[-2:], mode="bilinear", align_corners=False)
+            x = upsample_x2(x, guide.shape[-2:], self.spec.upsample)
+            if self.log_bandwidth is not None:
+                guide = guide * self.log_bandwidth[i].exp()
             x = pac(x, guide)
             if i < len(self.stages) - 1:
                 x = F.leaky_relu(x, 0.1)
@@ -191,6 +202,16 @@ class PacUpsampler(nn.Module):
                 raise ValueError("this upsampler is residual: pass the linear head's logits")
             x = x + F.interpolate(base_logits, size=(H, W), mode="bilinear", align_corners=False)
         return x
+
+
+def upsample_x2(x: torch.Tensor, size: tuple[int, ...], mode: str) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, *size), size = 2h, 2w: "bilinear", or "transposed": the input
+    at the even pixels, zeros between (the stride-2 transposed convolution's input)."""
+    if mode != "transposed":
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    z = x.new_zeros((*x.shape[:2], *size))
+    z[..., ::2, ::2] = x
+    return z
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
