@@ -25,8 +25,17 @@ def _show(v: Any) -> str:
 # Parameters left out of a fingerprint at one value, so that results made before the key
 # existed stay current; their absence means that value (the one place that says which):
 # backbone.layers at 1 (params.feature_params), the mirrored-store flag at False (ditto),
-# predict.tta at "none" (params.tta_params). diff_params reads an absent key as its value.
-ABSENT_AS: dict[str, Any] = {"backbone.layers": 1, "mirror": False, "predict.tta": "none"}
+# predict.tta at "none" (params.tta_params), the region loss and the upsampler options of
+# issue 29 at today's design (TrainKey.params). diff_params reads an absent key as its value.
+ABSENT_AS: dict[str, Any] = {
+    "backbone.layers": 1,
+    "mirror": False,
+    "predict.tta": "none",
+    "train.region_loss": "none",
+    "train.region_weight": 1.0,
+    "upsampler.bandwidth": "fixed",
+    "upsampler.upsample": "bilinear",
+}
 
 _NO_VALUE = object()  # an absent key without an ABSENT_AS value
 

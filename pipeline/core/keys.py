@@ -161,7 +161,7 @@ class TrainKey:
         params.update((k, _thawed(v)) for k, v in self.settings)
         params["data.train_split"] = self.train_split
         params["data.val_split"] = self.val_split
-        return params
+        return without_absent(params)  # keys of ABSENT_AS: models trained before stay valid
 
     @property
     def splits(self) -> list[str]:

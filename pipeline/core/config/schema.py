@@ -249,6 +249,16 @@ class TrainCfg:
         stale=STALE_TRAINED,
         range=Range(0, 1000),
     )
+    region_loss: str = key(
+        "none",
+        "A region term beside the BCE of both heads: soft `dice` or the `lovasz` hinge.",
+        stale=STALE_TRAINED,
+        choices=("none", "dice", "lovasz"),
+        see="design.md#losses-and-upsampler-options",
+    )
+    region_weight: float = key(
+        1.0, "Weight of `train.region_loss`.", stale=STALE_TRAINED, range=Range(0, 1000)
+    )
     seed: int = key(
         0,
         "Seed of the initialisation, image order and crops.",
@@ -300,6 +310,20 @@ class UpsamplerCfg:
         see="design.md#the-upsampler",
     )
     normalize: bool = key(False, "Normalise the PAC kernels.", stale=STALE_TRAINED)
+    bandwidth: str = key(
+        "fixed",
+        "The PAC kernels' bandwidth on the guide: `fixed` or `learned` (a scale per stage).",
+        stale=STALE_TRAINED,
+        choices=("fixed", "learned"),
+        see="design.md#losses-and-upsampler-options",
+    )
+    upsample: str = key(
+        "bilinear",
+        "Each x2 stage: `bilinear` then a PAC (the course), or a `transposed` PAC (pacnet).",
+        stale=STALE_TRAINED,
+        choices=("bilinear", "transposed"),
+        see="design.md#losses-and-upsampler-options",
+    )
 
 
 @dataclass
