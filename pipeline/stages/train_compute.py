@@ -18,6 +18,7 @@ from ..core.fsutil import atomic_write_bytes
 from ..models.backbones import get_spec
 from ..models.devices import CpuFanout, resolve_device
 from ..models.heads import LinearHead, PacUpsampler, UpsamplerSpec, save_models
+from ..models.losses import RegionLoss
 from ..report import save_training_curves
 from ..store import FeatureStore
 from .base import StageState
@@ -226,34 +227,37 @@ class Losses:
     # the trainable parameters of each head, taken before the linear head is frozen
     head_params: list[torch.Tensor] = field(init=False)
     up_params: list[torch.Tensor] = field(init=False)
+    region: RegionLoss = field(init=False)  # train.region_loss x train.region_weight
 
     def __post_init__(self) -> None:
+        self.region = RegionLoss(self.settings.region_loss, self.settings.region_weight)
         self.head_params = [p for p in self.models.head.parameters() if p.requires_grad]
         self.up_params = [p for p in self.models.up.parameters() if p.requires_grad]
 
     def linear_loss(
-        self, inputs: tuple[torch.Tensor, np.ndarray, np.ndarray], w_total: float
+        self, inputs: tuple[torch.Tensor, np.ndarray, np.ndarray], w_total: float, n: int
     ) -> torch.Tensor:
         """One image's weighted BCE of the linear head on its soft patch targets (normalised
-        by the batch's total patch weight `w_total`)."""
+        by the batch's total patch weight `w_total`), plus a `1/n`-th of its region loss."""
         feats, target, weight = inputs
         x = feats.flatten(2).squeeze(0).T.to(self.device)
         y = torch.from_numpy(target).flatten().to(self.device)
         w = torch.from_numpy(weight).flatten().to(self.device)
         logits = self.models.head(x[:, :, None, None]).flatten()
         bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
-        return (bce * w).sum() / max(w_total, 1e-12)
+        return (bce * w).sum() / max(w_total, 1e-12) + self.region(logits, y, w) / n
 
     def pac_loss(self, sample: Sample, n: int) -> torch.Tensor:
         """One crop's BCE of the PAC upsampler over its in-image pixels (the boundary band
-        weighted up by train.boundary_weight), a `1/n`-th of the batch's loss."""
+        weighted up by train.boundary_weight) plus its region loss, a `1/n`-th of the
+        batch's loss."""
         feats, image, mask, valid = (t.to(self.device) for t in sample)
         logits = self.models.up(feats, image, self.models.head(feats))
         wmap = valid
         if self.settings.boundary_weight > 0:
             wmap = valid * (1 + self.settings.boundary_weight * boundary_band(mask))
         bce = F.binary_cross_entropy_with_logits(logits, mask, reduction="none")
-        loss = (bce * wmap).sum() / valid.sum().clamp_min(1)
+        loss = (bce * wmap).sum() / valid.sum().clamp_min(1) + self.region(logits, mask, valid)
         return loss / n
 
     def linear_grads(self, idx: np.ndarray, _rng: np.random.Generator) -> tuple[float, float]:
@@ -262,7 +266,10 @@ class Losses:
         # read in this thread: the store's file handles are not shared between threads
         inputs = [(data.features(i), *data.targets[i]) for i in idx]
         losses = summed_grads(
-            self.head_params, lambda j: self.linear_loss(inputs[j], w_total), len(idx), self.fanout
+            self.head_params,
+            lambda j: self.linear_loss(inputs[j], w_total, len(idx)),
+            len(idx),
+            self.fanout,
         )
         return sum(losses), w_total
 

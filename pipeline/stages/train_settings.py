@@ -30,6 +30,8 @@ class TrainSettings:
     linear_lr: float
     weight_decay: float
     boundary_weight: float
+    region_loss: str  # "none" | "dice" | "lovasz"
+    region_weight: float
     upsampler: tuple[tuple[str, Any], ...]  # the [upsampler] keys: UpsamplerSpec's keywords
     train_split: str
     val_split: str  # "": no validation during training
@@ -51,6 +53,8 @@ class TrainSettings:
             t.linear_lr,
             t.weight_decay,
             t.boundary_weight,
+            t.region_loss,
+            t.region_weight,
             tuple(cfg.upsampler.__dict__.items()),
             cfg.data.train_split,
             cfg.data.val_split,
