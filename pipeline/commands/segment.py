@@ -21,225 +21,52 @@ from __future__ import annotations
 
 import functools
 import io
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from ..core.config import Config
-from ..core.errors import DataError, OwnershipError, thread_limits
-from ..core.fingerprints import fingerprint
-from ..core.fsutil import (
-    atomic_write_bytes,
-    atomic_write_json,
-    lock_path,
-    read_json,
-    sha256_bytes,
-    sha256_file,
-    stat_stamp,
-)
-from ..core.keys import Keys
+from ..core.errors import DataError, thread_limits
+from ..core.fsutil import atomic_write_bytes, lock_path, sha256_bytes, stat_stamp
 from ..core.layout import RunLayout
-from ..core.owned import Ledger, claim_folder, claim_run_dir, is_marked
+from ..core.owned import Ledger, claim_folder, claim_run_dir
 from ..core.progress import Progress
 from ..core.variants import CANDIDATE
-from ..data import (
-    IMAGE_EXTS,
-    decode_image,
-    fit_box,
-    read_bytes,
-    same_size_batches,
-    to_canvas,
-)
-from ..inference import BackboneRunner, Predictor, checked_models, mask_png_bytes
+from ..data import decode_image, fit_box, read_bytes, same_size_batches, to_canvas
+from ..inference import BackboneRunner, Predictor, TrainedModels, checked_models, mask_png_bytes
 from ..models.devices import config_keys, resolve_device
 from ..report.panels import mask_panel, outline_width
 from ..runconfig import reproduces
 from ..stages.base import Lock
-from ..store import CACHE_LEGACY
 from ..streaming import Decoded, Undecodable, Writer, stream
+from .segment_inputs import OVERLAY_DIR, Source, find_sources, refuse_inputs_as_outputs
+from .segment_record import RECORD_FILE, SegmentRecord, settings_fingerprint
 
-RECORD_FILE = ".segment.json"
-RECORD_VERSION = 1
-OVERLAY_DIR = "overlays"
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "OVERLAY_DIR",
+    "RECORD_FILE",
+    "SegmentResult",
+    "Source",
+    "find_sources",
+    "overlay_jpeg",
+    "run_segment",
+    "settings_fingerprint",
+]
+
 CHUNK = 64  # images decoded ahead of the model per step (two steps in flight)
 OVERLAY_QUALITY = 90
-TOOL_FOLDER_SIGNS = (RECORD_FILE, *CACHE_LEGACY)  # folders of earlier versions
 JPEG_MAX_SIDE = 65500  # libjpeg's limit on an overlay's width and height
 
 
-def default_out_dir(cfg: Config) -> Path:
-    return RunLayout.of(cfg).segment
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-@dataclass(frozen=True)
-class Source:
-    """One image to segment and where its mask goes, relative to the output folder."""
-
-    path: Path
-    rel: str  # posix, suffix .png
-
-    @property
-    def overlay_rel(self) -> str:
-        return f"{OVERLAY_DIR}/{self.rel[: -len('.png')]}.jpg"
-
-
-def _is_image_name(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTS
-
-
-def _dir_key(path: str | Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _images_in(folder: Path, skip: set[tuple[int, int]], problems: list[str]) -> Iterator[Path]:
-    """Image files under `folder`, recursively and sorted; hidden files and folders and the
-    folders in `skip` are left out. Linked folders are followed once (a link loop ends)."""
-    seen: set[tuple[int, int]] = set()
-
-    def unreadable(e: OSError) -> None:
-        problems.append(f"{e.filename}: cannot list folder ({e.strerror or type(e).__name__})")
-
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
-        key = _dir_key(dirpath)
-        if key is None or key in seen or key in skip:
-            dirnames[:] = []
-            continue
-        seen.add(key)
-        # hidden folders, and the tool's own (earlier --out folders, run folders, caches):
-        # masks and overlays are never segmented again
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if not d.startswith(".") and not is_marked(Path(dirpath) / d, TOOL_FOLDER_SIGNS)
-        )
-        for name in sorted(filenames):
-            if _is_image_name(name):
-                yield Path(dirpath) / name
-
-
-def find_sources(paths: Sequence[str | Path], out_dir: Path) -> tuple[list[Source], list[str]]:
-    """The images named by `paths` (files, or folders searched recursively) with their mask
-    paths, and one-line problems found while listing (an unreadable folder). DataError for a
-    path that does not exist, for no image at all, and for two images that would write one
-    mask (a.jpg and a.png in one folder, two file arguments with one stem), naming both."""
-    skip = {k for k in (_dir_key(out_dir),) if k is not None}  # never segment our own outputs
-    by_rel: dict[str, Source] = {}
-    problems: list[str] = []
-
-    def add(src: Source) -> None:
-        other = by_rel.setdefault(src.rel, src)
-        if other is not src and os.path.realpath(other.path) != os.path.realpath(src.path):
-            raise DataError(
-                f"{other.path} and {src.path} would both write {out_dir / src.rel}; "
-                "rename one or segment them with different --out folders"
-            )
-
-    for p in map(Path, paths):
-        if p.is_dir():
-            for img in _images_in(p, skip, problems):
-                add(Source(img, img.relative_to(p).with_suffix(".png").as_posix()))
-        elif p.exists() or p.is_symlink():
-            add(Source(p, f"{p.stem}.png"))
-        else:
-            raise DataError(f"{p}: no such file or folder")
-    if not by_rel and not problems:
-        raise DataError(
-            f"no images ({', '.join(IMAGE_EXTS)}) found in {', '.join(map(str, paths))}"
-        )
-    return sorted(by_rel.values(), key=lambda s: s.rel), problems
-
-
-# ----------------------------------------------------------------------------- the record
-
-
-def settings_fingerprint(keys: Keys, models_fp: str) -> str:
-    """What a mask depends on besides its image: the models, the feature settings (backbone,
-    weights, canvas fit, precision, feature dtype), the threshold and the test-time
-    augmentation (absent at "none", so masks made before the key stay current)."""
-    return fingerprint(
-        {
-            "models": models_fp,
-            "features": keys.feature.inference_params(),
-            "threshold": keys.predict.threshold,
-            **keys.predict.tta_params(),
-        }
-    )
-
-
-class SegmentRecord:
-    """`<out>/.segment.json`: {mask path: {sha256 and stat stamp of the source, settings
-    fingerprint, sha256 of the mask and of the overlay (None: none written)}}, written
-    atomically before the files it describes (write-ahead, once per batch), so a run killed at
-    any point loses at most the masks in flight. Entries of other inputs segmented into the
-    same folder are kept."""
-
-    def __init__(self, out_dir: Path):
-        self.path = out_dir / RECORD_FILE
-        data = read_json(self.path)
-        masks = (
-            data.get("masks")
-            if isinstance(data, dict) and data.get("version") == RECORD_VERSION
-            else None
-        )
-        self.masks: dict[str, dict] = masks if isinstance(masks, dict) else {}
-        self._dirty = False
-
-    def is_current(self, src: Source, ledger: Ledger, settings: str, overlays: bool) -> bool:
-        """Whether the mask (and overlay, when asked for) of `src` are on disk as recorded and
-        were computed from its current content with `settings`. The source is compared by
-        sha256, read only when its stat stamp changed (a touched file is not recomputed)."""
-        entry = self.masks.get(src.rel)
-        if not isinstance(entry, dict) or entry.get("settings") != settings:
-            return False
-        if not (
-            isinstance(entry.get("mask"), str)
-            and ledger.content_is(ledger.folder / src.rel, entry["mask"])
-        ):
-            return False
-        if overlays and not (
-            isinstance(entry.get("overlay"), str)
-            and ledger.content_is(ledger.folder / src.overlay_rel, entry["overlay"])
-        ):
-            return False
-        try:
-            stamp = stat_stamp(src.path.stat())
-            if entry.get("stamp") == stamp:
-                return True
-            if sha256_file(src.path) != entry.get("sha256"):
-                return False
-        except OSError:
-            return False  # unreadable now: the run reports it
-        entry["stamp"] = stamp
-        self._dirty = True
-        return True
-
-    def put(self, rel: str, entry: dict) -> None:
-        self.masks[rel] = entry
-        self._dirty = True
-
-    def drop(self, rel: str) -> None:
-        if self.masks.pop(rel, None) is not None:
-            self._dirty = True
-
-    def save(self) -> None:
-        if self._dirty:
-            atomic_write_json(self.path, {"version": RECORD_VERSION, "masks": self.masks})
-            self._dirty = False
-
-
-# ----------------------------------------------------------------------------- the work
+# ----------------------------------------------------------------------------- one image
 
 
 @dataclass
@@ -294,26 +121,7 @@ def _encode(d: Decoded[Source, Identity], mask: np.ndarray, overlays: bool) -> d
     return files
 
 
-def refuse_inputs_as_outputs(sources: Sequence[Source], out_dir: Path) -> None:
-    """OwnershipError (before any work) when a mask or overlay path is one of the inputs."""
-
-    def identity(path: Path) -> tuple[int, int] | None:
-        try:
-            st = path.stat()
-        except OSError:
-            return None
-        return st.st_dev, st.st_ino
-
-    inputs = {os.path.realpath(s.path) for s in sources}
-    keys = {k for k in map(identity, (s.path for s in sources)) if k is not None}
-    for s in sources:
-        for rel in (s.rel, s.overlay_rel):
-            target = out_dir / rel
-            if os.path.realpath(target) in inputs or identity(target) in keys:
-                raise OwnershipError(
-                    f"{target}: an output path is one of the images to segment "
-                    f"({s.path}); choose another --out folder"
-                )
+# ----------------------------------------------------------------------------- the run
 
 
 @dataclass
@@ -325,6 +133,20 @@ class SegmentResult:
     seconds: float = 0.0  # the whole command's time
     # from the first image's decoding (the models loaded) to the last mask written: the rate
     images_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """What the work below run_segment reads of the config, taken from it once."""
+
+    device: torch.device  # predict.device: the heads'
+    threshold: float  # predict.threshold
+    tta: bool  # predict.tta == "flip"
+    max_pixels: int  # data.max_pixels
+    decode_threads: int  # extract.num_workers
+    overlays: bool
+    force: bool
+    progress: bool
 
 
 def run_segment(
@@ -342,57 +164,74 @@ def run_segment(
     reported through `warn(line)` and listed in `errors`, and its earlier outputs are removed
     (when the tool wrote them: see pipeline/core/owned.py)."""
     t0 = time.perf_counter()
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
+    layout = RunLayout.of(cfg)
+    out_dir = Path(out_dir) if out_dir is not None else layout.segment
     sources, problems = find_sources(paths, out_dir)
     refuse_inputs_as_outputs(sources, out_dir)
     result = SegmentResult(out_dir, errors=list(problems))
-    device = resolve_device(cfg.predict.device)
     keys = config_keys(cfg)
-    with checked_models(
-        RunLayout.of(cfg), keys, cfg.paths.cache, device, functools.partial(reproduces, cfg)
-    ) as models:
-        if out_dir == default_out_dir(cfg):
-            claim_run_dir(cfg.run_dir)
+    settings = SegmentSettings(
+        resolve_device(cfg.predict.device),
+        cfg.predict.threshold,
+        cfg.predict.tta == "flip",
+        cfg.data.max_pixels,
+        cfg.extract.num_workers,
+        overlays,
+        force,
+        progress,
+    )
+    runner = functools.partial(
+        BackboneRunner,
+        keys.feature,
+        cfg.backbone.weights,
+        device=resolve_device(cfg.extract.device),
+        batch_size=cfg.extract.batch_size,
+        compile=cfg.extract.compile,
+    )
+    as_trained = functools.partial(reproduces, cfg)
+    with checked_models(layout, keys, cfg.paths.cache, settings.device, as_trained) as models:
+        if out_dir == layout.segment:
+            claim_run_dir(layout.root)
         claim_folder(out_dir, "the --out folder", (RECORD_FILE,))
         for line in problems:
             warn(line)
-        with Lock(lock_path(out_dir, "segment"), f"segment into {out_dir}").held():
-            settings = settings_fingerprint(keys, models.fingerprint)
-            record = SegmentRecord(out_dir)
-            ledger = Ledger(out_dir, "segment")
-            todo = [
-                s for s in sources if force or not record.is_current(s, ledger, settings, overlays)
-            ]
-            result.n_current = len(sources) - len(todo)
-            try:
-                if todo:
-                    predictor = Predictor(models, device, cfg.predict.threshold)
-                    with thread_limits("segment's decoding and writing"):
-                        runner = BackboneRunner(
-                            keys.feature,
-                            cfg.backbone.weights,
-                            resolve_device(cfg.extract.device),
-                            cfg.extract.batch_size,
-                            cfg.extract.compile,
-                        )
-                        _stream(
-                            cfg,
-                            todo,
-                            runner,
-                            predictor,
-                            ledger,
-                            overlays,
-                            settings,
-                            record,
-                            result,
-                            progress,
-                            warn,
-                        )
-            finally:
-                record.save()
-                ledger.save()
+        fp = settings_fingerprint(keys, models.fingerprint)
+        _segment_into(out_dir, sources, models, runner, settings, fp, result, warn)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _segment_into(
+    out_dir: Path,
+    sources: list[Source],
+    models: TrainedModels,
+    runner: Callable[[], BackboneRunner],
+    settings: SegmentSettings,
+    fp: str,
+    result: SegmentResult,
+    warn: Callable[[str], None],
+) -> None:
+    """Under `out_dir`'s lock: the masks of the `sources` not current there (all with
+    settings.force), the backbone (`runner()`) loaded only when there is one to compute;
+    `fp`: the settings fingerprint the record keeps with each mask."""
+    with Lock(lock_path(out_dir, "segment"), f"segment into {out_dir}").held():
+        record = SegmentRecord(out_dir)
+        ledger = Ledger(out_dir, "segment")
+        todo = [
+            s
+            for s in sources
+            if settings.force or not record.is_current(s, ledger, fp, settings.overlays)
+        ]
+        result.n_current = len(sources) - len(todo)
+        try:
+            if todo:
+                predictor = Predictor(models, settings.device, settings.threshold)
+                with thread_limits("segment's decoding and writing"):
+                    streamer = _Stream(settings, runner(), predictor, ledger, record, fp)
+                    streamer.run(todo, result, warn)
+        finally:
+            record.save()
+            ledger.save()
 
 
 def _chunks(items: list, n: int) -> Iterator[list]:
@@ -400,98 +239,108 @@ def _chunks(items: list, n: int) -> Iterator[list]:
         yield items[k : k + n]
 
 
-def _stream(
-    cfg: Config,
-    todo: list[Source],
-    extractor: BackboneRunner,
-    predictor: Predictor,
-    ledger: Ledger,
-    overlays: bool,
-    settings: str,
-    record: SegmentRecord,
-    result: SegmentResult,
-    progress: bool,
-    warn: Callable[[str], None],
-) -> None:
-    """Through the streaming engine (pipeline/streaming.py): decode ahead in a thread pool
-    (two chunks in flight), run same-size batches through the backbone and the heads, encode
-    the batch's files, record them (write-ahead: the record and the ledger first), then write
-    them in background threads."""
-    out_dir = ledger.folder
-    tta = cfg.predict.tta == "flip"
-    bar = Progress(len(todo), "segment", enabled=progress)
+@dataclass
+class _Stream:
+    """The images to segment through the streaming engine (pipeline/streaming.py): decode
+    ahead in a thread pool (two chunks in flight), run same-size batches through the backbone
+    and the heads, encode the batch's files, record them (write-ahead: the record and the
+    ledger first), then write them in background threads."""
 
-    def decode(src: Source) -> Decoded[Source, Identity] | Undecodable[Source]:
-        return _decode(src, extractor.patch, extractor.fit, cfg.data.max_pixels, overlays)
+    settings: SegmentSettings
+    extractor: BackboneRunner
+    predictor: Predictor
+    ledger: Ledger
+    record: SegmentRecord
+    fp: str  # the settings fingerprint recorded with each mask
 
-    def write(files: dict[str, bytes]) -> None:
-        for rel, data in files.items():
-            atomic_write_bytes(out_dir / rel, data)
+    def run(self, todo: list[Source], result: SegmentResult, warn: Callable[[str], None]) -> None:
+        """Segment `todo`, counting into `result`; an undecodable image goes to `warn`."""
+        bar = Progress(len(todo), "segment", enabled=self.settings.progress)
 
-    def written(_: None) -> None:
-        result.n_written += 1
-        bar.update(1)
-
-    def process(_chunk: list[Source], decoded: Iterator, writer: Writer[None]) -> None:
-        good: list[Decoded[Source, Identity]] = []
-        for d in decoded:
-            if isinstance(d, Decoded):
-                good.append(d)
-                continue
-            result.errors.append(d.error)
-            warn(d.error)
-            record.drop(d.source.rel)  # the outputs of an earlier version of this image go
-            ledger.remove(out_dir / d.source.rel)  # (only what the tool wrote)
-            ledger.remove(out_dir / d.source.overlay_rel)
+        def written(_: None) -> None:
+            result.n_written += 1
             bar.update(1)
-        for batch in same_size_batches([d.box for d in good], extractor.batch_size):
-            items = [good[i] for i in batch]
-            canvases = [to_canvas(d.image, d.box) for d in items]
-            feats = extractor.launch(canvases)()
-            mirrored = extractor.launch(canvases, mirror=True)() if tta else None
-            masks = predictor.masks(
-                feats,
-                np.stack(canvases),
-                [d.box for d in items],
-                [d.image.shape[:2] for d in items],
-                variants=(CANDIDATE,),
-                mirrored=mirrored,
-            )
-            files = writer.map(
-                lambda dm: _encode(dm[0], dm[1][CANDIDATE], overlays),
-                zip(items, masks, strict=True),
-            )
-            ledger.intend({out_dir / rel: data for f in files for rel, data in f.items()})
-            for d, f in zip(items, files, strict=True):
-                record.put(
-                    d.source.rel,
-                    {
-                        "sha256": d.meta.sha256,
-                        "stamp": d.meta.stamp,
-                        "settings": settings,
-                        "mask": sha256_bytes(f[d.source.rel]),
-                        "overlay": sha256_bytes(f[d.source.overlay_rel]) if overlays else None,
-                    },
-                )
-                if not overlays:
-                    ledger.remove(out_dir / d.source.overlay_rel)
-            record.save()
-            for f in files:
-                writer.submit(write, f)
 
-    t0 = time.perf_counter()
-    try:
-        stream(
-            _chunks(todo, max(CHUNK, extractor.batch_size)),
-            lambda chunk: chunk,
-            decode,
-            process,
-            written,
-            decode_threads=cfg.extract.num_workers,
-            write_threads=2,
-            lookahead=2,
-            max_writes=2 * extractor.batch_size,
+        def process(_chunk: list[Source], decoded: Iterator, writer: Writer[None]) -> None:
+            good: list[Decoded[Source, Identity]] = []
+            for d in decoded:
+                if isinstance(d, Decoded):
+                    good.append(d)
+                    continue
+                result.errors.append(d.error)
+                warn(d.error)
+                self.forget(d.source)
+                bar.update(1)
+            for batch in same_size_batches([d.box for d in good], self.extractor.batch_size):
+                self.segment([good[i] for i in batch], writer)
+
+        t0 = time.perf_counter()
+        try:
+            stream(
+                _chunks(todo, max(CHUNK, self.extractor.batch_size)),
+                lambda chunk: chunk,
+                self.decode,
+                process,
+                written,
+                decode_threads=self.settings.decode_threads,
+                write_threads=2,
+                lookahead=2,
+                max_writes=2 * self.extractor.batch_size,
+            )
+        finally:
+            result.images_seconds = time.perf_counter() - t0
+            bar.close()
+
+    def decode(self, src: Source) -> Decoded[Source, Identity] | Undecodable[Source]:
+        s = self.settings
+        return _decode(src, self.extractor.patch, self.extractor.fit, s.max_pixels, s.overlays)
+
+    def forget(self, src: Source) -> None:
+        """The outputs of an earlier version of an image now unreadable go (only what the
+        tool wrote)."""
+        self.record.drop(src.rel)
+        self.ledger.remove(self.ledger.folder / src.rel)
+        self.ledger.remove(self.ledger.folder / src.overlay_rel)
+
+    def masks(self, items: list[Decoded[Source, Identity]]) -> list[np.ndarray]:
+        """The masks of one same-size batch (stage 1's features, stage 3's heads)."""
+        canvases = [to_canvas(d.image, d.box) for d in items]
+        feats = self.extractor.launch(canvases)()
+        mirrored = self.extractor.launch(canvases, mirror=True)() if self.settings.tta else None
+        masks = self.predictor.masks(
+            feats,
+            np.stack(canvases),
+            [d.box for d in items],
+            [d.image.shape[:2] for d in items],
+            variants=(CANDIDATE,),
+            mirrored=mirrored,
         )
-    finally:
-        result.images_seconds = time.perf_counter() - t0
-        bar.close()
+        return [m[CANDIDATE] for m in masks]
+
+    def segment(self, items: list[Decoded[Source, Identity]], writer: Writer[None]) -> None:
+        """One batch: its masks encoded, recorded (write-ahead), then handed to the writers."""
+        overlays, out_dir = self.settings.overlays, self.ledger.folder
+        files = writer.map(
+            lambda dm: _encode(dm[0], dm[1], overlays), zip(items, self.masks(items), strict=True)
+        )
+        self.ledger.intend({out_dir / rel: data for f in files for rel, data in f.items()})
+        for d, f in zip(items, files, strict=True):
+            self.record.put(
+                d.source.rel,
+                {
+                    "sha256": d.meta.sha256,
+                    "stamp": d.meta.stamp,
+                    "settings": self.fp,
+                    "mask": sha256_bytes(f[d.source.rel]),
+                    "overlay": sha256_bytes(f[d.source.overlay_rel]) if overlays else None,
+                },
+            )
+            if not overlays:
+                self.ledger.remove(out_dir / d.source.overlay_rel)
+        self.record.save()
+        for f in files:
+            writer.submit(self.write, f)
+
+    def write(self, files: dict[str, bytes]) -> None:
+        for rel, data in files.items():
+            atomic_write_bytes(self.ledger.folder / rel, data)
