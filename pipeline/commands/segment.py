@@ -262,15 +262,13 @@ class _Stream:
             bar.update(1)
 
         def process(_chunk: list[Source], decoded: Iterator, writer: Writer[None]) -> None:
-            good: list[Decoded[Source, Identity]] = []
-            for d in decoded:
-                if isinstance(d, Decoded):
-                    good.append(d)
-                    continue
-                result.errors.append(d.error)
-                warn(d.error)
-                self.forget(d.source)
+            images = list(decoded)
+            for bad in (d for d in images if isinstance(d, Undecodable)):
+                result.errors.append(bad.error)
+                warn(bad.error)
+                self.forget(bad.source)
                 bar.update(1)
+            good = [d for d in images if isinstance(d, Decoded)]
             for batch in same_size_batches([d.box for d in good], self.extractor.batch_size):
                 self.segment([good[i] for i in batch], writer)
 
