@@ -12,19 +12,21 @@ from pathlib import Path
 
 import click
 
-from pipeline.commands.cli_cache import cache_group
-from pipeline.commands.cli_export import export_model
+from pipeline.commands.cli_cache import cache
+from pipeline.commands.cli_export import export
 from pipeline.commands.cli_runs import runs
 from pipeline.commands.cli_segment import segment
 from pipeline.commands.cli_status import status
 from pipeline.commands.options import (
     DEFAULT_CONFIG,
+    PREDICT_SPLIT_HELP,
     echo_outcome,
     examples,
     guarded,
     run_option,
     scheduler_option,
-    split_names,
+    set_option,
+    split_option,
     stage_command,
 )
 from pipeline.core.config import Config, load_config
@@ -56,18 +58,11 @@ def cli() -> None:
 
 
 @cli.command(
-    "extract-features",
     short_help="Stage 1: cache the backbone features of every split.",
     epilog=examples("extract-features", "extract-features --split train --set backbone.layers=2"),
 )
 @scheduler_option
-@click.option(
-    "--split",
-    "splits",
-    multiple=True,
-    callback=lambda c, p, v: split_names(v),
-    help="Split(s) to extract (default: all).",
-)
+@split_option("Split(s) to extract (default: all).", several=True)
 @stage_command
 def extract_features(cfg: Config, force: bool, splits: tuple[str, ...]) -> None:
     """Stage 1: images -> backbone patch features in the HDF5 cache (all splits by default)."""
@@ -95,12 +90,7 @@ def train_head(cfg: Config, force: bool) -> None:
     epilog=examples("predict --split test", "predict --run long --set predict.threshold=0.3"),
 )
 @scheduler_option
-@click.option(
-    "--split",
-    default=None,
-    callback=lambda c, p, v: split_names(v),
-    help="Split to predict (default: data.test_split).",
-)
+@split_option(PREDICT_SPLIT_HELP)
 @run_option("use")
 @stage_command
 def predict(cfg: Config, force: bool, split: str | None) -> None:
@@ -115,12 +105,7 @@ def predict(cfg: Config, force: bool, split: str | None) -> None:
     epilog=examples("run", "run --set data.layout=davis2016 --set data.test_split=val"),
 )
 @scheduler_option
-@click.option(
-    "--split",
-    default=None,
-    callback=lambda c, p, v: split_names(v),
-    help="Split to predict (default: data.test_split).",
-)
+@split_option(PREDICT_SPLIT_HELP)
 @stage_command
 def run(cfg: Config, force: bool, split: str | None) -> None:
     """All three stages in order, each skipped when up-to-date."""
@@ -131,7 +116,7 @@ def run(cfg: Config, force: bool, split: str | None) -> None:
 
 
 # the pipeline's order in `--help`: the stages, what checks and uses them, then the rest
-for command in (status, segment, export_model, runs):
+for command in (status, segment, export, runs):
     cli.add_command(command)
 
 
@@ -172,7 +157,7 @@ def config_show(cfg: Config, explain_key: str | None) -> None:
     click.echo(to_toml(cfg), nl=False)
 
 
-cli.add_command(cache_group)
+cli.add_command(cache)
 
 
 @cli.command(
@@ -186,13 +171,7 @@ cli.add_command(cache_group)
     show_default=True,
     help="TOML config file of the demo.",
 )
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a config key (a TOML literal, or a bare string); repeatable.",
-)
+@set_option
 @click.option("--force", is_flag=True, help="Recompute every stage even when up-to-date.")
 def demo(config_path: str, overrides: tuple[str, ...], force: bool) -> None:
     """Offline example: generate a small dataset and run all stages on it (with

@@ -9,11 +9,10 @@ from .options import examples, stage_command
 
 
 @click.group(
-    "cache",
     short_help="The feature cache: list its stores, remove unused ones.",
     epilog=examples("cache list", "cache gc --yes"),
 )
-def cache_group() -> None:
+def cache() -> None:
     """The feature cache (paths.cache): its stores, and removing those no run uses."""
 
 
@@ -25,7 +24,7 @@ def _store_summary(params: dict) -> str:
     )
 
 
-@cache_group.command(
+@cache.command(
     "list", epilog=examples("cache list", "cache list --set paths.cache=/data/vit-cache")
 )
 @stage_command(computes=False)
@@ -47,7 +46,7 @@ def cache_list(cfg: Config) -> None:
         click.echo(f"  runs: {runs}" + (f" ({len(info.gone)} gone)" if info.gone else ""))
 
 
-@cache_group.command("gc", epilog=examples("cache gc", "cache gc --yes"))
+@cache.command("gc", epilog=examples("cache gc", "cache gc --yes"))
 @click.option("--yes", is_flag=True, help="Remove them (without it: only list them).")
 @stage_command(computes=False)
 def cache_gc(cfg: Config, yes: bool) -> None:

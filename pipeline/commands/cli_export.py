@@ -8,21 +8,14 @@ from pathlib import Path
 import click
 
 from ..core.config import Config
-from .options import examples, run_option, stage_command
+from .options import examples, out_option, run_option, stage_command
 
 
 @click.command(
-    "export",
     short_help="One torch.export file: uint8 images -> probabilities.",
     epilog=examples("export", "export --run long --out long.pt2"),
 )
-@click.option(
-    "--out",
-    "out_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="The .pt2 file [default: <paths.outputs>/<run.name>/model.pt2].",
-)
+@out_option("out_file", "The .pt2 file [default: <paths.outputs>/<run.name>/model.pt2].", file=True)
 @click.option(
     "--height",
     type=int,
@@ -37,7 +30,7 @@ from .options import examples, run_option, stage_command
 )
 @run_option("use")
 @stage_command
-def export_model(
+def export(
     cfg: Config, force: bool, out_file: Path | None, height: int | None, width: int | None
 ) -> None:
     """One self-contained torch.export file: uint8 images -> object probability, runnable

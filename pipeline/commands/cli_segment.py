@@ -10,7 +10,7 @@ import click
 
 from ..core.config import Config
 from ..core.progress import plural
-from .options import examples, run_option, stage_command
+from .options import examples, out_option, run_option, stage_command
 
 
 def do_segment(
@@ -57,13 +57,7 @@ def do_segment(
     ),
 )
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Output folder [default: <paths.outputs>/<run.name>/segment].",
-)
+@out_option("out_dir", "Output folder [default: <paths.outputs>/<run.name>/segment].", file=False)
 @click.option(
     "--overlays/--no-overlays",
     default=True,

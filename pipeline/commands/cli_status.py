@@ -5,19 +5,14 @@ from __future__ import annotations
 import click
 
 from ..core.config import Config
-from .options import examples, run_option, split_names, stage_command
+from .options import examples, run_option, split_option, stage_command
 
 
 @click.command(
     short_help="One line per stage: up-to-date, stale (why) or missing.",
     epilog=examples("status", "status --split val --verify"),
 )
-@click.option(
-    "--split",
-    default=None,
-    callback=lambda c, p, v: split_names(v),
-    help="Split whose predictions to check (default: data.test_split).",
-)
+@split_option("Split whose predictions to check (default: data.test_split).")
 @click.option(
     "--verify",
     is_flag=True,

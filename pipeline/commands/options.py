@@ -107,6 +107,72 @@ def guarded(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         sys.exit(130)
 
 
+CONFIG_HELP = "TOML config file [default: configs/default.toml of this checkout]."
+
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key (a TOML literal, or a bare string); repeatable.",
+)
+
+
+def compose(
+    *decorators: Callable[[Callable[..., Any]], Callable[..., Any]],
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """One decorator applying `decorators` as if they were stacked in this order (the first
+    on top: its option comes first in --help)."""
+
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        for decorate in reversed(decorators):
+            f = decorate(f)
+        return f
+
+    return apply
+
+
+def _common_options(computes: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--config and --set, and --force where the command `computes`."""
+    config = click.option("--config", "config_path", default=None, help=CONFIG_HELP)
+    if not computes:
+        return compose(config, set_option)
+    force = click.option(
+        "--force", is_flag=True, help="Recompute even when the result is up-to-date."
+    )
+    return compose(config, set_option, force)
+
+
+def _command_config(
+    config_path: str | None, overrides: tuple[str, ...], kwargs: dict[str, Any]
+) -> Config:
+    """The config a command runs with: --config, --set, and --scheduler and --run (popped
+    from the command's `kwargs`); the repair hints learn the options first."""
+    # repair hints name this program and carry these options (pipeline/core/hints.py)
+    hints.invoked(
+        sys.argv[0],
+        config_path,
+        overrides,
+        (kwargs.get("run_name") or (None,))[0],
+        run_commands(),
+    )
+    distributable = "scheduler" in kwargs  # the command runs on Dask when configured
+    scheduler = kwargs.pop("scheduler", None)
+    if scheduler:
+        overrides = (*overrides, f"dask.scheduler={scheduler}")
+    run = kwargs.pop("run_name", None)  # (NAME, guard) of --run (run_option)
+    cfg = (
+        guarded(load, config_path, overrides)
+        if run is None
+        else guarded(load_run, config_path, overrides, *run)
+    )
+    if distributable and cfg.dask.scheduler:
+        from ..executors import require_distributed
+
+        guarded(require_distributed)
+    return cfg
+
+
 def stage_command(func: Callable[..., Any] | None = None, *, computes: bool = True) -> Any:
     """Common options of the commands, config loading and the exit-code policy: 0 success,
     1 a failed stage (bad data, missing upstream), 2 a usage error. `computes`: the command
@@ -116,55 +182,12 @@ def stage_command(func: Callable[..., Any] | None = None, *, computes: bool = Tr
     if func is None:
         return functools.partial(stage_command, computes=computes)
 
-    def force_option(f: Callable[..., Any]) -> Callable[..., Any]:
-        return (
-            click.option(
-                "--force", is_flag=True, help="Recompute even when the result is up-to-date."
-            )(f)
-            if computes
-            else f
-        )
-
-    @click.option(
-        "--config",
-        "config_path",
-        default=None,
-        help="TOML config file [default: configs/default.toml of this checkout].",
-    )
-    @click.option(
-        "--set",
-        "overrides",
-        multiple=True,
-        metavar="KEY=VALUE",
-        help="Override a config key (a TOML literal, or a bare string); repeatable.",
-    )
-    @force_option
+    @_common_options(computes)
     @functools.wraps(func)
     def wrapper(
         config_path: str | None, overrides: tuple[str, ...], force: bool = False, **kwargs: Any
     ) -> Any:
-        # repair hints name this program and carry these options (pipeline/core/hints.py)
-        hints.invoked(
-            sys.argv[0],
-            config_path,
-            overrides,
-            (kwargs.get("run_name") or (None,))[0],
-            run_commands(),
-        )
-        distributable = "scheduler" in kwargs  # the command runs on Dask when configured
-        scheduler = kwargs.pop("scheduler", None)
-        if scheduler:
-            overrides = (*overrides, f"dask.scheduler={scheduler}")
-        run = kwargs.pop("run_name", None)  # (NAME, guard) of --run (run_option)
-        cfg = (
-            guarded(load, config_path, overrides)
-            if run is None
-            else guarded(load_run, config_path, overrides, *run)
-        )
-        if distributable and cfg.dask.scheduler:
-            from ..executors import require_distributed
-
-            guarded(require_distributed)
+        cfg = _command_config(config_path, overrides, kwargs)
         if not computes:
             return guarded(func, cfg, **kwargs)
         from ..models.devices import apply_threads
@@ -225,6 +248,29 @@ scheduler_option = click.option(
     metavar="ADDRESS",
     help='Run on Dask: "local:N" or "tcp://host:8786" (same as --set dask.scheduler=...).',
 )
+
+
+def split_option(help: str, *, several: bool = False) -> Callable[..., Any]:
+    """`--split` (checked by split_names): one split, or with `several` a repeatable one
+    (the command's parameter is then `splits`)."""
+    if several:
+        return click.option(
+            "--split", "splits", multiple=True, callback=lambda c, p, v: split_names(v), help=help
+        )
+    return click.option("--split", default=None, callback=lambda c, p, v: split_names(v), help=help)
+
+
+PREDICT_SPLIT_HELP = "Split to predict (default: data.test_split)."
+
+
+def out_option(dest: str, help: str, *, file: bool) -> Callable[..., Any]:
+    """`--out` into parameter `dest`: a file (`file`) or a folder path, default None."""
+    kind = (
+        click.Path(dir_okay=False, path_type=Path)
+        if file
+        else click.Path(file_okay=False, path_type=Path)
+    )
+    return click.option("--out", dest, type=kind, default=None, help=help)
 
 
 def echo_outcome(outcome: Outcome) -> bool:
