@@ -100,14 +100,15 @@ def copies(run_base: Path, outputs: Path, *names: str) -> None:
 def listed(outputs: Path, synth_root: Path, split: str = "test") -> dict[str, dict]:
     """runs --json of `outputs`, in process: run name -> row; the rows are strict JSON."""
     cfg = make_cfg(outputs.parent, synth_root, f"paths.outputs={outputs}")
-    rows = runs_mod.as_json(runs_mod.collect(cfg, split))
+    rows = runs_mod.as_json(runs_mod.collect(Path(cfg.paths.outputs), cfg.data.test_split, split))
     json.dumps(rows, allow_nan=False)  # raises on NaN / Infinity
     return {row["run"]: row for row in rows}
 
 
 def table_of(outputs: Path, synth_root: Path) -> list[str]:
     cfg = make_cfg(outputs.parent, synth_root, f"paths.outputs={outputs}")
-    return runs_mod.markdown(runs_mod.collect(cfg, "test")).splitlines()
+    rows = runs_mod.collect(Path(cfg.paths.outputs), cfg.data.test_split, "test")
+    return runs_mod.markdown(rows).splitlines()
 
 
 def columns(line: str) -> list[str]:

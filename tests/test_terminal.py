@@ -279,7 +279,8 @@ def two_runs(trained, tmp_path_factory):
 
 def test_each_run_is_listed_with_its_own_split(two_runs):
     base, root, cfg = two_runs
-    rows = {r.run: r for r in runs_mod.collect(cfg)}
+    outputs = Path(cfg.paths.outputs)
+    rows = {r.run: r for r in runs_mod.collect(outputs, cfg.data.test_split)}
     assert rows["a"].split == "test" and rows["b"].split == "train"
     train_report = json.loads((Path(cfg.paths.outputs) / "b" / "report_train.json").read_text())
     test_report = json.loads((Path(cfg.paths.outputs) / "a" / "report_test.json").read_text())
@@ -287,7 +288,7 @@ def test_each_run_is_listed_with_its_own_split(two_runs):
     assert rows["a"].metrics["pac"]["miou"] == test_report["variants"]["pac"]["overall"]["miou"]
     assert rows["b"].n_images == train_report["n_images"]
     # --split: every run with that split
-    assert {r.split for r in runs_mod.collect(cfg, "test")} == {"test"}
+    assert {r.split for r in runs_mod.collect(outputs, "val", "test")} == {"test"}
 
 
 def test_runs_prints_an_aligned_table(two_runs):

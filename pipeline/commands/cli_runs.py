@@ -7,19 +7,16 @@ from pathlib import Path
 import click
 
 from ..core.config import Config
-from .options import examples, split_names, stage_command
+from .options import examples, split_option, stage_command
 
 
 @click.command(
     short_help="The runs side by side: differing keys and metrics.",
     epilog=examples("runs", "runs --filter 'run=lr*' --markdown"),
 )
-@click.option(
-    "--split",
-    default=None,
-    callback=lambda c, p, v: split_names(v),
-    help="Split whose reports to compare [default: each run's own data.test_split, "
-    "as recorded when it was trained].",
+@split_option(
+    "Split whose reports to compare [default: each run's own data.test_split, "
+    "as recorded when it was trained]."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option(
@@ -68,30 +65,27 @@ def runs(
 
     from . import runs as runs_mod
 
+    outputs = Path(cfg.paths.outputs)
     wanted = runs_mod.parse_filters(filters)
     columns = (
         None
         if keys is None
         else runs_mod.check_keys([k.strip() for k in keys.split(",") if k.strip()], "--keys")
     )
-    rows = runs_mod.collect(cfg, split, wanted, columns)
+    rows = runs_mod.collect(outputs, cfg.data.test_split, split, wanted, columns)
     split = split or cfg.data.test_split
     if as_html:
         from ..report.runs_page import write_runs_page
 
-        page = write_runs_page(Path(cfg.paths.outputs), split, runs_mod.as_json(rows))
+        page = write_runs_page(outputs, split, runs_mod.as_json(rows))
         click.echo(f"runs page: {page}", err=True)
     if as_json:
         # strict JSON: every number in a row is finite (damaged files are rows that say so)
         click.echo(json.dumps(runs_mod.as_json(rows), indent=1, allow_nan=False))
     elif not rows:
+        unmatched = filters and runs_mod.run_dirs(outputs)
         click.echo(
-            f"no runs under {cfg.paths.outputs}"
-            + (
-                " match the --filter"
-                if filters and runs_mod.run_dirs(Path(cfg.paths.outputs))
-                else ""
-            )
+            f"no runs under {cfg.paths.outputs}" + (" match the --filter" if unmatched else "")
         )
     else:
         click.echo(runs_mod.markdown(rows) if as_markdown else runs_mod.table(rows))
