@@ -19,6 +19,7 @@ from PIL import Image
 
 from pipeline.commands.export import (
     META_FILE,
+    ExportSettings,
     SegmentationProgram,
     _example_side,
     build_program,
@@ -166,7 +167,7 @@ def test_smallest_side_works_and_one_patch_is_refused(export_run, exported):
     assert (meta["min_side"], meta["max_side"]) == (32, 8192)
     assert "multiples of 16 from 32 (2 patches) to 8192" in meta["input"], meta["input"]
     with checked_models(RunLayout.of(cfg), config_keys(cfg), cfg.paths.cache) as models:
-        eager = build_program(cfg, models)
+        eager = build_program(ExportSettings.of(cfg), models)
     g = torch.Generator().manual_seed(3)
     for b, h, w in ((1, 32, 32), (2, 32, 48), (1, 8192, 32), (1, 48, 32)):
         x = torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, generator=g)

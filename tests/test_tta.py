@@ -131,9 +131,9 @@ def test_segment_and_export_apply_the_same_tta(run, tmp_path):
     # the plain masks in that folder are no longer current: a plain rerun recomputes them
     assert run_segment(plain, [root / "test"], out, overlays=False, progress=False).n_written > 0
 
-    from pipeline.commands.export import build_program
+    from pipeline.commands.export import ExportSettings, build_program
 
-    program = build_program(flip, load_models(RunLayout.of(flip).models))
+    program = build_program(ExportSettings.of(flip), load_models(RunLayout.of(flip).models))
     assert program.mirror_tta
     x = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8)
     with torch.no_grad():

@@ -40,6 +40,7 @@ from ..core.config import Config
 from ..core.errors import UsageError
 from ..core.fsutil import sha256_bytes, sha256_file
 from ..core.hints import command
+from ..core.keys import Keys
 from ..core.layout import RunLayout
 from ..core.owned import Ledger
 from ..inference import BackboneRunner, checked_models
@@ -96,24 +97,42 @@ class SegmentationProgram(nn.Module):
         return torch.sigmoid(logits)
 
 
-def build_program(cfg: Config, models: TrainedModels) -> SegmentationProgram:
+@dataclass(frozen=True)
+class ExportSettings:
+    """What export reads of the config, taken from it once (`of`)."""
+
+    keys: Keys
+    weights: str  # backbone.weights as configured (a file or a name)
+    batch_size: int  # extract.batch_size
+    compile: bool  # extract.compile
+    layout: RunLayout  # the run's folder
+
+    @classmethod
+    def of(cls, cfg: Config) -> ExportSettings:
+        """`cfg`'s settings; a bad backbone.layers or weights path is told here."""
+        return cls(
+            config_keys(cfg),
+            cfg.backbone.weights,
+            cfg.extract.batch_size,
+            cfg.extract.compile,
+            RunLayout.of(cfg),
+        )
+
+
+def build_program(settings: ExportSettings, models: TrainedModels) -> SegmentationProgram:
     """The program on CPU in eval mode, without gradients; the backbone is built and
     optimised exactly as stage 1 builds it (`inference.BackboneRunner`)."""
+    feature = settings.keys.feature
     backbone = BackboneRunner(
-        config_keys(cfg).feature,
-        cfg.backbone.weights,
-        torch.device("cpu"),
-        cfg.extract.batch_size,
-        cfg.extract.compile,
+        feature,
+        settings.weights,
+        device=torch.device("cpu"),
+        batch_size=settings.batch_size,
+        compile=settings.compile,
     ).backbone
-    program = SegmentationProgram(
-        backbone, models, getattr(torch, cfg.extract.feature_dtype), cfg.predict.tta == "flip"
-    )
+    tta = settings.keys.predict.tta == "flip"
+    program = SegmentationProgram(backbone, models, getattr(torch, feature.feature_dtype), tta)
     return program.to("cpu").eval().requires_grad_(False)
-
-
-def default_path(cfg: Config) -> Path:
-    return RunLayout.of(cfg).export
 
 
 def side_range(patch: int) -> tuple[int, int]:
@@ -154,7 +173,7 @@ def export_program(
     return torch.export.export(program, (example,), dynamic_shapes=dims)
 
 
-def meta(cfg: Config, models: TrainedModels, patch: int) -> dict:
+def meta(settings: ExportSettings, models: TrainedModels, patch: int) -> dict:
     """What a user of the file needs besides torch (stored in the archive as META_FILE)."""
     low, high = side_range(patch)
     return {
@@ -167,13 +186,13 @@ def meta(cfg: Config, models: TrainedModels, patch: int) -> dict:
         "patch_size": patch,
         "min_side": low,
         "max_side": high,
-        "threshold": cfg.predict.threshold,
-        "fit": cfg.extract.fit,
-        "tta": cfg.predict.tta,
-        "backbone": cfg.backbone.name,
-        "weights": cfg.backbone.weights,
+        "threshold": settings.keys.predict.threshold,
+        "fit": settings.keys.feature.fit,
+        "tta": settings.keys.predict.tta,
+        "backbone": settings.keys.feature.backbone,
+        "weights": settings.weights,
         "models_fingerprint": models.fingerprint,
-        "run": cfg.run.name,
+        "run": settings.layout.name,
         "torch": torch.__version__,
     }
 
@@ -192,7 +211,7 @@ class Export(Recording[ExportResult]):
     """One run of `export`, as the run template (`stages.base.reproduce`) runs it: no lock
     (it only reads the models, under checked_models' shared lock)."""
 
-    cfg: Config
+    settings: ExportSettings
     models: TrainedModels
     path: Path
     height: int | None
@@ -201,10 +220,10 @@ class Export(Recording[ExportResult]):
     t0: float
 
     def __post_init__(self) -> None:
-        self.label, self.run_dir, self.lock = STAGE, self.cfg.run_dir, None
+        self.label, self.run_dir, self.lock = STAGE, self.settings.layout.root, None
 
     def state(self) -> StageState:
-        keys = config_keys(self.cfg)
+        keys = self.settings.keys
         params = {**keys.feature.inference_params(), **keys.predict.tta_params()}
         params.update(
             {
@@ -237,12 +256,13 @@ class Export(Recording[ExportResult]):
     def compute(
         self, state: StageState, _force: bool
     ) -> tuple[ExportResult, StageState, dict[str, Any]]:
-        cfg, log, path = self.cfg, self.log, self.path
+        settings, log, path = self.settings, self.log, self.path
         # the run folder's ledger records every file export writes, wherever it is
         ledger = Ledger(self.run_dir, "export")
         ledger.check(path)  # before the work: never replace a file the tool did not write
-        log(f"export: loading the backbone ({cfg.backbone.name}) and the run's heads")
-        program = build_program(cfg, self.models)
+        backbone = settings.keys.feature.backbone
+        log(f"export: loading the backbone ({backbone}) and the run's heads")
+        program = build_program(settings, self.models)
         patch = program.backbone.spec.patch_size
         h = _example_side(self.height, EXAMPLE_PATCHES[0], patch, "height")
         w = _example_side(self.width, EXAMPLE_PATCHES[1], patch, "width")
@@ -261,7 +281,7 @@ class Export(Recording[ExportResult]):
             # the archive writer's note on channels-last weights (a CNN's, see
             # Backbone.optimize_for_inference): they are saved whole and load unchanged
             warnings.filterwarnings("ignore", message="No complete tensor found in the group")
-            meta_text = json.dumps(meta(cfg, self.models, patch), indent=1)
+            meta_text = json.dumps(meta(settings, self.models, patch), indent=1)
             torch.export.save(exported, buf, extra_files={META_FILE: meta_text})
         data = buf.getvalue()
         ledger.write(path, data)
@@ -282,11 +302,11 @@ def run_export(
     ModelError naming train-head when the models are missing or do not match `cfg`. `log`:
     a line before each step (why it exports, loading, tracing, saving), as the stages do."""
     t0 = time.perf_counter()
-    path = Path(out) if out is not None else default_path(cfg)
+    layout = RunLayout.of(cfg)
+    path = Path(out) if out is not None else layout.export
     if path.is_dir() or not path.name:
         raise UsageError(f"--out {str(out)!r}: a folder, not a file name (e.g. model.pt2)")
-    keys = config_keys(cfg)  # a bad backbone.layers or weights path is told before any models
-    with checked_models(
-        RunLayout.of(cfg), keys, cfg.paths.cache, as_trained=functools.partial(reproduces, cfg)
-    ) as models:
-        return reproduce(Export(cfg, models, path, height, width, log, t0), force, log)
+    settings = ExportSettings.of(cfg)  # a bad layers or weights path is told before any models
+    as_trained = functools.partial(reproduces, cfg)
+    with checked_models(layout, settings.keys, cfg.paths.cache, as_trained=as_trained) as models:
+        return reproduce(Export(settings, models, path, height, width, log, t0), force, log)
