@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -12,20 +13,13 @@ from ..core.config import Config
 from ..core.progress import plural
 from .options import examples, out_option, run_option, stage_command
 
+if TYPE_CHECKING:
+    from .segment import SegmentResult
 
-def do_segment(
-    cfg: Config, force: bool, paths: tuple[Path, ...], out_dir: Path | None, overlays: bool
-) -> bool:
-    from .segment import run_segment
 
-    res = run_segment(
-        cfg,
-        paths,
-        out_dir,
-        overlays=overlays,
-        force=force,
-        warn=lambda line: click.echo(f"  skipped: {line}", err=True),
-    )
+def echo_result(res: SegmentResult) -> bool:
+    """Print what segment did (its summary line, and an error line when images were
+    skipped); whether every image was segmented."""
     if res.n_written == 0 and not res.errors:
         click.echo(f"segment: {plural(res.n_current, 'mask')} up-to-date -> {res.out_dir}")
         return True
@@ -71,4 +65,14 @@ def segment(
 ) -> None:
     """Masks for PATHS, image files or folders (searched recursively), with the run's
     trained models."""
-    sys.exit(0 if do_segment(cfg, force, paths, out_dir, overlays) else 1)
+    from .segment import run_segment
+
+    res = run_segment(
+        cfg,
+        paths,
+        out_dir,
+        overlays=overlays,
+        force=force,
+        warn=lambda line: click.echo(f"  skipped: {line}", err=True),
+    )
+    sys.exit(0 if echo_result(res) else 1)
