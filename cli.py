@@ -19,15 +19,17 @@ from pipeline.commands.cli_segment import segment
 from pipeline.commands.cli_status import status
 from pipeline.commands.options import (
     DEFAULT_CONFIG,
-    PREDICT_SPLIT_HELP,
     echo_outcome,
     examples,
     guarded,
+    predict_options,
+    reads_run,
     run_option,
     scheduler_option,
     set_option,
     split_option,
     stage_command,
+    uses_run,
 )
 from pipeline.core.config import Config, load_config
 
@@ -89,10 +91,8 @@ def train_head(cfg: Config, force: bool) -> None:
     short_help="Stage 3: masks and reports (IoU, J, F) for a split.",
     epilog=examples("predict --split test", "predict --run long --set predict.threshold=0.3"),
 )
-@scheduler_option
-@split_option(PREDICT_SPLIT_HELP)
-@run_option("use")
-@stage_command
+@predict_options
+@uses_run
 def predict(cfg: Config, force: bool, split: str | None) -> None:
     """Stage 3: masks for a split, plus the IoU / J / F reports (JSON, Markdown, HTML)."""
     from pipeline.stages.predict import run_predict
@@ -104,8 +104,7 @@ def predict(cfg: Config, force: bool, split: str | None) -> None:
     short_help="All three stages in order, each skipped when up to date.",
     epilog=examples("run", "run --set data.layout=davis2016 --set data.test_split=val"),
 )
-@scheduler_option
-@split_option(PREDICT_SPLIT_HELP)
+@predict_options
 @stage_command
 def run(cfg: Config, force: bool, split: str | None) -> None:
     """All three stages in order, each skipped when up-to-date."""
@@ -144,8 +143,7 @@ def config_group() -> None:
     help="Explain one key instead: its meaning, value, default, what it allows and "
     "what a change makes stale.",
 )
-@run_option(None)
-@stage_command(computes=False)
+@reads_run
 def config_show(cfg: Config, explain_key: str | None) -> None:
     """Print the effective config (file + --set) as TOML, to save and edit (it loads back
     equal); with --explain KEY, what that key means."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..core.config import Config
-from .options import examples, out_option, run_option, stage_command
+from .options import examples, out_option, uses_run
 
 
 @click.command(
@@ -28,8 +28,7 @@ from .options import examples, out_option, run_option, stage_command
     default=None,
     help="Example image width for tracing, a multiple of the patch size [default: 20 patches].",
 )
-@run_option("use")
-@stage_command
+@uses_run
 def export(
     cfg: Config, force: bool, out_file: Path | None, height: int | None, width: int | None
 ) -> None:

@@ -11,7 +11,7 @@ import click
 
 from ..core.config import Config
 from ..core.progress import plural
-from .options import examples, out_option, run_option, stage_command
+from .options import examples, out_option, uses_run
 
 if TYPE_CHECKING:
     from .segment import SegmentResult
@@ -58,8 +58,7 @@ def echo_result(res: SegmentResult) -> bool:
     show_default=True,
     help="Also write overlays/<path>.jpg: the image with the mask tinted and outlined.",
 )
-@run_option("use")
-@stage_command
+@uses_run
 def segment(
     cfg: Config, force: bool, paths: tuple[Path, ...], out_dir: Path | None, overlays: bool
 ) -> None:

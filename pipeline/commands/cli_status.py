@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..core.config import Config
-from .options import examples, run_option, split_option, stage_command
+from .options import examples, reads_run, split_option
 
 
 @click.command(
@@ -19,8 +19,7 @@ from .options import examples, run_option, split_option, stage_command
     help="Rehash every input and output, ignoring the checksum memo (reads all the "
     "data and the cache); what is found damaged is marked for repair.",
 )
-@run_option(None)
-@stage_command(computes=False)
+@reads_run
 def status(cfg: Config, split: str | None, verify: bool) -> None:
     """One line per stage: up-to-date, stale (why) or missing; exit 0."""
     from ..stages.base import Context

@@ -278,3 +278,9 @@ def echo_outcome(outcome: Outcome) -> bool:
     for text, to_err in outcome.lines():
         click.echo(text, err=to_err)
     return outcome.ok
+
+
+# the option lists several commands share, each composed once (in this order in --help)
+predict_options = compose(scheduler_option, split_option(PREDICT_SPLIT_HELP))  # predict, run
+uses_run = compose(run_option("use"), stage_command)  # predict, segment, export: a run's models
+reads_run = compose(run_option(None), stage_command(computes=False))  # status, config show
