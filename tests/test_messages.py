@@ -45,20 +45,30 @@ def test_status_line_names_old_and_new_layers(tmp_path):
 
 def test_absent_as_matches_the_fingerprints(tmp_path, synth_root):
     """ABSENT_AS says what the producers leave out: feature_params at backbone.layers 1 and
-    without mirror, tta_params at predict.tta none; other values are present."""
+    without mirror, tta_params at predict.tta none, the training params at the training
+    options' defaults; other values are present."""
+
+    def params(cfg, mirrored: bool) -> dict:
+        keys = config_keys(cfg)
+        feature = keys.feature.mirrored() if mirrored else keys.feature
+        return {**feature.params(), **keys.predict.tta_params(), **keys.train.params()}
+
     cfg = make_cfg(tmp_path, synth_root, "backbone.layers=1", "predict.tta=none")
-    params = {**config_keys(cfg).feature.params(), **config_keys(cfg).predict.tta_params()}
-    assert not set(ABSENT_AS) & set(params), params
-    cfg = make_cfg(tmp_path, synth_root, "backbone.layers=3", "predict.tta=flip")
-    params = {
-        **config_keys(cfg).feature.mirrored().params(),
-        **config_keys(cfg).predict.tta_params(),
-    }
-    assert {k: params[k] for k in ABSENT_AS} == {
+    got = params(cfg, mirrored=False)
+    assert not set(ABSENT_AS) & set(got), got
+    others = {
         "backbone.layers": 3,
         "mirror": True,
         "predict.tta": "flip",
+        "train.region_loss": "dice",
+        "train.region_weight": 0.5,
+        "upsampler.bandwidth": "learned",
+        "upsampler.upsample": "transposed",
     }
+    assert set(others) == set(ABSENT_AS)
+    sets = [f"{k}={v}" for k, v in others.items() if k != "mirror"]
+    got = params(make_cfg(tmp_path, synth_root, *sets), mirrored=True)
+    assert {k: got[k] for k in ABSENT_AS} == others
 
 
 # ----------------------------------------------------------------------------- backbone.layers
