@@ -22,7 +22,7 @@ from ..core.errors import LockError, OwnershipError
 from ..core.fsutil import exclusive_lock, read_json
 from ..core.layout import RunLayout, run_dirs
 from ..core.owned import is_marked
-from ..models.heads import read_card
+from ..models.card import read_card
 from ..store import (
     CACHE_LEGACY,
     FEATURES,
