@@ -27,7 +27,7 @@ from ..core.fsutil import (
     human_bytes,
     remove_temporaries,
 )
-from ..core.keys import FeatureKey
+from ..core.keys import DatasetRef, FeatureKey
 from ..core.owned import claim_folder
 from ..core.progress import Progress, plural
 from ..executors import execute, scheduler_of
@@ -146,11 +146,15 @@ def run_extract(
     keys = config_keys(cfg)
     claim_folder(cfg.paths.cache, "paths.cache", CACHE_LEGACY)
     hasher = file_hasher(cfg.paths.cache)
-    groups = plans_of(cfg.paths.cache, keys, selected_splits(cfg, splits), hasher)
+    groups = plans_of(cfg.paths.cache, keys, selected_splits(cfg.data, splits), hasher)
     result = ExtractResult(up_to_date=True)
+
+    def compute(pending: list[ShardTask], n_total: int) -> None:
+        _execute(cfg, pending, n_total, result, progress, executor)
+
     for fkey, plans, label in groups:
         errors = _extract_store(
-            cfg, fkey, plans, label, hasher, result, force, log, progress, executor
+            cfg.paths.cache, keys.data, fkey, plans, label, hasher, result, force, log, compute
         )
         if not label:  # the mirrored store lists the same unusable files again
             result.errors.extend(errors)
@@ -167,7 +171,8 @@ def run_extract(
 
 
 def _extract_store(
-    cfg: Config,
+    cache: str | Path,
+    data: DatasetRef,
     fkey: FeatureKey,
     plans: list[SplitPlan],
     label: str,
@@ -175,18 +180,17 @@ def _extract_store(
     result: ExtractResult,
     force: bool,
     log: Callable[[str], None],
-    progress: bool,
-    executor: str | None,
+    compute: Callable[[list[ShardTask], int], None],
 ) -> list[str]:
-    """Bring one store's splits up to date; returns the splits' listed problems."""
+    """Bring one store's splits up to date (`compute(shards, n_images)` computes the
+    missing shards); returns the splits' listed problems."""
     from .extract_engine import assemble_manifest
 
     problems = {p.split: split_problems(p, hasher) for p in plans}
     hasher.save()
     todo = [p for p in plans if force or problems[p.split]]
     errors: list[str] = []
-    sdir = store_dir(cfg.paths.cache, fkey)
-    data = config_keys(cfg).data
+    sdir = store_dir(cache, fkey)
     unindexed = [
         p for p in plans if read_index(sdir).get(dataset_key(data, p.split)) != p.split_dir.name
     ]
@@ -212,10 +216,10 @@ def _extract_store(
             f"extract-features{label}: {plural(len(todo), 'split')}, "
             f"{plural(n_total, 'image')} to extract"
             + (f", {n_cached} already cached" if n_cached else "")
-            + f" [{cfg.backbone.name}, store {sdir}]"
+            + f" [{fkey.backbone}, store {sdir}]"
         )
         if pending:
-            _execute(cfg, pending, n_total, result, progress, executor)
+            compute(pending, n_total)
             for p in todo:  # temporaries of killed (e.g. distributed) writers
                 remove_temporaries(p.split_dir / "shards")
         for p in todo:
@@ -330,7 +334,7 @@ class ExtractStage:
         """Every split of the dataset (`status`), or those the run needs (`run`)."""
         cfg = ctx.cfg
         if all_splits:
-            return selected_splits(cfg)
+            return selected_splits(cfg.data)
         needed = [cfg.data.train_split, ctx.split, cfg.data.val_split]
         return list(dict.fromkeys(s for s in needed if s))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..core.config import Config
+from ..core.config import DataCfg
 from ..core.fingerprints import first_problems
 from ..core.fsutil import FileHasher, read_json
 from ..core.keys import DatasetRef, FeatureKey, Keys
@@ -17,9 +17,10 @@ from .base import StageState
 STAGE = "extract-features"
 
 
-def selected_splits(cfg: Config, splits: Iterable[str] = ()) -> list[str]:
+def selected_splits(data: DataCfg, splits: Iterable[str] = ()) -> list[str]:
+    """`splits`, or every split of the dataset when none are given."""
     splits = list(splits)
-    return splits or list_splits(cfg.data.root, cfg.data.layout)
+    return splits or list_splits(data.root, data.layout)
 
 
 def store_groups(keys: Keys, splits: list[str]) -> list[tuple[FeatureKey, list[str], str]]:
