@@ -65,12 +65,10 @@ if TYPE_CHECKING:  # the engine (torch) is imported by the functions that comput
     from .extract_engine import extractor_of as extractor_of
     from .extract_engine import largest_first as largest_first
 
-_ENGINE_NAMES = ("Extractor", "extractor_of", "largest_first")
-
 
 def __getattr__(name: str) -> object:
     """The engine's names callers take from here (`extractor_of`, ...), imported on use."""
-    if name in _ENGINE_NAMES:
+    if name in ("Extractor", "extractor_of", "largest_first"):
         from . import extract_engine
 
         return getattr(extract_engine, name)
