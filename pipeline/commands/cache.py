@@ -22,7 +22,7 @@ from ..core.errors import LockError, OwnershipError
 from ..core.fsutil import exclusive_lock, read_json
 from ..core.layout import RunLayout, run_dirs
 from ..core.owned import is_marked
-from ..models.heads import read_card
+from ..models.card import read_card
 from ..store import (
     CACHE_LEGACY,
     FEATURES,
@@ -96,12 +96,13 @@ def _named_fingerprints(run_dir: Path) -> set[str]:
 def stores(cfg: Config) -> list[StoreInfo]:
     """Every store of cfg.paths.cache, with the live runs (registered ones, and those under
     cfg.paths.outputs) that use it."""
-    return _survey(cfg)[0]
+    return _survey(Path(cfg.paths.cache), Path(cfg.paths.outputs))[0]
 
 
-def _survey(cfg: Config) -> tuple[list[StoreInfo], set[str]]:
-    """stores(cfg), and every split fingerprint that a live run names."""
-    root = Path(cfg.paths.cache) / FEATURES
+def _survey(cache: Path, outputs: Path) -> tuple[list[StoreInfo], set[str]]:
+    """The stores of `cache` with the live runs using them (`stores`), and every split
+    fingerprint that a live run names."""
+    root = cache / FEATURES
     dirs = (
         sorted(
             d
@@ -120,7 +121,7 @@ def _survey(cfg: Config) -> tuple[list[StoreInfo], set[str]]:
             if isinstance(doc, dict) and isinstance(doc.get("run"), str)
         ]
     live = {Path(r) for runs in registered.values() for r in runs if Path(r).is_dir()}
-    live |= {d.resolve() for d in run_dirs(Path(cfg.paths.outputs))}
+    live |= {d.resolve() for d in run_dirs(outputs)}
     named = {run: _named_fingerprints(run) for run in sorted(live)}
     out = []
     for d in dirs:
@@ -152,11 +153,11 @@ def _survey(cfg: Config) -> tuple[list[StoreInfo], set[str]]:
     return out, set().union(*named.values())
 
 
-def garbage(cfg: Config) -> list[tuple[Path, int, str]]:
+def garbage(cache: Path, outputs: Path) -> list[tuple[Path, int, str]]:
     """What `cache gc` removes: (path, bytes, why) of unused stores, and of split folders of
     used stores that neither the index nor a live run names."""
     out = []
-    infos, named_by_live = _survey(cfg)
+    infos, named_by_live = _survey(cache, outputs)
     for info in infos:
         if not info.used:
             out.append((info.path, info.bytes, "no live run uses it"))
@@ -168,10 +169,11 @@ def garbage(cfg: Config) -> list[tuple[Path, int, str]]:
 
 
 def collect_garbage(cfg: Config, remove: bool) -> tuple[list[tuple[Path, int, str]], list[str]]:
-    """garbage(cfg), removed when `remove` (each store under its lock: one being written is
-    skipped and named). Returns (what is or would be removed, what was skipped and why)."""
+    """garbage() of cfg's cache and outputs, removed when `remove` (each store under its
+    lock: one being written is skipped and named). Returns (what is or would be removed,
+    what was skipped and why)."""
     cache = Path(cfg.paths.cache)
-    todo = garbage(cfg)
+    todo = garbage(cache, Path(cfg.paths.outputs))
     if not remove or not todo:
         return todo, []
     if not is_marked(cache, CACHE_LEGACY):

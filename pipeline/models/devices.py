@@ -4,25 +4,51 @@ config's keys, whose feature key records the resolved precision: `config_keys`).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
-
-import torch
 
 from ..core.errors import DeviceError, thread_limits
 from ..core.keys import Keys
 
 if TYPE_CHECKING:
+    import torch
+
     from ..core.config import Config
+
+# torch is imported inside the functions that compute: `status` (extract.precision "auto"
+# resolved through `config_keys`) runs without it on a machine with no GPU driver.
 
 T = TypeVar("T")
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Device nodes or driver folders of which at least one exists wherever torch can see a GPU on
+# Linux (NVIDIA, ROCm, WSL2): without any of them CUDA is unavailable and torch is not asked.
+GPU_DRIVER_PATHS = (
+    "/dev/nvidiactl",
+    "/dev/nvidia0",
+    "/proc/driver/nvidia",
+    "/dev/kfd",
+    "/dev/dxg",
+)
+
+
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch on a Linux machine with no GPU
+    driver (where the answer is False)."""
+    if "torch" not in sys.modules and sys.platform.startswith("linux"):
+        if not any(Path(p).exists() for p in GPU_DRIVER_PATHS):
+            return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def resolve_device(name: str) -> torch.device:
     """ "auto" -> cuda when available, else cpu; DeviceError for an unavailable CUDA device."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
@@ -44,9 +70,7 @@ def resolve_precision(precision: str, device_name: str) -> str:
     records what was computed, and a CPU cache is not taken for a GPU one)."""
     if precision != "auto":
         return precision
-    on_cuda = device_name.startswith("cuda") or (
-        device_name == "auto" and torch.cuda.is_available()
-    )
+    on_cuda = device_name.startswith("cuda") or (device_name == "auto" and cuda_available())
     return "bf16" if on_cuda else "fp32"
 
 
@@ -58,7 +82,10 @@ def config_keys(cfg: Config) -> Keys:
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a resolved or "auto" precision on `device` (None: plain fp32)."""
-    return PRECISIONS[resolve_precision(precision, device.type)]
+    import torch
+
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    return dtypes[resolve_precision(precision, device.type)]
 
 
 def usable_cores() -> int:
@@ -78,6 +105,8 @@ def default_threads() -> int:
 def apply_threads(threads: int) -> int:
     """Set torch's intra-op thread count for this process (`threads` = 0: default_threads());
     returns the count set."""
+    import torch
+
     n = threads if threads > 0 else default_threads()
     torch.set_num_threads(n)
     return n
@@ -91,12 +120,16 @@ class CpuFanout:
     Dask workers compute identical values; `segment` and `predict` give identical masks)."""
 
     def __init__(self, threads: int | None = None):
+        import torch
+
         self.threads = max(1, threads or torch.get_num_threads())
         self._pool: ThreadPoolExecutor | None = None
 
     def map(self, fn: Callable[[int], T], n: int) -> list[T]:
         """[fn(0), ..., fn(n - 1)] computed over the threads (OpenMP's thread count is per
         thread and set to 1 in each; MKL's is process-wide: 1 meanwhile, restored after)."""
+        import torch
+
         if self._pool is None:
             self._pool = ThreadPoolExecutor(
                 self.threads,

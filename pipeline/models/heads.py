@@ -20,9 +20,18 @@ from safetensors import SafetensorError
 
 from ..core.errors import ModelError
 from ..core.fingerprints import fingerprint
-from ..core.fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
+from ..core.fsutil import atomic_write_bytes, atomic_write_json, sha256_bytes
 from ..core.hints import command
 from ..core.registry import IMAGENET_MEAN, IMAGENET_STD
+from .card import (
+    CARD_FILE,
+    CARD_VERSION,
+    HEAD_FILE,
+    LEGACY_FILES,
+    UPSAMPLER_FILE,
+    model_files,
+    read_card,
+)
 from .pac import PacConv2d
 
 
@@ -223,18 +232,6 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int], mode: str) -> t
 
 # ----------------------------------------------------------------------------- model files
 
-HEAD_FILE = "linear_head.safetensors"
-UPSAMPLER_FILE = "pac_upsampler.safetensors"
-# the files of cards 1 and 2: {"state_dict": ...} written by torch.save (read with
-# weights_only=True)
-LEGACY_FILES = ("linear_head.pt", "pac_upsampler.pt")
-CARD_FILE = "models.json"  # written last: names the files with their sha256
-# The model card's format (see CHANGELOG.md). 1: the cards written before the key existed
-# (they load as before); 2: with card_version and the upsampler's "pyramid"; 3: the files are
-# safetensors (HEAD_FILE, UPSAMPLER_FILE; before: LEGACY_FILES, still read). A card of a
-# newer version than this one is refused (a newer vit-objseg wrote it).
-CARD_VERSION = 3
-
 
 @dataclass
 class TrainedModels:
@@ -246,11 +243,6 @@ class TrainedModels:
     fingerprint: str  # of the model files' content
     params: dict[str, Any]  # training_params() at training time
     deps: dict[str, Any]  # the stored splits trained on (content fingerprints)
-
-
-def model_files(card: dict) -> tuple[str, str]:
-    """The (head, upsampler) file names a card of its card_version lists."""
-    return (HEAD_FILE, UPSAMPLER_FILE) if card.get("card_version", 1) >= 3 else LEGACY_FILES
 
 
 def save_models(
@@ -284,40 +276,6 @@ def save_models(
     for name in LEGACY_FILES:
         (model_dir / name).unlink(missing_ok=True)
     return fp
-
-
-def read_card(model_dir: Path) -> tuple[dict | None, str]:
-    """The model card (files' checksums, training params and deps), or None and why not;
-    the files themselves are not read."""
-    card = read_json(model_dir / CARD_FILE)
-    if card is None:
-        return None, (
-            "no trained models"
-            if not (model_dir / CARD_FILE).exists()
-            else f"{model_dir / CARD_FILE} damaged"
-        )
-    try:
-        files = card["files"]
-        version = card.get("card_version", 1)
-        ok = isinstance(version, int) and not isinstance(version, bool)
-        if ok and version > CARD_VERSION:
-            return None, (
-                f"{model_dir / CARD_FILE} is of card version {version}, newer than "
-                f"this vit-objseg reads ({CARD_VERSION}): upgrade vit-objseg, or "
-                "retrain"
-            )
-        ok = (
-            ok
-            and isinstance(card["params"], dict)
-            and isinstance(card["deps"], dict)
-            and set(files) == set(model_files(card))
-            and fingerprint(files) == card["fingerprint"]
-        )
-    except (KeyError, TypeError, AttributeError):
-        ok = False
-    if not ok:
-        return None, f"{model_dir / CARD_FILE} damaged"
-    return card, ""
 
 
 def _verified_bytes(model_dir: Path, card: dict, name: str) -> tuple[bytes | None, str]:

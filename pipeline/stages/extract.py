@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..core.config import Config
 from ..core.errors import DataError, StoreError, thread_limits
@@ -24,21 +25,16 @@ from ..core.fsutil import (
     atomic_write_json,
     exclusive_lock,
     human_bytes,
-    read_json,
     remove_temporaries,
 )
-from ..core.keys import DatasetRef, FeatureKey, Keys
+from ..core.keys import DatasetRef, FeatureKey
 from ..core.owned import claim_folder
 from ..core.progress import Progress, plural
-from ..data import (
-    list_splits,
-)
 from ..executors import execute, scheduler_of
 from ..models.devices import config_keys
 from ..runconfig import portable_config
 from ..store import (
     CACHE_LEGACY,
-    FEATURES,
     ShardTask,
     SplitPlan,
     bad_marker,
@@ -48,7 +44,6 @@ from ..store import (
     index_split,
     locate_in,
     manifest_path,
-    plan_split,
     read_index,
     read_manifest,
     split_problems,
@@ -56,22 +51,28 @@ from ..store import (
     store_lock,
 )
 from .base import Context, StageState, StageStatus, as_record, judge_record
-from .extract_engine import (
-    DASK_WORKER_THREADS,
-    assemble_manifest,
-    dask_extract,
-    extractor_of,
-    largest_first,
-    reuse_shard,
-    stream_shards,
+from .extract_record import (
+    STAGE,
+    manifest_damage,
+    plans_of,
+    selected_splits,
+    stage_state,
+    store_record,
 )
 
-STAGE = "extract-features"
+if TYPE_CHECKING:  # the engine (torch) is imported by the functions that compute
+    from .extract_engine import Extractor as Extractor
+    from .extract_engine import extractor_of as extractor_of
+    from .extract_engine import largest_first as largest_first
 
 
-def selected_splits(cfg: Config, splits: Iterable[str] = ()) -> list[str]:
-    splits = list(splits)
-    return splits or list_splits(cfg.data.root, cfg.data.layout)
+def __getattr__(name: str) -> object:
+    """The engine's names callers take from here (`extractor_of`, ...), imported on use."""
+    if name in ("Extractor", "extractor_of", "largest_first"):
+        from . import extract_engine
+
+        return getattr(extract_engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -127,16 +128,6 @@ class ExtractResult:
         return out
 
 
-def _store_groups(keys: Keys, splits: list[str]) -> list[tuple[FeatureKey, list[str], str]]:
-    """(feature key, splits, label) of each store stage 1 fills: the features of `splits`
-    and, with predict.tta = "flip", the mirrored features of the predicted ones."""
-    groups = [(keys.feature, splits, "")]
-    mirrored = keys.mirrored_splits(splits)
-    if mirrored:
-        groups.append((keys.feature.mirrored(), mirrored, " mirrored"))
-    return groups
-
-
 def run_extract(
     cfg: Config,
     splits: Iterable[str] = (),
@@ -153,11 +144,15 @@ def run_extract(
     keys = config_keys(cfg)
     claim_folder(cfg.paths.cache, "paths.cache", CACHE_LEGACY)
     hasher = file_hasher(cfg.paths.cache)
-    groups = _plans(cfg.paths.cache, keys, selected_splits(cfg, splits), hasher)
+    groups = plans_of(cfg.paths.cache, keys, selected_splits(cfg.data, splits), hasher)
     result = ExtractResult(up_to_date=True)
+
+    def compute(pending: list[ShardTask], n_total: int) -> None:
+        _execute(cfg, pending, n_total, result, progress, executor)
+
     for fkey, plans, label in groups:
         errors = _extract_store(
-            cfg, fkey, plans, label, hasher, result, force, log, progress, executor
+            cfg.paths.cache, keys.data, fkey, plans, label, hasher, result, force, log, compute
         )
         if not label:  # the mirrored store lists the same unusable files again
             result.errors.extend(errors)
@@ -174,7 +169,8 @@ def run_extract(
 
 
 def _extract_store(
-    cfg: Config,
+    cache: str | Path,
+    data: DatasetRef,
     fkey: FeatureKey,
     plans: list[SplitPlan],
     label: str,
@@ -182,16 +178,17 @@ def _extract_store(
     result: ExtractResult,
     force: bool,
     log: Callable[[str], None],
-    progress: bool,
-    executor: str | None,
+    compute: Callable[[list[ShardTask], int], None],
 ) -> list[str]:
-    """Bring one store's splits up to date; returns the splits' listed problems."""
+    """Bring one store's splits up to date (`compute(shards, n_images)` computes the
+    missing shards); returns the splits' listed problems."""
+    from .extract_engine import assemble_manifest
+
     problems = {p.split: split_problems(p, hasher) for p in plans}
     hasher.save()
     todo = [p for p in plans if force or problems[p.split]]
     errors: list[str] = []
-    sdir = store_dir(cfg.paths.cache, fkey)
-    data = config_keys(cfg).data
+    sdir = store_dir(cache, fkey)
     unindexed = [
         p for p in plans if read_index(sdir).get(dataset_key(data, p.split)) != p.split_dir.name
     ]
@@ -217,10 +214,10 @@ def _extract_store(
             f"extract-features{label}: {plural(len(todo), 'split')}, "
             f"{plural(n_total, 'image')} to extract"
             + (f", {n_cached} already cached" if n_cached else "")
-            + f" [{cfg.backbone.name}, store {sdir}]"
+            + f" [{fkey.backbone}, store {sdir}]"
         )
         if pending:
-            _execute(cfg, pending, n_total, result, progress, executor)
+            compute(pending, n_total)
             for p in todo:  # temporaries of killed (e.g. distributed) writers
                 remove_temporaries(p.split_dir / "shards")
         for p in todo:
@@ -238,6 +235,8 @@ def _pending_shards(
 ) -> list[ShardTask]:
     """The shards of `plan` to compute: the missing or damaged ones (their files removed),
     except those linked from another folder of the store; all of them with `force`."""
+    from .extract_engine import reuse_shard
+
     remove_temporaries(plan.split_dir / "shards")
     if force:
         manifest_path(plan.split_dir).unlink(missing_ok=True)
@@ -271,6 +270,14 @@ def _execute(
     progress: bool,
     executor: str | None,
 ) -> None:
+    from .extract_engine import (
+        DASK_WORKER_THREADS,
+        dask_extract,
+        extractor_of,
+        largest_first,
+        stream_shards,
+    )
+
     bar = Progress(n_total, "extract", enabled=progress)
     lock = threading.Lock()
 
@@ -312,72 +319,6 @@ def _execute(
         bar.close()
 
 
-# ----------------------------------------------------------------------------- the stage
-
-
-def _plans(
-    cache: str | Path, keys: Keys, splits: list[str], hasher: FileHasher
-) -> list[tuple[FeatureKey, list[SplitPlan], str]]:
-    return [
-        (fkey, [plan_split(cache, fkey, keys.data, s, hasher) for s in names], label)
-        for fkey, names, label in _store_groups(keys, splits)
-    ]
-
-
-def _manifest_damage(plan: SplitPlan) -> str:
-    """Why the manifest in the plan's folder cannot be read ("" when it can or is absent)."""
-    m, why = read_manifest(plan.split_dir)
-    return "" if m is not None or why == "no manifest" else why
-
-
-def store_record(
-    cache: str | Path, fkey: FeatureKey, data: DatasetRef, plans: list[SplitPlan]
-) -> tuple[dict, dict[str, str | None]] | None:
-    """Stage 1's record for these splits, (params, deps), read from the store it describes
-    (its features.json and the splits' manifests; shared by every run using the cache).
-    Without a store for `fkey`, the record of the store with the same splits made last
-    (so that `status` names the settings that changed), or None."""
-
-    def record(sdir: Path) -> tuple[dict, dict[str, str | None]] | None:
-        params = read_json(sdir / "features.json")
-        if not isinstance(params, dict):
-            return None
-        deps: dict[str, str | None] = {}
-        for p in plans:  # the folder the index names for this dataset's split (or holds it)
-            split_dir = locate_in(sdir, data, p.split)
-            if split_dir is None and p.split_dir.parent == sdir:
-                split_dir = p.split_dir
-            m, _ = read_manifest(split_dir) if split_dir is not None else (None, "")
-            if m is not None:
-                deps[f"data[{p.split}]"] = m.data_digest
-        return (params, deps) if deps else None
-
-    sdir = store_dir(cache, fkey)
-    own = record(sdir) if sdir.is_dir() else None
-    if own is not None:
-        return own
-    features = Path(cache) / FEATURES
-    others = (
-        [d for d in features.glob("*/features.json") if d.parent != sdir]
-        if features.is_dir()
-        else []
-    )
-    for f in sorted(others, key=lambda f: f.stat().st_mtime, reverse=True):
-        other = record(f.parent)
-        if other is not None and bool(other[0].get("mirror")) == fkey.mirror:
-            return other
-    return None
-
-
-def _state(plans: list[SplitPlan], fkey: FeatureKey, problems: list[str]) -> StageState:
-    return StageState(
-        STAGE,
-        {f"data[{p.split}]": p.data_digest for p in plans},
-        fkey.params(),
-        first_problems(problems),
-    )
-
-
 class ExtractStage:
     """Stage 1 as data: deps the splits' data digests, params the feature key, outs the
     stored splits (shards with checksums and the manifests); its record is the store."""
@@ -391,7 +332,7 @@ class ExtractStage:
         """Every split of the dataset (`status`), or those the run needs (`run`)."""
         cfg = ctx.cfg
         if all_splits:
-            return selected_splits(cfg)
+            return selected_splits(cfg.data)
         needed = [cfg.data.train_split, ctx.split, cfg.data.val_split]
         return list(dict.fromkeys(s for s in needed if s))
 
@@ -404,7 +345,7 @@ class ExtractStage:
         cfg = ctx.cfg
         keys = config_keys(cfg)
         hasher = file_hasher(cfg.paths.cache, ctx.verify)
-        groups = _plans(
+        groups = plans_of(
             cfg.paths.cache, keys, self.splits(ctx, True) if splits is None else splits, hasher
         )
         fkey, plans, _ = groups[0]
@@ -418,7 +359,7 @@ class ExtractStage:
                     for why in whys
                     if label or why not in ("no manifest", f"data[{p.split}] changed")
                 ]
-                if whys and not label and _manifest_damage(p):
+                if whys and not label and manifest_damage(p):
                     damaged.add(p.split)
                 if not whys and locate_in(p.split_dir.parent, keys.data, p.split) != p.split_dir:
                     problems.append(
@@ -426,7 +367,7 @@ class ExtractStage:
                         f"{cfg.data.root} (e.g. a moved dataset)"
                     )
         hasher.save()
-        state = _state(plans, fkey, problems)
+        state = stage_state(plans, fkey, problems)
         found = store_record(cfg.paths.cache, fkey, keys.data, plans)
         rec = None
         if found is not None:
