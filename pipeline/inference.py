@@ -33,24 +33,10 @@ from .data import Box, from_canvas, to_canvas
 from .models.backbones import Backbone, create_backbone
 from .models.devices import CpuFanout, autocast_dtype
 from .models.heads import TrainedModels, load_models, upsample_logits
-from .store import CachedItem, split_fingerprint
+from .store import CachedItem
+from .store.provenance import models_mismatch
 
 # ----------------------------------------------------------------------------- the models
-
-
-def _models_mismatch(cache: str | Path, keys: Keys, params: dict, deps: dict) -> str:
-    """Why models trained with `params` on the stored splits `deps` are not the ones the
-    keys ask for ("" when they are): other training settings, or a stored split (of the
-    dataset keys.data in the cache folder `cache`) that has changed since training."""
-    diff = diff_params(params, keys.train.params())
-    if diff:
-        return "; ".join(diff[:4]) + (f" (+{len(diff) - 4} more)" if len(diff) > 4 else "")
-    for dep, fp in deps.items():
-        split = dep[len("features[") : -1]
-        now = split_fingerprint(cache, keys.feature, keys.data, split)
-        if now is not None and now != fp:
-            return f"features[{split}] changed since training"
-    return ""
 
 
 @contextlib.contextmanager
@@ -74,7 +60,7 @@ def checked_models(
         run.lock("models"), f"the models of run '{run.name}' (train-head is running)", shared=True
     ):
         models = load_models(mdir, device)
-        why = _models_mismatch(cache, keys, models.params, models.deps)
+        why = models_mismatch(cache, keys, models.params, models.deps)
         if why:
             # the run's recorded config trained these models: --run uses them as they are
             as_trained_hint = (

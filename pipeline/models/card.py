@@ -1,13 +1,13 @@
 """The model card (`models.json`, written last beside the trained models: their files'
 checksums, training params and deps) and the model files' names, read without torch: what
-`status` and `cache` need of a run's models."""
+`status` and `cache` need of a run's models, and the models' content fingerprint."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..core.fingerprints import fingerprint
-from ..core.fsutil import read_json
+from ..core.fsutil import read_json, sha256_bytes
 
 HEAD_FILE = "linear_head.safetensors"
 UPSAMPLER_FILE = "pac_upsampler.safetensors"
@@ -59,3 +59,27 @@ def read_card(model_dir: Path) -> tuple[dict | None, str]:
     if not ok:
         return None, f"{model_dir / CARD_FILE} damaged"
     return card, ""
+
+
+def verified_bytes(model_dir: Path, card: dict, name: str) -> tuple[bytes | None, str]:
+    """The bytes of the model file `name` as its card lists them, or (None, why not)."""
+    try:
+        data = (model_dir / name).read_bytes()
+    except FileNotFoundError:
+        return None, f"{model_dir / name} missing"
+    listed = card["files"][name]
+    if len(data) != listed["bytes"] or sha256_bytes(data) != listed["sha256"]:
+        return None, f"{model_dir / name} damaged (fails its checksum)"
+    return data, ""
+
+
+def models_fingerprint(model_dir: Path) -> tuple[str | None, str]:
+    """(content fingerprint, "") of intact trained models, or (None, why not)."""
+    card, why = read_card(model_dir)
+    if card is None:
+        return None, why
+    for name in model_files(card):
+        _, why = verified_bytes(model_dir, card, name)
+        if why:
+            return None, why
+    return card["fingerprint"], ""

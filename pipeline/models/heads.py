@@ -31,6 +31,7 @@ from .card import (
     UPSAMPLER_FILE,
     model_files,
     read_card,
+    verified_bytes,
 )
 from .pac import PacConv2d
 
@@ -278,29 +279,6 @@ def save_models(
     return fp
 
 
-def _verified_bytes(model_dir: Path, card: dict, name: str) -> tuple[bytes | None, str]:
-    try:
-        data = (model_dir / name).read_bytes()
-    except FileNotFoundError:
-        return None, f"{model_dir / name} missing"
-    listed = card["files"][name]
-    if len(data) != listed["bytes"] or sha256_bytes(data) != listed["sha256"]:
-        return None, f"{model_dir / name} damaged (fails its checksum)"
-    return data, ""
-
-
-def models_fingerprint(model_dir: Path) -> tuple[str | None, str]:
-    """(content fingerprint, "") of intact trained models, or (None, why not)."""
-    card, why = read_card(model_dir)
-    if card is None:
-        return None, why
-    for name in model_files(card):
-        _, why = _verified_bytes(model_dir, card, name)
-        if why:
-            return None, why
-    return card["fingerprint"], ""
-
-
 def load_models(model_dir: Path, device: torch.device | str = "cpu") -> TrainedModels:
     """The trained models in `model_dir`, verified against their card and read without
     unpickling; ModelError naming `train-head` when they are absent or damaged."""
@@ -314,7 +292,7 @@ def load_models(model_dir: Path, device: torch.device | str = "cpu") -> TrainedM
     names = model_files(card)
     states = []
     for name in names:
-        data, why = _verified_bytes(model_dir, card, name)
+        data, why = verified_bytes(model_dir, card, name)
         if data is None:
             raise ModelError(f"{why}: {repair}")
         try:

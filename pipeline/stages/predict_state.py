@@ -12,8 +12,10 @@ from ..core.hints import command
 from ..core.keys import Keys
 from ..core.layout import RunLayout
 from ..core.owned import RUN_LEGACY, is_marked
+from ..models.card import models_fingerprint, read_card
 from ..report.stage import REPORT_FORMAT
 from ..store import split_fingerprint
+from ..store.provenance import models_mismatch
 from .base import StageState, load_record
 from .predict_settings import PredictSettings
 
@@ -76,13 +78,10 @@ def stage_state(
 def _usable_models(settings: PredictSettings, check: bool) -> tuple[str | None, str]:
     """The fingerprint of the run's models and "" , or (None, why) when they were trained
     with other settings than `settings` ask for (`check`: compared at all)."""
-    from ..inference import _models_mismatch
-    from ..models.heads import models_fingerprint, read_card
-
     models_fp, _ = models_fingerprint(settings.run.models)
     card, _ = read_card(settings.run.models)
     if models_fp is not None and card is not None and check:
-        why = _models_mismatch(settings.cache, settings.keys, card["params"], card["deps"])
+        why = models_mismatch(settings.cache, settings.keys, card["params"], card["deps"])
         if why:
             return None, f"trained with other settings ({why})"
     return models_fp, ""

@@ -23,6 +23,8 @@ from .. import runconfig
 from ..core.config import Config, copy_config
 from ..core.hints import command
 from ..core.layout import RunLayout
+from ..models.card import models_fingerprint
+from ..models.devices import config_keys
 from ..store import FeatureStore, split_fingerprint
 from .base import Context, Lock, Recording, StageState, StageStatus, judge, load_record, reproduce
 from .train_settings import TrainSettings
@@ -38,8 +40,6 @@ STAGE = "train-head"
 
 def _models_problem(models: Path) -> str:
     """Why the model set in `models` is not intact ("": it is)."""
-    from ..models.heads import models_fingerprint
-
     return models_fingerprint(models)[1]
 
 
@@ -81,8 +81,6 @@ class TrainStage:
         return STAGE
 
     def state(self, ctx: Context) -> StageState:
-        from ..models.devices import config_keys  # resolves "auto" precision (torch)
-
         cfg = ctx.cfg
         models = RunLayout.of(cfg).models
         if not ctx.recorded:
