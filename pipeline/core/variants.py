@@ -7,7 +7,7 @@ from __future__ import annotations
 # the linear head's patch logits upsampled by nearest-neighbour and bilinear interpolation, the
 # PAC upsampler's full-resolution logits, and the PAC probabilities refined with the image
 # (REFINED)
-VARIANTS = ("linear_nearest", "linear_bilinear", "pac")
+VARIANTS = ("linear_nearest", "linear_bilinear", "pac", "pac_crf", "pac_guided")
 # a refined variant: (the variant it refines, the refiner): models.refine's dense CRF and
 # guided filter (models.refine.REFINERS), their settings the config's [refine] section
 # (core.keys.RefineKey)
