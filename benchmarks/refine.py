@@ -13,7 +13,8 @@ the annotation, and the PAC and bilinear logits (float16) to one npz, so a param
 never touches the models again. `score` refines those with each parameter combination of
 `--grid` (a refiner's keyword arguments; several `--grid` flags make a product) and prints a
 row per combination; `--json` appends the rows to a file. `time` measures seconds per
-480 x 854 frame (its 480 x 832 canvas for mobilenet_v2) of each refiner on the CPU.
+480 x 854 frame (its 480 x 832 canvas for mobilenet_v2) of each refined variant of stage 3
+at the config's [refine] defaults (or of each `--grid` combination) on the CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,25 +34,36 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.core.config import RefineCfg  # noqa: E402
+from pipeline.core.keys import RefineKey  # noqa: E402
+from pipeline.core.variants import REFINED  # noqa: E402
 from pipeline.data.canvas import Box, from_canvas, to_canvas  # noqa: E402
 from pipeline.metrics.masks import aggregate, image_stats  # noqa: E402
-from pipeline.models.refine import dense_crf, guided_filter  # noqa: E402
+from pipeline.models.refine import REFINERS as LIBRARY_REFINERS  # noqa: E402
+from pipeline.models.refine import refine_logits  # noqa: E402
+
+# pydensecrf's settings in the comparison (its Potts `compat`s as weights)
+PYDENSECRF_DEFAULTS = {
+    "iterations": 5,
+    "appearance_weight": 10.0,
+    "appearance_xy": 80.0,
+    "appearance_rgb": 13.0,
+    "smoothness_weight": 3.0,
+    "smoothness_xy": 3.0,
+}
 
 
 def pydensecrf_reference(
-    prob: torch.Tensor,
-    image: torch.Tensor,
-    *,
-    iterations: int = 5,
-    appearance_weight: float = 10.0,
-    appearance_xy: float = 80.0,
-    appearance_rgb: float = 13.0,
-    smoothness_weight: float = 3.0,
-    smoothness_xy: float = 3.0,
+    prob: torch.Tensor, image: torch.Tensor, **settings: float
 ) -> torch.Tensor:
     """The compiled fully connected CRF (pydensecrf2; only where installed, never a
     dependency), on the same unary, for comparison: the weights are its Potts `compat`s
-    (its kernels are normalised per pixel, so they do not mean what dense_crf's weights do)."""
+    (its kernels are normalised per pixel, so they do not mean what dense_crf's weights do).
+    `settings`: PYDENSECRF_DEFAULTS' keys."""
+    unknown = set(settings) - set(PYDENSECRF_DEFAULTS)
+    if unknown:
+        raise ValueError(f"pydensecrf takes no {', '.join(sorted(unknown))}")
+    kw = {**PYDENSECRF_DEFAULTS, **settings}
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_softmax
 
@@ -59,17 +72,20 @@ def pydensecrf_reference(
     H, W = p.shape
     crf = dcrf.DenseCRF2D(W, H, 2)
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(np.stack([1 - p, p]), clip=1e-5)))
-    crf.addPairwiseGaussian(sxy=smoothness_xy, compat=smoothness_weight)
+    crf.addPairwiseGaussian(sxy=kw["smoothness_xy"], compat=kw["smoothness_weight"])
     crf.addPairwiseBilateral(
-        sxy=appearance_xy, srgb=appearance_rgb, rgbim=rgb, compat=appearance_weight
+        sxy=kw["appearance_xy"],
+        srgb=kw["appearance_rgb"],
+        rgbim=rgb,
+        compat=kw["appearance_weight"],
     )
-    q = np.array(crf.inference(iterations))[1].reshape(H, W)
+    q = np.array(crf.inference(int(kw["iterations"])))[1].reshape(H, W)
     return torch.from_numpy(q).float()[None, None]
 
 
+# the library's refiners (what stage 3's refined variants run), and the compiled reference
 REFINERS: dict[str, Callable[..., torch.Tensor]] = {
-    "crf": dense_crf,
-    "guided": guided_filter,
+    **LIBRARY_REFINERS,
     "pydensecrf": pydensecrf_reference,
 }
 
@@ -221,23 +237,44 @@ def cmd_score(args: argparse.Namespace) -> None:
                         fh.write(json.dumps(row) + "\n")
 
 
+def _seconds(fn: Callable[[], object], repeat: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of `repeat` calls of `fn`, after one warm-up call."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeat):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return wall, cpu
+
+
 def cmd_time(args: argparse.Namespace) -> None:
-    """Wall seconds per 480 x 832 frame (the median of `--repeat`), after a warm-up."""
+    """Wall seconds per 480 x 832 frame (the median of `--repeat`), after a warm-up: each
+    refined variant of stage 3 (core.variants.REFINED) as stage 3 runs it (refine_logits at
+    the config's [refine] defaults) or, with `--grid`, each combination given."""
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     img = torch.randint(0, 256, (1, 3, 480, 832), dtype=torch.uint8, generator=gen)
     prob = torch.rand((1, 1, 480, 832), generator=gen)
-    for refiner, kwargs in parse_grid(args.grid) if args.grid else []:
-        fn = REFINERS[refiner]
-        fn(prob, img, **kwargs)
-        wall, cpu = [], []
-        for _ in range(args.repeat):
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn(prob, img, **kwargs)
-            wall.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
+    logits = torch.logit(prob.clamp(1e-5, 1 - 1e-5))
+    defaults = RefineKey.of(dict(RefineCfg().__dict__))
+    cases: list[tuple[str, dict, Callable[[], object]]]
+    if args.grid:
+        cases = [
+            (refiner, kwargs, partial(REFINERS[refiner], prob, img, **kwargs))
+            for refiner, kwargs in parse_grid(args.grid)
+        ]
+    else:
+        cases = [
+            (variant, kw, partial(refine_logits, refiner, logits, img, **kw))
+            for variant, (_, refiner) in REFINED.items()
+            for kw in [defaults.kwargs(refiner)]
+        ]
+    for label, kwargs, fn in cases:
+        wall, cpu = _seconds(fn, args.repeat)
         print(
-            f"{refiner:6s} {json.dumps(kwargs):70s} wall {np.median(wall):.3f} s "
+            f"{label:10s} {json.dumps(kwargs):70s} wall {np.median(wall):.3f} s "
             f"(min {min(wall):.3f})  cpu {np.median(cpu):.3f} s  threads {args.threads}",
             flush=True,
         )
@@ -260,8 +297,8 @@ def main() -> None:
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--json", default=None)
     s.add_argument("--per-category", action="store_true", help="also J / F per category")
-    t = sub.add_parser("time")
-    t.add_argument("--grid", action="append")
+    t = sub.add_parser("time", help="seconds per 480p frame of each refined variant")
+    t.add_argument("--grid", action="append", help="time these combinations instead")
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()

@@ -26,13 +26,14 @@ from .core.errors import ModelError
 from .core.fingerprints import diff_params
 from .core.fsutil import file_lock
 from .core.hints import command
-from .core.keys import FeatureKey, Keys
+from .core.keys import FeatureKey, Keys, RefineKey
 from .core.layout import RunLayout
 from .core.variants import VARIANTS
 from .data import Box, from_canvas, to_canvas
 from .models.backbones import Backbone, create_backbone
 from .models.devices import CpuFanout, autocast_dtype
-from .models.heads import TrainedModels, load_models, upsample_logits
+from .models.heads import TrainedModels, load_models
+from .models.variant_logits import VariantSeconds, variant_logits
 from .store import CachedItem
 from .store.provenance import models_mismatch
 
@@ -164,12 +165,20 @@ def _logit(p: float) -> float:
 class Predictor:
     """Trained models on a device: patch features and their image canvases -> full-size
     masks. `predict` (features from the store) and `segment` (features just computed) both
-    call `masks`, so the two give the same mask for the same image."""
+    call `masks`, so the two give the same mask for the same image. `refine`: the settings
+    of the refined variants (core.variants.REFINED; None: models.refine's defaults)."""
 
-    def __init__(self, models: TrainedModels, device: torch.device, threshold: float):
+    def __init__(
+        self,
+        models: TrainedModels,
+        device: torch.device,
+        threshold: float,
+        refine: RefineKey | None = None,
+    ):
         self.models = models
         self.device = device
         self.logit_threshold = _logit(threshold)
+        self.refine = refine
         self.cpu = CpuFanout() if device.type == "cpu" else None
 
     def masks(
@@ -199,12 +208,14 @@ class Predictor:
         variants: Sequence[str] = VARIANTS,
         mirrored: np.ndarray | None = None,
         sweep: Sequence[float] = (),
+        timing: VariantSeconds | None = None,
     ) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
         """`masks` (`places[i]`: where canvas i sits, its box, and its image's size), and per
         variant the sweep levels (uint8 (H, W)): for each pixel, how many of the ascending
         probability thresholds `sweep` its object probability exceeds (the pixel is object at
         sweep[k] iff its level > k; compared in logit space exactly as the mask is, so at the
-        configured threshold the level gives the mask). No sweep: {}."""
+        configured threshold the level gives the mask). No sweep: {}. `timing`: where each
+        variant's seconds are added."""
         if self.cpu is not None:
             parts = self.cpu.map(
                 lambda j: self._binary(
@@ -213,6 +224,7 @@ class Predictor:
                     variants,
                     None if mirrored is None else mirrored[j : j + 1],
                     sweep,
+                    timing,
                 ),
                 len(places),
             )
@@ -221,7 +233,7 @@ class Predictor:
                 {v: np.concatenate([p[1][v] for p in parts]) for v in variants} if sweep else {}
             )
         else:
-            binary, levels = self._binary(features, canvases, variants, mirrored, sweep)
+            binary, levels = self._binary(features, canvases, variants, mirrored, sweep, timing)
         return [
             (
                 {v: from_canvas(binary[v][j], box, size) for v in variants},
@@ -231,17 +243,16 @@ class Predictor:
         ]
 
     def _logits(
-        self, f: torch.Tensor, img: torch.Tensor, variants: Sequence[str]
+        self,
+        f: torch.Tensor,
+        img: torch.Tensor,
+        variants: Sequence[str],
+        mirrored: torch.Tensor | None = None,
+        timing: VariantSeconds | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Each variant's logits (B, 1, H', W') at canvas size."""
-        size = (img.shape[-2], img.shape[-1])
-        base = self.models.head(f)
-        logits = {
-            "linear_nearest": lambda: upsample_logits(base, size, "nearest"),
-            "linear_bilinear": lambda: upsample_logits(base, size, "bilinear"),
-            "pac": lambda: self.models.upsampler(f, img, base),
-        }
-        return {v: logits[v]() for v in variants}
+        """Each variant's logits (B, 1, H', W') at canvas size (models.variant_logits, with
+        this predictor's refine settings)."""
+        return variant_logits(self.models, f, img, variants, mirrored, self.refine, timing)
 
     @torch.inference_mode()
     def _binary(
@@ -251,6 +262,7 @@ class Predictor:
         variants: Sequence[str],
         mirrored: np.ndarray | None = None,
         sweep: Sequence[float] = (),
+        timing: VariantSeconds | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Thresholded logits (B, H', W') at canvas size for each variant, and their sweep
         levels (uint8, same shape; {} without `sweep`)."""
@@ -259,10 +271,8 @@ class Predictor:
             return torch.from_numpy(feats.astype(np.float32)).permute(0, 3, 1, 2).to(self.device)
 
         img = torch.from_numpy(np.ascontiguousarray(canvases)).permute(0, 3, 1, 2).to(self.device)
-        logits = self._logits(tensor(features), img, variants)
-        if mirrored is not None:
-            flipped = self._logits(tensor(mirrored), img.flip(-1), variants)
-            logits = {v: (logits[v] + flipped[v].flip(-1)).mul_(0.5) for v in variants}
+        flip = None if mirrored is None else tensor(mirrored)
+        logits = self._logits(tensor(features), img, variants, flip, timing)
         binary = {v: (logits[v][:, 0] > self.logit_threshold).cpu().numpy() for v in variants}
         if not sweep:
             return binary, {}
@@ -290,6 +300,7 @@ class Predictor:
         items: list[CachedItem],
         mirrored: list[np.ndarray] | None = None,
         sweep: Sequence[float] = (),
+        timing: VariantSeconds | None = None,
     ) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
         """`masks_and_levels` of every variant for cached items whose canvases share one size."""
         return self.masks_and_levels(
@@ -298,6 +309,7 @@ class Predictor:
             [(it.meta.box, it.meta.orig_size) for it in items],
             mirrored=None if mirrored is None else np.stack(mirrored),
             sweep=sweep,
+            timing=timing,
         )
 
 

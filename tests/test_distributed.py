@@ -69,7 +69,10 @@ def test_dask_extract_and_predict_equal_local(tmp_path, data, cluster):
     shutil.rmtree(local.run_dir / "stages" / "predict_test_units")
     b = run_predict(local, "test", executor=cluster.scheduler_address, **quiet)
     assert digest(b.predictions_dir, "*.png") == preds_local
-    assert b.report_json.read_text() == report_local
+    # the same report, but for the measured seconds per image (its `timing`)
+    assert {k: v for k, v in json.loads(b.report_json.read_text()).items() if k != "timing"} == {
+        k: v for k, v in json.loads(report_local).items() if k != "timing"
+    }
 
 
 def test_local_cluster_leaves_the_environment_alone(tmp_path, data):

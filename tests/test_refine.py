@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models.refine import EPS, box_mean, crf_offsets, dense_crf, guided_filter
+from pipeline.models.refine import (
+    EPS,
+    REFINERS,
+    box_mean,
+    crf_offsets,
+    dense_crf,
+    guided_filter,
+    refine_logits,
+)
 
 F64 = torch.float64
 
@@ -357,6 +365,23 @@ def test_bad_arguments_are_refused():
         lambda: guided_filter(p, img, radius=0),
         lambda: guided_filter(p, img, eps=0),
         lambda: guided_filter(p, img, subsample=0),
+        lambda: dense_crf(p, img, unary_scale=0.0),
+        lambda: refine_logits("bilateral", p, img),
     ):
         with pytest.raises(ValueError):
             call()
+
+
+@pytest.mark.parametrize(
+    ("refiner", "kwargs"), [("crf", {"iterations": 3}), ("guided", {"radius": 3, "eps": 1e-2})]
+)
+def test_refine_logits_is_the_refiner_on_the_probabilities(refiner, kwargs):
+    """The variants' entry point: logits in, the named refiner on their probabilities, its
+    result as finite logits out (a certain pixel stays certain, not infinite)."""
+    img = rand_image(2, 20, 26, seed=9)
+    logits = (rand(2, 1, 20, 26, seed=10) - 0.5) * 8
+    logits[0, 0, 0, 0] = 40.0
+    out = refine_logits(refiner, logits, img, **kwargs)
+    expected = REFINERS[refiner](torch.sigmoid(logits), img, **kwargs)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(torch.sigmoid(out), expected.clamp(EPS, 1 - EPS))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.core.variants import VARIANTS
 from pipeline.inference import Predictor, _logit
 from pipeline.metrics.masks import (
     SWEEP_THRESHOLDS,
@@ -37,7 +38,6 @@ from pipeline.stages.predict import run_predict
 from tests.conftest import TINY_TRAIN, cli_sets, make_cfg, run_cli
 
 QUIET = dict(log=lambda s: None, progress=False)
-VARIANTS = ("linear_nearest", "linear_bilinear", "pac")
 
 
 def _report(cfg, split="test") -> dict:
@@ -74,7 +74,7 @@ def test_levels_cut_exactly_where_the_mask_does():
     pred = Predictor.__new__(Predictor)
     pred.device = torch.device("cpu")
     pred.logit_threshold = _logit(0.3)
-    pred._logits = lambda f, img, variants: {v: x.clone() for v in variants}
+    pred._logits = lambda f, img, variants, *_: {v: x.clone() for v in variants}
     binary, levels = pred._binary(
         np.zeros((1, 1, 1, 4), np.float32),
         np.zeros((1, 1, len(vals), 3), np.uint8),

@@ -33,6 +33,7 @@ from PIL import Image
 from ..core.config import Config
 from ..core.errors import DataError, thread_limits
 from ..core.fsutil import atomic_write_bytes, lock_path, sha256_bytes, stat_stamp
+from ..core.keys import RefineKey
 from ..core.layout import RunLayout
 from ..core.owned import Ledger, claim_folder, claim_run_dir
 from ..core.progress import Progress
@@ -147,6 +148,7 @@ class SegmentSettings:
     overlays: bool
     force: bool
     progress: bool
+    refine: RefineKey | None = None  # [refine]: what a refined candidate is refined with
 
 
 def run_segment(
@@ -179,6 +181,7 @@ def run_segment(
         overlays,
         force,
         progress,
+        keys.predict.refine,
     )
     runner = functools.partial(
         BackboneRunner,
@@ -225,7 +228,7 @@ def _segment_into(
         result.n_current = len(sources) - len(todo)
         try:
             if todo:
-                predictor = Predictor(models, settings.device, settings.threshold)
+                predictor = Predictor(models, settings.device, settings.threshold, settings.refine)
                 with thread_limits("segment's decoding and writing"):
                     streamer = _Stream(settings, runner(), predictor, ledger, record, fp)
                     streamer.run(todo, result, warn)

@@ -20,14 +20,15 @@ RECORD_VERSION = 1
 
 def settings_fingerprint(keys: Keys, models_fp: str) -> str:
     """What a mask depends on besides its image: the models, the feature settings (backbone,
-    weights, canvas fit, precision, feature dtype), the threshold and the test-time
-    augmentation (absent at "none", so masks made before the key stay current)."""
+    weights, canvas fit, precision, feature dtype), the threshold, the test-time
+    augmentation (absent at "none", so masks made before the key stay current) and a refined
+    candidate's refiner settings (none for pac: PredictKey.mask_params)."""
     return fingerprint(
         {
             "models": models_fp,
             "features": keys.feature.inference_params(),
             "threshold": keys.predict.threshold,
-            **keys.predict.tta_params(),
+            **keys.predict.mask_params(),
         }
     )
 

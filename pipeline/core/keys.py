@@ -6,7 +6,8 @@ and passed in.
 
 - `FeatureKey`: what determines a stored feature value besides the image (the store's key);
 - `TrainKey`: every setting trained models depend on besides their input features;
-- `PredictKey`: what stage 3's report depends on besides the models and the stored split;
+- `PredictKey`: what stage 3's report depends on besides the models and the stored split
+  (with `RefineKey`, the refiners' settings);
 - `DatasetRef`: the dataset a split is read from (the store's index is keyed by it).
 
 Keys at their ABSENT_AS value (core.fingerprints) are left out of the parameters, so that
@@ -26,6 +27,7 @@ from .errors import BackboneError
 from .fingerprints import fingerprint, without_absent
 from .fsutil import FileHasher
 from .registry import resolve_layers
+from .variants import CANDIDATE, REFINED
 
 if TYPE_CHECKING:
     from .config import Config
@@ -170,25 +172,64 @@ class TrainKey:
 
 
 @dataclass(frozen=True)
+class RefineKey:
+    """The refiners' settings (the config's [refine] section): per refiner of
+    core.variants.REFINED ("crf", "guided"), its keyword arguments to models.refine
+    (`refine.crf_iterations` is dense_crf's `iterations`)."""
+
+    settings: tuple[tuple[str, Any], ...] = ()  # (key within [refine], value), sorted
+
+    @classmethod
+    def of(cls, section: dict[str, Any]) -> RefineKey:
+        """The key of a [refine] section's {key: value}."""
+        return cls(tuple(sorted(section.items())))
+
+    def kwargs(self, refiner: str) -> dict[str, Any]:
+        """`refiner`'s keyword arguments ({"iterations": 5, ...} for "crf")."""
+        prefix = f"{refiner}_"
+        return {k[len(prefix) :]: v for k, v in self.settings if k.startswith(prefix)}
+
+    def params(self, refiner: str | None = None) -> dict[str, Any]:
+        """The settings as config keys ("refine.crf_iterations": 5), of one refiner or all."""
+        return {
+            f"refine.{k}": v
+            for k, v in self.settings
+            if refiner is None or k.startswith(f"{refiner}_")
+        }
+
+
+@dataclass(frozen=True)
 class PredictKey:
     """What stage 3's report depends on besides the models and the stored split; `tta` is
-    part of every result's fingerprint (predict, segment, export)."""
+    part of every result's fingerprint (predict, segment, export), and so are the settings
+    of the candidate's refiner when the candidate is a refined variant (mask_params)."""
 
     threshold: float
     thumbnails: int
     tta: str  # predict.tta: "none" | "flip"
+    refine: RefineKey = RefineKey()
 
     def tta_params(self) -> dict[str, str]:
         """predict.tta as an entry of a result's fingerprint: absent at "none", so results
         made before the key existed stay current."""
         return without_absent({"predict.tta": self.tta})
 
+    def mask_params(self) -> dict[str, Any]:
+        """What the candidate's mask depends on besides the models, the features and the
+        threshold (segment's and export's fingerprints): the test-time augmentation and,
+        for a refined candidate, its refiner's settings (none while the candidate is pac,
+        so segment and export results stay current)."""
+        refined = REFINED.get(CANDIDATE)
+        return {**self.tta_params(), **(self.refine.params(refined[1]) if refined else {})}
+
     def params(self) -> dict[str, Any]:
-        """What stage 3's record holds as its params."""
+        """What stage 3's record holds as its params: stage 3 writes every variant, so all
+        the refiners' settings."""
         return {
             "predict.threshold": self.threshold,
             "predict.thumbnails": self.thumbnails,
             **self.tta_params(),
+            **self.refine.params(),
         }
 
 
@@ -233,7 +274,12 @@ class Keys:
             if f"{section}.{k}" not in TRAIN_IGNORED
         )
         train = TrainKey(feature, settings, cfg.data.train_split, cfg.data.val_split)
-        predict = PredictKey(cfg.predict.threshold, cfg.predict.thumbnails, cfg.predict.tta)
+        predict = PredictKey(
+            cfg.predict.threshold,
+            cfg.predict.thumbnails,
+            cfg.predict.tta,
+            RefineKey.of(dict(cfg.refine.__dict__)),
+        )
         return cls(
             feature, train, predict, DatasetRef(cfg.data.root, cfg.data.layout, cfg.data.max_pixels)
         )

@@ -13,6 +13,10 @@ guided filter. Pure torch, device-agnostic, no trainable parameters.
   colour image as guide, box means by cumulative sums (O(1) in the radius); with ``subsample``
   the fast guided filter (He and Sun, 2015): coefficients at reduced resolution.
 * :func:`box_mean` -- the mean over each pixel's (2r+1)^2 window clipped to the image.
+* :data:`REFINERS` and :func:`refine_logits` -- the refiners by name, on logits: the
+  refinement variants of stage 3 (core.variants.REFINED).
+
+The CRF's pairwise messages are models.crf_kernels.
 
 Conventions: ``prob`` is (B, 1, H, W) object probabilities in [0, 1] (any floating dtype),
 ``image`` the (B, 3, H, W) RGB image as uint8 or as floats in 0..255. Results are
@@ -23,12 +27,22 @@ batch is refined independently of the others.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["box_mean", "guided_filter", "dense_crf", "crf_offsets"]
+from .crf_kernels import pairwise_messages
+
+__all__ = [
+    "box_mean",
+    "guided_filter",
+    "dense_crf",
+    "crf_offsets",
+    "REFINERS",
+    "refine_logits",
+]
 
 # probabilities are clipped to [EPS, 1 - EPS] before taking logs (|unary logit| <= 11.5)
 EPS = 1e-5
@@ -220,67 +234,6 @@ def crf_offsets(kernel_size: int, dilations: Sequence[int]) -> list[tuple[int, i
     return out
 
 
-class _AppearanceKernel:
-    """The appearance messages sum_o c_o K(i, i + o) x(i + o) / Z of one image batch, with
-    K(i, j) = exp(-|I_i - I_j|^2 / 2) on the guide I (RGB over theta_rgb).
-
-    Images live zero-padded by the largest offset and flattened, so that every offset is a
-    shift of one flat index and each product below is one contiguous slice (a row's shift
-    into its padding never wraps into the image). K is symmetric: the map D(q) = c_o K(q, q
-    + o) of each pair of opposite offsets is computed once, read at q for +o and at q - o
-    for -o. Only the messages of pixels inside the image are used, and x is zero in the
-    padding, so D needs no mask: wherever q or q + o lies in the padding, one factor of
-    each product it enters is zero or the product lands in the padding."""
-
-    def __init__(self, guide: torch.Tensor, offsets: list[tuple[int, int, float]], theta_xy: float):
-        B, C, H, W = guide.shape
-        self.B, self.H, self.W = B, H, W
-        self.pad = max(max(abs(dy), abs(dx)) for dy, dx, _ in offsets)
-        p = self.pad
-        self.Wp = W + 2 * p
-        self.n = (H + 2 * p) * self.Wp
-        flat = F.pad(guide, (p, p, p, p)).reshape(B, C, self.n)
-        self.pairs: list[tuple[int, torch.Tensor]] = []
-        self.norm = 0.0
-        for dy, dx, area in offsets:
-            if (dy, dx) < (0, 0):
-                continue  # served by its opposite
-            coef = area * math.exp(-0.5 * (dy * dy + dx * dx) / theta_xy**2)
-            self.norm += 2 * coef  # the message of a neighbourhood that agrees everywhere: 1
-            if abs(dy) >= H or abs(dx) >= W:
-                continue  # no two pixels of the image this far apart
-            s = dy * self.Wp + dx
-            diff = flat[:, :, s:] - flat[:, :, : self.n - s]
-            kern = diff.square_().sum(1).mul_(-0.5).exp_().mul_(coef)  # (B, n - s)
-            self.pairs.append((s, kern))
-
-    def padded(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) -> the zero-padded flat layout (B, n)."""
-        p = self.pad
-        return F.pad(x, (p, p, p, p)).reshape(self.B, self.n)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xf = self.padded(x)
-        out = torch.zeros_like(xf)
-        for s, kern in self.pairs:
-            out[:, : self.n - s].addcmul_(kern, xf[:, s:])
-            out[:, s:].addcmul_(kern, xf[:, : self.n - s])
-        p = self.pad
-        out = out.view(self.B, 1, self.H + 2 * p, self.Wp)[:, :, p : p + self.H, p : p + self.W]
-        return out / self.norm
-
-
-def _gaussian_message(x: torch.Tensor, theta_xy: float) -> torch.Tensor:
-    """sum_j g(i - j) x_j / sum_j g over j != i, g a Gaussian of std theta_xy pixels (zero
-    outside the image): the smoothness kernel's message, by separable convolution."""
-    r = max(1, math.ceil(3 * theta_xy))
-    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
-    g = torch.exp(-0.5 * (t / theta_xy) ** 2)
-    out = F.conv2d(x, g.view(1, 1, 1, -1), padding=(0, r))
-    out = F.conv2d(out, g.view(1, 1, -1, 1), padding=(r, 0))
-    return out.sub_(x).div_(g.sum() ** 2 - 1.0)  # without the centre (g(0) = 1)
-
-
 def dense_crf(
     prob: torch.Tensor,
     image: torch.Tensor,
@@ -319,44 +272,74 @@ def dense_crf(
     `iterations` 0 returns `prob` (clipped to [EPS, 1 - EPS]).
     """
     dtype = _check(prob, image)
-    _int("iterations", iterations, 0)
-    _int("scale", scale, 1)
-    for name, value in (
-        ("appearance_xy", appearance_xy),
-        ("appearance_rgb", appearance_rgb),
-        ("smoothness_xy", smoothness_xy),
-    ):
-        _positive(name, value)
-    for name, value in (
-        ("appearance_weight", appearance_weight),
-        ("smoothness_weight", smoothness_weight),
-    ):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    _positive("unary_scale", unary_scale)
+    lengths = {"appearance_xy": appearance_xy, "appearance_rgb": appearance_rgb}
+    weights = {"appearance_weight": appearance_weight, "smoothness_weight": smoothness_weight}
+    _check_crf_numbers(iterations, scale, unary_scale, {**lengths, "smoothness_xy": smoothness_xy})
+    _check_crf_numbers(0, 1, 1.0, weights, minimum_zero=True)
     offsets = crf_offsets(kernel_size, dilations)
     size = (prob.shape[-2], prob.shape[-1])
     unary = _logit(prob.to(dtype))
     if iterations == 0 or (appearance_weight == 0 and smoothness_weight == 0):
         return torch.sigmoid(unary).to(prob.dtype)
     low_unary = _logit(_downsample(prob.to(dtype), scale)) if scale > 1 else unary
-    if unary_scale != 1.0:
-        low_unary = low_unary * unary_scale
-    guide = _downsample(image.to(dtype), scale) / appearance_rgb
-    kernel = (
-        _AppearanceKernel(guide, offsets, appearance_xy / scale) if appearance_weight > 0 else None
+    low_unary = low_unary * unary_scale  # (exact at 1)
+    pairwise = pairwise_messages(
+        _downsample(image.to(dtype), scale) / appearance_rgb,
+        offsets,
+        scale,
+        (appearance_weight, appearance_xy),
+        (smoothness_weight, smoothness_xy),
     )
-    del guide
-    q = torch.sigmoid(low_unary)
-    message = torch.zeros_like(low_unary)
-    for _ in range(iterations):
-        m = q.mul(2.0).sub_(1.0)  # Potts, two labels: Q(object) - Q(background)
-        message = torch.zeros_like(m)
-        if kernel is not None:
-            message.add_(kernel(m), alpha=appearance_weight)
-        if smoothness_weight > 0:
-            message.add_(_gaussian_message(m, smoothness_xy / scale), alpha=smoothness_weight)
-        q = torch.sigmoid(low_unary + message)
-    if unary_scale != 1.0:
-        message.div_(unary_scale)
+    message = _mean_field(low_unary, pairwise, iterations).div_(unary_scale)
     return torch.sigmoid(unary + _upsample(message, size)).to(prob.dtype)
+
+
+def _check_crf_numbers(
+    iterations: int,
+    scale: int,
+    unary_scale: float,
+    numbers: dict[str, float],
+    minimum_zero: bool = False,
+) -> None:
+    """Refuse dense_crf's numeric arguments out of range: the counts, the unary's scale and
+    `numbers` (> 0, or >= 0 with `minimum_zero`: the weights)."""
+    _int("iterations", iterations, 0)
+    _int("scale", scale, 1)
+    _positive("unary_scale", unary_scale)
+    for name, value in numbers.items():
+        if not minimum_zero:
+            _positive(name, value)
+        elif not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _mean_field(
+    unary: torch.Tensor, pairwise: Callable[[torch.Tensor], torch.Tensor], iterations: int
+) -> torch.Tensor:
+    """Mean field for two labels with Potts pairwise terms: the message (the logit change)
+    after `iterations` updates q = sigmoid(unary + pairwise(2 q - 1)), from q = sigmoid(unary)."""
+    q = torch.sigmoid(unary)
+    message = torch.zeros_like(unary)
+    for _ in range(iterations):
+        message = pairwise(q.mul(2.0).sub_(1.0))  # Potts: Q(object) - Q(background)
+        q = torch.sigmoid(unary + message)
+    return message
+
+
+# ----------------------------------------------------------------------------- refiners
+
+# the refiners by the names core.variants.REFINED and the config's [refine] keys use
+REFINERS: dict[str, Callable[..., torch.Tensor]] = {"crf": dense_crf, "guided": guided_filter}
+
+
+def refine_logits(
+    refiner: str, logits: torch.Tensor, image: torch.Tensor, **kwargs: Any
+) -> torch.Tensor:
+    """Object logits (B, 1, H, W) refined with the image (B, 3, H, W) by the refiner named
+    `refiner` (REFINERS) with its keyword arguments: the refiner applied to their
+    probabilities, the result as float32 logits again (probabilities clipped to
+    [EPS, 1 - EPS] first, so the logits are finite)."""
+    if refiner not in REFINERS:
+        raise ValueError(f"unknown refiner {refiner!r} (one of {', '.join(REFINERS)})")
+    prob = REFINERS[refiner](torch.sigmoid(logits.float()), image, **kwargs)
+    return _logit(prob.float())

@@ -60,6 +60,7 @@ def build_report(
     variants: Sequence[str],
     sweep: Sequence[float] = (),
     resolved: dict | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> dict:
     """The report of a split: metrics of the annotated images (`n_images`), how many masks
     were written (`n_predicted`), and its provenance: the effective `config` (its tables, as
@@ -70,7 +71,9 @@ def build_report(
     ``threshold_sweep``: per variant, J mean, precision and recall at each threshold. With
     annotated images, ``davis``: per variant the DAVIS protocol's aggregate of the per-image
     J and F (metrics.davis; a category is a sequence, its frames in stem order).
-    `resolved`: the values used where the config says "auto" or 0 (``resolved_settings``)."""
+    `resolved`: the values used where the config says "auto" or 0 (``resolved_settings``).
+    `seconds`: per variant, the seconds its logits took per image: ``timing`` (measured, so
+    the one part of the report that differs between two runs of the same inputs)."""
     import torch
 
     if not rows:
@@ -91,6 +94,8 @@ def build_report(
     }
     if per_image:
         report["davis"] = davis_per_variant(per_image, variants)
+    if seconds:
+        report["timing"] = {"seconds_per_image": {v: seconds[v] for v in variants if v in seconds}}
     if sweep:
         report["threshold_sweep"] = {
             v: sweep_summary(

@@ -42,7 +42,7 @@ from ..store import FeatureStore
 from .base import Context, Lock, Recording, StageState, StageStatus, judge, load_record, reproduce
 from .predict_report import write_human_reports
 from .predict_settings import PredictSettings
-from .predict_shards import check_mirrored, predict_shard, predict_task
+from .predict_shards import check_mirrored, predict_shard, predict_task, seconds_per_image
 from .predict_state import no_mirrored_features, outputs, outs_problems, stage_name, stage_state
 
 if TYPE_CHECKING:
@@ -181,7 +181,8 @@ class Prediction(Recording[PredictResult]):
         hashes = [s.hash for s in store.manifest.shards]
         sweep = sweep_thresholds(settings.threshold)
         units = _current_units(run, split, hashes, fp, sweep, force)
-        predictor = Predictor(self.models, self.device, settings.threshold)
+        refine = settings.keys.predict.refine
+        predictor = Predictor(self.models, self.device, settings.threshold, refine)
         todo = [si for si in range(len(hashes)) if si not in units]
         if todo:
             self._predict_shards(todo, predictor, fp, sweep, units, hashes)
@@ -190,8 +191,9 @@ class Prediction(Recording[PredictResult]):
         if self.mirror_fp is not None:
             fingerprints["mirrored"] = self.mirror_fp
         resolved = resolved_settings(settings.keys.feature, str(self.device))
+        seconds = seconds_per_image([units[si] for si in range(len(hashes))])
         report = report_stage.build_report(
-            settings.config, split, rows, fingerprints, VARIANTS, sweep, resolved
+            settings.config, split, rows, fingerprints, VARIANTS, sweep, resolved, seconds
         )
         atomic_write_json(run.report(split), report)
         thumbnails = settings.keys.predict.thumbnails

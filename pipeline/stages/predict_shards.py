@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ..core.errors import ModelError, StoreError
 from ..core.fsutil import atomic_write_bytes, sha256_bytes
 from ..core.hints import command
-from ..core.variants import VARIANTS
+from ..core.variants import CANDIDATE, VARIANTS
 from ..data import same_size_batches
 from ..executors import worker_cached
 from ..metrics.masks import image_stats, sweep_counts, sweep_thresholds
@@ -47,23 +47,26 @@ def predict_shard(
     mirror: FeatureStore | None = None,
     sweep: Sequence[float] = (),
 ) -> dict:
-    """Masks of one shard written as PNG; returns the unit {"items": [...], "sweep": [...]}
-    of statistics (None for an image without annotation) and, per annotated image and
-    variant, the confusion counts at the ascending thresholds `sweep` (metrics.sweep_counts).
-    Images are batched by canvas size, in order. `mirror`: the split's mirrored features
-    (predict.tta = "flip")."""
+    """The candidate's masks of one shard written as PNG; returns the unit {"items": [...],
+    "sweep": [...], "seconds": {...}, "timed": n} of statistics (None for an image without
+    annotation) and, per annotated image and variant, the confusion counts at the ascending
+    thresholds `sweep` (metrics.sweep_counts), and the seconds each variant's logits took
+    over the shard's n images. Images are batched by canvas size, in order. `mirror`: the
+    split's mirrored features (predict.tta = "flip")."""
     from ..inference import mask_png_bytes
+    from ..models.variant_logits import VariantSeconds
 
     metas = [m for m in store.items if m.shard == shard]
     rows: dict[int, dict] = {}
+    timing = VariantSeconds()
     for batch in same_size_batches([m.box for m in metas], batch_size):
         items = [store.read(metas[i].index) for i in batch]
         mirrored = None if mirror is None else [mirror.features(metas[i].index) for i in batch]
         for item, (masks, levels) in zip(
-            items, predictor.batch_masks_and_levels(items, mirrored, sweep), strict=True
+            items, predictor.batch_masks_and_levels(items, mirrored, sweep, timing), strict=True
         ):
             meta = item.meta
-            png = mask_png_bytes(masks["pac"])
+            png = mask_png_bytes(masks[CANDIDATE])
             atomic_write_bytes(pred_dir / meta.category / f"{meta.stem}.png", png)
             stats, counts = None, None
             if item.mask is not None:
@@ -81,7 +84,28 @@ def predict_shard(
                 "mask": sha256_bytes(png),
                 "sweep": counts,
             }
-    return {"items": [rows[m.index] for m in metas], "sweep": list(sweep)}
+    return {
+        "items": [rows[m.index] for m in metas],
+        "sweep": list(sweep),
+        "seconds": timing.seconds,
+        "timed": timing.images,
+    }
+
+
+def seconds_per_image(units: Sequence[dict]) -> dict[str, float]:
+    """Per variant, the seconds its logits took per image, over the units that timed it
+    (each timed when its shard was predicted, possibly by an earlier, resumed pass)."""
+    total: dict[str, float] = {}
+    images: dict[str, int] = {}
+    for u in units:
+        secs, n = u.get("seconds"), u.get("timed")
+        if not isinstance(secs, dict) or not isinstance(n, int) or n <= 0:
+            continue
+        for v, s in secs.items():
+            if isinstance(s, (int, float)):
+                total[v] = total.get(v, 0.0) + float(s)
+                images[v] = images.get(v, 0) + n
+    return {v: total[v] / images[v] for v in total}
 
 
 def predict_task(
@@ -109,7 +133,7 @@ def predict_task(
         opened(mirror_dir, mirror_fp) if mirror_dir is not None and mirror_fp is not None else None
     )
     predictor = worker_cached(
-        ("predictor", models_fp, settings.device, settings.threshold),
+        ("predictor", models_fp, settings.device, settings.threshold, settings.keys.predict.refine),
         lambda: predictor_of(settings, models_fp),
     )
     return shard, predict_shard(
@@ -136,4 +160,4 @@ def predictor_of(settings: PredictSettings, models_fp: str) -> Predictor:
         raise ModelError(
             f"{settings.run.models}: the models changed during prediction; rerun predict"
         )
-    return Predictor(models, device, settings.threshold)
+    return Predictor(models, device, settings.threshold, settings.keys.predict.refine)

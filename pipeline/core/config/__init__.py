@@ -9,6 +9,7 @@ anywhere): a non-finite or out-of-range value is a one-line ConfigError before a
 
     meta.py     a field's documentation (KeyDoc, key), Range, the words the rules use
     schema.py   the fields: sections, keys, defaults, documentation (Config, key_docs)
+    schema_refine.py  the [refine] section's fields (RefineCfg)
     rules.py    what a value may be, read from the fields: CHOICES, RANGES, devices, paths,
                 names (validate, allowed_text)
     explain.py  `config show --explain KEY`
@@ -42,6 +43,7 @@ from .schema import (
     ExtractCfg,
     PathsCfg,
     PredictCfg,
+    RefineCfg,
     RunCfg,
     TrainCfg,
     UpsamplerCfg,
@@ -61,6 +63,7 @@ __all__ = [
     "TrainCfg",
     "UpsamplerCfg",
     "PredictCfg",
+    "RefineCfg",
     "DaskCfg",
     "all_keys",
     "key_docs",

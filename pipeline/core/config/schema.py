@@ -30,6 +30,7 @@ from .meta import (
     field_doc,
     key,
 )
+from .schema_refine import RefineCfg
 
 __all__ = [
     "RunCfg",
@@ -40,6 +41,7 @@ __all__ = [
     "TrainCfg",
     "UpsamplerCfg",
     "PredictCfg",
+    "RefineCfg",
     "DaskCfg",
     "Config",
     "all_keys",
@@ -385,6 +387,7 @@ class Config:
     train: TrainCfg = field(default_factory=TrainCfg)
     upsampler: UpsamplerCfg = field(default_factory=UpsamplerCfg)
     predict: PredictCfg = field(default_factory=PredictCfg)
+    refine: RefineCfg = field(default_factory=RefineCfg)
     dask: DaskCfg = field(default_factory=DaskCfg)
 
     def get(self, key: str) -> Any:
