@@ -42,6 +42,7 @@ __all__ = [
     "predict_stage_name",
     "refuse_scoring_the_validation_split",
     "resolve_thresholds",
+    "sweep_dependency",
     "val_sweep",
 ]
 
@@ -207,3 +208,22 @@ def resolve_thresholds(
             f"({why}); run `{cal.repair_command()}` first"
         )
     return found
+
+
+def sweep_dependency(
+    run: RunLayout,
+    cal: Calibration,
+    split: str,
+    models_fp: str | None,
+    features_fp: str | None,
+) -> tuple[str | None, str]:
+    """Stage 3's dependency ``cal.dep`` for `split` with "auto": the validation sweep's
+    content fingerprint and "", or None and why it is unusable (the split being predicted is
+    the validation split; the sweep is missing or out of date). `features_fp`: as val_sweep."""
+    if split == cal.val_split:
+        return None, (
+            "is the split being predicted: predict it with a number "
+            f"(--set predict.threshold={VAL_THRESHOLD})"
+        )
+    found, why = val_sweep(run, cal, models_fp, features_fp)
+    return (found.fingerprint, "") if found is not None else (None, f"unusable ({why})")
