@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +30,11 @@ from .core.keys import FeatureKey, Keys
 from .core.layout import RunLayout
 from .core.variants import VARIANTS
 from .data import Box, from_canvas, to_canvas
+from .data.holdout import holdout_of
 from .models.backbones import Backbone, create_backbone
 from .models.devices import CpuFanout, autocast_dtype
 from .models.heads import TrainedModels, load_models, upsample_logits
-from .store import CachedItem, split_fingerprint
+from .store import CachedItem, selected_fingerprint
 
 # ----------------------------------------------------------------------------- the models
 
@@ -45,9 +46,10 @@ def _models_mismatch(cache: str | Path, keys: Keys, params: dict, deps: dict) ->
     diff = diff_params(params, keys.train.params())
     if diff:
         return "; ".join(diff[:4]) + (f" (+{len(diff) - 4} more)" if len(diff) > 4 else "")
+    holdout = holdout_of(keys.train.train_split, keys.train.val_cut)
     for dep, fp in deps.items():
         split = dep[len("features[") : -1]
-        now = split_fingerprint(cache, keys.feature, keys.data, split)
+        now = selected_fingerprint(cache, keys.feature, keys.data, split, holdout)
         if now is not None and now != fp:
             return f"features[{split}] changed since training"
     return ""
@@ -180,10 +182,17 @@ class Predictor:
     masks. `predict` (features from the store) and `segment` (features just computed) both
     call `masks`, so the two give the same mask for the same image."""
 
-    def __init__(self, models: TrainedModels, device: torch.device, threshold: float):
+    def __init__(
+        self,
+        models: TrainedModels,
+        device: torch.device,
+        threshold: float | Mapping[str, float],
+    ):
+        """`threshold`: the probability threshold of every variant, or one per variant."""
         self.models = models
         self.device = device
-        self.logit_threshold = _logit(threshold)
+        per = threshold if isinstance(threshold, Mapping) else dict.fromkeys(VARIANTS, threshold)
+        self.logit_thresholds = {v: _logit(float(t)) for v, t in per.items()}
         self.cpu = CpuFanout() if device.type == "cpu" else None
 
     def masks(
@@ -277,7 +286,7 @@ class Predictor:
         if mirrored is not None:
             flipped = self._logits(tensor(mirrored), img.flip(-1), variants)
             logits = {v: (logits[v] + flipped[v].flip(-1)).mul_(0.5) for v in variants}
-        binary = {v: (logits[v][:, 0] > self.logit_threshold).cpu().numpy() for v in variants}
+        binary = {v: (logits[v][:, 0] > self.logit_thresholds[v]).cpu().numpy() for v in variants}
         if not sweep:
             return binary, {}
         levels = {}

@@ -13,6 +13,7 @@ from pipeline.core.config import load_config
 from pipeline.core.errors import CalibrationMissing, ConfigError
 from pipeline.core.layout import RunLayout
 from pipeline.core.variants import CANDIDATE, VARIANTS
+from pipeline.data.holdout import held_out
 from pipeline.data.synth import make_dataset
 from pipeline.metrics.calibration import choose_thresholds, sweep_fingerprint
 from pipeline.stages import predict as predict_stage
@@ -203,3 +204,75 @@ def test_segment_without_a_validation_sweep_is_one_line_exit_1(run):
         "no usable threshold sweep of the validation split",
         "predict --split val --set predict.threshold=0.5",
     )
+
+
+# ----------------------------------------------------------------------------- stage 3
+
+
+def test_predict_with_auto_says_which_split_chose(run):
+    cfg = cfg_of(run, *AUTO)
+    chosen = choose_thresholds(report(cfg, "val"), VARIANTS)
+    predict_stage.run_predict(cfg, "test", **QUIET)
+    rep = report(cfg, "test")
+    cal = rep["calibration"]
+    assert cal["mode"] == "auto" and cal["split"] == "val" and cal["thresholds"] == chosen
+    assert rep["resolved"]["predict.threshold"].startswith("auto, chosen on val: ")
+    # each variant's masks are cut at its own threshold: its J mean is the sweep's there
+    for v, t in chosen.items():
+        at = next(p for p in rep["threshold_sweep"][v] if p["threshold"] == t)
+        assert rep["variants"][v]["overall"]["j_mean"] == pytest.approx(at["j_mean"], abs=1e-12)
+    md = (cfg.run_dir / "report_test.md").read_text()
+    assert "the threshold chosen on val" in md and f"pac ({chosen['pac']:g})" in md
+    assert predict_stage.status(cfg, "test").up_to_date
+    # the validation split predicted at another number: the same sweep, still up to date
+    predict_stage.run_predict(cfg_of(run, *VAL, "predict.threshold=0.6"), "val", **QUIET)
+    assert predict_stage.status(cfg, "test").up_to_date
+    # its report edited: not the file predict wrote, the stage waits for the command
+    rpath = cfg.run_dir / "report_val.json"
+    rpath.write_text(rpath.read_text() + " ")
+    st = predict_stage.status(cfg, "test")
+    assert st.state == "stale" and "report_val.json is not the report predict wrote" in st.why
+    assert "predict --split val --set predict.threshold=0.5" in st.why
+    # a fixed threshold records where it came from too
+    fixed = report(cfg_of(run, *VAL), "val")["calibration"]
+    assert fixed == {"mode": "fixed", "thresholds": dict.fromkeys(VARIANTS, 0.6), "split": None}
+
+
+def test_predict_refusals_exit_codes(run):
+    sets = cli_sets(run[0], run[1], *AUTO)
+    r = run_cli("predict", "--split", "val", *sets)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    one_line_error(r, "predict.threshold = auto", "--set predict.threshold=0.5")
+    st = predict_stage.status(cfg_of(run, *AUTO), "val")
+    assert st.state == "stale" and "predict it with a number" in st.why
+    RunLayout.of(cfg_of(run, *AUTO)).record("predict[val]").unlink()
+    r = run_cli("predict", "--split", "test", *sets)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    one_line_error(
+        r,
+        "no usable threshold sweep of the validation split",
+        "predict --split val --set predict.threshold=0.5",
+    )
+    assert not (run[0] / "outputs" / "default" / "report_test.json").exists()
+
+
+def test_auto_on_the_sequences_val_cut_holds_out(tmp_path):
+    """A dataset with train and test only: data.val_cut makes the validation split."""
+    root = make_dataset(
+        tmp_path / "obj_seg", "obj_seg", {"train": 3, "test": 2}, size=(96, 136), seed=5
+    )
+    cut = ("data.val_cut=1",)
+    cfg = make_cfg(tmp_path, root, *TINY_TRAIN, *cut)
+    run_extract(cfg, **QUIET)
+    run_train(cfg, **QUIET)
+    auto = make_cfg(tmp_path, root, *TINY_TRAIN, *cut, "predict.threshold=auto")
+    with pytest.raises(CalibrationMissing, match="predict --split train_heldout"):
+        predict_stage.run_predict(auto, "test", **QUIET)
+    predict_stage.run_predict(cfg, "train_heldout", **QUIET)
+    val = report(cfg, "train_heldout")
+    assert {r["category"] for r in val["per_image"]} == set(held_out(["block", "disc"], 1))
+    predict_stage.run_predict(auto, "test", **QUIET)
+    cal = report(auto, "test")["calibration"]
+    assert cal["split"] == "train_heldout" and cal["thresholds"] == choose_thresholds(val, VARIANTS)
+    with pytest.raises(ConfigError, match="'train_heldout', the split being predicted"):
+        predict_stage.run_predict(auto, "train_heldout", **QUIET)

@@ -14,7 +14,7 @@ from ..core.hints import command
 from ..core.variants import VARIANTS
 from ..data import same_size_batches
 from ..executors import worker_cached
-from ..metrics.masks import image_stats, sweep_counts, sweep_thresholds
+from ..metrics.masks import image_stats, sweep_counts
 from ..store import FeatureStore
 from .predict_settings import PredictSettings
 
@@ -109,7 +109,7 @@ def predict_task(
         opened(mirror_dir, mirror_fp) if mirror_dir is not None and mirror_fp is not None else None
     )
     predictor = worker_cached(
-        ("predictor", models_fp, settings.device, settings.threshold),
+        ("predictor", models_fp, settings.device, tuple(settings.thresholds.values.items())),
         lambda: predictor_of(settings, models_fp),
     )
     return shard, predict_shard(
@@ -119,7 +119,7 @@ def predict_task(
         Path(pred_dir),
         settings.batch_size,
         mirror,
-        sweep_thresholds(settings.threshold),
+        settings.thresholds.sweep,
     )
 
 
@@ -136,4 +136,4 @@ def predictor_of(settings: PredictSettings, models_fp: str) -> Predictor:
         raise ModelError(
             f"{settings.run.models}: the models changed during prediction; rerun predict"
         )
-    return Predictor(models, device, settings.threshold)
+    return Predictor(models, device, settings.thresholds.values)
