@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.core.variants import VARIANTS as ALL_VARIANTS
 from pipeline.inference import Predictor, _logit
 from pipeline.metrics.masks import (
     SWEEP_THRESHOLDS,
@@ -73,7 +74,7 @@ def test_levels_cut_exactly_where_the_mask_does():
     x = torch.tensor(np.array(vals, np.float32)).reshape(1, 1, 1, len(vals))
     pred = Predictor.__new__(Predictor)
     pred.device = torch.device("cpu")
-    pred.logit_threshold = _logit(0.3)
+    pred.logit_thresholds = dict.fromkeys(ALL_VARIANTS, _logit(0.3))
     pred._logits = lambda f, img, variants: {v: x.clone() for v in variants}
     binary, levels = pred._binary(
         np.zeros((1, 1, 1, 4), np.float32),
