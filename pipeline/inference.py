@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -172,12 +172,14 @@ class Predictor:
         self,
         models: TrainedModels,
         device: torch.device,
-        threshold: float,
+        threshold: float | Mapping[str, float],
         refine: RefineKey | None = None,
     ):
+        """`threshold`: the probability threshold of every variant, or one per variant."""
         self.models = models
         self.device = device
-        self.logit_threshold = _logit(threshold)
+        per = threshold if isinstance(threshold, Mapping) else dict.fromkeys(VARIANTS, threshold)
+        self.logit_thresholds = {v: _logit(float(t)) for v, t in per.items()}
         self.refine = refine
         self.cpu = CpuFanout() if device.type == "cpu" else None
 
@@ -273,7 +275,7 @@ class Predictor:
         img = torch.from_numpy(np.ascontiguousarray(canvases)).permute(0, 3, 1, 2).to(self.device)
         flip = None if mirrored is None else tensor(mirrored)
         logits = self._logits(tensor(features), img, variants, flip, timing)
-        binary = {v: (logits[v][:, 0] > self.logit_threshold).cpu().numpy() for v in variants}
+        binary = {v: (logits[v][:, 0] > self.logit_thresholds[v]).cpu().numpy() for v in variants}
         if not sweep:
             return binary, {}
         levels = {}

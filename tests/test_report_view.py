@@ -73,7 +73,7 @@ def test_levels_cut_exactly_where_the_mask_does():
     x = torch.tensor(np.array(vals, np.float32)).reshape(1, 1, 1, len(vals))
     pred = Predictor.__new__(Predictor)
     pred.device = torch.device("cpu")
-    pred.logit_threshold = _logit(0.3)
+    pred.logit_thresholds = dict.fromkeys(VARIANTS, _logit(0.3))
     pred._logits = lambda f, img, variants, *_: {v: x.clone() for v in variants}
     binary, levels = pred._binary(
         np.zeros((1, 1, 1, 4), np.float32),

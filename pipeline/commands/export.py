@@ -23,6 +23,7 @@ differences of a feature, so a few pixels near the threshold may flip: tests req
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -43,12 +44,14 @@ from ..core.hints import command
 from ..core.keys import Keys
 from ..core.layout import RunLayout
 from ..core.owned import Ledger
+from ..core.variants import CANDIDATE
 from ..inference import BackboneRunner, checked_models
 from ..models.backbones import Backbone
 from ..models.devices import config_keys
 from ..models.heads import TrainedModels
 from ..runconfig import reproduces
 from ..stages.base import Recording, StageState, load_record, reproduce
+from ..stages.thresholds import Calibration, resolve_thresholds
 
 STAGE = "export"
 MAX_SIDE = 8192  # largest image side the program accepts
@@ -106,6 +109,7 @@ class ExportSettings:
     batch_size: int  # extract.batch_size
     compile: bool  # extract.compile
     layout: RunLayout  # the run's folder
+    threshold: float = 0.5  # the pac masks' (predict.threshold, "auto" resolved in run_export)
 
     @classmethod
     def of(cls, cfg: Config) -> ExportSettings:
@@ -186,7 +190,7 @@ def meta(settings: ExportSettings, models: TrainedModels, patch: int) -> dict:
         "patch_size": patch,
         "min_side": low,
         "max_side": high,
-        "threshold": settings.keys.predict.threshold,
+        "threshold": settings.threshold,
         "fit": settings.keys.feature.fit,
         "tta": settings.keys.predict.tta,
         "backbone": settings.keys.feature.backbone,
@@ -227,7 +231,7 @@ class Export(Recording[ExportResult]):
         params = {**keys.feature.inference_params(), **keys.predict.tta_params()}
         params.update(
             {
-                "predict.threshold": keys.predict.threshold,
+                "predict.threshold": self.settings.threshold,
                 "out": str(self.path.resolve()),
                 "height": self.height,
                 "width": self.width,
@@ -309,4 +313,7 @@ def run_export(
     settings = ExportSettings.of(cfg)  # a bad layers or weights path is told before any models
     as_trained = functools.partial(reproduces, cfg)
     with checked_models(layout, settings.keys, cfg.paths.cache, as_trained=as_trained) as models:
+        cal = Calibration.from_config(cfg)
+        chosen = resolve_thresholds(layout, cal, None, models.fingerprint).values[CANDIDATE]
+        settings = dataclasses.replace(settings, threshold=chosen)
         return reproduce(Export(settings, models, path, height, width, log, t0), force, log)

@@ -19,6 +19,7 @@ stage module; no stage imports it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import time
@@ -44,6 +45,7 @@ from ..models.devices import config_keys, resolve_device
 from ..report.panels import mask_panel, outline_width
 from ..runconfig import reproduces
 from ..stages.base import Lock
+from ..stages.thresholds import Calibration, resolve_thresholds
 from ..streaming import Decoded, Undecodable, Writer, stream
 from .segment_inputs import OVERLAY_DIR, Source, find_sources, refuse_inputs_as_outputs
 from .segment_record import RECORD_FILE, SegmentRecord, settings_fingerprint
@@ -141,7 +143,7 @@ class SegmentSettings:
     """What the work below run_segment reads of the config, taken from it once."""
 
     device: torch.device  # predict.device: the heads'
-    threshold: float  # predict.threshold
+    threshold: float  # the pac masks' (predict.threshold, "auto" resolved in run_segment)
     tta: bool  # predict.tta == "flip"
     max_pixels: int  # data.max_pixels
     decode_threads: int  # extract.num_workers
@@ -174,7 +176,7 @@ def run_segment(
     keys = config_keys(cfg)
     settings = SegmentSettings(
         resolve_device(cfg.predict.device),
-        cfg.predict.threshold,
+        float("nan"),  # resolved below, with the models (stages.thresholds)
         cfg.predict.tta == "flip",
         cfg.data.max_pixels,
         cfg.extract.num_workers,
@@ -198,7 +200,10 @@ def run_segment(
         claim_folder(out_dir, "the --out folder", (RECORD_FILE,))
         for line in problems:
             warn(line)
-        fp = settings_fingerprint(keys, models.fingerprint)
+        cal = Calibration.from_config(cfg)
+        chosen = resolve_thresholds(layout, cal, None, models.fingerprint).values[CANDIDATE]
+        settings = dataclasses.replace(settings, threshold=chosen)
+        fp = settings_fingerprint(keys, models.fingerprint, chosen)
         _segment_into(out_dir, sources, models, runner, settings, fp, result, warn)
     result.seconds = time.perf_counter() - t0
     return result

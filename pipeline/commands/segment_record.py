@@ -18,16 +18,17 @@ RECORD_FILE = ".segment.json"
 RECORD_VERSION = 1
 
 
-def settings_fingerprint(keys: Keys, models_fp: str) -> str:
+def settings_fingerprint(keys: Keys, models_fp: str, threshold: float) -> str:
     """What a mask depends on besides its image: the models, the feature settings (backbone,
-    weights, canvas fit, precision, feature dtype), the threshold, the test-time
-    augmentation (absent at "none", so masks made before the key stay current) and a refined
-    candidate's refiner settings (none for pac: PredictKey.mask_params)."""
+    weights, canvas fit, precision, feature dtype), the threshold of the pac masks (as
+    resolved: with predict.threshold = "auto", the one chosen on the validation split), the
+    test-time augmentation (absent at "none", so masks made before the key stay current) and a
+    refined candidate's refiner settings (none for pac: PredictKey.mask_params)."""
     return fingerprint(
         {
             "models": models_fp,
             "features": keys.feature.inference_params(),
-            "threshold": keys.predict.threshold,
+            "threshold": threshold,
             **keys.predict.mask_params(),
         }
     )

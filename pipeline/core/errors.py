@@ -40,6 +40,11 @@ class ModelError(PipelineError):
     """Trained models (stage 2's output) are missing, damaged or do not match the config."""
 
 
+class CalibrationMissing(PipelineError):
+    """predict.threshold = "auto" and the validation split's threshold sweep for these models
+    is missing or out of date (the line names the command that makes it)."""
+
+
 class DeviceError(PipelineError):
     """A requested device is not available."""
 

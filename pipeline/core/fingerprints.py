@@ -26,7 +26,8 @@ def _show(v: Any) -> str:
 # existed stay current; their absence means that value (the one place that says which):
 # backbone.layers at 1 (params.feature_params), the mirrored-store flag at False (ditto),
 # predict.tta at "none" (params.tta_params), the region loss and the upsampler options of
-# issue 29 at today's design (TrainKey.params). diff_params reads an absent key as its value.
+# issue 29 at today's design and data.val_cut at 0 (TrainKey.params). diff_params reads an
+# absent key as its value.
 ABSENT_AS: dict[str, Any] = {
     "backbone.layers": 1,
     "mirror": False,
@@ -35,6 +36,7 @@ ABSENT_AS: dict[str, Any] = {
     "train.region_weight": 1.0,
     "upsampler.bandwidth": "fixed",
     "upsampler.upsample": "bilinear",
+    "data.val_cut": 0,
 }
 
 _NO_VALUE = object()  # an absent key without an ABSENT_AS value

@@ -156,13 +156,16 @@ class TrainKey:
     settings: tuple[tuple[str, Any], ...]  # ("train.lr", 0.002), ... (lists as tuples)
     train_split: str
     val_split: str  # "": no validation during training
+    val_cut: int = 0  # data.val_cut: sequences of train_split held out (data.holdout)
 
     def params(self) -> dict[str, Any]:
-        """The key as the model card records it."""
+        """The key as the model card records it (data.val_cut absent at 0: models trained
+        before the key stay current)."""
         params = self.feature.inference_params()
         params.update((k, _thawed(v)) for k, v in self.settings)
         params["data.train_split"] = self.train_split
         params["data.val_split"] = self.val_split
+        params["data.val_cut"] = self.val_cut
         return without_absent(params)  # keys of ABSENT_AS: models trained before stay valid
 
     @property
@@ -204,7 +207,7 @@ class PredictKey:
     part of every result's fingerprint (predict, segment, export), and so are the settings
     of the candidate's refiner when the candidate is a refined variant (mask_params)."""
 
-    threshold: float
+    threshold: float | str  # "auto": chosen on the validation split (stages.thresholds)
     thumbnails: int
     tta: str  # predict.tta: "none" | "flip"
     refine: RefineKey = RefineKey()
@@ -273,7 +276,9 @@ class Keys:
             for k, v in getattr(cfg, section).__dict__.items()
             if f"{section}.{k}" not in TRAIN_IGNORED
         )
-        train = TrainKey(feature, settings, cfg.data.train_split, cfg.data.val_split)
+        train = TrainKey(
+            feature, settings, cfg.data.train_split, cfg.data.val_split, cfg.data.val_cut
+        )
         predict = PredictKey(
             cfg.predict.threshold,
             cfg.predict.thumbnails,

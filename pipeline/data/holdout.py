@@ -12,8 +12,19 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-__all__ = ["held_out", "split_by_sequence"]
+from ..core.errors import ConfigError
+
+__all__ = [
+    "HELDOUT_SUFFIX",
+    "Holdout",
+    "held_out",
+    "heldout_split",
+    "holdout_of",
+    "split_by_sequence",
+    "validation_split",
+]
 
 
 def _rank(name: str) -> tuple[str, str]:
@@ -36,3 +47,45 @@ def split_by_sequence(categories: Iterable[str], n: int) -> tuple[list[str], lis
     names = sorted(set(categories))
     val = held_out(names, n)
     return [c for c in names if c not in set(val)], val
+
+
+HELDOUT_SUFFIX = "_heldout"  # the derived validation split is "<training split>_heldout"
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """``data.val_cut = n`` of the training split `train`: the validation split named
+    `split` holds its `n` sequences of smallest sha256, the training split the others."""
+
+    train: str
+    n: int
+
+    @property
+    def split(self) -> str:
+        """The derived validation split's name, as reports and `status` show it."""
+        return heldout_split(self.train)
+
+    def parts(self, categories: Iterable[str]) -> tuple[list[str], list[str]]:
+        """(training sequences, validation sequences) of the stored training split's
+        categories; ConfigError (exit 2, one line) when `n` leaves none to train on."""
+        try:
+            return split_by_sequence(categories, self.n)
+        except ValueError as e:
+            raise ConfigError(
+                f"bad value for data.val_cut: {self.n}: split '{self.train}': {e}"
+            ) from None
+
+
+def heldout_split(train_split: str) -> str:
+    """The name of the validation split cut from `train_split` by data.val_cut."""
+    return train_split + HELDOUT_SUFFIX
+
+
+def holdout_of(train_split: str, val_cut: int) -> Holdout | None:
+    """The hold-out of data.val_cut, None when it is 0 (off)."""
+    return Holdout(train_split, val_cut) if val_cut else None
+
+
+def validation_split(train_split: str, val_split: str, val_cut: int) -> str:
+    """The validation split: data.val_split, or with data.val_cut the derived one ("" none)."""
+    return heldout_split(train_split) if val_cut else val_split

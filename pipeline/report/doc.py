@@ -97,6 +97,9 @@ class Report:
     resolved: dict[str, Any] = field(default_factory=dict)
     # variant -> the DAVIS protocol's aggregate ({}: a report made before it)
     davis: dict[str, DavisScores] = field(default_factory=dict)
+    # variant -> the threshold its masks were cut at ({}: a report made before the field)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    threshold_split: str | None = None  # the validation split that chose them ("auto")
 
 
 class _Reader:
@@ -245,6 +248,21 @@ class _Reader:
             )
         return out
 
+    def calibration(self, value: Any, where: str) -> tuple[dict[str, float], str | None]:
+        """``calibration``: the thresholds per variant (each in (0, 1)) and the split that
+        chose them (null: configured)."""
+        block = an_object(value, where)
+        found = self.optional(block, "thresholds", an_object, f"{where}.", {})
+        out = {}
+        for v, t in found.items():
+            x = self.get(metric, t, f"{where}.thresholds.{v}")
+            if x is not None:
+                out[v] = x
+        split = block.get("split")
+        if split is not None:
+            split = self.optional(block, "split", _text if self.strict else _any_text, f"{where}.")
+        return out, split
+
     def resolved(self, value: Any, where: str) -> dict[str, Any]:
         return {
             k: v
@@ -319,6 +337,7 @@ def parse_report(doc: Any, *, strict: bool = True, required: Sequence[str] = ())
     per_image = [
         x for i, row in enumerate(rows) if (x := r.get(r.image, row, f"per_image[{i}]")) is not None
     ]
+    chosen, chosen_on = r.optional(doc, "calibration", r.calibration, default=({}, None))
     return Report(
         split=r.optional(doc, "split", _text if strict else _any_text),
         n_images=n_images,
@@ -334,6 +353,8 @@ def parse_report(doc: Any, *, strict: bool = True, required: Sequence[str] = ())
         threshold_sweep=r.optional(doc, "threshold_sweep", r.sweep, default={}),
         resolved=r.optional(doc, "resolved", r.resolved, default={}),
         davis=r.optional(doc, "davis", r.davis, default={}),
+        thresholds=chosen,
+        threshold_split=chosen_on,
     )
 
 

@@ -25,7 +25,8 @@ from . import write_reports
 from .figures import curve_files
 from .panels import Thumb, VariantThumb
 
-# what report_<split>.json holds, recorded with stage 3's record: 2 = adds ``davis``. A record
+# what report_<split>.json holds, recorded with stage 3's record: 2 = adds ``davis`` and
+# ``calibration``. A record
 # of a lower (or no) format makes stage 3 rebuild its reports from its stored units (no mask,
 # feature or model is computed again)
 REPORT_FORMAT = 2
@@ -61,6 +62,7 @@ def build_report(
     sweep: Sequence[float] = (),
     resolved: dict | None = None,
     seconds: dict[str, float] | None = None,
+    calibration: dict | None = None,
 ) -> dict:
     """The report of a split: metrics of the annotated images (`n_images`), how many masks
     were written (`n_predicted`), and its provenance: the effective `config` (its tables, as
@@ -73,7 +75,9 @@ def build_report(
     J and F (metrics.davis; a category is a sequence, its frames in stem order).
     `resolved`: the values used where the config says "auto" or 0 (``resolved_settings``).
     `seconds`: per variant, the seconds its logits took per image: ``timing`` (measured, so
-    the one part of the report that differs between two runs of the same inputs)."""
+    the one part of the report that differs between two runs of the same inputs).
+    `calibration`: the thresholds per variant and which split chose them
+    (stages/thresholds.Thresholds.to_json)."""
     import torch
 
     if not rows:
@@ -105,6 +109,8 @@ def build_report(
         }
     if resolved:
         report["resolved"] = dict(resolved)
+    if calibration:
+        report["calibration"] = dict(calibration)
     return report
 
 

@@ -181,14 +181,16 @@ def config_toml(config: dict[str, dict] | None) -> str | None:
 
 
 def sweep_table(report: Report, vnames: list[str], colours: dict) -> dict | None:
-    """The sweep's table: per variant J / precision / recall at the configured threshold and
-    the threshold with the best J mean (the nearer to the configured one on a tie)."""
-    t0 = configured_threshold(report)
+    """The sweep's table: per variant J / precision / recall at the threshold its masks were
+    cut at (configured, or chosen on the validation split) and the threshold with the best
+    J mean (the nearer to the one used on a tie)."""
+    configured = configured_threshold(report)
     rows = []
     for v in vnames:
         pts = report.threshold_sweep.get(v) or []
         if not pts:
             continue
+        t0 = report.thresholds.get(v, configured)
         at = next((p for p in pts if t0 is not None and p.threshold == t0), None)
         best = max(pts, key=lambda p: (p.j_mean, -abs(p.threshold - (t0 or 0.5))))
         gain = None if at is None else best.j_mean - at.j_mean
@@ -196,6 +198,7 @@ def sweep_table(report: Report, vnames: list[str], colours: dict) -> dict | None
             {
                 "variant": v,
                 "colour": colours.get(v, "#888"),
+                "used": "\u2014" if t0 is None else f"{t0:g}",
                 "at": [
                     fmt(None if at is None else getattr(at, k))
                     for k in ("j_mean", "precision", "recall")
@@ -208,8 +211,17 @@ def sweep_table(report: Report, vnames: list[str], colours: dict) -> dict | None
         )
     if not rows:
         return None
+    chosen_on = report.threshold_split
+    label = (
+        "the threshold chosen on " + chosen_on
+        if chosen_on is not None
+        else "\u2014"
+        if configured is None
+        else f"{configured:g}"
+    )
     return {
-        "threshold": "\u2014" if t0 is None else f"{t0:g}",
+        "threshold": label,
+        "chosen_on": chosen_on,
         "rows": rows,
         "any_better": any(r["better"] for r in rows),
     }

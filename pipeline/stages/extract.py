@@ -30,6 +30,7 @@ from ..core.fsutil import (
 from ..core.keys import DatasetRef, FeatureKey
 from ..core.owned import claim_folder
 from ..core.progress import Progress, plural
+from ..data.holdout import holdout_of
 from ..executors import execute, scheduler_of
 from ..models.devices import config_keys
 from ..runconfig import portable_config
@@ -49,6 +50,7 @@ from ..store import (
     split_problems,
     store_dir,
     store_lock,
+    stored_split,
 )
 from .base import Context, StageState, StageStatus, as_record, judge_record
 from .extract_record import (
@@ -333,7 +335,8 @@ class ExtractStage:
         cfg = ctx.cfg
         if all_splits:
             return selected_splits(cfg.data)
-        needed = [cfg.data.train_split, ctx.split, cfg.data.val_split]
+        holdout = holdout_of(cfg.data.train_split, cfg.data.val_cut)
+        needed = [cfg.data.train_split, stored_split(ctx.split, holdout), cfg.data.val_split]
         return list(dict.fromkeys(s for s in needed if s))
 
     def state(self, ctx: Context) -> StageState:

@@ -22,6 +22,7 @@ when the stage computes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,15 +36,21 @@ from ..core.layout import RunLayout
 from ..core.progress import Progress, plural
 from ..core.variants import VARIANTS
 from ..executors import execute, scheduler_of
-from ..metrics.masks import sweep_thresholds
 from ..report import stage as report_stage
 from ..report.stage import REPORT_FORMAT, headline, resolved_settings
-from ..store import FeatureStore
+from ..store import FeatureStore, open_split
 from .base import Context, Lock, Recording, StageState, StageStatus, judge, load_record, reproduce
 from .predict_report import write_human_reports
 from .predict_settings import PredictSettings
 from .predict_shards import check_mirrored, predict_shard, predict_task, seconds_per_image
-from .predict_state import no_mirrored_features, outputs, outs_problems, stage_name, stage_state
+from .predict_state import (
+    chosen_thresholds,
+    no_mirrored_features,
+    outputs,
+    outs_problems,
+    stage_name,
+    stage_state,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -179,10 +186,10 @@ class Prediction(Recording[PredictResult]):
         settings, split, store, run = self.settings, self.split, self.store, self.settings.run
         fp = state.fingerprint
         hashes = [s.hash for s in store.manifest.shards]
-        sweep = sweep_thresholds(settings.threshold)
+        sweep = settings.thresholds.sweep
         units = _current_units(run, split, hashes, fp, sweep, force)
         refine = settings.keys.predict.refine
-        predictor = Predictor(self.models, self.device, settings.threshold, refine)
+        predictor = Predictor(self.models, self.device, settings.thresholds.values, refine)
         todo = [si for si in range(len(hashes)) if si not in units]
         if todo:
             self._predict_shards(todo, predictor, fp, sweep, units, hashes)
@@ -192,8 +199,19 @@ class Prediction(Recording[PredictResult]):
             fingerprints["mirrored"] = self.mirror_fp
         resolved = resolved_settings(settings.keys.feature, str(self.device))
         seconds = seconds_per_image([units[si] for si in range(len(hashes))])
+        chosen = settings.thresholds
+        if chosen.auto:
+            resolved["predict.threshold"] = chosen.describe()
         report = report_stage.build_report(
-            settings.config, split, rows, fingerprints, VARIANTS, sweep, resolved, seconds
+            settings.config,
+            split,
+            rows,
+            fingerprints,
+            VARIANTS,
+            sweep,
+            resolved,
+            seconds=seconds,
+            calibration=chosen.to_json(),
         )
         atomic_write_json(run.report(split), report)
         thumbnails = settings.keys.predict.thumbnails
@@ -318,11 +336,14 @@ def run_predict(
     t0 = time.perf_counter()
     settings = PredictSettings.of(cfg)
     keys = settings.keys
-    store = FeatureStore.open(settings.cache, keys.feature, keys.data, split)
+    store = open_split(settings.cache, keys.feature, keys.data, split, settings.holdout)
     mirror = open_mirrored(settings, store)
     device = resolve_device(settings.device)
     as_trained = functools.partial(reproduces, cfg)
     with checked_models(settings.run, keys, settings.cache, device, as_trained) as models:
+        settings = dataclasses.replace(
+            settings, chosen=chosen_thresholds(settings, split, models.fingerprint)
+        )
         job = Prediction(settings, split, store, mirror, models, device, progress, executor, t0)
         res = reproduce(job, force, log)
     if not res.up_to_date:

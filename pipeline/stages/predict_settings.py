@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.keys import Keys
 from ..core.layout import RunLayout
+from ..core.variants import VARIANTS
+from ..data.holdout import Holdout, holdout_of
+from .thresholds import Calibration, Thresholds
 
 if TYPE_CHECKING:
     from ..core.config import Config
@@ -27,6 +30,9 @@ class PredictSettings:
     device: str  # predict.device, as configured
     scheduler: str  # dask.scheduler ("": here)
     config: dict[str, dict[str, Any]]  # the config as the report records it (Config.to_dict)
+    calibration: Calibration  # predict.threshold and the validation split it may be chosen on
+    holdout: Holdout | None  # data.val_cut's cut of the training split (None: off)
+    chosen: Thresholds | None = None  # the thresholds resolved for the split being predicted
 
     @classmethod
     def of(cls, cfg: Config) -> PredictSettings:
@@ -41,12 +47,17 @@ class PredictSettings:
             cfg.predict.device,
             cfg.dask.scheduler,
             cfg.to_dict(),
+            Calibration.from_config(cfg),
+            holdout_of(cfg.data.train_split, cfg.data.val_cut),
         )
 
     @property
-    def threshold(self) -> float:
-        """The probability threshold the masks are cut at (the one place it is chosen)."""
-        return self.keys.predict.threshold
+    def thresholds(self) -> Thresholds:
+        """Per variant, the probability threshold the masks are cut at: the resolved choice
+        (`chosen`, stages.thresholds), else the configured number."""
+        if self.chosen is not None:
+            return self.chosen
+        return Thresholds(dict.fromkeys(VARIANTS, float(self.keys.predict.threshold)))
 
     @property
     def flip(self) -> bool:

@@ -14,7 +14,7 @@ from ..core.hints import command
 from ..core.variants import CANDIDATE, VARIANTS
 from ..data import same_size_batches
 from ..executors import worker_cached
-from ..metrics.masks import image_stats, sweep_counts, sweep_thresholds
+from ..metrics.masks import image_stats, sweep_counts
 from ..store import FeatureStore
 from .predict_settings import PredictSettings
 
@@ -133,7 +133,13 @@ def predict_task(
         opened(mirror_dir, mirror_fp) if mirror_dir is not None and mirror_fp is not None else None
     )
     predictor = worker_cached(
-        ("predictor", models_fp, settings.device, settings.threshold, settings.keys.predict.refine),
+        (
+            "predictor",
+            models_fp,
+            settings.device,
+            tuple(settings.thresholds.values.items()),
+            settings.keys.predict.refine,
+        ),
         lambda: predictor_of(settings, models_fp),
     )
     return shard, predict_shard(
@@ -143,7 +149,7 @@ def predict_task(
         Path(pred_dir),
         settings.batch_size,
         mirror,
-        sweep_thresholds(settings.threshold),
+        settings.thresholds.sweep,
     )
 
 
@@ -160,4 +166,4 @@ def predictor_of(settings: PredictSettings, models_fp: str) -> Predictor:
         raise ModelError(
             f"{settings.run.models}: the models changed during prediction; rerun predict"
         )
-    return Predictor(models, device, settings.threshold, settings.keys.predict.refine)
+    return Predictor(models, device, settings.thresholds.values, settings.keys.predict.refine)

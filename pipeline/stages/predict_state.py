@@ -14,10 +14,11 @@ from ..core.layout import RunLayout
 from ..core.owned import RUN_LEGACY, is_marked
 from ..models.card import models_fingerprint, read_card
 from ..report.stage import REPORT_FORMAT
-from ..store import split_fingerprint
+from ..store import selected_fingerprint, split_fingerprint, stored_split
 from ..store.provenance import models_mismatch
 from .base import StageState, load_record
 from .predict_settings import PredictSettings
+from .thresholds import Thresholds, resolve_thresholds, sweep_dependency
 
 
 def stage_name(split: str) -> str:
@@ -48,7 +49,7 @@ def stage_state(
         models_fp, why = _usable_models(settings, check=recorded is None)
         if why:
             unusable["models"] = why
-    extract = command("extract-features", "--split", split)
+    extract = command("extract-features", "--split", stored_split(split, settings.holdout))
     deps: dict[str, str | None] = {"models": models_fp}
     repair = {"models": command("train-head"), f"features[{split}]": extract}
     if recorded is not None:
@@ -57,8 +58,18 @@ def stage_state(
         deps[f"features[{split}]"] = (
             features_fp
             if features_fp is not None
-            else split_fingerprint(settings.cache, keys.feature, keys.data, split)
+            else selected_fingerprint(
+                settings.cache, keys.feature, keys.data, split, settings.holdout
+            )
         )
+        cal = settings.calibration
+        if cal.auto:
+            deps[cal.dep], why = sweep_dependency(
+                run, cal, split, models_fp, val_features(settings)
+            )
+            repair[cal.dep] = cal.repair_command()
+            if why:
+                unusable[cal.dep] = why
         if settings.flip:
             deps[f"mirrored[{split}]"] = (
                 mirrored_fp
@@ -73,6 +84,20 @@ def stage_state(
             outs_problems(run, split, verify, writable=recorded is None)
         ) or _report_outdated(run, split)
     return StageState(stage_name(split), deps, keys.predict.params(), outs, repair, unusable)
+
+
+def val_features(settings: PredictSettings) -> str | None:
+    """The content fingerprint of the validation split's stored features now (None: none)."""
+    keys, val = settings.keys, settings.calibration.val_split
+    return selected_fingerprint(settings.cache, keys.feature, keys.data, val, settings.holdout)
+
+
+def chosen_thresholds(settings: PredictSettings, split: str, models_fp: str) -> Thresholds:
+    """The thresholds `split`'s masks are cut at with the models `models_fp`
+    (stages.thresholds.resolve_thresholds: ConfigError or CalibrationMissing for "auto"
+    without a usable validation sweep)."""
+    feats = val_features(settings) if settings.calibration.auto else None
+    return resolve_thresholds(settings.run, settings.calibration, split, models_fp, feats)
 
 
 def _usable_models(settings: PredictSettings, check: bool) -> tuple[str | None, str]:

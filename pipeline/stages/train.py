@@ -23,9 +23,10 @@ from .. import runconfig
 from ..core.config import Config, copy_config
 from ..core.hints import command
 from ..core.layout import RunLayout
+from ..data.holdout import holdout_of, validation_split
 from ..models.card import models_fingerprint
 from ..models.devices import config_keys
-from ..store import FeatureStore, split_fingerprint
+from ..store import FeatureStore, open_split, selected_fingerprint, stored_split
 from .base import Context, Lock, Recording, StageState, StageStatus, judge, load_record, reproduce
 from .train_settings import TrainSettings
 
@@ -43,23 +44,36 @@ def _models_problem(models: Path) -> str:
     return models_fingerprint(models)[1]
 
 
+def read_splits(key: TrainKey) -> list[str]:
+    """The splits stage 2 reads: the training split, and the validation split (data.val_split,
+    or the one data.val_cut cuts from the training split's store)."""
+    val = validation_split(key.train_split, key.val_split, key.val_cut)
+    return [key.train_split] + ([val] if val else [])
+
+
 def stored_deps(keys: Keys, cache: str | Path) -> dict[str, str | None]:
-    """The content fingerprints of the stored splits training reads (None: absent)."""
+    """The content fingerprints of the stored splits training reads (None: absent), each
+    side of a data.val_cut cut its own."""
+    holdout = holdout_of(keys.train.train_split, keys.train.val_cut)
     return {
-        f"features[{s}]": split_fingerprint(cache, keys.feature, keys.data, s)
-        for s in keys.train.splits
+        f"features[{s}]": selected_fingerprint(cache, keys.feature, keys.data, s, holdout)
+        for s in read_splits(keys.train)
     }
 
 
 def stage_state(key: TrainKey, models: Path, deps: dict[str, str | None]) -> StageState:
     """Stage 2 depends on the stored splits it reads (content fingerprints `deps`) and on
     its training settings (`key`); its output is the model set in `models`, intact or not."""
+    holdout = holdout_of(key.train_split, key.val_cut)
     return StageState(
         STAGE,
         deps,
         key.params(),
         _models_problem(models),
-        {f"features[{s}]": command("extract-features", "--split", s) for s in key.splits},
+        {
+            f"features[{s}]": command("extract-features", "--split", stored_split(s, holdout))
+            for s in read_splits(key)
+        },
     )
 
 
@@ -170,7 +184,7 @@ class Training(Recording[TrainResult]):
         )
 
     def registered(self) -> list[Path]:
-        return [used.split_dir for used in self.stores.values()]
+        return list(dict.fromkeys(used.split_dir for used in self.stores.values()))
 
     def finish(self) -> None:
         from .checkpoints import remove_checkpoints
@@ -188,8 +202,10 @@ def run_train(
 
     t0 = time.perf_counter()
     keys = config_keys(cfg)
+    holdout = holdout_of(keys.train.train_split, keys.train.val_cut)
     stores = {
-        s: FeatureStore.open(cfg.paths.cache, keys.feature, keys.data, s) for s in keys.train.splits
+        s: open_split(cfg.paths.cache, keys.feature, keys.data, s, holdout)
+        for s in read_splits(keys.train)
     }
     record = partial(runconfig.write_record, cfg)
     job = Training(TrainSettings.of(cfg), keys.train, stores, record, log, progress, t0)

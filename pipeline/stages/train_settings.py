@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..core.layout import RunLayout
+from ..data.holdout import validation_split
 
 if TYPE_CHECKING:
     from ..core.config import Config
@@ -34,7 +35,7 @@ class TrainSettings:
     region_weight: float
     upsampler: tuple[tuple[str, Any], ...]  # the [upsampler] keys: UpsamplerSpec's keywords
     train_split: str
-    val_split: str  # "": no validation during training
+    val_split: str  # "": no validation during training (data.val_split, or data.val_cut's)
 
     @classmethod
     def of(cls, cfg: Config) -> TrainSettings:
@@ -57,7 +58,7 @@ class TrainSettings:
             t.region_weight,
             tuple(cfg.upsampler.__dict__.items()),
             cfg.data.train_split,
-            cfg.data.val_split,
+            validation_split(cfg.data.train_split, cfg.data.val_split, cfg.data.val_cut),
         )
 
     def learning_rate(self, key: str) -> float:

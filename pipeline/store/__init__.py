@@ -74,9 +74,13 @@ from .plan import (
     split_problems,
 )
 from .reader import CachedItem, FeatureStore, split_fingerprint
+from .selection import open_split, selected_fingerprint, stored_split
 from .shards import ShardRecord, pack_mask, unpack_mask, write_shard
 
 __all__ = [
+    "open_split",
+    "selected_fingerprint",
+    "stored_split",
     "CACHE_LEGACY",
     "FEATURES",
     "INDEX_FILE",

@@ -18,7 +18,7 @@ from ..core.hints import command
 from ..core.keys import DatasetRef, FeatureKey
 from ..data import Box, decode_image, list_splits
 from .index import INDEX_FILE, locate_split, store_dir
-from .manifest import ItemMeta, ShardEntry, manifest_path, mark_bad, read_manifest
+from .manifest import ItemMeta, Manifest, ShardEntry, manifest_path, mark_bad, read_manifest
 from .shards import unpack_mask
 
 
@@ -38,9 +38,13 @@ class FeatureStore:
     Open HDF5 files are kept in a small LRU; the object can be pickled (to worker processes)
     and reopens (and re-verifies) files there."""
 
-    def __init__(self, split_dir: str | Path, max_open: int = 8):
+    def __init__(self, split_dir: str | Path, max_open: int = 8, manifest: Manifest | None = None):
+        """`manifest`: the split's, already read and checked (a selection of its shards,
+        store.selection); None reads the folder's."""
         self.split_dir = Path(split_dir)
-        manifest, why = read_manifest(self.split_dir)
+        why = ""
+        if manifest is None:
+            manifest, why = read_manifest(self.split_dir)
         if manifest is None:
             split = re.sub(r"-[0-9a-f]{16}$", "", self.split_dir.name)
             raise StoreError(

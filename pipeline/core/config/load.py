@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .rules import PATH_KEYS, check_range, home, validate
+from .rules import AUTO, AUTO_KEYS, PATH_KEYS, check_range, home, validate
 from .schema import Config, all_keys
 
 __all__ = ["parse_set", "load_config", "config_from_dict", "copy_config"]
@@ -27,8 +27,15 @@ def _unknown(key: str, where: str) -> ConfigError:
 
 
 def _coerce(key: str, value: Any, default: Any, where: str) -> Any:
-    """Check `value` against the type of `default`; return it in that type."""
-    bad = ConfigError(f"bad value for {key}{where}: {value!r} (expected {type(default).__name__})")
+    """Check `value` against the type of `default`; return it in that type. A key of
+    AUTO_KEYS also takes "auto" (its number's type is that of the key's default)."""
+    expected = type(default).__name__
+    if key in AUTO_KEYS:
+        if value == AUTO:
+            return value
+        default = Config().get(key)
+        expected = f'{type(default).__name__} or "{AUTO}"'
+    bad = ConfigError(f"bad value for {key}{where}: {value!r} (expected {expected})")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise bad

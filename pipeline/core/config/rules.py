@@ -21,6 +21,8 @@ __all__ = [
     "ODD",
     "DASK_LOCAL_WORKERS",
     "PATH_KEYS",
+    "AUTO",
+    "AUTO_KEYS",
     "allowed_text",
     "check_range",
     "check_name",
@@ -53,12 +55,18 @@ def _range_rule(key: str) -> str:
     return what.replace("an integer", "an odd integer") if key in ODD else what
 
 
+AUTO = "auto"
+# numeric keys that also take the string "auto": the tool chooses the value (predict.threshold:
+# per variant, on the validation split; stages/thresholds.py)
+AUTO_KEYS = frozenset({"predict.threshold"})
+
+
 def allowed_text(key: str) -> str:
     """What `key` allows, in the words of its errors ("" for a free value, e.g. a bool)."""
     if key in LIST_LENGTHS:
         return _list_rule(key)
     if key in RANGES:
-        return _range_rule(key)
+        return _range_rule(key) + (f' or "{AUTO}"' if key in AUTO_KEYS else "")
     if key in CHOICES:
         return f"one of {', '.join(CHOICES[key])}"
     return _DOCS[key].allowed if key in _DOCS else ""
@@ -73,7 +81,7 @@ def check_range(key: str, value: Any, where: str = "") -> None:
     """ConfigError (one line naming the key, the value and the range) unless `value` is in
     RANGES[key] (a list: its length in LIST_LENGTHS[key], each entry in range, the last 1)."""
     rng = RANGES.get(key)
-    if rng is None:
+    if rng is None or (key in AUTO_KEYS and value == AUTO):
         return
     if isinstance(value, list):
         length = LIST_LENGTHS[key]
@@ -81,7 +89,7 @@ def check_range(key: str, value: Any, where: str = "") -> None:
             raise ConfigError(f"bad value for {key}{where}: {value!r} ({_list_rule(key)})")
         return
     if value not in rng or (key in ODD and value % 2 == 0):
-        raise ConfigError(f"bad value for {key}{where}: {value!r} ({_range_rule(key)})")
+        raise ConfigError(f"bad value for {key}{where}: {value!r} ({allowed_text(key)})")
 
 
 def _check_devices(cfg: Config) -> None:
@@ -108,6 +116,16 @@ def _check_names(cfg: Config) -> None:
             check_name(key, cfg.get(key))
     if cfg.data.val_split and cfg.data.val_split == cfg.data.train_split:
         raise ConfigError("bad value for data.val_split: it must differ from data.train_split")
+    if cfg.data.val_cut and cfg.data.val_split:
+        raise ConfigError(
+            "bad value for data.val_cut: it makes the validation split, and data.val_split "
+            f"is set ('{cfg.data.val_split}'): set one of the two"
+        )
+    if cfg.predict.threshold == AUTO and not (cfg.data.val_split or cfg.data.val_cut):
+        raise ConfigError(
+            'bad value for predict.threshold: "auto" chooses it on the validation split, and '
+            "neither data.val_split nor data.val_cut is set"
+        )
 
 
 def _check_scheduler(cfg: Config) -> None:

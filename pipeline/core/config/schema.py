@@ -116,6 +116,16 @@ class DataCfg:
         stale=STALE_TRAINED,
         allowed=f'`""`, or {NAME_HELP}, not `data.train_split`',
     )
+    val_cut: int = key(
+        0,
+        "Hold out this many sequences (categories) of `data.train_split` as the validation "
+        "split `<train split>_heldout`: the ones whose names have the smallest sha256; "
+        'train-head never sees them. `0` = off. Needs `data.val_split = ""`.',
+        stale="train-head, predict (never extract-features: the held-out split is read "
+        "from the training split's stored features)",
+        range=Range(0, 100_000),
+        see="data.md#a-validation-split-cut-from-the-training-split",
+    )
     test_split: str = key(
         "test",
         "The default split of `predict`, `run` and `status`.",
@@ -342,11 +352,16 @@ class PredictCfg:
         stale=STALE_SPEED,
         allowed=DEVICE_HELP,
     )
-    threshold: float = key(
+    threshold: float | str = key(
         0.5,
-        "Object probability above which a pixel is object.",
-        stale="predict",
+        'Object probability above which a pixel is object; or `"auto"`: per variant, the '
+        "threshold of best mean J on the validation split (`data.val_split` or "
+        "`data.val_cut`), from that split's threshold sweep as `predict` recorded it for "
+        "these models, never from the split being scored.",
+        stale='predict (with `"auto"`: also when the validation split\'s sweep changes), '
+        "segment, export",
         range=Range(0, 1, lo_open=True, hi_open=True),
+        see="outputs.md#the-threshold-chosen-on-the-validation-split-calibration",
     )
     thumbnails: int = key(
         6,
