@@ -64,6 +64,7 @@ def test_absent_as_matches_the_fingerprints(tmp_path, synth_root):
         "train.region_weight": 0.5,
         "upsampler.bandwidth": "learned",
         "upsampler.upsample": "transposed",
+        "data.val_cut": 1,
     }
     assert set(others) == set(ABSENT_AS)
     sets = [f"{k}={v}" for k, v in others.items() if k != "mirror"]

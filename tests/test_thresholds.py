@@ -64,7 +64,7 @@ def report(cfg, split: str) -> dict:
 
 
 def models_fp(cfg) -> str:
-    from pipeline.models.heads import models_fingerprint
+    from pipeline.models.card import models_fingerprint
 
     fp, why = models_fingerprint(RunLayout.of(cfg).models)
     assert fp is not None, why
