@@ -48,6 +48,21 @@ def cli(args: list[str], sets: list[str]) -> float:
     return time_cli([*args, *(a for s in sets for a in ("--set", s))])
 
 
+def calibrate(train: str, sets: list[str]) -> float:
+    """With predict.threshold = "auto" among `sets`: predict the validation split (data.val_cut's
+    `<train>_heldout`, else data.val_split) at 0.5, whose sweep chooses the thresholds; its
+    seconds (0 without "auto")."""
+    if "predict.threshold=auto" not in sets:
+        return 0.0
+    cut = any(s.startswith("data.val_cut=") for s in sets)
+    val = (
+        f"{train}_heldout"
+        if cut
+        else next(s.split("=", 1)[1] for s in sets if s.startswith("data.val_split="))
+    )
+    return cli(["predict", "--split", val], [*sets, "predict.threshold=0.5"])
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -125,6 +140,7 @@ def main() -> None:
                     "extract_s": cli(["extract-features", "--split", train], sets)
                     + cli(["extract-features", "--split", test], sets),
                     "train_s": cli(["train-head"], sets),
+                    "calibrate_s": calibrate(train, sets),
                     "predict_s": cli(["predict", "--split", test], sets),
                 }
                 report = work / ds / "outputs" / run / f"report_{test}.json"
