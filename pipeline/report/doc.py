@@ -293,6 +293,35 @@ def _run_text(value: Any, where: str) -> str:
     return _any_text(value, where)
 
 
+def _variants(r: _Reader, variants_doc: dict, required: Sequence[str]) -> dict[str, Any]:
+    """The report's variants, those in `required` first (strict: each must be present)."""
+    rest = set(variants_doc) - set(required)
+    names = (*required, *(sorted(rest) if r.strict else [v for v in variants_doc if v in rest]))
+    variants = {}
+    for v in names:
+        if v not in variants_doc:
+            if r.strict:
+                field_of(variants_doc, v, "variants.")
+            continue
+        parsed = r.get(r.variant, variants_doc[v], f"variants.{v}")
+        if parsed is not None:
+            variants[v] = parsed
+    return variants
+
+
+def _backbone(r: _Reader, bb: Any) -> tuple[str | None, str | None]:
+    """The report's (backbone name, weights): a {"name", "weights"} object or, as written
+    before, the name alone."""
+    text = _text if r.strict else _any_text
+    if isinstance(bb, dict):
+        name = r.optional(bb, "name", text, "backbone.")
+        weights = (
+            None if bb.get("weights") is None else r.optional(bb, "weights", text, "backbone.")
+        )
+        return name, weights
+    return (None if bb is None else r.get(text, bb, "backbone")), None
+
+
 def parse_report(doc: Any, *, strict: bool = True, required: Sequence[str] = ()) -> Report:
     """The report `doc` (parsed JSON, or the dict stage 3 builds) as a typed Report.
 
@@ -304,35 +333,9 @@ def parse_report(doc: Any, *, strict: bool = True, required: Sequence[str] = ())
     doc = an_object(doc, "") if strict else (doc if isinstance(doc, dict) else {})
     n_images = r.optional(doc, "n_images", count, required=True)
     variants_doc = r.optional(doc, "variants", an_object, default={}, required=True)
-    variants = {}
-    names = (
-        *required,
-        *(
-            sorted(set(variants_doc) - set(required))
-            if strict
-            else [v for v in variants_doc if v not in required]
-        ),
-    )
-    for v in names:
-        if v not in variants_doc:
-            if strict:
-                field_of(variants_doc, v, "variants.")
-            continue
-        parsed = r.get(r.variant, variants_doc[v], f"variants.{v}")
-        if parsed is not None:
-            variants[v] = parsed
+    variants = _variants(r, variants_doc, required)
     config = r.optional(doc, "config", r.config, required=True)
-    backbone, weights = None, None
-    bb = doc.get("backbone")
-    if isinstance(bb, dict):
-        backbone = r.optional(bb, "name", _text if strict else _any_text, "backbone.")
-        weights = (
-            None
-            if bb.get("weights") is None
-            else r.optional(bb, "weights", _text if strict else _any_text, "backbone.")
-        )
-    elif bb is not None:
-        backbone = r.get(_text if strict else _any_text, bb, "backbone")
+    backbone, weights = _backbone(r, doc.get("backbone"))
     rows = r.optional(doc, "per_image", lambda v, w: a_list(v, w), default=[])
     per_image = [
         x for i, row in enumerate(rows) if (x := r.get(r.image, row, f"per_image[{i}]")) is not None

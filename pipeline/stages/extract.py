@@ -383,10 +383,9 @@ class ExtractStage:
         return state, judge_record(rec, state)
 
     def status(self, ctx: Context, splits: list[str] | None = None) -> StageStatus:
-        """up to date when every split's store (and mirrored store, with predict.tta =
-        "flip") is current and intact, whichever run wrote it. `ctx.verify`: rehash every
-        data file and shard (a shard found bad is marked, so that extract-features repairs
-        it)."""
+        """up to date when every split's store (and mirrored store, with predict.tta = "flip")
+        is current and intact, whichever run wrote it. `ctx.verify`: rehash every data file
+        and shard (a shard found bad is marked, so that extract-features repairs it)."""
         try:
             return self._judged(ctx, splits)[1]
         except DataError as e:
