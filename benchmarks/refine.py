@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,11 +94,10 @@ REFINERS: dict[str, Callable[..., torch.Tensor]] = {
 PER_IMAGE = ("canvas", "gt", "pac", "bilinear")  # arrays whose shape may differ between images
 
 
-def _objects(arrays: list[np.ndarray]) -> np.ndarray:
-    out = np.empty(len(arrays), dtype=object)
-    for i, a in enumerate(arrays):
-        out[i] = a
-    return out
+def _per_image(name: str, i: int) -> str:
+    """The npz entry of image `i`'s array `name` (one entry each: no object arrays, so the
+    file loads without unpickling)."""
+    return f"{name}_{i:05d}"
 
 
 def cmd_probs(args: argparse.Namespace) -> None:
@@ -135,15 +135,20 @@ def cmd_probs(args: argparse.Namespace) -> None:
             rows["box"].append(meta.box.as_tuple())
             rows["size"].append(meta.orig_size)
             rows["name"].append(f"{meta.category}/{meta.stem}")
-    np.savez(
-        args.out, **{k: _objects(v) if k in PER_IMAGE else np.array(v) for k, v in rows.items()}
-    )
+    arrays = {k: np.array(v) for k, v in rows.items() if k not in PER_IMAGE}
+    for k in PER_IMAGE:
+        arrays.update({_per_image(k, i): a for i, a in enumerate(rows[k])})
+    np.savez(args.out, **arrays)
     print(f"{len(rows['name'])} images of {args.run} [{args.split}] -> {args.out}")
 
 
-def load_probs(path: str) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=True) as z:  # our own file, written by `probs`
-        return {k: z[k] for k in z.files}
+def load_probs(path: str) -> dict[str, Any]:
+    """What `probs` wrote: the per-image arrays (PER_IMAGE) as lists, the rest as arrays."""
+    with np.load(path, allow_pickle=False) as z:
+        out: dict[str, Any] = {k: z[k] for k in z.files if k.rpartition("_")[0] not in PER_IMAGE}
+        n = len(out["name"])
+        out.update({k: [z[_per_image(k, i)] for i in range(n)] for k in PER_IMAGE})
+        return out
 
 
 def parse_grid(specs: list[str]) -> list[tuple[str, dict]]:
