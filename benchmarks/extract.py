@@ -26,13 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (  # noqa: E402
-    add_dataset_args,
-    dataset_values,
-    overrides,
-    parse_dataset_args,
-    parser,
-)
+from benchmarks import common  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.data import fit_box, list_items, list_splits, load_image, to_canvas  # noqa: E402
 from pipeline.models.backbones import create_backbone  # noqa: E402
@@ -98,14 +92,14 @@ def plain_batched(name: str, weights: str, device, canvases, bs: int, precision:
 
 
 def main() -> None:
-    ap = parser(__doc__)
-    add_dataset_args(ap)
+    ap = common.parser(__doc__)
+    common.add_dataset_args(ap)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--markdown-out", default=None, help="append the table to this file")
-    args = parse_dataset_args(ap)
+    args = common.parse_dataset_args(ap)
     root = args.data
     device = resolve_device(args.device)
     items = [
@@ -113,9 +107,9 @@ def main() -> None:
     ]
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
-        sets = overrides(
+        sets = common.overrides(
             {
-                **dataset_values(args),
+                **common.dataset_values(args),
                 "extract.device": args.device,
                 "extract.batch_size": args.batch_size,
                 "extract.num_workers": args.workers,

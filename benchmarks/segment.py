@@ -31,13 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (  # noqa: E402
-    add_dataset_args,
-    dataset_values,
-    overrides,
-    parse_dataset_args,
-    parser,
-)
+from benchmarks import common  # noqa: E402
 from pipeline.commands.segment import run_segment  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.data import (  # noqa: E402
@@ -103,21 +97,21 @@ def segment_once(cfg, frames_dir: Path, out: Path, overlays: bool) -> float:
 
 
 def main() -> None:
-    ap = parser(__doc__)
-    add_dataset_args(ap)
+    ap = common.parser(__doc__)
+    common.add_dataset_args(ap)
     ap.add_argument("--outputs", default=None, help="paths.outputs of an existing trained run")
     ap.add_argument("--run", default="default", help="run.name of that run")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
-    args = parse_dataset_args(ap)
+    args = common.parse_dataset_args(ap)
     root = args.data
     work = Path(tempfile.mkdtemp(prefix="bench_segment_"))
     try:
         outputs = Path(args.outputs) if args.outputs else work / "outputs"
-        sets = overrides(
+        sets = common.overrides(
             {
-                **dataset_values(args),
+                **common.dataset_values(args),
                 "extract.device": args.device,
                 "train.device": args.device,
                 "predict.device": args.device,

@@ -25,7 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ROOT, add_sets_arg, cli_sets  # noqa: E402
+
 TARGET_S = 1.5
 
 
@@ -52,18 +55,11 @@ def status(args: list[str]) -> tuple[float, float, subprocess.CompletedProcess[s
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="the run to judge (--run of cli.py)")
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        dest="sets",
-        metavar="KEY=VALUE",
-        help="a config override, as cli.py's --set (repeatable)",
-    )
+    add_sets_arg(ap)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--check", action="store_true", help=f"exit 1 when the median > {TARGET_S}")
     a = ap.parse_args()
-    args = ["--run", a.run, *(x for s in a.sets for x in ("--set", s))]
+    args = ["--run", a.run, *cli_sets(dict(s.split("=", 1) for s in a.sets))]
     _, _, first = status(args)  # warms the file cache; its output says whether it is up to date
     lines = first.stdout.strip().splitlines()
     if first.returncode or not lines or any("up-to-date" not in ln for ln in lines):

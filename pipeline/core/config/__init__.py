@@ -9,7 +9,7 @@ anywhere): a non-finite or out-of-range value is a one-line ConfigError before a
 
     meta.py     a field's documentation (KeyDoc, key), Range, the words the rules use
     schema.py   the fields: sections, keys, defaults, documentation (Config, key_docs)
-    schema_refine.py  the [refine] section's fields (RefineCfg)
+    schema_train.py, schema_refine.py  the [train], [upsampler] and [refine] sections
     rules.py    what a value may be, read from the fields: CHOICES, RANGES, devices, paths,
                 names (validate, allowed_text)
     explain.py  `config show --explain KEY`
@@ -20,6 +20,7 @@ anywhere): a non-finite or out-of-range value is a one-line ConfigError before a
 from __future__ import annotations
 
 from ..errors import ConfigError
+from . import schema
 from .explain import explain
 from .load import config_from_dict, copy_config, load_config, parse_set
 from .meta import KeyDoc, key
@@ -35,38 +36,11 @@ from .rules import (
     allowed_text,
     check_name,
 )
-from .schema import (
-    BackboneCfg,
-    Config,
-    DaskCfg,
-    DataCfg,
-    ExtractCfg,
-    PathsCfg,
-    PredictCfg,
-    RefineCfg,
-    RunCfg,
-    TrainCfg,
-    UpsamplerCfg,
-    all_keys,
-    key_docs,
-)
+from .schema import *  # noqa: F403  (the sections and Config: schema.__all__)
 from .writing import to_toml, toml_literal, toml_text
 
 __all__ = [
     "ConfigError",
-    "Config",
-    "RunCfg",
-    "PathsCfg",
-    "DataCfg",
-    "BackboneCfg",
-    "ExtractCfg",
-    "TrainCfg",
-    "UpsamplerCfg",
-    "PredictCfg",
-    "RefineCfg",
-    "DaskCfg",
-    "all_keys",
-    "key_docs",
     "KeyDoc",
     "key",
     "allowed_text",
@@ -87,4 +61,5 @@ __all__ = [
     "toml_literal",
     "toml_text",
     "to_toml",
+    *schema.__all__,
 ]
