@@ -79,9 +79,14 @@ def overrides(values: Mapping[str, Any]) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def set_args(sets: Iterable[str]) -> list[str]:
+    """cli.py's `--set` arguments for `key=value` overrides, in their order."""
+    return [a for kv in sets for a in ("--set", kv)]
+
+
 def cli_sets(values: Mapping[str, Any]) -> list[str]:
     """`--set key=value` arguments of cli.py, in the mapping's order."""
-    return [a for kv in overrides(values) for a in ("--set", kv)]
+    return set_args(overrides(values))
 
 
 def time_cli(

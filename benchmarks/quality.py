@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import DAVIS, OBJ_SEG, WEIGHTS, time_cli  # noqa: E402
+from benchmarks.common import DAVIS, OBJ_SEG, WEIGHTS, markdown_table, set_args, time_cli  # noqa: E402
 from pipeline.metrics import definitions  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -45,7 +45,7 @@ HEADLINE = tuple(m.key for m in definitions.HEADLINE)
 
 def cli(args: list[str], sets: list[str]) -> float:
     """Seconds of one CLI command (fails loudly)."""
-    return time_cli([*args, *(a for s in sets for a in ("--set", s))])
+    return time_cli([*args, *set_args(sets)])
 
 
 def calibrate(train: str, sets: list[str]) -> float:
@@ -168,58 +168,65 @@ def main() -> None:
     print_table(results)
 
 
-def _triples(metrics: dict) -> str:
+def _triple(m: dict) -> str:
+    """ "mIoU / J / F" of one variant's metrics."""
+    return f"{m['miou']:.3f} / {m['j_mean']:.3f} / {m['boundary_f']:.3f}"
+
+
+def _triples(metrics: dict) -> tuple[str, str]:
     """ "mIoU / J / F" of linear_bilinear and of PAC, as two table cells."""
-    return " | ".join(
-        f"{m['miou']:.3f} / {m['j_mean']:.3f} / {m['boundary_f']:.3f}"
-        for m in (metrics["linear_bilinear"], metrics["pac"])
-    )
+    return _triple(metrics["linear_bilinear"]), _triple(metrics["pac"])
+
+
+def _run(r: dict) -> tuple[str, str, int]:
+    return r["dataset"], r["option"], r["seed"]
 
 
 def print_table(results: list[dict]) -> None:
-    print(
-        "\n| dataset | option | seed | linear_bilinear mIoU / J / F | PAC mIoU / J / F "
-        "| stage 1 / 2 / 3 s | cache MiB |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        print(
-            f"| {r['dataset']} | {r['option']} | {r['seed']} | {_triples(r['metrics'])} | "
-            f"{r['extract_s']:.0f} / {r['train_s']:.0f} / {r['predict_s']:.0f} | "
-            f"{r['cache_bytes'] / 2**20:.0f} |"
+    header = ("dataset", "option", "seed", "linear_bilinear mIoU / J / F", "PAC mIoU / J / F")
+    rows = [
+        (
+            *_run(r),
+            *_triples(r["metrics"]),
+            f"{r['extract_s']:.0f} / {r['train_s']:.0f} / {r['predict_s']:.0f}",
+            f"{r['cache_bytes'] / 2**20:.0f}",
         )
+        for r in results
+    ]
+    print("\n" + markdown_table((*header, "stage 1 / 2 / 3 s", "cache MiB"), rows, "lllllll"))
     print_variants(results)
     if any("metrics_tta" in r for r in results):
-        print(
-            "\n| dataset | option | seed | + flip TTA: linear_bilinear mIoU / J / F "
-            "| PAC mIoU / J / F | stage 1 s added / stage 3 s with TTA | cache MiB added |"
-        )
-        print("|---|---|---|---|---|---|---|")
-        for r in results:
-            print(
-                f"| {r['dataset']} | {r['option']} | {r['seed']} "
-                f"| {_triples(r['metrics_tta'])} "
-                f"| {r['tta_extract_s']:.0f} / {r['tta_predict_s']:.0f} "
-                f"| {r['tta_cache_bytes'] / 2**20:.0f} |"
+        rows = [
+            (
+                *_run(r),
+                *_triples(r["metrics_tta"]),
+                f"{r['tta_extract_s']:.0f} / {r['tta_predict_s']:.0f}",
+                f"{r['tta_cache_bytes'] / 2**20:.0f}",
             )
+            for r in results
+        ]
+        header = (*header[:3], "+ flip TTA: linear_bilinear mIoU / J / F", header[4])
+        header += ("stage 1 s added / stage 3 s with TTA", "cache MiB added")
+        print("\n" + markdown_table(header, rows, "lllllll"))
 
 
 def print_variants(results: list[dict]) -> None:
     """Every variant of every run: mIoU / J / F, DAVIS J&F, threshold, seconds per image."""
-    print(
-        "\n| dataset | option | seed | variant | mIoU / J / F | DAVIS J&F | threshold "
-        "(chosen on) | s / image |"
-    )
-    print("|---|---|---|---|---|---:|---|---:|")
-    for r in results:
-        for v, m in r["metrics"].items():
-            jf = "-" if m["davis_jf"] is None else f"{m['davis_jf']:.3f}"
-            sec = "-" if m["s_per_image"] is None else f"{m['s_per_image']:.3f}"
-            print(
-                f"| {r['dataset']} | {r['option']} | {r['seed']} | {v} "
-                f"| {m['miou']:.3f} / {m['j_mean']:.3f} / {m['boundary_f']:.3f} | {jf} "
-                f"| {m['threshold']} ({m['chosen_on'] or 'fixed'}) | {sec} |"
-            )
+    header = ("dataset", "option", "seed", "variant", "mIoU / J / F", "DAVIS J&F")
+    header += ("threshold (chosen on)", "s / image")
+    rows = [
+        (
+            *_run(r),
+            v,
+            _triple(m),
+            "-" if m["davis_jf"] is None else f"{m['davis_jf']:.3f}",
+            f"{m['threshold']} ({m['chosen_on'] or 'fixed'})",
+            "-" if m["s_per_image"] is None else f"{m['s_per_image']:.3f}",
+        )
+        for r in results
+        for v, m in r["metrics"].items()
+    ]
+    print("\n" + markdown_table(header, rows, "lllllrlr"))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, add_sets_arg, cli_sets  # noqa: E402
+from benchmarks.common import ROOT, add_sets_arg, set_args  # noqa: E402
 
 TARGET_S = 1.5
 
@@ -59,7 +59,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--check", action="store_true", help=f"exit 1 when the median > {TARGET_S}")
     a = ap.parse_args()
-    args = ["--run", a.run, *cli_sets(dict(s.split("=", 1) for s in a.sets))]
+    args = ["--run", a.run, *set_args(a.sets)]
     _, _, first = status(args)  # warms the file cache; its output says whether it is up to date
     lines = first.stdout.strip().splitlines()
     if first.returncode or not lines or any("up-to-date" not in ln for ln in lines):
